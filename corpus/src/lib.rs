@@ -1,0 +1,1 @@
+//! upstare-corpus

@@ -1,0 +1,360 @@
+//! Frame-description tables (FDT): what the rewriter stores in the `.upstare`
+//! section of an instrumented binary and what the patcher and the runtime read
+//! back. This module is the single encoder and the single decoder.
+//!
+//! Layout of the section:
+//! ```text
+//!   magic "UPSTFDT\0" | version u16 LE | reserved u16 | payload length u32 LE | payload
+//! ```
+//! The payload is the [`FrameTables`] value in the postcard format (varints,
+//! length-prefixed sequences). The decoder never panics on hostile bytes and
+//! never allocates more than the input can justify: postcard reads sequences
+//! element by element and serde caps pre-allocation; the whole section is
+//! capped at [`MAX_SECTION_SIZE`].
+
+use crate::addr::{CfaOffset, LinkAddr, Reg};
+use crate::model::{FrameBaseKind, Global, SavedReg, Type, Variable};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Name of the non-allocated ELF section that carries the tables.
+pub const SECTION_NAME: &str = ".upstare";
+/// First bytes of the section.
+pub const MAGIC: &[u8; 8] = b"UPSTFDT\0";
+/// Format version written by this encoder and the only one this decoder reads.
+pub const VERSION: u16 = 1;
+/// Larger sections are refused before any parsing.
+pub const MAX_SECTION_SIZE: usize = 256 << 20;
+const HEADER_LEN: usize = 16;
+
+/// All tables of one binary.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct FrameTables {
+    pub binary: BinaryInfo,
+    /// Source file names, indexed by `file` fields.
+    pub files: Vec<String>,
+    /// Types, indexed by [`crate::model::TypeId`].
+    pub types: Vec<Type>,
+    /// Globals and static locals.
+    pub globals: Vec<Global>,
+    /// Per-function tables, sorted by `low`.
+    pub functions: Vec<FunctionTable>,
+}
+
+/// Facts about the binary the tables describe.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BinaryInfo {
+    /// Position-independent executable (ET_DYN).
+    pub pie: bool,
+    /// `DW_AT_producer` of the first compilation unit.
+    pub producer: String,
+    /// GNU build id of the original binary, if it has one.
+    pub build_id: Vec<u8>,
+    /// Link-time address and size of `.text`.
+    pub text_addr: LinkAddr,
+    pub text_size: u64,
+}
+
+/// Frame description of one function.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FunctionTable {
+    pub name: String,
+    pub low: LinkAddr,
+    pub high: LinkAddr,
+    pub decl_file: Option<u32>,
+    pub decl_line: u32,
+    pub frame_base: FrameBaseKind,
+    pub external: bool,
+    /// Registers saved by the prologue and where, including rbp at CFA-16.
+    pub saved_regs: Vec<SavedReg>,
+    /// rsp relative to the CFA once the prologue has run.
+    pub body_depth: CfaOffset,
+    /// Lowest CFA offset any part of the frame uses (locals in the red zone
+    /// included): the frame occupies `[CFA + extent, CFA)`.
+    pub extent: CfaOffset,
+    /// Parameters (first, in declaration order) and locals.
+    pub vars: Vec<Variable>,
+    /// Update points in address order.
+    pub update_points: Vec<UpdatePoint>,
+    /// Call sites in address order.
+    pub call_sites: Vec<CallSite>,
+}
+
+/// Which kind of update point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum PointKind {
+    /// After the prologue, all parameters spilled.
+    Entry,
+    /// Inside the k-th loop (0-based, loops in address order of their header).
+    Loop(u32),
+}
+
+/// A place where a thread may be paused with no state in registers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdatePoint {
+    pub kind: PointKind,
+    pub addr: LinkAddr,
+    pub file: u32,
+    pub line: u32,
+    /// rsp relative to the CFA at this point.
+    pub stack_depth: CfaOffset,
+}
+
+/// Who a call calls.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Callee {
+    /// A function of this binary.
+    Direct(String),
+    /// An import through the PLT (`read`, `printf`).
+    Plt(String),
+    /// Through a register or memory operand.
+    Indirect,
+}
+
+impl Callee {
+    /// Name used in continuation ids: the symbol, or `*` for indirect calls.
+    pub fn id_name(&self) -> &str {
+        match self {
+            Callee::Direct(n) | Callee::Plt(n) => n,
+            Callee::Indirect => "*",
+        }
+    }
+}
+
+/// A stack slot that DWARF does not describe but that holds a value across a
+/// call (written before the call, read after it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TempSlot {
+    pub offset: CfaOffset,
+    pub size: u32,
+}
+
+/// One `call` instruction.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallSite {
+    pub call_addr: LinkAddr,
+    /// The address after the call: what the callee's frame holds at CFA-8.
+    pub return_addr: LinkAddr,
+    pub callee: Callee,
+    /// 0-based index among the calls to the same callee in this function.
+    pub ordinal: u32,
+    /// rsp relative to the CFA just before the call executes (stack-passed
+    /// arguments included). The callee's CFA equals the caller's CFA plus
+    /// this value.
+    pub stack_depth: CfaOffset,
+    /// Callee-saved registers holding values live across the call.
+    pub live_regs: Vec<Reg>,
+    /// Undescribed stack slots live across the call.
+    pub temp_slots: Vec<TempSlot>,
+    /// Start of the call's statement when re-executing it from there is free
+    /// of side effects (only loads and stores to the call's own temporaries
+    /// before the call); `None` otherwise.
+    pub restart: Option<LinkAddr>,
+    pub file: u32,
+    pub line: u32,
+}
+
+/// Identity of a place a frame can resume at, stable across versions:
+/// `entry`, `loop#k`, `call:NAME#k`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Continuation {
+    Entry,
+    Loop(u32),
+    Call { callee: String, ordinal: u32 },
+}
+
+impl fmt::Display for Continuation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Continuation::Entry => f.write_str("entry"),
+            Continuation::Loop(k) => write!(f, "loop#{k}"),
+            Continuation::Call { callee, ordinal } => write!(f, "call:{callee}#{ordinal}"),
+        }
+    }
+}
+
+impl UpdatePoint {
+    /// The continuation id of this point.
+    pub fn continuation(&self) -> Continuation {
+        match self.kind {
+            PointKind::Entry => Continuation::Entry,
+            PointKind::Loop(k) => Continuation::Loop(k),
+        }
+    }
+}
+
+impl CallSite {
+    /// The continuation id of a frame paused in this call.
+    pub fn continuation(&self) -> Continuation {
+        Continuation::Call {
+            callee: self.callee.id_name().to_string(),
+            ordinal: self.ordinal,
+        }
+    }
+}
+
+impl FrameTables {
+    /// The function table whose code contains `addr`.
+    pub fn function_at(&self, addr: LinkAddr) -> Option<&FunctionTable> {
+        let i = self.functions.partition_point(|f| f.low <= addr);
+        let f = self.functions.get(i.checked_sub(1)?)?;
+        (addr < f.high).then_some(f)
+    }
+    /// The function table named `name`.
+    pub fn function(&self, name: &str) -> Option<&FunctionTable> {
+        self.functions.iter().find(|f| f.name == name)
+    }
+}
+
+impl FunctionTable {
+    /// The update point at exactly `addr`.
+    pub fn update_point_at(&self, addr: LinkAddr) -> Option<&UpdatePoint> {
+        self.update_points.iter().find(|p| p.addr == addr)
+    }
+    /// The call site whose return address is `ret`.
+    pub fn call_site_returning_to(&self, ret: LinkAddr) -> Option<&CallSite> {
+        self.call_sites.iter().find(|c| c.return_addr == ret)
+    }
+    /// Variables in scope at `pc`.
+    pub fn vars_at(&self, pc: LinkAddr) -> impl Iterator<Item = &Variable> {
+        self.vars
+            .iter()
+            .filter(move |v| v.scope.iter().any(|&(a, b)| a <= pc && pc < b))
+    }
+}
+
+/// Why a section could not be decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("frame tables: section too short ({0} bytes)")]
+    TooShort(usize),
+    #[error("frame tables: section of {0} bytes exceeds the {MAX_SECTION_SIZE}-byte limit")]
+    TooLarge(usize),
+    #[error("frame tables: bad magic (not an upstare section)")]
+    BadMagic,
+    #[error("frame tables: version {0} is not supported (this build reads version {VERSION})")]
+    UnsupportedVersion(u16),
+    #[error("frame tables: payload length {declared} does not match the {actual} bytes present")]
+    LengthMismatch { declared: u64, actual: u64 },
+    #[error("frame tables: corrupt payload: {0}")]
+    Corrupt(String),
+    #[error("frame tables: {0}")]
+    Invalid(String),
+}
+
+/// Why tables could not be encoded.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error("frame tables: cannot encode: {0}")]
+    Serialize(String),
+    #[error("frame tables: encoded size {0} exceeds the {MAX_SECTION_SIZE}-byte limit")]
+    TooLarge(usize),
+}
+
+/// Encodes `tables` into section bytes.
+pub fn encode(tables: &FrameTables) -> Result<Vec<u8>, EncodeError> {
+    let payload =
+        postcard::to_allocvec(tables).map_err(|e| EncodeError::Serialize(e.to_string()))?;
+    let total = payload.len() + HEADER_LEN;
+    if total > MAX_SECTION_SIZE {
+        return Err(EncodeError::TooLarge(total));
+    }
+    let len = u32::try_from(payload.len()).map_err(|_| EncodeError::TooLarge(total))?;
+    let mut out = Vec::with_capacity(total);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&payload);
+    Ok(out)
+}
+
+/// Decodes section bytes; never panics.
+pub fn decode(bytes: &[u8]) -> Result<FrameTables, DecodeError> {
+    if bytes.len() > MAX_SECTION_SIZE {
+        return Err(DecodeError::TooLarge(bytes.len()));
+    }
+    let (header, payload) = bytes
+        .split_at_checked(HEADER_LEN)
+        .ok_or(DecodeError::TooShort(bytes.len()))?;
+    if &header[..8] != MAGIC {
+        return Err(DecodeError::BadMagic);
+    }
+    let version = u16::from_le_bytes([header[8], header[9]]);
+    if version != VERSION {
+        return Err(DecodeError::UnsupportedVersion(version));
+    }
+    let declared = u32::from_le_bytes([header[12], header[13], header[14], header[15]]);
+    if declared as usize != payload.len() {
+        return Err(DecodeError::LengthMismatch {
+            declared: u64::from(declared),
+            actual: payload.len() as u64,
+        });
+    }
+    let (tables, rest): (FrameTables, &[u8]) =
+        postcard::take_from_bytes(payload).map_err(|e| DecodeError::Corrupt(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(DecodeError::Corrupt(format!("{} trailing bytes", rest.len())));
+    }
+    validate(&tables)?;
+    Ok(tables)
+}
+
+/// Checks the cross-references a consumer will follow, so that a decoded
+/// table can be indexed without further checks.
+fn validate(t: &FrameTables) -> Result<(), DecodeError> {
+    let ntypes = t.types.len();
+    let nfiles = t.files.len();
+    let ty_ok = |id: crate::model::TypeId| (id.0 as usize) < ntypes;
+    let bad = |what: String| Err(DecodeError::Invalid(what));
+    for (i, ty) in t.types.iter().enumerate() {
+        let refs: Vec<crate::model::TypeId> = match ty {
+            Type::Pointer { pointee } => pointee.iter().copied().collect(),
+            Type::Struct { members, .. } | Type::Union { members, .. } => {
+                members.iter().map(|m| m.ty).collect()
+            }
+            Type::Array { element, .. } => vec![*element],
+            Type::Enum { underlying, .. } => underlying.iter().copied().collect(),
+            Type::Typedef { target, .. } | Type::Qualified { target, .. } => {
+                target.iter().copied().collect()
+            }
+            Type::Function { ret, params, .. } => {
+                ret.iter().copied().chain(params.iter().copied()).collect()
+            }
+            Type::Void | Type::Base { .. } => Vec::new(),
+        };
+        if let Some(r) = refs.into_iter().find(|r| !ty_ok(*r)) {
+            return bad(format!("type {i} refers to missing type {}", r.0));
+        }
+    }
+    for g in &t.globals {
+        if !ty_ok(g.ty) {
+            return bad(format!("global {} has missing type {}", g.name, g.ty.0));
+        }
+    }
+    let mut prev_low = LinkAddr(0);
+    for f in &t.functions {
+        if f.low > f.high || f.low < prev_low {
+            return bad(format!("function {} has a bad or unsorted range", f.name));
+        }
+        prev_low = f.low;
+        if f.decl_file.is_some_and(|x| x as usize >= nfiles) {
+            return bad(format!("function {} names a missing file", f.name));
+        }
+        if let Some(v) = f.vars.iter().find(|v| !ty_ok(v.ty)) {
+            return bad(format!("{}: variable {} has a missing type", f.name, v.name));
+        }
+        let inside = |a: LinkAddr| a >= f.low && a < f.high;
+        for p in &f.update_points {
+            if !inside(p.addr) || (p.line != 0 && p.file as usize >= nfiles) {
+                return bad(format!("{}: update point {} out of range", f.name, p.addr));
+            }
+        }
+        for c in &f.call_sites {
+            if !inside(c.call_addr) || (c.line != 0 && c.file as usize >= nfiles) {
+                return bad(format!("{}: call site {} out of range", f.name, c.call_addr));
+            }
+        }
+    }
+    Ok(())
+}

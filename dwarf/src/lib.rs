@@ -1,0 +1,11 @@
+//! `upstare-dwarf`: reads one x86-64 ELF binary (its DWARF, line table and
+//! CFI) into a plain model, and owns the frame-description table format shared
+//! by the rewriter, the patcher and the runtime.
+//!
+//! No I/O beyond the bytes it is given; no knowledge of processes.
+
+pub mod addr;
+pub mod fdt;
+pub mod model;
+
+pub use addr::{CfaOffset, FileOffset, LinkAddr, LoadBias, Reg, RuntimeAddr};
