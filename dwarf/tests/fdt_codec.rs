@@ -1,0 +1,221 @@
+//! The FDT codec: round trip, version/magic checks, and a mutation run proving
+//! the decoder returns errors (never panics, never over-allocates) on hostile
+//! bytes. The libFuzzer target in dwarf/fuzz/ runs the same property
+//! open-ended; this is its bounded, deterministic form for every test run.
+
+use upstare_dwarf::fdt::*;
+use upstare_dwarf::model::*;
+use upstare_dwarf::{CfaOffset, LinkAddr, Reg};
+
+fn sample() -> FrameTables {
+    let int = TypeId(0);
+    let types = vec![
+        Type::Base {
+            name: "int".into(),
+            size: 4,
+            encoding: BaseEncoding::Signed,
+        },
+        Type::Pointer { pointee: Some(int) },
+        Type::Struct {
+            name: Some("point".into()),
+            size: 8,
+            members: vec![
+                Member {
+                    name: Some("x".into()),
+                    ty: int,
+                    offset: 0,
+                    bitfield: None,
+                },
+                Member {
+                    name: Some("y".into()),
+                    ty: int,
+                    offset: 4,
+                    bitfield: Some((0, 3)),
+                },
+            ],
+            declaration: false,
+        },
+        Type::Array {
+            element: int,
+            dims: vec![ArrayDim::Fixed(4), ArrayDim::Variable],
+        },
+    ];
+    let var = |name: &str, off: i64, is_param: bool| Variable {
+        name: name.into(),
+        ty: int,
+        location: VarLocation::Cfa(CfaOffset(off)),
+        scope: vec![(LinkAddr(0x1139), LinkAddr(0x11a0))],
+        is_param,
+        decl_line: 3,
+    };
+    let f = FunctionTable {
+        name: "main".into(),
+        low: LinkAddr(0x1139),
+        high: LinkAddr(0x11a0),
+        decl_file: Some(0),
+        decl_line: 2,
+        frame_base: FrameBaseKind::Cfa,
+        external: true,
+        saved_regs: vec![
+            SavedReg {
+                reg: Reg::Rbp,
+                offset: CfaOffset(-16),
+            },
+            SavedReg {
+                reg: Reg::Rbx,
+                offset: CfaOffset(-24),
+            },
+        ],
+        body_depth: CfaOffset(-48),
+        extent: CfaOffset(-56),
+        vars: vec![var("argc", -52, true), var("i", -28, false)],
+        update_points: vec![
+            UpdatePoint {
+                kind: PointKind::Entry,
+                addr: LinkAddr(0x1148),
+                file: 0,
+                line: 3,
+                stack_depth: CfaOffset(-48),
+            },
+            UpdatePoint {
+                kind: PointKind::Loop(0),
+                addr: LinkAddr(0x1160),
+                file: 0,
+                line: 5,
+                stack_depth: CfaOffset(-48),
+            },
+        ],
+        call_sites: vec![CallSite {
+            call_addr: LinkAddr(0x1170),
+            return_addr: LinkAddr(0x1175),
+            callee: Callee::Plt("printf".into()),
+            ordinal: 0,
+            stack_depth: CfaOffset(-48),
+            live_regs: vec![Reg::Rbx],
+            temp_slots: vec![TempSlot {
+                offset: CfaOffset(-40),
+                size: 8,
+            }],
+            restart: Some(LinkAddr(0x1165)),
+            file: 0,
+            line: 6,
+        }],
+    };
+    FrameTables {
+        binary: BinaryInfo {
+            pie: true,
+            producer: "GNU C17 12.2.0 -O0 -g".into(),
+            build_id: vec![1, 2, 3],
+            text_addr: LinkAddr(0x1040),
+            text_size: 0x200,
+        },
+        files: vec!["/src/main.c".into()],
+        types,
+        globals: vec![Global {
+            name: "counter".into(),
+            ty: int,
+            addr: LinkAddr(0x4010),
+            size: 4,
+            owner: None,
+            external: true,
+            tls: false,
+        }],
+        functions: vec![f],
+    }
+}
+
+#[test]
+fn round_trip_is_identity() {
+    let t = sample();
+    let bytes = encode(&t).expect("encode");
+    assert_eq!(&bytes[..8], MAGIC);
+    assert_eq!(decode(&bytes).expect("decode"), t);
+}
+
+#[test]
+fn header_checks_name_the_problem() {
+    let bytes = encode(&sample()).expect("encode");
+    assert_eq!(decode(&bytes[..5]), Err(DecodeError::TooShort(5)));
+    let mut bad = bytes.clone();
+    bad[0] ^= 0xff;
+    assert_eq!(decode(&bad), Err(DecodeError::BadMagic));
+    let mut v2 = bytes.clone();
+    v2[8] = 2;
+    assert_eq!(decode(&v2), Err(DecodeError::UnsupportedVersion(2)));
+    let truncated = &bytes[..bytes.len() - 1];
+    assert!(matches!(
+        decode(truncated),
+        Err(DecodeError::LengthMismatch { .. })
+    ));
+}
+
+#[test]
+fn dangling_references_are_rejected() {
+    let mut t = sample();
+    t.functions[0].vars[0].ty = TypeId(99);
+    let bytes = encode(&t).expect("encode");
+    assert!(matches!(decode(&bytes), Err(DecodeError::Invalid(_))));
+    let mut t = sample();
+    t.functions[0].update_points[0].addr = LinkAddr(0x9999);
+    let bytes = encode(&t).expect("encode");
+    assert!(matches!(decode(&bytes), Err(DecodeError::Invalid(_))));
+}
+
+/// xorshift64*: deterministic, dependency-free.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+#[test]
+fn mutated_sections_never_panic() {
+    let valid = encode(&sample()).expect("encode");
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut accepted = 0usize;
+    for round in 0..20_000 {
+        let mut b = valid.clone();
+        match round % 4 {
+            // flip a few payload bytes
+            0 => {
+                for _ in 0..1 + rng.below(4) {
+                    let i = 16 + rng.below(b.len() - 16);
+                    b[i] = rng.next() as u8;
+                }
+            }
+            // truncate the payload and fix the declared length
+            1 => {
+                let keep = 16 + rng.below(b.len() - 16);
+                b.truncate(keep);
+                let len = (keep - 16) as u32;
+                b[12..16].copy_from_slice(&len.to_le_bytes());
+            }
+            // huge varint lengths (allocation bombs)
+            2 => {
+                let i = 16 + rng.below(b.len() - 16);
+                for j in i..(i + 5).min(b.len()) {
+                    b[j] = 0xff;
+                }
+            }
+            // random payload behind a valid header
+            _ => {
+                let n = rng.below(512);
+                b.truncate(16);
+                b.extend((0..n).map(|_| rng.next() as u8));
+                b[12..16].copy_from_slice(&(n as u32).to_le_bytes());
+            }
+        }
+        if decode(&b).is_ok() {
+            accepted += 1;
+        }
+    }
+    // Most mutations must be caught; a decoder that accepts everything is broken.
+    assert!(accepted < 20_000 / 2, "accepted {accepted} mutated inputs");
+}
