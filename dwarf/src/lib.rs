@@ -5,7 +5,11 @@
 //! No I/O beyond the bytes it is given; no knowledge of processes.
 
 pub mod addr;
+pub mod cfi;
 pub mod fdt;
 pub mod model;
+pub mod read;
 
 pub use addr::{CfaOffset, FileOffset, LinkAddr, LoadBias, Reg, RuntimeAddr};
+pub use cfi::{CfaRule, CfiError, EhFrameIndex, RegRule, UnwindRow};
+pub use read::{read_program, ReadError};

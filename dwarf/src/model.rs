@@ -247,7 +247,11 @@ impl Program {
     /// Line rows (without end-of-sequence markers) whose address lies in
     /// `[low, high)`, in address order.
     pub fn rows_in(&self, low: LinkAddr, high: LinkAddr) -> &[LineRow] {
-        let a = self.lines.partition_point(|r| r.addr < low);
+        // The reader sorts an end-of-sequence marker before the first row
+        // of the sequence starting at the same address; skip it.
+        let a = self
+            .lines
+            .partition_point(|r| r.addr < low || (r.addr == low && r.end_sequence));
         let b = self.lines.partition_point(|r| r.addr < high);
         &self.lines[a..b]
     }
