@@ -1,0 +1,221 @@
+//! Backward liveness of general-purpose registers and flags.
+//!
+//! iced-x86 gives each instruction's register and flag reads and writes. Two
+//! kinds of instructions need an ABI model on top:
+//! - a `call` reads the argument registers the callee takes and clobbers the
+//!   caller-saved registers and the flags. How many arguments a callee takes
+//!   is known from DWARF for a non-varargs function of this binary; for the
+//!   others (imports, indirect and varargs calls) every argument register and
+//!   al are assumed read. Either way, a register counts as an argument only
+//!   if it may have been written since the previous call (or the function's
+//!   entry): at -O0 arguments are always loaded right before the call, so a
+//!   register nothing wrote cannot carry one, and this keeps a stale value in
+//!   rax from looking live at every argument-less call;
+//! - `ret` reads the return-value registers of the function's return type.
+
+use super::cfg::Cfg;
+use super::decode::{bit, Insn, RegSet, CALLER_SAVED, CALL_INPUTS, FRAME_REGS};
+use super::dom::Dominators;
+use upstare_dwarf::model::{BaseEncoding, Program, Type, TypeId};
+use upstare_dwarf::Reg;
+
+/// Registers each instruction reads and kills once calls and returns are
+/// modelled (frame registers removed).
+pub(crate) struct Effects {
+    pub uses: Vec<RegSet>,
+    pub kills: Vec<RegSet>,
+}
+
+/// Argument registers that may have been written since the last call, before
+/// every instruction (forward may-analysis).
+fn written_since_call(insns: &[Insn], cfg: &Cfg, dom: &Dominators) -> Vec<RegSet> {
+    let nb = cfg.blocks.len();
+    let mut block_in = vec![0 as RegSet; nb];
+    let transfer = |insn: &Insn, s: RegSet| -> RegSet {
+        if insn.is_call() {
+            0
+        } else {
+            s | (insn.writes & CALL_INPUTS)
+        }
+    };
+    let mut changed = true;
+    // Monotone over a finite lattice (bits only get added).
+    while changed {
+        changed = false;
+        for &b in &dom.rpo {
+            let blk = &cfg.blocks[b];
+            let mut s = block_in[b];
+            for insn in &insns[blk.first..blk.end] {
+                s = transfer(insn, s);
+            }
+            for &succ in &blk.succs {
+                if block_in[succ] | s != block_in[succ] {
+                    block_in[succ] |= s;
+                    changed = true;
+                }
+            }
+        }
+    }
+    let mut out = vec![0; insns.len()];
+    for (b, blk) in cfg.blocks.iter().enumerate() {
+        let mut s = block_in[b];
+        for (i, insn) in insns.iter().enumerate().take(blk.end).skip(blk.first) {
+            out[i] = s;
+            s = transfer(insn, s);
+        }
+    }
+    out
+}
+
+/// Strips typedefs and qualifiers.
+fn resolve(program: &Program, mut id: TypeId) -> Option<&Type> {
+    for _ in 0..64 {
+        match program.ty(id)? {
+            Type::Typedef { target, .. } | Type::Qualified { target, .. } => id = (*target)?,
+            t => return Some(t),
+        }
+    }
+    None
+}
+
+/// Number of integer registers a value of type `id` takes as an argument
+/// (SysV classification, conservative: unknown or mixed aggregates count as
+/// integer).
+fn int_regs(program: &Program, id: TypeId) -> u32 {
+    match resolve(program, id) {
+        Some(Type::Base { encoding, .. })
+            if matches!(encoding, BaseEncoding::Float | BaseEncoding::Complex) =>
+        {
+            0
+        }
+        Some(Type::Struct { .. } | Type::Union { .. }) => match program.type_size(id) {
+            Some(s) if s > 16 => 0,
+            Some(s) if s > 8 => 2,
+            Some(_) => 1,
+            None => 2,
+        },
+        Some(Type::Base { size, .. }) if *size > 8 => 2,
+        _ => 1,
+    }
+}
+
+/// Registers holding the return value of a function returning `ret`.
+pub(crate) fn return_regs(program: &Program, ret: Option<TypeId>) -> RegSet {
+    let Some(id) = ret else { return 0 };
+    let rax = bit(Reg::Rax);
+    let rdx = bit(Reg::Rdx);
+    match resolve(program, id) {
+        Some(Type::Void) => 0,
+        Some(Type::Base { encoding, .. })
+            if matches!(encoding, BaseEncoding::Float | BaseEncoding::Complex) =>
+        {
+            0
+        }
+        Some(Type::Base { size, .. }) => {
+            if *size > 8 {
+                rax | rdx
+            } else {
+                rax
+            }
+        }
+        Some(Type::Struct { .. } | Type::Union { .. }) => match program.type_size(id) {
+            // In memory: rax returns the buffer's address.
+            Some(s) if s > 16 => rax,
+            Some(s) if s <= 8 => rax,
+            _ => rax | rdx,
+        },
+        Some(_) => rax,
+        None => rax | rdx,
+    }
+}
+
+/// Argument registers a direct call to the function at `target` can read,
+/// from its DWARF signature; `None` when unknown (imports, varargs).
+pub(crate) fn signature_inputs(program: &Program, target: upstare_dwarf::LinkAddr) -> Option<RegSet> {
+    let f = program.function_at(target).filter(|f| f.low == target)?;
+    if f.is_varargs {
+        return None;
+    }
+    // A struct returned in memory passes its buffer in rdi.
+    let sret = f
+        .return_type
+        .is_some_and(|t| matches!(resolve(program, t), Some(Type::Struct { .. } | Type::Union { .. })) && program.type_size(t).is_none_or(|s| s > 16));
+    let mut n = u32::from(sret);
+    for p in &f.params {
+        n = n.saturating_add(int_regs(program, p.ty));
+    }
+    let mut set = 0;
+    for r in super::decode::ARG_REGS.iter().take(n.min(6) as usize) {
+        set |= bit(*r);
+    }
+    Some(set)
+}
+
+/// Computes the modelled effects. `call_inputs[i]` gives, for a call, the
+/// argument registers its callee may read (see [`signature_inputs`]).
+pub(crate) fn effects(
+    insns: &[Insn],
+    cfg: &Cfg,
+    dom: &Dominators,
+    call_inputs: &dyn Fn(usize) -> RegSet,
+    ret_regs: RegSet,
+) -> Effects {
+    let written = written_since_call(insns, cfg, dom);
+    let mut uses = Vec::with_capacity(insns.len());
+    let mut kills = Vec::with_capacity(insns.len());
+    for (i, insn) in insns.iter().enumerate() {
+        let (u, k) = if insn.is_call() {
+            (
+                insn.uses | (call_inputs(i) & written[i] & CALL_INPUTS),
+                CALLER_SAVED,
+            )
+        } else if insn.is_ret() {
+            (insn.uses | ret_regs, insn.kills)
+        } else {
+            (insn.uses, insn.kills)
+        };
+        uses.push(u & !FRAME_REGS & !bit(Reg::Rip));
+        kills.push(k & !FRAME_REGS);
+    }
+    Effects { uses, kills }
+}
+
+/// Live registers and flags before every instruction.
+pub(crate) fn live_in(insns: &[Insn], cfg: &Cfg, eff: &Effects) -> Vec<RegSet> {
+    let nb = cfg.blocks.len();
+    let mut block_in = vec![0 as RegSet; nb];
+    let through = |b: usize, out: RegSet| -> RegSet {
+        let blk = &cfg.blocks[b];
+        let mut s = out;
+        for i in (blk.first..blk.end).rev() {
+            s = (s & !eff.kills[i]) | eff.uses[i];
+        }
+        s
+    };
+    let mut changed = true;
+    // Monotone: sets only grow.
+    while changed {
+        changed = false;
+        for b in (0..nb).rev() {
+            let out = cfg.blocks[b]
+                .succs
+                .iter()
+                .fold(0, |acc, &s| acc | block_in[s]);
+            let inn = through(b, out);
+            if inn != block_in[b] {
+                block_in[b] = inn;
+                changed = true;
+            }
+        }
+    }
+    let mut out = vec![0; insns.len()];
+    for (b, blk) in cfg.blocks.iter().enumerate() {
+        let mut s = blk.succs.iter().fold(0, |acc, &x| acc | block_in[x]);
+        for i in (blk.first..blk.end).rev() {
+            s = (s & !eff.kills[i]) | eff.uses[i];
+            out[i] = s;
+        }
+        let _ = b;
+    }
+    out
+}

@@ -1,0 +1,369 @@
+//! Machine-code analysis of one `-O0` function: decoding (iced-x86), the CFG
+//! with switch jump tables, dominators and natural loops, stack depth,
+//! register liveness, update points and call sites. The result is the
+//! function's [`FunctionTable`] for the frame-description tables.
+//!
+//! Entry point: [`analyze_function`]. The binary-wide facts it needs (jump
+//! tables in `.rodata`, call target names, PLT stubs) come from a
+//! [`CodeView`].
+//!
+//! What is verified rather than assumed:
+//! - every update point and restart address is at a line-table row that
+//!   starts a new source line and where no general-purpose register (rsp and
+//!   rbp aside) and no flag is live, by a liveness analysis over the CFG;
+//! - the stack depth is computed by abstract interpretation and must agree
+//!   at every join;
+//! - callee-saved registers and undescribed stack slots live across each call
+//!   come from liveness, not from patterns.
+
+mod calls;
+mod cfg;
+mod codeview;
+mod decode;
+mod dom;
+mod frame;
+mod liveness;
+mod points;
+mod slots;
+mod stack;
+
+pub use codeview::{CodeView, MAX_PLT_STUBS};
+
+use decode::{Insn, RegSet};
+use std::collections::BTreeMap;
+use upstare_dwarf::fdt::FunctionTable;
+use upstare_dwarf::model::{Function, Program, VarLocation};
+use upstare_dwarf::{CfaOffset, LinkAddr};
+
+/// The `stack_depth` recorded for a call site whose depth depends on a
+/// run-time amount (a call inside a VLA scope or after `alloca`): such a
+/// frame cannot be rebuilt from the tables alone. No real depth can take
+/// this value.
+pub const DYNAMIC_DEPTH: CfaOffset = CfaOffset(i64::MIN);
+
+/// Most instructions analyzed in one function.
+pub const MAX_INSNS: usize = 1 << 20;
+
+/// Why a function cannot be analyzed (or does not meet the target contract).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AnalysisError {
+    #[error("function {function}: {got} bytes of code given for the range {low}..{high}")]
+    CodeSize {
+        function: String,
+        low: LinkAddr,
+        high: LinkAddr,
+        got: usize,
+    },
+    #[error("function {function}: has no code")]
+    Empty { function: String },
+    #[error("function {function}: more than {MAX_INSNS} instructions")]
+    TooLarge { function: String },
+    #[error("function {function}: cannot decode the instruction at {addr}")]
+    Decode { function: String, addr: LinkAddr },
+    #[error("function {function}: no frame-pointer prologue (push rbp; mov rbp,rsp) at {addr}")]
+    NoFramePointer { function: String, addr: LinkAddr },
+    #[error("function {function}: realigns its stack at {addr} ({what}), which is not supported")]
+    Realigned {
+        function: String,
+        addr: LinkAddr,
+        what: String,
+    },
+    #[error("function {function}: looks optimized at {addr}: {what}")]
+    OptimizedCode {
+        function: String,
+        addr: LinkAddr,
+        what: String,
+    },
+    #[error("function {function}: branch at {addr} to {target} does not land on an instruction of the function")]
+    BadBranch {
+        function: String,
+        addr: LinkAddr,
+        target: LinkAddr,
+    },
+    #[error("function {function}: indirect jump at {addr} is not a recognized switch table")]
+    UnknownIndirectJump { function: String, addr: LinkAddr },
+    #[error("function {function}: switch at {addr}: bad jump table at {table}: {reason}")]
+    BadJumpTable {
+        function: String,
+        addr: LinkAddr,
+        table: LinkAddr,
+        reason: String,
+    },
+    #[error("function {function}: conflicting stack depths {a} and {b} where paths join at {addr}")]
+    StackConflict {
+        function: String,
+        addr: LinkAddr,
+        a: CfaOffset,
+        b: CfaOffset,
+    },
+    #[error("function {function}: stack depth after the prologue is unknown at {addr}")]
+    UnknownBodyDepth { function: String, addr: LinkAddr },
+    #[error("function {function}: call at {addr} targets {target}, which is neither a function nor a PLT stub")]
+    UnknownCallTarget {
+        function: String,
+        addr: LinkAddr,
+        target: LinkAddr,
+    },
+    #[error("section {section}: cannot read its contents: {reason}")]
+    Section { section: String, reason: String },
+    #[error("section {section}: more than {MAX_PLT_STUBS} PLT stubs")]
+    TooManyStubs { section: String },
+    #[error("function {function}: too complex: {what}")]
+    TooComplex { function: String, what: String },
+}
+
+/// Shape facts of an analyzed function, for diagnostics and tests.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Details {
+    /// Start of every basic block, in address order.
+    pub block_starts: Vec<LinkAddr>,
+    /// Natural loops in address order of their header (the numbering of
+    /// `PointKind::Loop`).
+    pub loops: Vec<LoopInfo>,
+    /// Recognized switch jump tables.
+    pub jump_tables: Vec<JumpTableInfo>,
+    /// Why a loop has no update point, why a call has no restart address.
+    pub notes: Vec<String>,
+}
+
+/// One natural loop.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoopInfo {
+    pub header: LinkAddr,
+    /// Start addresses of the loop's blocks.
+    pub blocks: Vec<LinkAddr>,
+}
+
+/// One recognized switch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JumpTableInfo {
+    /// The indirect `jmp`.
+    pub jmp: LinkAddr,
+    /// Link-time address of the table.
+    pub table: LinkAddr,
+    pub entries: u64,
+    /// Distinct targets in table order.
+    pub targets: Vec<LinkAddr>,
+}
+
+/// Everything the sub-analyses share.
+pub(crate) struct Ctx<'a> {
+    pub name: &'a str,
+    pub f: &'a Function,
+    pub program: &'a Program,
+    pub insns: Vec<Insn>,
+    pub cfg: cfg::Cfg,
+    pub dom: dom::Dominators,
+    pub loops: Vec<dom::Loop>,
+    pub stack: stack::StackInfo,
+    /// Live registers and flags before each instruction.
+    pub live: Vec<RegSet>,
+    pub rows: Vec<points::Row>,
+    /// (file, line) of the function's last row: its closing `}`.
+    pub last_line: Option<(u32, u32)>,
+    pub prologue: frame::Prologue,
+    /// Frame byte ranges DWARF describes (CFA offsets).
+    pub desc: Vec<(i64, i64)>,
+    pub temps: slots::TempInfo,
+}
+
+/// Analyzes function `f` of `program`: `code` holds the bytes of
+/// `[f.low, f.high)`, `text` gives access to the rest of the binary.
+///
+/// Refuses (with an error naming the function) code without a frame-pointer
+/// prologue, realigned stacks, optimized-looking code, undecodable bytes,
+/// unrecognized indirect jumps and inconsistent stack depths. A loop without
+/// a safe place to pause simply gets no update point (numbering stays
+/// stable); likewise the entry point is left out when the row after the
+/// spills is not safe.
+pub fn analyze_function(
+    f: &Function,
+    program: &Program,
+    code: &[u8],
+    text: &CodeView,
+) -> Result<FunctionTable, AnalysisError> {
+    analyze_function_detailed(f, program, code, text).map(|(t, _)| t)
+}
+
+/// [`analyze_function`], also returning the CFG facts and notes.
+pub fn analyze_function_detailed(
+    f: &Function,
+    program: &Program,
+    code: &[u8],
+    text: &CodeView,
+) -> Result<(FunctionTable, Details), AnalysisError> {
+    let name = f.name.as_str();
+    let want = f.high.offset_from(f.low);
+    if want != Some(code.len() as u64) {
+        return Err(AnalysisError::CodeSize {
+            function: name.to_string(),
+            low: f.low,
+            high: f.high,
+            got: code.len(),
+        });
+    }
+    // An instruction is at least one byte: the cap bounds every later vector.
+    if code.len() > MAX_INSNS.saturating_mul(4) {
+        return Err(AnalysisError::TooLarge {
+            function: name.to_string(),
+        });
+    }
+    let insns = decode::decode_function(name, f.low, code)?;
+    if insns.len() > MAX_INSNS {
+        return Err(AnalysisError::TooLarge {
+            function: name.to_string(),
+        });
+    }
+    let prologue = frame::check(name, &insns)?;
+    let cfg = cfg::build(name, &insns, text)?;
+    let dom = dom::dominators(&cfg);
+    let loops = dom::natural_loops(&cfg, &dom);
+    let stack = stack::analyze(name, &insns, &cfg, &dom)?;
+    let body_at = insns.get(prologue.end).map_or(f.high, |i| i.addr);
+    if stack.depth(prologue.end).and_then(|d| d.known()) != Some(prologue.body_depth)
+        && prologue.end < insns.len()
+    {
+        return Err(AnalysisError::UnknownBodyDepth {
+            function: name.to_string(),
+            addr: body_at,
+        });
+    }
+
+    // Registers: what calls read from the callee's signature, what `ret`
+    // reads from the return type.
+    let call_inputs = |i: usize| -> RegSet {
+        let ins = &insns[i].ins;
+        if ins.flow_control() == iced_x86::FlowControl::Call {
+            liveness::signature_inputs(program, LinkAddr(ins.near_branch_target()))
+                .unwrap_or(decode::CALL_INPUTS)
+        } else {
+            decode::CALL_INPUTS
+        }
+    };
+    let ret_regs = liveness::return_regs(program, f.return_type);
+    let eff = liveness::effects(&insns, &cfg, &dom, &call_inputs, ret_regs);
+    let live = liveness::live_in(&insns, &cfg, &eff);
+
+    let desc = slots::described(f, program);
+    let temps = slots::TempInfo::analyze(name, &insns, &cfg, &dom, &stack, &desc)?;
+    let rows = points::rows(program, f.low, f.high);
+    let last_line = rows.last().map(|r| (r.file, r.line));
+
+    let ctx = Ctx {
+        name,
+        f,
+        program,
+        insns,
+        cfg,
+        dom,
+        loops,
+        stack,
+        live,
+        rows,
+        last_line,
+        prologue,
+        desc,
+        temps,
+    };
+    let mut notes = Vec::new();
+    let mut update_points = Vec::new();
+    if let Some(p) = ctx.entry_point(&mut notes) {
+        update_points.push(p);
+    }
+    for k in 0..ctx.loops.len() {
+        if let Some(p) = ctx.loop_point(k, &mut notes) {
+            update_points.push(p);
+        }
+    }
+    update_points.sort_by_key(|p| p.addr);
+    let call_sites = ctx.call_sites(text, &mut notes)?;
+    let extent = ctx.extent();
+
+    let details = Details {
+        block_starts: ctx
+            .cfg
+            .blocks
+            .iter()
+            .map(|b| ctx.insns[b.first].addr)
+            .collect(),
+        loops: ctx
+            .loops
+            .iter()
+            .map(|l| LoopInfo {
+                header: ctx.insns[ctx.cfg.blocks[l.header].first].addr,
+                blocks: l
+                    .blocks
+                    .iter()
+                    .map(|&b| ctx.insns[ctx.cfg.blocks[b].first].addr)
+                    .collect(),
+            })
+            .collect(),
+        jump_tables: ctx
+            .cfg
+            .tables
+            .iter()
+            .map(|t| JumpTableInfo {
+                jmp: ctx.insns[t.jmp].addr,
+                table: t.table,
+                entries: t.entries,
+                targets: t.targets.clone(),
+            })
+            .collect(),
+        notes,
+    };
+    let table = FunctionTable {
+        name: f.name.clone(),
+        low: f.low,
+        high: f.high,
+        decl_file: f.decl_file,
+        decl_line: f.decl_line,
+        frame_base: f.frame_base,
+        external: f.external,
+        saved_regs: f.saved_regs.clone(),
+        body_depth: ctx.prologue.body_depth,
+        extent,
+        vars: f.params.iter().chain(&f.locals).cloned().collect(),
+        update_points,
+        call_sites,
+    };
+    Ok((table, details))
+}
+
+impl Ctx<'_> {
+    /// The lowest CFA offset the frame uses: variables, saved registers,
+    /// every frame memory operand, every known stack depth (which covers
+    /// pushed stack arguments).
+    fn extent(&self) -> CfaOffset {
+        let mut lo = self.prologue.body_depth.0;
+        for v in self.f.params.iter().chain(&self.f.locals) {
+            if let VarLocation::Cfa(o) | VarLocation::CfaIndirect(o) = v.location {
+                lo = lo.min(o.0);
+            }
+        }
+        for s in &self.f.saved_regs {
+            lo = lo.min(s.offset.0);
+        }
+        for (i, insn) in self.insns.iter().enumerate() {
+            if let Some(d) = self.stack.depth(i).and_then(|d| d.known()) {
+                lo = lo.min(d.0);
+            }
+            for m in &insn.mem {
+                if let slots::Access::Frame { off, .. } = slots::resolve(&self.stack, i, m) {
+                    lo = lo.min(off);
+                }
+            }
+        }
+        CfaOffset(lo)
+    }
+}
+
+/// Block starts by address, for callers that want to map addresses to
+/// blocks without re-running the analysis.
+pub fn block_map(details: &Details) -> BTreeMap<LinkAddr, usize> {
+    details
+        .block_starts
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (*a, i))
+        .collect()
+}
