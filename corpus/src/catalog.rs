@@ -1,0 +1,318 @@
+//! The list of corpus programs and version pairs.
+
+use std::path::PathBuf;
+
+/// A language or runtime feature a corpus program exercises, so tests can
+/// pick programs by what they contain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Feature {
+    /// Functions with 0 to 8 integer parameters; the 7th and 8th are passed on
+    /// the stack, including `char`/`short` ones.
+    IntParams0To8,
+    /// `float`/`double` parameters and return values.
+    FloatParams,
+    /// Structs of at most 16 bytes passed and returned by value (registers).
+    SmallStructByValue,
+    /// Structs over 16 bytes passed and returned by value (memory).
+    LargeStructByValue,
+    /// Variadic functions reading ints and doubles.
+    Varargs,
+    /// Nested blocks whose locals shadow outer ones.
+    ShadowedLocals,
+    /// `static` variables inside functions.
+    StaticLocals,
+    /// Variable-length arrays on the stack.
+    Vla,
+    /// for / while / do-while / nested loops with break and continue.
+    Loops,
+    /// A loop made of `goto`.
+    GotoLoop,
+    /// A dense `switch` that compiles to a jump table.
+    JumpTable,
+    /// Recursive functions.
+    Recursion,
+    /// Recursion thousands of frames deep.
+    DeepRecursion,
+    /// Function pointers stored in structs.
+    FnPtrInStruct,
+    /// Comparator callbacks passed to `qsort`/`bsearch`.
+    QsortCallback,
+    /// Expressions whose partial results gcc keeps in callee-saved registers
+    /// across calls (`f() + g() * h(x)`, `fib(n-1) + fib(n-2)`, ...).
+    CalleeSavedTemps,
+    /// POSIX threads.
+    Threads,
+    /// Mutexes.
+    Mutex,
+    /// Condition variables.
+    CondVar,
+    /// `fork` and `waitpid`.
+    Fork,
+    /// Blocking `read` on a pipe fed by another thread or process.
+    PipeRead,
+    /// TCP on 127.0.0.1: accept, connect, recv.
+    TcpSocket,
+    /// `nanosleep`.
+    Nanosleep,
+    /// Signal handlers installed with `sigaction`.
+    Signals,
+    /// Writes to standard error.
+    Stderr,
+}
+
+impl Feature {
+    /// Every feature.
+    pub const ALL: [Feature; 25] = [
+        Feature::IntParams0To8,
+        Feature::FloatParams,
+        Feature::SmallStructByValue,
+        Feature::LargeStructByValue,
+        Feature::Varargs,
+        Feature::ShadowedLocals,
+        Feature::StaticLocals,
+        Feature::Vla,
+        Feature::Loops,
+        Feature::GotoLoop,
+        Feature::JumpTable,
+        Feature::Recursion,
+        Feature::DeepRecursion,
+        Feature::FnPtrInStruct,
+        Feature::QsortCallback,
+        Feature::CalleeSavedTemps,
+        Feature::Threads,
+        Feature::Mutex,
+        Feature::CondVar,
+        Feature::Fork,
+        Feature::PipeRead,
+        Feature::TcpSocket,
+        Feature::Nanosleep,
+        Feature::Signals,
+        Feature::Stderr,
+    ];
+
+    /// Text that any source using the feature must contain, compared
+    /// case-insensitively (a cheap sanity check of the tags), if there is one.
+    pub fn source_marker(self) -> Option<&'static str> {
+        Some(match self {
+            Feature::Varargs => "va_arg(",
+            Feature::StaticLocals => "    static ",
+            Feature::Vla => "[n",
+            Feature::GotoLoop => "goto ",
+            Feature::JumpTable => "switch (",
+            Feature::FnPtrInStruct => "(*",
+            Feature::QsortCallback => "qsort(",
+            Feature::Threads => "pthread_create(",
+            Feature::Mutex => "pthread_mutex_lock(",
+            Feature::CondVar => "pthread_cond_wait(",
+            Feature::Fork => "fork()",
+            Feature::PipeRead => "pipe(",
+            Feature::TcpSocket => "accept(",
+            Feature::Nanosleep => "nanosleep(",
+            Feature::Signals => "sigaction(",
+            Feature::Stderr => "stderr",
+            _ => return None,
+        })
+    }
+}
+
+/// One C program of the corpus.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Program {
+    /// Unique name; also the cached binary's file name.
+    pub name: &'static str,
+    /// Absolute path of the `.c` file.
+    pub source: PathBuf,
+    /// Same stdout, stderr and exit status on every run (with [`Program::args`]).
+    pub deterministic: bool,
+    /// Exit code of a normal run (with [`Program::args`]).
+    pub expected_exit: i32,
+    /// Arguments for a normal, self-terminating run.
+    pub args: &'static [&'static str],
+    /// What the program exercises.
+    pub features: &'static [Feature],
+}
+
+impl Program {
+    /// Whether the program is tagged with `feature`.
+    pub fn has(&self, feature: Feature) -> bool {
+        self.features.contains(&feature)
+    }
+}
+
+fn corpus_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+struct Spec {
+    name: &'static str,
+    expected_exit: i32,
+    features: &'static [Feature],
+}
+
+use Feature::*;
+
+const PROGRAMS: &[Spec] = &[
+    Spec { name: "bank", expected_exit: 3, features: &[Threads, Mutex, CondVar, Loops, Stderr] },
+    Spec { name: "calc", expected_exit: 0, features: &[JumpTable, SmallStructByValue, Recursion, StaticLocals, Loops] },
+    Spec { name: "checksums", expected_exit: 0, features: &[Loops, GotoLoop, StaticLocals] },
+    Spec { name: "deeprec", expected_exit: 0, features: &[Recursion, DeepRecursion, SmallStructByValue, CalleeSavedTemps] },
+    Spec { name: "echo_tcp", expected_exit: 0, features: &[TcpSocket, Threads, Loops] },
+    Spec { name: "geometry", expected_exit: 0, features: &[FloatParams, SmallStructByValue, LargeStructByValue] },
+    Spec { name: "inventory", expected_exit: 0, features: &[LargeStructByValue, SmallStructByValue, QsortCallback, FnPtrInStruct, FloatParams] },
+    Spec { name: "jobrunner", expected_exit: 0, features: &[Fork, PipeRead, FnPtrInStruct, Loops] },
+    Spec { name: "kvstore", expected_exit: 0, features: &[StaticLocals, ShadowedLocals, Loops] },
+    Spec { name: "logstats", expected_exit: 0, features: &[Varargs, FloatParams, Stderr] },
+    Spec { name: "matrix", expected_exit: 0, features: &[Vla, FloatParams, Recursion, Loops] },
+    Spec { name: "packets", expected_exit: 0, features: &[IntParams0To8, FloatParams] },
+    Spec { name: "pipeline", expected_exit: 0, features: &[Threads, PipeRead, Nanosleep, StaticLocals] },
+    Spec { name: "prodcons", expected_exit: 0, features: &[Threads, Mutex, CondVar] },
+    Spec { name: "ringbuf", expected_exit: 0, features: &[SmallStructByValue, GotoLoop, Loops, StaticLocals, FloatParams] },
+    Spec { name: "scoring", expected_exit: 0, features: &[CalleeSavedTemps, Recursion] },
+    Spec { name: "signals", expected_exit: 0, features: &[Signals, StaticLocals, Stderr] },
+    Spec { name: "stackvm", expected_exit: 7, features: &[JumpTable, Loops] },
+    Spec { name: "textstats", expected_exit: 0, features: &[Vla, ShadowedLocals, StaticLocals, Loops, GotoLoop] },
+    Spec { name: "vending", expected_exit: 0, features: &[FnPtrInStruct, JumpTable, GotoLoop] },
+];
+
+/// The deterministic corpus programs (`corpus/programs/*.c`).
+pub fn programs() -> Vec<Program> {
+    let dir = corpus_dir().join("programs");
+    PROGRAMS
+        .iter()
+        .map(|s| Program {
+            name: s.name,
+            source: dir.join(format!("{}.c", s.name)),
+            deterministic: true,
+            expected_exit: s.expected_exit,
+            args: &[],
+            features: s.features,
+        })
+        .collect()
+}
+
+/// How a test talks to a long-running version-pair program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Prints progress lines; a line `quit` on stdin makes it finish cleanly
+    /// (end-of-file on stdin is ignored). `argv[1]`, if given, bounds the
+    /// number of ticks.
+    Stdin,
+    /// A TCP server: first prints `vN listening port=P`; a client line `quit`
+    /// makes it answer and exit. `argv[1]`, if given, bounds the number of
+    /// connections served.
+    Tcp,
+}
+
+/// A program in two versions for cross-version update tests.
+///
+/// Every progress line a version prints starts with its marker (`"v1 "` or
+/// `"v2 "`), so a test can tell which code produced it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionPair {
+    /// Name (`corpus/versions/<name>/`).
+    pub name: &'static str,
+    /// What changes between the versions and what that exercises.
+    pub description: &'static str,
+    /// How to drive and stop it.
+    pub control: Control,
+    /// Version 1.
+    pub v1: Program,
+    /// Version 2.
+    pub v2: Program,
+}
+
+impl VersionPair {
+    /// Line prefix printed by version `n` (1 or 2).
+    pub fn marker(n: u32) -> String {
+        format!("v{n} ")
+    }
+}
+
+struct PairSpec {
+    name: &'static str,
+    /// Program names (cache file names) of v1 and v2.
+    names: [&'static str; 2],
+    description: &'static str,
+    control: Control,
+    short_args: &'static [&'static str],
+    features: &'static [Feature],
+}
+
+const PAIRS: &[PairSpec] = &[
+    PairSpec {
+        name: "loop_body",
+        names: ["loop_body.v1", "loop_body.v2"],
+        description: "a long-running loop in main whose body changes: v2 uses a new constant \
+                      in the running sum and prints `total=` instead of `sum=`",
+        control: Control::Stdin,
+        short_args: &["5"],
+        features: &[Loops, Nanosleep],
+    },
+    PairSpec {
+        name: "deep_frames",
+        names: ["deep_frames.v1", "deep_frames.v2"],
+        description: "deep recursion (200 frames of `descend`) idling at the bottom; v2's \
+                      `descend` gains locals (every frame's layout changes) and adds them \
+                      into the result after the recursive call returns",
+        control: Control::Stdin,
+        short_args: &["3"],
+        features: &[Recursion, DeepRecursion, Nanosleep],
+    },
+    PairSpec {
+        name: "main_changes",
+        names: ["main_changes.v1", "main_changes.v2"],
+        description: "main itself changes: v2 has a new local in main and a changed loop \
+                      (different step and accumulator)",
+        control: Control::Stdin,
+        short_args: &["5"],
+        features: &[Loops, Nanosleep],
+    },
+    PairSpec {
+        name: "echo_server",
+        names: ["echo_server.v1", "echo_server.v2"],
+        description: "an idle single-threaded TCP echo server (blocked in accept/recv); \
+                      v2 changes the reply format",
+        control: Control::Tcp,
+        short_args: &["0"],
+        features: &[TcpSocket],
+    },
+    PairSpec {
+        name: "threads8",
+        names: ["threads8.v1", "threads8.v2"],
+        description: "8 worker threads (2 hot loops, a mutex waiter and the lock holder in \
+                      nanosleep, a blocked pipe read, a nanosleep ticker, a condition \
+                      variable waiter, a timed condition wait); v2 changes `worker_step`",
+        control: Control::Stdin,
+        short_args: &["4"],
+        features: &[Threads, Mutex, CondVar, PipeRead, Nanosleep, Loops],
+    },
+];
+
+/// The version pairs (`corpus/versions/<name>/v1.c` and `v2.c`).
+///
+/// Each runs until told to stop (see [`Control`]); [`Program::args`] holds
+/// arguments that make it stop by itself soon. Their output is not
+/// deterministic in general (timing, ports), so `deterministic` is false.
+pub fn version_pairs() -> Vec<VersionPair> {
+    let dir = corpus_dir().join("versions");
+    PAIRS
+        .iter()
+        .map(|p| {
+            let version = |n: usize| Program {
+                name: p.names[n - 1],
+                source: dir.join(p.name).join(format!("v{n}.c")),
+                deterministic: false,
+                expected_exit: 0,
+                args: p.short_args,
+                features: p.features,
+            };
+            VersionPair {
+                name: p.name,
+                description: p.description,
+                control: p.control,
+                v1: version(1),
+                v2: version(2),
+            }
+        })
+        .collect()
+}
