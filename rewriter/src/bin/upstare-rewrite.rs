@@ -1,0 +1,142 @@
+//! `upstare-rewrite`: instrument a `-O0 -g -fno-omit-frame-pointer` x86-64
+//! binary with frame-description tables, or show the tables of a binary.
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use upstare_rewriter::{dump, elf, rewrite};
+
+/// Instrument an x86-64 ELF built with `-O0 -g -fno-omit-frame-pointer` for
+/// live updates, or dump the frame-description tables of a binary.
+///
+/// Rewriting keeps every loaded byte of IN at its address and adds a
+/// non-loaded `.upstare` section with, per function, its update points,
+/// call sites and frame layout. The result runs exactly like IN.
+///
+/// Examples:
+///   upstare-rewrite server -o server.up
+///   upstare-rewrite --dump server.up
+///   upstare-rewrite --dump server.up --function main --function handle
+///   upstare-rewrite --dump server.up --json | jq '.functions[].name'
+#[derive(Parser)]
+#[command(version, verbatim_doc_comment)]
+struct Cli {
+    /// The binary to instrument (or to dump, with --dump).
+    input: PathBuf,
+    /// Where to write the instrumented binary (required unless --dump).
+    #[arg(short, long, value_name = "OUT")]
+    output: Option<PathBuf>,
+    /// Print the tables of INPUT instead of rewriting. INPUT may be an
+    /// instrumented binary (its tables are decoded) or a plain one (its
+    /// tables are computed, nothing is written).
+    #[arg(long)]
+    dump: bool,
+    /// With --dump: print JSON instead of text.
+    #[arg(long, requires = "dump")]
+    json: bool,
+    /// With --dump: show only this function (repeatable).
+    #[arg(long = "function", value_name = "NAME", requires = "dump")]
+    functions: Vec<String>,
+    /// Overwrite OUT if it exists.
+    #[arg(short, long)]
+    force: bool,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(&cli) {
+        eprintln!("upstare-rewrite: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: &Cli) -> Result<()> {
+    let input = std::fs::read(&cli.input)
+        .with_context(|| format!("cannot read {}", cli.input.display()))?;
+    if cli.dump {
+        return run_dump(cli, &input);
+    }
+    let Some(out) = &cli.output else {
+        bail!("missing -o OUT (or use --dump to show tables); see --help");
+    };
+    if out.exists() && !cli.force {
+        bail!("{} exists; pass --force to overwrite", out.display());
+    }
+    let start = Instant::now();
+    let done = rewrite::rewrite(&input).with_context(|| format!("{}", cli.input.display()))?;
+    write_atomically(out, &done.elf, &cli.input)?;
+    let t = &done.tables;
+    let points: usize = t.functions.iter().map(|f| f.update_points.len()).sum();
+    let calls: usize = t.functions.iter().map(|f| f.call_sites.len()).sum();
+    let share = if t.binary.text_size > 0 {
+        100.0 * done.section_size as f64 / t.binary.text_size as f64
+    } else {
+        0.0
+    };
+    println!(
+        "wrote {}: {} functions, {} update points, {} call sites; tables {} bytes ({:.1}% of .text), {:.0} ms",
+        out.display(),
+        t.functions.len(),
+        points,
+        calls,
+        done.section_size,
+        share,
+        start.elapsed().as_secs_f64() * 1000.0
+    );
+    Ok(())
+}
+
+fn run_dump(cli: &Cli, input: &[u8]) -> Result<()> {
+    let tables = match elf::read_tables(input) {
+        Ok(t) => t,
+        Err(elf::ElfError::NoTables) => {
+            rewrite::build_tables(input).with_context(|| format!("{}", cli.input.display()))?
+        }
+        Err(e) => return Err(e).with_context(|| format!("{}", cli.input.display())),
+    };
+    for name in &cli.functions {
+        if tables.function(name).is_none() {
+            bail!("{}: no function named {name}", cli.input.display());
+        }
+    }
+    let mut stdout = std::io::stdout().lock();
+    if cli.json {
+        let mut t = tables;
+        if !cli.functions.is_empty() {
+            t.functions.retain(|f| cli.functions.contains(&f.name));
+        }
+        serde_json::to_writer_pretty(&mut stdout, &t)?;
+        writeln!(stdout)?;
+    } else {
+        stdout.write_all(dump::render(&tables, &cli.functions).as_bytes())?;
+    }
+    Ok(())
+}
+
+/// Writes `data` to a temporary file next to `out` and renames it into place,
+/// so a failure never leaves a half-written output. Copies IN's permissions.
+fn write_atomically(out: &Path, data: &[u8], input: &Path) -> Result<()> {
+    let dir = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = out.file_name().context("output path has no file name")?;
+    let tmp = dir.join(format!(
+        ".{}.upstare-tmp.{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = (|| -> Result<()> {
+        std::fs::write(&tmp, data).with_context(|| format!("cannot write {}", tmp.display()))?;
+        let perms = std::fs::metadata(input)?.permissions();
+        std::fs::set_permissions(&tmp, perms)?;
+        std::fs::rename(&tmp, out).with_context(|| format!("cannot create {}", out.display()))?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}

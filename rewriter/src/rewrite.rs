@@ -1,0 +1,157 @@
+//! The rewriting pipeline: ELF bytes in, frame tables and instrumented ELF out.
+
+use crate::analysis::{self, AnalysisError, CodeView};
+use crate::elf::{self, ElfError};
+use object::{Object, ObjectSection};
+use upstare_dwarf::fdt::{self, BinaryInfo, EncodeError, FrameTables, FunctionTable};
+use upstare_dwarf::model::Program;
+use upstare_dwarf::read::{read_program, ReadError};
+use upstare_dwarf::LinkAddr;
+
+/// Why a binary was refused or could not be rewritten. Every message is one
+/// line naming the function or section at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum RewriteError {
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error("not a readable ELF file: {0}")]
+    Parse(String),
+    #[error("no symbol table (.symtab): the binary is stripped")]
+    Stripped,
+    #[error("compilation unit built with optimization ({producer}): upstare needs -O0")]
+    Optimized { producer: String },
+    #[error("function {function}: parameter {param} is not in a stack slot (optimized code?): upstare needs -O0")]
+    ParamNotSpilled { function: String, param: String },
+    #[error("no function with debug information in the binary")]
+    NoFunctions,
+    #[error("function {function}: code range {low}..{high} is not inside an executable section")]
+    CodeOutOfRange {
+        function: String,
+        low: LinkAddr,
+        high: LinkAddr,
+    },
+    #[error(transparent)]
+    Analysis(#[from] AnalysisError),
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
+    #[error(transparent)]
+    Elf(#[from] ElfError),
+}
+
+/// The result of rewriting one binary.
+pub struct Rewritten {
+    /// The instrumented ELF.
+    pub elf: Vec<u8>,
+    /// The tables it carries.
+    pub tables: FrameTables,
+    /// Size of the encoded `.upstare` section.
+    pub section_size: usize,
+}
+
+/// Builds the frame tables of `input` without writing anything.
+pub fn build_tables(input: &[u8]) -> Result<FrameTables, RewriteError> {
+    let file = object::File::parse(input).map_err(|e| RewriteError::Parse(e.to_string()))?;
+    let program = read_program(input)?;
+    check_conformance(&file, &program)?;
+    let view = CodeView::new(&file).map_err(RewriteError::Analysis)?;
+    let mut functions: Vec<FunctionTable> = Vec::with_capacity(program.functions.len());
+    for f in &program.functions {
+        let code = view
+            .code(f.low, f.high)
+            .ok_or_else(|| RewriteError::CodeOutOfRange {
+                function: f.name.clone(),
+                low: f.low,
+                high: f.high,
+            })?;
+        functions.push(analysis::analyze_function(f, &program, code, &view)?);
+    }
+    let text = file.section_by_name(".text");
+    let binary = BinaryInfo {
+        pie: file.kind() == object::ObjectKind::Dynamic,
+        producer: program.producers.first().cloned().unwrap_or_default(),
+        build_id: file
+            .build_id()
+            .ok()
+            .flatten()
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default(),
+        text_addr: LinkAddr(text.as_ref().map_or(0, |s| s.address())),
+        text_size: text.as_ref().map_or(0, |s| s.size()),
+    };
+    Ok(FrameTables {
+        binary,
+        files: program.files,
+        types: program.types,
+        globals: program.globals,
+        functions,
+    })
+}
+
+/// Rewrites `input`: builds its tables and attaches them.
+pub fn rewrite(input: &[u8]) -> Result<Rewritten, RewriteError> {
+    let tables = build_tables(input)?;
+    let section = fdt::encode(&tables)?;
+    let elf = elf::attach_tables(input, &section)?;
+    Ok(Rewritten {
+        elf,
+        tables,
+        section_size: section.len(),
+    })
+}
+
+/// Refuses binaries outside the target contract (see DESIGN.md): stripped,
+/// optimized, no functions. Per-function code shape (frame pointer,
+/// realignment) is checked by the analysis.
+fn check_conformance(file: &object::File<'_>, program: &Program) -> Result<(), RewriteError> {
+    if file.section_by_name(".symtab").is_none() {
+        return Err(RewriteError::Stripped);
+    }
+    for producer in &program.producers {
+        if let Some(level) = optimization_flag(producer) {
+            if level != "-O0" {
+                return Err(RewriteError::Optimized {
+                    producer: producer.clone(),
+                });
+            }
+        }
+    }
+    if program.functions.is_empty() {
+        return Err(RewriteError::NoFunctions);
+    }
+    // clang does not record its flags in DW_AT_producer; optimized code shows
+    // in parameters that never reach a stack slot.
+    for f in &program.functions {
+        for p in &f.params {
+            if matches!(p.location, upstare_dwarf::model::VarLocation::Complex(_)) {
+                return Err(RewriteError::ParamNotSpilled {
+                    function: f.name.clone(),
+                    param: p.name.clone(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The last `-O…` flag of a producer string (gcc records its flags there).
+fn optimization_flag(producer: &str) -> Option<&str> {
+    producer
+        .split_whitespace()
+        .filter(|w| w.starts_with("-O"))
+        .next_back()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::optimization_flag;
+
+    #[test]
+    fn last_optimization_flag_wins() {
+        assert_eq!(
+            optimization_flag("GNU C17 12.2.0 -mtune=generic -O2 -g -O0"),
+            Some("-O0")
+        );
+        assert_eq!(optimization_flag("GNU C17 12.2.0 -g -O2"), Some("-O2"));
+        assert_eq!(optimization_flag("Debian clang version 14.0.6"), None);
+    }
+}
