@@ -137,8 +137,7 @@ fn check_conformance(file: &object::File<'_>, program: &Program) -> Result<(), R
 fn optimization_flag(producer: &str) -> Option<&str> {
     producer
         .split_whitespace()
-        .filter(|w| w.starts_with("-O"))
-        .next_back()
+        .rfind(|w| w.starts_with("-O"))
 }
 
 #[cfg(test)]
