@@ -99,9 +99,10 @@ pub(crate) fn build(name: &str, insns: &[Insn], view: &CodeView) -> Result<Cfg, 
             | FlowControl::IndirectCall
             | FlowControl::Interrupt
             | FlowControl::XbeginXabortXend => None,
-            FlowControl::UnconditionalBranch => {
-                Some(vec![target_index(insn, LinkAddr(insn.ins.near_branch_target()))?])
-            }
+            FlowControl::UnconditionalBranch => Some(vec![target_index(
+                insn,
+                LinkAddr(insn.ins.near_branch_target()),
+            )?]),
             FlowControl::ConditionalBranch => {
                 let t = target_index(insn, LinkAddr(insn.ins.near_branch_target()))?;
                 Some(fall.into_iter().chain([t]).collect())
@@ -281,14 +282,14 @@ fn jump_table(
         });
     }
     let width: u64 = if enc == Encoding::Abs64 { 8 } else { 4 };
-    let bytes = view
-        .read(base, (entries * width) as usize)
-        .ok_or_else(|| AnalysisError::BadJumpTable {
-            function: name.to_string(),
-            addr: jmp.addr,
-            table: base,
-            reason: format!("{entries} entries are not inside an allocated section"),
-        })?;
+    let bytes =
+        view.read(base, (entries * width) as usize)
+            .ok_or_else(|| AnalysisError::BadJumpTable {
+                function: name.to_string(),
+                addr: jmp.addr,
+                table: base,
+                reason: format!("{entries} entries are not inside an allocated section"),
+            })?;
     let mut targets = Vec::new();
     for chunk in bytes.chunks_exact(width as usize) {
         let t = match enc {

@@ -2,10 +2,10 @@
 //! needs beyond the function's own bytes: jump tables in `.rodata`, the names
 //! of direct call targets and the PLT stubs of imports.
 
+use super::AnalysisError;
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic, OpKind};
 use object::{Object, ObjectSection, ObjectSymbol, ObjectSymbolTable, RelocationTarget};
 use std::collections::{BTreeMap, HashMap};
-use super::AnalysisError;
 use upstare_dwarf::LinkAddr;
 
 /// Most PLT stubs a binary may have before [`CodeView::from_object`] refuses it
@@ -91,7 +91,9 @@ impl<'data> CodeView<'data> {
         let mut functions = BTreeMap::new();
         let mut add_symbols = |syms: &mut dyn Iterator<Item = object::Symbol<'data, '_>>| {
             for sym in syms {
-                if sym.kind() == object::SymbolKind::Text && sym.is_definition() && sym.address() != 0
+                if sym.kind() == object::SymbolKind::Text
+                    && sym.is_definition()
+                    && sym.address() != 0
                 {
                     if let Ok(name) = sym.name() {
                         if !name.is_empty() {
@@ -108,11 +110,13 @@ impl<'data> CodeView<'data> {
 
         // GOT slot -> symbol name, from every dynamic relocation naming a symbol.
         let mut slots: HashMap<u64, String> = HashMap::new();
-        if let (Some(relocs), Some(dynsym)) = (file.dynamic_relocations(), file.dynamic_symbol_table())
+        if let (Some(relocs), Some(dynsym)) =
+            (file.dynamic_relocations(), file.dynamic_symbol_table())
         {
             for (offset, reloc) in relocs {
                 if let RelocationTarget::Symbol(idx) = reloc.target() {
-                    if let Some(name) = dynsym.symbol_by_index(idx).ok().and_then(|s| s.name().ok()) {
+                    if let Some(name) = dynsym.symbol_by_index(idx).ok().and_then(|s| s.name().ok())
+                    {
                         if !name.is_empty() {
                             slots.insert(offset, name.to_string());
                         }

@@ -3,8 +3,8 @@
 
 use super::AnalysisError;
 use iced_x86::{
-    Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfoFactory, Mnemonic,
-    OpAccess, OpKind, Register, RflagsBits,
+    Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfoFactory, Mnemonic, OpAccess,
+    OpKind, Register, RflagsBits,
 };
 use upstare_dwarf::{LinkAddr, Reg};
 
@@ -25,6 +25,12 @@ const FLAG_MASK: u32 = RflagsBits::OF
 pub(crate) const FLAGS: RegSet = (FLAG_MASK as RegSet) << FLAG_SHIFT;
 /// Every general-purpose register.
 pub(crate) const GPRS: RegSet = 0xffff;
+/// Pseudo-register: al as the vector-register count a varargs call reads.
+/// Writing al (or ax, eax, rax) kills it; only calls read it. Kept apart from
+/// rax so that `mov al,0; call printf` does not make rax's upper bits live.
+pub(crate) const AL: RegSet = 1 << 24;
+/// Everything liveness tracks.
+pub(crate) const TRACKED: RegSet = GPRS | FLAGS | AL;
 
 /// The bit of one register.
 pub(crate) const fn bit(r: Reg) -> RegSet {
@@ -41,18 +47,13 @@ pub(crate) const CALLER_SAVED: RegSet = bit(Reg::Rax)
     | bit(Reg::R9)
     | bit(Reg::R10)
     | bit(Reg::R11)
-    | FLAGS;
+    | FLAGS
+    | AL;
 /// Integer argument registers in order.
 pub(crate) const ARG_REGS: [Reg; 6] = [Reg::Rdi, Reg::Rsi, Reg::Rdx, Reg::Rcx, Reg::R8, Reg::R9];
-/// Registers a call can read: the argument registers and al (vector count of
-/// a varargs call).
-pub(crate) const CALL_INPUTS: RegSet = bit(Reg::Rdi)
-    | bit(Reg::Rsi)
-    | bit(Reg::Rdx)
-    | bit(Reg::Rcx)
-    | bit(Reg::R8)
-    | bit(Reg::R9)
-    | bit(Reg::Rax);
+/// The integer argument registers of a call.
+pub(crate) const CALL_INPUTS: RegSet =
+    bit(Reg::Rdi) | bit(Reg::Rsi) | bit(Reg::Rdx) | bit(Reg::Rcx) | bit(Reg::R8) | bit(Reg::R9);
 /// The callee-saved registers other than rbp, whose liveness across calls is
 /// recorded.
 pub(crate) const CALLEE_SAVED: [Reg; 5] = [Reg::Rbx, Reg::R12, Reg::R13, Reg::R14, Reg::R15];
@@ -70,6 +71,9 @@ pub(crate) fn regs_of(set: RegSet) -> Vec<Reg> {
 /// Human-readable list of the registers and flags of `set`.
 pub(crate) fn describe(set: RegSet) -> String {
     let mut parts: Vec<String> = regs_of(set).iter().map(|r| r.name().to_string()).collect();
+    if set & AL != 0 {
+        parts.push("al".into());
+    }
     if set & FLAGS != 0 {
         parts.push("flags".into());
     }
@@ -212,6 +216,9 @@ fn effects(factory: &mut InstructionInfoFactory, ins: Instruction) -> Insn {
                 if full {
                     kills |= bit(r);
                 }
+                if r == Reg::Rax && matches!(ur.register(), Register::AL | Register::AX) {
+                    kills |= AL;
+                }
             }
             OpAccess::CondWrite => writes |= bit(r),
             OpAccess::ReadWrite | OpAccess::ReadCondWrite => {
@@ -234,6 +241,9 @@ fn effects(factory: &mut InstructionInfoFactory, ins: Instruction) -> Insn {
                 kills |= bit(r);
             }
         }
+    }
+    if kills & bit(Reg::Rax) != 0 {
+        kills |= AL;
     }
     uses |= RegSet::from(ins.rflags_read() & FLAG_MASK) << FLAG_SHIFT;
     let fw = RegSet::from(ins.rflags_modified() & FLAG_MASK) << FLAG_SHIFT;
@@ -267,16 +277,14 @@ fn effects(factory: &mut InstructionInfoFactory, ins: Instruction) -> Insn {
                 });
             }
             // String instructions (`rep stos`, `movs`): through rsi/rdi.
-            OpKind::MemorySegSI | OpKind::MemorySegESI | OpKind::MemorySegRSI => {
-                mem.push(MemRef {
-                    base: Some(Reg::Rsi),
-                    indexed: true,
-                    disp: 0,
-                    size,
-                    read,
-                    write,
-                })
-            }
+            OpKind::MemorySegSI | OpKind::MemorySegESI | OpKind::MemorySegRSI => mem.push(MemRef {
+                base: Some(Reg::Rsi),
+                indexed: true,
+                disp: 0,
+                size,
+                read,
+                write,
+            }),
             OpKind::MemorySegDI
             | OpKind::MemorySegEDI
             | OpKind::MemorySegRDI
@@ -336,7 +344,10 @@ mod tests {
         // cmp eax, 9 then ja: flags written, then read.
         let i = one(&[0x83, 0xf8, 0x09]);
         assert_eq!(i.uses & GPRS, bit(Reg::Rax));
-        assert_eq!(i.kills & FLAGS, FLAGS & !((RflagsBits::DF as u64) << FLAG_SHIFT));
+        assert_eq!(
+            i.kills & FLAGS,
+            FLAGS & !((RflagsBits::DF as u64) << FLAG_SHIFT)
+        );
         let i = one(&[0x77, 0x10]);
         assert_ne!(i.uses & FLAGS, 0);
         // cdqe reads eax and writes rax.

@@ -46,7 +46,10 @@ pub(crate) fn check(name: &str, insns: &[Insn]) -> Result<Prologue, AnalysisErro
         }
     }
     let mut k = 0;
-    if insns.first().is_some_and(|i| i.ins.mnemonic() == Mnemonic::Endbr64) {
+    if insns
+        .first()
+        .is_some_and(|i| i.ins.mnemonic() == Mnemonic::Endbr64)
+    {
         k = 1;
     }
     let Some(first) = insns.get(k) else {

@@ -5,16 +5,19 @@
 //! - a `call` reads the argument registers the callee takes and clobbers the
 //!   caller-saved registers and the flags. How many arguments a callee takes
 //!   is known from DWARF for a non-varargs function of this binary; for the
-//!   others (imports, indirect and varargs calls) every argument register and
-//!   al are assumed read. Either way, a register counts as an argument only
-//!   if it may have been written since the previous call (or the function's
-//!   entry): at -O0 arguments are always loaded right before the call, so a
-//!   register nothing wrote cannot carry one, and this keeps a stale value in
-//!   rax from looking live at every argument-less call;
+//!   others (imports, indirect and varargs calls) every argument register is
+//!   assumed read. Either way, a register counts as an argument only if it
+//!   was written on every path since the previous call (or the function's
+//!   entry): a real argument always is (the previous call clobbered it, and
+//!   -O0 code reloads parameters from their slots), and this keeps stale
+//!   values from looking live at every call of unknown arity. A call reads al
+//!   (the vector count of varargs calls) when al is set in the few
+//!   instructions right before it, where both compilers put `mov eax,0` /
+//!   `mov al,N`;
 //! - `ret` reads the return-value registers of the function's return type.
 
 use super::cfg::Cfg;
-use super::decode::{bit, Insn, RegSet, CALLER_SAVED, CALL_INPUTS, FRAME_REGS};
+use super::decode::{bit, Insn, RegSet, AL, CALLER_SAVED, CALL_INPUTS, FRAME_REGS};
 use super::dom::Dominators;
 use upstare_dwarf::model::{BaseEncoding, Program, Type, TypeId};
 use upstare_dwarf::Reg;
@@ -26,11 +29,13 @@ pub(crate) struct Effects {
     pub kills: Vec<RegSet>,
 }
 
-/// Argument registers that may have been written since the last call, before
-/// every instruction (forward may-analysis).
+/// Argument registers written on every path since the last call (or the
+/// function's entry), before every instruction (forward must-analysis).
 fn written_since_call(insns: &[Insn], cfg: &Cfg, dom: &Dominators) -> Vec<RegSet> {
     let nb = cfg.blocks.len();
-    let mut block_in = vec![0 as RegSet; nb];
+    // Top (everything) for blocks not yet reached; the entry has nothing.
+    let mut block_in: Vec<Option<RegSet>> = vec![None; nb];
+    block_in[0] = Some(0);
     let transfer = |insn: &Insn, s: RegSet| -> RegSet {
         if insn.is_call() {
             0
@@ -39,18 +44,19 @@ fn written_since_call(insns: &[Insn], cfg: &Cfg, dom: &Dominators) -> Vec<RegSet
         }
     };
     let mut changed = true;
-    // Monotone over a finite lattice (bits only get added).
+    // Monotone: sets only shrink once reached.
     while changed {
         changed = false;
         for &b in &dom.rpo {
             let blk = &cfg.blocks[b];
-            let mut s = block_in[b];
+            let Some(mut s) = block_in[b] else { continue };
             for insn in &insns[blk.first..blk.end] {
                 s = transfer(insn, s);
             }
             for &succ in &blk.succs {
-                if block_in[succ] | s != block_in[succ] {
-                    block_in[succ] |= s;
+                let new = block_in[succ].map_or(s, |old| old & s);
+                if block_in[succ] != Some(new) {
+                    block_in[succ] = Some(new);
                     changed = true;
                 }
             }
@@ -58,13 +64,24 @@ fn written_since_call(insns: &[Insn], cfg: &Cfg, dom: &Dominators) -> Vec<RegSet
     }
     let mut out = vec![0; insns.len()];
     for (b, blk) in cfg.blocks.iter().enumerate() {
-        let mut s = block_in[b];
+        let mut s = block_in[b].unwrap_or(0);
         for (i, insn) in insns.iter().enumerate().take(blk.end).skip(blk.first) {
             out[i] = s;
             s = transfer(insn, s);
         }
     }
     out
+}
+
+/// How close before a call the compilers set al for a varargs call
+/// (`mov eax,0` / `mov al,0` is the last step of the argument setup).
+const AL_WINDOW: usize = 3;
+
+/// Whether al is written within [`AL_WINDOW`] instructions before call `i`,
+/// in the same block.
+fn sets_al(insns: &[Insn], cfg: &Cfg, i: usize) -> bool {
+    let first = cfg.blocks[cfg.block_of[i]].first;
+    (first.max(i.saturating_sub(AL_WINDOW))..i).any(|j| insns[j].kills & AL != 0)
 }
 
 /// Strips typedefs and qualifiers.
@@ -83,11 +100,10 @@ fn resolve(program: &Program, mut id: TypeId) -> Option<&Type> {
 /// integer).
 fn int_regs(program: &Program, id: TypeId) -> u32 {
     match resolve(program, id) {
-        Some(Type::Base { encoding, .. })
-            if matches!(encoding, BaseEncoding::Float | BaseEncoding::Complex) =>
-        {
-            0
-        }
+        Some(Type::Base {
+            encoding: BaseEncoding::Float | BaseEncoding::Complex,
+            ..
+        }) => 0,
         Some(Type::Struct { .. } | Type::Union { .. }) => match program.type_size(id) {
             Some(s) if s > 16 => 0,
             Some(s) if s > 8 => 2,
@@ -106,11 +122,10 @@ pub(crate) fn return_regs(program: &Program, ret: Option<TypeId>) -> RegSet {
     let rdx = bit(Reg::Rdx);
     match resolve(program, id) {
         Some(Type::Void) => 0,
-        Some(Type::Base { encoding, .. })
-            if matches!(encoding, BaseEncoding::Float | BaseEncoding::Complex) =>
-        {
-            0
-        }
+        Some(Type::Base {
+            encoding: BaseEncoding::Float | BaseEncoding::Complex,
+            ..
+        }) => 0,
         Some(Type::Base { size, .. }) => {
             if *size > 8 {
                 rax | rdx
@@ -131,15 +146,21 @@ pub(crate) fn return_regs(program: &Program, ret: Option<TypeId>) -> RegSet {
 
 /// Argument registers a direct call to the function at `target` can read,
 /// from its DWARF signature; `None` when unknown (imports, varargs).
-pub(crate) fn signature_inputs(program: &Program, target: upstare_dwarf::LinkAddr) -> Option<RegSet> {
+pub(crate) fn signature_inputs(
+    program: &Program,
+    target: upstare_dwarf::LinkAddr,
+) -> Option<RegSet> {
     let f = program.function_at(target).filter(|f| f.low == target)?;
     if f.is_varargs {
         return None;
     }
     // A struct returned in memory passes its buffer in rdi.
-    let sret = f
-        .return_type
-        .is_some_and(|t| matches!(resolve(program, t), Some(Type::Struct { .. } | Type::Union { .. })) && program.type_size(t).is_none_or(|s| s > 16));
+    let sret = f.return_type.is_some_and(|t| {
+        matches!(
+            resolve(program, t),
+            Some(Type::Struct { .. } | Type::Union { .. })
+        ) && program.type_size(t).is_none_or(|s| s > 16)
+    });
     let mut n = u32::from(sret);
     for p in &f.params {
         n = n.saturating_add(int_regs(program, p.ty));
@@ -165,8 +186,9 @@ pub(crate) fn effects(
     let mut kills = Vec::with_capacity(insns.len());
     for (i, insn) in insns.iter().enumerate() {
         let (u, k) = if insn.is_call() {
+            let al = if sets_al(insns, cfg, i) { AL } else { 0 };
             (
-                insn.uses | (call_inputs(i) & written[i] & CALL_INPUTS),
+                insn.uses | (call_inputs(i) & written[i] & CALL_INPUTS) | al,
                 CALLER_SAVED,
             )
         } else if insn.is_ret() {

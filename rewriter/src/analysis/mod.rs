@@ -89,7 +89,9 @@ pub enum AnalysisError {
         table: LinkAddr,
         reason: String,
     },
-    #[error("function {function}: conflicting stack depths {a} and {b} where paths join at {addr}")]
+    #[error(
+        "function {function}: conflicting stack depths {a} and {b} where paths join at {addr}"
+    )]
     StackConflict {
         function: String,
         addr: LinkAddr,

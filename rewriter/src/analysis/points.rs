@@ -1,6 +1,6 @@
 //! Line-table rows of a function and the choice of update points.
 
-use super::decode::{describe, RegSet, FLAGS, FRAME_REGS, GPRS};
+use super::decode::{describe, RegSet, FRAME_REGS, TRACKED};
 use super::Ctx;
 use upstare_dwarf::fdt::{PointKind, UpdatePoint};
 use upstare_dwarf::model::{Program, VarLocation};
@@ -73,20 +73,32 @@ impl Ctx<'_> {
             }
             Some(_) => {}
         }
-        let live: RegSet = self.live[i] & (GPRS | FLAGS) & !FRAME_REGS;
+        let live: RegSet = self.live[i] & TRACKED & !FRAME_REGS;
         if live != 0 {
             return Some(format!("live {}", describe(live)));
         }
         let in_scope = |v: &&upstare_dwarf::model::Variable| {
-            v.scope.iter().any(|&(a, b)| a <= insn.addr && insn.addr < b)
+            v.scope
+                .iter()
+                .any(|&(a, b)| a <= insn.addr && insn.addr < b)
         };
-        if let Some(v) = self.f.params.iter().chain(&self.f.locals).filter(in_scope).find(|v| {
-            matches!(
-                v.location,
-                VarLocation::CfaIndirect(_) | VarLocation::Complex(_)
-            )
-        }) {
-            return Some(format!("in the scope of {} (VLA or complex location)", v.name));
+        if let Some(v) = self
+            .f
+            .params
+            .iter()
+            .chain(&self.f.locals)
+            .filter(in_scope)
+            .find(|v| {
+                matches!(
+                    v.location,
+                    VarLocation::CfaIndirect(_) | VarLocation::Complex(_)
+                )
+            })
+        {
+            return Some(format!(
+                "in the scope of {} (VLA or complex location)",
+                v.name
+            ));
         }
         None
     }
@@ -114,7 +126,10 @@ impl Ctx<'_> {
             return None;
         };
         let Some(i) = super::cfg::index_of(&self.insns, row.addr) else {
-            notes.push(format!("entry: row {} is not an instruction start", row.addr));
+            notes.push(format!(
+                "entry: row {} is not an instruction start",
+                row.addr
+            ));
             return None;
         };
         if let Some(why) = self.unsafe_reason(i) {

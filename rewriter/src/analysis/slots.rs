@@ -106,6 +106,8 @@ struct SlotEffects {
 pub(crate) struct TempInfo {
     /// CFA offsets of the tracked bytes, sorted.
     universe: Vec<i64>,
+    /// Whether some access starts at the byte (slot boundaries).
+    starts: Vec<bool>,
     live_in: Vec<Bits>,
     written_before: Vec<Bits>,
 }
@@ -175,6 +177,14 @@ impl TempInfo {
             eff.writes.push(w);
         }
         let n = universe.len();
+        let mut starts = vec![false; n];
+        for v in &per_insn {
+            for &(off, _, _, _) in v {
+                if let Some(k) = idx(off) {
+                    starts[k] = true;
+                }
+            }
+        }
         let nb = cfg.blocks.len();
 
         // Backward liveness.
@@ -239,8 +249,13 @@ impl TempInfo {
         let mut written_before = vec![Bits::new(n); insns.len()];
         for (b, blk) in cfg.blocks.iter().enumerate() {
             let mut s = fin[b].clone();
-            for i in blk.first..blk.end {
-                written_before[i] = s.clone();
+            for (i, wb) in written_before
+                .iter_mut()
+                .enumerate()
+                .take(blk.end)
+                .skip(blk.first)
+            {
+                *wb = s.clone();
                 for &k in &eff.writes[i] {
                     s.set(k);
                 }
@@ -248,13 +263,15 @@ impl TempInfo {
         }
         Ok(TempInfo {
             universe,
+            starts,
             live_in,
             written_before,
         })
     }
 
     /// Undescribed slots written before instruction `call` and live before
-    /// instruction `after` (the return address), as maximal byte runs.
+    /// instruction `after` (the return address): runs of such bytes, split
+    /// where an access starts.
     pub fn temps_across(&self, call: usize, after: Option<usize>) -> Vec<TempSlot> {
         let Some(after) = after else {
             return Vec::new();
@@ -266,7 +283,7 @@ impl TempInfo {
                 continue;
             }
             match out.last_mut() {
-                Some(t) if t.offset.0 + i64::from(t.size) == b => t.size += 1,
+                Some(t) if t.offset.0 + i64::from(t.size) == b && !self.starts[k] => t.size += 1,
                 _ => out.push(TempSlot {
                     offset: CfaOffset(b),
                     size: 1,

@@ -91,12 +91,7 @@ impl StackInfo {
     }
 }
 
-fn join(
-    name: &str,
-    at: &Insn,
-    old: &State,
-    new: &State,
-) -> Result<State, AnalysisError> {
+fn join(name: &str, at: &Insn, old: &State, new: &State) -> Result<State, AnalysisError> {
     let depth = match (old.depth, new.depth) {
         (Depth::Known(a), Depth::Known(b)) if a != b => {
             return Err(AnalysisError::StackConflict {
@@ -190,9 +185,7 @@ pub(crate) fn step(insn: &Insn, st: &mut State) {
             if m == Mnemonic::Pop {
                 if let Some(r) = op0_reg {
                     // The popped value: a tracked slot at the old rsp.
-                    let v = old
-                        .reg(Reg::Rsp)
-                        .and_then(|d| old.slots.get(&d).copied());
+                    let v = old.reg(Reg::Rsp).and_then(|d| old.slots.get(&d).copied());
                     st.set(r, v);
                 }
             }
