@@ -116,6 +116,14 @@ fn invalid(section: &'static str, what: String) -> ReadError {
 /// Reads the functions, frames, types, globals, line table and saved
 /// registers of an x86-64 ELF built with `-g`.
 ///
+/// `Function::saved_regs` holds the callee-saved registers whose CFI rule at
+/// [`after_prologue`] is "saved at CFA+n"; it is empty when the binary has
+/// no `.eh_frame`, no FDE covers the function, or the frame saves rbp
+/// through an expression (gcc DRAP frames) — consumers that need rbp at
+/// CFA-16 must check for it. Locations that are not plain CFA offsets
+/// (location lists, realigned frames, registers) are
+/// [`VarLocation::Complex`] with a readable description.
+///
 /// Never panics: a panic inside a dependency on hostile input is reported
 /// as [`ReadError::Internal`].
 pub fn read_program(elf: &[u8]) -> Result<Program, ReadError> {

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{build, code_at, compilers, run, symbol, symbols, Cc};
+use common::{build, build_flags, code_at, compilers, run, symbol, symbols, Cc};
 use std::collections::HashMap;
 use upstare_dwarf::model::{ArrayDim, Program, Type, VarLocation, Variable};
 use upstare_dwarf::{read_program, CfaOffset, LinkAddr, Reg};
@@ -75,6 +75,8 @@ int g(void) { return 2; }
 int h(int x) { return x + 3; }
 int uses_rbx(int x) { return h(f()) + h(g()) + x; }
 int uses_r12(int x) { int a = f() + g() * h(x); return a; }
+int vsum(int n, ...) { return n; }
+extern char **environ;
 
 int main(int argc, char **argv) {
   (void)argv;
@@ -82,7 +84,8 @@ int main(int argc, char **argv) {
   printf("global gcounter %p\n", (void *)&gcounter);
   printf("global sglob %p\n", (void *)&sglob);
   long r = f8(1, 2, 3, 4, 5, 6, 7, 8) + shadow(argc) + gotoblk(0) + vla(3) + counter()
-           + uses_rbx(1) + uses_r12(2) + tlsv + sglob[1][1] + gcounter;
+           + uses_rbx(1) + uses_r12(2) + tlsv + sglob[1][1] + gcounter + vsum(1, 2)
+           + (environ != 0);
   return r == 0;
 }
 "#;
@@ -154,7 +157,11 @@ fn var<'a>(p: &'a Program, func: &str, name: &str) -> &'a Variable {
 }
 
 fn build_and_read(cc: Cc) -> (common::Built, Program, Report) {
-    let b = build(cc, "frames", &[("frames.c", FRAMES_C)]);
+    build_and_read_flags(cc, &[])
+}
+
+fn build_and_read_flags(cc: Cc, flags: &[&str]) -> (common::Built, Program, Report) {
+    let b = build_flags(cc, "frames", &[("frames.c", FRAMES_C)], flags);
     let p = read_program(&b.bytes).unwrap_or_else(|e| panic!("{cc:?}: {e}"));
     let rep = parse_report(&run(&b.exe));
     (b, p, rep)
@@ -162,8 +169,24 @@ fn build_and_read(cc: Cc) -> (common::Built, Program, Report) {
 
 #[test]
 fn every_variable_matches_the_running_program() {
-    for cc in compilers() {
-        let (_b, p, rep) = build_and_read(cc);
+    let mut configs: Vec<(Cc, &[&str])> = compilers().into_iter().map(|c| (c, &[][..])).collect();
+    // DWARF 4: .debug_ranges, 1-based line-table files, DW_FORM_addr.
+    configs.push((Cc::GccPie, &["-gdwarf-4"]));
+    if common::have("clang") {
+        configs.push((Cc::Clang, &["-gdwarf-4"]));
+    }
+    for (cc, flags) in configs {
+        let (_b, p, rep) = build_and_read_flags(cc, flags);
+        if !flags.is_empty() {
+            let f = p.function("gotoblk").unwrap();
+            assert!(p.files[f.decl_file.unwrap() as usize].ends_with("/frames.c"));
+            let y = var(&p, "gotoblk", "y");
+            assert_eq!(
+                y.scope.len(),
+                if cc.is_clang() { 1 } else { 2 },
+                "{cc:?} {flags:?}"
+            );
+        }
         assert_eq!(rep.vars.len(), 14, "{cc:?}: every OFF() reported");
         for ((func, name, line), off) in &rep.vars {
             let f = p.function(func).unwrap();
@@ -405,6 +428,10 @@ fn functions_match_the_symbol_table() {
             assert!(file.ends_with("/frames.c"), "{file}");
             assert!(f.decl_line > 0);
         }
+        assert!(p.function("vsum").unwrap().is_varargs, "{cc:?}");
+        assert!(!p.function("f8").unwrap().is_varargs);
+        // A declaration without storage (extern) is not a global here.
+        assert!(p.globals.iter().all(|g| g.name != "environ"), "{cc:?}");
         let lows: Vec<LinkAddr> = p.functions.iter().map(|f| f.low).collect();
         assert!(
             lows.windows(2).all(|w| w[0] < w[1]),
@@ -560,5 +587,48 @@ fn two_compilation_units() {
         assert!(!rows[0].end_sequence, "{cc:?}: {rows:?}");
         assert_eq!(rows[0].line, 1);
         assert!(cfa(var(&p, "second", "x")) < 0);
+    }
+}
+
+const REALIGN_C: &str = r#"
+#include <stdio.h>
+struct l24 { long a, b, c; };
+int realign(int x) { _Alignas(32) int a = x; int b = x + 1; printf("%p %p\n", (void *)&a, (void *)&b); return a + b; }
+int drap(int n) { _Alignas(32) int a = n; int v[n]; v[0] = a; printf("%p\n", (void *)&a); return v[0]; }
+struct l24 mk(long x) { struct l24 s = {x, x + 1, x + 2}; return s; }
+int main(void) { return realign(1) + drap(2) + (int)mk(3).b - 9; }
+"#;
+
+/// Realigned frames (rsp/rbx-based), DRAP frames (rbp-based, CFA from an
+/// expression) and clang's NRVO (rdi-based) cannot be expressed as CFA
+/// offsets: they are Complex, with the register named (facts §2, §9).
+#[test]
+fn realigned_drap_and_register_locations_are_complex() {
+    let complex = |p: &Program, func: &str, name: &str| match &var(p, func, name).location {
+        VarLocation::Complex(d) => d.clone(),
+        other => panic!("{func}.{name}: {other:?}"),
+    };
+    for cc in compilers() {
+        let b = build(cc, "realign", &[("r.c", REALIGN_C)]);
+        let p = read_program(&b.bytes).unwrap();
+        assert!(
+            complex(&p, "realign", "a").starts_with("breg7 (rsp)"),
+            "{cc:?}"
+        );
+        if cc.is_clang() {
+            assert!(complex(&p, "drap", "a").starts_with("breg3 (rbx)"));
+            assert!(complex(&p, "drap", "v").contains("location list"));
+            assert_eq!(complex(&p, "mk", "s"), "breg5 (rdi) +0", "clang NRVO");
+        } else {
+            assert!(
+                complex(&p, "drap", "a").starts_with("breg6 (rbp)"),
+                "{cc:?}"
+            );
+            assert!(complex(&p, "drap", "v").ends_with("deref"), "{cc:?}");
+            // The DRAP frame's rbp is saved through an expression, not at
+            // a CFA offset, so no saved register is reported.
+            assert!(p.function("drap").unwrap().saved_regs.is_empty(), "{cc:?}");
+            assert!(matches!(var(&p, "mk", "s").location, VarLocation::Cfa(_)));
+        }
     }
 }

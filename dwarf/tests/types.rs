@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{build, compilers, run};
+use common::{build, build_flags, compilers, run, Cc};
 use std::collections::HashMap;
 use upstare_dwarf::model::{ArrayDim, BaseEncoding, Program, Qualifier, Type, TypeId};
 use upstare_dwarf::read_program;
@@ -112,45 +112,71 @@ fn member(p: &Program, agg: TypeId, name: &str) -> Option<(u64, Option<(u64, u64
 #[test]
 fn layouts_match_the_compiled_program() {
     for cc in compilers() {
-        let b = build(cc, "types", &[("types.c", TYPES_C)]);
-        let p = read_program(&b.bytes).unwrap_or_else(|e| panic!("{cc:?}: {e}"));
-        let out = run(&b.exe);
-        let structs: HashMap<&str, &str> = [
-            ("struct bits", "gb"),
-            ("struct anon", "ga"),
-            ("struct flex", "gf"),
-            ("struct node", "gn"),
-            ("union u", "gu"),
-        ]
-        .into();
-        let mut checked = 0;
-        for line in out.lines() {
-            let w: Vec<&str> = line.split(' ').collect();
-            let (kind, s, rest) = (w[0], format!("{} {}", w[1], w[2]), &w[3..]);
-            let ty = global_ty(&p, structs[s.as_str()]);
-            match (kind, rest) {
-                ("bits", [m, first, n]) => {
-                    let first: u64 = first.parse().unwrap();
-                    let n: u64 = n.parse().unwrap();
-                    let (off, bf) = member(&p, ty, m).unwrap_or_else(|| panic!("{s}.{m}"));
-                    let (bit, size) =
-                        bf.unwrap_or_else(|| panic!("{cc:?}: {s}.{m} not a bitfield"));
-                    assert_eq!((off * 8 + bit, size), (first, n), "{cc:?}: {s}.{m}");
-                }
-                ("off", [m, off]) => {
-                    let (o, bf) = member(&p, ty, m).unwrap_or_else(|| panic!("{cc:?}: {s}.{m}"));
-                    assert_eq!(o, off.parse::<u64>().unwrap(), "{cc:?}: {s}.{m}");
-                    assert_eq!(bf, None);
-                }
-                ("size", [size]) => {
-                    assert_eq!(p.type_size(ty), Some(size.parse().unwrap()), "{cc:?}: {s}");
-                }
-                _ => panic!("bad line {line}"),
-            }
-            checked += 1;
-        }
-        assert_eq!(checked, 20, "{cc:?}");
+        check_layouts(cc, &[]);
     }
+}
+
+/// Older DWARF versions describe bitfields with DW_AT_bit_offset (counted
+/// from the storage unit's most significant bit) and, in DWARF 2, member
+/// offsets as DW_OP_plus_uconst expressions; compressed sections too.
+#[test]
+fn layouts_in_older_dwarf_and_compressed_sections() {
+    for flags in [&["-gdwarf-2"][..], &["-gdwarf-4"], &["-gz=zlib"]] {
+        check_layouts(Cc::GccPie, flags);
+    }
+    if common::have("clang") {
+        check_layouts(Cc::Clang, &["-gdwarf-4"]);
+    }
+}
+
+fn check_layouts(cc: Cc, flags: &[&str]) {
+    let b = build_flags(cc, "types", &[("types.c", TYPES_C)], flags);
+    let p = read_program(&b.bytes).unwrap_or_else(|e| panic!("{cc:?} {flags:?}: {e}"));
+    let out = run(&b.exe);
+    let structs: HashMap<&str, &str> = [
+        ("struct bits", "gb"),
+        ("struct anon", "ga"),
+        ("struct flex", "gf"),
+        ("struct node", "gn"),
+        ("union u", "gu"),
+    ]
+    .into();
+    let mut checked = 0;
+    for line in out.lines() {
+        let w: Vec<&str> = line.split(' ').collect();
+        let (kind, s, rest) = (w[0], format!("{} {}", w[1], w[2]), &w[3..]);
+        let ty = global_ty(&p, structs[s.as_str()]);
+        match (kind, rest) {
+            ("bits", [m, first, n]) => {
+                let first: u64 = first.parse().unwrap();
+                let n: u64 = n.parse().unwrap();
+                let (off, bf) = member(&p, ty, m).unwrap_or_else(|| panic!("{s}.{m}"));
+                let (bit, size) =
+                    bf.unwrap_or_else(|| panic!("{cc:?} {flags:?}: {s}.{m} not a bitfield"));
+                assert_eq!(
+                    (off * 8 + bit, size),
+                    (first, n),
+                    "{cc:?} {flags:?}: {s}.{m}"
+                );
+            }
+            ("off", [m, off]) => {
+                let (o, bf) =
+                    member(&p, ty, m).unwrap_or_else(|| panic!("{cc:?} {flags:?}: {s}.{m}"));
+                assert_eq!(o, off.parse::<u64>().unwrap(), "{cc:?} {flags:?}: {s}.{m}");
+                assert_eq!(bf, None);
+            }
+            ("size", [size]) => {
+                assert_eq!(
+                    p.type_size(ty),
+                    Some(size.parse().unwrap()),
+                    "{cc:?} {flags:?}: {s}"
+                );
+            }
+            _ => panic!("bad line {line}"),
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 20, "{cc:?} {flags:?}");
 }
 
 #[test]

@@ -79,9 +79,15 @@ pub struct Built {
 /// Compiles the C files `srcs` (name, text) with `-O0 -g
 /// -fno-omit-frame-pointer` and the configuration's link mode.
 pub fn build(cc: Cc, tag: &str, srcs: &[(&str, &str)]) -> Built {
+    build_flags(cc, tag, srcs, &[])
+}
+
+/// [`build`] with extra compiler flags (`-gdwarf-4`, `-gz`...).
+pub fn build_flags(cc: Cc, tag: &str, srcs: &[(&str, &str)], flags: &[&str]) -> Built {
     let dir = TempDir::new(tag);
     let mut cmd = Command::new(if cc.is_clang() { "clang" } else { "gcc" });
     cmd.args(["-O0", "-g", "-fno-omit-frame-pointer"]);
+    cmd.args(flags);
     if cc == Cc::GccNoPie {
         cmd.arg("-no-pie");
     }
