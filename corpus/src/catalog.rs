@@ -152,26 +152,129 @@ struct Spec {
 use Feature::*;
 
 const PROGRAMS: &[Spec] = &[
-    Spec { name: "bank", expected_exit: 3, features: &[Threads, Mutex, CondVar, Loops, Stderr] },
-    Spec { name: "calc", expected_exit: 0, features: &[JumpTable, SmallStructByValue, Recursion, StaticLocals, Loops] },
-    Spec { name: "checksums", expected_exit: 0, features: &[Loops, GotoLoop, StaticLocals] },
-    Spec { name: "deeprec", expected_exit: 0, features: &[Recursion, DeepRecursion, SmallStructByValue, CalleeSavedTemps] },
-    Spec { name: "echo_tcp", expected_exit: 0, features: &[TcpSocket, Threads, Loops] },
-    Spec { name: "geometry", expected_exit: 0, features: &[FloatParams, SmallStructByValue, LargeStructByValue] },
-    Spec { name: "inventory", expected_exit: 0, features: &[LargeStructByValue, SmallStructByValue, QsortCallback, FnPtrInStruct, FloatParams] },
-    Spec { name: "jobrunner", expected_exit: 0, features: &[Fork, PipeRead, FnPtrInStruct, Loops] },
-    Spec { name: "kvstore", expected_exit: 0, features: &[StaticLocals, ShadowedLocals, Loops] },
-    Spec { name: "logstats", expected_exit: 0, features: &[Varargs, FloatParams, Stderr] },
-    Spec { name: "matrix", expected_exit: 0, features: &[Vla, FloatParams, Recursion, Loops] },
-    Spec { name: "packets", expected_exit: 0, features: &[IntParams0To8, FloatParams] },
-    Spec { name: "pipeline", expected_exit: 0, features: &[Threads, PipeRead, Nanosleep, StaticLocals] },
-    Spec { name: "prodcons", expected_exit: 0, features: &[Threads, Mutex, CondVar] },
-    Spec { name: "ringbuf", expected_exit: 0, features: &[SmallStructByValue, GotoLoop, Loops, StaticLocals, FloatParams] },
-    Spec { name: "scoring", expected_exit: 0, features: &[CalleeSavedTemps, Recursion] },
-    Spec { name: "signals", expected_exit: 0, features: &[Signals, StaticLocals, Stderr] },
-    Spec { name: "stackvm", expected_exit: 7, features: &[JumpTable, Loops] },
-    Spec { name: "textstats", expected_exit: 0, features: &[Vla, ShadowedLocals, StaticLocals, Loops, GotoLoop] },
-    Spec { name: "vending", expected_exit: 0, features: &[FnPtrInStruct, JumpTable, GotoLoop] },
+    Spec {
+        name: "bank",
+        expected_exit: 3,
+        features: &[Threads, Mutex, CondVar, Loops, Stderr],
+    },
+    Spec {
+        name: "calc",
+        expected_exit: 0,
+        features: &[
+            JumpTable,
+            SmallStructByValue,
+            Recursion,
+            StaticLocals,
+            Loops,
+        ],
+    },
+    Spec {
+        name: "checksums",
+        expected_exit: 0,
+        features: &[Loops, GotoLoop, StaticLocals],
+    },
+    Spec {
+        name: "deeprec",
+        expected_exit: 0,
+        features: &[
+            Recursion,
+            DeepRecursion,
+            SmallStructByValue,
+            CalleeSavedTemps,
+        ],
+    },
+    Spec {
+        name: "echo_tcp",
+        expected_exit: 0,
+        features: &[TcpSocket, Threads, Loops],
+    },
+    Spec {
+        name: "geometry",
+        expected_exit: 0,
+        features: &[FloatParams, SmallStructByValue, LargeStructByValue],
+    },
+    Spec {
+        name: "inventory",
+        expected_exit: 0,
+        features: &[
+            LargeStructByValue,
+            SmallStructByValue,
+            QsortCallback,
+            FnPtrInStruct,
+            FloatParams,
+        ],
+    },
+    Spec {
+        name: "jobrunner",
+        expected_exit: 0,
+        features: &[Fork, PipeRead, FnPtrInStruct, Loops],
+    },
+    Spec {
+        name: "kvstore",
+        expected_exit: 0,
+        features: &[StaticLocals, ShadowedLocals, Loops],
+    },
+    Spec {
+        name: "logstats",
+        expected_exit: 0,
+        features: &[Varargs, FloatParams, Stderr],
+    },
+    Spec {
+        name: "matrix",
+        expected_exit: 0,
+        features: &[Vla, FloatParams, Recursion, Loops],
+    },
+    Spec {
+        name: "packets",
+        expected_exit: 0,
+        features: &[IntParams0To8, FloatParams],
+    },
+    Spec {
+        name: "pipeline",
+        expected_exit: 0,
+        features: &[Threads, PipeRead, Nanosleep, StaticLocals],
+    },
+    Spec {
+        name: "prodcons",
+        expected_exit: 0,
+        features: &[Threads, Mutex, CondVar],
+    },
+    Spec {
+        name: "ringbuf",
+        expected_exit: 0,
+        features: &[
+            SmallStructByValue,
+            GotoLoop,
+            Loops,
+            StaticLocals,
+            FloatParams,
+        ],
+    },
+    Spec {
+        name: "scoring",
+        expected_exit: 0,
+        features: &[CalleeSavedTemps, Recursion],
+    },
+    Spec {
+        name: "signals",
+        expected_exit: 0,
+        features: &[Signals, StaticLocals, Stderr],
+    },
+    Spec {
+        name: "stackvm",
+        expected_exit: 7,
+        features: &[JumpTable, Loops],
+    },
+    Spec {
+        name: "textstats",
+        expected_exit: 0,
+        features: &[Vla, ShadowedLocals, StaticLocals, Loops, GotoLoop],
+    },
+    Spec {
+        name: "vending",
+        expected_exit: 0,
+        features: &[FnPtrInStruct, JumpTable, GotoLoop],
+    },
 ];
 
 /// The deterministic corpus programs (`corpus/programs/*.c`).
