@@ -51,8 +51,11 @@ pub struct Rewritten {
 /// Builds the frame tables of `input` without writing anything.
 pub fn build_tables(input: &[u8]) -> Result<FrameTables, RewriteError> {
     let file = object::File::parse(input).map_err(|e| RewriteError::Parse(e.to_string()))?;
+    if file.section_by_name(".symtab").is_none() {
+        return Err(RewriteError::Stripped);
+    }
     let program = read_program(input)?;
-    check_conformance(&file, &program)?;
+    check_conformance(&program)?;
     let view = CodeView::new(&file).map_err(RewriteError::Analysis)?;
     let mut functions: Vec<FunctionTable> = Vec::with_capacity(program.functions.len());
     for f in &program.functions {
@@ -102,10 +105,7 @@ pub fn rewrite(input: &[u8]) -> Result<Rewritten, RewriteError> {
 /// Refuses binaries outside the target contract (see DESIGN.md): stripped,
 /// optimized, no functions. Per-function code shape (frame pointer,
 /// realignment) is checked by the analysis.
-fn check_conformance(file: &object::File<'_>, program: &Program) -> Result<(), RewriteError> {
-    if file.section_by_name(".symtab").is_none() {
-        return Err(RewriteError::Stripped);
-    }
+fn check_conformance(program: &Program) -> Result<(), RewriteError> {
     for producer in &program.producers {
         if let Some(level) = optimization_flag(producer) {
             if level != "-O0" {

@@ -1,0 +1,149 @@
+//! One test per refusal class of `upstare-rewrite`: the message names what is
+//! wrong, the exit code is non-zero, and no output file is left behind.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use upstare_corpus::{compile_c, CSource, Toolchain};
+
+const SIMPLE: &str = r#"
+#include <stdio.h>
+static int twice(int x) { int y = x * 2; return y; }
+int main(void) { int s = 0; for (int i = 0; i < 4; i++) s += twice(i); printf("%d\n", s); return 0; }
+"#;
+
+fn work_dir(test: &str) -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("refusals").join(test);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("create work dir");
+    d
+}
+
+fn compile(dir: &Path, source: &str, extra: &[&str]) -> PathBuf {
+    compile_c(CSource::Text(source), Toolchain::Gcc, extra, &dir.join("prog")).expect("compile")
+}
+
+/// Runs the rewriter on `input`; asserts failure with a one-line message
+/// containing every `needles` entry and no output file.
+fn assert_refused(input: &Path, needles: &[&str]) {
+    let out = input.with_extension("up");
+    let r = Command::new(env!("CARGO_BIN_EXE_upstare-rewrite"))
+        .arg(input)
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .expect("run upstare-rewrite");
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success(), "accepted {}: {stderr}", input.display());
+    assert_eq!(r.status.code(), Some(1), "exit code for {}", input.display());
+    assert_eq!(stderr.trim_end().lines().count(), 1, "not one line: {stderr}");
+    for n in needles {
+        assert!(stderr.contains(n), "message {stderr:?} does not mention {n:?}");
+    }
+    assert!(!out.exists(), "output file left behind for {}", input.display());
+    let leftovers: Vec<_> = std::fs::read_dir(input.parent().expect("dir"))
+        .expect("list dir")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("upstare-tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+}
+
+#[test]
+fn accepts_the_conforming_baseline() {
+    // The refusals below must be caused by what each changes, not by the program.
+    let dir = work_dir("baseline");
+    let bin = compile(&dir, SIMPLE, &[]);
+    let out = dir.join("prog.up");
+    let r = Command::new(env!("CARGO_BIN_EXE_upstare-rewrite"))
+        .arg(&bin)
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .expect("run");
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(out.exists());
+}
+
+#[test]
+fn refuses_binary_without_dwarf() {
+    let dir = work_dir("nodwarf");
+    let bin = compile(&dir, SIMPLE, &["-g0"]);
+    assert_refused(&bin, &[".debug_info"]);
+}
+
+#[test]
+fn refuses_stripped_binary() {
+    let dir = work_dir("stripped");
+    let bin = compile(&dir, SIMPLE, &[]);
+    let st = Command::new("strip").arg(&bin).status().expect("run strip");
+    assert!(st.success());
+    assert_refused(&bin, &["stripped"]);
+}
+
+#[test]
+fn refuses_optimized_code() {
+    let dir = work_dir("optimized");
+    let bin = compile(&dir, SIMPLE, &["-O2"]);
+    assert_refused(&bin, &["-O2", "-O0"]);
+}
+
+#[test]
+fn refuses_function_without_frame_pointer() {
+    let dir = work_dir("nofp");
+    let bin = compile(&dir, SIMPLE, &["-fomit-frame-pointer"]);
+    assert_refused(&bin, &["twice", "frame-pointer"]);
+}
+
+#[test]
+fn refuses_stack_realignment() {
+    let dir = work_dir("realign");
+    let src = r#"
+#include <stdio.h>
+static int aligned_sum(int n) { _Alignas(64) char buf[64]; for (int i = 0; i < 64; i++) buf[i] = (char)(i * n); int s = 0; for (int i = 0; i < 64; i++) s += buf[i]; return s; }
+int main(void) { printf("%d\n", aligned_sum(3)); return 0; }
+"#;
+    let bin = compile(&dir, src, &[]);
+    assert_refused(&bin, &["aligned_sum", "realign"]);
+}
+
+#[test]
+fn refuses_other_architectures() {
+    let dir = work_dir("arch");
+    let bin = compile(&dir, SIMPLE, &[]);
+    let mut bytes = std::fs::read(&bin).expect("read");
+    bytes[0x12..0x14].copy_from_slice(&183u16.to_le_bytes()); // EM_AARCH64
+    std::fs::write(&bin, bytes).expect("write");
+    assert_refused(&bin, &["x86-64"]);
+}
+
+#[test]
+fn refuses_truncated_elf() {
+    let dir = work_dir("truncated");
+    let bin = compile(&dir, SIMPLE, &[]);
+    let bytes = std::fs::read(&bin).expect("read");
+    std::fs::write(&bin, &bytes[..bytes.len() / 3]).expect("write");
+    assert_refused(&bin, &[]);
+}
+
+#[test]
+fn refuses_non_elf_input() {
+    let dir = work_dir("garbage");
+    let bin = dir.join("prog");
+    std::fs::write(&bin, b"#!/bin/sh\necho this is not an ELF file\n").expect("write");
+    assert_refused(&bin, &["ELF"]);
+}
+
+#[test]
+fn refuses_already_instrumented_input() {
+    let dir = work_dir("twice");
+    let bin = compile(&dir, SIMPLE, &[]);
+    let once = dir.join("once");
+    let r = Command::new(env!("CARGO_BIN_EXE_upstare-rewrite"))
+        .arg(&bin)
+        .arg("-o")
+        .arg(&once)
+        .output()
+        .expect("run");
+    assert!(r.status.success());
+    assert_refused(&once, &["already instrumented"]);
+}
