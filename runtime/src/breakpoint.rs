@@ -1,0 +1,542 @@
+//! Software breakpoints (`int3`) as guards that put the original byte back,
+//! and stepping a thread over one.
+
+use crate::memory::{MemError, TargetMemory};
+use crate::ptrace::{PtraceError, Sig, Stop, Tracee};
+use nix::libc;
+use nix::unistd::Pid;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::time::{Duration, Instant};
+use upstare_dwarf::RuntimeAddr;
+
+/// The `int3` opcode.
+pub const INT3: u8 = 0xcc;
+/// A step over a breakpoint gives up after this many intermediate stops.
+const MAX_STEP_STOPS: usize = 64;
+
+/// Why a breakpoint operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BreakpointError {
+    #[error("breakpoint at {addr}: {source}")]
+    Mem {
+        addr: RuntimeAddr,
+        #[source]
+        source: MemError,
+    },
+    #[error(
+        "breakpoint at {addr}: expected int3 before restoring {original:#04x}, found {found:#04x} \
+         (the code was changed underneath; left as is)"
+    )]
+    Clobbered {
+        addr: RuntimeAddr,
+        original: u8,
+        found: u8,
+    },
+    #[error("no breakpoint is armed at {addr}")]
+    NotArmed { addr: RuntimeAddr },
+    #[error("stepping thread {tid} over the breakpoint at {addr}: {source}")]
+    Ptrace {
+        tid: i32,
+        addr: RuntimeAddr,
+        #[source]
+        source: PtraceError,
+    },
+    #[error("stepping thread {tid} over the breakpoint at {addr}: more than {limit} stops")]
+    TooManyStops {
+        tid: i32,
+        addr: RuntimeAddr,
+        limit: usize,
+    },
+}
+
+fn mem_err(addr: RuntimeAddr) -> impl FnOnce(MemError) -> BreakpointError {
+    move |source| BreakpointError::Mem { addr, source }
+}
+
+/// Write `int3` at `addr`, returning the byte it replaced.
+fn plant(mem: &mut impl TargetMemory, addr: RuntimeAddr) -> Result<u8, BreakpointError> {
+    let original = mem.read_u8(addr).map_err(mem_err(addr))?;
+    mem.write(addr, &[INT3]).map_err(mem_err(addr))?;
+    Ok(original)
+}
+
+/// Put `original` back at `addr`, provided our `int3` is still there.
+fn unplant(
+    mem: &mut impl TargetMemory,
+    addr: RuntimeAddr,
+    original: u8,
+) -> Result<(), BreakpointError> {
+    let found = mem.read_u8(addr).map_err(mem_err(addr))?;
+    if found != INT3 {
+        return Err(BreakpointError::Clobbered {
+            addr,
+            original,
+            found,
+        });
+    }
+    mem.write(addr, &[original]).map_err(mem_err(addr))
+}
+
+/// One `int3` breakpoint that owns its memory handle and restores the
+/// original byte when disarmed or dropped.
+pub struct Breakpoint<M: TargetMemory> {
+    mem: M,
+    addr: RuntimeAddr,
+    original: u8,
+    armed: bool,
+}
+
+impl<M: TargetMemory> Breakpoint<M> {
+    /// Write `int3` at `addr` in `mem`.
+    pub fn arm(mut mem: M, addr: RuntimeAddr) -> Result<Self, BreakpointError> {
+        let original = plant(&mut mem, addr)?;
+        Ok(Breakpoint {
+            mem,
+            addr,
+            original,
+            armed: true,
+        })
+    }
+    /// Where the breakpoint is.
+    pub fn addr(&self) -> RuntimeAddr {
+        self.addr
+    }
+    /// The byte the `int3` replaced.
+    pub fn original_byte(&self) -> u8 {
+        self.original
+    }
+    /// Whether the `int3` is in place.
+    pub fn is_armed(&self) -> bool {
+        self.armed
+    }
+    /// Restore the original byte now (idempotent).
+    pub fn disarm(&mut self) -> Result<(), BreakpointError> {
+        if self.armed {
+            unplant(&mut self.mem, self.addr, self.original)?;
+            self.armed = false;
+        }
+        Ok(())
+    }
+    /// Put the `int3` back after [`Breakpoint::disarm`] (idempotent).
+    pub fn rearm(&mut self) -> Result<(), BreakpointError> {
+        if !self.armed {
+            let found = plant(&mut self.mem, self.addr)?;
+            if found != self.original {
+                // Restore what we found rather than keep a stale original.
+                self.original = found;
+            }
+            self.armed = true;
+        }
+        Ok(())
+    }
+    /// The memory handle.
+    pub fn memory(&self) -> &M {
+        &self.mem
+    }
+}
+
+impl<M: TargetMemory> Drop for Breakpoint<M> {
+    fn drop(&mut self) {
+        // Nothing useful to do with an error here: the target may be gone.
+        let _ = self.disarm();
+    }
+}
+
+impl<M: TargetMemory> fmt::Debug for Breakpoint<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Breakpoint")
+            .field("addr", &self.addr)
+            .field("original", &format_args!("{:#04x}", self.original))
+            .field("armed", &self.armed)
+            .finish()
+    }
+}
+
+/// A signal that arrived while stepping and was held back, to be delivered
+/// (with its original `siginfo`) when the thread is resumed.
+#[derive(Clone, Copy)]
+pub struct DeferredSignal {
+    pub sig: Sig,
+    pub info: libc::siginfo_t,
+}
+
+impl fmt::Debug for DeferredSignal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "DeferredSignal({}, code {})",
+            self.sig, self.info.si_code
+        )
+    }
+}
+
+/// How a step over a breakpoint ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepEnd {
+    /// The instruction executed; the thread is stopped after it (in a
+    /// SIGTRAP signal-delivery stop, so a signal can be injected on resume).
+    Stepped,
+    /// A synchronous signal (a fault of the instruction, or the trap of an
+    /// `int3` that was the original byte) stopped the thread in its
+    /// signal-delivery stop; resume with `sig` to deliver it.
+    Signal(Sig),
+    /// The thread ended (this is its final stop).
+    Ended(Stop),
+    /// The instruction was an `execve` that succeeded: the address space is
+    /// new, every breakpoint of the set was forgotten (not restored).
+    Exec(Stop),
+}
+
+/// The result of [`BreakpointSet::step_over`].
+#[derive(Debug)]
+pub struct StepOutcome {
+    pub end: StepEnd,
+    /// Asynchronous signals held back during the step, oldest first.
+    pub deferred: Vec<DeferredSignal>,
+    /// ptrace events the thread reported during the step (clone, fork,
+    /// vfork, ...): the tracer must act on them (the new tasks are traced).
+    pub events: Vec<Stop>,
+}
+
+/// Whether a signal stop is a synchronous consequence of the instruction
+/// (re-executing would raise it again) rather than a signal from outside.
+fn is_synchronous(sig: Sig, code: i32) -> bool {
+    let fault = [
+        libc::SIGSEGV,
+        libc::SIGBUS,
+        libc::SIGILL,
+        libc::SIGFPE,
+        libc::SIGTRAP,
+    ];
+    // si_code <= 0 means sent by a process (SI_USER, SI_TKILL, SI_QUEUE...).
+    fault.contains(&sig.0) && code > 0
+}
+
+/// Many breakpoints in one address space, restored on drop.
+pub struct BreakpointSet<M: TargetMemory> {
+    mem: M,
+    /// Armed address -> original byte.
+    armed: BTreeMap<RuntimeAddr, u8>,
+    /// Every address ever armed (to recognise traps taken just before a
+    /// breakpoint was removed).
+    ever: BTreeSet<RuntimeAddr>,
+}
+
+impl<M: TargetMemory> BreakpointSet<M> {
+    /// An empty set over `mem`.
+    pub fn new(mem: M) -> Self {
+        BreakpointSet {
+            mem,
+            armed: BTreeMap::new(),
+            ever: BTreeSet::new(),
+        }
+    }
+
+    /// Write `int3` at `addr` (no effect if already armed).
+    pub fn arm(&mut self, addr: RuntimeAddr) -> Result<(), BreakpointError> {
+        if self.armed.contains_key(&addr) {
+            return Ok(());
+        }
+        let original = plant(&mut self.mem, addr)?;
+        self.armed.insert(addr, original);
+        self.ever.insert(addr);
+        Ok(())
+    }
+
+    /// Restore the original byte at `addr`. `Ok(false)` if nothing was armed
+    /// there. On a [`BreakpointError::Clobbered`] error the breakpoint is
+    /// dropped from the set without writing.
+    pub fn disarm(&mut self, addr: RuntimeAddr) -> Result<bool, BreakpointError> {
+        let Some(original) = self.armed.remove(&addr) else {
+            return Ok(false);
+        };
+        match unplant(&mut self.mem, addr, original) {
+            Ok(()) => Ok(true),
+            Err(e @ BreakpointError::Clobbered { .. }) => Err(e),
+            Err(e) => {
+                // Could not reach memory: keep it so a retry (or drop) can.
+                self.armed.insert(addr, original);
+                Err(e)
+            }
+        }
+    }
+
+    /// Restore every breakpoint; tries all and returns the first error.
+    pub fn disarm_all(&mut self) -> Result<(), BreakpointError> {
+        let mut first = None;
+        let addrs: Vec<RuntimeAddr> = self.armed.keys().copied().collect();
+        for a in addrs {
+            if let Err(e) = self.disarm(a) {
+                // Do not retry forever on drop.
+                self.armed.remove(&a);
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    /// Drop every breakpoint without writing (the address space is gone or
+    /// was replaced by an exec).
+    pub fn forget_all(&mut self) {
+        self.armed.clear();
+    }
+
+    /// Whether `addr` holds one of our `int3`s.
+    pub fn is_armed(&self, addr: RuntimeAddr) -> bool {
+        self.armed.contains_key(&addr)
+    }
+    /// Whether `addr` was ever armed by this set.
+    pub fn was_armed(&self, addr: RuntimeAddr) -> bool {
+        self.ever.contains(&addr)
+    }
+    /// The byte under the `int3` at `addr`.
+    pub fn original_byte(&self, addr: RuntimeAddr) -> Option<u8> {
+        self.armed.get(&addr).copied()
+    }
+    /// Armed addresses, ascending.
+    pub fn armed(&self) -> impl Iterator<Item = RuntimeAddr> + '_ {
+        self.armed.keys().copied()
+    }
+    /// Number of armed breakpoints.
+    pub fn len(&self) -> usize {
+        self.armed.len()
+    }
+    /// Whether no breakpoint is armed.
+    pub fn is_empty(&self) -> bool {
+        self.armed.is_empty()
+    }
+    /// The memory handle (reads see `int3` where breakpoints are armed; see
+    /// [`BreakpointSet::read_original`]).
+    pub fn memory(&self) -> &M {
+        &self.mem
+    }
+    /// The memory handle, for writes. Writing over an armed breakpoint's
+    /// byte makes its later restore fail with `Clobbered`.
+    pub fn memory_mut(&mut self) -> &mut M {
+        &mut self.mem
+    }
+    /// Replace the memory handle (after an exec, with [`forget_all`]).
+    ///
+    /// [`forget_all`]: BreakpointSet::forget_all
+    pub fn replace_memory(&mut self, mem: M) -> M {
+        std::mem::replace(&mut self.mem, mem)
+    }
+
+    /// Read memory as it would be without our breakpoints.
+    pub fn read_original(&self, addr: RuntimeAddr, buf: &mut [u8]) -> Result<(), MemError> {
+        self.mem.read(addr, buf)?;
+        let end = addr.0.saturating_add(buf.len() as u64);
+        for (a, orig) in self.armed.range(addr..RuntimeAddr(end)) {
+            buf[(a.0 - addr.0) as usize] = *orig;
+        }
+        Ok(())
+    }
+
+    /// Write the original bytes of every armed breakpoint into `other`: a
+    /// copy of this address space made by `fork`, which inherited our
+    /// `int3`s but will not be traced.
+    pub fn remove_from(&self, other: &mut impl TargetMemory) -> Result<(), BreakpointError> {
+        for (&addr, &orig) in &self.armed {
+            other.write(addr, &[orig]).map_err(mem_err(addr))?;
+        }
+        Ok(())
+    }
+
+    /// Execute the original instruction under the breakpoint that thread
+    /// `tid` is stopped at (its rip must equal an armed address: rewind it
+    /// after the trap), then put the `int3` back.
+    ///
+    /// Precondition: every other thread sharing this memory is stopped, or
+    /// it could run through the address while the `int3` is lifted.
+    /// Asynchronous signals arriving meanwhile are held back and returned;
+    /// events (clone, fork) are returned for the caller to act on.
+    pub fn step_over(
+        &mut self,
+        tracee: &mut Tracee,
+        tid: Pid,
+        timeout: Duration,
+    ) -> Result<StepOutcome, BreakpointError> {
+        let pt = |addr| {
+            move |source| BreakpointError::Ptrace {
+                tid: tid.as_raw(),
+                addr,
+                source,
+            }
+        };
+        let addr = tracee.regs(tid).map_err(pt(RuntimeAddr(0)))?.rip();
+        let original = *self
+            .armed
+            .get(&addr)
+            .ok_or(BreakpointError::NotArmed { addr })?;
+        self.mem.write(addr, &[original]).map_err(mem_err(addr))?;
+        let result = step_loop(tracee, tid, addr, timeout);
+        match &result {
+            Ok(StepOutcome {
+                end: StepEnd::Exec(_),
+                ..
+            }) => self.forget_all(),
+            _ => {
+                // Re-arm even after an error. If the process is gone the
+                // write fails; nothing else can be done then.
+                if self.mem.write(addr, &[INT3]).is_err() {
+                    self.armed.remove(&addr);
+                }
+            }
+        }
+        result
+    }
+}
+
+fn step_loop(
+    tracee: &mut Tracee,
+    tid: Pid,
+    addr: RuntimeAddr,
+    timeout: Duration,
+) -> Result<StepOutcome, BreakpointError> {
+    let pt = |source| BreakpointError::Ptrace {
+        tid: tid.as_raw(),
+        addr,
+        source,
+    };
+    let start = Instant::now();
+    let mut deferred = Vec::new();
+    let mut events = Vec::new();
+    tracee.step(tid, None).map_err(pt)?;
+    for _ in 0..MAX_STEP_STOPS {
+        let left = timeout.saturating_sub(start.elapsed());
+        let stop = tracee.wait_stop(tid, left).map_err(pt)?;
+        let end = match stop {
+            Stop::Step => Some(StepEnd::Stepped),
+            Stop::Int3 => Some(StepEnd::Signal(Sig::TRAP)),
+            Stop::Signal { sig, code } if is_synchronous(sig, code) => Some(StepEnd::Signal(sig)),
+            Stop::Signal { sig, .. } => {
+                // Hold it back: delivering it now would run a handler that
+                // returns to the breakpoint and reports the hit twice.
+                let info = tracee.siginfo(tid).map_err(pt)?;
+                deferred.push(DeferredSignal { sig, info });
+                None
+            }
+            Stop::Exited { .. } | Stop::Killed { .. } => Some(StepEnd::Ended(stop)),
+            Stop::Exec { .. } => Some(StepEnd::Exec(stop)),
+            Stop::EventStop { .. } => None,
+            Stop::Clone { .. }
+            | Stop::Fork { .. }
+            | Stop::Vfork { .. }
+            | Stop::VforkDone
+            | Stop::Exiting { .. }
+            | Stop::Syscall
+            | Stop::OtherEvent { .. } => {
+                events.push(stop);
+                None
+            }
+        };
+        if let Some(end) = end {
+            return Ok(StepOutcome {
+                end,
+                deferred,
+                events,
+            });
+        }
+        tracee.step(tid, None).map_err(pt)?;
+    }
+    Err(BreakpointError::TooManyStops {
+        tid: tid.as_raw(),
+        addr,
+        limit: MAX_STEP_STOPS,
+    })
+}
+
+impl<M: TargetMemory> Drop for BreakpointSet<M> {
+    fn drop(&mut self) {
+        let _ = self.disarm_all();
+    }
+}
+
+impl<M: TargetMemory> fmt::Debug for BreakpointSet<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BreakpointSet")
+            .field("armed", &self.armed.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::ByteBuffer;
+
+    fn code() -> ByteBuffer {
+        ByteBuffer::with_region(RuntimeAddr(0x1000), vec![0x55, 0x48, 0x89, 0xe5, 0xc3]).unwrap()
+    }
+
+    #[test]
+    fn guard_restores_on_drop_and_disarm() {
+        let mut m = code();
+        {
+            let bp = Breakpoint::arm(&mut m, RuntimeAddr(0x1001)).unwrap();
+            assert_eq!(bp.original_byte(), 0x48);
+            assert_eq!(bp.memory().read_u8(RuntimeAddr(0x1001)).unwrap(), INT3);
+        }
+        assert_eq!(m.read_u8(RuntimeAddr(0x1001)).unwrap(), 0x48);
+
+        let mut bp = Breakpoint::arm(&mut m, RuntimeAddr(0x1000)).unwrap();
+        bp.disarm().unwrap();
+        bp.disarm().unwrap();
+        assert!(!bp.is_armed());
+        bp.rearm().unwrap();
+        drop(bp);
+        assert_eq!(m.read_u8(RuntimeAddr(0x1000)).unwrap(), 0x55);
+        assert!(Breakpoint::arm(&mut m, RuntimeAddr(0x2000)).is_err());
+    }
+
+    #[test]
+    fn set_arms_restores_and_refuses_clobbered() {
+        let mut m = code();
+        {
+            let mut set = BreakpointSet::new(&mut m);
+            set.arm(RuntimeAddr(0x1000)).unwrap();
+            set.arm(RuntimeAddr(0x1000)).unwrap();
+            set.arm(RuntimeAddr(0x1004)).unwrap();
+            assert_eq!(set.len(), 2);
+            assert_eq!(set.original_byte(RuntimeAddr(0x1004)), Some(0xc3));
+            let mut raw = [0u8; 5];
+            set.memory().read(RuntimeAddr(0x1000), &mut raw).unwrap();
+            assert_eq!(raw, [INT3, 0x48, 0x89, 0xe5, INT3]);
+            set.read_original(RuntimeAddr(0x1000), &mut raw).unwrap();
+            assert_eq!(raw, [0x55, 0x48, 0x89, 0xe5, 0xc3]);
+
+            let mut copy = code();
+            copy.write(RuntimeAddr(0x1000), &[INT3]).unwrap();
+            set.remove_from(&mut copy).unwrap();
+            assert_eq!(copy.read_u8(RuntimeAddr(0x1000)).unwrap(), 0x55);
+
+            // Someone rewrote the byte: the set must not write the stale original.
+            set.memory_mut()
+                .write(RuntimeAddr(0x1004), &[0x90])
+                .unwrap();
+            assert!(matches!(
+                set.disarm(RuntimeAddr(0x1004)),
+                Err(BreakpointError::Clobbered { found: 0x90, .. })
+            ));
+            assert!(!set.is_armed(RuntimeAddr(0x1004)));
+            assert!(set.was_armed(RuntimeAddr(0x1004)));
+            assert!(!set.disarm(RuntimeAddr(0x1003)).unwrap());
+            assert!(set.arm(RuntimeAddr(0x0fff)).is_err());
+        }
+        let mut all = [0u8; 5];
+        m.read(RuntimeAddr(0x1000), &mut all).unwrap();
+        assert_eq!(all, [0x55, 0x48, 0x89, 0xe5, 0x90]);
+    }
+
+    #[test]
+    fn forget_all_writes_nothing() {
+        let mut m = code();
+        {
+            let mut set = BreakpointSet::new(&mut m);
+            set.arm(RuntimeAddr(0x1002)).unwrap();
+            set.forget_all();
+        }
+        assert_eq!(m.read_u8(RuntimeAddr(0x1002)).unwrap(), INT3);
+    }
+}

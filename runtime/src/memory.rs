@@ -1,0 +1,551 @@
+//! Access to a target's memory behind one trait, so that the stack engine can
+//! be tested on a plain byte buffer and run against a live process unchanged.
+//!
+//! - [`ByteBuffer`]: a set of `(base, bytes)` regions for unit tests.
+//! - [`ProcessMemory`]: a live process, through `/proc/PID/mem` (which, for a
+//!   tracer, ignores page protection and so can write code) with a
+//!   `PTRACE_PEEKDATA`/`POKEDATA` fallback when `/proc` is unavailable.
+
+use nix::errno::Errno;
+use nix::sys::ptrace;
+use nix::unistd::Pid;
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use upstare_dwarf::RuntimeAddr;
+
+/// Default cap for [`TargetMemory::read_vec`] callers that have no better bound.
+pub const DEFAULT_READ_CAP: usize = 64 << 20;
+
+/// Which direction an access went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemOp {
+    Read,
+    Write,
+}
+
+impl fmt::Display for MemOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MemOp::Read => "read",
+            MemOp::Write => "write",
+        })
+    }
+}
+
+/// Why a target memory access failed. Every variant names the address; the
+/// live-process variants also name the pid.
+#[derive(Debug, thiserror::Error)]
+pub enum MemError {
+    #[error("{op} of {len} bytes at {addr}: outside every region of the buffer")]
+    OutOfRange {
+        op: MemOp,
+        addr: RuntimeAddr,
+        len: usize,
+    },
+    #[error("{op} of {len} bytes at {addr}: range wraps around the address space")]
+    Overflow {
+        op: MemOp,
+        addr: RuntimeAddr,
+        len: usize,
+    },
+    #[error("read of {len} bytes at {addr} refused: larger than the cap of {cap} bytes")]
+    TooLarge {
+        addr: RuntimeAddr,
+        len: u64,
+        cap: usize,
+    },
+    #[error("region at {addr} ({len} bytes) overlaps an existing region")]
+    Overlap { addr: RuntimeAddr, len: usize },
+    #[error("pid {pid}: {op} of {len} bytes at {addr} via /proc/{pid}/mem failed: {source}")]
+    Io {
+        pid: i32,
+        op: MemOp,
+        addr: RuntimeAddr,
+        len: usize,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "pid {pid}: {op} of {len} bytes at {addr} stopped after {done} bytes \
+         (unmapped memory, or the process is gone)"
+    )]
+    Short {
+        pid: i32,
+        op: MemOp,
+        addr: RuntimeAddr,
+        len: usize,
+        done: usize,
+    },
+    #[error("pid {pid}: ptrace {op} at {addr} failed: {errno}")]
+    Ptrace {
+        pid: i32,
+        op: MemOp,
+        addr: RuntimeAddr,
+        errno: Errno,
+    },
+}
+
+/// Byte-addressed access to the memory of a target (a live process or a
+/// buffer standing in for one).
+pub trait TargetMemory {
+    /// Fill `buf` with the bytes at `addr..addr+buf.len()`; all or error.
+    fn read(&self, addr: RuntimeAddr, buf: &mut [u8]) -> Result<(), MemError>;
+    /// Store `data` at `addr..addr+data.len()`. Implementations check the
+    /// whole range first where they can; a live process may still fail
+    /// part-way (the error says how far it got).
+    fn write(&mut self, addr: RuntimeAddr, data: &[u8]) -> Result<(), MemError>;
+
+    /// Little-endian u64 at `addr`.
+    fn read_u64(&self, addr: RuntimeAddr) -> Result<u64, MemError> {
+        let mut b = [0u8; 8];
+        self.read(addr, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+    /// Little-endian u32 at `addr`.
+    fn read_u32(&self, addr: RuntimeAddr) -> Result<u32, MemError> {
+        let mut b = [0u8; 4];
+        self.read(addr, &mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+    /// One byte at `addr`.
+    fn read_u8(&self, addr: RuntimeAddr) -> Result<u8, MemError> {
+        let mut b = [0u8; 1];
+        self.read(addr, &mut b)?;
+        Ok(b[0])
+    }
+    /// Store a little-endian u64 at `addr`.
+    fn write_u64(&mut self, addr: RuntimeAddr, value: u64) -> Result<(), MemError> {
+        self.write(addr, &value.to_le_bytes())
+    }
+    /// Store a little-endian u32 at `addr`.
+    fn write_u32(&mut self, addr: RuntimeAddr, value: u32) -> Result<(), MemError> {
+        self.write(addr, &value.to_le_bytes())
+    }
+    /// `len` bytes at `addr` as a new vector; refuses (before allocating)
+    /// when `len` exceeds `cap`, because lengths often come from the target.
+    fn read_vec(&self, addr: RuntimeAddr, len: u64, cap: usize) -> Result<Vec<u8>, MemError> {
+        let n = usize::try_from(len)
+            .ok()
+            .filter(|&n| n <= cap)
+            .ok_or(MemError::TooLarge { addr, len, cap })?;
+        let mut v = vec![0u8; n];
+        self.read(addr, &mut v)?;
+        Ok(v)
+    }
+}
+
+impl<T: TargetMemory + ?Sized> TargetMemory for &mut T {
+    fn read(&self, addr: RuntimeAddr, buf: &mut [u8]) -> Result<(), MemError> {
+        (**self).read(addr, buf)
+    }
+    fn write(&mut self, addr: RuntimeAddr, data: &[u8]) -> Result<(), MemError> {
+        (**self).write(addr, data)
+    }
+}
+
+/// End address (exclusive) of `addr..addr+len`, or an overflow error.
+fn range_end(op: MemOp, addr: RuntimeAddr, len: usize) -> Result<u64, MemError> {
+    u64::try_from(len)
+        .ok()
+        .and_then(|l| addr.0.checked_add(l))
+        .ok_or(MemError::Overflow { op, addr, len })
+}
+
+/// A sparse address space made of non-overlapping byte regions, for tests of
+/// code that reads and writes a target. An access may span adjacent regions;
+/// any byte outside every region makes the whole access fail (a failed write
+/// changes nothing).
+#[derive(Clone, Debug, Default)]
+pub struct ByteBuffer {
+    /// Sorted by base address, non-overlapping, none empty.
+    regions: Vec<(RuntimeAddr, Vec<u8>)>,
+}
+
+impl ByteBuffer {
+    /// An empty address space (every access fails).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A buffer with one region.
+    pub fn with_region(base: RuntimeAddr, bytes: Vec<u8>) -> Result<Self, MemError> {
+        let mut b = Self::new();
+        b.add_region(base, bytes)?;
+        Ok(b)
+    }
+
+    /// Map `bytes` at `base`. Empty regions are ignored; a region overlapping
+    /// an existing one or wrapping the address space is refused.
+    pub fn add_region(&mut self, base: RuntimeAddr, bytes: Vec<u8>) -> Result<(), MemError> {
+        let len = bytes.len();
+        if len == 0 {
+            return Ok(());
+        }
+        let end = range_end(MemOp::Write, base, len)?;
+        let overlaps = self.regions.iter().any(|(b, v)| {
+            let e = b.0 + v.len() as u64;
+            base.0 < e && b.0 < end
+        });
+        if overlaps {
+            return Err(MemError::Overlap { addr: base, len });
+        }
+        let pos = self.regions.partition_point(|(b, _)| b.0 < base.0);
+        self.regions.insert(pos, (base, bytes));
+        Ok(())
+    }
+
+    /// The regions, sorted by base address.
+    pub fn regions(&self) -> impl Iterator<Item = (RuntimeAddr, &[u8])> {
+        self.regions.iter().map(|(b, v)| (*b, v.as_slice()))
+    }
+
+    /// Region index and offset holding byte `addr`.
+    fn locate(&self, addr: u64) -> Option<(usize, usize)> {
+        let idx = self.regions.partition_point(|(b, _)| b.0 <= addr);
+        let i = idx.checked_sub(1)?;
+        let (b, v) = &self.regions[i];
+        let off = usize::try_from(addr - b.0).ok()?;
+        (off < v.len()).then_some((i, off))
+    }
+
+    /// Walk `addr..addr+len` region by region, calling `f(region, offset,
+    /// offset_in_access, chunk_len)`; fails on the first unmapped byte.
+    fn for_each_chunk(
+        &self,
+        op: MemOp,
+        addr: RuntimeAddr,
+        len: usize,
+        mut f: impl FnMut(usize, usize, usize, usize),
+    ) -> Result<(), MemError> {
+        range_end(op, addr, len)?;
+        let mut done = 0usize;
+        while done < len {
+            let cur = addr.0 + done as u64;
+            let (i, off) = self
+                .locate(cur)
+                .ok_or(MemError::OutOfRange { op, addr, len })?;
+            let n = (self.regions[i].1.len() - off).min(len - done);
+            f(i, off, done, n);
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+impl TargetMemory for ByteBuffer {
+    fn read(&self, addr: RuntimeAddr, buf: &mut [u8]) -> Result<(), MemError> {
+        let len = buf.len();
+        let regions = &self.regions;
+        self.for_each_chunk(MemOp::Read, addr, len, |i, off, at, n| {
+            buf[at..at + n].copy_from_slice(&regions[i].1[off..off + n]);
+        })
+    }
+
+    fn write(&mut self, addr: RuntimeAddr, data: &[u8]) -> Result<(), MemError> {
+        // Validate the whole range before touching anything.
+        let mut chunks = Vec::new();
+        self.for_each_chunk(MemOp::Write, addr, data.len(), |i, off, at, n| {
+            chunks.push((i, off, at, n))
+        })?;
+        for (i, off, at, n) in chunks {
+            self.regions[i].1[off..off + n].copy_from_slice(&data[at..at + n]);
+        }
+        Ok(())
+    }
+}
+
+/// How [`ProcessMemory`] reaches the target.
+#[derive(Clone, Debug)]
+enum Backend {
+    /// An open `/proc/PID/mem`; bound to the address space that existed when
+    /// it was opened (reopen after an exec).
+    ProcMem(Arc<File>),
+    /// Word-sized `PTRACE_PEEKDATA`/`POKEDATA`; only works from the thread
+    /// that attached, while the target thread `pid` is ptrace-stopped.
+    Ptrace,
+}
+
+/// Memory of a live process.
+///
+/// Opened with [`ProcessMemory::open`] once the process is traced (the kernel
+/// lets a tracer write read-only pages, such as code, through
+/// `/proc/PID/mem`). The handle is cheap to clone; clones share the file.
+/// After the process calls `execve` the handle still refers to the old
+/// address space and every access fails: open a new one.
+#[derive(Clone, Debug)]
+pub struct ProcessMemory {
+    pid: Pid,
+    backend: Backend,
+}
+
+impl ProcessMemory {
+    /// Open `/proc/PID/mem` for reading and writing, falling back to ptrace
+    /// word access when that file cannot be opened.
+    pub fn open(pid: Pid) -> ProcessMemory {
+        match Self::open_proc(pid) {
+            Ok(m) => m,
+            Err(_) => Self::ptrace_only(pid),
+        }
+    }
+
+    /// Open `/proc/PID/mem`, without fallback.
+    pub fn open_proc(pid: Pid) -> Result<ProcessMemory, MemError> {
+        let path = format!("/proc/{pid}/mem");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|source| MemError::Io {
+                pid: pid.as_raw(),
+                op: MemOp::Read,
+                addr: RuntimeAddr(0),
+                len: 0,
+                source,
+            })?;
+        Ok(ProcessMemory {
+            pid,
+            backend: Backend::ProcMem(Arc::new(file)),
+        })
+    }
+
+    /// Access through `PTRACE_PEEKDATA`/`POKEDATA` only. `pid` must be a
+    /// ptrace-stopped thread of the target traced by the calling thread.
+    pub fn ptrace_only(pid: Pid) -> ProcessMemory {
+        ProcessMemory {
+            pid,
+            backend: Backend::Ptrace,
+        }
+    }
+
+    /// The process (or thread) this handle reads.
+    pub fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    /// Whether this handle uses `/proc/PID/mem` (as opposed to ptrace words).
+    pub fn uses_proc_mem(&self) -> bool {
+        matches!(self.backend, Backend::ProcMem(_))
+    }
+
+    fn proc_access(
+        &self,
+        file: &File,
+        op: MemOp,
+        addr: RuntimeAddr,
+        len: usize,
+        mut step: impl FnMut(&File, u64, usize) -> io::Result<usize>,
+    ) -> Result<(), MemError> {
+        range_end(op, addr, len)?;
+        let mut done = 0usize;
+        // Each iteration makes progress or returns, so this is bounded by len.
+        while done < len {
+            let pos = addr.0 + done as u64;
+            match step(file, pos, done) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(source) if done == 0 => {
+                    return Err(MemError::Io {
+                        pid: self.pid.as_raw(),
+                        op,
+                        addr,
+                        len,
+                        source,
+                    })
+                }
+                Err(_) => break,
+            }
+        }
+        if done < len {
+            return Err(MemError::Short {
+                pid: self.pid.as_raw(),
+                op,
+                addr,
+                len,
+                done,
+            });
+        }
+        Ok(())
+    }
+
+    fn peek(&self, addr: u64) -> Result<[u8; 8], MemError> {
+        ptrace::read(self.pid, addr as ptrace::AddressType)
+            .map(|w| w.to_le_bytes())
+            .map_err(|errno| MemError::Ptrace {
+                pid: self.pid.as_raw(),
+                op: MemOp::Read,
+                addr: RuntimeAddr(addr),
+                errno,
+            })
+    }
+
+    fn poke(&self, addr: u64, word: [u8; 8]) -> Result<(), MemError> {
+        ptrace::write(
+            self.pid,
+            addr as ptrace::AddressType,
+            i64::from_le_bytes(word),
+        )
+        .map_err(|errno| MemError::Ptrace {
+            pid: self.pid.as_raw(),
+            op: MemOp::Write,
+            addr: RuntimeAddr(addr),
+            errno,
+        })
+    }
+}
+
+impl TargetMemory for ProcessMemory {
+    fn read(&self, addr: RuntimeAddr, buf: &mut [u8]) -> Result<(), MemError> {
+        match &self.backend {
+            Backend::ProcMem(file) => {
+                let len = buf.len();
+                self.proc_access(file, MemOp::Read, addr, len, |f, pos, done| {
+                    f.read_at(&mut buf[done..], pos)
+                })
+            }
+            Backend::Ptrace => {
+                let end = range_end(MemOp::Read, addr, buf.len())?;
+                let mut cur = addr.0;
+                while cur < end {
+                    // Aligned word reads; the last one may reach past `end`,
+                    // so it is clamped to the word below when it would wrap.
+                    let word_addr = cur & !7;
+                    let word = self.peek(word_addr)?;
+                    let skip = (cur - word_addr) as usize;
+                    let n = (8 - skip).min((end - cur) as usize);
+                    let at = (cur - addr.0) as usize;
+                    buf[at..at + n].copy_from_slice(&word[skip..skip + n]);
+                    cur += n as u64;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn write(&mut self, addr: RuntimeAddr, data: &[u8]) -> Result<(), MemError> {
+        match &self.backend {
+            Backend::ProcMem(file) => {
+                self.proc_access(file, MemOp::Write, addr, data.len(), |f, pos, done| {
+                    f.write_at(&data[done..], pos)
+                })
+            }
+            Backend::Ptrace => {
+                let end = range_end(MemOp::Write, addr, data.len())?;
+                let mut cur = addr.0;
+                while cur < end {
+                    // Read-modify-write of whole aligned words.
+                    let word_addr = cur & !7;
+                    let mut word = self.peek(word_addr)?;
+                    let skip = (cur - word_addr) as usize;
+                    let n = (8 - skip).min((end - cur) as usize);
+                    let at = (cur - addr.0) as usize;
+                    word[skip..skip + n].copy_from_slice(&data[at..at + n]);
+                    self.poke(word_addr, word)?;
+                    cur += n as u64;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn buf() -> ByteBuffer {
+        let mut b = ByteBuffer::with_region(RuntimeAddr(0x1000), (0..16).collect()).unwrap();
+        b.add_region(RuntimeAddr(0x1010), (16..32).collect())
+            .unwrap();
+        b.add_region(RuntimeAddr(0x2000), vec![0xaa; 8]).unwrap();
+        b
+    }
+
+    #[test]
+    fn reads_inside_and_across_adjacent_regions() {
+        let b = buf();
+        assert_eq!(b.read_u8(RuntimeAddr(0x1000)).unwrap(), 0);
+        assert_eq!(
+            b.read_u64(RuntimeAddr(0x100c)).unwrap(),
+            u64::from_le_bytes([12, 13, 14, 15, 16, 17, 18, 19])
+        );
+        assert_eq!(
+            b.read_vec(RuntimeAddr(0x101e), 2, 16).unwrap(),
+            vec![30, 31]
+        );
+        let mut empty = [];
+        b.read(RuntimeAddr(0x5000), &mut empty).unwrap();
+    }
+
+    #[test]
+    fn out_of_range_is_an_error() {
+        let b = buf();
+        // One byte past the end of the second region.
+        let e = b.read_u64(RuntimeAddr(0x101c)).unwrap_err();
+        assert!(
+            matches!(e, MemError::OutOfRange { op: MemOp::Read, addr, len: 8 } if addr == RuntimeAddr(0x101c)),
+            "{e}"
+        );
+        // Entirely before, in a gap, and after.
+        assert!(b.read_u8(RuntimeAddr(0xfff)).is_err());
+        assert!(b.read_u8(RuntimeAddr(0x1020)).is_err());
+        assert!(b.read_u8(RuntimeAddr(0x2008)).is_err());
+        // Wrapping the address space.
+        assert!(matches!(
+            b.read_u64(RuntimeAddr(u64::MAX - 3)),
+            Err(MemError::Overflow { .. })
+        ));
+    }
+
+    #[test]
+    fn failed_write_changes_nothing() {
+        let mut b = buf();
+        let e = b.write(RuntimeAddr(0x101e), &[1, 2, 3, 4]).unwrap_err();
+        assert!(matches!(
+            e,
+            MemError::OutOfRange {
+                op: MemOp::Write,
+                ..
+            }
+        ));
+        assert_eq!(b.read_vec(RuntimeAddr(0x101e), 2, 2).unwrap(), vec![30, 31]);
+        b.write_u64(RuntimeAddr(0x100c), u64::MAX).unwrap();
+        assert_eq!(b.read_u64(RuntimeAddr(0x100c)).unwrap(), u64::MAX);
+        assert_eq!(b.read_u8(RuntimeAddr(0x100b)).unwrap(), 11);
+        assert_eq!(b.read_u8(RuntimeAddr(0x1014)).unwrap(), 20);
+    }
+
+    #[test]
+    fn read_vec_cap_is_checked_before_allocating() {
+        let b = buf();
+        let e = b.read_vec(RuntimeAddr(0x1000), u64::MAX, 1024).unwrap_err();
+        assert!(matches!(e, MemError::TooLarge { cap: 1024, .. }), "{e}");
+        assert!(b.read_vec(RuntimeAddr(0x1000), 17, 16).is_err());
+    }
+
+    #[test]
+    fn overlapping_regions_are_refused() {
+        let mut b = buf();
+        assert!(matches!(
+            b.add_region(RuntimeAddr(0x100f), vec![0; 1]),
+            Err(MemError::Overlap { .. })
+        ));
+        assert!(b.add_region(RuntimeAddr(0x0ff8), vec![0; 9]).is_err());
+        assert!(b.add_region(RuntimeAddr(0x0ff8), vec![0; 8]).is_ok());
+        assert!(b.add_region(RuntimeAddr(u64::MAX), vec![0; 2]).is_err());
+        assert_eq!(b.regions().count(), 4);
+    }
+
+    #[test]
+    fn mut_ref_is_target_memory() {
+        let mut b = buf();
+        fn poke(mut m: impl TargetMemory) {
+            m.write_u32(RuntimeAddr(0x2000), 7).unwrap();
+        }
+        poke(&mut b);
+        assert_eq!(b.read_u32(RuntimeAddr(0x2000)).unwrap(), 7);
+    }
+}

@@ -1,0 +1,469 @@
+//! What `/proc/PID/*` tells about a process: memory maps, the auxiliary
+//! vector, thread ids, and from them the load bias of the main executable.
+//!
+//! Every reader is bounded (file size, line count, entry count) and every
+//! parser treats its input as hostile: malformed text is an error naming the
+//! line, never a panic.
+
+use nix::unistd::Pid;
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use upstare_dwarf::{FileOffset, LinkAddr, LoadBias, RuntimeAddr};
+
+/// `/proc/PID/maps` files larger than this are refused.
+pub const MAX_MAPS_BYTES: u64 = 64 << 20;
+/// At most this many mappings are parsed.
+pub const MAX_MAPS_LINES: usize = 1 << 20;
+/// `/proc/PID/auxv` larger than this is refused (the real one is < 1 KiB).
+pub const MAX_AUXV_BYTES: u64 = 64 << 10;
+/// At most this many threads are listed.
+pub const MAX_TASKS: usize = 1 << 16;
+/// Page size on x86-64 Linux.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// `AT_PHDR`: runtime address of the executable's program headers.
+pub const AT_PHDR: u64 = 3;
+/// `AT_BASE`: load address of the program interpreter.
+pub const AT_BASE: u64 = 7;
+/// `AT_ENTRY`: runtime address of the executable's entry point.
+pub const AT_ENTRY: u64 = 9;
+
+/// Why reading or parsing a `/proc` file failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcError {
+    #[error("pid {pid}: cannot read {path}: {source}")]
+    Io {
+        pid: i32,
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("pid {pid}: {path} is larger than {cap} bytes")]
+    TooLarge { pid: i32, path: String, cap: u64 },
+    #[error("maps line {line}: {reason}: {text:?}")]
+    BadMapsLine {
+        line: usize,
+        reason: &'static str,
+        /// The start of the offending line.
+        text: String,
+    },
+    #[error("maps: more than {cap} lines")]
+    TooManyMaps { cap: usize },
+    #[error("auxv: {reason} ({len} bytes)")]
+    BadAuxv { reason: &'static str, len: usize },
+    #[error("auxv has no entry {key}")]
+    NoAuxvEntry { key: u64 },
+    #[error("pid {pid}: more than {cap} threads")]
+    TooManyTasks { pid: i32, cap: usize },
+    #[error("pid {pid}: no mapping of {exe} at file offset {offset}")]
+    NoExeMapping {
+        pid: i32,
+        exe: PathBuf,
+        offset: FileOffset,
+    },
+}
+
+fn read_capped(pid: Pid, name: &str, cap: u64) -> Result<Vec<u8>, ProcError> {
+    let path = format!("/proc/{pid}/{name}");
+    let io_err = |source| ProcError::Io {
+        pid: pid.as_raw(),
+        path: path.clone(),
+        source,
+    };
+    let f = File::open(&path).map_err(io_err)?;
+    let mut out = Vec::new();
+    f.take(cap + 1).read_to_end(&mut out).map_err(io_err)?;
+    if out.len() as u64 > cap {
+        return Err(ProcError::TooLarge {
+            pid: pid.as_raw(),
+            path,
+            cap,
+        });
+    }
+    Ok(out)
+}
+
+/// Permissions of one mapping.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Perms {
+    pub read: bool,
+    pub write: bool,
+    pub exec: bool,
+    /// `s` (shared) rather than `p` (private, copy-on-write).
+    pub shared: bool,
+}
+
+/// What backs a mapping.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MapPath {
+    /// No name: anonymous memory.
+    Anonymous,
+    /// A file, as the kernel printed it (newlines appear escaped as `\012`).
+    File(PathBuf),
+    /// A kernel pseudo-name such as `[heap]`, `[stack]`, `[vdso]`.
+    Pseudo(String),
+}
+
+/// One line of `/proc/PID/maps`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemoryMap {
+    pub start: RuntimeAddr,
+    /// Exclusive.
+    pub end: RuntimeAddr,
+    pub perms: Perms,
+    /// File offset of `start`.
+    pub offset: FileOffset,
+    pub dev_major: u32,
+    pub dev_minor: u32,
+    pub inode: u64,
+    pub path: MapPath,
+    /// The kernel marked the file ` (deleted)` (the suffix is not in `path`).
+    pub deleted: bool,
+}
+
+impl MemoryMap {
+    /// Whether `addr` lies inside this mapping.
+    pub fn contains(&self, addr: RuntimeAddr) -> bool {
+        self.start <= addr && addr < self.end
+    }
+    /// Size in bytes.
+    pub fn len(&self) -> u64 {
+        self.end.0 - self.start.0
+    }
+    /// Whether the mapping is empty (never true for kernel output).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The file path, if file-backed.
+    pub fn file(&self) -> Option<&Path> {
+        match &self.path {
+            MapPath::File(p) => Some(p),
+            _ => None,
+        }
+    }
+}
+
+/// Split off the first whitespace-separated token.
+fn token(s: &str) -> Option<(&str, &str)> {
+    let s = s.trim_start_matches([' ', '\t']);
+    if s.is_empty() {
+        return None;
+    }
+    let end = s.find([' ', '\t']).unwrap_or(s.len());
+    Some((&s[..end], &s[end..]))
+}
+
+fn parse_map_line(line: &str) -> Result<MemoryMap, &'static str> {
+    let (range, rest) = token(line).ok_or("empty line")?;
+    let (perms, rest) = token(rest).ok_or("missing permissions")?;
+    let (offset, rest) = token(rest).ok_or("missing offset")?;
+    let (dev, rest) = token(rest).ok_or("missing device")?;
+    let (inode, rest) = token(rest).ok_or("missing inode")?;
+
+    let (start, end) = range.split_once('-').ok_or("address range without '-'")?;
+    let start = u64::from_str_radix(start, 16).map_err(|_| "bad start address")?;
+    let end = u64::from_str_radix(end, 16).map_err(|_| "bad end address")?;
+    if end < start {
+        return Err("end address below start address");
+    }
+    let p = perms.as_bytes();
+    if p.len() != 4 {
+        return Err("permissions are not 4 characters");
+    }
+    let flag = |c: u8, yes: u8| match c {
+        b'-' => Ok(false),
+        c if c == yes => Ok(true),
+        _ => Err("bad permission character"),
+    };
+    let perms = Perms {
+        read: flag(p[0], b'r')?,
+        write: flag(p[1], b'w')?,
+        exec: flag(p[2], b'x')?,
+        shared: match p[3] {
+            b's' => true,
+            b'p' => false,
+            _ => return Err("bad sharing flag"),
+        },
+    };
+    let offset = u64::from_str_radix(offset, 16).map_err(|_| "bad offset")?;
+    let (maj, min) = dev.split_once(':').ok_or("device without ':'")?;
+    let dev_major = u32::from_str_radix(maj, 16).map_err(|_| "bad device major")?;
+    let dev_minor = u32::from_str_radix(min, 16).map_err(|_| "bad device minor")?;
+    let inode = inode.parse::<u64>().map_err(|_| "bad inode")?;
+
+    let name = rest.trim_start_matches([' ', '\t']);
+    let (name, deleted) = match name.strip_suffix(" (deleted)") {
+        Some(n) => (n, true),
+        None => (name, false),
+    };
+    let path = if name.is_empty() {
+        MapPath::Anonymous
+    } else if name.starts_with('[') && name.ends_with(']') {
+        MapPath::Pseudo(name.to_string())
+    } else {
+        MapPath::File(PathBuf::from(name))
+    };
+    Ok(MemoryMap {
+        start: RuntimeAddr(start),
+        end: RuntimeAddr(end),
+        perms,
+        offset: FileOffset(offset),
+        dev_major,
+        dev_minor,
+        inode,
+        path,
+        deleted,
+    })
+}
+
+/// Parse the text of a `/proc/PID/maps` file. Blank lines are skipped; any
+/// other malformed line is an error naming it (1-based).
+pub fn parse_maps(text: &str) -> Result<Vec<MemoryMap>, ProcError> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        if out.len() >= MAX_MAPS_LINES {
+            return Err(ProcError::TooManyMaps {
+                cap: MAX_MAPS_LINES,
+            });
+        }
+        let m = parse_map_line(line).map_err(|reason| ProcError::BadMapsLine {
+            line: i + 1,
+            reason,
+            text: line.chars().take(80).collect(),
+        })?;
+        out.push(m);
+    }
+    Ok(out)
+}
+
+/// Read and parse `/proc/PID/maps`.
+pub fn read_maps(pid: Pid) -> Result<Vec<MemoryMap>, ProcError> {
+    let bytes = read_capped(pid, "maps", MAX_MAPS_BYTES)?;
+    parse_maps(&String::from_utf8_lossy(&bytes))
+}
+
+/// Parse the bytes of `/proc/PID/auxv` (pairs of native u64 key and value,
+/// ended by `AT_NULL`) into `(key, value)` pairs without the terminator.
+pub fn parse_auxv(bytes: &[u8]) -> Result<Vec<(u64, u64)>, ProcError> {
+    if !bytes.len().is_multiple_of(16) {
+        return Err(ProcError::BadAuxv {
+            reason: "length is not a multiple of 16",
+            len: bytes.len(),
+        });
+    }
+    let mut out = Vec::new();
+    for pair in bytes.chunks_exact(16) {
+        let (k, v) = pair.split_at(8);
+        let key = u64::from_ne_bytes(k.try_into().unwrap_or([0; 8]));
+        let val = u64::from_ne_bytes(v.try_into().unwrap_or([0; 8]));
+        if key == 0 {
+            return Ok(out);
+        }
+        out.push((key, val));
+    }
+    Err(ProcError::BadAuxv {
+        reason: "no AT_NULL terminator",
+        len: bytes.len(),
+    })
+}
+
+/// Read and parse `/proc/PID/auxv`. Valid from the exec stop on.
+pub fn read_auxv(pid: Pid) -> Result<Vec<(u64, u64)>, ProcError> {
+    parse_auxv(&read_capped(pid, "auxv", MAX_AUXV_BYTES)?)
+}
+
+/// The value of auxv entry `key`.
+pub fn auxv_value(auxv: &[(u64, u64)], key: u64) -> Result<u64, ProcError> {
+    auxv.iter()
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| *v)
+        .ok_or(ProcError::NoAuxvEntry { key })
+}
+
+/// Load bias of the main executable: runtime entry (`AT_ENTRY`) minus the
+/// ELF header's `e_entry`. Zero for a non-PIE executable.
+pub fn load_bias_from_auxv(auxv: &[(u64, u64)], e_entry: LinkAddr) -> Result<LoadBias, ProcError> {
+    let at_entry = auxv_value(auxv, AT_ENTRY)?;
+    Ok(LoadBias(at_entry.wrapping_sub(e_entry.0)))
+}
+
+/// Load bias of the image of `file` from the maps: the mapping of `file` at
+/// the page-aligned file offset of one of its `PT_LOAD` segments (`p_offset`,
+/// `p_vaddr`) starts at the bias plus the page-aligned `p_vaddr`.
+/// `file` is compared to the mapped path as the kernel prints it (use the
+/// target of `/proc/PID/exe` for the main executable).
+pub fn load_bias_from_maps(
+    pid: Pid,
+    maps: &[MemoryMap],
+    file: &Path,
+    p_offset: FileOffset,
+    p_vaddr: LinkAddr,
+) -> Result<LoadBias, ProcError> {
+    let page_off = p_offset.0 & !(PAGE_SIZE - 1);
+    let page_vaddr = p_vaddr.0 & !(PAGE_SIZE - 1);
+    maps.iter()
+        .find(|m| m.file() == Some(file) && m.offset.0 == page_off)
+        .map(|m| LoadBias(m.start.0.wrapping_sub(page_vaddr)))
+        .ok_or_else(|| ProcError::NoExeMapping {
+            pid: pid.as_raw(),
+            exe: file.to_path_buf(),
+            offset: FileOffset(page_off),
+        })
+}
+
+/// Target of `/proc/PID/exe`.
+pub fn exe_path(pid: Pid) -> Result<PathBuf, ProcError> {
+    let path = format!("/proc/{pid}/exe");
+    std::fs::read_link(&path).map_err(|source| ProcError::Io {
+        pid: pid.as_raw(),
+        path,
+        source,
+    })
+}
+
+/// Thread ids of process `pid`, from `/proc/PID/task`, sorted.
+pub fn list_tasks(pid: Pid) -> Result<Vec<Pid>, ProcError> {
+    let path = format!("/proc/{pid}/task");
+    let io_err = |source| ProcError::Io {
+        pid: pid.as_raw(),
+        path: path.clone(),
+        source,
+    };
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(&path).map_err(io_err)? {
+        let entry = entry.map_err(io_err)?;
+        if let Some(tid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        {
+            if out.len() >= MAX_TASKS {
+                return Err(ProcError::TooManyTasks {
+                    pid: pid.as_raw(),
+                    cap: MAX_TASKS,
+                });
+            }
+            out.push(Pid::from_raw(tid));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "\
+55d0c0a00000-55d0c0a01000 r--p 00000000 08:01 1234                       /tmp/my prog
+55d0c0a01000-55d0c0a02000 r-xp 00001000 08:01 1234                       /tmp/my prog
+7f0000000000-7f0000021000 rw-p 00000000 00:00 0 
+7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0                          [stack]
+7f1000000000-7f1000001000 rw-s 00000000 00:05 99                         /dev/zero (deleted)
+";
+
+    #[test]
+    fn parses_kernel_format() {
+        let m = parse_maps(SAMPLE).unwrap();
+        assert_eq!(m.len(), 5);
+        assert_eq!(m[1].start, RuntimeAddr(0x55d0c0a01000));
+        assert_eq!(m[1].offset, FileOffset(0x1000));
+        assert!(m[1].perms.exec && m[1].perms.read && !m[1].perms.write);
+        assert_eq!(m[1].file(), Some(Path::new("/tmp/my prog")));
+        assert_eq!(m[1].inode, 1234);
+        assert_eq!((m[1].dev_major, m[1].dev_minor), (8, 1));
+        assert_eq!(m[2].path, MapPath::Anonymous);
+        assert_eq!(m[3].path, MapPath::Pseudo("[stack]".into()));
+        assert!(m[4].deleted && m[4].perms.shared);
+        assert_eq!(m[4].file(), Some(Path::new("/dev/zero")));
+        assert!(m[0].contains(RuntimeAddr(0x55d0c0a00fff)));
+        assert!(!m[0].contains(RuntimeAddr(0x55d0c0a01000)));
+
+        let bias = load_bias_from_maps(
+            Pid::from_raw(1),
+            &m,
+            Path::new("/tmp/my prog"),
+            FileOffset(0x1000),
+            LinkAddr(0x1000),
+        )
+        .unwrap();
+        assert_eq!(bias, LoadBias(0x55d0c0a00000));
+        assert!(load_bias_from_maps(
+            Pid::from_raw(1),
+            &m,
+            Path::new("/other"),
+            FileOffset(0),
+            LinkAddr(0)
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn hostile_maps_lines_are_errors_not_panics() {
+        let bad = [
+            "zz-10 r-xp 0 00:00 0",
+            "10-zz r-xp 0 00:00 0",
+            "20-10 r-xp 0 00:00 0",
+            "10 r-xp 0 00:00 0",
+            "10-20 r-x 0 00:00 0",
+            "10-20 r-xq 0 00:00 0",
+            "10-20 a-xp 0 00:00 0",
+            "10-20 r-xp 0 0000 0",
+            "10-20 r-xp 0 00:00 -1",
+            "10-20 r-xp 0 00:00",
+            "10-20 r-xp",
+            "10-20 r-xp 10000000000000000 00:00 0",
+            "ffffffffffffffffff-1 r-xp 0 00:00 0",
+            "10-20 r\u{e9}xp 0 00:00 0",
+        ];
+        for (i, line) in bad.iter().enumerate() {
+            let text = format!("10-20 r--p 0 00:00 0\n{line}\n");
+            match parse_maps(&text) {
+                Err(ProcError::BadMapsLine { line: 2, .. }) => {}
+                other => panic!("case {i} {line:?}: {other:?}"),
+            }
+        }
+        assert!(parse_maps("").unwrap().is_empty());
+        assert!(parse_maps("\n\n").unwrap().is_empty());
+    }
+
+    #[test]
+    fn auxv_parsing() {
+        let mut b = Vec::new();
+        for (k, v) in [(AT_PHDR, 0x40u64), (AT_ENTRY, 0x5555_0000_1040), (0, 0)] {
+            b.extend_from_slice(&k.to_ne_bytes());
+            b.extend_from_slice(&v.to_ne_bytes());
+        }
+        let a = parse_auxv(&b).unwrap();
+        assert_eq!(a.len(), 2);
+        assert_eq!(
+            load_bias_from_auxv(&a, LinkAddr(0x1040)).unwrap(),
+            LoadBias(0x5555_0000_0000)
+        );
+        assert!(matches!(
+            auxv_value(&a, AT_BASE),
+            Err(ProcError::NoAuxvEntry { key: AT_BASE })
+        ));
+        assert!(parse_auxv(&b[..b.len() - 16]).is_err());
+        assert!(parse_auxv(&b[..7]).is_err());
+        assert!(parse_auxv(&[]).is_err());
+    }
+
+    #[test]
+    fn own_process() {
+        let me = Pid::this();
+        let maps = read_maps(me).unwrap();
+        let exe = exe_path(me).unwrap();
+        assert!(maps
+            .iter()
+            .any(|m| m.file() == Some(exe.as_path()) && m.perms.exec));
+        let auxv = read_auxv(me).unwrap();
+        assert!(auxv_value(&auxv, AT_ENTRY).is_ok());
+        let tasks = list_tasks(me).unwrap();
+        assert!(tasks.contains(&me));
+    }
+}
