@@ -67,6 +67,7 @@ pub fn build_tables(input: &[u8]) -> Result<FrameTables, RewriteError> {
                 high: f.high,
             })?;
         functions.push(analysis::analyze_function(f, &program, code, &view)?);
+        check_params_spilled(f)?;
     }
     let text = file.section_by_name(".text");
     let binary = BinaryInfo {
@@ -118,19 +119,25 @@ fn check_conformance(program: &Program) -> Result<(), RewriteError> {
     if program.functions.is_empty() {
         return Err(RewriteError::NoFunctions);
     }
-    // clang does not record its flags in DW_AT_producer; optimized code shows
-    // in parameters that never reach a stack slot.
-    for f in &program.functions {
-        for p in &f.params {
-            if matches!(p.location, upstare_dwarf::model::VarLocation::Complex(_)) {
-                return Err(RewriteError::ParamNotSpilled {
-                    function: f.name.clone(),
-                    param: p.name.clone(),
-                });
-            }
-        }
-    }
     Ok(())
+}
+
+/// clang does not record its flags in DW_AT_producer; optimized code shows in
+/// parameters that never reach a stack slot. Checked after the code analysis,
+/// which gives the precise reason for realigned frames (whose parameters are
+/// rsp-relative).
+fn check_params_spilled(f: &upstare_dwarf::model::Function) -> Result<(), RewriteError> {
+    match f
+        .params
+        .iter()
+        .find(|p| matches!(p.location, upstare_dwarf::model::VarLocation::Complex(_)))
+    {
+        Some(p) => Err(RewriteError::ParamNotSpilled {
+            function: f.name.clone(),
+            param: p.name.clone(),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// The last `-O…` flag of a producer string (gcc records its flags there).
