@@ -6,7 +6,7 @@
  *   - small struct (16 bytes) returned by value (struct token)
  *   - recursion (expr -> term -> factor -> expr for parentheses)
  *   - while loops with break/continue, static local (token counter)
- *   - callee-saved temporaries: value = lhs + term(...) style expressions
+ *   - struct member access through a pointer to a struct holding a struct
  */
 #include <stdio.h>
 #include <string.h>

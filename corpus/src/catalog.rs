@@ -293,6 +293,11 @@ pub fn programs() -> Vec<Program> {
         .collect()
 }
 
+/// The corpus program called `name`, if there is one.
+pub fn program(name: &str) -> Option<Program> {
+    programs().into_iter().find(|p| p.name == name)
+}
+
 /// How a test talks to a long-running version-pair program.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Control {
@@ -418,4 +423,9 @@ pub fn version_pairs() -> Vec<VersionPair> {
             }
         })
         .collect()
+}
+
+/// The version pair called `name`, if there is one.
+pub fn version_pair(name: &str) -> Option<VersionPair> {
+    version_pairs().into_iter().find(|p| p.name == name)
 }

@@ -14,7 +14,9 @@ mod catalog;
 mod compile;
 mod process;
 
-pub use catalog::{programs, version_pairs, Control, Feature, Program, VersionPair};
+pub use catalog::{
+    program, programs, version_pair, version_pairs, Control, Feature, Program, VersionPair,
+};
 pub use compile::{
     build, cache_dir, compile_c, have_tool, target_dir, workspace_root, BuildError, CSource,
     Toolchain, BASE_CFLAGS, LINK_FLAGS,

@@ -9,18 +9,15 @@ use std::path::Path;
 use std::time::Duration;
 
 use upstare_corpus::{
-    build, run, spawn, version_pairs, ChildGuard, Control, ExitStatus, Program, Toolchain,
-    VersionPair,
+    build, run, spawn, version_pair, version_pairs, ChildGuard, Control, ExitStatus, Program,
+    Toolchain, VersionPair,
 };
 
 const LINE_TIMEOUT: Duration = Duration::from_secs(15);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(15);
 
 fn pair(name: &str) -> VersionPair {
-    version_pairs()
-        .into_iter()
-        .find(|p| p.name == name)
-        .unwrap_or_else(|| panic!("no version pair {name}"))
+    version_pair(name).unwrap_or_else(|| panic!("no version pair {name}"))
 }
 
 fn version(p: &VersionPair, n: u32) -> &Program {
