@@ -38,7 +38,7 @@ pub enum CfiError {
     /// One FDE (at this section offset) does not parse.
     #[error("corrupt .eh_frame: FDE at section offset {offset:#x}: {err}")]
     CorruptFde { offset: u64, err: gimli::Error },
-    /// More FDEs than [`MAX_FDES`].
+    /// More FDEs than the cap (4M, far above glibc's few thousand).
     #[error("too many FDEs in .eh_frame (more than {0})")]
     TooManyFdes(usize),
     /// Evaluating the CFI program of the FDE covering `pc` failed.
@@ -92,6 +92,7 @@ pub enum RegRule {
 /// registers); the return address is the rule of [`Reg::Rip`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UnwindRow {
+    /// How to compute the CFA at this pc.
     pub cfa: CfaRule,
     /// Rules for general purpose registers and rip, sorted by register.
     /// Rules for other registers (xmm, flags) are omitted.

@@ -319,6 +319,21 @@ struct Reader<'d, 'a> {
     producers: Vec<String>,
 }
 
+/// Marks keys of DIEs in `.debug_types`, whose offsets are a namespace of
+/// their own (no file is anywhere near 2^62 bytes).
+const DEBUG_TYPES_KEY: usize = 1 << 62;
+
+/// A key unique across `.debug_info` and `.debug_types` for the DIE at
+/// `offset` of the unit with `header`.
+fn die_key(header: &gimli::UnitHeader<R<'_>>, offset: gimli::UnitOffset) -> Option<usize> {
+    if let Some(g) = offset.to_debug_info_offset(header) {
+        return Some(g.0);
+    }
+    offset
+        .to_debug_types_offset(header)
+        .map(|g| g.0 | DEBUG_TYPES_KEY)
+}
+
 fn lossy(r: R<'_>) -> String {
     String::from_utf8_lossy(r.slice()).into_owned()
 }
@@ -435,97 +450,117 @@ impl<'d, 'a> Reader<'d, 'a> {
             globals: Vec::new(),
             producers: Vec::new(),
         };
-        let mut headers = dwarf.units();
         let mut total_dies = 0usize;
+        let mut headers = dwarf.units();
         while let Some(header) = headers.next().map_err(dw_err(".debug_info"))? {
-            if r.units.len() >= MAX_UNITS {
-                return Err(ReadError::TooMany {
-                    what: "compilation units",
-                    section: ".debug_info",
-                    limit: MAX_UNITS,
-                });
-            }
-            let unit_off = header.debug_info_offset().map(|o| o.0).unwrap_or_default();
-            let ctx = format!(" (unit at {unit_off:#x})");
-            let unit = dwarf
-                .unit(header)
-                .map_err(dw_err_at(".debug_info", ctx.clone()))?;
-            let ui = r.units.len();
-            let mut nodes: Vec<Node<'a>> = Vec::new();
-            let mut path: Vec<usize> = Vec::new();
-            {
-                let mut cursor = unit.entries();
-                while let Some(die) = cursor
-                    .next_dfs()
-                    .map_err(dw_err_at(".debug_info", ctx.clone()))?
-                {
-                    total_dies += 1;
-                    if total_dies > MAX_DIES {
-                        return Err(ReadError::TooMany {
-                            what: "DIEs",
-                            section: ".debug_info",
-                            limit: MAX_DIES,
-                        });
-                    }
-                    let depth = usize::try_from(die.depth()).map_err(|_| {
-                        invalid(
-                            ".debug_info",
-                            format!("DIE at {:#x} above its unit", die.offset().0),
-                        )
-                    })?;
-                    if depth > path.len() || depth > MAX_DIE_DEPTH {
-                        return Err(invalid(
-                            ".debug_info",
-                            format!("DIE at {:#x}: bad nesting depth {depth}", die.offset().0),
-                        ));
-                    }
-                    path.truncate(depth);
-                    let idx = nodes.len();
-                    let parent = path.last().copied();
-                    if let Some(p) = parent {
-                        nodes[p].children.push(idx);
-                    }
-                    path.push(idx);
-                    nodes.push(Node {
-                        die: die.clone(),
-                        parent,
-                        children: Vec::new(),
-                    });
-                }
-            }
-            for (ni, node) in nodes.iter().enumerate() {
-                if let Some(g) = node.die.offset().to_debug_info_offset(&unit.header) {
-                    r.dies.insert(g.0, (ui, ni));
-                    if is_type_tag(node.die.tag()) {
-                        let id = TypeId(u32::try_from(r.types.len()).map_err(|_| {
-                            ReadError::TooMany {
-                                what: "types",
-                                section: ".debug_info",
-                                limit: u32::MAX as usize,
-                            }
-                        })?);
-                        r.types.push(Type::Void);
-                        r.type_ids.insert(g.0, id);
-                    }
-                }
-            }
-            if let gimli::UnitType::Type {
-                type_signature,
-                type_offset,
-            } = unit.header.type_()
-            {
-                if let Some(g) = type_offset.to_debug_info_offset(&unit.header) {
-                    r.signatures.insert(type_signature.0, g.0);
-                }
-            }
-            r.units.push(UnitInfo {
-                unit,
-                nodes,
-                files: Vec::new(),
-                file_base: 0,
-            });
+            r.load_unit(header, ".debug_info", &mut total_dies)?;
+        }
+        // DWARF 4 type units (-fdebug-types-section) live in their own
+        // section; DWARF 5 ones are in .debug_info and were read above.
+        let mut headers = dwarf.type_units();
+        while let Some(header) = headers.next().map_err(dw_err(".debug_types"))? {
+            r.load_unit(header, ".debug_types", &mut total_dies)?;
         }
         Ok(r)
+    }
+
+    fn load_unit(
+        &mut self,
+        header: gimli::UnitHeader<R<'a>>,
+        section: &'static str,
+        total_dies: &mut usize,
+    ) -> Result<(), ReadError> {
+        if self.units.len() >= MAX_UNITS {
+            return Err(ReadError::TooMany {
+                what: "units",
+                section,
+                limit: MAX_UNITS,
+            });
+        }
+        let ctx = format!(" (unit at {:#x})", header.offset().0);
+        let unit = self
+            .dwarf
+            .unit(header)
+            .map_err(dw_err_at(section, ctx.clone()))?;
+        let ui = self.units.len();
+        let mut nodes: Vec<Node<'a>> = Vec::new();
+        let mut path: Vec<usize> = Vec::new();
+        let mut cursor = unit.entries();
+        while let Some(die) = cursor.next_dfs().map_err(dw_err_at(section, ctx.clone()))? {
+            *total_dies += 1;
+            if *total_dies > MAX_DIES {
+                return Err(ReadError::TooMany {
+                    what: "DIEs",
+                    section,
+                    limit: MAX_DIES,
+                });
+            }
+            let depth = usize::try_from(die.depth()).map_err(|_| {
+                invalid(
+                    section,
+                    format!(
+                        "DIE at unit offset {:#x}{ctx} is outside its unit's tree",
+                        die.offset().0
+                    ),
+                )
+            })?;
+            if depth > path.len() || depth > MAX_DIE_DEPTH {
+                return Err(invalid(
+                    section,
+                    format!(
+                        "DIE at unit offset {:#x}{ctx}: bad nesting depth {depth}",
+                        die.offset().0
+                    ),
+                ));
+            }
+            path.truncate(depth);
+            let idx = nodes.len();
+            let parent = path.last().copied();
+            if let Some(p) = parent {
+                nodes[p].children.push(idx);
+            }
+            path.push(idx);
+            nodes.push(Node {
+                die: die.clone(),
+                parent,
+                children: Vec::new(),
+            });
+        }
+        drop(cursor);
+        for (ni, node) in nodes.iter().enumerate() {
+            let Some(key) = die_key(&unit.header, node.die.offset()) else {
+                continue;
+            };
+            self.dies.insert(key, (ui, ni));
+            if is_type_tag(node.die.tag()) {
+                let id =
+                    TypeId(
+                        u32::try_from(self.types.len()).map_err(|_| ReadError::TooMany {
+                            what: "types",
+                            section,
+                            limit: u32::MAX as usize,
+                        })?,
+                    );
+                self.types.push(Type::Void);
+                self.type_ids.insert(key, id);
+            }
+        }
+        if let gimli::UnitType::Type {
+            type_signature,
+            type_offset,
+        } = unit.header.type_()
+        {
+            if let Some(key) = die_key(&unit.header, type_offset) {
+                self.signatures.insert(type_signature.0, key);
+            }
+        }
+        self.units.push(UnitInfo {
+            unit,
+            nodes,
+            files: Vec::new(),
+            file_base: 0,
+        });
+        Ok(())
     }
 
     fn finish(mut self) -> Program {
@@ -547,22 +582,19 @@ impl<'d, 'a> Reader<'d, 'a> {
 
     fn die_ctx(&self, ui: usize, ni: usize) -> String {
         let u = &self.units[ui];
-        match u.nodes[ni]
-            .die
-            .offset()
-            .to_debug_info_offset(&u.unit.header)
-        {
-            Some(g) => format!(" (DIE at {:#x})", g.0),
+        match die_key(&u.unit.header, u.nodes[ni].die.offset()) {
+            Some(k) if k & DEBUG_TYPES_KEY != 0 => {
+                format!(" (DIE at .debug_types+{:#x})", k & !DEBUG_TYPES_KEY)
+            }
+            Some(k) => format!(" (DIE at {k:#x})"),
             None => String::new(),
         }
     }
 
-    /// `.debug_info` offset a reference attribute points to.
+    /// The [`die_key`] a reference attribute points to.
     fn ref_target(&self, ui: usize, v: AttributeValue<R<'a>>) -> Option<usize> {
         match v {
-            AttributeValue::UnitRef(o) => o
-                .to_debug_info_offset(&self.units[ui].unit.header)
-                .map(|g| g.0),
+            AttributeValue::UnitRef(o) => die_key(&self.units[ui].unit.header, o),
             AttributeValue::DebugInfoRef(o) => Some(o.0),
             AttributeValue::DebugTypesRef(sig) => self.signatures.get(&sig.0).copied(),
             _ => None,
@@ -609,7 +641,18 @@ impl<'d, 'a> Reader<'d, 'a> {
         let Some((u, n, v)) = self.attr_follow(ui, ni, dw::DW_AT_type) else {
             return Ok(None);
         };
-        let target = self.ref_target(u, v);
+        let mut target = self.ref_target(u, v);
+        // A stub of a type moved to a type unit (-fdebug-types-section)
+        // names it by signature.
+        for _ in 0..MAX_REF_HOPS {
+            let Some(&(tu, tn)) = target.and_then(|g| self.dies.get(&g)) else {
+                break;
+            };
+            match self.units[tu].nodes[tn].die.attr_value(dw::DW_AT_signature) {
+                Some(sig) => target = self.ref_target(tu, sig),
+                None => break,
+            }
+        }
         match target.and_then(|g| self.type_ids.get(&g)) {
             Some(id) => Ok(Some(*id)),
             None => Err(invalid(
@@ -679,13 +722,10 @@ impl<'d, 'a> Reader<'d, 'a> {
         for ui in 0..self.units.len() {
             for ni in 0..self.units[ui].nodes.len() {
                 let die = &self.units[ui].nodes[ni].die;
-                let Some(g) = die
-                    .offset()
-                    .to_debug_info_offset(&self.units[ui].unit.header)
-                else {
+                let Some(key) = die_key(&self.units[ui].unit.header, die.offset()) else {
                     continue;
                 };
-                let Some(&id) = self.type_ids.get(&g.0) else {
+                let Some(&id) = self.type_ids.get(&key) else {
                     continue;
                 };
                 let ty = self.build_type(ui, ni)?;
@@ -1069,7 +1109,11 @@ impl<'d, 'a> Reader<'d, 'a> {
     fn build_lines(&mut self) -> Result<(), ReadError> {
         for ui in 0..self.units.len() {
             let unit = &self.units[ui].unit;
-            if !self.units[ui].nodes.is_empty() {
+            let is_cu = self.units[ui]
+                .nodes
+                .first()
+                .is_some_and(|n| n.die.tag() == dw::DW_TAG_compile_unit);
+            if is_cu {
                 if let Some(p) = self.name_attr_string(ui, 0, dw::DW_AT_producer)? {
                     self.producers.push(p);
                 }

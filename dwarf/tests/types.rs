@@ -118,10 +118,18 @@ fn layouts_match_the_compiled_program() {
 
 /// Older DWARF versions describe bitfields with DW_AT_bit_offset (counted
 /// from the storage unit's most significant bit) and, in DWARF 2, member
-/// offsets as DW_OP_plus_uconst expressions; compressed sections too.
+/// offsets as DW_OP_plus_uconst expressions; compressed sections and type
+/// units too.
 #[test]
 fn layouts_in_older_dwarf_and_compressed_sections() {
-    for flags in [&["-gdwarf-2"][..], &["-gdwarf-4"], &["-gz=zlib"]] {
+    for flags in [
+        &["-gdwarf-2"][..],
+        &["-gdwarf-4"],
+        &["-gz=zlib"],
+        // Types moved to type units, in .debug_info (5) or .debug_types (4).
+        &["-fdebug-types-section"],
+        &["-gdwarf-4", "-fdebug-types-section"],
+    ] {
         check_layouts(Cc::GccPie, flags);
     }
     if common::have("clang") {
