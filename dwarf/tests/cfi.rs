@@ -172,3 +172,47 @@ fn saved_regs_use_the_same_evaluator() {
     }
     assert_eq!(f.saved_regs.len(), 2, "rbp and rbx: {:?}", f.saved_regs);
 }
+
+/// The runtime calls the evaluator directly (no panic guard): a corrupt
+/// `.eh_frame` must give errors, never a panic.
+#[test]
+fn mutated_eh_frame_never_panics() {
+    let b = build(common::Cc::GccPie, "cfifuzz", &[("c.c", SRC)]);
+    let file = object::File::parse(&*b.bytes).unwrap();
+    let sec = file.section_by_name(".eh_frame").unwrap();
+    let (off, len) = sec.file_range().unwrap();
+    let (off, len) = (off as usize, len as usize);
+    let p = read_program(&b.bytes).unwrap();
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let (mut ok, mut err) = (0, 0);
+    for _ in 0..2000 {
+        let mut m = b.bytes.clone();
+        for _ in 0..1 + next() % 3 {
+            let at = off + (next() as usize) % len;
+            m[at] = next() as u8;
+        }
+        match EhFrameIndex::from_elf(&m) {
+            Err(e) => {
+                assert!(!e.to_string().contains('\n'));
+                err += 1;
+            }
+            Ok(idx) => {
+                for f in &p.functions {
+                    for pc in [f.low.0, f.low.0 + 1, f.low.0 + 4, f.high.0 - 1] {
+                        match idx.unwind_row(LinkAddr(pc)) {
+                            Ok(_) => ok += 1,
+                            Err(_) => err += 1,
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(ok > 0 && err > 0, "ok {ok} err {err}");
+}
