@@ -8,8 +8,11 @@ use iced_x86::{
 };
 use upstare_dwarf::{LinkAddr, Reg};
 
-/// A set of general-purpose registers (bits 0..16, DWARF numbering) and
-/// status flags (bits 16..23).
+/// A set of general-purpose registers and status flags. Each register has two
+/// bits, so that byte-sized accesses are not mistaken for whole-register
+/// ones (`mov dl,al; mov [rax+rcx],dl` leaves rdx's upper bytes dead): its
+/// low byte (bit `n`, DWARF numbering) and the rest (bit `32+n`). Flags are
+/// bits 16..23.
 pub(crate) type RegSet = u64;
 
 const FLAG_SHIFT: u32 = 16;
@@ -23,19 +26,26 @@ const FLAG_MASK: u32 = RflagsBits::OF
     | RflagsBits::DF;
 /// Every tracked flag.
 pub(crate) const FLAGS: RegSet = (FLAG_MASK as RegSet) << FLAG_SHIFT;
-/// Every general-purpose register.
-pub(crate) const GPRS: RegSet = 0xffff;
-/// Pseudo-register: al as the vector-register count a varargs call reads.
-/// Writing al (or ax, eax, rax) kills it; only calls read it. Kept apart from
-/// rax so that `mov al,0; call printf` does not make rax's upper bits live.
-pub(crate) const AL: RegSet = 1 << 24;
+/// Every general-purpose register (both parts).
+pub(crate) const GPRS: RegSet = 0xffff | (0xffff << 32);
 /// Everything liveness tracks.
-pub(crate) const TRACKED: RegSet = GPRS | FLAGS | AL;
+pub(crate) const TRACKED: RegSet = GPRS | FLAGS;
 
-/// The bit of one register.
-pub(crate) const fn bit(r: Reg) -> RegSet {
+/// The low byte of one register.
+pub(crate) const fn lo(r: Reg) -> RegSet {
     1 << (r as u8)
 }
+/// Bits 8..64 of one register.
+pub(crate) const fn hi(r: Reg) -> RegSet {
+    1 << (32 + r as u8)
+}
+/// The whole register.
+pub(crate) const fn bit(r: Reg) -> RegSet {
+    lo(r) | hi(r)
+}
+/// al: what a varargs call reads as the number of vector registers used, so
+/// that `mov al,0; call printf` leaves rax's upper bytes dead.
+pub(crate) const AL: RegSet = lo(Reg::Rax);
 
 /// Registers a call may clobber (SysV): rax rcx rdx rsi rdi r8-r11, flags.
 pub(crate) const CALLER_SAVED: RegSet = bit(Reg::Rax)
@@ -47,8 +57,7 @@ pub(crate) const CALLER_SAVED: RegSet = bit(Reg::Rax)
     | bit(Reg::R9)
     | bit(Reg::R10)
     | bit(Reg::R11)
-    | FLAGS
-    | AL;
+    | FLAGS;
 /// Integer argument registers in order.
 pub(crate) const ARG_REGS: [Reg; 6] = [Reg::Rdi, Reg::Rsi, Reg::Rdx, Reg::Rcx, Reg::R8, Reg::R9];
 /// The integer argument registers of a call.
@@ -60,20 +69,26 @@ pub(crate) const CALLEE_SAVED: [Reg; 5] = [Reg::Rbx, Reg::R12, Reg::R13, Reg::R1
 /// Registers whose liveness is never reported: the frame and stack pointers.
 pub(crate) const FRAME_REGS: RegSet = bit(Reg::Rsp) | bit(Reg::Rbp);
 
-/// Registers of `set` in DWARF order.
+/// Registers of `set` (either part) in DWARF order.
 pub(crate) fn regs_of(set: RegSet) -> Vec<Reg> {
     (0u16..16)
-        .filter(|n| set & (1 << n) != 0)
+        .filter(|n| set & ((1 << n) | (1 << (32 + n))) != 0)
         .filter_map(Reg::from_dwarf)
         .collect()
 }
 
 /// Human-readable list of the registers and flags of `set`.
 pub(crate) fn describe(set: RegSet) -> String {
-    let mut parts: Vec<String> = regs_of(set).iter().map(|r| r.name().to_string()).collect();
-    if set & AL != 0 {
-        parts.push("al".into());
-    }
+    let mut parts: Vec<String> = regs_of(set)
+        .iter()
+        .map(|&r| {
+            if set & bit(r) == lo(r) {
+                format!("{}(low byte)", r.name())
+            } else {
+                r.name().to_string()
+            }
+        })
+        .collect();
     if set & FLAGS != 0 {
         parts.push("flags".into());
     }
@@ -202,27 +217,31 @@ fn effects(factory: &mut InstructionInfoFactory, ins: Instruction) -> Insn {
     let mut kills: RegSet = 0;
     let mut writes: RegSet = 0;
     for ur in info.used_registers() {
-        let Some(r) = gpr(ur.register()) else {
+        let reg = ur.register();
+        let Some(r) = gpr(reg) else {
             continue;
         };
-        let full = matches!(
-            ur.register().size(),
-            8 | 4 // 32-bit writes zero the upper half in 64-bit mode
+        let high_byte = matches!(
+            reg,
+            Register::AH | Register::CH | Register::DH | Register::BH
         );
+        // The parts an access of this width reads, and those a write of it
+        // overwrites completely (32-bit writes zero the upper half).
+        let (read_parts, kill_parts) = match reg.size() {
+            1 if high_byte => (hi(r), 0),
+            1 => (lo(r), lo(r)),
+            2 => (bit(r), lo(r)),
+            _ => (bit(r), bit(r)),
+        };
         match ur.access() {
-            OpAccess::Read | OpAccess::CondRead => uses |= bit(r),
+            OpAccess::Read | OpAccess::CondRead => uses |= read_parts,
             OpAccess::Write => {
                 writes |= bit(r);
-                if full {
-                    kills |= bit(r);
-                }
-                if r == Reg::Rax && matches!(ur.register(), Register::AL | Register::AX) {
-                    kills |= AL;
-                }
+                kills |= kill_parts;
             }
             OpAccess::CondWrite => writes |= bit(r),
             OpAccess::ReadWrite | OpAccess::ReadCondWrite => {
-                uses |= bit(r);
+                uses |= read_parts;
                 writes |= bit(r);
             }
             OpAccess::None | OpAccess::NoMemAccess => {}
@@ -241,9 +260,6 @@ fn effects(factory: &mut InstructionInfoFactory, ins: Instruction) -> Insn {
                 kills |= bit(r);
             }
         }
-    }
-    if kills & bit(Reg::Rax) != 0 {
-        kills |= AL;
     }
     uses |= RegSet::from(ins.rflags_read() & FLAG_MASK) << FLAG_SHIFT;
     let fw = RegSet::from(ins.rflags_modified() & FLAG_MASK) << FLAG_SHIFT;
@@ -332,10 +348,17 @@ mod tests {
         assert_eq!(i.mem[0].base, Some(Reg::Rbp));
         assert_eq!(i.mem[0].disp, -4);
         assert!(i.mem[0].read && !i.mem[0].write);
-        // mov al, 1: partial write, no kill.
+        // mov al, 1: kills only the low byte.
         let i = one(&[0xb0, 0x01]);
-        assert_eq!(i.kills & GPRS, 0);
+        assert_eq!(i.kills & GPRS, lo(Reg::Rax));
         assert_eq!(i.writes & GPRS, bit(Reg::Rax));
+        // mov dl, al: reads the low byte of rax, kills that of rdx.
+        let i = one(&[0x88, 0xc2]);
+        assert_eq!(i.uses & GPRS, lo(Reg::Rax));
+        assert_eq!(i.kills & GPRS, lo(Reg::Rdx));
+        // mov ah, 1: kills nothing; mov ax, 1: the low byte only.
+        assert_eq!(one(&[0xb4, 0x01]).kills & GPRS, 0);
+        assert_eq!(one(&[0x66, 0xb8, 0x01, 0x00]).kills & GPRS, lo(Reg::Rax));
         // xor eax, eax: zeroing idiom, no read.
         let i = one(&[0x31, 0xc0]);
         assert_eq!(i.uses & GPRS, 0);
