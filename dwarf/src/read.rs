@@ -421,11 +421,7 @@ fn describe_ops(ops: &[Operation<R<'_>>]) -> String {
             Operation::EntryValue { .. } => "entry_value".into(),
             Operation::ImplicitValue { .. } => "implicit_value".into(),
             Operation::ImplicitPointer { .. } => "implicit_pointer".into(),
-            other => {
-                let mut s = format!("{other:?}");
-                s.truncate(40);
-                s
-            }
+            other => format!("{other:?}").chars().take(40).collect(),
         })
         .collect();
     parts.join(", ")
@@ -690,23 +686,6 @@ impl<'d, 'a> Reader<'d, 'a> {
         None
     }
 
-    /// Whether the type DIE (ui, ni) is a signed base type (through
-    /// typedefs and qualifiers).
-    fn die_is_signed(&self, ui: usize, ni: usize) -> bool {
-        let (mut u, mut n) = (ui, ni);
-        for _ in 0..MAX_REF_HOPS * 4 {
-            let die = &self.units[u].nodes[n].die;
-            if let Some(AttributeValue::Encoding(e)) = die.attr_value(dw::DW_AT_encoding) {
-                return matches!(e, dw::DW_ATE_signed | dw::DW_ATE_signed_char);
-            }
-            match self.type_die(u, n) {
-                Some(next) => (u, n) = next,
-                None => return false,
-            }
-        }
-        false
-    }
-
     fn children_with(&self, ui: usize, ni: usize, tag: gimli::DwTag) -> Vec<usize> {
         let nodes = &self.units[ui].nodes;
         nodes[ni]
@@ -813,24 +792,16 @@ impl<'d, 'a> Reader<'d, 'a> {
             }
             dw::DW_TAG_enumeration_type => {
                 let underlying = self.type_of(ui, ni)?;
-                let signed = self
-                    .type_die(ui, ni)
-                    .is_some_and(|(u, n)| self.die_is_signed(u, n));
                 let mut enumerators = Vec::new();
                 for c in self.children_with(ui, ni, dw::DW_TAG_enumerator) {
                     let e = &self.units[ui].nodes[c].die;
+                    // gcc writes negative values as sdata and others in the
+                    // smallest data form, zero extended (200 is data1 0xc8
+                    // even in an enum whose underlying type is int).
                     let value = match e.attr_value(dw::DW_AT_const_value) {
-                        Some(AttributeValue::Sdata(v)) => v,
                         Some(AttributeValue::Udata(v)) => v as i64,
-                        Some(AttributeValue::Data1(v)) if signed => i64::from(v as i8),
-                        Some(AttributeValue::Data2(v)) if signed => i64::from(v as i16),
-                        Some(AttributeValue::Data4(v)) if signed => i64::from(v as i32),
-                        Some(AttributeValue::Data1(v)) => i64::from(v),
-                        Some(AttributeValue::Data2(v)) => i64::from(v),
-                        Some(AttributeValue::Data4(v)) => i64::from(v),
-                        // Reinterpreting the 64 bits is what C does too.
-                        Some(AttributeValue::Data8(v)) => v as i64,
-                        _ => 0,
+                        Some(v) => const_i64(&v).unwrap_or(0),
+                        None => 0,
                     };
                     enumerators.push((self.name(ui, c)?.unwrap_or_default(), value));
                 }
@@ -1565,16 +1536,15 @@ fn is_const(v: &AttributeValue<R<'_>>) -> bool {
     )
 }
 
-/// A bound as a signed value: gcc writes `[0]` arrays' upper bound -1 as an
-/// all-ones data form.
+/// A constant bound as a signed value. Fixed-size data forms are zero
+/// extended (gcc writes the bound 255 of `char[256]` as data1 0xff); only
+/// data8 and sdata carry negative values (-1: an empty array).
 fn const_i64(v: &AttributeValue<R<'_>>) -> Option<i64> {
     Some(match *v {
-        AttributeValue::Data1(x) if x == u8::MAX => -1,
-        AttributeValue::Data2(x) if x == u16::MAX => -1,
-        AttributeValue::Data4(x) if x == u32::MAX => -1,
         AttributeValue::Data1(x) => i64::from(x),
         AttributeValue::Data2(x) => i64::from(x),
         AttributeValue::Data4(x) => i64::from(x),
+        // Reinterpreting all 64 bits is what the producer meant.
         AttributeValue::Data8(x) => x as i64,
         AttributeValue::Sdata(x) => x,
         AttributeValue::Udata(x) => i64::try_from(x).unwrap_or(i64::MAX),

@@ -21,6 +21,8 @@ struct node { struct node *next; const char *name; double w[2][3]; };
 union u { long l; char c[12]; };
 typedef struct bits bits_t;
 enum color { RED, GREEN = 5, BLUE = -1 };
+enum mixed { MN = -1, MB = 200, MC = 40000, MD = 0x7fffffff } gmixed;
+enum big { BU = 0xffffffffu } gbig;
 typedef int (*binop)(int, int);
 
 struct bits gb;
@@ -42,6 +44,10 @@ _Bool gbool;
 unsigned char guc;
 float gfl;
 void *gvp;
+char g255[255];
+char g256[256];
+char g64k[65536];
+struct z { int n; char d[0]; } gz;
 
 /* Bit position and width of a bitfield: set it to all ones in a zeroed
    object and scan. */
@@ -269,6 +275,23 @@ fn type_shapes() {
         };
         assert_eq!(*pt, global_ty(&p, "gn"));
 
+        // Bounds written in the smallest data form (0xff is 255, not -1).
+        for (name, n) in [("g255", 255), ("g256", 256), ("g64k", 65536)] {
+            let Type::Array { dims, .. } = t(name) else {
+                panic!()
+            };
+            assert_eq!(dims, [ArrayDim::Fixed(n)], "{cc:?} {name}");
+        }
+        // GNU zero-length array: a fixed count of 0.
+        let Type::Struct { members, size, .. } = t("gz") else {
+            panic!()
+        };
+        assert_eq!(size, 4);
+        let Type::Array { dims, .. } = p.ty(members[1].ty).unwrap() else {
+            panic!()
+        };
+        assert_eq!(dims, &[ArrayDim::Fixed(0)], "{cc:?}");
+
         // `extern int gext[];` then `int gext[7];`: the definition has 7.
         assert_eq!(p.type_size(global_ty(&p, "gext")), Some(28), "{cc:?}");
 
@@ -291,6 +314,15 @@ fn type_shapes() {
                 ("BLUE".to_string(), -1)
             ]
         );
+
+        let values = |name| match t(name) {
+            Type::Enum { enumerators, .. } => {
+                enumerators.into_iter().map(|e| e.1).collect::<Vec<i64>>()
+            }
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(values("gmixed"), [-1, 200, 40000, 0x7fff_ffff], "{cc:?}");
+        assert_eq!(values("gbig"), [0xffff_ffff], "{cc:?}");
 
         // Typedef of a struct.
         let Type::Typedef { name, target } = t("gt") else {
