@@ -23,6 +23,8 @@ use thiserror::Error;
 type R<'a> = EndianSlice<'a, LittleEndian>;
 type Die<'a> = gimli::DebuggingInformationEntry<R<'a>>;
 type Unit<'a> = gimli::Unit<R<'a>>;
+/// Address ranges of a lexical scope, shared by the variables in it.
+type Scope = std::rc::Rc<Vec<(LinkAddr, LinkAddr)>>;
 
 const MAX_UNITS: usize = 1 << 20;
 const MAX_DIES: usize = 1 << 26;
@@ -111,6 +113,26 @@ fn dw_err_at(section: &'static str, context: String) -> impl FnOnce(gimli::Error
 
 fn invalid(section: &'static str, what: String) -> ReadError {
     ReadError::Invalid { section, what }
+}
+
+/// Names the function whose DIEs produced `e`.
+fn in_function(e: ReadError, name: &str) -> ReadError {
+    match e {
+        ReadError::CorruptDwarf {
+            section,
+            context,
+            err,
+        } => ReadError::CorruptDwarf {
+            section,
+            context: format!("{context} in function `{name}`"),
+            err,
+        },
+        ReadError::Invalid { section, what } => ReadError::Invalid {
+            section,
+            what: format!("{what} (in function `{name}`)"),
+        },
+        other => other,
+    }
 }
 
 /// Reads the functions, frames, types, globals, line table and saved
@@ -1280,7 +1302,6 @@ impl<'d, 'a> Reader<'d, 'a> {
 
     /// The function of subprogram DIE (ui, ni), with its static locals;
     /// `None` for declarations and subprograms without code.
-    #[allow(clippy::type_complexity)]
     fn function(&self, ui: usize, ni: usize) -> Result<Option<(Function, Vec<Global>)>, ReadError> {
         let die = &self.units[ui].nodes[ni].die;
         if flag(die, dw::DW_AT_declaration) {
@@ -1294,6 +1315,20 @@ impl<'d, 'a> Reader<'d, 'a> {
         let name = self
             .name(ui, ni)?
             .unwrap_or_else(|| format!("<anonymous@{low:#x}>"));
+        self.function_body(ui, ni, low, high, name.clone())
+            .map(Some)
+            .map_err(|e| in_function(e, &name))
+    }
+
+    /// Frame base, parameters, locals and statics of a function with code.
+    fn function_body(
+        &self,
+        ui: usize,
+        ni: usize,
+        low: u64,
+        high: u64,
+        name: String,
+    ) -> Result<(Function, Vec<Global>), ReadError> {
         let fb = self.frame_base(ui, ni)?;
         let frame_base = match fb {
             FrameBase::Rbp => FrameBaseKind::Rbp,
@@ -1308,7 +1343,7 @@ impl<'d, 'a> Reader<'d, 'a> {
         let mut statics = Vec::new();
         let mut is_varargs = false;
         // Iterative pre-order walk: (node, scope, top level?).
-        let mut stack: Vec<(usize, std::rc::Rc<Vec<(LinkAddr, LinkAddr)>>, bool)> = Vec::new();
+        let mut stack: Vec<(usize, Scope, bool)> = Vec::new();
         let top = std::rc::Rc::new(fn_scope);
         for &c in self.units[ui].nodes[ni].children.iter().rev() {
             stack.push((c, top.clone(), true));
@@ -1378,7 +1413,7 @@ impl<'d, 'a> Reader<'d, 'a> {
             locals,
             saved_regs: Vec::new(),
         };
-        Ok(Some((f, statics)))
+        Ok((f, statics))
     }
 
     fn variable(

@@ -162,6 +162,7 @@ fn mutated_binaries_never_panic() {
         assert!(ranges.len() >= 5, "{cc:?}: {ranges:?}");
         let mut rng = Rng(0xdead_beef_cafe_f00d);
         let mut outcomes = std::collections::BTreeMap::new();
+        let mut naming_function = 0;
         for i in 0..3000 {
             let mut m = b.bytes.clone();
             if i % 10 == 9 {
@@ -192,6 +193,9 @@ fn mutated_binaries_never_panic() {
                     one_line(e),
                 ),
             };
+            if msg.contains("in function `") {
+                naming_function += 1;
+            }
             outcomes.entry(key).or_insert((0, msg)).0 += 1;
         }
         for (k, (n, example)) in &outcomes {
