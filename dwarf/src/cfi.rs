@@ -156,14 +156,17 @@ impl EhFrameIndex {
     /// Builds the index from an already parsed object file.
     pub fn from_object(file: &object::File<'_>) -> Result<EhFrameIndex, CfiError> {
         let (eh_addr, eh_data) = section_bytes(file, ".eh_frame")?.ok_or(CfiError::NoEhFrame)?;
+        // Only the addresses of these matter (bases of relative pointer
+        // encodings), not their contents.
+        let addr_of = |name| file.section_by_name(name).map(|s| s.address());
         let mut bases = BaseAddresses::default().set_eh_frame(eh_addr);
-        if let Some((addr, _)) = section_bytes(file, ".eh_frame_hdr")? {
+        if let Some(addr) = addr_of(".eh_frame_hdr") {
             bases = bases.set_eh_frame_hdr(addr);
         }
-        if let Some((addr, _)) = section_bytes(file, ".text")? {
+        if let Some(addr) = addr_of(".text") {
             bases = bases.set_text(addr);
         }
-        if let Some((addr, _)) = section_bytes(file, ".got")? {
+        if let Some(addr) = addr_of(".got") {
             bases = bases.set_got(addr);
         }
         EhFrameIndex::new(eh_data, bases)

@@ -205,5 +205,7 @@ fn mutated_binaries_never_panic() {
             outcomes.len() > 2,
             "mutations should produce several outcomes"
         );
+        // Errors inside a function's DIEs name the function.
+        assert!(naming_function > 0, "{cc:?}: no error named its function");
     }
 }
