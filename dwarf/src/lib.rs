@@ -12,4 +12,4 @@ pub mod read;
 
 pub use addr::{CfaOffset, FileOffset, LinkAddr, LoadBias, Reg, RuntimeAddr};
 pub use cfi::{CfaRule, CfiError, EhFrameIndex, RegRule, UnwindRow};
-pub use read::{read_program, ReadError};
+pub use read::{after_prologue, read_program, ReadError};
