@@ -51,6 +51,9 @@ pub const MAX_PROGRAM_SIZE: u64 = 1 << 30;
 /// How long the output readers may take to reach end-of-file after the
 /// program is gone.
 const OUTPUT_GRACE: Duration = Duration::from_secs(2);
+/// How long the all-stop waits for interrupted threads before going on
+/// without those blocked in the kernel (see `hold_others`).
+const HOLD_WAIT: Duration = Duration::from_millis(200);
 
 /// Bounds of one run.
 #[derive(Clone, Copy, Debug)]
@@ -142,7 +145,6 @@ pub enum Exit {
 }
 
 /// What a run produced.
-#[derive(Debug)]
 pub struct RunReport {
     pub exit: Exit,
     pub stdout: Vec<u8>,
@@ -165,6 +167,25 @@ pub struct RunReport {
     pub killed_on_request: bool,
     /// The program exec'd another image, which ran without breakpoints.
     pub exec_replaced_image: bool,
+}
+
+impl std::fmt::Debug for RunReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunReport")
+            .field("exit", &self.exit)
+            .field("stdout", &String::from_utf8_lossy(&self.stdout))
+            .field("stderr", &String::from_utf8_lossy(&self.stderr))
+            .field("output_truncated", &self.output_truncated)
+            .field("hits", &self.hits)
+            .field("hit_limit_reached", &self.hit_limit_reached)
+            .field("load_bias", &self.load_bias)
+            .field("threads_seen", &self.threads_seen)
+            .field("forks_detached", &self.forks_detached)
+            .field("vforks_followed", &self.vforks_followed)
+            .field("killed_on_request", &self.killed_on_request)
+            .field("exec_replaced_image", &self.exec_replaced_image)
+            .finish()
+    }
 }
 
 impl RunReport {
@@ -752,37 +773,56 @@ impl<F: FnMut(&mut HitContext<'_>) -> HitAction> Session<F> {
             .filter(|(&t, th)| t != except && th.state == St::Running)
             .map(|(&t, _)| t)
             .collect();
-        let mut asked = Vec::new();
+        let mut asked = BTreeSet::new();
         for tid in running {
             match self.tracee.interrupt(tid) {
-                Ok(()) => asked.push(tid),
+                Ok(()) => {
+                    asked.insert(tid);
+                }
                 // Dying: its exit will be polled.
                 Err(PtraceError::Gone { .. }) | Err(PtraceError::NotStopped { .. }) => {}
                 Err(e) => return Err(e.into()),
             }
         }
-        for tid in asked {
-            let stop = match self.tracee.wait_stop(tid, self.limits.stop_timeout) {
-                Ok(s) => s,
-                Err(PtraceError::Gone { .. }) => {
-                    self.threads.remove(&tid);
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
-            };
-            match stop {
-                Stop::EventStop { .. } => {
-                    if let Some(t) = self.threads.get_mut(&tid) {
-                        t.state = St::Held;
+        // A thread blocked in an uninterruptible or killable wait (a vfork
+        // parent, disk I/O) does not stop until the wait ends; but with the
+        // interrupt pending it traps before running any user instruction,
+        // so it is safe to go on without it and collect its stop later.
+        let start = Instant::now();
+        let mut pause = Duration::from_micros(10);
+        while !asked.is_empty() && start.elapsed() < HOLD_WAIT {
+            let mut progressed = false;
+            for tid in asked.clone() {
+                let stop = match self.tracee.try_wait(tid) {
+                    Ok(Some(s)) => s,
+                    Ok(None) => continue,
+                    Err(PtraceError::Gone { .. }) | Err(PtraceError::NotTraced { .. }) => {
+                        asked.remove(&tid);
+                        self.threads.remove(&tid);
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                progressed = true;
+                asked.remove(&tid);
+                match stop {
+                    Stop::EventStop { .. } => {
+                        if let Some(t) = self.threads.get_mut(&tid) {
+                            t.state = St::Held;
+                        }
+                    }
+                    s if s.is_terminal() => self.ended(tid, s),
+                    s => {
+                        if let Some(t) = self.threads.get_mut(&tid) {
+                            t.state = St::Held;
+                            t.pending = Some(s);
+                        }
                     }
                 }
-                s if s.is_terminal() => self.ended(tid, s),
-                s => {
-                    if let Some(t) = self.threads.get_mut(&tid) {
-                        t.state = St::Held;
-                        t.pending = Some(s);
-                    }
-                }
+            }
+            if !progressed {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_micros(500));
             }
         }
         Ok(())

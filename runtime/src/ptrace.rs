@@ -476,6 +476,8 @@ pub struct Tracee {
     pid: Pid,
     guard: Option<ChildGuard>,
     threads: BTreeMap<Pid, Track>,
+    /// Threads seen to end, so that later requests say so (capped).
+    gone: BTreeSet<Pid>,
     /// ptrace calls must come from the attaching thread.
     _not_send: PhantomData<*const ()>,
 }
@@ -577,6 +579,7 @@ impl Tracee {
                 pid,
                 guard: Some(guard),
                 threads,
+                gone: BTreeSet::new(),
                 _not_send: PhantomData,
             },
             stdio,
@@ -592,6 +595,7 @@ impl Tracee {
             pid,
             guard: None,
             threads: BTreeMap::new(),
+            gone: BTreeSet::new(),
             _not_send: PhantomData,
         };
         const ROUNDS: usize = 64;
@@ -684,10 +688,15 @@ impl Tracee {
         ProcessMemory::open(self.pid)
     }
 
-    fn track(&self, tid: Pid) -> Result<&Track, PtraceError> {
-        self.threads
-            .get(&tid)
-            .ok_or(PtraceError::NotTraced { tid: tid.as_raw() })
+    fn track(&self, tid: Pid, op: &'static str) -> Result<&Track, PtraceError> {
+        match self.threads.get(&tid) {
+            Some(t) => Ok(t),
+            None if self.gone.contains(&tid) => Err(PtraceError::Gone {
+                tid: tid.as_raw(),
+                op,
+            }),
+            None => Err(PtraceError::NotTraced { tid: tid.as_raw() }),
+        }
     }
 
     fn set_state(&mut self, tid: Pid, state: ThreadState) {
@@ -698,7 +707,7 @@ impl Tracee {
 
     /// Registers of stopped thread `tid`.
     pub fn regs(&self, tid: Pid) -> Result<Regs, PtraceError> {
-        self.track(tid)?;
+        self.track(tid, "PTRACE_GETREGS")?;
         ptrace::getregs(tid)
             .map(Regs)
             .map_err(|e| op_err(tid, "PTRACE_GETREGS", e))
@@ -706,20 +715,20 @@ impl Tracee {
 
     /// Set the registers of stopped thread `tid`.
     pub fn set_regs(&self, tid: Pid, regs: &Regs) -> Result<(), PtraceError> {
-        self.track(tid)?;
+        self.track(tid, "PTRACE_SETREGS")?;
         ptrace::setregs(tid, regs.0).map_err(|e| op_err(tid, "PTRACE_SETREGS", e))
     }
 
     /// `siginfo` of the signal that stopped `tid`.
     pub fn siginfo(&self, tid: Pid) -> Result<libc::siginfo_t, PtraceError> {
-        self.track(tid)?;
+        self.track(tid, "PTRACE_GETSIGINFO")?;
         ptrace::getsiginfo(tid).map_err(|e| op_err(tid, "PTRACE_GETSIGINFO", e))
     }
 
     /// Replace the `siginfo` of the signal `tid` is stopped for (to deliver
     /// a saved signal with its original details).
     pub fn set_siginfo(&self, tid: Pid, info: &libc::siginfo_t) -> Result<(), PtraceError> {
-        self.track(tid)?;
+        self.track(tid, "PTRACE_SETSIGINFO")?;
         ptrace::setsiginfo(tid, info).map_err(|e| op_err(tid, "PTRACE_SETSIGINFO", e))
     }
 
@@ -730,7 +739,7 @@ impl Tracee {
         tid: Pid,
         sig: Option<Sig>,
     ) -> Result<(), PtraceError> {
-        let pending = self.track(tid)?.pending_signal;
+        let pending = self.track(tid, op)?.pending_signal;
         let sig = sig.or(pending);
         ptrace_int(req, tid, sig.map_or(0, |s| s.0)).map_err(|e| op_err(tid, op, e))?;
         if let Some(t) = self.threads.get_mut(&tid) {
@@ -754,7 +763,7 @@ impl Tracee {
     /// (or another stop that happened first, after which the interrupt may
     /// still produce a later `EventStop`, to be resumed like any other).
     pub fn interrupt(&mut self, tid: Pid) -> Result<(), PtraceError> {
-        self.track(tid)?;
+        self.track(tid, "PTRACE_INTERRUPT")?;
         ptrace_int(libc::PTRACE_INTERRUPT, tid, 0).map_err(|e| op_err(tid, "PTRACE_INTERRUPT", e))
     }
 
@@ -764,7 +773,7 @@ impl Tracee {
     /// group is killed before the exit is collected, so that nothing the
     /// program started outlives it.
     pub fn try_wait(&mut self, tid: Pid) -> Result<Option<Stop>, PtraceError> {
-        self.track(tid)?;
+        self.track(tid, "waitpid")?;
         if tid == self.pid {
             if let Some(g) = &self.guard {
                 // Peek without reaping: while the leader is a zombie its
@@ -828,7 +837,13 @@ impl Tracee {
     }
 
     fn forget(&mut self, tid: Pid) {
-        self.threads.remove(&tid);
+        const MAX_GONE: usize = 1 << 16;
+        if self.threads.remove(&tid).is_some() {
+            if self.gone.len() >= MAX_GONE {
+                self.gone.clear();
+            }
+            self.gone.insert(tid);
+        }
         if tid == self.pid {
             if let Some(g) = &mut self.guard {
                 g.mark_reaped();
@@ -915,7 +930,7 @@ impl Tracee {
     /// Detach from stopped thread `tid` (delivering `sig`, or the signal kept
     /// while seizing) and stop tracking it.
     pub fn detach_thread(&mut self, tid: Pid, sig: Option<Sig>) -> Result<(), PtraceError> {
-        let pending = self.track(tid)?.pending_signal;
+        let pending = self.track(tid, "PTRACE_DETACH")?.pending_signal;
         let sig = sig.or(pending);
         let r = ptrace_int(libc::PTRACE_DETACH, tid, sig.map_or(0, |s| s.0));
         self.threads.remove(&tid);
