@@ -468,6 +468,12 @@ enum Delivery {
     Deferred(DeferredSignal),
 }
 
+/// Whether a failed request means the thread was killed under us (a
+/// SIGKILL takes a thread out of its ptrace-stop).
+fn dying(e: &PtraceError) -> bool {
+    matches!(e, PtraceError::Gone { .. } | PtraceError::NotStopped { .. })
+}
+
 enum RunFail {
     Timeout,
     Other(Fail),
@@ -845,10 +851,7 @@ impl<F: FnMut(&mut HitContext<'_>) -> HitAction> Session<F> {
     fn on_int3(&mut self, tid: Pid) -> Result<bool, RunFail> {
         let mut regs = match self.tracee.regs(tid) {
             Ok(r) => r,
-            Err(PtraceError::Gone { .. }) => {
-                self.threads.remove(&tid);
-                return Ok(false);
-            }
+            Err(e) if dying(&e) => return self.thread_died(tid),
             Err(e) => return Err(e.into()),
         };
         let Some(addr) = regs.rip().checked_offset(-1) else {
@@ -859,8 +862,11 @@ impl<F: FnMut(&mut HitContext<'_>) -> HitAction> Session<F> {
                 // Trapped just before the breakpoint was removed: execute
                 // the original instruction.
                 regs.set_rip(addr);
-                self.tracee.set_regs(tid, &regs)?;
-                self.resume(tid)?;
+                match self.tracee.set_regs(tid, &regs) {
+                    Ok(()) => self.resume(tid)?,
+                    Err(e) if dying(&e) => return self.thread_died(tid),
+                    Err(e) => return Err(e.into()),
+                }
                 return Ok(false);
             }
             // The program's own int3.
@@ -893,7 +899,12 @@ impl<F: FnMut(&mut HitContext<'_>) -> HitAction> Session<F> {
         };
         let action = (self.on_hit)(&mut ctx);
         let regs = ctx.regs;
-        self.tracee.set_regs(tid, &regs)?;
+        match self.tracee.set_regs(tid, &regs) {
+            Ok(()) => {}
+            // Killed meanwhile (perhaps by the callback): collect its end.
+            Err(e) if dying(&e) => return self.thread_died(tid),
+            Err(e) => return Err(e.into()),
+        }
 
         if action == HitAction::Kill {
             self.killed_on_request = true;
@@ -908,9 +919,16 @@ impl<F: FnMut(&mut HitContext<'_>) -> HitAction> Session<F> {
             self.bps.disarm_all()?;
         }
         if self.bps.is_armed(addr) && regs.rip() == addr {
-            let outcome = self
+            let outcome = match self
                 .bps
-                .step_over(&mut self.tracee, tid, self.limits.stop_timeout)?;
+                .step_over(&mut self.tracee, tid, self.limits.stop_timeout)
+            {
+                Ok(o) => o,
+                Err(BreakpointError::Ptrace { source, .. }) if dying(&source) => {
+                    return self.thread_died(tid)
+                }
+                Err(e) => return Err(e.into()),
+            };
             for ev in outcome.events {
                 self.on_event(tid, ev)?;
             }
@@ -945,6 +963,16 @@ impl<F: FnMut(&mut HitContext<'_>) -> HitAction> Session<F> {
             }
         }
         self.resume(tid)?;
+        self.release_others()?;
+        Ok(false)
+    }
+
+    /// `tid` was killed while we held it: poll it for its end and let the
+    /// others go.
+    fn thread_died(&mut self, tid: Pid) -> Result<bool, RunFail> {
+        if let Some(t) = self.threads.get_mut(&tid) {
+            t.state = St::Running;
+        }
         self.release_others()?;
         Ok(false)
     }

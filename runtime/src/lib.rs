@@ -25,4 +25,4 @@ pub use driver::{
 };
 pub use memory::{ByteBuffer, MemError, ProcessMemory, TargetMemory};
 pub use procfs::{MemoryMap, ProcError};
-pub use ptrace::{ChildGuard, PtraceError, Regs, Sig, Stop, Tracee};
+pub use ptrace::{ChildGuard, PtraceError, Regs, Sig, SpawnedStdio, Stop, ThreadState, Tracee};

@@ -9,7 +9,6 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 use upstare_dwarf::LinkAddr;
-use upstare_runtime::ChildGuard;
 
 /// A directory removed on drop.
 pub struct TempDir(PathBuf);
@@ -43,9 +42,9 @@ impl Drop for TempDir {
 /// Compiler and flags of one build.
 #[derive(Clone, Copy, Debug)]
 pub enum Build {
-    GccPie,
+    Gcc,
     GccNoPie,
-    ClangPie,
+    Clang,
 }
 
 /// Compile `src` (C) into `dir/name` with `-O0 -g -fno-omit-frame-pointer
@@ -55,9 +54,9 @@ pub fn compile(dir: &TempDir, name: &str, src: &str, build: Build) -> PathBuf {
     std::fs::write(&c, src).expect("write C source");
     let exe = dir.path().join(name);
     let (cc, extra): (&str, &[&str]) = match build {
-        Build::GccPie => ("gcc", &[]),
+        Build::Gcc => ("gcc", &[]),
         Build::GccNoPie => ("gcc", &["-no-pie"]),
-        Build::ClangPie => ("clang", &[]),
+        Build::Clang => ("clang", &[]),
     };
     let out = Command::new(cc)
         .args(["-O0", "-g", "-fno-omit-frame-pointer", "-pthread"])
@@ -135,32 +134,23 @@ pub fn run_plain(exe: &Path, args: &[&str]) -> Plain {
         "upstare-plain-{tag}-{:?}.err",
         std::thread::current().id()
     ));
-    let child = Command::new(exe)
+    let mut child = Command::new(exe)
         .args(args)
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&out_path).expect("out file"))
         .stderr(std::fs::File::create(&err_path).expect("err file"))
         .spawn()
         .expect("spawn untraced");
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    let mut guard = ChildGuard::new(pid, false);
     let start = Instant::now();
     let code = loop {
-        match nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
-            Ok(nix::sys::wait::WaitStatus::Exited(_, c)) => {
-                guard.mark_reaped();
-                break Some(c);
-            }
-            Ok(nix::sys::wait::WaitStatus::Signaled(..)) => {
-                guard.mark_reaped();
-                break None;
-            }
-            _ => {}
+        if let Some(st) = child.try_wait().expect("wait untraced") {
+            break st.code();
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "untraced run hung"
-        );
+        if start.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("untraced run of {} hung", exe.display());
+        }
         std::thread::sleep(Duration::from_millis(2));
     };
     let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
