@@ -9,7 +9,9 @@ pub mod cfi;
 pub mod fdt;
 pub mod model;
 pub mod read;
+pub mod section;
 
 pub use addr::{CfaOffset, FileOffset, LinkAddr, LoadBias, Reg, RuntimeAddr};
 pub use cfi::{CfaRule, CfiError, EhFrameIndex, RegRule, UnwindRow};
 pub use read::{after_prologue, read_program, ReadError};
+pub use section::{read_tables, TablesError};

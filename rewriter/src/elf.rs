@@ -8,8 +8,9 @@
 //! byte is compared with the input; a difference is an error, not a silent
 //! corruption.
 
-use object::{Object, ObjectSection, ObjectSegment};
-use upstare_dwarf::fdt::{self, FrameTables, SECTION_NAME};
+use object::{Object, ObjectSegment};
+use upstare_dwarf::fdt::{FrameTables, SECTION_NAME};
+use upstare_dwarf::TablesError;
 
 /// Why the tables could not be attached or found.
 #[derive(Debug, thiserror::Error)]
@@ -22,12 +23,6 @@ pub enum ElfError {
     Write(String),
     #[error("self-check failed: loaded segment at file offset {offset:#x} differs from the input")]
     SegmentChanged { offset: u64 },
-    #[error("no {SECTION_NAME} section: the file was not produced by upstare-rewrite")]
-    NoTables,
-    #[error("section {SECTION_NAME}: {0}")]
-    Section(String),
-    #[error(transparent)]
-    Decode(#[from] fdt::DecodeError),
 }
 
 /// Returns `input` with `section` added as a non-allocated `.upstare` section.
@@ -177,13 +172,6 @@ fn check_loaded_bytes_unchanged(input: &object::File<'_>, output: &[u8]) -> Resu
 const SECTION_HEADER_FIELDS: [std::ops::Range<u64>; 2] = [0x28..0x30, 0x3c..0x40];
 
 /// Reads and decodes the `.upstare` section of an instrumented binary.
-pub fn read_tables(elf: &[u8]) -> Result<FrameTables, ElfError> {
-    let file = object::File::parse(elf).map_err(|e| ElfError::Parse(e.to_string()))?;
-    let section = file
-        .section_by_name(SECTION_NAME)
-        .ok_or(ElfError::NoTables)?;
-    let data = section
-        .data()
-        .map_err(|e| ElfError::Section(e.to_string()))?;
-    Ok(fdt::decode(data)?)
+pub fn read_tables(elf: &[u8]) -> Result<FrameTables, TablesError> {
+    upstare_dwarf::read_tables(elf)
 }

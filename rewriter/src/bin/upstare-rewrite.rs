@@ -91,7 +91,7 @@ fn run(cli: &Cli) -> Result<()> {
 fn run_dump(cli: &Cli, input: &[u8]) -> Result<()> {
     let tables = match elf::read_tables(input) {
         Ok(t) => t,
-        Err(elf::ElfError::NoTables) => {
+        Err(upstare_dwarf::TablesError::NoTables) => {
             rewrite::build_tables(input).with_context(|| format!("{}", cli.input.display()))?
         }
         Err(e) => return Err(e).with_context(|| format!("{}", cli.input.display())),
