@@ -16,6 +16,7 @@ pub mod driver;
 pub mod memory;
 pub mod procfs;
 pub mod ptrace;
+pub mod state;
 
 pub use breakpoint::{
     Breakpoint, BreakpointError, BreakpointSet, DeferredSignal, StepEnd, StepOutcome,

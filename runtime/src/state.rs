@@ -1,0 +1,94 @@
+//! The saved state of a paused process, as the stop/unwind stage produces it
+//! and the transfer/rebuild stage consumes it. Plain data: no process access.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::PathBuf;
+use upstare_dwarf::fdt::{Continuation, FrameTables};
+use upstare_dwarf::{LinkAddr, LoadBias, Reg, RuntimeAddr};
+
+use crate::ptrace::Regs;
+
+/// One instrumented image (the running version, or the one being loaded) in
+/// the target's address space.
+#[derive(Debug)]
+pub struct Image {
+    /// The file the image was mapped from (as /proc/PID/maps names it).
+    pub path: PathBuf,
+    /// Runtime address = link-time address + bias.
+    pub bias: LoadBias,
+    /// Its frame-description tables.
+    pub tables: FrameTables,
+    /// Its executable range in the target (for the running image: where a
+    /// pc must lie to belong to it).
+    pub text: Range<RuntimeAddr>,
+    /// Every byte the image occupies in the target (all its mappings).
+    pub span: Range<RuntimeAddr>,
+}
+
+impl Image {
+    /// Runtime address of a link-time address of this image.
+    pub fn runtime(&self, a: LinkAddr) -> RuntimeAddr {
+        a.to_runtime(self.bias)
+    }
+    /// Link-time address of a runtime address, if it lies in the image.
+    pub fn link(&self, a: RuntimeAddr) -> Option<LinkAddr> {
+        self.span.contains(&a).then(|| a.to_link(self.bias))
+    }
+    /// Whether `a` is code of this image.
+    pub fn is_code(&self, a: RuntimeAddr) -> bool {
+        self.text.contains(&a)
+    }
+}
+
+/// Why a thread counts as ready to be updated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Readiness {
+    /// Stopped exactly at an update point (the top frame's pc).
+    AtPoint,
+    /// Blocked in a known-safe library call whose system call has had no
+    /// effect yet; the top application frame will re-execute the call's
+    /// statement from its restart address.
+    Blocked {
+        /// The library function called by the application (`read`).
+        callee: String,
+        /// The interrupted system call number (orig_rax).
+        syscall: u64,
+    },
+}
+
+/// Callee-saved register values as one frame sees them: what the frame finds
+/// in those registers when its callee returns (or, for the top frame at an
+/// update point, what the registers hold). rbp is not included (it is the
+/// frame chain, rebuilt from the CFAs).
+pub type CalleeSavedValues = BTreeMap<Reg, u64>;
+
+/// One application frame of a paused thread.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppFrame {
+    /// Function name in the image's tables.
+    pub function: String,
+    /// Update point address (top frame at a point) or the return address of
+    /// the call the frame is paused in (every other frame, and the top
+    /// application frame of a blocked thread).
+    pub pc: LinkAddr,
+    /// Canonical frame address: rsp before the call that created the frame.
+    pub cfa: RuntimeAddr,
+    /// Where the frame resumes, stable across versions.
+    pub continuation: Continuation,
+    /// rbx, r12-r15 in this frame's view (see [`CalleeSavedValues`]).
+    pub callee_saved: CalleeSavedValues,
+}
+
+/// One paused thread.
+#[derive(Clone, Debug)]
+pub struct ThreadState {
+    pub tid: i32,
+    /// Registers as the thread was stopped (top of the thread, possibly
+    /// inside a library).
+    pub regs: Regs,
+    pub readiness: Readiness,
+    /// Application frames, top (innermost) first; the last one is `main` or
+    /// the thread's start routine.
+    pub frames: Vec<AppFrame>,
+}
