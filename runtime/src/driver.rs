@@ -66,7 +66,9 @@ pub struct RunLimits {
     pub max_total_hits: u64,
     /// Bytes kept of stdout and of stderr (the rest is read and dropped).
     pub max_output: usize,
-    /// How long a thread may take to stop when interrupted or stepped.
+    /// How long a stepped thread or a new fork child may take to report
+    /// its stop (a breakpoint on an instruction that blocks, such as a
+    /// `syscall`, fails the run after this long).
     pub stop_timeout: Duration,
 }
 

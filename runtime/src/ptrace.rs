@@ -650,6 +650,13 @@ impl Tracee {
         Ok(())
     }
 
+    /// Change the ptrace options of stopped thread `tid` (every tracee
+    /// starts with [`Tracee::options`]).
+    pub fn set_options(&self, tid: Pid, options: Options) -> Result<(), PtraceError> {
+        self.track(tid, "PTRACE_SETOPTIONS")?;
+        ptrace::setoptions(tid, options).map_err(|e| op_err(tid, "PTRACE_SETOPTIONS", e))
+    }
+
     /// The process id (thread-group leader) of the traced program.
     pub fn pid(&self) -> Pid {
         self.pid

@@ -242,3 +242,59 @@ fn target_killed_from_outside_ends_the_run_cleanly() {
     assert_eq!(r.exit, Exit::Killed(Sig::KILL));
     assert!(r.hits[&step] >= 10);
 }
+
+#[test]
+fn exec_replaces_the_image_and_its_breakpoints() {
+    let d = TempDir::new("exec");
+    let exe = compile(&d, "exec", progs::EXEC, Build::Gcc);
+    let work = symbol(&exe, "work");
+    let r = run_with_breakpoints(
+        &exe,
+        &[] as &[&str],
+        &[work],
+        |_| HitAction::Continue,
+        RunLimits::default(),
+    )
+    .unwrap();
+    assert_eq!(r.exit, Exit::Code(0));
+    assert_eq!(r.stdout_str(), "image 1 work=2\nimage 2 work=3\n");
+    assert!(r.exec_replaced_image);
+    // Only the first image had the breakpoint.
+    assert_eq!(r.hits[&work], 1);
+}
+
+#[test]
+fn signal_arriving_during_a_step_keeps_its_siginfo() {
+    // At the first hit, util-linux kill queues SIGUSR1 with a value
+    // (sigqueue). The signal is taken while the driver steps over the
+    // breakpoint: it must reach the handler once, with SI_QUEUE and the value.
+    let d = TempDir::new("queued");
+    let exe = compile(&d, "queued", progs::QUEUED, Build::Gcc);
+    let work = symbol(&exe, "work");
+    assert_eq!(
+        run_plain(&exe, &[]).stdout,
+        "acc=6 count=0 code=99 value=0\n"
+    );
+    let r = run_with_breakpoints(
+        &exe,
+        &[] as &[&str],
+        &[work],
+        |ctx| {
+            if ctx.hit == 1 {
+                let st = std::process::Command::new("/usr/bin/kill")
+                    .args(["-s", "USR1", "-q", "1234"])
+                    .arg(ctx.pid.to_string())
+                    .status()
+                    .expect("run kill");
+                assert!(st.success());
+            }
+            HitAction::Continue
+        },
+        RunLimits::default(),
+    )
+    .unwrap();
+    assert_eq!(r.exit, Exit::Code(0));
+    // SI_QUEUE is -1.
+    assert_eq!(r.stdout_str(), "acc=6 count=1 code=-1 value=1234\n");
+    assert_eq!(r.hits[&work], 3);
+}

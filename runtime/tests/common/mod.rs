@@ -360,6 +360,50 @@ int main(void) {
 }
 "#;
 
+    /// Calls `work`, then re-executes itself once.
+    pub const EXEC: &str = r#"
+#include <stdio.h>
+#include <unistd.h>
+int work(int x) { return x + 1; }
+int main(int argc, char **argv) {
+    printf("image %d work=%d\n", argc, work(argc));
+    fflush(stdout);
+    if (argc == 1) {
+        execl("/proc/self/exe", argv[0], "again", (char *)0);
+        return 9;
+    }
+    return 0;
+}
+"#;
+
+    /// Records the siginfo of a SIGUSR1 sent from outside.
+    pub const QUEUED: &str = r#"
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+volatile int code = 99, value = 0, count = 0;
+int work(int x) { return x + 1; }
+void on_usr1(int sig, siginfo_t *si, void *uc) {
+    (void)sig;
+    (void)uc;
+    code = si->si_code;
+    value = si->si_value.sival_int;
+    count++;
+}
+int main(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_usr1;
+    sa.sa_flags = SA_SIGINFO;
+    sigaction(SIGUSR1, &sa, 0);
+    int acc = 0;
+    for (int i = 0; i < 3; i++)
+        acc += work(i);
+    printf("acc=%d count=%d code=%d value=%d\n", acc, count, code, value);
+    return 0;
+}
+"#;
+
     /// Waits forever.
     pub const PAUSE: &str = r#"
 #include <unistd.h>
