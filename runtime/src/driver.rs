@@ -29,6 +29,29 @@
 //! - Nothing is left behind: the program leads its own process group; when
 //!   it exits, is killed, or the run fails, the group is killed and every
 //!   traced task reaped.
+//!
+//! ```no_run
+//! use std::path::Path;
+//! use upstare_dwarf::{LinkAddr, Reg};
+//! use upstare_runtime::{run_with_breakpoints, Exit, HitAction, RunLimits, TargetMemory};
+//!
+//! let work = LinkAddr(0x1149); // from the symbol table or DWARF
+//! let counter = LinkAddr(0x4014);
+//! let report = run_with_breakpoints(
+//!     Path::new("/tmp/calls"),
+//!     &["5"],
+//!     &[work],
+//!     |ctx| {
+//!         let seen = ctx.memory().read_u32(ctx.runtime(counter)).unwrap_or(0);
+//!         ctx.regs.set(Reg::Rdi, u64::from(seen) + 100); // change the argument
+//!         HitAction::Continue
+//!     },
+//!     RunLimits::default(),
+//! )?;
+//! assert_eq!(report.exit, Exit::Code(0));
+//! assert_eq!(report.hits[&work], 5);
+//! # Ok::<(), upstare_runtime::DriverError>(())
+//! ```
 
 use crate::breakpoint::{BreakpointError, BreakpointSet, DeferredSignal, StepEnd};
 use crate::memory::{MemError, ProcessMemory, TargetMemory};

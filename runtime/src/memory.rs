@@ -59,6 +59,12 @@ pub enum MemError {
     },
     #[error("region at {addr} ({len} bytes) overlaps an existing region")]
     Overlap { addr: RuntimeAddr, len: usize },
+    #[error("pid {pid}: cannot open /proc/{pid}/mem: {source}")]
+    Open {
+        pid: i32,
+        #[source]
+        source: io::Error,
+    },
     #[error("pid {pid}: {op} of {len} bytes at {addr} via /proc/{pid}/mem failed: {source}")]
     Io {
         pid: i32,
@@ -298,11 +304,8 @@ impl ProcessMemory {
             .read(true)
             .write(true)
             .open(path)
-            .map_err(|source| MemError::Io {
+            .map_err(|source| MemError::Open {
                 pid: pid.as_raw(),
-                op: MemOp::Read,
-                addr: RuntimeAddr(0),
-                len: 0,
                 source,
             })?;
         Ok(ProcessMemory {
