@@ -17,6 +17,7 @@ pub mod memory;
 pub mod procfs;
 pub mod ptrace;
 pub mod state;
+pub mod transfer;
 
 pub use breakpoint::{
     Breakpoint, BreakpointError, BreakpointSet, DeferredSignal, StepEnd, StepOutcome,
