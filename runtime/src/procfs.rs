@@ -432,6 +432,44 @@ mod tests {
     }
 
     #[test]
+    fn mutated_maps_never_panic() {
+        // Deterministic xorshift; mutate the sample with characters that
+        // matter to the parser.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let alphabet = b"0123456789abcdefxz-: rwxps/[]()\n\t\xc3\xa9";
+        let base = SAMPLE.as_bytes();
+        let mut parsed = 0;
+        for _ in 0..20_000 {
+            let mut b = base.to_vec();
+            for _ in 0..(next() % 6 + 1) {
+                let i = (next() as usize) % b.len();
+                match next() % 3 {
+                    0 => b[i] = alphabet[(next() as usize) % alphabet.len()],
+                    1 => {
+                        b.remove(i);
+                    }
+                    _ => b.insert(i, alphabet[(next() as usize) % alphabet.len()]),
+                }
+            }
+            if let Ok(m) = parse_maps(&String::from_utf8_lossy(&b)) {
+                parsed += 1;
+                assert!(m.iter().all(|m| m.start <= m.end));
+            }
+        }
+        // Some mutations keep the text valid, most do not.
+        assert!(parsed > 0 && parsed < 20_000, "{parsed}");
+        for n in 0..64 {
+            let _ = parse_auxv(&vec![0xffu8; n]);
+        }
+    }
+
+    #[test]
     fn auxv_parsing() {
         let mut b = Vec::new();
         for (k, v) in [(AT_PHDR, 0x40u64), (AT_ENTRY, 0x5555_0000_1040), (0, 0)] {
