@@ -16,6 +16,7 @@ pub mod driver;
 pub mod memory;
 pub mod procfs;
 pub mod ptrace;
+pub mod rebuild;
 pub mod state;
 pub mod transfer;
 

@@ -1,0 +1,687 @@
+//! Rebuilding every paused thread's stack for the new version.
+//!
+//! From the bottom frame (main or a thread's start routine, whose CFA stays
+//! put) upward, each old frame is mapped to the new version's function and
+//! continuation; its new CFA follows from the caller's stack depth at the
+//! mapped call site. A frame whose layout did not change is copied byte for
+//! byte (undescribed temporaries and stack arguments included); a frame whose
+//! layout changed is rebuilt variable by variable. Return addresses, saved
+//! rbp and saved callee-saved registers are rewritten; the top frame resumes
+//! at its update point or re-executes its blocked call's statement.
+//!
+//! Everything is computed from reads into a list of writes and final
+//! registers; nothing is written here. Planning runs in two steps so pointer
+//! remapping knows where every old frame went before any value is remapped:
+//! [`place_frames`] then [`frame_writes`].
+
+use std::collections::HashMap;
+use upstare_dwarf::fdt::{CallSite, Continuation, FunctionTable, UpdatePoint};
+use upstare_dwarf::model::{type_name, type_size, VarLocation, Variable};
+use upstare_dwarf::{CfaOffset, Reg, RuntimeAddr};
+
+use crate::memory::{MemError, TargetMemory};
+use crate::ptrace::Regs;
+use crate::state::{AppFrame, CalleeSavedValues, Image, Readiness, ThreadState};
+use crate::transfer::{Remapper, StackMove, TypeComparer, Write};
+
+/// The depth value the tables use for a call whose rsp is only known at run
+/// time (inside a VLA scope).
+pub const DYNAMIC_DEPTH: CfaOffset = CfaOffset(i64::MIN);
+/// Largest frame rebuilt (bytes between its lowest byte and its CFA).
+pub const MAX_FRAME_SIZE: i64 = 16 << 20;
+/// Callee-saved registers other than rbp, which is the frame chain.
+const CALLEE_SAVED: [Reg; 5] = [Reg::Rbx, Reg::R12, Reg::R13, Reg::R14, Reg::R15];
+
+/// Why a thread's stack cannot be rebuilt for the new version.
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    #[error("thread {tid}: function {function} is active on the stack but no longer exists in the new version")]
+    FunctionRemoved { tid: i32, function: String },
+    #[error("thread {tid}: function {function} is paused at {continuation}, which the new version does not have")]
+    ContinuationMissing {
+        tid: i32,
+        function: String,
+        continuation: Continuation,
+    },
+    #[error("thread {tid}: {function} at {continuation}: the new version cannot re-execute the blocked call (no restart address)")]
+    NoRestart {
+        tid: i32,
+        function: String,
+        continuation: Continuation,
+    },
+    #[error("thread {tid}: {function}: local {var} changed type from {old} to {new}; changes of type need an explicit mapping (not supported yet)")]
+    VarTypeChanged {
+        tid: i32,
+        function: String,
+        var: String,
+        old: String,
+        new: String,
+    },
+    #[error("thread {tid}: {function} at {continuation}: the frame layout changed but {why}")]
+    Unmappable {
+        tid: i32,
+        function: String,
+        continuation: Continuation,
+        why: String,
+    },
+    #[error("thread {tid}: {function}: frame of {size} bytes is too large")]
+    FrameTooLarge {
+        tid: i32,
+        function: String,
+        size: i64,
+    },
+    #[error("thread {tid}: no application frames")]
+    NoFrames { tid: i32 },
+    #[error("thread {tid}: {function}: {source}")]
+    Memory {
+        tid: i32,
+        function: String,
+        #[source]
+        source: MemError,
+    },
+}
+
+/// Where a frame resumes in the new version.
+#[derive(Clone, Copy, Debug)]
+enum Site<'a> {
+    /// The top frame at an update point.
+    Point(&'a UpdatePoint),
+    /// A frame below the top, paused in a call.
+    Call(&'a CallSite),
+    /// The top application frame of a blocked thread: re-execute the call's
+    /// statement from its restart address.
+    Restart(&'a CallSite),
+}
+
+/// How one frame is placed in the rebuilt stack.
+#[derive(Clone, Debug)]
+pub struct Placement {
+    /// Index into the thread's old frames (top first).
+    pub old_index: usize,
+    pub function: String,
+    pub continuation: Continuation,
+    pub new_cfa: RuntimeAddr,
+    /// Copied byte for byte (layout unchanged) or rebuilt per variable.
+    pub copied: bool,
+    /// Lowest byte of the rebuilt frame, relative to its new CFA.
+    new_low: i64,
+    /// Lowest byte of the old frame, relative to its old CFA.
+    old_low: i64,
+}
+
+/// The placement of every frame of one thread, bottom first.
+#[derive(Clone, Debug)]
+pub struct ThreadLayout {
+    pub tid: i32,
+    pub frames: Vec<Placement>,
+}
+
+/// The result for one thread: bytes to write and its final registers.
+#[derive(Clone, Debug)]
+pub struct ThreadPlan {
+    pub tid: i32,
+    pub writes: Vec<Write>,
+    pub regs: Regs,
+    /// `function@continuation` per frame, top first, for the report.
+    pub frames: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+fn lookup<'a>(
+    tid: i32,
+    old: &'a Image,
+    new: &'a Image,
+    f: &AppFrame,
+) -> Result<(&'a FunctionTable, &'a FunctionTable), RebuildError> {
+    let of = old
+        .tables
+        .function(&f.function)
+        .ok_or_else(|| RebuildError::FunctionRemoved {
+            tid,
+            function: f.function.clone(),
+        })?;
+    let nf = new
+        .tables
+        .function(&f.function)
+        .ok_or_else(|| RebuildError::FunctionRemoved {
+            tid,
+            function: f.function.clone(),
+        })?;
+    Ok((of, nf))
+}
+
+fn find_site<'a>(
+    tid: i32,
+    ft: &'a FunctionTable,
+    continuation: &Continuation,
+    top: bool,
+    blocked: bool,
+) -> Result<Site<'a>, RebuildError> {
+    let missing = || RebuildError::ContinuationMissing {
+        tid,
+        function: ft.name.clone(),
+        continuation: continuation.clone(),
+    };
+    if top && !blocked {
+        return ft
+            .update_points
+            .iter()
+            .find(|p| p.continuation() == *continuation)
+            .map(Site::Point)
+            .ok_or_else(missing);
+    }
+    let c = ft
+        .call_sites
+        .iter()
+        .find(|c| c.continuation() == *continuation)
+        .ok_or_else(missing)?;
+    if top {
+        if c.restart.is_none() {
+            return Err(RebuildError::NoRestart {
+                tid,
+                function: ft.name.clone(),
+                continuation: continuation.clone(),
+            });
+        }
+        return Ok(Site::Restart(c));
+    }
+    Ok(Site::Call(c))
+}
+
+/// rsp relative to the CFA where the frame is paused (for a call: before
+/// the call executes), `None` when only known at run time.
+fn site_depth(ft: &FunctionTable, site: Site<'_>) -> Option<i64> {
+    match site {
+        Site::Point(p) => Some(p.stack_depth.0),
+        Site::Call(c) if c.stack_depth == DYNAMIC_DEPTH => None,
+        Site::Call(c) => Some(c.stack_depth.0),
+        // The analysis only gives a restart address where the statement
+        // starts at the body's depth.
+        Site::Restart(_) => Some(ft.body_depth.0),
+    }
+}
+
+/// Whether a frame can be copied byte for byte: same variables, types,
+/// saved registers, depths and call temporaries.
+fn same_layout(
+    cmp: &mut TypeComparer<'_>,
+    of: &FunctionTable,
+    nf: &FunctionTable,
+    os: Site<'_>,
+    ns: Site<'_>,
+) -> bool {
+    let vars_same = of.vars.len() == nf.vars.len()
+        && of.vars.iter().zip(&nf.vars).all(|(a, b)| {
+            a.name == b.name
+                && a.location == b.location
+                && a.is_param == b.is_param
+                && cmp.equal(a.ty, b.ty)
+        });
+    let sites_same = match (os, ns) {
+        (Site::Point(a), Site::Point(b)) => a.stack_depth == b.stack_depth,
+        (Site::Call(a), Site::Call(b)) => {
+            a.stack_depth == b.stack_depth
+                && a.live_regs == b.live_regs
+                && a.temp_slots == b.temp_slots
+        }
+        (Site::Restart(_), Site::Restart(_)) => true,
+        _ => false,
+    };
+    vars_same
+        && sites_same
+        && of.saved_regs == nf.saved_regs
+        && of.body_depth == nf.body_depth
+        && of.extent == nf.extent
+}
+
+/// Decides the new CFA and the copy mode of every frame of `thread`, and
+/// tells `remap` where each old frame goes.
+pub fn place_frames(
+    thread: &ThreadState,
+    old: &Image,
+    new: &Image,
+    remap: &mut Remapper<'_>,
+) -> Result<ThreadLayout, RebuildError> {
+    let tid = thread.tid;
+    let n = thread.frames.len();
+    if n == 0 {
+        return Err(RebuildError::NoFrames { tid });
+    }
+    let blocked = matches!(thread.readiness, Readiness::Blocked { .. });
+    let mut cmp = TypeComparer::new(&old.tables.types, &new.tables.types);
+    let mut out = Vec::with_capacity(n);
+    let mut caller_new_cfa: Option<(RuntimeAddr, i64)> = None; // (cfa, depth of the caller's call)
+    for idx in (0..n).rev() {
+        let f = &thread.frames[idx];
+        let top = idx == 0;
+        let (of, nf) = lookup(tid, old, new, f)?;
+        let os = find_site(tid, of, &f.continuation, top, blocked)?;
+        let ns = find_site(tid, nf, &f.continuation, top, blocked)?;
+        let copied = same_layout(&mut cmp, of, nf, os, ns);
+        // The new CFA: the bottom frame stays; the others sit at the caller's
+        // rsp at the mapped call. A dynamic depth (VLA in the caller) keeps
+        // the old distance, which is exact because such a caller is copied.
+        let new_cfa = match caller_new_cfa {
+            None => f.cfa,
+            Some((cfa, depth)) => {
+                cfa.checked_offset(depth)
+                    .ok_or_else(|| RebuildError::Memory {
+                        tid,
+                        function: f.function.clone(),
+                        source: MemError::Overflow {
+                            op: crate::memory::MemOp::Write,
+                            addr: cfa,
+                            len: 0,
+                        },
+                    })?
+            }
+        };
+        let old_depth = match site_depth(of, os) {
+            Some(d) => d,
+            None => measured_depth(thread, idx)?,
+        };
+        let new_depth = match site_depth(nf, ns) {
+            Some(d) => d,
+            None if copied => old_depth,
+            None => {
+                return Err(RebuildError::Unmappable {
+                    tid,
+                    function: f.function.clone(),
+                    continuation: f.continuation.clone(),
+                    why: "the call's stack depth is dynamic (VLA)".into(),
+                })
+            }
+        };
+        let old_low = old_depth.min(of.extent.0).min(-16);
+        let new_low = new_depth.min(nf.extent.0).min(-16);
+        for (low, ft) in [(old_low, of), (new_low, nf)] {
+            if -low > MAX_FRAME_SIZE {
+                return Err(RebuildError::FrameTooLarge {
+                    tid,
+                    function: ft.name.clone(),
+                    size: -low,
+                });
+            }
+        }
+        let old_range = f.cfa.0.wrapping_add_signed(old_low)..f.cfa.0;
+        if copied {
+            remap.add_stack_move(StackMove::Shift {
+                old: old_range,
+                delta: new_cfa.0.wrapping_sub(f.cfa.0) as i64,
+            });
+        } else {
+            for v in &nf.vars {
+                if let (VarLocation::Cfa(no), Some(ov)) = (&v.location, matching_var(of, nf, v)) {
+                    if let VarLocation::Cfa(oo) = ov.location {
+                        let size = type_size(&old.tables.types, ov.ty).unwrap_or(0);
+                        let start = f.cfa.0.wrapping_add_signed(oo.0);
+                        remap.add_stack_move(StackMove::Var {
+                            old: start..start.saturating_add(size),
+                            new_start: new_cfa.0.wrapping_add_signed(no.0),
+                        });
+                    }
+                }
+            }
+        }
+        caller_new_cfa = Some((new_cfa, new_depth));
+        out.push(Placement {
+            old_index: idx,
+            function: f.function.clone(),
+            continuation: f.continuation.clone(),
+            new_cfa,
+            copied,
+            new_low,
+            old_low,
+        });
+    }
+    Ok(ThreadLayout { tid, frames: out })
+}
+
+/// rsp - CFA at the call of frame `idx`, measured as the callee's CFA.
+fn measured_depth(thread: &ThreadState, idx: usize) -> Result<i64, RebuildError> {
+    let f = &thread.frames[idx];
+    let callee = idx
+        .checked_sub(1)
+        .and_then(|i| thread.frames.get(i))
+        .ok_or_else(|| RebuildError::Unmappable {
+            tid: thread.tid,
+            function: f.function.clone(),
+            continuation: f.continuation.clone(),
+            why: "the top frame's depth is dynamic".into(),
+        })?;
+    Ok(callee.cfa.0.wrapping_sub(f.cfa.0) as i64)
+}
+
+/// The old variable that new variable `v` takes its value from: same name,
+/// same parameter-ness, same rank among the variables of that name (shadowed
+/// locals keep their nesting order).
+fn matching_var<'a>(
+    of: &'a FunctionTable,
+    nf: &FunctionTable,
+    v: &Variable,
+) -> Option<&'a Variable> {
+    let rank = nf
+        .vars
+        .iter()
+        .take_while(|x| !std::ptr::eq(*x, v))
+        .filter(|x| x.name == v.name && x.is_param == v.is_param)
+        .count();
+    of.vars
+        .iter()
+        .filter(|x| x.name == v.name && x.is_param == v.is_param)
+        .nth(rank)
+}
+
+/// Computes the bytes of every rebuilt frame of one thread and its final
+/// registers. Call after [`place_frames`] has run for every thread (and the
+/// globals' stack pointers were registered), so remapping is complete.
+pub fn frame_writes(
+    mem: &impl TargetMemory,
+    thread: &ThreadState,
+    layout: &ThreadLayout,
+    old: &Image,
+    new: &Image,
+    remap: &mut Remapper<'_>,
+) -> Result<ThreadPlan, RebuildError> {
+    let tid = thread.tid;
+    let blocked = matches!(thread.readiness, Readiness::Blocked { .. });
+    let mut cmp = TypeComparer::new(&old.tables.types, &new.tables.types);
+    let mut writes = Vec::new();
+    let mut warnings = Vec::new();
+    let mut caller_view: Option<CalleeSavedValues> = None;
+    let mut caller_site_ret: Option<RuntimeAddr> = None;
+    let mut caller_cfa: Option<RuntimeAddr> = None;
+    let mut final_regs = thread.regs;
+    let mut report = Vec::new();
+    let nframes = layout.frames.len();
+    for (pos, p) in layout.frames.iter().enumerate() {
+        let f = &thread.frames[p.old_index];
+        let top = p.old_index == 0;
+        let (of, nf) = lookup(tid, old, new, f)?;
+        let ns = find_site(tid, nf, &f.continuation, top, blocked)?;
+        let os = find_site(tid, of, &f.continuation, top, blocked)?;
+        let mem_err = |source| RebuildError::Memory {
+            tid,
+            function: f.function.clone(),
+            source,
+        };
+        let old_base = f
+            .cfa
+            .checked_offset(p.old_low)
+            .ok_or_else(|| mem_err(overflow(f.cfa)))?;
+        let old_bytes = mem
+            .read_vec(old_base, (-p.old_low) as u64, MAX_FRAME_SIZE as usize)
+            .map_err(mem_err)?;
+        let new_len = (-p.new_low) as usize;
+        let mut bytes = vec![0u8; new_len];
+        // Index of CFA-relative offset `off` inside a frame buffer of `len`.
+        let at = |len: usize, off: i64| (len as i64 + off) as usize;
+        // A frame paused in a call is inside the call's statement: probe
+        // scopes just before the return address (a call can end a block).
+        let probe = match os {
+            Site::Point(_) => f.pc,
+            _ => upstare_dwarf::LinkAddr(f.pc.0.saturating_sub(1)),
+        };
+        let in_scope = |v: &Variable| {
+            v.scope.is_empty() || v.scope.iter().any(|&(a, b)| a <= probe && probe < b)
+        };
+        if p.copied {
+            bytes.copy_from_slice(&old_bytes);
+            // Same layout: the old variables (and old pc) describe the bytes.
+            for v in of.vars.iter().filter(|v| in_scope(v)) {
+                if let VarLocation::Cfa(o) = v.location {
+                    let size = type_size(&old.tables.types, v.ty).unwrap_or(0) as usize;
+                    let i = at(new_len, o.0);
+                    if let Some(slot) = bytes.get_mut(i..i.saturating_add(size)) {
+                        remap.remap_value(&old.tables.types, v.ty, slot);
+                    }
+                }
+            }
+        } else {
+            // Saved rbp and return address of the bottom frame are not ours
+            // to change; keep them.
+            bytes[new_len - 16..].copy_from_slice(&old_bytes[old_bytes.len() - 16..]);
+            for v in &nf.vars {
+                let VarLocation::Cfa(no) = v.location else {
+                    if matches!(v.location, VarLocation::CfaIndirect(_)) {
+                        return Err(RebuildError::Unmappable {
+                            tid,
+                            function: f.function.clone(),
+                            continuation: f.continuation.clone(),
+                            why: format!("variable-length array {} cannot be moved", v.name),
+                        });
+                    }
+                    continue;
+                };
+                let Some(ov) = matching_var(of, nf, v) else {
+                    warnings.push(format!(
+                        "thread {tid}: {}: new local {} starts as zero",
+                        f.function, v.name
+                    ));
+                    continue;
+                };
+                if !cmp.equal(ov.ty, v.ty) {
+                    return Err(RebuildError::VarTypeChanged {
+                        tid,
+                        function: f.function.clone(),
+                        var: v.name.clone(),
+                        old: type_name(&old.tables.types, ov.ty),
+                        new: type_name(&new.tables.types, v.ty),
+                    });
+                }
+                let VarLocation::Cfa(oo) = ov.location else {
+                    return Err(RebuildError::Unmappable {
+                        tid,
+                        function: f.function.clone(),
+                        continuation: f.continuation.clone(),
+                        why: format!("old variable {} has no stack slot", ov.name),
+                    });
+                };
+                let size = type_size(&new.tables.types, v.ty).unwrap_or(0) as usize;
+                let (i, j) = (at(new_len, no.0), at(old_bytes.len(), oo.0));
+                match (bytes.get(i..i + size).is_some(), old_bytes.get(j..j + size)) {
+                    (true, Some(src)) => {
+                        let mut val = src.to_vec();
+                        remap.remap_value(&new.tables.types, v.ty, &mut val);
+                        bytes[i..i + size].copy_from_slice(&val);
+                    }
+                    _ => {
+                        return Err(RebuildError::Unmappable {
+                            tid,
+                            function: f.function.clone(),
+                            continuation: f.continuation.clone(),
+                            why: format!("variable {} lies outside its frame", v.name),
+                        })
+                    }
+                }
+            }
+            for v in of.vars.iter().filter(|v| matching_var(nf, of, v).is_none()) {
+                warnings.push(format!(
+                    "thread {tid}: {}: local {} was removed; its value is dropped",
+                    f.function, v.name
+                ));
+            }
+            // Call temporaries and stack arguments must have the same shape.
+            if let (Site::Call(oc), Site::Call(nc)) = (os, ns) {
+                if oc.live_regs != nc.live_regs
+                    || oc.temp_slots.len() != nc.temp_slots.len()
+                    || oc.stack_depth.0 - of.body_depth.0 != nc.stack_depth.0 - nf.body_depth.0
+                {
+                    return Err(RebuildError::Unmappable {
+                        tid,
+                        function: f.function.clone(),
+                        continuation: f.continuation.clone(),
+                        why: "the call keeps different temporaries or stack arguments".into(),
+                    });
+                }
+                for (ot, nt) in oc.temp_slots.iter().zip(&nc.temp_slots) {
+                    let (i, j, n) = (
+                        at(new_len, nt.offset.0),
+                        at(old_bytes.len(), ot.offset.0),
+                        nt.size as usize,
+                    );
+                    if ot.size != nt.size
+                        || bytes.get(i..i + n).is_none()
+                        || old_bytes.get(j..j + n).is_none()
+                    {
+                        return Err(RebuildError::Unmappable {
+                            tid,
+                            function: f.function.clone(),
+                            continuation: f.continuation.clone(),
+                            why: "a call temporary changed size".into(),
+                        });
+                    }
+                    bytes[i..i + n].copy_from_slice(&old_bytes[j..j + n]);
+                }
+                let args = (of.body_depth.0 - oc.stack_depth.0) as usize;
+                if args > 0 {
+                    let (i, j) = (
+                        at(new_len, nc.stack_depth.0),
+                        at(old_bytes.len(), oc.stack_depth.0),
+                    );
+                    bytes[i..i + args].copy_from_slice(&old_bytes[j..j + args]);
+                }
+            }
+        }
+        // The new view of callee-saved registers: the frame's own values where
+        // the new function saves (and may use) the register, else what its
+        // caller sees.
+        let saves = |r: Reg| nf.saved_regs.iter().find(|s| s.reg == r).map(|s| s.offset);
+        let mut view = CalleeSavedValues::new();
+        for r in CALLEE_SAVED {
+            let own = f.callee_saved.get(&r).copied();
+            let inherited = caller_view.as_ref().and_then(|v| v.get(&r).copied());
+            let value = if caller_view.is_none() || saves(r).is_some() {
+                own
+            } else {
+                inherited
+            };
+            if let Some(value) = value.or(own) {
+                view.insert(r, value);
+            }
+        }
+        if let (Some(cv), Some(ret), Some(ccfa)) = (&caller_view, caller_site_ret, caller_cfa) {
+            // Not the bottom frame: link it to its caller.
+            bytes[new_len - 8..].copy_from_slice(&ret.0.to_le_bytes());
+            bytes[new_len - 16..new_len - 8]
+                .copy_from_slice(&(ccfa.0.wrapping_sub(16)).to_le_bytes());
+            for s in nf.saved_regs.iter().filter(|s| s.reg != Reg::Rbp) {
+                if let Some(v) = cv.get(&s.reg) {
+                    let i = at(new_len, s.offset.0);
+                    if let Some(slot) = bytes.get_mut(i..i + 8) {
+                        slot.copy_from_slice(&v.to_le_bytes());
+                    }
+                }
+            }
+        }
+        let base = p
+            .new_cfa
+            .checked_offset(p.new_low)
+            .ok_or_else(|| mem_err(overflow(p.new_cfa)))?;
+        writes.push(Write {
+            addr: base,
+            bytes,
+            what: format!("thread {tid} frame {}", f.function),
+        });
+        report.push(format!("{}@{}", f.function, f.continuation));
+        if pos + 1 == nframes {
+            // The top frame: final registers.
+            let r = &mut final_regs.0;
+            for reg in [
+                &mut r.rax, &mut r.rcx, &mut r.rdx, &mut r.rsi, &mut r.rdi, &mut r.r8, &mut r.r9,
+                &mut r.r10, &mut r.r11,
+            ] {
+                *reg = 0;
+            }
+            for (reg, v) in &view {
+                final_regs.set(*reg, *v);
+            }
+            let (pc, depth) = match ns {
+                Site::Point(pt) => (pt.addr, pt.stack_depth.0),
+                Site::Restart(c) => (c.restart.unwrap_or(c.call_addr), nf.body_depth.0),
+                Site::Call(c) => (c.return_addr, c.stack_depth.0),
+            };
+            let r = &mut final_regs.0;
+            r.rbp = p.new_cfa.0.wrapping_sub(16);
+            r.rsp = p.new_cfa.0.wrapping_add_signed(depth);
+            r.rip = new.runtime(pc).0;
+            // No system call restart: the thread resumes in application code.
+            r.orig_rax = u64::MAX;
+        } else if let Site::Call(c) = ns {
+            caller_site_ret = Some(new.runtime(c.return_addr));
+        }
+        caller_view = Some(view);
+        caller_cfa = Some(p.new_cfa);
+    }
+    report.reverse();
+    Ok(ThreadPlan {
+        tid,
+        writes,
+        regs: final_regs,
+        frames: report,
+        warnings,
+    })
+}
+
+fn overflow(addr: RuntimeAddr) -> MemError {
+    MemError::Overflow {
+        op: crate::memory::MemOp::Write,
+        addr,
+        len: 0,
+    }
+}
+
+/// Checks, with the tables alone, that every paused frame maps onto the new
+/// version (functions, continuations, variable types). Runs before anything
+/// is loaded so a refusal changes nothing.
+pub fn check_frames(
+    threads: &[ThreadState],
+    old: &upstare_dwarf::fdt::FrameTables,
+    new: &upstare_dwarf::fdt::FrameTables,
+) -> Result<(), RebuildError> {
+    let mut cmp = TypeComparer::new(&old.types, &new.types);
+    for t in threads {
+        let blocked = matches!(t.readiness, Readiness::Blocked { .. });
+        for (idx, f) in t.frames.iter().enumerate() {
+            let tid = t.tid;
+            let of = old
+                .function(&f.function)
+                .ok_or_else(|| RebuildError::FunctionRemoved {
+                    tid,
+                    function: f.function.clone(),
+                })?;
+            let nf = new
+                .function(&f.function)
+                .ok_or_else(|| RebuildError::FunctionRemoved {
+                    tid,
+                    function: f.function.clone(),
+                })?;
+            find_site(tid, nf, &f.continuation, idx == 0, blocked)?;
+            for v in &nf.vars {
+                if let Some(ov) = matching_var(of, nf, v) {
+                    if !cmp.equal(ov.ty, v.ty) {
+                        return Err(RebuildError::VarTypeChanged {
+                            tid,
+                            function: f.function.clone(),
+                            var: v.name.clone(),
+                            old: type_name(&old.types, ov.ty),
+                            new: type_name(&new.types, v.ty),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Frames per function name, for reports.
+pub fn frame_counts(threads: &[ThreadState]) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for t in threads {
+        for f in &t.frames {
+            *m.entry(f.function.clone()).or_insert(0) += 1;
+        }
+    }
+    m
+}
