@@ -1,0 +1,2 @@
+//! Helpers shared by the rewriter's integration tests.
+pub mod gen;
