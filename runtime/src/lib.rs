@@ -28,4 +28,6 @@ pub use driver::{
 };
 pub use memory::{ByteBuffer, MemError, ProcessMemory, TargetMemory};
 pub use procfs::{MemoryMap, ProcError};
-pub use ptrace::{ChildGuard, PtraceError, Regs, Sig, SpawnedStdio, Stop, ThreadState, Tracee};
+pub use ptrace::{
+    ChildGuard, ExtRegs, PtraceError, Regs, Sig, SpawnedStdio, Stop, ThreadState, Tracee,
+};

@@ -365,6 +365,22 @@ impl fmt::Debug for Regs {
     }
 }
 
+/// `NT_X86_XSTATE`: the register set holding the XSAVE area.
+const NT_X86_XSTATE: usize = 0x202;
+/// Larger than any XSAVE area (AVX-512 with AMX tiles is about 11 KiB).
+const XSTATE_MAX: usize = 32 << 10;
+
+/// The extended register state of one thread: the XSAVE area as
+/// `PTRACE_GETREGSET(NT_X86_XSTATE)` returns it (x87, SSE, AVX, AVX-512).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ExtRegs(pub Vec<u8>);
+
+impl fmt::Debug for ExtRegs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ExtRegs({} bytes)", self.0.len())
+    }
+}
+
 /// Kills a child process (SIGKILL by pid, and its process group when it
 /// leads one) and reaps it on drop, unless it was already reaped.
 ///
@@ -687,6 +703,72 @@ impl Tracee {
         self.threads
             .get_mut(&tid)
             .and_then(|t| t.pending_signal.take())
+    }
+
+    /// Keep `sig` for `tid`, to be delivered at its next [`Tracee::cont`]
+    /// without signal (or at detach), replacing what was kept. Returns the
+    /// signal kept before. Used to put back a signal taken with
+    /// [`Tracee::take_pending_signal`].
+    pub fn set_pending_signal(
+        &mut self,
+        tid: Pid,
+        sig: Option<Sig>,
+    ) -> Result<Option<Sig>, PtraceError> {
+        self.track(tid, "keeping a signal")?;
+        let t = self
+            .threads
+            .get_mut(&tid)
+            .ok_or(PtraceError::NotTraced { tid: tid.as_raw() })?;
+        Ok(std::mem::replace(&mut t.pending_signal, sig))
+    }
+
+    /// Extended register state (x87, SSE, AVX, AVX-512, ...: the XSAVE area,
+    /// `NT_X86_XSTATE`) of stopped thread `tid`.
+    pub fn ext_regs(&self, tid: Pid) -> Result<ExtRegs, PtraceError> {
+        self.track(tid, "PTRACE_GETREGSET")?;
+        let mut buf = vec![0u8; XSTATE_MAX];
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast::<c_void>(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: `iov` describes `buf`, which is live and writable for the
+        // whole call; the kernel writes at most `iov_len` bytes into it and
+        // updates `iov_len` to the size written.
+        let r = unsafe {
+            libc::ptrace(
+                libc::PTRACE_GETREGSET,
+                tid.as_raw(),
+                NT_X86_XSTATE as *mut c_void,
+                (&mut iov as *mut libc::iovec).cast::<c_void>(),
+            )
+        };
+        Errno::result(r).map_err(|e| op_err(tid, "PTRACE_GETREGSET", e))?;
+        buf.truncate(iov.iov_len.min(XSTATE_MAX));
+        Ok(ExtRegs(buf))
+    }
+
+    /// Restore the extended register state of stopped thread `tid` (as read
+    /// by [`Tracee::ext_regs`]).
+    pub fn set_ext_regs(&self, tid: Pid, regs: &ExtRegs) -> Result<(), PtraceError> {
+        self.track(tid, "PTRACE_SETREGSET")?;
+        let mut buf = regs.0.clone();
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast::<c_void>(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: `iov` describes `buf`, live for the whole call; the kernel
+        // only reads `iov_len` bytes from it.
+        let r = unsafe {
+            libc::ptrace(
+                libc::PTRACE_SETREGSET,
+                tid.as_raw(),
+                NT_X86_XSTATE as *mut c_void,
+                (&mut iov as *mut libc::iovec).cast::<c_void>(),
+            )
+        };
+        Errno::result(r)
+            .map(drop)
+            .map_err(|e| op_err(tid, "PTRACE_SETREGSET", e))
     }
 
     /// Memory of the main process (`/proc/PID/mem`, ptrace fallback).
