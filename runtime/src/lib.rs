@@ -17,6 +17,7 @@ pub mod memory;
 pub mod procfs;
 pub mod ptrace;
 pub mod rebuild;
+pub mod remote;
 pub mod state;
 pub mod transfer;
 

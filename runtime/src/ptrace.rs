@@ -365,6 +365,8 @@ impl fmt::Debug for Regs {
     }
 }
 
+/// Size of the kernel's `siginfo_t`.
+pub const SIGINFO_SIZE: usize = 128;
 /// `NT_X86_XSTATE`: the register set holding the XSAVE area.
 const NT_X86_XSTATE: usize = 0x202;
 /// Larger than any XSAVE area (AVX-512 with AMX tiles is about 11 KiB).
@@ -812,6 +814,25 @@ impl Tracee {
     pub fn siginfo(&self, tid: Pid) -> Result<libc::siginfo_t, PtraceError> {
         self.track(tid, "PTRACE_GETSIGINFO")?;
         ptrace::getsiginfo(tid).map_err(|e| op_err(tid, "PTRACE_GETSIGINFO", e))
+    }
+
+    /// `siginfo` of the signal that stopped `tid`, as the kernel's raw 128
+    /// bytes (to pass back to the target, e.g. to `rt_tgsigqueueinfo`).
+    pub fn siginfo_bytes(&self, tid: Pid) -> Result<[u8; SIGINFO_SIZE], PtraceError> {
+        self.track(tid, "PTRACE_GETSIGINFO")?;
+        let mut buf = [0u8; SIGINFO_SIZE];
+        // SAFETY: the kernel writes exactly sizeof(siginfo_t) = 128 bytes to
+        // `data`, which points at `buf`, 128 writable bytes live for the call.
+        let r = unsafe {
+            libc::ptrace(
+                libc::PTRACE_GETSIGINFO,
+                tid.as_raw(),
+                std::ptr::null_mut::<c_void>(),
+                buf.as_mut_ptr().cast::<c_void>(),
+            )
+        };
+        Errno::result(r).map_err(|e| op_err(tid, "PTRACE_GETSIGINFO", e))?;
+        Ok(buf)
     }
 
     /// Replace the `siginfo` of the signal `tid` is stopped for (to deliver

@@ -1,0 +1,390 @@
+//! Remote system calls and function calls in real, seized processes: their
+//! results, and that the thread (registers, extended registers, borrowed
+//! code bytes, signal mask, pending signals, an interrupted system call)
+//! comes back exactly as it was, shown by the program finishing with the
+//! output of an undisturbed run.
+
+mod remote_support;
+use nix::sys::signal::{self, Signal};
+use remote_support::*;
+use std::time::Duration;
+use upstare_corpus::Toolchain;
+use upstare_dwarf::RuntimeAddr;
+use upstare_runtime::memory::TargetMemory;
+use upstare_runtime::remote::{exe_entry, KernelSigaction, RemoteCalls, RemoteError, GADGET_LEN};
+use upstare_runtime::Tracee;
+
+const PROG: &str = r#"
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+volatile int spin = 1;
+volatile long spins;
+
+int add(int a, int b) { return a + b; }
+long weigh6(long a, long b, long c, long d, long e, long f) {
+    return a + 2 * b + 3 * c + 4 * d + 5 * e + 6 * f;
+}
+int fmt(char *buf, int n) { return snprintf(buf, 64, "value=%d", n); }
+double half(double x) { return x / 2; }
+void forever(void) { for (;;) spins++; }
+static void on_usr1(int s) { (void)s; write(1, "usr1\n", 5); }
+static void on_usr2(int s) { (void)s; write(1, "usr2\n", 5); }
+
+int main(int argc, char **argv) {
+    char buf[64] = {0};
+    signal(SIGUSR1, on_usr1);
+    signal(SIGUSR2, on_usr2);
+    printf("ready %d\n", (int)getpid());
+    fflush(stdout);
+    if (argc > 1) {
+        while (spin)
+            spins++;
+        printf("spun\n");
+        fflush(stdout);
+    }
+    ssize_t n = read(0, buf, sizeof buf - 1);
+    printf("read %zd %s", n, buf);
+    return 0;
+}
+"#;
+
+fn program(dir: &TempDir) -> std::path::PathBuf {
+    build(dir, "remote_prog", PROG, Toolchain::Gcc, &[])
+}
+
+/// Registers, extended registers, gadget bytes and maps of the thread.
+fn snapshot(
+    t: &Tracee,
+    pid: nix::unistd::Pid,
+    gadget: RuntimeAddr,
+) -> (
+    upstare_runtime::Regs,
+    upstare_runtime::ExtRegs,
+    Vec<u8>,
+    String,
+) {
+    let regs = t.regs(pid).expect("regs");
+    let ext = t.ext_regs(pid).expect("ext regs");
+    let code = t
+        .memory()
+        .read_vec(gadget, GADGET_LEN as u64, 64)
+        .expect("gadget bytes");
+    (regs, ext, code, maps_text(pid))
+}
+
+#[test]
+fn syscalls_and_calls_in_a_thread_blocked_in_read() {
+    let dir = TempDir::new("blocked");
+    let exe = program(&dir);
+    let child = start(&exe, &[]);
+    let pid = pid_of(&child);
+    wait_blocked(pid);
+    let mut t = Tracee::seize(pid).expect("seize");
+    let gadget = exe_entry(pid).expect("entry");
+    let before = snapshot(&t, pid, gadget);
+    // Blocked in read(0, ...): the kernel will restart it.
+    assert_eq!(before.0 .0.orig_rax, 0, "thread is inside read()");
+    let add = runtime_symbol(pid, &exe, "add");
+    let weigh6 = runtime_symbol(pid, &exe, "weigh6");
+    let fmt = runtime_symbol(pid, &exe, "fmt");
+    {
+        let mut rc = RemoteCalls::new(&mut t, pid, gadget).expect("session");
+        assert_eq!(rc.getpid().expect("getpid"), pid);
+        let len = 3 * 4096;
+        let m = rc
+            .mmap(
+                RuntimeAddr(0),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+            .expect("mmap");
+        assert_eq!(perms_at(pid, m).as_deref(), Some("rw-p"));
+        assert_eq!(
+            perms_at(pid, RuntimeAddr(m.0 + len - 1)).as_deref(),
+            Some("rw-p")
+        );
+        rc.memory()
+            .write(m, b"remote bytes")
+            .expect("write mapping");
+        assert_eq!(
+            rc.memory().read_vec(m, 12, 64).expect("read mapping"),
+            b"remote bytes"
+        );
+        rc.mprotect(m, 4096, libc::PROT_READ).expect("mprotect");
+        assert_eq!(perms_at(pid, m).as_deref(), Some("r--p"));
+        assert_eq!(
+            perms_at(pid, RuntimeAddr(m.0 + 4096)).as_deref(),
+            Some("rw-p")
+        );
+        rc.munmap(m, len).expect("munmap");
+        for page in 0..3 {
+            assert_eq!(perms_at(pid, RuntimeAddr(m.0 + page * 4096)), None);
+        }
+        // A failing system call reports its errno.
+        match rc.munmap(RuntimeAddr(1), 4096) {
+            Err(RemoteError::Syscall { errno, .. }) => assert_eq!(errno, nix::errno::Errno::EINVAL),
+            other => panic!("munmap of an unaligned address: {other:?}"),
+        }
+        // Function calls: integer arguments, all six registers, a libc call
+        // writing into scratch memory.
+        assert_eq!(rc.call(add, &[20, 22]).expect("add"), 42);
+        assert_eq!(
+            rc.call(add, &[(-5i64) as u64, 3]).expect("add") as u32 as i32,
+            -2
+        );
+        assert_eq!(
+            rc.call(weigh6, &[1, 2, 3, 4, 5, 6]).expect("weigh6"),
+            1 + 4 + 9 + 16 + 25 + 36
+        );
+        let buf = rc.scratch_alloc(64).expect("scratch");
+        assert_eq!(rc.call(fmt, &[buf.0, 4242]).expect("fmt"), 10);
+        assert_eq!(
+            rc.memory().read_vec(buf, 11, 64).expect("read buf"),
+            b"value=4242\0"
+        );
+        // openat/close of a real file.
+        let fd = rc
+            .openat(&exe, libc::O_RDONLY | libc::O_CLOEXEC, 0)
+            .expect("openat");
+        assert!(fd > 2);
+        assert!(std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).is_ok());
+        rc.close(fd).expect("close");
+        assert!(std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).is_err());
+        rc.finish().expect("restore");
+    }
+    let after = snapshot(&t, pid, gadget);
+    assert_eq!(before.0, after.0, "registers restored");
+    assert!(before.1 == after.1, "extended registers restored");
+    assert_eq!(before.2, after.2, "gadget bytes restored");
+    assert_eq!(before.3, after.3, "maps as before");
+    t.detach().expect("detach");
+    let (code, out) = finish(child, b"hello\n");
+    assert_eq!(code, Some(0));
+    assert_eq!(out, format!("ready {pid}\nread 6 hello\n"));
+}
+
+#[test]
+fn calls_in_a_busy_thread_leave_it_unchanged() {
+    let dir = TempDir::new("busy");
+    let exe = program(&dir);
+    let child = start(&exe, &["spin"]);
+    let pid = pid_of(&child);
+    std::thread::sleep(Duration::from_millis(30));
+    let mut t = Tracee::seize(pid).expect("seize");
+    let gadget = exe_entry(pid).expect("entry");
+    let before = snapshot(&t, pid, gadget);
+    let main_fn = symbol(&exe, "main");
+    let bias = bias_in(pid, &exe);
+    let rip = before.0 .0.rip;
+    assert!(
+        rip >= main_fn.to_runtime(bias).0 && rip < main_fn.to_runtime(bias).0 + 0x200,
+        "stopped in main's loop"
+    );
+    let half = runtime_symbol(pid, &exe, "half");
+    {
+        let mut rc = RemoteCalls::new(&mut t, pid, gadget).expect("session");
+        for i in 0..20u64 {
+            assert_eq!(
+                rc.call(runtime_symbol(pid, &exe, "add"), &[i, 1])
+                    .expect("add"),
+                i + 1
+            );
+        }
+        // A call that uses xmm registers: the thread's vector state must
+        // come back.
+        let _ = rc.call(half, &[]).expect("half");
+        let old = rc.rt_sigaction(libc::SIGUSR1, None).expect("sigaction");
+        assert_eq!(
+            old.handler,
+            runtime_symbol(pid, &exe, "on_usr1").0,
+            "SIGUSR1 handler is on_usr1"
+        );
+        // Re-install the same action: still the same afterwards.
+        let again = rc.rt_sigaction(libc::SIGUSR1, Some(&old)).expect("set");
+        assert_eq!(again, old);
+        assert_eq!(
+            rc.rt_sigaction(libc::SIGUSR2, None).expect("usr2").handler,
+            runtime_symbol(pid, &exe, "on_usr2").0
+        );
+        assert_eq!(
+            rc.rt_sigaction(libc::SIGTERM, None).expect("term"),
+            KernelSigaction::default()
+        );
+    }
+    let after = snapshot(&t, pid, gadget);
+    assert_eq!(before.0, after.0, "registers restored");
+    assert!(before.1 == after.1, "extended registers restored");
+    assert_eq!(before.2, after.2, "gadget bytes restored");
+    assert_eq!(before.3, after.3, "maps as before");
+    // Let the loop end.
+    let mut mem = t.memory();
+    mem.write_u32(runtime_symbol(pid, &exe, "spin"), 0)
+        .expect("clear spin");
+    t.detach().expect("detach");
+    let (code, out) = finish(child, b"x\n");
+    assert_eq!(code, Some(0));
+    assert_eq!(out, format!("ready {pid}\nspun\nread 2 x\n"));
+}
+
+#[test]
+fn signals_arriving_around_remote_calls_are_delivered_once_afterwards() {
+    let dir = TempDir::new("signals");
+    let exe = program(&dir);
+    let child = start(&exe, &[]);
+    let pid = pid_of(&child);
+    wait_blocked(pid);
+    let mut t = Tracee::seize(pid).expect("seize");
+    let gadget = exe_entry(pid).expect("entry");
+    let before = snapshot(&t, pid, gadget);
+    // Pending before the session starts: taken at its first resume.
+    signal::kill(pid, Signal::SIGUSR1).expect("kill USR1");
+    {
+        let mut rc = RemoteCalls::new(&mut t, pid, gadget).expect("session");
+        assert_eq!(rc.getpid().expect("getpid"), pid);
+        // Arrives during the session: stays pending (blocked).
+        signal::kill(pid, Signal::SIGUSR2).expect("kill USR2");
+        for _ in 0..5 {
+            assert_eq!(rc.getpid().expect("getpid"), pid);
+        }
+        let add = runtime_symbol(pid, &exe, "add");
+        assert_eq!(rc.call(add, &[1, 2]).expect("add"), 3);
+        rc.finish().expect("restore");
+    }
+    let after = snapshot(&t, pid, gadget);
+    assert_eq!(before.0, after.0, "registers restored");
+    assert_eq!(before.2, after.2, "gadget bytes restored");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    assert!(
+        status.contains("SigBlk:\t0000000000000000"),
+        "signal mask restored:\n{status}"
+    );
+    t.detach().expect("detach");
+    // Both handlers run once (signal() restarts read afterwards).
+    child
+        .wait_for_line("usr2", Duration::from_secs(10), |l| l == "usr2")
+        .expect("USR2 delivered");
+    let (code, out) = finish(child, b"abc\n");
+    assert_eq!(code, Some(0));
+    // Both were pending together when the thread resumed: the kernel sets
+    // up both handler frames at once, so either may print first.
+    let mut lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines.first().copied(),
+        Some(format!("ready {pid}").as_str())
+    );
+    assert_eq!(lines.last().copied(), Some("read 4 abc"));
+    lines.sort_unstable();
+    assert_eq!(
+        lines,
+        vec![
+            "read 4 abc",
+            format!("ready {pid}").as_str(),
+            "usr1",
+            "usr2"
+        ],
+        "each handler ran exactly once: {out:?}"
+    );
+}
+
+#[test]
+fn faulting_and_endless_calls_are_errors_and_the_thread_recovers() {
+    let dir = TempDir::new("fault");
+    let exe = program(&dir);
+    let child = start(&exe, &[]);
+    let pid = pid_of(&child);
+    wait_blocked(pid);
+    let mut t = Tracee::seize(pid).expect("seize");
+    let gadget = exe_entry(pid).expect("entry");
+    let before = snapshot(&t, pid, gadget);
+    {
+        let mut rc = RemoteCalls::new(&mut t, pid, gadget).expect("session");
+        match rc.call(RuntimeAddr(0x10), &[]) {
+            Err(RemoteError::Fault { sig, rip, .. }) => {
+                assert_eq!(sig.0, libc::SIGSEGV);
+                assert_eq!(rip, RuntimeAddr(0x10));
+            }
+            other => panic!("call of an unmapped address: {other:?}"),
+        }
+        // The session is still usable.
+        assert_eq!(rc.getpid().expect("getpid"), pid);
+        rc.set_timeout(Duration::from_millis(200));
+        let forever = runtime_symbol(pid, &exe, "forever");
+        match rc.call(forever, &[]) {
+            Err(RemoteError::Timeout { .. }) => {}
+            other => panic!("endless call: {other:?}"),
+        }
+        rc.set_timeout(Duration::from_secs(5));
+        assert_eq!(rc.getpid().expect("getpid after timeout"), pid);
+        match rc.call(forever, &[1, 2, 3, 4, 5, 6, 7]) {
+            Err(RemoteError::TooManyArgs { n: 7, .. }) => {}
+            other => panic!("7 arguments: {other:?}"),
+        }
+    }
+    let after = snapshot(&t, pid, gadget);
+    assert_eq!(before.0, after.0, "registers restored");
+    assert!(before.1 == after.1, "extended registers restored");
+    assert_eq!(before.2, after.2, "gadget bytes restored");
+    assert_eq!(before.3, after.3, "maps as before");
+    t.detach().expect("detach");
+    let (code, out) = finish(child, b"ok\n");
+    assert_eq!(code, Some(0));
+    assert_eq!(out, format!("ready {pid}\nread 3 ok\n"));
+}
+
+#[test]
+fn a_gadget_outside_executable_memory_is_refused() {
+    let dir = TempDir::new("gadget");
+    let exe = program(&dir);
+    let child = start(&exe, &[]);
+    let pid = pid_of(&child);
+    wait_blocked(pid);
+    let mut t = Tracee::seize(pid).expect("seize");
+    let data = runtime_symbol(pid, &exe, "spins");
+    match RemoteCalls::new(&mut t, pid, data) {
+        Err(e @ RemoteError::BadGadget { .. }) => {
+            assert!(
+                e.to_string().contains("not inside an executable mapping"),
+                "{e}"
+            )
+        }
+        other => panic!("data address as gadget: {other:?}"),
+    }
+    t.detach().expect("detach");
+    let (code, out) = finish(child, b"ok\n");
+    assert_eq!(code, Some(0));
+    assert_eq!(out, format!("ready {pid}\nread 3 ok\n"));
+}
+
+#[test]
+fn killing_the_target_during_a_call_is_a_clear_error() {
+    let dir = TempDir::new("kill");
+    let exe = program(&dir);
+    let mut child = start(&exe, &[]);
+    let pid = pid_of(&child);
+    wait_blocked(pid);
+    let mut t = Tracee::seize(pid).expect("seize");
+    let gadget = exe_entry(pid).expect("entry");
+    let forever = runtime_symbol(pid, &exe, "forever");
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        let _ = signal::kill(pid, Signal::SIGKILL);
+    });
+    {
+        let mut rc = RemoteCalls::new(&mut t, pid, gadget).expect("session");
+        match rc.call(forever, &[]) {
+            Err(e @ RemoteError::Ended { .. }) => {
+                assert!(e.to_string().contains("ended during remote call"), "{e}")
+            }
+            other => panic!("call in a killed process: {other:?}"),
+        }
+    }
+    killer.join().expect("killer thread");
+    drop(t);
+    let _ = child.kill();
+}
