@@ -13,6 +13,7 @@
 
 pub mod breakpoint;
 pub mod driver;
+pub mod image;
 pub mod memory;
 pub mod procfs;
 pub mod ptrace;
@@ -20,6 +21,7 @@ pub mod rebuild;
 pub mod remote;
 pub mod state;
 pub mod transfer;
+pub mod unwind;
 
 pub use breakpoint::{
     Breakpoint, BreakpointError, BreakpointSet, DeferredSignal, StepEnd, StepOutcome,
