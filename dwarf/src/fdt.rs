@@ -294,7 +294,10 @@ pub fn decode(bytes: &[u8]) -> Result<FrameTables, DecodeError> {
     let (tables, rest): (FrameTables, &[u8]) =
         postcard::take_from_bytes(payload).map_err(|e| DecodeError::Corrupt(e.to_string()))?;
     if !rest.is_empty() {
-        return Err(DecodeError::Corrupt(format!("{} trailing bytes", rest.len())));
+        return Err(DecodeError::Corrupt(format!(
+            "{} trailing bytes",
+            rest.len()
+        )));
     }
     validate(&tables)?;
     Ok(tables)
@@ -342,7 +345,10 @@ fn validate(t: &FrameTables) -> Result<(), DecodeError> {
             return bad(format!("function {} names a missing file", f.name));
         }
         if let Some(v) = f.vars.iter().find(|v| !ty_ok(v.ty)) {
-            return bad(format!("{}: variable {} has a missing type", f.name, v.name));
+            return bad(format!(
+                "{}: variable {} has a missing type",
+                f.name, v.name
+            ));
         }
         let inside = |a: LinkAddr| a >= f.low && a < f.high;
         for p in &f.update_points {
@@ -352,7 +358,10 @@ fn validate(t: &FrameTables) -> Result<(), DecodeError> {
         }
         for c in &f.call_sites {
             if !inside(c.call_addr) || (c.line != 0 && c.file as usize >= nfiles) {
-                return bad(format!("{}: call site {} out of range", f.name, c.call_addr));
+                return bad(format!(
+                    "{}: call site {} out of range",
+                    f.name, c.call_addr
+                ));
             }
         }
     }

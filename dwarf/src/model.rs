@@ -274,9 +274,12 @@ pub fn type_size(types: &[Type], id: TypeId) -> Option<u64> {
         match types.get(cur.0 as usize)? {
             Type::Void | Type::Function { .. } => return None,
             Type::Base { size, .. } | Type::Enum { size, .. } => return Some(*size),
-            Type::Struct { size, declaration, .. } | Type::Union { size, declaration, .. } => {
-                return (!declaration).then_some(*size)
+            Type::Struct {
+                size, declaration, ..
             }
+            | Type::Union {
+                size, declaration, ..
+            } => return (!declaration).then_some(*size),
             Type::Pointer { .. } => return Some(8),
             Type::Array { element, dims } => {
                 let mut n: u64 = 1;
@@ -342,9 +345,15 @@ pub fn type_name(types: &[Type], id: TypeId) -> String {
                 };
                 format!("{q} {}", go(types, *target, depth + 1))
             }
-            Some(Type::Function { ret, params, varargs }) => {
-                let mut p: Vec<String> =
-                    params.iter().map(|t| go(types, Some(*t), depth + 1)).collect();
+            Some(Type::Function {
+                ret,
+                params,
+                varargs,
+            }) => {
+                let mut p: Vec<String> = params
+                    .iter()
+                    .map(|t| go(types, Some(*t), depth + 1))
+                    .collect();
                 if *varargs {
                     p.push("...".into());
                 }

@@ -142,9 +142,7 @@ fn check_params_spilled(f: &upstare_dwarf::model::Function) -> Result<(), Rewrit
 
 /// The last `-O…` flag of a producer string (gcc records its flags there).
 fn optimization_flag(producer: &str) -> Option<&str> {
-    producer
-        .split_whitespace()
-        .rfind(|w| w.starts_with("-O"))
+    producer.split_whitespace().rfind(|w| w.starts_with("-O"))
 }
 
 #[cfg(test)]

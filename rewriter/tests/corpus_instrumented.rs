@@ -12,7 +12,10 @@ fn instrumented_corpus_behaves_like_original() {
     let mut failures = Vec::new();
     for toolchain in Toolchain::ALL {
         if !toolchain.is_available() {
-            panic!("{} is not installed: run scripts/deps", toolchain.compiler());
+            panic!(
+                "{} is not installed: run scripts/deps",
+                toolchain.compiler()
+            );
         }
         for program in programs() {
             let original = build(&program, toolchain).expect("build corpus program");
@@ -20,14 +23,21 @@ fn instrumented_corpus_behaves_like_original() {
             let rewritten = match upstare_rewriter::rewrite::rewrite(&input) {
                 Ok(r) => r,
                 Err(e) => {
-                    failures.push(format!("{} [{}]: rewrite failed: {e}", program.name, toolchain.name()));
+                    failures.push(format!(
+                        "{} [{}]: rewrite failed: {e}",
+                        program.name,
+                        toolchain.name()
+                    ));
                     continue;
                 }
             };
             let up = original.with_extension("up");
             std::fs::write(&up, &rewritten.elf).expect("write instrumented binary");
-            std::fs::set_permissions(&up, std::fs::metadata(&original).expect("stat").permissions())
-                .expect("chmod");
+            std::fs::set_permissions(
+                &up,
+                std::fs::metadata(&original).expect("stat").permissions(),
+            )
+            .expect("chmod");
             assert_same_loaded_image(&input, &rewritten.elf, program.name);
             let timeout = Duration::from_secs(20);
             let a = run(&original, program.args, timeout).expect("run original");
@@ -52,7 +62,11 @@ fn instrumented_corpus_behaves_like_original() {
                 ));
             }
             if !program.deterministic && a.status != b.status {
-                failures.push(format!("{} [{}]: exit status differs", program.name, toolchain.name()));
+                failures.push(format!(
+                    "{} [{}]: exit status differs",
+                    program.name,
+                    toolchain.name()
+                ));
             }
             compared += 1;
         }
@@ -66,8 +80,14 @@ fn instrumented_corpus_behaves_like_original() {
 fn assert_same_loaded_image(a: &[u8], b: &[u8], name: &str) {
     let fa = object::File::parse(a).expect("parse original");
     let fb = object::File::parse(b).expect("parse instrumented");
-    let sa: Vec<_> = fa.segments().map(|s| (s.address(), s.size(), s.file_range())).collect();
-    let sb: Vec<_> = fb.segments().map(|s| (s.address(), s.size(), s.file_range())).collect();
+    let sa: Vec<_> = fa
+        .segments()
+        .map(|s| (s.address(), s.size(), s.file_range()))
+        .collect();
+    let sb: Vec<_> = fb
+        .segments()
+        .map(|s| (s.address(), s.size(), s.file_range()))
+        .collect();
     assert_eq!(sa, sb, "{name}: segment layout changed");
     for (x, y) in fa.segments().zip(fb.segments()) {
         let (dx, dy) = (x.data().expect("data"), y.data().expect("data"));
@@ -77,6 +97,10 @@ fn assert_same_loaded_image(a: &[u8], b: &[u8], name: &str) {
             .zip(dy)
             .enumerate()
             .any(|(i, (p, q))| p != q && !(x.file_range().0 == 0 && (0x28..0x40).contains(&i)));
-        assert!(!differs, "{name}: loaded bytes of segment at {:#x} changed", x.address());
+        assert!(
+            !differs,
+            "{name}: loaded bytes of segment at {:#x} changed",
+            x.address()
+        );
     }
 }

@@ -12,14 +12,22 @@ int main(void) { int s = 0; for (int i = 0; i < 4; i++) s += twice(i); printf("%
 "#;
 
 fn work_dir(test: &str) -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("refusals").join(test);
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("refusals")
+        .join(test);
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("create work dir");
     d
 }
 
 fn compile(dir: &Path, source: &str, extra: &[&str]) -> PathBuf {
-    compile_c(CSource::Text(source), Toolchain::Gcc, extra, &dir.join("prog")).expect("compile")
+    compile_c(
+        CSource::Text(source),
+        Toolchain::Gcc,
+        extra,
+        &dir.join("prog"),
+    )
+    .expect("compile")
 }
 
 /// Runs the rewriter on `input`; asserts failure with a one-line message
@@ -33,14 +41,35 @@ fn assert_refused(input: &Path, needles: &[&str]) {
         .output()
         .expect("run upstare-rewrite");
     // Match needles against the message without the path, which may contain them.
-    let stderr = String::from_utf8_lossy(&r.stderr).replace(&input.display().to_string(), "<input>");
-    assert!(!r.status.success(), "accepted {}: {stderr}", input.display());
-    assert_eq!(r.status.code(), Some(1), "exit code for {}", input.display());
-    assert_eq!(stderr.trim_end().lines().count(), 1, "not one line: {stderr}");
+    let stderr =
+        String::from_utf8_lossy(&r.stderr).replace(&input.display().to_string(), "<input>");
+    assert!(
+        !r.status.success(),
+        "accepted {}: {stderr}",
+        input.display()
+    );
+    assert_eq!(
+        r.status.code(),
+        Some(1),
+        "exit code for {}",
+        input.display()
+    );
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "not one line: {stderr}"
+    );
     for n in needles {
-        assert!(stderr.contains(n), "message {stderr:?} does not mention {n:?}");
+        assert!(
+            stderr.contains(n),
+            "message {stderr:?} does not mention {n:?}"
+        );
     }
-    assert!(!out.exists(), "output file left behind for {}", input.display());
+    assert!(
+        !out.exists(),
+        "output file left behind for {}",
+        input.display()
+    );
     let leftovers: Vec<_> = std::fs::read_dir(input.parent().expect("dir"))
         .expect("list dir")
         .filter_map(|e| e.ok())
