@@ -709,7 +709,7 @@ mod tests {
         let (lib, link) = libs.lookup(RuntimeAddr(f)).expect("own code mapped");
         assert!(lib.eh_frame().unwrap().unwind_row(link).unwrap().is_some());
         // A libc function: found with its public name at offset 0.
-        let getpid = nix::libc::getpid as usize as u64;
+        let getpid = nix::libc::getpid as *const () as usize as u64;
         let (libc, link) = libs.lookup(RuntimeAddr(getpid)).expect("libc mapped");
         assert!(libc.name().contains("libc"), "{}", libc.name());
         let (name, off) = libc.symbol_at(link).expect("symbol of getpid");

@@ -20,6 +20,7 @@ pub mod ptrace;
 pub mod rebuild;
 pub mod remote;
 pub mod state;
+pub mod stop;
 pub mod transfer;
 pub mod unwind;
 

@@ -842,6 +842,36 @@ impl Tracee {
         ptrace::setsiginfo(tid, info).map_err(|e| op_err(tid, "PTRACE_SETSIGINFO", e))
     }
 
+    /// Queue a signal taken from thread `tid` (of the traced process) back
+    /// on that thread, to be received when it runs again: used when a
+    /// signal that arrived while stopping the world was held back. Keeps
+    /// the original `siginfo` where the kernel allows it
+    /// (`rt_tgsigqueueinfo`, which refuses codes only the kernel may send
+    /// to another process), else sends it with `tgkill` (code `SI_TKILL`).
+    pub fn requeue_signal(&self, tid: Pid, info: &libc::siginfo_t) -> Result<(), PtraceError> {
+        self.track(tid, "requeueing a signal")?;
+        let (tgid, sig) = (self.pid.as_raw(), info.si_signo);
+        // SAFETY: rt_tgsigqueueinfo only reads sizeof(siginfo_t) bytes from
+        // its last argument, which points at `info`, a live reference.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_rt_tgsigqueueinfo,
+                tgid,
+                tid.as_raw(),
+                sig,
+                info as *const libc::siginfo_t,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        // SAFETY: tgkill takes three integers and touches no memory of ours.
+        let r = unsafe { libc::syscall(libc::SYS_tgkill, tgid, tid.as_raw(), sig) };
+        Errno::result(r)
+            .map(drop)
+            .map_err(|e| op_err(tid, "tgkill", e))
+    }
+
     fn resume(
         &mut self,
         req: libc::c_uint,

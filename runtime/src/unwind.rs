@@ -164,7 +164,7 @@ impl RegSet {
 /// Result of one CFI step.
 enum CfiStep {
     /// The caller's registers (rsp = this frame's CFA).
-    Caller { regs: RegSet, cfa: RuntimeAddr },
+    Caller { regs: Box<RegSet>, cfa: RuntimeAddr },
     /// The return address is undefined: this is the outermost frame.
     Outermost,
 }
@@ -321,7 +321,7 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
                         pc,
                         cfa,
                     });
-                    set = next;
+                    set = *next;
                 }
             }
             exact = false;
@@ -445,7 +445,7 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
         function: &str,
         cfa: RuntimeAddr,
     ) -> Result<(), UnwindError> {
-        if cfa.0 % 8 != 0 {
+        if !cfa.0.is_multiple_of(8) {
             return Err(Self::bad_frame(
                 tid,
                 function,
@@ -650,7 +650,7 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
                         });
                     }
                     self.check_in_stack(tid, lib.name(), cfa)?;
-                    set = regs;
+                    set = *regs;
                 }
             }
         }
@@ -727,7 +727,10 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
         if rip.is_none() {
             return Ok(CfiStep::Outermost);
         }
-        Ok(CfiStep::Caller { regs: next, cfa })
+        Ok(CfiStep::Caller {
+            regs: Box::new(next),
+            cfa,
+        })
     }
 }
 
