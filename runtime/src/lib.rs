@@ -14,6 +14,7 @@
 pub mod breakpoint;
 pub mod driver;
 pub mod image;
+pub mod loader;
 pub mod memory;
 pub mod procfs;
 pub mod ptrace;

@@ -160,3 +160,33 @@ pub fn finish(mut child: ChildGuard, stdin: &[u8]) -> (Option<i32>, String) {
     let out = child.wait(Duration::from_secs(20)).expect("program ends");
     (out.status.code(), out.stdout)
 }
+
+/// The instrumented image `exe` running in `pid` as a state [`Image`]:
+/// tables from its `.upstare` section, text from the tables, span over its
+/// PT_LOAD segments.
+pub fn running_image(pid: Pid, exe: &Path) -> upstare_runtime::state::Image {
+    use object::read::elf::{FileHeader, ProgramHeader};
+    let data = std::fs::read(exe).expect("read exe");
+    let tables = upstare_dwarf::read_tables(&data).expect("tables");
+    let bias = bias_in(pid, exe);
+    let hdr = object::elf::FileHeader64::<object::Endianness>::parse(&*data).expect("elf");
+    let endian = hdr.endian().expect("endian");
+    let loads: Vec<(u64, u64)> = hdr
+        .program_headers(endian, &*data)
+        .expect("phdrs")
+        .iter()
+        .filter(|p| p.p_type(endian) == object::elf::PT_LOAD)
+        .map(|p| (p.p_vaddr(endian), p.p_vaddr(endian) + p.p_memsz(endian)))
+        .collect();
+    let lo = loads.iter().map(|l| l.0).min().expect("PT_LOAD") & !0xfff;
+    let hi = (loads.iter().map(|l| l.1).max().expect("PT_LOAD") + 0xfff) & !0xfff;
+    let text_lo = tables.binary.text_addr.to_runtime(bias);
+    let text = text_lo..RuntimeAddr(text_lo.0 + tables.binary.text_size);
+    upstare_runtime::state::Image {
+        path: std::fs::canonicalize(exe).expect("canonical"),
+        bias,
+        tables,
+        text,
+        span: LinkAddr(lo).to_runtime(bias)..LinkAddr(hi).to_runtime(bias),
+    }
+}
