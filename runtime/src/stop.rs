@@ -354,6 +354,7 @@ struct Stopper<'a> {
     /// Whether not-ready threads are resumed as soon as classified (after
     /// the first pass, once the breakpoints are armed).
     resuming: bool,
+    armed: usize,
 }
 
 /// Stop every thread of the seized `tracee` at an update point of `image`
@@ -393,6 +394,7 @@ pub fn stop_the_world(
         interrupts: 0,
         released: Vec::new(),
         resuming: false,
+        armed: 0,
     };
     let mut timings = StopTimings::default();
     // Dropped (restoring every byte) on every path out of this function.
@@ -411,7 +413,6 @@ pub fn stop_the_world(
     };
     timings.finish = t_finish.elapsed();
     timings.total = t0.elapsed();
-    let armed = bps.len();
     drop(bps);
     outcome?;
     finish?;
@@ -426,7 +427,7 @@ pub fn stop_the_world(
     Ok(Stopped {
         threads: std::mem::take(&mut s.ready).into_values().collect(),
         breakpoints_hit: s.hits,
-        breakpoints_armed: armed,
+        breakpoints_armed: s.armed,
         interrupts: s.interrupts,
         signals_requeued,
         children_released: s.released,
@@ -479,6 +480,7 @@ impl Stopper<'_> {
             }
         }
         timings.arm = t.elapsed();
+        self.armed = bps.len();
         self.resuming = true;
 
         let t = Instant::now();
