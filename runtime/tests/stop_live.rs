@@ -673,3 +673,106 @@ fn signals_threads_and_forks_while_stopping() {
     // (an update point) without our int3.
     assert_eq!(out.stdout, "ready\ngo 1 got 1 child 3\n");
 }
+
+const COUNTED: &str = r#"
+#include <stdio.h>
+#include <unistd.h>
+
+volatile int g = -1;
+volatile int calls;
+
+void work(void)
+{
+    calls++;
+}
+
+int main(void)
+{
+    printf("ready\n");
+    fflush(stdout);
+    usleep(300000);
+    for (int i = 0; i < 1000; i++) {
+        g = i;
+        work();
+    }
+    printf("g %d calls %d\n", g, calls);
+    return 0;
+}
+"#;
+
+fn global(
+    tracee: &upstare_runtime::Tracee,
+    image: &upstare_runtime::state::Image,
+    name: &str,
+) -> i32 {
+    use upstare_runtime::TargetMemory;
+    let g = image
+        .tables
+        .globals
+        .iter()
+        .find(|g| g.name == name)
+        .unwrap_or_else(|| panic!("no global {name}"));
+    tracee.memory().read_u32(image.runtime(g.addr)).unwrap() as i32
+}
+
+#[test]
+fn skipping_hits_stops_at_the_kth_point_of_a_run() {
+    let d = TempDir::new("counted");
+    let exe = build(&d, "counted", COUNTED, Toolchain::Gcc);
+    // Each iteration passes main's loop point, then work's entry point;
+    // skipping k hits stops at hit k + 1. Without skipping, main is ready
+    // where it is: blocked in usleep.
+    for (skip, cont, g, calls) in [
+        (0, "", -1, 0),
+        (1, "entry", 0, 0),
+        (7, "entry", 3, 3),
+        (40, "loop#0", 19, 20),
+    ] {
+        let mut child = start(&exe, &[], "ready");
+        let (mut tracee, image, mut libs) = seize(&child);
+        let opts = StopOptions {
+            skip_hits: skip,
+            timeout: Duration::from_secs(10),
+            ..StopOptions::default()
+        };
+        let s =
+            stop_the_world(&mut tracee, &image, &mut libs, &opts).unwrap_or_else(|e| panic!("{e}"));
+        if skip == 0 {
+            let main = find(&s.threads, "main");
+            assert_eq!(
+                main.readiness,
+                Readiness::Blocked {
+                    callee: "usleep".into(),
+                    syscall: 230
+                }
+            );
+            assert_eq!(s.breakpoints_hit, 0);
+            tracee.detach().unwrap();
+            let out = child.wait(Duration::from_secs(30)).unwrap();
+            assert_eq!(out.stdout, "ready\ng 999 calls 1000\n");
+            continue;
+        }
+        let main = find(&s.threads, "main");
+        assert_eq!(main.readiness, Readiness::AtPoint, "skip {skip}");
+        assert_eq!(
+            main.frames[0].continuation.to_string(),
+            cont,
+            "skip {skip}: {:?}",
+            ids(main)
+        );
+        assert_eq!(s.breakpoints_hit, skip + 1);
+        assert_eq!(
+            (
+                global(&tracee, &image, "g"),
+                global(&tracee, &image, "calls")
+            ),
+            (g, calls),
+            "skip {skip}"
+        );
+        assert_code_intact(&tracee, &image);
+        tracee.detach().unwrap();
+        let out = child.wait(Duration::from_secs(30)).unwrap();
+        assert_eq!(out.status, ExitStatus::Code(0), "{}", out.stderr);
+        assert_eq!(out.stdout, "ready\ng 999 calls 1000\n");
+    }
+}
