@@ -22,7 +22,7 @@ use crate::memory::ProcessMemory;
 use crate::procfs::{self, MemoryMap, ProcError};
 use crate::ptrace::{PtraceError, Regs, Sig, Stop, Tracee};
 use crate::state::{Image, Readiness, ThreadState};
-use crate::unwind::{Top, Unwinder};
+use crate::unwind::{StackSnapshot, Top, UnwindError, Unwinder, Unwound};
 use nix::libc;
 use nix::unistd::Pid;
 use std::collections::{BTreeMap, BTreeSet};
@@ -793,10 +793,16 @@ impl Stopper<'_> {
     fn classify(&mut self, tid: Pid, regs: &Regs) -> Result<ThreadState, String> {
         let rip = regs.rip();
         let stack = self.stack_of(regs.rsp());
-        let mut unwinder = Unwinder::new(self.image, self.libs, &self.mem);
-        if let Some(s) = stack {
-            unwinder = unwinder.with_stack(s);
-        }
+        let unwind = |regs: &Regs| {
+            unwind_thread(
+                self.image,
+                self.libs,
+                &self.mem,
+                stack.clone(),
+                tid.as_raw(),
+                regs,
+            )
+        };
         let t = tid.as_raw();
         if self.image.is_code(rip) {
             let Some(f) = self
@@ -809,7 +815,7 @@ impl Stopper<'_> {
             if f.update_point_at(rip.to_link(self.image.bias)).is_none() {
                 return Err("running, not at an update point".into());
             }
-            let u = unwinder.unwind(t, regs).map_err(|e| e.to_string())?;
+            let u = unwind(regs).map_err(|e| e.to_string())?;
             return Ok(ThreadState {
                 tid: t,
                 regs: *regs,
@@ -829,9 +835,7 @@ impl Stopper<'_> {
             });
         }
         let name = syscall_name(nr);
-        let u = unwinder
-            .unwind(t, regs)
-            .map_err(|e| format!("blocked in system call {name}, but {e}"))?;
+        let u = unwind(regs).map_err(|e| format!("blocked in system call {name}, but {e}"))?;
         let Top::InLibrary { call, .. } = &u.top else {
             return Err("not in library code".into());
         };
@@ -1186,25 +1190,46 @@ impl Stopper<'_> {
         let symbol = lib.symbol_at(link).map(|(s, _)| s.to_string());
         let library = lib.name().to_string();
         let stack = self.stack_of(regs.rsp());
-        let mut unwinder = Unwinder::new(self.image, self.libs, &self.mem);
-        if let Some(s) = stack {
-            unwinder = unwinder.with_stack(s);
-        }
-        let called_from = unwinder
-            .unwind(tid.as_raw(), regs)
-            .ok()
-            .and_then(|u| match u.top {
-                Top::InLibrary { call, .. } => {
-                    let f = u.frames.first()?;
-                    Some((f.function.clone(), file_name(tables, call.file), call.line))
-                }
-                Top::AtPoint => None,
-            });
+        let called_from =
+            unwind_thread(self.image, self.libs, &self.mem, stack, tid.as_raw(), regs)
+                .ok()
+                .and_then(|u| match u.top {
+                    Top::InLibrary { call, .. } => {
+                        let f = u.frames.first()?;
+                        Some((f.function.clone(), file_name(tables, call.file), call.line))
+                    }
+                    Top::AtPoint => None,
+                });
         Location::Library {
             library,
             symbol,
             called_from,
         }
+    }
+}
+
+/// Unwind thread `tid` from a one-read copy of its stack (`stack`, the
+/// mapping holding rsp) when it can be read, else from live memory.
+fn unwind_thread(
+    image: &Image,
+    libs: &Libraries,
+    mem: &ProcessMemory,
+    stack: Option<Range<RuntimeAddr>>,
+    tid: i32,
+    regs: &Regs,
+) -> Result<Unwound, UnwindError> {
+    let Some(s) = stack else {
+        return Unwinder::new(image, libs, mem).unwind(tid, regs);
+    };
+    // Frames lie at or above rsp.
+    let live = regs.rsp().max(s.start)..s.end;
+    match StackSnapshot::new(mem, live) {
+        Ok(snap) => Unwinder::new(image, libs, &snap)
+            .with_stack(s)
+            .unwind(tid, regs),
+        Err(_) => Unwinder::new(image, libs, mem)
+            .with_stack(s)
+            .unwind(tid, regs),
     }
 }
 

@@ -161,6 +161,56 @@ impl RegSet {
     }
 }
 
+/// Largest stack copied by [`StackSnapshot`].
+pub const MAX_SNAPSHOT: usize = 64 << 20;
+
+/// A copy of the live part of a thread's stack, read in one go, so that
+/// walking thousands of frames costs one read rather than three per frame.
+/// Reads outside the copy go to the underlying memory; writes are refused
+/// (a snapshot is for reading).
+pub struct StackSnapshot<'m, M: TargetMemory + ?Sized> {
+    base: RuntimeAddr,
+    bytes: Vec<u8>,
+    inner: &'m M,
+}
+
+impl<'m, M: TargetMemory + ?Sized> StackSnapshot<'m, M> {
+    /// Copy `range` of `inner` (its top `MAX_SNAPSHOT` bytes if larger).
+    pub fn new(inner: &'m M, range: Range<RuntimeAddr>) -> Result<Self, MemError> {
+        let len = range.end.0.saturating_sub(range.start.0);
+        let len = len.min(MAX_SNAPSHOT as u64);
+        let base = RuntimeAddr(range.end.0 - len);
+        let bytes = inner.read_vec(base, len, MAX_SNAPSHOT)?;
+        Ok(StackSnapshot { base, bytes, inner })
+    }
+}
+
+impl<M: TargetMemory + ?Sized> TargetMemory for StackSnapshot<'_, M> {
+    fn read(&self, addr: RuntimeAddr, buf: &mut [u8]) -> Result<(), MemError> {
+        let start = addr.0.checked_sub(self.base.0);
+        let inside = start.and_then(|s| {
+            let s = usize::try_from(s).ok()?;
+            let e = s.checked_add(buf.len())?;
+            (e <= self.bytes.len()).then_some(s..e)
+        });
+        match inside {
+            Some(r) => {
+                buf.copy_from_slice(&self.bytes[r]);
+                Ok(())
+            }
+            None => self.inner.read(addr, buf),
+        }
+    }
+
+    fn write(&mut self, addr: RuntimeAddr, data: &[u8]) -> Result<(), MemError> {
+        Err(MemError::OutOfRange {
+            op: crate::memory::MemOp::Write,
+            addr,
+            len: data.len(),
+        })
+    }
+}
+
 /// Result of one CFI step.
 enum CfiStep {
     /// The caller's registers (rsp = this frame's CFA).

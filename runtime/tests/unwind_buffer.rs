@@ -373,3 +373,30 @@ fn the_walk_is_bounded() {
         "{e}"
     );
 }
+
+#[test]
+fn a_stack_snapshot_reads_like_the_memory_it_copies() {
+    use upstare_runtime::unwind::StackSnapshot;
+    let img = image(-48);
+    let m = stack();
+    // Copy from top's rsp to the end of the stack.
+    let mut snap = StackSnapshot::new(
+        &m,
+        RuntimeAddr(TOP_CFA - 32)..RuntimeAddr(STACK + STACK_LEN),
+    )
+    .unwrap();
+    let libs = Libraries::empty();
+    let from_snap = Unwinder::new(&img, &libs, &snap)
+        .verify_chain_end(false)
+        .unwind(7, &regs())
+        .unwrap();
+    assert_eq!(from_snap, unwind(&img, &m, &regs()).unwrap());
+    // Below the copy: read through; beyond every region: the error.
+    assert_eq!(snap.read_u64(RuntimeAddr(STACK)).unwrap(), 0);
+    assert!(snap.read_u64(RuntimeAddr(STACK + STACK_LEN - 4)).is_err());
+    assert!(snap.write_u64(RuntimeAddr(TOP_CFA - 8), 0).is_err());
+    assert_eq!(
+        snap.read_u64(RuntimeAddr(TOP_CFA - 8)).unwrap(),
+        BIAS + 0x1245
+    );
+}
