@@ -1177,7 +1177,12 @@ pub fn load_image_with<'t>(
         }
     };
     if let Err(e) = rc.finish() {
-        // The session restores the thread; retry the unmapping in a new one.
+        // Restoring the thread failed (is it gone?): try to unmap NEW in a
+        // new session so as not to leave it behind.
+        if let Ok(mut again) = RemoteCalls::new(tracee, tid, running_gadget) {
+            let _ = again.munmap(base, len);
+            let _ = again.finish();
+        }
         return Err(e.into());
     }
     let text = if new_tables.binary.text_size > 0 {

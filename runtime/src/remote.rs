@@ -30,7 +30,10 @@
 //!
 //! After a session the thread sits in a ptrace signal-delivery-stop with its
 //! original registers; resume it with [`Tracee::cont`] without a signal.
-//! Breakpoints armed elsewhere must not lie in code a remote call runs.
+//! Breakpoints armed elsewhere must not lie in code a remote call runs. A
+//! remote function call abandoned after its timeout leaves whatever it held
+//! (a lock taken by the called function) held: call only functions that
+//! take no locks, such as IFUNC resolvers.
 
 use crate::memory::{ProcessMemory, TargetMemory};
 use crate::procfs::{self, ProcError};
@@ -822,6 +825,14 @@ impl<'t> RemoteCalls<'t> {
                 Ok(())
             })();
             note(r);
+            // Only signals that cannot be blocked can have been taken since.
+            for c in std::mem::take(&mut self.caught) {
+                if c.sig() == Sig::STOP {
+                    let _ = signal::kill(self.pid(), Signal::SIGSTOP);
+                } else if slot.is_none() {
+                    slot = Some(c.sig());
+                }
+            }
         } else {
             for c in &caught {
                 if c.sig() == Sig::STOP {

@@ -330,6 +330,14 @@ fn symbol_versions_resolve_as_the_dynamic_linker_does() {
     );
     assert_eq!(addr("memcpy", Some("GLIBC_9.99")), None);
     assert_eq!(addr("no_such_symbol_anywhere", None), None);
+    // OLD names stdout (COPY into OLD) but not environ (libc's own).
+    assert!(libs.lookup("stdout", None).expect("stdout").object.is_main);
+    let environ = libs.lookup("environ", None).expect("environ");
+    assert!(
+        environ.object.path.ends_with("libc.so.6"),
+        "{:?}",
+        environ.object.path
+    );
     // Every import slot of OLD names a symbol found (or weak).
     let data = std::fs::read(&old).expect("read");
     for s in import_slots(&old, &data).expect("slots") {

@@ -33,6 +33,8 @@ static void on_usr1(int s) { (void)s; write(1, "old usr1\n", 9); }
 __attribute__((destructor)) static void bye(void) { printf("bye old\n"); }
 
 int old_only(int x) { return x * 3; }
+extern char **environ;
+char **old_env(void) { return environ; }
 
 int main(void) {
     char buf[64] = {0};
@@ -67,7 +69,15 @@ void hello(void) { fputs("hello from new\n", stdout); fflush(stdout); }
 FILE *out(void) { return stdout; }
 char **env(void) { return environ; }
 
+long big_bss[600];
+int inited = 1234;
+int ctor_ran;
+long sum_bss(void) { long s = 0; for (int i = 0; i < 600; i++) s += big_bss[i]; return s; }
+int get_inited(void) { return inited; }
+int get_ctor_ran(void) { return ctor_ran; }
+
 static void on_usr1(int s) { (void)s; write(1, "new usr1\n", 9); }
+__attribute__((constructor)) static void hi(void) { ctor_ran = 1; printf("ctor new\n"); }
 __attribute__((destructor)) static void bye(void) { printf("bye new\n"); }
 
 int main(void) {
@@ -244,7 +254,8 @@ fn new_image_is_mapped_bound_like_the_process_and_callable_then_unloaded() {
         .addr;
     assert_eq!(read_u64(pid, stdout_copy), libc_stdout.0);
     let environ = libs.lookup("environ", None).expect("environ");
-    assert!(environ.object.is_main, "the live environ is OLD's copy");
+    // OLD names environ, so it has a COPY that libc uses: the live one.
+    assert!(environ.object.is_main, "{:?}", environ.object.path);
     let environ_copy = environ.addr;
     {
         let mut rc = RemoteCalls::new(loaded.tracee(), pid, gadget).expect("session");
@@ -268,6 +279,10 @@ fn new_image_is_mapped_bound_like_the_process_and_callable_then_unloaded() {
             read_u64(pid, environ_copy)
         );
         rc.call(sym("hello"), &[]).expect("hello");
+        // .data as in the file, .bss zero, constructors not run.
+        assert_eq!(rc.call(sym("get_inited"), &[]).expect("inited"), 1234);
+        assert_eq!(rc.call(sym("sum_bss"), &[]).expect("sum_bss"), 0);
+        assert_eq!(rc.call(sym("get_ctor_ran"), &[]).expect("ctor_ran"), 0);
         rc.finish().expect("restore");
     }
     assert_eq!(loaded.tracee().regs(pid).expect("regs"), regs_before);
@@ -509,6 +524,24 @@ fn uninstrumented_new_is_refused() {
     refused(s, |e| {
         assert!(matches!(e, loader::LoadError::NoTables { .. }), "{e:?}");
         assert!(e.to_string().contains("no .upstare section"), "{e}");
+    });
+}
+
+#[test]
+fn new_for_another_machine_is_refused() {
+    let s = setup("machine", NEW, Toolchain::Gcc, &[]);
+    let mut bytes = std::fs::read(&s.new).expect("read");
+    // e_machine = EM_AARCH64.
+    bytes[18..20].copy_from_slice(&183u16.to_le_bytes());
+    let other = s._dir.path().join("aarch64");
+    std::fs::write(&other, &bytes).expect("write");
+    let s = Setup { new: other, ..s };
+    refused(s, |e| {
+        assert!(
+            matches!(e, loader::LoadError::NotX86_64 { machine: 183, .. }),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("not an x86-64 ELF file"), "{e}");
     });
 }
 
