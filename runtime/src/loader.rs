@@ -1077,8 +1077,10 @@ pub struct LoadReport {
 /// (through a remote `munmap` in the same thread) unless it was committed:
 /// an update abandoned before its commit leaves no trace.
 ///
-/// The guard holds the [`Tracee`]; use [`LoadedImage::parts`] to reach both
-/// NEW's [`Image`] and the tracee while it lives.
+/// The guard holds the [`Tracee`] and dereferences to it, so that while it
+/// lives the tracee is used through it (`loaded.memory()`,
+/// `loaded.set_regs(..)`) alongside `loaded.image()`;
+/// [`LoadedImage::parts`] gives both at once with the tracee mutable.
 pub struct LoadedImage<'t> {
     tracee: &'t mut Tracee,
     tid: Pid,
@@ -1489,6 +1491,19 @@ impl<'t> LoadedImage<'t> {
         r?;
         f?;
         Ok(())
+    }
+}
+
+impl std::ops::Deref for LoadedImage<'_> {
+    type Target = Tracee;
+    fn deref(&self) -> &Tracee {
+        self.tracee
+    }
+}
+
+impl std::ops::DerefMut for LoadedImage<'_> {
+    fn deref_mut(&mut self) -> &mut Tracee {
+        self.tracee
     }
 }
 

@@ -285,7 +285,15 @@ fn new_image_is_mapped_bound_like_the_process_and_callable_then_unloaded() {
         assert_eq!(rc.call(sym("get_ctor_ran"), &[]).expect("ctor_ran"), 0);
         rc.finish().expect("restore");
     }
-    assert_eq!(loaded.tracee().regs(pid).expect("regs"), regs_before);
+    // The guard dereferences to the tracee: use both together.
+    {
+        let new_img = loaded.image();
+        let mem = loaded.memory();
+        let inited = new_img.runtime(symbol(&s.new, "inited"));
+        assert_eq!(mem.read_u32(inited).expect("inited"), 1234);
+        assert_eq!(loaded.regs(pid).expect("regs"), regs_before);
+        loaded.set_regs(pid, &regs_before).expect("set regs");
+    }
 
     loaded.unload().expect("unload");
     assert_eq!(
