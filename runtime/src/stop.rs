@@ -333,6 +333,9 @@ struct Waiting {
     running: bool,
     last_kick: Instant,
     reason: String,
+    /// Why the update points it reached did not make it ready (a signal
+    /// handler, a callback): more telling than where it was last seen.
+    at_point: Option<String>,
 }
 
 struct Stopper<'a> {
@@ -507,6 +510,7 @@ impl Stopper<'_> {
             running,
             last_kick: Instant::now(),
             reason: reason.to_string(),
+            at_point: None,
         }
     }
 
@@ -734,6 +738,7 @@ impl Stopper<'_> {
     ) -> Result<(), StopError> {
         let regs = self.tracee.regs(tid)?;
         let regs = self.undo_eintr(tid, regs)?;
+        let at_point = self.at_update_point(regs.rip());
         match self.classify(tid, &regs) {
             Ok(state) if !keep_running => {
                 self.settle(tid)?;
@@ -750,7 +755,11 @@ impl Stopper<'_> {
                     running: false,
                     last_kick: Instant::now(),
                     reason: String::new(),
+                    at_point: None,
                 });
+                if at_point && !keep_running {
+                    w.at_point = Some(reason.clone());
+                }
                 w.reason = reason;
                 w.running = false;
                 // In the first pass (before arming) nothing runs yet.
@@ -789,10 +798,20 @@ impl Stopper<'_> {
         find(&self.maps)
     }
 
+    /// Whether `pc` is an update point of the image.
+    fn at_update_point(&self, pc: RuntimeAddr) -> bool {
+        self.image
+            .link(pc)
+            .and_then(|l| self.image.tables.function_at(l).map(|f| (f, l)))
+            .is_some_and(|(f, l)| f.update_point_at(l).is_some())
+    }
+
     /// Ready state of a stopped thread, or why it is not ready.
     fn classify(&mut self, tid: Pid, regs: &Regs) -> Result<ThreadState, String> {
         let rip = regs.rip();
         let stack = self.stack_of(regs.rsp());
+        // Messages name the thread already.
+        let prefix = format!("thread {tid}: ");
         let unwind = |regs: &Regs| {
             unwind_thread(
                 self.image,
@@ -802,6 +821,13 @@ impl Stopper<'_> {
                 tid.as_raw(),
                 regs,
             )
+            .map_err(|e| {
+                let e = e.to_string();
+                match e.strip_prefix(&prefix) {
+                    Some(rest) => rest.to_string(),
+                    None => e,
+                }
+            })
         };
         let t = tid.as_raw();
         if self.image.is_code(rip) {
@@ -815,7 +841,7 @@ impl Stopper<'_> {
             if f.update_point_at(rip.to_link(self.image.bias)).is_none() {
                 return Err("running, not at an update point".into());
             }
-            let u = unwind(regs).map_err(|e| e.to_string())?;
+            let u = unwind(regs)?;
             return Ok(ThreadState {
                 tid: t,
                 regs: *regs,
@@ -1151,7 +1177,7 @@ impl Stopper<'_> {
             let reason = self
                 .waiting
                 .get(&tid)
-                .map(|w| w.reason.clone())
+                .map(|w| w.at_point.clone().unwrap_or_else(|| w.reason.clone()))
                 .unwrap_or_default();
             let Ok(regs) = self.tracee.regs(tid) else {
                 out.push(NotReadyThread {

@@ -653,6 +653,8 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
     /// registers are `set`) only library frames may follow, ending in the
     /// outermost frame.
     fn verify_bottom(&self, tid: i32, function: &str, mut set: RegSet) -> Result<(), UnwindError> {
+        // Where the application frames were entered from, for messages.
+        let mut entered_from: Option<String> = None;
         for _ in 0..MAX_LIB_FRAMES {
             let pc = RuntimeAddr(set.get(Reg::Rip).unwrap_or(0));
             if pc.0 == 0 {
@@ -666,11 +668,12 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
                 return Err(UnwindError::Callback {
                     tid,
                     function: function.to_string(),
-                    location: format!("{pc}"),
+                    location: entered_from.unwrap_or_else(|| format!("{pc}")),
                     caller,
                 });
             }
             let (lib, link) = self.library(tid, pc)?;
+            entered_from.get_or_insert_with(|| describe(lib, link));
             let lookup = LinkAddr(link.0.wrapping_sub(1));
             let row = lib
                 .eh_frame()

@@ -579,11 +579,7 @@ void *busy(void *a)
 {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
-    ts.tv_nsec += 300000000;
-    if (ts.tv_nsec >= 1000000000) {
-        ts.tv_sec++;
-        ts.tv_nsec -= 1000000000;
-    }
+    ts.tv_sec += 1;
     pthread_mutex_lock(&m);
     pthread_cond_timedwait(&c, &m, &ts);
     pthread_mutex_unlock(&m);
@@ -628,8 +624,14 @@ fn signals_threads_and_forks_while_stopping() {
     let mut child = start(&exe, &[], "ready");
     let pid = pid_of(&child);
     wait_threads(pid, 2);
+    let busy: Vec<_> = upstare_runtime::procfs::list_tasks(pid)
+        .unwrap()
+        .into_iter()
+        .filter(|&t| t != pid)
+        .collect();
+    wait_sleeping(pid, &busy);
 
-    // `busy` waits 300 ms in pthread_cond_timedwait (not a safe call), then
+    // `busy` waits 1 s in pthread_cond_timedwait (not a safe call), then
     // raises SIGUSR1, creates a thread and forks, all while being stopped.
     let (mut tracee, image, mut libs) = seize(&child);
     let opts = StopOptions {
@@ -775,4 +777,102 @@ fn skipping_hits_stops_at_the_kth_point_of_a_run() {
         assert_eq!(out.status, ExitStatus::Code(0), "{}", out.stderr);
         assert_eq!(out.stdout, "ready\ng 999 calls 1000\n");
     }
+}
+
+const CALLBACKS: &str = r#"
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+volatile int flag;
+volatile long c1, c2;
+
+void on_usr1(int s)
+{
+    while (!flag) {
+        c1++;
+    }
+}
+
+void *handler_thread(void *a)
+{
+    raise(SIGUSR1);
+    return a;
+}
+
+int cmp(const void *a, const void *b)
+{
+    while (!flag) {
+        c2++;
+    }
+    return *(const int *)a - *(const int *)b;
+}
+
+void *sorter(void *a)
+{
+    int v[4] = {3, 1, 2, 0};
+    qsort(v, 4, sizeof v[0], cmp);
+    return (void *)(long)(v[0] * 1000 + v[1] * 100 + v[2] * 10 + v[3]);
+}
+
+int main(void)
+{
+    signal(SIGUSR1, on_usr1);
+    pthread_t h, s;
+    pthread_create(&h, 0, handler_thread, 0);
+    pthread_create(&s, 0, sorter, 0);
+    printf("ready\n");
+    fflush(stdout);
+    char c;
+    long n = read(0, &c, 1);
+    flag = 1;
+    void *r;
+    pthread_join(h, 0);
+    pthread_join(s, &r);
+    printf("go %ld sorted %ld\n", n, (long)r);
+    return 0;
+}
+"#;
+
+#[test]
+fn frames_under_a_signal_handler_or_a_library_callback_are_not_ready() {
+    let d = TempDir::new("callbacks");
+    let exe = build(&d, "callbacks", CALLBACKS, Toolchain::Gcc);
+    let mut child = start(&exe, &[], "ready");
+    let pid = pid_of(&child);
+    wait_threads(pid, 3);
+    // Both threads spin in their loops (handler, comparator) by now.
+    std::thread::sleep(Duration::from_millis(100));
+
+    let (mut tracee, image, mut libs) = seize(&child);
+    let opts = StopOptions {
+        timeout: Duration::from_millis(300),
+        ..StopOptions::default()
+    };
+    let e = stop_the_world(&mut tracee, &image, &mut libs, &opts).unwrap_err();
+    eprintln!("{e}");
+    let StopError::NotReady { threads, .. } = &e else {
+        panic!("{e}");
+    };
+    assert_eq!(threads.len(), 2, "{e}");
+    let at = |f: &str| {
+        threads
+            .iter()
+            .find(|t| matches!(&t.location, Location::App { function, .. } if function == f))
+            .unwrap_or_else(|| panic!("{f} not named: {e}"))
+    };
+    let h = at("on_usr1");
+    assert!(h.reason.contains("signal handler"), "{h}");
+    let c = at("cmp");
+    assert!(c.reason.contains("called back from library code"), "{c}");
+    assert!(c.reason.contains("sorter is active"), "{c}");
+    assert_code_intact(&tracee, &image);
+    tracee.detach().unwrap();
+
+    child.send_stdin(b"g").unwrap();
+    let out = child.wait(Duration::from_secs(30)).unwrap();
+    assert_eq!(out.status, ExitStatus::Code(0), "{}", out.stderr);
+    assert_eq!(out.stdout, "ready\ngo 1 sorted 123\n");
 }
