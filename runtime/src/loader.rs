@@ -39,10 +39,11 @@
 //!
 //! At commit ([`LoadedImage::plan_commit`], [`LoadedImage::commit`]):
 //! signal handlers in the old image's code are re-registered at the same
-//! functions of NEW ([`move_signal_handlers`]); the old image's `.dynamic`
+//! functions of NEW ([`move_signal_handlers`]); the main program's `.dynamic`
 //! `DT_FINI`/`DT_FINI_ARRAY`/`DT_FINI_ARRAYSZ` are redirected to NEW's, since
-//! the dynamic linker runs the main program's destructors at exit with the
-//! old image's `l_addr` ([`redirect_fini`]); and the old image's code is made
+//! the dynamic linker runs the main program's destructors at exit with its
+//! `l_addr` (the main program stays the first version, whatever the number
+//! of updates: [`redirect_fini`]); and the old image's code is made
 //! non-executable so that a stale code pointer traps ([`retire_old_image`]).
 
 use crate::memory::{MemError, TargetMemory};
@@ -1423,6 +1424,7 @@ impl<'t> LoadedImage<'t> {
             .image
             .as_ref()
             .expect("image present until commit or unload");
+        let pid = self.tracee.pid();
         let mut rc = RemoteCalls::new(self.tracee, self.tid, self.new_gadget)?;
         rc.set_timeout(self.timeout);
         let mapper = function_mapper(running, new);
@@ -1430,8 +1432,7 @@ impl<'t> LoadedImage<'t> {
         let fini = handlers
             .as_ref()
             .ok()
-            .map(|_| plan_fini_redirect(&*rc.memory(), running, new));
-        let pid = rc.pid();
+            .map(|_| plan_fini_redirect(&*rc.memory(), pid, new));
         rc.finish()?;
         let handlers = handlers?;
         let fini = match fini {
@@ -1702,33 +1703,49 @@ impl FiniRedirect {
     }
 }
 
-/// Compute how to make the dynamic linker run NEW's destructors at exit:
-/// it runs the main program's `DT_FINI_ARRAY` and `DT_FINI` as `l_addr +
-/// d_ptr` read from the old image's `.dynamic` in memory (the old image's
-/// bias), so each `d_ptr` becomes NEW's runtime address minus that bias.
-/// (The dynamic linker keeps pointers to these entries, not their values.)
+/// The program the process was started from, as the dynamic linker knows
+/// it (the first `link_map` entry): its file and bias (`l_addr`, from
+/// `AT_ENTRY`). After updates this is still the first version.
+pub fn main_program(pid: Pid) -> Result<(PathBuf, LoadBias), LoadError> {
+    let exe = procfs::exe_path(pid)?;
+    let data = read_elf(&exe)?;
+    let hdr = Hdr::parse(&*data).map_err(|e| parse_err(&exe, e))?;
+    let endian = hdr.endian().map_err(|e| parse_err(&exe, e))?;
+    let auxv = procfs::read_auxv(pid)?;
+    let bias = procfs::load_bias_from_auxv(&auxv, LinkAddr(hdr.e_entry(endian)))?;
+    Ok((exe, bias))
+}
+
+/// Compute how to make the dynamic linker run NEW's destructors at exit.
+/// It runs the *main program's* `DT_FINI_ARRAY` and `DT_FINI` as `l_addr +
+/// d_ptr`, reading the entries of that program's `.dynamic` in memory when
+/// the process exits (it keeps pointers to the entries, not their values).
+/// The main program is the first version even after several updates
+/// ([`main_program`]), so each of its `d_ptr` becomes NEW's runtime address
+/// minus the main program's bias.
 pub fn plan_fini_redirect(
     mem: &impl TargetMemory,
-    running: &Image,
+    pid: Pid,
     new: &Image,
 ) -> Result<FiniRedirect, LoadError> {
+    let (main_path, main_bias) = main_program(pid)?;
     let fini_err = |reason: String| LoadError::Fini {
-        old: running.path.clone(),
+        old: main_path.clone(),
         new: new.path.clone(),
         reason,
     };
-    let old_sum = summarize(&running.path, &read_elf(&running.path)?)?;
+    let old_sum = summarize(&main_path, &read_elf(&main_path)?)?;
     let new_sum = summarize(&new.path, &read_elf(&new.path)?)?;
     let Some((dyn_vaddr, dyn_size)) = old_sum.dynamic else {
-        return Err(fini_err("the old image has no PT_DYNAMIC".into()));
+        return Err(fini_err("the main program has no PT_DYNAMIC".into()));
     };
-    let base = LinkAddr(dyn_vaddr).to_runtime(running.bias);
+    let base = LinkAddr(dyn_vaddr).to_runtime(main_bias);
     let count = (dyn_size / 16).min(MAX_DYNAMIC);
     let to_old_bias = |link: u64| {
         LinkAddr(link)
             .to_runtime(new.bias)
             .0
-            .wrapping_sub(running.bias.0)
+            .wrapping_sub(main_bias.0)
     };
     let mut writes = Vec::new();
     let mut seen = (false, false);
@@ -1769,12 +1786,12 @@ pub fn plan_fini_redirect(
     }
     if new_sum.fini.is_some() && !seen.0 {
         return Err(fini_err(
-            "the new version has DT_FINI, the old image none".into(),
+            "the new version has DT_FINI, the main program none".into(),
         ));
     }
     if new_sum.fini_array.is_some() && !seen.1 {
         return Err(fini_err(
-            "the new version has DT_FINI_ARRAY, the old image none".into(),
+            "the new version has DT_FINI_ARRAY, the main program none".into(),
         ));
     }
     Ok(FiniRedirect { writes })
@@ -1784,10 +1801,10 @@ pub fn plan_fini_redirect(
 /// writes the read-only RELRO pages too).
 pub fn redirect_fini(
     mem: &mut impl TargetMemory,
-    running: &Image,
+    pid: Pid,
     new: &Image,
 ) -> Result<FiniRedirect, LoadError> {
-    let plan = plan_fini_redirect(&*mem, running, new)?;
+    let plan = plan_fini_redirect(&*mem, pid, new)?;
     plan.apply(mem)?;
     Ok(plan)
 }

@@ -401,6 +401,51 @@ fn commit_moves_signal_handlers_and_destructors_to_new() {
 }
 
 #[test]
+fn a_second_update_redirects_destructors_and_handlers_again() {
+    let mut s = setup("twice", NEW, Toolchain::Gcc, &[]);
+    let pid = s.pid;
+    let new2_src = NEW
+        .replace("\"new usr1\\n\", 9", "\"new2 usr1\\n\", 10")
+        .replace("bye new\\n", "bye new2\\n");
+    assert_ne!(new2_src, NEW);
+    let new2 = build(&s._dir, "new2", &new2_src, Toolchain::Gcc, &[]);
+    let load = |t: &mut Tracee, exe: &Path, running: &Image| -> Image {
+        let bytes = std::fs::read(exe).expect("read");
+        let tables = upstare_dwarf::read_tables(&bytes).expect("tables");
+        let mut loaded = load_image(
+            t,
+            pid,
+            exe,
+            &bytes,
+            tables,
+            running,
+            &LoadOptions::default(),
+        )
+        .expect("load");
+        let mut plan = loaded.plan_commit(running).expect("plan");
+        assert_eq!(plan.handlers.len(), 1);
+        assert_eq!(plan.fini.writes.len(), 3);
+        // OLD's main stays on the stack in this test: keep code executable.
+        plan.retire.clear();
+        loaded.commit(&plan).expect("commit")
+    };
+    let v1 = load(&mut s.tracee, &s.new, &s.running);
+    let v2 = load(&mut s.tracee, &new2, &v1);
+    assert_ne!(v1.bias, v2.bias);
+    s.tracee.detach().expect("detach");
+    signal::kill(pid, Signal::SIGUSR1).expect("kill");
+    s.child
+        .wait_for_line("handler", Duration::from_secs(10), |l| l.ends_with("usr1"))
+        .expect("handler ran");
+    let (code, out) = finish(s.child, b"abc\n");
+    assert_eq!(code, Some(0));
+    assert_eq!(
+        out,
+        format!("ready {pid} 12 hello, world\nnew2 usr1\nold read 4\nbye new2\n")
+    );
+}
+
+#[test]
 fn retiring_the_old_image_makes_stale_code_pointers_trap() {
     let mut s = setup("retire", NEW, Toolchain::Gcc, &[]);
     let pid = s.pid;
