@@ -36,3 +36,4 @@ pub use procfs::{MemoryMap, ProcError};
 pub use ptrace::{
     ChildGuard, ExtRegs, PtraceError, Regs, Sig, SpawnedStdio, Stop, ThreadState, Tracee,
 };
+pub mod update;

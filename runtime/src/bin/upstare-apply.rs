@@ -1,0 +1,107 @@
+//! `upstare-apply`: update a running process to a new version of its
+//! program, in place.
+
+use anyhow::Result;
+use clap::Parser;
+use std::path::PathBuf;
+use std::time::Duration;
+use upstare_runtime::update::{apply, ApplyOptions, UpdateReport};
+
+/// Update a running process to a new version of its program, in place: same
+/// pid, same open files and connections, every thread's stack and every
+/// global carried over.
+///
+/// Both the running program and NEW must have been instrumented with
+/// `upstare-rewrite` (built -O0 -g -fno-omit-frame-pointer). Threads are
+/// stopped at update points or while blocked in a safe call (read, accept,
+/// nanosleep, pthread_mutex_lock, ...); if one cannot get there within
+/// --timeout, nothing changes and the reason names the thread and where it is.
+///
+/// An identity update (NEW a copy of the running file) must change nothing
+/// observable; use it to check a program before a real update.
+///
+/// Examples:
+///   upstare-apply --pid 4242 --to ./server-v2.up
+///   upstare-apply --pid 4242 --to ./server-v2.up --dry-run
+///   upstare-apply --pid 4242 --to ./server-v2.up --json --timeout 2000
+#[derive(Parser)]
+#[command(version, verbatim_doc_comment)]
+struct Cli {
+    /// The process to update.
+    #[arg(long)]
+    pid: i32,
+    /// The instrumented new version.
+    #[arg(long, value_name = "NEW")]
+    to: PathBuf,
+    /// Longest time, in milliseconds, the threads may take to reach update
+    /// points.
+    #[arg(long, value_name = "MS", default_value_t = 500)]
+    timeout: u64,
+    /// Stop the process, plan and validate the update, then let it go on
+    /// unchanged.
+    #[arg(long)]
+    dry_run: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(&cli) {
+        if cli.json {
+            println!(
+                "{}",
+                serde_json::json!({ "ok": false, "error": format!("{e:#}") })
+            );
+        }
+        eprintln!("upstare-apply: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: &Cli) -> Result<()> {
+    let opts = ApplyOptions {
+        timeout: Duration::from_millis(cli.timeout),
+        dry_run: cli.dry_run,
+        skip_hits: 0,
+    };
+    let report = apply(cli.pid, &cli.to, &opts)?;
+    if cli.json {
+        let mut v = serde_json::to_value(&report)?;
+        v["ok"] = serde_json::Value::Bool(true);
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print_report(&report);
+    }
+    Ok(())
+}
+
+fn print_report(r: &UpdateReport) {
+    let verb = if r.dry_run { "would update" } else { "updated" };
+    println!(
+        "{verb} process {} from {} to {}",
+        r.pid,
+        r.from.display(),
+        r.to.display()
+    );
+    for t in &r.threads {
+        println!("  thread {}: {}; {}", t.tid, t.state, t.frames.join(" <- "));
+    }
+    if !r.dry_run {
+        println!(
+            "  {} globals copied, {} bytes written, new image at {:#x}",
+            r.globals_copied,
+            r.bytes_written,
+            r.new_load_address.unwrap_or(0)
+        );
+    }
+    for w in &r.warnings {
+        println!("  warning: {w}");
+    }
+    let t = &r.timings;
+    println!(
+        "  latency: stop {} us, save {} us, load {} us, transfer {} us, rebuild {} us, resume {} us, total {} us",
+        t.stop_us, t.save_us, t.load_us, t.transfer_us, t.rebuild_us, t.resume_us, t.total_us
+    );
+}

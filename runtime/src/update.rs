@@ -1,0 +1,363 @@
+//! One live update, end to end: find the running image, stop the world,
+//! check the mapping, load the new version, compute the new state, commit,
+//! resume. Everything before the commit is reversible: a refusal or failure
+//! unloads the new image, removes every armed byte and leaves the process
+//! exactly as it was.
+
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use upstare_dwarf::RuntimeAddr;
+
+use crate::image::{running_image, ImageError, Libraries};
+use crate::loader::{self, LoadError, LoadOptions};
+use crate::memory::{MemError, TargetMemory};
+use crate::procfs::{self, ProcError};
+use crate::ptrace::{PtraceError, Tracee};
+use crate::rebuild::{self, RebuildError};
+use crate::state::{Readiness, ThreadState};
+use crate::stop::{self, StopError, StopOptions};
+use crate::transfer::{self, Remapper, TransferError, Write};
+use nix::unistd::Pid;
+
+/// How to run an update.
+#[derive(Clone, Debug)]
+pub struct ApplyOptions {
+    /// Longest time the threads may take to reach update points.
+    pub timeout: Duration,
+    /// Stop, plan and validate, then resume without changing anything.
+    pub dry_run: bool,
+    /// Let this many update-point hits pass before stopping (tests use it to
+    /// update at the k-th point of a run).
+    pub skip_hits: u64,
+}
+
+impl Default for ApplyOptions {
+    fn default() -> Self {
+        ApplyOptions {
+            timeout: Duration::from_millis(500),
+            dry_run: false,
+            skip_hits: 0,
+        }
+    }
+}
+
+/// Why an update did not happen. Every variant before `Commit` leaves the
+/// process as it was.
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError {
+    #[error("process {pid}: {source}")]
+    Proc {
+        pid: i32,
+        #[source]
+        source: ProcError,
+    },
+    #[error("{0}")]
+    Ptrace(#[from] PtraceError),
+    #[error("{0}")]
+    Image(#[from] ImageError),
+    #[error("{path}: {why}")]
+    New { path: PathBuf, why: String },
+    #[error("{0}")]
+    Stop(#[from] StopError),
+    #[error("{0}")]
+    Transfer(#[from] TransferError),
+    #[error("{0}")]
+    Rebuild(#[from] RebuildError),
+    #[error("{0}")]
+    Load(#[from] LoadError),
+    #[error("{what}: {len} bytes at {addr} are not in a writable mapping of the process")]
+    NotWritable {
+        what: String,
+        addr: RuntimeAddr,
+        len: usize,
+    },
+    #[error("commit failed and was rolled back: {0}")]
+    CommitSteps(String),
+    #[error("commit failed and was rolled back: {what}: {source}")]
+    Commit {
+        what: String,
+        #[source]
+        source: MemError,
+    },
+}
+
+/// Latency of each phase, in microseconds.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Timings {
+    pub stop_us: u64,
+    pub save_us: u64,
+    pub load_us: u64,
+    pub transfer_us: u64,
+    pub rebuild_us: u64,
+    pub resume_us: u64,
+    pub total_us: u64,
+}
+
+/// One thread in the report.
+#[derive(Clone, Debug, Serialize)]
+pub struct ThreadReport {
+    pub tid: i32,
+    /// `at update point` or `blocked in read (syscall 0)`.
+    pub state: String,
+    /// `function@continuation`, top first (the old version's frames).
+    pub frames: Vec<String>,
+}
+
+/// What an update did.
+#[derive(Clone, Debug, Serialize)]
+pub struct UpdateReport {
+    pub pid: i32,
+    pub from: PathBuf,
+    pub to: PathBuf,
+    pub dry_run: bool,
+    pub threads: Vec<ThreadReport>,
+    pub globals_copied: usize,
+    pub bytes_written: usize,
+    pub new_load_address: Option<u64>,
+    pub warnings: Vec<String>,
+    pub timings: Timings,
+}
+
+fn us(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Updates process `pid` to the instrumented binary `new_path`: seizes it,
+/// runs [`apply_traced`], and detaches whatever happened.
+pub fn apply(pid: i32, new_path: &Path, opts: &ApplyOptions) -> Result<UpdateReport, UpdateError> {
+    let mut tracee = Tracee::seize(nix::unistd::Pid::from_raw(pid))?;
+    let result = apply_traced(&mut tracee, new_path, opts);
+    let t = Instant::now();
+    let detached = tracee.detach();
+    match result {
+        Ok(mut r) => {
+            detached?;
+            r.timings.resume_us += us(t.elapsed());
+            r.timings.total_us += us(t.elapsed());
+            Ok(r)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn thread_report(t: &ThreadState) -> ThreadReport {
+    ThreadReport {
+        tid: t.tid,
+        state: match &t.readiness {
+            Readiness::AtPoint => "at update point".into(),
+            Readiness::Blocked { callee, syscall } => {
+                format!("blocked in {callee} (syscall {syscall})")
+            }
+        },
+        frames: t
+            .frames
+            .iter()
+            .map(|f| format!("{}@{}", f.function, f.continuation))
+            .collect(),
+    }
+}
+
+/// The update on an already seized (all threads stopped) tracee. The tracee
+/// stays attached; the caller resumes it (detach or continue).
+pub fn apply_traced(
+    tracee: &mut Tracee,
+    new_path: &Path,
+    opts: &ApplyOptions,
+) -> Result<UpdateReport, UpdateError> {
+    let start = Instant::now();
+    let pid = tracee.pid().as_raw();
+    let proc_err = |source| UpdateError::Proc { pid, source };
+    let new_err = |why: String| UpdateError::New {
+        path: new_path.to_path_buf(),
+        why,
+    };
+    let mut timings = Timings::default();
+
+    // Phase 1: what runs, and what it becomes (no process changes).
+    let maps = procfs::read_maps(tracee.pid()).map_err(proc_err)?;
+    let old = running_image(tracee.pid(), &maps)?;
+    let new_bytes = std::fs::read(new_path).map_err(|e| new_err(format!("cannot read: {e}")))?;
+    let new_tables = upstare_dwarf::read_tables(&new_bytes).map_err(|e| new_err(e.to_string()))?;
+    let mut libs = Libraries::new(tracee.pid(), &maps);
+
+    // Phase 2: stop every thread at an update point or in a safe call.
+    let t = Instant::now();
+    let stopped = stop::stop_the_world(
+        tracee,
+        &old,
+        &mut libs,
+        &StopOptions {
+            timeout: opts.timeout,
+            skip_hits: opts.skip_hits,
+            ..StopOptions::default()
+        },
+    )?;
+    let threads = stopped.threads;
+    timings.stop_us = us(t.elapsed());
+
+    // Phase 3: does the state map onto the new version? (tables only)
+    let t = Instant::now();
+    let mut warnings = transfer::check_globals(&old.tables, &new_tables)?;
+    rebuild::check_frames(&threads, &old.tables, &new_tables)?;
+    timings.save_us = us(t.elapsed());
+    let mut report = UpdateReport {
+        pid,
+        from: old.path.clone(),
+        to: new_path.to_path_buf(),
+        dry_run: opts.dry_run,
+        threads: threads.iter().map(thread_report).collect(),
+        globals_copied: 0,
+        bytes_written: 0,
+        new_load_address: None,
+        warnings: Vec::new(),
+        timings: Timings::default(),
+    };
+    if opts.dry_run {
+        report.warnings = warnings;
+        timings.total_us = us(start.elapsed());
+        report.timings = timings;
+        return Ok(report);
+    }
+
+    // Phase 4: load the new version (undone on drop unless committed).
+    let t = Instant::now();
+    let tid = Pid::from_raw(threads.first().map(|t| t.tid).unwrap_or(pid));
+    let mut loaded = loader::load_image(
+        tracee,
+        tid,
+        new_path,
+        &new_bytes,
+        new_tables,
+        &old,
+        &LoadOptions::default(),
+    )?;
+    let commit_plan = loaded.plan_commit(&old)?;
+    warnings.extend(commit_plan.warnings.iter().cloned());
+    timings.load_us = us(t.elapsed());
+
+    let (new, tr) = loaded.parts();
+    report.new_load_address = Some(new.bias.0);
+    // Phase 5: compute every byte of the new state.
+    let t = Instant::now();
+    let mut mem = tr.memory();
+    let mut remap = Remapper::new(&old, new);
+    let mut layouts = Vec::with_capacity(threads.len());
+    for th in &threads {
+        layouts.push(rebuild::place_frames(th, &old, new, &mut remap)?);
+    }
+    let globals = transfer::transfer_globals(&mem, &old, new, &mut remap)?;
+    timings.transfer_us = us(t.elapsed());
+    let t = Instant::now();
+    let mut plans = Vec::with_capacity(threads.len());
+    for (th, layout) in threads.iter().zip(&layouts) {
+        plans.push(rebuild::frame_writes(
+            &mem, th, layout, &old, new, &mut remap,
+        )?);
+    }
+    let writes: Vec<&Write> = globals
+        .writes
+        .iter()
+        .chain(plans.iter().flat_map(|p| p.writes.iter()))
+        .collect();
+    let maps_now = procfs::read_maps(tr.pid()).map_err(proc_err)?;
+    for w in &writes {
+        let end = w.addr.0.saturating_add(w.bytes.len() as u64);
+        let ok = maps_now
+            .iter()
+            .any(|m| m.perms.write && m.start.0 <= w.addr.0 && end <= m.end.0);
+        if !ok {
+            return Err(UpdateError::NotWritable {
+                what: w.what.clone(),
+                addr: w.addr,
+                len: w.bytes.len(),
+            });
+        }
+    }
+    if !remap.dangling_code.is_empty() {
+        warnings.push(format!(
+            "{} pointer(s) into old code name no function of the new version; left unchanged",
+            remap.dangling_code.len()
+        ));
+    }
+    for p in &plans {
+        warnings.extend(p.warnings.iter().cloned());
+    }
+    warnings.extend(globals.warnings.iter().cloned());
+    timings.rebuild_us = us(t.elapsed());
+
+    // Phase 6: commit, with an undo log so a failure is rolled back.
+    let t = Instant::now();
+    let mut undo: Vec<(RuntimeAddr, Vec<u8>)> = Vec::with_capacity(writes.len());
+    let mut old_regs = Vec::with_capacity(plans.len());
+    let mut failure: Option<(String, Option<MemError>)> = None;
+    for w in &writes {
+        let saved = match mem.read_vec(w.addr, w.bytes.len() as u64, usize::MAX) {
+            Ok(b) => b,
+            Err(e) => {
+                failure = Some((w.what.clone(), Some(e)));
+                break;
+            }
+        };
+        if let Err(e) = mem.write(w.addr, &w.bytes) {
+            failure = Some((w.what.clone(), Some(e)));
+            break;
+        }
+        undo.push((w.addr, saved));
+    }
+    if failure.is_none() {
+        for p in &plans {
+            let tid = Pid::from_raw(p.tid);
+            match tr
+                .regs(tid)
+                .and_then(|r| tr.set_regs(tid, &p.regs).map(|()| r))
+            {
+                Ok(r) => old_regs.push((tid, r)),
+                Err(e) => {
+                    failure = Some((format!("registers of thread {}: {e}", p.tid), None));
+                    break;
+                }
+            }
+        }
+    }
+    let rollback = |mem: &mut crate::memory::ProcessMemory, tracee: &mut Tracee| {
+        for (addr, bytes) in undo.iter().rev() {
+            let _ = mem.write(*addr, bytes);
+        }
+        for (tid, r) in &old_regs {
+            let _ = tracee.set_regs(*tid, r);
+        }
+    };
+    if let Some((what, source)) = failure {
+        rollback(&mut mem, tr);
+        return Err(match source {
+            Some(source) => UpdateError::Commit { what, source },
+            None => UpdateError::CommitSteps(what),
+        });
+    }
+    let globals_copied = globals.copied;
+    let bytes_written: usize = writes.iter().map(|w| w.bytes.len()).sum();
+    let frames: Vec<Vec<String>> = plans.iter().map(|p| p.frames.clone()).collect();
+    drop(remap);
+    if let Err(e) = loaded.commit(&commit_plan) {
+        // The guard has unloaded NEW; put the old state back.
+        let mut mem = tracee.memory();
+        rollback(&mut mem, tracee);
+        return Err(e.into());
+    }
+    report.bytes_written = bytes_written;
+    report.globals_copied = globals_copied;
+    report.threads = threads
+        .iter()
+        .zip(frames)
+        .map(|(t, frames)| ThreadReport {
+            frames,
+            ..thread_report(t)
+        })
+        .collect();
+    timings.resume_us = us(t.elapsed());
+    timings.total_us = us(start.elapsed());
+    report.warnings = warnings;
+    report.timings = timings;
+    Ok(report)
+}
