@@ -500,9 +500,37 @@ impl Stopper<'_> {
             }
             self.resume(bps, tid)?;
         }
-        let result = self.wait_loop(bps);
+        let result = self.wait_loop(bps).and_then(|()| self.sweep_dead());
         timings.run = t.elapsed();
         result
+    }
+
+    /// Whether a ready (stopped) thread died meanwhile: stopped threads
+    /// only die with their whole process (SIGKILL, exit_group), and report
+    /// nothing but that death.
+    fn sweep_dead(&mut self) -> Result<(), StopError> {
+        let ready: Vec<Pid> = self.ready.keys().copied().collect();
+        for tid in ready {
+            match self.tracee.try_wait(tid) {
+                Ok(None) => {}
+                Ok(Some(stop)) if stop.is_terminal() => {
+                    return Err(StopError::Gone {
+                        pid: self.pid.as_raw(),
+                        how: format!("thread {tid}: {stop:?}"),
+                    })
+                }
+                // Not expected of a stopped thread; it stays stopped.
+                Ok(Some(_)) => {}
+                Err(PtraceError::Gone { .. }) => {
+                    return Err(StopError::Gone {
+                        pid: self.pid.as_raw(),
+                        how: format!("thread {tid} is gone"),
+                    })
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
     }
 
     fn new_waiting(&self, running: bool, reason: &str) -> Waiting {
@@ -689,13 +717,14 @@ impl Stopper<'_> {
             Stop::Exited { .. } | Stop::Killed { .. } => {
                 self.waiting.remove(&tid);
                 self.kicked.remove(&tid);
-                if tid == self.pid {
+                if tid == self.pid || matches!(stop, Stop::Killed { sig, .. } if sig == Sig::KILL) {
                     return Err(StopError::Gone {
                         pid: self.pid.as_raw(),
-                        how: format!("{stop:?}"),
+                        how: format!("thread {tid}: {stop:?}"),
                     });
                 }
-                Ok(())
+                // A thread's end may be the whole process's (exit_group).
+                self.sweep_dead()
             }
             Stop::VforkDone
             | Stop::Exiting { .. }

@@ -876,3 +876,32 @@ fn frames_under_a_signal_handler_or_a_library_callback_are_not_ready() {
     assert_eq!(out.status, ExitStatus::Code(0), "{}", out.stderr);
     assert_eq!(out.stdout, "ready\ngo 1 sorted 123\n");
 }
+
+#[test]
+fn a_target_killed_while_being_stopped_is_an_error_not_a_hang() {
+    let d = TempDir::new("killed");
+    let exe = build(&d, "stuck", STUCK, Toolchain::Gcc);
+    let child = start(&exe, &[], "ready");
+    let pid = pid_of(&child);
+    wait_threads(pid, 3);
+    std::thread::sleep(Duration::from_millis(50));
+    let (mut tracee, image, mut libs) = seize(&child);
+    // The spinner never gets ready: kill the process while we wait for it.
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    });
+    let opts = StopOptions {
+        timeout: Duration::from_secs(30),
+        ..StopOptions::default()
+    };
+    let t = Instant::now();
+    let e = stop_the_world(&mut tracee, &image, &mut libs, &opts).unwrap_err();
+    killer.join().unwrap();
+    eprintln!("after {:?}: {e}", t.elapsed());
+    assert!(matches!(e, StopError::Gone { .. }), "{e}");
+    assert!(
+        e.to_string().contains(&format!("process {pid} ended")),
+        "{e}"
+    );
+}
