@@ -369,3 +369,129 @@ pub fn block_map(details: &Details) -> BTreeMap<LinkAddr, usize> {
         .map(|(i, a)| (*a, i))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use upstare_dwarf::model::FrameBaseKind;
+
+    fn function(code_len: usize) -> Function {
+        Function {
+            name: "fuzzed".into(),
+            low: LinkAddr(0x1000),
+            high: LinkAddr(0x1000 + code_len as u64),
+            decl_file: None,
+            decl_line: 0,
+            frame_base: FrameBaseKind::Cfa,
+            return_type: None,
+            is_varargs: false,
+            external: true,
+            params: Vec::new(),
+            locals: Vec::new(),
+            saved_regs: Vec::new(),
+        }
+    }
+
+    /// Hostile code never panics: random bytes after a valid prologue, and
+    /// with random prologue-like prefixes.
+    #[test]
+    fn random_code_is_an_error_or_a_table_never_a_panic() {
+        let program = Program::default();
+        let view = CodeView::default();
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        // Instructions that steer the analyses: stack ops, branches, calls.
+        let pieces: &[&[u8]] = &[
+            &[0x55],                   // push rbp
+            &[0x48, 0x89, 0xe5],       // mov rbp,rsp
+            &[0x48, 0x83, 0xec, 0x20], // sub rsp,0x20
+            &[0x48, 0x29, 0xc4],       // sub rsp,rax
+            &[0x48, 0x89, 0xc4],       // mov rsp,rax
+            &[0x48, 0x89, 0xe0],       // mov rax,rsp
+            &[0x5d],                   // pop rbp
+            &[0xc9],                   // leave
+            &[0xc3],                   // ret
+            &[0x6a, 0x07],             // push 7
+            &[0x75, 0x02],             // jne +2
+            &[0xeb, 0xfe],             // jmp self
+            &[0xe8, 0, 0, 0, 0],       // call next
+            &[0xff, 0xd0],             // call rax
+            &[0xff, 0xe0],             // jmp rax
+            &[0x8b, 0x45, 0xfc],       // mov eax,[rbp-4]
+            &[0x89, 0x45, 0xf8],       // mov [rbp-8],eax
+            &[0x48, 0x8d, 0x65, 0xf0], // lea rsp,[rbp-0x10]
+            &[0x83, 0x7d, 0xec, 0x09], // cmp dword [rbp-0x14],9
+            &[0x77, 0x00],             // ja +0
+        ];
+        for round in 0..3000 {
+            let mut code = vec![0x55, 0x48, 0x89, 0xe5];
+            let n = (next() % 40) as usize;
+            for _ in 0..n {
+                if round % 3 == 0 {
+                    code.push(next() as u8);
+                } else {
+                    code.extend_from_slice(pieces[(next() % pieces.len() as u64) as usize]);
+                }
+            }
+            let f = function(code.len());
+            let _ = analyze_function(&f, &program, &code, &view);
+        }
+        // Wrong code length is an error naming the function.
+        let f = function(10);
+        let e = analyze_function(&f, &program, &[0x55], &view).unwrap_err();
+        assert!(e.to_string().starts_with("function fuzzed:"), "{e}");
+    }
+
+    #[test]
+    fn prologue_shapes() {
+        let program = Program::default();
+        let view = CodeView::default();
+        let run = |code: &[u8]| analyze_function(&function(code.len()), &program, code, &view);
+        // push rbp; mov rbp,rsp; push rbx; sub rsp,0x18; ...; mov rbx,[rbp-8]; leave; ret
+        let t = run(&[
+            0x55, 0x48, 0x89, 0xe5, 0x53, 0x48, 0x83, 0xec, 0x18, 0x90, 0x48, 0x8b, 0x5d, 0xf8,
+            0xc9, 0xc3,
+        ])
+        .expect("valid");
+        assert_eq!(t.body_depth, CfaOffset(-48));
+        assert_eq!(t.extent, CfaOffset(-48));
+        // endbr64 first is accepted.
+        let t = run(&[0xf3, 0x0f, 0x1e, 0xfa, 0x55, 0x48, 0x89, 0xe5, 0x5d, 0xc3]).expect("ibt");
+        assert_eq!(t.body_depth, CfaOffset(-16));
+        // No frame pointer.
+        assert!(matches!(
+            run(&[0x8d, 0x47, 0x01, 0xc3]),
+            Err(AnalysisError::NoFramePointer { .. })
+        ));
+        // DRAP: lea r10,[rsp+8]; and rsp,-32
+        assert!(matches!(
+            run(&[0x4c, 0x8d, 0x54, 0x24, 0x08, 0x48, 0x83, 0xe4, 0xe0, 0xc3]),
+            Err(AnalysisError::Realigned { .. })
+        ));
+        // rbp written in the body.
+        assert!(matches!(
+            run(&[0x55, 0x48, 0x89, 0xe5, 0x48, 0x89, 0xc5, 0x5d, 0xc3]),
+            Err(AnalysisError::OptimizedCode { .. })
+        ));
+        // Paths joining with different depths: push on one branch only.
+        let e = run(&[
+            0x55, 0x48, 0x89, 0xe5, // prologue
+            0x75, 0x02, // jne +2
+            0x6a, 0x07, // push 7
+            0x90, // join
+            0xc9, 0xc3,
+        ])
+        .unwrap_err();
+        assert!(matches!(e, AnalysisError::StackConflict { .. }), "{e}");
+        // An indirect jump that is not a switch.
+        assert!(matches!(
+            run(&[0x55, 0x48, 0x89, 0xe5, 0xff, 0xe0]),
+            Err(AnalysisError::UnknownIndirectJump { .. })
+        ));
+    }
+}

@@ -283,7 +283,11 @@ impl TempInfo {
                 continue;
             }
             match out.last_mut() {
-                Some(t) if t.offset.0 + i64::from(t.size) == b && !self.starts[k] => t.size += 1,
+                Some(t)
+                    if t.offset.0.checked_add(i64::from(t.size)) == Some(b) && !self.starts[k] =>
+                {
+                    t.size = t.size.saturating_add(1)
+                }
                 _ => out.push(TempSlot {
                     offset: CfaOffset(b),
                     size: 1,

@@ -137,7 +137,8 @@ pub(crate) fn step(insn: &Insn, st: &mut State) {
             continue;
         };
         let size = i64::from(m_ref.size.max(1));
-        st.slots.retain(|&k, _| k + 8 <= off || off + size <= k);
+        st.slots
+            .retain(|&k, _| k.saturating_add(8) <= off || off.saturating_add(size) <= k);
         if m == Mnemonic::Mov && size == 8 && ins.op1_kind() == OpKind::Register {
             if let Some(v) = gpr(ins.op1_register()).and_then(|r| old.reg(r)) {
                 st.slots.insert(off, v);
@@ -164,19 +165,23 @@ pub(crate) fn step(insn: &Insn, st: &mut State) {
     match m {
         Mnemonic::Leave => {
             // mov rsp,rbp; pop rbp
-            st.depth = old.rbp().map_or(Depth::Dynamic, |b| Depth::Known(b + 8));
+            st.depth = old
+                .rbp()
+                .and_then(|b| b.checked_add(8))
+                .map_or(Depth::Dynamic, Depth::Known);
             st.set(Reg::Rbp, None);
             return;
         }
         Mnemonic::Push | Mnemonic::Pop | Mnemonic::Pushfq | Mnemonic::Popfq => {
             let inc = i64::from(ins.stack_pointer_increment());
             st.depth = match old.depth {
-                Depth::Known(d) => Depth::Known(d + inc),
+                Depth::Known(d) => d.checked_add(inc).map_or(Depth::Dynamic, Depth::Known),
                 Depth::Dynamic => Depth::Dynamic,
             };
             if m == Mnemonic::Push {
                 if let Depth::Known(d) = st.depth {
-                    st.slots.retain(|&k, _| k + 8 <= d || d + 8 <= k);
+                    st.slots
+                        .retain(|&k, _| k.saturating_add(8) <= d || d.saturating_add(8) <= k);
                     if let Some(v) = op0_reg.and_then(|r| old.reg(r)) {
                         st.slots.insert(d, v);
                     }
