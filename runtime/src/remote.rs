@@ -175,7 +175,16 @@ pub fn entry_gadget(path: &Path, bias: LoadBias) -> Result<RuntimeAddr, RemoteEr
         path: path.to_path_buf(),
         reason,
     };
-    let data = std::fs::read(path).map_err(|e| entry_err(e.to_string()))?;
+    // The ELF header (64 bytes) is all that is needed.
+    let mut data = Vec::with_capacity(64);
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(
+            std::fs::File::open(path).map_err(|e| entry_err(e.to_string()))?,
+            64,
+        ),
+        &mut data,
+    )
+    .map_err(|e| entry_err(e.to_string()))?;
     let hdr = object::elf::FileHeader64::<object::Endianness>::parse(&*data)
         .map_err(|e| entry_err(e.to_string()))?;
     let endian = hdr.endian().map_err(|e| entry_err(e.to_string()))?;

@@ -388,3 +388,91 @@ fn killing_the_target_during_a_call_is_a_clear_error() {
     drop(t);
     let _ = child.kill();
 }
+
+const THREADED: &str = r#"
+#include <pthread.h>
+#include <stdio.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+int add(int a, int b) { return a + b; }
+static void *worker(void *arg) {
+    char buf[16] = {0};
+    (void)arg;
+    printf("ready worker %ld\n", (long)syscall(SYS_gettid));
+    fflush(stdout);
+    ssize_t n = read(0, buf, sizeof buf - 1);
+    printf("worker read %zd\n", n);
+    return NULL;
+}
+int main(void) {
+    pthread_t t;
+    pthread_create(&t, NULL, worker, NULL);
+    pthread_join(t, NULL);
+    printf("joined\n");
+    return 0;
+}
+"#;
+
+#[test]
+fn remote_calls_in_a_non_leader_thread() {
+    let dir = TempDir::new("thread");
+    let exe = build(&dir, "threaded", THREADED, Toolchain::Gcc, &["-pthread"]);
+    let child = start(&exe, &[]);
+    let pid = pid_of(&child);
+    let line = child
+        .wait_for_line("worker", Duration::from_secs(10), |l| {
+            l.starts_with("ready worker")
+        })
+        .expect("worker line");
+    let tid = nix::unistd::Pid::from_raw(
+        line.rsplit(' ')
+            .next()
+            .and_then(|t| t.parse().ok())
+            .expect("tid"),
+    );
+    assert_ne!(tid, pid);
+    for _ in 0..2000 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).unwrap_or_default();
+        if stat
+            .rfind(')')
+            .is_some_and(|i| stat[i + 1..].trim_start().starts_with('S'))
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut t = Tracee::seize(pid).expect("seize");
+    let gadget = exe_entry(pid).expect("entry");
+    let before_worker = snapshot(&t, tid, gadget);
+    let before_main = t.regs(pid).expect("main regs");
+    {
+        let mut rc = RemoteCalls::new(&mut t, tid, gadget).expect("session");
+        assert_eq!(rc.getpid().expect("getpid"), pid);
+        assert_eq!(
+            rc.syscall(libc::SYS_gettid, &[]).expect("gettid"),
+            i64::from(tid.as_raw())
+        );
+        let add = runtime_symbol(pid, &exe, "add");
+        assert_eq!(rc.call(add, &[7, 8]).expect("add"), 15);
+        rc.finish().expect("restore");
+    }
+    let after_worker = snapshot(&t, tid, gadget);
+    assert_eq!(before_worker.0, after_worker.0, "worker registers restored");
+    assert!(
+        before_worker.1 == after_worker.1,
+        "worker vector state restored"
+    );
+    assert_eq!(before_worker.2, after_worker.2, "gadget restored");
+    assert_eq!(before_worker.3, after_worker.3, "maps as before");
+    assert_eq!(
+        t.regs(pid).expect("main regs"),
+        before_main,
+        "main untouched"
+    );
+    t.detach().expect("detach");
+    let (code, out) = finish(child, b"hi\n");
+    assert_eq!(code, Some(0));
+    assert_eq!(out, format!("ready worker {tid}\nworker read 3\njoined\n"));
+}
