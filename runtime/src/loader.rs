@@ -493,7 +493,7 @@ impl ProcessLibraries {
             .find(|m| m.start.0 == at_base)
             .and_then(|m| m.file().map(Path::to_path_buf))
             .ok_or_else(|| lm_err(format!("no file mapped at AT_BASE {at_base:#x}")))?;
-        let ld_data = read_elf(&ldso)?;
+        let ld_data = read_elf(&mapped_file(pid, &maps, &ldso)?)?;
         let ld_sum = summarize(&ldso, &ld_data)?;
         let ld_first = ld_sum
             .loads
@@ -528,9 +528,22 @@ impl ProcessLibraries {
             let is_main = first;
             first = false;
             lm = next;
-            let path = if is_main {
-                procfs::exe_path(pid)?
-            } else if name.starts_with(b"/") {
+            if is_main {
+                // Read through /proc/PID/exe: the mapped file even if the
+                // path now names another (a rebuilt program).
+                let shown = strip_deleted(procfs::exe_path(pid)?);
+                let data = read_elf(&PathBuf::from(format!("/proc/{pid}/exe")))?;
+                let sum = summarize(&shown, &data)?;
+                objects.push(LoadedObject {
+                    defs: read_defs(&shown, &data)?,
+                    path: shown,
+                    soname: sum.soname,
+                    bias: LoadBias(l_addr),
+                    is_main,
+                });
+                continue;
+            }
+            let path = if name.starts_with(b"/") {
                 PathBuf::from(String::from_utf8_lossy(&name).into_owned())
             } else if !name.is_empty() && cwd.is_some() && name.contains(&b'/') {
                 // Relative to the process's working directory.
@@ -541,13 +554,9 @@ impl ProcessLibraries {
                 // The vDSO (no file).
                 continue;
             };
-            let canon = std::fs::canonicalize(&path).map_err(|e| LoadError::LibraryChanged {
-                pid: pid.as_raw(),
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
-            check_mapped(pid, &maps, &canon)?;
-            let data = read_elf(&canon)?;
+            let canon = std::fs::canonicalize(&path).unwrap_or(path);
+            let source = mapped_file(pid, &maps, &canon)?;
+            let data = read_elf(&source)?;
             let sum = summarize(&canon, &data)?;
             objects.push(LoadedObject {
                 defs: read_defs(&canon, &data)?,
@@ -592,26 +601,46 @@ impl ProcessLibraries {
     }
 }
 
-/// Check that `path` is mapped in `pid` and was not replaced on disk.
-fn check_mapped(pid: Pid, maps: &[MemoryMap], path: &Path) -> Result<(), LoadError> {
-    let changed = |reason: &str| LoadError::LibraryChanged {
+/// `path` without the ` (deleted)` the kernel appends to a replaced file.
+fn strip_deleted(path: PathBuf) -> PathBuf {
+    match path.to_str().and_then(|p| p.strip_suffix(" (deleted)")) {
+        Some(p) => PathBuf::from(p),
+        None => path,
+    }
+}
+
+/// Where to read the file mapped in `pid` as `path`: the path itself if it
+/// still names the mapped file, else the kernel's handle on the mapped file
+/// (`/proc/PID/map_files/START-END`: a library replaced on disk since).
+fn mapped_file(pid: Pid, maps: &[MemoryMap], path: &Path) -> Result<PathBuf, LoadError> {
+    let changed = |reason: String| LoadError::LibraryChanged {
         pid: pid.as_raw(),
         path: path.to_path_buf(),
-        reason: reason.into(),
+        reason,
     };
     let m = maps
         .iter()
         .find(|m| m.file() == Some(path))
-        .ok_or_else(|| changed("not in /proc/PID/maps"))?;
-    if m.deleted {
-        return Err(changed("the mapped file was deleted or replaced"));
-    }
+        .ok_or_else(|| changed("not in /proc/PID/maps".into()))?;
     use std::os::unix::fs::MetadataExt;
-    let st = std::fs::metadata(path).map_err(|e| changed(&e.to_string()))?;
-    if st.ino() != m.inode {
-        return Err(changed("its inode differs from the mapped one"));
+    let same = !m.deleted && std::fs::metadata(path).is_ok_and(|st| st.ino() == m.inode);
+    if same {
+        return Ok(path.to_path_buf());
     }
-    Ok(())
+    let handle = PathBuf::from(format!(
+        "/proc/{pid}/map_files/{:x}-{:x}",
+        m.start.0, m.end.0
+    ));
+    match std::fs::metadata(&handle) {
+        Ok(st) if st.ino() == m.inode => Ok(handle),
+        Ok(_) => Err(changed(
+            "replaced on disk, and its mapping shows another file".into(),
+        )),
+        Err(e) => Err(changed(format!(
+            "replaced on disk, and {} is unreadable: {e}",
+            handle.display()
+        ))),
+    }
 }
 
 /// What a relocation writes, decided before the process is touched.
@@ -1139,8 +1168,8 @@ pub fn load_image_with<'t>(
         source,
     })?;
     let plan = plan_load(&canon, new_bytes, libs)?;
-    let running_gadget = running_gadget(running)?;
     let pid = tracee.pid();
+    let running_gadget = running_gadget(pid, running)?;
     let mut rc = RemoteCalls::new(tracee, tid, running_gadget)?;
     rc.set_timeout(opts.call_timeout);
     let len = plan.hi - plan.lo;
@@ -1224,8 +1253,18 @@ pub fn load_image_with<'t>(
 }
 
 /// The running image's entry point, checked to be its code.
-fn running_gadget(running: &Image) -> Result<RuntimeAddr, LoadError> {
-    let g = remote::entry_gadget(&running.path, running.bias)?;
+fn running_gadget(pid: Pid, running: &Image) -> Result<RuntimeAddr, LoadError> {
+    // The program's own entry (AT_ENTRY) when it is the running image: exact
+    // even if its file was replaced on disk since.
+    let at_entry = procfs::read_auxv(pid)
+        .ok()
+        .and_then(|a| procfs::auxv_value(&a, procfs::AT_ENTRY).ok())
+        .map(RuntimeAddr)
+        .filter(|a| running.span.contains(a));
+    let g = match at_entry {
+        Some(a) => a,
+        None => remote::entry_gadget(&running.path, running.bias)?,
+    };
     let end = RuntimeAddr(g.0.saturating_add(remote::GADGET_LEN as u64));
     if !(running.span.contains(&g) && end <= running.span.end) {
         return Err(LoadError::NoGadget {
@@ -1707,13 +1746,20 @@ impl FiniRedirect {
 /// it (the first `link_map` entry): its file and bias (`l_addr`, from
 /// `AT_ENTRY`). After updates this is still the first version.
 pub fn main_program(pid: Pid) -> Result<(PathBuf, LoadBias), LoadError> {
-    let exe = procfs::exe_path(pid)?;
-    let data = read_elf(&exe)?;
+    let (exe, bias, _) = main_program_data(pid)?;
+    Ok((exe, bias))
+}
+
+/// [`main_program`] and the bytes of its file (read through
+/// `/proc/PID/exe`, so a program rebuilt in place since is no problem).
+fn main_program_data(pid: Pid) -> Result<(PathBuf, LoadBias, Vec<u8>), LoadError> {
+    let exe = strip_deleted(procfs::exe_path(pid)?);
+    let data = read_elf(&PathBuf::from(format!("/proc/{pid}/exe")))?;
     let hdr = Hdr::parse(&*data).map_err(|e| parse_err(&exe, e))?;
     let endian = hdr.endian().map_err(|e| parse_err(&exe, e))?;
     let auxv = procfs::read_auxv(pid)?;
     let bias = procfs::load_bias_from_auxv(&auxv, LinkAddr(hdr.e_entry(endian)))?;
-    Ok((exe, bias))
+    Ok((exe, bias, data))
 }
 
 /// Compute how to make the dynamic linker run NEW's destructors at exit.
@@ -1728,13 +1774,13 @@ pub fn plan_fini_redirect(
     pid: Pid,
     new: &Image,
 ) -> Result<FiniRedirect, LoadError> {
-    let (main_path, main_bias) = main_program(pid)?;
+    let (main_path, main_bias, main_data) = main_program_data(pid)?;
     let fini_err = |reason: String| LoadError::Fini {
         old: main_path.clone(),
         new: new.path.clone(),
         reason,
     };
-    let old_sum = summarize(&main_path, &read_elf(&main_path)?)?;
+    let old_sum = summarize(&main_path, &main_data)?;
     let new_sum = summarize(&new.path, &read_elf(&new.path)?)?;
     let Some((dyn_vaddr, dyn_size)) = old_sum.dynamic else {
         return Err(fini_err("the main program has no PT_DYNAMIC".into()));

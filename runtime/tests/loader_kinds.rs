@@ -259,6 +259,25 @@ fn imports_from_another_library_and_a_missing_symbol() {
             assert_eq!(foo1.object.path, v1_canon);
         },
     );
+    // The library replaced on disk while the process runs (as a package
+    // upgrade does): symbols come from the file the process mapped.
+    {
+        let child = start(&old, &[]);
+        let pid = pid_of(&child);
+        let tmp = v1.join("libfoo.tmp");
+        std::fs::copy(v2.join("libfoo.so"), &tmp).expect("copy");
+        std::fs::rename(&tmp, v1.join("libfoo.so")).expect("rename");
+        assert!(maps_text(pid).contains("libfoo.so (deleted)"));
+        let libs = ProcessLibraries::read(pid).expect("libs of a process with a replaced library");
+        assert!(libs.lookup("foo1", None).is_some());
+        assert!(
+            libs.lookup("foo2", None).is_none(),
+            "foo2 exists only in the file on disk, not in the mapped one"
+        );
+        drop(child);
+        // Put v1 back for what follows.
+        libfoo(&dir, "v1", "int foo1(int x) { return x * 10; }\n");
+    }
     // NEW also uses foo2, which the process's libfoo lacks.
     let new_bad_src = format!(
         "{NEW}\nint foo1(int);\nint foo2(int);\nint use_foo(int x) {{ return foo1(x) + foo2(x); }}\n"

@@ -446,6 +446,53 @@ fn a_second_update_redirects_destructors_and_handlers_again() {
 }
 
 #[test]
+fn a_program_rebuilt_in_place_loads_from_the_same_path() {
+    let mut s = setup("inplace", NEW, Toolchain::Gcc, &[]);
+    let pid = s.pid;
+    // Replace OLD's file by NEW (rename: the running inode survives, the
+    // kernel shows the mapping as deleted).
+    let tmp = s._dir.path().join("old.tmp");
+    std::fs::copy(&s.new, &tmp).expect("copy");
+    std::fs::rename(&tmp, &s.old).expect("rename");
+    assert!(maps_text(pid).contains("(deleted)"));
+    let maps_before = maps_text(pid);
+    let bytes = std::fs::read(&s.old).expect("read");
+    let tables = upstare_dwarf::read_tables(&bytes).expect("tables");
+    let mut loaded = load_image(
+        &mut s.tracee,
+        pid,
+        &s.old,
+        &bytes,
+        tables,
+        &s.running,
+        &LoadOptions::default(),
+    )
+    .expect("load the rebuilt program");
+    let new_img_bias = loaded.image().bias;
+    let gadget = upstare_runtime::remote::exe_entry(pid).expect("entry");
+    {
+        let mut rc = RemoteCalls::new(loaded.tracee(), pid, gadget).expect("session");
+        let add = symbol(&s.new, "add").to_runtime(new_img_bias);
+        assert_eq!(rc.call(add, &[1, 2]).expect("add"), 3);
+        let out = symbol(&s.new, "out").to_runtime(new_img_bias);
+        let libs = ProcessLibraries::read(pid).expect("libs");
+        assert!(libs.objects[0].is_main);
+        let libc_stdout = libs.lookup("_IO_2_1_stdout_", None).expect("FILE").addr;
+        assert_eq!(rc.call(out, &[]).expect("out"), libc_stdout.0);
+        rc.finish().expect("restore");
+    }
+    loaded.unload().expect("unload");
+    assert_eq!(maps_text(pid), maps_before);
+    s.tracee.detach().expect("detach");
+    let (code, out) = finish(s.child, b"z\n");
+    assert_eq!(code, Some(0));
+    assert_eq!(
+        out,
+        format!("ready {pid} 12 hello, world\nold read 2\nbye old\n")
+    );
+}
+
+#[test]
 fn retiring_the_old_image_makes_stale_code_pointers_trap() {
     let mut s = setup("retire", NEW, Toolchain::Gcc, &[]);
     let pid = s.pid;
