@@ -408,6 +408,15 @@ pub fn stop_the_world(
         outcome,
         Err(StopError::Gone { .. }) | Err(StopError::Exec { .. })
     );
+    // An error of a thread that vanished means the process died under us.
+    let outcome = match outcome {
+        Err(e) if !gone && process_dead(pid) => Err(StopError::Gone {
+            pid: pid.as_raw(),
+            how: e.to_string(),
+        }),
+        other => other,
+    };
+    let gone = gone || matches!(outcome, Err(StopError::Gone { .. }));
     let finish = if gone {
         bps.forget_all();
         Ok(())
@@ -435,6 +444,22 @@ pub fn stop_the_world(
         signals_requeued,
         children_released: s.released,
         timings,
+    })
+}
+
+/// Whether every task of process `pid` has ended (gone, zombie or dead).
+fn process_dead(pid: Pid) -> bool {
+    let Ok(tasks) = procfs::list_tasks(pid) else {
+        return true;
+    };
+    tasks.iter().all(|t| {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{t}/stat"))
+            .ok()
+            .and_then(|st| {
+                let i = st.rfind(')')?;
+                st[i + 1..].trim_start().chars().next()
+            })
+            .is_none_or(|c| matches!(c, 'Z' | 'X' | 'x'))
     })
 }
 

@@ -374,8 +374,11 @@ fn eight_threads_in_mixed_states() {
         // At the loop point of hot; `step` has no loop and is reached only
         // through its entry point.
         let got = ids(h);
+        // (At hot's entry if it had not started yet, on a loaded machine.)
         assert!(
-            got == ["hot@loop#0"] || got == ["step@entry", "hot@call:step#0"],
+            got == ["hot@loop#0"]
+                || got == ["step@entry", "hot@call:step#0"]
+                || got == ["hot@entry"],
             "{got:?}"
         );
         assert_eq!(h.frames[0].pc.to_runtime(image.bias), h.regs.rip());
@@ -791,6 +794,7 @@ volatile long c1, c2;
 
 void on_usr1(int s)
 {
+    write(1, "in handler\n", 11);
     while (!flag) {
         c1++;
     }
@@ -804,6 +808,8 @@ void *handler_thread(void *a)
 
 int cmp(const void *a, const void *b)
 {
+    if (!c2)
+        write(1, "in cmp\n", 7);
     while (!flag) {
         c2++;
     }
@@ -843,8 +849,11 @@ fn frames_under_a_signal_handler_or_a_library_callback_are_not_ready() {
     let mut child = start(&exe, &[], "ready");
     let pid = pid_of(&child);
     wait_threads(pid, 3);
-    // Both threads spin in their loops (handler, comparator) by now.
-    std::thread::sleep(Duration::from_millis(100));
+    for line in ["in handler", "in cmp"] {
+        child
+            .wait_for_line(line, Duration::from_secs(20), |l| l == line)
+            .unwrap();
+    }
 
     let (mut tracee, image, mut libs) = seize(&child);
     let opts = StopOptions {
@@ -874,7 +883,9 @@ fn frames_under_a_signal_handler_or_a_library_callback_are_not_ready() {
     child.send_stdin(b"g").unwrap();
     let out = child.wait(Duration::from_secs(30)).unwrap();
     assert_eq!(out.status, ExitStatus::Code(0), "{}", out.stderr);
-    assert_eq!(out.stdout, "ready\ngo 1 sorted 123\n");
+    let mut lines: Vec<&str> = out.stdout.lines().collect();
+    lines.sort_unstable();
+    assert_eq!(lines, ["go 1 sorted 123", "in cmp", "in handler", "ready"]);
 }
 
 #[test]
