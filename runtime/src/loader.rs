@@ -509,7 +509,7 @@ impl ProcessLibraries {
             .map(|d| d.value.wrapping_add(ld_bias))
             .ok_or_else(|| lm_err(format!("{} exports no _r_debug", ldso.display())))?;
         let mem = crate::memory::ProcessMemory::open(pid);
-        let mut lm = mem.read_u64(RuntimeAddr(r_debug + R_DEBUG_MAP))?;
+        let mut lm = mem.read_u64(RuntimeAddr(r_debug.wrapping_add(R_DEBUG_MAP)))?;
         let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok();
         let mut objects = Vec::new();
         let mut first = true;
@@ -517,9 +517,9 @@ impl ProcessLibraries {
             if lm == 0 {
                 break;
             }
-            let l_addr = mem.read_u64(RuntimeAddr(lm + LM_ADDR))?;
-            let name_ptr = mem.read_u64(RuntimeAddr(lm + LM_NAME))?;
-            let next = mem.read_u64(RuntimeAddr(lm + LM_NEXT))?;
+            let l_addr = mem.read_u64(RuntimeAddr(lm.wrapping_add(LM_ADDR)))?;
+            let name_ptr = mem.read_u64(RuntimeAddr(lm.wrapping_add(LM_NAME)))?;
+            let next = mem.read_u64(RuntimeAddr(lm.wrapping_add(LM_NEXT)))?;
             let name = if name_ptr == 0 {
                 Vec::new()
             } else {
@@ -1796,9 +1796,9 @@ pub fn plan_fini_redirect(
     let mut writes = Vec::new();
     let mut seen = (false, false);
     for i in 0..count {
-        let at = RuntimeAddr(base.0 + i * 16);
+        let at = RuntimeAddr(base.0.wrapping_add(i * 16));
         let tag = mem.read_u64(at)?;
-        let val_at = RuntimeAddr(at.0 + 8);
+        let val_at = RuntimeAddr(at.0.wrapping_add(8));
         let old = mem.read_u64(val_at)?;
         let (name, new_val) = if tag == elf::DT_NULL.0 as u64 {
             break;
