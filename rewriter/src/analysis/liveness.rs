@@ -6,11 +6,13 @@
 //!   caller-saved registers and the flags. How many arguments a callee takes
 //!   is known from DWARF for a non-varargs function of this binary; for the
 //!   others (imports, indirect and varargs calls) every argument register is
-//!   assumed read. Either way, a register counts as an argument only if it
-//!   was written on every path since the previous call (or the function's
-//!   entry): a real argument always is (the previous call clobbered it, and
-//!   -O0 code reloads parameters from their slots), and this keeps stale
-//!   values from looking live at every call of unknown arity. A call reads al
+//!   assumed read. Either way, a register counts as an argument only if, on
+//!   every path since the previous call (or the function's entry), it was
+//!   written and not read after that write: a real argument always is (the
+//!   previous call clobbered it, -O0 code reloads parameters from their
+//!   slots, and an argument's final value is set for the call alone), and
+//!   this keeps scratch values from looking live at every call of unknown
+//!   arity. The gdb oracle test checks the result. A call reads al
 //!   (the vector count of varargs calls) when al is set in the few
 //!   instructions right before it, where both compilers put `mov eax,0` /
 //!   `mov al,N`;
@@ -30,7 +32,8 @@ pub(crate) struct Effects {
 }
 
 /// Argument registers written on every path since the last call (or the
-/// function's entry), before every instruction (forward must-analysis).
+/// function's entry) and not read since, before every instruction (forward
+/// must-analysis).
 fn written_since_call(insns: &[Insn], cfg: &Cfg, dom: &Dominators) -> Vec<RegSet> {
     let nb = cfg.blocks.len();
     // Top (everything) for blocks not yet reached; the entry has nothing.
@@ -40,7 +43,7 @@ fn written_since_call(insns: &[Insn], cfg: &Cfg, dom: &Dominators) -> Vec<RegSet
         if insn.is_call() {
             0
         } else {
-            s | (insn.writes & CALL_INPUTS)
+            (s & !insn.uses) | (insn.writes & CALL_INPUTS)
         }
     };
     let mut changed = true;
@@ -78,10 +81,18 @@ fn written_since_call(insns: &[Insn], cfg: &Cfg, dom: &Dominators) -> Vec<RegSet
 const AL_WINDOW: usize = 3;
 
 /// Whether al is written within [`AL_WINDOW`] instructions before call `i`,
-/// in the same block.
+/// in the same block and after any earlier call.
 fn sets_al(insns: &[Insn], cfg: &Cfg, i: usize) -> bool {
     let first = cfg.blocks[cfg.block_of[i]].first;
-    (first.max(i.saturating_sub(AL_WINDOW))..i).any(|j| insns[j].kills & AL != 0)
+    for j in (first.max(i.saturating_sub(AL_WINDOW))..i).rev() {
+        if insns[j].is_call() {
+            return false;
+        }
+        if insns[j].kills & AL != 0 {
+            return true;
+        }
+    }
+    false
 }
 
 /// Strips typedefs and qualifiers.
