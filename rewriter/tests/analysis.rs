@@ -591,3 +591,49 @@ int main(int argc, char **argv) { return big_leaf(argc, 3) + small_leaf(argc); }
         assert!(a.table("big_leaf").extent.0 <= -(16 + 200), "{cc:?}");
     }
 }
+
+const BLOCKING: &str = r#"
+#include <unistd.h>
+#include <stdio.h>
+int rd(int fd, char *buf)
+{
+    int n;
+    n = read(fd, buf, 16); /*READ*/
+    return n;
+}
+int main(void)
+{
+    char buf[16];
+    int fds[2];
+    if (pipe(fds) != 0)
+        return 1;
+    write(fds[1], "hello", 5);
+    printf("%d\n", rd(fds[0], buf));
+    return 0;
+}
+"#;
+
+#[test]
+fn a_blocking_library_call_can_be_restarted_from_its_statement() {
+    for cc in Cc::ALL {
+        let (_dir, bin) = compile(BLOCKING, cc, &[]);
+        let a = analyze(&bin);
+        let t = a.table("rd");
+        let line = line_of(BLOCKING, "/*READ*/");
+        assert_eq!(t.call_sites.len(), 1);
+        let c = &t.call_sites[0];
+        assert_eq!(c.callee, Callee::Plt("read".into()), "{cc:?}");
+        assert_eq!(c.line, line);
+        assert!(c.live_regs.is_empty() && c.temp_slots.is_empty());
+        let stmt = a
+            .program
+            .rows_in(t.low, t.high)
+            .iter()
+            .filter(|r| r.line == line)
+            .map(|r| r.addr)
+            .min()
+            .expect("row");
+        assert_eq!(c.restart, Some(stmt), "{cc:?}: {:?}", a.details("rd").notes);
+        assert_eq!(c.stack_depth, t.body_depth);
+    }
+}

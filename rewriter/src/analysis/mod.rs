@@ -15,6 +15,14 @@
 //!   at every join;
 //! - callee-saved registers and undescribed stack slots live across each call
 //!   come from liveness, not from patterns.
+//!
+//! Why liveness and not the line table alone: a row that starts a new line
+//! is usually register-free at -O0, but not always. gcc keeps the dimension
+//! of a VLA-typed parameter (`double m[n][n]`) in ecx (or rbx when the body
+//! calls) for the whole function, and a statement spanning several lines
+//! gets new-line rows in the middle of its evaluation with rax/rbx/r12 live.
+//! Loops whose body is all on the condition's line (`while (f()) ;`) have no
+//! new-line row inside and get no update point.
 
 mod calls;
 mod cfg;
