@@ -273,6 +273,20 @@ fn exec_files(maps: &[MemoryMap]) -> Vec<&MemoryMap> {
     out
 }
 
+/// One mapping per file that has no executable mapping at all: candidates
+/// for retired images (an earlier version, made non-executable by an
+/// update), whose CFI still describes the outermost frames (`_start`).
+fn non_exec_files(maps: &[MemoryMap]) -> Vec<&MemoryMap> {
+    let mut out: Vec<&MemoryMap> = Vec::new();
+    for m in maps.iter().filter(|m| m.file().is_some()) {
+        let has_exec = maps.iter().any(|o| o.perms.exec && same_file(o, m));
+        if !has_exec && !out.iter().any(|o| same_file(o, m)) {
+            out.push(m);
+        }
+    }
+    out
+}
+
 /// Bias, text and span of a candidate, checked against every mapping of
 /// its file.
 fn locate(
@@ -566,6 +580,7 @@ impl Libraries {
     }
 
     fn add_new(&mut self, pid: Pid, maps: &[MemoryMap]) {
+        self.add_retired(pid, maps);
         for m in exec_files(maps) {
             if self.libs.iter().any(|l| l.contains(m.start)) {
                 continue;
@@ -605,6 +620,59 @@ impl Libraries {
                     self.libs.push(lib);
                 }
             }
+        }
+    }
+
+    /// Retired images: their mappings of executable segments count as code
+    /// for unwinding (the chain below `main` passes through the first
+    /// version's `_start`), although they are no longer executable.
+    fn add_retired(&mut self, pid: Pid, maps: &[MemoryMap]) {
+        for m in non_exec_files(maps) {
+            if self.libs.iter().any(|l| l.path.as_deref() == m.file()) {
+                continue;
+            }
+            let Ok((f, path)) = open_mapped(pid, m) else {
+                continue;
+            };
+            let cache = object::ReadCache::new(f);
+            let Ok(segs) = segments(&path, &cache) else {
+                continue;
+            };
+            let mine: Vec<&MemoryMap> = maps.iter().filter(|o| same_file(o, m)).collect();
+            // Making the text read-only merges it with the read-only mapping
+            // before it, so look for mappings that cover an executable
+            // segment's pages rather than start at them.
+            let mut code = Vec::new();
+            let mut code_map = None;
+            for s in segs.iter().filter(|s| s.exec) {
+                let off = page_down(s.offset);
+                let Some(o) = mine
+                    .iter()
+                    .find(|o| o.offset.0 <= off && off - o.offset.0 < o.len())
+                else {
+                    continue;
+                };
+                let start = o.start.0 + (off - o.offset.0);
+                let len = page_up(s.filesz.saturating_add(s.offset - off)).unwrap_or(0);
+                code.push(RuntimeAddr(start)..RuntimeAddr(start.saturating_add(len).min(o.end.0)));
+                code_map.get_or_insert(*o);
+            }
+            let Some(code_map) = code_map else {
+                continue;
+            };
+            let Ok(bias) = bias_of_mapping(&path, &segs, code_map) else {
+                continue;
+            };
+            self.libs.push(Library {
+                name: path.display().to_string(),
+                path: Some(path),
+                pid,
+                bias,
+                code,
+                source: Source::File(code_map.clone()),
+                index: OnceCell::new(),
+                symbols: OnceCell::new(),
+            });
         }
     }
 
