@@ -183,6 +183,60 @@ pub(crate) fn signature_inputs(
     Some(set)
 }
 
+/// Integer argument count of common C library functions (none varargs), so
+/// that a call through the PLT does not count every argument register as
+/// read. The blocking calls a paused thread may re-execute are all here: a
+/// register left over from an earlier statement then is not "live" at the
+/// statement's start.
+const IMPORT_ARITY: &[(&str, u32)] = &[
+    ("accept", 3),
+    ("accept4", 4),
+    ("clock_nanosleep", 4),
+    ("close", 1),
+    ("connect", 3),
+    ("epoll_pwait", 5),
+    ("epoll_wait", 4),
+    ("fflush", 1),
+    ("free", 1),
+    ("malloc", 1),
+    ("nanosleep", 2),
+    ("pause", 0),
+    ("poll", 3),
+    ("ppoll", 4),
+    ("pselect", 6),
+    ("pthread_cond_signal", 1),
+    ("pthread_cond_timedwait", 3),
+    ("pthread_cond_wait", 2),
+    ("pthread_join", 2),
+    ("pthread_mutex_lock", 1),
+    ("pthread_mutex_unlock", 1),
+    ("puts", 1),
+    ("read", 3),
+    ("readv", 3),
+    ("recv", 4),
+    ("recvfrom", 6),
+    ("recvmsg", 3),
+    ("select", 5),
+    ("send", 4),
+    ("sigsuspend", 1),
+    ("sleep", 1),
+    ("usleep", 1),
+    ("wait", 1),
+    ("waitpid", 3),
+    ("write", 3),
+];
+
+/// Argument registers a call to the import `name` can read, if known.
+pub(crate) fn import_inputs(name: &str) -> Option<RegSet> {
+    let (_, n) = IMPORT_ARITY.iter().find(|(f, _)| *f == name)?;
+    Some(
+        super::decode::ARG_REGS
+            .iter()
+            .take(*n as usize)
+            .fold(0, |acc, r| acc | bit(*r)),
+    )
+}
+
 /// Computes the modelled effects. `call_inputs[i]` gives, for a call, the
 /// argument registers its callee may read (see [`signature_inputs`]).
 pub(crate) fn effects(

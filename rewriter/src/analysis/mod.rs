@@ -244,7 +244,9 @@ pub fn analyze_function_detailed(
     let call_inputs = |i: usize| -> RegSet {
         let ins = &insns[i].ins;
         if ins.flow_control() == iced_x86::FlowControl::Call {
-            liveness::signature_inputs(program, LinkAddr(ins.near_branch_target()))
+            let target = LinkAddr(ins.near_branch_target());
+            liveness::signature_inputs(program, target)
+                .or_else(|| text.plt_import_at(target).and_then(liveness::import_inputs))
                 .unwrap_or(decode::CALL_INPUTS)
         } else {
             decode::CALL_INPUTS
