@@ -91,6 +91,31 @@ pub fn build_tables(input: &[u8]) -> Result<FrameTables, RewriteError> {
     })
 }
 
+/// Why each function lacks what it lacks: loops without an update point,
+/// calls without a restart address (the analysis' notes), per function in
+/// address order. `input` may be the original or the instrumented binary
+/// (its code is the same).
+pub fn analysis_notes(input: &[u8]) -> Result<Vec<(String, Vec<String>)>, RewriteError> {
+    let file = object::File::parse(input).map_err(|e| RewriteError::Parse(e.to_string()))?;
+    let program = read_program(input)?;
+    let view = CodeView::new(&file).map_err(RewriteError::Analysis)?;
+    let mut out = Vec::new();
+    for f in &program.functions {
+        let code = view
+            .code(f.low, f.high)
+            .ok_or_else(|| RewriteError::CodeOutOfRange {
+                function: f.name.clone(),
+                low: f.low,
+                high: f.high,
+            })?;
+        let (_, details) = analysis::analyze_function_detailed(f, &program, code, &view)?;
+        if !details.notes.is_empty() {
+            out.push((f.name.clone(), details.notes));
+        }
+    }
+    Ok(out)
+}
+
 /// Rewrites `input`: builds its tables and attaches them.
 pub fn rewrite(input: &[u8]) -> Result<Rewritten, RewriteError> {
     let tables = build_tables(input)?;

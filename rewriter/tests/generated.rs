@@ -45,6 +45,21 @@ fn check(n: usize, toolchain: Toolchain) {
         .expect("dump");
     assert!(d.status.success(), "{}", String::from_utf8_lossy(&d.stderr));
     let t: Value = serde_json::from_slice(&d.stdout).expect("json");
+    // --notes explains the loops that have no update point: shape 4's
+    // one-line loop.
+    let notes = Command::new(exe)
+        .arg("--dump")
+        .arg("--notes")
+        .arg(&up)
+        .output()
+        .expect("notes");
+    let notes = String::from_utf8_lossy(&notes.stdout);
+    assert!(
+        notes
+            .lines()
+            .any(|l| l.trim_start().starts_with("f4: loop#0") && l.contains("no update point")),
+        "no note for f4's one-line loop"
+    );
     let funcs = t["functions"].as_array().expect("functions");
     assert_eq!(funcs.len(), n + 1, "f0..f{} and main", n - 1);
     let by_name = |name: &str| {

@@ -19,6 +19,7 @@ use upstare_rewriter::{dump, elf, rewrite};
 ///   upstare-rewrite server -o server.up
 ///   upstare-rewrite --dump server.up
 ///   upstare-rewrite --dump server.up --function main --function handle
+///   upstare-rewrite --dump server.up --notes    # why a loop has no update point
 ///   upstare-rewrite --dump server.up --json | jq '.functions[].name'
 #[derive(Parser)]
 #[command(version, verbatim_doc_comment)]
@@ -36,6 +37,10 @@ struct Cli {
     /// With --dump: print JSON instead of text.
     #[arg(long, requires = "dump")]
     json: bool,
+    /// With --dump: also explain what is missing (loops without an update
+    /// point, calls without a restart address) and why.
+    #[arg(long, requires = "dump")]
+    notes: bool,
     /// With --dump: show only this function (repeatable).
     #[arg(long = "function", value_name = "NAME", requires = "dump")]
     functions: Vec<String>,
@@ -111,6 +116,19 @@ fn run_dump(cli: &Cli, input: &[u8]) -> Result<()> {
         writeln!(stdout)?;
     } else {
         stdout.write_all(dump::render(&tables, &cli.functions).as_bytes())?;
+    }
+    if cli.notes {
+        let notes =
+            rewrite::analysis_notes(input).with_context(|| format!("{}", cli.input.display()))?;
+        writeln!(stdout, "\nnotes:")?;
+        for (function, lines) in notes {
+            if !cli.functions.is_empty() && !cli.functions.contains(&function) {
+                continue;
+            }
+            for l in lines {
+                writeln!(stdout, "  {function}: {l}")?;
+            }
+        }
     }
     Ok(())
 }
