@@ -50,6 +50,10 @@ pub struct StopOptions {
     pub max_threads: usize,
     /// Bound on each wait for a single thread to stop when asked to.
     pub stop_wait: Duration,
+    /// How long threads held at update points wait for the others to make
+    /// progress before they are let run for a while: a thread that is not
+    /// ready may need one of them (to signal its condition variable).
+    pub breath: Duration,
 }
 
 impl Default for StopOptions {
@@ -61,6 +65,7 @@ impl Default for StopOptions {
             skip_timeout: Duration::from_secs(120),
             max_threads: 4096,
             stop_wait: Duration::from_secs(2),
+            breath: Duration::from_millis(50),
         }
     }
 }
@@ -92,6 +97,9 @@ pub struct Stopped {
     pub breakpoints_armed: usize,
     /// Times a running thread was interrupted to be looked at.
     pub interrupts: u64,
+    /// Times the threads held at update points were let run again because
+    /// the others made no progress.
+    pub breaths: u64,
     /// Signals that arrived while stopping, held back and queued again on
     /// their thread (they are received when it runs again).
     pub signals_requeued: Vec<(i32, Sig)>,
@@ -299,6 +307,7 @@ pub fn syscall_name(nr: i64) -> String {
         (SYS_fcntl, "fcntl"),
         (SYS_semop, "semop"),
         (SYS_msgrcv, "msgrcv"),
+        (SYS_restart_syscall, "restart_syscall"),
     ];
     known
         .iter()
@@ -331,6 +340,9 @@ struct Held {
 /// A thread that is not ready yet.
 struct Waiting {
     running: bool,
+    /// Blocked in a safe call, let run so that what it waits for can
+    /// happen: ready if still blocked when every other thread is.
+    blocked: bool,
     last_kick: Instant,
     reason: String,
     /// Why the update points it reached did not make it ready (a signal
@@ -358,6 +370,14 @@ struct Stopper<'a> {
     /// the first pass, once the breakpoints are armed).
     resuming: bool,
     armed: usize,
+    /// Every thread not ready is blocked in a safe call: they are being
+    /// interrupted one last time to confirm it.
+    final_check: bool,
+    /// The system call each thread was last seen blocked in.
+    syscalls: BTreeMap<Pid, i64>,
+    /// When a thread last became ready (or blocked in a safe call).
+    last_progress: Instant,
+    breaths: u64,
 }
 
 /// Stop every thread of the seized `tracee` at an update point of `image`
@@ -398,6 +418,10 @@ pub fn stop_the_world(
         released: Vec::new(),
         resuming: false,
         armed: 0,
+        final_check: false,
+        syscalls: BTreeMap::new(),
+        last_progress: Instant::now(),
+        breaths: 0,
     };
     let mut timings = StopTimings::default();
     // Dropped (restoring every byte) on every path out of this function.
@@ -441,26 +465,38 @@ pub fn stop_the_world(
         breakpoints_hit: s.hits,
         breakpoints_armed: s.armed,
         interrupts: s.interrupts,
+        breaths: s.breaths,
         signals_requeued,
         children_released: s.released,
         timings,
     })
 }
 
-/// Whether every task of process `pid` has ended (gone, zombie or dead).
+/// Whether every task of process `pid` has ended (gone, zombie or dead),
+/// or does within a short while (a process being killed takes a moment
+/// to tear its threads down). Only asked on an error path.
 fn process_dead(pid: Pid) -> bool {
-    let Ok(tasks) = procfs::list_tasks(pid) else {
-        return true;
+    let ended = || {
+        let Ok(tasks) = procfs::list_tasks(pid) else {
+            return true;
+        };
+        tasks.iter().all(|t| {
+            std::fs::read_to_string(format!("/proc/{pid}/task/{t}/stat"))
+                .ok()
+                .and_then(|st| {
+                    let i = st.rfind(')')?;
+                    st[i + 1..].trim_start().chars().next()
+                })
+                .is_none_or(|c| matches!(c, 'Z' | 'X' | 'x'))
+        })
     };
-    tasks.iter().all(|t| {
-        std::fs::read_to_string(format!("/proc/{pid}/task/{t}/stat"))
-            .ok()
-            .and_then(|st| {
-                let i = st.rfind(')')?;
-                st[i + 1..].trim_start().chars().next()
-            })
-            .is_none_or(|c| matches!(c, 'Z' | 'X' | 'x'))
-    })
+    for _ in 0..40 {
+        if ended() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
 }
 
 impl Stopper<'_> {
@@ -512,6 +548,20 @@ impl Stopper<'_> {
         self.resuming = true;
 
         let t = Instant::now();
+        // Threads blocked in safe calls run on: what they wait for may be
+        // what another thread needs to get ready.
+        let blocked: Vec<Pid> = self
+            .ready
+            .iter()
+            .filter(|(_, t)| matches!(t.readiness, Readiness::Blocked { .. }))
+            .map(|(t, _)| *t)
+            .collect();
+        for tid in blocked {
+            self.ready.remove(&tid);
+            let mut w = self.new_waiting(false, "blocked in a safe call");
+            w.blocked = true;
+            self.waiting.insert(tid, w);
+        }
         let stopped: Vec<Pid> = self
             .waiting
             .iter()
@@ -561,6 +611,7 @@ impl Stopper<'_> {
     fn new_waiting(&self, running: bool, reason: &str) -> Waiting {
         Waiting {
             running,
+            blocked: false,
             last_kick: Instant::now(),
             reason: reason.to_string(),
             at_point: None,
@@ -627,9 +678,11 @@ impl Stopper<'_> {
             }
             if deadline.is_none() && self.hits >= skip {
                 deadline = Some(Instant::now() + self.opts.timeout);
+                self.last_progress = Instant::now();
             }
             if deadline.is_some() {
                 self.kick_running()?;
+                self.confirm_or_breathe(bps)?;
             }
             if progressed {
                 pause = Duration::from_micros(20);
@@ -641,7 +694,52 @@ impl Stopper<'_> {
         Ok(())
     }
 
-    /// Interrupt the running threads not looked at for a poll interval.
+    /// When only threads blocked in safe calls are left, interrupt them
+    /// to confirm they still are (they become ready then). When threads
+    /// that are not ready made no progress for a while, let the threads
+    /// held at update points run again (they are held again at their next
+    /// point): one of them may be what the others wait for.
+    fn confirm_or_breathe(
+        &mut self,
+        bps: &mut BreakpointSet<ProcessMemory>,
+    ) -> Result<(), StopError> {
+        let not_ready = self.waiting.values().any(|w| !w.blocked);
+        if !not_ready {
+            self.final_check = true;
+            let unconfirmed: Vec<Pid> = self
+                .waiting
+                .iter()
+                .filter(|(t, w)| w.running && !self.kicked.contains(t))
+                .map(|(t, _)| *t)
+                .collect();
+            for tid in unconfirmed {
+                self.interrupt(tid)?;
+            }
+            return Ok(());
+        }
+        self.final_check = false;
+        if self.ready.is_empty() || self.last_progress.elapsed() < self.opts.breath {
+            return Ok(());
+        }
+        self.breaths += 1;
+        self.last_progress = Instant::now();
+        let held: Vec<(Pid, bool)> = self
+            .ready
+            .iter()
+            .map(|(t, s)| (*t, matches!(s.readiness, Readiness::Blocked { .. })))
+            .collect();
+        for (tid, blocked) in held {
+            self.ready.remove(&tid);
+            let mut w = self.new_waiting(false, "let run while the others get ready");
+            w.blocked = blocked;
+            self.waiting.insert(tid, w);
+            self.resume(bps, tid)?;
+        }
+        Ok(())
+    }
+
+    /// Interrupt the running threads not looked at for a poll interval
+    /// (threads blocked in safe calls are left alone).
     fn kick_running(&mut self) -> Result<(), StopError> {
         let now = Instant::now();
         let due: Vec<Pid> = self
@@ -649,6 +747,7 @@ impl Stopper<'_> {
             .iter()
             .filter(|(t, w)| {
                 w.running
+                    && !w.blocked
                     && !self.kicked.contains(t)
                     && now.duration_since(w.last_kick) >= self.opts.poll_interval
             })
@@ -795,18 +894,37 @@ impl Stopper<'_> {
         let at_point = self.at_update_point(regs.rip());
         match self.classify(tid, &regs) {
             Ok(state) if !keep_running => {
+                self.last_progress = Instant::now();
+                let blocked = matches!(state.readiness, Readiness::Blocked { .. });
+                if blocked && self.resuming && !self.final_check {
+                    // Ready while it stays blocked; let it run meanwhile.
+                    let w = self.waiting.entry(tid).or_insert_with(|| Waiting {
+                        running: false,
+                        blocked: true,
+                        last_kick: Instant::now(),
+                        reason: String::new(),
+                        at_point: None,
+                    });
+                    w.blocked = true;
+                    w.reason = "blocked in a safe call".into();
+                    w.running = false;
+                    return self.resume(bps, tid);
+                }
                 self.settle(tid)?;
                 self.waiting.remove(&tid);
                 self.ready.insert(tid, state);
                 Ok(())
             }
             other => {
+                // Someone is not ready: blocked threads may run on.
+                self.final_check = false;
                 let reason = match other {
                     Err(r) => r,
                     Ok(_) => "letting update-point hits pass".into(),
                 };
                 let w = self.waiting.entry(tid).or_insert_with(|| Waiting {
                     running: false,
+                    blocked: false,
                     last_kick: Instant::now(),
                     reason: String::new(),
                     at_point: None,
@@ -814,6 +932,7 @@ impl Stopper<'_> {
                 if at_point && !keep_running {
                     w.at_point = Some(reason.clone());
                 }
+                w.blocked = false;
                 w.reason = reason;
                 w.running = false;
                 // In the first pass (before arming) nothing runs yet.
@@ -850,6 +969,16 @@ impl Stopper<'_> {
         // A stack mapped since (a new thread): read the maps again.
         self.maps = procfs::read_maps(self.pid).ok()?;
         find(&self.maps)
+    }
+
+    /// The system call a thread is blocked in: the one first seen rather
+    /// than restart_syscall, which continues it after a resume.
+    fn syscall_seen(&mut self, tid: Pid, nr: i64) -> i64 {
+        if nr == libc::SYS_restart_syscall {
+            return self.syscalls.get(&tid).copied().unwrap_or(nr);
+        }
+        self.syscalls.insert(tid, nr);
+        nr
     }
 
     /// Whether `pc` is an update point of the image.
@@ -928,7 +1057,10 @@ impl Stopper<'_> {
                 ))
             }
         };
-        if !safe_syscalls(&callee).contains(&nr) {
+        // A call resumed after -ERESTART_RESTARTBLOCK (nanosleep, poll, a
+        // futex wait) continues as restart_syscall: the callee's own.
+        let continued = nr == libc::SYS_restart_syscall && !safe_syscalls(&callee).is_empty();
+        if !continued && !safe_syscalls(&callee).contains(&nr) {
             return Err(format!(
                 "blocked in system call {name} inside {callee}, which is not a known-safe call"
             ));
@@ -943,7 +1075,7 @@ impl Stopper<'_> {
             regs: *regs,
             readiness: Readiness::Blocked {
                 callee,
-                syscall: nr as u64,
+                syscall: self.syscall_seen(tid, nr) as u64,
             },
             frames: u.frames,
         })
@@ -1147,14 +1279,18 @@ impl Stopper<'_> {
             match stop {
                 Stop::EventStop { .. } => {
                     self.kicked.remove(&tid);
-                    if let Ok(regs) = self.tracee.regs(tid) {
-                        // Last look: it may have become ready at the end.
-                        let reason = match self.classify(tid, &regs) {
-                            Ok(_) => "ready only after the time limit".into(),
-                            Err(r) => r,
-                        };
-                        if let Some(w) = self.waiting.get_mut(&tid) {
-                            w.reason = reason;
+                    let regs = self.tracee.regs(tid)?;
+                    let regs = self.undo_eintr(tid, regs)?;
+                    // Last look: stopped where it is, it may be ready.
+                    match self.classify(tid, &regs) {
+                        Ok(state) => {
+                            self.waiting.remove(&tid);
+                            self.ready.insert(tid, state);
+                        }
+                        Err(reason) => {
+                            if let Some(w) = self.waiting.get_mut(&tid) {
+                                w.reason = reason;
+                            }
                         }
                     }
                     return Ok(());

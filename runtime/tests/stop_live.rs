@@ -37,7 +37,7 @@ fn hex_line(out: &str, tag: &str) -> u64 {
 
 fn report(what: &str, s: &Stopped) {
     eprintln!(
-        "{what}: {} threads, stop {:?} (classify {:?}, arm {:?} for {} points, run {:?}, finish {:?}), {} hits, {} interrupts",
+        "{what}: {} threads, stop {:?} (classify {:?}, arm {:?} for {} points, run {:?}, finish {:?}), {} hits, {} interrupts, {} breaths",
         s.threads.len(),
         s.timings.total,
         s.timings.classify,
@@ -46,7 +46,8 @@ fn report(what: &str, s: &Stopped) {
         s.timings.run,
         s.timings.finish,
         s.breakpoints_hit,
-        s.interrupts
+        s.interrupts,
+        s.breaths
     );
 }
 
@@ -915,4 +916,121 @@ fn a_target_killed_while_being_stopped_is_an_error_not_a_hang() {
         e.to_string().contains(&format!("process {pid} ended")),
         "{e}"
     );
+}
+
+const TICKETS: &str = r#"
+#include <pthread.h>
+#include <stdio.h>
+#include <time.h>
+#include <unistd.h>
+
+volatile int stop;
+volatile long counter;
+int tickets;
+pthread_mutex_t m = PTHREAD_MUTEX_INITIALIZER;
+pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
+
+void *ticker(void *a)
+{
+    long n = 0;
+    while (!stop) {
+        struct timespec ts = {0, 20000000};
+        nanosleep(&ts, 0);
+        n++;
+        if (n % 4 == 0) {
+            pthread_mutex_lock(&m);
+            tickets++;
+            pthread_cond_signal(&cv);
+            pthread_mutex_unlock(&m);
+        }
+    }
+    return a;
+}
+
+void *waiter(void *a)
+{
+    long got = 0;
+    pthread_mutex_lock(&m);
+    while (!stop) {
+        while (tickets == 0 && !stop)
+            pthread_cond_wait(&cv, &m);
+        if (tickets > 0) {
+            tickets--;
+            got++;
+        }
+    }
+    pthread_mutex_unlock(&m);
+    return (void *)(got > 0);
+}
+
+void *hot(void *a)
+{
+    while (!stop) {
+        counter++;
+    }
+    return a;
+}
+
+int main(void)
+{
+    pthread_t t[3];
+    pthread_create(&t[0], 0, ticker, 0);
+    pthread_create(&t[1], 0, waiter, 0);
+    pthread_create(&t[2], 0, hot, 0);
+    printf("ready\n");
+    fflush(stdout);
+    char c;
+    long n = read(0, &c, 1);
+    stop = 1;
+    pthread_mutex_lock(&m);
+    pthread_cond_broadcast(&cv);
+    pthread_mutex_unlock(&m);
+    void *got;
+    pthread_join(t[0], 0);
+    pthread_join(t[1], &got);
+    pthread_join(t[2], 0);
+    printf("go %ld got %ld\n", n, (long)got);
+    return 0;
+}
+"#;
+
+#[test]
+fn a_condition_variable_signalled_by_a_sleeping_thread_gets_ready() {
+    // The waiter (pthread_cond_wait: not a safe call) only moves when the
+    // ticker, blocked in nanosleep most of the time, signals it every 80 ms:
+    // freezing the ticker as soon as it is blocked, or while it is held at
+    // its loop point, would keep the waiter from ever getting ready.
+    let d = TempDir::new("tickets");
+    let exe = build(&d, "tickets", TICKETS, Toolchain::Gcc);
+    let mut child = start(&exe, &[], "ready");
+    let pid = pid_of(&child);
+    wait_threads(pid, 4);
+    std::thread::sleep(Duration::from_millis(100));
+    let (mut tracee, image, mut libs) = seize(&child);
+    let opts = StopOptions {
+        timeout: Duration::from_secs(5),
+        ..StopOptions::default()
+    };
+    let s = stop_the_world(&mut tracee, &image, &mut libs, &opts).unwrap_or_else(|e| panic!("{e}"));
+    report("condition variable", &s);
+    assert_eq!(s.threads.len(), 4);
+    assert_eq!(find(&s.threads, "waiter").readiness, Readiness::AtPoint);
+    assert_eq!(find(&s.threads, "hot").readiness, Readiness::AtPoint);
+    let ticker = find(&s.threads, "ticker");
+    assert!(
+        ticker.readiness == Readiness::AtPoint
+            || ticker.readiness
+                == Readiness::Blocked {
+                    callee: "nanosleep".into(),
+                    syscall: 230
+                },
+        "{:?}",
+        ticker.readiness
+    );
+    assert_code_intact(&tracee, &image);
+    tracee.detach().unwrap();
+    child.send_stdin(b"g").unwrap();
+    let out = child.wait(Duration::from_secs(30)).unwrap();
+    assert_eq!(out.status, ExitStatus::Code(0), "{}", out.stderr);
+    assert_eq!(out.stdout, "ready\ngo 1 got 1\n");
 }
