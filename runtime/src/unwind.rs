@@ -19,7 +19,6 @@ use crate::memory::{MemError, TargetMemory};
 use crate::ptrace::Regs;
 use crate::state::{AppFrame, CalleeSavedValues, Image};
 use std::ops::Range;
-use std::path::PathBuf;
 use upstare_dwarf::fdt::{CallSite, FunctionTable};
 use upstare_dwarf::{CfaRule, LinkAddr, Reg, RegRule, RuntimeAddr};
 
@@ -800,13 +799,4 @@ fn cfi_err(tid: i32, lib: &Library, link: LinkAddr, reason: String) -> UnwindErr
         location: describe(lib, link),
         reason,
     }
-}
-
-/// The library frame's file, for messages about a thread inside it.
-pub fn library_of(libs: &Libraries, pc: RuntimeAddr) -> Option<(PathBuf, Option<String>)> {
-    let (lib, link) = libs.lookup(pc)?;
-    Some((
-        PathBuf::from(lib.name()),
-        lib.symbol_at(link).map(|(s, _)| s.to_string()),
-    ))
 }
