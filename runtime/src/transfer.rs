@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::ops::Range;
 use upstare_dwarf::fdt::FrameTables;
-use upstare_dwarf::model::{type_name, type_size, ArrayDim, Global, Type, TypeId};
+use upstare_dwarf::model::{type_name, type_size, ArrayDim, Global, Qualifier, Type, TypeId};
 use upstare_dwarf::{LinkAddr, RuntimeAddr};
 
 use crate::memory::{MemError, TargetMemory};
@@ -439,7 +439,34 @@ impl<'a> Remapper<'a> {
 pub struct GlobalsPlan {
     pub writes: Vec<Write>,
     pub copied: usize,
+    /// Read-only globals (const objects) left with the new version's value.
+    pub kept_const: usize,
     pub warnings: Vec<String>,
+}
+
+/// Whether an object of type `ty` is read-only: const-qualified, or an
+/// array of const elements (through typedefs). The program cannot have
+/// changed such an object, and it lives in the new image's read-only data,
+/// relocated by the loader: the new version's value is the one to keep.
+pub fn is_const_object(types: &[Type], ty: TypeId) -> bool {
+    let mut cur = ty;
+    for _ in 0..MAX_TYPE_DEPTH {
+        match types.get(cur.0 as usize) {
+            Some(Type::Qualified {
+                qualifier: Qualifier::Const,
+                ..
+            }) => return true,
+            Some(Type::Qualified {
+                target: Some(t), ..
+            })
+            | Some(Type::Typedef {
+                target: Some(t), ..
+            }) => cur = *t,
+            Some(Type::Array { element, .. }) => cur = *element,
+            _ => return false,
+        }
+    }
+    false
 }
 
 fn global_label(g: &Global) -> String {
@@ -487,7 +514,8 @@ pub fn check_globals(old: &FrameTables, new: &FrameTables) -> Result<Vec<String>
 }
 
 /// Reads every global of the old image that the new one also has and
-/// prepares its write into the new image, pointers remapped. Thread-local
+/// prepares its write into the new image, pointers remapped. Const objects
+/// keep the new image's value (see [`is_const_object`]). Thread-local
 /// variables are skipped (the new image's TLS is refused by the loader).
 pub fn transfer_globals(
     mem: &impl TargetMemory,
@@ -509,6 +537,10 @@ pub fn transfer_globals(
         let Some(n) = by_key.get(&global_key(g)) else {
             continue;
         };
+        if is_const_object(&new.tables.types, n.ty) {
+            plan.kept_const += 1;
+            continue;
+        }
         let what = global_label(g);
         if g.size > MAX_VALUE_SIZE {
             return Err(TransferError::BadSize { what, size: g.size });
@@ -593,6 +625,49 @@ mod tests {
         let mut none = Vec::new();
         for_each_pointer(&t, TypeId(0), &mut |o| none.push(o));
         assert!(none.is_empty());
+    }
+
+    #[test]
+    fn const_objects_are_recognised_through_arrays_and_typedefs() {
+        // 0 int, 1 const int, 2 const int[6], 3 typedef T = const int[6],
+        // 4 int[6], 5 pointer to const int, 6 const pointer to int
+        let t = vec![
+            int(),
+            Type::Qualified {
+                qualifier: Qualifier::Const,
+                target: Some(TypeId(0)),
+            },
+            Type::Array {
+                element: TypeId(1),
+                dims: vec![ArrayDim::Fixed(6)],
+            },
+            Type::Typedef {
+                name: "T".into(),
+                target: Some(TypeId(2)),
+            },
+            Type::Array {
+                element: TypeId(0),
+                dims: vec![ArrayDim::Fixed(6)],
+            },
+            Type::Pointer {
+                pointee: Some(TypeId(1)),
+            },
+            Type::Qualified {
+                qualifier: Qualifier::Const,
+                target: Some(TypeId(7)),
+            },
+            Type::Pointer {
+                pointee: Some(TypeId(0)),
+            },
+        ];
+        let c: Vec<bool> = (0..7).map(|i| is_const_object(&t, TypeId(i))).collect();
+        assert_eq!(c, [false, true, true, true, false, false, true]);
+        // A qualifier cycle ends.
+        let cyc = vec![Type::Qualified {
+            qualifier: Qualifier::Volatile,
+            target: Some(TypeId(0)),
+        }];
+        assert!(!is_const_object(&cyc, TypeId(0)));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use upstare_dwarf::RuntimeAddr;
 use crate::image::{running_image, ImageError, Libraries};
 use crate::loader::{self, LoadError, LoadOptions};
 use crate::memory::{MemError, TargetMemory};
-use crate::procfs::{self, ProcError};
+use crate::procfs::{self, MemoryMap, ProcError};
 use crate::ptrace::{PtraceError, Tracee};
 use crate::rebuild::{self, RebuildError};
 use crate::state::{Readiness, ThreadState};
@@ -141,6 +141,30 @@ pub fn apply(pid: i32, new_path: &Path, opts: &ApplyOptions) -> Result<UpdateRep
     }
 }
 
+/// Whether `len` bytes at `addr` lie in writable mappings. They may span
+/// several adjacent ones: `.bss` continues from the last file-backed page of
+/// the data segment into anonymous memory.
+fn writable(maps: &[MemoryMap], addr: RuntimeAddr, len: usize) -> bool {
+    let Some(end) = addr.0.checked_add(len as u64) else {
+        return false;
+    };
+    let mut cur = addr.0;
+    // Each step moves past one mapping, so this ends within maps.len() steps.
+    for _ in 0..=maps.len() {
+        if cur >= end {
+            return true;
+        }
+        match maps
+            .iter()
+            .find(|m| m.perms.write && m.start.0 <= cur && cur < m.end.0)
+        {
+            Some(m) => cur = m.end.0,
+            None => return false,
+        }
+    }
+    cur >= end
+}
+
 fn thread_report(t: &ThreadState) -> ThreadReport {
     ThreadReport {
         tid: t.tid,
@@ -262,11 +286,7 @@ pub fn apply_traced(
         .collect();
     let maps_now = procfs::read_maps(tr.pid()).map_err(proc_err)?;
     for w in &writes {
-        let end = w.addr.0.saturating_add(w.bytes.len() as u64);
-        let ok = maps_now
-            .iter()
-            .any(|m| m.perms.write && m.start.0 <= w.addr.0 && end <= m.end.0);
-        if !ok {
+        if !writable(&maps_now, w.addr, w.bytes.len()) {
             return Err(UpdateError::NotWritable {
                 what: w.what.clone(),
                 addr: w.addr,
@@ -360,4 +380,50 @@ pub fn apply_traced(
     report.warnings = warnings;
     report.timings = timings;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::procfs::{MapPath, Perms};
+    use upstare_dwarf::FileOffset;
+
+    fn map(start: u64, end: u64, write: bool) -> MemoryMap {
+        MemoryMap {
+            start: RuntimeAddr(start),
+            end: RuntimeAddr(end),
+            perms: Perms {
+                read: true,
+                write,
+                exec: false,
+                shared: false,
+            },
+            offset: FileOffset(0),
+            dev_major: 0,
+            dev_minor: 0,
+            inode: 0,
+            path: MapPath::Anonymous,
+            deleted: false,
+        }
+    }
+
+    #[test]
+    fn writes_may_span_adjacent_writable_mappings() {
+        // .rodata, .data (file page), .bss (anonymous), a gap, more memory.
+        let maps = [
+            map(0x1000, 0x2000, false),
+            map(0x2000, 0x3000, true),
+            map(0x3000, 0x5000, true),
+            map(0x6000, 0x7000, true),
+        ];
+        let w = |a: u64, n: usize| writable(&maps, RuntimeAddr(a), n);
+        assert!(w(0x2460, 10000)); // a .bss array across the page boundary
+        assert!(w(0x2000, 0x3000));
+        assert!(w(0x4ff8, 8));
+        assert!(w(0x2000, 0));
+        assert!(!w(0x1ff8, 16)); // starts in read-only data
+        assert!(!w(0x4ff8, 16)); // runs into the gap
+        assert!(!w(0x5000, 1));
+        assert!(!w(u64::MAX - 3, 8));
+    }
 }
