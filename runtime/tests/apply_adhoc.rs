@@ -1,0 +1,192 @@
+//! Programs that are not in the corpus, updated live the way a user would:
+//! a key-value TCP server blocked in read() on an open connection (identity
+//! update, then a changed version), with its state (the table and the
+//! connection) kept.
+
+use std::io::{BufRead, BufReader, Write as _};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+use upstare_corpus::{compile_c, spawn, CSource, Toolchain};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A key-value server: `set K V`, `get K`, `count`; `reply_prefix` and
+/// `count_bonus` differ between versions.
+fn server(reply_prefix: &str, count_bonus: i32) -> String {
+    format!(
+        r#"
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+struct entry {{ char key[32]; long value; }};
+static struct entry table[64];
+static int used;
+static long requests;
+
+static struct entry *find(const char *key)
+{{
+    for (int i = 0; i < used; i++)
+        if (strcmp(table[i].key, key) == 0)
+            return &table[i];
+    return NULL;
+}}
+
+static int read_line(int fd, char *buf, int cap)
+{{
+    int n = 0;
+    char c;
+    while (n < cap - 1) {{
+        ssize_t r = read(fd, &c, 1);
+        if (r <= 0)
+            return -1;
+        if (c == '\n')
+            break;
+        buf[n++] = c;
+    }}
+    buf[n] = 0;
+    return n;
+}}
+
+static void serve(int fd)
+{{
+    char line[128], out[160];
+    while (read_line(fd, line, sizeof line) >= 0) {{
+        char key[32];
+        long value;
+        requests++;
+        if (sscanf(line, "set %31s %ld", key, &value) == 2) {{
+            struct entry *e = find(key);
+            if (!e && used < 64) {{
+                e = &table[used++];
+                strcpy(e->key, key);
+            }}
+            if (e)
+                e->value = value;
+            snprintf(out, sizeof out, "{reply_prefix}ok\n");
+        }} else if (sscanf(line, "get %31s", key) == 1) {{
+            struct entry *e = find(key);
+            snprintf(out, sizeof out, "{reply_prefix}%s=%ld\n", key, e ? e->value : -1L);
+        }} else if (strcmp(line, "count") == 0) {{
+            snprintf(out, sizeof out, "{reply_prefix}keys=%d requests=%ld\n", used, requests + {count_bonus});
+        }} else if (strcmp(line, "quit") == 0) {{
+            write(fd, "bye\n", 4);
+            return;
+        }} else {{
+            snprintf(out, sizeof out, "{reply_prefix}?\n");
+        }}
+        write(fd, out, strlen(out));
+    }}
+}}
+
+int main(void)
+{{
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a;
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    bind(s, (struct sockaddr *)&a, sizeof a);
+    listen(s, 4);
+    socklen_t len = sizeof a;
+    getsockname(s, (struct sockaddr *)&a, &len);
+    printf("port %d\n", ntohs(a.sin_port));
+    fflush(stdout);
+    int c = accept(s, NULL, NULL);
+    serve(c);
+    close(c);
+    return 0;
+}}
+"#
+    )
+}
+
+fn instrumented(dir: &Path, name: &str, src: &str) -> PathBuf {
+    let bin = compile_c(CSource::Text(src), Toolchain::Gcc, &[], &dir.join(name)).expect("compile");
+    let up = dir.join(format!("{name}.up"));
+    let _ = std::fs::remove_file(&up);
+    let r = Command::new(env!("CARGO_BIN_EXE_upstare-apply"))
+        .arg("--help")
+        .output()
+        .expect("apply --help");
+    assert!(String::from_utf8_lossy(&r.stdout).contains("--dry-run"));
+    let bytes = std::fs::read(&bin).expect("read");
+    let out = upstare_rewriter::rewrite::rewrite(&bytes).expect("rewrite");
+    std::fs::write(&up, &out.elf).expect("write");
+    std::fs::set_permissions(&up, std::fs::metadata(&bin).expect("stat").permissions())
+        .expect("chmod");
+    up
+}
+
+fn apply_cli(pid: u32, to: &Path) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_upstare-apply"))
+        .args(["--pid", &pid.to_string(), "--to"])
+        .arg(to)
+        .arg("--json")
+        .output()
+        .expect("run upstare-apply");
+    assert!(
+        out.status.success(),
+        "upstare-apply failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json report")
+}
+
+#[test]
+fn kv_server_blocked_in_read_is_updated_in_place() {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("apply-adhoc");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let v1 = instrumented(&dir, "kv1", &server("", 0));
+    let v2 = instrumented(&dir, "kv2", &server("v2 ", 1000));
+    let same = dir.join("kv1-copy.up");
+    std::fs::copy(&v1, &same).expect("copy");
+
+    let mut child = spawn(&v1, &[] as &[&str]).expect("spawn");
+    let port_line = child
+        .wait_for_line("port", WAIT, |l| l.starts_with("port "))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let port: u16 = port_line[5..].parse().expect("port");
+    let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream.set_read_timeout(Some(WAIT)).expect("timeout");
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut w = stream;
+    let mut ask = |q: &str| -> String {
+        w.write_all(format!("{q}\n").as_bytes()).expect("send");
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("reply");
+        line.trim_end().to_string()
+    };
+    assert_eq!(ask("set apples 3"), "ok");
+    assert_eq!(ask("set pears 5"), "ok");
+    std::thread::sleep(Duration::from_millis(30));
+
+    // Identity update while blocked in read: nothing observable changes.
+    let r = apply_cli(child.pid(), &same);
+    assert_eq!(r["ok"], true);
+    assert!(
+        r["threads"][0]["state"]
+            .as_str()
+            .unwrap_or("")
+            .contains("blocked"),
+        "{r}"
+    );
+    assert_eq!(ask("get apples"), "apples=3");
+    assert_eq!(ask("count"), "keys=2 requests=4");
+
+    // A changed version: the table, the counter and the connection survive.
+    std::thread::sleep(Duration::from_millis(30));
+    let r = apply_cli(child.pid(), &v2);
+    assert!(r["timings"]["total_us"].as_u64().unwrap_or(0) > 0);
+    assert_eq!(ask("get pears"), "v2 pears=5");
+    assert_eq!(ask("count"), "v2 keys=2 requests=1006");
+    assert_eq!(ask("quit"), "bye");
+    let out = child.wait(WAIT).expect("exits");
+    assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
+}
