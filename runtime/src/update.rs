@@ -203,6 +203,14 @@ pub fn apply_traced(
     let old = running_image(tracee.pid(), &maps)?;
     let new_bytes = std::fs::read(new_path).map_err(|e| new_err(format!("cannot read: {e}")))?;
     let new_tables = upstare_dwarf::read_tables(&new_bytes).map_err(|e| new_err(e.to_string()))?;
+    // A non-PIE NEW could only be mapped at its link addresses, which the
+    // running image occupies: refuse before the process is even paused.
+    if !new_tables.binary.pie {
+        return Err(LoadError::NotPie {
+            path: new_path.to_path_buf(),
+        }
+        .into());
+    }
     let mut libs = Libraries::new(tracee.pid(), &maps);
 
     // Phase 2: stop every thread at an update point or in a safe call.

@@ -49,13 +49,15 @@ struct Cli {
 fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(&cli) {
+        // The library's messages already include their causes: print the
+        // top one only (`{:#}` would repeat each cause).
         if cli.json {
             println!(
                 "{}",
-                serde_json::json!({ "ok": false, "error": format!("{e:#}") })
+                serde_json::json!({ "ok": false, "error": e.to_string() })
             );
         }
-        eprintln!("upstare-apply: error: {e:#}");
+        eprintln!("upstare-apply: error: {e}");
         std::process::exit(1);
     }
 }
