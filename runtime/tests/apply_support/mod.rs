@@ -1,0 +1,339 @@
+//! Helpers for the live-update tests: instrumented corpus builds, fresh
+//! copies of a binary to update to, a traced program whose output is
+//! collected after it is let go, and guards that kill what they start.
+#![allow(dead_code)]
+
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
+use upstare_corpus::{ExitStatus, Output, Program, Toolchain};
+use upstare_dwarf::{LinkAddr, RuntimeAddr};
+use upstare_runtime::procfs::MapPath;
+use upstare_runtime::update::{apply_traced, ApplyOptions, UpdateError, UpdateReport};
+use upstare_runtime::{BreakpointSet, Stop, Tracee};
+
+/// A directory removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "upstare-apply-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn write_exe(path: &Path, bytes: &[u8]) {
+    // Write then rename: a test running in parallel never sees half a file.
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes).expect("write binary");
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::rename(&tmp, path).expect("rename binary");
+}
+
+/// Instruments `exe` into `out` (rewriting again only when `exe` is newer).
+pub fn instrument_to(exe: &Path, out: &Path) -> PathBuf {
+    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    if let (Some(a), Some(b)) = (mtime(exe), mtime(out)) {
+        if a <= b {
+            return out.to_path_buf();
+        }
+    }
+    let bytes = std::fs::read(exe).expect("read binary");
+    let r = upstare_rewriter::rewrite::rewrite(&bytes)
+        .unwrap_or_else(|e| panic!("instrument {}: {e}", exe.display()));
+    write_exe(out, &r.elf);
+    out.to_path_buf()
+}
+
+/// The corpus program built with `tc` and instrumented (cached next to the
+/// corpus build cache).
+pub fn instrumented(p: &Program, tc: Toolchain) -> PathBuf {
+    let exe = upstare_corpus::build(p, tc).unwrap_or_else(|e| panic!("build {}: {e}", p.name));
+    instrument_to(&exe, &exe.with_file_name(format!("{}.up", p.name)))
+}
+
+/// Compiles C text with `tc` into `dir/name` and instruments it.
+pub fn build_c(dir: &TempDir, name: &str, src: &str, tc: Toolchain) -> PathBuf {
+    let exe = dir.path().join(name);
+    upstare_corpus::compile_c(upstare_corpus::CSource::Text(src), tc, &[], &exe)
+        .unwrap_or_else(|e| panic!("compile {name}: {e}"));
+    instrument_to(&exe, &dir.path().join(format!("{name}.up")))
+}
+
+/// A fresh copy of `up` (a different file, same bytes) in `dir`.
+pub fn fresh_copy(up: &Path, dir: &TempDir, tag: &str) -> PathBuf {
+    let name = up.file_name().map(|n| n.to_string_lossy().into_owned());
+    let out = dir
+        .path()
+        .join(format!("{}.{tag}", name.unwrap_or_default()));
+    let bytes = std::fs::read(up).expect("read instrumented binary");
+    write_exe(&out, &bytes);
+    out
+}
+
+/// Every update point of an instrumented binary (link-time addresses).
+pub fn update_points(up: &Path) -> Vec<LinkAddr> {
+    let bytes = std::fs::read(up).expect("read instrumented binary");
+    let t = upstare_dwarf::read_tables(&bytes).expect("tables");
+    t.functions
+        .iter()
+        .flat_map(|f| f.update_points.iter().map(|p| p.addr))
+        .collect()
+}
+
+/// Update-point hits of a run of `up` (under ptrace with every point
+/// armed), counted up to `cap`; `true` if the run had more.
+pub fn count_hits(up: &Path, args: &[&str], cap: Option<u64>) -> (u64, bool) {
+    let points = update_points(up);
+    let limits = upstare_runtime::RunLimits {
+        timeout: Duration::from_secs(120),
+        max_hits_per_addr: u64::MAX,
+        max_total_hits: cap.unwrap_or(u64::MAX),
+        ..Default::default()
+    };
+    let r = upstare_runtime::run_with_breakpoints(
+        up,
+        args,
+        &points,
+        |_| upstare_runtime::HitAction::Continue,
+        limits,
+    )
+    .unwrap_or_else(|e| panic!("count hits of {}: {e}", up.display()));
+    (r.total_hits(), r.hit_limit_reached)
+}
+
+/// An uninterrupted, untraced run.
+pub fn baseline(up: &Path, args: &[&str]) -> Output {
+    upstare_corpus::run(up, args, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("run {}: {e}", up.display()))
+}
+
+/// Kills a child process (and its group) by pid unless it was reaped.
+pub struct KillGuard {
+    pid: Pid,
+    reaped: bool,
+}
+
+impl KillGuard {
+    pub fn new(pid: Pid) -> KillGuard {
+        KillGuard { pid, reaped: false }
+    }
+
+    /// Waits (bounded) for the child to exit; kills it after `timeout`.
+    /// `ExitStatus::Unknown` if someone else (the tracer) reaped it.
+    pub fn wait(&mut self, timeout: Duration) -> Result<ExitStatus, String> {
+        let start = Instant::now();
+        let mut nap = Duration::from_micros(200);
+        loop {
+            match waitpid(self.pid, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(_, c)) => {
+                    self.reaped = true;
+                    return Ok(ExitStatus::Code(c));
+                }
+                Ok(WaitStatus::Signaled(_, s, _)) => {
+                    self.reaped = true;
+                    return Ok(ExitStatus::Signal(s as i32));
+                }
+                Ok(_) => {}
+                Err(nix::errno::Errno::ECHILD) => {
+                    self.reaped = true;
+                    return Ok(ExitStatus::Unknown);
+                }
+                Err(e) => return Err(format!("waitpid {}: {e}", self.pid)),
+            }
+            if start.elapsed() >= timeout {
+                self.kill();
+                return Err(format!("pid {} still running after {timeout:?}", self.pid));
+            }
+            std::thread::sleep(nap);
+            nap = (nap * 2).min(Duration::from_millis(5));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if self.reaped {
+            return;
+        }
+        // Unreaped: the pid (and group id) still belong to our child.
+        let _ = killpg(self.pid, Signal::SIGKILL);
+        let _ = kill(self.pid, Signal::SIGKILL);
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(3) {
+            match waitpid(self.pid, Some(WaitPidFlag::WNOHANG | WaitPidFlag::__WALL)) {
+                Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) | Err(_) => break,
+                _ => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+        self.reaped = true;
+    }
+}
+
+impl Drop for KillGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Reads a pipe to its end in the background.
+fn reader(mut pipe: impl Read + Send + 'static) -> Receiver<Vec<u8>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = pipe.read_to_end(&mut v);
+        let _ = tx.send(v);
+    });
+    rx
+}
+
+/// A program started under ptrace (stopped at its exec), its output
+/// collected in the background.
+pub struct TracedRun {
+    pub tracee: Option<Tracee>,
+    guard: KillGuard,
+    out: Option<Receiver<Vec<u8>>>,
+    err: Option<Receiver<Vec<u8>>>,
+}
+
+impl TracedRun {
+    /// Spawns `exe args` traced, stdin empty, stdout/stderr captured.
+    pub fn spawn(exe: &Path, args: &[&str]) -> TracedRun {
+        let mut cmd = Command::new(exe);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let (tracee, stdio) =
+            Tracee::spawn(cmd).unwrap_or_else(|e| panic!("spawn {}: {e}", exe.display()));
+        let guard = KillGuard::new(tracee.pid());
+        TracedRun {
+            tracee: Some(tracee),
+            guard,
+            out: stdio.stdout.map(reader),
+            err: stdio.stderr.map(reader),
+        }
+    }
+
+    pub fn pid(&self) -> Pid {
+        self.guard.pid
+    }
+
+    /// Runs the program from its exec stop to its first update-point hit
+    /// (so that its libraries are loaded) and leaves it stopped there with
+    /// the code intact. Returns the function it stopped in.
+    ///
+    /// Needed because `stop_the_world` reads the process's libraries once,
+    /// when it starts: at the exec stop only ld.so is mapped, so no update
+    /// point could be classified (main's frame returns into libc).
+    pub fn run_to_first_point(&mut self) -> String {
+        let pid = self.pid();
+        let maps = upstare_runtime::procfs::read_maps(pid).expect("maps");
+        let image = upstare_runtime::image::running_image(pid, &maps).expect("running image");
+        let t = self.tracee.as_mut().expect("still traced");
+        let mut bps = BreakpointSet::new(t.memory());
+        for f in &image.tables.functions {
+            for p in &f.update_points {
+                bps.arm(image.runtime(p.addr)).expect("arm");
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            t.cont(pid, None).expect("cont");
+            let left = deadline.saturating_duration_since(Instant::now());
+            match t.wait_stop(pid, left).expect("wait for main") {
+                Stop::Int3 => break,
+                s if s.is_terminal() => panic!("program ended before an update point: {s:?}"),
+                _ => {}
+            }
+        }
+        let mut regs = t.regs(pid).expect("regs");
+        let at = RuntimeAddr(regs.rip().0 - 1);
+        assert!(bps.is_armed(at), "stopped at an update point");
+        regs.set_rip(at);
+        t.set_regs(pid, &regs).expect("set regs");
+        bps.disarm_all().expect("disarm");
+        let f = image.link(at).and_then(|l| image.tables.function_at(l));
+        f.map(|f| f.name.clone()).unwrap_or_default()
+    }
+
+    /// Updates the traced program to `new`.
+    pub fn apply(&mut self, new: &Path, opts: &ApplyOptions) -> Result<UpdateReport, UpdateError> {
+        let t = self.tracee.as_mut().expect("still traced");
+        apply_traced(t, new, opts)
+    }
+
+    /// Lets the program go (detach) and waits, bounded, for its exit and
+    /// output. The status is `Unknown` when the tracer already reaped it
+    /// (it ended while being stopped).
+    pub fn finish(mut self, timeout: Duration) -> Result<Output, String> {
+        if let Some(t) = self.tracee.take() {
+            let gone = t.state(self.guard.pid).is_none();
+            let detached = t.detach();
+            if !gone {
+                detached.map_err(|e| format!("detach: {e}"))?;
+                // Tracee::spawn hands the program over in a SIGSTOP
+                // group-stop, which outlives the trace: end it (the programs
+                // here do not handle SIGCONT).
+                let _ = kill(self.guard.pid, Signal::SIGCONT);
+            }
+        }
+        let status = self.guard.wait(timeout)?;
+        // Bounded: a leftover process of the group could hold a pipe open.
+        let text = |h: Option<Receiver<Vec<u8>>>| {
+            h.and_then(|h| h.recv_timeout(Duration::from_secs(5)).ok())
+                .map(|v| String::from_utf8_lossy(&v).into_owned())
+                .unwrap_or_else(|| "<output pipe not closed>".into())
+        };
+        Ok(Output {
+            stdout: text(self.out.take()),
+            stderr: text(self.err.take()),
+            status,
+        })
+    }
+}
+
+impl Drop for TracedRun {
+    fn drop(&mut self) {
+        // A spawned tracee kills its program on drop; the guard makes sure
+        // of a detached one.
+        drop(self.tracee.take());
+        self.guard.kill();
+    }
+}
+
+/// (all, executable) mappings of `pid` whose file is `path`.
+pub fn mappings_of(pid: Pid, path: &Path) -> (usize, usize) {
+    let maps = upstare_runtime::procfs::read_maps(pid).expect("maps");
+    let of: Vec<_> = maps
+        .iter()
+        .filter(|m| matches!(&m.path, MapPath::File(p) if p == path))
+        .collect();
+    (of.len(), of.iter().filter(|m| m.perms.exec).count())
+}
+
+/// `/proc/PID/maps` as text, for assertion messages.
+pub fn maps_text(pid: Pid) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default()
+}
