@@ -30,7 +30,7 @@ fn pair(name: &str, tc: Toolchain) -> (PathBuf, PathBuf) {
     (instrumented(&p.v1, tc), instrumented(&p.v2, tc))
 }
 
-fn update(child: &ChildGuard, to: &PathBuf, timeout_ms: u64) -> UpdateReport {
+fn update(child: &ChildGuard, to: &std::path::Path, timeout_ms: u64) -> UpdateReport {
     let opts = ApplyOptions {
         timeout: Duration::from_millis(timeout_ms),
         ..ApplyOptions::default()
