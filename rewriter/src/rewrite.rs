@@ -59,13 +59,7 @@ pub fn build_tables(input: &[u8]) -> Result<FrameTables, RewriteError> {
     let view = CodeView::new(&file).map_err(RewriteError::Analysis)?;
     let mut functions: Vec<FunctionTable> = Vec::with_capacity(program.functions.len());
     for f in &program.functions {
-        let code = view
-            .code(f.low, f.high)
-            .ok_or_else(|| RewriteError::CodeOutOfRange {
-                function: f.name.clone(),
-                low: f.low,
-                high: f.high,
-            })?;
+        let code = function_code(&view, f)?;
         functions.push(analysis::analyze_function(f, &program, code, &view)?);
         check_params_spilled(f)?;
     }
@@ -101,13 +95,7 @@ pub fn analysis_notes(input: &[u8]) -> Result<Vec<(String, Vec<String>)>, Rewrit
     let view = CodeView::new(&file).map_err(RewriteError::Analysis)?;
     let mut out = Vec::new();
     for f in &program.functions {
-        let code = view
-            .code(f.low, f.high)
-            .ok_or_else(|| RewriteError::CodeOutOfRange {
-                function: f.name.clone(),
-                low: f.low,
-                high: f.high,
-            })?;
+        let code = function_code(&view, f)?;
         let (_, details) = analysis::analyze_function_detailed(f, &program, code, &view)?;
         if !details.notes.is_empty() {
             out.push((f.name.clone(), details.notes));
@@ -126,6 +114,19 @@ pub fn rewrite(input: &[u8]) -> Result<Rewritten, RewriteError> {
         tables,
         section_size: section.len(),
     })
+}
+
+/// The machine code of `f`, which must lie inside an executable section.
+fn function_code<'a>(
+    view: &CodeView<'a>,
+    f: &upstare_dwarf::model::Function,
+) -> Result<&'a [u8], RewriteError> {
+    view.code(f.low, f.high)
+        .ok_or_else(|| RewriteError::CodeOutOfRange {
+            function: f.name.clone(),
+            low: f.low,
+            high: f.high,
+        })
 }
 
 /// Refuses binaries outside the target contract (see DESIGN.md): stripped,
