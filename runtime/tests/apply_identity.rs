@@ -233,7 +233,9 @@ fn identity_spread(tc: Toolchain, full: bool) -> Tally {
         }
         if let Some((_, why)) = not_tried.first() {
             let ks: Vec<u64> = not_tried.iter().map(|(k, _)| *k).collect();
-            tally.lines.push(format!("    not tried at k={ks:?}: {why}"));
+            tally
+                .lines
+                .push(format!("    not tried at k={ks:?}: {why}"));
         }
     }
     tally
@@ -276,5 +278,359 @@ fn identity_updates_of_the_corpus_at_many_states_clang() {
 fn identity_updates_of_the_corpus_full_spread() {
     for tc in [Toolchain::Gcc, Toolchain::Clang] {
         check_spread(tc, true);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Updates while blocked in a library call.
+
+const BLOCKED_C: &str = include_str!("apply_support/blocked.c");
+const WAIT: Duration = Duration::from_secs(20);
+
+/// x86-64 system call numbers as /proc/PID/task/TID/syscall shows them.
+const SYS_READ: i64 = 0;
+const SYS_NANOSLEEP: i64 = 35;
+const SYS_ACCEPT: i64 = 43;
+const SYS_RECVFROM: i64 = 45;
+const SYS_FUTEX: i64 = 202;
+const SYS_CLOCK_NANOSLEEP: i64 = 230;
+const SYS_ACCEPT4: i64 = 288;
+
+/// The system call each thread of `pid` is blocked in (`None`: running).
+fn blocked_calls(pid: Pid) -> Vec<Option<i64>> {
+    let Ok(tasks) = upstare_runtime::procfs::list_tasks(pid) else {
+        return Vec::new();
+    };
+    tasks
+        .iter()
+        .map(|t| {
+            std::fs::read_to_string(format!("/proc/{pid}/task/{t}/syscall"))
+                .ok()
+                .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        })
+        .collect()
+}
+
+/// Waits (bounded) until, for each set in `sets`, a different thread of
+/// `pid` is blocked in one of its system calls.
+fn wait_blocked(pid: Pid, sets: &[&[i64]]) {
+    let start = std::time::Instant::now();
+    loop {
+        let calls = blocked_calls(pid);
+        let mut used = vec![false; calls.len()];
+        let all = sets.iter().all(|set| {
+            let i = calls
+                .iter()
+                .enumerate()
+                .position(|(i, c)| !used[i] && c.is_some_and(|c| set.contains(&c)));
+            i.map(|i| used[i] = true).is_some()
+        });
+        if all {
+            return;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "pid {pid}: threads not blocked in {sets:?}: {calls:?}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Identity updates of one running process, each to a fresh copy of the
+/// file it started from, checked as they go.
+struct Updater<'a> {
+    dir: &'a TempDir,
+    original: PathBuf,
+    running: PathBuf,
+    reports: Vec<UpdateReport>,
+}
+
+impl<'a> Updater<'a> {
+    fn new(dir: &'a TempDir, up: &Path) -> Self {
+        Updater {
+            dir,
+            original: up.to_path_buf(),
+            running: canon(up),
+            reports: Vec::new(),
+        }
+    }
+
+    /// Updates `pid`; each state in `expect` must be some thread's (`blocked
+    /// in read`).
+    fn update(&mut self, pid: Pid, expect: &[&str]) {
+        let n = self.reports.len();
+        let new = canon(&fresh_copy(&self.original, self.dir, &format!("u{n}")));
+        let opts = ApplyOptions {
+            timeout: READY_TIMEOUT,
+            ..ApplyOptions::default()
+        };
+        let r = apply(pid.as_raw(), &new, &opts)
+            .unwrap_or_else(|e| panic!("update {n} of pid {pid}: {e}"));
+        for want in expect {
+            assert!(
+                r.threads.iter().any(|t| t.state.starts_with(want)),
+                "update {n}: no thread {want}: {:?}",
+                r.threads
+            );
+        }
+        assert_eq!(canon(&r.from), self.running, "update {n}: from");
+        assert_eq!(canon(&r.to), new, "update {n}: to");
+        let (_, new_x) = mappings_of(pid, &new);
+        let (_, old_x) = mappings_of(pid, &self.running);
+        assert!(
+            new_x >= 1 && old_x == 0,
+            "update {n}: NEW executable {new_x}x, old {old_x}x:\n{}",
+            maps_text(pid)
+        );
+        self.running = new;
+        self.reports.push(r);
+    }
+}
+
+fn pid_of(child: &upstare_corpus::ChildGuard) -> Pid {
+    Pid::from_raw(child.pid() as i32)
+}
+
+/// Drives `blocked read`: before each chunk (and before end-of-file) the
+/// main thread is blocked in read on the stdin pipe, and `hook` runs.
+fn drive_read(up: &Path, hook: &mut dyn FnMut(Pid, usize)) -> Output {
+    let mut child = upstare_corpus::spawn(up, &["read"]).expect("spawn");
+    let pid = pid_of(&child);
+    child
+        .wait_for_line("ready", WAIT, |l| l == "ready")
+        .expect("ready");
+    let chunks = ["alpha\n", "beta beta\n", "gamma gamma gamma\n"];
+    for (i, chunk) in chunks.iter().enumerate() {
+        wait_blocked(pid, &[&[SYS_READ]]);
+        hook(pid, i);
+        child.send_stdin(chunk.as_bytes()).expect("write");
+        let want = format!("chunk {}:", i + 1);
+        child
+            .wait_for_line("chunk", WAIT, |l| l.starts_with(&want))
+            .expect("chunk read");
+    }
+    wait_blocked(pid, &[&[SYS_READ]]);
+    hook(pid, chunks.len());
+    child.close_stdin();
+    child.wait(WAIT).expect("exit")
+}
+
+/// Drives `blocked sleep`: three naps, each ended by SIGUSR1 after `hook`.
+fn drive_sleep(up: &Path, hook: &mut dyn FnMut(Pid, usize)) -> Output {
+    let mut child = upstare_corpus::spawn(up, &["sleep"]).expect("spawn");
+    let pid = pid_of(&child);
+    for round in 0..3 {
+        let nap = format!("nap {round}");
+        child.wait_for_line("nap", WAIT, |l| l == nap).expect("nap");
+        // Blocked in nanosleep before the signal, or it would sleep 60 s.
+        wait_blocked(pid, &[&[SYS_NANOSLEEP, SYS_CLOCK_NANOSLEEP]]);
+        hook(pid, round);
+        // An updated thread re-executes the nanosleep statement: a signal
+        // sent before it is back in the call would be handled first, and
+        // the nap would last its full 60 s.
+        wait_blocked(pid, &[&[SYS_NANOSLEEP, SYS_CLOCK_NANOSLEEP]]);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1).expect("SIGUSR1");
+        let woke = format!("woke {round}:");
+        child
+            .wait_for_line("woke", WAIT, |l| l.starts_with(&woke))
+            .expect("woke");
+    }
+    child.wait(WAIT).expect("exit")
+}
+
+/// Drives `blocked mutex`: `hook` runs while one thread waits for the mutex
+/// and main waits in read.
+fn drive_mutex(up: &Path, hook: &mut dyn FnMut(Pid, usize)) -> Output {
+    let mut child = upstare_corpus::spawn(up, &["mutex"]).expect("spawn");
+    let pid = pid_of(&child);
+    child
+        .wait_for_line("ready", WAIT, |l| l == "ready")
+        .expect("ready");
+    wait_blocked(pid, &[&[SYS_FUTEX], &[SYS_READ]]);
+    hook(pid, 0);
+    child.send_stdin(b"g").expect("write");
+    child.close_stdin();
+    child.wait(WAIT).expect("exit")
+}
+
+/// Drives the echo server (`corpus/versions/echo_server/v1.c`, one
+/// connection): `hook` runs while it is blocked in accept, then twice while
+/// blocked in recv on the open connection. The port in its output is
+/// replaced by `PORT`.
+fn drive_echo(up: &Path, hook: &mut dyn FnMut(Pid, usize)) -> Output {
+    use std::io::{BufRead, BufReader, Write};
+    let mut child = upstare_corpus::spawn(up, &["1"]).expect("spawn");
+    let pid = pid_of(&child);
+    let line = child
+        .wait_for_line("listening", WAIT, |l| l.starts_with("v1 listening port="))
+        .expect("listening");
+    let port: u16 = line["v1 listening port=".len()..].parse().expect("port");
+    wait_blocked(pid, &[&[SYS_ACCEPT, SYS_ACCEPT4]]);
+    hook(pid, 0);
+    let conn = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    conn.set_read_timeout(Some(WAIT)).expect("timeout");
+    let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+    let mut conn = conn;
+    let mut talk = |say: &str| {
+        conn.write_all(say.as_bytes()).expect("send");
+        let mut reply = String::new();
+        reader.read_line(&mut reply).expect("reply");
+        reply
+    };
+    assert_eq!(talk("hello\n"), "echo: hello\n");
+    wait_blocked(pid, &[&[SYS_RECVFROM]]);
+    hook(pid, 1);
+    assert_eq!(talk("dynamic updates\n"), "echo: dynamic updates\n");
+    wait_blocked(pid, &[&[SYS_RECVFROM]]);
+    hook(pid, 2);
+    assert_eq!(talk("quit\n"), "bye\n");
+    let mut out = child.wait(WAIT).expect("exit");
+    out.stdout = out.stdout.replace(&format!("port={port}"), "port=PORT");
+    out
+}
+
+type Driver = fn(&Path, &mut dyn FnMut(Pid, usize)) -> Output;
+
+/// Runs `drive` once untouched and once with an identity update at every
+/// hook, each requiring a thread in state `expect`; the outputs must match.
+fn updated_while_blocked(up: &Path, drive: Driver, expect: &[&str], dir: &TempDir) -> usize {
+    let base = drive(up, &mut |_, _| {});
+    assert_eq!(base.status, ExitStatus::Code(0), "{}", base.stderr);
+    let mut u = Updater::new(dir, up);
+    let out = drive(up, &mut |pid, _| u.update(pid, expect));
+    assert_eq!(out, base, "{}: output after updates differs", up.display());
+    u.reports.len()
+}
+
+fn toolchains() -> Vec<Toolchain> {
+    [Toolchain::Gcc, Toolchain::Clang]
+        .into_iter()
+        .filter(|t| t.is_available())
+        .collect()
+}
+
+#[test]
+fn identity_updates_while_blocked_in_read_on_a_pipe() {
+    for tc in toolchains() {
+        let dir = TempDir::new("read");
+        let up = build_c(&dir, "blocked", BLOCKED_C, tc);
+        // Four updates in a row, each while blocked in read.
+        let n = updated_while_blocked(&up, drive_read, &["blocked in read"], &dir);
+        assert_eq!(n, 4, "{tc}");
+    }
+}
+
+#[test]
+fn identity_updates_while_blocked_in_nanosleep() {
+    for tc in toolchains() {
+        let dir = TempDir::new("sleep");
+        let up = build_c(&dir, "blocked", BLOCKED_C, tc);
+        let n = updated_while_blocked(&up, drive_sleep, &["blocked in nanosleep"], &dir);
+        assert_eq!(n, 3, "{tc}");
+    }
+}
+
+#[test]
+fn identity_update_while_blocked_in_pthread_mutex_lock() {
+    for tc in toolchains() {
+        let dir = TempDir::new("mutex");
+        let up = build_c(&dir, "blocked", BLOCKED_C, tc);
+        let expect = ["blocked in pthread_mutex_lock", "blocked in read"];
+        let n = updated_while_blocked(&up, drive_mutex, &expect, &dir);
+        assert_eq!(n, 1, "{tc}");
+    }
+}
+
+#[test]
+fn identity_updates_while_blocked_in_accept_and_recv() {
+    let pair = upstare_corpus::version_pair("echo_server").expect("echo_server pair");
+    for tc in toolchains() {
+        let dir = TempDir::new("echo");
+        let up = instrumented(&pair.v1, tc);
+        let expect = ["blocked in"];
+        let n = updated_while_blocked(&up, drive_echo, &expect, &dir);
+        assert_eq!(n, 3, "{tc}");
+    }
+}
+
+
+// ---------------------------------------------------------------------------
+// Ten identity updates in a row on one process.
+
+/// Checks the output of `corpus/versions/loop_body/v1.c` line by line: ticks
+/// from 0 without a gap, each with the running sum of v1, and the final
+/// line matching the last tick. Returns the number of ticks.
+fn check_loop_body_output(stdout: &str, limit: u64) -> u64 {
+    let mut lines = stdout.lines();
+    assert_eq!(lines.next(), Some(format!("v1 start limit={limit}").as_str()));
+    let (mut i, mut sum) = (0u64, 0u64);
+    let mut last = None;
+    for line in lines {
+        if let Some(rest) = line.strip_prefix("v1 done ") {
+            let (ticks, s) = last.expect("a tick before the end");
+            assert_eq!(rest, format!("ticks={ticks} sum={s}"), "{stdout}");
+            return ticks + 1;
+        }
+        sum = (sum + i * 3) % 1_000_003;
+        assert_eq!(line, format!("v1 tick {i} sum={sum}"), "{stdout}");
+        last = Some((i, sum));
+        i += 1;
+    }
+    panic!("no final line:\n{stdout}");
+}
+
+fn ten_in_a_row(tc: Toolchain) {
+    let pair = upstare_corpus::version_pair("loop_body").expect("loop_body pair");
+    let up = instrumented(&pair.v1, tc);
+    let dir = TempDir::new("ten");
+    let limit = 1_000_000u64;
+    let mut child = upstare_corpus::spawn(&up, &[limit.to_string()]).expect("spawn");
+    let pid = pid_of(&child);
+    child
+        .wait_for_line("tick", WAIT, |l| l.starts_with("v1 tick 3 "))
+        .expect("ticking");
+    let mut u = Updater::new(&dir, &up);
+    let last_tick = |text: &str| -> u64 {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("v1 tick "))
+            .filter_map(|l| l.split(' ').next()?.parse().ok())
+            .last()
+            .unwrap_or(0)
+    };
+    for n in 0..10 {
+        u.update(pid, &[]);
+        // The process goes on between updates: two more ticks.
+        let want = format!("v1 tick {} ", last_tick(&child.stdout_so_far()) + 2);
+        child
+            .wait_for_line("more ticks", WAIT, |l| l.starts_with(&want))
+            .unwrap_or_else(|e| panic!("{tc}: after update {n}: {e}"));
+    }
+    // Each update came from the previous file; the last one is the only
+    // executable image: no earlier file (nor the original) is.
+    let files: Vec<PathBuf> = std::iter::once(canon(&up))
+        .chain(u.reports.iter().map(|r| canon(&r.to)))
+        .collect();
+    for (r, from) in u.reports.iter().zip(&files) {
+        assert_eq!(&canon(&r.from), from, "{tc}");
+    }
+    let (last, earlier) = files.split_last().expect("files");
+    assert_eq!(mappings_of(pid, last).1, 1, "{tc}:\n{}", maps_text(pid));
+    for f in earlier {
+        let (all, exec) = mappings_of(pid, f);
+        assert!(all > 0 && exec == 0, "{tc}: {}:\n{}", f.display(), maps_text(pid));
+    }
+    child.send_stdin(b"quit\n").expect("quit");
+    let out = child.wait(WAIT).expect("exit");
+    assert_eq!(out.status, ExitStatus::Code(0), "{tc}: {}", out.stderr);
+    assert_eq!(out.stderr, "", "{tc}");
+    let ticks = check_loop_body_output(&out.stdout, limit);
+    let states: Vec<&str> = u.reports.iter().map(|r| r.threads[0].state.as_str()).collect();
+    eprintln!("{tc}: 10 updates in a row ({states:?}), {ticks} ticks checked");
+}
+
+#[test]
+fn ten_identity_updates_in_a_row() {
+    for tc in toolchains() {
+        ten_in_a_row(tc);
     }
 }
