@@ -553,7 +553,6 @@ fn identity_updates_while_blocked_in_accept_and_recv() {
     }
 }
 
-
 // ---------------------------------------------------------------------------
 // Ten identity updates in a row on one process.
 
@@ -562,7 +561,10 @@ fn identity_updates_while_blocked_in_accept_and_recv() {
 /// line matching the last tick. Returns the number of ticks.
 fn check_loop_body_output(stdout: &str, limit: u64) -> u64 {
     let mut lines = stdout.lines();
-    assert_eq!(lines.next(), Some(format!("v1 start limit={limit}").as_str()));
+    assert_eq!(
+        lines.next(),
+        Some(format!("v1 start limit={limit}").as_str())
+    );
     let (mut i, mut sum) = (0u64, 0u64);
     let mut last = None;
     for line in lines {
@@ -594,7 +596,7 @@ fn ten_in_a_row(tc: Toolchain) {
         text.lines()
             .filter_map(|l| l.strip_prefix("v1 tick "))
             .filter_map(|l| l.split(' ').next()?.parse().ok())
-            .last()
+            .next_back()
             .unwrap_or(0)
     };
     for n in 0..10 {
@@ -617,14 +619,23 @@ fn ten_in_a_row(tc: Toolchain) {
     assert_eq!(mappings_of(pid, last).1, 1, "{tc}:\n{}", maps_text(pid));
     for f in earlier {
         let (all, exec) = mappings_of(pid, f);
-        assert!(all > 0 && exec == 0, "{tc}: {}:\n{}", f.display(), maps_text(pid));
+        assert!(
+            all > 0 && exec == 0,
+            "{tc}: {}:\n{}",
+            f.display(),
+            maps_text(pid)
+        );
     }
     child.send_stdin(b"quit\n").expect("quit");
     let out = child.wait(WAIT).expect("exit");
     assert_eq!(out.status, ExitStatus::Code(0), "{tc}: {}", out.stderr);
     assert_eq!(out.stderr, "", "{tc}");
     let ticks = check_loop_body_output(&out.stdout, limit);
-    let states: Vec<&str> = u.reports.iter().map(|r| r.threads[0].state.as_str()).collect();
+    let states: Vec<&str> = u
+        .reports
+        .iter()
+        .map(|r| r.threads[0].state.as_str())
+        .collect();
     eprintln!("{tc}: 10 updates in a row ({states:?}), {ticks} ticks checked");
 }
 
@@ -632,5 +643,232 @@ fn ten_in_a_row(tc: Toolchain) {
 fn ten_identity_updates_in_a_row() {
     for tc in toolchains() {
         ten_in_a_row(tc);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// --dry-run, the CLI, refusals.
+
+const CLI: &str = env!("CARGO_BIN_EXE_upstare-apply");
+
+/// The file-backed mappings of `pid`: (start, end, perms, path).
+fn file_maps(pid: Pid) -> Vec<(u64, u64, String, PathBuf)> {
+    use upstare_runtime::procfs::MapPath;
+    upstare_runtime::procfs::read_maps(pid)
+        .expect("maps")
+        .into_iter()
+        .filter_map(|m| match m.path {
+            MapPath::File(p) => {
+                let perms = format!("{:?}", m.perms);
+                Some((m.start.0, m.end.0, perms, p))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Runs upstare-apply (bounded) with `args`.
+fn cli(args: &[&str]) -> Output {
+    let mut cmd = std::process::Command::new(CLI);
+    cmd.args(args);
+    upstare_corpus::run_command(cmd, Duration::from_secs(30)).expect("run upstare-apply")
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("--json output does not parse ({e}): {:?}", out.stdout))
+}
+
+/// loop_body v1 with 150 ticks, started and past its 5th tick.
+fn start_ticking(up: &Path) -> upstare_corpus::ChildGuard {
+    let child = upstare_corpus::spawn(up, &["150"]).expect("spawn");
+    child
+        .wait_for_line("tick 5", WAIT, |l| l.starts_with("v1 tick 5 "))
+        .expect("ticking");
+    child
+}
+
+#[test]
+fn dry_run_changes_nothing_and_the_cli_reports() {
+    let tc = Toolchain::Gcc;
+    let pair = upstare_corpus::version_pair("loop_body").expect("loop_body pair");
+    let up = instrumented(&pair.v1, tc);
+    let base = upstare_corpus::run(&up, &["150"], WAIT).expect("baseline run");
+    assert_eq!(base.status, ExitStatus::Code(0));
+    let dir = TempDir::new("dry");
+    let new = canon(&fresh_copy(&up, &dir, "new"));
+    let new_s = new.to_str().expect("utf-8 path");
+
+    let mut child = start_ticking(&up);
+    let pid = pid_of(&child);
+    let pid_s = pid.to_string();
+    let before = file_maps(pid);
+    let unchanged = |what: &str| {
+        assert_eq!(file_maps(pid), before, "{what} changed the mappings");
+        assert_eq!(mappings_of(pid, &new), (0, 0), "{what} mapped NEW");
+    };
+
+    // The library.
+    let opts = ApplyOptions {
+        dry_run: true,
+        timeout: READY_TIMEOUT,
+        ..ApplyOptions::default()
+    };
+    let r = apply(pid.as_raw(), &new, &opts).unwrap_or_else(|e| panic!("dry run: {e}"));
+    assert!(r.dry_run);
+    assert_eq!((r.bytes_written, r.globals_copied), (0, 0));
+    assert_eq!(r.new_load_address, None);
+    assert_eq!(canon(&r.from), canon(&up));
+    assert_eq!(r.threads.len(), 1);
+    assert_eq!(r.threads[0].tid, pid.as_raw());
+    assert_eq!(
+        r.threads[0].frames.last().map(|f| f.starts_with("main@")),
+        Some(true)
+    );
+    unchanged("a dry run");
+
+    // The CLI, text.
+    let out = cli(&["--pid", &pid_s, "--to", new_s, "--dry-run"]);
+    assert_eq!(out.status, ExitStatus::Code(0), "{}", out.stderr);
+    let first = out.stdout.lines().next().unwrap_or_default();
+    assert_eq!(
+        first,
+        format!(
+            "would update process {pid} from {} to {new_s}",
+            canon(&up).display()
+        )
+    );
+    assert!(
+        out.stdout.contains(&format!("\n  thread {pid}: "))
+            && out.stdout.contains("latency: stop "),
+        "{}",
+        out.stdout
+    );
+    assert!(!out.stdout.contains("bytes written"), "{}", out.stdout);
+    unchanged("upstare-apply --dry-run");
+
+    // The CLI, JSON.
+    let out = cli(&["--pid", &pid_s, "--to", new_s, "--dry-run", "--json"]);
+    assert_eq!(out.status, ExitStatus::Code(0), "{}", out.stderr);
+    let v = json(&out);
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["dry_run"], true);
+    assert_eq!(v["pid"], pid.as_raw());
+    assert_eq!(v["to"], new_s);
+    assert_eq!(v["bytes_written"], 0);
+    assert_eq!(v["threads"][0]["tid"], pid.as_raw());
+    assert!(v["threads"][0]["frames"].is_array() && v["warnings"].is_array());
+    for phase in [
+        "stop", "save", "load", "transfer", "rebuild", "resume", "total",
+    ] {
+        assert!(v["timings"][format!("{phase}_us")].is_u64(), "{phase}: {v}");
+    }
+    unchanged("upstare-apply --dry-run --json");
+
+    // A refusal from the CLI: one line naming the file, and JSON.
+    let missing = dir.path().join("missing.up");
+    let missing_s = missing.to_str().expect("utf-8 path");
+    let out = cli(&["--pid", &pid_s, "--to", missing_s]);
+    assert_eq!(out.status, ExitStatus::Code(1));
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+    assert!(
+        out.stderr
+            .starts_with(&format!("upstare-apply: error: {missing_s}: cannot read")),
+        "{}",
+        out.stderr
+    );
+    let out = cli(&["--pid", &pid_s, "--to", missing_s, "--json"]);
+    assert_eq!(out.status, ExitStatus::Code(1));
+    let v = json(&out);
+    assert_eq!(v["ok"], false);
+    assert!(
+        v["error"].as_str().is_some_and(|e| e.contains(missing_s)),
+        "{v}"
+    );
+    unchanged("a refused update");
+
+    let out = child.wait(WAIT).expect("exit");
+    assert_eq!(out, base, "dry runs changed the output");
+}
+
+#[test]
+fn cli_updates_report_in_text_and_json() {
+    let tc = Toolchain::Gcc;
+    let pair = upstare_corpus::version_pair("loop_body").expect("loop_body pair");
+    let up = instrumented(&pair.v1, tc);
+    let base = upstare_corpus::run(&up, &["150"], WAIT).expect("baseline run");
+    let dir = TempDir::new("cli");
+    let first = canon(&fresh_copy(&up, &dir, "1"));
+    let second = canon(&fresh_copy(&up, &dir, "2"));
+    let (first_s, second_s) = (first.to_str().unwrap(), second.to_str().unwrap());
+
+    let mut child = start_ticking(&up);
+    let pid = pid_of(&child);
+    let pid_s = pid.to_string();
+    let out = cli(&["--pid", &pid_s, "--to", first_s, "--json"]);
+    assert_eq!(out.status, ExitStatus::Code(0), "{}", out.stderr);
+    let v = json(&out);
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["dry_run"], false);
+    assert_eq!(v["to"], first_s);
+    assert!(v["new_load_address"].is_u64(), "{v}");
+    assert!(v["bytes_written"].as_u64().is_some_and(|n| n > 0), "{v}");
+    assert_eq!(v["threads"][0]["tid"], pid.as_raw());
+    assert_eq!(
+        (mappings_of(pid, &first).1, mappings_of(pid, &canon(&up)).1),
+        (1, 0)
+    );
+
+    let out = cli(&["--pid", &pid_s, "--to", second_s]);
+    assert_eq!(out.status, ExitStatus::Code(0), "{}", out.stderr);
+    assert_eq!(
+        out.stdout.lines().next().unwrap_or_default(),
+        format!("updated process {pid} from {first_s} to {second_s}")
+    );
+    assert!(out.stdout.contains(" globals copied, "), "{}", out.stdout);
+    assert_eq!(
+        (mappings_of(pid, &second).1, mappings_of(pid, &first).1),
+        (1, 0)
+    );
+
+    let out = child.wait(WAIT).expect("exit");
+    assert_eq!(out, base, "output after two CLI updates");
+}
+
+/// A non-PIE NEW cannot be placed beside the running image: refused with a
+/// one-line reason before anything changes, whether the running program is
+/// PIE or not.
+#[test]
+fn non_pie_new_is_refused_and_the_process_goes_on() {
+    if !Toolchain::GccNoPie.is_available() {
+        return;
+    }
+    let pair = upstare_corpus::version_pair("loop_body").expect("loop_body pair");
+    let pie = instrumented(&pair.v1, Toolchain::Gcc);
+    let nopie = instrumented(&pair.v1, Toolchain::GccNoPie);
+    let dir = TempDir::new("nopie");
+    for running in [&pie, &nopie] {
+        let base = upstare_corpus::run(running, &["150"], WAIT).expect("baseline run");
+        let new = canon(&fresh_copy(&nopie, &dir, "new"));
+        let new_s = new.to_str().expect("utf-8 path");
+        let mut child = start_ticking(running);
+        let pid = pid_of(&child);
+        let before = file_maps(pid);
+        let why = "not position-independent (ELF type EXEC)";
+        match apply(pid.as_raw(), &new, &ApplyOptions::default()) {
+            Err(e @ UpdateError::Load(_)) => {
+                let msg = e.to_string();
+                assert!(msg.starts_with(&format!("{new_s}: {why}")), "{msg}");
+            }
+            other => panic!("a non-PIE NEW was not refused: {other:?}"),
+        }
+        let out = cli(&["--pid", &pid.to_string(), "--to", new_s]);
+        assert_eq!(out.status, ExitStatus::Code(1));
+        assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+        assert_eq!(out.stderr.matches(why).count(), 1, "{}", out.stderr);
+        assert_eq!(file_maps(pid), before);
+        assert_eq!(mappings_of(pid, &new), (0, 0));
+        let out = child.wait(WAIT).expect("exit");
+        assert_eq!(out, base, "{}: output after the refusal", running.display());
     }
 }
