@@ -330,6 +330,11 @@ fn is_fault(sig: Sig, code: i32) -> bool {
         && code > 0
 }
 
+/// Signals whose default action stops the process.
+fn is_job_control(sig: Sig) -> bool {
+    [libc::SIGSTOP, libc::SIGTSTP, libc::SIGTTIN, libc::SIGTTOU].contains(&sig.0)
+}
+
 /// A signal held back from a thread.
 struct Held {
     tid: Pid,
@@ -817,6 +822,11 @@ impl Stopper<'_> {
                 self.look_at(bps, tid, self.hits < self.opts.skip_hits)
             }
             Stop::Signal { sig, code } if is_fault(sig, code) => self.cont(tid, Some(sig)),
+            // A thread running towards an update point gets its signals at
+            // once, as without us: `raise()` must run the handler before it
+            // returns, and two raises of one signal must not merge. Only
+            // job-control stops are held (they would stop the whole group).
+            Stop::Signal { sig, .. } if !is_job_control(sig) => self.cont(tid, Some(sig)),
             Stop::Signal { sig, .. } => {
                 self.hold_current(tid, sig)?;
                 self.cont(tid, None)
