@@ -5,6 +5,7 @@
 //! exactly as it was.
 
 use serde::Serialize;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use upstare_dwarf::RuntimeAddr;
@@ -12,10 +13,10 @@ use upstare_dwarf::RuntimeAddr;
 use crate::image::{running_image, ImageError, Libraries};
 use crate::loader::{self, LoadError, LoadOptions};
 use crate::memory::{MemError, TargetMemory};
-use crate::procfs::{self, MemoryMap, ProcError};
+use crate::procfs::{self, MapPath, MemoryMap, ProcError};
 use crate::ptrace::{PtraceError, Tracee};
 use crate::rebuild::{self, RebuildError};
-use crate::state::{Readiness, ThreadState};
+use crate::state::{Image, Readiness, ThreadState};
 use crate::stop::{self, StopError, StopOptions};
 use crate::transfer::{self, Remapper, TransferError, Write};
 use nix::unistd::Pid;
@@ -113,6 +114,10 @@ pub struct UpdateReport {
     pub dry_run: bool,
     pub threads: Vec<ThreadReport>,
     pub globals_copied: usize,
+    /// Heap objects reached through typed pointers, and the pointers in
+    /// them that were changed (callbacks, addresses of globals).
+    pub heap_objects: usize,
+    pub heap_pointers_remapped: usize,
     pub bytes_written: usize,
     pub new_load_address: Option<u64>,
     pub warnings: Vec<String>,
@@ -163,6 +168,30 @@ fn writable(maps: &[MemoryMap], addr: RuntimeAddr, len: usize) -> bool {
         }
     }
     cur >= end
+}
+
+/// Where heap objects may be: private anonymous memory and `[heap]`, but
+/// not a thread's stack (frames are rebuilt on their own) nor either image.
+fn heap_ranges(
+    maps: &[MemoryMap],
+    threads: &[ThreadState],
+    images: [&Image; 2],
+) -> Vec<Range<u64>> {
+    maps.iter()
+        .filter(|m| m.perms.read && m.perms.write && !m.perms.shared)
+        .filter(|m| match &m.path {
+            MapPath::Anonymous => true,
+            MapPath::Pseudo(p) => p == "[heap]",
+            MapPath::File(_) => false,
+        })
+        .filter(|m| !threads.iter().any(|t| m.contains(t.regs.rsp())))
+        .filter(|m| {
+            images
+                .iter()
+                .all(|i| m.end <= i.span.start || i.span.end <= m.start)
+        })
+        .map(|m| m.start.0..m.end.0)
+        .collect()
 }
 
 fn thread_report(t: &ThreadState) -> ThreadReport {
@@ -240,6 +269,8 @@ pub fn apply_traced(
         dry_run: opts.dry_run,
         threads: threads.iter().map(thread_report).collect(),
         globals_copied: 0,
+        heap_objects: 0,
+        heap_pointers_remapped: 0,
         bytes_written: 0,
         new_load_address: None,
         warnings: Vec::new(),
@@ -279,6 +310,15 @@ pub fn apply_traced(
         layouts.push(rebuild::place_frames(th, &old, new, &mut remap)?);
     }
     let globals = transfer::transfer_globals(&mem, &old, new, &mut remap)?;
+    let maps_now = procfs::read_maps(tr.pid()).map_err(proc_err)?;
+    let roots = transfer::heap_roots(&mem, &old, &threads);
+    let heap = transfer::transfer_heap(
+        &mem,
+        &old.tables.types,
+        &roots,
+        &heap_ranges(&maps_now, &threads, [&old, new]),
+        &mut remap,
+    );
     timings.transfer_us = us(t.elapsed());
     let t = Instant::now();
     let mut plans = Vec::with_capacity(threads.len());
@@ -290,9 +330,9 @@ pub fn apply_traced(
     let writes: Vec<&Write> = globals
         .writes
         .iter()
+        .chain(heap.writes.iter())
         .chain(plans.iter().flat_map(|p| p.writes.iter()))
         .collect();
-    let maps_now = procfs::read_maps(tr.pid()).map_err(proc_err)?;
     for w in &writes {
         if !writable(&maps_now, w.addr, w.bytes.len()) {
             return Err(UpdateError::NotWritable {
@@ -312,6 +352,7 @@ pub fn apply_traced(
         warnings.extend(p.warnings.iter().cloned());
     }
     warnings.extend(globals.warnings.iter().cloned());
+    warnings.extend(heap.warnings.iter().cloned());
     timings.rebuild_us = us(t.elapsed());
 
     // Phase 6: commit, with an undo log so a failure is rolled back.
@@ -375,6 +416,8 @@ pub fn apply_traced(
     }
     report.bytes_written = bytes_written;
     report.globals_copied = globals_copied;
+    report.heap_objects = heap.objects;
+    report.heap_pointers_remapped = heap.writes.len();
     report.threads = threads
         .iter()
         .zip(frames)

@@ -281,6 +281,41 @@ fn identity_updates_of_the_corpus_full_spread() {
     }
 }
 
+/// Callbacks and addresses of globals that only heap objects hold are
+/// found through the pointers' types and moved to the new image (without
+/// that, the next call through them faults on the retired old code).
+#[test]
+fn identity_updates_remap_pointers_held_in_the_heap() {
+    for tc in toolchains() {
+        let dir = TempDir::new("heap");
+        let up = build_c(&dir, "heap", include_str!("apply_support/heap.c"), tc);
+        let base = baseline(&up, &[]);
+        assert_eq!(base.status, ExitStatus::Code(0), "{}", base.stderr);
+        for k in [0, 3, 50, 250] {
+            match identity_at(&up, &[], k, &dir, &base) {
+                Ok(Outcome::Updated(r)) => {
+                    // Once the loop runs: two ops (fn, hits) and the ring
+                    // (two slots) hold six pointers into the image.
+                    let want = if k == 0 { (0, 0) } else { (3, 6) };
+                    assert_eq!(
+                        (r.heap_objects, r.heap_pointers_remapped),
+                        want,
+                        "{tc} k={k}: {:?}",
+                        r.threads
+                    );
+                    assert!(
+                        !r.warnings.iter().any(|w| w.contains("heap")),
+                        "{tc} k={k}: {:?}",
+                        r.warnings
+                    );
+                }
+                Ok(Outcome::Refused(why)) => panic!("{tc} k={k}: refused: {why}"),
+                Err(e) => panic!("{tc} k={k}: {e}"),
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Updates while blocked in a library call.
 
@@ -871,4 +906,67 @@ fn non_pie_new_is_refused_and_the_process_goes_on() {
         let out = child.wait(WAIT).expect("exit");
         assert_eq!(out, base, "{}: output after the refusal", running.display());
     }
+}
+
+// ---------------------------------------------------------------------------
+// Reproductions of bugs outside this crate's update code (ignored until
+// their owners fix them; each passes once fixed).
+
+/// stop.rs holds back a signal that arrives while a thread runs towards an
+/// update point and queues it again at the end. A synchronous `raise()`
+/// then returns before its handler ran, and the next `raise()` of the same
+/// signal merges with the held one: corpus `signals` prints `usr1 #1`,
+/// `usr1 #2` but never `usr1 #3`.
+#[test]
+#[ignore = "stop.rs: signals raised while a thread runs to an update point are held, then merge"]
+fn signal_raised_while_stopping_is_delivered() {
+    let p = upstare_corpus::program("signals").expect("signals");
+    let up = instrumented(&p, Toolchain::Gcc);
+    let base = baseline(&up, p.args);
+    let dir = TempDir::new("sig");
+    match identity_at(&up, p.args, 5, &dir, &base) {
+        Ok(Outcome::Updated(_)) => {}
+        Ok(Outcome::Refused(why)) => panic!("refused: {why}"),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// `stop_the_world` reads the process's libraries once, when it starts. A
+/// process stopped at its exec has only ld.so mapped: no update point can
+/// be classified later (main returns into libc, unknown), so with
+/// `skip_hits` the program runs to its end ("process ended while being
+/// stopped"), and without, every thread is "at an unknown place".
+#[test]
+#[ignore = "stop.rs/image.rs: libraries loaded after stop_the_world started are never read"]
+fn skipping_hits_from_the_exec_stop() {
+    let p = upstare_corpus::program("calc").expect("calc");
+    let up = instrumented(&p, Toolchain::Gcc);
+    let dir = TempDir::new("exec");
+    let new = fresh_copy(&up, &dir, "new");
+    let mut run = TracedRun::spawn(&up, p.args);
+    let opts = ApplyOptions {
+        timeout: READY_TIMEOUT,
+        dry_run: false,
+        skip_hits: 5,
+    };
+    run.apply(&new, &opts)
+        .unwrap_or_else(|e| panic!("update from the exec stop: {e}"));
+}
+
+/// `Tracee::spawn` hands the program over in a SIGSTOP group-stop; after
+/// `Tracee::detach` the program stays stopped (state T) instead of
+/// running on (TracedRun::finish sends SIGCONT to work around it).
+#[test]
+#[ignore = "ptrace.rs: a spawned tracee stays group-stopped after detach"]
+fn a_spawned_tracee_runs_on_after_detach() {
+    let p = upstare_corpus::program("calc").expect("calc");
+    let exe = upstare_corpus::build(&p, Toolchain::Gcc).expect("build");
+    let mut cmd = std::process::Command::new(&exe);
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
+    let (tracee, _stdio) = upstare_runtime::Tracee::spawn(cmd).expect("spawn");
+    let mut guard = KillGuard::new(tracee.pid());
+    tracee.detach().expect("detach");
+    let status = guard.wait(Duration::from_secs(10));
+    assert_eq!(status, Ok(ExitStatus::Code(0)));
 }

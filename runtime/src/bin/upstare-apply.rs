@@ -92,8 +92,11 @@ fn print_report(r: &UpdateReport) {
     }
     if !r.dry_run {
         println!(
-            "  {} globals copied, {} bytes written, new image at {:#x}",
+            "  {} globals copied, {} pointers remapped in {} heap objects, {} bytes written, \
+             new image at {:#x}",
             r.globals_copied,
+            r.heap_pointers_remapped,
+            r.heap_objects,
             r.bytes_written,
             r.new_load_address.unwrap_or(0)
         );
