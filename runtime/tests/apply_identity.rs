@@ -39,18 +39,6 @@ const READY_TIMEOUT: Duration = Duration::from_secs(3);
 /// Bound on any program's run after an update.
 const RUN_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// States that are known not to be updatable identically because of a bug
-/// outside this crate's update code (reported): not tried in the spread.
-fn known_broken(p: &Program, k: u64) -> Option<&'static str> {
-    // stop.rs holds back signals that arrive while a thread runs towards an
-    // update point and queues them again at the end: `raise(SIGUSR1)` then
-    // returns before the handler ran, and the second raise of the same
-    // signal coalesces with the held one (see
-    // `signal_raised_while_stopping_is_delivered`). From k = 3 on, the
-    // thread runs through a raise() before it is stopped.
-    (p.name == "signals" && k >= 3).then_some("signals raised while stopping are held and merged")
-}
-
 /// What came of one identity update.
 enum Outcome {
     Updated(Box<UpdateReport>),
@@ -142,7 +130,6 @@ fn identity_at(
 struct Tally {
     updated: usize,
     refused: usize,
-    skipped: usize,
     /// Distinct (program, top frame) states updated.
     states: BTreeSet<String>,
     lines: Vec<String>,
@@ -176,13 +163,8 @@ fn identity_spread(tc: Toolchain, full: bool) -> Tally {
         ks.extend(near_end.iter().copied().filter(|&k| k + 2 <= hits));
         ks.sort_unstable();
         ks.dedup();
-        let (mut ok, mut refused, mut not_tried) = (0, Vec::new(), Vec::new());
+        let (mut ok, mut refused) = (0, Vec::new());
         for &k in &ks {
-            if let Some(why) = known_broken(&p, k) {
-                tally.skipped += 1;
-                not_tried.push((k, why));
-                continue;
-            }
             match identity_at(&up, p.args, k, &dir, &base) {
                 Ok(Outcome::Updated(r)) => {
                     ok += 1;
@@ -231,12 +213,6 @@ fn identity_spread(tc: Toolchain, full: bool) -> Tally {
         for r in refused {
             tally.lines.push(format!("    {r}"));
         }
-        if let Some((_, why)) = not_tried.first() {
-            let ks: Vec<u64> = not_tried.iter().map(|(k, _)| *k).collect();
-            tally
-                .lines
-                .push(format!("    not tried at k={ks:?}: {why}"));
-        }
     }
     tally
 }
@@ -248,11 +224,10 @@ fn check_spread(tc: Toolchain, full: bool) {
     }
     let t = identity_spread(tc, full);
     eprintln!(
-        "identity updates ({tc}): {} updated, {} refused (process unchanged), {} not tried; \
-         {} distinct top frames\n{}",
+        "identity updates ({tc}): {} updated, {} refused (process unchanged); {} distinct top \
+         frames\n{}",
         t.updated,
         t.refused,
-        t.skipped,
         t.states.len(),
         t.lines.join("\n")
     );
@@ -313,6 +288,23 @@ fn identity_updates_remap_pointers_held_in_the_heap() {
                 Err(e) => panic!("{tc} k={k}: {e}"),
             }
         }
+    }
+}
+
+/// A thread that runs through `raise()` on its way to an update point gets
+/// its handler run before raise returns, as without the update, and two
+/// raises of one signal do not merge (stop.rs used to hold such signals back
+/// until the end: corpus `signals` then lost `usr1 #3`).
+#[test]
+fn signal_raised_while_stopping_is_delivered() {
+    let p = upstare_corpus::program("signals").expect("signals");
+    let up = instrumented(&p, Toolchain::Gcc);
+    let base = baseline(&up, p.args);
+    let dir = TempDir::new("sig");
+    match identity_at(&up, p.args, 5, &dir, &base) {
+        Ok(Outcome::Updated(_)) => {}
+        Ok(Outcome::Refused(why)) => panic!("refused: {why}"),
+        Err(e) => panic!("{e}"),
     }
 }
 
@@ -911,25 +903,6 @@ fn non_pie_new_is_refused_and_the_process_goes_on() {
 // ---------------------------------------------------------------------------
 // Reproductions of bugs outside this crate's update code (ignored until
 // their owners fix them; each passes once fixed).
-
-/// stop.rs holds back a signal that arrives while a thread runs towards an
-/// update point and queues it again at the end. A synchronous `raise()`
-/// then returns before its handler ran, and the next `raise()` of the same
-/// signal merges with the held one: corpus `signals` prints `usr1 #1`,
-/// `usr1 #2` but never `usr1 #3`.
-#[test]
-#[ignore = "stop.rs: signals raised while a thread runs to an update point are held, then merge"]
-fn signal_raised_while_stopping_is_delivered() {
-    let p = upstare_corpus::program("signals").expect("signals");
-    let up = instrumented(&p, Toolchain::Gcc);
-    let base = baseline(&up, p.args);
-    let dir = TempDir::new("sig");
-    match identity_at(&up, p.args, 5, &dir, &base) {
-        Ok(Outcome::Updated(_)) => {}
-        Ok(Outcome::Refused(why)) => panic!("refused: {why}"),
-        Err(e) => panic!("{e}"),
-    }
-}
 
 /// `stop_the_world` reads the process's libraries once, when it starts. A
 /// process stopped at its exec has only ld.so mapped: no update point can
