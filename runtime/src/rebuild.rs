@@ -295,11 +295,13 @@ pub fn place_frames(
         let old_low = old_depth.min(of.extent.0).min(-16);
         let new_low = new_depth.min(nf.extent.0).min(-16);
         for (low, ft) in [(old_low, of), (new_low, nf)] {
-            if -low > MAX_FRAME_SIZE {
+            // Compared without negating: depths come from the tables and
+            // the target's memory, and may be i64::MIN.
+            if low < -MAX_FRAME_SIZE {
                 return Err(RebuildError::FrameTooLarge {
                     tid,
                     function: ft.name.clone(),
-                    size: -low,
+                    size: low.saturating_neg(),
                 });
             }
         }
@@ -414,8 +416,6 @@ pub fn frame_writes(
             .map_err(mem_err)?;
         let new_len = (-p.new_low) as usize;
         let mut bytes = vec![0u8; new_len];
-        // Index of CFA-relative offset `off` inside a frame buffer of `len`.
-        let at = |len: usize, off: i64| (len as i64 + off) as usize;
         // A frame paused in a call is inside the call's statement: probe
         // scopes just before the return address (a call can end a block).
         let probe = match os {
@@ -430,10 +430,9 @@ pub fn frame_writes(
             // Same layout: the old variables (and old pc) describe the bytes.
             for v in of.vars.iter().filter(|v| in_scope(v)) {
                 if let VarLocation::Cfa(o) = v.location {
-                    let size = type_size(&old.tables.types, v.ty).unwrap_or(0) as usize;
-                    let i = at(new_len, o.0);
-                    if let Some(slot) = bytes.get_mut(i..i.saturating_add(size)) {
-                        remap.remap_value(&old.tables.types, v.ty, slot);
+                    let size = type_size(&old.tables.types, v.ty).unwrap_or(0);
+                    if let Some(r) = slot(new_len, o.0, size) {
+                        remap.remap_value(&old.tables.types, v.ty, &mut bytes[r]);
                     }
                 }
             }
@@ -477,13 +476,12 @@ pub fn frame_writes(
                         why: format!("old variable {} has no stack slot", ov.name),
                     });
                 };
-                let size = type_size(&new.tables.types, v.ty).unwrap_or(0) as usize;
-                let (i, j) = (at(new_len, no.0), at(old_bytes.len(), oo.0));
-                match (bytes.get(i..i + size).is_some(), old_bytes.get(j..j + size)) {
-                    (true, Some(src)) => {
-                        let mut val = src.to_vec();
+                let size = type_size(&new.tables.types, v.ty).unwrap_or(0);
+                match (slot(new_len, no.0, size), slot(old_bytes.len(), oo.0, size)) {
+                    (Some(to), Some(from)) => {
+                        let mut val = old_bytes[from].to_vec();
                         remap.remap_value(&new.tables.types, v.ty, &mut val);
-                        bytes[i..i + size].copy_from_slice(&val);
+                        bytes[to].copy_from_slice(&val);
                     }
                     _ => {
                         return Err(RebuildError::Unmappable {
@@ -503,9 +501,17 @@ pub fn frame_writes(
             }
             // Call temporaries and stack arguments must have the same shape.
             if let (Site::Call(oc), Site::Call(nc)) = (os, ns) {
+                // Bytes of stack arguments below the body (pushed for the
+                // call); `None` for a dynamic or inconsistent depth.
+                let args = |ft: &FunctionTable, c: &CallSite| {
+                    let n = ft.body_depth.0.checked_sub(c.stack_depth.0)?;
+                    u64::try_from(n).ok()
+                };
+                let (old_args, new_args) = (args(of, oc), args(nf, nc));
                 if oc.live_regs != nc.live_regs
                     || oc.temp_slots.len() != nc.temp_slots.len()
-                    || oc.stack_depth.0 - of.body_depth.0 != nc.stack_depth.0 - nf.body_depth.0
+                    || old_args.is_none()
+                    || old_args != new_args
                 {
                     return Err(RebuildError::Unmappable {
                         tid,
@@ -514,32 +520,36 @@ pub fn frame_writes(
                         why: "the call keeps different temporaries or stack arguments".into(),
                     });
                 }
+                let unmappable = |why: &str| RebuildError::Unmappable {
+                    tid,
+                    function: f.function.clone(),
+                    continuation: f.continuation.clone(),
+                    why: why.into(),
+                };
                 for (ot, nt) in oc.temp_slots.iter().zip(&nc.temp_slots) {
-                    let (i, j, n) = (
-                        at(new_len, nt.offset.0),
-                        at(old_bytes.len(), ot.offset.0),
-                        nt.size as usize,
-                    );
-                    if ot.size != nt.size
-                        || bytes.get(i..i + n).is_none()
-                        || old_bytes.get(j..j + n).is_none()
-                    {
-                        return Err(RebuildError::Unmappable {
-                            tid,
-                            function: f.function.clone(),
-                            continuation: f.continuation.clone(),
-                            why: "a call temporary changed size".into(),
-                        });
+                    let n = u64::from(nt.size);
+                    match (
+                        slot(new_len, nt.offset.0, n),
+                        slot(old_bytes.len(), ot.offset.0, n),
+                    ) {
+                        (Some(to), Some(from)) if ot.size == nt.size => {
+                            bytes[to].copy_from_slice(&old_bytes[from]);
+                        }
+                        (Some(_), Some(_)) => {
+                            return Err(unmappable("a call temporary changed size"))
+                        }
+                        _ => return Err(unmappable("a call temporary lies outside its frame")),
                     }
-                    bytes[i..i + n].copy_from_slice(&old_bytes[j..j + n]);
                 }
-                let args = (of.body_depth.0 - oc.stack_depth.0) as usize;
-                if args > 0 {
-                    let (i, j) = (
-                        at(new_len, nc.stack_depth.0),
-                        at(old_bytes.len(), oc.stack_depth.0),
-                    );
-                    bytes[i..i + args].copy_from_slice(&old_bytes[j..j + args]);
+                let n = old_args.unwrap_or(0);
+                if n > 0 {
+                    match (
+                        slot(new_len, nc.stack_depth.0, n),
+                        slot(old_bytes.len(), oc.stack_depth.0, n),
+                    ) {
+                        (Some(to), Some(from)) => bytes[to].copy_from_slice(&old_bytes[from]),
+                        _ => return Err(unmappable("the stack arguments lie outside the frame")),
+                    }
                 }
             }
         }
@@ -566,11 +576,8 @@ pub fn frame_writes(
             bytes[new_len - 16..new_len - 8]
                 .copy_from_slice(&(ccfa.0.wrapping_sub(16)).to_le_bytes());
             for s in nf.saved_regs.iter().filter(|s| s.reg != Reg::Rbp) {
-                if let Some(v) = cv.get(&s.reg) {
-                    let i = at(new_len, s.offset.0);
-                    if let Some(slot) = bytes.get_mut(i..i + 8) {
-                        slot.copy_from_slice(&v.to_le_bytes());
-                    }
+                if let (Some(v), Some(r)) = (cv.get(&s.reg), slot(new_len, s.offset.0, 8)) {
+                    bytes[r].copy_from_slice(&v.to_le_bytes());
                 }
             }
         }
@@ -621,6 +628,16 @@ pub fn frame_writes(
         frames: report,
         warnings,
     })
+}
+
+/// The `n` bytes at CFA-relative offset `off` in a frame buffer of `len`
+/// bytes that ends at the CFA, if they lie inside it (offsets come from the
+/// tables of a file: checked, never trusted).
+fn slot(len: usize, off: i64, n: u64) -> Option<std::ops::Range<usize>> {
+    let start = i64::try_from(len).ok()?.checked_add(off)?;
+    let start = usize::try_from(start).ok()?;
+    let end = start.checked_add(usize::try_from(n).ok()?)?;
+    (end <= len).then_some(start..end)
 }
 
 fn overflow(addr: RuntimeAddr) -> MemError {

@@ -21,7 +21,7 @@ use nix::unistd::Pid;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use upstare_corpus::{programs, ExitStatus, Feature, Output, Program, Toolchain};
+use upstare_corpus::{programs, ExitStatus, Feature, Output, Toolchain};
 use upstare_runtime::stop::StopError;
 use upstare_runtime::update::{apply, ApplyOptions, UpdateError, UpdateReport};
 
