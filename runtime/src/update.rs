@@ -230,6 +230,25 @@ pub fn apply_traced(
     // Phase 1: what runs, and what it becomes (no process changes).
     let maps = procfs::read_maps(tracee.pid()).map_err(proc_err)?;
     let old = running_image(tracee.pid(), &maps)?;
+    // NEW must be another file: the same file mapped a second time cannot be
+    // told apart from the retired image by later updates.
+    if let Ok(meta) = std::fs::metadata(new_path) {
+        use std::os::unix::fs::MetadataExt;
+        let dev = meta.dev();
+        let same = maps.iter().any(|m| {
+            m.perms.exec
+                && m.file() == Some(old.path.as_path())
+                && m.inode == meta.ino()
+                && u64::from(m.dev_major) == nix::sys::stat::major(dev)
+                && u64::from(m.dev_minor) == nix::sys::stat::minor(dev)
+        });
+        if same {
+            return Err(new_err(format!(
+                "is the file process {pid} runs ({}); update to a copy of it",
+                old.path.display()
+            )));
+        }
+    }
     let new_bytes = std::fs::read(new_path).map_err(|e| new_err(format!("cannot read: {e}")))?;
     let new_tables = upstare_dwarf::read_tables(&new_bytes).map_err(|e| new_err(e.to_string()))?;
     // A non-PIE NEW could only be mapped at its link addresses, which the

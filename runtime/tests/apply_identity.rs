@@ -862,6 +862,36 @@ fn cli_updates_report_in_text_and_json() {
     assert_eq!(out, base, "output after two CLI updates");
 }
 
+/// NEW must be a copy: the running file itself (by any name) is refused
+/// before the process is touched, and the process goes on as before.
+#[test]
+fn updating_to_the_running_file_itself_is_refused() {
+    let pair = upstare_corpus::version_pair("loop_body").expect("loop_body pair");
+    let up = canon(&instrumented(&pair.v1, Toolchain::Gcc));
+    let base = upstare_corpus::run(&up, &["150"], WAIT).expect("baseline run");
+    let dir = TempDir::new("self");
+    let link = dir.path().join("same-file.up");
+    std::os::unix::fs::symlink(&up, &link).expect("symlink");
+    let mut child = start_ticking(&up);
+    let pid = pid_of(&child);
+    let before = file_maps(pid);
+    for new in [&up, &link] {
+        match apply(pid.as_raw(), new, &ApplyOptions::default()) {
+            Err(e @ UpdateError::New { .. }) => {
+                let msg = e.to_string();
+                assert!(
+                    msg.contains("update to a copy of it") && msg.contains(&format!("{pid}")),
+                    "{msg}"
+                );
+            }
+            other => panic!("{}: not refused: {other:?}", new.display()),
+        }
+    }
+    assert_eq!(file_maps(pid), before);
+    let out = child.wait(WAIT).expect("exit");
+    assert_eq!(out, base, "output after the refusals");
+}
+
 /// A non-PIE NEW cannot be placed beside the running image: refused with a
 /// one-line reason before anything changes, whether the running program is
 /// PIE or not.
