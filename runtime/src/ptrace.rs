@@ -1085,6 +1085,9 @@ impl Tracee {
         // A spawned program detached on purpose must not be killed on drop.
         if let Some(g) = &mut self.guard {
             g.mark_reaped();
+            // `spawn` handed the program over in a SIGSTOP group-stop, which
+            // the kernel re-enters at detach: end it so the program runs on.
+            let _ = nix::sys::signal::kill(self.pid, nix::sys::signal::Signal::SIGCONT);
         }
         r
     }
