@@ -358,7 +358,7 @@ struct Waiting {
 struct Stopper<'a> {
     tracee: &'a mut Tracee,
     image: &'a Image,
-    libs: &'a Libraries,
+    libs: &'a mut Libraries,
     opts: &'a StopOptions,
     pid: Pid,
     mem: ProcessMemory,
@@ -1003,25 +1003,7 @@ impl Stopper<'_> {
     fn classify(&mut self, tid: Pid, regs: &Regs) -> Result<ThreadState, String> {
         let rip = regs.rip();
         let stack = self.stack_of(regs.rsp());
-        // Messages name the thread already.
-        let prefix = format!("thread {tid}: ");
-        let unwind = |regs: &Regs| {
-            unwind_thread(
-                self.image,
-                self.libs,
-                &self.mem,
-                stack.clone(),
-                tid.as_raw(),
-                regs,
-            )
-            .map_err(|e| {
-                let e = e.to_string();
-                match e.strip_prefix(&prefix) {
-                    Some(rest) => rest.to_string(),
-                    None => e,
-                }
-            })
-        };
+        let unwind = |me: &mut Self, regs: &Regs| me.unwind_refreshing(tid, stack.clone(), regs);
         let t = tid.as_raw();
         if self.image.is_code(rip) {
             let Some(f) = self
@@ -1034,7 +1016,7 @@ impl Stopper<'_> {
             if f.update_point_at(rip.to_link(self.image.bias)).is_none() {
                 return Err("running, not at an update point".into());
             }
-            let u = unwind(regs)?;
+            let u = unwind(self, regs)?;
             return Ok(ThreadState {
                 tid: t,
                 regs: *regs,
@@ -1054,7 +1036,8 @@ impl Stopper<'_> {
             });
         }
         let name = syscall_name(nr);
-        let u = unwind(regs).map_err(|e| format!("blocked in system call {name}, but {e}"))?;
+        let u =
+            unwind(self, regs).map_err(|e| format!("blocked in system call {name}, but {e}"))?;
         let Top::InLibrary { call, .. } = &u.top else {
             return Err("not in library code".into());
         };
@@ -1088,6 +1071,32 @@ impl Stopper<'_> {
                 syscall: self.syscall_seen(tid, nr) as u64,
             },
             frames: u.frames,
+        })
+    }
+
+    /// Unwind `tid`; a pc in no known object means the process mapped a
+    /// library since `libs` was read (a process stopped at its exec loads
+    /// libc later): re-read the maps once and retry. Errors come without
+    /// the thread prefix (messages name the thread already).
+    fn unwind_refreshing(
+        &mut self,
+        tid: Pid,
+        stack: Option<Range<RuntimeAddr>>,
+        regs: &Regs,
+    ) -> Result<Unwound, String> {
+        let t = tid.as_raw();
+        let mut r = unwind_thread(self.image, self.libs, &self.mem, stack.clone(), t, regs);
+        if matches!(r, Err(UnwindError::UnknownCode { .. })) && self.libs.refresh(self.pid).is_ok()
+        {
+            r = unwind_thread(self.image, self.libs, &self.mem, stack, t, regs);
+        }
+        r.map_err(|e| {
+            let e = e.to_string();
+            let prefix = format!("thread {tid}: ");
+            match e.strip_prefix(&prefix) {
+                Some(rest) => rest.to_string(),
+                None => e,
+            }
         })
     }
 
