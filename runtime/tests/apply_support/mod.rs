@@ -14,10 +14,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 use upstare_corpus::{ExitStatus, Output, Program, Toolchain};
-use upstare_dwarf::{LinkAddr, RuntimeAddr};
+use upstare_dwarf::LinkAddr;
 use upstare_runtime::procfs::MapPath;
 use upstare_runtime::update::{apply_traced, ApplyOptions, UpdateError, UpdateReport};
-use upstare_runtime::{BreakpointSet, Stop, Tracee};
+use upstare_runtime::Tracee;
 
 /// A directory removed on drop.
 pub struct TempDir(PathBuf);
@@ -240,44 +240,6 @@ impl TracedRun {
         self.guard.pid
     }
 
-    /// Runs the program from its exec stop to its first update-point hit
-    /// (so that its libraries are loaded) and leaves it stopped there with
-    /// the code intact. Returns the function it stopped in.
-    ///
-    /// Needed because `stop_the_world` reads the process's libraries once,
-    /// when it starts: at the exec stop only ld.so is mapped, so no update
-    /// point could be classified (main's frame returns into libc).
-    pub fn run_to_first_point(&mut self) -> String {
-        let pid = self.pid();
-        let maps = upstare_runtime::procfs::read_maps(pid).expect("maps");
-        let image = upstare_runtime::image::running_image(pid, &maps).expect("running image");
-        let t = self.tracee.as_mut().expect("still traced");
-        let mut bps = BreakpointSet::new(t.memory());
-        for f in &image.tables.functions {
-            for p in &f.update_points {
-                bps.arm(image.runtime(p.addr)).expect("arm");
-            }
-        }
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            t.cont(pid, None).expect("cont");
-            let left = deadline.saturating_duration_since(Instant::now());
-            match t.wait_stop(pid, left).expect("wait for main") {
-                Stop::Int3 => break,
-                s if s.is_terminal() => panic!("program ended before an update point: {s:?}"),
-                _ => {}
-            }
-        }
-        let mut regs = t.regs(pid).expect("regs");
-        let at = RuntimeAddr(regs.rip().0 - 1);
-        assert!(bps.is_armed(at), "stopped at an update point");
-        regs.set_rip(at);
-        t.set_regs(pid, &regs).expect("set regs");
-        bps.disarm_all().expect("disarm");
-        let f = image.link(at).and_then(|l| image.tables.function_at(l));
-        f.map(|f| f.name.clone()).unwrap_or_default()
-    }
-
     /// Updates the traced program to `new`.
     pub fn apply(&mut self, new: &Path, opts: &ApplyOptions) -> Result<UpdateReport, UpdateError> {
         let t = self.tracee.as_mut().expect("still traced");
@@ -293,10 +255,6 @@ impl TracedRun {
             let detached = t.detach();
             if !gone {
                 detached.map_err(|e| format!("detach: {e}"))?;
-                // Tracee::spawn hands the program over in a SIGSTOP
-                // group-stop, which outlives the trace: end it (the programs
-                // here do not handle SIGCONT).
-                let _ = kill(self.guard.pid, Signal::SIGCONT);
             }
         }
         let status = self.guard.wait(timeout)?;
