@@ -140,7 +140,8 @@ pub struct CallSite {
     pub ordinal: u32,
     /// rsp relative to the CFA just before the call executes (stack-passed
     /// arguments included). The callee's CFA equals the caller's CFA plus
-    /// this value.
+    /// this value. [`CallSite::DYNAMIC_DEPTH`] when rsp is only known at run
+    /// time (a VLA or `alloca` moved it); see [`CallSite::fixed_depth`].
     pub stack_depth: CfaOffset,
     /// Callee-saved registers holding values live across the call.
     pub live_regs: Vec<Reg>,
@@ -184,6 +185,14 @@ impl UpdatePoint {
 }
 
 impl CallSite {
+    /// The `stack_depth` of a call whose depth is only known at run time.
+    pub const DYNAMIC_DEPTH: CfaOffset = CfaOffset(i64::MIN);
+
+    /// The stack depth at the call, `None` when it is only known at run time.
+    pub fn fixed_depth(&self) -> Option<CfaOffset> {
+        (self.stack_depth != Self::DYNAMIC_DEPTH).then_some(self.stack_depth)
+    }
+
     /// The continuation id of a frame paused in this call.
     pub fn continuation(&self) -> Continuation {
         Continuation::Call {

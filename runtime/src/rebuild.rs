@@ -17,16 +17,13 @@
 use std::collections::HashMap;
 use upstare_dwarf::fdt::{CallSite, Continuation, FunctionTable, UpdatePoint};
 use upstare_dwarf::model::{type_name, type_size, VarLocation, Variable};
-use upstare_dwarf::{CfaOffset, Reg, RuntimeAddr};
+use upstare_dwarf::{Reg, RuntimeAddr};
 
 use crate::memory::{MemError, TargetMemory};
 use crate::ptrace::Regs;
 use crate::state::{AppFrame, CalleeSavedValues, Image, Readiness, ThreadState};
 use crate::transfer::{Remapper, StackMove, TypeComparer, Write};
 
-/// The depth value the tables use for a call whose rsp is only known at run
-/// time (inside a VLA scope).
-pub const DYNAMIC_DEPTH: CfaOffset = CfaOffset(i64::MIN);
 /// Largest frame rebuilt (bytes between its lowest byte and its CFA).
 pub const MAX_FRAME_SIZE: i64 = 16 << 20;
 /// Callee-saved registers other than rbp, which is the frame chain.
@@ -193,8 +190,7 @@ fn find_site<'a>(
 fn site_depth(ft: &FunctionTable, site: Site<'_>) -> Option<i64> {
     match site {
         Site::Point(p) => Some(p.stack_depth.0),
-        Site::Call(c) if c.stack_depth == DYNAMIC_DEPTH => None,
-        Site::Call(c) => Some(c.stack_depth.0),
+        Site::Call(c) => c.fixed_depth().map(|d| d.0),
         // The analysis only gives a restart address where the statement
         // starts at the body's depth.
         Site::Restart(_) => Some(ft.body_depth.0),

@@ -29,8 +29,7 @@ pub const MAX_APP_FRAMES: usize = 100_000;
 pub const MAX_LIB_FRAMES: usize = 512;
 /// Callee-saved registers tracked per frame (rbp is the chain itself).
 pub const TRACKED: [Reg; 5] = [Reg::Rbx, Reg::R12, Reg::R13, Reg::R14, Reg::R15];
-/// Stack depth value the tables use for "dynamic" (VLA, alloca).
-const DYNAMIC_DEPTH: i64 = i64::MIN;
+const DYNAMIC_DEPTH: i64 = CallSite::DYNAMIC_DEPTH.0;
 
 /// Why a thread could not be unwound. Every variant names the thread.
 #[derive(Debug, thiserror::Error)]

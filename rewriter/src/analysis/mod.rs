@@ -43,11 +43,9 @@ use upstare_dwarf::fdt::FunctionTable;
 use upstare_dwarf::model::{Function, Program, VarLocation};
 use upstare_dwarf::{CfaOffset, LinkAddr};
 
-/// The `stack_depth` recorded for a call site whose depth depends on a
-/// run-time amount (a call inside a VLA scope or after `alloca`): such a
-/// frame cannot be rebuilt from the tables alone. No real depth can take
-/// this value.
-pub const DYNAMIC_DEPTH: CfaOffset = CfaOffset(i64::MIN);
+/// The stack depth recorded for a call whose depth is only known at run
+/// time (the table format's own sentinel).
+pub const DYNAMIC_DEPTH: CfaOffset = upstare_dwarf::fdt::CallSite::DYNAMIC_DEPTH;
 
 /// Most instructions analyzed in one function.
 pub const MAX_INSNS: usize = 1 << 20;
