@@ -822,6 +822,18 @@ fn display_sym(name: &str, version: Option<&str>) -> String {
     }
 }
 
+/// Everything [`load_image`] checks before it changes the process — NEW's
+/// kind, its libraries, every import it needs — without changing anything
+/// (for `--dry-run`).
+pub fn check_loadable(pid: Pid, new_path: &Path, new_bytes: &[u8]) -> Result<(), LoadError> {
+    let canon = std::fs::canonicalize(new_path).map_err(|source| LoadError::Io {
+        path: new_path.to_path_buf(),
+        source,
+    })?;
+    let libs = ProcessLibraries::read(pid)?;
+    plan_load(&canon, new_bytes, &libs).map(|_| ())
+}
+
 /// Check NEW and decide every relocation (see the module doc).
 fn plan_load(path: &Path, data: &[u8], libs: &ProcessLibraries) -> Result<Plan, LoadError> {
     let sum = summarize(path, data)?;

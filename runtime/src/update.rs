@@ -296,6 +296,8 @@ pub fn apply_traced(
         timings: Timings::default(),
     };
     if opts.dry_run {
+        // Also what loading would refuse (libraries, imports).
+        loader::check_loadable(tracee.pid(), new_path, &new_bytes)?;
         report.warnings = warnings;
         timings.total_us = us(start.elapsed());
         report.timings = timings;

@@ -21,7 +21,12 @@ fn work(name: &str) -> PathBuf {
 
 /// Compiles `src` and instruments it as `<dir>/<name>.up`.
 fn instrumented(dir: &Path, name: &str, src: &str) -> PathBuf {
-    let bin = compile_c(CSource::Text(src), Toolchain::Gcc, &[], &dir.join(name)).expect("compile");
+    instrumented_with(dir, name, src, &[])
+}
+
+fn instrumented_with(dir: &Path, name: &str, src: &str, flags: &[&str]) -> PathBuf {
+    let bin =
+        compile_c(CSource::Text(src), Toolchain::Gcc, flags, &dir.join(name)).expect("compile");
     let bytes = std::fs::read(&bin).expect("read");
     let out = upstare_rewriter::rewrite::rewrite(&bytes).expect("rewrite");
     let up = dir.join(format!("{name}.up"));
@@ -174,6 +179,38 @@ fn local_type_change_is_refused() {
         ("long", "short"),
         &["main", "local step", "type", "short"],
     );
+}
+
+#[test]
+fn missing_library_is_refused_even_by_a_dry_run() {
+    let dir = work("library");
+    let v1 = instrumented(&dir, "lib1", &ticker("long", "long", false));
+    let v2 = instrumented_with(
+        &dir,
+        "lib2",
+        &ticker("long", "long", false),
+        &["-Wl,--no-as-needed", "-lz"],
+    );
+    let child = spawn(&v1, &[] as &[&str]).expect("spawn");
+    child
+        .wait_for_line("ticks", WAIT, |l| l.starts_with("tick 3 "))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let before = snapshot(child.pid());
+    for dry_run in [true, false] {
+        let opts = ApplyOptions {
+            dry_run,
+            ..ApplyOptions::default()
+        };
+        let err = apply(child.pid() as i32, &v2, &opts)
+            .expect_err("refused")
+            .to_string();
+        println!("{err}");
+        assert!(
+            err.contains("libz.so.1"),
+            "names the library (dry run {dry_run}): {err}"
+        );
+    }
+    assert_untouched(&child, &before);
 }
 
 #[test]
