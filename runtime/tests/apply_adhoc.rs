@@ -190,3 +190,127 @@ fn kv_server_blocked_in_read_is_updated_in_place() {
     let out = child.wait(WAIT).expect("exits");
     assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
 }
+
+/// Threads that each recurse `DEPTH` deep and idle at the bottom, printing a
+/// tick every 10 ms until stdin says `quit`; then the recursion unwinds and
+/// every thread prints its sum. v2's `descend` gains a local (every frame's
+/// layout changes) and a different formula; its idle loop prints differently.
+fn deep_threads(version: u32) -> String {
+    let (extra_decl, extra_use, weight) = if version == 2 {
+        (
+            "    long weight = 0;\n",
+            "    weight = depth % 3 + 1;\n",
+            "weight",
+        )
+    } else {
+        ("", "", "1")
+    };
+    format!(
+        r#"
+#include <poll.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <unistd.h>
+
+#define THREADS 4
+#define DEPTH 60
+static volatile int quit;
+
+static void idle(int id)
+{{
+    long ticks = 0;
+    while (!quit) {{
+        poll(NULL, 0, 10);
+        ticks++;
+        if (ticks % 5 == 0)
+            printf("v{version} thread %d tick %ld\n", id, ticks);
+    }}
+}}
+
+static long descend(int depth, int id)
+{{
+{extra_decl}    long here = depth * 10 + id;
+    if (depth == 0) {{
+        idle(id);
+        return 0;
+    }}
+    long below = descend(depth - 1, id);
+{extra_use}    return below + here * {weight};
+}}
+
+static void *worker(void *arg)
+{{
+    long id = (long)arg;
+    long sum = descend(DEPTH, (int)id);
+    printf("v{version} thread %ld sum %ld\n", id, sum);
+    return NULL;
+}}
+
+int main(void)
+{{
+    pthread_t t[THREADS];
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    for (long i = 0; i < THREADS; i++)
+        pthread_create(&t[i], NULL, worker, (void *)i);
+    printf("v{version} started\n");
+    char buf[8];
+    while (read(0, buf, sizeof buf) > 0 && buf[0] != 'q')
+        ;
+    quit = 1;
+    for (int i = 0; i < THREADS; i++)
+        pthread_join(t[i], NULL);
+    printf("v{version} done\n");
+    return 0;
+}}
+"#
+    )
+}
+
+#[test]
+fn threads_deep_in_recursion_move_to_a_changed_version() {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("apply-adhoc-deep");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let v1 = instrumented(&dir, "deep1", &deep_threads(1));
+    let v2 = instrumented(&dir, "deep2", &deep_threads(2));
+    let mut child = spawn(&v1, &[] as &[&str]).expect("spawn");
+    for id in 0..4 {
+        child
+            .wait_for_line("idle ticks", WAIT, |l| {
+                l.starts_with(&format!("v1 thread {id} tick"))
+            })
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let r = apply_cli(child.pid(), &v2);
+    let frames: usize = r["threads"]
+        .as_array()
+        .expect("threads")
+        .iter()
+        .map(|t| t["frames"].as_array().map_or(0, Vec::len))
+        .sum();
+    assert!(
+        frames >= 4 * 61,
+        "every recursion frame was carried over: {frames}"
+    );
+    for id in 0..4 {
+        child
+            .wait_for_line("v2 ticks", WAIT, |l| {
+                l.starts_with(&format!("v2 thread {id} tick"))
+            })
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    child.send_stdin(b"q\n").expect("quit");
+    let out = child.wait(WAIT).expect("exits");
+    assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
+    // Every frame returns through v2's code: sum over depth d = 0..60 of
+    // (d*10 + id) * (d % 3 + 1), minus the bottom frame's (it returns 0).
+    for id in 0..4i64 {
+        let want: i64 = (1..=60).map(|d: i64| (d * 10 + id) * (d % 3 + 1)).sum();
+        let line = format!("v2 thread {id} sum {want}");
+        assert!(
+            out.stdout.lines().any(|l| l == line),
+            "missing {line:?} in\n{}",
+            out.stdout
+        );
+    }
+    assert!(out.stdout.contains("v2 done"));
+}
