@@ -147,19 +147,38 @@ fn lookup<'a>(
     Ok((of, nf))
 }
 
+/// How the top application frame of a thread resumes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TopMode {
+    /// At its update point.
+    Point,
+    /// Re-executing its blocked call's statement.
+    Restart,
+    /// Returning from a library call left in place.
+    InPlace,
+}
+
+fn top_mode(r: &Readiness) -> TopMode {
+    match r {
+        Readiness::AtPoint => TopMode::Point,
+        Readiness::Blocked { .. } => TopMode::Restart,
+        Readiness::InLibrary { .. } => TopMode::InPlace,
+    }
+}
+
 fn find_site<'a>(
     tid: i32,
     ft: &'a FunctionTable,
     continuation: &Continuation,
     top: bool,
-    blocked: bool,
+    mode: TopMode,
 ) -> Result<Site<'a>, RebuildError> {
     let missing = || RebuildError::ContinuationMissing {
         tid,
         function: ft.name.clone(),
         continuation: continuation.clone(),
     };
-    if top && !blocked {
+    if top && mode == TopMode::Point {
         return ft
             .update_points
             .iter()
@@ -172,7 +191,7 @@ fn find_site<'a>(
         .iter()
         .find(|c| c.continuation() == *continuation)
         .ok_or_else(missing)?;
-    if top {
+    if top && mode == TopMode::Restart {
         if c.restart.is_none() {
             return Err(RebuildError::NoRestart {
                 tid,
@@ -243,7 +262,7 @@ pub fn place_frames(
     if n == 0 {
         return Err(RebuildError::NoFrames { tid });
     }
-    let blocked = matches!(thread.readiness, Readiness::Blocked { .. });
+    let mode = top_mode(&thread.readiness);
     let mut cmp = TypeComparer::new(&old.tables.types, &new.tables.types);
     let mut out = Vec::with_capacity(n);
     let mut caller_new_cfa: Option<(RuntimeAddr, i64)> = None; // (cfa, depth of the caller's call)
@@ -251,8 +270,8 @@ pub fn place_frames(
         let f = &thread.frames[idx];
         let top = idx == 0;
         let (of, nf) = lookup(tid, old, new, f)?;
-        let os = find_site(tid, of, &f.continuation, top, blocked)?;
-        let ns = find_site(tid, nf, &f.continuation, top, blocked)?;
+        let os = find_site(tid, of, &f.continuation, top, mode)?;
+        let ns = find_site(tid, nf, &f.continuation, top, mode)?;
         let copied = same_layout(&mut cmp, of, nf, os, ns);
         // The new CFA: the bottom frame stays; the others sit at the caller's
         // rsp at the mapped call. A dynamic depth (VLA in the caller) keeps
@@ -321,6 +340,15 @@ pub fn place_frames(
                 }
             }
         }
+        if top && mode == TopMode::InPlace && (new_cfa != f.cfa || new_depth != old_depth) {
+            return Err(RebuildError::Unmappable {
+                tid,
+                function: f.function.clone(),
+                continuation: f.continuation.clone(),
+                why: "the frame waits in a library call left in place, whose frames would have to move"
+                    .into(),
+            });
+        }
         caller_new_cfa = Some((new_cfa, new_depth));
         out.push(Placement {
             old_index: idx,
@@ -382,7 +410,7 @@ pub fn frame_writes(
     remap: &mut Remapper<'_>,
 ) -> Result<ThreadPlan, RebuildError> {
     let tid = thread.tid;
-    let blocked = matches!(thread.readiness, Readiness::Blocked { .. });
+    let mode = top_mode(&thread.readiness);
     let mut cmp = TypeComparer::new(&old.tables.types, &new.tables.types);
     let mut writes = Vec::new();
     let mut warnings = Vec::new();
@@ -396,8 +424,8 @@ pub fn frame_writes(
         let f = &thread.frames[p.old_index];
         let top = p.old_index == 0;
         let (of, nf) = lookup(tid, old, new, f)?;
-        let ns = find_site(tid, nf, &f.continuation, top, blocked)?;
-        let os = find_site(tid, of, &f.continuation, top, blocked)?;
+        let ns = find_site(tid, nf, &f.continuation, top, mode)?;
+        let os = find_site(tid, of, &f.continuation, top, mode)?;
         let mem_err = |source| RebuildError::Memory {
             tid,
             function: f.function.clone(),
@@ -587,7 +615,22 @@ pub fn frame_writes(
             what: format!("thread {tid} frame {}", f.function),
         });
         report.push(format!("{}@{}", f.function, f.continuation));
-        if pos + 1 == nframes {
+        if pos + 1 == nframes && mode == TopMode::InPlace {
+            // The library call stays as it is (registers included, so its
+            // system call restarts); only where it returns to changes. The
+            // frame did not move (checked when placing it).
+            if let Site::Call(c) = ns {
+                let slot = p
+                    .new_cfa
+                    .checked_offset(c.stack_depth.0.saturating_sub(8))
+                    .ok_or_else(|| mem_err(overflow(p.new_cfa)))?;
+                writes.push(Write {
+                    addr: slot,
+                    bytes: new.runtime(c.return_addr).0.to_le_bytes().to_vec(),
+                    what: format!("thread {tid} return address into {}", f.function),
+                });
+            }
+        } else if pos + 1 == nframes {
             // The top frame: final registers.
             let r = &mut final_regs.0;
             for reg in [
@@ -654,7 +697,7 @@ pub fn check_frames(
 ) -> Result<(), RebuildError> {
     let mut cmp = TypeComparer::new(&old.types, &new.types);
     for t in threads {
-        let blocked = matches!(t.readiness, Readiness::Blocked { .. });
+        let mode = top_mode(&t.readiness);
         for (idx, f) in t.frames.iter().enumerate() {
             let tid = t.tid;
             let of = old
@@ -669,7 +712,7 @@ pub fn check_frames(
                     tid,
                     function: f.function.clone(),
                 })?;
-            find_site(tid, nf, &f.continuation, idx == 0, blocked)?;
+            find_site(tid, nf, &f.continuation, idx == 0, mode)?;
             for v in &nf.vars {
                 if let Some(ov) = matching_var(of, nf, v) {
                     if !cmp.equal(ov.ty, v.ty) {

@@ -55,6 +55,26 @@ pub enum Readiness {
         /// The interrupted system call number (orig_rax).
         syscall: u64,
     },
+    /// Waiting in a library call that is left in place (its system call
+    /// restarts as it was): the library frames stay where they are and the
+    /// call returns into the new version of the top application frame,
+    /// which therefore must not move. Used for calls whose re-execution is
+    /// not safe but whose waiting involves no data of the image
+    /// (`pthread_join` waits on the joined thread's descriptor).
+    InLibrary {
+        /// The library function called by the application.
+        callee: String,
+        /// The interrupted system call number (orig_rax).
+        syscall: u64,
+    },
+}
+
+impl Readiness {
+    /// Whether the thread waits in a system call (it may run on while the
+    /// others get ready, and is ready again once confirmed still waiting).
+    pub fn is_blocked(&self) -> bool {
+        !matches!(self, Readiness::AtPoint)
+    }
 }
 
 /// Callee-saved register values as one frame sees them: what the frame finds

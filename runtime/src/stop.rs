@@ -260,6 +260,19 @@ fn safe_syscalls(callee: &str) -> &'static [i64] {
     }
 }
 
+/// Library calls left in place during an update (see
+/// [`Readiness::InLibrary`]), with the system calls they wait in. They are
+/// not safe to re-execute, but what they wait for lies outside the image,
+/// so the call can simply return into the new version later.
+/// `pthread_join` waits on the joined thread's descriptor (re-executing it
+/// would find the join already claimed by this thread).
+fn in_place_syscalls(callee: &str) -> &'static [i64] {
+    match callee {
+        "pthread_join" => &[libc::SYS_futex],
+        _ => &[],
+    }
+}
+
 /// System calls that the kernel ends with -EINTR (not a restart code) when
 /// the thread is merely stopped by ptrace: resuming as is would show the
 /// program an EINTR it never had.
@@ -558,7 +571,7 @@ impl Stopper<'_> {
         let blocked: Vec<Pid> = self
             .ready
             .iter()
-            .filter(|(_, t)| matches!(t.readiness, Readiness::Blocked { .. }))
+            .filter(|(_, t)| t.readiness.is_blocked())
             .map(|(t, _)| *t)
             .collect();
         for tid in blocked {
@@ -731,7 +744,7 @@ impl Stopper<'_> {
         let held: Vec<(Pid, bool)> = self
             .ready
             .iter()
-            .map(|(t, s)| (*t, matches!(s.readiness, Readiness::Blocked { .. })))
+            .map(|(t, s)| (*t, s.readiness.is_blocked()))
             .collect();
         for (tid, blocked) in held {
             self.ready.remove(&tid);
@@ -905,7 +918,7 @@ impl Stopper<'_> {
         match self.classify(tid, &regs) {
             Ok(state) if !keep_running => {
                 self.last_progress = Instant::now();
-                let blocked = matches!(state.readiness, Readiness::Blocked { .. });
+                let blocked = state.readiness.is_blocked();
                 if blocked && self.resuming && !self.final_check {
                     // Ready while it stays blocked; let it run meanwhile.
                     let w = self.waiting.entry(tid).or_insert_with(|| Waiting {
@@ -1052,6 +1065,18 @@ impl Stopper<'_> {
         };
         // A call resumed after -ERESTART_RESTARTBLOCK (nanosleep, poll, a
         // futex wait) continues as restart_syscall: the callee's own.
+        let in_place = in_place_syscalls(&callee);
+        if in_place.contains(&nr) || (nr == libc::SYS_restart_syscall && !in_place.is_empty()) {
+            return Ok(ThreadState {
+                tid: t,
+                regs: *regs,
+                readiness: Readiness::InLibrary {
+                    callee,
+                    syscall: self.syscall_seen(tid, nr) as u64,
+                },
+                frames: u.frames,
+            });
+        }
         let continued = nr == libc::SYS_restart_syscall && !safe_syscalls(&callee).is_empty();
         if !continued && !safe_syscalls(&callee).contains(&nr) {
             return Err(format!(

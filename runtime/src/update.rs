@@ -202,6 +202,9 @@ fn thread_report(t: &ThreadState) -> ThreadReport {
             Readiness::Blocked { callee, syscall } => {
                 format!("blocked in {callee} (syscall {syscall})")
             }
+            Readiness::InLibrary { callee, syscall } => {
+                format!("waiting in {callee} (syscall {syscall}), left in place")
+            }
         },
         frames: t
             .frames

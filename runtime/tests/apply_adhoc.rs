@@ -314,3 +314,82 @@ fn threads_deep_in_recursion_move_to_a_changed_version() {
     }
     assert!(out.stdout.contains("v2 done"));
 }
+
+/// main waits in pthread_join for a worker blocked in read on stdin.
+fn joiner(version: u32) -> String {
+    format!(
+        r#"
+#include <pthread.h>
+#include <stdio.h>
+#include <unistd.h>
+
+static long handled;
+
+static void *worker(void *arg)
+{{
+    (void)arg;
+    char buf[64];
+    ssize_t n;
+    while ((n = read(0, buf, sizeof buf)) > 0) {{
+        handled++;
+        printf("v{version} worker got %ld\n", handled);
+    }}
+    return NULL;
+}}
+
+int main(void)
+{{
+    pthread_t t;
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    pthread_create(&t, NULL, worker, NULL);
+    printf("v{version} started\n");
+    pthread_join(t, NULL);
+    printf("v{version} main joined after %ld\n", handled);
+    return 0;
+}}
+"#
+    )
+}
+
+#[test]
+fn thread_waiting_in_pthread_join_returns_into_the_new_version() {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("apply-adhoc-join");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let v1 = instrumented(&dir, "join1", &joiner(1));
+    let v2 = instrumented(&dir, "join2", &joiner(2));
+    let mut child = spawn(&v1, &[] as &[&str]).expect("spawn");
+    child
+        .wait_for_line("started", WAIT, |l| l == "v1 started")
+        .unwrap_or_else(|e| panic!("{e}"));
+    child.send_stdin(b"a\n").expect("send");
+    child
+        .wait_for_line("v1 work", WAIT, |l| l == "v1 worker got 1")
+        .unwrap_or_else(|e| panic!("{e}"));
+    std::thread::sleep(Duration::from_millis(50));
+    let r = apply_cli(child.pid(), &v2);
+    let states: Vec<String> = r["threads"]
+        .as_array()
+        .expect("threads")
+        .iter()
+        .map(|t| t["state"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert!(
+        states
+            .iter()
+            .any(|s| s.contains("pthread_join") && s.contains("left in place")),
+        "main waits in pthread_join: {states:?}"
+    );
+    child.send_stdin(b"b\n").expect("send");
+    child
+        .wait_for_line("v2 work", WAIT, |l| l == "v2 worker got 2")
+        .unwrap_or_else(|e| panic!("{e}"));
+    child.close_stdin();
+    let out = child.wait(WAIT).expect("exits");
+    assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
+    // pthread_join returned into v2's main.
+    assert!(
+        out.stdout.lines().any(|l| l == "v2 main joined after 2"),
+        "{}",
+        out.stdout
+    );
+}
