@@ -3,12 +3,14 @@
 //! update, then a changed version), with its state (the table and the
 //! connection) kept.
 
+mod apply_support;
+
 use std::io::{BufRead, BufReader, Write as _};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
-use upstare_corpus::{compile_c, spawn, CSource, Toolchain};
+use upstare_corpus::{spawn, Toolchain};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -107,20 +109,16 @@ int main(void)
 }
 
 fn instrumented(dir: &Path, name: &str, src: &str) -> PathBuf {
-    let bin = compile_c(CSource::Text(src), Toolchain::Gcc, &[], &dir.join(name)).expect("compile");
-    let up = dir.join(format!("{name}.up"));
-    let _ = std::fs::remove_file(&up);
+    apply_support::compile_instrumented(dir, name, src, Toolchain::Gcc, &[])
+}
+
+#[test]
+fn apply_cli_help_mentions_dry_run() {
     let r = Command::new(env!("CARGO_BIN_EXE_upstare-apply"))
         .arg("--help")
         .output()
         .expect("apply --help");
     assert!(String::from_utf8_lossy(&r.stdout).contains("--dry-run"));
-    let bytes = std::fs::read(&bin).expect("read");
-    let out = upstare_rewriter::rewrite::rewrite(&bytes).expect("rewrite");
-    std::fs::write(&up, &out.elf).expect("write");
-    std::fs::set_permissions(&up, std::fs::metadata(&bin).expect("stat").permissions())
-        .expect("chmod");
-    up
 }
 
 fn apply_cli(pid: u32, to: &Path) -> serde_json::Value {

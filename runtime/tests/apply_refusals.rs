@@ -4,12 +4,23 @@
 //! program's later output proves nothing changed. Killing the target in the
 //! middle of an update gives a clear error, not a hang.
 
+mod apply_support;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use upstare_corpus::{compile_c, spawn, CSource, ChildGuard, Toolchain};
+use upstare_corpus::{spawn, ChildGuard, Toolchain};
 use upstare_runtime::update::{apply, ApplyOptions};
 
 const WAIT: Duration = Duration::from_secs(20);
+
+/// Compiles `src` with gcc and instruments it as `<dir>/<name>.up`.
+fn instrumented(dir: &Path, name: &str, src: &str) -> PathBuf {
+    instrumented_with(dir, name, src, &[])
+}
+
+fn instrumented_with(dir: &Path, name: &str, src: &str, flags: &[&str]) -> PathBuf {
+    apply_support::compile_instrumented(dir, name, src, Toolchain::Gcc, flags)
+}
 
 fn work(name: &str) -> PathBuf {
     let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
@@ -17,23 +28,6 @@ fn work(name: &str) -> PathBuf {
         .join(name);
     std::fs::create_dir_all(&d).expect("dir");
     d
-}
-
-/// Compiles `src` and instruments it as `<dir>/<name>.up`.
-fn instrumented(dir: &Path, name: &str, src: &str) -> PathBuf {
-    instrumented_with(dir, name, src, &[])
-}
-
-fn instrumented_with(dir: &Path, name: &str, src: &str, flags: &[&str]) -> PathBuf {
-    let bin =
-        compile_c(CSource::Text(src), Toolchain::Gcc, flags, &dir.join(name)).expect("compile");
-    let bytes = std::fs::read(&bin).expect("read");
-    let out = upstare_rewriter::rewrite::rewrite(&bytes).expect("rewrite");
-    let up = dir.join(format!("{name}.up"));
-    std::fs::write(&up, &out.elf).expect("write");
-    std::fs::set_permissions(&up, std::fs::metadata(&bin).expect("stat").permissions())
-        .expect("chmod");
-    up
 }
 
 /// The process's memory maps and the bytes of its executable code, to

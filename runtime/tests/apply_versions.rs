@@ -3,27 +3,17 @@
 //! main itself, an idle server's reply, a worker shared by 8 threads), and
 //! after `apply` the same process shows the new behaviour with its old state.
 
+mod apply_support;
+
+use apply_support::instrumented;
 use std::io::{BufRead, BufReader, Write as _};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::time::Duration;
-use upstare_corpus::{build, spawn, version_pair, ChildGuard, Program, Toolchain};
+use upstare_corpus::{spawn, version_pair, ChildGuard, Toolchain};
 use upstare_runtime::update::{apply, ApplyOptions, UpdateReport};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-/// Builds `p` with `tc` and instruments it next to the build as `<name>.up`.
-fn instrumented(p: &Program, tc: Toolchain) -> PathBuf {
-    let bin = build(p, tc).expect("build");
-    let bytes = std::fs::read(&bin).expect("read");
-    let out = upstare_rewriter::rewrite::rewrite(&bytes).expect("rewrite");
-    // Names contain dots (`loop_body.v1`): append, do not replace.
-    let up = PathBuf::from(format!("{}.up", bin.display()));
-    std::fs::write(&up, &out.elf).expect("write");
-    std::fs::set_permissions(&up, std::fs::metadata(&bin).expect("stat").permissions())
-        .expect("chmod");
-    up
-}
 
 fn pair(name: &str, tc: Toolchain) -> (PathBuf, PathBuf) {
     let p = version_pair(name).unwrap_or_else(|| panic!("no version pair {name}"));

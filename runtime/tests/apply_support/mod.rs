@@ -45,26 +45,42 @@ impl Drop for TempDir {
     }
 }
 
-fn write_exe(path: &Path, bytes: &[u8]) {
+fn write_exe(path: &Path, bytes: &[u8], mode: u32) {
     // Write then rename: a test running in parallel never sees half a file.
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    // The temporary name is unique per call, so two threads writing the
+    // same binary never share one.
+    static N: AtomicU32 = AtomicU32::new(0);
+    let mut tmp = path.as_os_str().to_os_string();
+    tmp.push(format!(
+        ".tmp{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let tmp = PathBuf::from(tmp);
     std::fs::write(&tmp, bytes).expect("write binary");
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).expect("chmod");
     std::fs::rename(&tmp, path).expect("rename binary");
 }
 
-/// Instruments `exe` into `out` (rewriting again only when `exe` is newer).
+/// Instruments `exe` into `out` with `exe`'s permissions, rewriting again
+/// only when `exe` or this test binary (and so the rewriter linked into it)
+/// is newer than `out`.
 pub fn instrument_to(exe: &Path, out: &Path) -> PathBuf {
     let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    if let (Some(a), Some(b)) = (mtime(exe), mtime(out)) {
-        if a <= b {
+    let rewriter = std::env::current_exe().ok().and_then(|p| mtime(&p));
+    if let (Some(a), Some(b), Some(r)) = (mtime(exe), mtime(out), rewriter) {
+        if a <= b && r <= b {
             return out.to_path_buf();
         }
     }
     let bytes = std::fs::read(exe).expect("read binary");
+    let mode = std::fs::metadata(exe)
+        .expect("stat binary")
+        .permissions()
+        .mode();
     let r = upstare_rewriter::rewrite::rewrite(&bytes)
         .unwrap_or_else(|e| panic!("instrument {}: {e}", exe.display()));
-    write_exe(out, &r.elf);
+    write_exe(out, &r.elf, mode);
     out.to_path_buf()
 }
 
@@ -72,15 +88,29 @@ pub fn instrument_to(exe: &Path, out: &Path) -> PathBuf {
 /// corpus build cache).
 pub fn instrumented(p: &Program, tc: Toolchain) -> PathBuf {
     let exe = upstare_corpus::build(p, tc).unwrap_or_else(|e| panic!("build {}: {e}", p.name));
+    // Names contain dots (`loop_body.v1`): `.up` is appended to the whole
+    // name, never put in place of an "extension".
     instrument_to(&exe, &exe.with_file_name(format!("{}.up", p.name)))
 }
 
 /// Compiles C text with `tc` into `dir/name` and instruments it.
 pub fn build_c(dir: &TempDir, name: &str, src: &str, tc: Toolchain) -> PathBuf {
-    let exe = dir.path().join(name);
-    upstare_corpus::compile_c(upstare_corpus::CSource::Text(src), tc, &[], &exe)
+    compile_instrumented(dir.path(), name, src, tc, &[])
+}
+
+/// Compiles C text with `tc` and extra compiler `flags` into `dir/name`
+/// and instruments it into `dir/name.up`.
+pub fn compile_instrumented(
+    dir: &Path,
+    name: &str,
+    src: &str,
+    tc: Toolchain,
+    flags: &[&str],
+) -> PathBuf {
+    let exe = dir.join(name);
+    upstare_corpus::compile_c(upstare_corpus::CSource::Text(src), tc, flags, &exe)
         .unwrap_or_else(|e| panic!("compile {name}: {e}"));
-    instrument_to(&exe, &dir.path().join(format!("{name}.up")))
+    instrument_to(&exe, &dir.join(format!("{name}.up")))
 }
 
 /// A fresh copy of `up` (a different file, same bytes) in `dir`.
@@ -90,7 +120,7 @@ pub fn fresh_copy(up: &Path, dir: &TempDir, tag: &str) -> PathBuf {
         .path()
         .join(format!("{}.{tag}", name.unwrap_or_default()));
     let bytes = std::fs::read(up).expect("read instrumented binary");
-    write_exe(&out, &bytes);
+    write_exe(&out, &bytes, 0o755);
     out
 }
 
