@@ -11,9 +11,11 @@ use remote_support::*;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use upstare_corpus::Toolchain;
+use upstare_corpus::{ChildGuard, Toolchain};
 use upstare_dwarf::RuntimeAddr;
-use upstare_runtime::loader::{self, import_slots, load_image, LoadOptions, ProcessLibraries};
+use upstare_runtime::loader::{
+    self, import_slots, load_image, LoadOptions, LoadedImage, ProcessLibraries,
+};
 use upstare_runtime::memory::TargetMemory;
 use upstare_runtime::remote::{entry_gadget, RemoteCalls, RemoteError};
 use upstare_runtime::state::Image;
@@ -139,27 +141,54 @@ fn slot_values(pid: Pid, exe: &Path, bias: upstare_dwarf::LoadBias) -> BTreeMap<
         .collect()
 }
 
+/// Loads `exe` (instrumented) into the seized process next to `running`.
+fn load<'t>(
+    tracee: &'t mut Tracee,
+    pid: Pid,
+    exe: &Path,
+    running: &Image,
+) -> Result<LoadedImage<'t>, loader::LoadError> {
+    let bytes = std::fs::read(exe).expect("read new");
+    // No tables (an uninstrumented NEW): the loader must refuse it.
+    let tables = upstare_dwarf::read_tables(&bytes).unwrap_or_default();
+    load_image(
+        tracee,
+        pid,
+        exe,
+        &bytes,
+        tables,
+        running,
+        &LoadOptions::default(),
+    )
+}
+
+/// Lets OLD go: detaches, with `usr1` sends SIGUSR1 and waits for the
+/// handler's line, then ends the program with `stdin` and expects exit 0
+/// and the ready line followed by `rest` on stdout.
+fn let_go(tracee: Tracee, child: ChildGuard, usr1: bool, stdin: &[u8], rest: &str) {
+    let pid = pid_of(&child);
+    tracee.detach().expect("detach");
+    if usr1 {
+        signal::kill(pid, Signal::SIGUSR1).expect("kill");
+        child
+            .wait_for_line("handler", Duration::from_secs(10), |l| l.ends_with("usr1"))
+            .expect("handler ran");
+    }
+    let (code, out) = finish(child, stdin);
+    assert_eq!(code, Some(0));
+    assert_eq!(out, format!("ready {pid} 12 hello, world\n{rest}"));
+}
+
 #[test]
 fn new_image_is_mapped_bound_like_the_process_and_callable_then_unloaded() {
     let mut s = setup("load", NEW, Toolchain::Gcc, &[]);
     let pid = s.pid;
     let maps_before = maps_text(pid);
     let regs_before = s.tracee.regs(pid).expect("regs");
-    let bytes = std::fs::read(&s.new).expect("read new");
-    let tables = upstare_dwarf::read_tables(&bytes).expect("tables");
     let libs = ProcessLibraries::read(pid).expect("libraries");
     assert!(libs.objects[0].is_main);
     assert!(libs.has_library("libc.so.6"));
-    let mut loaded = load_image(
-        &mut s.tracee,
-        pid,
-        &s.new,
-        &bytes,
-        tables,
-        &s.running,
-        &LoadOptions::default(),
-    )
-    .expect("load NEW");
+    let mut loaded = load(&mut s.tracee, pid, &s.new, &s.running).expect("load NEW");
     let new_canon = std::fs::canonicalize(&s.new).expect("canonical");
     assert_eq!(loaded.image().path, new_canon);
     let (new_bias, new_span) = (loaded.image().bias, loaded.image().span.clone());
@@ -192,6 +221,7 @@ fn new_image_is_mapped_bound_like_the_process_and_callable_then_unloaded() {
         .all(|m| new_span.start <= m.start && m.end <= new_span.end));
     assert_eq!(perms_at(pid, sym("add")).as_deref(), Some("r-xp"));
     // RELRO made read-only: the GOT of GLOB_DAT entries.
+    let bytes = std::fs::read(&s.new).expect("read new");
     let slots = import_slots(&s.new, &bytes).expect("slots");
     let glob = slots.iter().find(|x| x.kind == 6).expect("a GLOB_DAT");
     assert_eq!(
@@ -302,12 +332,12 @@ fn new_image_is_mapped_bound_like_the_process_and_callable_then_unloaded() {
         "unload leaves the maps as before"
     );
     assert_eq!(s.tracee.regs(pid).expect("regs"), regs_before);
-    s.tracee.detach().expect("detach");
-    let (code, out) = finish(s.child, b"data\n");
-    assert_eq!(code, Some(0));
-    assert_eq!(
-        out,
-        format!("ready {pid} 12 hello, world\nhello from new\nold read 5\nbye old\n")
+    let_go(
+        s.tracee,
+        s.child,
+        false,
+        b"data\n",
+        "hello from new\nold read 5\nbye old\n",
     );
 }
 
@@ -316,47 +346,19 @@ fn dropping_the_guard_unloads() {
     let mut s = setup("drop", NEW, Toolchain::Gcc, &[]);
     let pid = s.pid;
     let maps_before = maps_text(pid);
-    let bytes = std::fs::read(&s.new).expect("read new");
-    let tables = upstare_dwarf::read_tables(&bytes).expect("tables");
     {
-        let loaded = load_image(
-            &mut s.tracee,
-            pid,
-            &s.new,
-            &bytes,
-            tables,
-            &s.running,
-            &LoadOptions::default(),
-        )
-        .expect("load NEW");
+        let loaded = load(&mut s.tracee, pid, &s.new, &s.running).expect("load NEW");
         assert!(maps_text(pid).contains(loaded.image().path.to_str().expect("utf-8")));
     }
     assert_eq!(maps_text(pid), maps_before);
-    s.tracee.detach().expect("detach");
-    let (code, out) = finish(s.child, b"x\n");
-    assert_eq!(code, Some(0));
-    assert_eq!(
-        out,
-        format!("ready {pid} 12 hello, world\nold read 2\nbye old\n")
-    );
+    let_go(s.tracee, s.child, false, b"x\n", "old read 2\nbye old\n");
 }
 
 #[test]
 fn commit_moves_signal_handlers_and_destructors_to_new() {
     let mut s = setup("commit", NEW, Toolchain::Gcc, &[]);
     let pid = s.pid;
-    let bytes = std::fs::read(&s.new).expect("read new");
-    let tables = upstare_dwarf::read_tables(&bytes).expect("tables");
-    let mut loaded = load_image(
-        &mut s.tracee,
-        pid,
-        &s.new,
-        &bytes,
-        tables,
-        &s.running,
-        &LoadOptions::default(),
-    )
-    .expect("load NEW");
+    let mut loaded = load(&mut s.tracee, pid, &s.new, &s.running).expect("load NEW");
     let new_bias = loaded.image().bias;
     let mut plan = loaded.plan_commit(&s.running).expect("plan commit");
     // SIGUSR1's handler moves from OLD's on_usr1 to NEW's.
@@ -387,16 +389,12 @@ fn commit_moves_signal_handlers_and_destructors_to_new() {
         perms_at(pid, new.runtime(symbol(&s.new, "add"))).as_deref(),
         Some("r-xp")
     );
-    s.tracee.detach().expect("detach");
-    signal::kill(pid, Signal::SIGUSR1).expect("kill");
-    s.child
-        .wait_for_line("handler", Duration::from_secs(10), |l| l.ends_with("usr1"))
-        .expect("handler ran");
-    let (code, out) = finish(s.child, b"abc\n");
-    assert_eq!(code, Some(0));
-    assert_eq!(
-        out,
-        format!("ready {pid} 12 hello, world\nnew usr1\nold read 4\nbye new\n")
+    let_go(
+        s.tracee,
+        s.child,
+        true,
+        b"abc\n",
+        "new usr1\nold read 4\nbye new\n",
     );
 }
 
@@ -409,19 +407,8 @@ fn a_second_update_redirects_destructors_and_handlers_again() {
         .replace("bye new\\n", "bye new2\\n");
     assert_ne!(new2_src, NEW);
     let new2 = build(&s._dir, "new2", &new2_src, Toolchain::Gcc, &[]);
-    let load = |t: &mut Tracee, exe: &Path, running: &Image| -> Image {
-        let bytes = std::fs::read(exe).expect("read");
-        let tables = upstare_dwarf::read_tables(&bytes).expect("tables");
-        let mut loaded = load_image(
-            t,
-            pid,
-            exe,
-            &bytes,
-            tables,
-            running,
-            &LoadOptions::default(),
-        )
-        .expect("load");
+    let load_commit = |t: &mut Tracee, exe: &Path, running: &Image| -> Image {
+        let mut loaded = load(t, pid, exe, running).expect("load");
         let mut plan = loaded.plan_commit(running).expect("plan");
         assert_eq!(plan.handlers.len(), 1);
         assert_eq!(plan.fini.writes.len(), 3);
@@ -429,19 +416,15 @@ fn a_second_update_redirects_destructors_and_handlers_again() {
         plan.retire.clear();
         loaded.commit(&plan).expect("commit")
     };
-    let v1 = load(&mut s.tracee, &s.new, &s.running);
-    let v2 = load(&mut s.tracee, &new2, &v1);
+    let v1 = load_commit(&mut s.tracee, &s.new, &s.running);
+    let v2 = load_commit(&mut s.tracee, &new2, &v1);
     assert_ne!(v1.bias, v2.bias);
-    s.tracee.detach().expect("detach");
-    signal::kill(pid, Signal::SIGUSR1).expect("kill");
-    s.child
-        .wait_for_line("handler", Duration::from_secs(10), |l| l.ends_with("usr1"))
-        .expect("handler ran");
-    let (code, out) = finish(s.child, b"abc\n");
-    assert_eq!(code, Some(0));
-    assert_eq!(
-        out,
-        format!("ready {pid} 12 hello, world\nnew2 usr1\nold read 4\nbye new2\n")
+    let_go(
+        s.tracee,
+        s.child,
+        true,
+        b"abc\n",
+        "new2 usr1\nold read 4\nbye new2\n",
     );
 }
 
@@ -456,18 +439,8 @@ fn a_program_rebuilt_in_place_loads_from_the_same_path() {
     std::fs::rename(&tmp, &s.old).expect("rename");
     assert!(maps_text(pid).contains("(deleted)"));
     let maps_before = maps_text(pid);
-    let bytes = std::fs::read(&s.old).expect("read");
-    let tables = upstare_dwarf::read_tables(&bytes).expect("tables");
-    let mut loaded = load_image(
-        &mut s.tracee,
-        pid,
-        &s.old,
-        &bytes,
-        tables,
-        &s.running,
-        &LoadOptions::default(),
-    )
-    .expect("load the rebuilt program");
+    let mut loaded =
+        load(&mut s.tracee, pid, &s.old, &s.running).expect("load the rebuilt program");
     let new_img_bias = loaded.image().bias;
     let gadget = upstare_runtime::remote::exe_entry(pid).expect("entry");
     {
@@ -483,32 +456,15 @@ fn a_program_rebuilt_in_place_loads_from_the_same_path() {
     }
     loaded.unload().expect("unload");
     assert_eq!(maps_text(pid), maps_before);
-    s.tracee.detach().expect("detach");
-    let (code, out) = finish(s.child, b"z\n");
-    assert_eq!(code, Some(0));
-    assert_eq!(
-        out,
-        format!("ready {pid} 12 hello, world\nold read 2\nbye old\n")
-    );
+    let_go(s.tracee, s.child, false, b"z\n", "old read 2\nbye old\n");
 }
 
 #[test]
 fn retiring_the_old_image_makes_stale_code_pointers_trap() {
     let mut s = setup("retire", NEW, Toolchain::Gcc, &[]);
     let pid = s.pid;
-    let bytes = std::fs::read(&s.new).expect("read new");
-    let tables = upstare_dwarf::read_tables(&bytes).expect("tables");
     let old_canon = std::fs::canonicalize(&s.old).expect("canonical");
-    let loaded = load_image(
-        &mut s.tracee,
-        pid,
-        &s.new,
-        &bytes,
-        tables,
-        &s.running,
-        &LoadOptions::default(),
-    )
-    .expect("load NEW");
+    let loaded = load(&mut s.tracee, pid, &s.new, &s.running).expect("load NEW");
     let mut warnings = Vec::new();
     let new = loader::finish_commit(loaded, &s.running, &mut warnings).expect("commit");
     let maps = upstare_runtime::procfs::read_maps(pid).expect("maps");
@@ -651,27 +607,10 @@ fn refused(mut s: Setup, check: impl FnOnce(&loader::LoadError)) {
     let pid = s.pid;
     let maps_before = maps_text(pid);
     let regs_before = s.tracee.regs(pid).expect("regs");
-    let bytes = std::fs::read(&s.new).expect("read new");
-    let tables = upstare_dwarf::read_tables(&bytes).unwrap_or_default();
-    let err = load_image(
-        &mut s.tracee,
-        pid,
-        &s.new,
-        &bytes,
-        tables,
-        &s.running,
-        &LoadOptions::default(),
-    )
-    .expect_err("NEW must be refused");
+    let err = load(&mut s.tracee, pid, &s.new, &s.running).expect_err("NEW must be refused");
     check(&err);
     assert!(!err.to_string().contains('\n'), "one line: {err}");
     assert_eq!(maps_text(pid), maps_before);
     assert_eq!(s.tracee.regs(pid).expect("regs"), regs_before);
-    s.tracee.detach().expect("detach");
-    let (code, out) = finish(s.child, b"same\n");
-    assert_eq!(code, Some(0));
-    assert_eq!(
-        out,
-        format!("ready {pid} 12 hello, world\nold read 5\nbye old\n")
-    );
+    let_go(s.tracee, s.child, false, b"same\n", "old read 5\nbye old\n");
 }
