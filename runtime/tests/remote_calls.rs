@@ -6,9 +6,11 @@
 
 mod remote_support;
 use nix::sys::signal::{self, Signal};
+use nix::unistd::Pid;
 use remote_support::*;
+use std::path::PathBuf;
 use std::time::Duration;
-use upstare_corpus::Toolchain;
+use upstare_corpus::{ChildGuard, Toolchain};
 use upstare_dwarf::RuntimeAddr;
 use upstare_runtime::memory::TargetMemory;
 use upstare_runtime::remote::{exe_entry, KernelSigaction, RemoteCalls, RemoteError, GADGET_LEN};
@@ -51,21 +53,20 @@ int main(int argc, char **argv) {
 }
 "#;
 
-fn program(dir: &TempDir) -> std::path::PathBuf {
+fn program(dir: &TempDir) -> PathBuf {
     build(dir, "remote_prog", PROG, Toolchain::Gcc, &[])
 }
 
-/// Registers, extended registers, gadget bytes and maps of the thread.
-fn snapshot(
-    t: &Tracee,
-    pid: nix::unistd::Pid,
-    gadget: RuntimeAddr,
-) -> (
+/// Registers, extended registers, gadget bytes and maps of a thread.
+type Snapshot = (
     upstare_runtime::Regs,
     upstare_runtime::ExtRegs,
     Vec<u8>,
     String,
-) {
+);
+
+/// Registers, extended registers, gadget bytes and maps of the thread.
+fn snapshot(t: &Tracee, pid: Pid, gadget: RuntimeAddr) -> Snapshot {
     let regs = t.regs(pid).expect("regs");
     let ext = t.ext_regs(pid).expect("ext regs");
     let code = t
@@ -75,14 +76,39 @@ fn snapshot(
     (regs, ext, code, maps_text(pid))
 }
 
-#[test]
-fn syscalls_and_calls_in_a_thread_blocked_in_read() {
-    let dir = TempDir::new("blocked");
+/// The program built in a fresh directory (removed when the first value is
+/// dropped), running, blocked in its read of stdin and seized.
+fn seized_blocked(tag: &str) -> (TempDir, PathBuf, ChildGuard, Pid, Tracee) {
+    let dir = TempDir::new(tag);
     let exe = program(&dir);
     let child = start(&exe, &[]);
     let pid = pid_of(&child);
     wait_blocked(pid);
-    let mut t = Tracee::seize(pid).expect("seize");
+    let t = Tracee::seize(pid).expect("seize");
+    (dir, exe, child, pid, t)
+}
+
+/// `who`'s thread came back exactly as `before`: registers, extended
+/// registers, gadget bytes, maps.
+fn assert_restored(before: &Snapshot, after: &Snapshot, who: &str) {
+    assert_eq!(before.0, after.0, "{who} registers restored");
+    assert!(before.1 == after.1, "{who} extended registers restored");
+    assert_eq!(before.2, after.2, "{who} gadget bytes restored");
+    assert_eq!(before.3, after.3, "{who} maps as before");
+}
+
+/// Detaches, ends the program with `stdin` and expects exit 0 and
+/// `expected` on stdout.
+fn let_go(t: Tracee, child: ChildGuard, stdin: &[u8], expected: &str) {
+    t.detach().expect("detach");
+    let (code, out) = finish(child, stdin);
+    assert_eq!(code, Some(0));
+    assert_eq!(out, expected);
+}
+
+#[test]
+fn syscalls_and_calls_in_a_thread_blocked_in_read() {
+    let (_dir, exe, child, pid, mut t) = seized_blocked("blocked");
     let gadget = exe_entry(pid).expect("entry");
     let before = snapshot(&t, pid, gadget);
     // Blocked in read(0, ...): the kernel will restart it.
@@ -159,14 +185,13 @@ fn syscalls_and_calls_in_a_thread_blocked_in_read() {
         rc.finish().expect("restore");
     }
     let after = snapshot(&t, pid, gadget);
-    assert_eq!(before.0, after.0, "registers restored");
-    assert!(before.1 == after.1, "extended registers restored");
-    assert_eq!(before.2, after.2, "gadget bytes restored");
-    assert_eq!(before.3, after.3, "maps as before");
-    t.detach().expect("detach");
-    let (code, out) = finish(child, b"hello\n");
-    assert_eq!(code, Some(0));
-    assert_eq!(out, format!("ready {pid}\nread 6 hello\n"));
+    assert_restored(&before, &after, "thread");
+    let_go(
+        t,
+        child,
+        b"hello\n",
+        &format!("ready {pid}\nread 6 hello\n"),
+    );
 }
 
 #[test]
@@ -218,28 +243,17 @@ fn calls_in_a_busy_thread_leave_it_unchanged() {
         );
     }
     let after = snapshot(&t, pid, gadget);
-    assert_eq!(before.0, after.0, "registers restored");
-    assert!(before.1 == after.1, "extended registers restored");
-    assert_eq!(before.2, after.2, "gadget bytes restored");
-    assert_eq!(before.3, after.3, "maps as before");
+    assert_restored(&before, &after, "thread");
     // Let the loop end.
     let mut mem = t.memory();
     mem.write_u32(runtime_symbol(pid, &exe, "spin"), 0)
         .expect("clear spin");
-    t.detach().expect("detach");
-    let (code, out) = finish(child, b"x\n");
-    assert_eq!(code, Some(0));
-    assert_eq!(out, format!("ready {pid}\nspun\nread 2 x\n"));
+    let_go(t, child, b"x\n", &format!("ready {pid}\nspun\nread 2 x\n"));
 }
 
 #[test]
 fn signals_arriving_around_remote_calls_are_delivered_once_afterwards() {
-    let dir = TempDir::new("signals");
-    let exe = program(&dir);
-    let child = start(&exe, &[]);
-    let pid = pid_of(&child);
-    wait_blocked(pid);
-    let mut t = Tracee::seize(pid).expect("seize");
+    let (_dir, exe, child, pid, mut t) = seized_blocked("signals");
     let gadget = exe_entry(pid).expect("entry");
     let before = snapshot(&t, pid, gadget);
     // Pending before the session starts: taken at its first resume.
@@ -294,12 +308,7 @@ fn signals_arriving_around_remote_calls_are_delivered_once_afterwards() {
 
 #[test]
 fn faulting_and_endless_calls_are_errors_and_the_thread_recovers() {
-    let dir = TempDir::new("fault");
-    let exe = program(&dir);
-    let child = start(&exe, &[]);
-    let pid = pid_of(&child);
-    wait_blocked(pid);
-    let mut t = Tracee::seize(pid).expect("seize");
+    let (_dir, exe, child, pid, mut t) = seized_blocked("fault");
     let gadget = exe_entry(pid).expect("entry");
     let before = snapshot(&t, pid, gadget);
     {
@@ -327,24 +336,13 @@ fn faulting_and_endless_calls_are_errors_and_the_thread_recovers() {
         }
     }
     let after = snapshot(&t, pid, gadget);
-    assert_eq!(before.0, after.0, "registers restored");
-    assert!(before.1 == after.1, "extended registers restored");
-    assert_eq!(before.2, after.2, "gadget bytes restored");
-    assert_eq!(before.3, after.3, "maps as before");
-    t.detach().expect("detach");
-    let (code, out) = finish(child, b"ok\n");
-    assert_eq!(code, Some(0));
-    assert_eq!(out, format!("ready {pid}\nread 3 ok\n"));
+    assert_restored(&before, &after, "thread");
+    let_go(t, child, b"ok\n", &format!("ready {pid}\nread 3 ok\n"));
 }
 
 #[test]
 fn a_gadget_outside_executable_memory_is_refused() {
-    let dir = TempDir::new("gadget");
-    let exe = program(&dir);
-    let child = start(&exe, &[]);
-    let pid = pid_of(&child);
-    wait_blocked(pid);
-    let mut t = Tracee::seize(pid).expect("seize");
+    let (_dir, exe, child, pid, mut t) = seized_blocked("gadget");
     let data = runtime_symbol(pid, &exe, "spins");
     match RemoteCalls::new(&mut t, pid, data) {
         Err(e @ RemoteError::BadGadget { .. }) => {
@@ -355,20 +353,12 @@ fn a_gadget_outside_executable_memory_is_refused() {
         }
         other => panic!("data address as gadget: {other:?}"),
     }
-    t.detach().expect("detach");
-    let (code, out) = finish(child, b"ok\n");
-    assert_eq!(code, Some(0));
-    assert_eq!(out, format!("ready {pid}\nread 3 ok\n"));
+    let_go(t, child, b"ok\n", &format!("ready {pid}\nread 3 ok\n"));
 }
 
 #[test]
 fn killing_the_target_during_a_call_is_a_clear_error() {
-    let dir = TempDir::new("kill");
-    let exe = program(&dir);
-    let mut child = start(&exe, &[]);
-    let pid = pid_of(&child);
-    wait_blocked(pid);
-    let mut t = Tracee::seize(pid).expect("seize");
+    let (_dir, exe, mut child, pid, mut t) = seized_blocked("kill");
     let gadget = exe_entry(pid).expect("entry");
     let forever = runtime_symbol(pid, &exe, "forever");
     let killer = std::thread::spawn(move || {
@@ -425,7 +415,7 @@ fn remote_calls_in_a_non_leader_thread() {
             l.starts_with("ready worker")
         })
         .expect("worker line");
-    let tid = nix::unistd::Pid::from_raw(
+    let tid = Pid::from_raw(
         line.rsplit(' ')
             .next()
             .and_then(|t| t.parse().ok())
@@ -459,20 +449,16 @@ fn remote_calls_in_a_non_leader_thread() {
         rc.finish().expect("restore");
     }
     let after_worker = snapshot(&t, tid, gadget);
-    assert_eq!(before_worker.0, after_worker.0, "worker registers restored");
-    assert!(
-        before_worker.1 == after_worker.1,
-        "worker vector state restored"
-    );
-    assert_eq!(before_worker.2, after_worker.2, "gadget restored");
-    assert_eq!(before_worker.3, after_worker.3, "maps as before");
+    assert_restored(&before_worker, &after_worker, "worker");
     assert_eq!(
         t.regs(pid).expect("main regs"),
         before_main,
         "main untouched"
     );
-    t.detach().expect("detach");
-    let (code, out) = finish(child, b"hi\n");
-    assert_eq!(code, Some(0));
-    assert_eq!(out, format!("ready worker {tid}\nworker read 3\njoined\n"));
+    let_go(
+        t,
+        child,
+        b"hi\n",
+        &format!("ready worker {tid}\nworker read 3\njoined\n"),
+    );
 }
