@@ -47,6 +47,8 @@ impl Default for ApplyOptions {
 /// process as it was.
 #[derive(Debug, thiserror::Error)]
 pub enum UpdateError {
+    #[error("no process with pid {pid}")]
+    NoProcess { pid: i32 },
     #[error("process {pid}: {source}")]
     Proc {
         pid: i32,
@@ -131,6 +133,9 @@ fn us(d: Duration) -> u64 {
 /// Updates process `pid` to the instrumented binary `new_path`: seizes it,
 /// runs [`apply_traced`], and detaches whatever happened.
 pub fn apply(pid: i32, new_path: &Path, opts: &ApplyOptions) -> Result<UpdateReport, UpdateError> {
+    if pid <= 0 || !Path::new(&format!("/proc/{pid}")).exists() {
+        return Err(UpdateError::NoProcess { pid });
+    }
     let mut tracee = Tracee::seize(nix::unistd::Pid::from_raw(pid))?;
     let result = apply_traced(&mut tracee, new_path, opts);
     let t = Instant::now();
@@ -287,7 +292,7 @@ pub fn apply_traced(
     let mut report = UpdateReport {
         pid,
         from: old.path.clone(),
-        to: new_path.to_path_buf(),
+        to: std::fs::canonicalize(new_path).unwrap_or_else(|_| new_path.to_path_buf()),
         dry_run: opts.dry_run,
         threads: threads.iter().map(thread_report).collect(),
         globals_copied: 0,

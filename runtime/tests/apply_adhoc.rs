@@ -391,3 +391,18 @@ fn thread_waiting_in_pthread_join_returns_into_the_new_version() {
         out.stdout
     );
 }
+
+#[test]
+fn a_pid_that_does_not_exist_is_one_clear_line() {
+    // pid_max is at most 2^22 on Linux: this pid cannot exist.
+    let out = Command::new(env!("CARGO_BIN_EXE_upstare-apply"))
+        .args(["--pid", "99999999", "--to", "/nonexistent.up"])
+        .output()
+        .expect("run upstare-apply");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.trim_end(),
+        "upstare-apply: error: no process with pid 99999999"
+    );
+}
