@@ -130,20 +130,22 @@ fn lookup<'a>(
     new: &'a Image,
     f: &AppFrame,
 ) -> Result<(&'a FunctionTable, &'a FunctionTable), RebuildError> {
-    let of = old
-        .tables
-        .function(&f.function)
-        .ok_or_else(|| RebuildError::FunctionRemoved {
-            tid,
-            function: f.function.clone(),
-        })?;
-    let nf = new
-        .tables
-        .function(&f.function)
-        .ok_or_else(|| RebuildError::FunctionRemoved {
-            tid,
-            function: f.function.clone(),
-        })?;
+    lookup_tables(tid, &old.tables, &new.tables, f)
+}
+
+/// The old and new tables of the function of frame `f`.
+fn lookup_tables<'a>(
+    tid: i32,
+    old: &'a upstare_dwarf::fdt::FrameTables,
+    new: &'a upstare_dwarf::fdt::FrameTables,
+    f: &AppFrame,
+) -> Result<(&'a FunctionTable, &'a FunctionTable), RebuildError> {
+    let removed = || RebuildError::FunctionRemoved {
+        tid,
+        function: f.function.clone(),
+    };
+    let of = old.function(&f.function).ok_or_else(removed)?;
+    let nf = new.function(&f.function).ok_or_else(removed)?;
     Ok((of, nf))
 }
 
@@ -700,18 +702,7 @@ pub fn check_frames(
         let mode = top_mode(&t.readiness);
         for (idx, f) in t.frames.iter().enumerate() {
             let tid = t.tid;
-            let of = old
-                .function(&f.function)
-                .ok_or_else(|| RebuildError::FunctionRemoved {
-                    tid,
-                    function: f.function.clone(),
-                })?;
-            let nf = new
-                .function(&f.function)
-                .ok_or_else(|| RebuildError::FunctionRemoved {
-                    tid,
-                    function: f.function.clone(),
-                })?;
+            let (of, nf) = lookup_tables(tid, old, new, f)?;
             find_site(tid, nf, &f.continuation, idx == 0, mode)?;
             for v in &nf.vars {
                 if let Some(ov) = matching_var(of, nf, v) {
