@@ -5,8 +5,8 @@ fn main() {
         .and_then(|a| a.parse().ok())
         .expect("usage: libs PID");
     let pid = nix::unistd::Pid::from_raw(pid);
-    let maps = upstare_runtime::procfs::read_maps(pid).expect("maps");
-    let libs = upstare_runtime::image::Libraries::new(pid, &maps);
+    let maps = upstare_runtime::target::procfs::read_maps(pid).expect("maps");
+    let libs = upstare_runtime::load::image::Libraries::new(pid, &maps);
     for l in libs.iter() {
         println!("{} bias {:?}", l.name(), l.bias());
     }

@@ -53,10 +53,11 @@
 //! # Ok::<(), upstare_runtime::DriverError>(())
 //! ```
 
-use crate::breakpoint::{BreakpointError, BreakpointSet, DeferredSignal, StepEnd};
-use crate::memory::{MemError, ProcessMemory, TargetMemory};
-use crate::procfs::{self, ProcError};
-use crate::ptrace::{PtraceError, Regs, Sig, Stop, Tracee};
+use crate::memory::{MemError, TargetMemory};
+use crate::target::breakpoint::{BreakpointError, BreakpointSet, DeferredSignal, StepEnd};
+use crate::target::procfs::{self, ProcError};
+use crate::target::ptrace::{PtraceError, Regs, Sig, Stop, Tracee};
+use crate::target::ProcessMemory;
 use nix::sys::signal;
 use nix::unistd::Pid;
 use object::{Object, ObjectKind};

@@ -1,39 +1,38 @@
-//! `upstare-runtime`: everything that touches a live process.
+//! `upstare-runtime`: executes an update of a live process.
 //!
-//! - [`memory`]: the [`TargetMemory`] trait, a byte-buffer implementation for
-//!   tests and the live [`ProcessMemory`].
-//! - [`procfs`]: `/proc/PID/maps`, `auxv`, tasks and the load bias.
-//! - [`ptrace`]: [`Tracee`] (spawn or seize, registers, resume, bounded
-//!   waits), [`ChildGuard`].
-//! - [`breakpoint`]: `int3` breakpoints as RAII guards, stepping over them.
+//! Where things live:
+//! - [`target`]: everything that touches a live process (ptrace, its memory,
+//!   `/proc`, remote calls, breakpoints).
+//! - [`memory`]: the [`TargetMemory`] trait the engine works through, and
+//!   [`ByteBuffer`], a target made of plain bytes for tests.
+//! - [`stop`]: stopping the world (which threads are ready, and why not).
+//! - [`engine`]: saved state, unwinding, state transfer, stack rebuilding —
+//!   computation only, on any [`TargetMemory`].
+//! - [`load`]: loading the new version into the process, and the commit
+//!   steps that hand the process over to it.
+//! - [`update`]: one update end to end, as a transaction.
 //! - [`driver`]: [`run_with_breakpoints`], the harness the verification
 //!   tests use to run a real program with breakpoints.
 
 #![deny(unsafe_code)]
 
-pub mod breakpoint;
 pub mod driver;
-pub mod image;
-pub mod loader;
+pub mod engine;
+pub mod load;
 pub mod memory;
-pub mod procfs;
-pub mod ptrace;
-pub mod rebuild;
-pub mod remote;
-pub mod state;
 pub mod stop;
-pub mod transfer;
-pub mod unwind;
+pub mod target;
+pub mod update;
 
-pub use breakpoint::{
-    Breakpoint, BreakpointError, BreakpointSet, DeferredSignal, StepEnd, StepOutcome,
-};
 pub use driver::{
     run_with_breakpoints, DriverError, Exit, HitAction, HitContext, RunLimits, RunReport,
 };
-pub use memory::{ByteBuffer, MemError, ProcessMemory, TargetMemory};
-pub use procfs::{MemoryMap, ProcError};
-pub use ptrace::{
+pub use memory::{ByteBuffer, MemError, TargetMemory};
+pub use target::breakpoint::{
+    Breakpoint, BreakpointError, BreakpointSet, DeferredSignal, StepEnd, StepOutcome,
+};
+pub use target::procfs::{MemoryMap, ProcError};
+pub use target::ptrace::{
     ChildGuard, ExtRegs, PtraceError, Regs, Sig, SpawnedStdio, Stop, ThreadState, Tracee,
 };
-pub mod update;
+pub use target::ProcessMemory;

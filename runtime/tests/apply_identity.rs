@@ -323,7 +323,7 @@ const SYS_ACCEPT4: i64 = 288;
 
 /// The system call each thread of `pid` is blocked in (`None`: running).
 fn blocked_calls(pid: Pid) -> Vec<Option<i64>> {
-    let Ok(tasks) = upstare_runtime::procfs::list_tasks(pid) else {
+    let Ok(tasks) = upstare_runtime::target::procfs::list_tasks(pid) else {
         return Vec::new();
     };
     tasks
@@ -678,8 +678,8 @@ const CLI: &str = env!("CARGO_BIN_EXE_upstare-apply");
 
 /// The file-backed mappings of `pid`: (start, end, perms, path).
 fn file_maps(pid: Pid) -> Vec<(u64, u64, String, PathBuf)> {
-    use upstare_runtime::procfs::MapPath;
-    upstare_runtime::procfs::read_maps(pid)
+    use upstare_runtime::target::procfs::MapPath;
+    upstare_runtime::target::procfs::read_maps(pid)
         .expect("maps")
         .into_iter()
         .filter_map(|m| match m.path {

@@ -13,12 +13,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use upstare_corpus::{ChildGuard, Toolchain};
 use upstare_dwarf::RuntimeAddr;
-use upstare_runtime::loader::{
+use upstare_runtime::engine::state::Image;
+use upstare_runtime::load::{
     self, import_slots, load_image, LoadOptions, LoadedImage, ProcessLibraries,
 };
 use upstare_runtime::memory::TargetMemory;
-use upstare_runtime::remote::{entry_gadget, RemoteCalls, RemoteError};
-use upstare_runtime::state::Image;
+use upstare_runtime::target::remote::{entry_gadget, RemoteCalls, RemoteError};
 use upstare_runtime::Tracee;
 
 pub const OLD: &str = r#"
@@ -147,7 +147,7 @@ fn load<'t>(
     pid: Pid,
     exe: &Path,
     running: &Image,
-) -> Result<LoadedImage<'t>, loader::LoadError> {
+) -> Result<LoadedImage<'t>, load::LoadError> {
     let bytes = std::fs::read(exe).expect("read new");
     // No tables (an uninstrumented NEW): the loader must refuse it.
     let tables = upstare_dwarf::read_tables(&bytes).unwrap_or_default();
@@ -209,7 +209,7 @@ fn new_image_is_mapped_bound_like_the_process_and_callable_then_unloaded() {
     );
 
     // /proc/PID/maps names NEW's file, executable, inside the span.
-    let maps = upstare_runtime::procfs::read_maps(pid).expect("maps");
+    let maps = upstare_runtime::target::procfs::read_maps(pid).expect("maps");
     let code: Vec<_> = maps
         .iter()
         .filter(|m| m.file() == Some(new_canon.as_path()))
@@ -442,7 +442,7 @@ fn a_program_rebuilt_in_place_loads_from_the_same_path() {
     let mut loaded =
         load(&mut s.tracee, pid, &s.old, &s.running).expect("load the rebuilt program");
     let new_img_bias = loaded.image().bias;
-    let gadget = upstare_runtime::remote::exe_entry(pid).expect("entry");
+    let gadget = upstare_runtime::target::remote::exe_entry(pid).expect("entry");
     {
         let mut rc = RemoteCalls::new(loaded.tracee(), pid, gadget).expect("session");
         let add = symbol(&s.new, "add").to_runtime(new_img_bias);
@@ -466,8 +466,8 @@ fn retiring_the_old_image_makes_stale_code_pointers_trap() {
     let old_canon = std::fs::canonicalize(&s.old).expect("canonical");
     let loaded = load(&mut s.tracee, pid, &s.new, &s.running).expect("load NEW");
     let mut warnings = Vec::new();
-    let new = loader::finish_commit(loaded, &s.running, &mut warnings).expect("commit");
-    let maps = upstare_runtime::procfs::read_maps(pid).expect("maps");
+    let new = load::finish_commit(loaded, &s.running, &mut warnings).expect("commit");
+    let maps = upstare_runtime::target::procfs::read_maps(pid).expect("maps");
     assert!(
         !maps
             .iter()
@@ -509,7 +509,7 @@ fn retiring_the_old_image_makes_stale_code_pointers_trap() {
 fn non_pie_new_is_refused_and_the_process_is_unchanged() {
     let s = setup("nopie", NEW, Toolchain::GccNoPie, &[]);
     refused(s, |e| {
-        assert!(matches!(e, loader::LoadError::NotPie { .. }), "{e:?}");
+        assert!(matches!(e, load::LoadError::NotPie { .. }), "{e:?}");
         assert!(e.to_string().contains("not position-independent"), "{e}");
     });
 }
@@ -535,7 +535,7 @@ fn new_needing_a_library_the_process_lacks_is_refused() {
         match e {
             // -lm of the harness is kept by --no-as-needed too: every
             // missing library is named.
-            loader::LoadError::MissingLibrary { library, .. } => {
+            load::LoadError::MissingLibrary { library, .. } => {
                 let names: Vec<&str> = library.split(", ").collect();
                 assert!(names.contains(&"libz.so.1"), "{library}");
                 for n in names {
@@ -559,7 +559,7 @@ fn new_with_its_own_thread_locals_is_refused() {
     );
     let s = setup("tls", &src, Toolchain::Gcc, &[]);
     refused(s, |e| {
-        assert!(matches!(e, loader::LoadError::OwnTls { .. }), "{e:?}");
+        assert!(matches!(e, load::LoadError::OwnTls { .. }), "{e:?}");
         assert!(e.to_string().contains("PT_TLS"), "{e}");
     });
 }
@@ -578,7 +578,7 @@ fn uninstrumented_new_is_refused() {
     .expect("build");
     let s = Setup { new: plain, ..s };
     refused(s, |e| {
-        assert!(matches!(e, loader::LoadError::NoTables { .. }), "{e:?}");
+        assert!(matches!(e, load::LoadError::NoTables { .. }), "{e:?}");
         assert!(e.to_string().contains("no .upstare section"), "{e}");
     });
 }
@@ -594,7 +594,7 @@ fn new_for_another_machine_is_refused() {
     let s = Setup { new: other, ..s };
     refused(s, |e| {
         assert!(
-            matches!(e, loader::LoadError::NotX86_64 { machine: 183, .. }),
+            matches!(e, load::LoadError::NotX86_64 { machine: 183, .. }),
             "{e:?}"
         );
         assert!(e.to_string().contains("not an x86-64 ELF file"), "{e}");
@@ -603,7 +603,7 @@ fn new_for_another_machine_is_refused() {
 
 /// Load NEW, expect a refusal checked by `check`, then show the process
 /// unchanged: same maps and registers, and the output of an undisturbed run.
-fn refused(mut s: Setup, check: impl FnOnce(&loader::LoadError)) {
+fn refused(mut s: Setup, check: impl FnOnce(&load::LoadError)) {
     let pid = s.pid;
     let maps_before = maps_text(pid);
     let regs_before = s.tracee.regs(pid).expect("regs");

@@ -13,7 +13,9 @@ use std::time::Duration;
 use upstare_corpus::{ChildGuard, Toolchain};
 use upstare_dwarf::RuntimeAddr;
 use upstare_runtime::memory::TargetMemory;
-use upstare_runtime::remote::{exe_entry, KernelSigaction, RemoteCalls, RemoteError, GADGET_LEN};
+use upstare_runtime::target::remote::{
+    exe_entry, KernelSigaction, RemoteCalls, RemoteError, GADGET_LEN,
+};
 use upstare_runtime::Tracee;
 
 const PROG: &str = r#"

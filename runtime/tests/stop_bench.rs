@@ -8,7 +8,7 @@ mod stop_support;
 use std::time::Duration;
 use stop_support::*;
 use upstare_corpus::Toolchain;
-use upstare_runtime::state::Readiness;
+use upstare_runtime::engine::state::Readiness;
 use upstare_runtime::stop::{stop_the_world, StopOptions, StopTimings};
 
 const BENCH: &str = r#"

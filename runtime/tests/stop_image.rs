@@ -10,8 +10,8 @@ use std::time::Duration;
 use stop_support::*;
 use upstare_corpus::{compile_c, CSource, Toolchain};
 use upstare_dwarf::LinkAddr;
-use upstare_runtime::image::{running_image, ImageError};
-use upstare_runtime::procfs;
+use upstare_runtime::load::image::{running_image, ImageError};
+use upstare_runtime::target::procfs;
 
 const PROG: &str = r#"
 #include <fcntl.h>

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use stop_support::*;
 use upstare_corpus::{ExitStatus, Toolchain};
 use upstare_dwarf::Reg;
-use upstare_runtime::state::{Readiness, ThreadState};
+use upstare_runtime::engine::state::{Readiness, ThreadState};
 use upstare_runtime::stop::{stop_the_world, Location, StopError, StopOptions, Stopped};
 
 fn find<'a>(threads: &'a [ThreadState], bottom: &str) -> &'a ThreadState {
@@ -112,7 +112,7 @@ fn deep_recursion(tc: Toolchain) {
     let pid = pid_of(&child);
     wait_threads(pid, 2);
     // The watcher blocks in read (main never sleeps).
-    let watcher: Vec<_> = upstare_runtime::procfs::list_tasks(pid)
+    let watcher: Vec<_> = upstare_runtime::target::procfs::list_tasks(pid)
         .unwrap()
         .into_iter()
         .filter(|&t| t != pid)
@@ -628,7 +628,7 @@ fn signals_threads_and_forks_while_stopping() {
     let mut child = start(&exe, &[], "ready");
     let pid = pid_of(&child);
     wait_threads(pid, 2);
-    let busy: Vec<_> = upstare_runtime::procfs::list_tasks(pid)
+    let busy: Vec<_> = upstare_runtime::target::procfs::list_tasks(pid)
         .unwrap()
         .into_iter()
         .filter(|&t| t != pid)
@@ -710,7 +710,7 @@ int main(void)
 
 fn global(
     tracee: &upstare_runtime::Tracee,
-    image: &upstare_runtime::state::Image,
+    image: &upstare_runtime::engine::state::Image,
     name: &str,
 ) -> i32 {
     use upstare_runtime::TargetMemory;

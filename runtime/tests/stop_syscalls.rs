@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 use stop_support::*;
 use upstare_corpus::Toolchain;
-use upstare_runtime::state::Readiness;
+use upstare_runtime::engine::state::Readiness;
 use upstare_runtime::stop::{stop_the_world, StopOptions};
 
 const BLOCKERS: &str = r#"
@@ -280,7 +280,7 @@ fn blocked_calls(tc: Toolchain, pause: (&str, &str, i64, i64), flags: &[&str]) {
             .wait_for_line(&tag, Duration::from_secs(20), |l| l.starts_with(&tag))
             .unwrap();
     }
-    let tids = upstare_runtime::procfs::list_tasks(pid).unwrap();
+    let tids = upstare_runtime::target::procfs::list_tasks(pid).unwrap();
     wait_sleeping(pid, &tids);
     let printed = frame_lines(&child.stdout_so_far());
     assert_eq!(printed.len(), expected.len(), "{printed:?}");

@@ -11,8 +11,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use upstare_dwarf::{FileOffset, LinkAddr, LoadBias, RuntimeAddr};
-use upstare_runtime::breakpoint::INT3;
-use upstare_runtime::procfs;
+use upstare_runtime::target::breakpoint::INT3;
+use upstare_runtime::target::procfs;
 use upstare_runtime::*;
 
 fn spawn(exe: &Path, args: &[&str]) -> (Tracee, SpawnedIo) {

@@ -8,9 +8,9 @@ use upstare_dwarf::fdt::{
 };
 use upstare_dwarf::model::{FrameBaseKind, SavedReg};
 use upstare_dwarf::{CfaOffset, LinkAddr, LoadBias, Reg, RuntimeAddr};
-use upstare_runtime::image::Libraries;
-use upstare_runtime::state::Image;
-use upstare_runtime::unwind::{Top, UnwindError, Unwinder};
+use upstare_runtime::engine::state::Image;
+use upstare_runtime::engine::unwind::{Top, UnwindError, Unwinder};
+use upstare_runtime::load::image::Libraries;
 use upstare_runtime::{ByteBuffer, Regs, TargetMemory};
 
 const BIAS: u64 = 0x5555_0000_0000;
@@ -177,7 +177,7 @@ fn unwind(
     img: &Image,
     mem: &ByteBuffer,
     r: &Regs,
-) -> Result<upstare_runtime::unwind::Unwound, UnwindError> {
+) -> Result<upstare_runtime::engine::unwind::Unwound, UnwindError> {
     let libs = Libraries::empty();
     Unwinder::new(img, &libs, mem)
         .verify_chain_end(false)
@@ -376,7 +376,7 @@ fn the_walk_is_bounded() {
 
 #[test]
 fn a_stack_snapshot_reads_like_the_memory_it_copies() {
-    use upstare_runtime::unwind::StackSnapshot;
+    use upstare_runtime::engine::unwind::StackSnapshot;
     let img = image(-48);
     let m = stack();
     // Copy from top's rsp to the end of the stack.

@@ -10,7 +10,7 @@ use stop_support::*;
 use upstare_corpus::{ExitStatus, Toolchain};
 use upstare_dwarf::fdt::Callee;
 use upstare_dwarf::Reg;
-use upstare_runtime::unwind::{Top, Unwinder};
+use upstare_runtime::engine::unwind::{Top, Unwinder};
 
 const PROG: &str = r#"
 #include <stdio.h>

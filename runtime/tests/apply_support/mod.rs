@@ -15,7 +15,7 @@ use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 use upstare_corpus::{ExitStatus, Output, Program, Toolchain};
 use upstare_dwarf::LinkAddr;
-use upstare_runtime::procfs::MapPath;
+use upstare_runtime::target::procfs::MapPath;
 use upstare_runtime::update::{apply_traced, ApplyOptions, UpdateError, UpdateReport};
 use upstare_runtime::Tracee;
 
@@ -313,7 +313,7 @@ impl Drop for TracedRun {
 
 /// (all, executable) mappings of `pid` whose file is `path`.
 pub fn mappings_of(pid: Pid, path: &Path) -> (usize, usize) {
-    let maps = upstare_runtime::procfs::read_maps(pid).expect("maps");
+    let maps = upstare_runtime::target::procfs::read_maps(pid).expect("maps");
     let of: Vec<_> = maps
         .iter()
         .filter(|m| matches!(&m.path, MapPath::File(p) if p == path))

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 use upstare_corpus::{compile_c, CSource, ChildGuard, Toolchain};
 use upstare_dwarf::{FileOffset, LinkAddr, LoadBias, RuntimeAddr};
-use upstare_runtime::procfs;
+use upstare_runtime::target::procfs;
 
 /// A directory removed on drop.
 pub struct TempDir(PathBuf);
@@ -164,7 +164,7 @@ pub fn finish(mut child: ChildGuard, stdin: &[u8]) -> (Option<i32>, String) {
 /// The instrumented image `exe` running in `pid` as a state [`Image`]:
 /// tables from its `.upstare` section, text from the tables, span over its
 /// PT_LOAD segments.
-pub fn running_image(pid: Pid, exe: &Path) -> upstare_runtime::state::Image {
+pub fn running_image(pid: Pid, exe: &Path) -> upstare_runtime::engine::state::Image {
     use object::read::elf::{FileHeader, ProgramHeader};
     let data = std::fs::read(exe).expect("read exe");
     let tables = upstare_dwarf::read_tables(&data).expect("tables");
@@ -182,7 +182,7 @@ pub fn running_image(pid: Pid, exe: &Path) -> upstare_runtime::state::Image {
     let hi = (loads.iter().map(|l| l.1).max().expect("PT_LOAD") + 0xfff) & !0xfff;
     let text_lo = tables.binary.text_addr.to_runtime(bias);
     let text = text_lo..RuntimeAddr(text_lo.0 + tables.binary.text_size);
-    upstare_runtime::state::Image {
+    upstare_runtime::engine::state::Image {
         path: std::fs::canonicalize(exe).expect("canonical"),
         bias,
         tables,

@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 use upstare_corpus::{compile_c, CSource, ChildGuard, Toolchain};
-use upstare_runtime::image::{running_image, Libraries};
-use upstare_runtime::procfs;
-use upstare_runtime::state::Image;
+use upstare_runtime::engine::state::Image;
+use upstare_runtime::load::image::{running_image, Libraries};
+use upstare_runtime::target::procfs;
 use upstare_runtime::Tracee;
 
 /// A directory removed on drop.

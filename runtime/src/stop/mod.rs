@@ -16,13 +16,13 @@
 //! let go. The breakpoints are always removed before returning, and every
 //! thread of the process is left in a ptrace-stop with no interrupt pending.
 
-use crate::breakpoint::{BreakpointError, BreakpointSet, StepEnd};
-use crate::image::Libraries;
-use crate::memory::ProcessMemory;
-use crate::procfs::{self, MemoryMap, ProcError};
-use crate::ptrace::{PtraceError, Regs, Sig, Stop, Tracee};
-use crate::state::{Image, Readiness, ThreadState};
-use crate::unwind::{StackSnapshot, Top, UnwindError, Unwinder, Unwound};
+use crate::engine::state::{Image, Readiness, ThreadState};
+use crate::engine::unwind::{StackSnapshot, Top, UnwindError, Unwinder, Unwound};
+use crate::load::image::Libraries;
+use crate::target::breakpoint::{BreakpointError, BreakpointSet, StepEnd};
+use crate::target::procfs::{self, MemoryMap, ProcError};
+use crate::target::ptrace::{PtraceError, Regs, Sig, Stop, Tracee};
+use crate::target::ProcessMemory;
 use nix::libc;
 use nix::unistd::Pid;
 use std::collections::{BTreeMap, BTreeSet};
@@ -542,7 +542,7 @@ impl Stopper<'_> {
         for tid in threads {
             // Threads created while seizing may not have reported their
             // first stop yet.
-            if self.tracee.state(tid) == Some(crate::ptrace::ThreadState::Running) {
+            if self.tracee.state(tid) == Some(crate::target::ptrace::ThreadState::Running) {
                 self.waiting
                     .insert(tid, self.new_waiting(true, "just created"));
                 self.wait_first_stop(bps, tid)?;

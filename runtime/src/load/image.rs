@@ -7,9 +7,10 @@
 //! process sees it; otherwise through the path, after checking that its inode
 //! is still the mapped one.
 
-use crate::memory::{ProcessMemory, TargetMemory};
-use crate::procfs::{self, MapPath, MemoryMap, ProcError, PAGE_SIZE};
-use crate::state::Image;
+use crate::engine::state::Image;
+use crate::memory::TargetMemory;
+use crate::target::procfs::{self, MapPath, MemoryMap, ProcError, PAGE_SIZE};
+use crate::target::ProcessMemory;
 use nix::unistd::Pid;
 use object::read::elf::{FileHeader, ProgramHeader};
 use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};

@@ -35,9 +35,10 @@
 //! (a lock taken by the called function) held: call only functions that
 //! take no locks, such as IFUNC resolvers.
 
-use crate::memory::{ProcessMemory, TargetMemory};
-use crate::procfs::{self, ProcError};
-use crate::ptrace::{ExtRegs, PtraceError, Regs, Sig, Stop, Tracee, SIGINFO_SIZE};
+use crate::memory::TargetMemory;
+use crate::target::procfs::{self, ProcError};
+use crate::target::ptrace::{ExtRegs, PtraceError, Regs, Sig, Stop, Tracee, SIGINFO_SIZE};
+use crate::target::ProcessMemory;
 use nix::errno::Errno;
 use nix::libc;
 use nix::sys::signal::{self, Signal};

@@ -10,15 +10,15 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use upstare_dwarf::RuntimeAddr;
 
-use crate::image::{running_image, ImageError, Libraries};
-use crate::loader::{self, LoadError, LoadOptions};
+use crate::engine::rebuild::{self, RebuildError};
+use crate::engine::state::{Image, Readiness, ThreadState};
+use crate::engine::transfer::{self, Remapper, TransferError, Write};
+use crate::load::image::{running_image, ImageError, Libraries};
+use crate::load::{self, LoadError, LoadOptions};
 use crate::memory::{MemError, TargetMemory};
-use crate::procfs::{self, MapPath, MemoryMap, ProcError};
-use crate::ptrace::{PtraceError, Tracee};
-use crate::rebuild::{self, RebuildError};
-use crate::state::{Image, Readiness, ThreadState};
 use crate::stop::{self, StopError, StopOptions};
-use crate::transfer::{self, Remapper, TransferError, Write};
+use crate::target::procfs::{self, MapPath, MemoryMap, ProcError};
+use crate::target::ptrace::{PtraceError, Tracee};
 use nix::unistd::Pid;
 
 /// How to run an update.
@@ -305,7 +305,7 @@ pub fn apply_traced(
     };
     if opts.dry_run {
         // Also what loading would refuse (libraries, imports).
-        loader::check_loadable(tracee.pid(), new_path, &new_bytes)?;
+        load::check_loadable(tracee.pid(), new_path, &new_bytes)?;
         report.warnings = warnings;
         timings.total_us = us(start.elapsed());
         report.timings = timings;
@@ -315,7 +315,7 @@ pub fn apply_traced(
     // Phase 4: load the new version (undone on drop unless committed).
     let t = Instant::now();
     let tid = Pid::from_raw(threads.first().map(|t| t.tid).unwrap_or(pid));
-    let mut loaded = loader::load_image(
+    let mut loaded = load::load_image(
         tracee,
         tid,
         new_path,
@@ -418,7 +418,7 @@ pub fn apply_traced(
             }
         }
     }
-    let rollback = |mem: &mut crate::memory::ProcessMemory, tracee: &mut Tracee| {
+    let rollback = |mem: &mut crate::target::ProcessMemory, tracee: &mut Tracee| {
         for (addr, bytes) in undo.iter().rev() {
             let _ = mem.write(*addr, bytes);
         }
@@ -465,7 +465,7 @@ pub fn apply_traced(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::procfs::{MapPath, Perms};
+    use crate::target::procfs::{MapPath, Perms};
     use upstare_dwarf::FileOffset;
 
     fn map(start: u64, end: u64, write: bool) -> MemoryMap {

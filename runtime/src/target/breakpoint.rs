@@ -2,7 +2,7 @@
 //! and stepping a thread over one.
 
 use crate::memory::{MemError, TargetMemory};
-use crate::ptrace::{PtraceError, Sig, Stop, Tracee};
+use crate::target::ptrace::{PtraceError, Sig, Stop, Tracee};
 use nix::libc;
 use nix::unistd::Pid;
 use std::collections::{BTreeMap, BTreeSet};

@@ -19,10 +19,10 @@ use upstare_dwarf::fdt::{CallSite, Continuation, FunctionTable, UpdatePoint};
 use upstare_dwarf::model::{type_name, type_size, VarLocation, Variable};
 use upstare_dwarf::{Reg, RuntimeAddr};
 
+use crate::engine::state::{AppFrame, CalleeSavedValues, Image, Readiness, ThreadState};
+use crate::engine::transfer::{Remapper, StackMove, TypeComparer, Write};
 use crate::memory::{MemError, TargetMemory};
-use crate::ptrace::Regs;
-use crate::state::{AppFrame, CalleeSavedValues, Image, Readiness, ThreadState};
-use crate::transfer::{Remapper, StackMove, TypeComparer, Write};
+use crate::target::ptrace::Regs;
 
 /// Largest frame rebuilt (bytes between its lowest byte and its CFA).
 pub const MAX_FRAME_SIZE: i64 = 16 << 20;

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use upstare_dwarf::fdt::{Continuation, FrameTables};
 use upstare_dwarf::{LinkAddr, LoadBias, Reg, RuntimeAddr};
 
-use crate::ptrace::Regs;
+use crate::target::ptrace::Regs;
 
 /// One instrumented image (the running version, or the one being loaded) in
 /// the target's address space.

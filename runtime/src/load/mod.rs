@@ -46,11 +46,13 @@
 //! of updates: [`redirect_fini`]); and the old image's code is made
 //! non-executable so that a stale code pointer traps ([`retire_old_image`]).
 
+pub mod image;
+
+use crate::engine::state::Image;
 use crate::memory::{MemError, TargetMemory};
-use crate::procfs::{self, MemoryMap, ProcError, PAGE_SIZE};
-use crate::ptrace::Tracee;
-use crate::remote::{self, KernelSigaction, RemoteCalls, RemoteError};
-use crate::state::Image;
+use crate::target::procfs::{self, MemoryMap, ProcError, PAGE_SIZE};
+use crate::target::ptrace::Tracee;
+use crate::target::remote::{self, KernelSigaction, RemoteCalls, RemoteError};
 use nix::libc;
 use nix::unistd::Pid;
 use object::elf;
@@ -508,7 +510,7 @@ impl ProcessLibraries {
             .and_then(|d| d.first())
             .map(|d| d.value.wrapping_add(ld_bias))
             .ok_or_else(|| lm_err(format!("{} exports no _r_debug", ldso.display())))?;
-        let mem = crate::memory::ProcessMemory::open(pid);
+        let mem = crate::target::ProcessMemory::open(pid);
         let mut lm = mem.read_u64(RuntimeAddr(r_debug.wrapping_add(R_DEBUG_MAP)))?;
         let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok();
         let mut objects = Vec::new();

@@ -18,8 +18,8 @@
 
 #![allow(unsafe_code)]
 
-use crate::memory::ProcessMemory;
-use crate::procfs::{self, ProcError};
+use crate::target::procfs::{self, ProcError};
+use crate::target::ProcessMemory;
 use nix::errno::Errno;
 use nix::libc::{self, c_int, c_void};
 use nix::sys::ptrace::{self, Options};

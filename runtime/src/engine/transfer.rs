@@ -14,8 +14,8 @@ use upstare_dwarf::model::{
 };
 use upstare_dwarf::{LinkAddr, RuntimeAddr};
 
+use crate::engine::state::{Image, Readiness, ThreadState};
 use crate::memory::{MemError, TargetMemory};
-use crate::state::{Image, Readiness, ThreadState};
 
 /// Largest single variable copied (a bound on target-controlled sizes).
 pub const MAX_VALUE_SIZE: u64 = 64 << 20;

@@ -14,10 +14,10 @@
 //! back from a library (qsort, a signal handler): such a thread is not
 //! unwound.
 
-use crate::image::{Libraries, Library};
+use crate::engine::state::{AppFrame, CalleeSavedValues, Image};
+use crate::load::image::{Libraries, Library};
 use crate::memory::{MemError, TargetMemory};
-use crate::ptrace::Regs;
-use crate::state::{AppFrame, CalleeSavedValues, Image};
+use crate::target::ptrace::Regs;
 use std::ops::Range;
 use upstare_dwarf::fdt::{CallSite, FunctionTable};
 use upstare_dwarf::{CfaRule, LinkAddr, Reg, RegRule, RuntimeAddr};
@@ -76,7 +76,7 @@ pub enum UnwindError {
     Library {
         tid: i32,
         #[source]
-        source: crate::image::LibraryError,
+        source: crate::load::image::LibraryError,
     },
     #[error("thread {tid}: cannot unwind {location}: {reason}")]
     Cfi {
