@@ -1,11 +1,20 @@
-//! `upstare-patcher`: will compare the frame-description tables of two
-//! versions and produce an update plan (`upstare-patch`): which functions,
-//! types and globals changed, the default datatype, stack and continuation
-//! mappings, what a user must supply, and a user override file.
+//! `upstare-patcher`: decides what maps to what between two instrumented
+//! versions, from their frame-description tables alone (no process).
 //!
-//! Not built yet (no issue asks for it so far). Today `upstare-apply` computes
-//! the default mapping itself while it plans an update: types are compared
-//! structurally by `upstare_runtime::engine::transfer::TypeComparer`, globals and
-//! frames are checked by `transfer::check_globals` and
-//! `rebuild::check_frames`, and any change of type is refused. That logic
-//! moves here once plans become files a user can read and override.
+//! - [`types`]: comparing types across the two versions.
+//! - [`plan`]: the [`UpdatePlan`] (globals, functions, variables,
+//!   continuations) as plain, serializable data, and [`default_plan`].
+//!
+//! The runtime (`upstare-apply`) executes a plan; it never re-decides a
+//! mapping. Changes of type are named in the plan and refused for now.
+
+#![forbid(unsafe_code)]
+
+pub mod plan;
+pub mod types;
+
+pub use plan::{
+    default_plan, CallShape, ContinuationMapping, FunctionMapping, GlobalAction, GlobalMapping,
+    SiteKind, UpdatePlan, VarSource,
+};
+pub use types::{is_const_object, TypeComparer};

@@ -218,9 +218,11 @@ fn unsafe_free_zeroed_regs() -> libc::user_regs_struct {
 }
 
 fn apply(mem: &mut ByteBuffer, thread: &ThreadState, old: &Image, new: &Image) -> Regs {
-    let mut remap = Remapper::new(old, new);
-    let layout = place_frames(thread, old, new, &mut remap).expect("place");
-    let plan = frame_writes(&*mem, thread, &layout, old, new, &mut remap).expect("writes");
+    let update_plan = upstare_patcher::default_plan(&old.tables, &new.tables);
+    let mut remap = Remapper::new(&update_plan, old, new);
+    let layout = place_frames(thread, &update_plan, old, new, &mut remap).expect("place");
+    let plan =
+        frame_writes(&*mem, thread, &layout, &update_plan, old, new, &mut remap).expect("writes");
     for w in &plan.writes {
         mem.write(w.addr, &w.bytes).expect("commit");
     }
@@ -286,8 +288,9 @@ fn missing_continuation_is_refused_by_name() {
     let old = image(false, BIAS);
     let mut new = image(false, BIAS);
     new.tables.functions[1].update_points.clear();
-    let mut remap = Remapper::new(&old, &new);
-    let err = place_frames(&thread, &old, &new, &mut remap).expect_err("must refuse");
+    let update_plan = upstare_patcher::default_plan(&old.tables, &new.tables);
+    let mut remap = Remapper::new(&update_plan, &old, &new);
+    let err = place_frames(&thread, &update_plan, &old, &new, &mut remap).expect_err("must refuse");
     let msg = err.to_string();
     assert!(msg.contains("work") && msg.contains("loop#0"), "{msg}");
     drop(mem);

@@ -189,9 +189,10 @@ fn rebuild(new: &Image) -> Result<Vec<(u64, usize)>, RebuildError> {
 
 fn rebuild_from(old: &Image, new: &Image) -> Result<Vec<(u64, usize)>, RebuildError> {
     let (mem, thread) = setup();
-    let mut remap = Remapper::new(old, new);
-    let layout = place_frames(&thread, old, new, &mut remap)?;
-    let plan = frame_writes(&mem, &thread, &layout, old, new, &mut remap)?;
+    let update_plan = upstare_patcher::default_plan(&old.tables, &new.tables);
+    let mut remap = Remapper::new(&update_plan, old, new);
+    let layout = place_frames(&thread, &update_plan, old, new, &mut remap)?;
+    let plan = frame_writes(&mem, &thread, &layout, &update_plan, old, new, &mut remap)?;
     Ok(plan
         .writes
         .iter()

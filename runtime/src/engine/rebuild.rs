@@ -15,12 +15,15 @@
 //! [`place_frames`] then [`frame_writes`].
 
 use std::collections::HashMap;
-use upstare_dwarf::fdt::{CallSite, Continuation, FunctionTable, UpdatePoint};
-use upstare_dwarf::model::{type_name, type_size, VarLocation, Variable};
+use upstare_dwarf::fdt::{CallSite, Continuation, FrameTables, FunctionTable, UpdatePoint};
+use upstare_dwarf::model::{type_size, VarLocation, Variable};
 use upstare_dwarf::{Reg, RuntimeAddr};
+use upstare_patcher::{
+    CallShape, ContinuationMapping, FunctionMapping, SiteKind, UpdatePlan, VarSource,
+};
 
 use crate::engine::state::{AppFrame, CalleeSavedValues, Image, Readiness, ThreadState};
-use crate::engine::transfer::{Remapper, StackMove, TypeComparer, Write};
+use crate::engine::transfer::{Remapper, StackMove, Write};
 use crate::memory::{MemError, TargetMemory};
 use crate::target::ptrace::Regs;
 
@@ -124,29 +127,36 @@ pub struct ThreadPlan {
     pub warnings: Vec<String>,
 }
 
-fn lookup<'a>(
-    tid: i32,
-    old: &'a Image,
-    new: &'a Image,
-    f: &AppFrame,
-) -> Result<(&'a FunctionTable, &'a FunctionTable), RebuildError> {
-    lookup_tables(tid, &old.tables, &new.tables, f)
+/// A frame's function in both versions, with the plan's mapping of it.
+struct Mapped<'a> {
+    plan: &'a FunctionMapping,
+    old: &'a FunctionTable,
+    new: &'a FunctionTable,
 }
 
-/// The old and new tables of the function of frame `f`.
-fn lookup_tables<'a>(
+/// The plan's mapping of the function of frame `f` and its tables.
+fn lookup<'a>(
     tid: i32,
-    old: &'a upstare_dwarf::fdt::FrameTables,
-    new: &'a upstare_dwarf::fdt::FrameTables,
+    plan: &'a UpdatePlan,
+    old: &'a FrameTables,
+    new: &'a FrameTables,
     f: &AppFrame,
-) -> Result<(&'a FunctionTable, &'a FunctionTable), RebuildError> {
+) -> Result<Mapped<'a>, RebuildError> {
     let removed = || RebuildError::FunctionRemoved {
         tid,
         function: f.function.clone(),
     };
-    let of = old.function(&f.function).ok_or_else(removed)?;
-    let nf = new.function(&f.function).ok_or_else(removed)?;
-    Ok((of, nf))
+    let fm = plan.function(&f.function).ok_or_else(removed)?;
+    let nf = fm
+        .new
+        .and_then(|j| new.functions.get(j))
+        .ok_or_else(removed)?;
+    let of = old.functions.get(fm.old).ok_or_else(removed)?;
+    Ok(Mapped {
+        plan: fm,
+        old: of,
+        new: nf,
+    })
 }
 
 /// How the top application frame of a thread resumes.
@@ -168,42 +178,78 @@ fn top_mode(r: &Readiness) -> TopMode {
     }
 }
 
-fn find_site<'a>(
+/// The mapped continuation of a frame, and where it is paused in each
+/// version.
+struct Sites<'a> {
+    mapping: &'a ContinuationMapping,
+    old: Site<'a>,
+    new: Site<'a>,
+}
+
+impl Sites<'_> {
+    /// Whether the plan copies the frame byte for byte when paused here.
+    fn copied(&self) -> bool {
+        match self.new {
+            Site::Restart(_) => self.mapping.copy_restarted,
+            Site::Point(_) | Site::Call(_) => self.mapping.copy_paused,
+        }
+    }
+}
+
+/// Where frame `f` (the top one when `top`) is paused in both versions, as
+/// the plan maps its continuation.
+fn find_sites<'a>(
     tid: i32,
-    ft: &'a FunctionTable,
+    m: &Mapped<'a>,
     continuation: &Continuation,
     top: bool,
     mode: TopMode,
-) -> Result<Site<'a>, RebuildError> {
+) -> Result<Sites<'a>, RebuildError> {
     let missing = || RebuildError::ContinuationMissing {
         tid,
-        function: ft.name.clone(),
+        function: m.old.name.clone(),
         continuation: continuation.clone(),
     };
-    if top && mode == TopMode::Point {
-        return ft
-            .update_points
-            .iter()
-            .find(|p| p.continuation() == *continuation)
-            .map(Site::Point)
-            .ok_or_else(missing);
-    }
-    let c = ft
-        .call_sites
-        .iter()
-        .find(|c| c.continuation() == *continuation)
+    let kind = if top && mode == TopMode::Point {
+        SiteKind::Point
+    } else {
+        SiteKind::Call
+    };
+    let cm = m
+        .plan
+        .continuation(continuation, kind)
         .ok_or_else(missing)?;
+    let new_site = cm.new_site.ok_or_else(missing)?;
+    if kind == SiteKind::Point {
+        let op = m.old.update_points.get(cm.old_site).ok_or_else(missing)?;
+        let np = m.new.update_points.get(new_site).ok_or_else(missing)?;
+        return Ok(Sites {
+            mapping: cm,
+            old: Site::Point(op),
+            new: Site::Point(np),
+        });
+    }
+    let oc = m.old.call_sites.get(cm.old_site).ok_or_else(missing)?;
+    let nc = m.new.call_sites.get(new_site).ok_or_else(missing)?;
     if top && mode == TopMode::Restart {
-        if c.restart.is_none() {
+        if !cm.restartable {
             return Err(RebuildError::NoRestart {
                 tid,
-                function: ft.name.clone(),
+                function: m.new.name.clone(),
                 continuation: continuation.clone(),
             });
         }
-        return Ok(Site::Restart(c));
+        return Ok(Sites {
+            mapping: cm,
+            old: Site::Restart(oc),
+            new: Site::Restart(nc),
+        });
     }
-    Ok(Site::Call(c))
+    Ok(Sites {
+        mapping: cm,
+        old: Site::Call(oc),
+        new: Site::Call(nc),
+    })
 }
 
 /// rsp relative to the CFA where the frame is paused (for a call: before
@@ -218,43 +264,11 @@ fn site_depth(ft: &FunctionTable, site: Site<'_>) -> Option<i64> {
     }
 }
 
-/// Whether a frame can be copied byte for byte: same variables, types,
-/// saved registers, depths and call temporaries.
-fn same_layout(
-    cmp: &mut TypeComparer<'_>,
-    of: &FunctionTable,
-    nf: &FunctionTable,
-    os: Site<'_>,
-    ns: Site<'_>,
-) -> bool {
-    let vars_same = of.vars.len() == nf.vars.len()
-        && of.vars.iter().zip(&nf.vars).all(|(a, b)| {
-            a.name == b.name
-                && a.location == b.location
-                && a.is_param == b.is_param
-                && cmp.equal(a.ty, b.ty)
-        });
-    let sites_same = match (os, ns) {
-        (Site::Point(a), Site::Point(b)) => a.stack_depth == b.stack_depth,
-        (Site::Call(a), Site::Call(b)) => {
-            a.stack_depth == b.stack_depth
-                && a.live_regs == b.live_regs
-                && a.temp_slots == b.temp_slots
-        }
-        (Site::Restart(_), Site::Restart(_)) => true,
-        _ => false,
-    };
-    vars_same
-        && sites_same
-        && of.saved_regs == nf.saved_regs
-        && of.body_depth == nf.body_depth
-        && of.extent == nf.extent
-}
-
 /// Decides the new CFA and the copy mode of every frame of `thread`, and
 /// tells `remap` where each old frame goes.
 pub fn place_frames(
     thread: &ThreadState,
+    plan: &UpdatePlan,
     old: &Image,
     new: &Image,
     remap: &mut Remapper<'_>,
@@ -265,16 +279,15 @@ pub fn place_frames(
         return Err(RebuildError::NoFrames { tid });
     }
     let mode = top_mode(&thread.readiness);
-    let mut cmp = TypeComparer::new(&old.tables.types, &new.tables.types);
     let mut out = Vec::with_capacity(n);
     let mut caller_new_cfa: Option<(RuntimeAddr, i64)> = None; // (cfa, depth of the caller's call)
     for idx in (0..n).rev() {
         let f = &thread.frames[idx];
         let top = idx == 0;
-        let (of, nf) = lookup(tid, old, new, f)?;
-        let os = find_site(tid, of, &f.continuation, top, mode)?;
-        let ns = find_site(tid, nf, &f.continuation, top, mode)?;
-        let copied = same_layout(&mut cmp, of, nf, os, ns);
+        let m = lookup(tid, plan, &old.tables, &new.tables, f)?;
+        let sites = find_sites(tid, &m, &f.continuation, top, mode)?;
+        let (of, nf, os, ns) = (m.old, m.new, sites.old, sites.new);
+        let copied = sites.copied();
         // The new CFA: the bottom frame stays; the others sit at the caller's
         // rsp at the mapped call. A dynamic depth (VLA in the caller) keeps
         // the old distance, which is exact because such a caller is copied.
@@ -329,8 +342,12 @@ pub fn place_frames(
                 delta: new_cfa.0.wrapping_sub(f.cfa.0) as i64,
             });
         } else {
-            for v in &nf.vars {
-                if let (VarLocation::Cfa(no), Some(ov)) = (&v.location, matching_var(of, nf, v)) {
+            for (k, v) in nf.vars.iter().enumerate() {
+                let ov = match m.plan.vars.get(k) {
+                    Some(VarSource::Old(i)) => of.vars.get(*i),
+                    _ => None,
+                };
+                if let (VarLocation::Cfa(no), Some(ov)) = (&v.location, ov) {
                     if let VarLocation::Cfa(oo) = ov.location {
                         let size = type_size(&old.tables.types, ov.ty).unwrap_or(0);
                         let start = f.cfa.0.wrapping_add_signed(oo.0);
@@ -380,26 +397,6 @@ fn measured_depth(thread: &ThreadState, idx: usize) -> Result<i64, RebuildError>
     Ok(callee.cfa.0.wrapping_sub(f.cfa.0) as i64)
 }
 
-/// The old variable that new variable `v` takes its value from: same name,
-/// same parameter-ness, same rank among the variables of that name (shadowed
-/// locals keep their nesting order).
-fn matching_var<'a>(
-    of: &'a FunctionTable,
-    nf: &FunctionTable,
-    v: &Variable,
-) -> Option<&'a Variable> {
-    let rank = nf
-        .vars
-        .iter()
-        .take_while(|x| !std::ptr::eq(*x, v))
-        .filter(|x| x.name == v.name && x.is_param == v.is_param)
-        .count();
-    of.vars
-        .iter()
-        .filter(|x| x.name == v.name && x.is_param == v.is_param)
-        .nth(rank)
-}
-
 /// Computes the bytes of every rebuilt frame of one thread and its final
 /// registers. Call after [`place_frames`] has run for every thread (and the
 /// globals' stack pointers were registered), so remapping is complete.
@@ -407,13 +404,13 @@ pub fn frame_writes(
     mem: &impl TargetMemory,
     thread: &ThreadState,
     layout: &ThreadLayout,
+    plan: &UpdatePlan,
     old: &Image,
     new: &Image,
     remap: &mut Remapper<'_>,
 ) -> Result<ThreadPlan, RebuildError> {
     let tid = thread.tid;
     let mode = top_mode(&thread.readiness);
-    let mut cmp = TypeComparer::new(&old.tables.types, &new.tables.types);
     let mut writes = Vec::new();
     let mut warnings = Vec::new();
     let mut caller_view: Option<CalleeSavedValues> = None;
@@ -425,9 +422,9 @@ pub fn frame_writes(
     for (pos, p) in layout.frames.iter().enumerate() {
         let f = &thread.frames[p.old_index];
         let top = p.old_index == 0;
-        let (of, nf) = lookup(tid, old, new, f)?;
-        let ns = find_site(tid, nf, &f.continuation, top, mode)?;
-        let os = find_site(tid, of, &f.continuation, top, mode)?;
+        let m = lookup(tid, plan, &old.tables, &new.tables, f)?;
+        let sites = find_sites(tid, &m, &f.continuation, top, mode)?;
+        let (of, nf, os, ns) = (m.old, m.new, sites.old, sites.new);
         let mem_err = |source| RebuildError::Memory {
             tid,
             function: f.function.clone(),
@@ -466,41 +463,47 @@ pub fn frame_writes(
             // Saved rbp and return address of the bottom frame are not ours
             // to change; keep them.
             bytes[new_len - 16..].copy_from_slice(&old_bytes[old_bytes.len() - 16..]);
-            for v in &nf.vars {
-                let VarLocation::Cfa(no) = v.location else {
-                    if matches!(v.location, VarLocation::CfaIndirect(_)) {
-                        return Err(RebuildError::Unmappable {
+            let unmappable = |why: String| RebuildError::Unmappable {
+                tid,
+                function: f.function.clone(),
+                continuation: f.continuation.clone(),
+                why,
+            };
+            for (k, v) in nf.vars.iter().enumerate() {
+                let ov = match m.plan.vars.get(k) {
+                    Some(VarSource::Old(i)) => of.vars.get(*i).ok_or_else(|| {
+                        unmappable(format!("the plan names no old variable for {}", v.name))
+                    })?,
+                    Some(VarSource::Zero) => {
+                        warnings.push(format!(
+                            "thread {tid}: {}: new local {} starts as zero",
+                            f.function, v.name
+                        ));
+                        continue;
+                    }
+                    Some(VarSource::NotInFrame) => continue,
+                    Some(VarSource::TypeChanged {
+                        old_type, new_type, ..
+                    }) => {
+                        return Err(RebuildError::VarTypeChanged {
                             tid,
                             function: f.function.clone(),
-                            continuation: f.continuation.clone(),
-                            why: format!("variable-length array {} cannot be moved", v.name),
-                        });
+                            var: v.name.clone(),
+                            old: old_type.clone(),
+                            new: new_type.clone(),
+                        })
                     }
-                    continue;
+                    Some(VarSource::Unmovable { why }) => return Err(unmappable(why.clone())),
+                    None => {
+                        return Err(unmappable(format!(
+                            "the plan does not map variable {}",
+                            v.name
+                        )))
+                    }
                 };
-                let Some(ov) = matching_var(of, nf, v) else {
-                    warnings.push(format!(
-                        "thread {tid}: {}: new local {} starts as zero",
-                        f.function, v.name
-                    ));
-                    continue;
-                };
-                if !cmp.equal(ov.ty, v.ty) {
-                    return Err(RebuildError::VarTypeChanged {
-                        tid,
-                        function: f.function.clone(),
-                        var: v.name.clone(),
-                        old: type_name(&old.tables.types, ov.ty),
-                        new: type_name(&new.tables.types, v.ty),
-                    });
-                }
-                let VarLocation::Cfa(oo) = ov.location else {
-                    return Err(RebuildError::Unmappable {
-                        tid,
-                        function: f.function.clone(),
-                        continuation: f.continuation.clone(),
-                        why: format!("old variable {} has no stack slot", ov.name),
-                    });
+                let (VarLocation::Cfa(no), VarLocation::Cfa(oo)) = (&v.location, &ov.location)
+                else {
+                    return Err(unmappable(format!("variable {} has no stack slot", v.name)));
                 };
                 let size = type_size(&new.tables.types, v.ty).unwrap_or(0);
                 match (slot(new_len, no.0, size), slot(old_bytes.len(), oo.0, size)) {
@@ -510,16 +513,14 @@ pub fn frame_writes(
                         bytes[to].copy_from_slice(&val);
                     }
                     _ => {
-                        return Err(RebuildError::Unmappable {
-                            tid,
-                            function: f.function.clone(),
-                            continuation: f.continuation.clone(),
-                            why: format!("variable {} lies outside its frame", v.name),
-                        })
+                        return Err(unmappable(format!(
+                            "variable {} lies outside its frame",
+                            v.name
+                        )))
                     }
                 }
             }
-            for v in of.vars.iter().filter(|v| matching_var(nf, of, v).is_none()) {
+            for v in m.plan.removed_vars.iter().filter_map(|&i| of.vars.get(i)) {
                 warnings.push(format!(
                     "thread {tid}: {}: local {} was removed; its value is dropped",
                     f.function, v.name
@@ -527,30 +528,12 @@ pub fn frame_writes(
             }
             // Call temporaries and stack arguments must have the same shape.
             if let (Site::Call(oc), Site::Call(nc)) = (os, ns) {
-                // Bytes of stack arguments below the body (pushed for the
-                // call); `None` for a dynamic or inconsistent depth.
-                let args = |ft: &FunctionTable, c: &CallSite| {
-                    let n = ft.body_depth.0.checked_sub(c.stack_depth.0)?;
-                    u64::try_from(n).ok()
-                };
-                let (old_args, new_args) = (args(of, oc), args(nf, nc));
-                if oc.live_regs != nc.live_regs
-                    || oc.temp_slots.len() != nc.temp_slots.len()
-                    || old_args.is_none()
-                    || old_args != new_args
-                {
-                    return Err(RebuildError::Unmappable {
-                        tid,
-                        function: f.function.clone(),
-                        continuation: f.continuation.clone(),
-                        why: "the call keeps different temporaries or stack arguments".into(),
-                    });
-                }
-                let unmappable = |why: &str| RebuildError::Unmappable {
-                    tid,
-                    function: f.function.clone(),
-                    continuation: f.continuation.clone(),
-                    why: why.into(),
+                let n = match &sites.mapping.call_shape {
+                    CallShape::Same { stack_args } => *stack_args,
+                    CallShape::Different { why } => return Err(unmappable(why.clone())),
+                    CallShape::NotApplicable => {
+                        return Err(unmappable("the plan gives the call no shape".into()))
+                    }
                 };
                 for (ot, nt) in oc.temp_slots.iter().zip(&nc.temp_slots) {
                     let n = u64::from(nt.size);
@@ -562,19 +545,26 @@ pub fn frame_writes(
                             bytes[to].copy_from_slice(&old_bytes[from]);
                         }
                         (Some(_), Some(_)) => {
-                            return Err(unmappable("a call temporary changed size"))
+                            return Err(unmappable("a call temporary changed size".into()))
                         }
-                        _ => return Err(unmappable("a call temporary lies outside its frame")),
+                        _ => {
+                            return Err(unmappable(
+                                "a call temporary lies outside its frame".into(),
+                            ))
+                        }
                     }
                 }
-                let n = old_args.unwrap_or(0);
                 if n > 0 {
                     match (
                         slot(new_len, nc.stack_depth.0, n),
                         slot(old_bytes.len(), oc.stack_depth.0, n),
                     ) {
                         (Some(to), Some(from)) => bytes[to].copy_from_slice(&old_bytes[from]),
-                        _ => return Err(unmappable("the stack arguments lie outside the frame")),
+                        _ => {
+                            return Err(unmappable(
+                                "the stack arguments lie outside the frame".into(),
+                            ))
+                        }
                     }
                 }
             }
@@ -689,32 +679,38 @@ fn overflow(addr: RuntimeAddr) -> MemError {
     }
 }
 
-/// Checks, with the tables alone, that every paused frame maps onto the new
-/// version (functions, continuations, variable types). Runs before anything
-/// is loaded so a refusal changes nothing.
+/// Checks, with the plan and the tables alone, that every paused frame
+/// maps onto the new version (functions, continuations, variable types).
+/// Runs before anything is loaded so a refusal changes nothing.
 pub fn check_frames(
     threads: &[ThreadState],
-    old: &upstare_dwarf::fdt::FrameTables,
-    new: &upstare_dwarf::fdt::FrameTables,
+    plan: &UpdatePlan,
+    old: &FrameTables,
+    new: &FrameTables,
 ) -> Result<(), RebuildError> {
-    let mut cmp = TypeComparer::new(&old.types, &new.types);
     for t in threads {
         let mode = top_mode(&t.readiness);
         for (idx, f) in t.frames.iter().enumerate() {
             let tid = t.tid;
-            let (of, nf) = lookup_tables(tid, old, new, f)?;
-            find_site(tid, nf, &f.continuation, idx == 0, mode)?;
-            for v in &nf.vars {
-                if let Some(ov) = matching_var(of, nf, v) {
-                    if !cmp.equal(ov.ty, v.ty) {
-                        return Err(RebuildError::VarTypeChanged {
-                            tid,
-                            function: f.function.clone(),
-                            var: v.name.clone(),
-                            old: type_name(&old.types, ov.ty),
-                            new: type_name(&new.types, v.ty),
-                        });
-                    }
+            let m = lookup(tid, plan, old, new, f)?;
+            find_sites(tid, &m, &f.continuation, idx == 0, mode)?;
+            for (k, source) in m.plan.vars.iter().enumerate() {
+                if let VarSource::TypeChanged {
+                    old_type, new_type, ..
+                } = source
+                {
+                    return Err(RebuildError::VarTypeChanged {
+                        tid,
+                        function: f.function.clone(),
+                        var: m
+                            .new
+                            .vars
+                            .get(k)
+                            .map(|v| v.name.clone())
+                            .unwrap_or_default(),
+                        old: old_type.clone(),
+                        new: new_type.clone(),
+                    });
                 }
             }
         }

@@ -1,18 +1,15 @@
-//! State transfer between two versions: comparing types across the two
-//! images' tables, finding the pointers inside typed bytes, remapping them,
-//! mapping globals by name, and remapping the pointers stored in heap
-//! objects reachable through typed pointers.
+//! State transfer between two versions, as the update plan says: finding
+//! the pointers inside typed bytes, remapping them, carrying globals over,
+//! and remapping the pointers stored in heap objects reachable through
+//! typed pointers.
 //!
 //! Pure computation: reads go through [`TargetMemory`], results are a list of
 //! writes the commit stage performs after everything has been validated.
 
-use std::collections::HashMap;
 use std::ops::Range;
-use upstare_dwarf::fdt::FrameTables;
-use upstare_dwarf::model::{
-    type_name, type_size, ArrayDim, Global, Qualifier, Type, TypeId, VarLocation,
-};
+use upstare_dwarf::model::{type_size, ArrayDim, Type, TypeId, VarLocation};
 use upstare_dwarf::{LinkAddr, RuntimeAddr};
+use upstare_patcher::{GlobalAction, GlobalMapping, UpdatePlan};
 
 use crate::engine::state::{Image, Readiness, ThreadState};
 use crate::memory::{MemError, TargetMemory};
@@ -33,6 +30,8 @@ pub enum TransferError {
         old: String,
         new: String,
     },
+    #[error("{what}: the update plan names no such global in one of the versions (the plan was made for other binaries)")]
+    PlanMismatch { what: String },
     #[error("{what}: size {size} is not supported")]
     BadSize { what: String, size: u64 },
     #[error("{what}: {source}")]
@@ -50,172 +49,6 @@ pub struct Write {
     pub bytes: Vec<u8>,
     /// What it is, for diagnostics (`global counter`).
     pub what: String,
-}
-
-/// Structural type equality across two type tables (coinductive: a pair
-/// being compared is assumed equal, which handles recursive structs).
-pub struct TypeComparer<'a> {
-    old: &'a [Type],
-    new: &'a [Type],
-    memo: HashMap<(TypeId, TypeId), bool>,
-}
-
-impl<'a> TypeComparer<'a> {
-    pub fn new(old: &'a [Type], new: &'a [Type]) -> Self {
-        TypeComparer {
-            old,
-            new,
-            memo: HashMap::new(),
-        }
-    }
-
-    /// Whether old type `a` and new type `b` have the same layout and meaning.
-    pub fn equal(&mut self, a: TypeId, b: TypeId) -> bool {
-        self.eq(Some(a), Some(b), 0)
-    }
-
-    fn eq(&mut self, a: Option<TypeId>, b: Option<TypeId>, depth: u32) -> bool {
-        let (a, b) = match (a, b) {
-            (None, None) => return true,
-            (Some(a), Some(b)) => (a, b),
-            _ => return false,
-        };
-        if depth > MAX_TYPE_DEPTH {
-            return false;
-        }
-        if let Some(&r) = self.memo.get(&(a, b)) {
-            return r;
-        }
-        self.memo.insert((a, b), true);
-        let (Some(ta), Some(tb)) = (self.old.get(a.0 as usize), self.new.get(b.0 as usize)) else {
-            self.memo.insert((a, b), false);
-            return false;
-        };
-        let (ta, tb) = (ta.clone(), tb.clone());
-        let d = depth + 1;
-        let r = match (&ta, &tb) {
-            (Type::Void, Type::Void) => true,
-            (
-                Type::Base {
-                    name: n1,
-                    size: s1,
-                    encoding: e1,
-                },
-                Type::Base {
-                    name: n2,
-                    size: s2,
-                    encoding: e2,
-                },
-            ) => n1 == n2 && s1 == s2 && e1 == e2,
-            (Type::Pointer { pointee: p1 }, Type::Pointer { pointee: p2 }) => self.eq(*p1, *p2, d),
-            (
-                Type::Struct {
-                    name: n1,
-                    size: s1,
-                    members: m1,
-                    declaration: d1,
-                },
-                Type::Struct {
-                    name: n2,
-                    size: s2,
-                    members: m2,
-                    declaration: d2,
-                },
-            )
-            | (
-                Type::Union {
-                    name: n1,
-                    size: s1,
-                    members: m1,
-                    declaration: d1,
-                },
-                Type::Union {
-                    name: n2,
-                    size: s2,
-                    members: m2,
-                    declaration: d2,
-                },
-            ) => {
-                n1 == n2
-                    && (*d1 || *d2 || (s1 == s2 && m1.len() == m2.len()))
-                    && (*d1
-                        || *d2
-                        || m1.iter().zip(m2.iter()).all(|(x, y)| {
-                            x.name == y.name
-                                && x.offset == y.offset
-                                && x.bitfield == y.bitfield
-                                && self.eq(Some(x.ty), Some(y.ty), d)
-                        }))
-            }
-            (
-                Type::Array {
-                    element: e1,
-                    dims: d1,
-                },
-                Type::Array {
-                    element: e2,
-                    dims: d2,
-                },
-            ) => d1 == d2 && self.eq(Some(*e1), Some(*e2), d),
-            (
-                Type::Enum {
-                    size: s1,
-                    enumerators: v1,
-                    name: n1,
-                    ..
-                },
-                Type::Enum {
-                    size: s2,
-                    enumerators: v2,
-                    name: n2,
-                    ..
-                },
-            ) => n1 == n2 && s1 == s2 && v1 == v2,
-            (
-                Type::Typedef {
-                    name: n1,
-                    target: t1,
-                },
-                Type::Typedef {
-                    name: n2,
-                    target: t2,
-                },
-            ) => n1 == n2 && self.eq(*t1, *t2, d),
-            (
-                Type::Qualified {
-                    qualifier: q1,
-                    target: t1,
-                },
-                Type::Qualified {
-                    qualifier: q2,
-                    target: t2,
-                },
-            ) => q1 == q2 && self.eq(*t1, *t2, d),
-            (
-                Type::Function {
-                    ret: r1,
-                    params: p1,
-                    varargs: v1,
-                },
-                Type::Function {
-                    ret: r2,
-                    params: p2,
-                    varargs: v2,
-                },
-            ) => {
-                v1 == v2
-                    && p1.len() == p2.len()
-                    && self.eq(*r1, *r2, d)
-                    && p1
-                        .iter()
-                        .zip(p2.iter())
-                        .all(|(x, y)| self.eq(Some(*x), Some(*y), d))
-            }
-            _ => false,
-        };
-        self.memo.insert((a, b), r);
-        r
-    }
 }
 
 /// Calls `f(offset)` for every pointer-typed 8-byte slot inside a value of
@@ -332,6 +165,7 @@ pub enum StackMove {
 
 /// Remaps pointer values from the old image's world to the new one.
 pub struct Remapper<'a> {
+    plan: &'a UpdatePlan,
     old: &'a Image,
     new: &'a Image,
     /// Old globals sorted by address, with the index of the new global of
@@ -342,29 +176,26 @@ pub struct Remapper<'a> {
     pub dangling_code: Vec<u64>,
 }
 
-/// The identity of a global across versions: name and owning function.
-fn global_key(g: &Global) -> (&str, Option<&str>) {
-    (g.name.as_str(), g.owner.as_deref())
-}
-
 impl<'a> Remapper<'a> {
-    pub fn new(old: &'a Image, new: &'a Image) -> Self {
-        let by_key: HashMap<(&str, Option<&str>), &Global> = new
-            .tables
+    /// A remapper that sends pointers into OLD's globals and functions where
+    /// `plan` maps them.
+    pub fn new(plan: &'a UpdatePlan, old: &'a Image, new: &'a Image) -> Self {
+        let mut globals: Vec<(LinkAddr, u64, Option<LinkAddr>)> = plan
             .globals
             .iter()
-            .filter(|g| !g.tls)
-            .map(|g| (global_key(g), g))
-            .collect();
-        let mut globals: Vec<(LinkAddr, u64, Option<LinkAddr>)> = old
-            .tables
-            .globals
-            .iter()
-            .filter(|g| !g.tls)
-            .map(|g| (g.addr, g.size, by_key.get(&global_key(g)).map(|n| n.addr)))
+            .filter(|m| m.action != GlobalAction::ThreadLocal)
+            .filter_map(|m| {
+                let g = old.tables.globals.get(m.old).filter(|g| !g.tls)?;
+                let n = m
+                    .new
+                    .and_then(|j| new.tables.globals.get(j))
+                    .filter(|n| !n.tls);
+                Some((g.addr, g.size, n.map(|n| n.addr)))
+            })
             .collect();
         globals.sort_by_key(|g| g.0);
         Remapper {
+            plan,
             old,
             new,
             globals,
@@ -385,7 +216,12 @@ impl<'a> Remapper<'a> {
             let link = addr.to_link(self.old.bias);
             if self.old.is_code(addr) {
                 if let Some(f) = self.old.tables.function_at(link) {
-                    if let Some(nf) = self.new.tables.function(&f.name) {
+                    let nf = self
+                        .plan
+                        .function(&f.name)
+                        .and_then(|m| m.new)
+                        .and_then(|j| self.new.tables.functions.get(j));
+                    if let Some(nf) = nf {
                         let off = link.0 - f.low.0;
                         if off < nf.high.0.saturating_sub(nf.low.0) {
                             return self.new.runtime(LinkAddr(nf.low.0 + off)).0;
@@ -450,107 +286,52 @@ pub struct GlobalsPlan {
     pub copied: usize,
     /// Read-only globals (const objects) left with the new version's value.
     pub kept_const: usize,
-    pub warnings: Vec<String>,
 }
 
-/// Whether an object of type `ty` is read-only: const-qualified, or an
-/// array of const elements (through typedefs). The program cannot have
-/// changed such an object, and it lives in the new image's read-only data,
-/// relocated by the loader: the new version's value is the one to keep.
-pub fn is_const_object(types: &[Type], ty: TypeId) -> bool {
-    let mut cur = ty;
-    for _ in 0..MAX_TYPE_DEPTH {
-        match types.get(cur.0 as usize) {
-            Some(Type::Qualified {
-                qualifier: Qualifier::Const,
-                ..
-            }) => return true,
-            Some(Type::Qualified {
-                target: Some(t), ..
-            })
-            | Some(Type::Typedef {
-                target: Some(t), ..
-            }) => cur = *t,
-            Some(Type::Array { element, .. }) => cur = *element,
-            _ => return false,
-        }
-    }
-    false
-}
-
-fn global_label(g: &Global) -> String {
-    match &g.owner {
-        Some(o) => format!("static {}::{}", o, g.name),
-        None => format!("global {}", g.name),
+/// Refuses the update when the plan leaves a global unmapped (a change of
+/// type). Needs no process access, so it runs before anything is loaded.
+pub fn check_globals(plan: &UpdatePlan) -> Result<(), TransferError> {
+    match plan.type_changed_globals().next() {
+        Some(GlobalMapping {
+            label,
+            action: GlobalAction::TypeChanged { old_type, new_type },
+            ..
+        }) => Err(TransferError::TypeChanged {
+            what: label.clone(),
+            old: old_type.clone(),
+            new: new_type.clone(),
+        }),
+        _ => Ok(()),
     }
 }
 
-/// Checks that every global present in both versions keeps its type; the
-/// first change is an error. Needs no process access, so it runs before
-/// anything is loaded.
-pub fn check_globals(old: &FrameTables, new: &FrameTables) -> Result<Vec<String>, TransferError> {
-    let mut cmp = TypeComparer::new(&old.types, &new.types);
-    let by_key: HashMap<(&str, Option<&str>), &Global> =
-        new.globals.iter().map(|g| (global_key(g), g)).collect();
-    let mut warnings = Vec::new();
-    for g in &old.globals {
-        match by_key.get(&global_key(g)) {
-            Some(n) if !cmp.equal(g.ty, n.ty) => {
-                return Err(TransferError::TypeChanged {
-                    what: global_label(g),
-                    old: type_name(&old.types, g.ty),
-                    new: type_name(&new.types, n.ty),
-                })
-            }
-            Some(_) => {}
-            None => warnings.push(format!(
-                "{} was removed in the new version; its value is dropped",
-                global_label(g)
-            )),
-        }
-    }
-    let old_keys: std::collections::HashSet<(&str, Option<&str>)> =
-        old.globals.iter().map(global_key).collect();
-    for n in &new.globals {
-        if !old_keys.contains(&global_key(n)) {
-            warnings.push(format!(
-                "{} is new; it starts with its initial value",
-                global_label(n)
-            ));
-        }
-    }
-    Ok(warnings)
-}
-
-/// Reads every global of the old image that the new one also has and
-/// prepares its write into the new image, pointers remapped. Const objects
-/// keep the new image's value (see [`is_const_object`]). Thread-local
-/// variables are skipped (the new image's TLS is refused by the loader).
+/// Executes the plan's global mappings: reads every global the plan copies
+/// and prepares its write into the new image, pointers remapped.
 pub fn transfer_globals(
     mem: &impl TargetMemory,
+    plan: &UpdatePlan,
     old: &Image,
     new: &Image,
     remap: &mut Remapper<'_>,
 ) -> Result<GlobalsPlan, TransferError> {
-    let mut plan = GlobalsPlan {
-        warnings: check_globals(&old.tables, &new.tables)?,
-        ..GlobalsPlan::default()
-    };
-    let by_key: HashMap<(&str, Option<&str>), &Global> = new
-        .tables
-        .globals
-        .iter()
-        .map(|g| (global_key(g), g))
-        .collect();
-    for g in old.tables.globals.iter().filter(|g| !g.tls) {
-        let Some(n) = by_key.get(&global_key(g)) else {
-            continue;
-        };
-        if is_const_object(&new.tables.types, n.ty) {
-            plan.kept_const += 1;
-            continue;
+    check_globals(plan)?;
+    let mut out = GlobalsPlan::default();
+    for m in &plan.globals {
+        match m.action {
+            GlobalAction::Copy => {}
+            GlobalAction::KeepNew => {
+                out.kept_const += 1;
+                continue;
+            }
+            _ => continue,
         }
-        let what = global_label(g);
+        let what = m.label.clone();
+        let (Some(g), Some(n)) = (
+            old.tables.globals.get(m.old),
+            m.new.and_then(|j| new.tables.globals.get(j)),
+        ) else {
+            return Err(TransferError::PlanMismatch { what });
+        };
         if g.size > MAX_VALUE_SIZE {
             return Err(TransferError::BadSize { what, size: g.size });
         }
@@ -561,14 +342,14 @@ pub fn transfer_globals(
                 source,
             })?;
         remap.remap_value(&old.tables.types, g.ty, &mut bytes);
-        plan.writes.push(Write {
+        out.writes.push(Write {
             addr: new.runtime(n.addr),
             bytes,
             what,
         });
-        plan.copied += 1;
+        out.copied += 1;
     }
-    Ok(plan)
+    Ok(out)
 }
 
 /// Most heap objects visited by [`transfer_heap`].
@@ -764,7 +545,8 @@ pub fn transfer_heap(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use upstare_dwarf::model::{BaseEncoding, Member};
+    use upstare_dwarf::fdt::FrameTables;
+    use upstare_dwarf::model::{BaseEncoding, Global, Member};
 
     fn int() -> Type {
         Type::Base {
@@ -804,14 +586,6 @@ mod tests {
     }
 
     #[test]
-    fn recursive_structs_compare_by_layout_and_names() {
-        let (a, b, c) = (node("next"), node("next"), node("link"));
-        assert!(TypeComparer::new(&a, &b).equal(TypeId(1), TypeId(1)));
-        assert!(!TypeComparer::new(&a, &c).equal(TypeId(1), TypeId(1)));
-        assert!(!TypeComparer::new(&a, &b).equal(TypeId(0), TypeId(2)));
-    }
-
-    #[test]
     fn pointers_found_in_structs_and_arrays() {
         let mut t = node("next");
         t.push(Type::Array {
@@ -824,49 +598,6 @@ mod tests {
         let mut none = Vec::new();
         for_each_pointer(&t, TypeId(0), &mut |o| none.push(o));
         assert!(none.is_empty());
-    }
-
-    #[test]
-    fn const_objects_are_recognised_through_arrays_and_typedefs() {
-        // 0 int, 1 const int, 2 const int[6], 3 typedef T = const int[6],
-        // 4 int[6], 5 pointer to const int, 6 const pointer to int
-        let t = vec![
-            int(),
-            Type::Qualified {
-                qualifier: Qualifier::Const,
-                target: Some(TypeId(0)),
-            },
-            Type::Array {
-                element: TypeId(1),
-                dims: vec![ArrayDim::Fixed(6)],
-            },
-            Type::Typedef {
-                name: "T".into(),
-                target: Some(TypeId(2)),
-            },
-            Type::Array {
-                element: TypeId(0),
-                dims: vec![ArrayDim::Fixed(6)],
-            },
-            Type::Pointer {
-                pointee: Some(TypeId(1)),
-            },
-            Type::Qualified {
-                qualifier: Qualifier::Const,
-                target: Some(TypeId(7)),
-            },
-            Type::Pointer {
-                pointee: Some(TypeId(0)),
-            },
-        ];
-        let c: Vec<bool> = (0..7).map(|i| is_const_object(&t, TypeId(i))).collect();
-        assert_eq!(c, [false, true, true, true, false, false, true]);
-        // A qualifier cycle ends.
-        let cyc = vec![Type::Qualified {
-            qualifier: Qualifier::Volatile,
-            target: Some(TypeId(0)),
-        }];
-        assert!(!is_const_object(&cyc, TypeId(0)));
     }
 
     fn image(base: u64, global_at: u64, types: Vec<Type>) -> Image {
@@ -954,7 +685,8 @@ mod tests {
         }
         put(0xf0, g_old);
         let mem = ByteBuffer::with_region(RuntimeAddr(heap), bytes).expect("heap");
-        let mut remap = Remapper::new(&old, &new);
+        let update_plan = upstare_patcher::default_plan(&old.tables, &new.tables);
+        let mut remap = Remapper::new(&update_plan, &old, &new);
         let roots = [
             Root {
                 ty: TypeId(2),
@@ -1007,6 +739,6 @@ mod tests {
         assert_eq!(n, 0);
         for_each_pointer(&t, TypeId(3), &mut |_| n += 1);
         assert!(n <= MAX_WALK_ELEMENTS);
-        assert!(!TypeComparer::new(&t, &t).equal(TypeId(0), TypeId(2)));
+        assert!(!upstare_patcher::TypeComparer::new(&t, &t).equal(TypeId(0), TypeId(2)));
     }
 }

@@ -277,6 +277,40 @@ fn describe_status(status: c_int) -> String {
 pub struct Regs(pub libc::user_regs_struct);
 
 impl Regs {
+    /// Every register zero (a starting point for tests and synthetic
+    /// threads).
+    pub fn zeroed() -> Regs {
+        Regs(libc::user_regs_struct {
+            r15: 0,
+            r14: 0,
+            r13: 0,
+            r12: 0,
+            rbp: 0,
+            rbx: 0,
+            r11: 0,
+            r10: 0,
+            r9: 0,
+            r8: 0,
+            rax: 0,
+            rcx: 0,
+            rdx: 0,
+            rsi: 0,
+            rdi: 0,
+            orig_rax: 0,
+            rip: 0,
+            cs: 0,
+            eflags: 0,
+            rsp: 0,
+            ss: 0,
+            fs_base: 0,
+            gs_base: 0,
+            ds: 0,
+            es: 0,
+            fs: 0,
+            gs: 0,
+        })
+    }
+
     /// Value of a general-purpose register (or rip).
     pub fn get(&self, r: Reg) -> u64 {
         let s = &self.0;

@@ -1,8 +1,11 @@
-//! One live update, end to end: find the running image, stop the world,
-//! check the mapping, load the new version, compute the new state, commit,
-//! resume. Everything before the commit is reversible: a refusal or failure
-//! unloads the new image, removes every armed byte and leaves the process
-//! exactly as it was.
+//! One live update, end to end, as a per-process transaction: prepare (find
+//! the running image, make the plan, stop the world, check the plan against
+//! the paused state, load the new version, compute every byte), then commit
+//! with an undo log ([`transaction`]) or roll back. Everything before the
+//! commit is reversible: a refusal or failure unloads the new image, removes
+//! every armed byte and leaves the process exactly as it was.
+
+pub mod transaction;
 
 use serde::Serialize;
 use std::ops::Range;
@@ -15,11 +18,12 @@ use crate::engine::state::{Image, Readiness, ThreadState};
 use crate::engine::transfer::{self, Remapper, TransferError, Write};
 use crate::load::image::{running_image, ImageError, Libraries};
 use crate::load::{self, LoadError, LoadOptions};
-use crate::memory::{MemError, TargetMemory};
 use crate::stop::{self, StopError, StopOptions};
 use crate::target::procfs::{self, MapPath, MemoryMap, ProcError};
 use crate::target::ptrace::{PtraceError, Tracee};
 use nix::unistd::Pid;
+use transaction::{CommitError, PreparedState};
+use upstare_patcher::UpdatePlan;
 
 /// How to run an update.
 #[derive(Clone, Debug)]
@@ -75,14 +79,8 @@ pub enum UpdateError {
         addr: RuntimeAddr,
         len: usize,
     },
-    #[error("commit failed and was rolled back: {0}")]
-    CommitSteps(String),
-    #[error("commit failed and was rolled back: {what}: {source}")]
-    Commit {
-        what: String,
-        #[source]
-        source: MemError,
-    },
+    #[error("{0}")]
+    Commit(#[from] CommitError),
 }
 
 /// Latency of each phase, in microseconds.
@@ -267,6 +265,9 @@ pub fn apply_traced(
         }
         .into());
     }
+    // What maps to what is decided from the two tables alone, before the
+    // process is paused.
+    let plan: UpdatePlan = upstare_patcher::default_plan(&old.tables, &new_tables);
     let mut libs = Libraries::new(tracee.pid(), &maps);
 
     // Phase 2: stop every thread at an update point or in a safe call.
@@ -284,10 +285,12 @@ pub fn apply_traced(
     let threads = stopped.threads;
     timings.stop_us = us(t.elapsed());
 
-    // Phase 3: does the state map onto the new version? (tables only)
+    // Phase 3: does the paused state map onto the new version? (plan and
+    // tables only)
     let t = Instant::now();
-    let mut warnings = transfer::check_globals(&old.tables, &new_tables)?;
-    rebuild::check_frames(&threads, &old.tables, &new_tables)?;
+    transfer::check_globals(&plan)?;
+    rebuild::check_frames(&threads, &plan, &old.tables, &new_tables)?;
+    let mut warnings = plan.warnings.clone();
     timings.save_us = us(t.elapsed());
     let mut report = UpdateReport {
         pid,
@@ -333,12 +336,12 @@ pub fn apply_traced(
     // Phase 5: compute every byte of the new state.
     let t = Instant::now();
     let mut mem = tr.memory();
-    let mut remap = Remapper::new(&old, new);
+    let mut remap = Remapper::new(&plan, &old, new);
     let mut layouts = Vec::with_capacity(threads.len());
     for th in &threads {
-        layouts.push(rebuild::place_frames(th, &old, new, &mut remap)?);
+        layouts.push(rebuild::place_frames(th, &plan, &old, new, &mut remap)?);
     }
-    let globals = transfer::transfer_globals(&mem, &old, new, &mut remap)?;
+    let globals = transfer::transfer_globals(&mem, &plan, &old, new, &mut remap)?;
     let maps_now = procfs::read_maps(tr.pid()).map_err(proc_err)?;
     let roots = transfer::heap_roots(&mem, &old, &threads);
     let heap = transfer::transfer_heap(
@@ -353,7 +356,7 @@ pub fn apply_traced(
     let mut plans = Vec::with_capacity(threads.len());
     for (th, layout) in threads.iter().zip(&layouts) {
         plans.push(rebuild::frame_writes(
-            &mem, th, layout, &old, new, &mut remap,
+            &mem, th, layout, &plan, &old, new, &mut remap,
         )?);
     }
     let writes: Vec<&Write> = globals
@@ -380,69 +383,27 @@ pub fn apply_traced(
     for p in &plans {
         warnings.extend(p.warnings.iter().cloned());
     }
-    warnings.extend(globals.warnings.iter().cloned());
     warnings.extend(heap.warnings.iter().cloned());
     timings.rebuild_us = us(t.elapsed());
 
-    // Phase 6: commit, with an undo log so a failure is rolled back.
-    let t = Instant::now();
-    let mut undo: Vec<(RuntimeAddr, Vec<u8>)> = Vec::with_capacity(writes.len());
-    let mut old_regs = Vec::with_capacity(plans.len());
-    let mut failure: Option<(String, Option<MemError>)> = None;
-    for w in &writes {
-        let saved = match mem.read_vec(w.addr, w.bytes.len() as u64, usize::MAX) {
-            Ok(b) => b,
-            Err(e) => {
-                failure = Some((w.what.clone(), Some(e)));
-                break;
-            }
-        };
-        if let Err(e) = mem.write(w.addr, &w.bytes) {
-            failure = Some((w.what.clone(), Some(e)));
-            break;
-        }
-        undo.push((w.addr, saved));
-    }
-    if failure.is_none() {
-        for p in &plans {
-            let tid = Pid::from_raw(p.tid);
-            match tr
-                .regs(tid)
-                .and_then(|r| tr.set_regs(tid, &p.regs).map(|()| r))
-            {
-                Ok(r) => old_regs.push((tid, r)),
-                Err(e) => {
-                    failure = Some((format!("registers of thread {}: {e}", p.tid), None));
-                    break;
-                }
-            }
-        }
-    }
-    let rollback = |mem: &mut crate::target::ProcessMemory, tracee: &mut Tracee| {
-        for (addr, bytes) in undo.iter().rev() {
-            let _ = mem.write(*addr, bytes);
-        }
-        for (tid, r) in &old_regs {
-            let _ = tracee.set_regs(*tid, r);
-        }
+    let prepared = PreparedState {
+        writes: writes.into_iter().cloned().collect(),
+        regs: plans.iter().map(|p| (p.tid, p.regs)).collect(),
     };
-    if let Some((what, source)) = failure {
-        rollback(&mut mem, tr);
-        return Err(match source {
-            Some(source) => UpdateError::Commit { what, source },
-            None => UpdateError::CommitSteps(what),
-        });
-    }
     let globals_copied = globals.copied;
-    let bytes_written: usize = writes.iter().map(|w| w.bytes.len()).sum();
     let frames: Vec<Vec<String>> = plans.iter().map(|p| p.frames.clone()).collect();
     drop(remap);
+
+    // Phase 6: commit, with an undo log so a failure is rolled back.
+    let t = Instant::now();
+    let undo = transaction::commit(&prepared, &mut mem, tr)?;
     if let Err(e) = loaded.commit(&commit_plan) {
         // The guard has unloaded NEW; put the old state back.
         let mut mem = tracee.memory();
-        rollback(&mut mem, tracee);
+        undo.roll_back(&mut mem, tracee);
         return Err(e.into());
     }
+    let bytes_written = prepared.bytes();
     report.bytes_written = bytes_written;
     report.globals_copied = globals_copied;
     report.heap_objects = heap.objects;

@@ -1,0 +1,511 @@
+//! The update plan: what maps to what between two versions, decided from
+//! their frame-description tables alone (no process). The runtime executes
+//! a plan against a stopped process; it never decides a mapping itself, it
+//! only reports facts the plan could not know (which frames are active,
+//! whether a value lies inside its frame).
+//!
+//! The default mapping (DESIGN.md, "Default mapping"): globals and static
+//! locals by name and owning function; functions by name; continuations by
+//! id (`entry`, `loop#k`, `call:NAME#k`); locals and parameters by name,
+//! parameter-ness and rank among the variables of that name. A change of
+//! type is not mapped yet: the plan says so by name, and the runtime refuses
+//! when the changed value is live.
+//!
+//! Every index in a plan refers to the two tables it was made from
+//! (`old.globals[i]`, `new.functions[j].vars[k]`, ...).
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use upstare_dwarf::fdt::{CallSite, Continuation, FrameTables, FunctionTable, UpdatePoint};
+use upstare_dwarf::model::{type_name, Global, VarLocation, Variable};
+
+use crate::types::{is_const_object, TypeComparer};
+
+/// The whole mapping from OLD to NEW.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdatePlan {
+    /// One entry per global and static local of OLD, in OLD's order.
+    pub globals: Vec<GlobalMapping>,
+    /// Globals and static locals only NEW has (indices into NEW's globals):
+    /// they start with their initial value.
+    pub new_globals: Vec<usize>,
+    /// One entry per function of OLD, sorted by name.
+    pub functions: Vec<FunctionMapping>,
+    /// What a person should know about this update, each said once
+    /// (removed and new globals). Facts about the running state (a new local
+    /// in an active frame) are the runtime's to report.
+    pub warnings: Vec<String>,
+}
+
+/// What happens to one global of OLD.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GlobalMapping {
+    /// Index into OLD's globals.
+    pub old: usize,
+    /// The NEW global of the same identity, if any.
+    pub new: Option<usize>,
+    /// `global counter`, `static main::calls`.
+    pub label: String,
+    pub action: GlobalAction,
+}
+
+/// How a global's value reaches NEW.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GlobalAction {
+    /// Same type: the value is copied, pointers inside it remapped.
+    Copy,
+    /// A read-only object: the program cannot have changed it, so NEW's own
+    /// (relocated) value is kept.
+    KeepNew,
+    /// A thread-local variable: NEW's own thread-local storage is refused by
+    /// the loader, so there is nothing to carry over.
+    ThreadLocal,
+    /// Gone in NEW: the value is dropped.
+    Removed,
+    /// The type changed: no default mapping yet; the update is refused.
+    TypeChanged { old_type: String, new_type: String },
+}
+
+/// What happens to the frames of one function of OLD.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionMapping {
+    pub name: String,
+    /// Index into OLD's functions.
+    pub old: usize,
+    /// Index into NEW's functions; `None` when NEW has no function of that
+    /// name (an active frame of it cannot be updated).
+    pub new: Option<usize>,
+    /// Per variable of the NEW function, in NEW's order: where its value
+    /// comes from when a frame is rebuilt. Empty when `new` is `None`.
+    pub vars: Vec<VarSource>,
+    /// Variables of OLD that NEW no longer has (indices into OLD's vars).
+    pub removed_vars: Vec<usize>,
+    /// Per update point and call site of OLD: where a frame paused there
+    /// resumes in NEW.
+    pub continuations: Vec<ContinuationMapping>,
+}
+
+/// Where one variable of a rebuilt frame takes its value from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VarSource {
+    /// The old variable at this index (same name, type and rank).
+    Old(usize),
+    /// A new local: it starts as zero.
+    Zero,
+    /// Not a stack slot of the frame (a static local, no location): nothing
+    /// to write.
+    NotInFrame,
+    /// The old variable at this index changed type: no default mapping yet.
+    TypeChanged {
+        old: usize,
+        old_type: String,
+        new_type: String,
+    },
+    /// The frame cannot be rebuilt around this variable (a variable-length
+    /// array, an old value with no stack slot); copying the frame whole is
+    /// still possible.
+    Unmovable { why: String },
+}
+
+/// Which kind of place a continuation names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SiteKind {
+    /// An update point (`entry`, `loop#k`).
+    Point,
+    /// A call site (`call:NAME#k`).
+    Call,
+}
+
+/// Where a frame paused at one continuation of OLD resumes in NEW.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContinuationMapping {
+    pub id: Continuation,
+    pub kind: SiteKind,
+    /// Index into OLD's update points or call sites (by `kind`).
+    pub old_site: usize,
+    /// Index into NEW's update points or call sites; `None` when NEW has no
+    /// continuation of that id.
+    pub new_site: Option<usize>,
+    /// A frame paused here (at the point, or in the call below the top of
+    /// the stack) is copied byte for byte: same variables, types, saved
+    /// registers, depths and call temporaries.
+    pub copy_paused: bool,
+    /// A frame blocked in this call, whose statement is re-executed, is
+    /// copied byte for byte (the call's own depth and temporaries do not
+    /// matter: the statement starts over at the body's depth).
+    pub copy_restarted: bool,
+    /// NEW can re-execute the call's statement (it has a restart address).
+    pub restartable: bool,
+    /// For a call rebuilt below the top: whether its temporaries and stack
+    /// arguments carry over, or why not.
+    pub call_shape: CallShape,
+}
+
+/// Whether the undescribed stack contents of a call carry over to NEW.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CallShape {
+    /// Not a call, or NEW has no such call.
+    NotApplicable,
+    /// Same live registers, same temporaries (pairwise same size) and the
+    /// same number of bytes of stack arguments.
+    Same { stack_args: u64 },
+    /// The call keeps different state in NEW.
+    Different { why: String },
+}
+
+impl UpdatePlan {
+    /// The mapping of OLD's function `name`.
+    pub fn function(&self, name: &str) -> Option<&FunctionMapping> {
+        self.functions
+            .binary_search_by(|f| f.name.as_str().cmp(name))
+            .ok()
+            .and_then(|i| self.functions.get(i))
+    }
+
+    /// The mapping of OLD's global at index `old`.
+    pub fn global(&self, old: usize) -> Option<&GlobalMapping> {
+        self.globals.get(old).filter(|g| g.old == old)
+    }
+
+    /// Every global whose change of type needs the user, in OLD's order.
+    pub fn type_changed_globals(&self) -> impl Iterator<Item = &GlobalMapping> {
+        self.globals
+            .iter()
+            .filter(|g| matches!(g.action, GlobalAction::TypeChanged { .. }))
+    }
+}
+
+impl FunctionMapping {
+    /// The mapping of the continuation `id` of kind `kind`.
+    pub fn continuation(&self, id: &Continuation, kind: SiteKind) -> Option<&ContinuationMapping> {
+        self.continuations
+            .iter()
+            .find(|c| c.kind == kind && &c.id == id)
+    }
+
+    /// The index of the old variable that NEW's variable `new_var` takes its
+    /// value from, if any.
+    pub fn source_of(&self, new_var: usize) -> Option<usize> {
+        match self.vars.get(new_var)? {
+            VarSource::Old(i) => Some(*i),
+            VarSource::TypeChanged { old, .. } => Some(*old),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for GlobalAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GlobalAction::Copy => f.write_str("copied"),
+            GlobalAction::KeepNew => f.write_str("read-only: the new value is kept"),
+            GlobalAction::ThreadLocal => f.write_str("thread-local: not carried over"),
+            GlobalAction::Removed => f.write_str("removed: its value is dropped"),
+            GlobalAction::TypeChanged { old_type, new_type } => {
+                write!(f, "type changed from {old_type} to {new_type}")
+            }
+        }
+    }
+}
+
+/// The label of a global in messages: `global NAME` or `static FN::NAME`.
+pub fn global_label(g: &Global) -> String {
+    match &g.owner {
+        Some(o) => format!("static {}::{}", o, g.name),
+        None => format!("global {}", g.name),
+    }
+}
+
+/// The identity of a global across versions: name and owning function.
+fn global_key(g: &Global) -> (&str, Option<&str>) {
+    (g.name.as_str(), g.owner.as_deref())
+}
+
+/// Makes the default plan from OLD's and NEW's tables.
+pub fn default_plan(old: &FrameTables, new: &FrameTables) -> UpdatePlan {
+    let mut cmp = TypeComparer::new(&old.types, &new.types);
+    let (globals, new_globals, warnings) = plan_globals(&mut cmp, old, new);
+    let new_by_name: HashMap<&str, usize> = new
+        .functions
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (f.name.as_str(), i))
+        .collect();
+    let mut functions: Vec<FunctionMapping> = old
+        .functions
+        .iter()
+        .enumerate()
+        .map(|(i, of)| {
+            let nf = new_by_name
+                .get(of.name.as_str())
+                .and_then(|&j| Some((j, new.functions.get(j)?)));
+            plan_function(&mut cmp, old, new, i, of, nf)
+        })
+        .collect();
+    functions.sort_by(|a, b| a.name.cmp(&b.name));
+    // Two functions of one name (static functions of two units) cannot be
+    // told apart by name: keep the first, like `FrameTables::function`.
+    functions.dedup_by(|b, a| a.name == b.name);
+    UpdatePlan {
+        globals,
+        new_globals,
+        functions,
+        warnings,
+    }
+}
+
+fn plan_globals(
+    cmp: &mut TypeComparer<'_>,
+    old: &FrameTables,
+    new: &FrameTables,
+) -> (Vec<GlobalMapping>, Vec<usize>, Vec<String>) {
+    let by_key: HashMap<(&str, Option<&str>), usize> = new
+        .globals
+        .iter()
+        .enumerate()
+        .map(|(i, g)| (global_key(g), i))
+        .collect();
+    let mut warnings = Vec::new();
+    let mut mappings = Vec::with_capacity(old.globals.len());
+    for (i, g) in old.globals.iter().enumerate() {
+        let label = global_label(g);
+        let found = by_key
+            .get(&global_key(g))
+            .and_then(|&j| Some((j, new.globals.get(j)?)));
+        let action = match found {
+            None => {
+                warnings.push(format!(
+                    "{label} was removed in the new version; its value is dropped"
+                ));
+                GlobalAction::Removed
+            }
+            Some((_, n)) if !cmp.equal(g.ty, n.ty) => GlobalAction::TypeChanged {
+                old_type: type_name(&old.types, g.ty),
+                new_type: type_name(&new.types, n.ty),
+            },
+            Some(_) if g.tls => GlobalAction::ThreadLocal,
+            Some((_, n)) if is_const_object(&new.types, n.ty) => GlobalAction::KeepNew,
+            Some(_) => GlobalAction::Copy,
+        };
+        mappings.push(GlobalMapping {
+            old: i,
+            new: found.map(|(j, _)| j),
+            label,
+            action,
+        });
+    }
+    let old_keys: HashSet<(&str, Option<&str>)> = old.globals.iter().map(global_key).collect();
+    let mut added = Vec::new();
+    for (j, n) in new.globals.iter().enumerate() {
+        if !old_keys.contains(&global_key(n)) {
+            warnings.push(format!(
+                "{} is new; it starts with its initial value",
+                global_label(n)
+            ));
+            added.push(j);
+        }
+    }
+    (mappings, added, warnings)
+}
+
+/// The old variable that new variable `new_vars[k]` takes its value from:
+/// same name, same parameter-ness, same rank among the variables of that
+/// name (shadowed locals keep their nesting order).
+fn matching_var(old_vars: &[Variable], new_vars: &[Variable], k: usize) -> Option<usize> {
+    let v = new_vars.get(k)?;
+    let same = |x: &Variable| x.name == v.name && x.is_param == v.is_param;
+    let rank = new_vars.iter().take(k).filter(|x| same(x)).count();
+    old_vars
+        .iter()
+        .enumerate()
+        .filter(|(_, x)| same(x))
+        .nth(rank)
+        .map(|(i, _)| i)
+}
+
+fn plan_function(
+    cmp: &mut TypeComparer<'_>,
+    old: &FrameTables,
+    new: &FrameTables,
+    old_index: usize,
+    of: &FunctionTable,
+    nf: Option<(usize, &FunctionTable)>,
+) -> FunctionMapping {
+    let Some((new_index, nf)) = nf else {
+        return FunctionMapping {
+            name: of.name.clone(),
+            old: old_index,
+            new: None,
+            vars: Vec::new(),
+            removed_vars: Vec::new(),
+            continuations: Vec::new(),
+        };
+    };
+    let vars: Vec<VarSource> = (0..nf.vars.len())
+        .map(|k| var_source(cmp, old, new, of, nf, k))
+        .collect();
+    let removed_vars = (0..of.vars.len())
+        .filter(|&i| matching_var(&nf.vars, &of.vars, i).is_none())
+        .collect();
+    let frame_same = of.vars.len() == nf.vars.len()
+        && of.vars.iter().zip(&nf.vars).all(|(a, b)| {
+            a.name == b.name
+                && a.location == b.location
+                && a.is_param == b.is_param
+                && cmp.equal(a.ty, b.ty)
+        })
+        && of.saved_regs == nf.saved_regs
+        && of.body_depth == nf.body_depth
+        && of.extent == nf.extent;
+    let mut continuations = Vec::new();
+    for (i, p) in of.update_points.iter().enumerate() {
+        let id = p.continuation();
+        let np = nf
+            .update_points
+            .iter()
+            .enumerate()
+            .find(|(_, q)| q.continuation() == id);
+        continuations.push(point_mapping(id, i, p, np, frame_same));
+    }
+    for (i, c) in of.call_sites.iter().enumerate() {
+        let id = c.continuation();
+        let nc = nf
+            .call_sites
+            .iter()
+            .enumerate()
+            .find(|(_, d)| d.continuation() == id);
+        continuations.push(call_mapping(id, i, of, c, nf, nc, frame_same));
+    }
+    FunctionMapping {
+        name: of.name.clone(),
+        old: old_index,
+        new: Some(new_index),
+        vars,
+        removed_vars,
+        continuations,
+    }
+}
+
+fn var_source(
+    cmp: &mut TypeComparer<'_>,
+    old: &FrameTables,
+    new: &FrameTables,
+    of: &FunctionTable,
+    nf: &FunctionTable,
+    k: usize,
+) -> VarSource {
+    let Some(v) = nf.vars.get(k) else {
+        return VarSource::NotInFrame;
+    };
+    let matched = matching_var(&of.vars, &nf.vars, k).and_then(|i| Some((i, of.vars.get(i)?)));
+    if let Some((i, ov)) = matched {
+        if !cmp.equal(ov.ty, v.ty) {
+            return VarSource::TypeChanged {
+                old: i,
+                old_type: type_name(&old.types, ov.ty),
+                new_type: type_name(&new.types, v.ty),
+            };
+        }
+    }
+    match v.location {
+        VarLocation::Cfa(_) => {}
+        VarLocation::CfaIndirect(_) => {
+            return VarSource::Unmovable {
+                why: format!("variable-length array {} cannot be moved", v.name),
+            }
+        }
+        _ => return VarSource::NotInFrame,
+    }
+    match matched {
+        None => VarSource::Zero,
+        Some((_, ov)) if !matches!(ov.location, VarLocation::Cfa(_)) => VarSource::Unmovable {
+            why: format!("old variable {} has no stack slot", ov.name),
+        },
+        Some((i, _)) => VarSource::Old(i),
+    }
+}
+
+fn point_mapping(
+    id: Continuation,
+    old_site: usize,
+    op: &UpdatePoint,
+    new_point: Option<(usize, &UpdatePoint)>,
+    frame_same: bool,
+) -> ContinuationMapping {
+    ContinuationMapping {
+        id,
+        kind: SiteKind::Point,
+        old_site,
+        new_site: new_point.map(|(i, _)| i),
+        copy_paused: new_point
+            .is_some_and(|(_, np)| frame_same && op.stack_depth == np.stack_depth),
+        copy_restarted: false,
+        restartable: false,
+        call_shape: CallShape::NotApplicable,
+    }
+}
+
+fn call_mapping(
+    id: Continuation,
+    old_site: usize,
+    of: &FunctionTable,
+    oc: &CallSite,
+    nf: &FunctionTable,
+    new_call: Option<(usize, &CallSite)>,
+    frame_same: bool,
+) -> ContinuationMapping {
+    let Some((new_site, nc)) = new_call else {
+        return ContinuationMapping {
+            id,
+            kind: SiteKind::Call,
+            old_site,
+            new_site: None,
+            copy_paused: false,
+            copy_restarted: false,
+            restartable: false,
+            call_shape: CallShape::NotApplicable,
+        };
+    };
+    ContinuationMapping {
+        id,
+        kind: SiteKind::Call,
+        old_site,
+        new_site: Some(new_site),
+        copy_paused: frame_same
+            && oc.stack_depth == nc.stack_depth
+            && oc.live_regs == nc.live_regs
+            && oc.temp_slots == nc.temp_slots,
+        copy_restarted: frame_same,
+        restartable: nc.restart.is_some(),
+        call_shape: call_shape(of, oc, nf, nc),
+    }
+}
+
+/// Whether the temporaries and stack arguments of a call carry over.
+fn call_shape(of: &FunctionTable, oc: &CallSite, nf: &FunctionTable, nc: &CallSite) -> CallShape {
+    // Bytes of stack arguments below the body (pushed for the call); `None`
+    // for a dynamic or inconsistent depth.
+    let args = |ft: &FunctionTable, c: &CallSite| {
+        let n = ft.body_depth.0.checked_sub(c.stack_depth.0)?;
+        u64::try_from(n).ok()
+    };
+    let different = |why: &str| CallShape::Different { why: why.into() };
+    let (old_args, new_args) = (args(of, oc), args(nf, nc));
+    if oc.live_regs != nc.live_regs || oc.temp_slots.len() != nc.temp_slots.len() {
+        return different("the call keeps different temporaries or stack arguments");
+    }
+    let Some(stack_args) = old_args.filter(|_| old_args == new_args) else {
+        return different("the call keeps different temporaries or stack arguments");
+    };
+    if oc
+        .temp_slots
+        .iter()
+        .zip(&nc.temp_slots)
+        .any(|(a, b)| a.size != b.size)
+    {
+        return different("a call temporary changed size");
+    }
+    CallShape::Same { stack_args }
+}

@@ -1,0 +1,224 @@
+//! The default plan made from two real compiled and instrumented versions
+//! (gcc and clang), with no process: what it maps, what it refuses, and what
+//! it says — each warning once.
+
+use std::path::PathBuf;
+use upstare_corpus::{compile_c, CSource, Toolchain};
+use upstare_dwarf::fdt::{Continuation, FrameTables};
+use upstare_patcher::{default_plan, CallShape, GlobalAction, SiteKind, UpdatePlan, VarSource};
+
+const TOOLCHAINS: [Toolchain; 2] = [Toolchain::Gcc, Toolchain::Clang];
+
+/// Compiles `src` with `tc`, instruments it and returns its tables.
+fn tables(name: &str, src: &str, tc: Toolchain) -> FrameTables {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("patcher-plan");
+    let exe = dir.join(format!("{name}.{}", tc.name()));
+    compile_c(CSource::Text(src), tc, &[], &exe).unwrap_or_else(|e| panic!("compile {name}: {e}"));
+    let bytes = std::fs::read(&exe).expect("read binary");
+    let rewritten = upstare_rewriter::rewrite::rewrite(&bytes)
+        .unwrap_or_else(|e| panic!("instrument {name}: {e}"));
+    upstare_dwarf::read_tables(&rewritten.elf).expect("tables")
+}
+
+fn plan(name: &str, v1: &str, v2: &str, tc: Toolchain) -> (FrameTables, FrameTables, UpdatePlan) {
+    let old = tables(&format!("{name}.v1"), v1, tc);
+    let new = tables(&format!("{name}.v2"), v2, tc);
+    let p = default_plan(&old, &new);
+    (old, new, p)
+}
+
+const V1: &str = r#"
+#include <stdio.h>
+long counter = 5;
+long dropped = 7;
+int retyped = 3;
+static const int table[4] = {1, 2, 3, 4};
+long step(long x) { long twice = x * 2; return twice + table[x & 3]; }
+long gone(long x) { return x - 1; }
+long finish(long a) { return a + gone(counter) + dropped + retyped; }
+int main(void) {
+    long acc = 0;
+    for (long i = 0; i < 3; i++) {
+        acc += step(i);
+        printf("%ld\n", acc);
+    }
+    return (int)finish(acc) & 1;
+}
+"#;
+
+const V2: &str = r#"
+#include <stdio.h>
+long counter = 5;
+long added = 11;
+long retyped = 3;
+static const int table[6] = {1, 2, 3, 4, 5, 6};
+long step(long x) { long bonus = 1; long twice = x * 2; return twice + table[x & 3] + bonus; }
+long finish(long a) { return a + counter + added + retyped; }
+int main(void) {
+    long acc = 0;
+    for (long i = 0; i < 3; i++) {
+        acc += step(i);
+        printf("%ld\n", acc);
+    }
+    return (int)finish(acc) & 1;
+}
+"#;
+
+fn global_action<'p>(p: &'p UpdatePlan, old: &FrameTables, name: &str) -> &'p GlobalAction {
+    let i = old
+        .globals
+        .iter()
+        .position(|g| g.name == name && g.owner.is_none())
+        .unwrap_or_else(|| panic!("no global {name}"));
+    &p.global(i).expect("mapping").action
+}
+
+#[test]
+fn globals_are_mapped_by_name_and_each_warning_is_said_once() {
+    for tc in TOOLCHAINS {
+        let (old, new, p) = plan("globals", V1, V2, tc);
+        assert_eq!(
+            p.globals.len(),
+            old.globals.len(),
+            "one mapping per old global"
+        );
+        assert_eq!(global_action(&p, &old, "counter"), &GlobalAction::Copy);
+        assert_eq!(global_action(&p, &old, "dropped"), &GlobalAction::Removed);
+        match global_action(&p, &old, "retyped") {
+            GlobalAction::TypeChanged { old_type, new_type } => {
+                assert_eq!(old_type, "int");
+                assert!(new_type.starts_with("long"), "{new_type}");
+            }
+            other => panic!("retyped: {other}"),
+        }
+        let added: Vec<&str> = p
+            .new_globals
+            .iter()
+            .map(|&j| new.globals[j].name.as_str())
+            .collect();
+        assert_eq!(added, ["added"], "[{}]", tc.name());
+        let count = |needle: &str| p.warnings.iter().filter(|w| w.contains(needle)).count();
+        assert_eq!(count("global added is new"), 1, "{:?}", p.warnings);
+        assert_eq!(count("global dropped was removed"), 1, "{:?}", p.warnings);
+        // The read-only table grew: a change of type too (issue 7 maps it).
+        let mut changed: Vec<&str> = p.type_changed_globals().map(|g| g.label.as_str()).collect();
+        changed.sort_unstable();
+        assert_eq!(changed, ["global retyped", "global table"]);
+    }
+}
+
+#[test]
+fn a_read_only_table_keeps_the_new_value_and_an_unchanged_one_is_copied() {
+    const T1: &str = "static const int table[4] = {1, 2, 3, 4};\nconst int same[2] = {1, 2};\nint main(void) { return table[1] + same[0]; }\n";
+    const T2: &str = "static const int table[4] = {9, 9, 9, 9};\nconst int same[2] = {1, 2};\nint main(void) { return table[1] + same[0]; }\n";
+    for tc in TOOLCHAINS {
+        let (old, _, p) = plan("consts", T1, T2, tc);
+        assert_eq!(global_action(&p, &old, "same"), &GlobalAction::KeepNew);
+        let table = old
+            .globals
+            .iter()
+            .position(|g| g.name == "table")
+            .expect("table");
+        assert_eq!(
+            p.global(table).expect("mapping").action,
+            GlobalAction::KeepNew
+        );
+        assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+    }
+}
+
+#[test]
+fn frames_map_by_variable_name_and_continuation_id() {
+    for tc in TOOLCHAINS {
+        let (old, new, p) = plan("frames", V1, V2, tc);
+        // Removed function: no target.
+        assert_eq!(p.function("gone").expect("gone").new, None);
+        // step gains a local declared first: the layout changes, `twice`
+        // comes from the old frame, `bonus` starts as zero.
+        let step = p.function("step").expect("step");
+        let nf = &new.functions[step.new.expect("step in NEW")];
+        let of = &old.functions[step.old];
+        for (k, v) in nf.vars.iter().enumerate() {
+            match (v.name.as_str(), &step.vars[k]) {
+                ("bonus", VarSource::Zero) => {}
+                ("twice" | "x", VarSource::Old(i)) => assert_eq!(of.vars[*i].name, v.name),
+                (name, source) => panic!("[{}] step.{name}: {source:?}", tc.name()),
+            }
+        }
+        let entry = step
+            .continuation(&Continuation::Entry, SiteKind::Point)
+            .expect("entry");
+        assert!(entry.new_site.is_some());
+        assert!(!entry.copy_paused, "step's layout changed: not copied");
+        // main is unchanged in layout: its frames are copied whole, at its
+        // loop and in its call to step.
+        let main = p.function("main").expect("main");
+        assert!(main.vars.iter().all(|v| matches!(v, VarSource::Old(_))));
+        let looped = main
+            .continuation(&Continuation::Loop(0), SiteKind::Point)
+            .expect("loop#0");
+        assert!(looped.copy_paused, "[{}] main at loop#0", tc.name());
+        let call = main
+            .continuation(
+                &Continuation::Call {
+                    callee: "step".into(),
+                    ordinal: 0,
+                },
+                SiteKind::Call,
+            )
+            .expect("call:step#0");
+        assert!(call.copy_paused && call.copy_restarted);
+        assert!(
+            matches!(call.call_shape, CallShape::Same { .. }),
+            "{:?}",
+            call.call_shape
+        );
+        // A continuation NEW lacks has no target.
+        let finish = p.function("finish").expect("finish");
+        let gone_call = finish
+            .continuation(
+                &Continuation::Call {
+                    callee: "gone".into(),
+                    ordinal: 0,
+                },
+                SiteKind::Call,
+            )
+            .expect("call:gone#0 in OLD");
+        assert_eq!(gone_call.new_site, None);
+    }
+}
+
+#[test]
+fn a_local_whose_type_changed_is_named_not_mapped() {
+    const L1: &str =
+        "int f(int n) { int total = n; return total; }\nint main(void) { return f(1); }\n";
+    const L2: &str =
+        "int f(int n) { long total = n; return (int)total; }\nint main(void) { return f(1); }\n";
+    for tc in TOOLCHAINS {
+        let (_, new, p) = plan("local", L1, L2, tc);
+        let f = p.function("f").expect("f");
+        let nf = &new.functions[f.new.expect("f in NEW")];
+        let k = nf
+            .vars
+            .iter()
+            .position(|v| v.name == "total")
+            .expect("total");
+        match &f.vars[k] {
+            VarSource::TypeChanged {
+                old_type, new_type, ..
+            } => {
+                assert_eq!(old_type, "int");
+                assert!(new_type.starts_with("long"), "{new_type}");
+            }
+            other => panic!("[{}] total: {other:?}", tc.name()),
+        }
+    }
+}
+
+#[test]
+fn the_plan_is_plain_data_that_round_trips() {
+    let (_, _, p) = plan("roundtrip", V1, V2, Toolchain::Gcc);
+    let text = serde_json::to_string(&p).expect("serialize");
+    let back: UpdatePlan = serde_json::from_str(&text).expect("deserialize");
+    assert_eq!(back, p);
+}
