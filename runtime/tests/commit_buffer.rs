@@ -3,7 +3,7 @@
 //! does and the target is byte for byte and register for register as it was.
 
 use upstare_dwarf::RuntimeAddr;
-use upstare_runtime::engine::transfer::Write;
+use upstare_runtime::engine::Write;
 use upstare_runtime::update::transaction::{commit, CommitError, PreparedState, RegisterFile};
 use upstare_runtime::{ByteBuffer, Regs, TargetMemory};
 

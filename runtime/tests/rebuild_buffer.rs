@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 use upstare_dwarf::fdt::*;
 use upstare_dwarf::model::*;
 use upstare_dwarf::{CfaOffset, LinkAddr, LoadBias, Reg, RuntimeAddr};
+use upstare_runtime::engine::pointers::Remapper;
 use upstare_runtime::engine::rebuild::{frame_writes, place_frames};
 use upstare_runtime::engine::state::{AppFrame, Image, Readiness, ThreadState};
-use upstare_runtime::engine::transfer::Remapper;
 use upstare_runtime::{ByteBuffer, Regs, TargetMemory};
 
 const STACK_TOP: u64 = 0x7fff_0000_1000;

@@ -6,10 +6,29 @@
 //!
 //! - [`state`]: the saved state (images, threads, frames) as plain data.
 //! - [`unwind`]: one paused thread's stack into application frames.
-//! - [`transfer`]: globals and heap objects, pointer remapping.
+//! - [`pointers`]: pointers inside typed values and where each goes.
+//! - [`transfer`]: globals, as the update plan maps them.
+//! - [`heap`]: objects reached through typed pointers, their pointers
+//!   remapped.
 //! - [`rebuild`]: every thread's stack for the new version.
+//!
+//! The output is a list of [`Write`]s and final registers that the update's
+//! transaction commits.
 
+use upstare_dwarf::RuntimeAddr;
+
+pub mod heap;
+pub mod pointers;
 pub mod rebuild;
 pub mod state;
 pub mod transfer;
 pub mod unwind;
+
+/// A pending write of the commit stage.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Write {
+    pub addr: RuntimeAddr,
+    pub bytes: Vec<u8>,
+    /// What it is, for diagnostics (`global counter`).
+    pub what: String,
+}

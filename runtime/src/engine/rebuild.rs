@@ -22,8 +22,9 @@ use upstare_patcher::{
     CallShape, ContinuationMapping, FunctionMapping, SiteKind, UpdatePlan, VarSource,
 };
 
+use crate::engine::pointers::{Remapper, StackMove};
 use crate::engine::state::{AppFrame, CalleeSavedValues, Image, Readiness, ThreadState};
-use crate::engine::transfer::{Remapper, StackMove, Write};
+use crate::engine::Write;
 use crate::memory::{MemError, TargetMemory};
 use crate::target::ptrace::Regs;
 

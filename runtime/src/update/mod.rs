@@ -8,18 +8,20 @@
 pub mod transaction;
 
 use serde::Serialize;
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use upstare_dwarf::RuntimeAddr;
 
+use crate::engine::heap;
+use crate::engine::pointers::Remapper;
 use crate::engine::rebuild::{self, RebuildError};
-use crate::engine::state::{Image, Readiness, ThreadState};
-use crate::engine::transfer::{self, Remapper, TransferError, Write};
+use crate::engine::state::{Readiness, ThreadState};
+use crate::engine::transfer::{self, TransferError};
+use crate::engine::Write;
 use crate::load::image::{running_image, ImageError, Libraries};
 use crate::load::{self, LoadError, LoadOptions};
 use crate::stop::{self, StopError, StopOptions};
-use crate::target::procfs::{self, MapPath, MemoryMap, ProcError};
+use crate::target::procfs::{self, MemoryMap, ProcError};
 use crate::target::ptrace::{PtraceError, Tracee};
 use nix::unistd::Pid;
 use transaction::{CommitError, PreparedState};
@@ -173,30 +175,6 @@ fn writable(maps: &[MemoryMap], addr: RuntimeAddr, len: usize) -> bool {
     cur >= end
 }
 
-/// Where heap objects may be: private anonymous memory and `[heap]`, but
-/// not a thread's stack (frames are rebuilt on their own) nor either image.
-fn heap_ranges(
-    maps: &[MemoryMap],
-    threads: &[ThreadState],
-    images: [&Image; 2],
-) -> Vec<Range<u64>> {
-    maps.iter()
-        .filter(|m| m.perms.read && m.perms.write && !m.perms.shared)
-        .filter(|m| match &m.path {
-            MapPath::Anonymous => true,
-            MapPath::Pseudo(p) => p == "[heap]",
-            MapPath::File(_) => false,
-        })
-        .filter(|m| !threads.iter().any(|t| m.contains(t.regs.rsp())))
-        .filter(|m| {
-            images
-                .iter()
-                .all(|i| m.end <= i.span.start || i.span.end <= m.start)
-        })
-        .map(|m| m.start.0..m.end.0)
-        .collect()
-}
-
 fn thread_report(t: &ThreadState) -> ThreadReport {
     ThreadReport {
         tid: t.tid,
@@ -343,12 +321,12 @@ pub fn apply_traced(
     }
     let globals = transfer::transfer_globals(&mem, &plan, &old, new, &mut remap)?;
     let maps_now = procfs::read_maps(tr.pid()).map_err(proc_err)?;
-    let roots = transfer::heap_roots(&mem, &old, &threads);
-    let heap = transfer::transfer_heap(
+    let roots = heap::heap_roots(&mem, &old, &threads);
+    let heap = heap::transfer_heap(
         &mem,
         &old.tables.types,
         &roots,
-        &heap_ranges(&maps_now, &threads, [&old, new]),
+        &heap::heap_ranges(&maps_now, &threads, [&old, new]),
         &mut remap,
     );
     timings.transfer_us = us(t.elapsed());

@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use upstare_dwarf::RuntimeAddr;
 
-use crate::engine::transfer::Write;
+use crate::engine::Write;
 use crate::memory::{MemError, TargetMemory};
 use crate::target::ptrace::{PtraceError, Regs, Tracee};
 

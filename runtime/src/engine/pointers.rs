@@ -1,0 +1,327 @@
+//! Pointers inside typed values, and where each old pointer goes: into
+//! OLD's globals and functions (as the update plan maps them), into moved
+//! stack frames; everything else is kept.
+
+use std::ops::Range;
+use upstare_dwarf::model::{type_size, ArrayDim, Type, TypeId};
+use upstare_dwarf::{LinkAddr, RuntimeAddr};
+use upstare_patcher::{GlobalAction, UpdatePlan};
+
+use crate::engine::state::Image;
+
+/// Most array elements walked for pointers in one value.
+const MAX_WALK_ELEMENTS: u64 = 1 << 20;
+/// Deepest type nesting followed.
+const MAX_TYPE_DEPTH: u32 = 48;
+
+/// Calls `f(offset)` for every pointer-typed 8-byte slot inside a value of
+/// type `ty` (members of structs, elements of fixed arrays; unions are
+/// skipped because which member is live is unknown).
+pub fn for_each_pointer(types: &[Type], ty: TypeId, f: &mut dyn FnMut(u64)) {
+    for_each_pointer_typed(types, ty, &mut |off, _| f(off));
+}
+
+/// [`for_each_pointer`], also giving the type each pointer points to
+/// (`None` for `void *` and unknown pointees).
+pub fn for_each_pointer_typed(types: &[Type], ty: TypeId, f: &mut dyn FnMut(u64, Option<TypeId>)) {
+    fn go(
+        types: &[Type],
+        ty: TypeId,
+        base: u64,
+        depth: u32,
+        budget: &mut u64,
+        f: &mut dyn FnMut(u64, Option<TypeId>),
+    ) {
+        if depth > MAX_TYPE_DEPTH || *budget == 0 {
+            return;
+        }
+        match types.get(ty.0 as usize) {
+            Some(Type::Pointer { pointee }) => {
+                *budget -= 1;
+                f(base, *pointee);
+            }
+            Some(Type::Struct {
+                members,
+                declaration: false,
+                ..
+            }) => {
+                for m in members {
+                    if m.bitfield.is_none() {
+                        go(
+                            types,
+                            m.ty,
+                            base.saturating_add(m.offset),
+                            depth + 1,
+                            budget,
+                            f,
+                        );
+                    }
+                }
+            }
+            Some(Type::Array { element, dims }) => {
+                let mut count: u64 = 1;
+                for d in dims {
+                    match d {
+                        ArrayDim::Fixed(n) => count = count.saturating_mul(*n),
+                        _ => return,
+                    }
+                }
+                let Some(esize) = type_size(types, *element).filter(|s| *s > 0) else {
+                    return;
+                };
+                if !contains_pointer(types, *element, 0) {
+                    return;
+                }
+                for i in 0..count.min(MAX_WALK_ELEMENTS) {
+                    go(
+                        types,
+                        *element,
+                        base.saturating_add(i.saturating_mul(esize)),
+                        depth + 1,
+                        budget,
+                        f,
+                    );
+                }
+            }
+            Some(Type::Typedef {
+                target: Some(t), ..
+            })
+            | Some(Type::Qualified {
+                target: Some(t), ..
+            }) => go(types, *t, base, depth + 1, budget, f),
+            _ => {}
+        }
+    }
+    let mut budget = MAX_WALK_ELEMENTS;
+    go(types, ty, 0, 0, &mut budget, f);
+}
+
+/// Whether a value of type `ty` contains any pointer (outside unions).
+pub(crate) fn contains_pointer(types: &[Type], ty: TypeId, depth: u32) -> bool {
+    if depth > MAX_TYPE_DEPTH {
+        return false;
+    }
+    match types.get(ty.0 as usize) {
+        Some(Type::Pointer { .. }) => true,
+        Some(Type::Struct { members, .. }) => members
+            .iter()
+            .any(|m| m.bitfield.is_none() && contains_pointer(types, m.ty, depth + 1)),
+        Some(Type::Array { element, .. }) => contains_pointer(types, *element, depth + 1),
+        Some(Type::Typedef {
+            target: Some(t), ..
+        })
+        | Some(Type::Qualified {
+            target: Some(t), ..
+        }) => contains_pointer(types, *t, depth + 1),
+        _ => false,
+    }
+}
+
+/// Where an old stack address goes in the rebuilt stacks.
+#[derive(Clone, Debug)]
+pub enum StackMove {
+    /// The whole old range moves by a constant (a frame copied byte for byte).
+    Shift { old: Range<u64>, delta: i64 },
+    /// A variable moved on its own (a frame whose layout changed).
+    Var { old: Range<u64>, new_start: u64 },
+}
+
+/// Remaps pointer values from the old image's world to the new one.
+pub struct Remapper<'a> {
+    plan: &'a UpdatePlan,
+    old: &'a Image,
+    new: &'a Image,
+    /// Old globals sorted by address, with the index of the new global of
+    /// the same identity.
+    globals: Vec<(LinkAddr, u64, Option<LinkAddr>)>,
+    stack: Vec<StackMove>,
+    /// Pointers into old code that name no function of the new image.
+    pub dangling_code: Vec<u64>,
+}
+
+impl<'a> Remapper<'a> {
+    /// A remapper that sends pointers into OLD's globals and functions where
+    /// `plan` maps them.
+    pub fn new(plan: &'a UpdatePlan, old: &'a Image, new: &'a Image) -> Self {
+        let mut globals: Vec<(LinkAddr, u64, Option<LinkAddr>)> = plan
+            .globals
+            .iter()
+            .filter(|m| m.action != GlobalAction::ThreadLocal)
+            .filter_map(|m| {
+                let g = old.tables.globals.get(m.old).filter(|g| !g.tls)?;
+                let n = m
+                    .new
+                    .and_then(|j| new.tables.globals.get(j))
+                    .filter(|n| !n.tls);
+                Some((g.addr, g.size, n.map(|n| n.addr)))
+            })
+            .collect();
+        globals.sort_by_key(|g| g.0);
+        Remapper {
+            plan,
+            old,
+            new,
+            globals,
+            stack: Vec::new(),
+            dangling_code: Vec::new(),
+        }
+    }
+
+    /// Registers how part of the old stack moves.
+    pub fn add_stack_move(&mut self, m: StackMove) {
+        self.stack.push(m);
+    }
+
+    /// The new value of a pointer `v` read from old state.
+    pub fn remap(&mut self, v: u64) -> u64 {
+        let addr = RuntimeAddr(v);
+        if self.old.span.contains(&addr) {
+            let link = addr.to_link(self.old.bias);
+            if self.old.is_code(addr) {
+                if let Some(f) = self.old.tables.function_at(link) {
+                    let nf = self
+                        .plan
+                        .function(&f.name)
+                        .and_then(|m| m.new)
+                        .and_then(|j| self.new.tables.functions.get(j));
+                    if let Some(nf) = nf {
+                        let off = link.0 - f.low.0;
+                        if off < nf.high.0.saturating_sub(nf.low.0) {
+                            return self.new.runtime(LinkAddr(nf.low.0 + off)).0;
+                        }
+                    }
+                }
+                self.dangling_code.push(v);
+                return v;
+            }
+            let i = self.globals.partition_point(|g| g.0 <= link);
+            if let Some(&(start, size, Some(new_start))) =
+                i.checked_sub(1).and_then(|i| self.globals.get(i))
+            {
+                let off = link.0 - start.0;
+                if off < size.max(1) {
+                    return self.new.runtime(LinkAddr(new_start.0 + off)).0;
+                }
+            }
+            // Read-only data (string literals) stays valid in the old
+            // image's mapping, which is never unmapped.
+            return v;
+        }
+        for m in &self.stack {
+            match m {
+                StackMove::Var { old, new_start } if old.contains(&v) => {
+                    return new_start + (v - old.start);
+                }
+                StackMove::Shift { old, delta } if old.contains(&v) => {
+                    return v.wrapping_add_signed(*delta);
+                }
+                _ => {}
+            }
+        }
+        v
+    }
+
+    /// Remaps every pointer inside `bytes`, a value of `ty` in `types`.
+    pub fn remap_value(&mut self, types: &[Type], ty: TypeId, bytes: &mut [u8]) {
+        let mut slots = Vec::new();
+        for_each_pointer(types, ty, &mut |off| slots.push(off));
+        for off in slots {
+            let Some(slot) = usize::try_from(off)
+                .ok()
+                .and_then(|o| bytes.get_mut(o..o.checked_add(8)?))
+            else {
+                continue;
+            };
+            let mut w = [0u8; 8];
+            w.copy_from_slice(slot);
+            let v = u64::from_le_bytes(w);
+            if v != 0 {
+                slot.copy_from_slice(&self.remap(v).to_le_bytes());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use upstare_dwarf::model::{BaseEncoding, Member};
+
+    fn int() -> Type {
+        Type::Base {
+            name: "int".into(),
+            size: 4,
+            encoding: BaseEncoding::Signed,
+        }
+    }
+
+    fn node(next_field: &str) -> Vec<Type> {
+        // 0 int, 1 struct node { int v; struct node *next; }, 2 pointer to 1
+        vec![
+            int(),
+            Type::Struct {
+                name: Some("node".into()),
+                size: 16,
+                members: vec![
+                    Member {
+                        name: Some("v".into()),
+                        ty: TypeId(0),
+                        offset: 0,
+                        bitfield: None,
+                    },
+                    Member {
+                        name: Some(next_field.into()),
+                        ty: TypeId(2),
+                        offset: 8,
+                        bitfield: None,
+                    },
+                ],
+                declaration: false,
+            },
+            Type::Pointer {
+                pointee: Some(TypeId(1)),
+            },
+        ]
+    }
+
+    #[test]
+    fn pointers_found_in_structs_and_arrays() {
+        let mut t = node("next");
+        t.push(Type::Array {
+            element: TypeId(1),
+            dims: vec![ArrayDim::Fixed(3)],
+        }); // 3
+        let mut offs = Vec::new();
+        for_each_pointer(&t, TypeId(3), &mut |o| offs.push(o));
+        assert_eq!(offs, vec![8, 24, 40]);
+        let mut none = Vec::new();
+        for_each_pointer(&t, TypeId(0), &mut |o| none.push(o));
+        assert!(none.is_empty());
+    }
+
+    #[test]
+    fn hostile_types_are_bounded() {
+        // A typedef cycle and a huge array must terminate.
+        let t = vec![
+            Type::Typedef {
+                name: "a".into(),
+                target: Some(TypeId(1)),
+            },
+            Type::Typedef {
+                name: "b".into(),
+                target: Some(TypeId(0)),
+            },
+            Type::Pointer { pointee: None },
+            Type::Array {
+                element: TypeId(2),
+                dims: vec![ArrayDim::Fixed(u64::MAX)],
+            },
+        ];
+        let mut n = 0u64;
+        for_each_pointer(&t, TypeId(0), &mut |_| n += 1);
+        assert_eq!(n, 0);
+        for_each_pointer(&t, TypeId(3), &mut |_| n += 1);
+        assert!(n <= MAX_WALK_ELEMENTS);
+        assert!(!upstare_patcher::TypeComparer::new(&t, &t).equal(TypeId(0), TypeId(2)));
+    }
+}
