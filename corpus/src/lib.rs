@@ -10,6 +10,8 @@
 //! - [`run`] / [`spawn`] / [`ChildGuard`]: run a binary with a time limit; the
 //!   guard kills the child (and its process group) by pid on drop.
 
+#![forbid(unsafe_code)]
+
 mod catalog;
 mod compile;
 mod process;

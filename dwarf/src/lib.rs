@@ -4,6 +4,8 @@
 //!
 //! No I/O beyond the bytes it is given; no knowledge of processes.
 
+#![forbid(unsafe_code)]
+
 pub mod addr;
 pub mod cfi;
 pub mod fdt;

@@ -2,6 +2,8 @@
 //! (update points, call sites, stack depths) and writes the instrumented ELF
 //! carrying the frame-description tables.
 
+#![forbid(unsafe_code)]
+
 pub mod analysis;
 pub mod dump;
 pub mod elf;

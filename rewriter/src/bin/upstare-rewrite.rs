@@ -1,6 +1,8 @@
 //! `upstare-rewrite`: instrument a `-O0 -g -fno-omit-frame-pointer` x86-64
 //! binary with frame-description tables, or show the tables of a binary.
 
+#![forbid(unsafe_code)]
+
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use std::io::Write;

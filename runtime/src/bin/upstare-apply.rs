@@ -1,6 +1,8 @@
 //! `upstare-apply`: update a running process to a new version of its
 //! program, in place.
 
+#![forbid(unsafe_code)]
+
 use anyhow::Result;
 use clap::Parser;
 use std::path::PathBuf;
