@@ -10,6 +10,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod convert;
 pub mod plan;
 pub mod types;
 

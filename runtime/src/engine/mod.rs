@@ -17,6 +17,7 @@
 
 use upstare_dwarf::RuntimeAddr;
 
+pub mod convert;
 pub mod heap;
 pub mod pointers;
 pub mod rebuild;
