@@ -516,23 +516,25 @@ impl Libraries {
         })
     }
 
-    /// Whether `m` is a mapping of the file `/proc/PID/exe` names.
-    fn is_exe(pid: Pid, m: &MemoryMap) -> bool {
-        let exe = procfs::exe_path(pid).map(strip_deleted);
-        let ino = std::fs::metadata(format!("/proc/{pid}/exe")).map(|st| st.ino());
-        matches!((exe, ino), (Ok(p), Ok(i)) if m.file() == Some(p.as_path()) && m.inode == i)
+    /// The file `/proc/PID/exe` names: its path and inode.
+    fn exe_of(pid: Pid) -> Option<(PathBuf, u64)> {
+        let path = procfs::exe_path(pid).map(strip_deleted).ok()?;
+        let ino = std::fs::metadata(format!("/proc/{pid}/exe")).ok()?.ino();
+        Some((path, ino))
     }
 
-    fn source_of(pid: Pid, m: &MemoryMap) -> Source {
-        if Self::is_exe(pid, m) {
-            Source::Exe
-        } else {
-            Source::File(m.clone())
+    /// How to read the file behind `m`: through `/proc/PID/exe` when it is
+    /// the program the process was started from (`exe`).
+    fn source_of(exe: Option<&(PathBuf, u64)>, m: &MemoryMap) -> Source {
+        match exe {
+            Some((path, ino)) if m.file() == Some(path.as_path()) && m.inode == *ino => Source::Exe,
+            _ => Source::File(m.clone()),
         }
     }
 
     fn add_new(&mut self, pid: Pid, maps: &[MemoryMap]) {
-        self.add_retired(pid, maps);
+        let exe = Self::exe_of(pid);
+        self.add_retired(pid, maps, exe.as_ref());
         for m in exec_files(maps) {
             if self.libs.iter().any(|l| l.contains(m.start)) {
                 continue;
@@ -552,7 +554,7 @@ impl Libraries {
                 .filter(|o| o.perms.exec && same_file(o, m))
                 .map(|o| o.start..o.end)
                 .collect();
-            let source = Self::source_of(pid, m);
+            let source = Self::source_of(exe.as_ref(), m);
             self.libs
                 .push(Library::new(pid, Some(path), bias, code, source));
         }
@@ -571,7 +573,7 @@ impl Libraries {
     /// Retired images: their mappings of executable segments count as code
     /// for unwinding (the chain below `main` passes through the first
     /// version's `_start`), although they are no longer executable.
-    fn add_retired(&mut self, pid: Pid, maps: &[MemoryMap]) {
+    fn add_retired(&mut self, pid: Pid, maps: &[MemoryMap], exe: Option<&(PathBuf, u64)>) {
         for m in non_exec_files(maps) {
             if self.libs.iter().any(|l| l.path.as_deref() == m.file()) {
                 continue;
@@ -608,7 +610,7 @@ impl Libraries {
             let Some(&bias) = biases_of_mapping(&sum.loads, code_map).first() else {
                 continue;
             };
-            let source = Self::source_of(pid, code_map);
+            let source = Self::source_of(exe, code_map);
             self.libs
                 .push(Library::new(pid, Some(path), bias, code, source));
         }
