@@ -6,7 +6,7 @@ fn main() {
         .expect("usage: libs PID");
     let pid = nix::unistd::Pid::from_raw(pid);
     let maps = upstare_runtime::target::procfs::read_maps(pid).expect("maps");
-    let libs = upstare_runtime::load::image::Libraries::new(pid, &maps);
+    let libs = upstare_runtime::load::libraries::Libraries::new(pid, &maps);
     for l in libs.iter() {
         println!("{} bias {:?}", l.name(), l.bias());
     }

@@ -9,7 +9,7 @@ use remote_support::*;
 use std::path::{Path, PathBuf};
 use upstare_corpus::{compile_c, CSource, Toolchain};
 use upstare_dwarf::RuntimeAddr;
-use upstare_runtime::load::{import_slots, load_image, LoadError, LoadOptions, ProcessLibraries};
+use upstare_runtime::load::{import_slots, load_image, Libraries, LoadError, LoadOptions};
 use upstare_runtime::memory::TargetMemory;
 use upstare_runtime::target::remote::{entry_gadget, RemoteCalls};
 use upstare_runtime::Tracee;
@@ -121,9 +121,9 @@ fn clang_built_new_in_a_gcc_built_process() {
     // which the process lacks (a correct refusal, tested elsewhere).
     let new = build(&dir, "new", NEW, Toolchain::Clang, &["-Wl,--as-needed"]);
     let libs_stdout = |pid: Pid| {
-        ProcessLibraries::read(pid)
+        Libraries::read(pid)
             .expect("libs")
-            .lookup("_IO_2_1_stdout_", None)
+            .lookup_symbol("_IO_2_1_stdout_", None)
             .expect("libc's stdout FILE")
             .addr
     };
@@ -254,9 +254,9 @@ fn imports_from_another_library_and_a_missing_symbol() {
         |pid| format!("ready {pid} 3\nold read 6\n"),
         |pid, sym, rc| {
             assert_eq!(rc.call(sym("use_foo"), &[4]).expect("use_foo"), 40);
-            let libs = ProcessLibraries::read(pid).expect("libs");
-            let foo1 = libs.lookup("foo1", None).expect("foo1");
-            assert_eq!(foo1.object.path, v1_canon);
+            let libs = Libraries::read(pid).expect("libs");
+            let foo1 = libs.lookup_symbol("foo1", None).expect("foo1");
+            assert_eq!(foo1.library.path(), Some(v1_canon.as_path()));
         },
     );
     // The library replaced on disk while the process runs (as a package
@@ -268,10 +268,10 @@ fn imports_from_another_library_and_a_missing_symbol() {
         std::fs::copy(v2.join("libfoo.so"), &tmp).expect("copy");
         std::fs::rename(&tmp, v1.join("libfoo.so")).expect("rename");
         assert!(maps_text(pid).contains("libfoo.so (deleted)"));
-        let libs = ProcessLibraries::read(pid).expect("libs of a process with a replaced library");
-        assert!(libs.lookup("foo1", None).is_some());
+        let libs = Libraries::read(pid).expect("libs of a process with a replaced library");
+        assert!(libs.lookup_symbol("foo1", None).is_some());
         assert!(
-            libs.lookup("foo2", None).is_none(),
+            libs.lookup_symbol("foo2", None).is_none(),
             "foo2 exists only in the file on disk, not in the mapped one"
         );
         drop(child);
@@ -320,20 +320,17 @@ fn symbol_versions_resolve_as_the_dynamic_linker_does() {
     let old = build(&dir, "old", OLD, Toolchain::Gcc, &[]);
     let child = start(&old, &[]);
     let pid = pid_of(&child);
-    let libs = ProcessLibraries::read(pid).expect("libs");
-    let paths: Vec<String> = libs
-        .objects
-        .iter()
-        .map(|o| o.path.display().to_string())
-        .collect();
-    assert!(libs.objects[0].is_main, "{paths:?}");
+    let libs = Libraries::read(pid).expect("libs");
+    let paths: Vec<String> = libs.search_order().map(|o| o.name().to_string()).collect();
+    let main = libs.search_order().next().expect("main program");
+    assert!(main.is_main(), "{paths:?}");
     assert_eq!(
-        libs.objects[0].path,
-        std::fs::canonicalize(&old).expect("canonical")
+        main.path(),
+        Some(std::fs::canonicalize(&old).expect("canonical").as_path())
     );
     assert!(paths.iter().any(|p| p.ends_with("libc.so.6")), "{paths:?}");
     assert!(paths.iter().any(|p| p.contains("ld-linux")), "{paths:?}");
-    let addr = |n: &str, v: Option<&str>| libs.lookup(n, v).map(|r| (r.addr, r.ifunc));
+    let addr = |n: &str, v: Option<&str>| libs.lookup_symbol(n, v).map(|r| (r.addr, r.ifunc));
     // memcpy@@GLIBC_2.14 (an IFUNC) is not memcpy@GLIBC_2.2.5 (memmove
     // semantics); an unversioned reference gets the default.
     let new_memcpy = addr("memcpy", Some("GLIBC_2.14")).expect("memcpy@2.14");
@@ -350,18 +347,25 @@ fn symbol_versions_resolve_as_the_dynamic_linker_does() {
     assert_eq!(addr("memcpy", Some("GLIBC_9.99")), None);
     assert_eq!(addr("no_such_symbol_anywhere", None), None);
     // OLD names stdout (COPY into OLD) but not environ (libc's own).
-    assert!(libs.lookup("stdout", None).expect("stdout").object.is_main);
-    let environ = libs.lookup("environ", None).expect("environ");
+    assert!(libs
+        .lookup_symbol("stdout", None)
+        .expect("stdout")
+        .library
+        .is_main());
+    let environ = libs.lookup_symbol("environ", None).expect("environ");
     assert!(
-        environ.object.path.ends_with("libc.so.6"),
-        "{:?}",
-        environ.object.path
+        environ.library.name().ends_with("libc.so.6"),
+        "{}",
+        environ.library.name()
     );
     // Every import slot of OLD names a symbol found (or weak).
     let data = std::fs::read(&old).expect("read");
     for s in import_slots(&old, &data).expect("slots") {
         assert!(
-            s.weak || libs.lookup(&s.symbol, s.version.as_deref()).is_some(),
+            s.weak
+                || libs
+                    .lookup_symbol(&s.symbol, s.version.as_deref())
+                    .is_some(),
             "{s:?}"
         );
     }

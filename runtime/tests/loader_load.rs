@@ -14,9 +14,7 @@ use std::time::Duration;
 use upstare_corpus::{ChildGuard, Toolchain};
 use upstare_dwarf::RuntimeAddr;
 use upstare_runtime::engine::state::Image;
-use upstare_runtime::load::{
-    self, import_slots, load_image, LoadOptions, LoadedImage, ProcessLibraries,
-};
+use upstare_runtime::load::{self, import_slots, load_image, Libraries, LoadOptions, LoadedImage};
 use upstare_runtime::memory::TargetMemory;
 use upstare_runtime::target::remote::{entry_gadget, RemoteCalls, RemoteError};
 use upstare_runtime::Tracee;
@@ -185,8 +183,8 @@ fn new_image_is_mapped_bound_like_the_process_and_callable_then_unloaded() {
     let pid = s.pid;
     let maps_before = maps_text(pid);
     let regs_before = s.tracee.regs(pid).expect("regs");
-    let libs = ProcessLibraries::read(pid).expect("libraries");
-    assert!(libs.objects[0].is_main);
+    let libs = Libraries::read(pid).expect("libraries");
+    assert!(libs.search_order().next().expect("main program").is_main());
     assert!(libs.has_library("libc.so.6"));
     let mut loaded = load(&mut s.tracee, pid, &s.new, &s.running).expect("load NEW");
     let new_canon = std::fs::canonicalize(&s.new).expect("canonical");
@@ -261,7 +259,7 @@ fn new_image_is_mapped_bound_like_the_process_and_callable_then_unloaded() {
     }
     // IFUNCs: the implementation, not the resolver.
     for ifunc in ["strlen", "memcpy"] {
-        let r = libs.lookup(ifunc, None).expect("libc defines it");
+        let r = libs.lookup_symbol(ifunc, None).expect("libc defines it");
         assert!(r.ifunc, "{ifunc} is an IFUNC in libc");
         assert_ne!(new_vals[ifunc], r.addr.0, "{ifunc} bound to its resolver");
     }
@@ -271,7 +269,7 @@ fn new_image_is_mapped_bound_like_the_process_and_callable_then_unloaded() {
     // NEW's functions run in the process.
     let gadget = entry_gadget(&s.old, s.running.bias).expect("gadget");
     let stdout_copy = libs
-        .lookup("stdout", Some("GLIBC_2.2.5"))
+        .lookup_symbol("stdout", Some("GLIBC_2.2.5"))
         .expect("stdout")
         .addr;
     assert!(
@@ -279,13 +277,13 @@ fn new_image_is_mapped_bound_like_the_process_and_callable_then_unloaded() {
         "libc uses OLD's copy"
     );
     let libc_stdout = libs
-        .lookup("_IO_2_1_stdout_", None)
+        .lookup_symbol("_IO_2_1_stdout_", None)
         .expect("libc FILE")
         .addr;
     assert_eq!(read_u64(pid, stdout_copy), libc_stdout.0);
-    let environ = libs.lookup("environ", None).expect("environ");
+    let environ = libs.lookup_symbol("environ", None).expect("environ");
     // OLD names environ, so it has a COPY that libc uses: the live one.
-    assert!(environ.object.is_main, "{:?}", environ.object.path);
+    assert!(environ.library.is_main(), "{}", environ.library.name());
     let environ_copy = environ.addr;
     {
         let mut rc = RemoteCalls::new(loaded.tracee(), pid, gadget).expect("session");
@@ -448,9 +446,12 @@ fn a_program_rebuilt_in_place_loads_from_the_same_path() {
         let add = symbol(&s.new, "add").to_runtime(new_img_bias);
         assert_eq!(rc.call(add, &[1, 2]).expect("add"), 3);
         let out = symbol(&s.new, "out").to_runtime(new_img_bias);
-        let libs = ProcessLibraries::read(pid).expect("libs");
-        assert!(libs.objects[0].is_main);
-        let libc_stdout = libs.lookup("_IO_2_1_stdout_", None).expect("FILE").addr;
+        let libs = Libraries::read(pid).expect("libs");
+        assert!(libs.search_order().next().expect("main program").is_main());
+        let libc_stdout = libs
+            .lookup_symbol("_IO_2_1_stdout_", None)
+            .expect("FILE")
+            .addr;
         assert_eq!(rc.call(out, &[]).expect("out"), libc_stdout.0);
         rc.finish().expect("restore");
     }

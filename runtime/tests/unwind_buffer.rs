@@ -10,7 +10,7 @@ use upstare_dwarf::model::{FrameBaseKind, SavedReg};
 use upstare_dwarf::{CfaOffset, LinkAddr, LoadBias, Reg, RuntimeAddr};
 use upstare_runtime::engine::state::Image;
 use upstare_runtime::engine::unwind::{Top, UnwindError, Unwinder};
-use upstare_runtime::load::image::Libraries;
+use upstare_runtime::load::libraries::Libraries;
 use upstare_runtime::{ByteBuffer, Regs, TargetMemory};
 
 const BIAS: u64 = 0x5555_0000_0000;

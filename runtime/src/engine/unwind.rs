@@ -15,7 +15,7 @@
 //! unwound.
 
 use crate::engine::state::{AppFrame, CalleeSavedValues, Image};
-use crate::load::image::{Libraries, Library};
+use crate::load::libraries::{Libraries, Library};
 use crate::memory::{MemError, TargetMemory};
 use crate::target::ptrace::Regs;
 use std::ops::Range;
@@ -76,7 +76,7 @@ pub enum UnwindError {
     Library {
         tid: i32,
         #[source]
-        source: crate::load::image::LibraryError,
+        source: crate::load::libraries::LibraryError,
     },
     #[error("thread {tid}: cannot unwind {location}: {reason}")]
     Cfi {

@@ -18,7 +18,7 @@
 
 use crate::engine::state::{Image, Readiness, ThreadState};
 use crate::engine::unwind::{StackSnapshot, Top, UnwindError, Unwinder, Unwound};
-use crate::load::image::Libraries;
+use crate::load::libraries::Libraries;
 use crate::target::breakpoint::{BreakpointError, BreakpointSet, StepEnd};
 use crate::target::procfs::{self, MemoryMap, ProcError};
 use crate::target::ptrace::{PtraceError, Regs, Sig, Stop, Tracee};

@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 use upstare_corpus::{compile_c, CSource, ChildGuard, Toolchain};
 use upstare_runtime::engine::state::Image;
-use upstare_runtime::load::image::{running_image, Libraries};
+use upstare_runtime::load::image::running_image;
+use upstare_runtime::load::libraries::Libraries;
 use upstare_runtime::target::procfs;
 use upstare_runtime::Tracee;
 

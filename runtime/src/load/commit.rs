@@ -1,0 +1,352 @@
+//! The commit steps that hand the process over to NEW, each planned
+//! read-only first ([`CommitPlan`]) and undone if a later one fails:
+//! the main program's `DT_FINI*` redirected to NEW's destructors
+//! ([`FiniRedirect`]), signal handlers in the old image's code re-registered
+//! at the same functions of NEW ([`HandlerMove`]), and the old image's code
+//! made non-executable so a stale code pointer traps. A new commit step gets
+//! its plan in [`plan_commit`] and its apply and undo in [`apply_commit`].
+
+use super::elf::{ElfError, ElfSummary};
+use super::libraries::strip_deleted;
+use super::LoadError;
+use crate::engine::state::Image;
+use crate::memory::{MemError, TargetMemory};
+use crate::target::procfs;
+use crate::target::remote::{KernelSigaction, RemoteCalls, RemoteError};
+use nix::libc;
+use nix::unistd::Pid;
+use object::elf;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use upstare_dwarf::{LinkAddr, LoadBias, RuntimeAddr};
+
+/// Bound on `.dynamic` entries read from the target.
+const MAX_DYNAMIC: u64 = 4096;
+
+/// What [`super::LoadedImage::commit`] will do, computed (read-only) beforehand so
+/// that an impossible step is found before anything is written.
+#[derive(Clone, Debug)]
+pub struct CommitPlan {
+    /// Signal handlers to re-register.
+    pub handlers: Vec<HandlerMove>,
+    /// `.dynamic` entries of the old image to rewrite.
+    pub fini: FiniRedirect,
+    /// Executable mappings of the old image to make read-only.
+    pub retire: Vec<Range<RuntimeAddr>>,
+    /// Things the caller may want to report.
+    pub warnings: Vec<String>,
+    /// The old image's file.
+    pub old_path: PathBuf,
+}
+
+/// Work out every commit step for replacing `running` by `new` without
+/// changing anything (reads signal actions in the process through `rc`).
+/// `copies` are NEW's COPY-relocated objects (for warnings).
+pub(super) fn plan_commit(
+    rc: &mut RemoteCalls<'_>,
+    running: &Image,
+    new: &Image,
+    copies: &[(String, u64)],
+) -> Result<CommitPlan, LoadError> {
+    let pid = rc.pid();
+    let mapper = function_mapper(running, new);
+    let handlers = plan_signal_handlers(rc, running, &mapper)?;
+    let fini = plan_fini_redirect(&*rc.memory(), pid, new)?;
+    let retire = plan_retire(pid, running)?;
+    let mut warnings = Vec::new();
+    for (name, _) in copies {
+        if name == "environ" || name == "__environ" {
+            warnings.push(format!(
+                "{name}: the new version reads its own copy, set from the current value; \
+                 later setenv/putenv update the copy libc uses (in {})",
+                running.path.display()
+            ));
+        }
+    }
+    Ok(CommitPlan {
+        handlers,
+        fini,
+        retire,
+        warnings,
+        old_path: running.path.clone(),
+    })
+}
+
+/// Apply `plan` through `rc`: redirect the destructors, move the signal
+/// handlers, make the old image's code non-executable; on failure undo
+/// the steps done, in reverse order.
+pub(super) fn apply_commit(rc: &mut RemoteCalls<'_>, plan: &CommitPlan) -> Result<(), LoadError> {
+    let gadget = rc.gadget_range();
+    if plan
+        .retire
+        .iter()
+        .any(|r| r.start < gadget.end && gadget.start < r.end)
+    {
+        return Err(LoadError::GadgetInRetired {
+            gadget: gadget.start,
+            path: plan.old_path.clone(),
+        });
+    }
+    plan.fini.apply(rc.memory())?;
+    let undo = |rc: &mut RemoteCalls<'_>, retired: &[Range<RuntimeAddr>]| {
+        for r in retired {
+            let _ = rc.mprotect(
+                r.start,
+                r.end.0 - r.start.0,
+                libc::PROT_READ | libc::PROT_EXEC,
+            );
+        }
+        let _ = revert_signal_handlers(rc, &plan.handlers);
+        let _ = plan.fini.revert(rc.memory());
+    };
+    if let Err(e) = apply_signal_handlers(rc, &plan.handlers) {
+        undo(rc, &[]);
+        return Err(e);
+    }
+    for (i, r) in plan.retire.iter().enumerate() {
+        if let Err(e) = rc.mprotect(r.start, r.end.0 - r.start.0, libc::PROT_READ) {
+            undo(rc, &plan.retire[..i]);
+            return Err(e.into());
+        }
+    }
+    Ok(())
+}
+
+/// Maps a code address of `running` to the same function of `new` by name:
+/// only function entries map (a handler is a function).
+pub(super) fn function_mapper<'a>(
+    running: &'a Image,
+    new: &'a Image,
+) -> impl Fn(RuntimeAddr) -> Option<RuntimeAddr> + 'a {
+    move |a: RuntimeAddr| {
+        let link = running.link(a)?;
+        let f = running.tables.function_at(link)?;
+        if f.low != link {
+            return None;
+        }
+        let nf = new.tables.function(&f.name)?;
+        Some(new.runtime(nf.low))
+    }
+}
+
+/// One signal handler to re-register.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HandlerMove {
+    pub sig: i32,
+    /// The action in place (handler in the old image).
+    pub old: KernelSigaction,
+    /// The same action with the handler in NEW.
+    pub new: KernelSigaction,
+}
+
+/// Read every signal's action; for each whose handler is code of `running`,
+/// the action to install instead (same flags, mask and restorer, handler
+/// mapped by `map`). A handler that does not map is an error.
+fn plan_signal_handlers(
+    rc: &mut RemoteCalls<'_>,
+    running: &Image,
+    map: &dyn Fn(RuntimeAddr) -> Option<RuntimeAddr>,
+) -> Result<Vec<HandlerMove>, LoadError> {
+    let mut out = Vec::new();
+    for sig in 1..=64 {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        let old = match rc.rt_sigaction(sig, None) {
+            Ok(a) => a,
+            Err(RemoteError::Syscall { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let h = RuntimeAddr(old.handler);
+        if !running.span.contains(&h) {
+            continue;
+        }
+        let to = map(h).ok_or_else(|| LoadError::Handler {
+            sig,
+            handler: h,
+            old: running.path.clone(),
+            function: running
+                .link(h)
+                .and_then(|l| running.tables.function_at(l))
+                .map_or_else(|| "no function".to_string(), |f| f.name.clone()),
+        })?;
+        out.push(HandlerMove {
+            sig,
+            old,
+            new: KernelSigaction {
+                handler: to.0,
+                ..old
+            },
+        });
+    }
+    Ok(out)
+}
+
+/// Install the planned actions.
+fn apply_signal_handlers(rc: &mut RemoteCalls<'_>, moves: &[HandlerMove]) -> Result<(), LoadError> {
+    for m in moves {
+        rc.rt_sigaction(m.sig, Some(&m.new))?;
+    }
+    Ok(())
+}
+
+/// Put the old actions back.
+fn revert_signal_handlers(
+    rc: &mut RemoteCalls<'_>,
+    moves: &[HandlerMove],
+) -> Result<(), LoadError> {
+    for m in moves {
+        rc.rt_sigaction(m.sig, Some(&m.old))?;
+    }
+    Ok(())
+}
+
+/// One `.dynamic` value to rewrite.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DynamicWrite {
+    /// Address of the entry's `d_un`.
+    pub addr: RuntimeAddr,
+    pub tag: &'static str,
+    pub old: u64,
+    pub new: u64,
+}
+
+/// The old image's `DT_FINI*` values pointed at NEW's destructors.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FiniRedirect {
+    pub writes: Vec<DynamicWrite>,
+}
+
+impl FiniRedirect {
+    /// Write the new values.
+    pub fn apply(&self, mem: &mut impl TargetMemory) -> Result<(), MemError> {
+        for w in &self.writes {
+            mem.write_u64(w.addr, w.new)?;
+        }
+        Ok(())
+    }
+    /// Write the old values back.
+    pub fn revert(&self, mem: &mut impl TargetMemory) -> Result<(), MemError> {
+        for w in &self.writes {
+            mem.write_u64(w.addr, w.old)?;
+        }
+        Ok(())
+    }
+}
+
+/// The summary of the ELF file at `source`, reading only the parts needed
+/// (named `shown` in errors).
+fn summary_of(shown: &Path, source: &Path) -> Result<ElfSummary, LoadError> {
+    let file = std::fs::File::open(source).map_err(|source| ElfError::Io {
+        path: shown.to_path_buf(),
+        source,
+    })?;
+    Ok(ElfSummary::parse(shown, &object::ReadCache::new(file))?)
+}
+
+/// The program the process was started from, as the dynamic linker knows
+/// it (the first `link_map` entry): its file, bias (`l_addr`, from
+/// `AT_ENTRY`) and summary, read through `/proc/PID/exe` (so a program
+/// rebuilt in place since is no problem). After updates this is still the
+/// first version.
+fn main_program(pid: Pid) -> Result<(PathBuf, LoadBias, ElfSummary), LoadError> {
+    let exe = strip_deleted(procfs::exe_path(pid)?);
+    let summary = summary_of(&exe, &PathBuf::from(format!("/proc/{pid}/exe")))?;
+    let auxv = procfs::read_auxv(pid)?;
+    let bias = procfs::load_bias_from_auxv(&auxv, LinkAddr(summary.entry))?;
+    Ok((exe, bias, summary))
+}
+
+/// Compute how to make the dynamic linker run NEW's destructors at exit.
+/// It runs the *main program's* `DT_FINI_ARRAY` and `DT_FINI` as `l_addr +
+/// d_ptr`, reading the entries of that program's `.dynamic` in memory when
+/// the process exits (it keeps pointers to the entries, not their values).
+/// The main program is the first version even after several updates
+/// ([`main_program`]), so each of its `d_ptr` becomes NEW's runtime address
+/// minus the main program's bias.
+fn plan_fini_redirect(
+    mem: &impl TargetMemory,
+    pid: Pid,
+    new: &Image,
+) -> Result<FiniRedirect, LoadError> {
+    let (main_path, main_bias, old_sum) = main_program(pid)?;
+    let fini_err = |reason: String| LoadError::Fini {
+        old: main_path.clone(),
+        new: new.path.clone(),
+        reason,
+    };
+    let new_sum = summary_of(&new.path, &new.path)?;
+    let Some((dyn_vaddr, dyn_size)) = old_sum.dynamic else {
+        return Err(fini_err("the main program has no PT_DYNAMIC".into()));
+    };
+    let base = LinkAddr(dyn_vaddr).to_runtime(main_bias);
+    let count = (dyn_size / 16).min(MAX_DYNAMIC);
+    let to_old_bias = |link: u64| {
+        LinkAddr(link)
+            .to_runtime(new.bias)
+            .0
+            .wrapping_sub(main_bias.0)
+    };
+    let mut writes = Vec::new();
+    let mut seen = (false, false);
+    for i in 0..count {
+        let at = RuntimeAddr(base.0.wrapping_add(i * 16));
+        let tag = mem.read_u64(at)?;
+        let val_at = RuntimeAddr(at.0.wrapping_add(8));
+        let old = mem.read_u64(val_at)?;
+        let (name, new_val) = if tag == elf::DT_NULL.0 as u64 {
+            break;
+        } else if tag == elf::DT_FINI.0 as u64 {
+            seen.0 = true;
+            let f = new_sum
+                .fini
+                .ok_or_else(|| fini_err("the new version has no DT_FINI".into()))?;
+            ("DT_FINI", to_old_bias(f))
+        } else if tag == elf::DT_FINI_ARRAY.0 as u64 {
+            seen.1 = true;
+            match new_sum.fini_array {
+                Some(a) => ("DT_FINI_ARRAY", to_old_bias(a)),
+                // Keep the pointer; DT_FINI_ARRAYSZ becomes 0.
+                None => continue,
+            }
+        } else if tag == elf::DT_FINI_ARRAYSZ.0 as u64 {
+            (
+                "DT_FINI_ARRAYSZ",
+                new_sum.fini_array.and(new_sum.fini_array_sz).unwrap_or(0),
+            )
+        } else {
+            continue;
+        };
+        writes.push(DynamicWrite {
+            addr: val_at,
+            tag: name,
+            old,
+            new: new_val,
+        });
+    }
+    if new_sum.fini.is_some() && !seen.0 {
+        return Err(fini_err(
+            "the new version has DT_FINI, the main program none".into(),
+        ));
+    }
+    if new_sum.fini_array.is_some() && !seen.1 {
+        return Err(fini_err(
+            "the new version has DT_FINI_ARRAY, the main program none".into(),
+        ));
+    }
+    Ok(FiniRedirect { writes })
+}
+
+/// The executable mappings of `running` in process `pid`.
+fn plan_retire(pid: Pid, running: &Image) -> Result<Vec<Range<RuntimeAddr>>, LoadError> {
+    Ok(procfs::read_maps(pid)?
+        .into_iter()
+        .filter(|m| {
+            m.perms.exec
+                && m.file() == Some(running.path.as_path())
+                && m.start < running.span.end
+                && running.span.start < m.end
+        })
+        .map(|m| m.start..m.end)
+        .collect())
+}

@@ -1,0 +1,251 @@
+//! Mapping NEW into the process with remote system calls: a `PROT_NONE`
+//! reservation of its whole span, each `PT_LOAD` segment mapped over it from
+//! the file (so `/proc/PID/maps` names NEW's file), `.bss` zeroed, then the
+//! [`LoadPlan`]'s relocations written and RELRO made read-only.
+
+use super::elf::{page_down, page_up, ElfError, ElfSummary};
+use super::relocs::{LoadPlan, RelocValue, MAX_COPY};
+use super::{LoadError, LoadReport};
+use crate::engine::state::Image;
+use crate::memory::TargetMemory;
+use crate::target::procfs;
+use crate::target::remote::{self, RemoteCalls};
+use nix::libc;
+use nix::unistd::Pid;
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::Path;
+use upstare_dwarf::fdt::FrameTables;
+use upstare_dwarf::{LinkAddr, LoadBias, RuntimeAddr};
+
+/// Reserve NEW's span in the process, map and relocate NEW there (file
+/// `path`, as planned by `plan`) and check that `/proc/PID/maps` shows it.
+/// Returns the span and bias; on failure the span is unmapped again.
+pub(super) fn map_image(
+    rc: &mut RemoteCalls<'_>,
+    pid: Pid,
+    path: &Path,
+    plan: &LoadPlan,
+) -> Result<(Range<RuntimeAddr>, LoadBias, LoadReport), LoadError> {
+    let len = plan.hi - plan.lo;
+    let base = rc.mmap(
+        RuntimeAddr(0),
+        len,
+        libc::PROT_NONE,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+        -1,
+        0,
+    )?;
+    let bias = LoadBias(base.0.wrapping_sub(plan.lo));
+    let mapped = map_and_relocate(rc, path, plan, bias);
+    let mapped = mapped.and_then(|r| {
+        let maps = procfs::read_maps(pid)?;
+        let shown = maps.iter().any(|m| {
+            m.perms.exec && m.file() == Some(path) && base <= m.start && m.end.0 <= base.0 + len
+        });
+        if shown {
+            Ok(r)
+        } else {
+            Err(LoadError::NotMapped {
+                pid: pid.as_raw(),
+                path: path.to_path_buf(),
+                addr: base,
+            })
+        }
+    });
+    match mapped {
+        Ok(report) => Ok((base..RuntimeAddr(base.0 + len), bias, report)),
+        Err(e) => {
+            let _ = rc.munmap(base, len);
+            Err(e)
+        }
+    }
+}
+
+/// The running image's entry point, checked to be its code.
+pub(super) fn running_gadget(pid: Pid, running: &Image) -> Result<RuntimeAddr, LoadError> {
+    // The program's own entry (AT_ENTRY) when it is the running image: exact
+    // even if its file was replaced on disk since.
+    let at_entry = procfs::read_auxv(pid)
+        .ok()
+        .and_then(|a| procfs::auxv_value(&a, procfs::AT_ENTRY).ok())
+        .map(RuntimeAddr)
+        .filter(|a| running.span.contains(a));
+    let g = match at_entry {
+        Some(a) => a,
+        None => {
+            let file = std::fs::File::open(&running.path).map_err(|source| ElfError::Io {
+                path: running.path.clone(),
+                source,
+            })?;
+            let entry = ElfSummary::parse(&running.path, &object::ReadCache::new(file))?.entry;
+            if entry == 0 {
+                return Err(LoadError::NoGadget {
+                    path: running.path.clone(),
+                    entry: RuntimeAddr(0),
+                });
+            }
+            LinkAddr(entry).to_runtime(running.bias)
+        }
+    };
+    let end = RuntimeAddr(g.0.saturating_add(remote::GADGET_LEN as u64));
+    if !(running.span.contains(&g) && end <= running.span.end) {
+        return Err(LoadError::NoGadget {
+            path: running.path.clone(),
+            entry: g,
+        });
+    }
+    Ok(g)
+}
+
+/// Map NEW's segments into the reserved span at `bias` and relocate them.
+fn map_and_relocate(
+    rc: &mut RemoteCalls<'_>,
+    path: &Path,
+    plan: &LoadPlan,
+    bias: LoadBias,
+) -> Result<LoadReport, LoadError> {
+    let fd = rc.openat(path, libc::O_RDONLY | libc::O_CLOEXEC, 0)?;
+    let r = map_segments(rc, fd, plan, bias);
+    let closed = rc.close(fd);
+    r?;
+    closed?;
+    let at = |off: u64| LinkAddr(off).to_runtime(bias);
+    let mut report = LoadReport::default();
+    let mut ifuncs: HashMap<u64, u64> = HashMap::new();
+    for (off, v) in &plan.relocs {
+        let value = match v {
+            RelocValue::Base(x) => bias.0.wrapping_add(*x),
+            RelocValue::Abs(x) => *x,
+            RelocValue::Ifunc {
+                resolver,
+                addend,
+                symbol,
+            } => {
+                let impl_addr = match ifuncs.get(&resolver.0) {
+                    Some(&a) => a,
+                    None => {
+                        let a = rc.call(*resolver, &[])?;
+                        report.ifunc_calls += 1;
+                        if a == 0 {
+                            return Err(LoadError::BadIfunc {
+                                path: path.to_path_buf(),
+                                symbol: symbol.clone(),
+                                resolver: *resolver,
+                                value: a,
+                            });
+                        }
+                        ifuncs.insert(resolver.0, a);
+                        a
+                    }
+                };
+                impl_addr.wrapping_add(*addend)
+            }
+            RelocValue::LocalIfunc { resolver, symbol } => {
+                let r = RuntimeAddr(bias.0.wrapping_add(*resolver));
+                let a = rc.call(r, &[])?;
+                report.ifunc_calls += 1;
+                if a == 0 {
+                    return Err(LoadError::BadIfunc {
+                        path: path.to_path_buf(),
+                        symbol: symbol.clone(),
+                        resolver: r,
+                        value: a,
+                    });
+                }
+                a
+            }
+            RelocValue::Copy { src, size, symbol } => {
+                let bytes = rc
+                    .memory()
+                    .read_vec(*src, *size, MAX_COPY as usize)
+                    .map_err(|e| LoadError::Copy {
+                        path: path.to_path_buf(),
+                        symbol: symbol.clone(),
+                        reason: e.to_string(),
+                    })?;
+                rc.memory().write(at(*off), &bytes)?;
+                report.relocations += 1;
+                continue;
+            }
+        };
+        rc.memory().write_u64(at(*off), value)?;
+        report.relocations += 1;
+    }
+    if let Some((vaddr, memsz)) = plan.relro {
+        let start = page_down(vaddr);
+        let end = page_down(vaddr.saturating_add(memsz));
+        if end > start {
+            rc.mprotect(at(start), end - start, libc::PROT_READ)?;
+        }
+    }
+    Ok(report)
+}
+
+fn map_segments(
+    rc: &mut RemoteCalls<'_>,
+    fd: i32,
+    plan: &LoadPlan,
+    bias: LoadBias,
+) -> Result<(), LoadError> {
+    let at = |off: u64| LinkAddr(off).to_runtime(bias);
+    for s in &plan.segments {
+        let start = page_down(s.vaddr);
+        let file_end = s.vaddr + s.filesz;
+        let mem_end = s.vaddr + s.memsz;
+        let mut anon_start = start;
+        if s.filesz > 0 {
+            let map_end = page_up(file_end).unwrap_or(file_end);
+            rc.mmap(
+                at(start),
+                map_end - start,
+                s.prot(),
+                libc::MAP_PRIVATE | libc::MAP_FIXED,
+                fd,
+                page_down(s.offset),
+            )?;
+            anon_start = map_end;
+            if s.memsz > s.filesz {
+                // The rest of the last file page is .bss: zero it.
+                let zero_end = map_end.min(mem_end);
+                if zero_end > file_end {
+                    let zeros = vec![0u8; (zero_end - file_end) as usize];
+                    rc.memory().write(at(file_end), &zeros)?;
+                }
+            }
+        }
+        let anon_end = page_up(mem_end).unwrap_or(mem_end);
+        if anon_end > anon_start {
+            rc.mmap(
+                at(anon_start),
+                anon_end - anon_start,
+                s.prot(),
+                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// NEW's code range at `bias`: the tables' `.text`, else the span of its
+/// executable segments.
+pub(super) fn text_range(
+    plan: &LoadPlan,
+    tables: &FrameTables,
+    bias: LoadBias,
+) -> Range<RuntimeAddr> {
+    if tables.binary.text_size > 0 {
+        let start = tables.binary.text_addr.to_runtime(bias);
+        return start..RuntimeAddr(start.0.wrapping_add(tables.binary.text_size));
+    }
+    let code = || plan.segments.iter().filter(|s| s.exec());
+    let lo = code().map(|s| s.vaddr).min().unwrap_or(plan.lo);
+    // plan_load checked that no segment wraps.
+    let hi = code()
+        .map(|s| s.vaddr.saturating_add(s.memsz))
+        .max()
+        .unwrap_or(plan.lo);
+    LinkAddr(lo).to_runtime(bias)..LinkAddr(hi).to_runtime(bias)
+}
