@@ -81,6 +81,8 @@ pub enum Part {
     Member {
         name: String,
         old_offset: u64,
+        /// Size of the OLD member (where pointers into it may point).
+        old_size: u64,
         new_offset: u64,
         conversion: Conversion,
     },
@@ -98,6 +100,46 @@ impl Conversion {
     /// Whether the value is copied unchanged.
     pub fn is_copy(&self) -> bool {
         matches!(self, Conversion::Copy { .. })
+    }
+
+    /// Where the byte at `old` of the OLD value is in the NEW value (for
+    /// pointers into a converted object, which move with their member);
+    /// `None` when that byte has no counterpart (a removed member, a
+    /// dropped array element).
+    pub fn map_offset(&self, old: u64) -> Option<u64> {
+        match self {
+            Conversion::Copy { size } => (old < *size).then_some(old),
+            Conversion::Int { from, to } | Conversion::Enum { from, to, .. } => {
+                (old < u64::from(from.size) && old < u64::from(to.size)).then_some(old)
+            }
+            Conversion::Float { from_size, .. } => (old == 0 && *from_size > 0).then_some(0),
+            Conversion::Struct { parts } => parts.iter().find_map(|p| match p {
+                Part::Member {
+                    old_offset,
+                    old_size,
+                    new_offset,
+                    conversion,
+                    ..
+                } if *old_offset <= old && old - old_offset < *old_size => conversion
+                    .map_offset(old - old_offset)
+                    .and_then(|o| new_offset.checked_add(o)),
+                _ => None,
+            }),
+            Conversion::Array {
+                count,
+                old_stride,
+                new_stride,
+                element,
+            } => {
+                let i = old.checked_div(*old_stride)?;
+                if i >= *count {
+                    return None;
+                }
+                let inner = element.map_offset(old - i * old_stride)?;
+                i.checked_mul(*new_stride)?.checked_add(inner)
+            }
+            Conversion::Refuse { .. } => None,
+        }
     }
 
     /// The first reason this conversion (or a part of it) is refused.
@@ -318,6 +360,7 @@ impl<'a> Converter<'a> {
                     parts.push(Part::Member {
                         name,
                         old_offset: om.offset,
+                        old_size: type_size(self.old, om.ty).unwrap_or(0),
                         new_offset: nm.offset,
                         conversion,
                     });
@@ -336,6 +379,7 @@ impl<'a> Converter<'a> {
                         _ => parts.push(Part::Member {
                             name,
                             old_offset: om.offset,
+                            old_size: 0,
                             new_offset: nm.offset,
                             conversion: refuse(format!("{member_path}: bitfield offset overflows")),
                         }),
@@ -344,6 +388,7 @@ impl<'a> Converter<'a> {
                 _ => parts.push(Part::Member {
                     name,
                     old_offset: om.offset,
+                    old_size: 0,
                     new_offset: nm.offset,
                     conversion: refuse(format!("{member_path}: a bitfield changed width or type")),
                 }),

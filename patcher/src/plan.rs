@@ -19,9 +19,10 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 use upstare_dwarf::fdt::{CallSite, Continuation, FrameTables, FunctionTable, UpdatePoint};
-use upstare_dwarf::model::{type_name, Global, VarLocation, Variable};
+use upstare_dwarf::model::{Global, VarLocation, Variable};
 
-use crate::types::{is_const_object, TypeComparer};
+use crate::convert::{Converter, TypeChange};
+use crate::types::is_const_object;
 
 /// The whole mapping from OLD to NEW.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,8 +65,16 @@ pub enum GlobalAction {
     ThreadLocal,
     /// Gone in NEW: the value is dropped.
     Removed,
-    /// The type changed: no default mapping yet; the update is refused.
-    TypeChanged { old_type: String, new_type: String },
+    /// The type changed and the default rules convert the value; parts of
+    /// NEW's type the conversion does not fill keep NEW's initializer.
+    Convert { change: TypeChange },
+    /// The type changed in a way no default rule maps (a change of
+    /// meaning): the update is refused, naming why.
+    TypeChanged {
+        old_type: String,
+        new_type: String,
+        why: String,
+    },
 }
 
 /// What happens to the frames of one function of OLD.
@@ -92,16 +101,21 @@ pub struct FunctionMapping {
 pub enum VarSource {
     /// The old variable at this index (same name, type and rank).
     Old(usize),
+    /// The old variable at this index, whose type changed: its value is
+    /// converted; parts of the new type it does not fill start as zero.
+    Convert { old: usize, change: TypeChange },
     /// A new local: it starts as zero.
     Zero,
     /// Not a stack slot of the frame (a static local, no location): nothing
     /// to write.
     NotInFrame,
-    /// The old variable at this index changed type: no default mapping yet.
+    /// The old variable at this index changed type in a way no default
+    /// rule maps: a frame holding it cannot be updated.
     TypeChanged {
         old: usize,
         old_type: String,
         new_type: String,
+        why: String,
     },
     /// The frame cannot be rebuilt around this variable (a variable-length
     /// array, an old value with no stack slot); copying the frame whole is
@@ -190,7 +204,7 @@ impl FunctionMapping {
     pub fn source_of(&self, new_var: usize) -> Option<usize> {
         match self.vars.get(new_var)? {
             VarSource::Old(i) => Some(*i),
-            VarSource::TypeChanged { old, .. } => Some(*old),
+            VarSource::Convert { old, .. } | VarSource::TypeChanged { old, .. } => Some(*old),
             _ => None,
         }
     }
@@ -203,9 +217,10 @@ impl fmt::Display for GlobalAction {
             GlobalAction::KeepNew => f.write_str("read-only: the new value is kept"),
             GlobalAction::ThreadLocal => f.write_str("thread-local: not carried over"),
             GlobalAction::Removed => f.write_str("removed: its value is dropped"),
-            GlobalAction::TypeChanged { old_type, new_type } => {
-                write!(f, "type changed from {old_type} to {new_type}")
+            GlobalAction::Convert { change } => {
+                write!(f, "converted: {}", change.changes.join("; "))
             }
+            GlobalAction::TypeChanged { why, .. } => write!(f, "not mapped: {why}"),
         }
     }
 }
@@ -225,7 +240,7 @@ fn global_key(g: &Global) -> (&str, Option<&str>) {
 
 /// Makes the default plan from OLD's and NEW's tables.
 pub fn default_plan(old: &FrameTables, new: &FrameTables) -> UpdatePlan {
-    let mut cmp = TypeComparer::new(&old.types, &new.types);
+    let mut cmp = Converter::new(&old.types, &new.types);
     let (globals, new_globals, warnings) = plan_globals(&mut cmp, old, new);
     let new_by_name: HashMap<&str, usize> = new
         .functions
@@ -241,7 +256,7 @@ pub fn default_plan(old: &FrameTables, new: &FrameTables) -> UpdatePlan {
             let nf = new_by_name
                 .get(of.name.as_str())
                 .and_then(|&j| Some((j, new.functions.get(j)?)));
-            plan_function(&mut cmp, old, new, i, of, nf)
+            plan_function(&mut cmp, i, of, nf)
         })
         .collect();
     functions.sort_by(|a, b| a.name.cmp(&b.name));
@@ -257,7 +272,7 @@ pub fn default_plan(old: &FrameTables, new: &FrameTables) -> UpdatePlan {
 }
 
 fn plan_globals(
-    cmp: &mut TypeComparer<'_>,
+    cmp: &mut Converter<'_>,
     old: &FrameTables,
     new: &FrameTables,
 ) -> (Vec<GlobalMapping>, Vec<usize>, Vec<String>) {
@@ -281,10 +296,28 @@ fn plan_globals(
                 ));
                 GlobalAction::Removed
             }
-            Some((_, n)) if !cmp.equal(g.ty, n.ty) => GlobalAction::TypeChanged {
-                old_type: type_name(&old.types, g.ty),
-                new_type: type_name(&new.types, n.ty),
-            },
+            // A read-only object cannot have been changed by the program:
+            // NEW's value is the one to keep, whatever its type became (a
+            // static table that grew needs nothing from the user).
+            Some((_, n))
+                if !g.tls
+                    && is_const_object(&old.types, g.ty)
+                    && is_const_object(&new.types, n.ty) =>
+            {
+                GlobalAction::KeepNew
+            }
+            Some((_, n)) if !cmp.equal(g.ty, n.ty) => {
+                let change = cmp.change(g.ty, n.ty, &label);
+                match change.conversion.refusal() {
+                    Some(why) => GlobalAction::TypeChanged {
+                        old_type: change.old_type.clone(),
+                        new_type: change.new_type.clone(),
+                        why: why.to_string(),
+                    },
+                    None if g.tls => GlobalAction::ThreadLocal,
+                    None => GlobalAction::Convert { change },
+                }
+            }
             Some(_) if g.tls => GlobalAction::ThreadLocal,
             Some((_, n)) if is_const_object(&new.types, n.ty) => GlobalAction::KeepNew,
             Some(_) => GlobalAction::Copy,
@@ -326,9 +359,7 @@ fn matching_var(old_vars: &[Variable], new_vars: &[Variable], k: usize) -> Optio
 }
 
 fn plan_function(
-    cmp: &mut TypeComparer<'_>,
-    old: &FrameTables,
-    new: &FrameTables,
+    cmp: &mut Converter<'_>,
     old_index: usize,
     of: &FunctionTable,
     nf: Option<(usize, &FunctionTable)>,
@@ -344,7 +375,7 @@ fn plan_function(
         };
     };
     let vars: Vec<VarSource> = (0..nf.vars.len())
-        .map(|k| var_source(cmp, old, new, of, nf, k))
+        .map(|k| var_source(cmp, of, nf, k))
         .collect();
     let removed_vars = (0..of.vars.len())
         .filter(|&i| matching_var(&nf.vars, &of.vars, i).is_none())
@@ -389,9 +420,7 @@ fn plan_function(
 }
 
 fn var_source(
-    cmp: &mut TypeComparer<'_>,
-    old: &FrameTables,
-    new: &FrameTables,
+    cmp: &mut Converter<'_>,
     of: &FunctionTable,
     nf: &FunctionTable,
     k: usize,
@@ -400,13 +429,19 @@ fn var_source(
         return VarSource::NotInFrame;
     };
     let matched = matching_var(&of.vars, &nf.vars, k).and_then(|i| Some((i, of.vars.get(i)?)));
+    let mut change = None;
     if let Some((i, ov)) = matched {
         if !cmp.equal(ov.ty, v.ty) {
-            return VarSource::TypeChanged {
-                old: i,
-                old_type: type_name(&old.types, ov.ty),
-                new_type: type_name(&new.types, v.ty),
-            };
+            let c = cmp.change(ov.ty, v.ty, &format!("{}: local {}", nf.name, v.name));
+            if let Some(why) = c.conversion.refusal() {
+                return VarSource::TypeChanged {
+                    old: i,
+                    old_type: c.old_type.clone(),
+                    new_type: c.new_type.clone(),
+                    why: why.to_string(),
+                };
+            }
+            change = Some(c);
         }
     }
     match v.location {
@@ -423,7 +458,10 @@ fn var_source(
         Some((_, ov)) if !matches!(ov.location, VarLocation::Cfa(_)) => VarSource::Unmovable {
             why: format!("old variable {} has no stack slot", ov.name),
         },
-        Some((i, _)) => VarSource::Old(i),
+        Some((i, _)) => match change {
+            Some(change) => VarSource::Convert { old: i, change },
+            None => VarSource::Old(i),
+        },
     }
 }
 

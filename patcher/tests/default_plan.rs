@@ -84,13 +84,21 @@ fn globals_are_mapped_by_name_and_each_warning_is_said_once() {
         );
         assert_eq!(global_action(&p, &old, "counter"), &GlobalAction::Copy);
         assert_eq!(global_action(&p, &old, "dropped"), &GlobalAction::Removed);
+        // int → long widens: converted, and the review says so.
         match global_action(&p, &old, "retyped") {
-            GlobalAction::TypeChanged { old_type, new_type } => {
-                assert_eq!(old_type, "int");
-                assert!(new_type.starts_with("long"), "{new_type}");
+            GlobalAction::Convert { change } => {
+                assert_eq!(change.old_type, "int");
+                assert!(change.new_type.starts_with("long"), "{}", change.new_type);
+                assert!(
+                    change.changes.iter().any(|c| c.contains("int → long")),
+                    "{:?}",
+                    change.changes
+                );
             }
             other => panic!("retyped: {other}"),
         }
+        // The read-only table grew: NEW's value is kept, no user input.
+        assert_eq!(global_action(&p, &old, "table"), &GlobalAction::KeepNew);
         let added: Vec<&str> = p
             .new_globals
             .iter()
@@ -100,10 +108,11 @@ fn globals_are_mapped_by_name_and_each_warning_is_said_once() {
         let count = |needle: &str| p.warnings.iter().filter(|w| w.contains(needle)).count();
         assert_eq!(count("global added is new"), 1, "{:?}", p.warnings);
         assert_eq!(count("global dropped was removed"), 1, "{:?}", p.warnings);
-        // The read-only table grew: a change of type too (issue 7 maps it).
-        let mut changed: Vec<&str> = p.type_changed_globals().map(|g| g.label.as_str()).collect();
-        changed.sort_unstable();
-        assert_eq!(changed, ["global retyped", "global table"]);
+        assert_eq!(
+            p.type_changed_globals().count(),
+            0,
+            "nothing needs the user"
+        );
     }
 }
 
@@ -189,28 +198,30 @@ fn frames_map_by_variable_name_and_continuation_id() {
 }
 
 #[test]
-fn a_local_whose_type_changed_is_named_not_mapped() {
-    const L1: &str =
-        "int f(int n) { int total = n; return total; }\nint main(void) { return f(1); }\n";
-    const L2: &str =
-        "int f(int n) { long total = n; return (int)total; }\nint main(void) { return f(1); }\n";
+fn a_widened_local_is_converted_and_a_change_of_meaning_is_named_not_mapped() {
+    const L1: &str = "int f(int n) { int total = n; long flag = 1; return total + (int)flag; }\nint main(void) { return f(1); }\n";
+    const L2: &str = "int f(int n) { long total = n; char *flag = 0; return (int)total + (flag != 0); }\nint main(void) { return f(1); }\n";
     for tc in TOOLCHAINS {
         let (_, new, p) = plan("local", L1, L2, tc);
         let f = p.function("f").expect("f");
         let nf = &new.functions[f.new.expect("f in NEW")];
-        let k = nf
-            .vars
-            .iter()
-            .position(|v| v.name == "total")
-            .expect("total");
-        match &f.vars[k] {
-            VarSource::TypeChanged {
-                old_type, new_type, ..
-            } => {
-                assert_eq!(old_type, "int");
-                assert!(new_type.starts_with("long"), "{new_type}");
+        let var = |name: &str| {
+            let k = nf.vars.iter().position(|v| v.name == name).expect("var");
+            &f.vars[k]
+        };
+        match var("total") {
+            VarSource::Convert { change, .. } => {
+                assert_eq!(change.old_type, "int");
+                assert!(change.new_type.starts_with("long"), "{}", change.new_type);
             }
             other => panic!("[{}] total: {other:?}", tc.name()),
+        }
+        match var("flag") {
+            VarSource::TypeChanged { why, .. } => {
+                assert!(why.contains("changes the meaning"), "{why}");
+                assert!(why.contains("local flag"), "names the variable: {why}");
+            }
+            other => panic!("[{}] flag: {other:?}", tc.name()),
         }
     }
 }

@@ -157,21 +157,22 @@ fn refused_type_change(case: &str, v2_types: (&str, &str), needles: &[&str]) {
     assert_untouched(&child, &before);
 }
 
+/// A change of meaning (integer → floating point) has no default rule.
 #[test]
-fn global_type_change_is_refused() {
+fn global_type_change_of_meaning_is_refused() {
     refused_type_change(
         "global",
-        ("int", "long"),
-        &["global total", "type", "long", "int"],
+        ("double", "long"),
+        &["global total", "type", "long", "double", "meaning"],
     );
 }
 
 #[test]
-fn local_type_change_is_refused() {
+fn local_type_change_of_meaning_is_refused() {
     refused_type_change(
         "local",
-        ("long", "short"),
-        &["main", "local step", "type", "short"],
+        ("long", "double"),
+        &["main", "local step", "type", "double", "meaning"],
     );
 }
 

@@ -272,12 +272,14 @@ mod tests {
                 Part::Member {
                     name: "b".into(),
                     old_offset: 4,
+                    old_size: 4,
                     new_offset: 0,
                     conversion: Conversion::Int { from: I32, to: I64 },
                 },
                 Part::Member {
                     name: "a".into(),
                     old_offset: 0,
+                    old_size: 4,
                     new_offset: 12,
                     conversion: Conversion::Copy { size: 4 },
                 },
@@ -328,6 +330,7 @@ mod tests {
             parts: vec![Part::Member {
                 name: "x".into(),
                 old_offset: u64::MAX,
+                old_size: 8,
                 new_offset: 0,
                 conversion: Conversion::Copy { size: 8 },
             }],

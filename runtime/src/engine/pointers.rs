@@ -5,6 +5,7 @@
 use std::ops::Range;
 use upstare_dwarf::model::{type_size, ArrayDim, Type, TypeId};
 use upstare_dwarf::{LinkAddr, RuntimeAddr};
+use upstare_patcher::convert::Conversion;
 use upstare_patcher::{GlobalAction, UpdatePlan};
 
 use crate::engine::state::Image;
@@ -122,8 +123,13 @@ pub(crate) fn contains_pointer(types: &[Type], ty: TypeId, depth: u32) -> bool {
 pub enum StackMove {
     /// The whole old range moves by a constant (a frame copied byte for byte).
     Shift { old: Range<u64>, delta: i64 },
-    /// A variable moved on its own (a frame whose layout changed).
-    Var { old: Range<u64>, new_start: u64 },
+    /// A variable moved on its own (a frame whose layout changed); a
+    /// converted one's interior moves with its members.
+    Var {
+        old: Range<u64>,
+        new_start: u64,
+        conversion: Option<Conversion>,
+    },
 }
 
 /// Remaps pointer values from the old image's world to the new one.
@@ -133,17 +139,28 @@ pub struct Remapper<'a> {
     new: &'a Image,
     /// Old globals sorted by address, with the index of the new global of
     /// the same identity.
-    globals: Vec<(LinkAddr, u64, Option<LinkAddr>)>,
+    globals: Vec<OldGlobal<'a>>,
     stack: Vec<StackMove>,
     /// Pointers into old code that name no function of the new image.
     pub dangling_code: Vec<u64>,
+    /// Pointers into parts of converted values that the new version no
+    /// longer has (a removed member): left pointing at the old bytes.
+    pub dangling_data: Vec<u64>,
+}
+
+/// An old global as the remapper sees it.
+struct OldGlobal<'a> {
+    start: LinkAddr,
+    size: u64,
+    new_start: Option<LinkAddr>,
+    conversion: Option<&'a Conversion>,
 }
 
 impl<'a> Remapper<'a> {
     /// A remapper that sends pointers into OLD's globals and functions where
     /// `plan` maps them.
     pub fn new(plan: &'a UpdatePlan, old: &'a Image, new: &'a Image) -> Self {
-        let mut globals: Vec<(LinkAddr, u64, Option<LinkAddr>)> = plan
+        let mut globals: Vec<OldGlobal<'a>> = plan
             .globals
             .iter()
             .filter(|m| m.action != GlobalAction::ThreadLocal)
@@ -153,10 +170,19 @@ impl<'a> Remapper<'a> {
                     .new
                     .and_then(|j| new.tables.globals.get(j))
                     .filter(|n| !n.tls);
-                Some((g.addr, g.size, n.map(|n| n.addr)))
+                let conversion = match &m.action {
+                    GlobalAction::Convert { change } => Some(&change.conversion),
+                    _ => None,
+                };
+                Some(OldGlobal {
+                    start: g.addr,
+                    size: g.size,
+                    new_start: n.map(|n| n.addr),
+                    conversion,
+                })
             })
             .collect();
-        globals.sort_by_key(|g| g.0);
+        globals.sort_by_key(|g| g.start);
         Remapper {
             plan,
             old,
@@ -164,6 +190,7 @@ impl<'a> Remapper<'a> {
             globals,
             stack: Vec::new(),
             dangling_code: Vec::new(),
+            dangling_data: Vec::new(),
         }
     }
 
@@ -194,13 +221,23 @@ impl<'a> Remapper<'a> {
                 self.dangling_code.push(v);
                 return v;
             }
-            let i = self.globals.partition_point(|g| g.0 <= link);
-            if let Some(&(start, size, Some(new_start))) =
-                i.checked_sub(1).and_then(|i| self.globals.get(i))
-            {
-                let off = link.0 - start.0;
-                if off < size.max(1) {
-                    return self.new.runtime(LinkAddr(new_start.0 + off)).0;
+            let i = self.globals.partition_point(|g| g.start <= link);
+            if let Some(g) = i.checked_sub(1).and_then(|i| self.globals.get(i)) {
+                let off = link.0 - g.start.0;
+                if let (true, Some(new_start)) = (off < g.size.max(1), g.new_start) {
+                    // A pointer into a converted object moves with the
+                    // member it points at.
+                    let new_off = match g.conversion {
+                        None => Some(off),
+                        Some(c) => c.map_offset(off),
+                    };
+                    match new_off {
+                        Some(o) => return self.new.runtime(LinkAddr(new_start.0 + o)).0,
+                        None => {
+                            self.dangling_data.push(v);
+                            return v;
+                        }
+                    }
                 }
             }
             // Read-only data (string literals) stays valid in the old
@@ -209,8 +246,19 @@ impl<'a> Remapper<'a> {
         }
         for m in &self.stack {
             match m {
-                StackMove::Var { old, new_start } if old.contains(&v) => {
-                    return new_start + (v - old.start);
+                StackMove::Var {
+                    old,
+                    new_start,
+                    conversion,
+                } if old.contains(&v) => {
+                    let off = v - old.start;
+                    match conversion.as_ref().map_or(Some(off), |c| c.map_offset(off)) {
+                        Some(o) => return new_start.wrapping_add(o),
+                        None => {
+                            self.dangling_data.push(v);
+                            return v;
+                        }
+                    }
                 }
                 StackMove::Shift { old, delta } if old.contains(&v) => {
                     return v.wrapping_add_signed(*delta);

@@ -22,6 +22,7 @@ use upstare_patcher::{
     CallShape, ContinuationMapping, FunctionMapping, SiteKind, UpdatePlan, VarSource,
 };
 
+use crate::engine::convert::convert;
 use crate::engine::pointers::{Remapper, StackMove};
 use crate::engine::state::{AppFrame, CalleeSavedValues, Image, Readiness, ThreadState};
 use crate::engine::Write;
@@ -50,13 +51,12 @@ pub enum RebuildError {
         function: String,
         continuation: Continuation,
     },
-    #[error("thread {tid}: {function}: local {var} changed type from {old} to {new}; changes of type need an explicit mapping (not supported yet)")]
+    #[error("thread {tid}: {function}: local {var} changed type {change}; it needs a SPEC line or a transformer")]
     VarTypeChanged {
         tid: i32,
         function: String,
         var: String,
-        old: String,
-        new: String,
+        change: Box<UnmappedChange>,
     },
     #[error("thread {tid}: {function} at {continuation}: the frame layout changed but {why}")]
     Unmappable {
@@ -80,6 +80,24 @@ pub enum RebuildError {
         #[source]
         source: MemError,
     },
+}
+
+/// A change of type no default rule maps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnmappedChange {
+    pub old: String,
+    pub new: String,
+    pub why: String,
+}
+
+impl std::fmt::Display for UnmappedChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "from {} to {} and no default rule maps it ({})",
+            self.old, self.new, self.why
+        )
+    }
 }
 
 /// Where a frame resumes in the new version.
@@ -344,9 +362,12 @@ pub fn place_frames(
             });
         } else {
             for (k, v) in nf.vars.iter().enumerate() {
-                let ov = match m.plan.vars.get(k) {
-                    Some(VarSource::Old(i)) => of.vars.get(*i),
-                    _ => None,
+                let (ov, conversion) = match m.plan.vars.get(k) {
+                    Some(VarSource::Old(i)) => (of.vars.get(*i), None),
+                    Some(VarSource::Convert { old, change }) => {
+                        (of.vars.get(*old), Some(change.conversion.clone()))
+                    }
+                    _ => (None, None),
                 };
                 if let (VarLocation::Cfa(no), Some(ov)) = (&v.location, ov) {
                     if let VarLocation::Cfa(oo) = ov.location {
@@ -355,6 +376,7 @@ pub fn place_frames(
                         remap.add_stack_move(StackMove::Var {
                             old: start..start.saturating_add(size),
                             new_start: new_cfa.0.wrapping_add_signed(no.0),
+                            conversion,
                         });
                     }
                 }
@@ -471,10 +493,19 @@ pub fn frame_writes(
                 why,
             };
             for (k, v) in nf.vars.iter().enumerate() {
-                let ov = match m.plan.vars.get(k) {
-                    Some(VarSource::Old(i)) => of.vars.get(*i).ok_or_else(|| {
-                        unmappable(format!("the plan names no old variable for {}", v.name))
-                    })?,
+                let (ov, change) = match m.plan.vars.get(k) {
+                    Some(VarSource::Old(i)) => (
+                        of.vars.get(*i).ok_or_else(|| {
+                            unmappable(format!("the plan names no old variable for {}", v.name))
+                        })?,
+                        None,
+                    ),
+                    Some(VarSource::Convert { old, change }) => (
+                        of.vars.get(*old).ok_or_else(|| {
+                            unmappable(format!("the plan names no old variable for {}", v.name))
+                        })?,
+                        Some(change),
+                    ),
                     Some(VarSource::Zero) => {
                         warnings.push(format!(
                             "thread {tid}: {}: new local {} starts as zero",
@@ -484,14 +515,20 @@ pub fn frame_writes(
                     }
                     Some(VarSource::NotInFrame) => continue,
                     Some(VarSource::TypeChanged {
-                        old_type, new_type, ..
+                        old_type,
+                        new_type,
+                        why,
+                        ..
                     }) => {
                         return Err(RebuildError::VarTypeChanged {
                             tid,
                             function: f.function.clone(),
                             var: v.name.clone(),
-                            old: old_type.clone(),
-                            new: new_type.clone(),
+                            change: Box::new(UnmappedChange {
+                                old: old_type.clone(),
+                                new: new_type.clone(),
+                                why: why.clone(),
+                            }),
                         })
                     }
                     Some(VarSource::Unmovable { why }) => return Err(unmappable(why.clone())),
@@ -506,18 +543,42 @@ pub fn frame_writes(
                 else {
                     return Err(unmappable(format!("variable {} has no stack slot", v.name)));
                 };
-                let size = type_size(&new.tables.types, v.ty).unwrap_or(0);
-                match (slot(new_len, no.0, size), slot(old_bytes.len(), oo.0, size)) {
-                    (Some(to), Some(from)) => {
-                        let mut val = old_bytes[from].to_vec();
+                let new_size = type_size(&new.tables.types, v.ty).unwrap_or(0);
+                let old_size = match change {
+                    Some(_) => type_size(&old.tables.types, ov.ty).unwrap_or(0),
+                    None => new_size,
+                };
+                let (Some(to), Some(from)) = (
+                    slot(new_len, no.0, new_size),
+                    slot(old_bytes.len(), oo.0, old_size),
+                ) else {
+                    return Err(unmappable(format!(
+                        "variable {} lies outside its frame",
+                        v.name
+                    )));
+                };
+                let mut val = old_bytes[from].to_vec();
+                match change {
+                    None => {
                         remap.remap_value(&new.tables.types, v.ty, &mut val);
                         bytes[to].copy_from_slice(&val);
                     }
-                    _ => {
-                        return Err(unmappable(format!(
-                            "variable {} lies outside its frame",
-                            v.name
-                        )))
+                    Some(change) => {
+                        // Pointers are remapped in the old value, with the
+                        // old type; the conversion then moves bytes only.
+                        remap.remap_value(&old.tables.types, ov.ty, &mut val);
+                        convert(&change.conversion, &val, &mut bytes[to]).map_err(|e| {
+                            unmappable(format!(
+                                "local {} ({} → {}): {e}",
+                                v.name, change.old_type, change.new_type
+                            ))
+                        })?;
+                        for member in &change.new_members {
+                            warnings.push(format!(
+                                "thread {tid}: {}: new member {member} starts as zero",
+                                f.function
+                            ));
+                        }
                     }
                 }
             }
@@ -697,7 +758,10 @@ pub fn check_frames(
             find_sites(tid, &m, &f.continuation, idx == 0, mode)?;
             for (k, source) in m.plan.vars.iter().enumerate() {
                 if let VarSource::TypeChanged {
-                    old_type, new_type, ..
+                    old_type,
+                    new_type,
+                    why,
+                    ..
                 } = source
                 {
                     return Err(RebuildError::VarTypeChanged {
@@ -709,8 +773,11 @@ pub fn check_frames(
                             .get(k)
                             .map(|v| v.name.clone())
                             .unwrap_or_default(),
-                        old: old_type.clone(),
-                        new: new_type.clone(),
+                        change: Box::new(UnmappedChange {
+                            old: old_type.clone(),
+                            new: new_type.clone(),
+                            why: why.clone(),
+                        }),
                     });
                 }
             }

@@ -6,6 +6,7 @@
 
 use upstare_patcher::{GlobalAction, GlobalMapping, UpdatePlan};
 
+use crate::engine::convert::{convert, ConvertError};
 use crate::engine::pointers::Remapper;
 use crate::engine::state::Image;
 use crate::engine::Write;
@@ -17,11 +18,20 @@ pub const MAX_VALUE_SIZE: u64 = 64 << 20;
 /// Why state cannot be transferred.
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
-    #[error("{what}: type changed from {old} to {new}; changes of type need an explicit mapping (not supported yet)")]
+    #[error("{what}: type changed from {old} to {new} and no default rule maps it ({why}); it needs a SPEC line or a transformer")]
     TypeChanged {
         what: String,
         old: String,
         new: String,
+        why: String,
+    },
+    #[error("{what}: cannot convert from {old} to {new}: {source}")]
+    Convert {
+        what: String,
+        old: String,
+        new: String,
+        #[source]
+        source: ConvertError,
     },
     #[error("{what}: the update plan names no such global in one of the versions (the plan was made for other binaries)")]
     PlanMismatch { what: String },
@@ -42,6 +52,8 @@ pub struct GlobalsPlan {
     pub copied: usize,
     /// Read-only globals (const objects) left with the new version's value.
     pub kept_const: usize,
+    /// Globals whose type changed, converted (counted in `copied` too).
+    pub converted: usize,
 }
 
 /// Refuses the update when the plan leaves a global unmapped (a change of
@@ -50,12 +62,18 @@ pub fn check_globals(plan: &UpdatePlan) -> Result<(), TransferError> {
     match plan.type_changed_globals().next() {
         Some(GlobalMapping {
             label,
-            action: GlobalAction::TypeChanged { old_type, new_type },
+            action:
+                GlobalAction::TypeChanged {
+                    old_type,
+                    new_type,
+                    why,
+                },
             ..
         }) => Err(TransferError::TypeChanged {
             what: label.clone(),
             old: old_type.clone(),
             new: new_type.clone(),
+            why: why.clone(),
         }),
         _ => Ok(()),
     }
@@ -73,14 +91,15 @@ pub fn transfer_globals(
     check_globals(plan)?;
     let mut out = GlobalsPlan::default();
     for m in &plan.globals {
-        match m.action {
-            GlobalAction::Copy => {}
+        let change = match &m.action {
+            GlobalAction::Copy => None,
+            GlobalAction::Convert { change } => Some(change),
             GlobalAction::KeepNew => {
                 out.kept_const += 1;
                 continue;
             }
             _ => continue,
-        }
+        };
         let what = m.label.clone();
         let (Some(g), Some(n)) = (
             old.tables.globals.get(m.old),
@@ -98,6 +117,26 @@ pub fn transfer_globals(
                 source,
             })?;
         remap.remap_value(&old.tables.types, g.ty, &mut bytes);
+        if let Some(change) = change {
+            // The base is NEW's initializer (already in NEW's mapping): new
+            // members keep it.
+            let mut base = mem
+                .read_vec(new.runtime(n.addr), n.size, MAX_VALUE_SIZE as usize)
+                .map_err(|source| TransferError::Memory {
+                    what: what.clone(),
+                    source,
+                })?;
+            convert(&change.conversion, &bytes, &mut base).map_err(|source| {
+                TransferError::Convert {
+                    what: what.clone(),
+                    old: change.old_type.clone(),
+                    new: change.new_type.clone(),
+                    source,
+                }
+            })?;
+            bytes = base;
+            out.converted += 1;
+        }
         out.writes.push(Write {
             addr: new.runtime(n.addr),
             bytes,

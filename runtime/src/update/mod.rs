@@ -73,7 +73,7 @@ pub enum UpdateError {
     #[error("{0}")]
     Transfer(#[from] TransferError),
     #[error("{0}")]
-    Rebuild(#[from] RebuildError),
+    Rebuild(Box<RebuildError>),
     #[error("{0}")]
     Load(#[from] LoadError),
     #[error("{what}: {len} bytes at {addr} are not in a writable mapping of the process")]
@@ -84,6 +84,12 @@ pub enum UpdateError {
     },
     #[error("{0}")]
     Commit(#[from] CommitError),
+}
+
+impl From<RebuildError> for UpdateError {
+    fn from(e: RebuildError) -> Self {
+        UpdateError::Rebuild(Box::new(e))
+    }
 }
 
 /// Latency of each phase, in microseconds.
