@@ -1,0 +1,22 @@
+//! Everything that touches a live process: ptrace control of its threads,
+//! its memory, what `/proc` says about it, system and function calls run
+//! inside it, and `int3` breakpoints. Every other module works on plain data
+//! or on any [`crate::memory::TargetMemory`].
+//!
+//! - [`ptrace`]: [`Tracee`] (spawn or seize, registers, resume, bounded
+//!   waits), [`ChildGuard`]; the crate's only `unsafe` code.
+//! - [`process_memory`]: [`ProcessMemory`], `/proc/PID/mem` with a ptrace
+//!   fallback.
+//! - [`procfs`]: `/proc/PID/maps`, `auxv`, tasks and the load bias.
+//! - [`remote`]: [`remote::RemoteCalls`], system and function calls executed
+//!   by a stopped thread, restored exactly afterwards.
+//! - [`breakpoint`]: `int3` breakpoints as RAII guards, stepping over them.
+
+pub mod breakpoint;
+pub mod process_memory;
+pub mod procfs;
+pub mod ptrace;
+pub mod remote;
+
+pub use process_memory::ProcessMemory;
+pub use ptrace::{ChildGuard, Tracee};
