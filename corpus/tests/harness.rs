@@ -6,9 +6,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use upstare_corpus::{
-    build, compile_c, run, spawn, target_dir, BuildError, CSource, ExitStatus, Program, RunError,
-    Toolchain,
+use upstare_corpus::{build, Program};
+use upstare_testkit::{
+    compile_c, run, spawn, target_dir, BuildError, CSource, ExitStatus, RunError, Toolchain,
 };
 
 const T: Duration = Duration::from_secs(20);

@@ -7,12 +7,12 @@ mod remote_support;
 use nix::unistd::Pid;
 use remote_support::*;
 use std::path::{Path, PathBuf};
-use upstare_corpus::{compile_c, CSource, Toolchain};
 use upstare_dwarf::RuntimeAddr;
 use upstare_runtime::load::{import_slots, load_image, LoadError, LoadOptions, ProcessLibraries};
 use upstare_runtime::memory::TargetMemory;
 use upstare_runtime::target::remote::{entry_gadget, RemoteCalls};
 use upstare_runtime::Tracee;
+use upstare_testkit::{compile_c, CSource, Toolchain};
 
 const OLD: &str = r#"
 #include <stdio.h>
