@@ -19,11 +19,7 @@ fn run_program(p: &Program, tc: Toolchain) -> Result<Output, String> {
 
 /// Builds and runs every program twice with `tc`; returns all failures.
 fn check_toolchain(tc: Toolchain) {
-    assert!(
-        tc.is_available(),
-        "{} is not installed (scripts/deps installs it)",
-        tc.compiler()
-    );
+    tc.require();
     let mut failures = Vec::new();
     for p in programs() {
         let (first, second) = match (run_program(&p, tc), run_program(&p, tc)) {
@@ -207,9 +203,7 @@ fn user_functions(bin: &std::path::Path) -> Vec<(String, String)> {
 /// gcc's call temporaries mean a corpus function pushes rbx or r12-r15.
 #[test]
 fn code_level_tags_hold_in_the_binaries() {
-    if !upstare_testkit::have_tool("objdump") {
-        panic!("objdump not found (binutils); it is needed to check the binaries");
-    }
+    upstare_testkit::require_tool("objdump");
     let mut failures = Vec::new();
     for p in programs() {
         for tc in Toolchain::ALL {
