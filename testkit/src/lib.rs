@@ -13,6 +13,8 @@
 //! - [`driver`]: [`run_with_breakpoints`], a program run under ptrace with
 //!   `int3` breakpoints and a callback at every hit.
 
+#![forbid(unsafe_code)]
+
 mod compile;
 pub mod driver;
 mod instrument;
