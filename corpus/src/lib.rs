@@ -5,22 +5,20 @@
 //!   tagged with the [`Feature`]s it exercises.
 //! - [`version_pairs`]: long-running programs in two versions
 //!   (`corpus/versions/<name>/v1.c`, `v2.c`) for cross-version update tests.
-//! - [`build`] / [`compile_c`]: compile with a [`Toolchain`] into a cache under
-//!   the target directory.
-//! - [`run`] / [`spawn`] / [`ChildGuard`]: run a binary with a time limit; the
-//!   guard kills the child (and its process group) by pid on drop.
+//! - [`build`]: compile a program with a toolchain into a cache under the
+//!   target directory.
+//!
+//! The toolchains, the compile step and the process guard are
+//! `upstare-testkit`'s: they serve every crate's tests, and this crate is one
+//! of their users (one copy of each, with the dependency pointing from the
+//! programs to the generic kit).
 
 #![forbid(unsafe_code)]
 
 mod catalog;
 mod compile;
-mod process;
 
 pub use catalog::{
     program, programs, version_pair, version_pairs, Control, Feature, Program, VersionPair,
 };
-pub use compile::{
-    build, cache_dir, compile_c, have_tool, target_dir, workspace_root, BuildError, CSource,
-    Toolchain, BASE_CFLAGS, LINK_FLAGS,
-};
-pub use process::{run, run_command, spawn, ChildGuard, ExitStatus, Output, RunError};
+pub use compile::{build, cache_dir};

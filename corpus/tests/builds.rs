@@ -7,7 +7,8 @@ use std::collections::HashSet;
 use std::process::Command;
 use std::time::Duration;
 
-use upstare_corpus::{build, programs, run, ExitStatus, Feature, Output, Program, Toolchain};
+use upstare_corpus::{build, programs, Feature, Program};
+use upstare_testkit::{run, ExitStatus, Output, Toolchain};
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -18,11 +19,7 @@ fn run_program(p: &Program, tc: Toolchain) -> Result<Output, String> {
 
 /// Builds and runs every program twice with `tc`; returns all failures.
 fn check_toolchain(tc: Toolchain) {
-    assert!(
-        tc.is_available(),
-        "{} is not installed (scripts/deps installs it)",
-        tc.compiler()
-    );
+    tc.require();
     let mut failures = Vec::new();
     for p in programs() {
         let (first, second) = match (run_program(&p, tc), run_program(&p, tc)) {
@@ -112,7 +109,7 @@ fn catalog_lists_every_source_file_once() {
     let listed: HashSet<String> = programs().iter().map(|p| p.name.to_string()).collect();
     assert_eq!(listed.len(), programs().len(), "duplicate program names");
     assert!(listed.len() >= 16, "only {} programs", listed.len());
-    let dir = upstare_corpus::workspace_root().join("corpus/programs");
+    let dir = upstare_testkit::workspace_root().join("corpus/programs");
     let on_disk: HashSet<String> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .filter_map(|e| e.ok())
@@ -206,9 +203,7 @@ fn user_functions(bin: &std::path::Path) -> Vec<(String, String)> {
 /// gcc's call temporaries mean a corpus function pushes rbx or r12-r15.
 #[test]
 fn code_level_tags_hold_in_the_binaries() {
-    if !upstare_corpus::have_tool("objdump") {
-        panic!("objdump not found (binutils); it is needed to check the binaries");
-    }
+    upstare_testkit::require_tool("objdump");
     let mut failures = Vec::new();
     for p in programs() {
         for tc in Toolchain::ALL {

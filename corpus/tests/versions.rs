@@ -8,10 +8,8 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::Duration;
 
-use upstare_corpus::{
-    build, run, spawn, version_pair, version_pairs, ChildGuard, Control, ExitStatus, Program,
-    Toolchain, VersionPair,
-};
+use upstare_corpus::{build, version_pair, version_pairs, Control, Program, VersionPair};
+use upstare_testkit::{run, spawn, ChildGuard, ExitStatus, Toolchain};
 
 const LINE_TIMEOUT: Duration = Duration::from_secs(15);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(15);

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{build, build_flags, code_at, compilers, run, symbol, symbols, Cc};
+use common::{build, build_flags, code_at, compilers, run, symbol, symbols, Toolchain};
 use std::collections::HashMap;
 use upstare_dwarf::model::{ArrayDim, Program, Type, VarLocation, Variable};
 use upstare_dwarf::{read_program, CfaOffset, LinkAddr, Reg};
@@ -156,11 +156,11 @@ fn var<'a>(p: &'a Program, func: &str, name: &str) -> &'a Variable {
         .unwrap_or_else(|| panic!("no variable {name} in {func}"))
 }
 
-fn build_and_read(cc: Cc) -> (common::Built, Program, Report) {
+fn build_and_read(cc: Toolchain) -> (common::Built, Program, Report) {
     build_and_read_flags(cc, &[])
 }
 
-fn build_and_read_flags(cc: Cc, flags: &[&str]) -> (common::Built, Program, Report) {
+fn build_and_read_flags(cc: Toolchain, flags: &[&str]) -> (common::Built, Program, Report) {
     let b = build_flags(cc, "frames", &[("frames.c", FRAMES_C)], flags);
     let p = read_program(&b.bytes).unwrap_or_else(|e| panic!("{cc:?}: {e}"));
     let rep = parse_report(&run(&b.exe));
@@ -169,12 +169,12 @@ fn build_and_read_flags(cc: Cc, flags: &[&str]) -> (common::Built, Program, Repo
 
 #[test]
 fn every_variable_matches_the_running_program() {
-    let mut configs: Vec<(Cc, &[&str])> = compilers().into_iter().map(|c| (c, &[][..])).collect();
+    let mut configs: Vec<(Toolchain, &[&str])> =
+        compilers().into_iter().map(|c| (c, &[][..])).collect();
     // DWARF 4: .debug_ranges, 1-based line-table files, DW_FORM_addr.
-    configs.push((Cc::GccPie, &["-gdwarf-4"]));
-    if common::have("clang") {
-        configs.push((Cc::Clang, &["-gdwarf-4"]));
-    }
+    configs.push((Toolchain::Gcc, &["-gdwarf-4"]));
+    Toolchain::Clang.require();
+    configs.push((Toolchain::Clang, &["-gdwarf-4"]));
     for (cc, flags) in configs {
         let (_b, p, rep) = build_and_read_flags(cc, flags);
         if !flags.is_empty() {
@@ -343,7 +343,7 @@ fn statics_and_globals_match_symbols_and_runtime_addresses() {
         let syms = symbols(&b.bytes);
         let main = p.function("main").unwrap();
         let bias = rep.addrs["main"].wrapping_sub(main.low.0);
-        if cc == Cc::GccNoPie {
+        if cc == Toolchain::GccNoPie {
             assert_eq!(bias, 0);
         }
         // The static local: owner set, address = symbol = runtime - bias.
@@ -402,7 +402,7 @@ fn statics_and_globals_match_symbols_and_runtime_addresses() {
     }
 }
 
-fn long_name(cc: Cc) -> String {
+fn long_name(cc: Toolchain) -> String {
     if cc.is_clang() { "long" } else { "long int" }.to_string()
 }
 

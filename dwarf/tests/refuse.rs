@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{build, Cc};
+use common::{build, Toolchain};
 use std::process::Command;
 use upstare_dwarf::{read_program, ReadError};
 
@@ -48,7 +48,7 @@ fn random_bytes_are_not_elf() {
 
 #[test]
 fn truncated_elf() {
-    let b = build(Cc::GccPie, "trunc", &[("t.c", SRC)]);
+    let b = build(Toolchain::Gcc, "trunc", &[("t.c", SRC)]);
     let e = read_program(&b.bytes[..40]).unwrap_err();
     assert!(matches!(e, ReadError::Truncated { len: 40 }), "{e}");
     assert!(one_line(&e).contains("truncated"));
@@ -60,7 +60,7 @@ fn truncated_elf() {
 
 #[test]
 fn foreign_machines_are_named() {
-    let b = build(Cc::GccPie, "machine", &[("m.c", SRC)]);
+    let b = build(Toolchain::Gcc, "machine", &[("m.c", SRC)]);
     let mut arm = b.bytes.clone();
     arm[18..20].copy_from_slice(&40u16.to_le_bytes());
     let e = read_program(&arm).unwrap_err();
@@ -106,13 +106,10 @@ fn foreign_machines_are_named() {
 
 #[test]
 fn stripped_binaries_have_no_dwarf() {
-    if !common::have("strip") {
-        eprintln!("NOTE: strip not found, skipping");
-        return;
-    }
+    common::require_tool("strip");
     for args in [&["--strip-debug"][..], &[][..]] {
-        let b = build(Cc::GccPie, "strip", &[("s.c", SRC)]);
-        let out = b.dir.0.join("stripped");
+        let b = build(Toolchain::Gcc, "strip", &[("s.c", SRC)]);
+        let out = b.dir.join("stripped");
         let st = Command::new("strip")
             .args(args)
             .arg("-o")
@@ -132,10 +129,8 @@ fn stripped_binaries_have_no_dwarf() {
 /// report as `Internal`).
 #[test]
 fn mutated_binaries_never_panic() {
-    let mut configs = vec![Cc::GccPie];
-    if common::have("clang") {
-        configs.push(Cc::Clang);
-    }
+    Toolchain::Clang.require();
+    let configs = vec![Toolchain::Gcc, Toolchain::Clang];
     for cc in configs {
         let b = build(cc, "fuzz", &[("f.c", SRC)]);
         let file = object::File::parse(&*b.bytes).unwrap();

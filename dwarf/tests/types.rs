@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{build, build_flags, compilers, run, Cc};
+use common::{build, build_flags, compilers, run, Toolchain};
 use std::collections::HashMap;
 use upstare_dwarf::model::{ArrayDim, BaseEncoding, Program, Qualifier, Type, TypeId};
 use upstare_dwarf::read_program;
@@ -136,14 +136,13 @@ fn layouts_in_older_dwarf_and_compressed_sections() {
         &["-fdebug-types-section"],
         &["-gdwarf-4", "-fdebug-types-section"],
     ] {
-        check_layouts(Cc::GccPie, flags);
+        check_layouts(Toolchain::Gcc, flags);
     }
-    if common::have("clang") {
-        check_layouts(Cc::Clang, &["-gdwarf-4"]);
-    }
+    Toolchain::Clang.require();
+    check_layouts(Toolchain::Clang, &["-gdwarf-4"]);
 }
 
-fn check_layouts(cc: Cc, flags: &[&str]) {
+fn check_layouts(cc: Toolchain, flags: &[&str]) {
     let b = build_flags(cc, "types", &[("types.c", TYPES_C)], flags);
     let p = read_program(&b.bytes).unwrap_or_else(|e| panic!("{cc:?} {flags:?}: {e}"));
     let out = run(&b.exe);

@@ -9,47 +9,24 @@
 
 mod analysis_common;
 
-use analysis_common::{analyze, compile, Cc, TempDir};
+use analysis_common::{analyze, compile, TempDir, Toolchain};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 use upstare_dwarf::{LinkAddr, Reg};
 use upstare_rewriter::analysis::DYNAMIC_DEPTH;
+use upstare_testkit::{require_tool, run_command};
 
-/// Kills the child by pid when dropped.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+/// Runs `cmd` with a time limit (the kit's guard kills it, and its process
+/// group, by pid past the limit); returns (exit code, stdout, stderr).
+fn run_limited(cmd: Command, limit: Duration) -> (Option<i32>, String, String) {
+    let what = format!("{cmd:?}");
+    match run_command(cmd, limit) {
+        Ok(out) => (out.status.code(), out.stdout, out.stderr),
+        Err(e) => panic!("{what} did not finish in {limit:?}: {e}"),
     }
-}
-
-/// Runs `cmd` with a time limit; returns (exit code, stdout, stderr).
-fn run_limited(cmd: &mut Command, limit: Duration) -> (Option<i32>, String, String) {
-    let dir = TempDir::new("run");
-    let (out, err) = (dir.path().join("out"), dir.path().join("err"));
-    cmd.stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out).expect("out file"))
-        .stderr(std::fs::File::create(&err).expect("err file"));
-    let mut child = ChildGuard(cmd.spawn().expect("spawn"));
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.0.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(
-            start.elapsed() < limit,
-            "{cmd:?} did not finish in {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let read =
-        |p: &Path| String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned();
-    (status.code(), read(&out), read(&err))
 }
 
 /// What to do at one address.
@@ -67,6 +44,7 @@ struct Stop {
 const MAX_HITS: u32 = 10;
 
 fn check_binary(bin: &Path, what: &str) -> (usize, usize) {
+    require_tool("gdb");
     let a = analyze(bin);
     let mut stops: BTreeMap<LinkAddr, Stop> = BTreeMap::new();
     for res in a.fns.values() {
@@ -147,18 +125,16 @@ fn check_binary(bin: &Path, what: &str) -> (usize, usize) {
     let script_path = dir.path().join("script.gdb");
     std::fs::write(&script_path, &script).expect("write script");
 
-    let (code, _, _) = run_limited(&mut Command::new(bin), Duration::from_secs(60));
-    let (_, gdb_out, gdb_err) = run_limited(
-        Command::new("gdb")
-            .arg("-nx")
-            .arg("-batch")
-            .arg("-x")
-            .arg(&script_path)
-            .arg(bin),
-        Duration::from_secs(300),
-    );
+    let (code, _, _) = run_limited(Command::new(bin), Duration::from_secs(60));
+    let mut gdb = Command::new("gdb");
+    gdb.arg("-nx")
+        .arg("-batch")
+        .arg("-x")
+        .arg(&script_path)
+        .arg(bin);
+    let (_, gdb_out, gdb_err) = run_limited(gdb, Duration::from_secs(300));
     let (plain_out, plain_err) = {
-        let (_, o, e) = run_limited(&mut Command::new(bin), Duration::from_secs(60));
+        let (_, o, e) = run_limited(Command::new(bin), Duration::from_secs(60));
         (o, e)
     };
     let read =
@@ -249,7 +225,7 @@ int main(int argc, char **argv)
 }
 "#;
 
-fn check_source(src: &str, name: &str, cc: Cc) {
+fn check_source(src: &str, name: &str, cc: Toolchain) {
     let (_dir, bin) = compile(src, cc, &[]);
     let (points, depths) = check_binary(&bin, &format!("{name} {cc:?}"));
     assert!(
@@ -260,36 +236,47 @@ fn check_source(src: &str, name: &str, cc: Cc) {
 
 #[test]
 fn no_live_registers_at_update_points_of_generated_programs() {
-    for cc in Cc::ALL {
+    for cc in Toolchain::ALL {
         check_source(STMTS, "stmts", cc);
     }
 }
 
-/// Single-threaded deterministic corpus programs.
-const CORPUS: &[&str] = &[
-    "calc",
-    "checksums",
-    "geometry",
-    "inventory",
-    "kvstore",
-    "logstats",
-    "matrix",
-    "packets",
-    "ringbuf",
-    "scoring",
-    "stackvm",
-    "textstats",
-    "vending",
-];
-
-#[test]
-fn no_live_registers_at_update_points_of_corpus_programs() {
+/// One corpus program with one toolchain (the programs are read from
+/// `corpus/programs/<name>.c`).
+fn check_corpus_program(name: &str, cc: Toolchain) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../corpus/programs");
-    for name in CORPUS {
-        let src = std::fs::read_to_string(dir.join(format!("{name}.c")))
-            .unwrap_or_else(|e| panic!("corpus program {name}: {e}"));
-        for cc in Cc::ALL {
-            check_source(&src, name, cc);
-        }
-    }
+    let src = std::fs::read_to_string(dir.join(format!("{name}.c")))
+        .unwrap_or_else(|e| panic!("corpus program {name}: {e}"));
+    check_source(&src, name, cc);
 }
+
+/// One test per single-threaded deterministic corpus program and toolchain,
+/// so that they run in parallel.
+macro_rules! corpus_programs {
+    ($($name:ident),* $(,)?) => {
+        mod no_live_registers_at_update_points_of_corpus_programs {
+            $(
+                mod $name {
+                    use super::super::{check_corpus_program, Toolchain};
+                    #[test]
+                    fn gcc() {
+                        check_corpus_program(stringify!($name), Toolchain::Gcc);
+                    }
+                    #[test]
+                    fn gcc_no_pie() {
+                        check_corpus_program(stringify!($name), Toolchain::GccNoPie);
+                    }
+                    #[test]
+                    fn clang() {
+                        check_corpus_program(stringify!($name), Toolchain::Clang);
+                    }
+                }
+            )*
+        }
+    };
+}
+
+corpus_programs!(
+    calc, checksums, geometry, inventory, kvstore, logstats, matrix, packets, ringbuf, scoring,
+    stackvm, textstats, vending,
+);

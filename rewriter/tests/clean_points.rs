@@ -6,11 +6,12 @@
 
 use std::collections::HashMap;
 use std::time::Duration;
-use upstare_corpus::{build, programs, run, Toolchain};
+use upstare_corpus::{build, programs};
 use upstare_dwarf::fdt::FrameTables;
 use upstare_dwarf::{CfaOffset, LinkAddr};
 use upstare_rewriter::analysis::DYNAMIC_DEPTH;
-use upstare_runtime::{run_with_breakpoints, Exit, HitAction, RunLimits};
+use upstare_testkit::{run, Toolchain};
+use upstare_testkit::{run_with_breakpoints, Exit, HitAction, RunLimits};
 
 /// What the tables expect at one breakpoint address.
 #[derive(Clone, Copy)]
@@ -40,11 +41,7 @@ fn sites(tables: &FrameTables) -> HashMap<LinkAddr, Site> {
 const ARITH_FLAGS: u64 = 0x8d5;
 
 fn clean_points_for(toolchain: Toolchain) {
-    assert!(
-        toolchain.is_available(),
-        "{} missing: run scripts/deps",
-        toolchain.compiler()
-    );
+    toolchain.require();
     let mut failures = Vec::new();
     let (mut points_hit, mut calls_hit, mut clobbers, mut depth_checks) = (0u64, 0u64, 0u64, 0u64);
     for program in programs() {

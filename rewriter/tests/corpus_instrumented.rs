@@ -4,19 +4,15 @@
 
 use object::{Object, ObjectSegment};
 use std::time::Duration;
-use upstare_corpus::{build, programs, run, Toolchain};
+use upstare_corpus::{build, programs};
+use upstare_testkit::{run, Toolchain};
 
 #[test]
 fn instrumented_corpus_behaves_like_original() {
     let mut compared = 0;
     let mut failures = Vec::new();
     for toolchain in Toolchain::ALL {
-        if !toolchain.is_available() {
-            panic!(
-                "{} is not installed: run scripts/deps",
-                toolchain.compiler()
-            );
-        }
+        toolchain.require();
         for program in programs() {
             let original = build(&program, toolchain).expect("build corpus program");
             let input = std::fs::read(&original).expect("read binary");

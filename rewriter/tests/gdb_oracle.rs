@@ -9,9 +9,10 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
-use upstare_corpus::{build, programs, run_command, Toolchain};
+use upstare_corpus::{build, programs};
 use upstare_dwarf::fdt::FrameTables;
 use upstare_dwarf::model::{type_size, VarLocation};
+use upstare_testkit::{run_command, Toolchain};
 
 /// The expectations for gdb: per update point, the variables in scope there
 /// with their table locations.
@@ -103,15 +104,8 @@ fn run_oracle(binary: &Path, args: &[&str], work: &Path) -> OracleResult {
 }
 
 fn oracle_for(toolchain: Toolchain) {
-    assert!(
-        upstare_corpus::have_tool("gdb"),
-        "gdb is not installed: run scripts/deps"
-    );
-    assert!(
-        toolchain.is_available(),
-        "{} missing: run scripts/deps",
-        toolchain.compiler()
-    );
+    upstare_testkit::require_tool("gdb");
+    toolchain.require();
     let work =
         PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("oracle-{}", toolchain.name()));
     std::fs::create_dir_all(&work).expect("work dir");

@@ -8,7 +8,7 @@ use serde_json::Value;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
-use upstare_corpus::{compile_c, run, CSource, Toolchain};
+use upstare_testkit::{compile_c, run, CSource, Toolchain};
 
 fn check(n: usize, toolchain: Toolchain) {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use upstare_corpus::{compile_c, CSource, Toolchain};
+use upstare_testkit::{compile_c, CSource, Toolchain};
 
 const SIMPLE: &str = r#"
 #include <stdio.h>

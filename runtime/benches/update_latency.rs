@@ -10,8 +10,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
-use upstare_corpus::{build, compile_c, program, spawn, CSource, Toolchain};
+use upstare_corpus::{build, program};
 use upstare_runtime::update::{apply, ApplyOptions};
+use upstare_testkit::{compile_c, instrument, spawn, CSource, Toolchain};
 
 const SUBJECT: &str = r#"
 #include <pthread.h>
@@ -60,14 +61,6 @@ int main(int argc, char **argv)
     return (int)descend(depth, 0);
 }
 "#;
-
-fn instrument(bin: &Path, out: &Path) {
-    let bytes = std::fs::read(bin).expect("read");
-    let r = upstare_rewriter::rewrite::rewrite(&bytes).expect("rewrite");
-    std::fs::write(out, &r.elf).expect("write");
-    std::fs::set_permissions(out, std::fs::metadata(bin).expect("stat").permissions())
-        .expect("chmod");
-}
 
 struct Sample {
     stop: f64,

@@ -11,12 +11,12 @@
 //! - [`load`]: loading the new version into the process, and the commit
 //!   steps that hand the process over to it.
 //! - [`update`]: one update end to end, as a transaction.
-//! - [`driver`]: [`run_with_breakpoints`], the harness the verification
-//!   tests use to run a real program with breakpoints.
+//!
+//! The harness the tests run programs with (breakpoints, callbacks at hits)
+//! is `upstare-testkit`'s `driver`, outside this crate's API.
 
 #![deny(unsafe_code)]
 
-pub mod driver;
 pub mod engine;
 pub mod load;
 pub mod memory;
@@ -24,9 +24,6 @@ pub mod stop;
 pub mod target;
 pub mod update;
 
-pub use driver::{
-    run_with_breakpoints, DriverError, Exit, HitAction, HitContext, RunLimits, RunReport,
-};
 pub use memory::{ByteBuffer, MemError, TargetMemory};
 pub use target::breakpoint::{
     Breakpoint, BreakpointError, BreakpointSet, DeferredSignal, StepEnd, StepOutcome,

@@ -10,7 +10,7 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
-use upstare_corpus::{spawn, Toolchain};
+use upstare_testkit::{spawn, Toolchain};
 
 const WAIT: Duration = Duration::from_secs(20);
 

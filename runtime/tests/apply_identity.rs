@@ -21,9 +21,10 @@ use nix::unistd::Pid;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use upstare_corpus::{programs, ExitStatus, Feature, Output, Toolchain};
+use upstare_corpus::{programs, Feature, Program};
 use upstare_runtime::stop::StopError;
 use upstare_runtime::update::{apply, ApplyOptions, UpdateError, UpdateReport};
+use upstare_testkit::{ExitStatus, Output, Toolchain};
 
 /// Update-point hits to let pass before an update (`skip_hits`), counted
 /// from the program's exec: the update happens at hit k + 1.
@@ -132,14 +133,22 @@ struct Tally {
     states: BTreeSet<String>,
     lines: Vec<String>,
     failures: Vec<String>,
+    /// States tried (updated or refused or failed), over all programs.
+    tried: usize,
 }
 
-/// Identity updates of every deterministic corpus program built with `tc`
-/// at a spread of update-point hits (all of the run with `full`).
-fn identity_spread(tc: Toolchain, full: bool) -> Tally {
+/// The deterministic corpus programs, whose runs can be compared byte for
+/// byte.
+fn deterministic_programs() -> Vec<Program> {
+    programs().into_iter().filter(|p| p.deterministic).collect()
+}
+
+/// Identity updates of `progs` built with `tc` at a spread of update-point
+/// hits (all of the run with `full`).
+fn identity_spread(tc: Toolchain, progs: Vec<Program>, full: bool) -> Tally {
     let dir = TempDir::new(&format!("spread-{tc}"));
     let mut tally = Tally::default();
-    for p in programs().into_iter().filter(|p| p.deterministic) {
+    for p in progs {
         let up = instrumented(&p, tc);
         let base = baseline(&up, p.args);
         assert_eq!(
@@ -161,6 +170,7 @@ fn identity_spread(tc: Toolchain, full: bool) -> Tally {
         ks.extend(near_end.iter().copied().filter(|&k| k < hits));
         ks.sort_unstable();
         ks.dedup();
+        tally.tried += ks.len();
         let (mut ok, mut refused) = (0, Vec::new());
         for &k in &ks {
             match identity_at(&up, p.args, k, &dir, &base) {
@@ -216,11 +226,15 @@ fn identity_spread(tc: Toolchain, full: bool) -> Tally {
 }
 
 fn check_spread(tc: Toolchain, full: bool) {
-    if !tc.is_available() {
-        eprintln!("{tc} not installed: skipped");
-        return;
-    }
-    let t = identity_spread(tc, full);
+    tc.require();
+    let t = identity_spread(tc, deterministic_programs(), full);
+    report_spread(tc, &t);
+    assert!(t.failures.is_empty(), "{}", t.failures.join("\n\n"));
+    // 20 programs at up to 10 states each: most must really be updated.
+    assert!(t.updated >= 120, "only {} identity updates", t.updated);
+}
+
+fn report_spread(tc: Toolchain, t: &Tally) {
     eprintln!(
         "identity updates ({tc}): {} updated, {} refused (process unchanged); {} distinct top \
          frames\n{}",
@@ -229,19 +243,71 @@ fn check_spread(tc: Toolchain, full: bool) {
         t.states.len(),
         t.lines.join("\n")
     );
+}
+
+/// Identity updates a program must pass at least (or at all its states if
+/// it has fewer): the corpus-wide floor of 120 over 20 programs, per
+/// program, now that each program is its own test.
+const MIN_UPDATED_PER_PROGRAM: usize = 6;
+
+/// The spread of one deterministic corpus program built with `tc`.
+fn check_program_spread(tc: Toolchain, name: &str) {
+    tc.require();
+    let p = upstare_corpus::program(name).unwrap_or_else(|| panic!("no corpus program {name}"));
+    assert!(p.deterministic, "{name} is not deterministic");
+    let t = identity_spread(tc, vec![p], false);
+    report_spread(tc, &t);
     assert!(t.failures.is_empty(), "{}", t.failures.join("\n\n"));
-    // 20 programs at up to 10 states each: most must really be updated.
-    assert!(t.updated >= 120, "only {} identity updates", t.updated);
+    assert!(
+        t.updated >= MIN_UPDATED_PER_PROGRAM.min(t.tried),
+        "{tc} {name}: only {} identity updates of {} states",
+        t.updated,
+        t.tried
+    );
 }
 
-#[test]
-fn identity_updates_of_the_corpus_at_many_states_gcc() {
-    check_spread(Toolchain::Gcc, false);
+/// One test per deterministic corpus program and toolchain (gcc, clang), so
+/// that they run in parallel; the list is checked against the corpus by
+/// `the_spread_covers_every_deterministic_program`.
+macro_rules! spread_tests {
+    ($($name:ident),* $(,)?) => {
+        const SPREAD_PROGRAMS: &[&str] = &[$(stringify!($name)),*];
+        mod identity_updates_of_the_corpus_at_many_states {
+            $(
+                mod $name {
+                    use super::super::{check_program_spread, Toolchain};
+                    #[test]
+                    fn gcc() {
+                        check_program_spread(Toolchain::Gcc, stringify!($name));
+                    }
+                    #[test]
+                    fn clang() {
+                        check_program_spread(Toolchain::Clang, stringify!($name));
+                    }
+                }
+            )*
+        }
+    };
 }
 
+spread_tests!(
+    bank, calc, checksums, deeprec, echo_tcp, geometry, inventory, jobrunner, kvstore, logstats,
+    matrix, packets, pipeline, prodcons, ringbuf, scoring, signals, stackvm, textstats, vending,
+);
+
+/// The per-program tests cover exactly the deterministic corpus programs
+/// (a program added to the corpus needs its line in `spread_tests!`), and
+/// there are at least the 20 the corpus-wide floor of 120 updates counted.
 #[test]
-fn identity_updates_of_the_corpus_at_many_states_clang() {
-    check_spread(Toolchain::Clang, false);
+fn the_spread_covers_every_deterministic_program() {
+    let corpus: BTreeSet<&str> = deterministic_programs().iter().map(|p| p.name).collect();
+    let tested: BTreeSet<&str> = SPREAD_PROGRAMS.iter().copied().collect();
+    assert_eq!(tested, corpus);
+    assert!(
+        corpus.len() >= 20,
+        "{} deterministic programs",
+        corpus.len()
+    );
 }
 
 /// The same to the very end of every run (skipping up to 140,000 hits costs
@@ -412,14 +478,14 @@ impl<'a> Updater<'a> {
     }
 }
 
-fn pid_of(child: &upstare_corpus::ChildGuard) -> Pid {
+fn pid_of(child: &upstare_testkit::ChildGuard) -> Pid {
     Pid::from_raw(child.pid() as i32)
 }
 
 /// Drives `blocked read`: before each chunk (and before end-of-file) the
 /// main thread is blocked in read on the stdin pipe, and `hook` runs.
 fn drive_read(up: &Path, hook: &mut dyn FnMut(Pid, usize)) -> Output {
-    let mut child = upstare_corpus::spawn(up, &["read"]).expect("spawn");
+    let mut child = upstare_testkit::spawn(up, &["read"]).expect("spawn");
     let pid = pid_of(&child);
     child
         .wait_for_line("ready", WAIT, |l| l == "ready")
@@ -442,7 +508,7 @@ fn drive_read(up: &Path, hook: &mut dyn FnMut(Pid, usize)) -> Output {
 
 /// Drives `blocked sleep`: three naps, each ended by SIGUSR1 after `hook`.
 fn drive_sleep(up: &Path, hook: &mut dyn FnMut(Pid, usize)) -> Output {
-    let mut child = upstare_corpus::spawn(up, &["sleep"]).expect("spawn");
+    let mut child = upstare_testkit::spawn(up, &["sleep"]).expect("spawn");
     let pid = pid_of(&child);
     for round in 0..3 {
         let nap = format!("nap {round}");
@@ -466,7 +532,7 @@ fn drive_sleep(up: &Path, hook: &mut dyn FnMut(Pid, usize)) -> Output {
 /// Drives `blocked mutex`: `hook` runs while one thread waits for the mutex
 /// and main waits in read.
 fn drive_mutex(up: &Path, hook: &mut dyn FnMut(Pid, usize)) -> Output {
-    let mut child = upstare_corpus::spawn(up, &["mutex"]).expect("spawn");
+    let mut child = upstare_testkit::spawn(up, &["mutex"]).expect("spawn");
     let pid = pid_of(&child);
     child
         .wait_for_line("ready", WAIT, |l| l == "ready")
@@ -484,7 +550,7 @@ fn drive_mutex(up: &Path, hook: &mut dyn FnMut(Pid, usize)) -> Output {
 /// replaced by `PORT`.
 fn drive_echo(up: &Path, hook: &mut dyn FnMut(Pid, usize)) -> Output {
     use std::io::{BufRead, BufReader, Write};
-    let mut child = upstare_corpus::spawn(up, &["1"]).expect("spawn");
+    let mut child = upstare_testkit::spawn(up, &["1"]).expect("spawn");
     let pid = pid_of(&child);
     let line = child
         .wait_for_line("listening", WAIT, |l| l.starts_with("v1 listening port="))
@@ -528,10 +594,11 @@ fn updated_while_blocked(up: &Path, drive: Driver, expect: &[&str], dir: &TempDi
 }
 
 fn toolchains() -> Vec<Toolchain> {
-    [Toolchain::Gcc, Toolchain::Clang]
-        .into_iter()
-        .filter(|t| t.is_available())
-        .collect()
+    let tcs = vec![Toolchain::Gcc, Toolchain::Clang];
+    for tc in &tcs {
+        tc.require();
+    }
+    tcs
 }
 
 #[test]
@@ -611,7 +678,7 @@ fn ten_in_a_row(tc: Toolchain) {
     let up = instrumented(&pair.v1, tc);
     let dir = TempDir::new("ten");
     let limit = 1_000_000u64;
-    let mut child = upstare_corpus::spawn(&up, &[limit.to_string()]).expect("spawn");
+    let mut child = upstare_testkit::spawn(&up, &[limit.to_string()]).expect("spawn");
     let pid = pid_of(&child);
     child
         .wait_for_line("tick", WAIT, |l| l.starts_with("v1 tick 3 "))
@@ -696,7 +763,7 @@ fn file_maps(pid: Pid) -> Vec<(u64, u64, String, PathBuf)> {
 fn cli(args: &[&str]) -> Output {
     let mut cmd = std::process::Command::new(CLI);
     cmd.args(args);
-    upstare_corpus::run_command(cmd, Duration::from_secs(30)).expect("run upstare-apply")
+    upstare_testkit::run_command(cmd, Duration::from_secs(30)).expect("run upstare-apply")
 }
 
 fn json(out: &Output) -> serde_json::Value {
@@ -705,8 +772,8 @@ fn json(out: &Output) -> serde_json::Value {
 }
 
 /// loop_body v1 with 150 ticks, started and past its 5th tick.
-fn start_ticking(up: &Path) -> upstare_corpus::ChildGuard {
-    let child = upstare_corpus::spawn(up, &["150"]).expect("spawn");
+fn start_ticking(up: &Path) -> upstare_testkit::ChildGuard {
+    let child = upstare_testkit::spawn(up, &["150"]).expect("spawn");
     child
         .wait_for_line("tick 5", WAIT, |l| l.starts_with("v1 tick 5 "))
         .expect("ticking");
@@ -718,7 +785,7 @@ fn dry_run_changes_nothing_and_the_cli_reports() {
     let tc = Toolchain::Gcc;
     let pair = upstare_corpus::version_pair("loop_body").expect("loop_body pair");
     let up = instrumented(&pair.v1, tc);
-    let base = upstare_corpus::run(&up, &["150"], WAIT).expect("baseline run");
+    let base = upstare_testkit::run(&up, &["150"], WAIT).expect("baseline run");
     assert_eq!(base.status, ExitStatus::Code(0));
     let dir = TempDir::new("dry");
     let new = canon(&fresh_copy(&up, &dir, "new"));
@@ -821,7 +888,7 @@ fn cli_updates_report_in_text_and_json() {
     let tc = Toolchain::Gcc;
     let pair = upstare_corpus::version_pair("loop_body").expect("loop_body pair");
     let up = instrumented(&pair.v1, tc);
-    let base = upstare_corpus::run(&up, &["150"], WAIT).expect("baseline run");
+    let base = upstare_testkit::run(&up, &["150"], WAIT).expect("baseline run");
     let dir = TempDir::new("cli");
     let first = canon(&fresh_copy(&up, &dir, "1"));
     let second = canon(&fresh_copy(&up, &dir, "2"));
@@ -866,7 +933,7 @@ fn cli_updates_report_in_text_and_json() {
 fn updating_to_the_running_file_itself_is_refused() {
     let pair = upstare_corpus::version_pair("loop_body").expect("loop_body pair");
     let up = canon(&instrumented(&pair.v1, Toolchain::Gcc));
-    let base = upstare_corpus::run(&up, &["150"], WAIT).expect("baseline run");
+    let base = upstare_testkit::run(&up, &["150"], WAIT).expect("baseline run");
     let dir = TempDir::new("self");
     let link = dir.path().join("same-file.up");
     std::os::unix::fs::symlink(&up, &link).expect("symlink");
@@ -895,15 +962,13 @@ fn updating_to_the_running_file_itself_is_refused() {
 /// PIE or not.
 #[test]
 fn non_pie_new_is_refused_and_the_process_goes_on() {
-    if !Toolchain::GccNoPie.is_available() {
-        return;
-    }
+    Toolchain::GccNoPie.require();
     let pair = upstare_corpus::version_pair("loop_body").expect("loop_body pair");
     let pie = instrumented(&pair.v1, Toolchain::Gcc);
     let nopie = instrumented(&pair.v1, Toolchain::GccNoPie);
     let dir = TempDir::new("nopie");
     for running in [&pie, &nopie] {
-        let base = upstare_corpus::run(running, &["150"], WAIT).expect("baseline run");
+        let base = upstare_testkit::run(running, &["150"], WAIT).expect("baseline run");
         let new = canon(&fresh_copy(&nopie, &dir, "new"));
         let new_s = new.to_str().expect("utf-8 path");
         let mut child = start_ticking(running);

@@ -8,8 +8,8 @@ mod apply_support;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use upstare_corpus::{spawn, ChildGuard, Toolchain};
 use upstare_runtime::update::{apply, ApplyOptions};
+use upstare_testkit::{spawn, ChildGuard, Toolchain};
 
 const WAIT: Duration = Duration::from_secs(20);
 

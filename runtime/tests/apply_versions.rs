@@ -10,8 +10,9 @@ use std::io::{BufRead, BufReader, Write as _};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::time::Duration;
-use upstare_corpus::{spawn, version_pair, ChildGuard, Toolchain};
+use upstare_corpus::version_pair;
 use upstare_runtime::update::{apply, ApplyOptions, UpdateReport};
+use upstare_testkit::{spawn, ChildGuard, Toolchain};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -41,7 +42,7 @@ fn field(line: &str, key: &str) -> i64 {
         .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
 }
 
-fn quit_and_wait(mut child: ChildGuard) -> upstare_corpus::Output {
+fn quit_and_wait(mut child: ChildGuard) -> upstare_testkit::Output {
     child.send_stdin(b"quit\n").expect("send quit");
     child.wait(WAIT).expect("program ends")
 }
@@ -223,7 +224,7 @@ fn idle_server_blocked_in_read_changes_reply() {
     assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
 }
 
-fn child_wait(mut child: ChildGuard) -> upstare_corpus::Output {
+fn child_wait(mut child: ChildGuard) -> upstare_testkit::Output {
     child.close_stdin();
     child.wait(WAIT).expect("program ends")
 }

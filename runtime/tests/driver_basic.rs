@@ -8,6 +8,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use upstare_dwarf::{LinkAddr, Reg};
 use upstare_runtime::*;
+use upstare_testkit::{
+    run_with_breakpoints, DriverError, Exit, HitAction, HitContext, RunLimits, RunReport, Toolchain,
+};
 
 fn run(
     exe: &Path,
@@ -31,7 +34,7 @@ fn printed_counters(stdout: &str) -> Vec<u32> {
 #[test]
 fn function_called_n_times_is_hit_n_times_in_every_build() {
     let d = TempDir::new("calls");
-    for (i, build) in [Build::Gcc, Build::GccNoPie, Build::Clang]
+    for (i, build) in [Toolchain::Gcc, Toolchain::GccNoPie, Toolchain::Clang]
         .into_iter()
         .enumerate()
     {
@@ -50,7 +53,7 @@ fn function_called_n_times_is_hit_n_times_in_every_build() {
         );
         assert_eq!(r.threads_seen, 1);
         match build {
-            Build::GccNoPie => assert_eq!(r.load_bias.0, 0),
+            Toolchain::GccNoPie => assert_eq!(r.load_bias.0, 0),
             _ => {
                 assert_ne!(
                     r.load_bias.0, 0,
@@ -65,7 +68,7 @@ fn function_called_n_times_is_hit_n_times_in_every_build() {
 #[test]
 fn global_read_at_hit_matches_what_the_program_prints() {
     let d = TempDir::new("global");
-    let exe = compile(&d, "calls", progs::CALLS, Build::Gcc);
+    let exe = compile(&d, "calls", progs::CALLS, Toolchain::Gcc);
     let work = symbol(&exe, "work");
     let counter = symbol(&exe, "counter");
     let mut seen = Vec::new();
@@ -85,7 +88,7 @@ fn global_read_at_hit_matches_what_the_program_prints() {
 #[test]
 fn writing_rdi_at_entry_changes_the_argument() {
     let d = TempDir::new("rdi");
-    let exe = compile(&d, "calls", progs::CALLS, Build::Gcc);
+    let exe = compile(&d, "calls", progs::CALLS, Toolchain::Gcc);
     let work = symbol(&exe, "work");
     let r = run(&exe, &["5"], &[work], |ctx| {
         assert_eq!(ctx.regs.rip(), ctx.addr);
@@ -104,7 +107,7 @@ fn writing_rdi_at_entry_changes_the_argument() {
 #[test]
 fn writing_a_global_at_a_hit_changes_output() {
     let d = TempDir::new("wglobal");
-    let exe = compile(&d, "calls", progs::CALLS, Build::Gcc);
+    let exe = compile(&d, "calls", progs::CALLS, Toolchain::Gcc);
     let work = symbol(&exe, "work");
     let counter = symbol(&exe, "counter");
     let r = run(&exe, &["3"], &[work], |ctx| {
@@ -124,7 +127,7 @@ fn writing_a_global_at_a_hit_changes_output() {
 #[test]
 fn breakpoint_on_every_instruction_of_a_function() {
     let d = TempDir::new("everyinsn");
-    for (i, build) in [Build::Gcc, Build::Clang].into_iter().enumerate() {
+    for (i, build) in [Toolchain::Gcc, Toolchain::Clang].into_iter().enumerate() {
         let exe = compile(&d, &format!("calls{i}"), progs::CALLS, build);
         let insns = instructions(&exe, "work");
         let plain = run_plain(&exe, &["6"]);
@@ -152,7 +155,7 @@ fn breakpoint_on_every_instruction_of_a_function() {
 #[test]
 fn disarm_and_hit_limits_keep_the_program_correct() {
     let d = TempDir::new("limits");
-    let exe = compile(&d, "calls", progs::CALLS, Build::Gcc);
+    let exe = compile(&d, "calls", progs::CALLS, Toolchain::Gcc);
     let work = symbol(&exe, "work");
     let main = symbol(&exe, "main");
     let plain = run_plain(&exe, &["20"]);
@@ -201,7 +204,7 @@ fn moving_rip_skips_the_function_body() {
     // At work's entry, return to the caller at once with rax = 77: the
     // program then prints 77 for every call and counts nothing.
     let d = TempDir::new("jump");
-    let exe = compile(&d, "calls", progs::CALLS, Build::Gcc);
+    let exe = compile(&d, "calls", progs::CALLS, Toolchain::Gcc);
     let work = symbol(&exe, "work");
     let r = run(&exe, &["3"], &[work], |ctx| {
         let ret = ctx.memory().read_u64(ctx.regs.rsp()).unwrap();
@@ -219,7 +222,7 @@ fn moving_rip_skips_the_function_body() {
 #[test]
 fn kill_action_ends_the_run() {
     let d = TempDir::new("killact");
-    let exe = compile(&d, "calls", progs::CALLS, Build::Gcc);
+    let exe = compile(&d, "calls", progs::CALLS, Toolchain::Gcc);
     let work = symbol(&exe, "work");
     let r = run(&exe, &["50"], &[work], |ctx| {
         if ctx.hit == 3 {
@@ -236,7 +239,7 @@ fn kill_action_ends_the_run() {
 #[test]
 fn hits_report_the_thread_and_process() {
     let d = TempDir::new("ids");
-    let exe = compile(&d, "calls", progs::CALLS, Build::Gcc);
+    let exe = compile(&d, "calls", progs::CALLS, Toolchain::Gcc);
     let work = symbol(&exe, "work");
     let mut ids = BTreeMap::new();
     run(&exe, &["2"], &[work], |ctx| {
@@ -252,7 +255,7 @@ fn hits_report_the_thread_and_process() {
 #[test]
 fn refusals_are_clear_errors() {
     let d = TempDir::new("refuse");
-    let exe = compile(&d, "calls", progs::CALLS, Build::Gcc);
+    let exe = compile(&d, "calls", progs::CALLS, Toolchain::Gcc);
     let counter = symbol(&exe, "counter");
     // A data address is not code.
     let e = run_with_breakpoints(

@@ -8,11 +8,12 @@ use nix::unistd::Pid;
 use std::collections::BTreeMap;
 use std::time::Duration;
 use upstare_runtime::*;
+use upstare_testkit::{run_with_breakpoints, DriverError, Exit, HitAction, RunLimits, Toolchain};
 
 #[test]
 fn four_threads_hit_a_worker_function() {
     let d = TempDir::new("threads");
-    let exe = compile(&d, "threads", progs::THREADS, Build::Gcc);
+    let exe = compile(&d, "threads", progs::THREADS, Toolchain::Gcc);
     let step = symbol(&exe, "worker_step");
     let worker = symbol(&exe, "worker");
     let (nt, k) = (progs::THREADS_NT, progs::THREADS_K);
@@ -65,7 +66,7 @@ fn every_instruction_of_a_contended_function_in_four_threads() {
     // Breakpoints on each instruction of worker_step, hit concurrently: a
     // thread running through a lifted int3 would lose a hit.
     let d = TempDir::new("threads-insn");
-    let exe = compile(&d, "threads", progs::THREADS, Build::Gcc);
+    let exe = compile(&d, "threads", progs::THREADS, Toolchain::Gcc);
     let insns = instructions(&exe, "worker_step");
     let plain = run_plain(&exe, &[]);
     let r = run_with_breakpoints(
@@ -86,7 +87,7 @@ fn every_instruction_of_a_contended_function_in_four_threads() {
 #[test]
 fn forking_program_completes_with_the_same_output() {
     let d = TempDir::new("fork");
-    let exe = compile(&d, "fork", progs::FORK, Build::Gcc);
+    let exe = compile(&d, "fork", progs::FORK, Toolchain::Gcc);
     let work = symbol(&exe, "work");
     let plain = run_plain(&exe, &[]);
     assert!(plain.stdout.contains("child c=180\n"), "{}", plain.stdout);
@@ -114,7 +115,7 @@ fn forking_program_completes_with_the_same_output() {
 #[test]
 fn vfork_and_system_are_followed_until_exec_or_exit() {
     let d = TempDir::new("vfork");
-    let exe = compile(&d, "vfork", progs::VFORK, Build::Gcc);
+    let exe = compile(&d, "vfork", progs::VFORK, Toolchain::Gcc);
     let work = symbol(&exe, "work");
     let plain = run_plain(&exe, &[]);
     assert!(
@@ -147,7 +148,7 @@ fn vfork_and_system_are_followed_until_exec_or_exit() {
 #[test]
 fn signals_and_handlers_behave_as_untraced() {
     let d = TempDir::new("signals");
-    let exe = compile(&d, "signals", progs::SIGNALS, Build::Gcc);
+    let exe = compile(&d, "signals", progs::SIGNALS, Toolchain::Gcc);
     let work = symbol(&exe, "work");
     let handler = symbol(&exe, "on_usr1");
     let alrm = symbol(&exe, "on_alrm");
@@ -172,7 +173,7 @@ fn signals_and_handlers_behave_as_untraced() {
 #[test]
 fn crash_at_a_breakpointed_instruction_is_delivered() {
     let d = TempDir::new("crash");
-    let exe = compile(&d, "crash", progs::CRASH, Build::Gcc);
+    let exe = compile(&d, "crash", progs::CRASH, Toolchain::Gcc);
     let insns = instructions(&exe, "crash");
     let plain = run_plain(&exe, &[]);
     assert_eq!(plain.code, None, "untraced run must die by a signal");
@@ -193,7 +194,7 @@ fn crash_at_a_breakpointed_instruction_is_delivered() {
 #[test]
 fn a_program_that_never_ends_times_out_and_is_killed() {
     let d = TempDir::new("pause");
-    let exe = compile(&d, "pause", progs::PAUSE, Build::Gcc);
+    let exe = compile(&d, "pause", progs::PAUSE, Toolchain::Gcc);
     let main = symbol(&exe, "main");
     let mut pid = None;
     let limits = RunLimits {
@@ -224,7 +225,7 @@ fn a_program_that_never_ends_times_out_and_is_killed() {
 #[test]
 fn target_killed_from_outside_ends_the_run_cleanly() {
     let d = TempDir::new("extkill");
-    let exe = compile(&d, "threads", progs::THREADS, Build::Gcc);
+    let exe = compile(&d, "threads", progs::THREADS, Toolchain::Gcc);
     let step = symbol(&exe, "worker_step");
     let r = run_with_breakpoints(
         &exe,
@@ -246,7 +247,7 @@ fn target_killed_from_outside_ends_the_run_cleanly() {
 #[test]
 fn exec_replaces_the_image_and_its_breakpoints() {
     let d = TempDir::new("exec");
-    let exe = compile(&d, "exec", progs::EXEC, Build::Gcc);
+    let exe = compile(&d, "exec", progs::EXEC, Toolchain::Gcc);
     let work = symbol(&exe, "work");
     let r = run_with_breakpoints(
         &exe,
@@ -269,7 +270,7 @@ fn signal_arriving_during_a_step_keeps_its_siginfo() {
     // (sigqueue). The signal is taken while the driver steps over the
     // breakpoint: it must reach the handler once, with SI_QUEUE and the value.
     let d = TempDir::new("queued");
-    let exe = compile(&d, "queued", progs::QUEUED, Build::Gcc);
+    let exe = compile(&d, "queued", progs::QUEUED, Toolchain::Gcc);
     let work = symbol(&exe, "work");
     assert_eq!(
         run_plain(&exe, &[]).stdout,

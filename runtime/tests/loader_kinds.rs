@@ -7,12 +7,12 @@ mod remote_support;
 use nix::unistd::Pid;
 use remote_support::*;
 use std::path::{Path, PathBuf};
-use upstare_corpus::{compile_c, CSource, Toolchain};
 use upstare_dwarf::RuntimeAddr;
 use upstare_runtime::load::{import_slots, load_image, Libraries, LoadError, LoadOptions};
 use upstare_runtime::memory::TargetMemory;
 use upstare_runtime::target::remote::{entry_gadget, RemoteCalls};
 use upstare_runtime::Tracee;
+use upstare_testkit::{compile_c, CSource, Toolchain};
 
 const OLD: &str = r#"
 #include <stdio.h>
@@ -111,10 +111,7 @@ fn fmt_check(sym: &dyn Fn(&str) -> RuntimeAddr, rc: &mut RemoteCalls<'_>) {
 
 #[test]
 fn clang_built_new_in_a_gcc_built_process() {
-    if !Toolchain::Clang.is_available() {
-        eprintln!("clang not installed: skipped");
-        return;
-    }
+    Toolchain::Clang.require();
     let dir = TempDir::new("clang");
     let old = build(&dir, "old", OLD, Toolchain::Gcc, &[]);
     // Debian's clang links without --as-needed: NEW would need libm,

@@ -11,13 +11,13 @@ use remote_support::*;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use upstare_corpus::{ChildGuard, Toolchain};
 use upstare_dwarf::RuntimeAddr;
 use upstare_runtime::engine::state::Image;
 use upstare_runtime::load::{self, import_slots, load_image, Libraries, LoadOptions, LoadedImage};
 use upstare_runtime::memory::TargetMemory;
 use upstare_runtime::target::remote::{entry_gadget, RemoteCalls, RemoteError};
 use upstare_runtime::Tracee;
+use upstare_testkit::{ChildGuard, Toolchain};
 
 pub const OLD: &str = r#"
 #include <signal.h>
@@ -95,7 +95,7 @@ struct Setup {
     _dir: TempDir,
     old: PathBuf,
     new: PathBuf,
-    child: upstare_corpus::ChildGuard,
+    child: upstare_testkit::ChildGuard,
     pid: Pid,
     tracee: Tracee,
     running: Image,
@@ -570,8 +570,8 @@ fn uninstrumented_new_is_refused() {
     let s = setup("plain", NEW, Toolchain::Gcc, &[]);
     // Rebuild NEW without the rewriter.
     let plain = s._dir.path().join("plain");
-    upstare_corpus::compile_c(
-        upstare_corpus::CSource::Text(NEW),
+    upstare_testkit::compile_c(
+        upstare_testkit::CSource::Text(NEW),
         Toolchain::Gcc,
         &[],
         &plain,

@@ -10,13 +10,13 @@ use nix::unistd::Pid;
 use remote_support::*;
 use std::path::PathBuf;
 use std::time::Duration;
-use upstare_corpus::{ChildGuard, Toolchain};
 use upstare_dwarf::RuntimeAddr;
 use upstare_runtime::memory::TargetMemory;
 use upstare_runtime::target::remote::{
     exe_entry, KernelSigaction, RemoteCalls, RemoteError, GADGET_LEN,
 };
 use upstare_runtime::Tracee;
+use upstare_testkit::{ChildGuard, Toolchain};
 
 const PROG: &str = r#"
 #include <signal.h>

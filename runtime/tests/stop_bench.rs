@@ -7,9 +7,9 @@ mod stop_support;
 
 use std::time::Duration;
 use stop_support::*;
-use upstare_corpus::Toolchain;
 use upstare_runtime::engine::state::Readiness;
 use upstare_runtime::stop::{stop_the_world, StopOptions, StopTimings};
+use upstare_testkit::Toolchain;
 
 const BENCH: &str = r#"
 #include <pthread.h>

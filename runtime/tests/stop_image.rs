@@ -8,10 +8,10 @@ use nix::unistd::Pid;
 use object::{Object, ObjectSection};
 use std::time::Duration;
 use stop_support::*;
-use upstare_corpus::{compile_c, CSource, Toolchain};
 use upstare_dwarf::LinkAddr;
 use upstare_runtime::load::image::{running_image, ImageError};
 use upstare_runtime::target::procfs;
+use upstare_testkit::{compile_c, CSource, Toolchain};
 
 const PROG: &str = r#"
 #include <fcntl.h>
@@ -89,7 +89,7 @@ fn check(tc: Toolchain) {
     child.send_stdin(b"x").unwrap();
     assert_eq!(
         child.wait(Duration::from_secs(20)).unwrap().status,
-        upstare_corpus::ExitStatus::Code(0)
+        upstare_testkit::ExitStatus::Code(0)
     );
 }
 

@@ -8,10 +8,10 @@ mod stop_support;
 
 use std::time::{Duration, Instant};
 use stop_support::*;
-use upstare_corpus::{ExitStatus, Toolchain};
 use upstare_dwarf::Reg;
 use upstare_runtime::engine::state::{Readiness, ThreadState};
 use upstare_runtime::stop::{stop_the_world, Location, StopError, StopOptions, Stopped};
+use upstare_testkit::{ExitStatus, Toolchain};
 
 fn find<'a>(threads: &'a [ThreadState], bottom: &str) -> &'a ThreadState {
     threads

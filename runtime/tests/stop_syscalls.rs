@@ -9,9 +9,9 @@ mod stop_support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 use stop_support::*;
-use upstare_corpus::Toolchain;
 use upstare_runtime::engine::state::Readiness;
 use upstare_runtime::stop::{stop_the_world, StopOptions};
+use upstare_testkit::Toolchain;
 
 const BLOCKERS: &str = r#"
 #include <pthread.h>
@@ -340,7 +340,7 @@ fn blocked_calls(tc: Toolchain, pause: (&str, &str, i64, i64), flags: &[&str]) {
     let out = child.wait(Duration::from_secs(30)).unwrap();
     assert_eq!(
         out.status,
-        upstare_corpus::ExitStatus::Code(0),
+        upstare_testkit::ExitStatus::Code(0),
         "{}",
         out.stderr
     );

@@ -71,7 +71,7 @@ fn run_to_exit(t: &mut Tracee) -> Stop {
 #[test]
 fn spawned_tracee_stops_at_exec_with_a_consistent_load_bias() {
     let d = TempDir::new("bias");
-    for (i, build) in [Build::Gcc, Build::GccNoPie, Build::Clang]
+    for (i, build) in [Toolchain::Gcc, Toolchain::GccNoPie, Toolchain::Clang]
         .into_iter()
         .enumerate()
     {
@@ -90,7 +90,7 @@ fn spawned_tracee_stops_at_exec_with_a_consistent_load_bias() {
             procfs::load_bias_from_maps(pid, &maps, &exe_path, FileOffset(off), LinkAddr(vaddr))
                 .unwrap();
         assert_eq!(from_auxv, from_maps, "{build:?}");
-        if matches!(build, Build::GccNoPie) {
+        if matches!(build, Toolchain::GccNoPie) {
             assert_eq!(from_auxv, LoadBias(0));
         }
         // Nothing of the program ran: rip is in the dynamic linker, not in
@@ -116,7 +116,7 @@ fn spawned_tracee_stops_at_exec_with_a_consistent_load_bias() {
 #[test]
 fn breakpoints_are_restored_to_the_file_bytes() {
     let d = TempDir::new("restore");
-    let exe = compile(&d, "calls", progs::CALLS, Build::Gcc);
+    let exe = compile(&d, "calls", progs::CALLS, Toolchain::Gcc);
     let (mut t, io) = spawn(&exe, &["4"]);
     let bias = bias_of(&t, &exe);
     let insns = instructions(&exe, "work");
@@ -165,7 +165,7 @@ fn breakpoints_are_restored_to_the_file_bytes() {
 #[test]
 fn step_over_executes_the_original_instruction() {
     let d = TempDir::new("stepover");
-    let exe = compile(&d, "calls", progs::CALLS, Build::Gcc);
+    let exe = compile(&d, "calls", progs::CALLS, Toolchain::Gcc);
     let (mut t, io) = spawn(&exe, &["3"]);
     let pid = t.pid();
     let bias = bias_of(&t, &exe);
@@ -208,7 +208,7 @@ fn step_over_executes_the_original_instruction() {
 #[test]
 fn proc_mem_and_ptrace_words_agree() {
     let d = TempDir::new("memback");
-    let exe = compile(&d, "calls", progs::CALLS, Build::Gcc);
+    let exe = compile(&d, "calls", progs::CALLS, Toolchain::Gcc);
     let (mut t, io) = spawn(&exe, &["2"]);
     let pid = t.pid();
     let bias = bias_of(&t, &exe);
@@ -248,7 +248,7 @@ fn proc_mem_and_ptrace_words_agree() {
 #[test]
 fn killed_target_gives_clear_errors_not_hangs() {
     let d = TempDir::new("dead");
-    let exe = compile(&d, "pause", progs::PAUSE, Build::Gcc);
+    let exe = compile(&d, "pause", progs::PAUSE, Toolchain::Gcc);
     let (mut t, _io) = spawn(&exe, &[]);
     let pid = t.pid();
     let mem = t.memory();
@@ -296,7 +296,7 @@ fn killed_target_gives_clear_errors_not_hangs() {
 #[test]
 fn thread_killed_while_stopped_reports_gone() {
     let d = TempDir::new("zombie");
-    let exe = compile(&d, "pause", progs::PAUSE, Build::Gcc);
+    let exe = compile(&d, "pause", progs::PAUSE, Toolchain::Gcc);
     let (t, _io) = spawn(&exe, &[]);
     let pid = t.pid();
     // Stopped at exec; SIGKILL takes it out of the stop and it becomes a
@@ -331,7 +331,7 @@ fn spawn_failure_names_the_program() {
 #[test]
 fn seize_a_running_program_change_a_global_and_detach() {
     let d = TempDir::new("seize");
-    let exe = compile(&d, "spin", progs::SPIN, Build::Gcc);
+    let exe = compile(&d, "spin", progs::SPIN, Toolchain::Gcc);
     let mut child = Command::new(&exe)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -393,7 +393,7 @@ fn seize_a_running_program_change_a_global_and_detach() {
 #[test]
 fn dropping_a_seized_tracee_detaches_and_the_program_lives_on() {
     let d = TempDir::new("seizedrop");
-    let exe = compile(&d, "spin", progs::SPIN, Build::Gcc);
+    let exe = compile(&d, "spin", progs::SPIN, Toolchain::Gcc);
     // Killed and reaped by pid through the guard below.
     #[allow(clippy::zombie_processes)]
     let child = Command::new(&exe)

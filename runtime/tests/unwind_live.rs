@@ -7,10 +7,10 @@ mod stop_support;
 
 use std::time::Duration;
 use stop_support::*;
-use upstare_corpus::{ExitStatus, Toolchain};
 use upstare_dwarf::fdt::Callee;
 use upstare_dwarf::Reg;
 use upstare_runtime::engine::unwind::{Top, Unwinder};
+use upstare_testkit::{ExitStatus, Toolchain};
 
 const PROG: &str = r#"
 #include <stdio.h>

@@ -6,66 +6,17 @@
 use object::{Object, ObjectSection, ObjectSymbol};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// One build configuration of the target contract.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Cc {
-    GccPie,
-    GccNoPie,
-    Clang,
-}
+#[allow(unused_imports)] // each test file uses a subset
+pub use upstare_testkit::{require_tool, TempDir, Toolchain};
 
-impl Cc {
-    pub fn is_clang(self) -> bool {
-        self == Cc::Clang
+/// The configurations to test: every toolchain. A missing compiler fails
+/// the test, naming it.
+pub fn compilers() -> Vec<Toolchain> {
+    for tc in Toolchain::ALL {
+        tc.require();
     }
-}
-
-/// The configurations to test; clang is skipped (with a note) only when it
-/// is not installed.
-pub fn compilers() -> Vec<Cc> {
-    let mut v = vec![Cc::GccPie, Cc::GccNoPie];
-    if have("clang") {
-        v.push(Cc::Clang);
-    } else {
-        eprintln!("NOTE: clang not found, skipping the clang configuration");
-    }
-    v
-}
-
-pub fn have(tool: &str) -> bool {
-    Command::new(tool)
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
-
-/// A private directory removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let n = N.fetch_add(1, Ordering::SeqCst);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let dir = std::env::temp_dir().join(format!(
-            "upstare-dwarf-{tag}-{}-{n}-{nanos}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&dir).expect("create temp dir");
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+    Toolchain::ALL.to_vec()
 }
 
 /// A compiled program.
@@ -73,37 +24,29 @@ pub struct Built {
     pub dir: TempDir,
     pub exe: PathBuf,
     pub bytes: Vec<u8>,
-    pub cc: Cc,
+    pub cc: Toolchain,
 }
 
 /// Compiles the C files `srcs` (name, text) with `-O0 -g
 /// -fno-omit-frame-pointer` and the configuration's link mode.
-pub fn build(cc: Cc, tag: &str, srcs: &[(&str, &str)]) -> Built {
+pub fn build(cc: Toolchain, tag: &str, srcs: &[(&str, &str)]) -> Built {
     build_flags(cc, tag, srcs, &[])
 }
 
 /// [`build`] with extra compiler flags (`-gdwarf-4`, `-gz`...).
-pub fn build_flags(cc: Cc, tag: &str, srcs: &[(&str, &str)], flags: &[&str]) -> Built {
-    let dir = TempDir::new(tag);
-    let mut cmd = Command::new(if cc.is_clang() { "clang" } else { "gcc" });
-    cmd.args(["-O0", "-g", "-fno-omit-frame-pointer"]);
-    cmd.args(flags);
-    if cc == Cc::GccNoPie {
-        cmd.arg("-no-pie");
-    }
+pub fn build_flags(cc: Toolchain, tag: &str, srcs: &[(&str, &str)], flags: &[&str]) -> Built {
+    let dir = TempDir::new(&format!("dwarf-{tag}"));
+    let mut paths = Vec::new();
     for (name, text) in srcs {
-        let p = dir.0.join(name);
+        let p = dir.join(name);
         std::fs::write(&p, text).expect("write source");
-        cmd.arg(&p);
+        paths.push(p);
     }
-    let exe = dir.0.join(tag);
-    cmd.arg("-o").arg(&exe);
-    let out = cmd.output().expect("run the compiler");
-    assert!(
-        out.status.success(),
-        "{cc:?} failed on {tag}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let sources: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+    let exe = dir.join(tag);
+    if let Err(e) = upstare_testkit::compile_files(cc, &sources, flags, &[], &exe) {
+        panic!("{cc} failed on {tag}: {e}");
+    }
     let bytes = std::fs::read(&exe).expect("read the binary");
     Built {
         dir,

@@ -6,83 +6,28 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use upstare_dwarf::fdt::FunctionTable;
 use upstare_dwarf::model::Program;
 use upstare_rewriter::analysis::{analyze_function_detailed, AnalysisError, CodeView, Details};
 
-/// The toolchains the target contract names.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Cc {
-    /// gcc, PIE (the default).
-    Gcc,
-    /// gcc -no-pie.
-    GccNoPie,
-    /// clang, PIE.
-    Clang,
-}
+pub use upstare_testkit::{TempDir, Toolchain};
 
-impl Cc {
-    pub const ALL: [Cc; 3] = [Cc::Gcc, Cc::GccNoPie, Cc::Clang];
-    pub fn compiler(self) -> &'static str {
-        match self {
-            Cc::Gcc | Cc::GccNoPie => "gcc",
-            Cc::Clang => "clang",
-        }
-    }
-    pub fn is_gcc(self) -> bool {
-        self != Cc::Clang
-    }
-}
-
-/// A temporary directory removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let n = N.fetch_add(1, Ordering::SeqCst);
-        let dir =
-            std::env::temp_dir().join(format!("upstare-analysis-{}-{tag}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create temp dir");
-        TempDir(dir)
-    }
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Compiles `src` with `-O0 -g -fno-omit-frame-pointer` (plus `extra`) and
-/// returns the directory and the binary's path. Panics with the compiler's
-/// message on failure: the compilers are part of the test environment
+/// Compiles `src` with `-O0 -g -fno-omit-frame-pointer -w` (plus `extra`,
+/// linked with `-lm`) and returns the directory and the binary's path.
+/// Panics with the compiler's message on failure, or naming the compiler
+/// when it is missing: the compilers are part of the test environment
 /// (scripts/deps installs them).
-pub fn compile(src: &str, cc: Cc, extra: &[&str]) -> (TempDir, PathBuf) {
-    let dir = TempDir::new(cc.compiler());
+pub fn compile(src: &str, cc: Toolchain, extra: &[&str]) -> (TempDir, PathBuf) {
+    cc.require();
+    let dir = TempDir::new(&format!("analysis-{}", cc.compiler()));
     let c = dir.path().join("t.c");
     std::fs::write(&c, src).expect("write source");
     let out = dir.path().join("t");
-    let mut cmd = Command::new(cc.compiler());
-    cmd.args(["-O0", "-g", "-fno-omit-frame-pointer", "-w"]);
-    if cc == Cc::GccNoPie {
-        cmd.arg("-no-pie");
+    let mut flags = vec!["-w"];
+    flags.extend_from_slice(extra);
+    if let Err(e) = upstare_testkit::compile_files(cc, &[&c], &flags, &["-lm"], &out) {
+        panic!("{cc:?} failed: {e}");
     }
-    cmd.args(extra).arg("-o").arg(&out).arg(&c).arg("-lm");
-    let res = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", cc.compiler()));
-    assert!(
-        res.status.success(),
-        "{:?} failed: {}",
-        cc,
-        String::from_utf8_lossy(&res.stderr)
-    );
     (dir, out)
 }
 

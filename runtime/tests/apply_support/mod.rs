@@ -7,82 +7,17 @@ use nix::sys::signal::{kill, killpg, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use std::io::Read;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
-use upstare_corpus::{ExitStatus, Output, Program, Toolchain};
+use upstare_corpus::Program;
 use upstare_dwarf::LinkAddr;
 use upstare_runtime::target::procfs::MapPath;
 use upstare_runtime::update::{apply_traced, ApplyOptions, UpdateError, UpdateReport};
 use upstare_runtime::Tracee;
-
-/// A directory removed on drop.
-pub struct TempDir(PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "upstare-apply-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).expect("create temp dir");
-        TempDir(p)
-    }
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn write_exe(path: &Path, bytes: &[u8], mode: u32) {
-    // Write then rename: a test running in parallel never sees half a file.
-    // The temporary name is unique per call, so two threads writing the
-    // same binary never share one.
-    static N: AtomicU32 = AtomicU32::new(0);
-    let mut tmp = path.as_os_str().to_os_string();
-    tmp.push(format!(
-        ".tmp{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, bytes).expect("write binary");
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).expect("chmod");
-    std::fs::rename(&tmp, path).expect("rename binary");
-}
-
-/// Instruments `exe` into `out` with `exe`'s permissions, rewriting again
-/// only when `exe` or this test binary (and so the rewriter linked into it)
-/// is newer than `out`.
-pub fn instrument_to(exe: &Path, out: &Path) -> PathBuf {
-    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let rewriter = std::env::current_exe().ok().and_then(|p| mtime(&p));
-    if let (Some(a), Some(b), Some(r)) = (mtime(exe), mtime(out), rewriter) {
-        if a <= b && r <= b {
-            return out.to_path_buf();
-        }
-    }
-    let bytes = std::fs::read(exe).expect("read binary");
-    let mode = std::fs::metadata(exe)
-        .expect("stat binary")
-        .permissions()
-        .mode();
-    let r = upstare_rewriter::rewrite::rewrite(&bytes)
-        .unwrap_or_else(|e| panic!("instrument {}: {e}", exe.display()));
-    write_exe(out, &r.elf, mode);
-    out.to_path_buf()
-}
+pub use upstare_testkit::{compile_instrumented, instrument_to, write_exe, TempDir};
+use upstare_testkit::{ExitStatus, Output, Toolchain};
 
 /// The corpus program built with `tc` and instrumented (cached next to the
 /// corpus build cache).
@@ -96,21 +31,6 @@ pub fn instrumented(p: &Program, tc: Toolchain) -> PathBuf {
 /// Compiles C text with `tc` into `dir/name` and instruments it.
 pub fn build_c(dir: &TempDir, name: &str, src: &str, tc: Toolchain) -> PathBuf {
     compile_instrumented(dir.path(), name, src, tc, &[])
-}
-
-/// Compiles C text with `tc` and extra compiler `flags` into `dir/name`
-/// and instruments it into `dir/name.up`.
-pub fn compile_instrumented(
-    dir: &Path,
-    name: &str,
-    src: &str,
-    tc: Toolchain,
-    flags: &[&str],
-) -> PathBuf {
-    let exe = dir.join(name);
-    upstare_corpus::compile_c(upstare_corpus::CSource::Text(src), tc, flags, &exe)
-        .unwrap_or_else(|e| panic!("compile {name}: {e}"));
-    instrument_to(&exe, &dir.join(format!("{name}.up")))
 }
 
 /// A fresh copy of `up` (a different file, same bytes) in `dir`.
@@ -138,17 +58,17 @@ pub fn update_points(up: &Path) -> Vec<LinkAddr> {
 /// armed), counted up to `cap`; `true` if the run had more.
 pub fn count_hits(up: &Path, args: &[&str], cap: Option<u64>) -> (u64, bool) {
     let points = update_points(up);
-    let limits = upstare_runtime::RunLimits {
+    let limits = upstare_testkit::RunLimits {
         timeout: Duration::from_secs(120),
         max_hits_per_addr: u64::MAX,
         max_total_hits: cap.unwrap_or(u64::MAX),
         ..Default::default()
     };
-    let r = upstare_runtime::run_with_breakpoints(
+    let r = upstare_testkit::run_with_breakpoints(
         up,
         args,
         &points,
-        |_| upstare_runtime::HitAction::Continue,
+        |_| upstare_testkit::HitAction::Continue,
         limits,
     )
     .unwrap_or_else(|e| panic!("count hits of {}: {e}", up.display()));
@@ -157,7 +77,7 @@ pub fn count_hits(up: &Path, args: &[&str], cap: Option<u64>) -> (u64, bool) {
 
 /// An uninterrupted, untraced run.
 pub fn baseline(up: &Path, args: &[&str]) -> Output {
-    upstare_corpus::run(up, args, Duration::from_secs(60))
+    upstare_testkit::run(up, args, Duration::from_secs(60))
         .unwrap_or_else(|e| panic!("run {}: {e}", up.display()))
 }
 

@@ -6,72 +6,17 @@
 use object::{Object, ObjectSection, ObjectSymbol};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 use upstare_dwarf::LinkAddr;
-
-/// A directory removed on drop.
-pub struct TempDir(PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let p = std::env::temp_dir().join(format!(
-            "upstare-rt-{tag}-{}-{}-{nanos}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&p).expect("create temp dir");
-        TempDir(p)
-    }
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Compiler and flags of one build.
-#[derive(Clone, Copy, Debug)]
-pub enum Build {
-    Gcc,
-    GccNoPie,
-    Clang,
-}
+pub use upstare_testkit::{compile_files, TempDir, Toolchain};
 
 /// Compile `src` (C) into `dir/name` with `-O0 -g -fno-omit-frame-pointer
-/// -pthread`.
-pub fn compile(dir: &TempDir, name: &str, src: &str, build: Build) -> PathBuf {
-    let c = dir.path().join(format!("{name}.c"));
+/// -pthread` (and `-no-pie` for that toolchain).
+pub fn compile(dir: &TempDir, name: &str, src: &str, tc: Toolchain) -> PathBuf {
+    let c = dir.join(format!("{name}.c"));
     std::fs::write(&c, src).expect("write C source");
-    let exe = dir.path().join(name);
-    let (cc, extra): (&str, &[&str]) = match build {
-        Build::Gcc => ("gcc", &[]),
-        Build::GccNoPie => ("gcc", &["-no-pie"]),
-        Build::Clang => ("clang", &[]),
-    };
-    let out = Command::new(cc)
-        .args(["-O0", "-g", "-fno-omit-frame-pointer", "-pthread"])
-        .args(extra)
-        .arg("-o")
-        .arg(&exe)
-        .arg(&c)
-        .output()
-        .expect("run the C compiler");
-    assert!(
-        out.status.success(),
-        "{cc} failed on {name}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    exe
+    compile_files(tc, &[&c], &["-pthread"], &[], &dir.join(name))
+        .unwrap_or_else(|e| panic!("compiling {name}: {e}"))
 }
 
 /// Link-time address of symbol `name` in `exe`.

@@ -6,37 +6,11 @@
 use nix::unistd::Pid;
 use object::{Object, ObjectSymbol};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
-use upstare_corpus::{compile_c, CSource, ChildGuard, Toolchain};
 use upstare_dwarf::{FileOffset, LinkAddr, LoadBias, RuntimeAddr};
 use upstare_runtime::target::procfs;
-
-/// A directory removed on drop.
-pub struct TempDir(PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "upstare-remote-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).expect("create temp dir");
-        TempDir(p)
-    }
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+pub use upstare_testkit::TempDir;
+use upstare_testkit::{compile_c, instrument, CSource, ChildGuard, Toolchain};
 
 /// Compile C text `src` with `toolchain` and `extra` flags into
 /// `dir/name`, then instrument it with the rewriter (in place).
@@ -50,16 +24,12 @@ pub fn build(
     let out = dir.path().join(name);
     compile_c(CSource::Text(src), toolchain, extra, &out)
         .unwrap_or_else(|e| panic!("building {name}: {e}"));
-    let bytes = std::fs::read(&out).expect("read built program");
-    let rewritten = upstare_rewriter::rewrite::rewrite(&bytes)
-        .unwrap_or_else(|e| panic!("instrumenting {name}: {e}"));
-    std::fs::write(&out, rewritten.elf).expect("write instrumented program");
-    out
+    instrument(&out, &out)
 }
 
 /// Start `exe` untraced with piped stdio and wait for its `ready` line.
 pub fn start(exe: &Path, args: &[&str]) -> ChildGuard {
-    let child = upstare_corpus::spawn(exe, args).expect("spawn program");
+    let child = upstare_testkit::spawn(exe, args).expect("spawn program");
     child
         .wait_for_line("ready line", Duration::from_secs(20), |l| {
             l.starts_with("ready")

@@ -4,40 +4,14 @@
 
 use nix::unistd::Pid;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
-use upstare_corpus::{compile_c, CSource, ChildGuard, Toolchain};
 use upstare_runtime::engine::state::Image;
 use upstare_runtime::load::image::running_image;
 use upstare_runtime::load::libraries::Libraries;
 use upstare_runtime::target::procfs;
 use upstare_runtime::Tracee;
-
-/// A directory removed on drop.
-pub struct TempDir(PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "upstare-stop-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).expect("create temp dir");
-        TempDir(p)
-    }
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+pub use upstare_testkit::TempDir;
+use upstare_testkit::{compile_instrumented, ChildGuard, Toolchain};
 
 /// Compile `src` with `tc` and instrument it; returns the instrumented
 /// binary (`<name>.up`).
@@ -47,20 +21,12 @@ pub fn build(dir: &TempDir, name: &str, src: &str, tc: Toolchain) -> PathBuf {
 
 /// [`build`] with extra compiler flags.
 pub fn build_with(dir: &TempDir, name: &str, src: &str, tc: Toolchain, flags: &[&str]) -> PathBuf {
-    let exe = dir.path().join(name);
-    compile_c(CSource::Text(src), tc, flags, &exe).expect("compile");
-    let bytes = std::fs::read(&exe).expect("read exe");
-    let out = upstare_rewriter::rewrite::rewrite(&bytes).expect("instrument");
-    let up = dir.path().join(format!("{name}.up"));
-    std::fs::write(&up, &out.elf).expect("write instrumented");
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&up, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    up
+    compile_instrumented(dir.path(), name, src, tc, flags)
 }
 
 /// Start `exe` and wait (bounded) for a stdout line equal to `ready`.
 pub fn start(exe: &Path, args: &[&str], ready: &str) -> ChildGuard {
-    let child = upstare_corpus::spawn(exe, args).expect("spawn");
+    let child = upstare_testkit::spawn(exe, args).expect("spawn");
     child
         .wait_for_line("ready line", Duration::from_secs(20), |l| l == ready)
         .expect("program reports ready");

@@ -33,7 +33,8 @@
 //! ```no_run
 //! use std::path::Path;
 //! use upstare_dwarf::{LinkAddr, Reg};
-//! use upstare_runtime::{run_with_breakpoints, Exit, HitAction, RunLimits, TargetMemory};
+//! use upstare_runtime::TargetMemory;
+//! use upstare_testkit::{run_with_breakpoints, Exit, HitAction, RunLimits};
 //!
 //! let work = LinkAddr(0x1149); // from the symbol table or DWARF
 //! let counter = LinkAddr(0x4014);
@@ -50,14 +51,9 @@
 //! )?;
 //! assert_eq!(report.exit, Exit::Code(0));
 //! assert_eq!(report.hits[&work], 5);
-//! # Ok::<(), upstare_runtime::DriverError>(())
+//! # Ok::<(), upstare_testkit::DriverError>(())
 //! ```
 
-use crate::memory::{MemError, TargetMemory};
-use crate::target::breakpoint::{BreakpointError, BreakpointSet, DeferredSignal, StepEnd};
-use crate::target::procfs::{self, ProcError};
-use crate::target::ptrace::{PtraceError, Regs, Sig, Stop, Tracee};
-use crate::target::ProcessMemory;
 use nix::sys::signal;
 use nix::unistd::Pid;
 use object::{Object, ObjectKind};
@@ -69,6 +65,13 @@ use std::process::{Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 use upstare_dwarf::{LinkAddr, LoadBias, RuntimeAddr};
+use upstare_runtime::memory::{MemError, TargetMemory};
+use upstare_runtime::target::breakpoint::{
+    BreakpointError, BreakpointSet, DeferredSignal, StepEnd,
+};
+use upstare_runtime::target::procfs::{self, ProcError};
+use upstare_runtime::target::ptrace::{PtraceError, Regs, Sig, Stop, Tracee};
+use upstare_runtime::target::ProcessMemory;
 
 /// Executables larger than this are refused.
 pub const MAX_PROGRAM_SIZE: u64 = 1 << 30;
