@@ -3,21 +3,19 @@
 //! it says — each warning once.
 
 use std::path::PathBuf;
-use upstare_corpus::{compile_c, CSource, Toolchain};
 use upstare_dwarf::fdt::{Continuation, FrameTables};
 use upstare_patcher::{default_plan, CallShape, GlobalAction, SiteKind, UpdatePlan, VarSource};
+use upstare_testkit::{compile_instrumented, Toolchain};
 
 const TOOLCHAINS: [Toolchain; 2] = [Toolchain::Gcc, Toolchain::Clang];
 
 /// Compiles `src` with `tc`, instruments it and returns its tables.
 fn tables(name: &str, src: &str, tc: Toolchain) -> FrameTables {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("patcher-plan");
-    let exe = dir.join(format!("{name}.{}", tc.name()));
-    compile_c(CSource::Text(src), tc, &[], &exe).unwrap_or_else(|e| panic!("compile {name}: {e}"));
-    let bytes = std::fs::read(&exe).expect("read binary");
-    let rewritten = upstare_rewriter::rewrite::rewrite(&bytes)
-        .unwrap_or_else(|e| panic!("instrument {name}: {e}"));
-    upstare_dwarf::read_tables(&rewritten.elf).expect("tables")
+    std::fs::create_dir_all(&dir).expect("dir");
+    let up = compile_instrumented(&dir, &format!("{name}.{}", tc.name()), src, tc, &[]);
+    let bytes = std::fs::read(&up).expect("read instrumented binary");
+    upstare_dwarf::read_tables(&bytes).expect("tables")
 }
 
 fn plan(name: &str, v1: &str, v2: &str, tc: Toolchain) -> (FrameTables, FrameTables, UpdatePlan) {

@@ -3,11 +3,9 @@
 //! report and in `--json`, because the mapping was decided twice (once to
 //! check it, once again while computing the writes).
 
-mod apply_support;
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use upstare_corpus::{ExitStatus, Output, Toolchain};
+use upstare_testkit::{ExitStatus, Output, Toolchain};
 
 const CLI: &str = env!("CARGO_BIN_EXE_upstare-apply");
 const WAIT: Duration = Duration::from_secs(20);
@@ -46,13 +44,13 @@ fn work(name: &str) -> PathBuf {
 fn cli(args: &[&str]) -> Output {
     let mut cmd = std::process::Command::new(CLI);
     cmd.args(args);
-    upstare_corpus::run_command(cmd, Duration::from_secs(30)).expect("run upstare-apply")
+    upstare_testkit::run_command(cmd, Duration::from_secs(30)).expect("run upstare-apply")
 }
 
 /// Starts v1, waits for its 3rd tick, updates it with the CLI and `args`,
 /// and returns the CLI's output.
 fn update_once(dir: &Path, v1: &Path, v2: &Path, args: &[&str]) -> Output {
-    let child = upstare_corpus::spawn(v1, &[] as &[&str]).expect("spawn v1");
+    let child = upstare_testkit::spawn(v1, &[] as &[&str]).expect("spawn v1");
     child
         .wait_for_line("tick 3", WAIT, |l| l.starts_with("v1 tick 3 "))
         .expect("v1 ticking");
@@ -70,9 +68,14 @@ fn update_once(dir: &Path, v1: &Path, v2: &Path, args: &[&str]) -> Output {
 #[test]
 fn a_new_global_is_reported_once_in_text_and_json() {
     let dir = work("new-global");
-    let v1 =
-        apply_support::compile_instrumented(&dir, "v1", &ticker("v1", "", ""), Toolchain::Gcc, &[]);
-    let v2 = apply_support::compile_instrumented(
+    let v1 = upstare_testkit::compile_instrumented(
+        &dir,
+        "v1",
+        &ticker("v1", "", ""),
+        Toolchain::Gcc,
+        &[],
+    );
+    let v2 = upstare_testkit::compile_instrumented(
         &dir,
         "v2",
         &ticker("v2", "long added_later = 7;", " + added_later"),
