@@ -69,6 +69,7 @@ fn run(cli: &Cli) -> Result<()> {
         timeout: Duration::from_millis(cli.timeout),
         dry_run: cli.dry_run,
         skip_hits: 0,
+        plan: None,
     };
     let report = apply(cli.pid, &cli.to, &opts)?;
     if cli.json {

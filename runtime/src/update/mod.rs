@@ -38,6 +38,9 @@ pub struct ApplyOptions {
     /// Let this many update-point hits pass before stopping (tests use it to
     /// update at the k-th point of a run).
     pub skip_hits: u64,
+    /// The plan to execute (from a PATCH file); `None` makes the default
+    /// plan from the two versions' tables.
+    pub plan: Option<UpdatePlan>,
 }
 
 impl Default for ApplyOptions {
@@ -46,6 +49,7 @@ impl Default for ApplyOptions {
             timeout: Duration::from_millis(500),
             dry_run: false,
             skip_hits: 0,
+            plan: None,
         }
     }
 }
@@ -252,7 +256,10 @@ pub fn apply_traced(
     }
     // What maps to what is decided from the two tables alone, before the
     // process is paused.
-    let plan: UpdatePlan = upstare_patcher::default_plan(&old.tables, &new_tables);
+    let plan: UpdatePlan = match &opts.plan {
+        Some(plan) => plan.clone(),
+        None => upstare_patcher::default_plan(&old.tables, &new_tables),
+    };
     let mut libs = Libraries::new(tracee.pid(), &maps);
 
     // Phase 2: stop every thread at an update point or in a safe call.
