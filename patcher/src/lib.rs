@@ -11,11 +11,12 @@
 #![forbid(unsafe_code)]
 
 pub mod convert;
+pub mod initial;
 pub mod plan;
 pub mod types;
 
 pub use plan::{
-    default_plan, CallShape, ContinuationMapping, FunctionMapping, GlobalAction, GlobalMapping,
-    SiteKind, UpdatePlan, VarSource,
+    default_plan, plan_for_binaries, CallShape, ContinuationMapping, FunctionMapping, GlobalAction,
+    GlobalMapping, PlanError, SiteKind, UpdatePlan, VarSource,
 };
 pub use types::{is_const_object, TypeComparer};

@@ -16,12 +16,15 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use upstare_dwarf::elf::ElfError;
 use upstare_dwarf::fdt::{CallSite, Continuation, FrameTables, FunctionTable, UpdatePoint};
 use upstare_dwarf::model::{Global, VarLocation, Variable};
 
 use crate::convert::{Converter, TypeChange};
+use crate::initial::{initial_values, InitialValue};
 use crate::types::is_const_object;
 
 /// The whole mapping from OLD to NEW.
@@ -50,6 +53,11 @@ pub struct GlobalMapping {
     /// `global counter`, `static main::calls`.
     pub label: String,
     pub action: GlobalAction,
+    /// OLD's initial value of the global, when OLD's file tells it: a
+    /// global that still holds it was never changed by the program, and
+    /// follows the new version (keeps NEW's initial value) whatever the
+    /// action says.
+    pub initial: Option<InitialValue>,
 }
 
 /// How a global's value reaches NEW.
@@ -170,6 +178,14 @@ pub enum CallShape {
 }
 
 impl UpdatePlan {
+    /// Records OLD's initial values (index-aligned with OLD's globals, as
+    /// [`initial_values`] gives them).
+    pub fn attach_initial_values(&mut self, values: Vec<Option<InitialValue>>) {
+        for (m, v) in self.globals.iter_mut().zip(values) {
+            m.initial = v;
+        }
+    }
+
     /// The mapping of OLD's function `name`.
     pub fn function(&self, name: &str) -> Option<&FunctionMapping> {
         self.functions
@@ -236,6 +252,36 @@ pub fn global_label(g: &Global) -> String {
 /// The identity of a global across versions: name and owning function.
 fn global_key(g: &Global) -> (&str, Option<&str>) {
     (g.name.as_str(), g.owner.as_deref())
+}
+
+/// Why a plan could not be made from two files.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("{path}: {why}")]
+    Tables { path: PathBuf, why: String },
+    #[error("{0}")]
+    Elf(#[from] ElfError),
+}
+
+/// The default plan for two instrumented binaries, given their bytes:
+/// their tables, and OLD's initial values (so data the program never
+/// changed follows NEW).
+pub fn plan_for_binaries(
+    old_path: &Path,
+    old_elf: &[u8],
+    new_path: &Path,
+    new_elf: &[u8],
+) -> Result<UpdatePlan, PlanError> {
+    let tables = |path: &Path, elf: &[u8]| {
+        upstare_dwarf::read_tables(elf).map_err(|e| PlanError::Tables {
+            path: path.to_path_buf(),
+            why: e.to_string(),
+        })
+    };
+    let (old, new) = (tables(old_path, old_elf)?, tables(new_path, new_elf)?);
+    let mut plan = default_plan(&old, &new);
+    plan.attach_initial_values(initial_values(old_path, &old, old_elf)?);
+    Ok(plan)
 }
 
 /// Makes the default plan from OLD's and NEW's tables.
@@ -327,6 +373,7 @@ fn plan_globals(
             new: found.map(|(j, _)| j),
             label,
             action,
+            initial: None,
         });
     }
     let old_keys: HashSet<(&str, Option<&str>)> = old.globals.iter().map(global_key).collect();

@@ -54,29 +54,47 @@ pub struct GlobalsPlan {
     pub kept_const: usize,
     /// Globals whose type changed, converted (counted in `copied` too).
     pub converted: usize,
+    /// Globals the program never changed, left with NEW's initial value.
+    pub kept_initial: usize,
+}
+
+/// Whether global `m` still holds OLD's initial value in `mem` (the program
+/// never changed it): then it follows NEW, which already holds its own
+/// initial value. Unreadable memory counts as changed.
+fn unchanged_since_start(mem: &impl TargetMemory, m: &GlobalMapping, old: &Image) -> bool {
+    let (Some(initial), Some(g)) = (&m.initial, old.tables.globals.get(m.old)) else {
+        return false;
+    };
+    mem.read_vec(old.runtime(g.addr), g.size, MAX_VALUE_SIZE as usize)
+        .is_ok_and(|live| initial.matches(&live, old.bias.0))
 }
 
 /// Refuses the update when the plan leaves a global unmapped (a change of
-/// type). Needs no process access, so it runs before anything is loaded.
-pub fn check_globals(plan: &UpdatePlan) -> Result<(), TransferError> {
-    match plan.type_changed_globals().next() {
-        Some(GlobalMapping {
-            label,
-            action:
-                GlobalAction::TypeChanged {
-                    old_type,
-                    new_type,
-                    why,
-                },
-            ..
-        }) => Err(TransferError::TypeChanged {
-            what: label.clone(),
-            old: old_type.clone(),
-            new: new_type.clone(),
-            why: why.clone(),
-        }),
-        _ => Ok(()),
+/// type no rule maps) and the program changed its value; one it never
+/// changed follows NEW. Runs before anything is loaded.
+pub fn check_globals(
+    plan: &UpdatePlan,
+    mem: &impl TargetMemory,
+    old: &Image,
+) -> Result<(), TransferError> {
+    for m in plan.type_changed_globals() {
+        if let GlobalAction::TypeChanged {
+            old_type,
+            new_type,
+            why,
+        } = &m.action
+        {
+            if !unchanged_since_start(mem, m, old) {
+                return Err(TransferError::TypeChanged {
+                    what: m.label.clone(),
+                    old: old_type.clone(),
+                    new: new_type.clone(),
+                    why: why.clone(),
+                });
+            }
+        }
     }
+    Ok(())
 }
 
 /// Executes the plan's global mappings: reads every global the plan copies
@@ -88,7 +106,7 @@ pub fn transfer_globals(
     new: &Image,
     remap: &mut Remapper<'_>,
 ) -> Result<GlobalsPlan, TransferError> {
-    check_globals(plan)?;
+    check_globals(plan, mem, old)?;
     let mut out = GlobalsPlan::default();
     for m in &plan.globals {
         let change = match &m.action {
@@ -98,8 +116,17 @@ pub fn transfer_globals(
                 out.kept_const += 1;
                 continue;
             }
+            GlobalAction::TypeChanged { .. } => {
+                // check_globals let it through: never changed.
+                out.kept_initial += 1;
+                continue;
+            }
             _ => continue,
         };
+        if unchanged_since_start(mem, m, old) {
+            out.kept_initial += 1;
+            continue;
+        }
         let what = m.label.clone();
         let (Some(g), Some(n)) = (
             old.tables.globals.get(m.old),

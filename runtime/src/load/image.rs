@@ -103,6 +103,25 @@ fn probe(pid: Pid, m: &MemoryMap) -> Result<Option<Candidate>, ImageError> {
     }))
 }
 
+/// The whole file of the running image `image`, read as process `pid` maps
+/// it (through `/proc/PID/map_files/` when possible, so a file replaced on
+/// disk since is still read as mapped), bounded by the ELF size cap.
+pub fn image_file_bytes(
+    pid: Pid,
+    maps: &[MemoryMap],
+    image: &Image,
+) -> Result<Vec<u8>, ImageError> {
+    let m = exec_files(maps)
+        .into_iter()
+        .find(|m| m.file() == Some(image.path.as_path()))
+        .ok_or_else(|| ImageError::NoImage {
+            pid: pid.as_raw(),
+            exe: image.path.clone(),
+        })?;
+    let (f, path) = open_mapped(pid, m)?;
+    Ok(super::elf::read_bounded(f, &path)?)
+}
+
 /// Bias, text and span of a candidate, checked against every mapping of
 /// its file.
 fn locate(

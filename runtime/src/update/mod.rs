@@ -18,7 +18,7 @@ use crate::engine::rebuild::{self, RebuildError};
 use crate::engine::state::{Readiness, ThreadState};
 use crate::engine::transfer::{self, TransferError};
 use crate::engine::Write;
-use crate::load::image::{running_image, ImageError};
+use crate::load::image::{image_file_bytes, running_image, ImageError};
 use crate::load::libraries::Libraries;
 use crate::load::{self, LoadError, LoadOptions};
 use crate::stop::{self, StopError, StopOptions};
@@ -258,7 +258,17 @@ pub fn apply_traced(
     // process is paused.
     let plan: UpdatePlan = match &opts.plan {
         Some(plan) => plan.clone(),
-        None => upstare_patcher::default_plan(&old.tables, &new_tables),
+        None => {
+            let mut plan = upstare_patcher::default_plan(&old.tables, &new_tables);
+            // OLD's initial values, so data the program never changed
+            // follows NEW.
+            let old_bytes = image_file_bytes(tracee.pid(), &maps, &old)?;
+            let initial =
+                upstare_patcher::initial::initial_values(&old.path, &old.tables, &old_bytes)
+                    .map_err(ImageError::from)?;
+            plan.attach_initial_values(initial);
+            plan
+        }
     };
     let mut libs = Libraries::new(tracee.pid(), &maps);
 
@@ -280,7 +290,7 @@ pub fn apply_traced(
     // Phase 3: does the paused state map onto the new version? (plan and
     // tables only)
     let t = Instant::now();
-    transfer::check_globals(&plan)?;
+    transfer::check_globals(&plan, &tracee.memory(), &old)?;
     rebuild::check_frames(&threads, &plan, &old.tables, &new_tables)?;
     let mut warnings = plan.warnings.clone();
     timings.save_us = us(t.elapsed());
