@@ -19,7 +19,7 @@
 use crate::engine::state::{Image, Readiness, ThreadState};
 use crate::engine::unwind::{StackSnapshot, Top, UnwindError, Unwinder, Unwound};
 use crate::load::image::Libraries;
-use crate::target::breakpoint::{BreakpointError, BreakpointSet, StepEnd};
+use crate::target::breakpoint::{BreakpointError, BreakpointSet, PendingTrap, StepEnd};
 use crate::target::procfs::{self, MemoryMap, ProcError};
 use crate::target::ptrace::{PtraceError, Regs, Sig, Stop, Tracee};
 use crate::target::ProcessMemory;
@@ -832,7 +832,13 @@ impl Stopper<'_> {
             }
             Stop::EventStop { .. } => {
                 self.kicked.remove(&tid);
-                self.look_at(bps, tid, self.hits < self.opts.skip_hits)
+                let keep_running = match self.take_pending_trap(bps, tid)? {
+                    // Like any hit: skipped up to the k-th.
+                    PendingTrap::Taken { .. } => self.hits <= self.opts.skip_hits,
+                    PendingTrap::None => self.hits < self.opts.skip_hits,
+                    PendingTrap::Ended(stop) => return self.handle(bps, tid, stop),
+                };
+                self.look_at(bps, tid, keep_running)
             }
             Stop::Signal { sig, code } if is_fault(sig, code) => self.cont(tid, Some(sig)),
             // A thread running towards an update point gets its signals at
@@ -1243,6 +1249,41 @@ impl Stopper<'_> {
         Ok(())
     }
 
+    /// A thread whose `int3` trap was taken by the interrupt stop that
+    /// reported it (see [`BreakpointSet::take_pending_trap`]): take it now,
+    /// counting the hit and holding back what came meanwhile.
+    fn take_pending_trap(
+        &mut self,
+        bps: &BreakpointSet<ProcessMemory>,
+        tid: Pid,
+    ) -> Result<PendingTrap, StopError> {
+        let out = bps.take_pending_trap(&mut *self.tracee, tid, self.opts.stop_wait)?;
+        for d in out.deferred {
+            self.held.push(Held {
+                tid,
+                sig: d.sig,
+                info: d.info,
+            });
+        }
+        if let PendingTrap::Taken { .. } = out.trap {
+            self.hits += 1;
+        }
+        Ok(out.trap)
+    }
+
+    /// Thread `tid` ended while being brought to a halt: an error if it was
+    /// the main thread.
+    fn ended_while_halting(&mut self, tid: Pid, stop: Stop) -> Result<(), StopError> {
+        self.waiting.remove(&tid);
+        if tid == self.pid {
+            return Err(StopError::Gone {
+                pid: self.pid.as_raw(),
+                how: format!("{stop:?}"),
+            });
+        }
+        Ok(())
+    }
+
     /// Stop every thread still running, remove the breakpoints, queue held
     /// signals again.
     fn finish(&mut self, bps: &mut BreakpointSet<ProcessMemory>) -> Result<(), StopError> {
@@ -1323,6 +1364,9 @@ impl Stopper<'_> {
             match stop {
                 Stop::EventStop { .. } => {
                     self.kicked.remove(&tid);
+                    if let PendingTrap::Ended(stop) = self.take_pending_trap(bps, tid)? {
+                        return self.ended_while_halting(tid, stop);
+                    }
                     let regs = self.tracee.regs(tid)?;
                     let regs = self.undo_eintr(tid, regs)?;
                     // Last look: stopped where it is, it may be ready.
@@ -1377,15 +1421,7 @@ impl Stopper<'_> {
                     self.tracee.cont(tid, None)?;
                 }
                 Stop::Exited { .. } | Stop::Killed { .. } => {
-                    self.waiting.remove(&tid);
-                    return if tid == self.pid {
-                        Err(StopError::Gone {
-                            pid: self.pid.as_raw(),
-                            how: format!("{stop:?}"),
-                        })
-                    } else {
-                        Ok(())
-                    };
+                    return self.ended_while_halting(tid, stop);
                 }
                 Stop::Exec { .. } => {
                     bps.forget_all();
