@@ -19,7 +19,9 @@
 use crate::engine::state::{Image, Readiness, ThreadState};
 use crate::engine::unwind::{StackSnapshot, Top, UnwindError, Unwinder, Unwound};
 use crate::load::image::Libraries;
-use crate::target::breakpoint::{BreakpointError, BreakpointSet, PendingTrap, StepEnd};
+use crate::target::breakpoint::{
+    release_forked_child, BreakpointError, BreakpointSet, ChildMemory, PendingTrap, StepEnd,
+};
 use crate::target::procfs::{self, MemoryMap, ProcError};
 use crate::target::ptrace::{PtraceError, Regs, Sig, Stop, Tracee};
 use crate::target::ProcessMemory;
@@ -1238,13 +1240,17 @@ impl Stopper<'_> {
         child: Pid,
         vfork: bool,
     ) -> Result<(), StopError> {
-        // Its first stop (an EventStop) may already be there or follow.
-        let _ = self.tracee.wait_stop(child, self.opts.stop_wait);
-        if !vfork {
-            let mut mem = ProcessMemory::open(child);
-            bps.remove_from(&mut mem)?;
+        let memory = if vfork {
+            ChildMemory::Shared
+        } else {
+            ChildMemory::Copied
+        };
+        match release_forked_child(&mut *self.tracee, bps, child, memory, self.opts.stop_wait) {
+            // A child that did not stop or could not be detached is not
+            // the update's business: its code is its own again either way.
+            Ok(_) | Err(BreakpointError::Child { .. }) => {}
+            Err(e) => return Err(e.into()),
         }
-        let _ = self.tracee.detach_thread(child, None);
         self.released.push(child.as_raw());
         Ok(())
     }

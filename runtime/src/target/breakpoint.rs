@@ -1,9 +1,11 @@
 //! Software breakpoints (`int3`) as guards that put the original byte back,
-//! stepping a thread over one, and taking a trap that is still pending.
+//! stepping a thread over one, taking a trap that is still pending, and
+//! letting go of a child forked while they are armed.
 
 use crate::memory::{MemError, TargetMemory};
 use crate::target::procfs::{self, ProcError};
 use crate::target::ptrace::{PtraceError, Sig, Stop, Tracee};
+use crate::target::ProcessMemory;
 use nix::libc;
 use nix::unistd::Pid;
 use std::collections::{BTreeMap, BTreeSet};
@@ -67,6 +69,12 @@ pub enum BreakpointError {
         tid: i32,
         #[source]
         source: ProcError,
+    },
+    #[error("letting go of forked child {child}: {source}")]
+    Child {
+        child: i32,
+        #[source]
+        source: PtraceError,
     },
 }
 
@@ -245,6 +253,69 @@ pub struct PendingTrapOutcome {
 /// The mask bit of `sig` in a `/proc` signal set.
 fn signal_bit(sig: Sig) -> u64 {
     1u64.checked_shl(sig.0.wrapping_sub(1) as u32).unwrap_or(0)
+}
+
+/// How a forked child shares the `int3`s of its parent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChildMemory {
+    /// A copy (`fork`): it holds our `int3`s, to be replaced by the
+    /// original bytes before it goes.
+    Copied,
+    /// The parent's own (`vfork`): restoring would remove the parent's
+    /// breakpoints too, so nothing is written.
+    Shared,
+}
+
+/// What became of a forked child handed to [`release_forked_child`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChildRelease {
+    /// Its code is its own again and it runs untraced (with the signal it
+    /// stopped for first, if any, delivered).
+    Detached,
+    /// It ended before it could be let go.
+    Ended,
+}
+
+/// Let go of `child`, a process forked by a traced thread while the
+/// breakpoints of `bps` were armed: wait (up to `timeout`) for its first
+/// stop, give it its original code bytes back (unless it shares its
+/// parent's memory) and detach it.
+///
+/// When it does not stop in time its code is restored all the same (so it
+/// never meets one of our `int3`s) before the error is returned.
+pub fn release_forked_child<M: TargetMemory>(
+    tracee: &mut Tracee,
+    bps: &BreakpointSet<M>,
+    child: Pid,
+    memory: ChildMemory,
+    timeout: Duration,
+) -> Result<ChildRelease, BreakpointError> {
+    let child_err = |source| BreakpointError::Child {
+        child: child.as_raw(),
+        source,
+    };
+    let restore = || match memory {
+        ChildMemory::Copied => bps.remove_from(&mut ProcessMemory::open(child)),
+        ChildMemory::Shared => Ok(()),
+    };
+    // Its first stop (an EventStop, or a signal that came first) may
+    // already be there or follow.
+    let signal = match tracee.wait_stop(child, timeout) {
+        Ok(Stop::Signal { sig, .. }) => Some(sig),
+        Ok(stop) if stop.is_terminal() => return Ok(ChildRelease::Ended),
+        Ok(_) => None,
+        Err(PtraceError::Gone { .. }) => return Ok(ChildRelease::Ended),
+        Err(source) => {
+            restore()?;
+            return Err(child_err(source));
+        }
+    };
+    restore()?;
+    match tracee.detach_thread(child, signal) {
+        Ok(()) => Ok(ChildRelease::Detached),
+        Err(PtraceError::Gone { .. }) => Ok(ChildRelease::Ended),
+        Err(source) => Err(child_err(source)),
+    }
 }
 
 /// Whether a signal stop is a synchronous consequence of the instruction
