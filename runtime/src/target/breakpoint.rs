@@ -1,8 +1,11 @@
 //! Software breakpoints (`int3`) as guards that put the original byte back,
-//! and stepping a thread over one.
+//! stepping a thread over one, taking a trap that is still pending, and
+//! letting go of a child forked while they are armed.
 
 use crate::memory::{MemError, TargetMemory};
+use crate::target::procfs::{self, ProcError};
 use crate::target::ptrace::{PtraceError, Sig, Stop, Tracee};
+use crate::target::ProcessMemory;
 use nix::libc;
 use nix::unistd::Pid;
 use std::collections::{BTreeMap, BTreeSet};
@@ -47,6 +50,31 @@ pub enum BreakpointError {
         tid: i32,
         addr: RuntimeAddr,
         limit: usize,
+    },
+    #[error("taking the pending trap of thread {tid} at the breakpoint at {addr}: {source}")]
+    PendingTrap {
+        tid: i32,
+        addr: RuntimeAddr,
+        #[source]
+        source: PtraceError,
+    },
+    #[error("taking the pending trap of thread {tid} at the breakpoint at {addr}: more than {limit} stops")]
+    PendingTrapStops {
+        tid: i32,
+        addr: RuntimeAddr,
+        limit: usize,
+    },
+    #[error("thread {tid}: {source}")]
+    Proc {
+        tid: i32,
+        #[source]
+        source: ProcError,
+    },
+    #[error("letting go of forked child {child}: {source}")]
+    Child {
+        child: i32,
+        #[source]
+        source: PtraceError,
     },
 }
 
@@ -197,6 +225,97 @@ pub struct StepOutcome {
     /// ptrace events the thread reported during the step (clone, fork,
     /// vfork, ...): the tracer must act on them (the new tasks are traced).
     pub events: Vec<Stop>,
+}
+
+/// What [`BreakpointSet::take_pending_trap`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PendingTrap {
+    /// No trap of ours was pending on the thread.
+    None,
+    /// The trap was taken and suppressed: the thread is in an interrupt
+    /// stop (no interrupt left pending) with rip rewound to the breakpoint
+    /// at `addr`, as if it had stopped just before it.
+    Taken { addr: RuntimeAddr },
+    /// The thread ended meanwhile; this is its final stop.
+    Ended(Stop),
+}
+
+/// The result of [`BreakpointSet::take_pending_trap`].
+#[derive(Debug)]
+pub struct PendingTrapOutcome {
+    /// Whether a trap of ours was pending, and what became of the thread.
+    pub trap: PendingTrap,
+    /// Signals reported meanwhile, held back, oldest first (a `SIGTRAP`
+    /// pending for another reason than our `int3` is among them).
+    pub deferred: Vec<DeferredSignal>,
+}
+
+/// The mask bit of `sig` in a `/proc` signal set.
+fn signal_bit(sig: Sig) -> u64 {
+    1u64.checked_shl(sig.0.wrapping_sub(1) as u32).unwrap_or(0)
+}
+
+/// How a forked child shares the `int3`s of its parent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChildMemory {
+    /// A copy (`fork`): it holds our `int3`s, to be replaced by the
+    /// original bytes before it goes.
+    Copied,
+    /// The parent's own (`vfork`): restoring would remove the parent's
+    /// breakpoints too, so nothing is written.
+    Shared,
+}
+
+/// What became of a forked child handed to [`release_forked_child`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChildRelease {
+    /// Its code is its own again and it runs untraced (with the signal it
+    /// stopped for first, if any, delivered).
+    Detached,
+    /// It ended before it could be let go.
+    Ended,
+}
+
+/// Let go of `child`, a process forked by a traced thread while the
+/// breakpoints of `bps` were armed: wait (up to `timeout`) for its first
+/// stop, give it its original code bytes back (unless it shares its
+/// parent's memory) and detach it.
+///
+/// When it does not stop in time its code is restored all the same (so it
+/// never meets one of our `int3`s) before the error is returned.
+pub fn release_forked_child<M: TargetMemory>(
+    tracee: &mut Tracee,
+    bps: &BreakpointSet<M>,
+    child: Pid,
+    memory: ChildMemory,
+    timeout: Duration,
+) -> Result<ChildRelease, BreakpointError> {
+    let child_err = |source| BreakpointError::Child {
+        child: child.as_raw(),
+        source,
+    };
+    let restore = || match memory {
+        ChildMemory::Copied => bps.remove_from(&mut ProcessMemory::open(child)),
+        ChildMemory::Shared => Ok(()),
+    };
+    // Its first stop (an EventStop, or a signal that came first) may
+    // already be there or follow.
+    let signal = match tracee.wait_stop(child, timeout) {
+        Ok(Stop::Signal { sig, .. }) => Some(sig),
+        Ok(stop) if stop.is_terminal() => return Ok(ChildRelease::Ended),
+        Ok(_) => None,
+        Err(PtraceError::Gone { .. }) => return Ok(ChildRelease::Ended),
+        Err(source) => {
+            restore()?;
+            return Err(child_err(source));
+        }
+    };
+    restore()?;
+    match tracee.detach_thread(child, signal) {
+        Ok(()) => Ok(ChildRelease::Detached),
+        Err(PtraceError::Gone { .. }) => Ok(ChildRelease::Ended),
+        Err(source) => Err(child_err(source)),
+    }
 }
 
 /// Whether a signal stop is a synchronous consequence of the instruction
@@ -441,6 +560,138 @@ fn step_loop(
         tracee.step(tid, None).map_err(pt)?;
     }
     Err(BreakpointError::TooManyStops {
+        tid: tid.as_raw(),
+        addr,
+        limit: MAX_STEP_STOPS,
+    })
+}
+
+impl<M: TargetMemory> BreakpointSet<M> {
+    /// Take the trap of an `int3` of ours that thread `tid` executed but
+    /// that was never reported.
+    ///
+    /// When a `PTRACE_INTERRUPT` lands while a thread executes an `int3`,
+    /// the kernel reports the interrupt stop first and leaves the `SIGTRAP`
+    /// pending, rip just past the breakpoint. Once the `int3` is removed
+    /// that signal would still be delivered and kill the program. So for a
+    /// thread stopped in an interrupt stop (none of ours left pending) with
+    /// rip one past an address this set armed and a `SIGTRAP` pending on
+    /// it: let the trap be reported (it is, before any instruction runs),
+    /// suppress it, rewind rip to the breakpoint and stop the thread again
+    /// there. Any other thread is left untouched.
+    pub fn take_pending_trap(
+        &self,
+        tracee: &mut Tracee,
+        tid: Pid,
+        timeout: Duration,
+    ) -> Result<PendingTrapOutcome, BreakpointError> {
+        let untouched = || PendingTrapOutcome {
+            trap: PendingTrap::None,
+            deferred: Vec::new(),
+        };
+        let pt = |addr| {
+            move |source| BreakpointError::PendingTrap {
+                tid: tid.as_raw(),
+                addr,
+                source,
+            }
+        };
+        let rip = tracee.regs(tid).map_err(pt(RuntimeAddr(0)))?.rip();
+        let addr = RuntimeAddr(rip.0.wrapping_sub(1));
+        if !self.was_armed(addr) {
+            return Ok(untouched());
+        }
+        if !trap_pending(tid)? {
+            return Ok(untouched());
+        }
+        // A signal kept while seizing must not be delivered by the resumes
+        // below: put it back afterwards.
+        let kept = tracee.take_pending_signal(tid);
+        let result = trap_loop(tracee, tid, rip, addr, timeout);
+        if kept.is_some() {
+            tracee.set_pending_signal(tid, kept).map_err(pt(addr))?;
+        }
+        result
+    }
+}
+
+/// Whether a `SIGTRAP` is pending on thread `tid` alone.
+fn trap_pending(tid: Pid) -> Result<bool, BreakpointError> {
+    procfs::thread_pending_signals(tid)
+        .map(|mask| mask & signal_bit(Sig::TRAP) != 0)
+        .map_err(|source| BreakpointError::Proc {
+            tid: tid.as_raw(),
+            source,
+        })
+}
+
+/// Resume `tid` (stopped, a `SIGTRAP` pending) until its trap is
+/// reported, then until it is in an interrupt stop with no trap pending;
+/// no instruction runs meanwhile.
+fn trap_loop(
+    tracee: &mut Tracee,
+    tid: Pid,
+    rip: RuntimeAddr,
+    addr: RuntimeAddr,
+    timeout: Duration,
+) -> Result<PendingTrapOutcome, BreakpointError> {
+    let pt = |source| BreakpointError::PendingTrap {
+        tid: tid.as_raw(),
+        addr,
+        source,
+    };
+    let start = Instant::now();
+    let mut taken = false;
+    let mut deferred = Vec::new();
+    let mut pending = true;
+    for _ in 0..MAX_STEP_STOPS {
+        if !pending {
+            // Stop again as soon as this stop is left.
+            tracee.interrupt(tid).map_err(pt)?;
+        }
+        // While the trap is pending no interrupt is asked for: the
+        // kernel reports one before it dequeues a signal, and the thread
+        // cannot run before the trap is reported.
+        tracee.cont(tid, None).map_err(pt)?;
+        let left = timeout.saturating_sub(start.elapsed());
+        let stop = tracee.wait_stop(tid, left).map_err(pt)?;
+        match stop {
+            // An interrupt asked for earlier may come before the trap.
+            Stop::EventStop { .. } if !trap_pending(tid)? => {
+                let trap = if taken {
+                    PendingTrap::Taken { addr }
+                } else {
+                    PendingTrap::None
+                };
+                return Ok(PendingTrapOutcome { trap, deferred });
+            }
+            Stop::Int3 if !taken && tracee.regs(tid).map_err(pt)?.rip() == rip => {
+                let mut regs = tracee.regs(tid).map_err(pt)?;
+                regs.set_rip(addr);
+                tracee.set_regs(tid, &regs).map_err(pt)?;
+                taken = true;
+            }
+            Stop::Int3 | Stop::Signal { .. } => {
+                let sig = match stop {
+                    Stop::Signal { sig, .. } => sig,
+                    _ => Sig::TRAP,
+                };
+                let info = tracee.siginfo(tid).map_err(pt)?;
+                deferred.push(DeferredSignal { sig, info });
+            }
+            stop if stop.is_terminal() => {
+                return Ok(PendingTrapOutcome {
+                    trap: PendingTrap::Ended(stop),
+                    deferred,
+                })
+            }
+            // An earlier interrupt's stop while the trap is still pending;
+            // other events need an instruction to run.
+            _ => {}
+        }
+        pending = trap_pending(tid)?;
+    }
+    Err(BreakpointError::PendingTrapStops {
         tid: tid.as_raw(),
         addr,
         limit: MAX_STEP_STOPS,

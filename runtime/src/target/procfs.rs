@@ -19,6 +19,8 @@ pub const MAX_MAPS_LINES: usize = 1 << 20;
 pub const MAX_AUXV_BYTES: u64 = 64 << 10;
 /// At most this many threads are listed.
 pub const MAX_TASKS: usize = 1 << 16;
+/// `/proc/TID/status` larger than this is refused (the real one is < 2 KiB).
+pub const MAX_STATUS_BYTES: u64 = 64 << 10;
 /// Page size on x86-64 Linux.
 pub const PAGE_SIZE: u64 = 4096;
 
@@ -56,6 +58,8 @@ pub enum ProcError {
     NoAuxvEntry { key: u64 },
     #[error("pid {pid}: more than {cap} threads")]
     TooManyTasks { pid: i32, cap: usize },
+    #[error("thread {tid}: status has no readable {field} line")]
+    BadStatus { tid: i32, field: &'static str },
     #[error("pid {pid}: no mapping of {exe} at file offset {offset}")]
     NoExeMapping {
         pid: i32,
@@ -325,6 +329,26 @@ pub fn exe_path(pid: Pid) -> Result<PathBuf, ProcError> {
     })
 }
 
+/// Signals pending on thread `tid` alone (the `SigPnd` line of
+/// `/proc/TID/status`; those pending on its whole process are not
+/// included), as a mask with bit `sig - 1` set for each.
+pub fn thread_pending_signals(tid: Pid) -> Result<u64, ProcError> {
+    let bytes = read_capped(tid, "status", MAX_STATUS_BYTES)?;
+    parse_pending(&String::from_utf8_lossy(&bytes), tid)
+}
+
+fn parse_pending(status: &str, tid: Pid) -> Result<u64, ProcError> {
+    const FIELD: &str = "SigPnd";
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(FIELD)?.strip_prefix(':'))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .ok_or(ProcError::BadStatus {
+            tid: tid.as_raw(),
+            field: FIELD,
+        })
+}
+
 /// Thread ids of process `pid`, from `/proc/PID/task`, sorted.
 pub fn list_tasks(pid: Pid) -> Result<Vec<Pid>, ProcError> {
     let path = format!("/proc/{pid}/task");
@@ -357,6 +381,20 @@ pub fn list_tasks(pid: Pid) -> Result<Vec<Pid>, ProcError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pending_signals_come_from_the_thread_line() {
+        let tid = Pid::from_raw(7);
+        let status = "Name:\tx\nShdPnd:\t0000000000000100\nSigPnd:\t0000000000000010\n";
+        assert_eq!(parse_pending(status, tid).unwrap(), 1 << 4);
+        assert!(matches!(
+            parse_pending("SigPnd:\tzz\n", tid),
+            Err(ProcError::BadStatus { tid: 7, .. })
+        ));
+        assert!(parse_pending("Name:\tx\n", tid).is_err());
+        let own = thread_pending_signals(nix::unistd::getpid()).unwrap();
+        assert_eq!(own & (1 << (nix::libc::SIGTRAP - 1)), 0);
+    }
 
     const SAMPLE: &str = "\
 55d0c0a00000-55d0c0a01000 r--p 00000000 08:01 1234                       /tmp/my prog

@@ -1,0 +1,294 @@
+//! Classifying one stopped thread: ready (with its state and frames) or a
+//! typed reason why not.
+//!
+//! A new reason is a variant of [`NotReadyReason`], with its text in the
+//! `Display` impl; the policy it applies lives in [`super::policy`].
+
+use super::policy::{self, eintr_on_stop, OnUpdate, EINTR, ERESTARTNOHAND, NO_EFFECT};
+use super::stopper::Stopper;
+use super::{syscall_name, StopError};
+use crate::engine::state::{Image, Readiness, ThreadState};
+use crate::engine::unwind::{StackSnapshot, Top, UnwindError, Unwinder, Unwound};
+use crate::load::libraries::Libraries;
+use crate::target::procfs::{self, MemoryMap};
+use crate::target::ptrace::Regs;
+use crate::target::ProcessMemory;
+use nix::libc;
+use nix::unistd::Pid;
+use std::fmt;
+use std::ops::Range;
+use upstare_dwarf::fdt::Callee;
+use upstare_dwarf::RuntimeAddr;
+
+/// Why a thread is not ready (yet).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NotReadyReason {
+    /// Created while stopping, not looked at yet.
+    JustCreated,
+    /// Blocked in a known-safe call and let run meanwhile (ready if still
+    /// blocked when every other thread is).
+    BlockedInSafeCall,
+    /// Held at an update point, let run again because the others made no
+    /// progress (one of them may wait for it).
+    LetRunForOthers,
+    /// Letting update-point hits pass before stopping.
+    SkippingHits,
+    /// In the image's code, but in no function its tables describe.
+    OutsideTables,
+    /// Running in the image, not at an update point.
+    NotAtPoint,
+    /// At an update point, but its stack cannot be taken as it is (a
+    /// signal handler, a callback from a library...): the unwinder's words.
+    Unwind { message: String },
+    /// In a system call that was not interrupted before it had an effect.
+    SyscallWithEffect { syscall: i64 },
+    /// Running library code, not in a system call.
+    RunningLibraryCode,
+    /// Blocked in a system call, but the stack could not be unwound.
+    BlockedUnwind { syscall: i64, message: String },
+    /// Blocked, but the top frame is not library code.
+    NotInLibrary,
+    /// Blocked under a call that is not a library import.
+    NotAnImport { syscall: i64, callee: String },
+    /// Blocked in a library call that is not in the policy's table.
+    NotKnownSafe { syscall: i64, callee: String },
+    /// Blocked in a known-safe call from a statement with effects before
+    /// the call, so it cannot run again.
+    NotReexecutable { callee: String },
+}
+
+impl fmt::Display for NotReadyReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use NotReadyReason::*;
+        match self {
+            JustCreated => f.write_str("just created"),
+            BlockedInSafeCall => f.write_str("blocked in a safe call"),
+            LetRunForOthers => f.write_str("let run while the others get ready"),
+            SkippingHits => f.write_str("letting update-point hits pass"),
+            OutsideTables => {
+                f.write_str("in code of the image outside every function of its tables")
+            }
+            NotAtPoint => f.write_str("running, not at an update point"),
+            Unwind { message } => f.write_str(message),
+            SyscallWithEffect { syscall } => write!(
+                f,
+                "in system call {} (not interrupted before it had an effect)",
+                syscall_name(*syscall)
+            ),
+            RunningLibraryCode => f.write_str("running library code"),
+            BlockedUnwind { syscall, message } => write!(
+                f,
+                "blocked in system call {}, but {message}",
+                syscall_name(*syscall)
+            ),
+            NotInLibrary => f.write_str("not in library code"),
+            NotAnImport { syscall, callee } => write!(
+                f,
+                "blocked in system call {} under a call to {callee} that is not a library import",
+                syscall_name(*syscall)
+            ),
+            NotKnownSafe { syscall, callee } => write!(
+                f,
+                "blocked in system call {} inside {callee}, which is not a known-safe call",
+                syscall_name(*syscall)
+            ),
+            NotReexecutable { callee } => write!(
+                f,
+                "blocked in {callee}, but its statement cannot be re-executed (it has effects before the call)"
+            ),
+        }
+    }
+}
+
+impl Stopper<'_> {
+    /// A thread the ptrace stop itself made fail with EINTR (epoll_wait)
+    /// gets the restart code the kernel would have used for a signal without
+    /// handler, so that resuming it restarts the call rather than showing
+    /// the program an EINTR.
+    pub(super) fn undo_eintr(&mut self, tid: Pid, mut regs: Regs) -> Result<Regs, StopError> {
+        let (nr, rax) = (regs.0.orig_rax as i64, regs.0.rax as i64);
+        if nr >= 0 && rax == EINTR && eintr_on_stop(nr) {
+            regs.0.rax = ERESTARTNOHAND as u64;
+            self.tracee.set_regs(tid, &regs)?;
+        }
+        Ok(regs)
+    }
+
+    pub(super) fn stack_of(&mut self, rsp: RuntimeAddr) -> Option<Range<RuntimeAddr>> {
+        let find = |maps: &[MemoryMap]| {
+            maps.iter()
+                .find(|m| m.contains(rsp) && m.perms.read && m.perms.write)
+                .map(|m| m.start..m.end)
+        };
+        if let Some(r) = find(&self.maps) {
+            return Some(r);
+        }
+        // A stack mapped since (a new thread): read the maps again.
+        self.maps = procfs::read_maps(self.pid).ok()?;
+        find(&self.maps)
+    }
+
+    /// The system call a thread is blocked in: the one first seen rather
+    /// than restart_syscall, which continues it after a resume.
+    pub(super) fn syscall_seen(&mut self, tid: Pid, nr: i64) -> i64 {
+        if nr == libc::SYS_restart_syscall {
+            return self.syscalls.get(&tid).copied().unwrap_or(nr);
+        }
+        self.syscalls.insert(tid, nr);
+        nr
+    }
+
+    /// Whether `pc` is an update point of the image.
+    pub(super) fn at_update_point(&self, pc: RuntimeAddr) -> bool {
+        self.image
+            .link(pc)
+            .and_then(|l| self.image.tables.function_at(l).map(|f| (f, l)))
+            .is_some_and(|(f, l)| f.update_point_at(l).is_some())
+    }
+
+    /// Ready state of a stopped thread, or why it is not ready.
+    pub(super) fn classify(
+        &mut self,
+        tid: Pid,
+        regs: &Regs,
+    ) -> Result<ThreadState, NotReadyReason> {
+        let rip = regs.rip();
+        let stack = self.stack_of(regs.rsp());
+        let unwind = |me: &mut Self, regs: &Regs| me.unwind_refreshing(tid, stack.clone(), regs);
+        let t = tid.as_raw();
+        if self.image.is_code(rip) {
+            let Some(f) = self
+                .image
+                .link(rip)
+                .and_then(|l| self.image.tables.function_at(l))
+            else {
+                return Err(NotReadyReason::OutsideTables);
+            };
+            if f.update_point_at(rip.to_link(self.image.bias)).is_none() {
+                return Err(NotReadyReason::NotAtPoint);
+            }
+            let u = unwind(self, regs).map_err(|message| NotReadyReason::Unwind { message })?;
+            return Ok(ThreadState {
+                tid: t,
+                regs: *regs,
+                readiness: Readiness::AtPoint,
+                frames: u.frames,
+            });
+        }
+        let (nr, rax) = (regs.0.orig_rax as i64, regs.0.rax as i64);
+        if nr < 0 || !NO_EFFECT.contains(&rax) {
+            return Err(if nr >= 0 {
+                NotReadyReason::SyscallWithEffect { syscall: nr }
+            } else {
+                NotReadyReason::RunningLibraryCode
+            });
+        }
+        let u = unwind(self, regs).map_err(|message| NotReadyReason::BlockedUnwind {
+            syscall: nr,
+            message,
+        })?;
+        let Top::InLibrary { call, .. } = &u.top else {
+            return Err(NotReadyReason::NotInLibrary);
+        };
+        let callee = match &call.callee {
+            Callee::Plt(n) => n.clone(),
+            other => {
+                return Err(NotReadyReason::NotAnImport {
+                    syscall: nr,
+                    callee: other.id_name().to_string(),
+                })
+            }
+        };
+        // A call resumed after -ERESTART_RESTARTBLOCK (nanosleep, poll, a
+        // futex wait) continues as restart_syscall: the callee's own.
+        let known = policy::known_call(&callee);
+        let waits_in = |on_update| {
+            known
+                .filter(|c| c.on_update == on_update)
+                .map_or(&[][..], |c| c.syscalls)
+        };
+        let in_place = waits_in(OnUpdate::InPlace);
+        if in_place.contains(&nr) || (nr == libc::SYS_restart_syscall && !in_place.is_empty()) {
+            return Ok(ThreadState {
+                tid: t,
+                regs: *regs,
+                readiness: Readiness::InLibrary {
+                    callee,
+                    syscall: self.syscall_seen(tid, nr) as u64,
+                },
+                frames: u.frames,
+            });
+        }
+        let safe = waits_in(OnUpdate::Reexecute);
+        let continued = nr == libc::SYS_restart_syscall && !safe.is_empty();
+        if !continued && !safe.contains(&nr) {
+            return Err(NotReadyReason::NotKnownSafe {
+                syscall: nr,
+                callee,
+            });
+        }
+        if call.restart.is_none() {
+            return Err(NotReadyReason::NotReexecutable { callee });
+        }
+        Ok(ThreadState {
+            tid: t,
+            regs: *regs,
+            readiness: Readiness::Blocked {
+                callee,
+                syscall: self.syscall_seen(tid, nr) as u64,
+            },
+            frames: u.frames,
+        })
+    }
+
+    /// Unwind `tid`; a pc in no known object means the process mapped a
+    /// library since `libs` was read (a process stopped at its exec loads
+    /// libc later): re-read the maps once and retry. Errors come without
+    /// the thread prefix (messages name the thread already).
+    pub(super) fn unwind_refreshing(
+        &mut self,
+        tid: Pid,
+        stack: Option<Range<RuntimeAddr>>,
+        regs: &Regs,
+    ) -> Result<Unwound, String> {
+        let t = tid.as_raw();
+        let mut r = unwind_thread(self.image, self.libs, &self.mem, stack.clone(), t, regs);
+        if matches!(r, Err(UnwindError::UnknownCode { .. })) && self.libs.refresh(self.pid).is_ok()
+        {
+            r = unwind_thread(self.image, self.libs, &self.mem, stack, t, regs);
+        }
+        r.map_err(|e| {
+            let e = e.to_string();
+            let prefix = format!("thread {tid}: ");
+            match e.strip_prefix(&prefix) {
+                Some(rest) => rest.to_string(),
+                None => e,
+            }
+        })
+    }
+}
+
+/// Unwind thread `tid` from a one-read copy of its stack (`stack`, the
+/// mapping holding rsp) when it can be read, else from live memory.
+pub(super) fn unwind_thread(
+    image: &Image,
+    libs: &Libraries,
+    mem: &ProcessMemory,
+    stack: Option<Range<RuntimeAddr>>,
+    tid: i32,
+    regs: &Regs,
+) -> Result<Unwound, UnwindError> {
+    let Some(s) = stack else {
+        return Unwinder::new(image, libs, mem).unwind(tid, regs);
+    };
+    // Frames lie at or above rsp.
+    let live = regs.rsp().max(s.start)..s.end;
+    match StackSnapshot::new(mem, live) {
+        Ok(snap) => Unwinder::new(image, libs, &snap)
+            .with_stack(s)
+            .unwind(tid, regs),
+        Err(_) => Unwinder::new(image, libs, mem)
+            .with_stack(s)
+            .unwind(tid, regs),
+    }
+}

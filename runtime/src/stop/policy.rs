@@ -1,0 +1,190 @@
+//! Which library calls a thread may be caught blocked in, and how the
+//! kernel's answers are read: the policy the classifier applies.
+//!
+//! A new blocking call is one line in [`KNOWN_CALLS`]: the names it is
+//! imported under, the system calls glibc makes for it, and whether the
+//! call is re-executed or left in place by the update.
+
+use crate::target::ptrace::Sig;
+use nix::libc;
+
+/// Return values of an interrupted system call that had no effect yet:
+/// -EINTR, -ERESTARTSYS, -ERESTARTNOINTR, -ERESTARTNOHAND,
+/// -ERESTART_RESTARTBLOCK.
+pub(super) const NO_EFFECT: [i64; 5] = [-4, -512, -513, -514, -516];
+/// -EINTR.
+pub(super) const EINTR: i64 = -4;
+/// -ERESTARTNOHAND: what the kernel sets for a signal without handler.
+pub(super) const ERESTARTNOHAND: i64 = -514;
+
+/// What the update does with a thread blocked in a known call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum OnUpdate {
+    /// The thread is abandoned in the call and its statement runs again
+    /// in the new version (see `Readiness::Blocked`).
+    Reexecute,
+    /// The call is left in place and returns into the new version later
+    /// (see `Readiness::InLibrary`): not safe to re-execute, but what it
+    /// waits for lies outside the image.
+    InPlace,
+}
+
+/// One library call a blocked thread may be caught in.
+pub(super) struct KnownCall {
+    /// The names the application imports it under.
+    pub names: &'static [&'static str],
+    /// The system calls it blocks in.
+    pub syscalls: &'static [i64],
+    pub on_update: OnUpdate,
+}
+
+const fn reexecute(names: &'static [&'static str], syscalls: &'static [i64]) -> KnownCall {
+    KnownCall {
+        names,
+        syscalls,
+        on_update: OnUpdate::Reexecute,
+    }
+}
+
+const fn in_place(names: &'static [&'static str], syscalls: &'static [i64]) -> KnownCall {
+    KnownCall {
+        names,
+        syscalls,
+        on_update: OnUpdate::InPlace,
+    }
+}
+
+use libc::{
+    SYS_accept, SYS_accept4, SYS_clock_nanosleep, SYS_epoll_pwait, SYS_epoll_pwait2,
+    SYS_epoll_wait, SYS_futex, SYS_nanosleep, SYS_pause, SYS_poll, SYS_ppoll, SYS_pselect6,
+    SYS_read, SYS_readv, SYS_recvfrom, SYS_recvmsg, SYS_rt_sigsuspend, SYS_select, SYS_wait4,
+    SYS_waitid,
+};
+
+/// Every library call a blocked thread may be caught in, with the system
+/// calls glibc makes for it (checked on x86-64 glibc 2.36: `nanosleep`,
+/// `sleep` and `usleep` use clock_nanosleep, `recv` recvfrom, `select`
+/// pselect6, `waitpid` wait4, `pthread_mutex_lock` futex).
+/// `pthread_join` waits on the joined thread's descriptor; re-executing it
+/// would find the join already claimed by this thread, so it stays.
+pub(super) const KNOWN_CALLS: &[KnownCall] = &[
+    reexecute(&["read"], &[SYS_read]),
+    reexecute(&["readv"], &[SYS_readv]),
+    reexecute(&["recv", "recvfrom"], &[SYS_recvfrom]),
+    reexecute(&["recvmsg"], &[SYS_recvmsg]),
+    reexecute(&["accept", "accept4"], &[SYS_accept, SYS_accept4]),
+    reexecute(&["poll"], &[SYS_poll, SYS_ppoll]),
+    reexecute(&["ppoll"], &[SYS_ppoll]),
+    reexecute(&["select"], &[SYS_select, SYS_pselect6]),
+    reexecute(&["pselect"], &[SYS_pselect6]),
+    reexecute(&["epoll_wait"], &[SYS_epoll_wait, SYS_epoll_pwait]),
+    reexecute(&["epoll_pwait"], &[SYS_epoll_pwait, SYS_epoll_pwait2]),
+    reexecute(
+        &["nanosleep", "clock_nanosleep", "usleep", "sleep"],
+        &[SYS_nanosleep, SYS_clock_nanosleep],
+    ),
+    reexecute(&["pthread_mutex_lock"], &[SYS_futex]),
+    reexecute(&["waitpid", "wait"], &[SYS_wait4, SYS_waitid]),
+    reexecute(&["pause"], &[SYS_pause, SYS_rt_sigsuspend]),
+    reexecute(&["sigsuspend"], &[SYS_rt_sigsuspend]),
+    in_place(&["pthread_join"], &[SYS_futex]),
+];
+
+/// The entry of [`KNOWN_CALLS`] for library function `callee`, if any.
+pub(super) fn known_call(callee: &str) -> Option<&'static KnownCall> {
+    KNOWN_CALLS.iter().find(|c| c.names.contains(&callee))
+}
+
+/// System calls that the kernel ends with -EINTR (not a restart code) when
+/// the thread is merely stopped by ptrace: resuming as is would show the
+/// program an EINTR it never had.
+pub(super) fn eintr_on_stop(nr: i64) -> bool {
+    [SYS_epoll_wait, SYS_epoll_pwait, SYS_epoll_pwait2].contains(&nr)
+}
+
+/// Names of the x86-64 system calls messages mention.
+const SYSCALL_NAMES: &[(i64, &str)] = &[
+    (SYS_read, "read"),
+    (libc::SYS_write, "write"),
+    (SYS_readv, "readv"),
+    (libc::SYS_writev, "writev"),
+    (SYS_poll, "poll"),
+    (SYS_ppoll, "ppoll"),
+    (SYS_select, "select"),
+    (SYS_pselect6, "pselect6"),
+    (SYS_nanosleep, "nanosleep"),
+    (SYS_clock_nanosleep, "clock_nanosleep"),
+    (SYS_futex, "futex"),
+    (SYS_accept, "accept"),
+    (SYS_accept4, "accept4"),
+    (libc::SYS_connect, "connect"),
+    (libc::SYS_sendto, "sendto"),
+    (SYS_recvfrom, "recvfrom"),
+    (libc::SYS_sendmsg, "sendmsg"),
+    (SYS_recvmsg, "recvmsg"),
+    (SYS_wait4, "wait4"),
+    (SYS_waitid, "waitid"),
+    (SYS_pause, "pause"),
+    (SYS_rt_sigsuspend, "rt_sigsuspend"),
+    (libc::SYS_rt_sigtimedwait, "rt_sigtimedwait"),
+    (SYS_epoll_wait, "epoll_wait"),
+    (SYS_epoll_pwait, "epoll_pwait"),
+    (SYS_epoll_pwait2, "epoll_pwait2"),
+    (libc::SYS_openat, "openat"),
+    (libc::SYS_flock, "flock"),
+    (libc::SYS_fcntl, "fcntl"),
+    (libc::SYS_semop, "semop"),
+    (libc::SYS_msgrcv, "msgrcv"),
+    (libc::SYS_restart_syscall, "restart_syscall"),
+];
+
+/// Name of an x86-64 system call, for messages (`#NR` when unknown).
+pub fn syscall_name(nr: i64) -> String {
+    SYSCALL_NAMES
+        .iter()
+        .find(|(n, _)| *n == nr)
+        .map(|(_, s)| s.to_string())
+        .unwrap_or_else(|| format!("#{nr}"))
+}
+
+/// Whether a signal stop is the thread's own fault (re-executing the
+/// instruction would raise it again), to be delivered rather than held.
+pub(super) fn is_fault(sig: Sig, code: i32) -> bool {
+    [
+        libc::SIGSEGV,
+        libc::SIGBUS,
+        libc::SIGILL,
+        libc::SIGFPE,
+        libc::SIGTRAP,
+    ]
+    .contains(&sig.0)
+        && code > 0
+}
+
+/// Signals whose default action stops the process.
+pub(super) fn is_job_control(sig: Sig) -> bool {
+    [libc::SIGSTOP, libc::SIGTSTP, libc::SIGTTIN, libc::SIGTTOU].contains(&sig.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_call_is_listed_once_with_its_system_calls() {
+        let mut seen = std::collections::BTreeSet::new();
+        for call in KNOWN_CALLS {
+            assert!(!call.syscalls.is_empty());
+            for name in call.names {
+                assert!(seen.insert(*name), "{name} listed twice");
+            }
+        }
+        let join = known_call("pthread_join").map(|c| c.on_update);
+        assert_eq!(join, Some(OnUpdate::InPlace));
+        let read = known_call("read").map(|c| c.on_update);
+        assert_eq!(read, Some(OnUpdate::Reexecute));
+        assert!(known_call("write").is_none());
+        assert_eq!(syscall_name(SYS_futex), "futex");
+        assert_eq!(syscall_name(-7), "#-7");
+    }
+}
