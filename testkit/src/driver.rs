@@ -67,7 +67,8 @@ use std::time::{Duration, Instant};
 use upstare_dwarf::{LinkAddr, LoadBias, RuntimeAddr};
 use upstare_runtime::memory::{MemError, TargetMemory};
 use upstare_runtime::target::breakpoint::{
-    BreakpointError, BreakpointSet, DeferredSignal, StepEnd,
+    release_forked_child, BreakpointError, BreakpointSet, ChildMemory, ChildRelease,
+    DeferredSignal, StepEnd,
 };
 use upstare_runtime::target::procfs::{self, ProcError};
 use upstare_runtime::target::ptrace::{PtraceError, Regs, Sig, Stop, Tracee};
@@ -758,16 +759,17 @@ impl<F: FnMut(&mut HitContext<'_>) -> HitAction> Session<F> {
     /// A forked child: copy-on-write memory with our `int3`s in it. Put the
     /// original bytes back and let it go.
     fn detach_fork_child(&mut self, child: Pid) -> Result<(), RunFail> {
-        let mut sig = None;
-        match self.tracee.wait_stop(child, self.limits.stop_timeout)? {
-            Stop::Signal { sig: s, .. } => sig = Some(s),
-            s if s.is_terminal() => return Ok(()),
-            _ => {}
+        // The one way to let a forked child go (shared with the stopper).
+        match release_forked_child(
+            &mut self.tracee,
+            &self.bps,
+            child,
+            ChildMemory::Copied,
+            self.limits.stop_timeout,
+        )? {
+            ChildRelease::Detached => self.forks_detached += 1,
+            ChildRelease::Ended => {}
         }
-        let mut mem = ProcessMemory::open(child);
-        self.bps.remove_from(&mut mem)?;
-        self.tracee.detach_thread(child, sig)?;
-        self.forks_detached += 1;
         Ok(())
     }
 
