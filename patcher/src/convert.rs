@@ -23,6 +23,7 @@
 use serde::{Deserialize, Serialize};
 use upstare_dwarf::model::{type_name, type_size, ArrayDim, BaseEncoding, Member, Type, TypeId};
 
+use crate::spec::Spec;
 use crate::types::TypeComparer;
 
 /// Deepest nesting of aggregates converted (struct in array in struct ...);
@@ -86,6 +87,12 @@ pub enum Part {
         new_offset: u64,
         conversion: Conversion,
     },
+    /// A new member the SPEC gives a value: these bytes at `new_offset`.
+    Value {
+        name: String,
+        new_offset: u64,
+        bytes: Vec<u8>,
+    },
     /// A bitfield: `bits` bits moved from `old_bit` to `new_bit` (bit
     /// offsets from the start of the struct, little-endian).
     Bits {
@@ -148,7 +155,7 @@ impl Conversion {
             Conversion::Refuse { why } => Some(why),
             Conversion::Struct { parts } => parts.iter().find_map(|p| match p {
                 Part::Member { conversion, .. } => conversion.refusal(),
-                Part::Bits { .. } => None,
+                Part::Bits { .. } | Part::Value { .. } => None,
             }),
             Conversion::Array { element, .. } => element.refusal(),
             _ => None,
@@ -174,6 +181,8 @@ pub struct Converter<'a> {
     old: &'a [Type],
     new: &'a [Type],
     cmp: TypeComparer<'a>,
+    /// The user's member renames and values.
+    spec: Spec,
 }
 
 /// What a conversion is being built for: the path in words, and where the
@@ -185,11 +194,32 @@ struct Ctx {
 
 impl<'a> Converter<'a> {
     pub fn new(old: &'a [Type], new: &'a [Type]) -> Self {
+        Self::with_spec(old, new, &Spec::default())
+    }
+
+    /// A converter that follows the SPEC's member renames and values.
+    pub fn with_spec(old: &'a [Type], new: &'a [Type], spec: &Spec) -> Self {
         Converter {
             old,
             new,
             cmp: TypeComparer::new(old, new),
+            spec: Spec {
+                rename: crate::spec::Renames {
+                    members: spec.rename.members.clone(),
+                    ..Default::default()
+                },
+                values: crate::spec::Values {
+                    members: spec.values.members.clone(),
+                    ..Default::default()
+                },
+                ..Spec::default()
+            },
         }
+    }
+
+    /// NEW's types.
+    pub fn new_types(&self) -> &'a [Type] {
+        self.new
     }
 
     /// Whether the two types are the same (the comparer underneath).
@@ -303,7 +333,8 @@ impl<'a> Converter<'a> {
                 if *da || *db {
                     return refuse(format!("{path}: {na} is only declared, its layout is unknown"));
                 }
-                self.convert_struct(ma, mb, *size_b, path, depth, ctx)
+                let tag = format!("struct {}", sb_name.as_deref().unwrap_or(""));
+                self.convert_struct(&tag, ma, mb, *size_b, path, depth, ctx)
             }
             (Type::Union { .. }, Type::Union { .. }) => {
                 refuse(format!("{path}: {na} → {nb}: a union whose members changed (which member is live is unknown)"))
@@ -315,8 +346,10 @@ impl<'a> Converter<'a> {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn convert_struct(
         &mut self,
+        tag: &str,
         ma: &[Member],
         mb: &[Member],
         new_size: u64,
@@ -339,12 +372,21 @@ impl<'a> Converter<'a> {
         for (j, nm) in mb.iter().enumerate() {
             let name = key(mb, j);
             let member_path = format!("{path}.{name}");
-            let Some(i) = (0..ma.len()).find(|&i| key(ma, i) == name) else {
+            let renamed = |i: usize| self.spec.new_member_name(tag, &key(ma, i)).to_string();
+            let Some(i) = (0..ma.len()).find(|&i| renamed(i) == name) else {
                 ctx.changes.push(format!(
                     "{path}: member {name} added at offset {}",
                     nm.offset
                 ));
-                ctx.new_members.push(member_path);
+                let given = self.spec.values.members.get(tag).and_then(|m| m.get(&name));
+                match given.map(|v| crate::spec::encode(self.new, nm.ty, v)) {
+                    Some(Ok(bytes)) if nm.bitfield.is_none() => parts.push(Part::Value {
+                        name,
+                        new_offset: nm.offset,
+                        bytes,
+                    }),
+                    _ => ctx.new_members.push(member_path),
+                }
                 continue;
             };
             let om = &ma[i];
@@ -396,8 +438,12 @@ impl<'a> Converter<'a> {
         }
         for (i, _) in ma.iter().enumerate() {
             let name = key(ma, i);
-            if !(0..mb.len()).any(|j| key(mb, j) == name) {
+            let new_name = self.spec.new_member_name(tag, &name).to_string();
+            if !(0..mb.len()).any(|j| key(mb, j) == new_name) {
                 ctx.changes.push(format!("{path}: member {name} removed"));
+            } else if new_name != name {
+                ctx.changes
+                    .push(format!("{path}: member {name} renamed {new_name}"));
             }
         }
         if ctx.changes.len() == said {

@@ -2,21 +2,29 @@
 //! versions, from their frame-description tables alone (no process).
 //!
 //! - [`types`]: comparing types across the two versions.
+//! - [`convert`]: datatype conversions by the default rules.
+//! - [`initial`]: OLD's initial values (data never changed follows NEW).
+//! - [`spec`]: the user's overrides (SPEC.toml), checked against both
+//!   versions.
 //! - [`plan`]: the [`UpdatePlan`] (globals, functions, variables,
-//!   continuations) as plain, serializable data, and [`default_plan`].
+//!   continuations) as plain, serializable data, and [`default_plan`] /
+//!   [`plan_with_spec`].
 //!
 //! The runtime (`upstare-apply`) executes a plan; it never re-decides a
-//! mapping. Changes of type are named in the plan and refused for now.
+//! mapping. A change of type no rule maps is named in the plan, with why.
 
 #![forbid(unsafe_code)]
 
 pub mod convert;
 pub mod initial;
 pub mod plan;
+pub mod spec;
 pub mod types;
 
 pub use plan::{
-    default_plan, plan_for_binaries, CallShape, ContinuationMapping, FunctionMapping, GlobalAction,
-    GlobalMapping, PlanError, SiteKind, UpdatePlan, VarSource,
+    default_plan, plan_for_binaries, plan_with_spec, CallShape, ContinuationMapping,
+    FunctionMapping, GlobalAction, GlobalMapping, InactiveRule, PlanError, SiteKind, UpdatePlan,
+    VarSource,
 };
+pub use spec::{Spec, SpecError};
 pub use types::{is_const_object, TypeComparer};

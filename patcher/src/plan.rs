@@ -25,6 +25,7 @@ use upstare_dwarf::model::{Global, VarLocation, Variable};
 
 use crate::convert::{Converter, TypeChange};
 use crate::initial::{initial_values, InitialValue};
+use crate::spec::{self, Spec};
 use crate::types::is_const_object;
 
 /// The whole mapping from OLD to NEW.
@@ -35,12 +36,45 @@ pub struct UpdatePlan {
     /// Globals and static locals only NEW has (indices into NEW's globals):
     /// they start with their initial value.
     pub new_globals: Vec<usize>,
+    /// Values the SPEC gives to new globals: (index into NEW's globals,
+    /// bytes).
+    pub new_global_values: Vec<(usize, Vec<u8>)>,
     /// One entry per function of OLD, sorted by name.
     pub functions: Vec<FunctionMapping>,
+    /// Frames that must not be active when the update happens (SPEC
+    /// `[safety]`): the update waits for them to return, within its time
+    /// limit.
+    pub inactive: Vec<InactiveRule>,
     /// What a person should know about this update, each said once
     /// (removed and new globals). Facts about the running state (a new local
     /// in an active frame) are the runtime's to report.
     pub warnings: Vec<String>,
+}
+
+/// A function (at any point, or at one continuation) that must not be
+/// active during an update.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InactiveRule {
+    /// OLD's function name.
+    pub function: String,
+    pub continuation: Option<Continuation>,
+}
+
+impl InactiveRule {
+    /// Whether a frame of OLD's `function` paused at `continuation` breaks
+    /// this rule.
+    pub fn forbids(&self, function: &str, continuation: &Continuation) -> bool {
+        self.function == function && self.continuation.as_ref().is_none_or(|c| c == continuation)
+    }
+}
+
+impl fmt::Display for InactiveRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.continuation {
+            Some(c) => write!(f, "{}@{c}", self.function),
+            None => f.write_str(&self.function),
+        }
+    }
 }
 
 /// What happens to one global of OLD.
@@ -114,6 +148,8 @@ pub enum VarSource {
     Convert { old: usize, change: TypeChange },
     /// A new local: it starts as zero.
     Zero,
+    /// A new local the SPEC gives a value (these bytes).
+    Value(Vec<u8>),
     /// Not a stack slot of the frame (a static local, no location): nothing
     /// to write.
     NotInFrame,
@@ -249,9 +285,10 @@ pub fn global_label(g: &Global) -> String {
     }
 }
 
-/// The identity of a global across versions: name and owning function.
-fn global_key(g: &Global) -> (&str, Option<&str>) {
-    (g.name.as_str(), g.owner.as_deref())
+/// The identity of a global across versions: name and owning function
+/// (`name`, `function::name`), as a SPEC names it.
+fn global_key(g: &Global) -> String {
+    spec::global_key(&g.name, g.owner.as_deref())
 }
 
 /// Why a plan could not be made from two files.
@@ -286,8 +323,39 @@ pub fn plan_for_binaries(
 
 /// Makes the default plan from OLD's and NEW's tables.
 pub fn default_plan(old: &FrameTables, new: &FrameTables) -> UpdatePlan {
-    let mut cmp = Converter::new(&old.types, &new.types);
-    let (globals, new_globals, warnings) = plan_globals(&mut cmp, old, new);
+    plan_with_spec(old, new, &Spec::default())
+}
+
+/// Makes the plan from OLD's and NEW's tables with the user's overrides
+/// (already checked with [`Spec::check`]).
+pub fn plan_with_spec(old: &FrameTables, new: &FrameTables, spec: &Spec) -> UpdatePlan {
+    let mut cmp = Converter::with_spec(&old.types, &new.types, spec);
+    let (globals, new_globals, warnings) = plan_globals(&mut cmp, old, new, spec);
+    let new_global_values = spec
+        .values
+        .globals
+        .iter()
+        .filter_map(|(key, value)| {
+            let j = new.globals.iter().position(|g| global_key(g) == *key)?;
+            let bytes = spec::encode(&new.types, new.globals.get(j)?.ty, value).ok()?;
+            Some((j, bytes))
+        })
+        .collect();
+    let inactive = spec
+        .safety
+        .inactive
+        .iter()
+        .map(|item| match spec::split_site(item) {
+            Some((function, c)) => InactiveRule {
+                function,
+                continuation: Some(c),
+            },
+            None => InactiveRule {
+                function: item.clone(),
+                continuation: None,
+            },
+        })
+        .collect();
     let new_by_name: HashMap<&str, usize> = new
         .functions
         .iter()
@@ -300,9 +368,9 @@ pub fn default_plan(old: &FrameTables, new: &FrameTables) -> UpdatePlan {
         .enumerate()
         .map(|(i, of)| {
             let nf = new_by_name
-                .get(of.name.as_str())
+                .get(spec.new_function_name(&of.name).as_str())
                 .and_then(|&j| Some((j, new.functions.get(j)?)));
-            plan_function(&mut cmp, i, of, nf)
+            plan_function(&mut cmp, spec, i, of, nf)
         })
         .collect();
     functions.sort_by(|a, b| a.name.cmp(&b.name));
@@ -312,7 +380,9 @@ pub fn default_plan(old: &FrameTables, new: &FrameTables) -> UpdatePlan {
     UpdatePlan {
         globals,
         new_globals,
+        new_global_values,
         functions,
+        inactive,
         warnings,
     }
 }
@@ -321,8 +391,9 @@ fn plan_globals(
     cmp: &mut Converter<'_>,
     old: &FrameTables,
     new: &FrameTables,
+    spec: &Spec,
 ) -> (Vec<GlobalMapping>, Vec<usize>, Vec<String>) {
-    let by_key: HashMap<(&str, Option<&str>), usize> = new
+    let by_key: HashMap<String, usize> = new
         .globals
         .iter()
         .enumerate()
@@ -333,7 +404,7 @@ fn plan_globals(
     for (i, g) in old.globals.iter().enumerate() {
         let label = global_label(g);
         let found = by_key
-            .get(&global_key(g))
+            .get(&spec.new_global_key(&global_key(g)))
             .and_then(|&j| Some((j, new.globals.get(j)?)));
         let action = match found {
             None => {
@@ -376,13 +447,19 @@ fn plan_globals(
             initial: None,
         });
     }
-    let old_keys: HashSet<(&str, Option<&str>)> = old.globals.iter().map(global_key).collect();
+    let mapped: HashSet<usize> = mappings.iter().filter_map(|m| m.new).collect();
     let mut added = Vec::new();
     for (j, n) in new.globals.iter().enumerate() {
-        if !old_keys.contains(&global_key(n)) {
+        if !mapped.contains(&j) {
+            let given = spec.values.globals.contains_key(&global_key(n));
             warnings.push(format!(
-                "{} is new; it starts with its initial value",
-                global_label(n)
+                "{} is new; it starts with {}",
+                global_label(n),
+                if given {
+                    "the SPEC's value"
+                } else {
+                    "its initial value"
+                }
             ));
             added.push(j);
         }
@@ -391,22 +468,29 @@ fn plan_globals(
 }
 
 /// The old variable that new variable `new_vars[k]` takes its value from:
-/// same name, same parameter-ness, same rank among the variables of that
-/// name (shadowed locals keep their nesting order).
-fn matching_var(old_vars: &[Variable], new_vars: &[Variable], k: usize) -> Option<usize> {
+/// same name (after the SPEC's renames, given by `renamed`), same
+/// parameter-ness, same rank among the variables of that name (shadowed
+/// locals keep their nesting order).
+fn matching_var(
+    old_vars: &[Variable],
+    new_vars: &[Variable],
+    k: usize,
+    renamed: &dyn Fn(&str) -> String,
+) -> Option<usize> {
     let v = new_vars.get(k)?;
-    let same = |x: &Variable| x.name == v.name && x.is_param == v.is_param;
-    let rank = new_vars.iter().take(k).filter(|x| same(x)).count();
+    let same_new = |x: &Variable| x.name == v.name && x.is_param == v.is_param;
+    let rank = new_vars.iter().take(k).filter(|x| same_new(x)).count();
     old_vars
         .iter()
         .enumerate()
-        .filter(|(_, x)| same(x))
+        .filter(|(_, x)| renamed(&x.name) == v.name && x.is_param == v.is_param)
         .nth(rank)
         .map(|(i, _)| i)
 }
 
 fn plan_function(
     cmp: &mut Converter<'_>,
+    spec: &Spec,
     old_index: usize,
     of: &FunctionTable,
     nf: Option<(usize, &FunctionTable)>,
@@ -422,10 +506,18 @@ fn plan_function(
         };
     };
     let vars: Vec<VarSource> = (0..nf.vars.len())
-        .map(|k| var_source(cmp, of, nf, k))
+        .map(|k| var_source(cmp, spec, of, nf, k))
         .collect();
+    // An old variable no new one takes its value from.
     let removed_vars = (0..of.vars.len())
-        .filter(|&i| matching_var(&nf.vars, &of.vars, i).is_none())
+        .filter(|&i| {
+            !vars.iter().any(|v| match v {
+                VarSource::Old(j)
+                | VarSource::Convert { old: j, .. }
+                | VarSource::TypeChanged { old: j, .. } => *j == i,
+                _ => false,
+            })
+        })
         .collect();
     let frame_same = of.vars.len() == nf.vars.len()
         && of.vars.iter().zip(&nf.vars).all(|(a, b)| {
@@ -440,20 +532,22 @@ fn plan_function(
     let mut continuations = Vec::new();
     for (i, p) in of.update_points.iter().enumerate() {
         let id = p.continuation();
+        let target = spec.new_continuation(&of.name, &id);
         let np = nf
             .update_points
             .iter()
             .enumerate()
-            .find(|(_, q)| q.continuation() == id);
+            .find(|(_, q)| q.continuation() == target);
         continuations.push(point_mapping(id, i, p, np, frame_same));
     }
     for (i, c) in of.call_sites.iter().enumerate() {
         let id = c.continuation();
+        let target = spec.new_continuation(&of.name, &id);
         let nc = nf
             .call_sites
             .iter()
             .enumerate()
-            .find(|(_, d)| d.continuation() == id);
+            .find(|(_, d)| d.continuation() == target);
         continuations.push(call_mapping(id, i, of, c, nf, nc, frame_same));
     }
     FunctionMapping {
@@ -468,6 +562,7 @@ fn plan_function(
 
 fn var_source(
     cmp: &mut Converter<'_>,
+    spec: &Spec,
     of: &FunctionTable,
     nf: &FunctionTable,
     k: usize,
@@ -475,7 +570,18 @@ fn var_source(
     let Some(v) = nf.vars.get(k) else {
         return VarSource::NotInFrame;
     };
-    let matched = matching_var(&of.vars, &nf.vars, k).and_then(|i| Some((i, of.vars.get(i)?)));
+    let renamed = |name: &str| spec.new_local_name(&nf.name, name).to_string();
+    let given = spec
+        .values
+        .locals
+        .get(&nf.name)
+        .and_then(|l| l.get(&v.name));
+    // A SPEC `copy` names the old local to take the value from.
+    let matched_index = match given {
+        Some(spec::Value::Copy { copy }) => of.vars.iter().position(|x| &x.name == copy),
+        _ => matching_var(&of.vars, &nf.vars, k, &renamed),
+    };
+    let matched = matched_index.and_then(|i| Some((i, of.vars.get(i)?)));
     let mut change = None;
     if let Some((i, ov)) = matched {
         if !cmp.equal(ov.ty, v.ty) {
@@ -501,7 +607,12 @@ fn var_source(
         _ => return VarSource::NotInFrame,
     }
     match matched {
-        None => VarSource::Zero,
+        None => match given.map(|value| spec::encode(cmp.new_types(), v.ty, value)) {
+            Some(Ok(bytes)) => VarSource::Value(bytes),
+            // Checked by `Spec::check`; a value that does not encode is
+            // treated as absent.
+            _ => VarSource::Zero,
+        },
         Some((_, ov)) if !matches!(ov.location, VarLocation::Cfa(_)) => VarSource::Unmovable {
             why: format!("old variable {} has no stack slot", ov.name),
         },

@@ -26,6 +26,7 @@ use upstare_runtime::update::{apply, ApplyOptions, UpdateReport};
 ///   upstare-apply --pid 4242 --to ./server-v2.up
 ///   upstare-apply --pid 4242 --to ./server-v2.up --dry-run
 ///   upstare-apply --pid 4242 --to ./server-v2.up --json --timeout 2000
+///   upstare-apply --pid 4242 --to ./server-v2.up --spec ./v2.toml
 #[derive(Parser)]
 #[command(version, verbatim_doc_comment)]
 struct Cli {
@@ -46,6 +47,11 @@ struct Cli {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// The user's overrides of the default mapping (TOML): renames, values
+    /// of what NEW adds, continuation mapping, frames that must not be
+    /// active. Every key is checked against both versions.
+    #[arg(long, value_name = "SPEC")]
+    spec: Option<PathBuf>,
 }
 
 fn main() {
@@ -70,6 +76,10 @@ fn run(cli: &Cli) -> Result<()> {
         dry_run: cli.dry_run,
         skip_hits: 0,
         plan: None,
+        spec: match &cli.spec {
+            Some(path) => Some((path.clone(), upstare_patcher::Spec::read(path)?)),
+            None => None,
+        },
     };
     let report = apply(cli.pid, &cli.to, &opts)?;
     if cli.json {

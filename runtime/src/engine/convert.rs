@@ -90,6 +90,9 @@ pub fn convert(conv: &Conversion, old: &[u8], new: &mut [u8]) -> Result<(), Conv
                         bits,
                         ..
                     } => move_bits(old, *old_bit, new, *new_bit, *bits)?,
+                    Part::Value {
+                        new_offset, bytes, ..
+                    } => range_mut(new, *new_offset, bytes.len() as u64)?.copy_from_slice(bytes),
                 }
             }
             Ok(())

@@ -513,6 +513,24 @@ pub fn frame_writes(
                         ));
                         continue;
                     }
+                    Some(VarSource::Value(value)) => {
+                        let VarLocation::Cfa(no) = v.location else {
+                            return Err(unmappable(format!(
+                                "variable {} has no stack slot",
+                                v.name
+                            )));
+                        };
+                        match slot(new_len, no.0, value.len() as u64) {
+                            Some(to) => bytes[to].copy_from_slice(value),
+                            None => {
+                                return Err(unmappable(format!(
+                                    "variable {} lies outside its frame",
+                                    v.name
+                                )))
+                            }
+                        }
+                        continue;
+                    }
                     Some(VarSource::NotInFrame) => continue,
                     Some(VarSource::TypeChanged {
                         old_type,

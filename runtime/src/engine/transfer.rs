@@ -171,5 +171,23 @@ pub fn transfer_globals(
         });
         out.copied += 1;
     }
+    for (j, bytes) in &plan.new_global_values {
+        let Some(n) = new.tables.globals.get(*j) else {
+            return Err(TransferError::PlanMismatch {
+                what: format!("new global #{j}"),
+            });
+        };
+        if bytes.len() as u64 != n.size {
+            return Err(TransferError::BadSize {
+                what: format!("value of new global {}", n.name),
+                size: bytes.len() as u64,
+            });
+        }
+        out.writes.push(Write {
+            addr: new.runtime(n.addr),
+            bytes: bytes.clone(),
+            what: format!("new global {}", n.name),
+        });
+    }
     Ok(out)
 }

@@ -26,7 +26,7 @@ use crate::target::procfs::{self, MemoryMap, ProcError};
 use crate::target::ptrace::{PtraceError, Tracee};
 use nix::unistd::Pid;
 use transaction::{CommitError, PreparedState};
-use upstare_patcher::UpdatePlan;
+use upstare_patcher::{Spec, UpdatePlan};
 
 /// How to run an update.
 #[derive(Clone, Debug)]
@@ -39,8 +39,11 @@ pub struct ApplyOptions {
     /// update at the k-th point of a run).
     pub skip_hits: u64,
     /// The plan to execute (from a PATCH file); `None` makes the default
-    /// plan from the two versions' tables.
+    /// plan from the two versions' tables and `spec`.
     pub plan: Option<UpdatePlan>,
+    /// The user's overrides (a SPEC file and its path, for messages),
+    /// when the plan is made here.
+    pub spec: Option<(PathBuf, Spec)>,
 }
 
 impl Default for ApplyOptions {
@@ -50,6 +53,7 @@ impl Default for ApplyOptions {
             dry_run: false,
             skip_hits: 0,
             plan: None,
+            spec: None,
         }
     }
 }
@@ -88,6 +92,14 @@ pub enum UpdateError {
     },
     #[error("{0}")]
     Commit(#[from] CommitError),
+    #[error("process {pid}: after {waited_ms} ms a frame the SPEC forbids during an update is still active ({frame}); nothing was changed")]
+    Unsafe {
+        pid: i32,
+        waited_ms: u64,
+        frame: String,
+    },
+    #[error("{0}")]
+    Spec(#[from] upstare_patcher::SpecError),
 }
 
 impl From<RebuildError> for UpdateError {
@@ -186,6 +198,23 @@ fn writable(maps: &[MemoryMap], addr: RuntimeAddr, len: usize) -> bool {
     cur >= end
 }
 
+/// How long the threads run between two tries when a frame the SPEC
+/// forbids is active.
+const SAFETY_RETRY: Duration = Duration::from_millis(2);
+
+/// The first active frame a `[safety]` rule of the plan forbids:
+/// `thread T: FUNCTION@CONTINUATION`.
+fn forbidden_frame(threads: &[ThreadState], plan: &UpdatePlan) -> Option<String> {
+    threads.iter().find_map(|t| {
+        t.frames.iter().find_map(|f| {
+            plan.inactive
+                .iter()
+                .any(|r| r.forbids(&f.function, &f.continuation))
+                .then(|| format!("thread {}: {}@{}", t.tid, f.function, f.continuation))
+        })
+    })
+}
+
 fn thread_report(t: &ThreadState) -> ThreadReport {
     ThreadReport {
         tid: t.tid,
@@ -259,7 +288,13 @@ pub fn apply_traced(
     let plan: UpdatePlan = match &opts.plan {
         Some(plan) => plan.clone(),
         None => {
-            let mut plan = upstare_patcher::default_plan(&old.tables, &new_tables);
+            let mut plan = match &opts.spec {
+                Some((path, spec)) => {
+                    spec.check(path, &old.tables, &new_tables)?;
+                    upstare_patcher::plan_with_spec(&old.tables, &new_tables, spec)
+                }
+                None => upstare_patcher::default_plan(&old.tables, &new_tables),
+            };
             // OLD's initial values, so data the program never changed
             // follows NEW.
             let old_bytes = image_file_bytes(tracee.pid(), &maps, &old)?;
@@ -273,18 +308,39 @@ pub fn apply_traced(
     let mut libs = Libraries::new(tracee.pid(), &maps);
 
     // Phase 2: stop every thread at an update point or in a safe call.
+    // With frames that must not be active (SPEC [safety]), the threads are
+    // let run again until none is, within the time limit.
     let t = Instant::now();
-    let stopped = stop::stop_the_world(
-        tracee,
-        &old,
-        &mut libs,
-        &StopOptions {
-            timeout: opts.timeout,
-            skip_hits: opts.skip_hits,
-            ..StopOptions::default()
-        },
-    )?;
-    let threads = stopped.threads;
+    let deadline = t + opts.timeout;
+    let mut skip_hits = opts.skip_hits;
+    let threads = loop {
+        let stopped = stop::stop_the_world(
+            tracee,
+            &old,
+            &mut libs,
+            &StopOptions {
+                timeout: deadline.saturating_duration_since(Instant::now()),
+                skip_hits,
+                ..StopOptions::default()
+            },
+        )?;
+        skip_hits = 0;
+        let Some(busy) = forbidden_frame(&stopped.threads, &plan) else {
+            break stopped.threads;
+        };
+        if Instant::now() + SAFETY_RETRY >= deadline {
+            return Err(UpdateError::Unsafe {
+                pid,
+                waited_ms: u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX),
+                frame: busy,
+            });
+        }
+        for tid in tracee.traced() {
+            let sig = tracee.take_pending_signal(tid);
+            tracee.cont(tid, sig)?;
+        }
+        std::thread::sleep(SAFETY_RETRY);
+    };
     timings.stop_us = us(t.elapsed());
 
     // Phase 3: does the paused state map onto the new version? (plan and

@@ -1,0 +1,260 @@
+//! SPEC files: parsed, checked against two real compiled versions (each bad
+//! key a one-line error naming it), and applied to the plan.
+
+use std::path::{Path, PathBuf};
+use upstare_dwarf::fdt::{Continuation, FrameTables};
+use upstare_patcher::convert::{Conversion, Part};
+use upstare_patcher::{plan_with_spec, GlobalAction, SiteKind, Spec, UpdatePlan, VarSource};
+use upstare_testkit::{compile_instrumented, Toolchain};
+
+fn tables(name: &str, src: &str) -> FrameTables {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("patcher-spec");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let up = compile_instrumented(&dir, name, src, Toolchain::Gcc, &[]);
+    upstare_dwarf::read_tables(&std::fs::read(up).expect("read")).expect("tables")
+}
+
+const V1: &str = r#"
+#include <stdio.h>
+struct session { int id; long sent; };
+long hits = 3;
+struct session current = { 1, 10 };
+long work(long x) { long n = x + 1; return n * 2; }
+int main(void) {
+    long total = 0;
+    for (int i = 0; i < 3; i++) {
+        total += work(i);
+        printf("%ld %ld\n", total, hits);
+    }
+    return (int)(total + current.sent) & 1;
+}
+"#;
+
+const V2: &str = r#"
+#include <stdio.h>
+struct session { int id; long bytes_sent; int limit; };
+long requests = 3;
+int max_clients;
+char motd[16];
+struct session current = { 1, 10, 5 };
+long handle(long x) { long count = x + 1; long bonus; bonus = 7; return count * 2 + bonus; }
+int main(void) {
+    long total = 0;
+    for (int i = 0; i < 3; i++) {
+        total += handle(i);
+        printf("%ld %ld %d\n", total, requests, max_clients);
+    }
+    return (int)(total + current.bytes_sent + current.limit + motd[0]) & 1;
+}
+"#;
+
+fn versions() -> (FrameTables, FrameTables) {
+    (tables("spec.v1", V1), tables("spec.v2", V2))
+}
+
+fn checked(text: &str, old: &FrameTables, new: &FrameTables) -> Result<Spec, String> {
+    let path = Path::new("test.toml");
+    let spec = Spec::parse(path, text).map_err(|e| e.to_string())?;
+    spec.check(path, old, new).map_err(|e| e.to_string())?;
+    Ok(spec)
+}
+
+const GOOD: &str = r#"
+[rename.globals]
+hits = "requests"
+[rename.functions]
+work = "handle"
+[rename.members."struct session"]
+sent = "bytes_sent"
+[rename.locals.handle]
+n = "count"
+
+[values.globals]
+max_clients = 64
+motd = "hello"
+[values.members."struct session"]
+limit = 100
+[values.locals.handle]
+bonus = 9
+
+[continuations]
+"main@loop#0" = "main@loop#0"
+
+[safety]
+inactive = ["work", "main@call:printf#0"]
+"#;
+
+fn plan_good() -> (FrameTables, FrameTables, UpdatePlan) {
+    let (old, new) = versions();
+    let spec = checked(GOOD, &old, &new).expect("a good SPEC is accepted");
+    let plan = plan_with_spec(&old, &new, &spec);
+    (old, new, plan)
+}
+
+#[test]
+fn renames_map_globals_members_functions_and_locals() {
+    let (old, new, p) = plan_good();
+    let hits = old
+        .globals
+        .iter()
+        .position(|g| g.name == "hits")
+        .expect("hits");
+    let m = p.global(hits).expect("mapping");
+    assert_eq!(
+        new.globals[m.new.expect("renamed global found")].name,
+        "requests"
+    );
+    assert_eq!(m.action, GlobalAction::Copy);
+    // The struct member renamed: its value moves with the rename, and the
+    // new member takes the SPEC's value (100), not zero.
+    let cur = old
+        .globals
+        .iter()
+        .position(|g| g.name == "current")
+        .expect("current");
+    let GlobalAction::Convert { change } = &p.global(cur).expect("mapping").action else {
+        panic!("current is converted");
+    };
+    let Conversion::Struct { parts } = &change.conversion else {
+        panic!("{:?}", change.conversion)
+    };
+    assert!(parts.iter().any(|part| matches!(part, Part::Member { name, old_offset: 8, new_offset: 8, .. } if name == "bytes_sent")), "{parts:?}");
+    assert!(parts.iter().any(|part| matches!(part, Part::Value { name, bytes, .. } if name == "limit" && bytes[..] == 100i32.to_le_bytes())), "{parts:?}");
+    assert!(
+        change.new_members.is_empty(),
+        "limit has a value: {:?}",
+        change.new_members
+    );
+    // The function renamed: its frames map to handle; n becomes count;
+    // bonus takes the SPEC's 9.
+    let work = p.function("work").expect("work");
+    let nf = &new.functions[work.new.expect("work maps to handle")];
+    assert_eq!(nf.name, "handle");
+    for (k, v) in nf.vars.iter().enumerate() {
+        match (v.name.as_str(), &work.vars[k]) {
+            ("count", VarSource::Old(i)) => assert_eq!(old.functions[work.old].vars[*i].name, "n"),
+            ("x", VarSource::Old(_)) => {}
+            ("bonus", VarSource::Value(b)) => assert_eq!(b[..], 9i64.to_le_bytes()),
+            (name, s) => panic!("handle.{name}: {s:?}"),
+        }
+    }
+    // main's call to work is its call to handle now.
+    let main = p.function("main").expect("main");
+    let call = main
+        .continuation(
+            &Continuation::Call {
+                callee: "work".into(),
+                ordinal: 0,
+            },
+            SiteKind::Call,
+        )
+        .expect("call:work#0");
+    assert!(call.new_site.is_some(), "the call follows the rename");
+}
+
+#[test]
+fn values_of_new_globals_and_safety_rules_reach_the_plan() {
+    let (_, new, p) = plan_good();
+    let value = |name: &str| {
+        let j = new
+            .globals
+            .iter()
+            .position(|g| g.name == name)
+            .expect("global");
+        p.new_global_values
+            .iter()
+            .find(|(i, _)| *i == j)
+            .map(|(_, b)| b.clone())
+    };
+    assert_eq!(value("max_clients").expect("value"), 64i32.to_le_bytes());
+    let motd = value("motd").expect("value");
+    assert_eq!(&motd[..6], b"hello\0");
+    assert_eq!(motd.len(), 16);
+    assert!(
+        p.warnings
+            .iter()
+            .any(|w| w.contains("max_clients is new; it starts with the SPEC's value")),
+        "{:?}",
+        p.warnings
+    );
+    let rules: Vec<String> = p.inactive.iter().map(|r| r.to_string()).collect();
+    assert_eq!(rules, ["work", "main@call:printf#0"]);
+    assert!(p.inactive[0].forbids("work", &Continuation::Entry));
+    assert!(!p.inactive[1].forbids("main", &Continuation::Loop(0)));
+}
+
+#[test]
+fn every_bad_key_is_one_line_naming_it() {
+    let (old, new) = versions();
+    let cases: &[(&str, &[&str])] = &[
+        (
+            "[rename.globals]\nhitz = \"requests\"\n",
+            &["rename.globals", "hitz", "OLD has no global hitz"],
+        ),
+        (
+            "[rename.globals]\nhits = \"reqs\"\n",
+            &["rename.globals", "hits", "NEW has no global reqs"],
+        ),
+        (
+            "[rename.functions]\nwork = \"handel\"\n",
+            &["rename.functions", "NEW has no function handel"],
+        ),
+        (
+            "[rename.members.\"struct sessoin\"]\nsent = \"bytes_sent\"\n",
+            &["struct sessoin", "not a struct"],
+        ),
+        (
+            "[rename.members.\"struct session\"]\nsnt = \"bytes_sent\"\n",
+            &["snt", "OLD's struct session has no member snt"],
+        ),
+        (
+            "[values.globals]\nmax_clients = 3000000000\n",
+            &["values.globals", "max_clients", "does not fit int"],
+        ),
+        (
+            "[values.globals]\nmotd = \"a string far too long for sixteen\"\n",
+            &["motd", "do not fit"],
+        ),
+        (
+            "[values.locals.handle]\nbonsu = 1\n",
+            &["values.locals.handle", "bonsu", "has no local bonsu"],
+        ),
+        (
+            "[values.locals.handle]\nbonus = { copy = \"nope\" }\n",
+            &["bonus", "no local nope to copy"],
+        ),
+        (
+            "[continuations]\n\"main@loop#7\" = \"main@loop#0\"\n",
+            &["continuations", "main@loop#7", "no continuation loop#7"],
+        ),
+        (
+            "[continuations]\n\"main@loop\" = \"main@loop#0\"\n",
+            &["continuations", "function@continuation"],
+        ),
+        (
+            "[safety]\ninactive = [\"nothere\"]\n",
+            &["safety", "OLD has no function nothere"],
+        ),
+        ("[renames]\n", &["not a valid SPEC file", "unknown field"]),
+        ("[rename.globals\n", &["not a valid SPEC file"]),
+    ];
+    for (text, needles) in cases {
+        let e = checked(text, &old, &new).expect_err(text);
+        assert!(!e.contains('\n'), "one line: {e}");
+        assert!(e.starts_with("test.toml: "), "names the file: {e}");
+        for n in *needles {
+            assert!(e.contains(n), "{text:?}: {e:?} lacks {n:?}");
+        }
+    }
+}
+
+#[test]
+fn an_empty_spec_is_the_default_plan() {
+    let (old, new) = versions();
+    let spec = checked("", &old, &new).expect("empty");
+    assert!(spec.is_empty());
+    assert_eq!(
+        plan_with_spec(&old, &new, &spec),
+        upstare_patcher::default_plan(&old, &new)
+    );
+}
