@@ -70,7 +70,7 @@ fn identity_at(
         timeout: READY_TIMEOUT,
         dry_run: false,
         skip_hits: k,
-        plan: None,
+        ..ApplyOptions::default()
     };
     let applied = run.apply(&new, &opts);
     let outcome = match applied {
@@ -1012,7 +1012,7 @@ fn skipping_hits_from_the_exec_stop() {
         timeout: READY_TIMEOUT,
         dry_run: false,
         skip_hits: 5,
-        plan: None,
+        ..ApplyOptions::default()
     };
     run.apply(&new, &opts)
         .unwrap_or_else(|e| panic!("update from the exec stop: {e}"));

@@ -18,7 +18,7 @@ use crate::engine::rebuild::{self, RebuildError};
 use crate::engine::state::{Readiness, ThreadState};
 use crate::engine::transfer::{self, TransferError};
 use crate::engine::Write;
-use crate::load::image::{running_image, ImageError};
+use crate::load::image::{open_image_file, running_image, ImageError};
 use crate::load::libraries::Libraries;
 use crate::load::{self, LoadError, LoadOptions};
 use crate::stop::{self, StopError, StopOptions};
@@ -26,7 +26,7 @@ use crate::target::procfs::{self, MemoryMap, ProcError};
 use crate::target::ptrace::{PtraceError, Tracee};
 use nix::unistd::Pid;
 use transaction::{CommitError, PreparedState};
-use upstare_patcher::UpdatePlan;
+use upstare_patcher::{ImageIdentity, UpdatePlan};
 
 /// How to run an update.
 #[derive(Clone, Debug)]
@@ -41,6 +41,11 @@ pub struct ApplyOptions {
     /// The plan to execute (from a PATCH file); `None` makes the default
     /// plan from the two versions' tables.
     pub plan: Option<UpdatePlan>,
+    /// The version the process must run (a PATCH's OLD): anything else is
+    /// refused before the process is stopped.
+    pub expected_old: Option<ImageIdentity>,
+    /// The version NEW must be (a PATCH's NEW).
+    pub expected_new: Option<ImageIdentity>,
 }
 
 impl Default for ApplyOptions {
@@ -50,6 +55,8 @@ impl Default for ApplyOptions {
             dry_run: false,
             skip_hits: 0,
             plan: None,
+            expected_old: None,
+            expected_new: None,
         }
     }
 }
@@ -72,6 +79,14 @@ pub enum UpdateError {
     Image(#[from] ImageError),
     #[error("{path}: {why}")]
     New { path: PathBuf, why: String },
+    #[error("process {pid} runs {path}, not the version this PATCH was made for ({why}); nothing was changed")]
+    NotOld {
+        pid: i32,
+        path: PathBuf,
+        why: String,
+    },
+    #[error("{path} is not the NEW this PATCH was made for ({why}); nothing was changed")]
+    NotNew { path: PathBuf, why: String },
     #[error("{0}")]
     Stop(#[from] StopError),
     #[error("{0}")]
@@ -225,6 +240,24 @@ pub fn apply_traced(
     // Phase 1: what runs, and what it becomes (no process changes).
     let maps = procfs::read_maps(tracee.pid()).map_err(proc_err)?;
     let old = running_image(tracee.pid(), &maps)?;
+    if let Some(expected) = &opts.expected_old {
+        // The file exactly as mapped, hashed before anything is stopped.
+        let f = open_image_file(tracee.pid(), &maps, &old)?;
+        let actual = ImageIdentity::of_reader(f, &old.tables.binary.build_id).map_err(|e| {
+            UpdateError::NotOld {
+                pid,
+                path: old.path.clone(),
+                why: format!("cannot read it: {e}"),
+            }
+        })?;
+        if let Some(why) = expected.mismatch(&actual) {
+            return Err(UpdateError::NotOld {
+                pid,
+                path: old.path.clone(),
+                why,
+            });
+        }
+    }
     // NEW must be another file: the same file mapped a second time cannot be
     // told apart from the retired image by later updates.
     if let Ok(meta) = std::fs::metadata(new_path) {
@@ -246,6 +279,15 @@ pub fn apply_traced(
     }
     let new_bytes = std::fs::read(new_path).map_err(|e| new_err(format!("cannot read: {e}")))?;
     let new_tables = upstare_dwarf::read_tables(&new_bytes).map_err(|e| new_err(e.to_string()))?;
+    if let Some(expected) = &opts.expected_new {
+        let actual = ImageIdentity::of_bytes(&new_bytes, &new_tables);
+        if let Some(why) = expected.mismatch(&actual) {
+            return Err(UpdateError::NotNew {
+                path: new_path.to_path_buf(),
+                why,
+            });
+        }
+    }
     // A non-PIE NEW could only be mapped at its link addresses, which the
     // running image occupies: refuse before the process is even paused.
     if !new_tables.binary.pie {
