@@ -70,6 +70,8 @@ pub enum DecodeError {
     BadMagic,
     #[error("PATCH format version {version} is not supported (this upstare reads {VERSION})")]
     UnsupportedVersion { version: u16 },
+    #[error("reserved header field is {value}, expected 0")]
+    Reserved { value: u16 },
     #[error("the header declares {declared} payload bytes, the file has {actual}")]
     LengthMismatch { declared: u64, actual: u64 },
     #[error("the payload does not match its checksum (the file is corrupt)")]
@@ -217,6 +219,12 @@ pub fn decode(bytes: &[u8]) -> Result<Patch, DecodeError> {
     let version = u16::from_le_bytes([header[8], header[9]]);
     if version != VERSION {
         return Err(DecodeError::UnsupportedVersion { version });
+    }
+    // Reserved for flags a later version may define: zero today, so that
+    // every byte of the file is checked.
+    let reserved = u16::from_le_bytes([header[10], header[11]]);
+    if reserved != 0 {
+        return Err(DecodeError::Reserved { value: reserved });
     }
     let declared = u32::from_le_bytes([header[12], header[13], header[14], header[15]]);
     if u64::from(declared) != payload.len() as u64 {
