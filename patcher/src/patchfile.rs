@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 use upstare_dwarf::fdt::FrameTables;
 
 use crate::plan::UpdatePlan;
-use crate::review::NeedsUser;
+use crate::review::{NeedsUser, Review};
 
 /// First bytes of a PATCH file.
 pub const MAGIC: &[u8; 8] = b"UPSTPTCH";
@@ -99,6 +99,8 @@ pub enum PatchError {
     },
     #[error("{path}: larger than {limit} bytes")]
     FileTooLarge { path: PathBuf, limit: u64 },
+    #[error("{path}: no readable upstare tables: {why}")]
+    Tables { path: PathBuf, why: String },
 }
 
 impl ImageIdentity {
@@ -179,6 +181,38 @@ impl Patch {
     pub fn is_complete(&self) -> bool {
         self.needs_user.is_empty()
     }
+}
+
+/// Reads an instrumented binary: its tables and its identity.
+pub fn load_binary(path: &Path) -> Result<(FrameTables, ImageIdentity), PatchError> {
+    let bytes = read_bounded(path, MAX_BINARY_SIZE)?;
+    let tables = upstare_dwarf::read_tables(&bytes).map_err(|e| PatchError::Tables {
+        path: path.to_path_buf(),
+        why: e.to_string(),
+    })?;
+    let id = ImageIdentity::of_bytes(&bytes, &tables);
+    Ok((tables, id))
+}
+
+/// The PATCH from instrumented binary `old` to `new` (default plan), and
+/// its review; what needs the user is in both.
+pub fn make_patch(old: &Path, new: &Path) -> Result<(Patch, Review), PatchError> {
+    let (old_tables, old_id) = load_binary(old)?;
+    let (new_tables, new_id) = load_binary(new)?;
+    let plan = crate::default_plan(&old_tables, &new_tables);
+    let review = crate::review::review(&old_tables, &new_tables, &plan);
+    let new_path = std::fs::canonicalize(new).map_err(|source| PatchError::Io {
+        path: new.to_path_buf(),
+        source,
+    })?;
+    let patch = Patch {
+        old: old_id,
+        new: new_id,
+        new_path,
+        plan,
+        needs_user: review.needs_user.clone(),
+    };
+    Ok((patch, review))
 }
 
 /// Encodes a PATCH.

@@ -3,12 +3,11 @@
 
 #![forbid(unsafe_code)]
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Parser;
-use std::path::{Path, PathBuf};
-use upstare_dwarf::fdt::FrameTables;
-use upstare_patcher::patchfile::{self, ImageIdentity, Patch, MAX_BINARY_SIZE};
-use upstare_patcher::review::{render_text, review};
+use std::path::PathBuf;
+use upstare_patcher::patchfile;
+use upstare_patcher::review::render_text;
 
 /// Compare two instrumented versions of a program (OLD, the one running,
 /// and NEW) and write the update from OLD to NEW as a PATCH file, without
@@ -63,42 +62,24 @@ fn main() {
     match run(&cli) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            // `{:#}`: the context (which file) and its cause on one line.
-            eprintln!("upstare-patch: error: {e:#}");
+            // The library's messages name the file and include their
+            // cause: print the top one only.
+            eprintln!("upstare-patch: error: {e}");
             std::process::exit(1);
         }
     }
 }
 
-/// Reads an instrumented binary: its bytes, its tables, its identity.
-fn load(path: &Path) -> Result<(FrameTables, ImageIdentity)> {
-    let bytes = patchfile::read_bounded(path, MAX_BINARY_SIZE)?;
-    let tables = upstare_dwarf::read_tables(&bytes)
-        .with_context(|| format!("{}: no readable upstare tables", path.display()))?;
-    let id = ImageIdentity::of_bytes(&bytes, &tables);
-    Ok((tables, id))
-}
-
 fn run(cli: &Cli) -> Result<i32> {
-    let (old, old_id) = load(&cli.old)?;
-    let (new, new_id) = load(&cli.new)?;
     if cli.header {
+        let (old, _) = patchfile::load_binary(&cli.old)?;
+        let (new, _) = patchfile::load_binary(&cli.new)?;
         let text = upstare_patcher::header::header(&old, &new);
         patchfile::write_atomic(&cli.output, text.as_bytes())?;
         println!("wrote {}", cli.output.display());
         return Ok(0);
     }
-    let plan = upstare_patcher::default_plan(&old, &new);
-    let r = review(&old, &new, &plan);
-    let new_path = std::fs::canonicalize(&cli.new)
-        .with_context(|| format!("{}: cannot resolve its path", cli.new.display()))?;
-    let patch = Patch {
-        old: old_id,
-        new: new_id,
-        new_path,
-        plan,
-        needs_user: r.needs_user.clone(),
-    };
+    let (patch, r) = patchfile::make_patch(&cli.old, &cli.new)?;
     patchfile::write_patch(&cli.output, &patch)?;
     let complete = patch.is_complete();
     if cli.json {
