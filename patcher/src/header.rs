@@ -225,7 +225,7 @@ impl Emitter {
                     Some(n) => {
                         let tag = format!("{kw} {}", side.tag(kw, n));
                         if by_value && !declaration {
-                            self.define_aggregate(side, id, &tag, kw, members, *size, depth);
+                            self.define_aggregate(side, &tag, kw, members, *size, depth);
                         } else if !self.defined.contains(&tag) && self.forward.insert(tag.clone()) {
                             let _ = writeln!(self.out, "{tag};");
                         }
@@ -341,11 +341,9 @@ impl Emitter {
     }
 
     /// Defines a named struct or union once, after what it depends on.
-    #[allow(clippy::too_many_arguments)]
     fn define_aggregate(
         &mut self,
         side: &Side<'_>,
-        _id: TypeId,
         tag: &str,
         kw: &str,
         members: &[Member],

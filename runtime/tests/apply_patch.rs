@@ -171,8 +171,7 @@ fn patch_applies(tc: Toolchain) {
     let so_far = child.stdout_so_far();
     let last_v1 = so_far
         .lines()
-        .filter(|l| l.starts_with("v1 "))
-        .last()
+        .rfind(|l| l.starts_with("v1 "))
         .expect("v1 ticks");
     assert_eq!(field(last_v1, "i"), k - 1, "{so_far}");
 }
