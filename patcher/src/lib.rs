@@ -9,6 +9,9 @@
 //! - [`plan`]: the [`UpdatePlan`] (globals, functions, variables,
 //!   continuations) as plain, serializable data, and [`default_plan`] /
 //!   [`plan_with_spec`].
+//! - [`review`]: the plan in words, and what needs the user.
+//! - [`patchfile`]: the PATCH file (plan + identity of OLD and NEW).
+//! - [`header`]: C declarations for writing transformers.
 //!
 //! The runtime (`upstare-apply`) executes a plan; it never re-decides a
 //! mapping. A change of type no rule maps is named in the plan, with why.
@@ -16,15 +19,20 @@
 #![forbid(unsafe_code)]
 
 pub mod convert;
+pub mod header;
 pub mod initial;
+pub mod patchfile;
 pub mod plan;
+pub mod review;
 pub mod spec;
 pub mod types;
 
+pub use patchfile::{ImageIdentity, Patch};
 pub use plan::{
     default_plan, plan_for_binaries, plan_with_spec, CallShape, ContinuationMapping,
     FunctionMapping, GlobalAction, GlobalMapping, InactiveRule, PlanError, SiteKind, UpdatePlan,
     VarSource,
 };
+pub use review::{review, NeedsUser, Review};
 pub use spec::{Spec, SpecError};
 pub use types::{is_const_object, TypeComparer};

@@ -36,8 +36,8 @@ pub struct UpdatePlan {
     /// Globals and static locals only NEW has (indices into NEW's globals):
     /// they start with their initial value.
     pub new_globals: Vec<usize>,
-    /// Values the SPEC gives to new globals: (index into NEW's globals,
-    /// bytes).
+    /// Values the SPEC gives to globals of NEW (new ones, or ones whose
+    /// OLD value is not carried over): (index into NEW's globals, bytes).
     pub new_global_values: Vec<(usize, Vec<u8>)>,
     /// One entry per function of OLD, sorted by name.
     pub functions: Vec<FunctionMapping>,
@@ -107,6 +107,8 @@ pub enum GlobalAction {
     ThreadLocal,
     /// Gone in NEW: the value is dropped.
     Removed,
+    /// The SPEC gives the value (see [`UpdatePlan::new_global_values`]).
+    Given,
     /// The type changed and the default rules convert the value; parts of
     /// NEW's type the conversion does not fill keep NEW's initializer.
     Convert { change: TypeChange },
@@ -269,6 +271,7 @@ impl fmt::Display for GlobalAction {
             GlobalAction::KeepNew => f.write_str("read-only: the new value is kept"),
             GlobalAction::ThreadLocal => f.write_str("thread-local: not carried over"),
             GlobalAction::Removed => f.write_str("removed: its value is dropped"),
+            GlobalAction::Given => f.write_str("the SPEC gives its value"),
             GlobalAction::Convert { change } => {
                 write!(f, "converted: {}", change.changes.join("; "))
             }
@@ -406,7 +409,10 @@ fn plan_globals(
         let found = by_key
             .get(&spec.new_global_key(&global_key(g)))
             .and_then(|&j| Some((j, new.globals.get(j)?)));
+        let given = found.is_some_and(|(_, n)| spec.values.globals.contains_key(&global_key(n)));
         let action = match found {
+            // The SPEC gives NEW's value (written from `new_global_values`).
+            Some(_) if given => GlobalAction::Given,
             None => {
                 warnings.push(format!(
                     "{label} was removed in the new version; its value is dropped"
@@ -582,6 +588,15 @@ fn var_source(
         _ => matching_var(&of.vars, &nf.vars, k, &renamed),
     };
     let matched = matched_index.and_then(|i| Some((i, of.vars.get(i)?)));
+    // A value the SPEC gives replaces the old one (a new local, or one
+    // whose change of type has no default).
+    if let (Some(value), true) = (given, matches!(v.location, VarLocation::Cfa(_))) {
+        if !matches!(value, spec::Value::Copy { .. }) {
+            if let Ok(bytes) = spec::encode(cmp.new_types(), v.ty, value) {
+                return VarSource::Value(bytes);
+            }
+        }
+    }
     let mut change = None;
     if let Some((i, ov)) = matched {
         if !cmp.equal(ov.ty, v.ty) {

@@ -3,10 +3,11 @@
 
 #![forbid(unsafe_code)]
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Parser;
 use std::path::PathBuf;
 use std::time::Duration;
+use upstare_patcher::patchfile::read_patch;
 use upstare_runtime::update::{apply, ApplyOptions, UpdateReport};
 
 /// Update a running process to a new version of its program, in place: same
@@ -22,8 +23,15 @@ use upstare_runtime::update::{apply, ApplyOptions, UpdateReport};
 /// An identity update (NEW a copy of the running file) must change nothing
 /// observable; use it to check a program before a real update.
 ///
+/// With a PATCH (made by `upstare-patch OLD NEW -o PATCH`) instead of --to,
+/// it executes the PATCH's plan: NEW is read from the path the PATCH records
+/// and must be the NEW it was made for, and a process that does not run OLD
+/// is refused untouched. An incomplete PATCH (something needs you) is
+/// refused, naming what.
+///
 /// Examples:
 ///   upstare-apply --pid 4242 --to ./server-v2.up
+///   upstare-apply --pid 4242 ./v1-to-v2.patch
 ///   upstare-apply --pid 4242 --to ./server-v2.up --dry-run
 ///   upstare-apply --pid 4242 --to ./server-v2.up --json --timeout 2000
 ///   upstare-apply --pid 4242 --to ./server-v2.up --spec ./v2.toml
@@ -33,9 +41,12 @@ struct Cli {
     /// The process to update.
     #[arg(long)]
     pid: i32,
-    /// The instrumented new version.
-    #[arg(long, value_name = "NEW")]
-    to: PathBuf,
+    /// The instrumented new version (the default plan is made now).
+    #[arg(long, value_name = "NEW", required_unless_present = "patch")]
+    to: Option<PathBuf>,
+    /// A PATCH file from upstare-patch: its plan is executed.
+    #[arg(value_name = "PATCH", conflicts_with = "to")]
+    patch: Option<PathBuf>,
     /// Longest time, in milliseconds, the threads may take to reach update
     /// points.
     #[arg(long, value_name = "MS", default_value_t = 500)]
@@ -71,17 +82,47 @@ fn main() {
 }
 
 fn run(cli: &Cli) -> Result<()> {
-    let opts = ApplyOptions {
+    let mut opts = ApplyOptions {
         timeout: Duration::from_millis(cli.timeout),
         dry_run: cli.dry_run,
-        skip_hits: 0,
-        plan: None,
         spec: match &cli.spec {
             Some(path) => Some((path.clone(), upstare_patcher::Spec::read(path)?)),
             None => None,
         },
+        ..ApplyOptions::default()
     };
-    let report = apply(cli.pid, &cli.to, &opts)?;
+    let new_path = match (&cli.patch, &cli.to) {
+        (Some(path), _) => {
+            let patch = read_patch(path)?;
+            if !patch.is_complete() {
+                let items: Vec<String> = patch
+                    .needs_user
+                    .iter()
+                    .map(|n| {
+                        // The reason usually names the variable already.
+                        if n.why.starts_with(&n.what) {
+                            n.why.clone()
+                        } else {
+                            format!("{}: {}", n.what, n.why)
+                        }
+                    })
+                    .collect();
+                bail!(
+                    "{} is incomplete: {} item(s) need you: {}; settle them with a SPEC and run upstare-patch again",
+                    path.display(),
+                    items.len(),
+                    items.join("; ")
+                );
+            }
+            opts.plan = Some(patch.plan);
+            opts.expected_old = Some(patch.old);
+            opts.expected_new = Some(patch.new);
+            patch.new_path
+        }
+        (None, Some(to)) => to.clone(),
+        (None, None) => bail!("give --to NEW or a PATCH file"),
+    };
+    let report = apply(cli.pid, &new_path, &opts)?;
     if cli.json {
         let mut v = serde_json::to_value(&report)?;
         v["ok"] = serde_json::Value::Bool(true);

@@ -241,6 +241,24 @@ pub fn running_image(pid: Pid, maps: &[MemoryMap]) -> Result<Image, ImageError> 
     })
 }
 
+/// The file process `pid` runs `image` from, exactly as mapped (through
+/// `/proc/PID/map_files/`, so a file replaced on disk since is not read in
+/// its place).
+pub fn open_image_file(
+    pid: Pid,
+    maps: &[MemoryMap],
+    image: &Image,
+) -> Result<std::fs::File, ImageError> {
+    let m = maps
+        .iter()
+        .find(|m| m.perms.exec && m.file() == Some(image.path.as_path()))
+        .ok_or_else(|| ImageError::NoImage {
+            pid: pid.as_raw(),
+            exe: image.path.clone(),
+        })?;
+    Ok(open_mapped(pid, m)?.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

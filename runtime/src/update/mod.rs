@@ -18,7 +18,7 @@ use crate::engine::rebuild::{self, RebuildError};
 use crate::engine::state::{Readiness, ThreadState};
 use crate::engine::transfer::{self, TransferError};
 use crate::engine::Write;
-use crate::load::image::{image_file_bytes, running_image, ImageError};
+use crate::load::image::{image_file_bytes, open_image_file, running_image, ImageError};
 use crate::load::libraries::Libraries;
 use crate::load::{self, LoadError, LoadOptions};
 use crate::stop::{self, StopError, StopOptions};
@@ -26,7 +26,7 @@ use crate::target::procfs::{self, MemoryMap, ProcError};
 use crate::target::ptrace::{PtraceError, Tracee};
 use nix::unistd::Pid;
 use transaction::{CommitError, PreparedState};
-use upstare_patcher::{Spec, UpdatePlan};
+use upstare_patcher::{ImageIdentity, Spec, UpdatePlan};
 
 /// How to run an update.
 #[derive(Clone, Debug)]
@@ -44,6 +44,11 @@ pub struct ApplyOptions {
     /// The user's overrides (a SPEC file and its path, for messages),
     /// when the plan is made here.
     pub spec: Option<(PathBuf, Spec)>,
+    /// The version the process must run (a PATCH's OLD): anything else is
+    /// refused before the process is stopped.
+    pub expected_old: Option<ImageIdentity>,
+    /// The version NEW must be (a PATCH's NEW).
+    pub expected_new: Option<ImageIdentity>,
 }
 
 impl Default for ApplyOptions {
@@ -54,6 +59,8 @@ impl Default for ApplyOptions {
             skip_hits: 0,
             plan: None,
             spec: None,
+            expected_old: None,
+            expected_new: None,
         }
     }
 }
@@ -76,6 +83,14 @@ pub enum UpdateError {
     Image(#[from] ImageError),
     #[error("{path}: {why}")]
     New { path: PathBuf, why: String },
+    #[error("process {pid} runs {path}, not the version this PATCH was made for ({why}); nothing was changed")]
+    NotOld {
+        pid: i32,
+        path: PathBuf,
+        why: String,
+    },
+    #[error("{path} is not the NEW this PATCH was made for ({why}); nothing was changed")]
+    NotNew { path: PathBuf, why: String },
     #[error("{0}")]
     Stop(#[from] StopError),
     #[error("{0}")]
@@ -254,6 +269,24 @@ pub fn apply_traced(
     // Phase 1: what runs, and what it becomes (no process changes).
     let maps = procfs::read_maps(tracee.pid()).map_err(proc_err)?;
     let old = running_image(tracee.pid(), &maps)?;
+    if let Some(expected) = &opts.expected_old {
+        // The file exactly as mapped, hashed before anything is stopped.
+        let f = open_image_file(tracee.pid(), &maps, &old)?;
+        let actual = ImageIdentity::of_reader(f, &old.tables.binary.build_id).map_err(|e| {
+            UpdateError::NotOld {
+                pid,
+                path: old.path.clone(),
+                why: format!("cannot read it: {e}"),
+            }
+        })?;
+        if let Some(why) = expected.mismatch(&actual) {
+            return Err(UpdateError::NotOld {
+                pid,
+                path: old.path.clone(),
+                why,
+            });
+        }
+    }
     // NEW must be another file: the same file mapped a second time cannot be
     // told apart from the retired image by later updates.
     if let Ok(meta) = std::fs::metadata(new_path) {
@@ -275,6 +308,15 @@ pub fn apply_traced(
     }
     let new_bytes = std::fs::read(new_path).map_err(|e| new_err(format!("cannot read: {e}")))?;
     let new_tables = upstare_dwarf::read_tables(&new_bytes).map_err(|e| new_err(e.to_string()))?;
+    if let Some(expected) = &opts.expected_new {
+        let actual = ImageIdentity::of_bytes(&new_bytes, &new_tables);
+        if let Some(why) = expected.mismatch(&actual) {
+            return Err(UpdateError::NotNew {
+                path: new_path.to_path_buf(),
+                why,
+            });
+        }
+    }
     // A non-PIE NEW could only be mapped at its link addresses, which the
     // running image occupies: refuse before the process is even paused.
     if !new_tables.binary.pie {
