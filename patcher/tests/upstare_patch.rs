@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 use upstare_patcher::patchfile::{self, decode, encode, read_patch, ImageIdentity};
-use upstare_patcher::{default_plan, GlobalAction};
+use upstare_patcher::GlobalAction;
 use upstare_testkit::{
     compile_c, compile_instrumented, run_command, CSource, Output, TempDir, Toolchain,
 };
