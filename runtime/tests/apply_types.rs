@@ -1,0 +1,361 @@
+//! Changes of type, updated live by the default rules: each `Ticks` version
+//! pair of the corpus (`corpus/versions/*`, gcc and clang) is run under
+//! ptrace and updated to v2 at every update-point hit of its run (the sweep),
+//! and every line it prints is checked against what the C source says it must
+//! be: v1's state formula at tick t (stated in each version's header), carried
+//! through the conversion rules (members by name, moved or widened; arrays by
+//! prefix, the rest NEW's initializer; enums by name; new members of globals
+//! NEW's initializer, of frames zero). Nothing is compared with a recording of
+//! the tool's output.
+//!
+//! Each sweep prints its figure: the share of the run's update-point hits from
+//! which the update applied with no user input, each refusal with its reason.
+//! `narrow_overflow` (a long that never fits the new short) must be refused
+//! at every hit, naming the variable, with the process untouched.
+
+mod apply_support;
+
+use apply_support::*;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use upstare_corpus::version_pair;
+use upstare_runtime::update::{apply, ApplyOptions, UpdateError, UpdateReport};
+use upstare_testkit::{spawn, ExitStatus, Toolchain};
+
+/// Ticks of every swept run (each version's formulas hold for t < 10).
+const TICKS: i64 = 6;
+const TICKS_ARG: &str = "6";
+/// Bound on the threads' getting ready once the hits are skipped.
+const READY_TIMEOUT: Duration = Duration::from_secs(3);
+/// Bound on a run after its update.
+const RUN_TIMEOUT: Duration = Duration::from_secs(30);
+/// The goal for the share of update-point hits that update with no user
+/// input.
+const GOAL: f64 = 0.95;
+
+fn pair(name: &str, tc: Toolchain) -> (PathBuf, PathBuf) {
+    let p = version_pair(name).unwrap_or_else(|| panic!("no version pair {name}"));
+    (instrumented(&p.v1, tc), instrumented(&p.v2, tc))
+}
+
+/// What the sources say each line must be: `line(n, t)` is the line version
+/// `n` prints at tick `t` (`t == TICKS`: its last line, `vN done ...`).
+type Lines = fn(u32, i64) -> String;
+
+/// Outcome of one update attempt.
+enum Outcome {
+    Updated(Box<UpdateReport>),
+    Refused(String),
+}
+
+/// Checks a whole output of a (maybe) updated run: ticks 0..TICKS then the
+/// done line, each exactly once and in order, each the line its version
+/// prints at that tick, and no v1 line after the first v2 line. Returns the
+/// version of the last line.
+fn check_lines(stdout: &str, line: Lines) -> Result<u32, String> {
+    let lines: Vec<&str> = stdout.lines().collect();
+    if lines.len() != TICKS as usize + 1 {
+        return Err(format!("{} lines, want {}", lines.len(), TICKS + 1));
+    }
+    let mut seen_v2 = false;
+    let mut last = 1;
+    for (t, got) in lines.iter().enumerate() {
+        let n = match &got.get(..3) {
+            Some("v1 ") => 1,
+            Some("v2 ") => 2,
+            _ => return Err(format!("line {t} has no version marker: {got:?}")),
+        };
+        if n == 1 && seen_v2 {
+            return Err(format!("v1 code ran after the update: {got:?}"));
+        }
+        seen_v2 |= n == 2;
+        let want = line(n, t as i64);
+        if *got != want {
+            return Err(format!("tick {t}:\n got {got:?}\nwant {want:?}"));
+        }
+        last = n;
+    }
+    Ok(last)
+}
+
+/// Updates a traced run of `v1` to `v2` after `k` update-point hits and
+/// checks its whole output with `check` (given the outcome).
+fn update_at(
+    v1: &Path,
+    v2: &Path,
+    args: &[&str],
+    k: u64,
+    check: &dyn Fn(&Outcome, &str) -> Result<(), String>,
+) -> Result<Outcome, String> {
+    let mut run = TracedRun::spawn(v1, args);
+    let opts = ApplyOptions {
+        timeout: READY_TIMEOUT,
+        skip_hits: k,
+        ..ApplyOptions::default()
+    };
+    let outcome = match run.apply(v2, &opts) {
+        Ok(r) => Outcome::Updated(Box::new(r)),
+        Err(UpdateError::Commit(e)) => return Err(format!("commit failed: {e}")),
+        Err(e) => Outcome::Refused(e.to_string()),
+    };
+    let out = run.finish(RUN_TIMEOUT)?;
+    if let Outcome::Updated(_) = outcome {
+        if out.status != ExitStatus::Code(0) {
+            return Err(format!("status {:?}: {}", out.status, out.stderr));
+        }
+    }
+    check(&outcome, &out.stdout).map_err(|e| format!("{e}\nwhole output:\n{}", out.stdout))?;
+    Ok(outcome)
+}
+
+/// Figures of one sweep.
+#[derive(Default)]
+struct Sweep {
+    hits: u64,
+    updated: u64,
+    /// Refusal reason -> hits at which it came.
+    refused: BTreeMap<String, Vec<u64>>,
+    failures: Vec<String>,
+}
+
+impl Sweep {
+    fn share(&self) -> f64 {
+        self.updated as f64 / self.hits.max(1) as f64
+    }
+
+    fn print(&self, what: &str) {
+        println!(
+            "sweep {what}: {}/{} update-point hits updated with no user input ({:.1} %)",
+            self.updated,
+            self.hits,
+            100.0 * self.share()
+        );
+        for (why, ks) in &self.refused {
+            println!("  refused at hits {ks:?}: {why}");
+        }
+    }
+}
+
+/// Updates `v1` -> `v2` at each of the hits `ks` of its run.
+fn sweep(
+    v1: &Path,
+    v2: &Path,
+    args: &[&str],
+    ks: impl Iterator<Item = u64>,
+    check: &dyn Fn(&Outcome, &str) -> Result<(), String>,
+) -> Sweep {
+    let mut s = Sweep::default();
+    for k in ks {
+        s.hits += 1;
+        match update_at(v1, v2, args, k, check) {
+            Ok(Outcome::Updated(_)) => s.updated += 1,
+            Ok(Outcome::Refused(why)) => s.refused.entry(why).or_default().push(k),
+            Err(e) => s.failures.push(format!("hit {k}: {e}")),
+        }
+    }
+    s
+}
+
+/// The default check of a tick pair: an update leads to v2's lines from
+/// some tick on, a refusal leaves v1's lines (the process untouched).
+fn tick_check(line: Lines) -> impl Fn(&Outcome, &str) -> Result<(), String> {
+    move |o, stdout| {
+        let last = check_lines(stdout, line)?;
+        match (o, last) {
+            (Outcome::Updated(_), 2) | (Outcome::Refused(_), 1) => Ok(()),
+            (Outcome::Updated(_), _) => Err("updated, but v1 printed the last line".into()),
+            (Outcome::Refused(why), _) => Err(format!("refused ({why}) but v2 ran")),
+        }
+    }
+}
+
+/// Sweeps every update-point hit of the pair's run and asserts every
+/// output is right and the share of updated hits meets the goal.
+fn sweep_pair(name: &str, tc: Toolchain, line: Lines) {
+    let (v1, v2) = pair(name, tc);
+    let args = [TICKS_ARG];
+    let (hits, more) = count_hits(&v1, &args, Some(10_000));
+    assert!(!more && hits > TICKS as u64, "{name}: {hits} hits");
+    // The uninterrupted runs match the formulas: the test's arithmetic is
+    // the source's before any update is judged by it.
+    for (n, exe) in [(1, &v1), (2, &v2)] {
+        let out = baseline(exe, &args);
+        let last = check_lines(&out.stdout, line)
+            .unwrap_or_else(|e| panic!("{name} [{tc}] fresh v{n}: {e}\n{}", out.stdout));
+        assert_eq!(last, n);
+    }
+    let s = sweep(&v1, &v2, &args, 0..hits, &tick_check(line));
+    s.print(&format!("{name} [{tc}]"));
+    assert!(
+        s.failures.is_empty(),
+        "{name} [{tc}]: {} wrong outputs:\n{}",
+        s.failures.len(),
+        s.failures.join("\n")
+    );
+    assert!(
+        s.share() >= GOAL,
+        "{name} [{tc}]: only {:.1} % of hits updated",
+        100.0 * s.share()
+    );
+}
+
+/// `vN done t=6` (the last line of most pairs).
+fn done(n: u32) -> String {
+    format!("v{n} done t={TICKS}")
+}
+
+// ---- what each pair's source says it prints (n = t + 1 steps at tick t) ----
+
+fn struct_insert(v: u32, t: i64) -> String {
+    let n = t + 1;
+    if t == TICKS {
+        return done(v);
+    }
+    let (balance, flags, total) = (-100 - 9 * n, 3 + 2 * n, t * (t + 1) / 2);
+    match v {
+        1 => format!("v1 t={t} id=7 balance={balance} flags={flags} total={total}"),
+        // bonus: NEW's initializer, never written.
+        _ => format!("v2 t={t} id=7 balance={balance} bonus=500 flags={flags} total={total}"),
+    }
+}
+
+fn struct_reorder(v: u32, t: i64) -> String {
+    let n = t + 1;
+    if t == TICKS {
+        return done(v);
+    }
+    let (a, b, c, d, e) = (1 - 3 * n, 2 + 1_000_000_007 * n, 3 + n, 4 - 7 * n, 5 + n);
+    match v {
+        1 => format!("v1 t={t} a={a} b={b} c={c} d={d} e={e}"),
+        _ => format!("v2 t={t} e={e} d={d} b={b}"),
+    }
+}
+
+fn nested_array(v: u32, t: i64) -> String {
+    let n = t + 1;
+    if t == TICKS {
+        return done(v);
+    }
+    let mut s = format!("v{v} t={t}");
+    for i in 0..3 {
+        let id = i + 1;
+        s += &format!(" [{id} x={} y={} c{i}]", 10 * id - 3 * id * n, -id + 100 * n);
+    }
+    s
+}
+
+fn array_grew(v: u32, t: i64) -> String {
+    if t == TICKS {
+        return done(v);
+    }
+    // hist[s % 4] += s + 1 for every tick s <= t.
+    let mut hist = vec![1, 2, 3, 4];
+    for s in 0..=t {
+        hist[(s % 4) as usize] += s + 1;
+    }
+    if v == 2 {
+        // Grown: NEW's initializer for the new elements.
+        hist.extend([50, 60, 70]);
+    }
+    let h: Vec<String> = hist.iter().map(i64::to_string).collect();
+    format!("v{v} t={t} hist={}", h.join(","))
+}
+
+fn int_widen(v: u32, t: i64) -> String {
+    let n = t + 1;
+    if t == TICKS {
+        return format!("v{v} done t={TICKS} acc={}", -1000 - 13 * TICKS);
+    }
+    format!(
+        "v{v} t={t} level={} temps={},{},{} acc={}",
+        -5 - 7 * n,
+        -1 - n,
+        -2 - 20 * n,
+        -3 - 300 * n,
+        -1000 - 13 * n
+    )
+}
+
+fn narrow_fits(v: u32, t: i64) -> String {
+    let n = t + 1;
+    if t == TICKS {
+        return done(v);
+    }
+    format!("v{v} t={t} small={} lo={} hi={}", 10 - 5 * n, -3 - 2 * n, 4 + 3 * n)
+}
+
+fn narrow_overflow(v: u32, t: i64) -> String {
+    let n = t + 1;
+    if t == TICKS {
+        return done(v);
+    }
+    // Only v1 ever prints here (70000 never fits a short); a fresh v2 starts
+    // from its own 7000.
+    let base = if v == 1 { 70000 } else { 7000 };
+    format!("v{v} t={t} big={} ok={}", base + n, 1 + n)
+}
+
+fn enum_renumber(v: u32, t: i64) -> String {
+    if t == TICKS {
+        return done(v);
+    }
+    const CYCLE: [&str; 4] = ["IDLE", "LOAD", "RUN", "DONE"];
+    // v1: 0..3 in declaration order; v2: RUN=10 PAUSED=15 IDLE=20 LOAD=30 DONE=40.
+    let num = |i: usize| if v == 1 { [0, 1, 2, 3][i] } else { [20, 30, 10, 40][i] };
+    let mut history = [0usize; 4];
+    let mut cur = 0usize;
+    for s in 0..=t {
+        cur = (cur + 1) % 4;
+        history[(s % 4) as usize] = cur;
+    }
+    let show = |i: usize| format!("{}/{}", CYCLE[i], num(i));
+    let h: Vec<String> = history.iter().map(|&i| show(i)).collect();
+    format!("v{v} t={t} cur={} history={}", show(cur), h.join(","))
+}
+
+fn pointer_to_changed(v: u32, t: i64) -> String {
+    let n = t + 1;
+    if t == TICKS {
+        return done(v);
+    }
+    let (port, retries) = (8080 + n, 3 - 2 * n);
+    match v {
+        1 => format!("v1 t={t} port={port} retries={retries} same=1"),
+        _ => format!(
+            "v2 t={t} port={port} name=main retries={retries} timeout_ms=2500 same=1"
+        ),
+    }
+}
+
+macro_rules! sweep_tests {
+    ($($name:ident),* $(,)?) => {
+        mod sweep {
+            use super::*;
+            $(
+                pub mod $name {
+                    use super::*;
+                    #[test]
+                    fn gcc() {
+                        sweep_pair(stringify!($name), Toolchain::Gcc, super::super::$name);
+                    }
+                    #[test]
+                    fn clang() {
+                        sweep_pair(stringify!($name), Toolchain::Clang, super::super::$name);
+                    }
+                }
+            )*
+        }
+    };
+}
+
+sweep_tests!(
+    struct_insert,
+    struct_reorder,
+    nested_array,
+    array_grew,
+    int_widen,
+    narrow_fits,
+    enum_renumber,
+    pointer_to_changed,
+);
