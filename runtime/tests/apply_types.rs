@@ -11,7 +11,10 @@
 //! Each sweep prints its figure: the share of the run's update-point hits from
 //! which the update applied with no user input, each refusal with its reason.
 //! `narrow_overflow` (a long that never fits the new short) must be refused
-//! at every hit, naming the variable, with the process untouched.
+//! at every hit, naming the variable, with the process untouched (maps and
+//! code bytes compared, its own sequence goes on). `threads4_local` (a
+//! struct local in 4 threads' frames) is swept over a spread of hits, as its
+//! hits depend on the threads' timing, each worker's lines checked.
 
 mod apply_support;
 
@@ -240,7 +243,11 @@ fn nested_array(v: u32, t: i64) -> String {
     let mut s = format!("v{v} t={t}");
     for i in 0..3 {
         let id = i + 1;
-        s += &format!(" [{id} x={} y={} c{i}]", 10 * id - 3 * id * n, -id + 100 * n);
+        s += &format!(
+            " [{id} x={} y={} c{i}]",
+            10 * id - 3 * id * n,
+            -id + 100 * n
+        );
     }
     s
 }
@@ -282,14 +289,24 @@ fn narrow_fits(v: u32, t: i64) -> String {
     if t == TICKS {
         return done(v);
     }
-    format!("v{v} t={t} small={} lo={} hi={}", 10 - 5 * n, -3 - 2 * n, 4 + 3 * n)
+    format!(
+        "v{v} t={t} small={} lo={} hi={}",
+        10 - 5 * n,
+        -3 - 2 * n,
+        4 + 3 * n
+    )
 }
 
 fn narrow_overflow(v: u32, t: i64) -> String {
-    let n = t + 1;
     if t == TICKS {
         return done(v);
     }
+    narrow_overflow_tick(v, t)
+}
+
+/// The line of tick `t` (the live test runs more than `TICKS` ticks).
+fn narrow_overflow_tick(v: u32, t: i64) -> String {
+    let n = t + 1;
     // Only v1 ever prints here (70000 never fits a short); a fresh v2 starts
     // from its own 7000.
     let base = if v == 1 { 70000 } else { 7000 };
@@ -302,7 +319,13 @@ fn enum_renumber(v: u32, t: i64) -> String {
     }
     const CYCLE: [&str; 4] = ["IDLE", "LOAD", "RUN", "DONE"];
     // v1: 0..3 in declaration order; v2: RUN=10 PAUSED=15 IDLE=20 LOAD=30 DONE=40.
-    let num = |i: usize| if v == 1 { [0, 1, 2, 3][i] } else { [20, 30, 10, 40][i] };
+    let num = |i: usize| {
+        if v == 1 {
+            [0, 1, 2, 3][i]
+        } else {
+            [20, 30, 10, 40][i]
+        }
+    };
     let mut history = [0usize; 4];
     let mut cur = 0usize;
     for s in 0..=t {
@@ -322,9 +345,7 @@ fn pointer_to_changed(v: u32, t: i64) -> String {
     let (port, retries) = (8080 + n, 3 - 2 * n);
     match v {
         1 => format!("v1 t={t} port={port} retries={retries} same=1"),
-        _ => format!(
-            "v2 t={t} port={port} name=main retries={retries} timeout_ms=2500 same=1"
-        ),
+        _ => format!("v2 t={t} port={port} name=main retries={retries} timeout_ms=2500 same=1"),
     }
 }
 
@@ -359,3 +380,247 @@ sweep_tests!(
     enum_renumber,
     pointer_to_changed,
 );
+
+// ---- a narrowing that does not fit: refused, the process untouched ----
+
+/// Hits let pass before the sweep of `narrow_overflow` starts: from the
+/// second tick on (hits: main's entry, then per tick the loop head, step's
+/// and show's entries) the program itself has written `big`, so the value
+/// converted is one the program made, never the initializer.
+const FIRST_WRITTEN_HIT: u64 = 4;
+
+fn narrow_overflow_refused_everywhere(tc: Toolchain) {
+    let (v1, v2) = pair("narrow_overflow", tc);
+    let args = [TICKS_ARG];
+    let (hits, _) = count_hits(&v1, &args, Some(10_000));
+    let check = |o: &Outcome, stdout: &str| -> Result<(), String> {
+        match o {
+            Outcome::Updated(_) => Err("updated: 70000 + n does not fit a short".into()),
+            Outcome::Refused(why) if !why.contains("big") => {
+                Err(format!("the refusal does not name `big`: {why}"))
+            }
+            // The whole run is v1's own sequence, ticks 0..6 then done.
+            Outcome::Refused(_) => match check_lines(stdout, narrow_overflow)? {
+                1 => Ok(()),
+                _ => Err("v2 printed".into()),
+            },
+        }
+    };
+    let s = sweep(&v1, &v2, &args, FIRST_WRITTEN_HIT..hits, &check);
+    s.print(&format!("narrow_overflow [{tc}] (refusal expected)"));
+    assert!(s.failures.is_empty(), "{}", s.failures.join("\n"));
+    assert_eq!(s.updated, 0);
+    assert!(hits > 3 * TICKS as u64, "{hits} hits in a run");
+}
+
+#[test]
+fn narrow_overflow_is_refused_at_every_hit_gcc() {
+    narrow_overflow_refused_everywhere(Toolchain::Gcc);
+}
+
+#[test]
+fn narrow_overflow_is_refused_at_every_hit_clang() {
+    narrow_overflow_refused_everywhere(Toolchain::Clang);
+}
+
+/// The bytes of every executable mapping of `pid`, with the maps text.
+fn code_and_maps(pid: u32) -> (String, Vec<(String, Vec<u8>)>) {
+    use std::io::{Read, Seek, SeekFrom};
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
+    let mut mem = std::fs::File::open(format!("/proc/{pid}/mem")).expect("open mem");
+    let mut code = Vec::new();
+    for l in maps.lines() {
+        let mut w = l.split_whitespace();
+        let (range, perms) = (w.next().unwrap_or(""), w.next().unwrap_or(""));
+        // [vsyscall] cannot be read through /proc/PID/mem.
+        if !perms.contains('x') || l.ends_with("[vsyscall]") {
+            continue;
+        }
+        let (a, b) = range.split_once('-').expect("range");
+        let (a, b) = (
+            u64::from_str_radix(a, 16).expect("hex"),
+            u64::from_str_radix(b, 16).expect("hex"),
+        );
+        let mut buf = vec![0u8; (b - a) as usize];
+        mem.seek(SeekFrom::Start(a)).expect("seek");
+        mem.read_exact(&mut buf)
+            .unwrap_or_else(|e| panic!("read {l}: {e}"));
+        code.push((l.to_string(), buf));
+    }
+    (maps, code)
+}
+
+/// A running (untraced, paced) v1 whose update is refused: /proc/PID/maps
+/// and every executable byte are the same before and after, and it goes on
+/// printing its own sequence.
+fn narrow_overflow_leaves_the_process_untouched(tc: Toolchain) {
+    let (v1, v2) = pair("narrow_overflow", tc);
+    let mut child = spawn(&v1, &["400", "20"]).expect("spawn");
+    let wait = Duration::from_secs(20);
+    child
+        .wait_for_line("tick 3", wait, |l| l.starts_with("v1 t=3 "))
+        .expect("v1 runs");
+    let (maps0, code0) = code_and_maps(child.pid());
+    let opts = ApplyOptions {
+        timeout: Duration::from_secs(2),
+        ..ApplyOptions::default()
+    };
+    let err = match apply(child.pid() as i32, &v2, &opts) {
+        Ok(r) => panic!("updated although big never fits a short: {r:?}"),
+        Err(e) => e.to_string(),
+    };
+    // Names the variable and the value (70000 + n) that does not fit.
+    assert!(err.contains("big") && err.contains("value 700"), "{err}");
+    let (maps1, code1) = code_and_maps(child.pid());
+    assert_eq!(maps0, maps1, "the mappings changed");
+    assert_eq!(code0.len(), code1.len());
+    for ((m0, c0), (_, c1)) in code0.iter().zip(&code1) {
+        assert!(c0 == c1, "code bytes of {m0} changed");
+    }
+    // Keeps printing v1's sequence: 8 more ticks after the refusal.
+    let after = child.stdout_so_far();
+    let t_now = after.lines().count() as i64;
+    child
+        .wait_for_line("8 more ticks", wait, |l| {
+            l.starts_with(&format!("v1 t={} ", t_now + 8))
+        })
+        .expect("v1 goes on");
+    let out = child.kill();
+    for (t, l) in out.stdout.lines().enumerate() {
+        if l.is_empty() {
+            continue;
+        }
+        assert_eq!(l, narrow_overflow_tick(1, t as i64), "line {t}");
+    }
+}
+
+#[test]
+fn narrow_overflow_leaves_the_process_untouched_gcc() {
+    narrow_overflow_leaves_the_process_untouched(Toolchain::Gcc);
+}
+
+#[test]
+fn narrow_overflow_leaves_the_process_untouched_clang() {
+    narrow_overflow_leaves_the_process_untouched(Toolchain::Clang);
+}
+
+// ---- the same struct local in the frames of 4 threads ----
+
+/// The line worker `id` prints at its tick `t` (threads4_local's header).
+fn threads4_line(v: u32, id: i64, t: i64) -> String {
+    let n = t + 1;
+    let (sum, neg) = (id * n + t * (t + 1) / 2, -id - (id + 1) * n);
+    match v {
+        1 => format!("v1 w={id} t={t} sum={sum} neg={neg}"),
+        // seen: a new member of a frame's local starts at zero.
+        _ => format!("v2 w={id} t={t} seen=0 sum={sum} neg={neg}"),
+    }
+}
+
+/// Each worker's lines are its ticks 0..TICKS in order, each the line its
+/// version prints, no v1 line after one of v2; the last line is main's.
+fn threads4_check(updated: bool, stdout: &str) -> Result<(), String> {
+    let lines: Vec<&str> = stdout.lines().collect();
+    let Some((last, ticks)) = lines.split_last() else {
+        return Err("no output".into());
+    };
+    let mut seen_v2 = false;
+    for id in 1..=4i64 {
+        let mine: Vec<&&str> = ticks
+            .iter()
+            .filter(|l| l.contains(&format!(" w={id} ")))
+            .collect();
+        if mine.len() != TICKS as usize {
+            return Err(format!("worker {id}: {} lines", mine.len()));
+        }
+        let mut v2 = false;
+        for (t, l) in mine.iter().enumerate() {
+            let v = if l.starts_with("v2 ") { 2 } else { 1 };
+            if v == 1 && v2 {
+                return Err(format!("worker {id}: v1 after v2: {l}"));
+            }
+            v2 |= v == 2;
+            let want = threads4_line(v, id, t as i64);
+            if **l != want {
+                return Err(format!("worker {id} tick {t}:\n got {l:?}\nwant {want:?}"));
+            }
+        }
+        seen_v2 |= v2;
+    }
+    let want_last = match (updated, seen_v2) {
+        (true, _) => "v2 done workers=4",
+        (false, true) => return Err("not updated, but v2 ran".into()),
+        (false, false) => "v1 done workers=4",
+    };
+    if *last != want_last {
+        return Err(format!("last line {last:?}, want {want_last:?}"));
+    }
+    Ok(())
+}
+
+/// Worker frames (`worker@...`) in an update's report.
+fn worker_frames(r: &UpdateReport) -> usize {
+    r.threads
+        .iter()
+        .filter(|t| t.frames.iter().any(|f| f.starts_with("worker@")))
+        .count()
+}
+
+fn threads4_local(tc: Toolchain) {
+    let (v1, v2) = pair("threads4_local", tc);
+    // 1 ms of sleep per tick: the 4 workers run side by side.
+    let args = [TICKS_ARG, "1"];
+    for (n, exe) in [(1, &v1), (2, &v2)] {
+        let out = baseline(exe, &args);
+        threads4_check(n == 2, &out.stdout)
+            .unwrap_or_else(|e| panic!("fresh v{n}: {e}\n{}", out.stdout));
+    }
+    // The hits of a run vary with the threads' timing (main polls in
+    // nanosleep): a spread over the first three quarters of one run's.
+    let (hits, _) = count_hits(&v1, &args, Some(100_000));
+    let last = hits * 3 / 4;
+    let points = 24u64;
+    let ks: Vec<u64> = (0..points).map(|i| i * last / (points - 1)).collect();
+    let all_four = std::cell::Cell::new(0usize);
+    let check = |o: &Outcome, stdout: &str| -> Result<(), String> {
+        threads4_check(matches!(o, Outcome::Updated(_)), stdout)?;
+        if let Outcome::Updated(r) = o {
+            let w = worker_frames(r);
+            if w > 0 && !r.warnings.iter().any(|m| m.contains("seen")) {
+                return Err(format!(
+                    "{w} worker frames converted, no warning names `seen`: {:?}",
+                    r.warnings
+                ));
+            }
+            if w == 4 {
+                all_four.set(all_four.get() + 1);
+            }
+        }
+        Ok(())
+    };
+    let s = sweep(&v1, &v2, &args, ks.into_iter(), &check);
+    s.print(&format!(
+        "threads4_local [{tc}] ({hits} hits in a run, spread of {points})"
+    ));
+    println!(
+        "  {} updates converted the local in all 4 workers' frames",
+        all_four.get()
+    );
+    assert!(s.failures.is_empty(), "{}", s.failures.join("\n"));
+    assert!(s.share() >= GOAL, "only {:.1} % updated", 100.0 * s.share());
+    assert!(
+        all_four.get() >= points as usize / 2,
+        "only {} updates had the 4 workers' frames",
+        all_four.get()
+    );
+}
+
+#[test]
+fn threads4_local_each_threads_copy_converted_gcc() {
+    threads4_local(Toolchain::Gcc);
+}
+
+#[test]
+fn threads4_local_each_threads_copy_converted_clang() {
+    threads4_local(Toolchain::Clang);
+}
