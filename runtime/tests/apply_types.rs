@@ -624,3 +624,72 @@ fn threads4_local_each_threads_copy_converted_gcc() {
 fn threads4_local_each_threads_copy_converted_clang() {
     threads4_local(Toolchain::Clang);
 }
+
+// ---- gdb reads the converted globals of the running process ----
+
+/// `key = <number>` in gdb's print of a struct.
+fn gdb_field(text: &str, key: &str) -> Option<i64> {
+    let at = text.find(&format!("{key} = "))? + key.len() + 3;
+    let num: String = text[at..]
+        .chars()
+        .take_while(|c| *c == '-' || c.is_ascii_digit())
+        .collect();
+    num.parse().ok()
+}
+
+/// struct_insert updated while it runs (paced); gdb, given v2's symbols at
+/// the address the update loaded it, prints `acct` with NEW's layout: every
+/// member is the source's formula at one tick, and `bonus` NEW's initializer.
+fn gdb_reads_converted_globals(tc: Toolchain) {
+    upstare_testkit::require_tool("gdb");
+    let (v1, v2) = pair("struct_insert", tc);
+    let mut child = spawn(&v1, &["1000", "20"]).expect("spawn");
+    let wait = Duration::from_secs(20);
+    child
+        .wait_for_line("tick 2", wait, |l| l.starts_with("v1 t=2 "))
+        .expect("v1 runs");
+    let opts = ApplyOptions {
+        timeout: Duration::from_secs(2),
+        ..ApplyOptions::default()
+    };
+    let report = apply(child.pid() as i32, &v2, &opts).expect("update");
+    child
+        .wait_for_line("v2 runs", wait, |l| l.starts_with("v2 t="))
+        .expect("v2 runs");
+    let bias = report.new_load_address.expect("NEW's load address");
+    let mut cmd = std::process::Command::new("gdb");
+    cmd.args(["-nx", "-batch", "-p", &child.pid().to_string()])
+        // Drop the exe's (v1's) symbols, take v2's where it was mapped.
+        .args(["-ex", "symbol-file"])
+        .arg("-ex")
+        .arg(format!("add-symbol-file {} -o {bias:#x}", v2.display()))
+        .args(["-ex", "print acct", "-ex", "print sizeof(acct)"]);
+    let out = upstare_testkit::run_command(cmd, Duration::from_secs(60)).expect("gdb");
+    let text = out.stdout;
+    let acct = text
+        .lines()
+        .find(|l| l.starts_with("$1 = {"))
+        .unwrap_or_else(|| panic!("gdb printed no acct:\n{text}\n{}", out.stderr));
+    let f = |k: &str| gdb_field(acct, k).unwrap_or_else(|| panic!("no {k} in {acct}"));
+    // balance = -100 - 9n gives n; the rest must agree with it.
+    let n = (-100 - f("balance")) / 9;
+    assert!(n >= 3, "{acct}");
+    assert_eq!(f("balance"), -100 - 9 * n, "{acct}");
+    assert_eq!(f("id"), 7, "{acct}");
+    assert_eq!(f("bonus"), 500, "NEW's initializer: {acct}");
+    assert_eq!(f("flags"), 3 + 2 * n, "{acct}");
+    assert_eq!(f("total"), (n - 1) * n / 2, "{acct}");
+    // NEW's layout: long, int, int, short (+2), long.
+    assert!(text.contains("$2 = 32"), "sizeof(acct) in v2:\n{text}");
+    drop(child.kill());
+}
+
+#[test]
+fn gdb_reads_converted_globals_gcc() {
+    gdb_reads_converted_globals(Toolchain::Gcc);
+}
+
+#[test]
+fn gdb_reads_converted_globals_clang() {
+    gdb_reads_converted_globals(Toolchain::Clang);
+}
