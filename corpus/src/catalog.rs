@@ -309,6 +309,12 @@ pub enum Control {
     /// makes it answer and exit. `argv[1]`, if given, bounds the number of
     /// connections served.
     Tcp,
+    /// Runs exactly `argv[1]` ticks (and sleeps `argv[2]` ms after each,
+    /// default none), prints one line per tick and a last line `vN done ...`,
+    /// exits 0. Stdin is not read; the output is a function of the
+    /// arguments alone, so an update at the k-th update-point hit of a run
+    /// can be checked line by line.
+    Ticks,
 }
 
 /// A program in two versions for cross-version update tests.
@@ -393,6 +399,110 @@ const PAIRS: &[PairSpec] = &[
         control: Control::Stdin,
         short_args: &["4"],
         features: &[Threads, Mutex, CondVar, PipeRead, Nanosleep, Loops],
+    },
+    PairSpec {
+        name: "struct_insert",
+        names: ["struct_insert.v1", "struct_insert.v2"],
+        description: "a global struct gains a member mid-struct (NEW's initializer); the members after it move",
+        control: Control::Ticks,
+        short_args: &["6"],
+        features: &[],
+    },
+    PairSpec {
+        name: "struct_reorder",
+        names: ["struct_reorder.v1", "struct_reorder.v2"],
+        description: "a global struct loses two members and the other three are reordered",
+        control: Control::Ticks,
+        short_args: &["6"],
+        features: &[],
+    },
+    PairSpec {
+        name: "nested_array",
+        names: ["nested_array.v1", "nested_array.v2"],
+        description: "a global array of structs whose nested struct member widens short -> long (every element's stride changes)",
+        control: Control::Ticks,
+        short_args: &["6"],
+        features: &[Loops],
+    },
+    PairSpec {
+        name: "array_grew",
+        names: ["array_grew.v1", "array_grew.v2"],
+        description: "a written global int array grows from 4 to 7 elements: the prefix is kept, the rest is NEW's initializer",
+        control: Control::Ticks,
+        short_args: &["6"],
+        features: &[],
+    },
+    PairSpec {
+        name: "int_widen",
+        names: ["int_widen.v1", "int_widen.v2"],
+        description: "int -> long holding negative values: two globals and a local of main's running loop",
+        control: Control::Ticks,
+        short_args: &["6"],
+        features: &[],
+    },
+    PairSpec {
+        name: "narrow_fits",
+        names: ["narrow_fits.v1", "narrow_fits.v2"],
+        description: "long -> short where every value fits (a global and a global struct's members)",
+        control: Control::Ticks,
+        short_args: &["6"],
+        features: &[],
+    },
+    PairSpec {
+        name: "narrow_overflow",
+        names: ["narrow_overflow.v1", "narrow_overflow.v2"],
+        description: "long -> short where the value (70000 + n) never fits: the update is refused, the process goes on as v1",
+        control: Control::Ticks,
+        short_args: &["6"],
+        features: &[],
+    },
+    PairSpec {
+        name: "enum_renumber",
+        names: ["enum_renumber.v1", "enum_renumber.v2"],
+        description: "an enum renumbered and reordered (and gaining an enumerator): values map by enumerator name, in globals and in frames",
+        control: Control::Ticks,
+        short_args: &["6"],
+        features: &[],
+    },
+    PairSpec {
+        name: "threads4_local",
+        names: ["threads4_local.v1", "threads4_local.v2"],
+        description: "the same struct local alive in the frames of 4 threads gains a member and widens another",
+        control: Control::Ticks,
+        short_args: &["6"],
+        features: &[Threads, Nanosleep, Loops],
+    },
+    PairSpec {
+        name: "pointer_to_changed",
+        names: ["pointer_to_changed.v1", "pointer_to_changed.v2"],
+        description: "a global pointer to a global struct that gains members: it must point at the converted struct",
+        control: Control::Ticks,
+        short_args: &["6"],
+        features: &[],
+    },
+    PairSpec {
+        name: "main_struct_spec",
+        names: ["main_struct_spec.v1", "main_struct_spec.v2"],
+        description: "a struct local of main's running loop gains a member whose value the user gives in a SPEC (no default: needs SPEC support)",
+        control: Control::Ticks,
+        short_args: &["6"],
+        features: &[Loops],
+    },
+    PairSpec {
+        name: "fn_rename",
+        names: ["fn_rename.v1", "fn_rename.v2"],
+        description: "a function with a running loop is renamed (needs a SPEC continuation mapping)",
+        control: Control::Ticks,
+        short_args: &["6"],
+        features: &[Loops],
+    },
+    PairSpec {
+        name: "txn_safety",
+        names: ["txn_safety.v1", "txn_safety.v2"],
+        description: "transfer() must not be active during the update (needs a SPEC transaction-safety constraint)",
+        control: Control::Ticks,
+        short_args: &["6"],
+        features: &[Loops],
     },
 ];
 

@@ -89,7 +89,7 @@ fn last_value(stdout: &str, key: &str) -> i64 {
 }
 
 #[test]
-fn catalog_has_the_five_pairs_with_sources() {
+fn catalog_lists_every_pair_with_sources() {
     let pairs = version_pairs();
     let names: Vec<&str> = pairs.iter().map(|p| p.name).collect();
     assert_eq!(
@@ -99,7 +99,20 @@ fn catalog_has_the_five_pairs_with_sources() {
             "deep_frames",
             "main_changes",
             "echo_server",
-            "threads8"
+            "threads8",
+            "struct_insert",
+            "struct_reorder",
+            "nested_array",
+            "array_grew",
+            "int_widen",
+            "narrow_fits",
+            "narrow_overflow",
+            "enum_renumber",
+            "threads4_local",
+            "pointer_to_changed",
+            "main_struct_spec",
+            "fn_rename",
+            "txn_safety",
         ]
     );
     for p in &pairs {
@@ -266,6 +279,51 @@ fn echo_server_serves_until_quit_and_reply_format_changes() {
                     ]
                 );
                 assert_eq!(second, ["v2 echo #3 (5 bytes): again", "v2 bye"]);
+            }
+        }
+    }
+}
+
+/// Every `Ticks` pair: both versions, with every toolchain, run their short
+/// run to a clean exit, one marked line per tick then `vN done t=6`, and the
+/// same lines twice (the typed-update tests compute what each line must be).
+#[test]
+fn tick_pairs_run_their_ticks_and_are_deterministic() {
+    let ticks: Vec<VersionPair> = version_pairs()
+        .into_iter()
+        .filter(|p| p.control == Control::Ticks)
+        .collect();
+    assert_eq!(ticks.len(), 13);
+    for p in &ticks {
+        for tc in Toolchain::ALL {
+            for n in [1, 2] {
+                let v = version(p, n);
+                let a = check_short_run(v, n, tc);
+                let b = check_short_run(v, n, tc);
+                // The 4 workers' lines interleave freely: compare as sets.
+                let sorted = |s: &str| {
+                    let mut l: Vec<String> = s.lines().map(str::to_string).collect();
+                    l.sort();
+                    l
+                };
+                assert_eq!(
+                    sorted(&a),
+                    sorted(&b),
+                    "{} [{tc}] v{n}: two runs differ",
+                    p.name
+                );
+                let last = a.lines().last().unwrap_or_default();
+                if p.name == "threads4_local" {
+                    assert_eq!(last, format!("v{n} done workers=4"), "{}", p.name);
+                    assert_eq!(a.lines().count(), 4 * 6 + 1, "{a}");
+                } else {
+                    assert!(
+                        last.starts_with(&format!("v{n} done t=6")),
+                        "{} [{tc}] v{n}: {a}",
+                        p.name
+                    );
+                    assert_eq!(a.lines().count(), 7, "{} [{tc}]: {a}", p.name);
+                }
             }
         }
     }
