@@ -23,7 +23,7 @@ use upstare_dwarf::elf::ElfError;
 use upstare_dwarf::fdt::{CallSite, Continuation, FrameTables, FunctionTable, UpdatePoint};
 use upstare_dwarf::model::{Global, VarLocation, Variable};
 
-use crate::convert::{Converter, TypeChange};
+use crate::convert::{Conversion, Converter, TypeChange};
 use crate::initial::{initial_values, InitialValue};
 use crate::spec::{self, Spec};
 use crate::types::is_const_object;
@@ -87,6 +87,12 @@ pub struct GlobalMapping {
     /// `global counter`, `static main::calls`.
     pub label: String,
     pub action: GlobalAction,
+    /// How byte offsets inside the global move when its type changed but
+    /// its value is not converted (read-only data kept from NEW, a SPEC
+    /// value): pointers into it follow their member or element. `None`
+    /// when the type did not change, or the action converts (its
+    /// conversion says it).
+    pub offsets: Option<Conversion>,
     /// OLD's initial value of the global, when OLD's file tells it: a
     /// global that still holds it was never changed by the program, and
     /// follows the new version (keeps NEW's initial value) whatever the
@@ -445,11 +451,20 @@ fn plan_globals(
             Some((_, n)) if is_const_object(&new.types, n.ty) => GlobalAction::KeepNew,
             Some(_) => GlobalAction::Copy,
         };
+        let offsets = match (&action, found) {
+            (GlobalAction::KeepNew | GlobalAction::Given, Some((_, n)))
+                if !cmp.equal(g.ty, n.ty) =>
+            {
+                Some(cmp.change(g.ty, n.ty, &label).conversion)
+            }
+            _ => None,
+        };
         mappings.push(GlobalMapping {
             old: i,
             new: found.map(|(j, _)| j),
             label,
             action,
+            offsets,
             initial: None,
         });
     }

@@ -172,7 +172,7 @@ impl<'a> Remapper<'a> {
                     .filter(|n| !n.tls);
                 let conversion = match &m.action {
                     GlobalAction::Convert { change } => Some(&change.conversion),
-                    _ => None,
+                    _ => m.offsets.as_ref(),
                 };
                 Some(OldGlobal {
                     start: g.addr,

@@ -474,6 +474,12 @@ pub fn apply_traced(
             });
         }
     }
+    if !remap.dangling_data.is_empty() {
+        warnings.push(format!(
+            "{} pointer(s) into old globals or locals point at parts the new version no longer has (a removed member or element); left pointing at the old bytes",
+            remap.dangling_data.len()
+        ));
+    }
     if !remap.dangling_code.is_empty() {
         warnings.push(format!(
             "{} pointer(s) into old code name no function of the new version; left unchanged",
