@@ -394,6 +394,7 @@ mod tests {
                 new_global_values: vec![(3, vec![1, 0, 0, 0])],
                 functions: Vec::new(),
                 inactive: Vec::new(),
+                changed_types: vec!["struct session".into()],
                 warnings: vec!["global added is new".into()],
             },
             needs_user: Vec::new(),

@@ -45,6 +45,10 @@ pub struct UpdatePlan {
     /// `[safety]`): the update waits for them to return, within its time
     /// limit.
     pub inactive: Vec<InactiveRule>,
+    /// Named structs, unions and enums of OLD (`struct node`) whose NEW
+    /// definition differs: objects of these types outside globals and
+    /// frames (heap objects) need converting too.
+    pub changed_types: Vec<String>,
     /// What a person should know about this update, each said once
     /// (removed and new globals). Facts about the running state (a new local
     /// in an active frame) are the runtime's to report.
@@ -386,14 +390,68 @@ pub fn plan_with_spec(old: &FrameTables, new: &FrameTables, spec: &Spec) -> Upda
     // Two functions of one name (static functions of two units) cannot be
     // told apart by name: keep the first, like `FrameTables::function`.
     functions.dedup_by(|b, a| a.name == b.name);
+    let changed_types = changed_types(&mut cmp, old, new);
     UpdatePlan {
         globals,
         new_globals,
         new_global_values,
         functions,
         inactive,
+        changed_types,
         warnings,
     }
+}
+
+/// The spelling of a named aggregate or enum type (`struct node`), if it
+/// is a definition.
+pub fn aggregate_name(t: &upstare_dwarf::model::Type) -> Option<String> {
+    use upstare_dwarf::model::Type;
+    match t {
+        Type::Struct {
+            name: Some(n),
+            declaration: false,
+            ..
+        } => Some(format!("struct {n}")),
+        Type::Union {
+            name: Some(n),
+            declaration: false,
+            ..
+        } => Some(format!("union {n}")),
+        Type::Enum { name: Some(n), .. } => Some(format!("enum {n}")),
+        _ => None,
+    }
+}
+
+/// Named types of OLD whose every NEW definition of the same name differs.
+fn changed_types(cmp: &mut Converter<'_>, old: &FrameTables, new: &FrameTables) -> Vec<String> {
+    let mut by_name: HashMap<String, Vec<usize>> = HashMap::new();
+    for (j, t) in new.types.iter().enumerate() {
+        if let Some(n) = aggregate_name(t) {
+            by_name.entry(n).or_default().push(j);
+        }
+    }
+    let mut out: Vec<String> = Vec::new();
+    for (i, t) in old.types.iter().enumerate() {
+        let (Some(name), Ok(i)) = (aggregate_name(t), u32::try_from(i)) else {
+            continue;
+        };
+        let Some(defs) = by_name.get(&name) else {
+            continue;
+        };
+        let same = defs.iter().any(|&j| {
+            u32::try_from(j).is_ok_and(|j| {
+                cmp.equal(
+                    upstare_dwarf::model::TypeId(i),
+                    upstare_dwarf::model::TypeId(j),
+                )
+            })
+        });
+        if !same && !out.contains(&name) {
+            out.push(name);
+        }
+    }
+    out.sort();
+    out
 }
 
 fn plan_globals(

@@ -83,6 +83,25 @@ pub fn heap_roots(mem: &impl TargetMemory, old: &Image, threads: &[ThreadState])
     roots
 }
 
+/// Why the heap cannot be carried over.
+#[derive(Debug, thiserror::Error)]
+pub enum HeapError {
+    #[error("a heap object at {addr} has type {ty}, which changed in the new version; converting heap objects is not supported yet, so the update is refused and nothing was changed")]
+    ChangedType { addr: RuntimeAddr, ty: String },
+}
+
+/// The name of the aggregate `ty` is, through typedefs and qualifiers.
+fn resolved_name(types: &[Type], ty: TypeId) -> Option<String> {
+    let mut cur = ty;
+    for _ in 0..64 {
+        match types.get(cur.0 as usize)? {
+            Type::Typedef { target, .. } | Type::Qualified { target, .. } => cur = (*target)?,
+            t => return upstare_patcher::plan::aggregate_name(t),
+        }
+    }
+    None
+}
+
 /// What the heap walk found and will change.
 #[derive(Debug, Default)]
 pub struct HeapPlan {
@@ -108,8 +127,9 @@ pub fn transfer_heap(
     types: &[Type],
     roots: &[Root],
     heap: &[Range<u64>],
+    changed: &[String],
     remap: &mut Remapper<'_>,
-) -> HeapPlan {
+) -> Result<HeapPlan, HeapError> {
     let in_heap = |a: u64, len: u64| {
         let end = a.checked_add(len);
         heap.iter()
@@ -141,7 +161,22 @@ pub fn transfer_heap(
     let mut slots: std::collections::BTreeMap<u64, u64> = std::collections::BTreeMap::new();
     let (mut bytes_read, mut unreadable) = (0u64, 0usize);
     while let Some((addr, ty)) = todo.pop() {
-        if !seen.insert((addr, ty)) || !contains_pointer(types, ty, 0) {
+        if !seen.insert((addr, ty)) {
+            continue;
+        }
+        // NEW reads this object with its own layout: an object whose type
+        // changed would be misread. Converting heap objects is not done
+        // yet, so refuse rather than succeed wrongly.
+        if let Some(name) = resolved_name(types, ty).filter(|n| changed.contains(n)) {
+            let fits = type_size(types, ty).is_some_and(|s| in_heap(addr, s.max(1)));
+            if fits {
+                return Err(HeapError::ChangedType {
+                    addr: RuntimeAddr(addr),
+                    ty: name,
+                });
+            }
+        }
+        if !contains_pointer(types, ty, 0) {
             continue;
         }
         if plan.objects >= MAX_HEAP_OBJECTS || bytes_read >= MAX_HEAP_BYTES {
@@ -201,7 +236,7 @@ pub fn transfer_heap(
             what: format!("heap pointer at {addr:#x}"),
         })
         .collect();
-    plan
+    Ok(plan)
 }
 
 /// Where heap objects may be: private anonymous memory and `[heap]`, but
@@ -335,7 +370,8 @@ mod tests {
             start: heap,
             end: heap + 0x100,
         }];
-        let plan = transfer_heap(&mem, &types, &roots, &heap_ranges, &mut remap);
+        let plan = transfer_heap(&mem, &types, &roots, &heap_ranges, &[], &mut remap)
+            .expect("no changed types");
         assert_eq!(plan.objects, 3, "{plan:?}");
         let writes: Vec<(u64, u64)> = plan
             .writes

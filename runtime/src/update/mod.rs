@@ -96,6 +96,8 @@ pub enum UpdateError {
     #[error("{0}")]
     Transfer(#[from] TransferError),
     #[error("{0}")]
+    Heap(#[from] crate::engine::heap::HeapError),
+    #[error("{0}")]
     Rebuild(Box<RebuildError>),
     #[error("{0}")]
     Load(#[from] LoadError),
@@ -449,8 +451,9 @@ pub fn apply_traced(
         &old.tables.types,
         &roots,
         &heap::heap_ranges(&maps_now, &threads, [&old, new]),
+        &plan.changed_types,
         &mut remap,
-    );
+    )?;
     timings.transfer_us = us(t.elapsed());
     let t = Instant::now();
     let mut plans = Vec::with_capacity(threads.len());
