@@ -29,6 +29,7 @@ const BLOCKERS: &str = r#"
 #include <sys/wait.h>
 #include <netinet/in.h>
 #include <arpa/inet.h>
+#include <semaphore.h>
 
 enum { READ, POLL, SELECT, EPOLL, NPIPES };
 static int pipes[NPIPES][2];
@@ -38,6 +39,7 @@ static int port;
 static pid_t child;
 static pthread_mutex_t m = PTHREAD_MUTEX_INITIALIZER;
 static pthread_mutex_t out = PTHREAD_MUTEX_INITIALIZER;
+static sem_t sem;
 
 static void frame(const char *name, void *fa)
 {
@@ -168,8 +170,31 @@ void *t_waitpid(void *a)
     return (void *)(long)(r == child && WIFSIGNALED(st) ? WTERMSIG(st) : -1);
 }
 
+void *t_semwait(void *a)
+{
+    frame("t_semwait", __builtin_frame_address(0));
+    int r = sem_wait(&sem);
+    return (void *)(long)(r);
+}
+
+void *t_sigwait(void *a)
+{
+    sigset_t usr2;
+    sigemptyset(&usr2);
+    sigaddset(&usr2, SIGUSR2);
+    frame("t_sigwait", __builtin_frame_address(0));
+    int r = sigwaitinfo(&usr2, 0);
+    return (void *)(long)(r);
+}
+
 int main(void)
 {
+    sem_init(&sem, 0, 0);
+    /* SIGUSR2 stays blocked everywhere: t_sigwait takes it with sigwaitinfo. */
+    sigset_t usr2;
+    sigemptyset(&usr2);
+    sigaddset(&usr2, SIGUSR2);
+    pthread_sigmask(SIG_BLOCK, &usr2, 0);
     for (int i = 0; i < NPIPES; i++)
         pipe(pipes[i]);
     socketpair(AF_UNIX, SOCK_STREAM, 0, pairs);
@@ -190,7 +215,8 @@ int main(void)
     }
     pthread_mutex_lock(&m);
     void *(*fns[])(void *) = {t_read, t_accept, t_nanosleep, t_mutex, t_poll, t_select,
-                              t_epoll, t_usleep, t_sleep, t_pause, t_recv, t_waitpid};
+                              t_epoll, t_usleep, t_sleep, t_pause, t_recv, t_waitpid,
+                              t_semwait, t_sigwait};
     enum { N = sizeof fns / sizeof fns[0] };
     pthread_t th[N];
     for (int i = 0; i < N; i++)
@@ -223,6 +249,10 @@ int main(void)
     joined(th[10], "recv");
     kill(child, SIGKILL);
     joined(th[11], "waitpid");
+    sem_post(&sem);
+    joined(th[12], "semwait");
+    pthread_kill(th[13], SIGUSR2);
+    joined(th[13], "sigwait");
     printf("done\n");
     return 0;
 }
@@ -231,7 +261,7 @@ int main(void)
 /// The output after "ready", in order (main unblocks and joins one thread
 /// at a time).
 const AFTER: &str = "go 1\nread 1\naccept 1\nnanosleep 0\nmutex 0\npoll 1\nselect 1\nepoll 1\n\
-usleep 0\nsleep 0\npause 1\nrecv 3\nwaitpid 9\ndone\n";
+usleep 0\nsleep 0\npause 1\nrecv 3\nwaitpid 9\nsemwait 0\nsigwait 12\ndone\n";
 
 /// (thread function, callee it blocks in, system call, rax as seized). Observed on x86-64 Linux with glibc 2.36: nanosleep, usleep and
 /// sleep all use clock_nanosleep (230) and report -ERESTART_RESTARTBLOCK;
@@ -251,6 +281,8 @@ const EXPECTED: &[(&str, &str, i64, i64)] = &[
     ("t_sleep", "sleep", 230, -516),
     ("t_recv", "recv", 45, -512),
     ("t_waitpid", "waitpid", 61, -512),
+    ("t_semwait", "sem_wait", 202, -512),
+    ("t_sigwait", "sigwaitinfo", 128, -4),
 ];
 
 fn frame_lines(out: &str) -> BTreeMap<String, u64> {

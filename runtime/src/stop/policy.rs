@@ -57,8 +57,8 @@ const fn in_place(names: &'static [&'static str], syscalls: &'static [i64]) -> K
 use libc::{
     SYS_accept, SYS_accept4, SYS_clock_nanosleep, SYS_epoll_pwait, SYS_epoll_pwait2,
     SYS_epoll_wait, SYS_futex, SYS_nanosleep, SYS_pause, SYS_poll, SYS_ppoll, SYS_pselect6,
-    SYS_read, SYS_readv, SYS_recvfrom, SYS_recvmsg, SYS_rt_sigsuspend, SYS_select, SYS_wait4,
-    SYS_waitid,
+    SYS_read, SYS_readv, SYS_recvfrom, SYS_recvmsg, SYS_rt_sigsuspend, SYS_rt_sigtimedwait,
+    SYS_select, SYS_wait4, SYS_waitid,
 };
 
 /// Every library call a blocked thread may be caught in, with the system
@@ -87,6 +87,13 @@ pub(super) const KNOWN_CALLS: &[KnownCall] = &[
     reexecute(&["waitpid", "wait"], &[SYS_wait4, SYS_waitid]),
     reexecute(&["pause"], &[SYS_pause, SYS_rt_sigsuspend]),
     reexecute(&["sigsuspend"], &[SYS_rt_sigsuspend]),
+    // The count is taken only after the wake-up: abandoned before, nothing
+    // happened.
+    reexecute(&["sem_wait"], &[SYS_futex]),
+    reexecute(
+        &["sigwaitinfo", "sigtimedwait", "sigwait"],
+        &[SYS_rt_sigtimedwait],
+    ),
     in_place(&["pthread_join"], &[SYS_futex]),
 ];
 
@@ -99,7 +106,13 @@ pub(super) fn known_call(callee: &str) -> Option<&'static KnownCall> {
 /// the thread is merely stopped by ptrace: resuming as is would show the
 /// program an EINTR it never had.
 pub(super) fn eintr_on_stop(nr: i64) -> bool {
-    [SYS_epoll_wait, SYS_epoll_pwait, SYS_epoll_pwait2].contains(&nr)
+    [
+        SYS_epoll_wait,
+        SYS_epoll_pwait,
+        SYS_epoll_pwait2,
+        SYS_rt_sigtimedwait,
+    ]
+    .contains(&nr)
 }
 
 /// Names of the x86-64 system calls messages mention.
