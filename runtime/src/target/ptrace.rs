@@ -690,6 +690,37 @@ impl Tracee {
         })
     }
 
+    /// Stop again every traced thread that was resumed (after
+    /// [`Tracee::cont`]), as [`Tracee::seize`] left them: each in a
+    /// ptrace-stop, a signal reported instead of the interrupt kept for the
+    /// next resume. A thread that exited meanwhile is forgotten.
+    pub fn halt_all(&mut self) -> Result<(), PtraceError> {
+        let running: Vec<Pid> = self
+            .threads
+            .iter()
+            .filter(|(_, t)| t.state == ThreadState::Running)
+            .map(|(&tid, _)| tid)
+            .collect();
+        let mut asked = Vec::with_capacity(running.len());
+        for tid in running {
+            match self.interrupt(tid) {
+                Ok(()) => asked.push(tid),
+                Err(PtraceError::Gone { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        for tid in asked {
+            if !self.threads.contains_key(&tid) {
+                continue;
+            }
+            match self.stop_after_interrupt(tid) {
+                Ok(()) | Err(PtraceError::Gone { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     /// Wait for `tid` to stop after an interrupt, keeping a signal it
     /// reports instead. Any other first stop (an event such as a clone in
     /// progress, whose new thread is now tracked) also leaves it stopped.

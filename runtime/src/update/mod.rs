@@ -160,6 +160,9 @@ pub struct UpdateReport {
     /// them that were changed (callbacks, addresses of globals).
     pub heap_objects: usize,
     pub heap_pointers_remapped: usize,
+    /// Times the threads were let run again because a frame the SPEC
+    /// forbids during an update was active.
+    pub safety_retries: u32,
     pub bytes_written: usize,
     pub new_load_address: Option<u64>,
     pub warnings: Vec<String>,
@@ -357,6 +360,7 @@ pub fn apply_traced(
     let t = Instant::now();
     let deadline = t + opts.timeout;
     let mut skip_hits = opts.skip_hits;
+    let mut safety_retries = 0u32;
     let threads = loop {
         let stopped = stop::stop_the_world(
             tracee,
@@ -384,6 +388,8 @@ pub fn apply_traced(
             tracee.cont(tid, sig)?;
         }
         std::thread::sleep(SAFETY_RETRY);
+        tracee.halt_all()?;
+        safety_retries = safety_retries.saturating_add(1);
     };
     timings.stop_us = us(t.elapsed());
 
@@ -403,6 +409,7 @@ pub fn apply_traced(
         globals_copied: 0,
         heap_objects: 0,
         heap_pointers_remapped: 0,
+        safety_retries,
         bytes_written: 0,
         new_load_address: None,
         warnings: Vec::new(),
