@@ -22,7 +22,7 @@ pub const SECTION_NAME: &str = ".upstare";
 /// First bytes of the section.
 pub const MAGIC: &[u8; 8] = b"UPSTFDT\0";
 /// Format version written by this encoder and the only one this decoder reads.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Larger sections are refused before any parsing.
 pub const MAX_SECTION_SIZE: usize = 256 << 20;
 const HEADER_LEN: usize = 16;
@@ -78,6 +78,22 @@ pub struct FunctionTable {
     pub update_points: Vec<UpdatePoint>,
     /// Call sites in address order.
     pub call_sites: Vec<CallSite>,
+    /// Where locals declared with an initializer get it, in `vars` order.
+    pub var_inits: Vec<VarInit>,
+}
+
+/// The store that initializes a local at its declaration (the first store
+/// to the local's slot on its declaration line). A frame paused after it,
+/// in a version that added the local, must give the local that value.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VarInit {
+    /// Index into the function's `vars`.
+    pub var: u32,
+    /// Address of the store.
+    pub addr: LinkAddr,
+    /// The bytes stored, when the store writes a constant covering the
+    /// whole local (`long seen = 0;`); `None` for a computed value.
+    pub constant: Option<Vec<u8>>,
 }
 
 /// Which kind of update point.
@@ -370,6 +386,16 @@ fn validate(t: &FrameTables) -> Result<(), DecodeError> {
                 return bad(format!(
                     "{}: call site {} out of range",
                     f.name, c.call_addr
+                ));
+            }
+        }
+        for init in &f.var_inits {
+            let var_ok = usize::try_from(init.var).is_ok_and(|v| v < f.vars.len());
+            if !var_ok || !inside(init.addr) || init.constant.as_ref().is_some_and(|c| c.len() > 8)
+            {
+                return bad(format!(
+                    "{}: initializer of variable #{} at {} out of range",
+                    f.name, init.var, init.addr
                 ));
             }
         }

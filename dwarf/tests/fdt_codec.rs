@@ -100,6 +100,7 @@ fn sample() -> FrameTables {
             file: 0,
             line: 6,
         }],
+        var_inits: Vec::new(),
     };
     FrameTables {
         binary: BinaryInfo {
@@ -139,9 +140,10 @@ fn header_checks_name_the_problem() {
     let mut bad = bytes.clone();
     bad[0] ^= 0xff;
     assert_eq!(decode(&bad), Err(DecodeError::BadMagic));
-    let mut v2 = bytes.clone();
-    v2[8] = 2;
-    assert_eq!(decode(&v2), Err(DecodeError::UnsupportedVersion(2)));
+    // Another version (older tables lack the initializers of locals).
+    let mut other = bytes.clone();
+    other[8] = 1;
+    assert_eq!(decode(&other), Err(DecodeError::UnsupportedVersion(1)));
     let truncated = &bytes[..bytes.len() - 1];
     assert!(matches!(
         decode(truncated),
@@ -157,6 +159,25 @@ fn dangling_references_are_rejected() {
     assert!(matches!(decode(&bytes), Err(DecodeError::Invalid(_))));
     let mut t = sample();
     t.functions[0].update_points[0].addr = LinkAddr(0x9999);
+    let bytes = encode(&t).expect("encode");
+    assert!(matches!(decode(&bytes), Err(DecodeError::Invalid(_))));
+    // An initializer of a variable that does not exist, or outside the
+    // function.
+    let mut t = sample();
+    let low = t.functions[0].low;
+    t.functions[0].var_inits.push(upstare_dwarf::fdt::VarInit {
+        var: 99,
+        addr: low,
+        constant: None,
+    });
+    let bytes = encode(&t).expect("encode");
+    assert!(matches!(decode(&bytes), Err(DecodeError::Invalid(_))));
+    let mut t = sample();
+    t.functions[0].var_inits.push(upstare_dwarf::fdt::VarInit {
+        var: 0,
+        addr: LinkAddr(0x9999),
+        constant: Some(vec![0; 8]),
+    });
     let bytes = encode(&t).expect("encode");
     assert!(matches!(decode(&bytes), Err(DecodeError::Invalid(_))));
 }

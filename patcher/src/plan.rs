@@ -211,6 +211,21 @@ pub struct ContinuationMapping {
     /// For a call rebuilt below the top: whether its temporaries and stack
     /// arguments carry over, or why not.
     pub call_shape: CallShape,
+    /// New locals (no OLD counterpart, no SPEC value) whose declaration
+    /// NEW's code has already passed at this continuation: they must hold
+    /// their initial value, not zero.
+    pub passed_inits: Vec<PassedInit>,
+}
+
+/// A new local whose initializer a frame paused at a continuation has
+/// already passed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PassedInit {
+    /// Index into NEW's function's variables.
+    pub var: usize,
+    /// The constant its declaration stores; `None` when the initializer is
+    /// computed (the update then needs a SPEC value for it).
+    pub value: Option<Vec<u8>>,
 }
 
 /// Whether the undescribed stack contents of a call carry over to NEW.
@@ -629,6 +644,16 @@ fn plan_function(
             .find(|(_, d)| d.continuation() == target);
         continuations.push(call_mapping(id, i, of, c, nf, nc, frame_same));
     }
+    for c in &mut continuations {
+        let at = match (c.kind, c.new_site) {
+            (SiteKind::Point, Some(i)) => nf.update_points.get(i).map(|p| p.addr),
+            (SiteKind::Call, Some(i)) => nf.call_sites.get(i).map(|s| s.call_addr),
+            _ => None,
+        };
+        if let Some(at) = at {
+            c.passed_inits = passed_inits(nf, &vars, at);
+        }
+    }
     FunctionMapping {
         name: of.name.clone(),
         old: old_index,
@@ -637,6 +662,30 @@ fn plan_function(
         removed_vars,
         continuations,
     }
+}
+
+/// The new locals of `nf` (those `vars` starts at zero) whose initializing
+/// store lies before `at` while `at` is in their scope.
+fn passed_inits(
+    nf: &FunctionTable,
+    vars: &[VarSource],
+    at: upstare_dwarf::LinkAddr,
+) -> Vec<PassedInit> {
+    nf.var_inits
+        .iter()
+        .filter_map(|init| {
+            let k = usize::try_from(init.var).ok()?;
+            let v = nf.vars.get(k)?;
+            let in_scope =
+                v.scope.is_empty() || v.scope.iter().any(|&(lo, hi)| lo <= at && at < hi);
+            (matches!(vars.get(k), Some(VarSource::Zero)) && in_scope && init.addr < at).then(
+                || PassedInit {
+                    var: k,
+                    value: init.constant.clone(),
+                },
+            )
+        })
+        .collect()
 }
 
 fn var_source(
@@ -728,6 +777,7 @@ fn point_mapping(
         copy_restarted: false,
         restartable: false,
         call_shape: CallShape::NotApplicable,
+        passed_inits: Vec::new(),
     }
 }
 
@@ -750,6 +800,7 @@ fn call_mapping(
             copy_restarted: false,
             restartable: false,
             call_shape: CallShape::NotApplicable,
+            passed_inits: Vec::new(),
         };
     };
     ContinuationMapping {
@@ -764,6 +815,7 @@ fn call_mapping(
         copy_restarted: frame_same,
         restartable: nc.restart.is_some(),
         call_shape: call_shape(of, oc, nf, nc),
+        passed_inits: Vec::new(),
     }
 }
 

@@ -165,9 +165,14 @@ fn main_itself_changes() {
         .wait_for_line("v1 main", WAIT, |l| l.starts_with("v1 main i=4 "))
         .unwrap_or_else(|e| panic!("{e}"));
     let report = update(&child, &v2, 1000);
+    // v2 declares `long bonus = 100;` before its loop: a frame paused in
+    // the loop has passed that declaration, so bonus holds 100, not zero.
     assert!(
-        report.warnings.iter().any(|w| w.contains("bonus")),
-        "the new local bonus is reported: {:?}",
+        !report
+            .warnings
+            .iter()
+            .any(|w| w.contains("bonus starts as zero")),
+        "bonus takes its initializer: {:?}",
         report.warnings
     );
     let first = child
@@ -179,8 +184,7 @@ fn main_itself_changes() {
         field(&first, "i") > field(&last, "i"),
         "i carried over: {last} / {first}"
     );
-    // The new local starts at zero: no initial-value mapping is given.
-    assert_eq!(field(&first, "bonus"), 0);
+    assert_eq!(field(&first, "bonus"), 100);
     assert!(out.stdout.contains("v2 done"));
 }
 

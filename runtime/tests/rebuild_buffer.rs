@@ -71,6 +71,7 @@ fn tables(extra: bool) -> FrameTables {
             file: 0,
             line: 5,
         }],
+        var_inits: Vec::new(),
     };
     let mut vars = vec![
         var("i", -32, 0, 0x1100, 0x1200),
@@ -111,6 +112,7 @@ fn tables(extra: bool) -> FrameTables {
             stack_depth: CfaOffset(depth),
         }],
         call_sites: vec![],
+        var_inits: Vec::new(),
     };
     FrameTables {
         binary: BinaryInfo {

@@ -45,6 +45,7 @@ fn function(name: &str, low: u64, depth: i64, vars: Vec<Variable>) -> FunctionTa
         vars,
         update_points: vec![],
         call_sites: vec![],
+        var_inits: Vec::new(),
     }
 }
 

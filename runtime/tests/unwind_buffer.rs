@@ -46,6 +46,7 @@ fn function(name: &str, low: u64, saved_regs: Vec<SavedReg>) -> FunctionTable {
         vars: Vec::new(),
         update_points: Vec::new(),
         call_sites: Vec::new(),
+        var_inits: Vec::new(),
     }
 }
 

@@ -30,6 +30,7 @@ mod codeview;
 mod decode;
 mod dom;
 mod frame;
+mod inits;
 mod liveness;
 mod points;
 mod slots;
@@ -335,6 +336,7 @@ pub fn analyze_function_detailed(
         vars: f.params.iter().chain(&f.locals).cloned().collect(),
         update_points,
         call_sites,
+        var_inits: ctx.var_inits(),
     };
     Ok((table, details))
 }

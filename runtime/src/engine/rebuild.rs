@@ -71,6 +71,12 @@ pub enum RebuildError {
         function: String,
         size: i64,
     },
+    #[error("thread {tid}: {function}: new local {var} was already initialized by the running code with a computed value; give it in the SPEC: values.locals.\"{function}\".\"{var}\" = ...")]
+    NeedsValue {
+        tid: i32,
+        function: String,
+        var: String,
+    },
     #[error("thread {tid}: no application frames")]
     NoFrames { tid: i32 },
     #[error("thread {tid}: {function}: {source}")]
@@ -97,6 +103,14 @@ impl std::fmt::Display for UnmappedChange {
             "from {} to {} and no default rule maps it ({})",
             self.old, self.new, self.why
         )
+    }
+}
+
+fn needs_value(tid: i32, function: &str, var: &str) -> RebuildError {
+    RebuildError::NeedsValue {
+        tid,
+        function: function.to_string(),
+        var: var.to_string(),
     }
 }
 
@@ -507,10 +521,33 @@ pub fn frame_writes(
                         Some(change),
                     ),
                     Some(VarSource::Zero) => {
-                        warnings.push(format!(
-                            "thread {tid}: {}: new local {} starts as zero",
-                            f.function, v.name
-                        ));
+                        let passed = sites.mapping.passed_inits.iter().find(|p| p.var == k);
+                        match passed.and_then(|p| p.value.as_ref()) {
+                            // Its declaration already ran in NEW's terms:
+                            // the constant it stores.
+                            Some(value) => {
+                                let VarLocation::Cfa(no) = v.location else {
+                                    return Err(unmappable(format!(
+                                        "variable {} has no stack slot",
+                                        v.name
+                                    )));
+                                };
+                                let Some(to) = slot(new_len, no.0, value.len() as u64) else {
+                                    return Err(unmappable(format!(
+                                        "variable {} lies outside its frame",
+                                        v.name
+                                    )));
+                                };
+                                bytes[to].copy_from_slice(value);
+                            }
+                            None if passed.is_some() => {
+                                return Err(needs_value(tid, &f.function, &v.name));
+                            }
+                            None => warnings.push(format!(
+                                "thread {tid}: {}: new local {} starts as zero",
+                                f.function, v.name
+                            )),
+                        }
                         continue;
                     }
                     Some(VarSource::Value(value)) => {
@@ -773,7 +810,21 @@ pub fn check_frames(
         for (idx, f) in t.frames.iter().enumerate() {
             let tid = t.tid;
             let m = lookup(tid, plan, old, new, f)?;
-            find_sites(tid, &m, &f.continuation, idx == 0, mode)?;
+            let sites = find_sites(tid, &m, &f.continuation, idx == 0, mode)?;
+            if let Some(p) = sites
+                .mapping
+                .passed_inits
+                .iter()
+                .find(|p| p.value.is_none())
+            {
+                let name = m
+                    .new
+                    .vars
+                    .get(p.var)
+                    .map(|v| v.name.as_str())
+                    .unwrap_or("?");
+                return Err(needs_value(tid, &f.function, name));
+            }
             for (k, source) in m.plan.vars.iter().enumerate() {
                 if let VarSource::TypeChanged {
                     old_type,
