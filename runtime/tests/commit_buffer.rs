@@ -2,12 +2,15 @@
 //! and register set lands, or — with a fault injected at any step — none
 //! does and the target is byte for byte and register for register as it was.
 
+use nix::unistd::Pid;
 use upstare_dwarf::RuntimeAddr;
 use upstare_runtime::engine::Write;
 use upstare_runtime::update::transaction::{commit, CommitError, PreparedState, RegisterFile};
 use upstare_runtime::{ByteBuffer, Regs, TargetMemory};
 
 const DATA: u64 = 0x10_000;
+const T100: Pid = Pid::from_raw(100);
+const T101: Pid = Pid::from_raw(101);
 const STACK: u64 = 0x7ff0_0000;
 
 fn target() -> (ByteBuffer, RegisterFile) {
@@ -15,7 +18,7 @@ fn target() -> (ByteBuffer, RegisterFile) {
     mem.add_region(RuntimeAddr(STACK), vec![0x11; 512])
         .expect("stack");
     let mut regs = RegisterFile::default();
-    for (tid, rip) in [(100, 0x1000), (101, 0x2000)] {
+    for (tid, rip) in [(T100, 0x1000), (T101, 0x2000)] {
         let mut r = Regs::zeroed();
         r.0.rip = rip;
         r.0.rsp = STACK + 256;
@@ -50,7 +53,7 @@ fn prepared() -> PreparedState {
             // Overlaps the first write: the undo log must restore in reverse.
             write(DATA + 12, &[0xcc; 8], "global other"),
         ],
-        regs: vec![(100, new_regs(0x5000)), (101, new_regs(0x6000))],
+        regs: vec![(T100, new_regs(0x5000)), (T101, new_regs(0x6000))],
     }
 }
 
@@ -67,8 +70,8 @@ fn a_commit_writes_everything_in_order_and_sets_every_thread() {
         mem.read_vec(RuntimeAddr(STACK + 16), 64, 64).expect("read"),
         [0xbb; 64]
     );
-    assert_eq!(regs.threads[&100].0.rip, 0x5000);
-    assert_eq!(regs.threads[&101].0.rip, 0x6000);
+    assert_eq!(regs.threads[&T100].0.rip, 0x5000);
+    assert_eq!(regs.threads[&T101].0.rip, 0x6000);
 }
 
 #[test]
@@ -111,9 +114,9 @@ fn a_thread_whose_registers_cannot_be_set_rolls_back_memory_and_other_threads() 
     let (mut mem, mut regs) = target();
     let (mem0, regs0) = (snapshot(&mem), regs.clone());
     let mut state = prepared();
-    state.regs.push((999, new_regs(0x7000)));
+    state.regs.push((Pid::from_raw(999), new_regs(0x7000)));
     match commit(&state, &mut mem, &mut regs) {
-        Err(e @ CommitError::Registers { tid: 999, .. }) => {
+        Err(e @ CommitError::Registers { tid, .. }) if tid.as_raw() == 999 => {
             assert!(e.to_string().contains("thread 999"), "{e}");
         }
         other => panic!("{other:?}"),

@@ -179,7 +179,7 @@ fn setup() -> (ByteBuffer, ThreadState) {
     (
         mem,
         ThreadState {
-            tid: 1,
+            tid: nix::unistd::Pid::from_raw(1),
             regs,
             readiness: Readiness::AtPoint,
             frames,

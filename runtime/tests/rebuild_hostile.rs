@@ -176,7 +176,7 @@ fn setup() -> (ByteBuffer, ThreadState) {
         },
     ];
     let thread = ThreadState {
-        tid: 1,
+        tid: nix::unistd::Pid::from_raw(1),
         regs: zeroed_regs(),
         readiness: Readiness::AtPoint,
         frames,

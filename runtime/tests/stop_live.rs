@@ -669,7 +669,7 @@ fn signals_threads_and_forks_while_stopping() {
     assert!(
         !s.signals_requeued
             .iter()
-            .any(|&(tid, sig)| tid == busy.tid && sig.0 == libc::SIGUSR1),
+            .any(|&(tid, sig)| tid == busy.tid.as_raw() && sig.0 == libc::SIGUSR1),
         "{:?}",
         s.signals_requeued
     );

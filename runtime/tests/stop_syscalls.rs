@@ -337,7 +337,11 @@ fn blocked_calls(tc: Toolchain, pause: (&str, &str, i64, i64), flags: &[&str]) {
             .iter()
             .find(|e| e.0 == bottom)
             .unwrap_or_else(|| panic!("unexpected thread {t:?}"));
-        assert_eq!(raw[&t.tid], (nr, rax), "{func}: (orig_rax, rax) as seized");
+        assert_eq!(
+            raw[&t.tid.as_raw()],
+            (nr, rax),
+            "{func}: (orig_rax, rax) as seized"
+        );
         assert_eq!(
             t.readiness,
             Readiness::Blocked {

@@ -14,6 +14,8 @@ use upstare_runtime::load::libraries::Libraries;
 use upstare_runtime::{ByteBuffer, Regs, TargetMemory};
 
 const BIAS: u64 = 0x5555_0000_0000;
+/// The thread the buffer stands for.
+const T7: nix::unistd::Pid = nix::unistd::Pid::from_raw(7);
 const STACK: u64 = 0x7ff0_0000_0000;
 const STACK_LEN: u64 = 0x1000;
 /// main's CFA; mid's is 32 below (main calls at depth -32), top's 48 below
@@ -183,7 +185,7 @@ fn unwind(
     Unwinder::new(img, &libs, mem)
         .verify_chain_end(false)
         .with_stack(RuntimeAddr(STACK)..RuntimeAddr(STACK + STACK_LEN))
-        .unwind(7, r)
+        .unwind(T7, r)
 }
 
 #[test]
@@ -237,7 +239,7 @@ fn a_saved_rbp_pointing_at_its_own_frame_is_a_cycle() {
         .unwrap();
     let e = unwind(&img, &m, &regs()).unwrap_err();
     assert!(
-        matches!(&e, UnwindError::BadFrame { tid: 7, function, .. } if function == "mid"),
+        matches!(&e, UnwindError::BadFrame { tid, function, .. } if function == "mid" && *tid == T7),
         "{e}"
     );
     assert!(
@@ -261,7 +263,7 @@ fn a_saved_rbp_outside_the_stack_is_refused() {
     let libs = Libraries::empty();
     let e = Unwinder::new(&img, &libs, &m)
         .verify_chain_end(false)
-        .unwind(7, &regs())
+        .unwind(T7, &regs())
         .unwrap_err();
     // CFA 0x20 is below mid's frame: refused as not above its callee.
     assert!(matches!(e, UnwindError::BadFrame { .. }), "{e}");
@@ -272,12 +274,12 @@ fn a_saved_rbp_outside_the_stack_is_refused() {
     r.set(Reg::Rsp, far - 32);
     let e = Unwinder::new(&img, &libs, &m)
         .verify_chain_end(false)
-        .unwind(7, &r)
+        .unwind(T7, &r)
         .unwrap_err();
     match &e {
         UnwindError::Memory {
-            tid: 7, what, addr, ..
-        } => {
+            tid, what, addr, ..
+        } if *tid == T7 => {
             assert_eq!(what, "the return address of top", "{e}");
             assert_eq!(*addr, RuntimeAddr(far - 8));
         }
@@ -356,12 +358,12 @@ fn the_walk_is_bounded() {
     let e = Unwinder::new(&img, &libs, &m)
         .verify_chain_end(false)
         .with_max_frames(2)
-        .unwind(7, &regs())
+        .unwind(T7, &regs())
         .unwrap_err();
     assert!(matches!(e, UnwindError::TooDeep { limit: 2, .. }), "{e}");
     // With the end verified, main's return into unknown code is refused.
     let e = Unwinder::new(&img, &libs, &m)
-        .unwind(7, &regs())
+        .unwind(T7, &regs())
         .unwrap_err();
     assert!(
         matches!(
@@ -389,7 +391,7 @@ fn a_stack_snapshot_reads_like_the_memory_it_copies() {
     let libs = Libraries::empty();
     let from_snap = Unwinder::new(&img, &libs, &snap)
         .verify_chain_end(false)
-        .unwind(7, &regs())
+        .unwind(T7, &regs())
         .unwrap();
     assert_eq!(from_snap, unwind(&img, &m, &regs()).unwrap());
     // Below the copy: read through; beyond every region: the error.

@@ -71,7 +71,7 @@ fn library_frames_by_cfi_then_the_rbp_chain_with_callee_saved_values() {
     let regs = tracee.regs(pid).unwrap();
     let mem = tracee.memory();
     let u = Unwinder::new(&image, &libs, &mem)
-        .unwind(pid.as_raw(), &regs)
+        .unwind(pid, &regs)
         .unwrap_or_else(|e| panic!("{e}"));
 
     let Top::InLibrary { frames, call } = &u.top else {

@@ -28,6 +28,7 @@ use crate::engine::state::{AppFrame, CalleeSavedValues, Image, Readiness, Thread
 use crate::engine::Write;
 use crate::memory::{MemError, TargetMemory};
 use crate::target::ptrace::Regs;
+use nix::unistd::Pid;
 
 /// Largest frame rebuilt (bytes between its lowest byte and its CFA).
 pub const MAX_FRAME_SIZE: i64 = 16 << 20;
@@ -38,50 +39,50 @@ const CALLEE_SAVED: [Reg; 5] = [Reg::Rbx, Reg::R12, Reg::R13, Reg::R14, Reg::R15
 #[derive(Debug, thiserror::Error)]
 pub enum RebuildError {
     #[error("thread {tid}: function {function} is active on the stack but no longer exists in the new version")]
-    FunctionRemoved { tid: i32, function: String },
+    FunctionRemoved { tid: Pid, function: String },
     #[error("thread {tid}: function {function} is paused at {continuation}, which the new version does not have")]
     ContinuationMissing {
-        tid: i32,
+        tid: Pid,
         function: String,
         continuation: Continuation,
     },
     #[error("thread {tid}: {function} at {continuation}: the new version cannot re-execute the blocked call (no restart address)")]
     NoRestart {
-        tid: i32,
+        tid: Pid,
         function: String,
         continuation: Continuation,
     },
     #[error("thread {tid}: {function}: local {var} changed type {change}; it needs a SPEC line or a transformer")]
     VarTypeChanged {
-        tid: i32,
+        tid: Pid,
         function: String,
         var: String,
         change: Box<UnmappedChange>,
     },
     #[error("thread {tid}: {function} at {continuation}: the frame layout changed but {why}")]
     Unmappable {
-        tid: i32,
+        tid: Pid,
         function: String,
         continuation: Continuation,
         why: String,
     },
     #[error("thread {tid}: {function}: frame of {size} bytes is too large")]
     FrameTooLarge {
-        tid: i32,
+        tid: Pid,
         function: String,
         size: i64,
     },
     #[error("thread {tid}: {function}: new local {var} was already initialized by the running code with a computed value; give it in the SPEC: values.locals.\"{function}\".\"{var}\" = ...")]
     NeedsValue {
-        tid: i32,
+        tid: Pid,
         function: String,
         var: String,
     },
     #[error("thread {tid}: no application frames")]
-    NoFrames { tid: i32 },
+    NoFrames { tid: Pid },
     #[error("thread {tid}: {function}: {source}")]
     Memory {
-        tid: i32,
+        tid: Pid,
         function: String,
         #[source]
         source: MemError,
@@ -106,7 +107,7 @@ impl std::fmt::Display for UnmappedChange {
     }
 }
 
-fn needs_value(tid: i32, function: &str, var: &str) -> RebuildError {
+fn needs_value(tid: Pid, function: &str, var: &str) -> RebuildError {
     RebuildError::NeedsValue {
         tid,
         function: function.to_string(),
@@ -145,14 +146,14 @@ pub struct Placement {
 /// The placement of every frame of one thread, bottom first.
 #[derive(Clone, Debug)]
 pub struct ThreadLayout {
-    pub tid: i32,
+    pub tid: Pid,
     pub frames: Vec<Placement>,
 }
 
 /// The result for one thread: bytes to write and its final registers.
 #[derive(Clone, Debug)]
 pub struct ThreadPlan {
-    pub tid: i32,
+    pub tid: Pid,
     pub writes: Vec<Write>,
     pub regs: Regs,
     /// `function@continuation` per frame, top first, for the report.
@@ -169,7 +170,7 @@ struct Mapped<'a> {
 
 /// The plan's mapping of the function of frame `f` and its tables.
 fn lookup<'a>(
-    tid: i32,
+    tid: Pid,
     plan: &'a UpdatePlan,
     old: &'a FrameTables,
     new: &'a FrameTables,
@@ -232,7 +233,7 @@ impl Sites<'_> {
 /// Where frame `f` (the top one when `top`) is paused in both versions, as
 /// the plan maps its continuation.
 fn find_sites<'a>(
-    tid: i32,
+    tid: Pid,
     m: &Mapped<'a>,
     continuation: &Continuation,
     top: bool,

@@ -8,6 +8,7 @@ use upstare_dwarf::fdt::{Continuation, FrameTables};
 use upstare_dwarf::{LinkAddr, LoadBias, Reg, RuntimeAddr};
 
 use crate::target::ptrace::Regs;
+use nix::unistd::Pid;
 
 /// One instrumented image (the running version, or the one being loaded) in
 /// the target's address space.
@@ -103,7 +104,7 @@ pub struct AppFrame {
 /// One paused thread.
 #[derive(Clone, Debug)]
 pub struct ThreadState {
-    pub tid: i32,
+    pub tid: Pid,
     /// Registers as the thread was stopped (top of the thread, possibly
     /// inside a library).
     pub regs: Regs,

@@ -18,6 +18,7 @@ use crate::engine::state::{AppFrame, CalleeSavedValues, Image};
 use crate::load::libraries::{Libraries, Library};
 use crate::memory::{MemError, TargetMemory};
 use crate::target::ptrace::Regs;
+use nix::unistd::Pid;
 use std::ops::Range;
 use upstare_dwarf::fdt::{CallSite, FunctionTable};
 use upstare_dwarf::{CfaRule, LinkAddr, Reg, RegRule, RuntimeAddr};
@@ -36,7 +37,7 @@ const DYNAMIC_DEPTH: i64 = CallSite::DYNAMIC_DEPTH.0;
 pub enum UnwindError {
     #[error("thread {tid}: reading {what} at {addr}: {source}")]
     Memory {
-        tid: i32,
+        tid: Pid,
         what: String,
         addr: RuntimeAddr,
         #[source]
@@ -44,61 +45,61 @@ pub enum UnwindError {
     },
     #[error("thread {tid}: pc {pc} is in {function} but not at an update point")]
     NotAtPoint {
-        tid: i32,
+        tid: Pid,
         function: String,
         pc: RuntimeAddr,
     },
     #[error("thread {tid}: pc {pc} is code of the image outside every function of its tables")]
-    NoFunction { tid: i32, pc: RuntimeAddr },
+    NoFunction { tid: Pid, pc: RuntimeAddr },
     #[error("thread {tid}: return address {ret} ({function}+{offset:#x}) is not a call site of the tables")]
     NotACallSite {
-        tid: i32,
+        tid: Pid,
         function: String,
         offset: u64,
         ret: RuntimeAddr,
     },
     #[error("thread {tid}: frame of {function} at CFA {cfa}: {problem}")]
     BadFrame {
-        tid: i32,
+        tid: Pid,
         function: String,
         cfa: RuntimeAddr,
         problem: String,
     },
     #[error("thread {tid}: more than {limit} {what} frames")]
     TooDeep {
-        tid: i32,
+        tid: Pid,
         what: &'static str,
         limit: usize,
     },
     #[error("thread {tid}: pc {pc} is neither code of the image nor of a mapped library")]
-    UnknownCode { tid: i32, pc: RuntimeAddr },
+    UnknownCode { tid: Pid, pc: RuntimeAddr },
     #[error("thread {tid}: cannot read the CFI of {0}", source.name)]
     Library {
-        tid: i32,
+        tid: Pid,
         #[source]
         source: crate::load::libraries::LibraryError,
     },
     #[error("thread {tid}: cannot unwind {location}: {reason}")]
     Cfi {
-        tid: i32,
+        tid: Pid,
         location: String,
         reason: String,
     },
     #[error("thread {tid}: {function} runs in a signal handler (its caller is the signal frame at {location}); let the handler return")]
     SignalFrame {
-        tid: i32,
+        tid: Pid,
         function: String,
         location: String,
     },
     #[error("thread {tid}: {function} was called back from library code ({location}), below which {caller} is active; callbacks through libraries are not supported")]
     Callback {
-        tid: i32,
+        tid: Pid,
         function: String,
         location: String,
         caller: String,
     },
     #[error("thread {tid}: no application frame on the stack ({location} is the outermost frame)")]
-    NoAppFrame { tid: i32, location: String },
+    NoAppFrame { tid: Pid, location: String },
 }
 
 /// One library frame between the top of a thread and its first application
@@ -274,7 +275,7 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
 
     /// The application frames of thread `tid` stopped with `regs`: at an
     /// update point of the image, or inside library code called by it.
-    pub fn unwind(&self, tid: i32, regs: &Regs) -> Result<Unwound, UnwindError> {
+    pub fn unwind(&self, tid: Pid, regs: &Regs) -> Result<Unwound, UnwindError> {
         let rip = regs.rip();
         if self.image.is_code(rip) {
             let (func, link) = self.function(tid, rip)?;
@@ -416,7 +417,7 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
 
     fn function(
         &self,
-        tid: i32,
+        tid: Pid,
         pc: RuntimeAddr,
     ) -> Result<(&'a FunctionTable, LinkAddr), UnwindError> {
         let link = self
@@ -433,7 +434,7 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
 
     fn call_site(
         &self,
-        tid: i32,
+        tid: Pid,
         func: &'a FunctionTable,
         link: LinkAddr,
         ret: RuntimeAddr,
@@ -447,7 +448,7 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
             })
     }
 
-    fn library(&self, tid: i32, pc: RuntimeAddr) -> Result<(&'a Library, LinkAddr), UnwindError> {
+    fn library(&self, tid: Pid, pc: RuntimeAddr) -> Result<(&'a Library, LinkAddr), UnwindError> {
         self.libs
             .lookup(pc)
             .ok_or(UnwindError::UnknownCode { tid, pc })
@@ -455,7 +456,7 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
 
     fn read_u64(
         &self,
-        tid: i32,
+        tid: Pid,
         what: impl FnOnce() -> String,
         addr: RuntimeAddr,
     ) -> Result<u64, UnwindError> {
@@ -469,7 +470,7 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
             })
     }
 
-    fn bad_frame(tid: i32, function: &str, cfa: RuntimeAddr, problem: String) -> UnwindError {
+    fn bad_frame(tid: Pid, function: &str, cfa: RuntimeAddr, problem: String) -> UnwindError {
         UnwindError::BadFrame {
             tid,
             function: function.to_string(),
@@ -479,7 +480,7 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
     }
 
     /// CFA = rbp + 16, checked to be a plausible stack address.
-    fn cfa_from_rbp(&self, tid: i32, function: &str, rbp: u64) -> Result<RuntimeAddr, UnwindError> {
+    fn cfa_from_rbp(&self, tid: Pid, function: &str, rbp: u64) -> Result<RuntimeAddr, UnwindError> {
         let cfa = rbp.checked_add(16).map(RuntimeAddr).ok_or_else(|| {
             Self::bad_frame(tid, function, RuntimeAddr(rbp), "rbp + 16 overflows".into())
         })?;
@@ -489,7 +490,7 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
 
     fn check_in_stack(
         &self,
-        tid: i32,
+        tid: Pid,
         function: &str,
         cfa: RuntimeAddr,
     ) -> Result<(), UnwindError> {
@@ -525,7 +526,7 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
     /// rsp must equal CFA + the recorded depth (unless dynamic).
     fn check_depth(
         &self,
-        tid: i32,
+        tid: Pid,
         func: &FunctionTable,
         cfa: RuntimeAddr,
         rsp: RuntimeAddr,
@@ -549,7 +550,7 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
     }
 
     /// Walk the rbp chain from `first` down to the bottom frame.
-    fn chain(&self, tid: i32, first: Cur<'a>) -> Result<Vec<AppFrame>, UnwindError> {
+    fn chain(&self, tid: Pid, first: Cur<'a>) -> Result<Vec<AppFrame>, UnwindError> {
         let mut frames: Vec<AppFrame> = Vec::new();
         let mut cur = first;
         loop {
@@ -650,7 +651,7 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
     /// Below the bottom application frame (`function`, whose caller's
     /// registers are `set`) only library frames may follow, ending in the
     /// outermost frame.
-    fn verify_bottom(&self, tid: i32, function: &str, mut set: RegSet) -> Result<(), UnwindError> {
+    fn verify_bottom(&self, tid: Pid, function: &str, mut set: RegSet) -> Result<(), UnwindError> {
         // Where the application frames were entered from, for messages.
         let mut entered_from: Option<String> = None;
         for _ in 0..MAX_LIB_FRAMES {
@@ -715,7 +716,7 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
     /// Apply one CFI row to the registers of a library frame.
     fn cfi_step(
         &self,
-        tid: i32,
+        tid: Pid,
         lib: &Library,
         link: LinkAddr,
         row: &upstare_dwarf::UnwindRow,
@@ -792,7 +793,7 @@ fn describe(lib: &Library, link: LinkAddr) -> String {
     }
 }
 
-fn cfi_err(tid: i32, lib: &Library, link: LinkAddr, reason: String) -> UnwindError {
+fn cfi_err(tid: Pid, lib: &Library, link: LinkAddr, reason: String) -> UnwindError {
     UnwindError::Cfi {
         tid,
         location: describe(lib, link),

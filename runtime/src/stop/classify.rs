@@ -169,7 +169,7 @@ impl Stopper<'_> {
             }
             let u = unwind(self, regs).map_err(|message| NotReadyReason::Unwind { message })?;
             return Ok(ThreadState {
-                tid: t,
+                tid: Pid::from_raw(t),
                 regs: *regs,
                 readiness: Readiness::AtPoint,
                 frames: u.frames,
@@ -210,7 +210,7 @@ impl Stopper<'_> {
         let in_place = waits_in(OnUpdate::InPlace);
         if in_place.contains(&nr) || (nr == libc::SYS_restart_syscall && !in_place.is_empty()) {
             return Ok(ThreadState {
-                tid: t,
+                tid: Pid::from_raw(t),
                 regs: *regs,
                 readiness: Readiness::InLibrary {
                     callee,
@@ -231,7 +231,7 @@ impl Stopper<'_> {
             return Err(NotReadyReason::NotReexecutable { callee });
         }
         Ok(ThreadState {
-            tid: t,
+            tid: Pid::from_raw(t),
             regs: *regs,
             readiness: Readiness::Blocked {
                 callee,
@@ -278,6 +278,7 @@ pub(super) fn unwind_thread(
     tid: i32,
     regs: &Regs,
 ) -> Result<Unwound, UnwindError> {
+    let tid = Pid::from_raw(tid);
     let Some(s) = stack else {
         return Unwinder::new(image, libs, mem).unwind(tid, regs);
     };

@@ -237,7 +237,7 @@ fn forbidden_frame(threads: &[ThreadState], plan: &UpdatePlan) -> Option<String>
 
 fn thread_report(t: &ThreadState) -> ThreadReport {
     ThreadReport {
-        tid: t.tid,
+        tid: t.tid.as_raw(),
         state: match &t.readiness {
             Readiness::AtPoint => "at update point".into(),
             Readiness::Blocked { callee, syscall } => {
@@ -426,7 +426,7 @@ pub fn apply_traced(
 
     // Phase 4: load the new version (undone on drop unless committed).
     let t = Instant::now();
-    let tid = Pid::from_raw(threads.first().map(|t| t.tid).unwrap_or(pid));
+    let tid = threads.first().map_or(Pid::from_raw(pid), |t| t.tid);
     let mut loaded = load::load_image(
         tracee,
         tid,

@@ -15,13 +15,14 @@ use upstare_dwarf::RuntimeAddr;
 use crate::engine::Write;
 use crate::memory::{MemError, TargetMemory};
 use crate::target::ptrace::{PtraceError, Regs, Tracee};
+use nix::unistd::Pid;
 
 /// Reading and setting the general registers of a target's threads.
 pub trait ThreadRegisters {
     /// The registers of thread `tid`.
-    fn thread_regs(&mut self, tid: i32) -> Result<Regs, RegsError>;
+    fn thread_regs(&mut self, tid: Pid) -> Result<Regs, RegsError>;
     /// Sets the registers of thread `tid`.
-    fn set_thread_regs(&mut self, tid: i32, regs: &Regs) -> Result<(), RegsError>;
+    fn set_thread_regs(&mut self, tid: Pid, regs: &Regs) -> Result<(), RegsError>;
 }
 
 /// Why a thread's registers could not be read or set.
@@ -30,32 +31,32 @@ pub enum RegsError {
     #[error("{0}")]
     Ptrace(#[from] PtraceError),
     #[error("thread {tid} is not part of the target")]
-    NoSuchThread { tid: i32 },
+    NoSuchThread { tid: Pid },
 }
 
 impl ThreadRegisters for Tracee {
-    fn thread_regs(&mut self, tid: i32) -> Result<Regs, RegsError> {
-        Ok(self.regs(nix::unistd::Pid::from_raw(tid))?)
+    fn thread_regs(&mut self, tid: Pid) -> Result<Regs, RegsError> {
+        Ok(self.regs(tid)?)
     }
-    fn set_thread_regs(&mut self, tid: i32, regs: &Regs) -> Result<(), RegsError> {
-        Ok(self.set_regs(nix::unistd::Pid::from_raw(tid), regs)?)
+    fn set_thread_regs(&mut self, tid: Pid, regs: &Regs) -> Result<(), RegsError> {
+        Ok(self.set_regs(tid, regs)?)
     }
 }
 
 /// Registers of threads kept in memory, for tests of the commit on buffers.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RegisterFile {
-    pub threads: BTreeMap<i32, Regs>,
+    pub threads: BTreeMap<Pid, Regs>,
 }
 
 impl ThreadRegisters for RegisterFile {
-    fn thread_regs(&mut self, tid: i32) -> Result<Regs, RegsError> {
+    fn thread_regs(&mut self, tid: Pid) -> Result<Regs, RegsError> {
         self.threads
             .get(&tid)
             .copied()
             .ok_or(RegsError::NoSuchThread { tid })
     }
-    fn set_thread_regs(&mut self, tid: i32, regs: &Regs) -> Result<(), RegsError> {
+    fn set_thread_regs(&mut self, tid: Pid, regs: &Regs) -> Result<(), RegsError> {
         match self.threads.get_mut(&tid) {
             Some(r) => {
                 *r = *regs;
@@ -71,7 +72,7 @@ impl ThreadRegisters for RegisterFile {
 pub struct PreparedState {
     pub writes: Vec<Write>,
     /// Final registers per thread.
-    pub regs: Vec<(i32, Regs)>,
+    pub regs: Vec<(Pid, Regs)>,
 }
 
 impl PreparedState {
@@ -85,7 +86,7 @@ impl PreparedState {
 #[derive(Debug, Default)]
 pub struct UndoLog {
     memory: Vec<(RuntimeAddr, Vec<u8>)>,
-    regs: Vec<(i32, Regs)>,
+    regs: Vec<(Pid, Regs)>,
 }
 
 /// Why a commit failed. The commit has been rolled back.
@@ -99,7 +100,7 @@ pub enum CommitError {
     },
     #[error("commit failed and was rolled back: registers of thread {tid}: {source}")]
     Registers {
-        tid: i32,
+        tid: Pid,
         #[source]
         source: RegsError,
     },
