@@ -83,7 +83,10 @@ fn update_at(v1: &Path, v2: &Path, k: u64, line: Lines) -> Result<UpdateReport, 
     }
     match check_lines(&out.stdout, line) {
         Ok(2) => Ok(report),
-        Ok(_) => Err(format!("updated, but v1 printed the last line\n{}", out.stdout)),
+        Ok(_) => Err(format!(
+            "updated, but v1 printed the last line\n{}",
+            out.stdout
+        )),
         Err(e) => Err(format!("{e}\nwhole output:\n{}", out.stdout)),
     }
 }
