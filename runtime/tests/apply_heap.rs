@@ -149,3 +149,19 @@ fn callback_in_a_struct_defined_in_another_file_gcc() {
 fn callback_in_a_struct_defined_in_another_file_clang() {
     every_hit("callback_other_file", Toolchain::Clang, callback_other_file);
 }
+
+#[test]
+fn callback_only_in_a_void_pointer_gcc() {
+    let reports = every_hit("callback_void_ptr", Toolchain::Gcc, callback_void_ptr);
+    // Once the block holds the callback (after main's first statements),
+    // the sweep is what remaps it.
+    assert!(
+        reports.iter().any(|r| r.sweep.remapped_functions > 0),
+        "the sweep never remapped a function"
+    );
+}
+
+#[test]
+fn callback_only_in_a_void_pointer_clang() {
+    every_hit("callback_void_ptr", Toolchain::Clang, callback_void_ptr);
+}
