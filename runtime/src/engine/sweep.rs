@@ -52,8 +52,13 @@ const MAX_HITS_KEPT: usize = 1 << 16;
 /// The retired image as the sweep sees it (runtime addresses).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Retired {
+    /// Its load bias (runtime = link-time + bias).
+    pub bias: u64,
     /// Every byte it occupies.
     pub span: Range<u64>,
+    /// One past its last byte as its segments say (not page-rounded): the
+    /// dynamic linker records it (`l_map_end`).
+    pub end: u64,
     /// Its code.
     pub text: Range<u64>,
     /// Its writable parts (data, `.bss`).
@@ -83,6 +88,8 @@ impl Retired {
                 })
                 .collect(),
             text: old.text.start.0..old.text.end.0,
+            end: segments_end(elf).map_or(span.end, |e| e.wrapping_add(old.bias.0)),
+            bias: old.bias.0,
             span,
         }
     }
@@ -90,6 +97,60 @@ impl Retired {
     fn writable_at(&self, v: u64) -> bool {
         self.writable.iter().any(|r| r.contains(&v))
     }
+}
+
+/// One past the end of the highest `PT_LOAD` segment (link-time).
+fn segments_end(elf: &[u8]) -> Option<u64> {
+    use object::{Object, ObjectSegment};
+    let file = object::File::parse(elf).ok()?;
+    file.segments()
+        .filter_map(|s| s.address().checked_add(s.size()))
+        .max()
+}
+
+/// Functions (by symbol name) whose bytes are the same in OLD and NEW: any
+/// address in one has its twin at the same offset of the other, the same
+/// instruction (a return address into `_start` on the main stack, a stale
+/// return address left in a frame of an unchanged function). Code that
+/// changed at all is not in the list: its addresses are reported. Runtime
+/// addresses: (OLD's range, NEW's start, name).
+pub fn identical_code(
+    old: &Image,
+    new: &Image,
+    old_elf: &[u8],
+    new_elf: &[u8],
+) -> Vec<(Range<u64>, u64, String)> {
+    use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
+    let (Ok(a), Ok(b)) = (object::File::parse(old_elf), object::File::parse(new_elf)) else {
+        return Vec::new();
+    };
+    let code = |f: &object::File<'_>, s: &object::Symbol<'_, '_>| -> Option<Vec<u8>> {
+        let sec = f.section_by_index(s.section_index()?).ok()?;
+        Some(sec.data_range(s.address(), s.size()).ok()??.to_vec())
+    };
+    let news: HashMap<String, object::Symbol<'_, '_>> = b
+        .symbols()
+        .take(1 << 22)
+        .filter(|s| s.kind() == SymbolKind::Text && s.size() > 0)
+        .filter_map(|s| Some((s.name().ok()?.to_string(), s)))
+        .collect();
+    a.symbols()
+        .take(1 << 22)
+        .filter(|s| s.kind() == SymbolKind::Text && s.size() > 0)
+        .filter_map(|s| {
+            let name = s.name().ok()?;
+            let t = news.get(name)?;
+            if t.size() != s.size() || code(&a, &s)? != code(&b, t)? {
+                return None;
+            }
+            let start = old.runtime(LinkAddr(s.address())).0;
+            Some((
+                start..start.checked_add(s.size())?,
+                new.runtime(LinkAddr(t.address())).0,
+                name.to_string(),
+            ))
+        })
+        .collect()
 }
 
 /// `(symbol, link-time address, size)` of every `R_X86_64_COPY` relocation
@@ -159,6 +220,9 @@ pub enum Class {
     /// OLD's read-only data (kept mapped, never written): counted
     /// exception.
     ReadOnly,
+    /// One past the last byte of OLD (the dynamic linker's `l_map_end`):
+    /// counted exception.
+    ImageEnd,
 }
 
 impl Class {
@@ -179,6 +243,8 @@ pub struct Classifier<'c, 'a, 'r> {
     entries: HashMap<u64, (String, Option<u64>)>,
     /// Where globals go (`None`: nowhere, an audit after the update).
     remap: Option<&'r mut Remapper<'a>>,
+    /// Code without DWARF that NEW has byte for byte ([`identical_code`]).
+    pub same_code: Vec<(Range<u64>, u64, String)>,
 }
 
 impl<'c, 'a, 'r> Classifier<'c, 'a, 'r> {
@@ -196,6 +262,7 @@ impl<'c, 'a, 'r> Classifier<'c, 'a, 'r> {
             old,
             entries,
             remap,
+            same_code: Vec::new(),
         }
     }
 
@@ -217,11 +284,20 @@ impl<'c, 'a, 'r> Classifier<'c, 'a, 'r> {
                     },
                 });
             }
+            if let Some((r, to, name)) = self.same_code.iter().find(|(r, _, _)| r.contains(&v)) {
+                return Some(Class::Remap {
+                    new: to.saturating_add(v - r.start),
+                    what: format!("function {name}+{:#x} (identical code)", v - r.start),
+                });
+            }
             let what = match self.old.tables.function_at(link) {
                 Some(f) => format!("{}+{:#x}", f.name, link.0 - f.low.0),
                 None => format!("code at {link}"),
             };
             return Some(Class::OtherCode { what });
+        }
+        if v == self.retired.end {
+            return Some(Class::ImageEnd);
         }
         if let Some((name, _)) = self.retired.copies.iter().find(|(_, r)| r.contains(&v)) {
             return Some(Class::Copy { name: name.clone() });
@@ -244,6 +320,9 @@ impl<'c, 'a, 'r> Classifier<'c, 'a, 'r> {
                 },
                 None => Class::ReadOnly,
             });
+        }
+        if !self.retired.writable_at(v) {
+            return Some(Class::ReadOnly);
         }
         if let Some(g) = globals
             .iter()
@@ -358,18 +437,20 @@ impl SweepResult {
             .iter()
             .filter(|h| !h.in_retired && h.class.is_stale())
     }
-    /// Hits of the counted exceptions in live memory.
-    pub fn exceptions(&self) -> (usize, usize) {
+    /// Hits of the counted exceptions in live memory: (COPY objects,
+    /// read-only data, end of the image).
+    pub fn exceptions(&self) -> (usize, usize, usize) {
         let live = self.hits.iter().filter(|h| !h.in_retired);
-        let (mut copy, mut ro) = (0, 0);
+        let (mut copy, mut ro, mut end) = (0, 0, 0);
         for h in live {
             match h.class {
                 Class::Copy { .. } => copy += 1,
                 Class::ReadOnly => ro += 1,
+                Class::ImageEnd => end += 1,
                 _ => {}
             }
         }
-        (copy, ro)
+        (copy, ro, end)
     }
     /// The writes that remap: function entries everywhere, globals in live
     /// memory.
@@ -407,7 +488,8 @@ pub fn sweep(
         while cur < region.range.end {
             let len = (region.range.end - cur).min(CHUNK);
             if out.bytes_scanned.saturating_add(len) > MAX_SWEEP_BYTES {
-                out.bytes_not_scanned = out.bytes_not_scanned.saturating_add(region.range.end - cur);
+                out.bytes_not_scanned =
+                    out.bytes_not_scanned.saturating_add(region.range.end - cur);
                 break;
             }
             let Ok(mut bytes) = mem.read_vec(RuntimeAddr(cur), len, CHUNK as usize) else {
@@ -427,11 +509,7 @@ pub fn sweep(
                         let addr = cur + i as u64;
                         out.hits.push(Hit {
                             addr,
-                            location: format!(
-                                "{}+{:#x}",
-                                region.name,
-                                addr - region.range.start
-                            ),
+                            location: format!("{}+{:#x}", region.name, addr - region.range.start),
                             value: v,
                             class,
                             in_retired: region.retired,
@@ -486,9 +564,11 @@ mod tests {
     fn values_into_the_retired_image_are_found_classified_and_remapped() {
         let old = image(0x10000);
         let retired = Retired {
+            bias: 0x10000,
             span: 0x10000..0x14000,
+            end: 0x13ff0,
             text: 0x11000..0x12000,
-            writable: vec![0x13000..0x14000],
+            writable: std::iter::once(0x13000..0x14000).collect(),
             copies: vec![("stdout".into(), 0x13f00..0x13f08)],
         };
         let mut entries = HashMap::new();
@@ -529,6 +609,7 @@ mod tests {
                         Class::ReadOnly => "ro",
                         Class::OldData { .. } => "data",
                         Class::PastEnd { .. } => "end",
+                        Class::ImageEnd => "image end",
                     },
                 )
             })
@@ -545,7 +626,7 @@ mod tests {
             ]
         );
         assert_eq!(r.stale().count(), 2);
-        assert_eq!(r.exceptions(), (1, 1));
+        assert_eq!(r.exceptions(), (1, 1, 0));
         let writes = r.writes();
         assert_eq!(writes.len(), 2);
         assert_eq!(writes[0].bytes, 0x91100u64.to_le_bytes().to_vec());
@@ -592,6 +673,8 @@ pub struct SweepSummary {
     pub copy_exceptions: usize,
     /// Deliberate exceptions: values into OLD's read-only data.
     pub readonly_exceptions: usize,
+    /// Deliberate exceptions: the end of the old image (`l_map_end`).
+    pub image_end_exceptions: usize,
     /// Values stored inside the retired image's own data (only old code
     /// reads them).
     pub inside_retired: usize,
@@ -603,7 +686,7 @@ impl SweepSummary {
     /// The counts of `r`.
     pub fn of(r: &SweepResult, retired: &Retired) -> SweepSummary {
         let live = || r.hits.iter().filter(|h| !h.in_retired);
-        let (copy_exceptions, readonly_exceptions) = r.exceptions();
+        let (copy_exceptions, readonly_exceptions, image_end_exceptions) = r.exceptions();
         SweepSummary {
             bytes_scanned: r.bytes_scanned,
             bytes_not_scanned: r.bytes_not_scanned,
@@ -618,6 +701,7 @@ impl SweepSummary {
             stale: r.stale().count(),
             copy_exceptions,
             readonly_exceptions,
+            image_end_exceptions,
             inside_retired: r.hits.iter().filter(|h| h.in_retired).count(),
             retired: retired.clone(),
         }
@@ -652,6 +736,7 @@ pub fn sweep_update<'a>(
     let regions = regions(maps, rsps, &retired);
     let r = {
         let mut c = Classifier::new(&retired, old, entries, Some(remap));
+        c.same_code = identical_code(old, new, old_elf, new_elf);
         sweep(mem, &regions, pending, &mut |v| c.classify(v))
     };
     (r, retired)

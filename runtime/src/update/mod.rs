@@ -121,7 +121,11 @@ pub enum UpdateError {
     #[error("{0}")]
     Spec(#[from] upstare_patcher::SpecError),
     #[error("process {pid}: {count} value(s) would be left pointing into the old image with no place in the new one (first: {first}); refused (--strict); nothing was changed")]
-    Stale { pid: i32, count: usize, first: String },
+    Stale {
+        pid: i32,
+        count: usize,
+        first: String,
+    },
 }
 
 impl From<RebuildError> for UpdateError {
@@ -255,7 +259,11 @@ fn sweep_warnings(r: &crate::engine::sweep::SweepResult) -> Vec<String> {
         ));
     }
     if r.hits_dropped > 0 {
-        out.push(format!("{} sweep hits beyond the first {} not listed", r.hits_dropped, r.hits.len()));
+        out.push(format!(
+            "{} sweep hits beyond the first {} not listed",
+            r.hits_dropped,
+            r.hits.len()
+        ));
     }
     for u in &r.unreadable {
         out.push(format!("the sweep could not read {u}"));
