@@ -130,6 +130,9 @@ pub struct Program {
     pub args: &'static [&'static str],
     /// What the program exercises.
     pub features: &'static [Feature],
+    /// More `.c` files compiled and linked with `source` (a program made of
+    /// several compilation units), in order.
+    pub extra_sources: Vec<PathBuf>,
 }
 
 impl Program {
@@ -289,6 +292,7 @@ pub fn programs() -> Vec<Program> {
             expected_exit: s.expected_exit,
             args: &[],
             features: s.features,
+            extra_sources: Vec::new(),
         })
         .collect()
 }
@@ -504,6 +508,24 @@ const PAIRS: &[PairSpec] = &[
         short_args: &["6"],
         features: &[Loops],
     },
+    PairSpec {
+        name: "callback_other_file",
+        names: ["callback_other_file.v1", "callback_other_file.v2"],
+        description: "a heap struct holding a callback, defined in another compilation unit \
+                      (v1_table.c) than the one holding the pointer to it (`struct table;`)",
+        control: Control::Ticks,
+        short_args: &["6"],
+        features: &[FnPtrInStruct],
+    },
+    PairSpec {
+        name: "callback_void_ptr",
+        names: ["callback_void_ptr.v1", "callback_void_ptr.v2"],
+        description: "a callback kept only as raw bytes in a heap block reached through a \
+                      `void *` (found by the sweep, not by the typed walk)",
+        control: Control::Ticks,
+        short_args: &["6"],
+        features: &[],
+    },
 ];
 
 /// The version pairs (`corpus/versions/<name>/v1.c` and `v2.c`).
@@ -523,6 +545,7 @@ pub fn version_pairs() -> Vec<VersionPair> {
                 expected_exit: 0,
                 args: p.short_args,
                 features: p.features,
+                extra_sources: extra_sources(&dir.join(p.name), n),
             };
             VersionPair {
                 name: p.name,
@@ -533,6 +556,27 @@ pub fn version_pairs() -> Vec<VersionPair> {
             }
         })
         .collect()
+}
+
+/// The other compilation units of version `n` of a pair in `dir`: its files
+/// `v{n}_*.c`, sorted by name (`v1.c` holds `main`, `v1_table.c` a module
+/// linked with it).
+fn extra_sources(dir: &std::path::Path, n: usize) -> Vec<PathBuf> {
+    let prefix = format!("v{n}_");
+    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "c")
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&prefix))
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 /// The version pair called `name`, if there is one.

@@ -6,7 +6,7 @@ use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 
 use upstare_testkit::{
-    command_line, compile_c, target_dir, write_atomic, BuildError, CSource, Toolchain,
+    command_line, compile_files, target_dir, write_atomic, BuildError, Toolchain, LINK_FLAGS,
 };
 
 use crate::Program;
@@ -24,11 +24,12 @@ pub fn cache_dir(toolchain: Toolchain) -> PathBuf {
 }
 
 /// A stamp of everything that determines a cached binary: the command line
-/// (minus temp names) and the source text.
-fn build_stamp(toolchain: Toolchain, source: &Path, text: &[u8]) -> String {
-    let argv = command_line(toolchain, &[], source, Path::new("OUT"));
+/// (minus temp names) and the text of every source.
+fn build_stamp(toolchain: Toolchain, sources: &[&Path], texts: &[Vec<u8>]) -> String {
+    let mut argv = command_line(toolchain, &[], sources[0], Path::new("OUT"));
+    argv.extend(sources[1..].iter().map(|s| s.display().to_string()));
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    text.hash(&mut h);
+    texts.hash(&mut h);
     format!("{}\nsource-hash {:016x}\n", argv.join(" "), h.finish())
 }
 
@@ -42,12 +43,21 @@ pub fn build(program: &Program, toolchain: Toolchain) -> Result<PathBuf, BuildEr
     stamp_path.push(".stamp");
     let stamp_path = PathBuf::from(stamp_path);
 
-    let text = std::fs::read(&program.source).map_err(io_err(&program.source))?;
-    let stamp = build_stamp(toolchain, &program.source, &text);
-    if is_fresh(&program.source, &out, &stamp_path, &stamp) {
+    let sources: Vec<&Path> = std::iter::once(program.source.as_path())
+        .chain(program.extra_sources.iter().map(PathBuf::as_path))
+        .collect();
+    let mut texts = Vec::with_capacity(sources.len());
+    for s in &sources {
+        texts.push(std::fs::read(s).map_err(io_err(s))?);
+    }
+    let stamp = build_stamp(toolchain, &sources, &texts);
+    if sources
+        .iter()
+        .all(|s| is_fresh(s, &out, &stamp_path, &stamp))
+    {
         return Ok(out);
     }
-    compile_c(CSource::File(&program.source), toolchain, &[], &out)?;
+    compile_files(toolchain, &sources, &[], LINK_FLAGS, &out)?;
     write_atomic(&stamp_path, stamp.as_bytes())?;
     Ok(out)
 }

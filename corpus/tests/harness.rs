@@ -39,6 +39,7 @@ fn build_cache_rebuilds_only_when_the_source_changes() {
         expected_exit: 0,
         args: &[],
         features: &[],
+        extra_sources: Vec::new(),
     };
     let bin = build(&prog, Toolchain::Gcc).unwrap_or_else(|e| panic!("{e}"));
     let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
@@ -77,6 +78,7 @@ fn parallel_builds_of_one_program_all_succeed() {
         expected_exit: 9,
         args: &[],
         features: &[],
+        extra_sources: Vec::new(),
     };
     let results: Vec<Result<PathBuf, BuildError>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..4)

@@ -113,6 +113,8 @@ fn catalog_lists_every_pair_with_sources() {
             "main_struct_spec",
             "fn_rename",
             "txn_safety",
+            "callback_other_file",
+            "callback_void_ptr",
         ]
     );
     for p in &pairs {
@@ -293,7 +295,7 @@ fn tick_pairs_run_their_ticks_and_are_deterministic() {
         .into_iter()
         .filter(|p| p.control == Control::Ticks)
         .collect();
-    assert_eq!(ticks.len(), 13);
+    assert_eq!(ticks.len(), 15);
     for p in &ticks {
         for tc in Toolchain::ALL {
             for n in [1, 2] {

@@ -12,6 +12,7 @@ pub mod elf;
 pub mod fdt;
 pub mod model;
 pub mod read;
+pub mod resolve;
 pub mod section;
 
 pub use addr::{CfaOffset, FileOffset, LinkAddr, LoadBias, Reg, RuntimeAddr};

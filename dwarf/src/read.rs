@@ -89,6 +89,15 @@ pub enum ReadError {
     /// The CFI (`.eh_frame`) is corrupt.
     #[error(transparent)]
     Cfi(#[from] CfiError),
+    /// A tag only declared in one unit is defined differently by two others:
+    /// which definition the declaration means cannot be known.
+    #[error("{kind} {name} is defined differently in {first} and in {second}, and only declared in another compilation unit: which definition it means is ambiguous")]
+    ConflictingDefinitions {
+        kind: &'static str,
+        name: String,
+        first: String,
+        second: String,
+    },
     /// A dependency panicked on this input; caught so no caller ever sees a
     /// panic. Reports the panic message.
     #[error("internal error while reading DWARF (malformed input?): {0}")]
@@ -281,6 +290,7 @@ fn read_inner(elf: &[u8]) -> Result<Program, ReadError> {
     };
     let mut reader = Reader::load(&dwarf)?;
     reader.build_types()?;
+    reader.resolve_declarations()?;
     reader.build_lines()?;
     reader.build_functions_and_globals()?;
     let mut program = reader.finish();
@@ -331,6 +341,8 @@ struct Reader<'d, 'a> {
     signatures: HashMap<u64, usize>,
     /// `.debug_info` offset of a type DIE → its type.
     type_ids: HashMap<usize, TypeId>,
+    /// Unit index of each type, by [`TypeId`] (0 for void).
+    type_units: Vec<usize>,
     types: Vec<Type>,
     void: TypeId,
     files: Vec<String>,
@@ -459,6 +471,7 @@ impl<'d, 'a> Reader<'d, 'a> {
             dies: HashMap::new(),
             signatures: HashMap::new(),
             type_ids: HashMap::new(),
+            type_units: vec![0],
             types: vec![Type::Void],
             void: TypeId(0),
             files: Vec::new(),
@@ -560,6 +573,7 @@ impl<'d, 'a> Reader<'d, 'a> {
                         })?,
                     );
                 self.types.push(Type::Void);
+                self.type_units.push(ui);
                 self.type_ids.insert(key, id);
             }
         }
@@ -738,6 +752,37 @@ impl<'d, 'a> Reader<'d, 'a> {
                 *slot = ty;
             }
         }
+        Ok(())
+    }
+
+    /// Resolves declared-only structs and unions by name in other units
+    /// ([`crate::resolve`]); rival definitions are an error naming both
+    /// units.
+    fn resolve_declarations(&mut self) -> Result<(), ReadError> {
+        let names: Vec<String> = (0..self.units.len())
+            .map(|ui| {
+                self.name(ui, 0)
+                    .ok()
+                    .flatten()
+                    .unwrap_or_else(|| format!("compilation unit #{ui}"))
+            })
+            .collect();
+        let units = &self.type_units;
+        let unit_of = |id: TypeId| {
+            units
+                .get(id.0 as usize)
+                .and_then(|u| names.get(*u))
+                .cloned()
+                .unwrap_or_else(|| "an unknown unit".into())
+        };
+        crate::resolve::resolve_declarations(&mut self.types, &unit_of).map_err(|c| {
+            ReadError::ConflictingDefinitions {
+                kind: c.kind,
+                name: c.name,
+                first: c.first,
+                second: c.second,
+            }
+        })?;
         Ok(())
     }
 

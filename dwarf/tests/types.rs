@@ -407,3 +407,71 @@ fn type_shapes() {
         }
     }
 }
+
+/// `main.c` only declares `struct hash`; `hash.c` defines it. The global of
+/// `main.c` must lead to the definition (members and layout as `hash.c`
+/// says), with every toolchain.
+const MAIN_C: &str = r#"
+struct hash;
+struct hash *hash_new(void);
+struct hash *table;
+int main(void) { table = hash_new(); return table == 0; }
+"#;
+const HASH_C: &str = r#"
+#include <stdlib.h>
+struct hash { long n; long (*fn)(long); struct hash *next; };
+static long twice(long x) { return 2 * x; }
+struct hash *hash_new(void) { struct hash *h = calloc(1, sizeof *h); if (h) h->fn = twice; return h; }
+"#;
+/// A third unit with its own, different `struct hash`.
+const OTHER_C: &str = r#"
+struct hash { int k; };
+struct hash other_hash;
+"#;
+
+#[test]
+fn a_struct_declared_in_one_unit_is_resolved_in_another() {
+    for cc in compilers() {
+        let b = build(cc, "xunit", &[("main.c", MAIN_C), ("hash.c", HASH_C)]);
+        let p = read_program(&b.bytes).unwrap_or_else(|e| panic!("{cc}: {e}"));
+        let ptr = strip(&p, global_ty(&p, "table"));
+        let Some(Type::Pointer {
+            pointee: Some(pointee),
+        }) = p.ty(ptr)
+        else {
+            panic!("{cc}: table is not a pointer: {}", p.type_name(ptr));
+        };
+        match p.ty(*pointee) {
+            Some(Type::Struct {
+                size,
+                declaration,
+                members,
+                ..
+            }) => {
+                assert!(!declaration, "{cc}: still only declared");
+                assert_eq!(*size, 24, "{cc}");
+                let names: Vec<_> = members.iter().filter_map(|m| m.name.clone()).collect();
+                assert_eq!(names, ["n", "fn", "next"], "{cc}");
+                assert_eq!(member(&p, *pointee, "fn"), Some((8, None)), "{cc}");
+            }
+            other => panic!("{cc}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn rival_definitions_of_a_declared_struct_are_refused_naming_both_units() {
+    for cc in compilers() {
+        let b = build(
+            cc,
+            "xunit-rival",
+            &[("main.c", MAIN_C), ("hash.c", HASH_C), ("other.c", OTHER_C)],
+        );
+        let e = read_program(&b.bytes).expect_err("two definitions of struct hash");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("struct hash") && msg.contains("hash.c") && msg.contains("other.c"),
+            "{cc}: {msg}"
+        );
+    }
+}

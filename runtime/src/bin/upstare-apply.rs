@@ -58,6 +58,10 @@ struct Cli {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Refuse the update, instead of reporting it, when an untyped value
+    /// would be left pointing into the old image.
+    #[arg(long)]
+    strict: bool,
     /// The user's overrides of the default mapping (TOML): renames, values
     /// of what NEW adds, continuation mapping, frames that must not be
     /// active. Every key is checked against both versions.
@@ -85,6 +89,7 @@ fn run(cli: &Cli) -> Result<()> {
     let mut opts = ApplyOptions {
         timeout: Duration::from_millis(cli.timeout),
         dry_run: cli.dry_run,
+        strict: cli.strict,
         spec: match &cli.spec {
             Some(path) => Some((path.clone(), upstare_patcher::Spec::read(path)?)),
             None => None,
@@ -153,6 +158,17 @@ fn print_report(r: &UpdateReport) {
             r.heap_objects,
             r.bytes_written,
             r.new_load_address.unwrap_or(0)
+        );
+        let s = &r.sweep;
+        println!(
+            "  sweep: {} bytes scanned, {} untyped pointers to functions and {} to globals \
+             remapped, {} left stale, exceptions: {} COPY objects, {} read-only data",
+            s.bytes_scanned,
+            s.remapped_functions,
+            s.remapped_globals,
+            s.stale,
+            s.copy_exceptions,
+            s.readonly_exceptions
         );
     }
     for w in &r.warnings {

@@ -11,6 +11,8 @@
 //! - [`heap`]: objects reached through typed pointers, their pointers
 //!   remapped.
 //! - [`rebuild`]: every thread's stack for the new version.
+//! - [`sweep`]: all live writable memory scanned for values still pointing
+//!   into the retired image, after the typed walk.
 //!
 //! The output is a list of [`Write`]s and final registers that the update's
 //! transaction commits.
@@ -22,6 +24,7 @@ pub mod heap;
 pub mod pointers;
 pub mod rebuild;
 pub mod state;
+pub mod sweep;
 pub mod transfer;
 pub mod unwind;
 

@@ -49,6 +49,10 @@ pub struct ApplyOptions {
     pub expected_old: Option<ImageIdentity>,
     /// The version NEW must be (a PATCH's NEW).
     pub expected_new: Option<ImageIdentity>,
+    /// Refuse, instead of reporting, values left pointing into the old
+    /// image that nothing can map (and a sweep that could not scan
+    /// everything).
+    pub strict: bool,
 }
 
 impl Default for ApplyOptions {
@@ -61,6 +65,7 @@ impl Default for ApplyOptions {
             spec: None,
             expected_old: None,
             expected_new: None,
+            strict: false,
         }
     }
 }
@@ -117,6 +122,12 @@ pub enum UpdateError {
     },
     #[error("{0}")]
     Spec(#[from] upstare_patcher::SpecError),
+    #[error("process {pid}: {count} value(s) would be left pointing into the old image with no place in the new one (first: {first}); refused (--strict); nothing was changed")]
+    Stale {
+        pid: i32,
+        count: usize,
+        first: String,
+    },
 }
 
 impl From<RebuildError> for UpdateError {
@@ -164,6 +175,8 @@ pub struct UpdateReport {
     /// forbids during an update was active.
     pub safety_retries: u32,
     pub bytes_written: usize,
+    /// The sweep for untyped values pointing into the old image.
+    pub sweep: crate::engine::sweep::SweepSummary,
     pub new_load_address: Option<u64>,
     pub warnings: Vec<String>,
     pub timings: Timings,
@@ -216,6 +229,51 @@ fn writable(maps: &[MemoryMap], addr: RuntimeAddr, len: usize) -> bool {
         }
     }
     cur >= end
+}
+
+/// The warnings of a sweep: stale values by location (the first few), what
+/// was not scanned.
+fn sweep_warnings(r: &crate::engine::sweep::SweepResult) -> Vec<String> {
+    const SHOWN: usize = 8;
+    let mut out = Vec::new();
+    let stale: Vec<_> = r.stale().collect();
+    for h in stale.iter().take(SHOWN) {
+        let what = match &h.class {
+            crate::engine::sweep::Class::OtherCode { what }
+            | crate::engine::sweep::Class::OldData { what } => what.clone(),
+            crate::engine::sweep::Class::PastEnd { global } => {
+                format!("one past the end of global {global} (ambiguous)")
+            }
+            _ => String::new(),
+        };
+        out.push(format!(
+            "untyped value {:#x} at {} points into the old image ({what}); left unchanged",
+            h.value, h.location
+        ));
+    }
+    if stale.len() > SHOWN {
+        out.push(format!(
+            "{} more untyped values point into the old image; left unchanged",
+            stale.len() - SHOWN
+        ));
+    }
+    if r.bytes_not_scanned > 0 {
+        out.push(format!(
+            "the sweep for pointers into the old image stopped after {} bytes: {} bytes not scanned",
+            r.bytes_scanned, r.bytes_not_scanned
+        ));
+    }
+    if r.hits_dropped > 0 {
+        out.push(format!(
+            "{} sweep hits beyond the first {} not listed",
+            r.hits_dropped,
+            r.hits.len()
+        ));
+    }
+    for u in &r.unreadable {
+        out.push(format!("the sweep could not read {u}"));
+    }
+    out
 }
 
 /// How long the threads run between two tries when a frame the SPEC
@@ -411,6 +469,7 @@ pub fn apply_traced(
         heap_pointers_remapped: 0,
         safety_retries,
         bytes_written: 0,
+        sweep: Default::default(),
         new_load_address: None,
         warnings: Vec::new(),
         timings: Timings::default(),
@@ -469,12 +528,38 @@ pub fn apply_traced(
             &mem, th, layout, &plan, &old, new, &mut remap,
         )?);
     }
-    let writes: Vec<&Write> = globals
+    let mut writes: Vec<&Write> = globals
         .writes
         .iter()
         .chain(heap.writes.iter())
         .chain(plans.iter().flat_map(|p| p.writes.iter()))
         .collect();
+    // After the typed walk: every value still pointing into the old image.
+    let old_elf = image_file_bytes(tr.pid(), &maps, &old)?;
+    let rsps: Vec<u64> = plans.iter().map(|p| p.regs.rsp().0).collect();
+    let (swept, retired) = crate::engine::sweep::sweep_update(
+        &mem, &maps_now, &rsps, &plan, &old, new, &mut remap, &writes, &old_elf, &new_bytes,
+    );
+    let sweep_writes = swept.writes();
+    warnings.extend(sweep_warnings(&swept));
+    if opts.strict {
+        if let Some(h) = swept.stale().next() {
+            return Err(UpdateError::Stale {
+                pid,
+                count: swept.stale().count(),
+                first: format!("{:#x} at {}", h.value, h.location),
+            });
+        }
+        if swept.bytes_not_scanned > 0 {
+            return Err(UpdateError::Stale {
+                pid,
+                count: 0,
+                first: format!("{} bytes not scanned", swept.bytes_not_scanned),
+            });
+        }
+    }
+    report.sweep = crate::engine::sweep::SweepSummary::of(&swept, &retired);
+    writes.extend(sweep_writes.iter());
     for w in &writes {
         if !writable(&maps_now, w.addr, w.bytes.len()) {
             return Err(UpdateError::NotWritable {

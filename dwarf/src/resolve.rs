@@ -1,0 +1,373 @@
+//! Types only declared in one compilation unit (`struct hash;`), resolved
+//! by name to their definition in another unit of the same binary.
+//!
+//! Without this, a pointer whose pointee is only declared where the pointer
+//! lives leads nowhere: an object of a type the unit never sees is never
+//! looked into, and a callback in it keeps pointing into the retired image
+//! after an update. C allows two units to give one tag different
+//! definitions; when a declaration's name has such rival definitions, which
+//! one it means cannot be known, and reading refuses naming both units.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::model::{Type, TypeId};
+
+/// Most type pairs compared while checking that two definitions agree; a
+/// comparison that needs more is treated as a disagreement.
+const MAX_COMPARE_STEPS: usize = 1 << 16;
+
+/// Two compilation units define the tag a declaration names differently.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Conflict {
+    /// `struct` or `union`.
+    pub kind: &'static str,
+    pub name: String,
+    /// The units (their `DW_AT_name`) of the two definitions.
+    pub first: String,
+    pub second: String,
+}
+
+/// Replaces every named struct or union that is only a declaration by a
+/// copy of its definition, when the binary defines it, and all its
+/// definitions agree (same layout, member names and member types, compared
+/// structurally since each unit has its own type entries). A declaration
+/// with no definition anywhere stays a declaration (a library's opaque
+/// type). Returns how many declarations were resolved. `unit_of` names the
+/// compilation unit of a type, for the conflict message.
+pub fn resolve_declarations(
+    types: &mut [Type],
+    unit_of: &dyn Fn(TypeId) -> String,
+) -> Result<usize, Conflict> {
+    // (is a union, tag) -> definitions, in type-table order.
+    let mut defs: HashMap<(bool, &str), Vec<TypeId>> = HashMap::new();
+    let mut decls: Vec<(TypeId, bool, String)> = Vec::new();
+    for (i, t) in types.iter().enumerate() {
+        let Ok(i) = u32::try_from(i) else { break };
+        let (is_union, name, declaration) = match t {
+            Type::Struct {
+                name: Some(n),
+                declaration,
+                ..
+            } => (false, n, *declaration),
+            Type::Union {
+                name: Some(n),
+                declaration,
+                ..
+            } => (true, n, *declaration),
+            _ => continue,
+        };
+        if declaration {
+            decls.push((TypeId(i), is_union, name.clone()));
+        } else {
+            defs.entry((is_union, name.as_str()))
+                .or_default()
+                .push(TypeId(i));
+        }
+    }
+    // Per tag: the definition every declaration of it becomes.
+    let mut chosen: HashMap<(bool, String), TypeId> = HashMap::new();
+    for (_, is_union, name) in &decls {
+        let key = (*is_union, name.clone());
+        if chosen.contains_key(&key) {
+            continue;
+        }
+        let Some(cands) = defs.get(&(*is_union, name.as_str())) else {
+            continue;
+        };
+        let Some(&first) = cands.first() else {
+            continue;
+        };
+        for &other in &cands[1..] {
+            if !Comparer::new(types).equal(first, other) {
+                return Err(Conflict {
+                    kind: if *is_union { "union" } else { "struct" },
+                    name: name.clone(),
+                    first: unit_of(first),
+                    second: unit_of(other),
+                });
+            }
+        }
+        chosen.insert(key, first);
+    }
+    let mut resolved = 0;
+    for (id, is_union, name) in decls {
+        let Some(&def) = chosen.get(&(is_union, name)) else {
+            continue;
+        };
+        if let (Some(d), true) = (
+            types.get(def.0 as usize).cloned(),
+            (id.0 as usize) < types.len(),
+        ) {
+            types[id.0 as usize] = d;
+            resolved += 1;
+        }
+    }
+    Ok(resolved)
+}
+
+/// Structural equality of two types of one table (from different units).
+struct Comparer<'t> {
+    types: &'t [Type],
+    /// Aggregate pairs assumed equal while their members are compared, so
+    /// recursive types (`struct node { struct node *next; }`) end.
+    assumed: HashSet<(TypeId, TypeId)>,
+    steps: usize,
+}
+
+impl<'t> Comparer<'t> {
+    fn new(types: &'t [Type]) -> Self {
+        Comparer {
+            types,
+            assumed: HashSet::new(),
+            steps: 0,
+        }
+    }
+
+    fn opt(&mut self, a: Option<TypeId>, b: Option<TypeId>) -> bool {
+        match (a, b) {
+            (None, None) => true,
+            (Some(a), Some(b)) => self.equal(a, b),
+            _ => false,
+        }
+    }
+
+    fn equal(&mut self, a: TypeId, b: TypeId) -> bool {
+        if a == b {
+            return true;
+        }
+        self.steps += 1;
+        if self.steps > MAX_COMPARE_STEPS {
+            return false;
+        }
+        let (Some(ta), Some(tb)) = (self.types.get(a.0 as usize), self.types.get(b.0 as usize))
+        else {
+            return false;
+        };
+        match (ta, tb) {
+            (Type::Void, Type::Void) => true,
+            (Type::Base { .. }, Type::Base { .. }) => ta == tb,
+            (Type::Pointer { pointee: p }, Type::Pointer { pointee: q }) => self.opt(*p, *q),
+            (
+                Type::Struct {
+                    name: n1,
+                    size: s1,
+                    members: m1,
+                    declaration: d1,
+                },
+                Type::Struct {
+                    name: n2,
+                    size: s2,
+                    members: m2,
+                    declaration: d2,
+                },
+            )
+            | (
+                Type::Union {
+                    name: n1,
+                    size: s1,
+                    members: m1,
+                    declaration: d1,
+                },
+                Type::Union {
+                    name: n2,
+                    size: s2,
+                    members: m2,
+                    declaration: d2,
+                },
+            ) => {
+                if n1 != n2 {
+                    return false;
+                }
+                // A declaration names the same tag as any definition of it;
+                // which definition is settled where the tag is resolved.
+                if *d1 || *d2 {
+                    return n1.is_some();
+                }
+                if s1 != s2 || m1.len() != m2.len() {
+                    return false;
+                }
+                if !self.assumed.insert((a, b)) {
+                    return true;
+                }
+                let (m1, m2) = (m1.clone(), m2.clone());
+                m1.iter().zip(&m2).all(|(x, y)| {
+                    x.name == y.name
+                        && x.offset == y.offset
+                        && x.bitfield == y.bitfield
+                        && self.equal(x.ty, y.ty)
+                })
+            }
+            (
+                Type::Array {
+                    element: e1,
+                    dims: d1,
+                },
+                Type::Array {
+                    element: e2,
+                    dims: d2,
+                },
+            ) => d1 == d2 && self.equal(*e1, *e2),
+            (
+                Type::Enum {
+                    name: n1,
+                    size: s1,
+                    enumerators: v1,
+                    ..
+                },
+                Type::Enum {
+                    name: n2,
+                    size: s2,
+                    enumerators: v2,
+                    ..
+                },
+            ) => n1 == n2 && s1 == s2 && v1 == v2,
+            (
+                Type::Typedef {
+                    name: n1,
+                    target: t1,
+                },
+                Type::Typedef {
+                    name: n2,
+                    target: t2,
+                },
+            ) => n1 == n2 && self.opt(*t1, *t2),
+            (
+                Type::Qualified {
+                    qualifier: q1,
+                    target: t1,
+                },
+                Type::Qualified {
+                    qualifier: q2,
+                    target: t2,
+                },
+            ) => q1 == q2 && self.opt(*t1, *t2),
+            (
+                Type::Function {
+                    ret: r1,
+                    params: p1,
+                    varargs: v1,
+                },
+                Type::Function {
+                    ret: r2,
+                    params: p2,
+                    varargs: v2,
+                },
+            ) => {
+                if v1 != v2 || p1.len() != p2.len() || !self.opt(*r1, *r2) {
+                    return false;
+                }
+                let (p1, p2) = (p1.clone(), p2.clone());
+                p1.iter().zip(&p2).all(|(x, y)| self.equal(*x, *y))
+            }
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{BaseEncoding, Member};
+
+    fn long() -> Type {
+        Type::Base {
+            name: "long".into(),
+            size: 8,
+            encoding: BaseEncoding::Signed,
+        }
+    }
+
+    fn member(name: &str, ty: u32, offset: u64) -> Member {
+        Member {
+            name: Some(name.into()),
+            ty: TypeId(ty),
+            offset,
+            bitfield: None,
+        }
+    }
+
+    fn decl(name: &str) -> Type {
+        Type::Struct {
+            name: Some(name.into()),
+            size: 0,
+            members: vec![],
+            declaration: true,
+        }
+    }
+
+    /// Unit A: 0 long, 1 `struct hash;`, 2 `struct hash *`.
+    /// Unit B: 3 long, 4 struct hash { long n; struct hash *next; }, 5 ptr
+    /// to 4; unit C: 6 struct hash (as given), 7 ptr to 6.
+    fn table(c_second: &str) -> Vec<Type> {
+        vec![
+            long(),
+            decl("hash"),
+            Type::Pointer {
+                pointee: Some(TypeId(1)),
+            },
+            long(),
+            Type::Struct {
+                name: Some("hash".into()),
+                size: 16,
+                members: vec![member("n", 3, 0), member("next", 5, 8)],
+                declaration: false,
+            },
+            Type::Pointer {
+                pointee: Some(TypeId(4)),
+            },
+            Type::Struct {
+                name: Some("hash".into()),
+                size: 16,
+                members: vec![member("n", 0, 0), member(c_second, 7, 8)],
+                declaration: false,
+            },
+            Type::Pointer {
+                pointee: Some(TypeId(6)),
+            },
+        ]
+    }
+
+    fn unit(id: TypeId) -> String {
+        match id.0 {
+            0..=2 => "a.c".into(),
+            3..=5 => "b.c".into(),
+            _ => "c.c".into(),
+        }
+    }
+
+    #[test]
+    fn a_declaration_becomes_the_agreeing_definition() {
+        let mut t = table("next");
+        assert_eq!(resolve_declarations(&mut t, &unit), Ok(1));
+        match &t[1] {
+            Type::Struct {
+                size, declaration, ..
+            } => assert_eq!((*size, *declaration), (16, false)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn rival_definitions_are_refused_naming_both_units() {
+        let mut t = table("link");
+        let e = resolve_declarations(&mut t, &unit).expect_err("conflict");
+        assert_eq!(
+            (e.kind, e.name.as_str(), e.first.as_str(), e.second.as_str()),
+            ("struct", "hash", "b.c", "c.c")
+        );
+    }
+
+    #[test]
+    fn rival_definitions_without_a_declaration_are_fine() {
+        let mut t = table("link");
+        t[1] = long();
+        assert_eq!(resolve_declarations(&mut t, &unit), Ok(0));
+    }
+
+    #[test]
+    fn an_undefined_tag_stays_declared() {
+        let mut t = vec![decl("opaque")];
+        assert_eq!(resolve_declarations(&mut t, &unit), Ok(0));
+        assert_eq!(t[0], decl("opaque"));
+    }
+}

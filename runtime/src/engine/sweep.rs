@@ -1,0 +1,766 @@
+//! The conservative sweep for values pointing into the retired image.
+//!
+//! The typed walk (globals, frames, heap objects reached through typed
+//! pointers) only sees pointers whose type says so. A callback kept in a
+//! `void *`, a union, an integer or a block of raw bytes is invisible to
+//! it, and after an update the old image's code is no longer executable: the
+//! first call through such a value crashes, after a reported success. So
+//! after the typed walk every 8-byte aligned value of all live writable
+//! memory (data and `.bss` of every object, the heap, anonymous mappings,
+//! each thread's stack above its stack pointer, the retired image's own
+//! data) is checked, with the writes the update is about to make already
+//! applied:
+//! - the entry of a function of OLD → the same function of NEW (by the
+//!   plan's function mapping, or by ELF symbol name for code without DWARF
+//!   such as `_start`);
+//! - an address inside an OLD global → the same global and offset in NEW
+//!   (through the global's conversion);
+//! - other OLD code addresses, one past the end of a global, and writable
+//!   OLD data that is no global are reported: nothing can say where they
+//!   should go;
+//! - deliberate, counted exceptions: the objects OLD carries as COPY
+//!   relocations (`stdout`, `environ`: libc keeps using OLD's copies), and
+//!   OLD's read-only data (string literals), which stays mapped and never
+//!   changes.
+//!
+//! Values stored inside the retired image's own data are only read by old
+//! code: function entries there are remapped anyway (a stale pointer into
+//! OLD's data then still leads to NEW's code), the rest is counted, not
+//! reported.
+//!
+//! Pure computation on any [`TargetMemory`]; bounded by [`MAX_SWEEP_BYTES`].
+
+use std::collections::HashMap;
+use std::ops::Range;
+
+use serde::Serialize;
+use upstare_dwarf::{LinkAddr, RuntimeAddr};
+
+use crate::engine::pointers::Remapper;
+use crate::engine::state::Image;
+use crate::engine::Write;
+use crate::memory::TargetMemory;
+use crate::target::procfs::{MapPath, MemoryMap};
+
+/// Most bytes the sweep reads; the rest is reported as not scanned.
+pub const MAX_SWEEP_BYTES: u64 = 512 << 20;
+/// Bytes read at once.
+const CHUNK: u64 = 1 << 20;
+/// Most hits kept with their location (the others are only counted).
+const MAX_HITS_KEPT: usize = 1 << 16;
+
+/// The retired image as the sweep sees it (runtime addresses).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Retired {
+    /// Its load bias (runtime = link-time + bias).
+    pub bias: u64,
+    /// Every byte it occupies.
+    pub span: Range<u64>,
+    /// One past its last byte as its segments say (not page-rounded): the
+    /// dynamic linker records it (`l_map_end`).
+    pub end: u64,
+    /// Its code.
+    pub text: Range<u64>,
+    /// Its writable parts (data, `.bss`).
+    pub writable: Vec<Range<u64>>,
+    /// Its COPY-relocated objects: name and bytes.
+    pub copies: Vec<(String, Range<u64>)>,
+}
+
+impl Retired {
+    /// The retired image `old`, its writable parts as `maps` shows them and
+    /// its COPY relocations read from its file's bytes `elf` (none when the
+    /// file cannot be parsed: then values into them are reported, never
+    /// silently accepted).
+    pub fn new(old: &Image, maps: &[MemoryMap], elf: &[u8]) -> Retired {
+        let span = old.span.start.0..old.span.end.0;
+        Retired {
+            writable: maps
+                .iter()
+                .filter(|m| m.perms.write && span.start <= m.start.0 && m.end.0 <= span.end)
+                .map(|m| m.start.0..m.end.0)
+                .collect(),
+            copies: copy_relocations(elf)
+                .into_iter()
+                .filter_map(|(name, addr, size)| {
+                    let start = LinkAddr(addr).to_runtime(old.bias).0;
+                    Some((name, start..start.checked_add(size.max(1))?))
+                })
+                .collect(),
+            text: old.text.start.0..old.text.end.0,
+            end: segments_end(elf).map_or(span.end, |e| e.wrapping_add(old.bias.0)),
+            bias: old.bias.0,
+            span,
+        }
+    }
+
+    fn writable_at(&self, v: u64) -> bool {
+        self.writable.iter().any(|r| r.contains(&v))
+    }
+}
+
+/// One past the end of the highest `PT_LOAD` segment (link-time).
+fn segments_end(elf: &[u8]) -> Option<u64> {
+    use object::{Object, ObjectSegment};
+    let file = object::File::parse(elf).ok()?;
+    file.segments()
+        .filter_map(|s| s.address().checked_add(s.size()))
+        .max()
+}
+
+/// Functions (by symbol name) whose bytes are the same in OLD and NEW: any
+/// address in one has its twin at the same offset of the other, the same
+/// instruction (a return address into `_start` on the main stack, a stale
+/// return address left in a frame of an unchanged function). Code that
+/// changed at all is not in the list: its addresses are reported. Runtime
+/// addresses: (OLD's range, NEW's start, name).
+pub fn identical_code(
+    old: &Image,
+    new: &Image,
+    old_elf: &[u8],
+    new_elf: &[u8],
+) -> Vec<(Range<u64>, u64, String)> {
+    use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
+    let (Ok(a), Ok(b)) = (object::File::parse(old_elf), object::File::parse(new_elf)) else {
+        return Vec::new();
+    };
+    let code = |f: &object::File<'_>, s: &object::Symbol<'_, '_>| -> Option<Vec<u8>> {
+        let sec = f.section_by_index(s.section_index()?).ok()?;
+        Some(sec.data_range(s.address(), s.size()).ok()??.to_vec())
+    };
+    let news: HashMap<String, object::Symbol<'_, '_>> = b
+        .symbols()
+        .take(1 << 22)
+        .filter(|s| s.kind() == SymbolKind::Text && s.size() > 0)
+        .filter_map(|s| Some((s.name().ok()?.to_string(), s)))
+        .collect();
+    a.symbols()
+        .take(1 << 22)
+        .filter(|s| s.kind() == SymbolKind::Text && s.size() > 0)
+        .filter_map(|s| {
+            let name = s.name().ok()?;
+            let t = news.get(name)?;
+            if t.size() != s.size() || code(&a, &s)? != code(&b, t)? {
+                return None;
+            }
+            let start = old.runtime(LinkAddr(s.address())).0;
+            Some((
+                start..start.checked_add(s.size())?,
+                new.runtime(LinkAddr(t.address())).0,
+                name.to_string(),
+            ))
+        })
+        .collect()
+}
+
+/// `(symbol, link-time address, size)` of every `R_X86_64_COPY` relocation
+/// of an ELF file.
+pub fn copy_relocations(elf: &[u8]) -> Vec<(String, u64, u64)> {
+    use object::read::elf::ElfFile64;
+    use object::{Object, ObjectSymbol, ObjectSymbolTable, RelocationFlags};
+    let Ok(file) = ElfFile64::<object::Endianness>::parse(elf) else {
+        return Vec::new();
+    };
+    let Some(relocs) = file.dynamic_relocations() else {
+        return Vec::new();
+    };
+    let dynsyms = file.dynamic_symbol_table();
+    let mut out = Vec::new();
+    for (offset, r) in relocs.take(1 << 20) {
+        if r.flags()
+            != (RelocationFlags::Elf {
+                r_type: object::elf::R_X86_64_COPY,
+            })
+        {
+            continue;
+        }
+        let object::RelocationTarget::Symbol(idx) = r.target() else {
+            continue;
+        };
+        let sym = dynsyms.as_ref().and_then(|t| t.symbol_by_index(idx).ok());
+        let name = sym
+            .as_ref()
+            .and_then(|s| s.name().ok())
+            .unwrap_or("?")
+            .to_string();
+        let size = sym.map_or(8, |s| s.size());
+        out.push((name, offset, size));
+    }
+    out
+}
+
+/// Function entries of an ELF file by symbol name (link-time addresses).
+pub fn function_symbols(elf: &[u8]) -> HashMap<String, u64> {
+    use object::{Object, ObjectSymbol, SymbolKind};
+    let Ok(file) = object::File::parse(elf) else {
+        return HashMap::new();
+    };
+    file.symbols()
+        .chain(file.dynamic_symbols())
+        .take(1 << 22)
+        .filter(|s| s.kind() == SymbolKind::Text && s.is_definition() && s.address() != 0)
+        .filter_map(|s| Some((s.name().ok()?.to_string(), s.address())))
+        .collect()
+}
+
+/// What a value pointing into the retired image is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum Class {
+    /// Goes to `new` (a function entry or a place in a global).
+    Remap { new: u64, what: String },
+    /// A code address that is no function entry of NEW: reported.
+    OtherCode { what: String },
+    /// Writable OLD data with no place in NEW: reported.
+    OldData { what: String },
+    /// One past the end of a global: which object it belongs to is
+    /// ambiguous; reported.
+    PastEnd { global: String },
+    /// A COPY-relocated object libc keeps using: counted exception.
+    Copy { name: String },
+    /// OLD's read-only data (kept mapped, never written): counted
+    /// exception.
+    ReadOnly,
+    /// One past the last byte of OLD (the dynamic linker's `l_map_end`):
+    /// counted exception.
+    ImageEnd,
+}
+
+impl Class {
+    /// Whether this class is a stale value nobody can map.
+    pub fn is_stale(&self) -> bool {
+        matches!(
+            self,
+            Class::OtherCode { .. } | Class::OldData { .. } | Class::PastEnd { .. }
+        )
+    }
+}
+
+/// Says what values pointing into the retired image are, and where they go.
+pub struct Classifier<'c, 'a, 'r> {
+    retired: &'c Retired,
+    old: &'c Image,
+    /// OLD function entry (runtime) → name and NEW entry (runtime), if any.
+    entries: HashMap<u64, (String, Option<u64>)>,
+    /// Where globals go (`None`: nowhere, an audit after the update).
+    remap: Option<&'r mut Remapper<'a>>,
+    /// Code without DWARF that NEW has byte for byte ([`identical_code`]).
+    pub same_code: Vec<(Range<u64>, u64, String)>,
+}
+
+impl<'c, 'a, 'r> Classifier<'c, 'a, 'r> {
+    /// A classifier for an update: `remap` sends globals where the plan
+    /// says; `entries` maps OLD's function entries to NEW's (see
+    /// [`entry_map`]).
+    pub fn new(
+        retired: &'c Retired,
+        old: &'c Image,
+        entries: HashMap<u64, (String, Option<u64>)>,
+        remap: Option<&'r mut Remapper<'a>>,
+    ) -> Self {
+        Classifier {
+            retired,
+            old,
+            entries,
+            remap,
+            same_code: Vec::new(),
+        }
+    }
+
+    /// `None` when `v` does not point into the retired image.
+    pub fn classify(&mut self, v: u64) -> Option<Class> {
+        if !self.retired.span.contains(&v) {
+            return None;
+        }
+        let link = RuntimeAddr(v).to_link(self.old.bias);
+        if self.retired.text.contains(&v) {
+            if let Some((name, new)) = self.entries.get(&v) {
+                return Some(match new {
+                    Some(n) => Class::Remap {
+                        new: *n,
+                        what: format!("function {name}"),
+                    },
+                    None => Class::OtherCode {
+                        what: format!("entry of {name}, which NEW does not have"),
+                    },
+                });
+            }
+            if let Some((r, to, name)) = self.same_code.iter().find(|(r, _, _)| r.contains(&v)) {
+                return Some(Class::Remap {
+                    new: to.saturating_add(v - r.start),
+                    what: format!("function {name}+{:#x} (identical code)", v - r.start),
+                });
+            }
+            let what = match self.old.tables.function_at(link) {
+                Some(f) => format!("{}+{:#x}", f.name, link.0 - f.low.0),
+                None => format!("code at {link}"),
+            };
+            return Some(Class::OtherCode { what });
+        }
+        if v == self.retired.end {
+            return Some(Class::ImageEnd);
+        }
+        if let Some((name, _)) = self.retired.copies.iter().find(|(_, r)| r.contains(&v)) {
+            return Some(Class::Copy { name: name.clone() });
+        }
+        let globals = &self.old.tables.globals;
+        let inside = globals
+            .iter()
+            .filter(|g| !g.tls)
+            .find(|g| g.addr <= link && link.0 < g.addr.0.saturating_add(g.size.max(1)));
+        if let Some(g) = inside {
+            let off = link.0 - g.addr.0;
+            let new = self.remap.as_mut().map(|r| r.remap(v)).filter(|n| *n != v);
+            return Some(match new {
+                Some(new) => Class::Remap {
+                    new,
+                    what: format!("global {}+{off}", g.name),
+                },
+                None if self.retired.writable_at(v) => Class::OldData {
+                    what: format!("global {}+{off}, which has no place in NEW", g.name),
+                },
+                None => Class::ReadOnly,
+            });
+        }
+        if !self.retired.writable_at(v) {
+            return Some(Class::ReadOnly);
+        }
+        if let Some(g) = globals
+            .iter()
+            .find(|g| !g.tls && g.size > 0 && g.addr.0.checked_add(g.size) == Some(link.0))
+        {
+            return Some(Class::PastEnd {
+                global: g.name.clone(),
+            });
+        }
+        if self.retired.writable_at(v) {
+            return Some(Class::OldData {
+                what: format!("data at {link}, in no global"),
+            });
+        }
+        Some(Class::ReadOnly)
+    }
+}
+
+/// OLD's function entries (runtime) → their name and NEW's entry of the
+/// same function: by the plan's function mapping for functions with DWARF,
+/// by ELF symbol name for the others (`_start`, `frame_dummy`...).
+pub fn entry_map(
+    plan: &upstare_patcher::UpdatePlan,
+    old: &Image,
+    new: &Image,
+    old_syms: &HashMap<String, u64>,
+    new_syms: &HashMap<String, u64>,
+) -> HashMap<u64, (String, Option<u64>)> {
+    let mut out = HashMap::new();
+    for (name, addr) in old_syms {
+        let to = new_syms.get(name).map(|a| new.runtime(LinkAddr(*a)).0);
+        out.insert(old.runtime(LinkAddr(*addr)).0, (name.clone(), to));
+    }
+    for f in &old.tables.functions {
+        let to = plan
+            .function(&f.name)
+            .and_then(|m| m.new)
+            .and_then(|j| new.tables.functions.get(j))
+            .map(|nf| new.runtime(nf.low).0);
+        out.insert(old.runtime(f.low).0, (f.name.clone(), to));
+    }
+    out
+}
+
+/// One range of memory to scan.
+#[derive(Clone, Debug, Serialize)]
+pub struct Region {
+    pub range: Range<u64>,
+    /// The mapping's name (`[heap]`, a file, `anonymous`, `[stack]`).
+    pub name: String,
+    /// Inside the retired image.
+    pub retired: bool,
+}
+
+/// Every live writable range of the process: private writable mappings,
+/// each thread's stack from its stack pointer `rsps` up (the part below is
+/// dead), shared mappings left out (another process's memory too).
+pub fn regions(maps: &[MemoryMap], rsps: &[u64], retired: &Retired) -> Vec<Region> {
+    maps.iter()
+        .filter(|m| m.perms.read && m.perms.write && !m.perms.shared)
+        .map(|m| {
+            let lowest_sp = rsps
+                .iter()
+                .filter(|sp| m.start.0 <= **sp && **sp < m.end.0)
+                .min();
+            let start = lowest_sp.map_or(m.start.0, |sp| sp & !7);
+            Region {
+                range: start..m.end.0,
+                name: match &m.path {
+                    MapPath::Anonymous => "anonymous".to_string(),
+                    MapPath::Pseudo(p) => p.clone(),
+                    MapPath::File(p) => p.display().to_string(),
+                },
+                retired: retired.span.start <= m.start.0 && m.end.0 <= retired.span.end,
+            }
+        })
+        .collect()
+}
+
+/// A value found pointing into the retired image.
+#[derive(Clone, Debug, Serialize)]
+pub struct Hit {
+    /// Where it is.
+    pub addr: u64,
+    /// `mapping+offset`.
+    pub location: String,
+    pub value: u64,
+    pub class: Class,
+    /// Stored inside the retired image itself.
+    pub in_retired: bool,
+}
+
+/// What a sweep found.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SweepResult {
+    pub bytes_scanned: u64,
+    /// Bytes not scanned because of [`MAX_SWEEP_BYTES`].
+    pub bytes_not_scanned: u64,
+    /// Ranges that could not be read (`name@start`).
+    pub unreadable: Vec<String>,
+    /// Hits, with their location (at most `MAX_HITS_KEPT`).
+    pub hits: Vec<Hit>,
+    /// Hits beyond those kept.
+    pub hits_dropped: u64,
+}
+
+impl SweepResult {
+    /// Hits that are stale values stored in live memory (outside the
+    /// retired image).
+    pub fn stale(&self) -> impl Iterator<Item = &Hit> {
+        self.hits
+            .iter()
+            .filter(|h| !h.in_retired && h.class.is_stale())
+    }
+    /// Hits of the counted exceptions in live memory: (COPY objects,
+    /// read-only data, end of the image).
+    pub fn exceptions(&self) -> (usize, usize, usize) {
+        let live = self.hits.iter().filter(|h| !h.in_retired);
+        let (mut copy, mut ro, mut end) = (0, 0, 0);
+        for h in live {
+            match h.class {
+                Class::Copy { .. } => copy += 1,
+                Class::ReadOnly => ro += 1,
+                Class::ImageEnd => end += 1,
+                _ => {}
+            }
+        }
+        (copy, ro, end)
+    }
+    /// The writes that remap: function entries everywhere, globals in live
+    /// memory.
+    pub fn writes(&self) -> Vec<Write> {
+        self.hits
+            .iter()
+            .filter_map(|h| match &h.class {
+                Class::Remap { new, what } if !h.in_retired || what.starts_with("function ") => {
+                    Some(Write {
+                        addr: RuntimeAddr(h.addr),
+                        bytes: new.to_le_bytes().to_vec(),
+                        what: format!("pointer at {} to {what} of the old image", h.location),
+                    })
+                }
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// Scans `regions` of `mem` for 8-byte aligned values `classify` knows,
+/// reading the memory as it will be once `pending` (the update's other
+/// writes) are made.
+pub fn sweep(
+    mem: &impl TargetMemory,
+    regions: &[Region],
+    pending: &[&Write],
+    classify: &mut dyn FnMut(u64) -> Option<Class>,
+) -> SweepResult {
+    let mut out = SweepResult::default();
+    let mut sorted: Vec<&Write> = pending.to_vec();
+    sorted.sort_by_key(|w| w.addr.0);
+    for region in regions {
+        let mut cur = region.range.start;
+        while cur < region.range.end {
+            let len = (region.range.end - cur).min(CHUNK);
+            if out.bytes_scanned.saturating_add(len) > MAX_SWEEP_BYTES {
+                out.bytes_not_scanned =
+                    out.bytes_not_scanned.saturating_add(region.range.end - cur);
+                break;
+            }
+            let Ok(mut bytes) = mem.read_vec(RuntimeAddr(cur), len, CHUNK as usize) else {
+                out.unreadable.push(format!("{}@{cur:#x}", region.name));
+                break;
+            };
+            out.bytes_scanned += len;
+            overlay(&mut bytes, cur, &sorted);
+            let first = (8 - cur % 8) % 8;
+            let mut i = first as usize;
+            while i + 8 <= bytes.len() {
+                let mut w = [0u8; 8];
+                w.copy_from_slice(&bytes[i..i + 8]);
+                let v = u64::from_le_bytes(w);
+                if let Some(class) = classify(v) {
+                    if out.hits.len() < MAX_HITS_KEPT {
+                        let addr = cur + i as u64;
+                        out.hits.push(Hit {
+                            addr,
+                            location: format!("{}+{:#x}", region.name, addr - region.range.start),
+                            value: v,
+                            class,
+                            in_retired: region.retired,
+                        });
+                    } else {
+                        out.hits_dropped += 1;
+                    }
+                }
+                i += 8;
+            }
+            cur += len;
+        }
+    }
+    out
+}
+
+/// Applies the writes of `sorted` (by address) that overlap `bytes` read at
+/// `base`.
+fn overlay(bytes: &mut [u8], base: u64, sorted: &[&Write]) {
+    let end = base.saturating_add(bytes.len() as u64);
+    // Writes are at most a value long: start a little before `base`.
+    let from = sorted.partition_point(|w| w.addr.0.saturating_add(w.bytes.len() as u64) <= base);
+    for w in &sorted[from..] {
+        if w.addr.0 >= end {
+            break;
+        }
+        for (k, b) in w.bytes.iter().enumerate() {
+            let a = w.addr.0.saturating_add(k as u64);
+            if base <= a && a < end {
+                bytes[(a - base) as usize] = *b;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::ByteBuffer;
+
+    fn image(base: u64) -> Image {
+        Image {
+            path: "/old".into(),
+            bias: upstare_dwarf::LoadBias(base),
+            tables: upstare_dwarf::fdt::FrameTables::default(),
+            text: RuntimeAddr(base + 0x1000)..RuntimeAddr(base + 0x2000),
+            span: RuntimeAddr(base)..RuntimeAddr(base + 0x4000),
+        }
+    }
+
+    #[test]
+    fn values_into_the_retired_image_are_found_classified_and_remapped() {
+        let old = image(0x10000);
+        let retired = Retired {
+            bias: 0x10000,
+            span: 0x10000..0x14000,
+            end: 0x13ff0,
+            text: 0x11000..0x12000,
+            writable: std::iter::once(0x13000..0x14000).collect(),
+            copies: vec![("stdout".into(), 0x13f00..0x13f08)],
+        };
+        let mut entries = HashMap::new();
+        entries.insert(0x11100u64, ("cb".to_string(), Some(0x91100u64)));
+        let mut c = Classifier::new(&retired, &old, entries, None);
+        // A heap block: an entry, a mid-function address, a COPY object,
+        // a string literal, writable data of no global, a heap pointer,
+        // and (unaligned) an entry that must not be seen.
+        let heap = 0x50000u64;
+        let vals = [0x11100u64, 0x11104, 0x13f00, 0x10800, 0x13010, 0x50008];
+        let mut bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        bytes.extend_from_slice(&[0u8; 4]);
+        bytes.extend_from_slice(&0x11100u64.to_le_bytes());
+        bytes.extend_from_slice(&[0u8; 4]);
+        let mem = ByteBuffer::with_region(RuntimeAddr(heap), bytes).expect("heap");
+        let regions = [Region {
+            range: heap..heap + 64,
+            name: "[heap]".into(),
+            retired: false,
+        }];
+        // A pending write turns the sixth slot into an entry too.
+        let w = Write {
+            addr: RuntimeAddr(heap + 40),
+            bytes: 0x11100u64.to_le_bytes().to_vec(),
+            what: "x".into(),
+        };
+        let r = sweep(&mem, &regions, &[&w], &mut |v| c.classify(v));
+        let got: Vec<(u64, &str)> = r
+            .hits
+            .iter()
+            .map(|h| {
+                (
+                    h.addr - heap,
+                    match &h.class {
+                        Class::Remap { .. } => "remap",
+                        Class::OtherCode { .. } => "code",
+                        Class::Copy { .. } => "copy",
+                        Class::ReadOnly => "ro",
+                        Class::OldData { .. } => "data",
+                        Class::PastEnd { .. } => "end",
+                        Class::ImageEnd => "image end",
+                    },
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (0, "remap"),
+                (8, "code"),
+                (16, "copy"),
+                (24, "ro"),
+                (32, "data"),
+                (40, "remap")
+            ]
+        );
+        assert_eq!(r.stale().count(), 2);
+        assert_eq!(r.exceptions(), (1, 1, 0));
+        let writes = r.writes();
+        assert_eq!(writes.len(), 2);
+        assert_eq!(writes[0].bytes, 0x91100u64.to_le_bytes().to_vec());
+        assert_eq!(r.bytes_scanned, 64);
+    }
+
+    #[test]
+    fn stacks_are_scanned_from_their_stack_pointer() {
+        use crate::target::procfs::Perms;
+        let m = MemoryMap {
+            start: RuntimeAddr(0x7000),
+            end: RuntimeAddr(0x9000),
+            perms: Perms {
+                read: true,
+                write: true,
+                exec: false,
+                shared: false,
+            },
+            offset: upstare_dwarf::FileOffset(0),
+            dev_major: 0,
+            dev_minor: 0,
+            inode: 0,
+            path: MapPath::Pseudo("[stack]".into()),
+            deleted: false,
+        };
+        let r = regions(&[m], &[0x8123], &Retired::default());
+        assert_eq!(r[0].range, 0x8120..0x9000);
+    }
+}
+
+/// Counts of one update's sweep, for the report.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SweepSummary {
+    pub bytes_scanned: u64,
+    /// Not scanned (over [`MAX_SWEEP_BYTES`]); the update says so.
+    pub bytes_not_scanned: u64,
+    /// Untyped values remapped to a function of NEW.
+    pub remapped_functions: usize,
+    /// Untyped values remapped to a global of NEW.
+    pub remapped_globals: usize,
+    /// Stale values left (reported by location; `--strict` refuses).
+    pub stale: usize,
+    /// Deliberate exceptions: values into OLD's COPY-relocated objects.
+    pub copy_exceptions: usize,
+    /// Deliberate exceptions: values into OLD's read-only data.
+    pub readonly_exceptions: usize,
+    /// Deliberate exceptions: the end of the old image (`l_map_end`).
+    pub image_end_exceptions: usize,
+    /// Values stored inside the retired image's own data (only old code
+    /// reads them).
+    pub inside_retired: usize,
+    /// The retired image, for an audit sweep after the update.
+    pub retired: Retired,
+}
+
+impl SweepSummary {
+    /// The counts of `r`.
+    pub fn of(r: &SweepResult, retired: &Retired) -> SweepSummary {
+        let live = || r.hits.iter().filter(|h| !h.in_retired);
+        let (copy_exceptions, readonly_exceptions, image_end_exceptions) = r.exceptions();
+        SweepSummary {
+            bytes_scanned: r.bytes_scanned,
+            bytes_not_scanned: r.bytes_not_scanned,
+            remapped_functions: r
+                .hits
+                .iter()
+                .filter(|h| matches!(&h.class, Class::Remap { what, .. } if what.starts_with("function ")))
+                .count(),
+            remapped_globals: live()
+                .filter(|h| matches!(&h.class, Class::Remap { what, .. } if what.starts_with("global ")))
+                .count(),
+            stale: r.stale().count(),
+            copy_exceptions,
+            readonly_exceptions,
+            image_end_exceptions,
+            inside_retired: r.hits.iter().filter(|h| h.in_retired).count(),
+            retired: retired.clone(),
+        }
+    }
+}
+
+/// The sweep of one update: everything the process will hold once `pending`
+/// is written, with `rsps` the threads' new stack pointers. `old_elf` and
+/// `new_elf` are the two files' bytes (for symbols without DWARF and for
+/// OLD's COPY relocations).
+#[allow(clippy::too_many_arguments)]
+pub fn sweep_update<'a>(
+    mem: &impl TargetMemory,
+    maps: &[MemoryMap],
+    rsps: &[u64],
+    plan: &upstare_patcher::UpdatePlan,
+    old: &'a Image,
+    new: &Image,
+    remap: &mut Remapper<'a>,
+    pending: &[&Write],
+    old_elf: &[u8],
+    new_elf: &[u8],
+) -> (SweepResult, Retired) {
+    let retired = Retired::new(old, maps, old_elf);
+    let entries = entry_map(
+        plan,
+        old,
+        new,
+        &function_symbols(old_elf),
+        &function_symbols(new_elf),
+    );
+    let regions = regions(maps, rsps, &retired);
+    let r = {
+        let mut c = Classifier::new(&retired, old, entries, Some(remap));
+        c.same_code = identical_code(old, new, old_elf, new_elf);
+        sweep(mem, &regions, pending, &mut |v| c.classify(v))
+    };
+    (r, retired)
+}
+
+/// The audit sweep of a process after an update: every value of live
+/// memory still pointing into `retired` (whose tables are `old`'s), with no
+/// remapping; `rsps` are the threads' stack pointers.
+pub fn audit(
+    mem: &impl TargetMemory,
+    maps: &[MemoryMap],
+    rsps: &[u64],
+    old: &Image,
+    retired: &Retired,
+) -> SweepResult {
+    // Entries are known (so they are named) but go nowhere: any left is
+    // stale.
+    let entries = old
+        .tables
+        .functions
+        .iter()
+        .map(|f| (old.runtime(f.low).0, (f.name.clone(), None)))
+        .collect();
+    let regions = regions(maps, rsps, retired);
+    let mut c = Classifier::new(retired, old, entries, None);
+    sweep(mem, &regions, &[], &mut |v| c.classify(v))
+}
