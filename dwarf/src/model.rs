@@ -114,6 +114,9 @@ pub struct Global {
     pub size: u64,
     /// Function that declares this static local.
     pub owner: Option<String>,
+    /// The compilation unit that defines it (its `DW_AT_name`): two
+    /// file-scope statics of one name in two files are two globals.
+    pub unit: String,
     pub external: bool,
     /// Thread-local: `addr` is the offset inside the module's TLS block.
     pub tls: bool,

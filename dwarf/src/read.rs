@@ -1340,6 +1340,7 @@ impl<'d, 'a> Reader<'d, 'a> {
             addr: LinkAddr(addr),
             size: type_size(&self.types, ty).unwrap_or(0),
             owner: None,
+            unit: self.unit_name(ui),
             external,
             tls,
         }))
@@ -1461,6 +1462,15 @@ impl<'d, 'a> Reader<'d, 'a> {
         Ok((f, statics))
     }
 
+    /// The name of unit `ui` (`DW_AT_name`: the main source file).
+    fn unit_name(&self, ui: usize) -> String {
+        self.units
+            .get(ui)
+            .and_then(|u| u.unit.name)
+            .map(lossy)
+            .unwrap_or_default()
+    }
+
     fn variable(
         &self,
         ui: usize,
@@ -1522,6 +1532,7 @@ impl<'d, 'a> Reader<'d, 'a> {
             addr: LinkAddr(addr),
             size: type_size(&self.types, ty).unwrap_or(0),
             owner: Some(fname.to_string()),
+            unit: self.unit_name(ui),
             external: false,
             tls,
         });

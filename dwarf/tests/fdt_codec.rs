@@ -118,6 +118,7 @@ fn sample() -> FrameTables {
             addr: LinkAddr(0x4010),
             size: 4,
             owner: None,
+            unit: "t.c".into(),
             external: true,
             tls: false,
         }],

@@ -475,19 +475,44 @@ fn plan_globals(
     new: &FrameTables,
     spec: &Spec,
 ) -> (Vec<GlobalMapping>, Vec<usize>, Vec<String>) {
-    let by_key: HashMap<String, usize> = new
-        .globals
-        .iter()
-        .enumerate()
-        .map(|(i, g)| (global_key(g), i))
-        .collect();
+    // Candidates by name (and owning function), with the unit that defines
+    // them: a static of one name in two files is two globals.
+    let mut by_key: HashMap<String, Vec<usize>> = HashMap::new();
+    for (j, g) in new.globals.iter().enumerate() {
+        by_key.entry(global_key(g)).or_default().push(j);
+    }
+    let mut old_count: HashMap<String, usize> = HashMap::new();
+    for g in &old.globals {
+        *old_count.entry(global_key(g)).or_default() += 1;
+    }
     let mut warnings = Vec::new();
     let mut mappings = Vec::with_capacity(old.globals.len());
     for (i, g) in old.globals.iter().enumerate() {
         let label = global_label(g);
-        let found = by_key
-            .get(&spec.new_global_key(&global_key(g)))
-            .and_then(|&j| Some((j, new.globals.get(j)?)));
+        let key = spec.new_global_key(&global_key(g));
+        let candidates = by_key.get(&key).map(Vec::as_slice).unwrap_or(&[]);
+        let pick = |j: &usize| new.globals.get(*j).map(|n| (*j, n));
+        // Same unit first (file-scope statics and static locals); an
+        // external symbol, or a name defined once on each side, needs no
+        // unit (files may be renamed between versions).
+        let found = candidates
+            .iter()
+            .filter_map(pick)
+            .find(|(_, n)| n.unit == g.unit)
+            .or_else(|| {
+                let unique = candidates.len() == 1 && old_count.get(&global_key(g)) == Some(&1);
+                if g.external || unique {
+                    candidates.iter().filter_map(pick).next()
+                } else {
+                    None
+                }
+            });
+        if found.is_none() && !candidates.is_empty() {
+            warnings.push(format!(
+                "{label} (in {}) is defined in several files of the new version, none of them {}; not carried over",
+                g.unit, g.unit
+            ));
+        }
         let given = found.is_some_and(|(_, n)| spec.values.globals.contains_key(&global_key(n)));
         let action = match found {
             // The SPEC gives NEW's value (written from `new_global_values`).

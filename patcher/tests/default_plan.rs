@@ -231,3 +231,67 @@ fn the_plan_is_plain_data_that_round_trips() {
     let back: UpdatePlan = serde_json::from_str(&text).expect("deserialize");
     assert_eq!(back, p);
 }
+
+/// Two files each with a `static long count` (and a static local `calls`
+/// in a function of the same name in each): each pairs with the one of its
+/// own file, never the other's.
+#[test]
+fn statics_of_one_name_in_several_files_pair_by_file() {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("patcher-units");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let write = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).expect("write source");
+        p
+    };
+    let file = |tag: &str, extra: &str| {
+        format!(
+            "static long count = 1;\n{extra}static long bump(void) {{ static long calls; calls++; return ++count + calls; }}\nlong {tag}_tick(void) {{ return bump(); }}\n"
+        )
+    };
+    let main_c = write(
+        "main.c",
+        "long a_tick(void);\nlong b_tick(void);\nint main(void) { return (int)(a_tick() + b_tick()); }\n",
+    );
+    let tables_of = |version: &str, b_extra: &str| {
+        let a = write(&format!("a_{version}.c"), &file("a", ""));
+        // Same file names in both versions: a.c and b.c.
+        let a_named = dir.join("a.c");
+        std::fs::copy(&a, &a_named).expect("copy");
+        let b_named = write("b.c", &file("b", b_extra));
+        let exe = dir.join(format!("units.{version}"));
+        upstare_testkit::compile_files(
+            Toolchain::Gcc,
+            &[&main_c, &a_named, &b_named],
+            &[],
+            &[],
+            &exe,
+        )
+        .expect("compile");
+        let up = upstare_testkit::instrument(&exe, &dir.join(format!("units.{version}.up")));
+        upstare_dwarf::read_tables(&std::fs::read(up).expect("read")).expect("tables")
+    };
+    let old = tables_of("v1", "");
+    // v2: b.c's statics move (a new global before them), a.c's do not.
+    let new = tables_of(
+        "v2",
+        "static long pad[4] = {9, 9, 9, 9};\nlong *keep = pad;\n",
+    );
+    let p = default_plan(&old, &new);
+    for (i, g) in old.globals.iter().enumerate() {
+        if g.name != "count" && g.name != "calls" {
+            continue;
+        }
+        let m = p.global(i).expect("mapping");
+        let n = &new.globals[m
+            .new
+            .unwrap_or_else(|| panic!("{} of {} unmapped", g.name, g.unit))];
+        assert_eq!(
+            (&n.name, &n.unit, &n.owner),
+            (&g.name, &g.unit, &g.owner),
+            "paired across files"
+        );
+    }
+    let counts = old.globals.iter().filter(|g| g.name == "count").count();
+    assert_eq!(counts, 2, "one count per file");
+}

@@ -278,6 +278,7 @@ mod tests {
                 addr: LinkAddr(global_at),
                 size: 8,
                 owner: None,
+                unit: "t.c".into(),
                 external: true,
                 tls: false,
             }],
