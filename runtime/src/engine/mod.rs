@@ -11,6 +11,7 @@
 //! - [`heap`]: objects reached through typed pointers, their pointers
 //!   remapped.
 //! - [`rebuild`]: every thread's stack for the new version.
+//! - [`transform`]: the calls of the SPEC's C transformers, as data.
 //!
 //! The output is a list of [`Write`]s and final registers that the update's
 //! transaction commits.
@@ -23,6 +24,7 @@ pub mod pointers;
 pub mod rebuild;
 pub mod state;
 pub mod transfer;
+pub mod transform;
 pub mod unwind;
 
 /// A pending write of the commit stage.

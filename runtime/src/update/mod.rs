@@ -25,7 +25,10 @@ use crate::stop::{self, StopError, StopOptions};
 use crate::target::procfs::{self, MemoryMap, ProcError};
 use crate::target::ptrace::{PtraceError, Tracee};
 use nix::unistd::Pid;
+use crate::engine::transform::{self, TransformPlanError};
+use crate::load::transformer::{run_transformers, TransformerError};
 use transaction::{CommitError, PreparedState};
+use upstare_patcher::transformer::{BuildError, TransformerObject};
 use upstare_patcher::{ImageIdentity, Spec, UpdatePlan};
 
 /// How to run an update.
@@ -49,6 +52,9 @@ pub struct ApplyOptions {
     pub expected_old: Option<ImageIdentity>,
     /// The version NEW must be (a PATCH's NEW).
     pub expected_new: Option<ImageIdentity>,
+    /// The compiled C transformers the plan calls (a PATCH's); when the
+    /// plan is made here from `spec`, they are built from it.
+    pub transformers: Option<TransformerObject>,
 }
 
 impl Default for ApplyOptions {
@@ -61,6 +67,7 @@ impl Default for ApplyOptions {
             spec: None,
             expected_old: None,
             expected_new: None,
+            transformers: None,
         }
     }
 }
@@ -115,6 +122,12 @@ pub enum UpdateError {
     },
     #[error("{0}")]
     Spec(#[from] upstare_patcher::SpecError),
+    #[error("{0}")]
+    Build(#[from] BuildError),
+    #[error("{0}")]
+    TransformPlan(#[from] TransformPlanError),
+    #[error("{0}")]
+    Transformer(#[from] TransformerError),
 }
 
 impl From<RebuildError> for UpdateError {
@@ -131,6 +144,8 @@ pub struct Timings {
     pub load_us: u64,
     pub transfer_us: u64,
     pub rebuild_us: u64,
+    /// Loading, running and unloading the C transformers.
+    pub transform_us: u64,
     pub resume_us: u64,
     pub total_us: u64,
 }
@@ -160,6 +175,8 @@ pub struct UpdateReport {
     pub heap_pointers_remapped: usize,
     pub bytes_written: usize,
     pub new_load_address: Option<u64>,
+    /// Each C transformer call: `xf_session on global acct`.
+    pub transformed: Vec<String>,
     pub warnings: Vec<String>,
     pub timings: Timings,
 }
@@ -327,12 +344,23 @@ pub fn apply_traced(
     }
     // What maps to what is decided from the two tables alone, before the
     // process is paused.
+    let mut object = opts.transformers.clone();
     let plan: UpdatePlan = match &opts.plan {
         Some(plan) => plan.clone(),
         None => {
             let mut plan = match &opts.spec {
                 Some((path, spec)) => {
                     spec.check(path, &old.tables, &new_tables)?;
+                    // The C transformers are compiled now, before the
+                    // process is paused.
+                    if object.is_none() {
+                        object = upstare_patcher::transformer::build(
+                            path,
+                            spec,
+                            &old.tables,
+                            &new_tables,
+                        )?;
+                    }
                     upstare_patcher::plan_with_spec(&old.tables, &new_tables, spec)
                 }
                 None => upstare_patcher::default_plan(&old.tables, &new_tables),
@@ -347,6 +375,10 @@ pub fn apply_traced(
             plan
         }
     };
+    let transforms = !plan.transformers.is_empty();
+    if transforms && object.is_none() {
+        return Err(TransformerError::NoObject.into());
+    }
     let mut libs = Libraries::new(tracee.pid(), &maps);
 
     // Phase 2: stop every thread at an update point or in a safe call.
@@ -403,10 +435,13 @@ pub fn apply_traced(
         heap_pointers_remapped: 0,
         bytes_written: 0,
         new_load_address: None,
+        transformed: Vec::new(),
         warnings: Vec::new(),
         timings: Timings::default(),
     };
-    if opts.dry_run {
+    // With C transformers a dry run goes on: it loads NEW and runs them on
+    // copies, then unloads everything before the commit.
+    if opts.dry_run && !transforms {
         // Also what loading would refuse (libraries, imports).
         load::check_loadable(tracee.pid(), new_path, &new_bytes)?;
         report.warnings = warnings;
@@ -459,12 +494,24 @@ pub fn apply_traced(
             &mem, th, layout, &plan, &old, new, &mut remap,
         )?);
     }
-    let writes: Vec<&Write> = globals
+    let mut writes: Vec<Write> = globals
         .writes
         .iter()
         .chain(heap.writes.iter())
         .chain(plans.iter().flat_map(|p| p.writes.iter()))
+        .cloned()
         .collect();
+    timings.rebuild_us = us(t.elapsed());
+    // The C transformers, after the default conversion: each reads the
+    // value computed so far and its result replaces it in the writes.
+    let t = Instant::now();
+    if let (true, Some(object)) = (transforms, &object) {
+        let jobs = transform::jobs(&mem, &plan, &old, new, &threads, &layouts, &writes)?;
+        let run = run_transformers(tr, tid, &old, object, &jobs, &mut writes, opts.timeout)?;
+        report.transformed = run.calls;
+    }
+    timings.transform_us = us(t.elapsed());
+    let t = Instant::now();
     for w in &writes {
         if !writable(&maps_now, w.addr, w.bytes.len()) {
             return Err(UpdateError::NotWritable {
@@ -484,10 +531,17 @@ pub fn apply_traced(
         warnings.extend(p.warnings.iter().cloned());
     }
     warnings.extend(heap.warnings.iter().cloned());
-    timings.rebuild_us = us(t.elapsed());
+    timings.rebuild_us += us(t.elapsed());
 
+    if opts.dry_run {
+        // Nothing committed: the guard unloads NEW.
+        report.warnings = warnings;
+        timings.total_us = us(start.elapsed());
+        report.timings = timings;
+        return Ok(report);
+    }
     let prepared = PreparedState {
-        writes: writes.into_iter().cloned().collect(),
+        writes,
         regs: plans.iter().map(|p| (p.tid, p.regs)).collect(),
     };
     let globals_copied = globals.copied;
