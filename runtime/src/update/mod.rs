@@ -23,7 +23,7 @@ use crate::load::libraries::Libraries;
 use crate::load::{self, LoadError, LoadOptions};
 use crate::stop::{self, StopError, StopOptions};
 use crate::target::procfs::{self, MemoryMap, ProcError};
-use crate::target::ptrace::{PtraceError, Tracee};
+use crate::target::ptrace::{PtraceError, Stop, Tracee};
 use nix::unistd::Pid;
 use crate::engine::transform::{self, TransformPlanError};
 use crate::load::transformer::{run_transformers, TransformerError};
@@ -247,6 +247,21 @@ fn forbidden_frame(threads: &[ThreadState], plan: &UpdatePlan) -> Option<String>
     })
 }
 
+/// Stops every running thread again (as seizing does), keeping a signal
+/// one reports instead for its next resume.
+fn pause_all(tracee: &mut Tracee) -> Result<(), PtraceError> {
+    let tids = tracee.traced();
+    for &tid in &tids {
+        tracee.interrupt(tid)?;
+    }
+    for &tid in &tids {
+        if let Stop::Signal { sig, .. } = tracee.wait_stop(tid, Duration::from_secs(5))? {
+            tracee.set_pending_signal(tid, Some(sig))?;
+        }
+    }
+    Ok(())
+}
+
 fn thread_report(t: &ThreadState) -> ThreadReport {
     ThreadReport {
         tid: t.tid,
@@ -414,6 +429,8 @@ pub fn apply_traced(
             tracee.cont(tid, sig)?;
         }
         std::thread::sleep(SAFETY_RETRY);
+        // Stopping the world starts from stopped threads.
+        pause_all(tracee)?;
     };
     timings.stop_us = us(t.elapsed());
 
