@@ -40,11 +40,11 @@
 //! main = "xf_main_frame"            # every active frame of main
 //! ```
 
+use crate::transformer::Transformers;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use upstare_dwarf::fdt::{Continuation, FrameTables};
-use crate::transformer::Transformers;
 use upstare_dwarf::model::{type_name, type_size, ArrayDim, BaseEncoding, Type, TypeId};
 
 /// Largest SPEC file read.

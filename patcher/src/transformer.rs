@@ -50,7 +50,10 @@ const MAX_DEPTH: u32 = 32;
 
 /// `[transformers]` of a SPEC, sorted by kind.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(try_from = "BTreeMap<String, RawEntry>", into = "BTreeMap<String, RawEntry>")]
+#[serde(
+    try_from = "BTreeMap<String, RawEntry>",
+    into = "BTreeMap<String, RawEntry>"
+)]
 pub struct Transformers {
     /// The C file, relative to the SPEC file.
     pub source: Option<String>,
@@ -106,7 +109,11 @@ impl From<Transformers> for BTreeMap<String, RawEntry> {
         if let Some(s) = t.source {
             m.insert("source".into(), RawEntry::Name(s));
         }
-        for (k, v) in [("globals", t.globals), ("types", t.types), ("frames", t.frames)] {
+        for (k, v) in [
+            ("globals", t.globals),
+            ("types", t.types),
+            ("frames", t.frames),
+        ] {
             if !v.is_empty() {
                 m.insert(k.into(), RawEntry::Table(v));
             }
@@ -161,11 +168,7 @@ impl Transformers {
                 "missing: name the C file of the transformers".into(),
             ));
         }
-        let all = self
-            .types
-            .iter()
-            .chain(&self.globals)
-            .chain(&self.frames);
+        let all = self.types.iter().chain(&self.globals).chain(&self.frames);
         for (k, f) in all {
             if !is_c_identifier(f) {
                 return Err(bad(k, format!("\"{f}\" is not a C function name")));
@@ -399,10 +402,7 @@ impl Sites<'_> {
                     self.walk(*oe, *ne, a, b, format!("{what}[{i}]"), depth + 1);
                 }
             }
-            (
-                Some(Type::Struct { members: om, .. }),
-                Some(Type::Struct { members: nm, .. }),
-            ) => {
+            (Some(Type::Struct { members: om, .. }), Some(Type::Struct { members: nm, .. })) => {
                 let label = on.unwrap_or_default();
                 for m in nm {
                     let Some(mn) = &m.name else { continue };
@@ -416,8 +416,7 @@ impl Sites<'_> {
                     if src.bitfield.is_some() || m.bitfield.is_some() {
                         continue;
                     }
-                    let (Some(a), Some(b)) =
-                        (oo.checked_add(src.offset), no.checked_add(m.offset))
+                    let (Some(a), Some(b)) = (oo.checked_add(src.offset), no.checked_add(m.offset))
                     else {
                         return;
                     };
@@ -498,10 +497,9 @@ pub fn plan_transformers(plan: &mut UpdatePlan, old: &FrameTables, new: &FrameTa
         }
         let mut calls = type_calls(spec, old, new, og.ty, ng.ty, &ng.name);
         if let Some(f) = own {
-            if let (Some(os), Some(ns)) = (
-                type_size(&old.types, og.ty),
-                type_size(&new.types, ng.ty),
-            ) {
+            if let (Some(os), Some(ns)) =
+                (type_size(&old.types, og.ty), type_size(&new.types, ng.ty))
+            {
                 calls.push(ValueCall {
                     function: f.clone(),
                     old_offset: 0,
@@ -661,10 +659,7 @@ impl Scratch {
         // nobody else's directory is ever used.
         let mut last = None;
         for k in 0..16u32 {
-            let dir = base.join(format!(
-                "upstare-xform-{}-{nanos}-{k}",
-                std::process::id()
-            ));
+            let dir = base.join(format!("upstare-xform-{}-{nanos}-{k}", std::process::id()));
             match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
                 Ok(()) => return Ok(Scratch(dir)),
                 Err(e) => last = Some(e),
@@ -768,7 +763,8 @@ pub fn build(
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         // Name the user's file, not the private copy.
-        let line = first_error(&stderr).replace(&c.display().to_string(), &src.display().to_string());
+        let line =
+            first_error(&stderr).replace(&c.display().to_string(), &src.display().to_string());
         return Err(BuildError::Compile {
             path: src,
             first_error: line,
@@ -822,7 +818,10 @@ mod tests {
         let s = Spec::parse(Path::new("S.toml"), text).expect("parses");
         let t = &s.transformers;
         assert_eq!(t.source.as_deref(), Some("t.c"));
-        assert_eq!(t.types.get("struct session").map(String::as_str), Some("xf_s"));
+        assert_eq!(
+            t.types.get("struct session").map(String::as_str),
+            Some("xf_s")
+        );
         assert_eq!(t.globals.get("counter").map(String::as_str), Some("xf_c"));
         assert_eq!(t.globals.get("f::x").map(String::as_str), Some("xf_x"));
         assert_eq!(t.frames.get("main").map(String::as_str), Some("xf_main"));

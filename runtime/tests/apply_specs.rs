@@ -23,12 +23,11 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(30);
 /// The instrumented pair and its SPEC.toml.
 fn pair(name: &str, tc: Toolchain) -> (PathBuf, PathBuf, PathBuf) {
     let p = version_pair(name).unwrap_or_else(|| panic!("no pair {name}"));
-    let spec = p
-        .v1
-        .source
-        .parent()
-        .map(|d| d.join("SPEC.toml"))
-        .expect("source dir");
+    let spec =
+        p.v1.source
+            .parent()
+            .map(|d| d.join("SPEC.toml"))
+            .expect("source dir");
     (instrumented(&p.v1, tc), instrumented(&p.v2, tc), spec)
 }
 
@@ -189,7 +188,9 @@ fn sweep(name: &str, tc: Toolchain, check: Check) {
             ..ApplyOptions::default()
         };
         let r = run.apply(&v2, &opts);
-        let out = run.finish(RUN_TIMEOUT).unwrap_or_else(|e| panic!("hit {k}: {e}"));
+        let out = run
+            .finish(RUN_TIMEOUT)
+            .unwrap_or_else(|e| panic!("hit {k}: {e}"));
         match r {
             Ok(_) => {
                 if out.status != ExitStatus::Code(0) {
@@ -205,7 +206,11 @@ fn sweep(name: &str, tc: Toolchain, check: Check) {
         }
     }
     println!("{name} [{tc}]: {hits}/{hits} hits updated with the SPEC");
-    assert!(failures.is_empty(), "{name} [{tc}]:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{name} [{tc}]:\n{}",
+        failures.join("\n")
+    );
 }
 
 /// The SPEC the pair's header shows is the file beside it.

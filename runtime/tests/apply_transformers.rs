@@ -44,13 +44,7 @@ fn line(v: u32, t: i64) -> String {
         return format!("v{v} done t={TICKS}");
     }
     let n = t + 1;
-    let base = format!(
-        "v{v} t={t} acct={}/{} mine={}/{}",
-        10 * n,
-        3 * n,
-        5 * n,
-        n
-    );
+    let base = format!("v{v} t={t} acct={}/{} mine={}/{}", 10 * n, 3 * n, 5 * n, n);
     match v {
         1 => base,
         // balance = deposits - withdrawals, kept by v2 and computed at the
@@ -90,9 +84,8 @@ fn check_lines(stdout: &str) -> Result<u32, String> {
 /// The SPEC at `path` and its transformers built for `v1` → `v2`.
 fn spec_and_object(path: &Path, v1: &Path, v2: &Path) -> (Spec, TransformerObject) {
     let spec = Spec::read(path).unwrap_or_else(|e| panic!("{e}"));
-    let tables = |p: &Path| {
-        upstare_dwarf::read_tables(&std::fs::read(p).expect("read")).expect("tables")
-    };
+    let tables =
+        |p: &Path| upstare_dwarf::read_tables(&std::fs::read(p).expect("read")).expect("tables");
     let (old, new) = (tables(v1), tables(v2));
     spec.check(path, &old, &new)
         .unwrap_or_else(|e| panic!("{e}"));
@@ -131,13 +124,20 @@ fn sweep(tc: Toolchain, spec_name: &str, points: u64) {
     assert!(!more && hits > TICKS as u64, "{hits} hits");
     for (n, exe) in [(1, &v1), (2, &v2)] {
         let out = baseline(exe, &[TICKS_ARG]);
-        assert_eq!(check_lines(&out.stdout), Ok(n), "fresh v{n}:\n{}", out.stdout);
+        assert_eq!(
+            check_lines(&out.stdout),
+            Ok(n),
+            "fresh v{n}:\n{}",
+            out.stdout
+        );
     }
     let mut failures = Vec::new();
     for k in spread(hits, points) {
         let mut run = TracedRun::spawn(&v1, &[TICKS_ARG]);
         let r = run.apply(&v2, &options(&path, &spec, &object, k));
-        let out = run.finish(RUN_TIMEOUT).unwrap_or_else(|e| panic!("hit {k}: {e}"));
+        let out = run
+            .finish(RUN_TIMEOUT)
+            .unwrap_or_else(|e| panic!("hit {k}: {e}"));
         match r {
             Ok(r) => {
                 if r.transformed.is_empty() {
@@ -332,8 +332,12 @@ fn a_dry_run_runs_the_transformers_and_changes_nothing() {
     let r: UpdateReport = run.apply(&v2, &opts).unwrap_or_else(|e| panic!("{e}"));
     assert!(r.dry_run);
     assert!(
-        r.transformed.iter().any(|c| c.starts_with("xf_acct on global acct"))
-            && r.transformed.iter().any(|c| c.starts_with("xf_main on thread")),
+        r.transformed
+            .iter()
+            .any(|c| c.starts_with("xf_acct on global acct"))
+            && r.transformed
+                .iter()
+                .any(|c| c.starts_with("xf_main on thread")),
         "{:?}",
         r.transformed
     );
@@ -345,9 +349,8 @@ fn a_dry_run_runs_the_transformers_and_changes_nothing() {
 fn a_patch_carries_the_transformers_and_the_object_is_unmapped_after() {
     let (v1, v2) = pair(Toolchain::Gcc);
     let path = pair_dir().join("SPEC.toml");
-    let (patch, _) =
-        upstare_patcher::patchfile::make_patch_with_spec(&v1, &v2, Some(&path))
-            .unwrap_or_else(|e| panic!("{e}"));
+    let (patch, _) = upstare_patcher::patchfile::make_patch_with_spec(&v1, &v2, Some(&path))
+        .unwrap_or_else(|e| panic!("{e}"));
     assert!(patch.is_complete(), "{:?}", patch.needs_user);
     let dir = TempDir::new("xform-patch");
     let file = dir.path().join("x.patch");

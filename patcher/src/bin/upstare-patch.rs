@@ -126,11 +126,17 @@ fn run(cli: &Cli) -> Result<i32> {
             }
             for l in &tp.locals {
                 for c in &l.calls {
-                    println!("    {} on {}: local {} (every active frame)", c.function, l.function, c.what);
+                    println!(
+                        "    {} on {}: local {} (every active frame)",
+                        c.function, l.function, c.what
+                    );
                 }
             }
             for f in &tp.frames {
-                println!("    {} on every active frame of {}", f.transformer, f.function);
+                println!(
+                    "    {} on every active frame of {}",
+                    f.transformer, f.function
+                );
             }
         }
         if complete {

@@ -17,16 +17,16 @@ use crate::engine::pointers::Remapper;
 use crate::engine::rebuild::{self, RebuildError};
 use crate::engine::state::{Readiness, ThreadState};
 use crate::engine::transfer::{self, TransferError};
+use crate::engine::transform::{self, TransformPlanError};
 use crate::engine::Write;
 use crate::load::image::{image_file_bytes, open_image_file, running_image, ImageError};
 use crate::load::libraries::Libraries;
+use crate::load::transformer::{run_transformers, TransformerError};
 use crate::load::{self, LoadError, LoadOptions};
 use crate::stop::{self, StopError, StopOptions};
 use crate::target::procfs::{self, MemoryMap, ProcError};
 use crate::target::ptrace::{PtraceError, Stop, Tracee};
 use nix::unistd::Pid;
-use crate::engine::transform::{self, TransformPlanError};
-use crate::load::transformer::{run_transformers, TransformerError};
 use transaction::{CommitError, PreparedState};
 use upstare_patcher::transformer::{BuildError, TransformerObject};
 use upstare_patcher::{ImageIdentity, Spec, UpdatePlan};
@@ -123,11 +123,30 @@ pub enum UpdateError {
     #[error("{0}")]
     Spec(#[from] upstare_patcher::SpecError),
     #[error("{0}")]
-    Build(#[from] BuildError),
+    Build(Box<BuildError>),
     #[error("{0}")]
-    TransformPlan(#[from] TransformPlanError),
+    TransformPlan(Box<TransformPlanError>),
     #[error("{0}")]
-    Transformer(#[from] TransformerError),
+    Transformer(Box<TransformerError>),
+}
+
+// Boxed: the transformer errors are large and rare.
+impl From<BuildError> for UpdateError {
+    fn from(e: BuildError) -> Self {
+        UpdateError::Build(Box::new(e))
+    }
+}
+
+impl From<TransformPlanError> for UpdateError {
+    fn from(e: TransformPlanError) -> Self {
+        UpdateError::TransformPlan(Box::new(e))
+    }
+}
+
+impl From<TransformerError> for UpdateError {
+    fn from(e: TransformerError) -> Self {
+        UpdateError::Transformer(Box::new(e))
+    }
 }
 
 impl From<RebuildError> for UpdateError {
