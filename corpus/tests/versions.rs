@@ -112,6 +112,7 @@ fn catalog_lists_every_pair_with_sources() {
             "pointer_to_changed",
             "main_struct_spec",
             "fn_rename",
+            "xform_member",
             "txn_safety",
         ]
     );
@@ -293,7 +294,7 @@ fn tick_pairs_run_their_ticks_and_are_deterministic() {
         .into_iter()
         .filter(|p| p.control == Control::Ticks)
         .collect();
-    assert_eq!(ticks.len(), 13);
+    assert_eq!(ticks.len(), 14);
     for p in &ticks {
         for tc in Toolchain::ALL {
             for n in [1, 2] {
