@@ -1,5 +1,7 @@
-/* upstare demo, version 2: same state, new behaviour. Deposits earn a 1%
- * bonus and the report shows the deposit count. */
+/* upstare demo, version 2: a new member and new behaviour. Deposits earn a
+ * 1% bonus, every deposit earns 10 loyalty points (the new member `points`,
+ * which transform.c computes at the update from the deposits made so far),
+ * and the report shows the deposit count and the points. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
@@ -8,6 +10,7 @@ struct account {
     char owner[16];
     long balance;
     int deposits;
+    long points; /* new: 10 per deposit */
 };
 
 static struct account accounts[3] = {
@@ -23,6 +26,7 @@ static long deposit(struct account *a, long amount) {
     long bonus = amount / 100 + 1;
     a->balance += amount + bonus;
     a->deposits++;
+    a->points += 10;
     total_deposited += amount + bonus;
     return a->balance;
 }
@@ -33,8 +37,8 @@ int main(int argc, char **argv) {
     for (int round = 1; round <= rounds; round++) {
         struct account *a = &accounts[round % 3];
         long now = deposit(a, round * 10);
-        printf("v2 round %d: %s has %ld after %d deposits\n", round, a->owner, now,
-               a->deposits);
+        printf("v2 round %d: %s has %ld after %d deposits, %ld points\n", round, a->owner, now,
+               a->deposits, a->points);
         fflush(stdout);
         pause_ms(pace);
     }

@@ -501,6 +501,14 @@ const PAIRS: &[PairSpec] = &[
         features: &[Loops],
     },
     PairSpec {
+        name: "xform_member",
+        names: ["xform_member.v1", "xform_member.v2"],
+        description: "a struct gains a member that C transformers compute from the old members, for a global and for a local of main's running loop (SPEC.toml, transform.c; SPEC_crash.toml: a transformer that segfaults)",
+        control: Control::Ticks,
+        short_args: &["6"],
+        features: &[Loops],
+    },
+    PairSpec {
         name: "txn_safety",
         names: ["txn_safety.v1", "txn_safety.v2"],
         description: "transfer() must not be active during the update (needs a SPEC transaction-safety constraint)",

@@ -112,6 +112,7 @@ fn catalog_lists_every_pair_with_sources() {
             "pointer_to_changed",
             "main_struct_spec",
             "fn_rename",
+            "xform_member",
             "txn_safety",
             "callback_other_file",
             "callback_void_ptr",
@@ -295,7 +296,7 @@ fn tick_pairs_run_their_ticks_and_are_deterministic() {
         .into_iter()
         .filter(|p| p.control == Control::Ticks)
         .collect();
-    assert_eq!(ticks.len(), 15);
+    assert_eq!(ticks.len(), 16);
     for p in &ticks {
         for tc in Toolchain::ALL {
             for n in [1, 2] {

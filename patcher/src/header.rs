@@ -56,6 +56,13 @@ struct Emitter {
 
 /// The C header for transformers between `old` and `new`.
 pub fn header(old: &FrameTables, new: &FrameTables) -> String {
+    header_for(old, new, &[])
+}
+
+/// [`header`], with frame structs also for the functions named in
+/// `extra` (OLD's and NEW's names; those with a frame transformer), whether
+/// their frame changed or not.
+pub fn header_for(old: &FrameTables, new: &FrameTables, extra: &[String]) -> String {
     let mut cmp = Converter::new(&old.types, &new.types);
     let changed = changed_types(old, new, &mut cmp);
     let new_keys: HashSet<(&str, &str)> = new.types.iter().filter_map(named_key).collect();
@@ -88,8 +95,19 @@ pub fn header(old: &FrameTables, new: &FrameTables) -> String {
     let plan = crate::default_plan(old, new);
     let r = review(old, new, &plan);
     let mut frames = String::new();
-    for f in r.functions.iter().filter(|f| f.status == "frame changed") {
-        let Some(fm) = plan.function(&f.name) else {
+    let mut names: Vec<&str> = r
+        .functions
+        .iter()
+        .filter(|f| f.status == "frame changed")
+        .map(|f| f.name.as_str())
+        .collect();
+    for n in extra {
+        if !names.contains(&n.as_str()) && plan.function(n).is_some() {
+            names.push(n);
+        }
+    }
+    for name in names {
+        let Some(fm) = plan.function(name) else {
             continue;
         };
         if let Some(of) = old.functions.get(fm.old) {

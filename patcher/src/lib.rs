@@ -12,6 +12,8 @@
 //! - [`review`]: the plan in words, and what needs the user.
 //! - [`patchfile`]: the PATCH file (plan + identity of OLD and NEW).
 //! - [`header`]: C declarations for writing transformers.
+//! - [`transformer`]: the SPEC's C transformers: where they are called, and
+//!   their build into a shared object.
 //!
 //! The runtime (`upstare-apply`) executes a plan; it never re-decides a
 //! mapping. A change of type no rule maps is named in the plan, with why.
@@ -25,6 +27,7 @@ pub mod patchfile;
 pub mod plan;
 pub mod review;
 pub mod spec;
+pub mod transformer;
 pub mod types;
 
 pub use patchfile::{ImageIdentity, Patch};

@@ -29,7 +29,7 @@ use crate::review::{NeedsUser, Review};
 pub const MAGIC: &[u8; 8] = b"UPSTPTCH";
 /// Format version written by this encoder and the only one this decoder
 /// reads.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Larger PATCH files are refused before any parsing.
 pub const MAX_PATCH_SIZE: usize = 256 << 20;
 /// Largest binary hashed when identifying a version (a bound on what a
@@ -57,6 +57,8 @@ pub struct Patch {
     /// What the plan could not decide without the user; a PATCH with any is
     /// incomplete and is refused by `upstare-apply`.
     pub needs_user: Vec<NeedsUser>,
+    /// The SPEC's C transformers, compiled (with their hash).
+    pub transformers: Option<crate::transformer::TransformerObject>,
 }
 
 /// Why bytes are not a PATCH.
@@ -103,6 +105,8 @@ pub enum PatchError {
     Tables { path: PathBuf, why: String },
     #[error("{0}")]
     Spec(#[from] crate::SpecError),
+    #[error("{0}")]
+    Build(#[from] crate::transformer::BuildError),
 }
 
 impl ImageIdentity {
@@ -218,13 +222,17 @@ pub fn make_patch_with_spec(
 ) -> Result<(Patch, Review), PatchError> {
     let (old_tables, old_id, old_bytes) = load_binary_bytes(old)?;
     let (new_tables, new_id, _) = load_binary_bytes(new)?;
-    let mut plan = match spec {
+    let (mut plan, transformers) = match spec {
         Some(path) => {
             let spec = crate::Spec::read(path)?;
             spec.check(path, &old_tables, &new_tables)?;
-            crate::plan_with_spec(&old_tables, &new_tables, &spec)
+            let object = crate::transformer::build(path, &spec, &old_tables, &new_tables)?;
+            (
+                crate::plan_with_spec(&old_tables, &new_tables, &spec),
+                object,
+            )
         }
-        None => crate::default_plan(&old_tables, &new_tables),
+        None => (crate::default_plan(&old_tables, &new_tables), None),
     };
     let initial = crate::initial::initial_values(old, &old_tables, &old_bytes).map_err(|e| {
         PatchError::Tables {
@@ -244,6 +252,7 @@ pub fn make_patch_with_spec(
         new_path,
         plan,
         needs_user: review.needs_user.clone(),
+        transformers,
     };
     Ok((patch, review))
 }
@@ -308,6 +317,11 @@ pub fn decode(bytes: &[u8]) -> Result<Patch, DecodeError> {
     if !rest.is_empty() {
         return Err(DecodeError::Corrupt {
             why: format!("{} trailing bytes", rest.len()),
+        });
+    }
+    if patch.transformers.as_ref().is_some_and(|t| !t.intact()) {
+        return Err(DecodeError::Corrupt {
+            why: "the transformer object does not match its hash".into(),
         });
     }
     Ok(patch)
@@ -396,8 +410,10 @@ mod tests {
                 inactive: Vec::new(),
                 changed_types: vec!["struct session".into()],
                 warnings: vec!["global added is new".into()],
+                transformers: Default::default(),
             },
             needs_user: Vec::new(),
+            transformers: None,
         }
     }
 

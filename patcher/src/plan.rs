@@ -26,6 +26,7 @@ use upstare_dwarf::model::{Global, VarLocation, Variable};
 use crate::convert::{Conversion, Converter, TypeChange};
 use crate::initial::{initial_values, InitialValue};
 use crate::spec::{self, Spec};
+use crate::transformer::{plan_transformers, TransformerPlan};
 use crate::types::is_const_object;
 
 /// The whole mapping from OLD to NEW.
@@ -53,6 +54,8 @@ pub struct UpdatePlan {
     /// (removed and new globals). Facts about the running state (a new local
     /// in an active frame) are the runtime's to report.
     pub warnings: Vec<String>,
+    /// Where the SPEC's C transformers are called (empty without them).
+    pub transformers: TransformerPlan,
 }
 
 /// A function (at any point, or at one continuation) that must not be
@@ -129,6 +132,10 @@ pub enum GlobalAction {
         new_type: String,
         why: String,
     },
+    /// The type changed in a way no default rule maps, and a C transformer
+    /// maps it: the value starts as NEW's initializer and the transformer
+    /// (see [`UpdatePlan::transformers`]) fills it.
+    Transformed { old_type: String, new_type: String },
 }
 
 /// What happens to the frames of one function of OLD.
@@ -165,6 +172,14 @@ pub enum VarSource {
     /// Not a stack slot of the frame (a static local, no location): nothing
     /// to write.
     NotInFrame,
+    /// The old variable at this index changed type in a way no default
+    /// rule maps, and a C transformer maps it: it starts as zero and the
+    /// transformer fills it.
+    Transformed {
+        old: usize,
+        old_type: String,
+        new_type: String,
+    },
     /// The old variable at this index changed type in a way no default
     /// rule maps: a frame holding it cannot be updated.
     TypeChanged {
@@ -283,7 +298,9 @@ impl FunctionMapping {
     pub fn source_of(&self, new_var: usize) -> Option<usize> {
         match self.vars.get(new_var)? {
             VarSource::Old(i) => Some(*i),
-            VarSource::Convert { old, .. } | VarSource::TypeChanged { old, .. } => Some(*old),
+            VarSource::Convert { old, .. }
+            | VarSource::TypeChanged { old, .. }
+            | VarSource::Transformed { old, .. } => Some(*old),
             _ => None,
         }
     }
@@ -301,6 +318,9 @@ impl fmt::Display for GlobalAction {
                 write!(f, "converted: {}", change.changes.join("; "))
             }
             GlobalAction::TypeChanged { why, .. } => write!(f, "not mapped: {why}"),
+            GlobalAction::Transformed { .. } => {
+                f.write_str("mapped by a C transformer (from the new initial value)")
+            }
         }
     }
 }
@@ -406,7 +426,7 @@ pub fn plan_with_spec(old: &FrameTables, new: &FrameTables, spec: &Spec) -> Upda
     // told apart by name: keep the first, like `FrameTables::function`.
     functions.dedup_by(|b, a| a.name == b.name);
     let changed_types = changed_types(&mut cmp, old, new);
-    UpdatePlan {
+    let mut plan = UpdatePlan {
         globals,
         new_globals,
         new_global_values,
@@ -414,7 +434,10 @@ pub fn plan_with_spec(old: &FrameTables, new: &FrameTables, spec: &Spec) -> Upda
         inactive,
         changed_types,
         warnings,
-    }
+        transformers: TransformerPlan::default(),
+    };
+    plan_transformers(&mut plan, old, new, spec);
+    plan
 }
 
 /// The spelling of a named aggregate or enum type (`struct node`), if it
@@ -633,7 +656,8 @@ fn plan_function(
             !vars.iter().any(|v| match v {
                 VarSource::Old(j)
                 | VarSource::Convert { old: j, .. }
-                | VarSource::TypeChanged { old: j, .. } => *j == i,
+                | VarSource::TypeChanged { old: j, .. }
+                | VarSource::Transformed { old: j, .. } => *j == i,
                 _ => false,
             })
         })

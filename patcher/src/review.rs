@@ -394,6 +394,11 @@ fn frame_changes(
             VarSource::Zero => out.push(format!("{what} added: starts at zero")),
             VarSource::Value(_) => out.push(format!("{what} added: starts with the SPEC's value")),
             VarSource::NotInFrame => {}
+            VarSource::Transformed {
+                old_type, new_type, ..
+            } => out.push(format!(
+                "{what}: {old_type} → {new_type}, mapped by a C transformer"
+            )),
             VarSource::TypeChanged {
                 old_type,
                 new_type,

@@ -30,8 +30,17 @@
 //! # Transaction safety: no update while one of these is active.
 //! [safety]
 //! inactive = ["commit_txn", "main@call:flush#0"]
+//!
+//! # C transformers (see `transformer.rs`), called after the default
+//! # conversion with (old, new) pointers; `source` is relative to the SPEC.
+//! [transformers]
+//! source = "transform.c"
+//! "struct session" = "xf_session"   # every value of the type
+//! "global counter" = "xf_counter"   # one global
+//! main = "xf_main_frame"            # every active frame of main
 //! ```
 
+use crate::transformer::Transformers;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -54,6 +63,9 @@ pub struct Spec {
     pub continuations: BTreeMap<String, String>,
     #[serde(default)]
     pub safety: Safety,
+    /// C transformers (see [`crate::transformer`]).
+    #[serde(default)]
+    pub transformers: Transformers,
 }
 
 /// `[rename.*]`.
@@ -390,6 +402,7 @@ impl Spec {
                 ));
             }
         }
+        self.transformers.check(path, self, old, new)?;
         for item in &self.safety.inactive {
             let (func, cont) = match split_site(item) {
                 Some((f, c)) => (f, Some(c)),

@@ -258,3 +258,93 @@ fn an_empty_spec_is_the_default_plan() {
         upstare_patcher::default_plan(&old, &new)
     );
 }
+
+#[test]
+fn bad_transformer_keys_are_one_line_naming_them() {
+    let (old, new) = versions();
+    let cases = [
+        (
+            "[transformers]\n\"struct nope\" = \"xf\"\nsource = \"t.c\"\n",
+            "\"struct nope\": NEW has no struct nope",
+        ),
+        (
+            "[transformers]\n\"global nothing\" = \"xf\"\nsource = \"t.c\"\n",
+            "\"nothing\": NEW has no global nothing",
+        ),
+        (
+            "[transformers]\n\"global max_clients\" = \"xf\"\nsource = \"t.c\"\n",
+            "OLD has no global max_clients",
+        ),
+        (
+            "[transformers]\nnowhere = \"xf\"\nsource = \"t.c\"\n",
+            "\"nowhere\": NEW has no function nowhere",
+        ),
+        (
+            "[transformers]\nmain = \"not a name\"\nsource = \"t.c\"\n",
+            "is not a C function name",
+        ),
+        (
+            "[transformers]\nmain = \"xf_main\"\n",
+            "\"source\": missing",
+        ),
+    ];
+    for (text, want) in cases {
+        let err = checked(text, &old, &new).expect_err(text);
+        assert!(err.contains(want), "{text}: {err}");
+        assert!(err.contains("[transformers]"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+    }
+}
+
+#[test]
+fn a_transformer_settles_a_change_no_default_maps_and_a_compile_error_is_one_line() {
+    let v1 = "#include <stdio.h>\nlong slot = 5;\nint main(void) { slot++; printf(\"%ld\\n\", slot); return 0; }\n";
+    let v2 = "#include <stdio.h>\nlong *slot;\nint main(void) { printf(\"%p\\n\", (void *)slot); return 0; }\n";
+    let (old, new) = (tables("xf.v1", v1), tables("xf.v2", v2));
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("patcher-xform");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let spec_path = dir.join("S.toml");
+    let text = "[transformers]\nsource = \"t.c\"\n\"global slot\" = \"xf_slot\"\n";
+    std::fs::write(&spec_path, text).expect("write");
+    let spec = checked(text, &old, &new).expect("valid");
+    // Without the transformer: a change of meaning, refused.
+    let plain = upstare_patcher::default_plan(&old, &new);
+    assert!(plain.type_changed_globals().count() == 1);
+    let plan = plan_with_spec(&old, &new, &spec);
+    assert_eq!(plan.type_changed_globals().count(), 0);
+    assert!(plan
+        .globals
+        .iter()
+        .any(|g| matches!(g.action, GlobalAction::Transformed { .. })));
+    assert_eq!(plan.transformers.globals.len(), 1);
+    assert!(plan.transformers.globals[0].always);
+    // It compiles against the header; a missing function and a compile
+    // error are one line naming them.
+    std::fs::write(
+        dir.join("t.c"),
+        "#include \"upstare_transformers.h\"\nint xf_slot(const long *o, long **n) { *n = 0; return *o < 0; }\n",
+    )
+    .expect("write");
+    let obj = upstare_patcher::transformer::build(&spec_path, &spec, &old, &new)
+        .expect("builds")
+        .expect("named");
+    assert!(obj.intact() && !obj.bytes.is_empty());
+    std::fs::write(dir.join("t.c"), "int other(void) { return 0; }\n").expect("write");
+    let e = upstare_patcher::transformer::build(&spec_path, &spec, &old, &new)
+        .expect_err("no xf_slot")
+        .to_string();
+    assert!(e.contains("defines no function xf_slot"), "{e}");
+    std::fs::write(
+        dir.join("t.c"),
+        "int xf_slot(void) { return undeclared; }\n",
+    )
+    .expect("write");
+    let e = upstare_patcher::transformer::build(&spec_path, &spec, &old, &new)
+        .expect_err("does not compile")
+        .to_string();
+    assert!(
+        e.contains("does not compile") && e.contains("undeclared"),
+        "{e}"
+    );
+    assert!(!e.contains('\n'), "{e}");
+}

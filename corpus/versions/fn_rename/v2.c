@@ -1,18 +1,16 @@
 /*
- * fn_rename v2 - a function with a running loop is renamed (needs SPEC
- * support; no live test yet).
+ * fn_rename v2 - a function with a running loop is renamed (live test:
+ * runtime/tests/apply_specs.rs).
  *
  * v1: process_batch(t) sums 5 items, one loop iteration each (an update
  * point inside: its frame is often active). v2 renames it handle_batch with
  * the same body; by default OLD's process_batch frames have no continuation
- * in NEW. The SPEC the user writes (key names to be settled by the SPEC work):
+ * in NEW. The SPEC the user writes (SPEC.toml beside this file); frames
+ * of the renamed function and calls to it keep their continuation ids
+ * (loop#0, call:handle_batch#0), so no [continuations] line is needed:
  *
- *     [functions]
+ *     [rename.functions]
  *     process_batch = "handle_batch"
- *
- *     [continuations]
- *     "process_batch@loop#0" = "handle_batch@loop#0"
- *     "main@call:process_batch#0" = "main@call:handle_batch#0"
  *
  * Each tick t: total += sum of (t * 10 + i) for i in 0..4 = 50t + 10.
  * Runs argv[1] ticks (default 10), sleeping argv[2] ms after each (default

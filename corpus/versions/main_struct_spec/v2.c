@@ -1,14 +1,14 @@
 /*
  * main_struct_spec v2 - a struct local of main's running loop gains a member
- * whose value must come from the user (needs SPEC support; no live test yet).
+ * whose value must come from the user (live test: runtime/tests/apply_specs.rs).
  *
  * v1: struct session { int fd; long bytes; } s, a local of main.
  * v2: struct session { int fd; int max_conn; long bytes; }: by default the
  * new member of a frame's local would start at zero (with a warning); v2
  * divides by it, so the user gives its value. The SPEC the user writes
- * (key names to be settled by the SPEC work):
+ * (SPEC.toml beside this file):
  *
- *     [locals.main.s]
+ *     [values.members."struct session"]
  *     max_conn = 64
  *
  * Each tick t (n = t + 1 steps so far): fd = 3, bytes = 100n;

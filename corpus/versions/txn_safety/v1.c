@@ -1,17 +1,17 @@
 /*
- * txn_safety v1 - an update must wait until transfer() returns (needs SPEC
- * support; no live test yet).
+ * txn_safety v1 - an update must wait until transfer() returns (live
+ * test: runtime/tests/apply_specs.rs).
  *
  * v1: transfer() first takes the amount out of one account unit by unit
  * (a loop: update points inside), holding it in a local, then pays it in.
  * Mid-transfer the sum of the accounts is short by the local "moved".
  * v2's transfer() charges a fee of 1 into "fees" and pays in amount - 1 in
  * one go: continuing an OLD transfer half-way in NEW's code (its loop#0 maps
- * by id) would lose or double money. The SPEC the user writes (key names to
- * be settled by the SPEC work):
+ * by id) would lose or double money. The SPEC the user writes (SPEC.toml
+ * beside this file):
  *
  *     [safety]
- *     not_active = ["transfer"]
+ *     inactive = ["transfer"]
  *
  * Invariant printed every tick: a + b + fees = 1000 (v1 has no fees).
  * Runs argv[1] ticks (default 10), sleeping argv[2] ms after each (default

@@ -58,7 +58,10 @@ struct Cli {
     header: bool,
     /// The user's overrides (TOML): renames, values of what NEW adds or of
     /// what has no default mapping, continuation mapping, frames that must
-    /// not be active. Every key is checked against OLD and NEW.
+    /// not be active, C transformers (`[transformers]`: compiled with `cc`
+    /// against the --header declarations, included as
+    /// "upstare_transformers.h", into a shared object carried in the
+    /// PATCH). Every key is checked against OLD and NEW.
     #[arg(long, value_name = "SPEC", conflicts_with = "header")]
     spec: Option<PathBuf>,
 }
@@ -96,6 +99,9 @@ fn run(cli: &Cli) -> Result<i32> {
             "new": { "path": patch.new_path, "build_id": patch.new.build_id_hex(), "sha256": patch.new.sha256_hex() },
             "review": r,
             "plan": patch.plan,
+            "transformers": patch.transformers.as_ref().map(|t| serde_json::json!({
+                "source": t.source, "bytes": t.bytes.len(), "sha256": patchfile::hex(&t.sha256),
+            })),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
@@ -105,6 +111,34 @@ fn run(cli: &Cli) -> Result<i32> {
             patch.new_path.display()
         );
         print!("{}", render_text(&r));
+        if let Some(t) = &patch.transformers {
+            println!(
+                "C transformers: built from {} ({} bytes, sha256 {}), carried in the PATCH",
+                t.source.display(),
+                t.bytes.len(),
+                patchfile::hex(&t.sha256)
+            );
+            let tp = &patch.plan.transformers;
+            for g in &tp.globals {
+                for c in &g.calls {
+                    println!("    {} on global {}", c.function, c.what);
+                }
+            }
+            for l in &tp.locals {
+                for c in &l.calls {
+                    println!(
+                        "    {} on {}: local {} (every active frame)",
+                        c.function, l.function, c.what
+                    );
+                }
+            }
+            for f in &tp.frames {
+                println!(
+                    "    {} on every active frame of {}",
+                    f.transformer, f.function
+                );
+            }
+        }
         if complete {
             println!("wrote {}: complete", cli.output.display());
         } else {

@@ -64,7 +64,8 @@ struct Cli {
     strict: bool,
     /// The user's overrides of the default mapping (TOML): renames, values
     /// of what NEW adds, continuation mapping, frames that must not be
-    /// active. Every key is checked against both versions.
+    /// active, C transformers (compiled now with `cc`). Every key is
+    /// checked against both versions.
     #[arg(long, value_name = "SPEC")]
     spec: Option<PathBuf>,
 }
@@ -122,6 +123,7 @@ fn run(cli: &Cli) -> Result<()> {
             opts.plan = Some(patch.plan);
             opts.expected_old = Some(patch.old);
             opts.expected_new = Some(patch.new);
+            opts.transformers = patch.transformers;
             patch.new_path
         }
         (None, Some(to)) => to.clone(),
@@ -171,12 +173,15 @@ fn print_report(r: &UpdateReport) {
             s.readonly_exceptions
         );
     }
+    for c in &r.transformed {
+        println!("  transformed: {c}");
+    }
     for w in &r.warnings {
         println!("  warning: {w}");
     }
     let t = &r.timings;
     println!(
-        "  latency: stop {} us, save {} us, load {} us, transfer {} us, rebuild {} us, resume {} us, total {} us",
-        t.stop_us, t.save_us, t.load_us, t.transfer_us, t.rebuild_us, t.resume_us, t.total_us
+        "  latency: stop {} us, save {} us, load {} us, transfer {} us, rebuild {} us, transformers {} us, resume {} us, total {} us",
+        t.stop_us, t.save_us, t.load_us, t.transfer_us, t.rebuild_us, t.transform_us, t.resume_us, t.total_us
     );
 }

@@ -13,6 +13,7 @@
 //! - [`rebuild`]: every thread's stack for the new version.
 //! - [`sweep`]: all live writable memory scanned for values still pointing
 //!   into the retired image, after the typed walk.
+//! - [`transform`]: the calls of the SPEC's C transformers, as data.
 //!
 //! The output is a list of [`Write`]s and final registers that the update's
 //! transaction commits.
@@ -26,6 +27,7 @@ pub mod rebuild;
 pub mod state;
 pub mod sweep;
 pub mod transfer;
+pub mod transform;
 pub mod unwind;
 
 /// A pending write of the commit stage.

@@ -570,6 +570,8 @@ pub fn frame_writes(
                         continue;
                     }
                     Some(VarSource::NotInFrame) => continue,
+                    // Starts as zero; the C transformer fills it after.
+                    Some(VarSource::Transformed { .. }) => continue,
                     Some(VarSource::TypeChanged {
                         old_type,
                         new_type,

@@ -16,6 +16,8 @@
 //!   type goes in `relocs::plan_load`; if it needs a new kind of value, that
 //!   value is written in `map::map_and_relocate`.
 //! - `map`: NEW's segments mapped with remote calls, relocations written.
+//! - [`transformer`]: the SPEC's C transformers, mapped beside NEW like it,
+//!   called, and unmapped again.
 //! - `commit`: the commit steps and their undo. A new commit step gets its
 //!   read-only plan in `commit::plan_commit` (a field of [`CommitPlan`]) and
 //!   its apply and undo in `commit::apply_commit`.
@@ -70,6 +72,7 @@ pub mod image;
 pub mod libraries;
 mod map;
 mod relocs;
+pub mod transformer;
 
 pub use commit::{CommitPlan, DynamicWrite, FiniRedirect, HandlerMove};
 pub use elf::{ElfError, MAX_ELF_SIZE};

@@ -119,6 +119,18 @@ fn display_sym(name: &str, version: Option<&str>) -> String {
 /// Check NEW and decide every relocation (see the module doc of
 /// [`super`]); `libs` must have been read with [`Libraries::read`].
 pub(super) fn plan_load(path: &Path, data: &[u8], libs: &Libraries) -> Result<LoadPlan, LoadError> {
+    plan_load_object(path, data, libs, true)
+}
+
+/// [`plan_load`] for any position-independent object: `tables` says
+/// whether it must carry upstare tables (NEW does; a transformer object
+/// does not).
+pub(super) fn plan_load_object(
+    path: &Path,
+    data: &[u8],
+    libs: &Libraries,
+    tables: bool,
+) -> Result<LoadPlan, LoadError> {
     let file = ElfFile::parse(path, data)?;
     let sum = &file.summary;
     let p = || path.to_path_buf();
@@ -141,7 +153,7 @@ pub(super) fn plan_load(path: &Path, data: &[u8], libs: &Libraries) -> Result<Lo
     if sum.tls {
         return Err(LoadError::OwnTls { path: p() });
     }
-    if sum.tables.is_none() {
+    if tables && sum.tables.is_none() {
         return Err(LoadError::NoTables { path: p() });
     }
     let missing: Vec<&str> = sum

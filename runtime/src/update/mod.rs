@@ -17,15 +17,18 @@ use crate::engine::pointers::Remapper;
 use crate::engine::rebuild::{self, RebuildError};
 use crate::engine::state::{Readiness, ThreadState};
 use crate::engine::transfer::{self, TransferError};
+use crate::engine::transform::{self, TransformPlanError};
 use crate::engine::Write;
 use crate::load::image::{image_file_bytes, open_image_file, running_image, ImageError};
 use crate::load::libraries::Libraries;
+use crate::load::transformer::{run_transformers, TransformerError};
 use crate::load::{self, LoadError, LoadOptions};
 use crate::stop::{self, StopError, StopOptions};
 use crate::target::procfs::{self, MemoryMap, ProcError};
 use crate::target::ptrace::{PtraceError, Tracee};
 use nix::unistd::Pid;
 use transaction::{CommitError, PreparedState};
+use upstare_patcher::transformer::{BuildError, TransformerObject};
 use upstare_patcher::{ImageIdentity, Spec, UpdatePlan};
 
 /// How to run an update.
@@ -53,6 +56,9 @@ pub struct ApplyOptions {
     /// image that nothing can map (and a sweep that could not scan
     /// everything).
     pub strict: bool,
+    /// The compiled C transformers the plan calls (a PATCH's); when the
+    /// plan is made here from `spec`, they are built from it.
+    pub transformers: Option<TransformerObject>,
 }
 
 impl Default for ApplyOptions {
@@ -66,6 +72,7 @@ impl Default for ApplyOptions {
             expected_old: None,
             expected_new: None,
             strict: false,
+            transformers: None,
         }
     }
 }
@@ -128,6 +135,31 @@ pub enum UpdateError {
         count: usize,
         first: String,
     },
+    #[error("{0}")]
+    Build(Box<BuildError>),
+    #[error("{0}")]
+    TransformPlan(Box<TransformPlanError>),
+    #[error("{0}")]
+    Transformer(Box<TransformerError>),
+}
+
+// Boxed: the transformer errors are large and rare.
+impl From<BuildError> for UpdateError {
+    fn from(e: BuildError) -> Self {
+        UpdateError::Build(Box::new(e))
+    }
+}
+
+impl From<TransformPlanError> for UpdateError {
+    fn from(e: TransformPlanError) -> Self {
+        UpdateError::TransformPlan(Box::new(e))
+    }
+}
+
+impl From<TransformerError> for UpdateError {
+    fn from(e: TransformerError) -> Self {
+        UpdateError::Transformer(Box::new(e))
+    }
 }
 
 impl From<RebuildError> for UpdateError {
@@ -144,6 +176,8 @@ pub struct Timings {
     pub load_us: u64,
     pub transfer_us: u64,
     pub rebuild_us: u64,
+    /// Loading, running and unloading the C transformers.
+    pub transform_us: u64,
     pub resume_us: u64,
     pub total_us: u64,
 }
@@ -178,6 +212,8 @@ pub struct UpdateReport {
     /// The sweep for untyped values pointing into the old image.
     pub sweep: crate::engine::sweep::SweepSummary,
     pub new_load_address: Option<u64>,
+    /// Each C transformer call: `xf_session on global acct`.
+    pub transformed: Vec<String>,
     pub warnings: Vec<String>,
     pub timings: Timings,
 }
@@ -390,12 +426,23 @@ pub fn apply_traced(
     }
     // What maps to what is decided from the two tables alone, before the
     // process is paused.
+    let mut object = opts.transformers.clone();
     let plan: UpdatePlan = match &opts.plan {
         Some(plan) => plan.clone(),
         None => {
             let mut plan = match &opts.spec {
                 Some((path, spec)) => {
                     spec.check(path, &old.tables, &new_tables)?;
+                    // The C transformers are compiled now, before the
+                    // process is paused.
+                    if object.is_none() {
+                        object = upstare_patcher::transformer::build(
+                            path,
+                            spec,
+                            &old.tables,
+                            &new_tables,
+                        )?;
+                    }
                     upstare_patcher::plan_with_spec(&old.tables, &new_tables, spec)
                 }
                 None => upstare_patcher::default_plan(&old.tables, &new_tables),
@@ -410,6 +457,10 @@ pub fn apply_traced(
             plan
         }
     };
+    let transforms = !plan.transformers.is_empty();
+    if transforms && object.is_none() {
+        return Err(TransformerError::NoObject.into());
+    }
     let mut libs = Libraries::new(tracee.pid(), &maps);
 
     // Phase 2: stop every thread at an update point or in a safe call.
@@ -471,10 +522,13 @@ pub fn apply_traced(
         bytes_written: 0,
         sweep: Default::default(),
         new_load_address: None,
+        transformed: Vec::new(),
         warnings: Vec::new(),
         timings: Timings::default(),
     };
-    if opts.dry_run {
+    // With C transformers a dry run goes on: it loads NEW and runs them on
+    // copies, then unloads everything before the commit.
+    if opts.dry_run && !transforms {
         // Also what loading would refuse (libraries, imports).
         load::check_loadable(tracee.pid(), new_path, &new_bytes)?;
         report.warnings = warnings;
@@ -528,17 +582,31 @@ pub fn apply_traced(
             &mem, th, layout, &plan, &old, new, &mut remap,
         )?);
     }
-    let mut writes: Vec<&Write> = globals
+    let mut writes: Vec<Write> = globals
         .writes
         .iter()
         .chain(heap.writes.iter())
         .chain(plans.iter().flat_map(|p| p.writes.iter()))
+        .cloned()
         .collect();
-    // After the typed walk: every value still pointing into the old image.
+    timings.rebuild_us = us(t.elapsed());
+    // The C transformers, after the default conversion: each reads the
+    // value computed so far and its result replaces it in the writes.
+    let t = Instant::now();
+    if let (true, Some(object)) = (transforms, &object) {
+        let jobs = transform::jobs(&mem, &plan, &old, new, &threads, &layouts, &writes)?;
+        let run = run_transformers(tr, tid, &old, object, &jobs, &mut writes, opts.timeout)?;
+        report.transformed = run.calls;
+    }
+    timings.transform_us = us(t.elapsed());
+    let t = Instant::now();
+    // After the typed walk and the transformers: every value still
+    // pointing into the old image.
     let old_elf = image_file_bytes(tr.pid(), &maps, &old)?;
     let rsps: Vec<u64> = plans.iter().map(|p| p.regs.rsp().0).collect();
+    let pending: Vec<&Write> = writes.iter().collect();
     let (swept, retired) = crate::engine::sweep::sweep_update(
-        &mem, &maps_now, &rsps, &plan, &old, new, &mut remap, &writes, &old_elf, &new_bytes,
+        &mem, &maps_now, &rsps, &plan, &old, new, &mut remap, &pending, &old_elf, &new_bytes,
     );
     let sweep_writes = swept.writes();
     warnings.extend(sweep_warnings(&swept));
@@ -559,7 +627,8 @@ pub fn apply_traced(
         }
     }
     report.sweep = crate::engine::sweep::SweepSummary::of(&swept, &retired);
-    writes.extend(sweep_writes.iter());
+    drop(pending);
+    writes.extend(sweep_writes);
     for w in &writes {
         if !writable(&maps_now, w.addr, w.bytes.len()) {
             return Err(UpdateError::NotWritable {
@@ -585,10 +654,17 @@ pub fn apply_traced(
         warnings.extend(p.warnings.iter().cloned());
     }
     warnings.extend(heap.warnings.iter().cloned());
-    timings.rebuild_us = us(t.elapsed());
+    timings.rebuild_us += us(t.elapsed());
 
+    if opts.dry_run {
+        // Nothing committed: the guard unloads NEW.
+        report.warnings = warnings;
+        timings.total_us = us(start.elapsed());
+        report.timings = timings;
+        return Ok(report);
+    }
     let prepared = PreparedState {
-        writes: writes.into_iter().cloned().collect(),
+        writes,
         regs: plans.iter().map(|p| (p.tid, p.regs)).collect(),
     };
     let globals_copied = globals.copied;
