@@ -63,6 +63,20 @@ fn a_changed_heap_type_is_refused_not_misread() {
         child
             .wait_for_line("ticking", WAIT, |l| l.starts_with("v1 tick=3 "))
             .expect("v1 ticks");
+        // A dry run computes everything but the commit: it meets the same
+        // refusal.
+        let dry = ApplyOptions {
+            dry_run: true,
+            ..ApplyOptions::default()
+        };
+        let err = apply(child.pid() as i32, &v2, &dry)
+            .expect_err("a dry run meets the refusal too")
+            .to_string();
+        assert!(
+            err.contains("struct node"),
+            "[{}] dry run: {err}",
+            tc.name()
+        );
         let err = apply(child.pid() as i32, &v2, &ApplyOptions::default())
             .expect_err("a heap object of changed type must not be misread")
             .to_string();

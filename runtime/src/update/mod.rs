@@ -526,16 +526,10 @@ pub fn apply_traced(
         warnings: Vec::new(),
         timings: Timings::default(),
     };
-    // With C transformers a dry run goes on: it loads NEW and runs them on
-    // copies, then unloads everything before the commit.
-    if opts.dry_run && !transforms {
-        // Also what loading would refuse (libraries, imports).
-        load::check_loadable(tracee.pid(), new_path, &new_bytes)?;
-        report.warnings = warnings;
-        timings.total_us = us(start.elapsed());
-        report.timings = timings;
-        return Ok(report);
-    }
+    // A dry run goes on: it loads NEW, computes every byte (conversions,
+    // transformers on copies, the heap walk, the sweep), then unloads
+    // everything before the commit, so it meets every refusal a real
+    // update would.
 
     // Phase 4: load the new version (undone on drop unless committed).
     let t = Instant::now();
@@ -554,7 +548,8 @@ pub fn apply_traced(
     timings.load_us = us(t.elapsed());
 
     let (new, tr) = loaded.parts();
-    report.new_load_address = Some(new.bias.0);
+    // A dry run unloads NEW again: no address to report.
+    report.new_load_address = (!opts.dry_run).then_some(new.bias.0);
     // Phase 5: compute every byte of the new state.
     let t = Instant::now();
     let mut mem = tr.memory();
