@@ -66,6 +66,19 @@ impl RuntimeAddr {
     pub fn checked_offset(self, delta: i64) -> Option<RuntimeAddr> {
         self.0.checked_add_signed(delta).map(RuntimeAddr)
     }
+    /// `self + n`, `None` on overflow.
+    pub fn checked_add(self, n: u64) -> Option<RuntimeAddr> {
+        self.0.checked_add(n).map(RuntimeAddr)
+    }
+    /// How far `self` lies above `base`, `None` when below it.
+    pub fn offset_from(self, base: RuntimeAddr) -> Option<u64> {
+        self.0.checked_sub(base.0)
+    }
+    /// `self - other` as a signed distance (wrapping: addresses of one
+    /// process are far below 2^63 apart).
+    pub fn distance_from(self, other: RuntimeAddr) -> i64 {
+        self.0.wrapping_sub(other.0) as i64
+    }
     /// The link-time address of this runtime address in an image loaded with
     /// `bias`.
     pub fn to_link(self, bias: LoadBias) -> LinkAddr {

@@ -126,19 +126,19 @@ pub fn transfer_heap(
     mem: &impl TargetMemory,
     types: &[Type],
     roots: &[Root],
-    heap: &[Range<u64>],
+    heap: &[Range<RuntimeAddr>],
     changed: &[String],
     remap: &mut Remapper<'_>,
 ) -> Result<HeapPlan, HeapError> {
-    let in_heap = |a: u64, len: u64| {
+    let in_heap = |a: RuntimeAddr, len: u64| {
         let end = a.checked_add(len);
         heap.iter()
             .any(|r| r.start <= a && end.is_some_and(|e| e <= r.end))
     };
     let mut plan = HeapPlan::default();
-    let mut todo: Vec<(u64, TypeId)> = Vec::new();
+    let mut todo: Vec<(RuntimeAddr, TypeId)> = Vec::new();
     // Heap pointers found in a value: (address, pointee type).
-    let scan = |bytes: &[u8], ty: TypeId, todo: &mut Vec<(u64, TypeId)>| {
+    let scan = |bytes: &[u8], ty: TypeId, todo: &mut Vec<(RuntimeAddr, TypeId)>| {
         for_each_pointer_typed(types, ty, &mut |off, pointee| {
             let (Some(pointee), Ok(off)) = (pointee, usize::try_from(off)) else {
                 return;
@@ -148,8 +148,8 @@ pub fn transfer_heap(
             };
             let mut w = [0u8; 8];
             w.copy_from_slice(slot);
-            let v = u64::from_le_bytes(w);
-            if v != 0 && in_heap(v, 1) {
+            let v = RuntimeAddr(u64::from_le_bytes(w));
+            if v.0 != 0 && in_heap(v, 1) {
                 todo.push((v, pointee));
             }
         });
@@ -157,8 +157,9 @@ pub fn transfer_heap(
     for r in roots {
         scan(&r.bytes, r.ty, &mut todo);
     }
-    let mut seen: std::collections::HashSet<(u64, TypeId)> = std::collections::HashSet::new();
-    let mut slots: std::collections::BTreeMap<u64, u64> = std::collections::BTreeMap::new();
+    let mut seen: std::collections::HashSet<(RuntimeAddr, TypeId)> =
+        std::collections::HashSet::new();
+    let mut slots: std::collections::BTreeMap<RuntimeAddr, u64> = std::collections::BTreeMap::new();
     let (mut bytes_read, mut unreadable) = (0u64, 0usize);
     while let Some((addr, ty)) = todo.pop() {
         if !seen.insert((addr, ty)) {
@@ -170,10 +171,7 @@ pub fn transfer_heap(
         if let Some(name) = resolved_name(types, ty).filter(|n| changed.contains(n)) {
             let fits = type_size(types, ty).is_some_and(|s| in_heap(addr, s.max(1)));
             if fits {
-                return Err(HeapError::ChangedType {
-                    addr: RuntimeAddr(addr),
-                    ty: name,
-                });
+                return Err(HeapError::ChangedType { addr, ty: name });
             }
         }
         if !contains_pointer(types, ty, 0) {
@@ -195,7 +193,7 @@ pub fn transfer_heap(
         if !in_heap(addr, size) {
             continue;
         }
-        let Ok(old) = mem.read_vec(RuntimeAddr(addr), size, MAX_VALUE_SIZE as usize) else {
+        let Ok(old) = mem.read_vec(addr, size, MAX_VALUE_SIZE as usize) else {
             unreadable += 1;
             continue;
         };
@@ -217,7 +215,9 @@ pub fn transfer_heap(
                 if a != b {
                     let mut w = [0u8; 8];
                     w.copy_from_slice(b);
-                    slots.insert(addr.saturating_add(off), u64::from_le_bytes(w));
+                    if let Some(at) = addr.checked_add(off) {
+                        slots.insert(at, u64::from_le_bytes(w));
+                    }
                 }
             }
         });
@@ -231,9 +231,9 @@ pub fn transfer_heap(
     plan.writes = slots
         .into_iter()
         .map(|(addr, v)| Write {
-            addr: RuntimeAddr(addr),
+            addr,
             bytes: v.to_le_bytes().to_vec(),
-            what: format!("heap pointer at {addr:#x}"),
+            what: format!("heap pointer at {addr}"),
         })
         .collect();
     Ok(plan)
@@ -245,7 +245,7 @@ pub fn heap_ranges(
     maps: &[MemoryMap],
     threads: &[ThreadState],
     images: [&Image; 2],
-) -> Vec<Range<u64>> {
+) -> Vec<Range<RuntimeAddr>> {
     maps.iter()
         .filter(|m| m.perms.read && m.perms.write && !m.perms.shared)
         .filter(|m| match &m.path {
@@ -259,7 +259,7 @@ pub fn heap_ranges(
                 .iter()
                 .all(|i| m.end <= i.span.start || i.span.end <= m.start)
         })
-        .map(|m| m.start.0..m.end.0)
+        .map(|m| m.start..m.end)
         .collect()
 }
 
@@ -367,10 +367,7 @@ mod tests {
                 bytes: (heap + 0xf0).to_le_bytes().to_vec(),
             },
         ];
-        let heap_ranges = [std::ops::Range {
-            start: heap,
-            end: heap + 0x100,
-        }];
+        let heap_ranges = [RuntimeAddr(heap)..RuntimeAddr(heap + 0x100)];
         let plan = transfer_heap(&mem, &types, &roots, &heap_ranges, &[], &mut remap)
             .expect("no changed types");
         assert_eq!(plan.objects, 3, "{plan:?}");

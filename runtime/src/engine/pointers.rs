@@ -122,12 +122,12 @@ pub(crate) fn contains_pointer(types: &[Type], ty: TypeId, depth: u32) -> bool {
 #[derive(Clone, Debug)]
 pub enum StackMove {
     /// The whole old range moves by a constant (a frame copied byte for byte).
-    Shift { old: Range<u64>, delta: i64 },
+    Shift { old: Range<RuntimeAddr>, delta: i64 },
     /// A variable moved on its own (a frame whose layout changed); a
     /// converted one's interior moves with its members.
     Var {
-        old: Range<u64>,
-        new_start: u64,
+        old: Range<RuntimeAddr>,
+        new_start: RuntimeAddr,
         conversion: Option<Conversion>,
     },
 }
@@ -142,10 +142,10 @@ pub struct Remapper<'a> {
     globals: Vec<OldGlobal<'a>>,
     stack: Vec<StackMove>,
     /// Pointers into old code that name no function of the new image.
-    pub dangling_code: Vec<u64>,
+    pub dangling_code: Vec<RuntimeAddr>,
     /// Pointers into parts of converted values that the new version no
     /// longer has (a removed member): left pointing at the old bytes.
-    pub dangling_data: Vec<u64>,
+    pub dangling_data: Vec<RuntimeAddr>,
 }
 
 /// An old global as the remapper sees it.
@@ -200,21 +200,21 @@ impl<'a> Remapper<'a> {
     }
 
     /// The new value of a pointer `v` read from old state.
-    pub fn remap(&mut self, v: u64) -> u64 {
-        let addr = RuntimeAddr(v);
-        if self.old.span.contains(&addr) {
-            let link = addr.to_link(self.old.bias);
-            if self.old.is_code(addr) {
+    pub fn remap(&mut self, v: RuntimeAddr) -> RuntimeAddr {
+        if self.old.span.contains(&v) {
+            let link = v.to_link(self.old.bias);
+            if self.old.is_code(v) {
                 if let Some(f) = self.old.tables.function_at(link) {
                     let nf = self
                         .plan
                         .function(&f.name)
                         .and_then(|m| m.new)
                         .and_then(|j| self.new.tables.functions.get(j));
-                    if let Some(nf) = nf {
-                        let off = link.0 - f.low.0;
-                        if off < nf.high.0.saturating_sub(nf.low.0) {
-                            return self.new.runtime(LinkAddr(nf.low.0 + off)).0;
+                    let off = link.offset_from(f.low);
+                    if let (Some(nf), Some(off)) = (nf, off) {
+                        let len = nf.high.offset_from(nf.low).unwrap_or(0);
+                        if let (true, Some(at)) = (off < len, nf.low.checked_add(off)) {
+                            return self.new.runtime(at);
                         }
                     }
                 }
@@ -223,7 +223,7 @@ impl<'a> Remapper<'a> {
             }
             let i = self.globals.partition_point(|g| g.start <= link);
             if let Some(g) = i.checked_sub(1).and_then(|i| self.globals.get(i)) {
-                let off = link.0 - g.start.0;
+                let off = link.offset_from(g.start).unwrap_or(u64::MAX);
                 if let (true, Some(new_start)) = (off < g.size.max(1), g.new_start) {
                     // A pointer into a converted object moves with the
                     // member it points at.
@@ -231,8 +231,8 @@ impl<'a> Remapper<'a> {
                         None => Some(off),
                         Some(c) => c.map_offset(off),
                     };
-                    match new_off {
-                        Some(o) => return self.new.runtime(LinkAddr(new_start.0 + o)).0,
+                    match new_off.and_then(|o| new_start.checked_add(o)) {
+                        Some(at) => return self.new.runtime(at),
                         None => {
                             self.dangling_data.push(v);
                             return v;
@@ -251,9 +251,10 @@ impl<'a> Remapper<'a> {
                     new_start,
                     conversion,
                 } if old.contains(&v) => {
-                    let off = v - old.start;
-                    match conversion.as_ref().map_or(Some(off), |c| c.map_offset(off)) {
-                        Some(o) => return new_start.wrapping_add(o),
+                    let off = v.offset_from(old.start).unwrap_or(0);
+                    let new_off = conversion.as_ref().map_or(Some(off), |c| c.map_offset(off));
+                    match new_off.and_then(|o| new_start.checked_add(o)) {
+                        Some(at) => return at,
                         None => {
                             self.dangling_data.push(v);
                             return v;
@@ -261,7 +262,7 @@ impl<'a> Remapper<'a> {
                     }
                 }
                 StackMove::Shift { old, delta } if old.contains(&v) => {
-                    return v.wrapping_add_signed(*delta);
+                    return v.checked_offset(*delta).unwrap_or(v);
                 }
                 _ => {}
             }
@@ -284,7 +285,7 @@ impl<'a> Remapper<'a> {
             w.copy_from_slice(slot);
             let v = u64::from_le_bytes(w);
             if v != 0 {
-                slot.copy_from_slice(&self.remap(v).to_le_bytes());
+                slot.copy_from_slice(&self.remap(RuntimeAddr(v)).0.to_le_bytes());
             }
         }
     }

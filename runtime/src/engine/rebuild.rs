@@ -369,11 +369,11 @@ pub fn place_frames(
                 });
             }
         }
-        let old_range = f.cfa.0.wrapping_add_signed(old_low)..f.cfa.0;
+        let old_range = f.cfa.checked_offset(old_low).unwrap_or(f.cfa)..f.cfa;
         if copied {
             remap.add_stack_move(StackMove::Shift {
                 old: old_range,
-                delta: new_cfa.0.wrapping_sub(f.cfa.0) as i64,
+                delta: new_cfa.distance_from(f.cfa),
             });
         } else {
             for (k, v) in nf.vars.iter().enumerate() {
@@ -387,10 +387,14 @@ pub fn place_frames(
                 if let (VarLocation::Cfa(no), Some(ov)) = (&v.location, ov) {
                     if let VarLocation::Cfa(oo) = ov.location {
                         let size = type_size(&old.tables.types, ov.ty).unwrap_or(0);
-                        let start = f.cfa.0.wrapping_add_signed(oo.0);
+                        let (Some(start), Some(new_start)) =
+                            (f.cfa.checked_offset(oo.0), new_cfa.checked_offset(no.0))
+                        else {
+                            continue;
+                        };
                         remap.add_stack_move(StackMove::Var {
-                            old: start..start.saturating_add(size),
-                            new_start: new_cfa.0.wrapping_add_signed(no.0),
+                            old: start..start.checked_add(size).unwrap_or(start),
+                            new_start,
                             conversion,
                         });
                     }

@@ -309,7 +309,11 @@ impl<'c, 'a, 'r> Classifier<'c, 'a, 'r> {
             .find(|g| g.addr <= link && link.0 < g.addr.0.saturating_add(g.size.max(1)));
         if let Some(g) = inside {
             let off = link.0 - g.addr.0;
-            let new = self.remap.as_mut().map(|r| r.remap(v)).filter(|n| *n != v);
+            let new = self
+                .remap
+                .as_mut()
+                .map(|r| r.remap(RuntimeAddr(v)).0)
+                .filter(|n| *n != v);
             return Some(match new {
                 Some(new) => Class::Remap {
                     new,
