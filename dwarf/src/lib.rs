@@ -8,6 +8,7 @@
 
 pub mod addr;
 pub mod cfi;
+pub mod compare;
 pub mod elf;
 pub mod fdt;
 pub mod model;

@@ -8,13 +8,10 @@
 //! definitions; when a declaration's name has such rival definitions, which
 //! one it means cannot be known, and reading refuses naming both units.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
+use crate::compare::TypeComparer;
 use crate::model::{Type, TypeId};
-
-/// Most type pairs compared while checking that two definitions agree; a
-/// comparison that needs more is treated as a disagreement.
-const MAX_COMPARE_STEPS: usize = 1 << 16;
 
 /// Two compilation units define the tag a declaration names differently.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,7 +75,7 @@ pub fn resolve_declarations(
             continue;
         };
         for &other in &cands[1..] {
-            if !Comparer::new(types).equal(first, other) {
+            if !TypeComparer::new(types, types).equal(first, other) {
                 return Err(Conflict {
                     kind: if *is_union { "union" } else { "struct" },
                     name: name.clone(),
@@ -103,165 +100,6 @@ pub fn resolve_declarations(
         }
     }
     Ok(resolved)
-}
-
-/// Structural equality of two types of one table (from different units).
-struct Comparer<'t> {
-    types: &'t [Type],
-    /// Aggregate pairs assumed equal while their members are compared, so
-    /// recursive types (`struct node { struct node *next; }`) end.
-    assumed: HashSet<(TypeId, TypeId)>,
-    steps: usize,
-}
-
-impl<'t> Comparer<'t> {
-    fn new(types: &'t [Type]) -> Self {
-        Comparer {
-            types,
-            assumed: HashSet::new(),
-            steps: 0,
-        }
-    }
-
-    fn opt(&mut self, a: Option<TypeId>, b: Option<TypeId>) -> bool {
-        match (a, b) {
-            (None, None) => true,
-            (Some(a), Some(b)) => self.equal(a, b),
-            _ => false,
-        }
-    }
-
-    fn equal(&mut self, a: TypeId, b: TypeId) -> bool {
-        if a == b {
-            return true;
-        }
-        self.steps += 1;
-        if self.steps > MAX_COMPARE_STEPS {
-            return false;
-        }
-        let (Some(ta), Some(tb)) = (self.types.get(a.0 as usize), self.types.get(b.0 as usize))
-        else {
-            return false;
-        };
-        match (ta, tb) {
-            (Type::Void, Type::Void) => true,
-            (Type::Base { .. }, Type::Base { .. }) => ta == tb,
-            (Type::Pointer { pointee: p }, Type::Pointer { pointee: q }) => self.opt(*p, *q),
-            (
-                Type::Struct {
-                    name: n1,
-                    size: s1,
-                    members: m1,
-                    declaration: d1,
-                },
-                Type::Struct {
-                    name: n2,
-                    size: s2,
-                    members: m2,
-                    declaration: d2,
-                },
-            )
-            | (
-                Type::Union {
-                    name: n1,
-                    size: s1,
-                    members: m1,
-                    declaration: d1,
-                },
-                Type::Union {
-                    name: n2,
-                    size: s2,
-                    members: m2,
-                    declaration: d2,
-                },
-            ) => {
-                if n1 != n2 {
-                    return false;
-                }
-                // A declaration names the same tag as any definition of it;
-                // which definition is settled where the tag is resolved.
-                if *d1 || *d2 {
-                    return n1.is_some();
-                }
-                if s1 != s2 || m1.len() != m2.len() {
-                    return false;
-                }
-                if !self.assumed.insert((a, b)) {
-                    return true;
-                }
-                let (m1, m2) = (m1.clone(), m2.clone());
-                m1.iter().zip(&m2).all(|(x, y)| {
-                    x.name == y.name
-                        && x.offset == y.offset
-                        && x.bitfield == y.bitfield
-                        && self.equal(x.ty, y.ty)
-                })
-            }
-            (
-                Type::Array {
-                    element: e1,
-                    dims: d1,
-                },
-                Type::Array {
-                    element: e2,
-                    dims: d2,
-                },
-            ) => d1 == d2 && self.equal(*e1, *e2),
-            (
-                Type::Enum {
-                    name: n1,
-                    size: s1,
-                    enumerators: v1,
-                    ..
-                },
-                Type::Enum {
-                    name: n2,
-                    size: s2,
-                    enumerators: v2,
-                    ..
-                },
-            ) => n1 == n2 && s1 == s2 && v1 == v2,
-            (
-                Type::Typedef {
-                    name: n1,
-                    target: t1,
-                },
-                Type::Typedef {
-                    name: n2,
-                    target: t2,
-                },
-            ) => n1 == n2 && self.opt(*t1, *t2),
-            (
-                Type::Qualified {
-                    qualifier: q1,
-                    target: t1,
-                },
-                Type::Qualified {
-                    qualifier: q2,
-                    target: t2,
-                },
-            ) => q1 == q2 && self.opt(*t1, *t2),
-            (
-                Type::Function {
-                    ret: r1,
-                    params: p1,
-                    varargs: v1,
-                },
-                Type::Function {
-                    ret: r2,
-                    params: p2,
-                    varargs: v2,
-                },
-            ) => {
-                if v1 != v2 || p1.len() != p2.len() || !self.opt(*r1, *r2) {
-                    return false;
-                }
-                let (p1, p2) = (p1.clone(), p2.clone());
-                p1.iter().zip(&p2).all(|(x, y)| self.equal(*x, *y))
-            }
-            _ => false,
-        }
-    }
 }
 
 #[cfg(test)]

@@ -152,7 +152,7 @@ fn setup() -> (ByteBuffer, ThreadState) {
     w(&mut mem, work_cfa - 24, 0xb0b); // saved rbx (main's value)
     w(&mut mem, work_cfa - 32, 7); // i
     w(&mut mem, work_cfa - 40, work_cfa - 32); // ptr = &i
-    let mut regs: Regs = Regs(unsafe_free_zeroed_regs());
+    let mut regs: Regs = Regs::zeroed();
     regs.0.rip = BIAS + 0x1140;
     regs.0.rbp = work_cfa - 16;
     regs.0.rsp = work_cfa - 48;
@@ -185,38 +185,6 @@ fn setup() -> (ByteBuffer, ThreadState) {
             frames,
         },
     )
-}
-
-fn unsafe_free_zeroed_regs() -> libc::user_regs_struct {
-    libc::user_regs_struct {
-        r15: 0,
-        r14: 0,
-        r13: 0,
-        r12: 0,
-        rbp: 0,
-        rbx: 0,
-        r11: 0,
-        r10: 0,
-        r9: 0,
-        r8: 0,
-        rax: 0,
-        rcx: 0,
-        rdx: 0,
-        rsi: 0,
-        rdi: 0,
-        orig_rax: 0,
-        rip: 0,
-        cs: 0,
-        eflags: 0,
-        rsp: 0,
-        ss: 0,
-        fs_base: 0,
-        gs_base: 0,
-        ds: 0,
-        es: 0,
-        fs: 0,
-        gs: 0,
-    }
 }
 
 fn apply(mem: &mut ByteBuffer, thread: &ThreadState, old: &Image, new: &Image) -> Regs {

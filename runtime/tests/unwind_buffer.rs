@@ -132,7 +132,7 @@ fn stack() -> ByteBuffer {
 }
 
 fn regs() -> Regs {
-    let mut r = Regs(upstare_runtime_regs_zero());
+    let mut r = Regs::zeroed();
     r.set(Reg::Rip, BIAS + 0x1110);
     r.set(Reg::Rsp, TOP_CFA - 32);
     r.set(Reg::Rbp, TOP_CFA - 16);
@@ -142,38 +142,6 @@ fn regs() -> Regs {
     r.set(Reg::R14, 0xA14);
     r.set(Reg::R15, 0xA15);
     r
-}
-
-fn upstare_runtime_regs_zero() -> libc::user_regs_struct {
-    libc::user_regs_struct {
-        r15: 0,
-        r14: 0,
-        r13: 0,
-        r12: 0,
-        rbp: 0,
-        rbx: 0,
-        r11: 0,
-        r10: 0,
-        r9: 0,
-        r8: 0,
-        rax: 0,
-        rcx: 0,
-        rdx: 0,
-        rsi: 0,
-        rdi: 0,
-        orig_rax: u64::MAX,
-        rip: 0,
-        cs: 0x33,
-        eflags: 0x246,
-        rsp: 0,
-        ss: 0x2b,
-        fs_base: 0,
-        gs_base: 0,
-        ds: 0,
-        es: 0,
-        fs: 0,
-        gs: 0,
-    }
 }
 
 fn unwind(
