@@ -693,3 +693,78 @@ fn gdb_reads_converted_globals_gcc() {
 fn gdb_reads_converted_globals_clang() {
     gdb_reads_converted_globals(Toolchain::Clang);
 }
+
+/// int_widen updated while its `main` loop runs (paced): gdb, given v2's
+/// symbols where the update loaded them, reads `acc` in main's rebuilt
+/// frame as a `long` holding the source's value (negative, sign-extended),
+/// consistent with the converted global `level`.
+fn gdb_reads_converted_frame_locals(tc: Toolchain) {
+    upstare_testkit::require_tool("gdb");
+    let (v1, v2) = pair("int_widen", tc);
+    let mut child = spawn(&v1, &["1000", "20"]).expect("spawn");
+    let wait = Duration::from_secs(20);
+    child
+        .wait_for_line("tick 2", wait, |l| l.starts_with("v1 t=2 "))
+        .expect("v1 runs");
+    let opts = ApplyOptions {
+        timeout: Duration::from_secs(2),
+        ..ApplyOptions::default()
+    };
+    let report = apply(child.pid() as i32, &v2, &opts).expect("update");
+    assert!(
+        report.threads[0]
+            .frames
+            .iter()
+            .any(|f| f.starts_with("main@")),
+        "main's frame was active: {:?}",
+        report.threads[0].frames
+    );
+    child
+        .wait_for_line("v2 runs", wait, |l| l.starts_with("v2 t="))
+        .expect("v2 runs");
+    let bias = report.new_load_address.expect("NEW's load address");
+    let mut cmd = std::process::Command::new("gdb");
+    cmd.args(["-nx", "-batch", "-p", &child.pid().to_string()])
+        .args(["-ex", "symbol-file"])
+        .arg("-ex")
+        .arg(format!("add-symbol-file {} -o {bias:#x}", v2.display()))
+        .args([
+            "-ex",
+            "frame function main",
+            "-ex",
+            "print acc",
+            "-ex",
+            "print sizeof(acc)",
+            "-ex",
+            "print level",
+        ]);
+    let out = upstare_testkit::run_command(cmd, Duration::from_secs(60)).expect("gdb");
+    let text = out.stdout;
+    let value = |n: u32| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("${n} = ")))
+            .and_then(|v| v.trim().parse::<i64>().ok())
+            .unwrap_or_else(|| panic!("gdb printed no ${n}:\n{text}\n{}", out.stderr))
+    };
+    let (acc, size, level) = (value(1), value(2), value(3));
+    assert_eq!(size, 8, "acc is v2's long in the rebuilt frame");
+    // level = -5 - 7n gives n; acc = -1000 - 13n (or n - 1 if gdb stopped
+    // the loop between its two statements).
+    let n = (-5 - level) / 7;
+    assert!(n >= 3, "level={level}");
+    assert!(
+        acc == -1000 - 13 * n || acc == -1000 - 13 * (n - 1),
+        "acc={acc} level={level}"
+    );
+    drop(child.kill());
+}
+
+#[test]
+fn gdb_reads_converted_frame_locals_gcc() {
+    gdb_reads_converted_frame_locals(Toolchain::Gcc);
+}
+
+#[test]
+fn gdb_reads_converted_frame_locals_clang() {
+    gdb_reads_converted_frame_locals(Toolchain::Clang);
+}
