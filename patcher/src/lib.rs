@@ -12,6 +12,7 @@
 //! - [`review`]: the plan in words, and what needs the user.
 //! - [`patchfile`]: the PATCH file (plan + identity of OLD and NEW).
 //! - [`header`]: C declarations for writing transformers.
+//! - [`input`]: reading an input file (regular, capped, whole).
 //!
 //! The runtime (`upstare-apply`) executes a plan; it never re-decides a
 //! mapping. A change of type no rule maps is named in the plan, with why.
@@ -21,6 +22,7 @@
 pub mod convert;
 pub mod header;
 pub mod initial;
+pub mod input;
 pub mod patchfile;
 pub mod plan;
 pub mod review;

@@ -115,6 +115,8 @@ pub enum UpdateError {
     },
     #[error("{0}")]
     Spec(#[from] upstare_patcher::SpecError),
+    #[error("{0}; nothing was changed")]
+    Input(#[from] upstare_patcher::input::InputError),
 }
 
 impl From<RebuildError> for UpdateError {
@@ -168,14 +170,30 @@ fn us(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
-/// Updates process `pid` to the instrumented binary `new_path`: seizes it,
-/// runs [`apply_traced`], and detaches whatever happened.
+/// Largest NEW read: far above any instrumented program, far below what
+/// would strain the updater's memory.
+pub const MAX_NEW_SIZE: u64 = 1 << 30;
+
+/// Reads NEW whole: a regular file of at most [`MAX_NEW_SIZE`] bytes (a
+/// FIFO, a device or a huge file is refused without waiting on it).
+pub fn read_new(new_path: &Path) -> Result<Vec<u8>, UpdateError> {
+    Ok(upstare_patcher::input::read_regular(
+        new_path,
+        MAX_NEW_SIZE,
+    )?)
+}
+
+/// Updates process `pid` to the instrumented binary `new_path`: reads NEW,
+/// then seizes the process, runs the update and detaches whatever
+/// happened. NEW is read completely before the first ptrace call, so a bad
+/// input never keeps the process stopped.
 pub fn apply(pid: i32, new_path: &Path, opts: &ApplyOptions) -> Result<UpdateReport, UpdateError> {
     if pid <= 0 || !Path::new(&format!("/proc/{pid}")).exists() {
         return Err(UpdateError::NoProcess { pid });
     }
+    let new_bytes = read_new(new_path)?;
     let mut tracee = Tracee::seize(nix::unistd::Pid::from_raw(pid))?;
-    let result = apply_traced(&mut tracee, new_path, opts);
+    let result = apply_traced_bytes(&mut tracee, new_path, new_bytes, opts);
     let t = Instant::now();
     let detached = tracee.detach();
     match result {
@@ -257,6 +275,18 @@ pub fn apply_traced(
     new_path: &Path,
     opts: &ApplyOptions,
 ) -> Result<UpdateReport, UpdateError> {
+    let new_bytes = read_new(new_path)?;
+    apply_traced_bytes(tracee, new_path, new_bytes, opts)
+}
+
+/// [`apply_traced`] with NEW already read (`new_bytes`, the contents of
+/// `new_path`).
+fn apply_traced_bytes(
+    tracee: &mut Tracee,
+    new_path: &Path,
+    new_bytes: Vec<u8>,
+    opts: &ApplyOptions,
+) -> Result<UpdateReport, UpdateError> {
     let start = Instant::now();
     let pid = tracee.pid().as_raw();
     let proc_err = |source| UpdateError::Proc { pid, source };
@@ -306,7 +336,6 @@ pub fn apply_traced(
             )));
         }
     }
-    let new_bytes = std::fs::read(new_path).map_err(|e| new_err(format!("cannot read: {e}")))?;
     let new_tables = upstare_dwarf::read_tables(&new_bytes).map_err(|e| new_err(e.to_string()))?;
     if let Some(expected) = &opts.expected_new {
         let actual = ImageIdentity::of_bytes(&new_bytes, &new_tables);
