@@ -6,7 +6,7 @@ use super::stopper::Stopper;
 use crate::engine::unwind::Top;
 use crate::target::breakpoint::BreakpointError;
 use crate::target::procfs::ProcError;
-use crate::target::ptrace::{PtraceError, Regs};
+use crate::target::ptrace::{PtraceError, Regs, Sig};
 use nix::unistd::Pid;
 use std::fmt;
 use std::time::Duration;
@@ -115,6 +115,8 @@ pub enum StopError {
         tid: i32,
         waited: Duration,
     },
+    #[error("process {pid}: the updater received {sig} while stopping the threads")]
+    Interrupted { pid: i32, sig: Sig },
     #[error(transparent)]
     Ptrace(#[from] PtraceError),
     #[error(transparent)]

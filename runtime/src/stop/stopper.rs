@@ -247,6 +247,7 @@ impl Stopper<'_> {
         }
         timings.arm = t.elapsed();
         self.armed = bps.len();
+        crate::update::signals::checkpoint(crate::update::signals::Phase::Stop);
         self.resuming = true;
 
         let t = Instant::now();
@@ -338,6 +339,13 @@ impl Stopper<'_> {
         let mut deadline = (skip == 0).then(|| start + self.opts.timeout);
         let mut pause = Duration::from_micros(20);
         while !self.waiting.is_empty() {
+            crate::update::signals::checkpoint(crate::update::signals::Phase::Stop);
+            if let Some(sig) = crate::update::signals::interruption() {
+                return Err(StopError::Interrupted {
+                    pid: self.pid.as_raw(),
+                    sig,
+                });
+            }
             let now = Instant::now();
             match deadline {
                 Some(d) if now >= d => return Ok(()),

@@ -223,6 +223,22 @@ fn ptrace_int(req: libc::c_uint, tid: Pid, data: c_int) -> Result<(), Errno> {
     Errno::result(r).map(drop)
 }
 
+/// Makes `handler` this process's handler for signal `sig` (restarting
+/// interrupted system calls). Used by the updater to turn termination
+/// signals into a rollback.
+pub fn catch_signal(sig: c_int, handler: extern "C" fn(c_int)) -> Result<(), Errno> {
+    let sig = Signal::try_from(sig)?;
+    let action = signal::SigAction::new(
+        signal::SigHandler::Handler(handler),
+        signal::SaFlags::SA_RESTART,
+        signal::SigSet::empty(),
+    );
+    // SAFETY: the handlers passed here only store into an atomic integer,
+    // which is async-signal-safe; no other handler is replaced unknowingly
+    // (the previous disposition is the default one of a fresh updater).
+    unsafe { signal::sigaction(sig, &action) }.map(drop)
+}
+
 /// `waitpid(tid, flags)` returning the raw status; `None` when `WNOHANG` found
 /// nothing. Retries on EINTR.
 fn waitpid_raw(tid: Pid, flags: c_int) -> Result<Option<c_int>, Errno> {

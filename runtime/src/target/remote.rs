@@ -421,6 +421,9 @@ impl<'t> RemoteCalls<'t> {
     ) -> Result<RunEnd, RemoteError> {
         let tid = self.tid;
         self.tracee.set_regs(tid, regs)?;
+        // The thread now points at remote code: a moment faults are
+        // injected at in tests.
+        crate::update::signals::checkpoint_remote();
         self.tracee.cont(tid, None)?;
         let start = Instant::now();
         for _ in 0..MAX_STOPS {

@@ -5,6 +5,7 @@
 //! commit is reversible: a refusal or failure unloads the new image, removes
 //! every armed byte and leaves the process exactly as it was.
 
+pub mod signals;
 pub mod transaction;
 
 use serde::Serialize;
@@ -23,7 +24,7 @@ use crate::load::libraries::Libraries;
 use crate::load::{self, LoadError, LoadOptions};
 use crate::stop::{self, StopError, StopOptions};
 use crate::target::procfs::{self, MemoryMap, ProcError};
-use crate::target::ptrace::{PtraceError, Tracee};
+use crate::target::ptrace::{PtraceError, Sig, Tracee};
 use nix::unistd::Pid;
 use transaction::{CommitError, PreparedState};
 use upstare_patcher::{ImageIdentity, Spec, UpdatePlan};
@@ -117,6 +118,35 @@ pub enum UpdateError {
     Spec(#[from] upstare_patcher::SpecError),
     #[error("{0}; nothing was changed")]
     Input(#[from] upstare_patcher::input::InputError),
+    #[error("interrupted by {sig}: the update was rolled back, process {pid} runs as before")]
+    Interrupted { pid: i32, sig: Sig },
+}
+
+/// `Err(Interrupted)` if the updater received a termination signal and the
+/// commit has not begun; marks a [`signals::Phase::Transfer`] moment.
+fn interrupted(pid: i32) -> Result<(), UpdateError> {
+    signals::checkpoint(signals::Phase::Transfer);
+    match signals::interruption() {
+        Some(sig) => Err(UpdateError::Interrupted { pid, sig }),
+        None => Ok(()),
+    }
+}
+
+/// While alive, a termination signal no longer stops the update (it is
+/// finished, then reported).
+struct CommitWindow;
+
+impl CommitWindow {
+    fn open() -> CommitWindow {
+        signals::begin_commit();
+        CommitWindow
+    }
+}
+
+impl Drop for CommitWindow {
+    fn drop(&mut self) {
+        signals::end_commit();
+    }
 }
 
 impl From<RebuildError> for UpdateError {
@@ -192,6 +222,7 @@ pub fn apply(pid: i32, new_path: &Path, opts: &ApplyOptions) -> Result<UpdateRep
         return Err(UpdateError::NoProcess { pid });
     }
     let new_bytes = read_new(new_path)?;
+    interrupted(pid)?;
     let mut tracee = Tracee::seize(nix::unistd::Pid::from_raw(pid))?;
     let result = apply_traced_bytes(&mut tracee, new_path, new_bytes, opts);
     let t = Instant::now();
@@ -385,6 +416,7 @@ fn apply_traced_bytes(
     let deadline = t + opts.timeout;
     let mut skip_hits = opts.skip_hits;
     let threads = loop {
+        interrupted(pid)?;
         let stopped = stop::stop_the_world(
             tracee,
             &old,
@@ -394,7 +426,11 @@ fn apply_traced_bytes(
                 skip_hits,
                 ..StopOptions::default()
             },
-        )?;
+        )
+        .map_err(|e| match e {
+            StopError::Interrupted { pid, sig } => UpdateError::Interrupted { pid, sig },
+            e => e.into(),
+        })?;
         skip_hits = 0;
         let Some(busy) = forbidden_frame(&stopped.threads, &plan) else {
             break stopped.threads;
@@ -413,6 +449,7 @@ fn apply_traced_bytes(
         std::thread::sleep(SAFETY_RETRY);
     };
     timings.stop_us = us(t.elapsed());
+    interrupted(pid)?;
 
     // Phase 3: does the paused state map onto the new version? (plan and
     // tables only)
@@ -435,9 +472,11 @@ fn apply_traced_bytes(
         warnings: Vec::new(),
         timings: Timings::default(),
     };
+    interrupted(pid)?;
     if opts.dry_run {
         // Also what loading would refuse (libraries, imports).
         load::check_loadable(tracee.pid(), new_path, &new_bytes)?;
+        interrupted(pid)?;
         report.warnings = warnings;
         timings.total_us = us(start.elapsed());
         report.timings = timings;
@@ -459,6 +498,7 @@ fn apply_traced_bytes(
     let commit_plan = loaded.plan_commit(&old)?;
     warnings.extend(commit_plan.warnings.iter().cloned());
     timings.load_us = us(t.elapsed());
+    interrupted(pid)?;
 
     let (new, tr) = loaded.parts();
     report.new_load_address = Some(new.bias.0);
@@ -473,6 +513,7 @@ fn apply_traced_bytes(
     let globals = transfer::transfer_globals(&mem, &plan, &old, new, &mut remap)?;
     let maps_now = procfs::read_maps(tr.pid()).map_err(proc_err)?;
     let roots = heap::heap_roots(&mem, &old, &threads);
+    interrupted(pid)?;
     let heap = heap::transfer_heap(
         &mem,
         &old.tables.types,
@@ -522,8 +563,12 @@ fn apply_traced_bytes(
     let globals_copied = globals.copied;
     let frames: Vec<Vec<String>> = plans.iter().map(|p| p.frames.clone()).collect();
     drop(remap);
+    // The last moment a termination signal rolls the update back.
+    interrupted(pid)?;
 
-    // Phase 6: commit, with an undo log so a failure is rolled back.
+    // Phase 6: commit, with an undo log so a failure is rolled back. A
+    // termination signal from here on is reported once it is finished.
+    let _window = CommitWindow::open();
     let t = Instant::now();
     let undo = transaction::commit(&prepared, &mut mem, tr)?;
     if let Err(e) = loaded.commit(&commit_plan) {
