@@ -98,6 +98,7 @@ pub(super) fn stop(
 ) -> Result<Stopped, StopError> {
     let t0 = Instant::now();
     let pid = tracee.pid();
+    crate::update::signals::checkpoint(crate::update::signals::Phase::Stop);
     // A library loaded since `libs` was built is only needed for blocked
     // threads inside it; a failure here shows up there.
     let _ = libs.refresh(pid);

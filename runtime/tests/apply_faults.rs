@@ -1,0 +1,363 @@
+//! Nothing that happens to the updater may hurt the target: termination
+//! signals sent to `upstare-apply` at exact moments of an update, on a
+//! 16-thread busy program and on a server blocked in `read`.
+//!
+//! The moments are chosen with the debug-only hook
+//! `UPSTARE_TEST_SIGNAL_AT=<phase>:<n>:<SIGNAL>` (the updater sends itself
+//! SIGNAL at the n-th checkpoint of the phase; see
+//! `upstare_runtime::update::signals`): first a clean update counts the
+//! checkpoints of each phase (`UPSTARE_TEST_SIGNAL_AT=count`), then moments
+//! are spread over stop, load, transfer and commit. No sleeping and hoping.
+//!
+//! After each interrupted update the target must be alive and go on, and
+//! its whole output must be an uninterrupted v1 run or a clean switch to v2
+//! with the state carried over; which one must match what the updater said
+//! (rolled back → v1, completed → v2).
+
+mod apply_support;
+
+use apply_support::TempDir;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+use upstare_testkit::{run_command, spawn, ChildGuard, Output, Toolchain};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// 16 threads spinning through a loop with an update point; main prints a
+/// tick with a running total every 5 ms.
+fn busy(tag: &str) -> String {
+    format!(
+        r#"
+#include <pthread.h>
+#include <sched.h>
+#include <stdio.h>
+#include <time.h>
+#define NT 16
+static volatile long work[NT];
+long total;
+static void *worker(void *arg)
+{{
+    long k = (long)arg;
+    for (;;) {{
+        work[k] = work[k] + 1;
+        if (work[k] % 4096 == 0)
+            sched_yield();
+    }}
+    return NULL;
+}}
+int main(void)
+{{
+    pthread_t t[NT];
+    for (long k = 0; k < NT; k++)
+        pthread_create(&t[k], NULL, worker, (void *)k);
+    for (int i = 0; i < 1000000; i++) {{
+        total += 3;
+        printf("{tag} tick %d total=%ld\n", i, total);
+        fflush(stdout);
+        struct timespec ts = {{0, 5000000}};
+        nanosleep(&ts, NULL);
+    }}
+    return 0;
+}}
+"#
+    )
+}
+
+/// Blocked in read(2) on stdin; answers each line with a count.
+fn server(tag: &str) -> String {
+    format!(
+        r#"
+#include <stdio.h>
+#include <unistd.h>
+long count;
+static long get(char *buf, long cap)
+{{
+    long n = read(0, buf, cap);
+    return n;
+}}
+int main(void)
+{{
+    char buf[64];
+    long n;
+    printf("{tag} ready\n");
+    fflush(stdout);
+    while ((n = get(buf, sizeof buf - 1)) > 0) {{
+        buf[n] = 0;
+        count++;
+        printf("{tag} pong %ld %s", count, buf);
+        fflush(stdout);
+    }}
+    return 0;
+}}
+"#
+    )
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Busy,
+    Server,
+}
+
+struct Versions {
+    kind: Kind,
+    v1: PathBuf,
+    v2: PathBuf,
+}
+
+fn build(dir: &TempDir, kind: Kind) -> Versions {
+    let src = |tag| match kind {
+        Kind::Busy => busy(tag),
+        Kind::Server => server(tag),
+    };
+    let name = format!("{kind:?}").to_lowercase();
+    Versions {
+        kind,
+        v1: apply_support::build_c(dir, &format!("{name}1"), &src("v1"), Toolchain::Gcc),
+        v2: apply_support::build_c(dir, &format!("{name}2"), &src("v2"), Toolchain::Gcc),
+    }
+}
+
+/// Starts v1 and waits until it runs.
+fn start(v: &Versions) -> ChildGuard {
+    let child = spawn(&v.v1, &[] as &[&str]).expect("spawn v1");
+    let first = match v.kind {
+        Kind::Busy => "v1 tick 2 ",
+        Kind::Server => "v1 ready",
+    };
+    child
+        .wait_for_line("v1 runs", WAIT, |l| l.starts_with(first))
+        .unwrap_or_else(|e| panic!("{e}"));
+    child
+}
+
+/// Runs upstare-apply on `child` with `inject` as `UPSTARE_TEST_SIGNAL_AT`.
+fn updater(v: &Versions, child: &ChildGuard, inject: &str) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_upstare-apply"));
+    cmd.args(["--pid", &child.pid().to_string(), "--to"])
+        .arg(&v.v2)
+        .args(["--timeout", "30000"])
+        .env("UPSTARE_TEST_SIGNAL_AT", inject);
+    run_command(cmd, WAIT * 2).unwrap_or_else(|e| panic!("upstare-apply: {e}"))
+}
+
+/// Lets the target show it is alive (two more ticks, or two more answers)
+/// and returns the version tag its newest line carries.
+fn goes_on(v: &Versions, child: &mut ChildGuard, what: &str) -> String {
+    match v.kind {
+        Kind::Busy => {
+            let last = child.stdout_so_far().lines().count();
+            child
+                .wait_for_line(what, WAIT, |l| {
+                    l.split_whitespace().nth(2) == Some(&(last + 1).to_string())
+                })
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "{what}: target did not go on: {e}\n{}",
+                        child.stdout_so_far()
+                    )
+                });
+        }
+        Kind::Server => {
+            for _ in 0..2 {
+                let answers = child.stdout_so_far().lines().count();
+                child
+                    .send_stdin(format!("ping {answers}\n").as_bytes())
+                    .unwrap_or_else(|e| panic!("{what}: {e}"));
+                child
+                    .wait_for_line(what, WAIT, |l| {
+                        l.split_whitespace().nth(2) == Some(&answers.to_string())
+                    })
+                    .unwrap_or_else(|e| {
+                        panic!(
+                            "{what}: target did not answer: {e}\n{}",
+                            child.stdout_so_far()
+                        )
+                    });
+            }
+        }
+    }
+    let out = child.stdout_so_far();
+    out.lines()
+        .last()
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or("")
+        .to_string()
+}
+
+/// The whole output is v1 lines then (maybe) v2 lines, with the state
+/// carried over: tick i has total 3(i+1); answer k counts k.
+fn check_output(v: &Versions, out: &str, what: &str) {
+    let mut seen_v2 = false;
+    for (i, l) in out.lines().enumerate() {
+        let mut f = l.split_whitespace();
+        let tag = f.next().unwrap_or("");
+        match tag {
+            "v1" => assert!(!seen_v2, "{what}: v1 line after v2: {l}\n{out}"),
+            "v2" => seen_v2 = true,
+            _ => panic!("{what}: line {i}: {l}"),
+        }
+        let rest: Vec<&str> = f.collect();
+        let want = match v.kind {
+            Kind::Busy => format!("tick {i} total={}", 3 * (i + 1)),
+            Kind::Server if i == 0 => "ready".into(),
+            Kind::Server => format!("pong {i} ping {i}"),
+        };
+        assert_eq!(rest.join(" "), want, "{what}: line {i}\n{out}");
+    }
+}
+
+/// Checkpoints per phase of a clean update of `v`.
+fn count_checkpoints(v: &Versions) -> Vec<(String, u64)> {
+    let mut child = start(v);
+    let out = updater(v, &child, "count");
+    assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
+    let line = out
+        .stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("upstare-test: checkpoints "))
+        .unwrap_or_else(|| panic!("no counts: {}", out.stderr));
+    assert_eq!(goes_on(v, &mut child, "clean update"), "v2");
+    check_output(v, &child.stdout_so_far(), "clean update");
+    line.split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, n)| (k.to_string(), n.parse().expect("count")))
+        .collect()
+}
+
+/// At most `k` moments spread over 1..=n.
+fn spread(n: u64, k: u64) -> Vec<u64> {
+    if n <= k {
+        return (1..=n).collect();
+    }
+    let mut v: Vec<u64> = (0..k).map(|j| 1 + j * (n - 1) / (k - 1)).collect();
+    v.dedup();
+    v
+}
+
+/// The moments to inject at: per phase, a spread of its checkpoints.
+fn moments(counts: &[(String, u64)]) -> Vec<(String, u64)> {
+    let per_phase = |p: &str| match p {
+        "stop" => 4,
+        "load" => 18,
+        "transfer" => 8,
+        _ => 8,
+    };
+    counts
+        .iter()
+        .flat_map(|(p, n)| spread(*n, per_phase(p)).into_iter().map(|k| (p.clone(), k)))
+        .collect()
+}
+
+#[derive(Default, Debug)]
+struct Tally {
+    runs: u32,
+    survived: u32,
+    rolled_back: u32,
+    completed: u32,
+}
+
+/// One update of a fresh v1 interrupted by `sig` at `phase:n`.
+fn interrupted_update(v: &Versions, sig: &str, phase: &str, n: u64, tally: &mut Tally) {
+    let what = format!("{:?} {sig} at {phase}:{n}", v.kind);
+    let mut child = start(v);
+    let out = updater(v, &child, &format!("{phase}:{n}:{sig}"));
+    // The counts line of the hook is not part of the message.
+    let err: String = out
+        .stderr
+        .lines()
+        .filter(|l| !l.starts_with("upstare-test: "))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let err = err.trim();
+    let counts = out.stderr.lines().find(|l| l.starts_with("upstare-test: "));
+    let what = format!("{what} ({})", counts.unwrap_or("killed before counting"));
+    tally.runs += 1;
+    let signo: i32 = match sig {
+        "SIGINT" => 2,
+        "SIGHUP" => 1,
+        "SIGQUIT" => 3,
+        "SIGPIPE" => 13,
+        "SIGTERM" => 15,
+        _ => 9,
+    };
+    let expect = if sig == "SIGKILL" {
+        assert_eq!(out.status.signal(), Some(9), "{what}: {err}");
+        None
+    } else {
+        assert_eq!(out.status.code(), Some(128 + signo), "{what}: {err}");
+        assert_eq!(err.lines().count(), 1, "{what}: one line: {err}");
+        if err.contains("rolled back") {
+            Some("v1")
+        } else {
+            assert!(
+                err.contains("the update was completed first"),
+                "{what}: {err}"
+            );
+            Some("v2")
+        }
+    };
+    let tag = goes_on(v, &mut child, &what);
+    if let Some(e) = expect {
+        assert_eq!(tag, e, "{what}: the updater said {err}");
+    }
+    check_output(v, &child.stdout_so_far(), &what);
+    tally.survived += 1;
+    if tag == "v1" {
+        tally.rolled_back += 1;
+    } else {
+        tally.completed += 1;
+    }
+    // Still alive after its state was checked.
+    assert!(
+        child.try_status().expect("status").is_none(),
+        "{what}: exited"
+    );
+}
+
+fn fault_matrix(kind: Kind, signals: &[&str]) {
+    let dir = TempDir::new("apply-faults");
+    let v = build(&dir, kind);
+    let counts = count_checkpoints(&v);
+    println!("{kind:?}: checkpoints {counts:?}");
+    let moments = moments(&counts);
+    assert!(
+        moments.len() >= 30,
+        "only {} moments: {counts:?}",
+        moments.len()
+    );
+    for sig in signals {
+        let mut tally = Tally::default();
+        for (phase, n) in &moments {
+            interrupted_update(&v, sig, phase, *n, &mut tally);
+        }
+        println!("{kind:?} {sig}: {tally:?}");
+        assert_eq!(tally.survived, tally.runs);
+    }
+}
+
+#[test]
+fn busy_program_survives_termination_signals_at_every_moment() {
+    fault_matrix(Kind::Busy, &["SIGINT", "SIGTERM"]);
+}
+
+#[test]
+fn blocked_server_survives_termination_signals_at_every_moment() {
+    fault_matrix(Kind::Server, &["SIGINT", "SIGTERM"]);
+}
+
+/// SIGHUP, SIGQUIT and SIGPIPE are handled like SIGINT (a few moments).
+#[test]
+fn other_termination_signals_roll_back_too() {
+    let dir = TempDir::new("apply-faults-other");
+    let v = build(&dir, Kind::Server);
+    for sig in ["SIGHUP", "SIGQUIT", "SIGPIPE"] {
+        let mut tally = Tally::default();
+        for (phase, n) in [("stop", 1), ("load", 3), ("transfer", 2), ("commit", 1)] {
+            interrupted_update(&v, sig, phase, n, &mut tally);
+        }
+        assert_eq!(tally.survived, 4, "{sig}: {tally:?}");
+        assert!(tally.rolled_back >= 3, "{sig}: {tally:?}");
+    }
+}
