@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 /// Why an input file was not read.
 #[derive(Debug, thiserror::Error)]
 pub enum InputError {
-    #[error("{path}: cannot open: {source}")]
+    #[error("{path}: cannot read: {source}")]
     Open {
         path: PathBuf,
         #[source]

@@ -561,9 +561,13 @@ impl fmt::Debug for Tracee {
 }
 
 impl Tracee {
-    /// Options set on every tracee: follow threads, forks, vforks and execs.
+    /// Options set on every tracee: follow threads, forks, vforks and execs;
+    /// system-call stops marked (`SIGTRAP | 0x80`). Never
+    /// `PTRACE_O_EXITKILL` on a seized process: if the updater dies, the
+    /// kernel detaches and the process must live on.
     pub fn options() -> Options {
-        Options::PTRACE_O_TRACECLONE
+        Options::PTRACE_O_TRACESYSGOOD
+            | Options::PTRACE_O_TRACECLONE
             | Options::PTRACE_O_TRACEFORK
             | Options::PTRACE_O_TRACEVFORK
             | Options::PTRACE_O_TRACEEXEC
@@ -942,6 +946,12 @@ impl Tracee {
     /// Resume `tid`, delivering `sig` (or the signal kept while seizing).
     pub fn cont(&mut self, tid: Pid, sig: Option<Sig>) -> Result<(), PtraceError> {
         self.resume(libc::PTRACE_CONT, "PTRACE_CONT", tid, sig)
+    }
+
+    /// Resume `tid` until its next system-call entry or exit stop
+    /// (`PTRACE_SYSCALL`, reported as [`Stop::Syscall`]).
+    pub fn syscall_step(&mut self, tid: Pid) -> Result<(), PtraceError> {
+        self.resume(libc::PTRACE_SYSCALL, "PTRACE_SYSCALL", tid, None)
     }
 
     /// Execute one instruction of `tid` (delivering `sig` first, if any).
