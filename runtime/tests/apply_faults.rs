@@ -256,6 +256,8 @@ struct Tally {
     survived: u32,
     rolled_back: u32,
     completed: u32,
+    /// Moments past the end of the phase in that run (no signal sent).
+    not_reached: u32,
 }
 
 /// One update of a fresh v1 interrupted by `sig` at `phase:n`.
@@ -282,7 +284,19 @@ fn interrupted_update(v: &Versions, sig: &str, phase: &str, n: u64, tally: &mut 
         "SIGTERM" => 15,
         _ => 9,
     };
-    let expect = if sig == "SIGKILL" {
+    // This run had fewer checkpoints in the phase than the counting run
+    // (where threads stop varies the frames written): the signal was never
+    // sent and the update simply completed.
+    let phase_count = counts.and_then(|l| {
+        l.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{phase}=")))
+            .and_then(|n| n.parse::<u64>().ok())
+    });
+    let expect = if phase_count.is_some_and(|c| c < n) {
+        assert_eq!(out.status.code(), Some(0), "{what}: {err}");
+        tally.not_reached += 1;
+        Some("v2")
+    } else if sig == "SIGKILL" {
         assert_eq!(out.status.signal(), Some(9), "{what}: {err}");
         None
     } else {
@@ -334,6 +348,8 @@ fn fault_matrix(kind: Kind, signals: &[&str]) {
         }
         println!("{kind:?} {sig}: {tally:?}");
         assert_eq!(tally.survived, tally.runs);
+        // Nearly every moment was really hit.
+        assert!(tally.not_reached * 10 <= tally.runs, "{tally:?}");
     }
 }
 

@@ -6,6 +6,7 @@
 //! every armed byte and leaves the process exactly as it was.
 
 pub mod signals;
+mod survive;
 pub mod transaction;
 
 use serde::Serialize;
@@ -118,6 +119,8 @@ pub enum UpdateError {
     Spec(#[from] upstare_patcher::SpecError),
     #[error("{0}; nothing was changed")]
     Input(#[from] upstare_patcher::input::InputError),
+    #[error("{0}")]
+    Rescue(Box<crate::target::rescue::RescueError>),
     #[error("interrupted by {sig}: the update was rolled back, process {pid} runs as before")]
     Interrupted { pid: i32, sig: Sig },
 }
@@ -415,7 +418,11 @@ fn apply_traced_bytes(
     let t = Instant::now();
     let deadline = t + opts.timeout;
     let mut skip_hits = opts.skip_hits;
-    let threads = loop {
+    // Breakpoints are armed only while the world is being stopped: the
+    // rescue handler covers exactly that span, so that the process lives on
+    // if the updater is killed meanwhile.
+    let rescue = survive::install(tracee, &old)?;
+    let stopped = (|| loop {
         interrupted(pid)?;
         let stopped = stop::stop_the_world(
             tracee,
@@ -433,7 +440,7 @@ fn apply_traced_bytes(
         })?;
         skip_hits = 0;
         let Some(busy) = forbidden_frame(&stopped.threads, &plan) else {
-            break stopped.threads;
+            return Ok(stopped.threads);
         };
         if Instant::now() + SAFETY_RETRY >= deadline {
             return Err(UpdateError::Unsafe {
@@ -447,7 +454,10 @@ fn apply_traced_bytes(
             tracee.cont(tid, sig)?;
         }
         std::thread::sleep(SAFETY_RETRY);
-    };
+    })();
+    let removed = rescue.map_or(Ok(()), |r| survive::remove(tracee, r));
+    let threads = stopped?;
+    removed?;
     timings.stop_us = us(t.elapsed());
     interrupted(pid)?;
 
