@@ -140,6 +140,7 @@ pub(super) fn stop(
         Err(e) if !gone && process_dead(pid) => Err(StopError::Gone {
             pid: pid.as_raw(),
             how: e.to_string(),
+            status: None,
         }),
         other => other,
     };
@@ -295,7 +296,8 @@ impl Stopper<'_> {
                 Ok(Some(stop)) if stop.is_terminal() => {
                     return Err(StopError::Gone {
                         pid: self.pid.as_raw(),
-                        how: format!("thread {tid}: {stop:?}"),
+                        how: format!("thread {tid}: {stop}"),
+                        status: stop.exit(),
                     })
                 }
                 // Not expected of a stopped thread; it stays stopped.
@@ -304,6 +306,7 @@ impl Stopper<'_> {
                     return Err(StopError::Gone {
                         pid: self.pid.as_raw(),
                         how: format!("thread {tid} is gone"),
+                        status: None,
                     })
                 }
                 Err(e) => return Err(e.into()),
@@ -486,6 +489,7 @@ impl Stopper<'_> {
             return Err(StopError::Gone {
                 pid: self.pid.as_raw(),
                 how: "its main thread is gone".into(),
+                status: None,
             });
         }
         Ok(())
@@ -560,7 +564,8 @@ impl Stopper<'_> {
                 if tid == self.pid || matches!(stop, Stop::Killed { sig, .. } if sig == Sig::KILL) {
                     return Err(StopError::Gone {
                         pid: self.pid.as_raw(),
-                        how: format!("thread {tid}: {stop:?}"),
+                        how: format!("thread {tid}: {stop}"),
+                        status: stop.exit(),
                     });
                 }
                 // A thread's end may be the whole process's (exit_group).
@@ -722,10 +727,11 @@ impl Stopper<'_> {
                     self.hold_current(tid, sig)?;
                     self.tracee.cont(tid, None)?;
                 }
-                Stop::Exited { .. } | Stop::Killed { .. } => {
+                end @ (Stop::Exited { .. } | Stop::Killed { .. }) => {
                     return Err(StopError::Gone {
                         pid: self.pid.as_raw(),
-                        how: format!("thread {tid} ended"),
+                        how: format!("thread {tid}: {end}"),
+                        status: end.exit(),
                     })
                 }
                 _ => {
@@ -805,7 +811,8 @@ impl Stopper<'_> {
         if tid == self.pid {
             return Err(StopError::Gone {
                 pid: self.pid.as_raw(),
-                how: format!("{stop:?}"),
+                how: stop.to_string(),
+                status: stop.exit(),
             });
         }
         Ok(())

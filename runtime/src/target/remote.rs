@@ -510,7 +510,7 @@ impl<'t> RemoteCalls<'t> {
         RemoteError::Unexpected {
             tid: self.tid.as_raw(),
             op: op.to_string(),
-            stop: describe_stop(stop),
+            stop: stop.to_string(),
             rip: RuntimeAddr(rip),
         }
     }
@@ -559,7 +559,7 @@ impl<'t> RemoteCalls<'t> {
                 return Err(RemoteError::Ended {
                     tid: tid.as_raw(),
                     op: op.to_string(),
-                    stop: describe_stop(&stop),
+                    stop: stop.to_string(),
                 });
             }
             match stop {
@@ -1046,31 +1046,6 @@ impl<'t> RemoteCalls<'t> {
                 )
                 .map(drop),
         }
-    }
-}
-
-/// A stop in words, for messages.
-fn describe_stop(stop: &Stop) -> String {
-    match stop {
-        Stop::Exited { code } => format!("exited with code {code}"),
-        Stop::Killed { sig, core } => {
-            format!(
-                "killed by {sig}{}",
-                if *core { " (core dumped)" } else { "" }
-            )
-        }
-        Stop::Exiting { status } => format!("exiting (wait status {status:#x})"),
-        Stop::Int3 => "int3 trap".into(),
-        Stop::Step => "single-step trap".into(),
-        Stop::Signal { sig, code } => format!("{sig} (code {code})"),
-        Stop::Syscall => "system-call stop".into(),
-        Stop::EventStop { sig } => format!("event stop ({sig})"),
-        Stop::Clone { new } => format!("clone of thread {new}"),
-        Stop::Fork { child } => format!("fork of process {child}"),
-        Stop::Vfork { child } => format!("vfork of process {child}"),
-        Stop::VforkDone => "vfork done".into(),
-        Stop::Exec { .. } => "execve".into(),
-        Stop::OtherEvent { event } => format!("ptrace event {event}"),
     }
 }
 
