@@ -388,3 +388,101 @@ fn other_termination_signals_roll_back_too() {
         assert!(tally.rolled_back >= 3, "{sig}: {tally:?}");
     }
 }
+
+/// The state letter of every thread of `pid`.
+fn task_states(pid: u32) -> Vec<char> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter_map(|s| s.rsplit(')').next()?.trim_start().chars().next())
+        .collect()
+}
+
+/// Job control passes through an update: SIGSTOP and SIGCONT sent to the
+/// target at a moment of the update leave it in the state the last of them
+/// says (stopped after SIGSTOP, running after SIGCONT), and the update
+/// completes.
+fn job_control(kind: Kind) -> (u32, u32) {
+    let dir = TempDir::new("apply-jobs");
+    let v = build(&dir, kind);
+    let counts = count_checkpoints(&v);
+    let per_phase = |p: &str| match p {
+        "stop" => 3,
+        "load" => 6,
+        "transfer" => 4,
+        _ => 4,
+    };
+    let moments: Vec<(String, u64)> = counts
+        .iter()
+        .flat_map(|(p, n)| spread(*n, per_phase(p)).into_iter().map(|k| (p.clone(), k)))
+        .collect();
+    let (mut runs, mut right) = (0, 0);
+    let mut cases: Vec<(String, bool)> = Vec::new();
+    for (i, (phase, n)) in moments.iter().enumerate() {
+        for seq in ["SIGSTOP", "SIGSTOP+SIGCONT", "SIGCONT"] {
+            cases.push((format!("{phase}:{n}:{seq}"), seq.ends_with("SIGSTOP")));
+        }
+        // A stop here and a continue at a later moment (the next one, and
+        // the last of the update).
+        for (p2, n2) in [moments.get(i + 1), moments.last()].into_iter().flatten() {
+            if (p2, n2) != (phase, n) {
+                cases.push((format!("{phase}:{n}:SIGSTOP,{p2}:{n2}:SIGCONT"), false));
+            }
+        }
+    }
+    for (spec, ends_stopped) in &cases {
+        {
+            let what = format!("{kind:?} {spec}");
+            let mut child = start(&v);
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_upstare-apply"));
+            cmd.args(["--pid", &child.pid().to_string(), "--to"])
+                .arg(&v.v2)
+                .args(["--timeout", "30000"])
+                .env("UPSTARE_TEST_TARGET_SIGNALS_AT", spec);
+            let out = run_command(cmd, WAIT * 2).unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(out.status.code(), Some(0), "{what}: {}", out.stderr);
+            runs += 1;
+            let pid = child.pid();
+            if *ends_stopped {
+                // Stopped: every thread gets to T (bounded poll for a state
+                // the kernel reaches right after the detach).
+                let mut stopped = false;
+                for _ in 0..2000 {
+                    let st = task_states(pid);
+                    if !st.is_empty() && st.iter().all(|&c| c == 'T') {
+                        stopped = true;
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                assert!(stopped, "{what}: not stopped: {:?}", task_states(pid));
+                nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGCONT,
+                )
+                .expect("SIGCONT");
+            } else {
+                assert!(
+                    !task_states(pid).contains(&'T'),
+                    "{what}: stopped after SIGCONT: {:?}",
+                    task_states(pid)
+                );
+            }
+            assert_eq!(goes_on(&v, &mut child, &what), "v2", "{what}");
+            check_output(&v, &child.stdout_so_far(), &what);
+            right += 1;
+        }
+    }
+    println!("{kind:?}: job control right in {right} of {runs}");
+    (runs, right)
+}
+
+#[test]
+fn job_control_passes_through_an_update() {
+    let (a, b) = job_control(Kind::Server);
+    let (c, d) = job_control(Kind::Busy);
+    assert!(a + c >= 50, "only {} cases", a + c);
+    assert_eq!(b + d, a + c);
+}

@@ -225,6 +225,7 @@ pub fn apply(pid: i32, new_path: &Path, opts: &ApplyOptions) -> Result<UpdateRep
         return Err(UpdateError::NoProcess { pid });
     }
     let new_bytes = read_new(new_path)?;
+    signals::set_target(pid);
     interrupted(pid)?;
     let mut tracee = Tracee::seize(nix::unistd::Pid::from_raw(pid))?;
     let result = apply_traced_bytes(&mut tracee, new_path, new_bytes, opts);

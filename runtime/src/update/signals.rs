@@ -16,8 +16,12 @@
 //! phase `stop`, `load`, `transfer` or `commit`. Tests use it to hit exact
 //! moments of an update without sleeping and hoping. With
 //! `UPSTARE_TEST_SIGNAL_AT` set (`count` only counts) the updater prints, when it ends, how many
-//! checkpoints each phase had (`upstare-test: checkpoints stop=N ...`). The
-//! variable is not read in release builds.
+//! checkpoints each phase had (`upstare-test: checkpoints stop=N ...`).
+//! `UPSTARE_TEST_TARGET_SIGNALS_AT=<phase>:<n>:<SIG>[+<SIG>...]` (e.g.
+//! `load:4:SIGSTOP+SIGCONT`) sends the signals, in order, to the *target*
+//! at that checkpoint: job control during an update (several moments
+//! separated by commas: `stop:2:SIGSTOP,load:9:SIGCONT`). Neither variable is
+//! read in release builds.
 
 use crate::target::ptrace::{self, Sig};
 use nix::errno::Errno;
@@ -156,8 +160,49 @@ fn injection() -> Option<Injection> {
     })
 }
 
-/// Marks a moment of `phase`. In debug builds, sends the signal
-/// `UPSTARE_TEST_SIGNAL_AT` names when this is its moment.
+/// The process being updated (for `UPSTARE_TEST_TARGET_SIGNALS_AT`).
+static TARGET: AtomicI32 = AtomicI32::new(0);
+
+/// Records the process being updated.
+pub fn set_target(pid: i32) {
+    TARGET.store(pid, Ordering::SeqCst);
+}
+
+/// What `UPSTARE_TEST_TARGET_SIGNALS_AT` asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct TargetSignals {
+    phase: Phase,
+    n: u64,
+    sigs: Vec<nix::sys::signal::Signal>,
+}
+
+fn parse_target_signals(text: &str) -> Option<TargetSignals> {
+    let mut parts = text.split(':');
+    let (phase, n, sigs) = (parts.next()?, parts.next()?, parts.next()?);
+    let phase = Phase::ALL.into_iter().find(|p| p.name() == phase)?;
+    let sigs: Option<Vec<_>> = sigs.split('+').map(|s| s.parse().ok()).collect();
+    Some(TargetSignals {
+        phase,
+        n: n.parse().ok()?,
+        sigs: sigs?,
+    })
+}
+
+/// The moments of `UPSTARE_TEST_TARGET_SIGNALS_AT` (comma-separated).
+fn target_signals() -> &'static [TargetSignals] {
+    if !cfg!(debug_assertions) {
+        return &[];
+    }
+    static TS: std::sync::OnceLock<Vec<TargetSignals>> = std::sync::OnceLock::new();
+    TS.get_or_init(|| {
+        std::env::var("UPSTARE_TEST_TARGET_SIGNALS_AT")
+            .map(|t| t.split(',').filter_map(parse_target_signals).collect())
+            .unwrap_or_default()
+    })
+}
+
+/// Marks a moment of `phase`. In debug builds, sends the signals the test
+/// variables name when this is their moment.
 pub fn checkpoint(phase: Phase) {
     let n = COUNTS[phase.index()].fetch_add(1, Ordering::SeqCst) + 1;
     if let Some(Injection::At {
@@ -169,6 +214,14 @@ pub fn checkpoint(phase: Phase) {
         if p == phase && n == at {
             if let Some(s) = sig.to_nix() {
                 let _ = nix::sys::signal::raise(s);
+            }
+        }
+    }
+    let target = TARGET.load(Ordering::SeqCst);
+    for t in target_signals() {
+        if t.phase == phase && t.n == n && target > 0 {
+            for &s in &t.sigs {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(target), s);
             }
         }
     }
@@ -215,5 +268,17 @@ mod tests {
         assert_eq!(parse_injection("load:x:SIGKILL"), None);
         assert_eq!(parse_injection("nowhere:1:SIGINT"), None);
         assert_eq!(parse_injection("stop:1:NOTASIG"), None);
+        assert_eq!(
+            parse_target_signals("load:4:SIGSTOP+SIGCONT"),
+            Some(TargetSignals {
+                phase: Phase::Load,
+                n: 4,
+                sigs: vec![
+                    nix::sys::signal::Signal::SIGSTOP,
+                    nix::sys::signal::Signal::SIGCONT
+                ]
+            })
+        );
+        assert_eq!(parse_target_signals("load:4:SIGSTOP+"), None);
     }
 }
