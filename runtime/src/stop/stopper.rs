@@ -536,6 +536,12 @@ impl Stopper<'_> {
             // once, as without us: `raise()` must run the handler before it
             // returns, and two raises of one signal must not merge. Only
             // job-control stops are held (they would stop the whole group).
+            Stop::Signal { sig, .. } if sig.0 == nix::libc::SIGCONT => {
+                // A continue discards the stops sent before it (as the
+                // kernel does with pending ones): drop those held back.
+                self.held.retain(|h| !is_job_control(h.sig));
+                self.cont(tid, Some(sig))
+            }
             Stop::Signal { sig, .. } if !is_job_control(sig) => self.cont(tid, Some(sig)),
             Stop::Signal { sig, .. } => {
                 self.hold_current(tid, sig)?;

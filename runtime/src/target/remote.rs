@@ -317,6 +317,22 @@ fn read_sigmask(pid: Pid, tid: Pid) -> Result<u64, RemoteError> {
     u64::from_str_radix(line.trim(), 16).map_err(|_| err(format!("bad SigBlk {line:?}")))
 }
 
+/// Whether a SIGCONT is pending for thread `tid` or its whole process
+/// (`SigPnd`, `ShdPnd` of `/proc/PID/task/TID/status`).
+fn sigcont_pending(pid: Pid, tid: Pid) -> bool {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")) else {
+        return false;
+    };
+    let bit = 1u64 << (libc::SIGCONT - 1);
+    text.lines()
+        .filter_map(|l| {
+            l.strip_prefix("SigPnd:")
+                .or_else(|| l.strip_prefix("ShdPnd:"))
+        })
+        .filter_map(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .any(|set| set & bit != 0)
+}
+
 /// What a remote run executes.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum RunKind {
@@ -960,7 +976,7 @@ impl<'t> RemoteCalls<'t> {
             // Only signals that cannot be blocked can have been taken since.
             for c in std::mem::take(&mut self.caught) {
                 if c.sig() == Sig::STOP {
-                    let _ = signal::kill(self.pid(), Signal::SIGSTOP);
+                    self.resend_stop();
                 } else if slot.is_none() {
                     slot = Some(c.sig());
                 }
@@ -968,7 +984,7 @@ impl<'t> RemoteCalls<'t> {
         } else {
             for c in &caught {
                 if c.sig() == Sig::STOP {
-                    let _ = signal::kill(self.pid(), Signal::SIGSTOP);
+                    self.resend_stop();
                 } else if slot.is_none() {
                     slot = Some(c.sig());
                 }
@@ -1010,13 +1026,24 @@ impl<'t> RemoteCalls<'t> {
         first.map_or(Ok(()), Err)
     }
 
+    /// Sends again a SIGSTOP taken from the thread, unless a SIGCONT came
+    /// after it: the kernel would have discarded the stop then, and the
+    /// SIGCONT (blocked during the session, so still pending) must not be
+    /// lost to a stop sent after it.
+    fn resend_stop(&self) {
+        if sigcont_pending(self.pid(), self.tid) {
+            return;
+        }
+        let _ = signal::kill(self.pid(), Signal::SIGSTOP);
+    }
+
     /// Queue a kept signal to the thread again (signals are blocked).
     fn requeue(&mut self, c: &Caught) -> Result<(), RemoteError> {
         let pid = self.pid();
         let tid = self.tid;
         if c.sig() == Sig::STOP {
             // Cannot be blocked; a stop is process-wide anyway.
-            let _ = signal::kill(pid, Signal::SIGSTOP);
+            self.resend_stop();
             return Ok(());
         }
         match c {

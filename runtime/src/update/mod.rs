@@ -422,7 +422,15 @@ fn apply_traced_bytes(
     // Breakpoints are armed only while the world is being stopped: the
     // rescue handler covers exactly that span, so that the process lives on
     // if the updater is killed meanwhile.
-    let rescue = survive::install(tracee, &old)?;
+    signals::set_stopping(true);
+    let rescue = survive::install(tracee, &old);
+    let rescue = match rescue {
+        Ok(r) => r,
+        Err(e) => {
+            signals::set_stopping(false);
+            return Err(e);
+        }
+    };
     let stopped = (|| loop {
         interrupted(pid)?;
         let stopped = stop::stop_the_world(
@@ -457,6 +465,7 @@ fn apply_traced_bytes(
         std::thread::sleep(SAFETY_RETRY);
     })();
     let removed = rescue.map_or(Ok(()), |r| survive::remove(tracee, r));
+    signals::set_stopping(false);
     let threads = stopped?;
     removed?;
     timings.stop_us = us(t.elapsed());

@@ -20,7 +20,8 @@
 //! `UPSTARE_TEST_TARGET_SIGNALS_AT=<phase>:<n>:<SIG>[+<SIG>...]` (e.g.
 //! `load:4:SIGSTOP+SIGCONT`) sends the signals, in order, to the *target*
 //! at that checkpoint: job control during an update (several moments
-//! separated by commas: `stop:2:SIGSTOP,load:9:SIGCONT`). Neither variable is
+//! separated by commas: `stop:2:SIGSTOP,load:9:SIGCONT`; phase `any`
+//! counts the checkpoints of all phases in the order they are passed). Neither variable is
 //! read in release builds.
 
 use crate::target::ptrace::{self, Sig};
@@ -117,6 +118,18 @@ impl Phase {
     }
 }
 
+/// Checkpoints of every phase, in order.
+static ANY: AtomicU64 = AtomicU64::new(0);
+/// Whether the world is being stopped (remote calls then belong to the
+/// stop, not the load).
+static STOPPING: AtomicBool = AtomicBool::new(false);
+
+/// Marks the span of stopping the world (its remote calls install and
+/// remove the rescue handler).
+pub fn set_stopping(on: bool) {
+    STOPPING.store(on, Ordering::SeqCst);
+}
+
 static COUNTS: [AtomicU64; 4] = [
     AtomicU64::new(0),
     AtomicU64::new(0),
@@ -171,7 +184,9 @@ pub fn set_target(pid: i32) {
 /// What `UPSTARE_TEST_TARGET_SIGNALS_AT` asks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct TargetSignals {
-    phase: Phase,
+    /// `None`: the n-th checkpoint of any phase (`any:N`), in the order the
+    /// update passes them.
+    phase: Option<Phase>,
     n: u64,
     sigs: Vec<nix::sys::signal::Signal>,
 }
@@ -179,7 +194,10 @@ struct TargetSignals {
 fn parse_target_signals(text: &str) -> Option<TargetSignals> {
     let mut parts = text.split(':');
     let (phase, n, sigs) = (parts.next()?, parts.next()?, parts.next()?);
-    let phase = Phase::ALL.into_iter().find(|p| p.name() == phase)?;
+    let phase = match phase {
+        "any" => None,
+        p => Some(Phase::ALL.into_iter().find(|q| q.name() == p)?),
+    };
     let sigs: Option<Vec<_>> = sigs.split('+').map(|s| s.parse().ok()).collect();
     Some(TargetSignals {
         phase,
@@ -205,6 +223,7 @@ fn target_signals() -> &'static [TargetSignals] {
 /// variables name when this is their moment.
 pub fn checkpoint(phase: Phase) {
     let n = COUNTS[phase.index()].fetch_add(1, Ordering::SeqCst) + 1;
+    let any = ANY.fetch_add(1, Ordering::SeqCst) + 1;
     if let Some(Injection::At {
         phase: p,
         n: at,
@@ -219,7 +238,11 @@ pub fn checkpoint(phase: Phase) {
     }
     let target = TARGET.load(Ordering::SeqCst);
     for t in target_signals() {
-        if t.phase == phase && t.n == n && target > 0 {
+        let here = match t.phase {
+            Some(p) => p == phase && t.n == n,
+            None => t.n == any,
+        };
+        if here && target > 0 {
             for &s in &t.sigs {
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(target), s);
             }
@@ -233,6 +256,8 @@ pub fn checkpoint(phase: Phase) {
 pub fn checkpoint_remote() {
     checkpoint(if COMMITTING.load(Ordering::SeqCst) {
         Phase::Commit
+    } else if STOPPING.load(Ordering::SeqCst) {
+        Phase::Stop
     } else {
         Phase::Load
     });
@@ -246,7 +271,11 @@ pub fn checkpoint_counts() -> Option<String> {
             .iter()
             .map(|p| format!("{}={}", p.name(), COUNTS[p.index()].load(Ordering::SeqCst)))
             .collect();
-        format!("upstare-test: checkpoints {}", parts.join(" "))
+        format!(
+            "upstare-test: checkpoints {} any={}",
+            parts.join(" "),
+            ANY.load(Ordering::SeqCst)
+        )
     })
 }
 
@@ -271,7 +300,7 @@ mod tests {
         assert_eq!(
             parse_target_signals("load:4:SIGSTOP+SIGCONT"),
             Some(TargetSignals {
-                phase: Phase::Load,
+                phase: Some(Phase::Load),
                 n: 4,
                 sigs: vec![
                     nix::sys::signal::Signal::SIGSTOP,
