@@ -239,7 +239,7 @@ fn spread(n: u64, k: u64) -> Vec<u64> {
 /// The moments to inject at: per phase, a spread of its checkpoints.
 fn moments(counts: &[(String, u64)]) -> Vec<(String, u64)> {
     let per_phase = |p: &str| match p {
-        "stop" => 4,
+        "stop" => 8,
         "load" => 18,
         "transfer" => 8,
         _ => 8,
