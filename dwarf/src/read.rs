@@ -455,7 +455,12 @@ fn describe_ops(ops: &[Operation<R<'_>>]) -> String {
             Operation::EntryValue { .. } => "entry_value".into(),
             Operation::ImplicitValue { .. } => "implicit_value".into(),
             Operation::ImplicitPointer { .. } => "implicit_pointer".into(),
-            other => format!("{other:?}").chars().take(40).collect(),
+            // Only the operation's name (the variant), never its fields.
+            other => format!("{other:?}") // debug-name: the variant only
+                .split(|c: char| !c.is_ascii_alphanumeric())
+                .next()
+                .unwrap_or("operation")
+                .to_lowercase(),
         })
         .collect();
     parts.join(", ")

@@ -99,8 +99,8 @@ pub enum PatchError {
         #[source]
         source: DecodeError,
     },
-    #[error("{path}: larger than {limit} bytes")]
-    FileTooLarge { path: PathBuf, limit: u64 },
+    #[error("{0}")]
+    Input(#[from] crate::input::InputError),
     #[error("{path}: no readable upstare tables: {why}")]
     Tables { path: PathBuf, why: String },
     #[error("{0}")]
@@ -327,25 +327,11 @@ pub fn decode(bytes: &[u8]) -> Result<Patch, DecodeError> {
     Ok(patch)
 }
 
-/// Reads a file of at most `limit` bytes (the size is checked while
-/// reading: the file may grow after a metadata look).
+/// Reads a regular file of at most `limit` bytes, whole (see
+/// [`crate::input::read_regular`]).
 pub fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>, PatchError> {
-    let io = |source| PatchError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let f = std::fs::File::open(path).map_err(io)?;
-    let mut bytes = Vec::new();
-    f.take(limit.saturating_add(1))
-        .read_to_end(&mut bytes)
-        .map_err(io)?;
-    if bytes.len() as u64 > limit {
-        return Err(PatchError::FileTooLarge {
-            path: path.to_path_buf(),
-            limit,
-        });
-    }
-    Ok(bytes)
+    // A FIFO or a device is refused without waiting on it.
+    Ok(crate::input::read_regular(path, limit)?)
 }
 
 /// Reads and decodes the PATCH file at `path`.

@@ -126,14 +126,8 @@ pub struct Safety {
 /// A SPEC problem: one line naming the file, the table and the key.
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
-    #[error("{path}: cannot read: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}: larger than {cap} bytes")]
-    TooLarge { path: PathBuf, cap: u64 },
+    #[error("{0}")]
+    Input(#[from] crate::input::InputError),
     #[error("{path}: not a valid SPEC file: {reason}")]
     Syntax { path: PathBuf, reason: String },
     #[error("{path}: [{table}] \"{key}\": {why}")]
@@ -149,22 +143,12 @@ impl Spec {
     /// Reads and parses the SPEC file at `path` (not yet checked against
     /// the versions: see [`Spec::check`]).
     pub fn read(path: &Path) -> Result<Spec, SpecError> {
-        use std::io::Read;
-        let read_err = |source| SpecError::Read {
+        // A FIFO or a device is refused without waiting on it.
+        let bytes = crate::input::read_regular(path, MAX_SPEC_SIZE)?;
+        let text = String::from_utf8(bytes).map_err(|e| SpecError::Syntax {
             path: path.to_path_buf(),
-            source,
-        };
-        let f = std::fs::File::open(path).map_err(read_err)?;
-        let mut text = String::new();
-        f.take(MAX_SPEC_SIZE + 1)
-            .read_to_string(&mut text)
-            .map_err(read_err)?;
-        if text.len() as u64 > MAX_SPEC_SIZE {
-            return Err(SpecError::TooLarge {
-                path: path.to_path_buf(),
-                cap: MAX_SPEC_SIZE,
-            });
-        }
+            reason: format!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to()),
+        })?;
         Spec::parse(path, &text)
     }
 

@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use upstare_corpus::{programs, Feature, Program};
 use upstare_runtime::stop::StopError;
+use upstare_runtime::target::ptrace::Exit;
 use upstare_runtime::update::{apply, ApplyOptions, UpdateError, UpdateReport};
 use upstare_testkit::{ExitStatus, Output, Toolchain};
 
@@ -73,6 +74,7 @@ fn identity_at(
         ..ApplyOptions::default()
     };
     let applied = run.apply(&new, &opts);
+    let mut ended: Option<Exit> = None;
     let outcome = match applied {
         Ok(report) => {
             if canon(&report.to) != canon(&new) || canon(&report.from) != canon(up) {
@@ -93,7 +95,11 @@ fn identity_at(
             }
             Outcome::Updated(Box::new(report))
         }
-        Err(UpdateError::Stop(e @ (StopError::NotReady { .. } | StopError::Gone { .. }))) => {
+        Err(UpdateError::Stop(e @ StopError::NotReady { .. })) => Outcome::Refused(e.to_string()),
+        Err(UpdateError::Stop(e @ StopError::Gone { .. })) => {
+            if let StopError::Gone { status, .. } = &e {
+                ended = *status;
+            }
             Outcome::Refused(e.to_string())
         }
         Err(e) => return Err(format!("update failed: {e}")),
@@ -101,13 +107,11 @@ fn identity_at(
     let mut out = run.finish(RUN_TIMEOUT)?;
     if let Outcome::Refused(why) = &outcome {
         // The program ended while the stopper waited for a ready state; the
-        // tracer reaped it and the status is in the message.
+        // tracer reaped it and the error carries the status.
         if out.status == ExitStatus::Unknown {
-            out.status = match why.split("code: ").nth(1) {
-                Some(rest) => {
-                    let code: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
-                    ExitStatus::Code(code.parse().map_err(|_| format!("status in {why}"))?)
-                }
+            out.status = match ended {
+                Some(Exit::Code(code)) => ExitStatus::Code(code),
+                Some(Exit::Signal { sig, .. }) => ExitStatus::Signal(sig.0),
                 None => return Err(format!("no exit status after: {why}")),
             };
         }

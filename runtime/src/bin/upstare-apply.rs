@@ -8,7 +8,7 @@ use clap::Parser;
 use std::path::PathBuf;
 use std::time::Duration;
 use upstare_patcher::patchfile::read_patch;
-use upstare_runtime::update::{apply, ApplyOptions, UpdateReport};
+use upstare_runtime::update::{apply, signals, ApplyOptions, UpdateError, UpdateReport};
 
 /// Update a running process to a new version of its program, in place: same
 /// pid, same open files and connections, every thread's stack and every
@@ -70,19 +70,73 @@ struct Cli {
     spec: Option<PathBuf>,
 }
 
+/// Lowers this process's OOM score as far as it is allowed to: the kernel's
+/// OOM killer should pick anything but an updater holding a stopped target.
+/// Unprivileged, only back down to the floor a privileged process set;
+/// failing that changes nothing.
+fn lower_oom_score() {
+    for v in ["-1000", "0"] {
+        if std::fs::write("/proc/self/oom_score_adj", v).is_ok() {
+            return;
+        }
+    }
+}
+
+/// Writes `text` to stdout; a closed stdout (SIGPIPE is caught) is not an
+/// error of the update.
+fn out(text: &str) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    let _ = o.write_all(text.as_bytes()).and_then(|()| o.flush());
+}
+
+/// Exit status after a termination signal: 128 + its number, as a shell
+/// reports a process it killed.
+fn signal_status(sig: upstare_runtime::Sig) -> i32 {
+    128 + sig.0
+}
+
 fn main() {
     let cli = Cli::parse();
-    if let Err(e) = run(&cli) {
-        // The library's messages already include their causes: print the
-        // top one only (`{:#}` would repeat each cause).
-        if cli.json {
-            println!(
-                "{}",
-                serde_json::json!({ "ok": false, "error": e.to_string() })
-            );
-        }
-        eprintln!("upstare-apply: error: {e}");
+    // Before anything is touched: from here on SIGINT, SIGTERM, SIGHUP,
+    // SIGQUIT and SIGPIPE roll the update back instead of killing us.
+    if let Err(e) = signals::catch_termination_signals() {
+        eprintln!("upstare-apply: error: cannot catch termination signals: {e}");
         std::process::exit(1);
+    }
+    lower_oom_score();
+    let result = run(&cli);
+    if let Some(counts) = signals::checkpoint_counts() {
+        eprintln!("{counts}");
+    }
+    match result {
+        Err(e) => {
+            // The library's messages already include their causes: print the
+            // top one only (`{:#}` would repeat each cause).
+            if cli.json {
+                out(&format!(
+                    "{}\n",
+                    serde_json::json!({ "ok": false, "error": e.to_string() })
+                ));
+            }
+            eprintln!("upstare-apply: error: {e}");
+            let status = match e.downcast_ref::<UpdateError>() {
+                Some(UpdateError::Interrupted { sig, .. }) => signal_status(*sig),
+                _ => signals::pending().map_or(1, signal_status),
+            };
+            std::process::exit(status);
+        }
+        Ok(()) => {
+            // A signal that came once the commit had begun: the update was
+            // finished (stopping half-way would break the process).
+            if let Some(sig) = signals::pending() {
+                eprintln!(
+                    "upstare-apply: received {sig} during the commit: the update was completed first (process {})",
+                    cli.pid
+                );
+                std::process::exit(signal_status(sig));
+            }
+        }
     }
 }
 
@@ -133,26 +187,37 @@ fn run(cli: &Cli) -> Result<()> {
     if cli.json {
         let mut v = serde_json::to_value(&report)?;
         v["ok"] = serde_json::Value::Bool(true);
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        out(&format!("{}\n", serde_json::to_string_pretty(&v)?));
     } else {
-        print_report(&report);
+        out(&report_text(&report));
     }
     Ok(())
 }
 
-fn print_report(r: &UpdateReport) {
+/// The report in words.
+fn report_text(r: &UpdateReport) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
     let verb = if r.dry_run { "would update" } else { "updated" };
-    println!(
+    let _ = writeln!(
+        o,
         "{verb} process {} from {} to {}",
         r.pid,
         r.from.display(),
         r.to.display()
     );
     for t in &r.threads {
-        println!("  thread {}: {}; {}", t.tid, t.state, t.frames.join(" <- "));
+        let _ = writeln!(
+            o,
+            "  thread {}: {}; {}",
+            t.tid,
+            t.state,
+            t.frames.join(" <- ")
+        );
     }
     if !r.dry_run {
-        println!(
+        let _ = writeln!(
+            o,
             "  {} globals copied, {} pointers remapped in {} heap objects, {} bytes written, \
              new image at {:#x}",
             r.globals_copied,
@@ -177,11 +242,13 @@ fn print_report(r: &UpdateReport) {
         println!("  transformed: {c}");
     }
     for w in &r.warnings {
-        println!("  warning: {w}");
+        let _ = writeln!(o, "  warning: {w}");
     }
     let t = &r.timings;
-    println!(
+    let _ = writeln!(
+        o,
         "  latency: stop {} us, save {} us, load {} us, transfer {} us, rebuild {} us, transformers {} us, resume {} us, total {} us",
         t.stop_us, t.save_us, t.load_us, t.transfer_us, t.rebuild_us, t.transform_us, t.resume_us, t.total_us
     );
+    o
 }

@@ -255,6 +255,12 @@ impl fmt::Debug for LoadedImage<'_> {
     }
 }
 
+/// The gadget address remote calls borrow in `running` (its entry point),
+/// for sessions outside a load.
+pub fn running_gadget(pid: Pid, running: &Image) -> Result<RuntimeAddr, LoadError> {
+    map::running_gadget(pid, running)
+}
+
 /// Load NEW (`new_path`, whose bytes are `new_bytes` and tables
 /// `new_tables`) into the process traced by `tracee`, working in stopped
 /// thread `tid`, beside `running` (see the module doc). Imports are

@@ -6,7 +6,7 @@ use super::stopper::Stopper;
 use crate::engine::unwind::Top;
 use crate::target::breakpoint::BreakpointError;
 use crate::target::procfs::ProcError;
-use crate::target::ptrace::{PtraceError, Regs};
+use crate::target::ptrace::{Exit, PtraceError, Regs, Sig};
 use nix::unistd::Pid;
 use std::fmt;
 use std::time::Duration;
@@ -99,7 +99,13 @@ pub enum StopError {
         limit: usize,
     },
     #[error("process {pid} ended while being stopped ({how})")]
-    Gone { pid: i32, how: String },
+    Gone {
+        pid: i32,
+        /// What was seen, in words.
+        how: String,
+        /// Its exit status, when the end of the process was seen.
+        status: Option<Exit>,
+    },
     #[error("process {pid} called execve while being stopped: it runs another program now")]
     Exec { pid: i32 },
     #[error("process {pid}: {skipped} of {wanted} update-point hits passed within {waited:?}")]
@@ -115,6 +121,8 @@ pub enum StopError {
         tid: i32,
         waited: Duration,
     },
+    #[error("process {pid}: the updater received {sig} while stopping the threads")]
+    Interrupted { pid: i32, sig: Sig },
     #[error(transparent)]
     Ptrace(#[from] PtraceError),
     #[error(transparent)]

@@ -98,6 +98,7 @@ pub(super) fn stop(
 ) -> Result<Stopped, StopError> {
     let t0 = Instant::now();
     let pid = tracee.pid();
+    crate::update::signals::checkpoint(crate::update::signals::Phase::Stop);
     // A library loaded since `libs` was built is only needed for blocked
     // threads inside it; a failure here shows up there.
     let _ = libs.refresh(pid);
@@ -139,6 +140,7 @@ pub(super) fn stop(
         Err(e) if !gone && process_dead(pid) => Err(StopError::Gone {
             pid: pid.as_raw(),
             how: e.to_string(),
+            status: None,
         }),
         other => other,
     };
@@ -247,6 +249,7 @@ impl Stopper<'_> {
         }
         timings.arm = t.elapsed();
         self.armed = bps.len();
+        crate::update::signals::checkpoint(crate::update::signals::Phase::Stop);
         self.resuming = true;
 
         let t = Instant::now();
@@ -293,7 +296,8 @@ impl Stopper<'_> {
                 Ok(Some(stop)) if stop.is_terminal() => {
                     return Err(StopError::Gone {
                         pid: self.pid.as_raw(),
-                        how: format!("thread {tid}: {stop:?}"),
+                        how: format!("thread {tid}: {stop}"),
+                        status: stop.exit(),
                     })
                 }
                 // Not expected of a stopped thread; it stays stopped.
@@ -302,6 +306,7 @@ impl Stopper<'_> {
                     return Err(StopError::Gone {
                         pid: self.pid.as_raw(),
                         how: format!("thread {tid} is gone"),
+                        status: None,
                     })
                 }
                 Err(e) => return Err(e.into()),
@@ -338,6 +343,13 @@ impl Stopper<'_> {
         let mut deadline = (skip == 0).then(|| start + self.opts.timeout);
         let mut pause = Duration::from_micros(20);
         while !self.waiting.is_empty() {
+            crate::update::signals::checkpoint(crate::update::signals::Phase::Stop);
+            if let Some(sig) = crate::update::signals::interruption() {
+                return Err(StopError::Interrupted {
+                    pid: self.pid.as_raw(),
+                    sig,
+                });
+            }
             let now = Instant::now();
             match deadline {
                 Some(d) if now >= d => return Ok(()),
@@ -477,6 +489,7 @@ impl Stopper<'_> {
             return Err(StopError::Gone {
                 pid: self.pid.as_raw(),
                 how: "its main thread is gone".into(),
+                status: None,
             });
         }
         Ok(())
@@ -523,6 +536,12 @@ impl Stopper<'_> {
             // once, as without us: `raise()` must run the handler before it
             // returns, and two raises of one signal must not merge. Only
             // job-control stops are held (they would stop the whole group).
+            Stop::Signal { sig, .. } if sig.0 == nix::libc::SIGCONT => {
+                // A continue discards the stops sent before it (as the
+                // kernel does with pending ones): drop those held back.
+                self.held.retain(|h| !is_job_control(h.sig));
+                self.cont(tid, Some(sig))
+            }
             Stop::Signal { sig, .. } if !is_job_control(sig) => self.cont(tid, Some(sig)),
             Stop::Signal { sig, .. } => {
                 self.hold_current(tid, sig)?;
@@ -551,7 +570,8 @@ impl Stopper<'_> {
                 if tid == self.pid || matches!(stop, Stop::Killed { sig, .. } if sig == Sig::KILL) {
                     return Err(StopError::Gone {
                         pid: self.pid.as_raw(),
-                        how: format!("thread {tid}: {stop:?}"),
+                        how: format!("thread {tid}: {stop}"),
+                        status: stop.exit(),
                     });
                 }
                 // A thread's end may be the whole process's (exit_group).
@@ -713,10 +733,11 @@ impl Stopper<'_> {
                     self.hold_current(tid, sig)?;
                     self.tracee.cont(tid, None)?;
                 }
-                Stop::Exited { .. } | Stop::Killed { .. } => {
+                end @ (Stop::Exited { .. } | Stop::Killed { .. }) => {
                     return Err(StopError::Gone {
                         pid: self.pid.as_raw(),
-                        how: format!("thread {tid} ended"),
+                        how: format!("thread {tid}: {end}"),
+                        status: end.exit(),
                     })
                 }
                 _ => {
@@ -796,7 +817,8 @@ impl Stopper<'_> {
         if tid == self.pid {
             return Err(StopError::Gone {
                 pid: self.pid.as_raw(),
-                how: format!("{stop:?}"),
+                how: stop.to_string(),
+                status: stop.exit(),
             });
         }
         Ok(())

@@ -11,12 +11,17 @@
 //! - [`remote`]: [`remote::RemoteCalls`], system and function calls executed
 //!   by a stopped thread, restored exactly afterwards.
 //! - [`breakpoint`]: `int3` breakpoints as RAII guards, stepping over them.
+//! - [`permission`]: why the kernel refused to let us trace a process.
+//! - [`rescue`]: the SIGTRAP handler that makes armed breakpoints harmless
+//!   if the updater dies.
 
 pub mod breakpoint;
+pub mod permission;
 pub mod process_memory;
 pub mod procfs;
 pub mod ptrace;
 pub mod remote;
+pub mod rescue;
 
 pub use process_memory::ProcessMemory;
 pub use ptrace::{ChildGuard, Tracee};

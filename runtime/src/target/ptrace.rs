@@ -126,10 +126,67 @@ pub enum Stop {
     Killed { sig: Sig, core: bool },
 }
 
+/// How a thread or process ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// It exited with this code.
+    Code(i32),
+    /// A signal killed it.
+    Signal { sig: Sig, core: bool },
+}
+
+impl fmt::Display for Exit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Exit::Code(c) => write!(f, "exited with code {c}"),
+            Exit::Signal { sig, core } => {
+                write!(
+                    f,
+                    "killed by {sig}{}",
+                    if *core { " (core dumped)" } else { "" }
+                )
+            }
+        }
+    }
+}
+
 impl Stop {
     /// Whether the thread no longer exists after this report.
     pub fn is_terminal(&self) -> bool {
         matches!(self, Stop::Exited { .. } | Stop::Killed { .. })
+    }
+
+    /// How the thread ended, for a terminal report.
+    pub fn exit(&self) -> Option<Exit> {
+        match *self {
+            Stop::Exited { code } => Some(Exit::Code(code)),
+            Stop::Killed { sig, core } => Some(Exit::Signal { sig, core }),
+            _ => None,
+        }
+    }
+}
+
+/// The stop in words (for messages; no debug formatting).
+impl fmt::Display for Stop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Stop::Exited { .. } | Stop::Killed { .. } => match self.exit() {
+                Some(e) => e.fmt(f),
+                None => Ok(()),
+            },
+            Stop::Exiting { status } => write!(f, "exiting (wait status {status:#x})"),
+            Stop::Int3 => f.write_str("int3 trap"),
+            Stop::Step => f.write_str("single-step trap"),
+            Stop::Signal { sig, code } => write!(f, "{sig} (code {code})"),
+            Stop::Syscall => f.write_str("system-call stop"),
+            Stop::EventStop { sig } => write!(f, "event stop ({sig})"),
+            Stop::Clone { new } => write!(f, "clone of thread {new}"),
+            Stop::Fork { child } => write!(f, "fork of process {child}"),
+            Stop::Vfork { child } => write!(f, "vfork of process {child}"),
+            Stop::VforkDone => f.write_str("vfork done"),
+            Stop::Exec { former_tid } => write!(f, "execve (by thread {former_tid})"),
+            Stop::OtherEvent { event } => write!(f, "ptrace event {event}"),
+        }
     }
 }
 
@@ -161,6 +218,8 @@ pub enum PtraceError {
     },
     #[error("thread {tid}: no stop reported within {waited:?}")]
     Timeout { tid: i32, waited: Duration },
+    #[error("cannot trace process {pid}: {why}")]
+    Refused { pid: i32, why: String },
     #[error("thread {tid} is not traced by this tracee")]
     NotTraced { tid: i32 },
     #[error(transparent)]
@@ -221,6 +280,22 @@ fn ptrace_int(req: libc::c_uint, tid: Pid, data: c_int) -> Result<(), Errno> {
         )
     };
     Errno::result(r).map(drop)
+}
+
+/// Makes `handler` this process's handler for signal `sig` (restarting
+/// interrupted system calls). Used by the updater to turn termination
+/// signals into a rollback.
+pub fn catch_signal(sig: c_int, handler: extern "C" fn(c_int)) -> Result<(), Errno> {
+    let sig = Signal::try_from(sig)?;
+    let action = signal::SigAction::new(
+        signal::SigHandler::Handler(handler),
+        signal::SaFlags::SA_RESTART,
+        signal::SigSet::empty(),
+    );
+    // SAFETY: the handlers passed here only store into an atomic integer,
+    // which is async-signal-safe; no other handler is replaced unknowingly
+    // (the previous disposition is the default one of a fresh updater).
+    unsafe { signal::sigaction(sig, &action) }.map(drop)
 }
 
 /// `waitpid(tid, flags)` returning the raw status; `None` when `WNOHANG` found
@@ -545,9 +620,13 @@ impl fmt::Debug for Tracee {
 }
 
 impl Tracee {
-    /// Options set on every tracee: follow threads, forks, vforks and execs.
+    /// Options set on every tracee: follow threads, forks, vforks and execs;
+    /// system-call stops marked (`SIGTRAP | 0x80`). Never
+    /// `PTRACE_O_EXITKILL` on a seized process: if the updater dies, the
+    /// kernel detaches and the process must live on.
     pub fn options() -> Options {
-        Options::PTRACE_O_TRACECLONE
+        Options::PTRACE_O_TRACESYSGOOD
+            | Options::PTRACE_O_TRACECLONE
             | Options::PTRACE_O_TRACEFORK
             | Options::PTRACE_O_TRACEVFORK
             | Options::PTRACE_O_TRACEEXEC
@@ -664,6 +743,20 @@ impl Tracee {
                     Ok(()) => {}
                     // The thread exited between listing and seizing.
                     Err(Errno::ESRCH) => continue,
+                    Err(Errno::EPERM) => {
+                        let why = crate::target::permission::reason(
+                            &crate::target::permission::facts(pid),
+                        );
+                        return Err(PtraceError::Refused {
+                            pid: pid.as_raw(),
+                            why: why.unwrap_or_else(|| {
+                                "the kernel refused (EPERM) for a reason not found in /proc: \
+                                 is it setuid or otherwise not dumpable, or is a security \
+                                 module (SELinux, AppArmor) denying it?"
+                                    .into()
+                            }),
+                        });
+                    }
                     Err(e) => return Err(op_err(tid, "PTRACE_SEIZE", e)),
                 }
                 t.threads.insert(
@@ -957,6 +1050,12 @@ impl Tracee {
     /// Resume `tid`, delivering `sig` (or the signal kept while seizing).
     pub fn cont(&mut self, tid: Pid, sig: Option<Sig>) -> Result<(), PtraceError> {
         self.resume(libc::PTRACE_CONT, "PTRACE_CONT", tid, sig)
+    }
+
+    /// Resume `tid` until its next system-call entry or exit stop
+    /// (`PTRACE_SYSCALL`, reported as [`Stop::Syscall`]).
+    pub fn syscall_step(&mut self, tid: Pid) -> Result<(), PtraceError> {
+        self.resume(libc::PTRACE_SYSCALL, "PTRACE_SYSCALL", tid, None)
     }
 
     /// Execute one instruction of `tid` (delivering `sig` first, if any).

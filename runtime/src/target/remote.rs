@@ -4,17 +4,24 @@
 //!
 //! How a session works:
 //! - It saves the thread's registers (general and extended: x87/SSE/AVX) and
-//!   16 code bytes at a *gadget* address: an executable address the program
+//!   the code bytes at a *gadget* address: an executable address the program
 //!   will never run again, normally the entry point `_start` of the running
-//!   image ([`entry_gadget`]). There it writes `syscall; int3` followed by
-//!   an 8-byte signal mask (read by the kernel from there, so no writable
-//!   memory is needed before the first call).
+//!   image ([`entry_gadget`]). Below the thread's red zone it writes a
+//!   signal frame holding the thread's registers and mask, and at the
+//!   gadget `syscall` followed by code that loads that frame with
+//!   `rt_sigreturn` (see [`gadget_code`]).
 //! - A system call sets rax/rdi/rsi/rdx/r10/r8/r9, `orig_rax = -1` (so that
 //!   a system call the thread was interrupted in is not restarted now) and
-//!   rip = gadget, continues the thread to the `int3`, and reads rax.
+//!   rip = gadget, and runs the thread with `PTRACE_SYSCALL` to the exit
+//!   stop of that `syscall`, where rax is read.
 //! - A function call sets rip = function, the integer arguments, rsp on a
-//!   private stack with the return address pointing at the `int3`, and
-//!   continues until that `int3` (bounded by a timeout).
+//!   private stack with the return address pointing after the gadget's
+//!   `syscall`, and runs until the entry stop of the gadget's
+//!   `rt_sigreturn`, which is skipped (bounded by a timeout).
+//! - So the updater may die at any moment (SIGKILL, OOM): the kernel
+//!   detaches, the thread finishes what it was running and `rt_sigreturn`
+//!   gives it back its registers and signal mask (the x87/SSE state is
+//!   reset, and an interrupted sleep returns early with EINTR).
 //! - Its first action blocks every signal in the thread, so that signals
 //!   arriving meanwhile stay pending in the kernel with their details.
 //!   Signals taken before the mask was in place, and the signal the tracer
@@ -25,11 +32,12 @@
 //!   delivered at the next resume exactly as if it had interrupted the
 //!   thread where it was.
 //! - Scratch memory (strings, structures, the call stack) is a private
-//!   anonymous mapping made on first use and removed at the end; the
-//!   thread's own stack is never touched.
+//!   anonymous mapping made on first use and removed at the end; of the
+//!   thread's own stack only the frame below the red zone is borrowed (and
+//!   put back).
 //!
-//! After a session the thread sits in a ptrace signal-delivery-stop with its
-//! original registers; resume it with [`Tracee::cont`] without a signal.
+//! After a session the thread sits in a ptrace stop with its original
+//! registers; resume it with [`Tracee::cont`] without a signal.
 //! Breakpoints armed elsewhere must not lie in code a remote call runs. A
 //! remote function call abandoned after its timeout leaves whatever it held
 //! (a lock taken by the called function) held: call only functions that
@@ -53,15 +61,24 @@ use upstare_dwarf::{LoadBias, RuntimeAddr};
 pub const RED_ZONE: u64 = 128;
 /// Default bound on one remote system call or function call.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Bytes borrowed at the gadget address: `syscall; int3`, padding, and an
-/// 8-byte signal mask at offset [`MASK_OFFSET`].
-pub const GADGET_LEN: usize = 16;
-const MASK_OFFSET: u64 = 8;
-/// Offset of the `int3` a remote call returns to.
-const INT3_OFFSET: u64 = 2;
-/// Offset where the thread stops after the `int3`.
-const DONE_OFFSET: u64 = 3;
-const GADGET_CODE: [u8; 8] = [0x0f, 0x05, 0xcc, 0x90, 0x90, 0x90, 0x90, 0x90];
+/// Bytes borrowed at the gadget address: the code (see [`gadget_code`])
+/// and an 8-byte signal mask at offset [`MASK_OFFSET`].
+pub const GADGET_LEN: usize = 32;
+const MASK_OFFSET: u64 = 24;
+/// Offset of the code a remote call returns to, and where a system call
+/// op's thread stops (entry and exit stops of the `syscall` at offset 0).
+const RETURN_OFFSET: u64 = 2;
+/// Where the thread stops at the entry of the `rt_sigreturn` (one past its
+/// `syscall`).
+const SIGRETURN_STOP: u64 = 22;
+/// The signal frame `rt_sigreturn` reads (a kernel `ucontext`), rounded up.
+const FRAME_SIZE: u64 = 320;
+/// `uc_flags`: `UC_SIGCONTEXT_SS | UC_STRICT_RESTORE_SS` (cs and ss are
+/// restored as saved).
+const UC_FLAGS: u64 = 2 | 4;
+/// `SS_DISABLE`: the thread's alternate signal stack as "none" until the
+/// session reads the real one into the frame.
+const SS_DISABLE: u32 = 2;
 /// Scratch mapping: data area, then the stack remote calls run on.
 const SCRATCH_DATA: u64 = 64 << 10;
 const SCRATCH_STACK: u64 = 256 << 10;
@@ -71,6 +88,78 @@ const MAX_STOPS: usize = 1000;
 const SIGSET_SIZE: u64 = 8;
 /// `AT_FDCWD`.
 pub const AT_FDCWD: i64 = -100;
+
+/// The gadget's code, which survives the death of the tracer.
+///
+/// ```text
+/// +0  syscall                  ; a system call op (entry and exit stops
+///                              ; at +2, with PTRACE_SYSCALL)
+/// +2  mov rdi, rax             ; a remote function call returns here
+/// +5  movabs rsp, FRAME        ; the signal frame holding the thread's
+/// +15 mov eax, 15              ; original registers and mask, then
+/// +20 syscall                  ; rt_sigreturn: the thread is itself again
+/// +22 int3; nop                ; never reached
+/// +24 mask                     ; 8 bytes: every signal blocked
+/// ```
+///
+/// While the tracer lives the thread never gets past +2 (a function call's
+/// `rt_sigreturn` is stopped at its entry and skipped). If the tracer dies
+/// at any moment, the kernel lets the thread go on: it finishes the system
+/// call or function it was running and returns to its own code and mask,
+/// instead of hitting a trap with no one to catch it.
+fn gadget_code(frame: RuntimeAddr) -> [u8; GADGET_LEN] {
+    let mut c = [0u8; GADGET_LEN];
+    c[0..2].copy_from_slice(&[0x0f, 0x05]);
+    c[2..5].copy_from_slice(&[0x48, 0x89, 0xc7]);
+    c[5..7].copy_from_slice(&[0x48, 0xbc]);
+    c[7..15].copy_from_slice(&frame.0.to_le_bytes());
+    c[15..20].copy_from_slice(&[0xb8, 0x0f, 0x00, 0x00, 0x00]);
+    c[20..22].copy_from_slice(&[0x0f, 0x05]);
+    c[22..24].copy_from_slice(&[0xcc, 0x90]);
+    c[24..32].copy_from_slice(&u64::MAX.to_le_bytes());
+    c
+}
+
+/// `-ERESTARTSYS`, `-ERESTARTNOINTR`, `-ERESTARTNOHAND`: the kernel restarts
+/// the system call when the thread resumes without running a handler.
+const RESTART_CODES: [i64; 3] = [-512, -513, -514];
+/// `-ERESTART_RESTARTBLOCK`: `rt_sigreturn` cancels the restart block.
+const RESTARTBLOCK: i64 = -516;
+
+/// A kernel `ucontext` for `rt_sigreturn` that puts back `regs` (in the form
+/// the kernel would resume them: an interrupted system call is restarted)
+/// and the signal mask `mask`. No FPU state: `rt_sigreturn` then resets it
+/// (at update points and in blocking calls no vector register is live).
+fn sigreturn_frame(regs: &Regs, mask: u64) -> [u8; FRAME_SIZE as usize] {
+    let mut r = regs.0;
+    if (r.orig_rax as i64) >= 0 {
+        let rax = r.rax as i64;
+        if RESTART_CODES.contains(&rax) {
+            r.rax = r.orig_rax;
+            r.rip = r.rip.wrapping_sub(2);
+        } else if rax == RESTARTBLOCK {
+            // The restart block is cancelled by rt_sigreturn: the call
+            // returns EINTR, as after a signal handler.
+            r.rax = (-(libc::EINTR as i64)) as u64;
+        }
+    }
+    let mut b = [0u8; FRAME_SIZE as usize];
+    let mut put = |at: usize, v: &[u8]| b[at..at + v.len()].copy_from_slice(v);
+    put(0, &UC_FLAGS.to_le_bytes());
+    put(24, &SS_DISABLE.to_le_bytes());
+    let gregs = [
+        r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15, r.rdi, r.rsi, r.rbp, r.rbx, r.rdx,
+        r.rax, r.rcx, r.rsp, r.rip, r.eflags,
+    ];
+    for (i, v) in gregs.iter().enumerate() {
+        put(40 + 8 * i, &v.to_le_bytes());
+    }
+    // Selectors are 16 bits; the values fit.
+    put(184, &(r.cs as u16).to_le_bytes());
+    put(190, &(r.ss as u16).to_le_bytes());
+    put(296, &mask.to_le_bytes());
+    b
+}
 
 /// Why a remote operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -228,13 +317,30 @@ fn read_sigmask(pid: Pid, tid: Pid) -> Result<u64, RemoteError> {
     u64::from_str_radix(line.trim(), 16).map_err(|_| err(format!("bad SigBlk {line:?}")))
 }
 
-/// How one remote run ended.
-enum RunEnd {
-    /// Reached the `int3`; rax at that point.
-    Done(u64),
-    /// Stopped for `sig` after the system call completed (only when the
-    /// caller asked for it: the final unmasking).
-    SignalAfter(Sig),
+/// Whether a SIGCONT is pending for thread `tid` or its whole process
+/// (`SigPnd`, `ShdPnd` of `/proc/PID/task/TID/status`).
+fn sigcont_pending(pid: Pid, tid: Pid) -> bool {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")) else {
+        return false;
+    };
+    let bit = 1u64 << (libc::SIGCONT - 1);
+    text.lines()
+        .filter_map(|l| {
+            l.strip_prefix("SigPnd:")
+                .or_else(|| l.strip_prefix("ShdPnd:"))
+        })
+        .filter_map(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .any(|set| set & bit != 0)
+}
+
+/// What a remote run executes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RunKind {
+    /// The `syscall` at the gadget: ends at its exit stop.
+    Syscall,
+    /// A function returning to the gadget: ends when its `rt_sigreturn` is
+    /// stopped and skipped.
+    Call,
 }
 
 /// A signal taken from the thread during the session, to be queued again.
@@ -266,6 +372,10 @@ pub struct RemoteCalls<'t> {
     ext: ExtRegs,
     gadget: RuntimeAddr,
     gadget_orig: [u8; GADGET_LEN],
+    /// The signal frame on the thread's stack (below its red zone) and the
+    /// bytes it covers.
+    frame: RuntimeAddr,
+    frame_orig: Vec<u8>,
     orig_mask: u64,
     masked: bool,
     caught: Vec<Caught>,
@@ -319,10 +429,16 @@ impl<'t> RemoteCalls<'t> {
         let mut mem = ProcessMemory::open(pid);
         let mut gadget_orig = [0u8; GADGET_LEN];
         mem.read(gadget, &mut gadget_orig)?;
-        let mut code = [0u8; GADGET_LEN];
-        code[..8].copy_from_slice(&GADGET_CODE);
-        code[8..].copy_from_slice(&u64::MAX.to_le_bytes());
-        mem.write(gadget, &code)?;
+        // The frame first, the gadget that points at it second: at every
+        // moment a thread that runs on without us finds both in place.
+        let frame = RuntimeAddr(regs.0.rsp.wrapping_sub(RED_ZONE + FRAME_SIZE) & !63);
+        let mut frame_orig = vec![0u8; FRAME_SIZE as usize];
+        mem.read(frame, &mut frame_orig)?;
+        mem.write(frame, &sigreturn_frame(&regs, orig_mask))?;
+        if let Err(e) = mem.write(gadget, &gadget_code(frame)) {
+            let _ = mem.write(frame, &frame_orig);
+            return Err(e.into());
+        }
         let kept = tracee.take_pending_signal(tid);
         let mut rc = RemoteCalls {
             tracee,
@@ -332,6 +448,8 @@ impl<'t> RemoteCalls<'t> {
             ext,
             gadget,
             gadget_orig,
+            frame,
+            frame_orig,
             orig_mask,
             masked: false,
             caught: kept.map(Caught::Plain).into_iter().collect(),
@@ -340,8 +458,12 @@ impl<'t> RemoteCalls<'t> {
             timeout: DEFAULT_TIMEOUT,
             restored: false,
         };
-        // Block every signal first (the mask is read from the gadget area),
-        // so that nothing is delivered while remote code runs.
+        // The thread's alternate signal stack into the frame, so that an
+        // rt_sigreturn keeps it (a failure leaves "none", which is right
+        // for almost every thread).
+        let _ = rc.raw_syscall("sigaltstack", libc::SYS_sigaltstack, &[0, frame.0 + 16]);
+        // Block every signal (the mask is read from the gadget area), so
+        // that nothing is delivered while remote code runs.
         let r = rc.raw_syscall(
             "rt_sigprocmask",
             libc::SYS_rt_sigprocmask,
@@ -404,25 +526,30 @@ impl<'t> RemoteCalls<'t> {
         RemoteError::Unexpected {
             tid: self.tid.as_raw(),
             op: op.to_string(),
-            stop: format!("{stop:?}"),
+            stop: stop.to_string(),
             rip: RuntimeAddr(rip),
         }
     }
 
-    /// Set `regs`, resume, and wait until rip reaches `done` (one past the
-    /// `int3`). Asynchronous signals are taken and kept; with
-    /// `signal_after`, a signal stop at the `int3` itself ends the run.
-    fn run(
-        &mut self,
-        op: &str,
-        regs: &Regs,
-        done: u64,
-        signal_after: bool,
-    ) -> Result<RunEnd, RemoteError> {
+    /// Set `regs`, resume to the next system-call stop, and go on until the
+    /// op is over (`kind`): rax at the exit stop of the gadget's `syscall`,
+    /// or rdi (the function's result) when its `rt_sigreturn` is stopped.
+    /// Either way the thread ends in a system-call exit stop at the gadget,
+    /// where a tracer's death sends it through `rt_sigreturn` back to its own
+    /// state. Asynchronous signals are taken and kept.
+    fn run(&mut self, op: &str, regs: &Regs, kind: RunKind) -> Result<u64, RemoteError> {
         let tid = self.tid;
+        let ret_at = self.gadget.0 + RETURN_OFFSET;
         self.tracee.set_regs(tid, regs)?;
-        self.tracee.cont(tid, None)?;
+        // The thread now points at remote code: a moment faults are
+        // injected at in tests.
+        crate::update::signals::checkpoint_remote();
+        self.tracee.syscall_step(tid)?;
         let start = Instant::now();
+        // Syscall: the entry stop was seen. Call: the function's result,
+        // once its rt_sigreturn was stopped and skipped.
+        let mut entered = false;
+        let mut result = 0u64;
         for _ in 0..MAX_STOPS {
             let left = self.timeout.saturating_sub(start.elapsed());
             let stop = match self.tracee.wait_stop(tid, left) {
@@ -448,16 +575,47 @@ impl<'t> RemoteCalls<'t> {
                 return Err(RemoteError::Ended {
                     tid: tid.as_raw(),
                     op: op.to_string(),
-                    stop: format!("{stop:?}"),
+                    stop: stop.to_string(),
                 });
             }
             match stop {
-                Stop::Int3 => {
+                Stop::Syscall => {
                     let now = self.tracee.regs(tid)?;
-                    if now.0.rip == done {
-                        return Ok(RunEnd::Done(now.0.rax));
+                    match kind {
+                        RunKind::Syscall if now.0.rip == ret_at => {
+                            if entered {
+                                return Ok(now.0.rax);
+                            }
+                            entered = true;
+                        }
+                        RunKind::Syscall => {
+                            return Err(self.op_err_unexpected(op, &stop, now.0.rip))
+                        }
+                        RunKind::Call
+                            if !entered
+                                && now.0.rip == self.gadget.0 + SIGRETURN_STOP
+                                && now.0.orig_rax == libc::SYS_rt_sigreturn as u64 =>
+                        {
+                            // The function returned. Skip the rt_sigreturn
+                            // (orig_rax -1) and park at +2: a death of the
+                            // tracer from here still ends in it.
+                            result = now.0.rdi;
+                            entered = true;
+                            let mut r = now;
+                            r.0.orig_rax = u64::MAX;
+                            r.0.rip = ret_at;
+                            self.tracee.set_regs(tid, &r)?;
+                        }
+                        RunKind::Call if entered => {
+                            if now.0.rip == ret_at {
+                                return Ok(result);
+                            }
+                            return Err(self.op_err_unexpected(op, &stop, now.0.rip));
+                        }
+                        // A system call the function makes.
+                        RunKind::Call => {}
                     }
-                    return Err(self.op_err_unexpected(op, &stop, now.0.rip));
+                    self.tracee.syscall_step(tid)?;
                 }
                 Stop::Signal { sig, code } => {
                     let rip = self.tracee.regs(tid)?.0.rip;
@@ -483,16 +641,13 @@ impl<'t> RemoteCalls<'t> {
                             addr: u64::from_le_bytes(a),
                         });
                     }
-                    if signal_after && rip == done - 1 {
-                        return Ok(RunEnd::SignalAfter(sig));
-                    }
                     // Keep it (with its details) and suppress it for now.
                     let info = self.tracee.siginfo_bytes(tid)?;
                     self.caught.push(Caught::Info(info));
-                    self.tracee.cont(tid, None)?;
+                    self.tracee.syscall_step(tid)?;
                 }
                 // A late interrupt from seizing, or a group-stop: go on.
-                Stop::EventStop { .. } => self.tracee.cont(tid, None)?,
+                Stop::EventStop { .. } => self.tracee.syscall_step(tid)?,
                 other => {
                     let rip = self.tracee.regs(tid).map(|r| r.0.rip).unwrap_or(0);
                     return Err(self.op_err_unexpected(op, &other, rip));
@@ -545,10 +700,7 @@ impl<'t> RemoteCalls<'t> {
         r.0.rip = self.gadget.0;
         // No single-stepping or direction flag left over from the thread.
         r.0.eflags &= !0x500;
-        match self.run(name, &r, self.gadget.0 + DONE_OFFSET, false)? {
-            RunEnd::Done(rax) => Ok(rax),
-            RunEnd::SignalAfter(_) => unreachable_signal(),
-        }
+        self.run(name, &r, RunKind::Syscall)
     }
 
     /// Execute system call `nr` with up to 6 arguments; the raw return value
@@ -694,7 +846,7 @@ impl<'t> RemoteCalls<'t> {
         let top = (base.0 + SCRATCH_DATA + SCRATCH_STACK - 64) & !15;
         let rsp = top - 8;
         self.mem
-            .write_u64(RuntimeAddr(rsp), self.gadget.0 + INT3_OFFSET)?;
+            .write_u64(RuntimeAddr(rsp), self.gadget.0 + RETURN_OFFSET)?;
         let mut r = self.regs;
         let slots = [
             &mut r.0.rdi,
@@ -713,15 +865,7 @@ impl<'t> RemoteCalls<'t> {
         r.0.rsp = rsp;
         r.0.rip = func.0;
         r.0.eflags &= !0x500;
-        match self.run(
-            &format!("call of {func}"),
-            &r,
-            self.gadget.0 + DONE_OFFSET,
-            false,
-        )? {
-            RunEnd::Done(rax) => Ok(rax),
-            RunEnd::SignalAfter(_) => unreachable_signal(),
-        }
+        self.run(&format!("call of {func}"), &r, RunKind::Call)
     }
 
     fn ensure_scratch(&mut self) -> Result<RuntimeAddr, RemoteError> {
@@ -817,28 +961,22 @@ impl<'t> RemoteCalls<'t> {
                 r.0.r10 = SIGSET_SIZE;
                 r.0.rip = self.gadget.0;
                 r.0.eflags &= !0x500;
-                match self.run("rt_sigprocmask", &r, self.gadget.0 + DONE_OFFSET, true)? {
-                    RunEnd::Done(rax) => {
-                        decode_return(rax).map_err(|errno| RemoteError::Syscall {
-                            pid: self.pid().as_raw(),
-                            call: "rt_sigprocmask (restoring the mask)".into(),
-                            errno,
-                        })?;
-                    }
-                    RunEnd::SignalAfter(sig) => {
-                        if let Some(s) = slot.replace(sig) {
-                            // Keep the earlier one in the kernel instead.
-                            let _ = signal::kill(self.pid(), Signal::try_from(s.0).ok());
-                        }
-                    }
-                }
+                // A signal that becomes deliverable now stays pending in
+                // the kernel and is delivered when the thread runs again,
+                // where it was.
+                let rax = self.run("rt_sigprocmask", &r, RunKind::Syscall)?;
+                decode_return(rax).map_err(|errno| RemoteError::Syscall {
+                    pid: self.pid().as_raw(),
+                    call: "rt_sigprocmask (restoring the mask)".into(),
+                    errno,
+                })?;
                 Ok(())
             })();
             note(r);
             // Only signals that cannot be blocked can have been taken since.
             for c in std::mem::take(&mut self.caught) {
                 if c.sig() == Sig::STOP {
-                    let _ = signal::kill(self.pid(), Signal::SIGSTOP);
+                    self.resend_stop();
                 } else if slot.is_none() {
                     slot = Some(c.sig());
                 }
@@ -846,7 +984,7 @@ impl<'t> RemoteCalls<'t> {
         } else {
             for c in &caught {
                 if c.sig() == Sig::STOP {
-                    let _ = signal::kill(self.pid(), Signal::SIGSTOP);
+                    self.resend_stop();
                 } else if slot.is_none() {
                     slot = Some(c.sig());
                 }
@@ -855,9 +993,8 @@ impl<'t> RemoteCalls<'t> {
                 note(self.munmap(b, SCRATCH_DATA + SCRATCH_STACK));
             }
         }
-        let gadget = self.gadget;
-        let orig = self.gadget_orig;
-        note(self.mem.write(gadget, &orig).map_err(RemoteError::from));
+        // Registers first: until they are back, a tracer's death must find
+        // the gadget and the frame in place.
         note(
             self.tracee
                 .set_regs(self.tid, &self.regs)
@@ -867,6 +1004,16 @@ impl<'t> RemoteCalls<'t> {
             self.tracee
                 .set_ext_regs(self.tid, &self.ext)
                 .map_err(Into::into),
+        );
+        let gadget = self.gadget;
+        let orig = self.gadget_orig;
+        note(self.mem.write(gadget, &orig).map_err(RemoteError::from));
+        let frame = self.frame;
+        let frame_orig = std::mem::take(&mut self.frame_orig);
+        note(
+            self.mem
+                .write(frame, &frame_orig)
+                .map_err(RemoteError::from),
         );
         if slot.is_some() {
             note(
@@ -879,13 +1026,24 @@ impl<'t> RemoteCalls<'t> {
         first.map_or(Ok(()), Err)
     }
 
+    /// Sends again a SIGSTOP taken from the thread, unless a SIGCONT came
+    /// after it: the kernel would have discarded the stop then, and the
+    /// SIGCONT (blocked during the session, so still pending) must not be
+    /// lost to a stop sent after it.
+    fn resend_stop(&self) {
+        if sigcont_pending(self.pid(), self.tid) {
+            return;
+        }
+        let _ = signal::kill(self.pid(), Signal::SIGSTOP);
+    }
+
     /// Queue a kept signal to the thread again (signals are blocked).
     fn requeue(&mut self, c: &Caught) -> Result<(), RemoteError> {
         let pid = self.pid();
         let tid = self.tid;
         if c.sig() == Sig::STOP {
             // Cannot be blocked; a stop is process-wide anyway.
-            let _ = signal::kill(pid, Signal::SIGSTOP);
+            self.resend_stop();
             return Ok(());
         }
         match c {
@@ -916,16 +1074,6 @@ impl<'t> RemoteCalls<'t> {
                 .map(drop),
         }
     }
-}
-
-/// `run` only reports a signal when asked to.
-fn unreachable_signal<T>() -> Result<T, RemoteError> {
-    Err(RemoteError::Unexpected {
-        tid: 0,
-        op: "remote run".into(),
-        stop: "signal reported without being asked for".into(),
-        rip: RuntimeAddr(0),
-    })
 }
 
 impl Drop for RemoteCalls<'_> {

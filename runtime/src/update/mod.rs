@@ -5,6 +5,8 @@
 //! commit is reversible: a refusal or failure unloads the new image, removes
 //! every armed byte and leaves the process exactly as it was.
 
+pub mod signals;
+mod survive;
 pub mod transaction;
 
 use serde::Serialize;
@@ -25,7 +27,7 @@ use crate::load::transformer::{run_transformers, TransformerError};
 use crate::load::{self, LoadError, LoadOptions};
 use crate::stop::{self, StopError, StopOptions};
 use crate::target::procfs::{self, MemoryMap, ProcError};
-use crate::target::ptrace::{PtraceError, Tracee};
+use crate::target::ptrace::{PtraceError, Sig, Tracee};
 use nix::unistd::Pid;
 use transaction::{CommitError, PreparedState};
 use upstare_patcher::transformer::{BuildError, TransformerObject};
@@ -141,6 +143,39 @@ pub enum UpdateError {
     TransformPlan(Box<TransformPlanError>),
     #[error("{0}")]
     Transformer(Box<TransformerError>),
+    #[error("{0}; nothing was changed")]
+    Input(#[from] upstare_patcher::input::InputError),
+    #[error("{0}")]
+    Rescue(Box<crate::target::rescue::RescueError>),
+    #[error("interrupted by {sig}: the update was rolled back, process {pid} runs as before")]
+    Interrupted { pid: i32, sig: Sig },
+}
+
+/// `Err(Interrupted)` if the updater received a termination signal and the
+/// commit has not begun; marks a [`signals::Phase::Transfer`] moment.
+fn interrupted(pid: i32) -> Result<(), UpdateError> {
+    signals::checkpoint(signals::Phase::Transfer);
+    match signals::interruption() {
+        Some(sig) => Err(UpdateError::Interrupted { pid, sig }),
+        None => Ok(()),
+    }
+}
+
+/// While alive, a termination signal no longer stops the update (it is
+/// finished, then reported).
+struct CommitWindow;
+
+impl CommitWindow {
+    fn open() -> CommitWindow {
+        signals::begin_commit();
+        CommitWindow
+    }
+}
+
+impl Drop for CommitWindow {
+    fn drop(&mut self) {
+        signals::end_commit();
+    }
 }
 
 // Boxed: the transformer errors are large and rare.
@@ -222,14 +257,32 @@ fn us(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
-/// Updates process `pid` to the instrumented binary `new_path`: seizes it,
-/// runs [`apply_traced`], and detaches whatever happened.
+/// Largest NEW read: far above any instrumented program, far below what
+/// would strain the updater's memory.
+pub const MAX_NEW_SIZE: u64 = 1 << 30;
+
+/// Reads NEW whole: a regular file of at most [`MAX_NEW_SIZE`] bytes (a
+/// FIFO, a device or a huge file is refused without waiting on it).
+pub fn read_new(new_path: &Path) -> Result<Vec<u8>, UpdateError> {
+    Ok(upstare_patcher::input::read_regular(
+        new_path,
+        MAX_NEW_SIZE,
+    )?)
+}
+
+/// Updates process `pid` to the instrumented binary `new_path`: reads NEW,
+/// then seizes the process, runs the update and detaches whatever
+/// happened. NEW is read completely before the first ptrace call, so a bad
+/// input never keeps the process stopped.
 pub fn apply(pid: i32, new_path: &Path, opts: &ApplyOptions) -> Result<UpdateReport, UpdateError> {
     if pid <= 0 || !Path::new(&format!("/proc/{pid}")).exists() {
         return Err(UpdateError::NoProcess { pid });
     }
+    let new_bytes = read_new(new_path)?;
+    signals::set_target(pid);
+    interrupted(pid)?;
     let mut tracee = Tracee::seize(nix::unistd::Pid::from_raw(pid))?;
-    let result = apply_traced(&mut tracee, new_path, opts);
+    let result = apply_traced_bytes(&mut tracee, new_path, new_bytes, opts);
     let t = Instant::now();
     let detached = tracee.detach();
     match result {
@@ -356,6 +409,18 @@ pub fn apply_traced(
     new_path: &Path,
     opts: &ApplyOptions,
 ) -> Result<UpdateReport, UpdateError> {
+    let new_bytes = read_new(new_path)?;
+    apply_traced_bytes(tracee, new_path, new_bytes, opts)
+}
+
+/// [`apply_traced`] with NEW already read (`new_bytes`, the contents of
+/// `new_path`).
+fn apply_traced_bytes(
+    tracee: &mut Tracee,
+    new_path: &Path,
+    new_bytes: Vec<u8>,
+    opts: &ApplyOptions,
+) -> Result<UpdateReport, UpdateError> {
     let start = Instant::now();
     let pid = tracee.pid().as_raw();
     let proc_err = |source| UpdateError::Proc { pid, source };
@@ -405,7 +470,6 @@ pub fn apply_traced(
             )));
         }
     }
-    let new_bytes = std::fs::read(new_path).map_err(|e| new_err(format!("cannot read: {e}")))?;
     let new_tables = upstare_dwarf::read_tables(&new_bytes).map_err(|e| new_err(e.to_string()))?;
     if let Some(expected) = &opts.expected_new {
         let actual = ImageIdentity::of_bytes(&new_bytes, &new_tables);
@@ -470,7 +534,20 @@ pub fn apply_traced(
     let deadline = t + opts.timeout;
     let mut skip_hits = opts.skip_hits;
     let mut safety_retries = 0u32;
-    let threads = loop {
+    // Breakpoints are armed only while the world is being stopped: the
+    // rescue handler covers exactly that span, so that the process lives on
+    // if the updater is killed meanwhile.
+    signals::set_stopping(true);
+    let rescue = survive::install(tracee, &old);
+    let rescue = match rescue {
+        Ok(r) => r,
+        Err(e) => {
+            signals::set_stopping(false);
+            return Err(e);
+        }
+    };
+    let stopped = (|| loop {
+        interrupted(pid)?;
         let stopped = stop::stop_the_world(
             tracee,
             &old,
@@ -480,10 +557,14 @@ pub fn apply_traced(
                 skip_hits,
                 ..StopOptions::default()
             },
-        )?;
+        )
+        .map_err(|e| match e {
+            StopError::Interrupted { pid, sig } => UpdateError::Interrupted { pid, sig },
+            e => e.into(),
+        })?;
         skip_hits = 0;
         let Some(busy) = forbidden_frame(&stopped.threads, &plan) else {
-            break stopped.threads;
+            return Ok(stopped.threads);
         };
         if Instant::now() + SAFETY_RETRY >= deadline {
             return Err(UpdateError::Unsafe {
@@ -499,8 +580,13 @@ pub fn apply_traced(
         std::thread::sleep(SAFETY_RETRY);
         tracee.halt_all()?;
         safety_retries = safety_retries.saturating_add(1);
-    };
+    })();
+    let removed = rescue.map_or(Ok(()), |r| survive::remove(tracee, r));
+    signals::set_stopping(false);
+    let threads = stopped?;
+    removed?;
     timings.stop_us = us(t.elapsed());
+    interrupted(pid)?;
 
     // Phase 3: does the paused state map onto the new version? (plan and
     // tables only)
@@ -526,6 +612,7 @@ pub fn apply_traced(
         warnings: Vec::new(),
         timings: Timings::default(),
     };
+    interrupted(pid)?;
     // A dry run goes on: it loads NEW, computes every byte (conversions,
     // transformers on copies, the heap walk, the sweep), then unloads
     // everything before the commit, so it meets every refusal a real
@@ -546,6 +633,7 @@ pub fn apply_traced(
     let commit_plan = loaded.plan_commit(&old)?;
     warnings.extend(commit_plan.warnings.iter().cloned());
     timings.load_us = us(t.elapsed());
+    interrupted(pid)?;
 
     let (new, tr) = loaded.parts();
     // A dry run unloads NEW again: no address to report.
@@ -561,6 +649,7 @@ pub fn apply_traced(
     let globals = transfer::transfer_globals(&mem, &plan, &old, new, &mut remap)?;
     let maps_now = procfs::read_maps(tr.pid()).map_err(proc_err)?;
     let roots = heap::heap_roots(&mem, &old, &threads);
+    interrupted(pid)?;
     let heap = heap::transfer_heap(
         &mem,
         &old.tables.types,
@@ -665,8 +754,12 @@ pub fn apply_traced(
     let globals_copied = globals.copied;
     let frames: Vec<Vec<String>> = plans.iter().map(|p| p.frames.clone()).collect();
     drop(remap);
+    // The last moment a termination signal rolls the update back.
+    interrupted(pid)?;
 
-    // Phase 6: commit, with an undo log so a failure is rolled back.
+    // Phase 6: commit, with an undo log so a failure is rolled back. A
+    // termination signal from here on is reported once it is finished.
+    let _window = CommitWindow::open();
     let t = Instant::now();
     let undo = transaction::commit(&prepared, &mut mem, tr)?;
     if let Err(e) = loaded.commit(&commit_plan) {

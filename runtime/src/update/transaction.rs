@@ -118,6 +118,7 @@ pub fn commit(
         regs: Vec::with_capacity(state.regs.len()),
     };
     for w in &state.writes {
+        crate::update::signals::checkpoint(crate::update::signals::Phase::Commit);
         let saved = mem.read_vec(w.addr, w.bytes.len() as u64, usize::MAX);
         let result = saved.and_then(|saved| {
             mem.write(w.addr, &w.bytes)?;

@@ -1,0 +1,76 @@
+//! Keeping the target alive if the updater dies while update points are
+//! armed: the rescue SIGTRAP handler ([`crate::target::rescue`]) is
+//! installed before the world is stopped and removed right after (the
+//! breakpoints only exist while the world is being stopped).
+
+use crate::engine::state::Image;
+use crate::load;
+use crate::target::ptrace::Tracee;
+use crate::target::remote::RemoteCalls;
+use crate::target::rescue::{Rescue, RescueError};
+use crate::update::UpdateError;
+use nix::unistd::Pid;
+use upstare_dwarf::RuntimeAddr;
+
+/// An installed rescue handler and where its sessions run.
+pub struct Installed {
+    rescue: Rescue,
+    gadget: RuntimeAddr,
+}
+
+/// A stopped thread to run the sessions in: the leader if traced.
+fn session_thread(tracee: &Tracee) -> Pid {
+    let pid = tracee.pid();
+    let traced = tracee.traced();
+    if traced.contains(&pid) {
+        pid
+    } else {
+        traced.first().copied().unwrap_or(pid)
+    }
+}
+
+fn rescue_err(e: RescueError) -> UpdateError {
+    UpdateError::Rescue(Box::new(e))
+}
+
+/// Installs the rescue handler for every update point of `old` (none: no
+/// handler, nothing will be armed).
+pub fn install(tracee: &mut Tracee, old: &Image) -> Result<Option<Installed>, UpdateError> {
+    let points: Vec<RuntimeAddr> = old
+        .tables
+        .functions
+        .iter()
+        .flat_map(|f| f.update_points.iter().map(|p| old.runtime(p.addr)))
+        .collect();
+    if points.is_empty() {
+        return Ok(None);
+    }
+    let gadget = load::running_gadget(tracee.pid(), old)?;
+    let tid = session_thread(tracee);
+    let mut rc = RemoteCalls::new(tracee, tid, gadget).map_err(|e| rescue_err(e.into()))?;
+    let installed = Rescue::install(&mut rc, &points);
+    let finished = rc.finish();
+    let rescue = installed.map_err(rescue_err)?;
+    if let Err(e) = finished {
+        let _ = remove(
+            tracee,
+            Installed {
+                rescue: rescue.clone(),
+                gadget,
+            },
+        );
+        return Err(rescue_err(e.into()));
+    }
+    Ok(Some(Installed { rescue, gadget }))
+}
+
+/// Puts the program's SIGTRAP action back and unmaps the rescue area.
+pub fn remove(tracee: &mut Tracee, installed: Installed) -> Result<(), UpdateError> {
+    let tid = session_thread(tracee);
+    let mut rc =
+        RemoteCalls::new(tracee, tid, installed.gadget).map_err(|e| rescue_err(e.into()))?;
+    let removed = installed.rescue.remove(&mut rc);
+    let finished = rc.finish();
+    removed.map_err(rescue_err)?;
+    finished.map_err(|e| rescue_err(e.into()))
+}
