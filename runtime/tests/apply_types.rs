@@ -719,6 +719,14 @@ fn gdb_reads_converted_frame_locals(tc: Toolchain) {
         "main's frame was active: {:?}",
         report.threads[0].frames
     );
+    // The report says what was converted, and how.
+    for what in ["global level: int → long", "main: local acc: int → long"] {
+        assert!(
+            report.converted.iter().any(|c| c.contains(what)),
+            "{what} not in {:?}",
+            report.converted
+        );
+    }
     child
         .wait_for_line("v2 runs", wait, |l| l.starts_with("v2 t="))
         .expect("v2 runs");

@@ -226,8 +226,12 @@ fn report_text(r: &UpdateReport) -> String {
             r.bytes_written,
             r.new_load_address.unwrap_or(0)
         );
+        for c in &r.converted {
+            let _ = writeln!(o, "  converted {c}");
+        }
         let s = &r.sweep;
-        println!(
+        let _ = writeln!(
+            o,
             "  sweep: {} bytes scanned, {} untyped pointers to functions and {} to globals \
              remapped, {} left stale, exceptions: {} COPY objects, {} read-only data",
             s.bytes_scanned,

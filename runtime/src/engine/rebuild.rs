@@ -159,6 +159,8 @@ pub struct ThreadPlan {
     /// `function@continuation` per frame, top first, for the report.
     pub frames: Vec<String>,
     pub warnings: Vec<String>,
+    /// Locals converted to a changed type, in words.
+    pub converted: Vec<String>,
 }
 
 /// A frame's function in both versions, with the plan's mapping of it.
@@ -455,6 +457,7 @@ pub fn frame_writes(
     let mode = top_mode(&thread.readiness);
     let mut writes = Vec::new();
     let mut warnings = Vec::new();
+    let mut converted = Vec::new();
     let mut caller_view: Option<CalleeSavedValues> = None;
     let mut caller_site_ret: Option<RuntimeAddr> = None;
     let mut caller_cfa: Option<RuntimeAddr> = None;
@@ -635,6 +638,10 @@ pub fn frame_writes(
                                 v.name, change.old_type, change.new_type
                             ))
                         })?;
+                        converted.push(format!(
+                            "thread {tid}: {}: local {}: {} → {}",
+                            f.function, v.name, change.old_type, change.new_type
+                        ));
                         for member in &change.new_members {
                             warnings.push(format!(
                                 "thread {tid}: {}: new member {member} starts as zero",
@@ -782,6 +789,7 @@ pub fn frame_writes(
         regs: final_regs,
         frames: report,
         warnings,
+        converted,
     })
 }
 

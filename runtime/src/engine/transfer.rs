@@ -54,6 +54,9 @@ pub struct GlobalsPlan {
     pub kept_const: usize,
     /// Globals whose type changed, converted (counted in `copied` too).
     pub converted: usize,
+    /// What was converted, in words (`global acct: struct account →
+    /// struct account (member bonus added at offset 8)`).
+    pub converted_names: Vec<String>,
     /// Globals the program never changed, left with NEW's initial value.
     pub kept_initial: usize,
 }
@@ -163,6 +166,12 @@ pub fn transfer_globals(
             })?;
             bytes = base;
             out.converted += 1;
+            out.converted_names.push(format!(
+                "{what}: {} → {} ({})",
+                change.old_type,
+                change.new_type,
+                change.changes.join("; ")
+            ));
         }
         out.writes.push(Write {
             addr: new.runtime(n.addr),

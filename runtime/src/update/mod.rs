@@ -236,6 +236,9 @@ pub struct UpdateReport {
     pub dry_run: bool,
     pub threads: Vec<ThreadReport>,
     pub globals_copied: usize,
+    /// Globals and frame locals whose type changed, converted: what, and
+    /// how, in words.
+    pub converted: Vec<String>,
     /// Heap objects reached through typed pointers, and the pointers in
     /// them that were changed (callbacks, addresses of globals).
     pub heap_objects: usize,
@@ -602,6 +605,7 @@ fn apply_traced_bytes(
         dry_run: opts.dry_run,
         threads: threads.iter().map(thread_report).collect(),
         globals_copied: 0,
+        converted: Vec::new(),
         heap_objects: 0,
         heap_pointers_remapped: 0,
         safety_retries,
@@ -752,6 +756,12 @@ fn apply_traced_bytes(
         regs: plans.iter().map(|p| (p.tid, p.regs)).collect(),
     };
     let globals_copied = globals.copied;
+    let converted: Vec<String> = globals
+        .converted_names
+        .iter()
+        .chain(plans.iter().flat_map(|p| p.converted.iter()))
+        .cloned()
+        .collect();
     let frames: Vec<Vec<String>> = plans.iter().map(|p| p.frames.clone()).collect();
     drop(remap);
     // The last moment a termination signal rolls the update back.
@@ -771,6 +781,7 @@ fn apply_traced_bytes(
     let bytes_written = prepared.bytes();
     report.bytes_written = bytes_written;
     report.globals_copied = globals_copied;
+    report.converted = converted;
     report.heap_objects = heap.objects;
     report.heap_pointers_remapped = heap.writes.len();
     report.threads = threads
