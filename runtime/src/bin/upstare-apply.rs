@@ -106,6 +106,7 @@ fn main() {
     }
     lower_oom_score();
     let result = run(&cli);
+    signals::flush_target_signals();
     if let Some(counts) = signals::checkpoint_counts() {
         eprintln!("{counts}");
     }

@@ -17,7 +17,8 @@
 //! moments of an update without sleeping and hoping. With
 //! `UPSTARE_TEST_SIGNAL_AT` set (`count` only counts) the updater prints, when it ends, how many
 //! checkpoints each phase had (`upstare-test: checkpoints stop=N ...`).
-//! `UPSTARE_TEST_TARGET_SIGNALS_AT=<phase>:<n>:<SIG>[+<SIG>...]` (e.g.
+//! `UPSTARE_TEST_TARGET_SIGNALS_AT=<phase>:<n>:<SIG>[+<SIG>...]` (a
+//! moment the update does not reach fires when it ends) (e.g.
 //! `load:4:SIGSTOP+SIGCONT`) sends the signals, in order, to the *target*
 //! at that checkpoint: job control during an update (several moments
 //! separated by commas: `stop:2:SIGSTOP,load:9:SIGCONT`; phase `any`
@@ -243,6 +244,29 @@ pub fn checkpoint(phase: Phase) {
             None => t.n == any,
         };
         if here && target > 0 {
+            for &s in &t.sigs {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(target), s);
+            }
+        }
+    }
+}
+
+/// Sends the `UPSTARE_TEST_TARGET_SIGNALS_AT` signals whose moment the
+/// update never reached (the number of moments varies from run to run with
+/// how long the threads take to stop): a moment past the last one fires
+/// when the update ends, so a test's stop-then-continue always continues.
+pub fn flush_target_signals() {
+    let target = TARGET.load(Ordering::SeqCst);
+    let any = ANY.load(Ordering::SeqCst);
+    if target <= 0 {
+        return;
+    }
+    for t in target_signals() {
+        let missed = match t.phase {
+            Some(p) => t.n > COUNTS[p.index()].load(Ordering::SeqCst),
+            None => t.n > any,
+        };
+        if missed {
             for &s in &t.sigs {
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(target), s);
             }
