@@ -20,13 +20,15 @@ use upstare_dwarf::{LinkAddr, LoadBias, RuntimeAddr};
 
 /// Reserve NEW's span in the process, map and relocate NEW there (file
 /// `path`, as planned by `plan`) and check that `/proc/PID/maps` shows it.
-/// Returns the span and bias; on failure the span is unmapped again.
+/// Returns the span and bias, and the maps read for the check (the
+/// process's maps with NEW in them, used for the rest of the update); on
+/// failure the span is unmapped again.
 pub(super) fn map_image(
     rc: &mut RemoteCalls<'_>,
     pid: Pid,
     path: &Path,
     plan: &LoadPlan,
-) -> Result<(Range<RuntimeAddr>, LoadBias, LoadReport), LoadError> {
+) -> Result<(Range<RuntimeAddr>, LoadBias, LoadReport, Vec<procfs::MemoryMap>), LoadError> {
     let len = plan.hi - plan.lo;
     let base = rc.mmap(
         RuntimeAddr(0),
@@ -44,7 +46,7 @@ pub(super) fn map_image(
             m.perms.exec && m.file() == Some(path) && base <= m.start && m.end.0 <= base.0 + len
         });
         if shown {
-            Ok(r)
+            Ok((r, maps))
         } else {
             Err(LoadError::NotMapped {
                 pid: pid.as_raw(),
@@ -54,7 +56,7 @@ pub(super) fn map_image(
         }
     });
     match mapped {
-        Ok(report) => Ok((base..RuntimeAddr(base.0 + len), bias, report)),
+        Ok((report, maps)) => Ok((base..RuntimeAddr(base.0 + len), bias, report, maps)),
         Err(e) => {
             let _ = rc.munmap(base, len);
             Err(e)

@@ -296,6 +296,19 @@ impl<'t> RemoteCalls<'t> {
         tid: Pid,
         gadget: RuntimeAddr,
     ) -> Result<RemoteCalls<'t>, RemoteError> {
+        let maps = procfs::read_maps(tracee.pid())?;
+        Self::with_maps(tracee, tid, gadget, &maps)
+    }
+
+    /// [`RemoteCalls::new`] with the process's current `/proc/PID/maps`
+    /// already read (the update reads them once while the process is
+    /// paused, and nothing maps or unmaps code meanwhile).
+    pub fn with_maps(
+        tracee: &'t mut Tracee,
+        tid: Pid,
+        gadget: RuntimeAddr,
+        maps: &[procfs::MemoryMap],
+    ) -> Result<RemoteCalls<'t>, RemoteError> {
         let pid = tracee.pid();
         let regs = tracee.regs(tid)?;
         let ext = tracee.ext_regs(tid)?;
@@ -305,7 +318,6 @@ impl<'t> RemoteCalls<'t> {
                 pid: pid.as_raw(),
                 addr: gadget,
             })?;
-        let maps = procfs::read_maps(pid)?;
         if !maps
             .iter()
             .any(|m| m.perms.exec && m.start <= gadget && end <= m.end)
