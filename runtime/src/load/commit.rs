@@ -149,8 +149,12 @@ fn plan_signal_handlers(
     map: &dyn Fn(RuntimeAddr) -> Option<RuntimeAddr>,
 ) -> Result<Vec<HandlerMove>, LoadError> {
     let mut out = Vec::new();
+    // One remote rt_sigaction per signal with a handler, rather than per
+    // signal: each is a round trip into the paused process. Every signal
+    // when the mask cannot be read.
+    let caught = crate::target::remote::caught_signals(rc.pid(), rc.tid()).unwrap_or(u64::MAX);
     for sig in 1..=64 {
-        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP || caught & (1u64 << (sig - 1)) == 0 {
             continue;
         }
         let old = match rc.rt_sigaction(sig, None) {

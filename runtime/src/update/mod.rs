@@ -177,6 +177,10 @@ impl From<RebuildError> for UpdateError {
 /// Latency of each phase, in microseconds.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Timings {
+    /// Before the process is stopped: finding the running image, reading
+    /// NEW, making the plan, resolving NEW's imports (not part of the
+    /// pause).
+    pub plan_us: u64,
     pub stop_us: u64,
     pub save_us: u64,
     pub load_us: u64,
@@ -483,6 +487,7 @@ pub fn apply_traced(
         )?)
     };
 
+    timings.plan_us = us(start.elapsed());
     // Phase 2: stop every thread at an update point or in a safe call.
     // With frames that must not be active (SPEC [safety]), the threads are
     // let run again until none is, within the time limit.
