@@ -181,7 +181,7 @@ fn print_report(r: &UpdateReport) {
     }
     let t = &r.timings;
     println!(
-        "  latency: stop {} us, save {} us, load {} us, transfer {} us, rebuild {} us, transformers {} us, resume {} us, total {} us",
-        t.stop_us, t.save_us, t.load_us, t.transfer_us, t.rebuild_us, t.transform_us, t.resume_us, t.total_us
+        "  latency: stop {} us, save {} us, load {} us, transfer {} us, rebuild {} us, transformers {} us, resume {} us, total {} us (of which {} us planning before the stop)",
+        t.stop_us, t.save_us, t.load_us, t.transfer_us, t.rebuild_us, t.transform_us, t.resume_us, t.total_us, t.plan_us
     );
 }

@@ -115,6 +115,17 @@ fn map_and_relocate(
     let at = |off: u64| LinkAddr(off).to_runtime(bias);
     let mut report = LoadReport::default();
     let mut ifuncs: HashMap<u64, u64> = HashMap::new();
+    // Relocated words are written in batches (one system call for many),
+    // flushed before any code of the process runs (an IFUNC resolver may
+    // read what was relocated before it) and at the end.
+    let mut pending: Vec<(RuntimeAddr, [u8; 8])> = Vec::new();
+    let flush = |rc: &mut RemoteCalls<'_>, pending: &mut Vec<(RuntimeAddr, [u8; 8])>| {
+        let ranges: Vec<(RuntimeAddr, &[u8])> =
+            pending.iter().map(|(a, b)| (*a, b.as_slice())).collect();
+        let r = rc.memory().write_ranges(&ranges).map_err(|(_, e)| e);
+        pending.clear();
+        r
+    };
     for (off, v) in &plan.relocs {
         let value = match v {
             RelocValue::Base(x) => bias.0.wrapping_add(*x),
@@ -127,6 +138,7 @@ fn map_and_relocate(
                 let impl_addr = match ifuncs.get(&resolver.0) {
                     Some(&a) => a,
                     None => {
+                        flush(rc, &mut pending)?;
                         let a = rc.call(*resolver, &[])?;
                         report.ifunc_calls += 1;
                         if a == 0 {
@@ -145,6 +157,7 @@ fn map_and_relocate(
             }
             RelocValue::LocalIfunc { resolver, symbol } => {
                 let r = RuntimeAddr(bias.0.wrapping_add(*resolver));
+                flush(rc, &mut pending)?;
                 let a = rc.call(r, &[])?;
                 report.ifunc_calls += 1;
                 if a == 0 {
@@ -158,6 +171,7 @@ fn map_and_relocate(
                 a
             }
             RelocValue::Copy { src, size, symbol } => {
+                flush(rc, &mut pending)?;
                 let bytes = rc
                     .memory()
                     .read_vec(*src, *size, MAX_COPY as usize)
@@ -171,9 +185,10 @@ fn map_and_relocate(
                 continue;
             }
         };
-        rc.memory().write_u64(at(*off), value)?;
+        pending.push((at(*off), value.to_le_bytes()));
         report.relocations += 1;
     }
+    flush(rc, &mut pending)?;
     if let Some((vaddr, memsz)) = plan.relro {
         let start = page_down(vaddr);
         let end = page_down(vaddr.saturating_add(memsz));

@@ -474,17 +474,13 @@ pub fn apply_traced(
         return Err(TransformerError::NoObject.into());
     }
     let mut libs = Libraries::new(tracee.pid(), &maps);
-    // NEW's relocations and imports, resolved while the process runs.
+    // NEW's relocations and imports, resolved while the process runs. A
+    // process not yet that far (its libraries not loaded: stopped at its
+    // start) is planned for again in the pause, which reports the refusal.
     let prepared_load = if opts.legacy_pause {
         None
     } else {
-        Some(load::prepare_load(
-            tracee.pid(),
-            &maps,
-            new_path,
-            &new_bytes,
-            &old,
-        )?)
+        load::prepare_load(tracee.pid(), &maps, new_path, &new_bytes, &old).ok()
     };
 
     timings.plan_us = us(start.elapsed());
