@@ -156,8 +156,14 @@ fn median(samples: Vec<Sample>) -> Sample {
 /// every global is transferred.
 fn large_subject(n: usize) -> String {
     let mut src = String::from(SUBJECT);
-    src = src.replace("int main(int argc", "long extra_sum(void);\nint main(int argc");
-    src = src.replace("    printf(\"ready\\n\");", "    depth += (int)(extra_sum() & 0);\n    printf(\"ready\\n\");");
+    src = src.replace(
+        "int main(int argc",
+        "long extra_sum(void);\nint main(int argc",
+    );
+    src = src.replace(
+        "    printf(\"ready\\n\");",
+        "    depth += (int)(extra_sum() & 0);\n    printf(\"ready\\n\");",
+    );
     for i in 0..n / 4 {
         src.push_str(&format!("long extra_g{i} = {i};\n"));
     }

@@ -138,7 +138,10 @@ pub trait TargetMemory {
     /// order. A live process does it in as few system calls as it can (the
     /// commit reads what it replaces this way, while the process is
     /// paused). On failure: the index of the first range not read, and why.
-    fn read_ranges(&self, ranges: &mut [(RuntimeAddr, &mut [u8])]) -> Result<(), (usize, MemError)> {
+    fn read_ranges(
+        &self,
+        ranges: &mut [(RuntimeAddr, &mut [u8])],
+    ) -> Result<(), (usize, MemError)> {
         for (i, (addr, buf)) in ranges.iter_mut().enumerate() {
             self.read(*addr, buf).map_err(|e| (i, e))?;
         }
@@ -162,7 +165,10 @@ impl<T: TargetMemory + ?Sized> TargetMemory for &mut T {
     fn write(&mut self, addr: RuntimeAddr, data: &[u8]) -> Result<(), MemError> {
         (**self).write(addr, data)
     }
-    fn read_ranges(&self, ranges: &mut [(RuntimeAddr, &mut [u8])]) -> Result<(), (usize, MemError)> {
+    fn read_ranges(
+        &self,
+        ranges: &mut [(RuntimeAddr, &mut [u8])],
+    ) -> Result<(), (usize, MemError)> {
         (**self).read_ranges(ranges)
     }
     fn write_ranges(&mut self, ranges: &[(RuntimeAddr, &[u8])]) -> Result<(), (usize, MemError)> {

@@ -141,7 +141,7 @@ fn rng(seed: &mut u64) -> u64 {
 fn many_writes(seed: &mut u64, n: usize) -> Vec<Write> {
     (0..n)
         .map(|i| {
-            let (base, size) = if rng(seed) % 2 == 0 {
+            let (base, size) = if rng(seed).is_multiple_of(2) {
                 (DATA, 256)
             } else {
                 (STACK, 512)
@@ -170,7 +170,10 @@ fn batched_and_one_by_one_commits_leave_the_same_bytes_and_roll_back_alike() {
         let ub = commit_with(&state, &mut b, &mut rb, CommitMode::Batched).expect("batched");
         assert_eq!(snapshot(&a), snapshot(&b), "case {case}: bytes");
         assert_eq!(ra, rb, "case {case}: registers");
-        assert!(ub.len() <= ua.len(), "case {case}: batching made more steps");
+        assert!(
+            ub.len() <= ua.len(),
+            "case {case}: batching made more steps"
+        );
         ub.roll_back(&mut b, &mut rb);
         assert_eq!(snapshot(&b), mem0, "case {case}: rolled-back bytes");
         assert_eq!(rb, regs0, "case {case}: rolled-back registers");
@@ -214,7 +217,9 @@ fn a_batched_commit_names_the_write_that_failed() {
     // Starts in the data region and runs past its end: the range it is
     // merged into cannot be read, and this write is the one to blame.
     state.writes.push(write(DATA + 20, &[5; 4], "global near"));
-    state.writes.push(write(DATA + 250, &[7; 16], "global past the end"));
+    state
+        .writes
+        .push(write(DATA + 250, &[7; 16], "global past the end"));
     match commit(&state, &mut mem, &mut regs) {
         Err(e @ CommitError::Memory { .. }) => {
             assert!(e.to_string().contains("global past the end"), "{e}");

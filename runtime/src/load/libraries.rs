@@ -447,7 +447,6 @@ impl Libraries {
 
     /// [`Libraries::read`] with the process's `/proc/PID/maps` already read.
     pub fn read_with_maps(pid: Pid, maps: &[MemoryMap]) -> Result<Libraries, LoadError> {
-        let maps = maps;
         let mut libs = Libraries::new(pid, maps);
         libs.search = libs.read_link_map(pid, maps)?;
         for &(i, _) in &libs.search {

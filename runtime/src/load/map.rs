@@ -28,7 +28,15 @@ pub(super) fn map_image(
     pid: Pid,
     path: &Path,
     plan: &LoadPlan,
-) -> Result<(Range<RuntimeAddr>, LoadBias, LoadReport, Vec<procfs::MemoryMap>), LoadError> {
+) -> Result<
+    (
+        Range<RuntimeAddr>,
+        LoadBias,
+        LoadReport,
+        Vec<procfs::MemoryMap>,
+    ),
+    LoadError,
+> {
     let len = plan.hi - plan.lo;
     let base = rc.mmap(
         RuntimeAddr(0),

@@ -285,7 +285,10 @@ impl fmt::Debug for PreparedLoad {
 /// The file-backed mappings of `maps`: what a library loaded or unloaded
 /// since changes (the dynamic linker maps every object it loads).
 fn file_mappings(maps: &[MemoryMap]) -> Vec<MemoryMap> {
-    maps.iter().filter(|m| m.file().is_some()).cloned().collect()
+    maps.iter()
+        .filter(|m| m.file().is_some())
+        .cloned()
+        .collect()
 }
 
 /// Work out NEW's load (see [`PreparedLoad`]) against process `pid` whose

@@ -198,7 +198,10 @@ impl TargetMemory for ProcessMemory {
     /// One `process_vm_readv` per [`IOV_MAX`] ranges; what it could not
     /// read (an unreadable page, a kernel without it) is read range by range
     /// through `/proc/PID/mem`, which also says why a range fails.
-    fn read_ranges(&self, ranges: &mut [(RuntimeAddr, &mut [u8])]) -> Result<(), (usize, MemError)> {
+    fn read_ranges(
+        &self,
+        ranges: &mut [(RuntimeAddr, &mut [u8])],
+    ) -> Result<(), (usize, MemError)> {
         if !self.uses_proc_mem() {
             for (i, (addr, buf)) in ranges.iter_mut().enumerate() {
                 self.read(*addr, buf).map_err(|e| (i, e))?;
