@@ -62,39 +62,123 @@ int main(int argc, char **argv)
 }
 "#;
 
+/// One update's phases, in ms.
+#[derive(Clone, Copy, Default)]
 struct Sample {
+    /// Before the stop (not part of the pause).
+    plan: f64,
     stop: f64,
     load: f64,
+    /// Checking, transferring and rebuilding the state (and transformers).
     state: f64,
+    /// The commit and the resume (`resume_us`).
+    commit: f64,
+    /// Total minus every reported phase: time in no phase.
+    other: f64,
     total: f64,
+    /// From the stop to the end: total minus plan.
+    pause: f64,
 }
 
-/// Median-of-`n` identity updates of one process with `depth` frames per
-/// thread and `threads` threads.
-fn latency(up: &Path, copies: &[PathBuf], depth: usize, threads: usize) -> Sample {
+/// Updates per path (legacy and current) and per row; the medians are
+/// reported.
+const RUNS: usize = 5;
+
+/// `RUNS` identity updates of one process with `depth` frames per thread
+/// and `threads` threads along each path (`legacy_pause` on and off),
+/// interleaved so that drift (the images each update adds) falls on both
+/// alike. Returns the median per phase of each path: (legacy, current).
+fn latency(up: &Path, dir: &Path, tag: &str, depth: usize, threads: usize) -> (Sample, Sample) {
     let child = spawn(up, &[depth.to_string(), threads.to_string()]).expect("spawn");
     child
         .wait_for_line("ready", Duration::from_secs(20), |l| l == "ready")
         .expect("ready");
     std::thread::sleep(Duration::from_millis(50));
-    let opts = ApplyOptions {
-        timeout: Duration::from_secs(5),
-        ..ApplyOptions::default()
-    };
-    let mut samples = Vec::new();
-    for to in copies {
-        let r = apply(child.pid() as i32, to, &opts).unwrap_or_else(|e| panic!("update: {e}"));
+    let mut per: [Vec<Sample>; 2] = [Vec::new(), Vec::new()];
+    let mut copies = Vec::new();
+    for i in 0..2 * RUNS {
+        // A fresh copy per update: NEW must be another file than any
+        // mapped, retired images included.
+        let to = dir.join(format!("{tag}-copy{i}.up"));
+        std::fs::copy(up, &to).expect("copy");
+        let legacy = i % 2 == 0;
+        let opts = ApplyOptions {
+            timeout: Duration::from_secs(5),
+            legacy_pause: legacy,
+            ..ApplyOptions::default()
+        };
+        let r = apply(child.pid() as i32, &to, &opts).unwrap_or_else(|e| panic!("update: {e}"));
         let t = &r.timings;
         let ms = |us: u64| us as f64 / 1000.0;
-        samples.push(Sample {
+        let state = ms(t.save_us + t.transfer_us + t.rebuild_us + t.transform_us);
+        let phases = ms(t.plan_us) + ms(t.stop_us) + ms(t.load_us) + state + ms(t.resume_us);
+        per[usize::from(!legacy)].push(Sample {
+            plan: ms(t.plan_us),
+            pause: ms(t.total_us - t.plan_us),
             stop: ms(t.stop_us),
             load: ms(t.load_us),
-            state: ms(t.save_us + t.transfer_us + t.rebuild_us),
+            state,
+            commit: ms(t.resume_us),
+            other: (ms(t.total_us) - phases).max(0.0),
             total: ms(t.total_us),
         });
+        copies.push(to);
     }
-    samples.sort_by(|a, b| a.total.total_cmp(&b.total));
-    samples.swap_remove(samples.len() / 2)
+    drop(child);
+    for c in copies {
+        let _ = std::fs::remove_file(c);
+    }
+    let [a, b] = per;
+    (median(a), median(b))
+}
+
+/// The median of each phase separately.
+fn median(samples: Vec<Sample>) -> Sample {
+    let pick = |f: fn(&Sample) -> f64| {
+        let mut v: Vec<f64> = samples.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    Sample {
+        plan: pick(|s| s.plan),
+        pause: pick(|s| s.pause),
+        stop: pick(|s| s.stop),
+        load: pick(|s| s.load),
+        state: pick(|s| s.state),
+        commit: pick(|s| s.commit),
+        other: pick(|s| s.other),
+        total: pick(|s| s.total),
+    }
+}
+
+/// The subject with `n` more functions and `n / 4` more globals (a program
+/// of nginx's size for `n` = 2,000): every function is in the tables and
+/// every global is transferred.
+fn large_subject(n: usize) -> String {
+    let mut src = String::from(SUBJECT);
+    src = src.replace(
+        "int main(int argc",
+        "long extra_sum(void);\nint main(int argc",
+    );
+    src = src.replace(
+        "    printf(\"ready\\n\");",
+        "    depth += (int)(extra_sum() & 0);\n    printf(\"ready\\n\");",
+    );
+    for i in 0..n / 4 {
+        src.push_str(&format!("long extra_g{i} = {i};\n"));
+    }
+    for i in 0..n {
+        src.push_str(&format!(
+            "long extra_f{i}(long x)\n{{\n    long y = x * {i} + extra_g{};\n    return y ^ (x >> 3);\n}}\n",
+            i % (n / 4).max(1)
+        ));
+    }
+    src.push_str("long extra_sum(void)\n{\n    long s = 0;\n");
+    for i in 0..n {
+        src.push_str(&format!("    s += extra_f{i}(s);\n"));
+    }
+    src.push_str("    return s;\n}\n");
+    src
 }
 
 fn callgrind(bin: &Path) -> Option<u64> {
@@ -132,37 +216,67 @@ fn main() {
     .expect("compile");
     let up = dir.join("subject.up");
     instrument(&bin, &up);
-    let copies: Vec<PathBuf> = (0..3)
-        .map(|i| {
-            let c = dir.join(format!("subject-copy{i}.up"));
-            std::fs::copy(&up, &c).expect("copy");
-            c
-        })
-        .collect();
+    let large_src = large_subject(2000);
+    let large_bin = compile_c(
+        CSource::Text(&large_src),
+        Toolchain::Gcc,
+        &[],
+        &dir.join("large"),
+    )
+    .expect("compile the large subject");
+    let large = dir.join("large.up");
+    instrument(&large_bin, &large);
 
-    println!("identity update latency (median of 3 updates of one process), ms");
     println!(
-        "{:>7} {:>8} {:>9} {:>9} {:>9} {:>9}",
-        "frames", "threads", "stop", "load", "state", "total"
+        "identity update latency, ms, median of {RUNS} updates per path of one process;\n\
+         before = the former pause (legacy_pause), after = current, interleaved in the same run"
     );
-    let mut rows = Vec::new();
+    println!(
+        "plan: before the stop (not paused); pause = stop + load + state + commit + other;\n\
+         other = in no reported phase; ratio = pause after / pause before"
+    );
+    let head = format!(
+        "{:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>7}",
+        "plan", "stop", "load", "state", "commit", "other", "pause"
+    );
+    println!(
+        "{:>9} {:>6} {:>7} | {head} | {head} | {:>6}",
+        "program", "frames", "threads", "ratio"
+    );
+    println!("{:>24} | {:^52} | {:^52} |", "", "before", "after");
+    let mut rows: Vec<(&str, &Path, usize, usize)> = Vec::new();
     for depth in [1usize, 10, 100, 1000] {
-        rows.push((depth, 1usize));
+        rows.push(("small", up.as_path(), depth, 1));
     }
     for threads in [4usize, 16, 64] {
-        rows.push((10, threads));
+        rows.push(("small", up.as_path(), 10, threads));
     }
-    for (depth, threads) in rows {
-        let s = latency(&up, &copies, depth, threads);
+    rows.push(("2000 fns", large.as_path(), 10, 1));
+    let only: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    for (name, image, depth, threads) in rows {
+        let label = format!("{name}-{depth}-{threads}");
+        if only.as_deref().is_some_and(|o| !label.contains(o)) {
+            continue;
+        }
+        let (a, b) = latency(image, &dir, &label.replace(' ', "_"), depth, threads);
+        let cols = |s: &Sample| {
+            format!(
+                "{:>6.2} {:>6.2} {:>6.2} {:>6.2} {:>6.2} {:>6.2} {:>7.2}",
+                s.plan, s.stop, s.load, s.state, s.commit, s.other, s.pause
+            )
+        };
         println!(
-            "{:>7} {:>8} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
+            "{:>9} {:>6} {:>7} | {} | {} | {:>6.3}",
+            name,
             depth + 3,
             threads,
-            s.stop,
-            s.load,
-            s.state,
-            s.total
+            cols(&a),
+            cols(&b),
+            b.pause / a.pause
         );
+    }
+    if only.is_some() {
+        return;
     }
 
     println!("\nsteady-state cost: instrumented vs original (same run)");

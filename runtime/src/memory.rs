@@ -134,6 +134,28 @@ pub trait TargetMemory {
         self.read(addr, &mut v)?;
         Ok(v)
     }
+    /// Fill each buffer of `ranges` with the bytes at its address, in
+    /// order. A live process does it in as few system calls as it can (the
+    /// commit reads what it replaces this way, while the process is
+    /// paused). On failure: the index of the first range not read, and why.
+    fn read_ranges(
+        &self,
+        ranges: &mut [(RuntimeAddr, &mut [u8])],
+    ) -> Result<(), (usize, MemError)> {
+        for (i, (addr, buf)) in ranges.iter_mut().enumerate() {
+            self.read(*addr, buf).map_err(|e| (i, e))?;
+        }
+        Ok(())
+    }
+    /// Store each range of `ranges`, in order, in as few system calls as
+    /// the target allows. On failure: the index of the first range that may
+    /// not have been stored completely (earlier ones were), and why.
+    fn write_ranges(&mut self, ranges: &[(RuntimeAddr, &[u8])]) -> Result<(), (usize, MemError)> {
+        for (i, (addr, data)) in ranges.iter().enumerate() {
+            self.write(*addr, data).map_err(|e| (i, e))?;
+        }
+        Ok(())
+    }
 }
 
 impl<T: TargetMemory + ?Sized> TargetMemory for &mut T {
@@ -142,6 +164,15 @@ impl<T: TargetMemory + ?Sized> TargetMemory for &mut T {
     }
     fn write(&mut self, addr: RuntimeAddr, data: &[u8]) -> Result<(), MemError> {
         (**self).write(addr, data)
+    }
+    fn read_ranges(
+        &self,
+        ranges: &mut [(RuntimeAddr, &mut [u8])],
+    ) -> Result<(), (usize, MemError)> {
+        (**self).read_ranges(ranges)
+    }
+    fn write_ranges(&mut self, ranges: &[(RuntimeAddr, &[u8])]) -> Result<(), (usize, MemError)> {
+        (**self).write_ranges(ranges)
     }
 }
 

@@ -252,8 +252,8 @@ fn report_text(r: &UpdateReport) -> String {
     let t = &r.timings;
     let _ = writeln!(
         o,
-        "  latency: stop {} us, save {} us, load {} us, transfer {} us, rebuild {} us, transformers {} us, resume {} us, total {} us",
-        t.stop_us, t.save_us, t.load_us, t.transfer_us, t.rebuild_us, t.transform_us, t.resume_us, t.total_us
+        "  latency: stop {} us, save {} us, load {} us, transfer {} us, rebuild {} us, transformers {} us, resume {} us, total {} us (of which {} us planning before the stop)",
+        t.stop_us, t.save_us, t.load_us, t.transfer_us, t.rebuild_us, t.transform_us, t.resume_us, t.total_us, t.plan_us
     );
     o
 }

@@ -11,7 +11,7 @@ use super::libraries::strip_deleted;
 use super::LoadError;
 use crate::engine::state::Image;
 use crate::memory::{MemError, TargetMemory};
-use crate::target::procfs;
+use crate::target::procfs::{self, MemoryMap};
 use crate::target::remote::{KernelSigaction, RemoteCalls, RemoteError};
 use nix::libc;
 use nix::unistd::Pid;
@@ -47,12 +47,13 @@ pub(super) fn plan_commit(
     running: &Image,
     new: &Image,
     copies: &[(String, u64)],
+    maps: &[MemoryMap],
 ) -> Result<CommitPlan, LoadError> {
     let pid = rc.pid();
     let mapper = function_mapper(running, new);
     let handlers = plan_signal_handlers(rc, running, &mapper)?;
     let fini = plan_fini_redirect(&*rc.memory(), pid, new)?;
-    let retire = plan_retire(pid, running)?;
+    let retire = plan_retire(maps, running);
     let mut warnings = Vec::new();
     for (name, _) in copies {
         if name == "environ" || name == "__environ" {
@@ -148,8 +149,12 @@ fn plan_signal_handlers(
     map: &dyn Fn(RuntimeAddr) -> Option<RuntimeAddr>,
 ) -> Result<Vec<HandlerMove>, LoadError> {
     let mut out = Vec::new();
+    // One remote rt_sigaction per signal with a handler, rather than per
+    // signal: each is a round trip into the paused process. Every signal
+    // when the mask cannot be read.
+    let caught = crate::target::remote::caught_signals(rc.pid(), rc.tid()).unwrap_or(u64::MAX);
     for sig in 1..=64 {
-        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP || caught & (1u64 << (sig - 1)) == 0 {
             continue;
         }
         let old = match rc.rt_sigaction(sig, None) {
@@ -337,10 +342,10 @@ fn plan_fini_redirect(
     Ok(FiniRedirect { writes })
 }
 
-/// The executable mappings of `running` in process `pid`.
-fn plan_retire(pid: Pid, running: &Image) -> Result<Vec<Range<RuntimeAddr>>, LoadError> {
-    Ok(procfs::read_maps(pid)?
-        .into_iter()
+/// The executable mappings of `running` per `maps` (the process's, read
+/// after NEW was mapped).
+fn plan_retire(maps: &[MemoryMap], running: &Image) -> Vec<Range<RuntimeAddr>> {
+    maps.iter()
         .filter(|m| {
             m.perms.exec
                 && m.file() == Some(running.path.as_path())
@@ -348,5 +353,5 @@ fn plan_retire(pid: Pid, running: &Image) -> Result<Vec<Range<RuntimeAddr>>, Loa
                 && running.span.start < m.end
         })
         .map(|m| m.start..m.end)
-        .collect())
+        .collect()
 }

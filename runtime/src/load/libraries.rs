@@ -442,8 +442,13 @@ impl Libraries {
     /// is an error here rather than a symbol missing later.
     pub fn read(pid: Pid) -> Result<Libraries, LoadError> {
         let maps = procfs::read_maps(pid)?;
-        let mut libs = Libraries::new(pid, &maps);
-        libs.search = libs.read_link_map(pid, &maps)?;
+        Self::read_with_maps(pid, &maps)
+    }
+
+    /// [`Libraries::read`] with the process's `/proc/PID/maps` already read.
+    pub fn read_with_maps(pid: Pid, maps: &[MemoryMap]) -> Result<Libraries, LoadError> {
+        let mut libs = Libraries::new(pid, maps);
+        libs.search = libs.read_link_map(pid, maps)?;
         for &(i, _) in &libs.search {
             let lib = &libs.libs[i];
             lib.exports().map_err(|e| LoadError::LibraryChanged {

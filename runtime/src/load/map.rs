@@ -20,13 +20,23 @@ use upstare_dwarf::{LinkAddr, LoadBias, RuntimeAddr};
 
 /// Reserve NEW's span in the process, map and relocate NEW there (file
 /// `path`, as planned by `plan`) and check that `/proc/PID/maps` shows it.
-/// Returns the span and bias; on failure the span is unmapped again.
+/// Returns the span and bias, and the maps read for the check (the
+/// process's maps with NEW in them, used for the rest of the update); on
+/// failure the span is unmapped again.
 pub(super) fn map_image(
     rc: &mut RemoteCalls<'_>,
     pid: Pid,
     path: &Path,
     plan: &LoadPlan,
-) -> Result<(Range<RuntimeAddr>, LoadBias, LoadReport), LoadError> {
+) -> Result<
+    (
+        Range<RuntimeAddr>,
+        LoadBias,
+        LoadReport,
+        Vec<procfs::MemoryMap>,
+    ),
+    LoadError,
+> {
     let len = plan.hi - plan.lo;
     let base = rc.mmap(
         RuntimeAddr(0),
@@ -44,7 +54,7 @@ pub(super) fn map_image(
             m.perms.exec && m.file() == Some(path) && base <= m.start && m.end.0 <= base.0 + len
         });
         if shown {
-            Ok(r)
+            Ok((r, maps))
         } else {
             Err(LoadError::NotMapped {
                 pid: pid.as_raw(),
@@ -54,7 +64,7 @@ pub(super) fn map_image(
         }
     });
     match mapped {
-        Ok(report) => Ok((base..RuntimeAddr(base.0 + len), bias, report)),
+        Ok((report, maps)) => Ok((base..RuntimeAddr(base.0 + len), bias, report, maps)),
         Err(e) => {
             let _ = rc.munmap(base, len);
             Err(e)
@@ -113,6 +123,17 @@ fn map_and_relocate(
     let at = |off: u64| LinkAddr(off).to_runtime(bias);
     let mut report = LoadReport::default();
     let mut ifuncs: HashMap<u64, u64> = HashMap::new();
+    // Relocated words are written in batches (one system call for many),
+    // flushed before any code of the process runs (an IFUNC resolver may
+    // read what was relocated before it) and at the end.
+    let mut pending: Vec<(RuntimeAddr, [u8; 8])> = Vec::new();
+    let flush = |rc: &mut RemoteCalls<'_>, pending: &mut Vec<(RuntimeAddr, [u8; 8])>| {
+        let ranges: Vec<(RuntimeAddr, &[u8])> =
+            pending.iter().map(|(a, b)| (*a, b.as_slice())).collect();
+        let r = rc.memory().write_ranges(&ranges).map_err(|(_, e)| e);
+        pending.clear();
+        r
+    };
     for (off, v) in &plan.relocs {
         let value = match v {
             RelocValue::Base(x) => bias.0.wrapping_add(*x),
@@ -125,6 +146,7 @@ fn map_and_relocate(
                 let impl_addr = match ifuncs.get(&resolver.0) {
                     Some(&a) => a,
                     None => {
+                        flush(rc, &mut pending)?;
                         let a = rc.call(*resolver, &[])?;
                         report.ifunc_calls += 1;
                         if a == 0 {
@@ -143,6 +165,7 @@ fn map_and_relocate(
             }
             RelocValue::LocalIfunc { resolver, symbol } => {
                 let r = RuntimeAddr(bias.0.wrapping_add(*resolver));
+                flush(rc, &mut pending)?;
                 let a = rc.call(r, &[])?;
                 report.ifunc_calls += 1;
                 if a == 0 {
@@ -156,6 +179,7 @@ fn map_and_relocate(
                 a
             }
             RelocValue::Copy { src, size, symbol } => {
+                flush(rc, &mut pending)?;
                 let bytes = rc
                     .memory()
                     .read_vec(*src, *size, MAX_COPY as usize)
@@ -169,9 +193,10 @@ fn map_and_relocate(
                 continue;
             }
         };
-        rc.memory().write_u64(at(*off), value)?;
+        pending.push((at(*off), value.to_le_bytes()));
         report.relocations += 1;
     }
+    flush(rc, &mut pending)?;
     if let Some((vaddr, memsz)) = plan.relro {
         let start = page_down(vaddr);
         let end = page_down(vaddr.saturating_add(memsz));

@@ -81,7 +81,7 @@ pub use relocs::{import_slots, reloc_name, ImportSlot};
 
 use crate::engine::state::Image;
 use crate::memory::MemError;
-use crate::target::procfs::ProcError;
+use crate::target::procfs::{self, MemoryMap, ProcError};
 use crate::target::ptrace::Tracee;
 use crate::target::remote::{self, RemoteCalls, RemoteError};
 use nix::unistd::Pid;
@@ -244,6 +244,9 @@ pub struct LoadedImage<'t> {
     new_gadget: RuntimeAddr,
     timeout: Duration,
     report: LoadReport,
+    /// The process's maps once NEW was mapped (nothing maps or unmaps
+    /// while it is paused, until the commit retires the old code).
+    maps: Vec<MemoryMap>,
 }
 
 impl fmt::Debug for LoadedImage<'_> {
@@ -261,6 +264,61 @@ pub fn running_gadget(pid: Pid, running: &Image) -> Result<RuntimeAddr, LoadErro
     map::running_gadget(pid, running)
 }
 
+/// NEW's load worked out while the process still runs: the objects it has
+/// mapped and the dynamic linker's order over them, NEW's relocations with
+/// every import resolved against them, and the running image's gadget.
+/// None of it depends on the paused state; [`load_prepared`] checks that
+/// the objects it relied on are still the ones mapped, and works it out
+/// again (in the pause) otherwise.
+pub struct PreparedLoad {
+    canon: PathBuf,
+    libs: Libraries,
+    plan: relocs::LoadPlan,
+    running_gadget: RuntimeAddr,
+    /// The process's file mappings the plan was made against.
+    files: Vec<MemoryMap>,
+}
+
+impl fmt::Debug for PreparedLoad {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PreparedLoad")
+            .field("path", &self.canon)
+            .field("relocations", &self.plan.relocs.len())
+            .finish()
+    }
+}
+
+/// The file-backed mappings of `maps`: what a library loaded or unloaded
+/// since changes (the dynamic linker maps every object it loads).
+fn file_mappings(maps: &[MemoryMap]) -> Vec<MemoryMap> {
+    maps.iter()
+        .filter(|m| m.file().is_some())
+        .cloned()
+        .collect()
+}
+
+/// Work out NEW's load (see [`PreparedLoad`]) against process `pid` whose
+/// current maps are `maps`, without changing the process.
+pub fn prepare_load(
+    pid: Pid,
+    maps: &[MemoryMap],
+    new_path: &Path,
+    new_bytes: &[u8],
+    running: &Image,
+) -> Result<PreparedLoad, LoadError> {
+    let canon = canonical(new_path)?;
+    let libs = Libraries::read_with_maps(pid, maps)?;
+    let plan = relocs::plan_load(&canon, new_bytes, &libs)?;
+    let running_gadget = map::running_gadget(pid, running)?;
+    Ok(PreparedLoad {
+        canon,
+        libs,
+        plan,
+        running_gadget,
+        files: file_mappings(maps),
+    })
+}
+
 /// Load NEW (`new_path`, whose bytes are `new_bytes` and tables
 /// `new_tables`) into the process traced by `tracee`, working in stopped
 /// thread `tid`, beside `running` (see the module doc). Imports are
@@ -274,14 +332,42 @@ pub fn load_image<'t>(
     running: &Image,
     opts: &LoadOptions,
 ) -> Result<LoadedImage<'t>, LoadError> {
-    let libs = Libraries::read(tracee.pid())?;
-    let canon = canonical(new_path)?;
-    let plan = relocs::plan_load(&canon, new_bytes, &libs)?;
+    let maps = procfs::read_maps(tracee.pid())?;
+    let prep = prepare_load(tracee.pid(), &maps, new_path, new_bytes, running)?;
+    load_prepared(tracee, tid, prep, new_bytes, new_tables, running, opts)
+}
+
+/// [`load_image`] with the load worked out beforehand by [`prepare_load`]
+/// (before the process was paused). The process's maps are read once here
+/// (and once more after NEW is mapped, to check it, kept for the rest of
+/// the update: [`LoadedImage::maps`]).
+pub fn load_prepared<'t>(
+    tracee: &'t mut Tracee,
+    tid: Pid,
+    prep: PreparedLoad,
+    new_bytes: &[u8],
+    new_tables: FrameTables,
+    running: &Image,
+    opts: &LoadOptions,
+) -> Result<LoadedImage<'t>, LoadError> {
     let pid = tracee.pid();
-    let running_gadget = map::running_gadget(pid, running)?;
-    let mut rc = RemoteCalls::new(tracee, tid, running_gadget)?;
+    let maps = procfs::read_maps(pid)?;
+    // A library loaded or unloaded since the plan was made: make it again.
+    let prep = if file_mappings(&maps) == prep.files {
+        prep
+    } else {
+        prepare_load(pid, &maps, &prep.canon, new_bytes, running)?
+    };
+    let PreparedLoad {
+        canon,
+        libs,
+        plan,
+        running_gadget,
+        ..
+    } = prep;
+    let mut rc = RemoteCalls::with_maps(tracee, tid, running_gadget, &maps)?;
     rc.set_timeout(opts.call_timeout);
-    let (span, bias, mut report) = map::map_image(&mut rc, pid, &canon, &plan)?;
+    let (span, bias, mut report, maps) = map::map_image(&mut rc, pid, &canon, &plan)?;
     if let Err(e) = rc.finish() {
         // Restoring the thread failed (is it gone?): try to unmap NEW in a
         // new session so as not to leave it behind.
@@ -312,6 +398,7 @@ pub fn load_image<'t>(
         new_gadget,
         timeout: opts.call_timeout,
         report,
+        maps,
     })
 }
 
@@ -355,6 +442,11 @@ impl<'t> LoadedImage<'t> {
         )
     }
 
+    /// The process's `/proc/PID/maps` read once NEW was mapped.
+    pub fn maps(&self) -> &[MemoryMap] {
+        &self.maps
+    }
+
     /// What loading did.
     pub fn report(&self) -> &LoadReport {
         &self.report
@@ -372,9 +464,9 @@ impl<'t> LoadedImage<'t> {
             .image
             .as_ref()
             .expect("image present until commit or unload");
-        let mut rc = RemoteCalls::new(self.tracee, self.tid, self.new_gadget)?;
+        let mut rc = RemoteCalls::with_maps(self.tracee, self.tid, self.new_gadget, &self.maps)?;
         rc.set_timeout(self.timeout);
-        let plan = commit::plan_commit(&mut rc, running, new, &self.report.copies);
+        let plan = commit::plan_commit(&mut rc, running, new, &self.report.copies, &self.maps);
         rc.finish()?;
         plan
     }
@@ -383,7 +475,7 @@ impl<'t> LoadedImage<'t> {
     /// make the old image's code non-executable. On failure the steps done
     /// are undone and the guard (dropped) unloads NEW. Returns NEW's image.
     pub fn commit(mut self, plan: &CommitPlan) -> Result<Image, LoadError> {
-        let mut rc = RemoteCalls::new(self.tracee, self.tid, self.new_gadget)?;
+        let mut rc = RemoteCalls::with_maps(self.tracee, self.tid, self.new_gadget, &self.maps)?;
         rc.set_timeout(self.timeout);
         let applied = commit::apply_commit(&mut rc, plan);
         let finished = rc.finish();

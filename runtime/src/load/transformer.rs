@@ -189,7 +189,7 @@ pub fn run_transformers(
     let pid = tracee.pid();
     let mut rc = RemoteCalls::new(tracee, tid, gadget).map_err(|e| load_err(e.into()))?;
     rc.set_timeout(timeout);
-    let (span, bias, _) = match super::map::map_image(&mut rc, pid, &temp.file, &plan) {
+    let (span, bias, _, _) = match super::map::map_image(&mut rc, pid, &temp.file, &plan) {
         Ok(m) => m,
         Err(e) => {
             let _ = rc.finish();

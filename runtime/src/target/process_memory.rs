@@ -3,14 +3,32 @@
 //! a `PTRACE_PEEKDATA`/`POKEDATA` fallback when `/proc` is unavailable.
 
 use nix::sys::ptrace;
+use nix::sys::uio::{process_vm_readv, process_vm_writev, RemoteIoVec};
 use nix::unistd::Pid;
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, IoSlice, IoSliceMut};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use upstare_dwarf::RuntimeAddr;
 
 use crate::memory::{range_end, MemError, MemOp, TargetMemory};
+
+/// Most ranges in one `process_vm_readv`/`process_vm_writev` (the kernel's
+/// `IOV_MAX`).
+const IOV_MAX: usize = 1024;
+
+/// Index of the first of `lens` not entirely within the first `done`
+/// bytes (ranges are transferred in order).
+fn first_incomplete(lens: impl Iterator<Item = usize>, done: usize) -> usize {
+    let mut sum = 0usize;
+    for (i, len) in lens.enumerate() {
+        sum = sum.saturating_add(len);
+        if sum > done {
+            return i;
+        }
+    }
+    usize::MAX
+}
 
 /// How [`ProcessMemory`] reaches the target.
 #[derive(Clone, Debug)]
@@ -175,6 +193,86 @@ impl TargetMemory for ProcessMemory {
                 Ok(())
             }
         }
+    }
+
+    /// One `process_vm_readv` per [`IOV_MAX`] ranges; what it could not
+    /// read (an unreadable page, a kernel without it) is read range by range
+    /// through `/proc/PID/mem`, which also says why a range fails.
+    fn read_ranges(
+        &self,
+        ranges: &mut [(RuntimeAddr, &mut [u8])],
+    ) -> Result<(), (usize, MemError)> {
+        if !self.uses_proc_mem() {
+            for (i, (addr, buf)) in ranges.iter_mut().enumerate() {
+                self.read(*addr, buf).map_err(|e| (i, e))?;
+            }
+            return Ok(());
+        }
+        let mut base = 0;
+        for chunk in ranges.chunks_mut(IOV_MAX) {
+            let n = chunk.len();
+            for (i, (addr, buf)) in chunk.iter().enumerate() {
+                range_end(MemOp::Read, *addr, buf.len()).map_err(|e| (base + i, e))?;
+            }
+            let remote: Vec<RemoteIoVec> = chunk
+                .iter()
+                .map(|(a, b)| RemoteIoVec {
+                    base: a.0 as usize,
+                    len: b.len(),
+                })
+                .collect();
+            let want: usize = remote.iter().map(|r| r.len).sum();
+            let got = {
+                let mut local: Vec<IoSliceMut<'_>> =
+                    chunk.iter_mut().map(|(_, b)| IoSliceMut::new(b)).collect();
+                process_vm_readv(self.pid, &mut local, &remote).unwrap_or(0)
+            };
+            if got < want {
+                let from = first_incomplete(remote.iter().map(|r| r.len), got).min(n);
+                for (i, (addr, buf)) in chunk.iter_mut().enumerate().skip(from) {
+                    self.read(*addr, buf).map_err(|e| (base + i, e))?;
+                }
+            }
+            base += n;
+        }
+        Ok(())
+    }
+
+    /// One `process_vm_writev` per [`IOV_MAX`] ranges (writable memory);
+    /// what it could not store (code, read-only data) is written range by
+    /// range through `/proc/PID/mem`, which ignores page protection.
+    fn write_ranges(&mut self, ranges: &[(RuntimeAddr, &[u8])]) -> Result<(), (usize, MemError)> {
+        if !self.uses_proc_mem() {
+            for (i, (addr, data)) in ranges.iter().enumerate() {
+                self.write(*addr, data).map_err(|e| (i, e))?;
+            }
+            return Ok(());
+        }
+        let mut base = 0;
+        for chunk in ranges.chunks(IOV_MAX) {
+            let n = chunk.len();
+            for (i, (addr, data)) in chunk.iter().enumerate() {
+                range_end(MemOp::Write, *addr, data.len()).map_err(|e| (base + i, e))?;
+            }
+            let remote: Vec<RemoteIoVec> = chunk
+                .iter()
+                .map(|(a, d)| RemoteIoVec {
+                    base: a.0 as usize,
+                    len: d.len(),
+                })
+                .collect();
+            let local: Vec<IoSlice<'_>> = chunk.iter().map(|(_, d)| IoSlice::new(d)).collect();
+            let want: usize = remote.iter().map(|r| r.len).sum();
+            let got = process_vm_writev(self.pid, &local, &remote).unwrap_or(0);
+            if got < want {
+                let from = first_incomplete(remote.iter().map(|r| r.len), got).min(n);
+                for (i, (addr, data)) in chunk.iter().enumerate().skip(from) {
+                    self.write(*addr, data).map_err(|e| (base + i, e))?;
+                }
+            }
+            base += n;
+        }
+        Ok(())
     }
 
     fn write(&mut self, addr: RuntimeAddr, data: &[u8]) -> Result<(), MemError> {

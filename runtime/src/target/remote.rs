@@ -304,6 +304,18 @@ pub fn decode_return(rax: u64) -> Result<u64, Errno> {
 
 /// The blocked-signal mask of a thread, from `/proc/PID/task/TID/status`.
 fn read_sigmask(pid: Pid, tid: Pid) -> Result<u64, RemoteError> {
+    read_status_mask(pid, tid, "SigBlk:")
+}
+
+/// The signals the process has a handler for (not default, not ignored),
+/// from `SigCgt` of `/proc/PID/task/TID/status`: bit `n - 1` for signal
+/// `n`. Only these can have a handler in the running image's code.
+pub fn caught_signals(pid: Pid, tid: Pid) -> Result<u64, RemoteError> {
+    read_status_mask(pid, tid, "SigCgt:")
+}
+
+/// The hexadecimal mask on line `key` of `/proc/PID/task/TID/status`.
+fn read_status_mask(pid: Pid, tid: Pid, key: &str) -> Result<u64, RemoteError> {
     let err = |reason: String| RemoteError::SigMask {
         tid: tid.as_raw(),
         reason,
@@ -312,9 +324,9 @@ fn read_sigmask(pid: Pid, tid: Pid) -> Result<u64, RemoteError> {
     let text = std::fs::read_to_string(&path).map_err(|e| err(format!("{path}: {e}")))?;
     let line = text
         .lines()
-        .find_map(|l| l.strip_prefix("SigBlk:"))
-        .ok_or_else(|| err(format!("{path} has no SigBlk line")))?;
-    u64::from_str_radix(line.trim(), 16).map_err(|_| err(format!("bad SigBlk {line:?}")))
+        .find_map(|l| l.strip_prefix(key))
+        .ok_or_else(|| err(format!("{path} has no {key} line")))?;
+    u64::from_str_radix(line.trim(), 16).map_err(|_| err(format!("bad {key} {line:?}")))
 }
 
 /// Whether a SIGCONT is pending for thread `tid` or its whole process
@@ -406,6 +418,19 @@ impl<'t> RemoteCalls<'t> {
         tid: Pid,
         gadget: RuntimeAddr,
     ) -> Result<RemoteCalls<'t>, RemoteError> {
+        let maps = procfs::read_maps(tracee.pid())?;
+        Self::with_maps(tracee, tid, gadget, &maps)
+    }
+
+    /// [`RemoteCalls::new`] with the process's current `/proc/PID/maps`
+    /// already read (the update reads them once while the process is
+    /// paused, and nothing maps or unmaps code meanwhile).
+    pub fn with_maps(
+        tracee: &'t mut Tracee,
+        tid: Pid,
+        gadget: RuntimeAddr,
+        maps: &[procfs::MemoryMap],
+    ) -> Result<RemoteCalls<'t>, RemoteError> {
         let pid = tracee.pid();
         let regs = tracee.regs(tid)?;
         let ext = tracee.ext_regs(tid)?;
@@ -415,7 +440,6 @@ impl<'t> RemoteCalls<'t> {
                 pid: pid.as_raw(),
                 addr: gadget,
             })?;
-        let maps = procfs::read_maps(pid)?;
         if !maps
             .iter()
             .any(|m| m.perms.exec && m.start <= gadget && end <= m.end)

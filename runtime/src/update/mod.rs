@@ -61,6 +61,11 @@ pub struct ApplyOptions {
     /// The compiled C transformers the plan calls (a PATCH's); when the
     /// plan is made here from `spec`, they are built from it.
     pub transformers: Option<TransformerObject>,
+    /// The former path while the process is paused, for the benchmark's
+    /// baseline in the same run: NEW's libraries read and its relocations
+    /// planned after the stop, `/proc/PID/maps` read at each step, memory
+    /// written one write at a time, every thread's registers set.
+    pub legacy_pause: bool,
 }
 
 impl Default for ApplyOptions {
@@ -75,6 +80,7 @@ impl Default for ApplyOptions {
             expected_new: None,
             strict: false,
             transformers: None,
+            legacy_pause: false,
         }
     }
 }
@@ -206,6 +212,10 @@ impl From<RebuildError> for UpdateError {
 /// Latency of each phase, in microseconds.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Timings {
+    /// Before the process is stopped: finding the running image, reading
+    /// NEW, making the plan, resolving NEW's imports (not part of the
+    /// pause).
+    pub plan_us: u64,
     pub stop_us: u64,
     pub save_us: u64,
     pub load_us: u64,
@@ -491,6 +501,9 @@ fn apply_traced_bytes(
         }
         .into());
     }
+    // OLD's file as mapped (initial values, the sweep), read before the
+    // pause.
+    let old_bytes = image_file_bytes(tracee.pid(), &maps, &old)?;
     // What maps to what is decided from the two tables alone, before the
     // process is paused.
     let mut object = opts.transformers.clone();
@@ -516,7 +529,6 @@ fn apply_traced_bytes(
             };
             // OLD's initial values, so data the program never changed
             // follows NEW.
-            let old_bytes = image_file_bytes(tracee.pid(), &maps, &old)?;
             let initial =
                 upstare_patcher::initial::initial_values(&old.path, &old.tables, &old_bytes)
                     .map_err(ImageError::from)?;
@@ -529,7 +541,16 @@ fn apply_traced_bytes(
         return Err(TransformerError::NoObject.into());
     }
     let mut libs = Libraries::new(tracee.pid(), &maps);
+    // NEW's relocations and imports, resolved while the process runs. A
+    // process not yet that far (its libraries not loaded: stopped at its
+    // start) is planned for again in the pause, which reports the refusal.
+    let prepared_load = if opts.legacy_pause {
+        None
+    } else {
+        load::prepare_load(tracee.pid(), &maps, new_path, &new_bytes, &old).ok()
+    };
 
+    timings.plan_us = us(start.elapsed());
     // Phase 2: stop every thread at an update point or in a safe call.
     // With frames that must not be active (SPEC [safety]), the threads are
     // let run again until none is, within the time limit.
@@ -625,20 +646,38 @@ fn apply_traced_bytes(
     // Phase 4: load the new version (undone on drop unless committed).
     let t = Instant::now();
     let tid = threads.first().map_or(Pid::from_raw(pid), |t| t.tid);
-    let mut loaded = load::load_image(
-        tracee,
-        tid,
-        new_path,
-        &new_bytes,
-        new_tables,
-        &old,
-        &LoadOptions::default(),
-    )?;
+    let mut loaded = match prepared_load {
+        Some(prep) => load::load_prepared(
+            tracee,
+            tid,
+            prep,
+            &new_bytes,
+            new_tables,
+            &old,
+            &LoadOptions::default(),
+        )?,
+        None => load::load_image(
+            tracee,
+            tid,
+            new_path,
+            &new_bytes,
+            new_tables,
+            &old,
+            &LoadOptions::default(),
+        )?,
+    };
     let commit_plan = loaded.plan_commit(&old)?;
     warnings.extend(commit_plan.warnings.iter().cloned());
     timings.load_us = us(t.elapsed());
     interrupted(pid)?;
 
+    // The maps with NEW in them, read by the load: nothing maps or unmaps
+    // while the process is paused.
+    let maps_now = if opts.legacy_pause {
+        procfs::read_maps(loaded.pid()).map_err(proc_err)?
+    } else {
+        loaded.maps().to_vec()
+    };
     let (new, tr) = loaded.parts();
     // A dry run unloads NEW again: no address to report.
     report.new_load_address = (!opts.dry_run).then_some(new.bias.0);
@@ -651,7 +690,6 @@ fn apply_traced_bytes(
         layouts.push(rebuild::place_frames(th, &plan, &old, new, &mut remap)?);
     }
     let globals = transfer::transfer_globals(&mem, &plan, &old, new, &mut remap)?;
-    let maps_now = procfs::read_maps(tr.pid()).map_err(proc_err)?;
     let roots = heap::heap_roots(&mem, &old, &threads);
     interrupted(pid)?;
     let heap = heap::transfer_heap(
@@ -690,11 +728,11 @@ fn apply_traced_bytes(
     let t = Instant::now();
     // After the typed walk and the transformers: every value still
     // pointing into the old image.
-    let old_elf = image_file_bytes(tr.pid(), &maps, &old)?;
+    let old_elf = &old_bytes;
     let rsps: Vec<u64> = plans.iter().map(|p| p.regs.rsp().0).collect();
     let pending: Vec<&Write> = writes.iter().collect();
     let (swept, retired) = crate::engine::sweep::sweep_update(
-        &mem, &maps_now, &rsps, &plan, &old, new, &mut remap, &pending, &old_elf, &new_bytes,
+        &mem, &maps_now, &rsps, &plan, &old, new, &mut remap, &pending, old_elf, &new_bytes,
     );
     let sweep_writes = swept.writes();
     warnings.extend(sweep_warnings(&swept));
@@ -771,7 +809,12 @@ fn apply_traced_bytes(
     // termination signal from here on is reported once it is finished.
     let _window = CommitWindow::open();
     let t = Instant::now();
-    let undo = transaction::commit(&prepared, &mut mem, tr)?;
+    let mode = if opts.legacy_pause {
+        transaction::CommitMode::OneByOne
+    } else {
+        transaction::CommitMode::Batched
+    };
+    let undo = transaction::commit_with(&prepared, &mut mem, tr, mode)?;
     if let Err(e) = loaded.commit(&commit_plan) {
         // The guard has unloaded NEW; put the old state back.
         let mut mem = tracee.memory();

@@ -106,6 +106,19 @@ pub enum CommitError {
     },
 }
 
+/// How the commit reaches the target's memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CommitMode {
+    /// Writes merged into contiguous ranges; what they replace read, and the
+    /// ranges written, in as few operations as the target allows; registers
+    /// set only in threads whose registers change.
+    #[default]
+    Batched,
+    /// One read and one write per [`Write`], every thread's registers set:
+    /// the former path, kept as the benchmark's baseline.
+    OneByOne,
+}
+
 /// Writes `state` into the target, recording what it replaces. On failure
 /// everything already written is put back and the error says what failed.
 pub fn commit(
@@ -113,11 +126,57 @@ pub fn commit(
     mem: &mut impl TargetMemory,
     regs: &mut impl ThreadRegisters,
 ) -> Result<UndoLog, CommitError> {
+    commit_with(state, mem, regs, CommitMode::Batched)
+}
+
+/// [`commit`] in the given mode. Both modes leave the target in the same
+/// state: the writes' bytes as if applied in order (a later write wins where
+/// two overlap), every thread's registers as prepared.
+pub fn commit_with(
+    state: &PreparedState,
+    mem: &mut impl TargetMemory,
+    regs: &mut impl ThreadRegisters,
+    mode: CommitMode,
+) -> Result<UndoLog, CommitError> {
     let mut undo = UndoLog {
         memory: Vec::with_capacity(state.writes.len()),
         regs: Vec::with_capacity(state.regs.len()),
     };
-    for w in &state.writes {
+    let written = match mode {
+        CommitMode::Batched => commit_batched(&state.writes, mem, &mut undo),
+        CommitMode::OneByOne => commit_each(&state.writes, mem, &mut undo),
+    };
+    if let Err(e) = written {
+        undo.roll_back(mem, regs);
+        return Err(e);
+    }
+    for (tid, new) in &state.regs {
+        let result = regs.thread_regs(*tid).and_then(|old| {
+            // A thread whose registers do not change is not written (nor
+            // recorded: there is nothing to put back).
+            if mode == CommitMode::Batched && old == *new {
+                return Ok(None);
+            }
+            regs.set_thread_regs(*tid, new).map(|()| Some(old))
+        });
+        match result {
+            Ok(Some(old)) => undo.regs.push((*tid, old)),
+            Ok(None) => {}
+            Err(source) => {
+                undo.roll_back(mem, regs);
+                return Err(CommitError::Registers { tid: *tid, source });
+            }
+        }
+    }
+    Ok(undo)
+}
+
+fn commit_each(
+    writes: &[Write],
+    mem: &mut impl TargetMemory,
+    undo: &mut UndoLog,
+) -> Result<(), CommitError> {
+    for w in writes {
         crate::update::signals::checkpoint(crate::update::signals::Phase::Commit);
         let saved = mem.read_vec(w.addr, w.bytes.len() as u64, usize::MAX);
         let result = saved.and_then(|saved| {
@@ -127,27 +186,155 @@ pub fn commit(
         match result {
             Ok(saved) => undo.memory.push((w.addr, saved)),
             Err(source) => {
-                undo.roll_back(mem, regs);
                 return Err(CommitError::Memory {
                     what: w.what.clone(),
                     source,
-                });
+                })
             }
         }
     }
-    for (tid, new) in &state.regs {
-        let result = regs
-            .thread_regs(*tid)
-            .and_then(|old| regs.set_thread_regs(*tid, new).map(|()| old));
-        match result {
-            Ok(old) => undo.regs.push((*tid, old)),
-            Err(source) => {
-                undo.roll_back(mem, regs);
-                return Err(CommitError::Registers { tid: *tid, source });
+    Ok(())
+}
+
+/// Largest gap between two writes that is filled with the bytes already
+/// there so that both become one range. Only gaps whose bytes lie in pages
+/// the two writes touch are filled, so a merged range never reaches a page
+/// no write reaches.
+const MAX_GAP: u64 = 256;
+const PAGE: u64 = 4096;
+
+/// One contiguous range of the batched commit.
+struct Span {
+    start: u64,
+    end: u64,
+    /// Indices into the writes, in their order.
+    writes: Vec<usize>,
+}
+
+/// The writes grouped into disjoint, sorted spans (overlapping, adjacent
+/// or nearly adjacent writes share one). A write whose range wraps around
+/// the address space gets a span of its own, which fails when written.
+fn spans(writes: &[Write]) -> Vec<Span> {
+    let mut order: Vec<usize> = (0..writes.len()).collect();
+    order.sort_by_key(|&i| writes[i].addr.0);
+    let mut out: Vec<Span> = Vec::new();
+    for i in order {
+        let w = &writes[i];
+        let start = w.addr.0;
+        let Some(end) = start.checked_add(w.bytes.len() as u64) else {
+            out.push(Span {
+                start,
+                end: start,
+                writes: vec![i],
+            });
+            continue;
+        };
+        if let Some(last) = out.last_mut() {
+            let near = start <= last.end
+                || (start - last.end <= MAX_GAP
+                    && start / PAGE <= last.end.saturating_sub(1) / PAGE + 1);
+            if last.end > last.start && near {
+                last.end = last.end.max(end);
+                last.writes.push(i);
+                continue;
             }
         }
+        out.push(Span {
+            start,
+            end,
+            writes: vec![i],
+        });
     }
-    Ok(undo)
+    for s in &mut out {
+        s.writes.sort_unstable();
+    }
+    out
+}
+
+/// The write of `span` to name in an error: the first whose own bytes
+/// cannot be read, else the first.
+fn culprit<'w>(span: &Span, writes: &'w [Write], mem: &impl TargetMemory) -> &'w Write {
+    let first = &writes[span.writes[0]];
+    span.writes
+        .iter()
+        .map(|&i| &writes[i])
+        .find(|w| {
+            mem.read_vec(w.addr, w.bytes.len() as u64, usize::MAX)
+                .is_err()
+        })
+        .unwrap_or(first)
+}
+
+fn commit_batched(
+    writes: &[Write],
+    mem: &mut impl TargetMemory,
+    undo: &mut UndoLog,
+) -> Result<(), CommitError> {
+    let spans = spans(writes);
+    // What every span replaces, read in one batch: the undo log, and the
+    // bytes of the gaps filled between writes.
+    let mut saved: Vec<Vec<u8>> = spans
+        .iter()
+        .map(|s| {
+            if s.end > s.start {
+                vec![0u8; (s.end - s.start) as usize]
+            } else {
+                writes[s.writes[0]].bytes.clone()
+            }
+        })
+        .collect();
+    {
+        let mut ranges: Vec<(RuntimeAddr, &mut [u8])> = spans
+            .iter()
+            .zip(saved.iter_mut())
+            .map(|(s, b)| (RuntimeAddr(s.start), b.as_mut_slice()))
+            .collect();
+        if let Err((i, source)) = mem.read_ranges(&mut ranges) {
+            let i = i.min(spans.len().saturating_sub(1));
+            return Err(CommitError::Memory {
+                what: culprit(&spans[i], writes, mem).what.clone(),
+                source,
+            });
+        }
+    }
+    // The final bytes of each span: what is there, overwritten by its
+    // writes in their order.
+    let finals: Vec<Vec<u8>> = spans
+        .iter()
+        .zip(&saved)
+        .map(|(s, old)| {
+            let mut b = old.clone();
+            for &i in &s.writes {
+                let w = &writes[i];
+                let at = (w.addr.0 - s.start) as usize;
+                if let Some(dst) = b.get_mut(at..at + w.bytes.len()) {
+                    dst.copy_from_slice(&w.bytes);
+                }
+            }
+            b
+        })
+        .collect();
+    // Recorded before writing: a range that fails part-way is put back too.
+    for (s, old) in spans.iter().zip(saved) {
+        // A moment of the commit per range, for the fault-injection hook.
+        crate::update::signals::checkpoint(crate::update::signals::Phase::Commit);
+        undo.memory.push((RuntimeAddr(s.start), old));
+    }
+    let ranges: Vec<(RuntimeAddr, &[u8])> = spans
+        .iter()
+        .zip(&finals)
+        .map(|(s, b)| (RuntimeAddr(s.start), b.as_slice()))
+        .collect();
+    if let Err((i, source)) = mem.write_ranges(&ranges) {
+        let i = i.min(spans.len().saturating_sub(1));
+        // Only the spans possibly written are put back.
+        undo.memory.truncate(i + 1);
+        return Err(CommitError::Memory {
+            what: culprit(&spans[i], writes, mem).what.clone(),
+            source,
+        });
+    }
+    Ok(())
 }
 
 impl UndoLog {
