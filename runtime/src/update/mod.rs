@@ -5,6 +5,7 @@
 //! commit is reversible: a refusal or failure unloads the new image, removes
 //! every armed byte and leaves the process exactly as it was.
 
+mod heap_objects;
 pub mod transaction;
 
 use serde::Serialize;
@@ -547,28 +548,39 @@ pub fn apply_traced(
     warnings.extend(commit_plan.warnings.iter().cloned());
     timings.load_us = us(t.elapsed());
 
+    // Phase 5: compute every byte of the new state. The heap objects of
+    // changed type first: where they go must be known before any pointer
+    // to them is remapped, and blocks for moved ones are allocated now.
+    let t = Instant::now();
+    let heap_ranges = heap::heap_ranges(
+        &procfs::read_maps(Pid::from_raw(pid)).map_err(proc_err)?,
+        &threads,
+        [&old, loaded.image()],
+    );
+    let heap_mem = loaded.tracee().memory();
+    let mut heap_objects = heap::find_heap_objects(
+        &heap_mem,
+        &old.tables.types,
+        &loaded.image().tables.types,
+        &heap::heap_roots(&heap_mem, &old, &threads),
+        &heap_ranges,
+        &plan.changed_types,
+    )?;
+    heap_objects::place(&mut loaded, &mut heap_objects, &heap_ranges)?;
     let (new, tr) = loaded.parts();
     // A dry run unloads NEW again: no address to report.
     report.new_load_address = (!opts.dry_run).then_some(new.bias.0);
-    // Phase 5: compute every byte of the new state.
-    let t = Instant::now();
     let mut mem = tr.memory();
     let mut remap = Remapper::new(&plan, &old, new);
+    remap.set_heap_moves(heap_objects.moves());
     let mut layouts = Vec::with_capacity(threads.len());
     for th in &threads {
         layouts.push(rebuild::place_frames(th, &plan, &old, new, &mut remap)?);
     }
     let globals = transfer::transfer_globals(&mem, &plan, &old, new, &mut remap)?;
     let maps_now = procfs::read_maps(tr.pid()).map_err(proc_err)?;
-    let roots = heap::heap_roots(&mem, &old, &threads);
-    let heap = heap::transfer_heap(
-        &mem,
-        &old.tables.types,
-        &roots,
-        &heap::heap_ranges(&maps_now, &threads, [&old, new]),
-        &plan.changed_types,
-        &mut remap,
-    )?;
+    let heap = heap::transfer_heap(&old.tables.types, &heap_objects, &mut remap)?;
+    heap::write_moved(&mut mem, &heap)?;
     timings.transfer_us = us(t.elapsed());
     let t = Instant::now();
     let mut plans = Vec::with_capacity(threads.len());
@@ -633,6 +645,9 @@ pub fn apply_traced(
             });
         }
     }
+    if let Some(&value) = remap.dangling_heap.first() {
+        return Err(heap::HeapError::DanglingInterior { value }.into());
+    }
     if !remap.dangling_data.is_empty() {
         warnings.push(format!(
             "{} pointer(s) into old globals or locals point at parts the new version no longer has (a removed member or element); left pointing at the old bytes",
@@ -669,11 +684,20 @@ pub fn apply_traced(
     // Phase 6: commit, with an undo log so a failure is rolled back.
     let t = Instant::now();
     let undo = transaction::commit(&prepared, &mut mem, tr)?;
-    if let Err(e) = loaded.commit(&commit_plan) {
-        // The guard has unloaded NEW; put the old state back.
-        let mut mem = tracee.memory();
-        undo.roll_back(&mut mem, tracee);
-        return Err(e.into());
+    loaded.free_after_commit(heap_objects.moved_from());
+    let unfreed = match loaded.commit_freeing(&commit_plan) {
+        Ok((_, unfreed)) => unfreed,
+        Err(e) => {
+            // The guard has unloaded NEW; put the old state back.
+            let mut mem = tracee.memory();
+            undo.roll_back(&mut mem, tracee);
+            return Err(e.into());
+        }
+    };
+    if unfreed > 0 {
+        warnings.push(format!(
+            "{unfreed} old heap object(s) of changed type could not be freed after the update (left allocated)"
+        ));
     }
     let bytes_written = prepared.bytes();
     report.bytes_written = bytes_written;
