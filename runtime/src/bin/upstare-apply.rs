@@ -161,6 +161,12 @@ fn print_report(r: &UpdateReport) {
             r.bytes_written,
             r.new_load_address.unwrap_or(0)
         );
+        if r.heap_converted_in_place + r.heap_moved > 0 {
+            println!(
+                "  heap objects of changed type: {} converted in place, {} moved",
+                r.heap_converted_in_place, r.heap_moved
+            );
+        }
         let s = &r.sweep;
         println!(
             "  sweep: {} bytes scanned, {} untyped pointers to functions and {} to globals \

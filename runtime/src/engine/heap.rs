@@ -375,47 +375,66 @@ pub fn find_heap_objects(
             "{unreadable} heap pointer(s) led to unreadable memory; left alone"
         ));
     }
-    check_disjoint(types, &found)?;
+    check_disjoint(types, &mut found)?;
     Ok(found)
 }
 
-/// An object of changed type is rewritten whole: no other object visited
-/// (of another type, or inside it) may overlap it, or the writes of one
-/// would undo the other's.
-fn check_disjoint(types: &[Type], found: &HeapObjects) -> Result<(), HeapError> {
-    let mut spans: Vec<(RuntimeAddr, u64, String)> = found
-        .changed
-        .iter()
-        .map(|c| (c.addr, c.old_size(), c.name.clone()))
-        .chain(found.plain.iter().map(|(a, t, b)| {
-            let name = resolved_name(types, *t).unwrap_or_else(|| "a pointer-holding value".into());
-            (*a, b.len() as u64, name)
-        }))
-        .collect();
-    let changed: std::collections::HashSet<RuntimeAddr> =
-        found.changed.iter().map(|c| c.addr).collect();
-    spans.sort_by_key(|s| (s.0, std::cmp::Reverse(s.1)));
-    // The object reaching furthest so far, to compare each next one with.
-    let mut reach: Option<&(RuntimeAddr, u64, String)> = None;
-    for s in &spans {
-        if let Some(r) = reach {
-            let r_end = r.0.checked_add(r.1);
-            if r_end.is_some_and(|e| s.0 < e) && (changed.contains(&r.0) || changed.contains(&s.0)) {
-                let (c, o) = if changed.contains(&r.0) { (r, s) } else { (s, r) };
-                return Err(HeapError::TwoTypes {
-                    addr: c.0,
-                    ty: c.2.clone(),
-                    other_addr: o.0,
-                    other: o.2.clone(),
-                });
-            }
-            if r_end < s.0.checked_add(s.1) {
-                reach = Some(s);
-            }
-        } else {
-            reach = Some(s);
+/// An object of changed type is rewritten whole: objects of changed type
+/// must not overlap, and another object visited inside one (reached
+/// through a pointer to a member) is dropped from the walk's writes when
+/// its pointers are pointers of the object around it (they are remapped
+/// with it); any other overlap is an object seen through two types.
+fn check_disjoint(types: &[Type], found: &mut HeapObjects) -> Result<(), HeapError> {
+    found.changed.sort_by_key(|c| c.addr);
+    let end = |a: RuntimeAddr, len: u64| a.checked_add(len).unwrap_or(RuntimeAddr(u64::MAX));
+    let two = |c: &ChangedObject, other_addr: RuntimeAddr, other: String| HeapError::TwoTypes {
+        addr: c.addr,
+        ty: c.name.clone(),
+        other_addr,
+        other,
+    };
+    for w in found.changed.windows(2) {
+        if end(w[0].addr, w[0].old_size()) > w[1].addr {
+            return Err(two(&w[0], w[1].addr, w[1].name.clone()));
         }
     }
+    let changed = &found.changed;
+    let mut keep = Vec::with_capacity(found.plain.len());
+    for (addr, ty, bytes) in std::mem::take(&mut found.plain) {
+        let p_end = end(addr, bytes.len() as u64);
+        let name = || resolved_name(types, ty).unwrap_or_else(|| "a pointer-holding value".into());
+        // The last object of changed type starting at or before `addr`, and
+        // the first one after it.
+        let i = changed.partition_point(|c| c.addr <= addr);
+        if let Some(next) = changed.get(i).filter(|c| c.addr < p_end) {
+            return Err(two(next, addr, name()));
+        }
+        let Some(c) = i.checked_sub(1).and_then(|i| changed.get(i)) else {
+            keep.push((addr, ty, bytes));
+            continue;
+        };
+        let c_end = end(c.addr, c.old_size());
+        if c_end <= addr {
+            keep.push((addr, ty, bytes));
+            continue;
+        }
+        if p_end > c_end {
+            return Err(two(c, addr, name()));
+        }
+        let base = addr.offset_from(c.addr).unwrap_or(0);
+        let mut outer = std::collections::HashSet::new();
+        for_each_pointer(types, c.ty, &mut |off| {
+            outer.insert(off);
+        });
+        let mut agrees = true;
+        for_each_pointer(types, ty, &mut |off| {
+            agrees &= base.checked_add(off).is_some_and(|o| outer.contains(&o));
+        });
+        if !agrees {
+            return Err(two(c, addr, name()));
+        }
+    }
+    found.plain = keep;
     Ok(())
 }
 

@@ -206,6 +206,10 @@ pub struct UpdateReport {
     /// them that were changed (callbacks, addresses of globals).
     pub heap_objects: usize,
     pub heap_pointers_remapped: usize,
+    /// Heap objects of changed type converted where they were.
+    pub heap_converted_in_place: usize,
+    /// Heap objects of changed type moved to a new block (the old freed).
+    pub heap_moved: usize,
     /// Times the threads were let run again because a frame the SPEC
     /// forbids during an update was active.
     pub safety_retries: u32,
@@ -519,6 +523,8 @@ pub fn apply_traced(
         globals_copied: 0,
         heap_objects: 0,
         heap_pointers_remapped: 0,
+        heap_converted_in_place: 0,
+        heap_moved: 0,
         safety_retries,
         bytes_written: 0,
         sweep: Default::default(),
@@ -703,7 +709,9 @@ pub fn apply_traced(
     report.bytes_written = bytes_written;
     report.globals_copied = globals_copied;
     report.heap_objects = heap.objects;
-    report.heap_pointers_remapped = heap.writes.len();
+    report.heap_pointers_remapped = heap.writes.len() - heap.converted_in_place;
+    report.heap_converted_in_place = heap.converted_in_place;
+    report.heap_moved = heap.moved.len();
     report.threads = threads
         .iter()
         .zip(frames)
