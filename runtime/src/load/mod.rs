@@ -336,6 +336,9 @@ pub fn check_loadable(pid: Pid, new_path: &Path, new_bytes: &[u8]) -> Result<(),
     relocs::plan_load(&canon, new_bytes, &libs).map(|_| ())
 }
 
+/// The symbol version of glibc's allocator functions on x86-64.
+const ALLOCATOR_VERSION: &str = "GLIBC_2.2.5";
+
 impl<'t> LoadedImage<'t> {
     /// NEW as an [`Image`].
     pub fn image(&self) -> &Image {
@@ -418,7 +421,12 @@ impl<'t> LoadedImage<'t> {
     fn allocator_fn(&self, symbol: &str) -> Result<RuntimeAddr, LoadError> {
         let pid = self.tracee.pid();
         let libs = Libraries::read(pid)?;
-        libs.lookup_symbol(symbol, None)
+        // Programs bind the allocator at its x86-64 base version; a
+        // preloaded allocator (glibc's checking one) defines only that, as a
+        // non-default version, and an unversioned lookup would skip it for
+        // libc's own — whose blocks the program's `free` would then reject.
+        libs.lookup_symbol(symbol, Some(ALLOCATOR_VERSION))
+            .or_else(|| libs.lookup_symbol(symbol, None))
             .filter(|r| !r.ifunc && !r.tls)
             .map(|r| r.addr)
             .ok_or_else(|| LoadError::NoAllocator {
