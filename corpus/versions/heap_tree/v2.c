@@ -46,13 +46,18 @@ static void insert(long key)
     if (!n)
         exit(2);
     n->key = key;
-    struct tnode **at = &root, *parent = NULL;
-    while (*at) {
-        parent = *at;
-        at = key < parent->key ? &parent->left : &parent->right;
+    struct tnode *p = root, *parent = NULL;
+    while (p) {
+        parent = p;
+        p = key < p->key ? p->left : p->right;
     }
     n->parent = parent;
-    *at = n;
+    if (!parent)
+        root = n;
+    else if (key < parent->key)
+        parent->left = n;
+    else
+        parent->right = n;
 }
 
 static struct tnode *leftmost(struct tnode *n)
