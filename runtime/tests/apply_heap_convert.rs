@@ -177,7 +177,11 @@ fn heap_shared(v: u32, t: i64) -> String {
 /// moved).
 fn most(reports: &[(u64, UpdateReport)]) -> (usize, usize) {
     (
-        reports.iter().map(|(_, r)| r.heap_converted_in_place).max().unwrap_or(0),
+        reports
+            .iter()
+            .map(|(_, r)| r.heap_converted_in_place)
+            .max()
+            .unwrap_or(0),
         reports.iter().map(|(_, r)| r.heap_moved).max().unwrap_or(0),
     )
 }

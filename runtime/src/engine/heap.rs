@@ -533,7 +533,7 @@ pub fn chunk_capacity(
     const SIZE_BITS: u64 = 7;
     const PREV_INUSE: u64 = 1;
     const IS_MMAPPED: u64 = 2;
-    if addr.0 % 16 != 0 {
+    if !addr.0.is_multiple_of(16) {
         return None;
     }
     let chunk = RuntimeAddr(addr.0.checked_sub(16)?);
@@ -542,7 +542,7 @@ pub fn chunk_capacity(
     }
     let field = mem.read_u64(RuntimeAddr(addr.0 - 8)).ok()?;
     let size = field & !SIZE_BITS;
-    if size < 32 || size % 16 != 0 {
+    if size < 32 || !size.is_multiple_of(16) {
         return None;
     }
     let end = chunk.checked_add(size)?;
@@ -562,11 +562,12 @@ pub fn chunk_capacity(
 /// are not reachable until it, and freed if it does not happen).
 pub fn write_moved(mem: &mut impl TargetMemory, plan: &HeapPlan) -> Result<(), HeapError> {
     for w in &plan.moved {
-        mem.write(w.addr, &w.bytes).map_err(|source| HeapError::Write {
-            addr: w.addr,
-            ty: w.what.clone(),
-            source,
-        })?;
+        mem.write(w.addr, &w.bytes)
+            .map_err(|source| HeapError::Write {
+                addr: w.addr,
+                ty: w.what.clone(),
+                source,
+            })?;
     }
     Ok(())
 }
@@ -715,5 +716,188 @@ mod tests {
             .collect();
         assert_eq!(writes, vec![(heap + 16, g_new), (heap + 40, g_new)]);
         assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
+    }
+
+    fn member(name: &str, ty: u32, offset: u64) -> Member {
+        Member {
+            name: Some(name.into()),
+            ty: TypeId(ty),
+            offset,
+            bitfield: None,
+        }
+    }
+
+    /// 0 long, 1 struct hnode (members), 2 struct hnode *.
+    fn hnode(members: Vec<Member>, size: u64) -> Vec<Type> {
+        vec![
+            Type::Base {
+                name: "long".into(),
+                size: 8,
+                encoding: BaseEncoding::Signed,
+            },
+            Type::Struct {
+                name: Some("hnode".into()),
+                size,
+                members,
+                declaration: false,
+            },
+            Type::Pointer {
+                pointee: Some(TypeId(1)),
+            },
+        ]
+    }
+
+    fn word(b: &[u8], off: usize) -> u64 {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&b[off..off + 8]);
+        u64::from_le_bytes(w)
+    }
+
+    #[test]
+    fn changed_heap_objects_are_converted_in_place_or_moved_and_pointers_follow() {
+        use crate::memory::ByteBuffer;
+        // v1 { long v; struct hnode *next; } -> v2 { long v; long w; next }.
+        let old_t = hnode(vec![member("v", 0, 0), member("next", 2, 8)], 16);
+        let new_t = hnode(
+            vec![member("v", 0, 0), member("w", 0, 8), member("next", 2, 16)],
+            24,
+        );
+        let old = image(0x10000, 0x100, old_t.clone());
+        let new = image(0x20000, 0x200, new_t.clone());
+        // Node a (v 1) -> node b (v 2) -> null.
+        let heap = 0x50000u64;
+        let (a, b) = (heap + 0x10, heap + 0x40);
+        let mut bytes = vec![0u8; 0x100];
+        let mut put = |off: u64, v: u64| {
+            let o = (off - heap) as usize;
+            bytes[o..o + 8].copy_from_slice(&v.to_le_bytes())
+        };
+        put(a, 1);
+        put(a + 8, b);
+        put(b, 2);
+        let mem = ByteBuffer::with_region(RuntimeAddr(heap), bytes).expect("heap");
+        let roots = [Root {
+            ty: TypeId(2),
+            bytes: a.to_le_bytes().to_vec(),
+        }];
+        let ranges = [RuntimeAddr(heap)..RuntimeAddr(heap + 0x100)];
+        let changed = ["struct hnode".to_string()];
+        let mut found =
+            find_heap_objects(&mem, &old_t, &new_t, &roots, &ranges, &changed).expect("found");
+        assert_eq!(found.changed.len(), 2);
+        // a moves, b is converted where it is.
+        let dest = 0x90000u64;
+        for c in &mut found.changed {
+            assert_eq!((c.old_size(), c.new_size), (16, 24));
+            if c.addr.0 == a {
+                c.dest = Some(RuntimeAddr(dest));
+            }
+        }
+        let update_plan = upstare_patcher::default_plan(&old.tables, &new.tables);
+        let mut remap = Remapper::new(&update_plan, &old, &new);
+        remap.set_heap_moves(found.moves());
+        assert_eq!(remap.remap(RuntimeAddr(a)).0, dest);
+        // Interior pointers follow their member: b's next moved from 8 to 16.
+        assert_eq!(remap.remap(RuntimeAddr(b + 8)).0, b + 16);
+        let plan = transfer_heap(&old_t, &found, &mut remap).expect("converted");
+        assert_eq!(plan.converted_in_place, 1);
+        assert_eq!(plan.moved.len(), 1);
+        let moved = &plan.moved[0];
+        assert_eq!(moved.addr.0, dest);
+        assert_eq!(
+            (
+                word(&moved.bytes, 0),
+                word(&moved.bytes, 8),
+                word(&moved.bytes, 16)
+            ),
+            (1, 0, b)
+        );
+        let inplace = plan
+            .writes
+            .iter()
+            .find(|w| w.addr.0 == b)
+            .expect("b written");
+        assert_eq!(inplace.bytes.len(), 24);
+        assert_eq!(
+            (
+                word(&inplace.bytes, 0),
+                word(&inplace.bytes, 8),
+                word(&inplace.bytes, 16)
+            ),
+            (2, 0, 0)
+        );
+        assert_eq!(found.moved_from(), vec![RuntimeAddr(a)]);
+    }
+
+    #[test]
+    fn a_changed_object_overlapped_by_another_type_is_refused() {
+        use crate::memory::ByteBuffer;
+        // 3: struct other { struct hnode *p; struct hnode *q; }, 4: pointer
+        // to it, reached at a + 8 (inside a, whose slot 8 is a pointer but
+        // slot 16 is outside a).
+        let mut old_t = hnode(vec![member("v", 0, 0), member("next", 2, 8)], 16);
+        old_t.push(Type::Struct {
+            name: Some("other".into()),
+            size: 16,
+            members: vec![member("p", 2, 0), member("q", 2, 8)],
+            declaration: false,
+        });
+        old_t.push(Type::Pointer {
+            pointee: Some(TypeId(3)),
+        });
+        let mut new_t = hnode(
+            vec![member("v", 0, 0), member("w", 0, 8), member("next", 2, 16)],
+            24,
+        );
+        new_t.push(old_t[3].clone());
+        new_t.push(old_t[4].clone());
+        let heap = 0x50000u64;
+        let a = heap + 0x10;
+        let mem = ByteBuffer::with_region(RuntimeAddr(heap), vec![0u8; 0x100]).expect("heap");
+        let roots = [
+            Root {
+                ty: TypeId(2),
+                bytes: a.to_le_bytes().to_vec(),
+            },
+            Root {
+                ty: TypeId(4),
+                bytes: (a + 8).to_le_bytes().to_vec(),
+            },
+        ];
+        let ranges = [RuntimeAddr(heap)..RuntimeAddr(heap + 0x100)];
+        let err = find_heap_objects(
+            &mem,
+            &old_t,
+            &new_t,
+            &roots,
+            &ranges,
+            &["struct hnode".to_string()],
+        )
+        .expect_err("two types");
+        assert!(matches!(err, HeapError::TwoTypes { .. }), "{err}");
+        assert!(err.to_string().contains("struct other"), "{err}");
+    }
+
+    #[test]
+    fn chunk_capacity_reads_the_header_without_trusting_it() {
+        use crate::memory::ByteBuffer;
+        let base = 0x60000u64;
+        let mut bytes = vec![0u8; 0x100];
+        let mut put = |o: usize, v: u64| bytes[o..o + 8].copy_from_slice(&v.to_le_bytes());
+        // A 32-byte chunk at base (user data at +16), the next one in use.
+        put(8, 0x21);
+        put(0x28, 0x31);
+        // A chunk at 0x80 whose next block says it is free.
+        put(0x88, 0x21);
+        put(0xa8, 0x30);
+        // A chunk at 0xc0 claiming more than the mapping.
+        put(0xc8, 0x1001);
+        let mem = ByteBuffer::with_region(RuntimeAddr(base), bytes).expect("mem");
+        let r = RuntimeAddr(base)..RuntimeAddr(base + 0x100);
+        assert_eq!(chunk_capacity(&mem, RuntimeAddr(base + 16), &r), Some(24));
+        assert_eq!(chunk_capacity(&mem, RuntimeAddr(base + 24), &r), None);
+        assert_eq!(chunk_capacity(&mem, RuntimeAddr(base + 0x90), &r), None);
+        assert_eq!(chunk_capacity(&mem, RuntimeAddr(base + 0xd0), &r), None);
+        assert_eq!(chunk_capacity(&mem, RuntimeAddr(base), &r), None);
     }
 }
