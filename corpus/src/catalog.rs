@@ -534,6 +534,33 @@ const PAIRS: &[PairSpec] = &[
         short_args: &["6"],
         features: &[],
     },
+    PairSpec {
+        name: "heap_list",
+        names: ["heap_list.v1", "heap_list.v2"],
+        description: "a linked list on the heap whose node gains a member in its padding: \
+                      every node converted in place",
+        control: Control::Ticks,
+        short_args: &["6"],
+        features: &[Loops, Recursion],
+    },
+    PairSpec {
+        name: "heap_tree",
+        names: ["heap_tree.v1", "heap_tree.v2"],
+        description: "a search tree on the heap with parent pointers whose node outgrows its \
+                      block: every node moved, every link and parent redirected",
+        control: Control::Ticks,
+        short_args: &["6"],
+        features: &[Loops, Recursion],
+    },
+    PairSpec {
+        name: "heap_shared",
+        names: ["heap_shared.v1", "heap_shared.v2"],
+        description: "a heap object pointed to from a global, frames, itself and another heap \
+                      object (one pointer into its interior) outgrows its block and moves",
+        control: Control::Ticks,
+        short_args: &["6"],
+        features: &[],
+    },
 ];
 
 /// The version pairs (`corpus/versions/<name>/v1.c` and `v2.c`).

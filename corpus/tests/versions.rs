@@ -116,6 +116,9 @@ fn catalog_lists_every_pair_with_sources() {
             "txn_safety",
             "callback_other_file",
             "callback_void_ptr",
+            "heap_list",
+            "heap_tree",
+            "heap_shared",
         ]
     );
     for p in &pairs {
@@ -296,7 +299,7 @@ fn tick_pairs_run_their_ticks_and_are_deterministic() {
         .into_iter()
         .filter(|p| p.control == Control::Ticks)
         .collect();
-    assert_eq!(ticks.len(), 16);
+    assert_eq!(ticks.len(), 19);
     for p in &ticks {
         for tc in Toolchain::ALL {
             for n in [1, 2] {

@@ -531,11 +531,23 @@ impl<'a> Converter<'a> {
     /// object as a pointer to NEW type `b`: the same type, or the evolved
     /// version of the same named struct, union, enum or typedef.
     fn pointees_correspond(&mut self, a: Option<TypeId>, b: Option<TypeId>) -> bool {
+        self.pointees_correspond_at(a, b, 0)
+    }
+
+    fn pointees_correspond_at(&mut self, a: Option<TypeId>, b: Option<TypeId>, depth: u32) -> bool {
         let (Some(a), Some(b)) = (a, b) else {
             return a.is_none() && b.is_none();
         };
         if self.cmp.equal(a, b) {
             return true;
+        }
+        // A pointer to a pointer (`struct node **` into a list's links):
+        // the pointer pointed at keeps its size and meaning when its own
+        // pointee corresponds, and moves with the member that holds it.
+        if let (Some(Type::Pointer { pointee: pa }), Some(Type::Pointer { pointee: pb })) =
+            (self.old.get(a.0 as usize), self.new.get(b.0 as usize))
+        {
+            return depth < MAX_TYPEDEF_CHAIN && self.pointees_correspond_at(*pa, *pb, depth + 1);
         }
         let name_of = |types: &[Type], id: TypeId| -> Option<String> {
             match types.get(id.0 as usize)? {

@@ -230,6 +230,13 @@ fn report_text(r: &UpdateReport) -> String {
         for c in &r.converted {
             let _ = writeln!(o, "  converted {c}");
         }
+        if r.heap_converted_in_place + r.heap_moved > 0 {
+            let _ = writeln!(
+                o,
+                "  heap objects of changed type: {} converted in place, {} moved",
+                r.heap_converted_in_place, r.heap_moved
+            );
+        }
         let s = &r.sweep;
         let _ = writeln!(
             o,

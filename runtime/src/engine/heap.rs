@@ -5,8 +5,11 @@ use std::ops::Range;
 use upstare_dwarf::model::{type_size, Type, TypeId, VarLocation};
 use upstare_dwarf::{LinkAddr, RuntimeAddr};
 
+use upstare_patcher::convert::{Converter, TypeChange};
+
+use crate::engine::convert::convert;
 use crate::engine::pointers::{
-    contains_pointer, for_each_pointer, for_each_pointer_typed, Remapper,
+    contains_pointer, for_each_pointer, for_each_pointer_typed, HeapMove, Remapper,
 };
 use crate::engine::state::{Image, Readiness, ThreadState};
 use crate::engine::transfer::MAX_VALUE_SIZE;
@@ -86,56 +89,161 @@ pub fn heap_roots(mem: &impl TargetMemory, old: &Image, threads: &[ThreadState])
 /// Why the heap cannot be carried over.
 #[derive(Debug, thiserror::Error)]
 pub enum HeapError {
-    #[error("a heap object at {addr} has type {ty}, which changed in the new version; converting heap objects is not supported yet, so the update is refused and nothing was changed")]
-    ChangedType { addr: RuntimeAddr, ty: String },
+    #[error("a heap object at {addr} has type {ty}, which changed in the new version and cannot be converted ({why}); the update is refused and nothing was changed")]
+    Unconvertible {
+        addr: RuntimeAddr,
+        ty: String,
+        why: String,
+    },
+    #[error("a heap object at {addr} has type {ty}, which changed in the new version and has no definition there; the update is refused and nothing was changed")]
+    NoNewType { addr: RuntimeAddr, ty: String },
+    #[error("the heap object at {addr} of changed type {ty} is also reached as {other} at {other_addr}; an object reached through two types is refused")]
+    TwoTypes {
+        addr: RuntimeAddr,
+        ty: String,
+        other_addr: RuntimeAddr,
+        other: String,
+    },
+    #[error("the heap object at {addr} of changed type {ty} grows from {old_size} to {new_size} bytes and is not the start of a block of the allocator, so it cannot be moved; the update is refused and nothing was changed")]
+    NotAllocated {
+        addr: RuntimeAddr,
+        ty: String,
+        old_size: u64,
+        new_size: u64,
+    },
+    #[error("the heap object at {addr} of type {ty} cannot be converted: {source}")]
+    Convert {
+        addr: RuntimeAddr,
+        ty: String,
+        #[source]
+        source: crate::engine::convert::ConvertError,
+    },
+    #[error("a pointer {value} points into a part of a converted heap object that the new version no longer has (a removed member); the update is refused and nothing was changed")]
+    DanglingInterior { value: RuntimeAddr },
+    #[error("cannot write the moved heap object of type {ty} at {addr}: {source}")]
+    Write {
+        addr: RuntimeAddr,
+        ty: String,
+        #[source]
+        source: crate::memory::MemError,
+    },
 }
 
 /// The name of the aggregate `ty` is, through typedefs and qualifiers.
 fn resolved_name(types: &[Type], ty: TypeId) -> Option<String> {
+    resolve(types, ty).and_then(|t| upstare_patcher::plan::aggregate_name(types.get(t.0 as usize)?))
+}
+
+/// `ty` without its typedefs and qualifiers.
+fn resolve(types: &[Type], ty: TypeId) -> Option<TypeId> {
     let mut cur = ty;
     for _ in 0..64 {
         match types.get(cur.0 as usize)? {
             Type::Typedef { target, .. } | Type::Qualified { target, .. } => cur = (*target)?,
-            t => return upstare_patcher::plan::aggregate_name(t),
+            _ => return Some(cur),
         }
     }
     None
 }
 
-/// What the heap walk found and will change.
+/// A heap object whose type changed: its old bytes, its conversion, and
+/// where the converted object goes.
+#[derive(Clone, Debug)]
+pub struct ChangedObject {
+    pub addr: RuntimeAddr,
+    /// Its type in OLD's types, as the pointer that reached it says.
+    pub ty: TypeId,
+    /// `struct node`.
+    pub name: String,
+    pub old: Vec<u8>,
+    pub new_size: u64,
+    pub change: TypeChange,
+    /// Where the converted object is written: `None` in place, else a new
+    /// allocation (the old object is freed after the commit).
+    pub dest: Option<RuntimeAddr>,
+}
+
+impl ChangedObject {
+    /// Bytes the old object spans.
+    pub fn old_size(&self) -> u64 {
+        self.old.len() as u64
+    }
+}
+
+/// What the heap walk found: objects whose pointers may need remapping and
+/// objects of changed type, every one read once.
 #[derive(Debug, Default)]
-pub struct HeapPlan {
-    /// One 8-byte write per pointer slot whose value changes.
-    pub writes: Vec<Write>,
-    /// Heap objects visited.
-    pub objects: usize,
+pub struct HeapObjects {
+    /// Objects of unchanged type holding pointers: address, type, bytes.
+    plain: Vec<(RuntimeAddr, TypeId, Vec<u8>)>,
+    pub changed: Vec<ChangedObject>,
     pub warnings: Vec<String>,
 }
 
-/// Remaps the pointers stored in heap objects: objects are found through
-/// typed pointers, starting from `roots` (the old globals and locals) and
-/// following pointers into `heap` (the process's heap and anonymous
-/// memory, without thread stacks or images), each object read as its
-/// pointer's pointee type. A slot pointing into the old image (a callback,
-/// the address of a global) or into a moved stack frame gets its new value;
-/// heap pointers are kept and followed. `void *` and unions are not
-/// followed (their type is unknown); the walk is bounded by
-/// [`MAX_HEAP_OBJECTS`] and [`MAX_HEAP_BYTES`] and visits each (address,
-/// type) once, so cycles end.
-pub fn transfer_heap(
+impl HeapObjects {
+    /// How pointers to the objects of changed type move (in place too:
+    /// interior pointers follow their member).
+    pub fn moves(&self) -> Vec<HeapMove> {
+        self.changed
+            .iter()
+            .filter_map(|c| {
+                Some(HeapMove {
+                    old: c.addr..c.addr.checked_add(c.old_size())?,
+                    new_start: c.dest.unwrap_or(c.addr),
+                    conversion: c.change.conversion.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// The old objects that moved, to free after the commit.
+    pub fn moved_from(&self) -> Vec<RuntimeAddr> {
+        self.changed
+            .iter()
+            .filter(|c| c.dest.is_some())
+            .map(|c| c.addr)
+            .collect()
+    }
+}
+
+/// What the heap walk will change.
+#[derive(Debug, Default)]
+pub struct HeapPlan {
+    /// Writes of the commit: one 8-byte write per pointer slot whose value
+    /// changes, and every object converted in place.
+    pub writes: Vec<Write>,
+    /// Converted objects for their new allocations: written before the
+    /// commit (no pointer reaches them until it), freed if it fails.
+    pub moved: Vec<Write>,
+    /// Heap objects visited.
+    pub objects: usize,
+    /// Objects of changed type converted where they are.
+    pub converted_in_place: usize,
+    pub warnings: Vec<String>,
+}
+
+/// Finds the heap objects reachable through typed pointers, starting from
+/// `roots` (the old globals and locals) and following pointers into `heap`
+/// (the process's heap and anonymous memory, without thread stacks or
+/// images), each object read as its pointer's pointee type. Objects whose
+/// type is in `changed` get their conversion to NEW's type of the same
+/// name (in `new_types`). `void *` and unions are not followed (their type
+/// is unknown); the walk is bounded by [`MAX_HEAP_OBJECTS`] and
+/// [`MAX_HEAP_BYTES`] and visits each (address, type) once, so cycles end.
+pub fn find_heap_objects(
     mem: &impl TargetMemory,
     types: &[Type],
+    new_types: &[Type],
     roots: &[Root],
     heap: &[Range<RuntimeAddr>],
     changed: &[String],
-    remap: &mut Remapper<'_>,
-) -> Result<HeapPlan, HeapError> {
+) -> Result<HeapObjects, HeapError> {
     let in_heap = |a: RuntimeAddr, len: u64| {
         let end = a.checked_add(len);
         heap.iter()
             .any(|r| r.start <= a && end.is_some_and(|e| e <= r.end))
     };
-    let mut plan = HeapPlan::default();
+    let mut found = HeapObjects::default();
     let mut todo: Vec<(RuntimeAddr, TypeId)> = Vec::new();
     // Heap pointers found in a value: (address, pointee type).
     let scan = |bytes: &[u8], ty: TypeId, todo: &mut Vec<(RuntimeAddr, TypeId)>| {
@@ -157,32 +265,51 @@ pub fn transfer_heap(
     for r in roots {
         scan(&r.bytes, r.ty, &mut todo);
     }
+    // NEW's aggregates by name, for the conversions of changed types.
+    let mut new_by_name: std::collections::HashMap<String, TypeId> = Default::default();
+    for (i, t) in new_types.iter().enumerate() {
+        if let (Some(n), Ok(i)) = (upstare_patcher::plan::aggregate_name(t), u32::try_from(i)) {
+            new_by_name.entry(n).or_insert(TypeId(i));
+        }
+    }
+    let mut conversions: std::collections::HashMap<TypeId, TypeChange> = Default::default();
+    let mut converter = Converter::new(types, new_types);
     let mut seen: std::collections::HashSet<(RuntimeAddr, TypeId)> =
         std::collections::HashSet::new();
-    let mut slots: std::collections::BTreeMap<RuntimeAddr, u64> = std::collections::BTreeMap::new();
-    let (mut bytes_read, mut unreadable) = (0u64, 0usize);
+    // Objects of changed type by address: one reached again through
+    // another typedef or another unit's copy of its type is the same one.
+    let mut changed_at: std::collections::HashMap<RuntimeAddr, String> = Default::default();
+    let (mut objects, mut bytes_read, mut unreadable) = (0usize, 0u64, 0usize);
     while let Some((addr, ty)) = todo.pop() {
         if !seen.insert((addr, ty)) {
             continue;
         }
-        // NEW reads this object with its own layout: an object whose type
-        // changed would be misread. Converting heap objects is not done
-        // yet, so refuse rather than succeed wrongly.
-        if let Some(name) = resolved_name(types, ty).filter(|n| changed.contains(n)) {
-            let fits = type_size(types, ty).is_some_and(|s| in_heap(addr, s.max(1)));
-            if fits {
-                return Err(HeapError::ChangedType { addr, ty: name });
+        let changed_name = resolved_name(types, ty).filter(|n| changed.contains(n));
+        if let Some(n) = &changed_name {
+            if changed_at.get(&addr) == Some(n) {
+                continue;
             }
         }
-        if !contains_pointer(types, ty, 0) {
+        if changed_name.is_none() && !contains_pointer(types, ty, 0) {
             continue;
         }
-        if plan.objects >= MAX_HEAP_OBJECTS || bytes_read >= MAX_HEAP_BYTES {
-            plan.warnings.push(format!(
-                "heap walk stopped after {} objects ({} bytes): pointers in the rest of the \
-                 heap were not remapped",
-                plan.objects, bytes_read
+        if objects >= MAX_HEAP_OBJECTS || bytes_read >= MAX_HEAP_BYTES {
+            found.warnings.push(format!(
+                "heap walk stopped after {objects} objects ({bytes_read} bytes): pointers in the \
+                 rest of the heap were not remapped"
             ));
+            // Objects of changed type past the bound would be misread by
+            // NEW: refuse rather than succeed wrongly.
+            if let Some(ty) = todo
+                .iter()
+                .find_map(|(_, t)| resolved_name(types, *t).filter(|n| changed.contains(n)))
+            {
+                return Err(HeapError::Unconvertible {
+                    addr,
+                    ty,
+                    why: format!("the heap walk stopped after {objects} objects"),
+                });
+            }
             break;
         }
         let Some(size) = type_size(types, ty).filter(|s| *s > 0 && *s <= MAX_VALUE_SIZE) else {
@@ -197,8 +324,139 @@ pub fn transfer_heap(
             unreadable += 1;
             continue;
         };
-        plan.objects += 1;
+        objects += 1;
         bytes_read = bytes_read.saturating_add(size);
+        scan(&old, ty, &mut todo);
+        let Some(name) = changed_name else {
+            found.plain.push((addr, ty, old));
+            continue;
+        };
+        // NEW reads this object with its own layout: it is converted.
+        let resolved = resolve(types, ty).unwrap_or(ty);
+        let change = match conversions.get(&resolved) {
+            Some(c) => c.clone(),
+            None => {
+                let Some(&new_ty) = new_by_name.get(&name) else {
+                    return Err(HeapError::NoNewType { addr, ty: name });
+                };
+                let c = converter.change(resolved, new_ty, &name);
+                conversions.insert(resolved, c.clone());
+                c
+            }
+        };
+        if let Some(why) = change.conversion.refusal() {
+            return Err(HeapError::Unconvertible {
+                addr,
+                ty: name,
+                why: why.to_string(),
+            });
+        }
+        let new_size = new_by_name
+            .get(&name)
+            .and_then(|t| type_size(new_types, *t))
+            .filter(|s| *s > 0 && *s <= MAX_VALUE_SIZE)
+            .ok_or_else(|| HeapError::NoNewType {
+                addr,
+                ty: name.clone(),
+            })?;
+        changed_at.insert(addr, name.clone());
+        found.changed.push(ChangedObject {
+            addr,
+            ty,
+            name,
+            old,
+            new_size,
+            change,
+            dest: None,
+        });
+    }
+    if unreadable > 0 {
+        found.warnings.push(format!(
+            "{unreadable} heap pointer(s) led to unreadable memory; left alone"
+        ));
+    }
+    check_disjoint(types, &mut found)?;
+    Ok(found)
+}
+
+/// An object of changed type is rewritten whole: objects of changed type
+/// must not overlap, and another object visited inside one (reached
+/// through a pointer to a member) is dropped from the walk's writes when
+/// its pointers are pointers of the object around it (they are remapped
+/// with it); any other overlap is an object seen through two types.
+fn check_disjoint(types: &[Type], found: &mut HeapObjects) -> Result<(), HeapError> {
+    found.changed.sort_by_key(|c| c.addr);
+    let end = |a: RuntimeAddr, len: u64| a.checked_add(len).unwrap_or(RuntimeAddr(u64::MAX));
+    let two = |c: &ChangedObject, other_addr: RuntimeAddr, other: String| HeapError::TwoTypes {
+        addr: c.addr,
+        ty: c.name.clone(),
+        other_addr,
+        other,
+    };
+    for w in found.changed.windows(2) {
+        if end(w[0].addr, w[0].old_size()) > w[1].addr {
+            return Err(two(&w[0], w[1].addr, w[1].name.clone()));
+        }
+    }
+    let changed = &found.changed;
+    let mut keep = Vec::with_capacity(found.plain.len());
+    for (addr, ty, bytes) in std::mem::take(&mut found.plain) {
+        let p_end = end(addr, bytes.len() as u64);
+        let name = || resolved_name(types, ty).unwrap_or_else(|| "a pointer-holding value".into());
+        // The last object of changed type starting at or before `addr`, and
+        // the first one after it.
+        let i = changed.partition_point(|c| c.addr <= addr);
+        if let Some(next) = changed.get(i).filter(|c| c.addr < p_end) {
+            return Err(two(next, addr, name()));
+        }
+        let Some(c) = i.checked_sub(1).and_then(|i| changed.get(i)) else {
+            keep.push((addr, ty, bytes));
+            continue;
+        };
+        let c_end = end(c.addr, c.old_size());
+        if c_end <= addr {
+            keep.push((addr, ty, bytes));
+            continue;
+        }
+        if p_end > c_end {
+            return Err(two(c, addr, name()));
+        }
+        let base = addr.offset_from(c.addr).unwrap_or(0);
+        let mut outer = std::collections::HashSet::new();
+        for_each_pointer(types, c.ty, &mut |off| {
+            outer.insert(off);
+        });
+        let mut agrees = true;
+        for_each_pointer(types, ty, &mut |off| {
+            agrees &= base.checked_add(off).is_some_and(|o| outer.contains(&o));
+        });
+        if !agrees {
+            return Err(two(c, addr, name()));
+        }
+    }
+    found.plain = keep;
+    Ok(())
+}
+
+/// Remaps the pointers stored in the heap objects `found` and converts the
+/// objects of changed type: a slot pointing into the old image (a callback,
+/// the address of a global), into a moved stack frame or into a converted
+/// heap object gets its new value. Pointers inside an object of changed
+/// type are remapped first (in its old layout), then it is converted, its
+/// new members zero.
+pub fn transfer_heap(
+    types: &[Type],
+    found: &HeapObjects,
+    remap: &mut Remapper<'_>,
+) -> Result<HeapPlan, HeapError> {
+    let mut plan = HeapPlan {
+        objects: found.plain.len() + found.changed.len(),
+        warnings: found.warnings.clone(),
+        ..HeapPlan::default()
+    };
+    let mut slots: std::collections::BTreeMap<RuntimeAddr, u64> = std::collections::BTreeMap::new();
+    for (addr, ty, old) in &found.plain {
+        let (addr, ty) = (*addr, *ty);
         let mut new = old.clone();
         remap.remap_value(types, ty, &mut new);
         // Only the pointer slots that changed are written, 8 bytes each: two
@@ -221,12 +479,6 @@ pub fn transfer_heap(
                 }
             }
         });
-        scan(&old, ty, &mut todo);
-    }
-    if unreadable > 0 {
-        plan.warnings.push(format!(
-            "{unreadable} heap pointer(s) led to unreadable memory; left alone"
-        ));
     }
     plan.writes = slots
         .into_iter()
@@ -236,7 +488,88 @@ pub fn transfer_heap(
             what: format!("heap pointer at {addr}"),
         })
         .collect();
+    for c in &found.changed {
+        let mut old = c.old.clone();
+        remap.remap_value(types, c.ty, &mut old);
+        let len = usize::try_from(c.new_size).map_err(|_| HeapError::NoNewType {
+            addr: c.addr,
+            ty: c.name.clone(),
+        })?;
+        let mut new = vec![0u8; len];
+        convert(&c.change.conversion, &old, &mut new).map_err(|source| HeapError::Convert {
+            addr: c.addr,
+            ty: c.name.clone(),
+            source,
+        })?;
+        match c.dest {
+            None => {
+                plan.converted_in_place += 1;
+                plan.writes.push(Write {
+                    addr: c.addr,
+                    bytes: new,
+                    what: format!("heap object {} at {}", c.name, c.addr),
+                });
+            }
+            Some(dest) => plan.moved.push(Write {
+                addr: dest,
+                bytes: new,
+                what: format!("heap object {} moved from {} to {dest}", c.name, c.addr),
+            }),
+        }
+    }
     Ok(plan)
+}
+
+/// The most bytes the allocator block starting at `addr` can hold, read
+/// from its glibc chunk header, when `addr` looks like the start of a block
+/// in use lying inside `within`; `None` otherwise (an object inside another
+/// one, memory of another allocator). Only then may the allocator itself
+/// be asked about `addr` (it trusts its argument).
+pub fn chunk_capacity(
+    mem: &impl TargetMemory,
+    addr: RuntimeAddr,
+    within: &Range<RuntimeAddr>,
+) -> Option<u64> {
+    const SIZE_BITS: u64 = 7;
+    const PREV_INUSE: u64 = 1;
+    const IS_MMAPPED: u64 = 2;
+    if !addr.0.is_multiple_of(16) {
+        return None;
+    }
+    let chunk = RuntimeAddr(addr.0.checked_sub(16)?);
+    if chunk < within.start {
+        return None;
+    }
+    let field = mem.read_u64(RuntimeAddr(addr.0 - 8)).ok()?;
+    let size = field & !SIZE_BITS;
+    if size < 32 || !size.is_multiple_of(16) {
+        return None;
+    }
+    let end = chunk.checked_add(size)?;
+    if field & IS_MMAPPED != 0 {
+        return (end <= within.end).then_some(size - 16);
+    }
+    // The next block's header says whether this one is in use; it lies
+    // inside the same mapping (the top block always follows).
+    if end.checked_add(16)? > within.end {
+        return None;
+    }
+    let next = mem.read_u64(end.checked_add(8)?).ok()?;
+    (next & PREV_INUSE != 0 && (next & !SIZE_BITS) >= 16).then_some(size - 8)
+}
+
+/// Writes the objects moved to new allocations (before the commit: they
+/// are not reachable until it, and freed if it does not happen).
+pub fn write_moved(mem: &mut impl TargetMemory, plan: &HeapPlan) -> Result<(), HeapError> {
+    for w in &plan.moved {
+        mem.write(w.addr, &w.bytes)
+            .map_err(|source| HeapError::Write {
+                addr: w.addr,
+                ty: w.what.clone(),
+                source,
+            })?;
+    }
+    Ok(())
 }
 
 /// Where heap objects may be: private anonymous memory and `[heap]`, but
@@ -368,8 +701,9 @@ mod tests {
             },
         ];
         let heap_ranges = [RuntimeAddr(heap)..RuntimeAddr(heap + 0x100)];
-        let plan = transfer_heap(&mem, &types, &roots, &heap_ranges, &[], &mut remap)
+        let found = find_heap_objects(&mem, &types, &types, &roots, &heap_ranges, &[])
             .expect("no changed types");
+        let plan = transfer_heap(&types, &found, &mut remap).expect("no changed types");
         assert_eq!(plan.objects, 3, "{plan:?}");
         let writes: Vec<(u64, u64)> = plan
             .writes
@@ -382,5 +716,188 @@ mod tests {
             .collect();
         assert_eq!(writes, vec![(heap + 16, g_new), (heap + 40, g_new)]);
         assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
+    }
+
+    fn member(name: &str, ty: u32, offset: u64) -> Member {
+        Member {
+            name: Some(name.into()),
+            ty: TypeId(ty),
+            offset,
+            bitfield: None,
+        }
+    }
+
+    /// 0 long, 1 struct hnode (members), 2 struct hnode *.
+    fn hnode(members: Vec<Member>, size: u64) -> Vec<Type> {
+        vec![
+            Type::Base {
+                name: "long".into(),
+                size: 8,
+                encoding: BaseEncoding::Signed,
+            },
+            Type::Struct {
+                name: Some("hnode".into()),
+                size,
+                members,
+                declaration: false,
+            },
+            Type::Pointer {
+                pointee: Some(TypeId(1)),
+            },
+        ]
+    }
+
+    fn word(b: &[u8], off: usize) -> u64 {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&b[off..off + 8]);
+        u64::from_le_bytes(w)
+    }
+
+    #[test]
+    fn changed_heap_objects_are_converted_in_place_or_moved_and_pointers_follow() {
+        use crate::memory::ByteBuffer;
+        // v1 { long v; struct hnode *next; } -> v2 { long v; long w; next }.
+        let old_t = hnode(vec![member("v", 0, 0), member("next", 2, 8)], 16);
+        let new_t = hnode(
+            vec![member("v", 0, 0), member("w", 0, 8), member("next", 2, 16)],
+            24,
+        );
+        let old = image(0x10000, 0x100, old_t.clone());
+        let new = image(0x20000, 0x200, new_t.clone());
+        // Node a (v 1) -> node b (v 2) -> null.
+        let heap = 0x50000u64;
+        let (a, b) = (heap + 0x10, heap + 0x40);
+        let mut bytes = vec![0u8; 0x100];
+        let mut put = |off: u64, v: u64| {
+            let o = (off - heap) as usize;
+            bytes[o..o + 8].copy_from_slice(&v.to_le_bytes())
+        };
+        put(a, 1);
+        put(a + 8, b);
+        put(b, 2);
+        let mem = ByteBuffer::with_region(RuntimeAddr(heap), bytes).expect("heap");
+        let roots = [Root {
+            ty: TypeId(2),
+            bytes: a.to_le_bytes().to_vec(),
+        }];
+        let ranges = [RuntimeAddr(heap)..RuntimeAddr(heap + 0x100)];
+        let changed = ["struct hnode".to_string()];
+        let mut found =
+            find_heap_objects(&mem, &old_t, &new_t, &roots, &ranges, &changed).expect("found");
+        assert_eq!(found.changed.len(), 2);
+        // a moves, b is converted where it is.
+        let dest = 0x90000u64;
+        for c in &mut found.changed {
+            assert_eq!((c.old_size(), c.new_size), (16, 24));
+            if c.addr.0 == a {
+                c.dest = Some(RuntimeAddr(dest));
+            }
+        }
+        let update_plan = upstare_patcher::default_plan(&old.tables, &new.tables);
+        let mut remap = Remapper::new(&update_plan, &old, &new);
+        remap.set_heap_moves(found.moves());
+        assert_eq!(remap.remap(RuntimeAddr(a)).0, dest);
+        // Interior pointers follow their member: b's next moved from 8 to 16.
+        assert_eq!(remap.remap(RuntimeAddr(b + 8)).0, b + 16);
+        let plan = transfer_heap(&old_t, &found, &mut remap).expect("converted");
+        assert_eq!(plan.converted_in_place, 1);
+        assert_eq!(plan.moved.len(), 1);
+        let moved = &plan.moved[0];
+        assert_eq!(moved.addr.0, dest);
+        assert_eq!(
+            (
+                word(&moved.bytes, 0),
+                word(&moved.bytes, 8),
+                word(&moved.bytes, 16)
+            ),
+            (1, 0, b)
+        );
+        let inplace = plan
+            .writes
+            .iter()
+            .find(|w| w.addr.0 == b)
+            .expect("b written");
+        assert_eq!(inplace.bytes.len(), 24);
+        assert_eq!(
+            (
+                word(&inplace.bytes, 0),
+                word(&inplace.bytes, 8),
+                word(&inplace.bytes, 16)
+            ),
+            (2, 0, 0)
+        );
+        assert_eq!(found.moved_from(), vec![RuntimeAddr(a)]);
+    }
+
+    #[test]
+    fn a_changed_object_overlapped_by_another_type_is_refused() {
+        use crate::memory::ByteBuffer;
+        // 3: struct other { struct hnode *p; struct hnode *q; }, 4: pointer
+        // to it, reached at a + 8 (inside a, whose slot 8 is a pointer but
+        // slot 16 is outside a).
+        let mut old_t = hnode(vec![member("v", 0, 0), member("next", 2, 8)], 16);
+        old_t.push(Type::Struct {
+            name: Some("other".into()),
+            size: 16,
+            members: vec![member("p", 2, 0), member("q", 2, 8)],
+            declaration: false,
+        });
+        old_t.push(Type::Pointer {
+            pointee: Some(TypeId(3)),
+        });
+        let mut new_t = hnode(
+            vec![member("v", 0, 0), member("w", 0, 8), member("next", 2, 16)],
+            24,
+        );
+        new_t.push(old_t[3].clone());
+        new_t.push(old_t[4].clone());
+        let heap = 0x50000u64;
+        let a = heap + 0x10;
+        let mem = ByteBuffer::with_region(RuntimeAddr(heap), vec![0u8; 0x100]).expect("heap");
+        let roots = [
+            Root {
+                ty: TypeId(2),
+                bytes: a.to_le_bytes().to_vec(),
+            },
+            Root {
+                ty: TypeId(4),
+                bytes: (a + 8).to_le_bytes().to_vec(),
+            },
+        ];
+        let ranges = [RuntimeAddr(heap)..RuntimeAddr(heap + 0x100)];
+        let err = find_heap_objects(
+            &mem,
+            &old_t,
+            &new_t,
+            &roots,
+            &ranges,
+            &["struct hnode".to_string()],
+        )
+        .expect_err("two types");
+        assert!(matches!(err, HeapError::TwoTypes { .. }), "{err}");
+        assert!(err.to_string().contains("struct other"), "{err}");
+    }
+
+    #[test]
+    fn chunk_capacity_reads_the_header_without_trusting_it() {
+        use crate::memory::ByteBuffer;
+        let base = 0x60000u64;
+        let mut bytes = vec![0u8; 0x100];
+        let mut put = |o: usize, v: u64| bytes[o..o + 8].copy_from_slice(&v.to_le_bytes());
+        // A 32-byte chunk at base (user data at +16), the next one in use.
+        put(8, 0x21);
+        put(0x28, 0x31);
+        // A chunk at 0x80 whose next block says it is free.
+        put(0x88, 0x21);
+        put(0xa8, 0x30);
+        // A chunk at 0xc0 claiming more than the mapping.
+        put(0xc8, 0x1001);
+        let mem = ByteBuffer::with_region(RuntimeAddr(base), bytes).expect("mem");
+        let r = RuntimeAddr(base)..RuntimeAddr(base + 0x100);
+        assert_eq!(chunk_capacity(&mem, RuntimeAddr(base + 16), &r), Some(24));
+        assert_eq!(chunk_capacity(&mem, RuntimeAddr(base + 24), &r), None);
+        assert_eq!(chunk_capacity(&mem, RuntimeAddr(base + 0x90), &r), None);
+        assert_eq!(chunk_capacity(&mem, RuntimeAddr(base + 0xd0), &r), None);
+        assert_eq!(chunk_capacity(&mem, RuntimeAddr(base), &r), None);
     }
 }

@@ -132,6 +132,16 @@ pub enum StackMove {
     },
 }
 
+/// Where a heap object of changed type goes: converted in place
+/// (`new_start` is the old address) or moved to a new allocation. Pointers
+/// into its interior move with the member they point at.
+#[derive(Clone, Debug)]
+pub struct HeapMove {
+    pub old: Range<RuntimeAddr>,
+    pub new_start: RuntimeAddr,
+    pub conversion: Conversion,
+}
+
 /// Remaps pointer values from the old image's world to the new one.
 pub struct Remapper<'a> {
     plan: &'a UpdatePlan,
@@ -141,11 +151,17 @@ pub struct Remapper<'a> {
     /// the same identity.
     globals: Vec<OldGlobal<'a>>,
     stack: Vec<StackMove>,
+    /// Heap objects converted or moved, sorted by old address, disjoint.
+    heap: Vec<HeapMove>,
     /// Pointers into old code that name no function of the new image.
     pub dangling_code: Vec<RuntimeAddr>,
     /// Pointers into parts of converted values that the new version no
     /// longer has (a removed member): left pointing at the old bytes.
     pub dangling_data: Vec<RuntimeAddr>,
+    /// Pointers into parts of converted heap objects that the new version
+    /// no longer has: they would point into a freed or rewritten object,
+    /// so the update is refused when there is any.
+    pub dangling_heap: Vec<RuntimeAddr>,
 }
 
 /// An old global as the remapper sees it.
@@ -189,8 +205,10 @@ impl<'a> Remapper<'a> {
             new,
             globals,
             stack: Vec::new(),
+            heap: Vec::new(),
             dangling_code: Vec::new(),
             dangling_data: Vec::new(),
+            dangling_heap: Vec::new(),
         }
     }
 
@@ -199,8 +217,34 @@ impl<'a> Remapper<'a> {
         self.stack.push(m);
     }
 
+    /// Registers heap objects of changed type (converted in place or
+    /// moved); `moves` must not overlap (the heap walk refuses overlapping
+    /// objects of changed type).
+    pub fn set_heap_moves(&mut self, mut moves: Vec<HeapMove>) {
+        moves.sort_by_key(|m| m.old.start);
+        self.heap = moves;
+    }
+
     /// The new value of a pointer `v` read from old state.
     pub fn remap(&mut self, v: RuntimeAddr) -> RuntimeAddr {
+        // Heap objects are many: found by binary search on their start.
+        let i = self.heap.partition_point(|m| m.old.start <= v);
+        if let Some(m) = i.checked_sub(1).and_then(|i| self.heap.get(i)) {
+            if m.old.contains(&v) {
+                let off = v.offset_from(m.old.start).unwrap_or(0);
+                return match m
+                    .conversion
+                    .map_offset(off)
+                    .and_then(|o| m.new_start.checked_add(o))
+                {
+                    Some(at) => at,
+                    None => {
+                        self.dangling_heap.push(v);
+                        v
+                    }
+                };
+            }
+        }
         if self.old.span.contains(&v) {
             let link = v.to_link(self.old.bias);
             if self.old.is_code(v) {

@@ -190,6 +190,10 @@ pub enum LoadError {
          made non-executable"
     )]
     GadgetInRetired { gadget: RuntimeAddr, path: PathBuf },
+    #[error("pid {pid}: no function {symbol} among its libraries, needed to convert heap objects")]
+    NoAllocator { pid: i32, symbol: String },
+    #[error("pid {pid}: malloc({size}) returned no memory for a moved heap object")]
+    OutOfMemory { pid: i32, size: u64 },
     #[error(transparent)]
     Remote(#[from] RemoteError),
     #[error(transparent)]
@@ -247,6 +251,11 @@ pub struct LoadedImage<'t> {
     /// The process's maps once NEW was mapped (nothing maps or unmaps
     /// while it is paused, until the commit retires the old code).
     maps: Vec<MemoryMap>,
+    /// Heap objects allocated in the process for moved objects of changed
+    /// type: freed again unless the update commits.
+    heap_allocated: Vec<RuntimeAddr>,
+    /// Old heap objects to free once the commit succeeded.
+    heap_to_free: Vec<RuntimeAddr>,
 }
 
 impl fmt::Debug for LoadedImage<'_> {
@@ -399,6 +408,8 @@ pub fn load_prepared<'t>(
         timeout: opts.call_timeout,
         report,
         maps,
+        heap_allocated: Vec::new(),
+        heap_to_free: Vec::new(),
     })
 }
 
@@ -417,6 +428,9 @@ pub fn check_loadable(pid: Pid, new_path: &Path, new_bytes: &[u8]) -> Result<(),
     let libs = Libraries::read(pid)?;
     relocs::plan_load(&canon, new_bytes, &libs).map(|_| ())
 }
+
+/// The symbol version of glibc's allocator functions on x86-64.
+const ALLOCATOR_VERSION: &str = "GLIBC_2.2.5";
 
 impl<'t> LoadedImage<'t> {
     /// NEW as an [`Image`].
@@ -474,17 +488,134 @@ impl<'t> LoadedImage<'t> {
     /// Apply `plan`: redirect the destructors, move the signal handlers,
     /// make the old image's code non-executable. On failure the steps done
     /// are undone and the guard (dropped) unloads NEW. Returns NEW's image.
-    pub fn commit(mut self, plan: &CommitPlan) -> Result<Image, LoadError> {
+    pub fn commit(self, plan: &CommitPlan) -> Result<Image, LoadError> {
+        self.commit_freeing(plan).map(|(image, _)| image)
+    }
+
+    /// [`LoadedImage::commit`]; once committed, the old heap objects
+    /// registered with [`LoadedImage::free_after_commit`] are freed. Also
+    /// returns how many could not be (left allocated: a leak, never a
+    /// wrong value).
+    pub fn commit_freeing(mut self, plan: &CommitPlan) -> Result<(Image, usize), LoadError> {
         let mut rc = RemoteCalls::with_maps(self.tracee, self.tid, self.new_gadget, &self.maps)?;
         rc.set_timeout(self.timeout);
         let applied = commit::apply_commit(&mut rc, plan);
         let finished = rc.finish();
         applied?;
         finished?;
-        Ok(self
+        // Committed: the new objects now belong to the program.
+        self.heap_allocated.clear();
+        let old = std::mem::take(&mut self.heap_to_free);
+        let unfreed = self.free_objects(&old, self.new_gadget);
+        let image = self
             .image
             .take()
-            .expect("image present until commit or unload"))
+            .expect("image present until commit or unload");
+        Ok((image, unfreed))
+    }
+
+    /// The address of the process's own allocator function `symbol`
+    /// (`malloc`, `free`, `malloc_usable_size`), as its libraries export it.
+    fn allocator_fn(&self, symbol: &str) -> Result<RuntimeAddr, LoadError> {
+        let pid = self.tracee.pid();
+        let libs = Libraries::read(pid)?;
+        // Programs bind the allocator at its x86-64 base version; a
+        // preloaded allocator (glibc's checking one) defines only that, as a
+        // non-default version, and an unversioned lookup would skip it for
+        // libc's own — whose blocks the program's `free` would then reject.
+        libs.lookup_symbol(symbol, Some(ALLOCATOR_VERSION))
+            .or_else(|| libs.lookup_symbol(symbol, None))
+            .filter(|r| !r.ifunc && !r.tls)
+            .map(|r| r.addr)
+            .ok_or_else(|| LoadError::NoAllocator {
+                pid: pid.as_raw(),
+                symbol: symbol.to_string(),
+            })
+    }
+
+    /// `malloc_usable_size` of each of `chunks` in the process, one remote
+    /// session. Call it only on addresses already checked to be chunk
+    /// starts: the allocator trusts its argument.
+    pub fn usable_sizes(&mut self, chunks: &[RuntimeAddr]) -> Result<Vec<u64>, LoadError> {
+        if chunks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let f = self.allocator_fn("malloc_usable_size")?;
+        let mut rc = RemoteCalls::new(self.tracee, self.tid, self.running_gadget)?;
+        rc.set_timeout(self.timeout);
+        let sizes: Result<Vec<u64>, RemoteError> =
+            chunks.iter().map(|c| rc.call(f, &[c.0])).collect();
+        let finished = rc.finish();
+        let sizes = sizes?;
+        finished?;
+        Ok(sizes)
+    }
+
+    /// Allocates one object of each of `sizes` bytes with the process's own
+    /// `malloc` (so the program can `free` it later), in one remote session.
+    /// Every allocation is freed again unless [`LoadedImage::commit`]
+    /// succeeds — on a failure here too.
+    pub fn heap_allocate(&mut self, sizes: &[u64]) -> Result<Vec<RuntimeAddr>, LoadError> {
+        if sizes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let f = self.allocator_fn("malloc")?;
+        // Resolved before anything is allocated: a rollback needs it.
+        self.allocator_fn("free")?;
+        let pid = self.tracee.pid().as_raw();
+        let mut rc = RemoteCalls::new(self.tracee, self.tid, self.running_gadget)?;
+        rc.set_timeout(self.timeout);
+        let mut out = Vec::with_capacity(sizes.len());
+        let mut err = None;
+        for &size in sizes {
+            match rc.call(f, &[size]) {
+                Ok(0) => {
+                    err = Some(LoadError::OutOfMemory { pid, size });
+                    break;
+                }
+                Ok(a) => out.push(RuntimeAddr(a)),
+                Err(e) => {
+                    err = Some(e.into());
+                    break;
+                }
+            }
+        }
+        let finished = rc.finish();
+        // Recorded even on failure, so the guard frees them.
+        self.heap_allocated.extend(out.iter().copied());
+        if let Some(e) = err {
+            return Err(e);
+        }
+        finished?;
+        Ok(out)
+    }
+
+    /// Old heap objects to `free` in the process once the commit succeeded.
+    pub fn free_after_commit(&mut self, objects: Vec<RuntimeAddr>) {
+        self.heap_to_free = objects;
+    }
+
+    /// Frees `objects` with the process's `free`, in one remote session;
+    /// the number that could not be freed (best effort: the first failure
+    /// ends the session). `gadget` is code that is executable now (the
+    /// running image's before the commit, NEW's after it).
+    fn free_objects(&mut self, objects: &[RuntimeAddr], gadget: RuntimeAddr) -> usize {
+        if objects.is_empty() {
+            return 0;
+        }
+        let Ok(f) = self.allocator_fn("free") else {
+            return objects.len();
+        };
+        let Ok(mut rc) = RemoteCalls::new(self.tracee, self.tid, gadget) else {
+            return objects.len();
+        };
+        rc.set_timeout(self.timeout);
+        let done = objects
+            .iter()
+            .take_while(|o| rc.call(f, &[o.0]).is_ok())
+            .count();
+        let _ = rc.finish();
+        objects.len() - done
     }
 
     /// Unmap NEW (the update is abandoned).
@@ -496,6 +627,10 @@ impl<'t> LoadedImage<'t> {
         let Some(image) = self.image.take() else {
             return Ok(());
         };
+        // The objects allocated for the update go first, while the
+        // allocator still sees the process as it was.
+        let allocated = std::mem::take(&mut self.heap_allocated);
+        self.free_objects(&allocated, self.running_gadget);
         let mut rc = RemoteCalls::new(self.tracee, self.tid, self.running_gadget)?;
         rc.set_timeout(self.timeout);
         let len = image.span.end.0 - image.span.start.0;

@@ -5,6 +5,7 @@
 //! commit is reversible: a refusal or failure unloads the new image, removes
 //! every armed byte and leaves the process exactly as it was.
 
+mod heap_objects;
 pub mod signals;
 mod survive;
 pub mod transaction;
@@ -253,6 +254,10 @@ pub struct UpdateReport {
     /// them that were changed (callbacks, addresses of globals).
     pub heap_objects: usize,
     pub heap_pointers_remapped: usize,
+    /// Heap objects of changed type converted where they were.
+    pub heap_converted_in_place: usize,
+    /// Heap objects of changed type moved to a new block (the old freed).
+    pub heap_moved: usize,
     /// Times the threads were let run again because a frame the SPEC
     /// forbids during an update was active.
     pub safety_retries: u32,
@@ -629,6 +634,8 @@ fn apply_traced_bytes(
         converted: Vec::new(),
         heap_objects: 0,
         heap_pointers_remapped: 0,
+        heap_converted_in_place: 0,
+        heap_moved: 0,
         safety_retries,
         bytes_written: 0,
         sweep: Default::default(),
@@ -678,28 +685,35 @@ fn apply_traced_bytes(
     } else {
         loaded.maps().to_vec()
     };
+    // Phase 5: compute every byte of the new state. The heap objects of
+    // changed type first: where they go must be known before any pointer
+    // to them is remapped, and blocks for moved ones are allocated now.
+    let t = Instant::now();
+    let heap_ranges = heap::heap_ranges(&maps_now, &threads, [&old, loaded.image()]);
+    let heap_mem = loaded.tracee().memory();
+    let mut heap_objects = heap::find_heap_objects(
+        &heap_mem,
+        &old.tables.types,
+        &loaded.image().tables.types,
+        &heap::heap_roots(&heap_mem, &old, &threads),
+        &heap_ranges,
+        &plan.changed_types,
+    )?;
+    heap_objects::place(&mut loaded, &mut heap_objects, &heap_ranges)?;
     let (new, tr) = loaded.parts();
     // A dry run unloads NEW again: no address to report.
     report.new_load_address = (!opts.dry_run).then_some(new.bias.0);
-    // Phase 5: compute every byte of the new state.
-    let t = Instant::now();
     let mut mem = tr.memory();
     let mut remap = Remapper::new(&plan, &old, new);
+    remap.set_heap_moves(heap_objects.moves());
     let mut layouts = Vec::with_capacity(threads.len());
     for th in &threads {
         layouts.push(rebuild::place_frames(th, &plan, &old, new, &mut remap)?);
     }
     let globals = transfer::transfer_globals(&mem, &plan, &old, new, &mut remap)?;
-    let roots = heap::heap_roots(&mem, &old, &threads);
     interrupted(pid)?;
-    let heap = heap::transfer_heap(
-        &mem,
-        &old.tables.types,
-        &roots,
-        &heap::heap_ranges(&maps_now, &threads, [&old, new]),
-        &plan.changed_types,
-        &mut remap,
-    )?;
+    let heap = heap::transfer_heap(&old.tables.types, &heap_objects, &mut remap)?;
+    heap::write_moved(&mut mem, &heap)?;
     timings.transfer_us = us(t.elapsed());
     let t = Instant::now();
     let mut plans = Vec::with_capacity(threads.len());
@@ -764,6 +778,9 @@ fn apply_traced_bytes(
             });
         }
     }
+    if let Some(&value) = remap.dangling_heap.first() {
+        return Err(heap::HeapError::DanglingInterior { value }.into());
+    }
     if !remap.dangling_data.is_empty() {
         warnings.push(format!(
             "{} pointer(s) into old globals or locals point at parts the new version no longer has (a removed member or element); left pointing at the old bytes",
@@ -815,18 +832,29 @@ fn apply_traced_bytes(
         transaction::CommitMode::Batched
     };
     let undo = transaction::commit_with(&prepared, &mut mem, tr, mode)?;
-    if let Err(e) = loaded.commit(&commit_plan) {
-        // The guard has unloaded NEW; put the old state back.
-        let mut mem = tracee.memory();
-        undo.roll_back(&mut mem, tracee);
-        return Err(e.into());
+    loaded.free_after_commit(heap_objects.moved_from());
+    let unfreed = match loaded.commit_freeing(&commit_plan) {
+        Ok((_, unfreed)) => unfreed,
+        Err(e) => {
+            // The guard has unloaded NEW; put the old state back.
+            let mut mem = tracee.memory();
+            undo.roll_back(&mut mem, tracee);
+            return Err(e.into());
+        }
+    };
+    if unfreed > 0 {
+        warnings.push(format!(
+            "{unfreed} old heap object(s) of changed type could not be freed after the update (left allocated)"
+        ));
     }
     let bytes_written = prepared.bytes();
     report.bytes_written = bytes_written;
     report.globals_copied = globals_copied;
     report.converted = converted;
     report.heap_objects = heap.objects;
-    report.heap_pointers_remapped = heap.writes.len();
+    report.heap_pointers_remapped = heap.writes.len() - heap.converted_in_place;
+    report.heap_converted_in_place = heap.converted_in_place;
+    report.heap_moved = heap.moved.len();
     report.threads = threads
         .iter()
         .zip(frames)

@@ -170,7 +170,13 @@ pub struct TracedRun {
 impl TracedRun {
     /// Spawns `exe args` traced, stdin empty, stdout/stderr captured.
     pub fn spawn(exe: &Path, args: &[&str]) -> TracedRun {
+        Self::spawn_env(exe, args, &[])
+    }
+
+    /// [`TracedRun::spawn`] with `env` added to the environment.
+    pub fn spawn_env(exe: &Path, args: &[&str], env: &[(&str, &str)]) -> TracedRun {
         let mut cmd = Command::new(exe);
+        cmd.envs(env.iter().copied());
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

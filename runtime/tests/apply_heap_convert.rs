@@ -1,0 +1,236 @@
+//! Heap objects of changed type, converted live: each pair below (gcc and
+//! clang) is run under ptrace with glibc's checking allocator
+//! (`GLIBC_TUNABLES=glibc.malloc.check=3`, its debug library preloaded) and
+//! updated to v2 at every update-point hit of its run; every line it prints
+//! is checked against what the C source says (each version's header states
+//! the formula), and the updated program frees every object and exits with
+//! status 0, the allocator finding nothing wrong.
+//!
+//! - `heap_list`: a list whose node gains a member in its padding: every
+//!   node converted in place, the new member 0;
+//! - `heap_tree`: a search tree with parent pointers whose node outgrows
+//!   its block: every node moved, links and parents redirected;
+//! - `heap_shared`: one object pointed to from a global, frames, itself and
+//!   another heap object (one pointer into its interior) moves.
+
+mod apply_support;
+
+use apply_support::*;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use upstare_corpus::version_pair;
+use upstare_runtime::update::{ApplyOptions, UpdateError, UpdateReport};
+use upstare_testkit::{ExitStatus, Toolchain};
+
+const TICKS: i64 = 6;
+const TICKS_ARG: &str = "6";
+const READY_TIMEOUT: Duration = Duration::from_secs(3);
+const RUN_TIMEOUT: Duration = Duration::from_secs(30);
+/// glibc's checking allocator: any misuse of the heap (a double free, a
+/// write past a block) aborts the program.
+const CHECKED_MALLOC: [(&str, &str); 2] = [
+    ("GLIBC_TUNABLES", "glibc.malloc.check=3"),
+    ("LD_PRELOAD", "libc_malloc_debug.so.0"),
+];
+
+/// `line(n, t)`: the line version `n` prints at tick `t` (`t == TICKS`: the
+/// done line).
+type Lines = fn(u32, i64) -> String;
+
+fn pair(name: &str, tc: Toolchain) -> (PathBuf, PathBuf) {
+    let p = version_pair(name).unwrap_or_else(|| panic!("no version pair {name}"));
+    (instrumented(&p.v1, tc), instrumented(&p.v2, tc))
+}
+
+/// Checks a whole output: ticks 0..TICKS then the done line, each the line
+/// its version prints, no v1 line after a v2 line. Returns the last version.
+fn check_lines(stdout: &str, line: Lines) -> Result<u32, String> {
+    let lines: Vec<&str> = stdout.lines().collect();
+    if lines.len() != TICKS as usize + 1 {
+        return Err(format!("{} lines, want {}", lines.len(), TICKS + 1));
+    }
+    let mut last = 0;
+    for (t, got) in lines.iter().enumerate() {
+        let n = match got.get(..3) {
+            Some("v1 ") => 1,
+            Some("v2 ") => 2,
+            _ => return Err(format!("line {t} has no version marker: {got:?}")),
+        };
+        if n < last {
+            return Err(format!("v1 code ran after the update: {got:?}"));
+        }
+        let want = line(n, t as i64);
+        if *got != want {
+            return Err(format!("tick {t}:\n got {got:?}\nwant {want:?}"));
+        }
+        last = n;
+    }
+    Ok(last)
+}
+
+/// Updates a run of `v1` to `v2` after `k` hits; checks the output and
+/// that the run ends with status 0. Returns the report.
+fn update_at(v1: &Path, v2: &Path, k: u64, line: Lines) -> Result<UpdateReport, String> {
+    let mut run = TracedRun::spawn_env(v1, &[TICKS_ARG], &CHECKED_MALLOC);
+    let opts = ApplyOptions {
+        timeout: READY_TIMEOUT,
+        skip_hits: k,
+        ..ApplyOptions::default()
+    };
+    let r = run.apply(v2, &opts);
+    let out = run.finish(RUN_TIMEOUT)?;
+    let report = match r {
+        Ok(r) => r,
+        Err(UpdateError::Commit(e)) => return Err(format!("commit failed: {e}")),
+        Err(e) => return Err(format!("refused: {e}")),
+    };
+    if out.status != ExitStatus::Code(0) || !out.stderr.is_empty() {
+        return Err(format!(
+            "status {:?} after an update reported ok: {}\n{}",
+            out.status, out.stderr, out.stdout
+        ));
+    }
+    match check_lines(&out.stdout, line) {
+        Ok(2) => Ok(report),
+        Ok(_) => Err(format!(
+            "updated, but v1 printed the last line\n{}",
+            out.stdout
+        )),
+        Err(e) => Err(format!("{e}\nwhole output:\n{}", out.stdout)),
+    }
+}
+
+/// Updates the pair at every hit of its run; every output must be right.
+/// Returns (hit, report) of each.
+fn every_hit(name: &str, tc: Toolchain, line: Lines) -> Vec<(u64, UpdateReport)> {
+    let (v1, v2) = pair(name, tc);
+    for (n, exe) in [(1, &v1), (2, &v2)] {
+        let out = baseline(exe, &[TICKS_ARG]);
+        let last = check_lines(&out.stdout, line)
+            .unwrap_or_else(|e| panic!("{name} [{tc}] fresh v{n}: {e}\n{}", out.stdout));
+        assert_eq!(last, n);
+    }
+    let (hits, more) = count_hits(&v1, &[TICKS_ARG], Some(10_000));
+    assert!(!more && hits > TICKS as u64, "{name}: {hits} hits");
+    let mut failures = Vec::new();
+    let mut reports = Vec::new();
+    for k in 0..hits {
+        match update_at(&v1, &v2, k, line) {
+            Ok(r) => reports.push((k, r)),
+            Err(e) => failures.push(format!("hit {k}: {e}")),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{name} [{tc}]: {} of {hits} updates wrong:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    println!("{name} [{tc}]: {hits}/{hits} update-point hits updated, outputs right");
+    reports
+}
+
+fn done(v: u32) -> String {
+    format!("v{v} done t={TICKS}")
+}
+
+fn heap_list(v: u32, t: i64) -> String {
+    if t == TICKS {
+        return format!("{} freed=4", done(v));
+    }
+    let n = t + 1;
+    let base = format!("v{v} t={t} count=4 sum={}", 100 + 4 * n);
+    match v {
+        1 => base,
+        _ => format!("{base} weights=0"),
+    }
+}
+
+fn heap_tree(v: u32, t: i64) -> String {
+    if t == TICKS {
+        return format!("{} freed=7", done(v));
+    }
+    let n = t + 1;
+    let base = format!(
+        "v{v} t={t} nodes=7 keys=350 counts={} links=1 sorted=1",
+        35 * n
+    );
+    match v {
+        1 => base,
+        _ => format!("{base} labels=0 depths=0"),
+    }
+}
+
+fn heap_shared(v: u32, t: i64) -> String {
+    if t == TICKS {
+        return format!("{} freed=2", done(v));
+    }
+    let n = t + 1;
+    let base = format!("v{v} t={t} id=7 hits={} bumps={n} same=1", 11 * n);
+    match v {
+        1 => base,
+        _ => format!("{base} note=0 extra=0"),
+    }
+}
+
+/// The most objects of changed type any one update converted: (in place,
+/// moved).
+fn most(reports: &[(u64, UpdateReport)]) -> (usize, usize) {
+    (
+        reports
+            .iter()
+            .map(|(_, r)| r.heap_converted_in_place)
+            .max()
+            .unwrap_or(0),
+        reports.iter().map(|(_, r)| r.heap_moved).max().unwrap_or(0),
+    )
+}
+
+fn list(tc: Toolchain) {
+    let reports = every_hit("heap_list", tc, heap_list);
+    // Once the list is built, each update converts its 4 nodes in place.
+    assert_eq!(most(&reports), (4, 0), "[{tc}]");
+}
+
+fn tree(tc: Toolchain) {
+    let reports = every_hit("heap_tree", tc, heap_tree);
+    // Once the tree is built, each update moves its 7 nodes.
+    assert_eq!(most(&reports), (0, 7), "[{tc}]");
+}
+
+fn shared(tc: Toolchain) {
+    let reports = every_hit("heap_shared", tc, heap_shared);
+    // The rec moves; the holder, whose pointer members point to a changed
+    // type, is of a changed type too and is converted in place.
+    assert_eq!(most(&reports), (1, 1), "[{tc}]");
+}
+
+#[test]
+fn list_nodes_converted_in_place_gcc() {
+    list(Toolchain::Gcc);
+}
+
+#[test]
+fn list_nodes_converted_in_place_clang() {
+    list(Toolchain::Clang);
+}
+
+#[test]
+fn tree_with_parent_pointers_moved_gcc() {
+    tree(Toolchain::Gcc);
+}
+
+#[test]
+fn tree_with_parent_pointers_moved_clang() {
+    tree(Toolchain::Clang);
+}
+
+#[test]
+fn object_shared_by_global_frames_and_heap_moved_gcc() {
+    shared(Toolchain::Gcc);
+}
+
+#[test]
+fn object_shared_by_global_frames_and_heap_moved_clang() {
+    shared(Toolchain::Clang);
+}
