@@ -251,11 +251,10 @@ impl Stopper<'_> {
         stack: Option<Range<RuntimeAddr>>,
         regs: &Regs,
     ) -> Result<Unwound, String> {
-        let t = tid.as_raw();
-        let mut r = unwind_thread(self.image, self.libs, &self.mem, stack.clone(), t, regs);
+        let mut r = unwind_thread(self.image, self.libs, &self.mem, stack.clone(), tid, regs);
         if matches!(r, Err(UnwindError::UnknownCode { .. })) && self.libs.refresh(self.pid).is_ok()
         {
-            r = unwind_thread(self.image, self.libs, &self.mem, stack, t, regs);
+            r = unwind_thread(self.image, self.libs, &self.mem, stack, tid, regs);
         }
         r.map_err(|e| {
             let e = e.to_string();
@@ -275,10 +274,9 @@ pub(super) fn unwind_thread(
     libs: &Libraries,
     mem: &ProcessMemory,
     stack: Option<Range<RuntimeAddr>>,
-    tid: i32,
+    tid: Pid,
     regs: &Regs,
 ) -> Result<Unwound, UnwindError> {
-    let tid = Pid::from_raw(tid);
     let Some(s) = stack else {
         return Unwinder::new(image, libs, mem).unwind(tid, regs);
     };

@@ -39,7 +39,7 @@ pub enum Location {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NotReadyThread {
     /// Its thread id.
-    pub tid: i32,
+    pub tid: Pid,
     /// Where it was last stopped.
     pub rip: RuntimeAddr,
     /// That place in source terms.
@@ -118,7 +118,7 @@ pub enum StopError {
     #[error("process {pid}: thread {tid} did not stop within {waited:?} when asked to")]
     NoStop {
         pid: i32,
-        tid: i32,
+        tid: Pid,
         waited: Duration,
     },
     #[error("process {pid}: the updater received {sig} while stopping the threads")]
@@ -156,7 +156,7 @@ impl Stopper<'_> {
             };
             let Ok(regs) = self.tracee.regs(tid) else {
                 out.push(NotReadyThread {
-                    tid: tid.as_raw(),
+                    tid,
                     rip: RuntimeAddr(0),
                     location: Location::Unknown,
                     reason,
@@ -165,7 +165,7 @@ impl Stopper<'_> {
             };
             let location = self.locate(tid, &regs);
             out.push(NotReadyThread {
-                tid: tid.as_raw(),
+                tid,
                 rip: regs.rip(),
                 location,
                 reason,
@@ -191,16 +191,15 @@ impl Stopper<'_> {
         let symbol = lib.symbol_at(link).map(|(s, _)| s.to_string());
         let library = lib.name().to_string();
         let stack = self.stack_of(regs.rsp());
-        let called_from =
-            unwind_thread(self.image, self.libs, &self.mem, stack, tid.as_raw(), regs)
-                .ok()
-                .and_then(|u| match u.top {
-                    Top::InLibrary { call, .. } => {
-                        let f = u.frames.first()?;
-                        Some((f.function.clone(), file_name(tables, call.file), call.line))
-                    }
-                    Top::AtPoint => None,
-                });
+        let called_from = unwind_thread(self.image, self.libs, &self.mem, stack, tid, regs)
+            .ok()
+            .and_then(|u| match u.top {
+                Top::InLibrary { call, .. } => {
+                    let f = u.frames.first()?;
+                    Some((f.function.clone(), file_name(tables, call.file), call.line))
+                }
+                Top::AtPoint => None,
+            });
         Location::Library {
             library,
             symbol,

@@ -330,7 +330,7 @@ impl Stopper<'_> {
             Ok(stop) => self.handle(bps, tid, stop),
             Err(PtraceError::Timeout { .. }) => Err(StopError::NoStop {
                 pid: self.pid.as_raw(),
-                tid: tid.as_raw(),
+                tid,
                 waited: self.opts.stop_wait,
             }),
             Err(e) => Err(e.into()),
@@ -748,7 +748,7 @@ impl Stopper<'_> {
         }
         Err(StopError::NoStop {
             pid: self.pid.as_raw(),
-            tid: tid.as_raw(),
+            tid,
             waited: self.opts.stop_wait,
         })
     }
@@ -758,7 +758,7 @@ impl Stopper<'_> {
             Ok(s) => Ok(s),
             Err(PtraceError::Timeout { .. }) => Err(StopError::NoStop {
                 pid: self.pid.as_raw(),
-                tid: tid.as_raw(),
+                tid,
                 waited: self.opts.stop_wait,
             }),
             Err(e) => Err(e.into()),
@@ -892,7 +892,7 @@ impl Stopper<'_> {
                 Err(PtraceError::Timeout { .. }) => {
                     return Err(StopError::NoStop {
                         pid: self.pid.as_raw(),
-                        tid: tid.as_raw(),
+                        tid,
                         waited: self.opts.stop_wait,
                     })
                 }
@@ -974,7 +974,7 @@ impl Stopper<'_> {
         }
         Err(StopError::NoStop {
             pid: self.pid.as_raw(),
-            tid: tid.as_raw(),
+            tid,
             waited: self.opts.stop_wait,
         })
     }

@@ -40,33 +40,33 @@ pub enum BreakpointError {
     NotArmed { addr: RuntimeAddr },
     #[error("stepping thread {tid} over the breakpoint at {addr}: {source}")]
     Ptrace {
-        tid: i32,
+        tid: Pid,
         addr: RuntimeAddr,
         #[source]
         source: PtraceError,
     },
     #[error("stepping thread {tid} over the breakpoint at {addr}: more than {limit} stops")]
     TooManyStops {
-        tid: i32,
+        tid: Pid,
         addr: RuntimeAddr,
         limit: usize,
     },
     #[error("taking the pending trap of thread {tid} at the breakpoint at {addr}: {source}")]
     PendingTrap {
-        tid: i32,
+        tid: Pid,
         addr: RuntimeAddr,
         #[source]
         source: PtraceError,
     },
     #[error("taking the pending trap of thread {tid} at the breakpoint at {addr}: more than {limit} stops")]
     PendingTrapStops {
-        tid: i32,
+        tid: Pid,
         addr: RuntimeAddr,
         limit: usize,
     },
     #[error("thread {tid}: {source}")]
     Proc {
-        tid: i32,
+        tid: Pid,
         #[source]
         source: ProcError,
     },
@@ -476,13 +476,7 @@ impl<M: TargetMemory> BreakpointSet<M> {
         tid: Pid,
         timeout: Duration,
     ) -> Result<StepOutcome, BreakpointError> {
-        let pt = |addr| {
-            move |source| BreakpointError::Ptrace {
-                tid: tid.as_raw(),
-                addr,
-                source,
-            }
-        };
+        let pt = |addr| move |source| BreakpointError::Ptrace { tid, addr, source };
         let addr = tracee.regs(tid).map_err(pt(RuntimeAddr(0)))?.rip();
         let original = *self
             .armed
@@ -513,11 +507,7 @@ fn step_loop(
     addr: RuntimeAddr,
     timeout: Duration,
 ) -> Result<StepOutcome, BreakpointError> {
-    let pt = |source| BreakpointError::Ptrace {
-        tid: tid.as_raw(),
-        addr,
-        source,
-    };
+    let pt = |source| BreakpointError::Ptrace { tid, addr, source };
     let start = Instant::now();
     let mut deferred = Vec::new();
     let mut events = Vec::new();
@@ -560,7 +550,7 @@ fn step_loop(
         tracee.step(tid, None).map_err(pt)?;
     }
     Err(BreakpointError::TooManyStops {
-        tid: tid.as_raw(),
+        tid,
         addr,
         limit: MAX_STEP_STOPS,
     })
@@ -589,13 +579,7 @@ impl<M: TargetMemory> BreakpointSet<M> {
             trap: PendingTrap::None,
             deferred: Vec::new(),
         };
-        let pt = |addr| {
-            move |source| BreakpointError::PendingTrap {
-                tid: tid.as_raw(),
-                addr,
-                source,
-            }
-        };
+        let pt = |addr| move |source| BreakpointError::PendingTrap { tid, addr, source };
         let rip = tracee.regs(tid).map_err(pt(RuntimeAddr(0)))?.rip();
         let addr = RuntimeAddr(rip.0.wrapping_sub(1));
         if !self.was_armed(addr) {
@@ -619,10 +603,7 @@ impl<M: TargetMemory> BreakpointSet<M> {
 fn trap_pending(tid: Pid) -> Result<bool, BreakpointError> {
     procfs::thread_pending_signals(tid)
         .map(|mask| mask & signal_bit(Sig::TRAP) != 0)
-        .map_err(|source| BreakpointError::Proc {
-            tid: tid.as_raw(),
-            source,
-        })
+        .map_err(|source| BreakpointError::Proc { tid, source })
 }
 
 /// Resume `tid` (stopped, a `SIGTRAP` pending) until its trap is
@@ -635,11 +616,7 @@ fn trap_loop(
     addr: RuntimeAddr,
     timeout: Duration,
 ) -> Result<PendingTrapOutcome, BreakpointError> {
-    let pt = |source| BreakpointError::PendingTrap {
-        tid: tid.as_raw(),
-        addr,
-        source,
-    };
+    let pt = |source| BreakpointError::PendingTrap { tid, addr, source };
     let start = Instant::now();
     let mut taken = false;
     let mut deferred = Vec::new();
@@ -692,7 +669,7 @@ fn trap_loop(
         pending = trap_pending(tid)?;
     }
     Err(BreakpointError::PendingTrapStops {
-        tid: tid.as_raw(),
+        tid,
         addr,
         limit: MAX_STEP_STOPS,
     })

@@ -59,7 +59,7 @@ pub enum ProcError {
     #[error("pid {pid}: more than {cap} threads")]
     TooManyTasks { pid: i32, cap: usize },
     #[error("thread {tid}: status has no readable {field} line")]
-    BadStatus { tid: i32, field: &'static str },
+    BadStatus { tid: Pid, field: &'static str },
     #[error("pid {pid}: no mapping of {exe} at file offset {offset}")]
     NoExeMapping {
         pid: i32,
@@ -343,10 +343,7 @@ fn parse_pending(status: &str, tid: Pid) -> Result<u64, ProcError> {
         .lines()
         .find_map(|l| l.strip_prefix(FIELD)?.strip_prefix(':'))
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .ok_or(ProcError::BadStatus {
-            tid: tid.as_raw(),
-            field: FIELD,
-        })
+        .ok_or(ProcError::BadStatus { tid, field: FIELD })
 }
 
 /// Thread ids of process `pid`, from `/proc/PID/task`, sorted.
@@ -389,7 +386,7 @@ mod tests {
         assert_eq!(parse_pending(status, tid).unwrap(), 1 << 4);
         assert!(matches!(
             parse_pending("SigPnd:\tzz\n", tid),
-            Err(ProcError::BadStatus { tid: 7, .. })
+            Err(ProcError::BadStatus { tid: t, .. }) if t.as_raw() == 7
         ));
         assert!(parse_pending("Name:\tx\n", tid).is_err());
         let own = thread_pending_signals(nix::unistd::getpid()).unwrap();

@@ -207,21 +207,21 @@ pub enum PtraceError {
         what: String,
     },
     #[error("thread {tid}: {op} failed: it no longer exists (exited or killed)")]
-    Gone { tid: i32, op: &'static str },
+    Gone { tid: Pid, op: &'static str },
     #[error("thread {tid}: {op} failed: not in a ptrace-stop (still running?)")]
-    NotStopped { tid: i32, op: &'static str },
+    NotStopped { tid: Pid, op: &'static str },
     #[error("thread {tid}: {op} failed: {errno}")]
     Op {
-        tid: i32,
+        tid: Pid,
         op: &'static str,
         errno: Errno,
     },
     #[error("thread {tid}: no stop reported within {waited:?}")]
-    Timeout { tid: i32, waited: Duration },
+    Timeout { tid: Pid, waited: Duration },
     #[error("cannot trace process {pid}: {why}")]
     Refused { pid: i32, why: String },
     #[error("thread {tid} is not traced by this tracee")]
-    NotTraced { tid: i32 },
+    NotTraced { tid: Pid },
     #[error(transparent)]
     Proc(#[from] ProcError),
 }
@@ -246,22 +246,12 @@ fn task_alive(tid: Pid) -> bool {
 fn op_err(tid: Pid, op: &'static str, errno: Errno) -> PtraceError {
     if errno == Errno::ESRCH {
         if task_alive(tid) {
-            PtraceError::NotStopped {
-                tid: tid.as_raw(),
-                op,
-            }
+            PtraceError::NotStopped { tid, op }
         } else {
-            PtraceError::Gone {
-                tid: tid.as_raw(),
-                op,
-            }
+            PtraceError::Gone { tid, op }
         }
     } else {
-        PtraceError::Op {
-            tid: tid.as_raw(),
-            op,
-            errno,
-        }
+        PtraceError::Op { tid, op, errno }
     }
 }
 
@@ -777,7 +767,7 @@ impl Tracee {
         }
         // Threads keep appearing: refuse rather than loop forever.
         Err(PtraceError::Op {
-            tid: pid.as_raw(),
+            tid: pid,
             op: "seizing all threads (they keep being created)",
             errno: Errno::EAGAIN,
         })
@@ -878,7 +868,7 @@ impl Tracee {
         let t = self
             .threads
             .get_mut(&tid)
-            .ok_or(PtraceError::NotTraced { tid: tid.as_raw() })?;
+            .ok_or(PtraceError::NotTraced { tid })?;
         Ok(std::mem::replace(&mut t.pending_signal, sig))
     }
 
@@ -940,11 +930,8 @@ impl Tracee {
     fn track(&self, tid: Pid, op: &'static str) -> Result<&Track, PtraceError> {
         match self.threads.get(&tid) {
             Some(t) => Ok(t),
-            None if self.gone.contains(&tid) => Err(PtraceError::Gone {
-                tid: tid.as_raw(),
-                op,
-            }),
-            None => Err(PtraceError::NotTraced { tid: tid.as_raw() }),
+            None if self.gone.contains(&tid) => Err(PtraceError::Gone { tid, op }),
+            None => Err(PtraceError::NotTraced { tid }),
         }
     }
 
@@ -1098,10 +1085,7 @@ impl Tracee {
             Ok(Some(s)) => s,
             Err(Errno::ECHILD) => {
                 self.forget(tid);
-                return Err(PtraceError::Gone {
-                    tid: tid.as_raw(),
-                    op: "waitpid",
-                });
+                return Err(PtraceError::Gone { tid, op: "waitpid" });
             }
             Err(e) => return Err(op_err(tid, "waitpid", e)),
         };
@@ -1130,10 +1114,7 @@ impl Tracee {
             }
             let waited = start.elapsed();
             if waited >= timeout {
-                return Err(PtraceError::Timeout {
-                    tid: tid.as_raw(),
-                    waited,
-                });
+                return Err(PtraceError::Timeout { tid, waited });
             }
             std::thread::sleep(pause.min(timeout - waited));
             pause = (pause * 2).min(Duration::from_millis(1));

@@ -178,7 +178,7 @@ pub enum RemoteError {
     },
     #[error("thread {tid}: remote {op} faulted with {sig} at {rip} (address {addr:#x})")]
     Fault {
-        tid: i32,
+        tid: Pid,
         op: String,
         sig: Sig,
         rip: RuntimeAddr,
@@ -186,21 +186,21 @@ pub enum RemoteError {
     },
     #[error("thread {tid}: remote {op} ended with an unexpected {stop} at {rip}")]
     Unexpected {
-        tid: i32,
+        tid: Pid,
         op: String,
         stop: String,
         rip: RuntimeAddr,
     },
     #[error("thread {tid}: remote {op} did not finish within {waited:?}")]
     Timeout {
-        tid: i32,
+        tid: Pid,
         op: String,
         waited: Duration,
     },
     #[error("thread {tid}: the thread ended during remote {op} ({stop})")]
-    Ended { tid: i32, op: String, stop: String },
+    Ended { tid: Pid, op: String, stop: String },
     #[error("thread {tid}: more than {cap} stops during remote {op}")]
-    TooManyStops { tid: i32, op: String, cap: usize },
+    TooManyStops { tid: Pid, op: String, cap: usize },
     #[error("remote call of {func}: {n} arguments, at most 6 are supported")]
     TooManyArgs { func: RuntimeAddr, n: usize },
     #[error("remote {call}: {n} arguments, at most 6 are supported")]
@@ -212,7 +212,7 @@ pub enum RemoteError {
     #[error("{path}: cannot find its entry point: {reason}")]
     Entry { path: PathBuf, reason: String },
     #[error("thread {tid}: cannot read its signal mask: {reason}")]
-    SigMask { tid: i32, reason: String },
+    SigMask { tid: Pid, reason: String },
 }
 
 /// A `struct sigaction` as the kernel's `rt_sigaction` takes it on x86-64.
@@ -316,10 +316,7 @@ pub fn caught_signals(pid: Pid, tid: Pid) -> Result<u64, RemoteError> {
 
 /// The hexadecimal mask on line `key` of `/proc/PID/task/TID/status`.
 fn read_status_mask(pid: Pid, tid: Pid, key: &str) -> Result<u64, RemoteError> {
-    let err = |reason: String| RemoteError::SigMask {
-        tid: tid.as_raw(),
-        reason,
-    };
+    let err = |reason: String| RemoteError::SigMask { tid, reason };
     let path = format!("/proc/{pid}/task/{tid}/status");
     let text = std::fs::read_to_string(&path).map_err(|e| err(format!("{path}: {e}")))?;
     let line = text
@@ -548,7 +545,7 @@ impl<'t> RemoteCalls<'t> {
 
     fn op_err_unexpected(&self, op: &str, stop: &Stop, rip: u64) -> RemoteError {
         RemoteError::Unexpected {
-            tid: self.tid.as_raw(),
+            tid: self.tid,
             op: op.to_string(),
             stop: stop.to_string(),
             rip: RuntimeAddr(rip),
@@ -581,14 +578,14 @@ impl<'t> RemoteCalls<'t> {
                 Err(PtraceError::Timeout { .. }) => {
                     self.stop_runaway();
                     return Err(RemoteError::Timeout {
-                        tid: tid.as_raw(),
+                        tid,
                         op: op.to_string(),
                         waited: start.elapsed(),
                     });
                 }
                 Err(PtraceError::Gone { .. }) => {
                     return Err(RemoteError::Ended {
-                        tid: tid.as_raw(),
+                        tid,
                         op: op.to_string(),
                         stop: "gone".into(),
                     })
@@ -597,7 +594,7 @@ impl<'t> RemoteCalls<'t> {
             };
             if stop.is_terminal() || matches!(stop, Stop::Exiting { .. }) {
                 return Err(RemoteError::Ended {
-                    tid: tid.as_raw(),
+                    tid,
                     op: op.to_string(),
                     stop: stop.to_string(),
                 });
@@ -658,7 +655,7 @@ impl<'t> RemoteCalls<'t> {
                         let mut a = [0u8; 8];
                         a.copy_from_slice(&info[16..24]);
                         return Err(RemoteError::Fault {
-                            tid: tid.as_raw(),
+                            tid,
                             op: op.to_string(),
                             sig,
                             rip: RuntimeAddr(rip),
@@ -680,7 +677,7 @@ impl<'t> RemoteCalls<'t> {
         }
         self.stop_runaway();
         Err(RemoteError::TooManyStops {
-            tid: tid.as_raw(),
+            tid,
             op: op.to_string(),
             cap: MAX_STOPS,
         })
