@@ -15,15 +15,14 @@
 
 mod apply_support;
 
+use apply_support::ticks::{check_lines, pair, Lines, TICKS, TICKS_ARG};
+
 use apply_support::*;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
-use upstare_corpus::version_pair;
 use upstare_runtime::update::{ApplyOptions, UpdateError, UpdateReport};
 use upstare_testkit::{ExitStatus, Toolchain};
 
-const TICKS: i64 = 6;
-const TICKS_ARG: &str = "6";
 const READY_TIMEOUT: Duration = Duration::from_secs(3);
 const RUN_TIMEOUT: Duration = Duration::from_secs(30);
 /// glibc's checking allocator: any misuse of the heap (a double free, a
@@ -32,41 +31,6 @@ const CHECKED_MALLOC: [(&str, &str); 2] = [
     ("GLIBC_TUNABLES", "glibc.malloc.check=3"),
     ("LD_PRELOAD", "libc_malloc_debug.so.0"),
 ];
-
-/// `line(n, t)`: the line version `n` prints at tick `t` (`t == TICKS`: the
-/// done line).
-type Lines = fn(u32, i64) -> String;
-
-fn pair(name: &str, tc: Toolchain) -> (PathBuf, PathBuf) {
-    let p = version_pair(name).unwrap_or_else(|| panic!("no version pair {name}"));
-    (instrumented(&p.v1, tc), instrumented(&p.v2, tc))
-}
-
-/// Checks a whole output: ticks 0..TICKS then the done line, each the line
-/// its version prints, no v1 line after a v2 line. Returns the last version.
-fn check_lines(stdout: &str, line: Lines) -> Result<u32, String> {
-    let lines: Vec<&str> = stdout.lines().collect();
-    if lines.len() != TICKS as usize + 1 {
-        return Err(format!("{} lines, want {}", lines.len(), TICKS + 1));
-    }
-    let mut last = 0;
-    for (t, got) in lines.iter().enumerate() {
-        let n = match got.get(..3) {
-            Some("v1 ") => 1,
-            Some("v2 ") => 2,
-            _ => return Err(format!("line {t} has no version marker: {got:?}")),
-        };
-        if n < last {
-            return Err(format!("v1 code ran after the update: {got:?}"));
-        }
-        let want = line(n, t as i64);
-        if *got != want {
-            return Err(format!("tick {t}:\n got {got:?}\nwant {want:?}"));
-        }
-        last = n;
-    }
-    Ok(last)
-}
 
 /// Updates a run of `v1` to `v2` after `k` hits; checks the output and
 /// that the run ends with status 0. Returns the report.

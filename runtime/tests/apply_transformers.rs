@@ -10,6 +10,8 @@
 
 mod apply_support;
 
+use apply_support::ticks::{code_and_maps, TICKS, TICKS_ARG};
+
 use apply_support::*;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -19,8 +21,6 @@ use upstare_patcher::Spec;
 use upstare_runtime::update::{apply, ApplyOptions, UpdateError, UpdateReport};
 use upstare_testkit::{spawn, ExitStatus, TempDir, Toolchain};
 
-const TICKS: i64 = 6;
-const TICKS_ARG: &str = "6";
 const READY_TIMEOUT: Duration = Duration::from_secs(3);
 const RUN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -182,32 +182,6 @@ fn a_type_transformer_reaches_the_global_and_the_frame_local_gcc() {
 #[test]
 fn a_type_transformer_reaches_the_global_and_the_frame_local_clang() {
     sweep(Toolchain::Clang, "SPEC_type.toml", 4);
-}
-
-/// The bytes of every executable mapping of `pid`, with the maps text.
-fn code_and_maps(pid: u32) -> (String, Vec<(String, Vec<u8>)>) {
-    use std::io::{Read, Seek, SeekFrom};
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
-    let mut mem = std::fs::File::open(format!("/proc/{pid}/mem")).expect("open mem");
-    let mut code = Vec::new();
-    for l in maps.lines() {
-        let mut w = l.split_whitespace();
-        let (range, perms) = (w.next().unwrap_or(""), w.next().unwrap_or(""));
-        if !perms.contains('x') || l.ends_with("[vsyscall]") {
-            continue;
-        }
-        let (a, b) = range.split_once('-').expect("range");
-        let (a, b) = (
-            u64::from_str_radix(a, 16).expect("hex"),
-            u64::from_str_radix(b, 16).expect("hex"),
-        );
-        let mut buf = vec![0u8; (b - a) as usize];
-        mem.seek(SeekFrom::Start(a)).expect("seek");
-        mem.read_exact(&mut buf)
-            .unwrap_or_else(|e| panic!("read {l}: {e}"));
-        code.push((l.to_string(), buf));
-    }
-    (maps, code)
 }
 
 /// A SPEC naming `function` (defined in `c`) for the global acct, written

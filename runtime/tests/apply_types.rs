@@ -18,17 +18,15 @@
 
 mod apply_support;
 
+use apply_support::ticks::{check_lines, code_and_maps, pair, Lines, TICKS, TICKS_ARG};
+
 use apply_support::*;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
-use upstare_corpus::version_pair;
 use upstare_runtime::update::{apply, ApplyOptions, UpdateError, UpdateReport};
 use upstare_testkit::{spawn, ExitStatus, Toolchain};
 
-/// Ticks of every swept run (each version's formulas hold for t < 10).
-const TICKS: i64 = 6;
-const TICKS_ARG: &str = "6";
 /// Bound on the threads' getting ready once the hits are skipped.
 const READY_TIMEOUT: Duration = Duration::from_secs(3);
 /// Bound on a run after its update.
@@ -37,49 +35,10 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(30);
 /// input.
 const GOAL: f64 = 0.95;
 
-fn pair(name: &str, tc: Toolchain) -> (PathBuf, PathBuf) {
-    let p = version_pair(name).unwrap_or_else(|| panic!("no version pair {name}"));
-    (instrumented(&p.v1, tc), instrumented(&p.v2, tc))
-}
-
-/// What the sources say each line must be: `line(n, t)` is the line version
-/// `n` prints at tick `t` (`t == TICKS`: its last line, `vN done ...`).
-type Lines = fn(u32, i64) -> String;
-
 /// Outcome of one update attempt.
 enum Outcome {
     Updated(Box<UpdateReport>),
     Refused(String),
-}
-
-/// Checks a whole output of a (maybe) updated run: ticks 0..TICKS then the
-/// done line, each exactly once and in order, each the line its version
-/// prints at that tick, and no v1 line after the first v2 line. Returns the
-/// version of the last line.
-fn check_lines(stdout: &str, line: Lines) -> Result<u32, String> {
-    let lines: Vec<&str> = stdout.lines().collect();
-    if lines.len() != TICKS as usize + 1 {
-        return Err(format!("{} lines, want {}", lines.len(), TICKS + 1));
-    }
-    let mut seen_v2 = false;
-    let mut last = 1;
-    for (t, got) in lines.iter().enumerate() {
-        let n = match &got.get(..3) {
-            Some("v1 ") => 1,
-            Some("v2 ") => 2,
-            _ => return Err(format!("line {t} has no version marker: {got:?}")),
-        };
-        if n == 1 && seen_v2 {
-            return Err(format!("v1 code ran after the update: {got:?}"));
-        }
-        seen_v2 |= n == 2;
-        let want = line(n, t as i64);
-        if *got != want {
-            return Err(format!("tick {t}:\n got {got:?}\nwant {want:?}"));
-        }
-        last = n;
-    }
-    Ok(last)
 }
 
 /// Updates a traced run of `v1` to `v2` after `k` update-point hits and
@@ -421,33 +380,6 @@ fn narrow_overflow_is_refused_at_every_hit_gcc() {
 #[test]
 fn narrow_overflow_is_refused_at_every_hit_clang() {
     narrow_overflow_refused_everywhere(Toolchain::Clang);
-}
-
-/// The bytes of every executable mapping of `pid`, with the maps text.
-fn code_and_maps(pid: u32) -> (String, Vec<(String, Vec<u8>)>) {
-    use std::io::{Read, Seek, SeekFrom};
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
-    let mut mem = std::fs::File::open(format!("/proc/{pid}/mem")).expect("open mem");
-    let mut code = Vec::new();
-    for l in maps.lines() {
-        let mut w = l.split_whitespace();
-        let (range, perms) = (w.next().unwrap_or(""), w.next().unwrap_or(""));
-        // [vsyscall] cannot be read through /proc/PID/mem.
-        if !perms.contains('x') || l.ends_with("[vsyscall]") {
-            continue;
-        }
-        let (a, b) = range.split_once('-').expect("range");
-        let (a, b) = (
-            u64::from_str_radix(a, 16).expect("hex"),
-            u64::from_str_radix(b, 16).expect("hex"),
-        );
-        let mut buf = vec![0u8; (b - a) as usize];
-        mem.seek(SeekFrom::Start(a)).expect("seek");
-        mem.read_exact(&mut buf)
-            .unwrap_or_else(|e| panic!("read {l}: {e}"));
-        code.push((l.to_string(), buf));
-    }
-    (maps, code)
 }
 
 /// A running (untraced, paced) v1 whose update is refused: /proc/PID/maps

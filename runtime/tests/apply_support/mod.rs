@@ -3,6 +3,8 @@
 //! collected after it is let go, and guards that kill what they start.
 #![allow(dead_code)]
 
+pub mod ticks;
+
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
