@@ -650,16 +650,25 @@ fn plan_function(
     let vars: Vec<VarSource> = (0..nf.vars.len())
         .map(|k| var_source(cmp, spec, of, nf, k))
         .collect();
-    // An old variable no new one takes its value from.
+    // An old variable no new one takes its value from, and that NEW does
+    // not keep under its (renamed) name either: a static local, which is
+    // carried as a global, is not removed.
+    let renamed = |name: &str| spec.new_local_name(&nf.name, name).to_string();
     let removed_vars = (0..of.vars.len())
         .filter(|&i| {
-            !vars.iter().any(|v| match v {
-                VarSource::Old(j)
-                | VarSource::Convert { old: j, .. }
-                | VarSource::TypeChanged { old: j, .. }
-                | VarSource::Transformed { old: j, .. } => *j == i,
-                _ => false,
-            })
+            let kept = of.vars.get(i).is_some_and(|o| {
+                nf.vars
+                    .iter()
+                    .any(|n| n.name == renamed(&o.name) && n.is_param == o.is_param)
+            });
+            !kept
+                && !vars.iter().any(|v| match v {
+                    VarSource::Old(j)
+                    | VarSource::Convert { old: j, .. }
+                    | VarSource::TypeChanged { old: j, .. }
+                    | VarSource::Transformed { old: j, .. } => *j == i,
+                    _ => false,
+                })
         })
         .collect();
     let frame_same = of.vars.len() == nf.vars.len()

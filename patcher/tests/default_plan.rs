@@ -294,4 +294,8 @@ fn statics_of_one_name_in_several_files_pair_by_file() {
     }
     let counts = old.globals.iter().filter(|g| g.name == "count").count();
     assert_eq!(counts, 2, "one count per file");
+    // A static local is carried as a global, never reported as a removed
+    // local of its function's frames.
+    let bump = p.function("bump").expect("bump");
+    assert!(bump.removed_vars.is_empty(), "{:?}", bump.removed_vars);
 }
