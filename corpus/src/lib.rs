@@ -7,6 +7,8 @@
 //!   (`corpus/versions/<name>/v1.c`, `v2.c`) for cross-version update tests.
 //! - [`build`]: compile a program with a toolchain into a cache under the
 //!   target directory.
+//! - [`real`]: real programs from Debian's source packages, fetched, built
+//!   and instrumented at test time, cached under the target directory.
 //!
 //! The toolchains, the compile step and the process guard are
 //! `upstare-testkit`'s: they serve every crate's tests, and this crate is one
@@ -17,6 +19,7 @@
 
 mod catalog;
 mod compile;
+pub mod real;
 
 pub use catalog::{
     program, programs, version_pair, version_pairs, Control, Feature, Program, VersionPair,

@@ -1,0 +1,298 @@
+//! Real programs from Debian's source packages: fetched with `apt-get
+//! source` at test time (never committed), built with their upstream build
+//! systems at `-O0 -g -fno-omit-frame-pointer` (vendored code included),
+//! instrumented, and cached under `<target>/real/<package>/<version>/` so a
+//! second run does not rebuild.
+//!
+//! `scripts/deps` enables the `deb-src` entries and installs the build
+//! dependencies the recipes need.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use upstare_testkit::target_dir;
+
+/// The flags every real program is built with: the target contract.
+pub const REAL_CFLAGS: &str = "-O0 -g -fno-omit-frame-pointer";
+
+/// How one Debian source package is built for upstare.
+#[derive(Clone, Copy, Debug)]
+pub struct Recipe {
+    /// Source package name (`apt-get source NAME=VERSION`).
+    pub package: &'static str,
+    /// The binary the build produces, relative to the source tree.
+    pub binary: &'static str,
+    /// Edits to the unpacked tree before configuring, as `(file, from, to)`
+    /// literal replacements: vendored code whose own makefiles hard-code
+    /// `-O2` is built at `-O0` too. A replacement that finds nothing is an
+    /// error (the recipe no longer fits the source).
+    pub edits: &'static [(&'static str, &'static str, &'static str)],
+    /// Arguments of `./configure` (none: no configure step).
+    pub configure: &'static [&'static str],
+    /// Extra `make` arguments.
+    pub make: &'static [&'static str],
+}
+
+/// A version pair: a package's version and its security update.
+#[derive(Clone, Copy, Debug)]
+pub struct RealPair {
+    pub recipe: Recipe,
+    /// The version a user runs.
+    pub old: &'static str,
+    /// Debian's security update of it.
+    pub new: &'static str,
+}
+
+/// memcached 1.6.18 and its bookworm security update, configured so that
+/// the patched proxy code is compiled in (with Debian's own flags both
+/// builds have identical code).
+pub const MEMCACHED: RealPair = RealPair {
+    recipe: Recipe {
+        package: "memcached",
+        binary: "memcached",
+        edits: &[
+            (
+                "vendor/mcmc/Makefile",
+                "-g -O2",
+                "-g -O0 -fno-omit-frame-pointer",
+            ),
+            (
+                "vendor/Makefile",
+                "CFLAGS=\"-g\"",
+                "CFLAGS=\"-g -O0 -fno-omit-frame-pointer\"",
+            ),
+        ],
+        configure: &["--enable-sasl", "--enable-sasl-pwdb", "--enable-proxy"],
+        make: &[],
+    },
+    old: "1.6.18-1",
+    new: "1.6.18-1+deb12u1",
+};
+
+/// What went wrong fetching or building a real program.
+#[derive(Debug, thiserror::Error)]
+pub enum RealBuildError {
+    /// A step's command failed; its log is kept.
+    #[error("{package} {version}: {step} failed (exit {status}); log: {log}")]
+    Step {
+        package: &'static str,
+        version: String,
+        step: &'static str,
+        status: String,
+        log: PathBuf,
+    },
+    /// A recipe's edit found nothing to replace.
+    #[error("{package} {version}: {file} has no `{from}` to replace (the recipe no longer fits the source)")]
+    Edit {
+        package: &'static str,
+        version: String,
+        file: &'static str,
+        from: &'static str,
+    },
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The rewriter refused the build.
+    #[error("{package} {version}: upstare-rewrite refused {binary}: {message}")]
+    Rewrite {
+        package: &'static str,
+        version: String,
+        binary: PathBuf,
+        message: String,
+    },
+}
+
+/// One cached build of one version.
+#[derive(Clone, Debug)]
+pub struct RealBuild {
+    /// The package's unpacked and built source tree.
+    pub tree: PathBuf,
+    /// The program as built.
+    pub original: PathBuf,
+    /// The program instrumented by the rewriter.
+    pub instrumented: PathBuf,
+    /// Seconds spent building now (0 when the cache was used).
+    pub build_secs: f64,
+    /// Seconds the rewriter took (0 when the cache was used).
+    pub rewrite_secs: f64,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RealBuildError + '_ {
+    move |source| RealBuildError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A Debian version without its epoch, as file names carry it.
+fn file_version(version: &str) -> &str {
+    version.split_once(':').map_or(version, |(_, v)| v)
+}
+
+/// The cache directory of one version: `<target>/real/<package>/<version>`.
+pub fn cache_dir(recipe: &Recipe, version: &str) -> PathBuf {
+    target_dir()
+        .join("real")
+        .join(recipe.package)
+        .join(file_version(version))
+}
+
+/// Everything that determines a build: a change rebuilds.
+fn stamp(recipe: &Recipe, version: &str) -> String {
+    let edits: Vec<String> = recipe
+        .edits
+        .iter()
+        .map(|(file, from, to)| format!("{file}:{from}=>{to}"))
+        .collect();
+    format!(
+        "{} {version}\ncflags {REAL_CFLAGS}\nedits {}\nconfigure {}\nmake {}\n",
+        recipe.package,
+        edits.join(" | "),
+        recipe.configure.join(" "),
+        recipe.make.join(" ")
+    )
+}
+
+fn run_step(
+    recipe: &Recipe,
+    version: &str,
+    step: &'static str,
+    dir: &Path,
+    log_dir: &Path,
+    mut cmd: Command,
+) -> Result<(), RealBuildError> {
+    let log = log_dir.join(format!("{step}.log"));
+    let out = File::create(&log).map_err(io_err(&log))?;
+    let err = out.try_clone().map_err(io_err(&log))?;
+    let status = cmd
+        .current_dir(dir)
+        .stdout(out)
+        .stderr(err)
+        .status()
+        .map_err(io_err(dir))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(RealBuildError::Step {
+            package: recipe.package,
+            version: version.to_string(),
+            step,
+            status: status
+                .code()
+                .map_or_else(|| "by a signal".to_string(), |c| c.to_string()),
+            log,
+        })
+    }
+}
+
+/// Fetches, builds and instruments `version` of `recipe`, or returns the
+/// cached build. Several test processes may ask at once: a lock file
+/// serialises them. A refusal of the rewriter keeps the build cached.
+pub fn build_real(recipe: &Recipe, version: &str) -> Result<RealBuild, RealBuildError> {
+    let dir = cache_dir(recipe, version);
+    std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+    let lock_path = dir.join(".lock");
+    let lock = File::create(&lock_path).map_err(io_err(&lock_path))?;
+    lock.lock().map_err(io_err(&lock_path))?;
+
+    let tree = dir.join("src");
+    let original = tree.join(recipe.binary);
+    let instrumented = dir.join(format!("{}.up", recipe.package));
+    let stamp_path = dir.join("stamp");
+    let want = stamp(recipe, version);
+    let built = std::fs::read_to_string(&stamp_path).is_ok_and(|s| s == want) && original.is_file();
+    let mut build_secs = 0.0;
+    if !built {
+        let _ = std::fs::remove_file(&stamp_path);
+        let started = Instant::now();
+        fetch_and_make(recipe, version, &dir, &tree)?;
+        build_secs = started.elapsed().as_secs_f64();
+        std::fs::write(&stamp_path, &want).map_err(io_err(&stamp_path))?;
+    }
+    // The rewriter is linked into the running test binary: instrument again
+    // when it, or the build, is newer than the instrumented file.
+    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let rewriter = std::env::current_exe().ok().and_then(|p| mtime(&p));
+    let up_to_date = match (mtime(&original), mtime(&instrumented), rewriter) {
+        (Some(a), Some(b), Some(r)) => built && a <= b && r <= b,
+        _ => false,
+    };
+    let mut rewrite_secs = 0.0;
+    if !up_to_date {
+        let started = Instant::now();
+        let bytes = std::fs::read(&original).map_err(io_err(&original))?;
+        let rewritten =
+            upstare_rewriter::rewrite::rewrite(&bytes).map_err(|e| RealBuildError::Rewrite {
+                package: recipe.package,
+                version: version.to_string(),
+                binary: original.clone(),
+                message: e.to_string(),
+            })?;
+        rewrite_secs = started.elapsed().as_secs_f64();
+        upstare_testkit::write_exe(&instrumented, &rewritten.elf, 0o755);
+    }
+    Ok(RealBuild {
+        tree,
+        original,
+        instrumented,
+        build_secs,
+        rewrite_secs,
+    })
+}
+
+/// `apt-get source`, `dpkg-source -x`, the recipe's edits, `./configure`
+/// and `make`, into `tree`; the logs go to `dir`.
+fn fetch_and_make(
+    recipe: &Recipe,
+    version: &str,
+    dir: &Path,
+    tree: &Path,
+) -> Result<(), RealBuildError> {
+    let fetch = dir.join("fetch");
+    if fetch.exists() {
+        std::fs::remove_dir_all(&fetch).map_err(io_err(&fetch))?;
+    }
+    std::fs::create_dir_all(&fetch).map_err(io_err(&fetch))?;
+    let mut cmd = Command::new("apt-get");
+    cmd.args(["source", "--download-only", "-qq"])
+        .arg(format!("{}={version}", recipe.package));
+    run_step(recipe, version, "apt-get source", &fetch, dir, cmd)?;
+
+    if tree.exists() {
+        std::fs::remove_dir_all(tree).map_err(io_err(tree))?;
+    }
+    let dsc = fetch.join(format!("{}_{}.dsc", recipe.package, file_version(version)));
+    let mut cmd = Command::new("dpkg-source");
+    cmd.arg("-x").arg(&dsc).arg(tree);
+    run_step(recipe, version, "dpkg-source", &fetch, dir, cmd)?;
+
+    for &(file, from, to) in recipe.edits {
+        let path = tree.join(file);
+        let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+        if !text.contains(from) {
+            return Err(RealBuildError::Edit {
+                package: recipe.package,
+                version: version.to_string(),
+                file,
+                from,
+            });
+        }
+        std::fs::write(&path, text.replace(from, to)).map_err(io_err(&path))?;
+    }
+    if !recipe.configure.is_empty() {
+        let mut cmd = Command::new("./configure");
+        cmd.args(recipe.configure).env("CFLAGS", REAL_CFLAGS);
+        run_step(recipe, version, "configure", tree, dir, cmd)?;
+    }
+    let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mut cmd = Command::new("make");
+    cmd.arg(format!("-j{jobs}"))
+        .args(recipe.make)
+        .env("CFLAGS", REAL_CFLAGS);
+    run_step(recipe, version, "make", tree, dir, cmd)
+}
