@@ -71,6 +71,42 @@ pub const MEMCACHED: RealPair = RealPair {
     new: "1.6.18-1+deb12u1",
 };
 
+/// redis 7.0.15 and its bookworm security update, built with the libc
+/// allocator (the heap is glibc's, as upstare's heap walk expects), its
+/// vendored lua and hiredis at -O0 too.
+pub const REDIS: RealPair = RealPair {
+    recipe: Recipe {
+        package: "redis",
+        binary: "src/redis-server",
+        edits: &[
+            (
+                "deps/Makefile",
+                "LUA_CFLAGS+= -O2 ",
+                "LUA_CFLAGS+= -O0 -fno-omit-frame-pointer ",
+            ),
+            (
+                "deps/hdr_histogram/Makefile",
+                "OPT= -Os",
+                "OPT= -O0 -fno-omit-frame-pointer",
+            ),
+            (
+                "deps/linenoise/Makefile",
+                "OPT= -Os",
+                "OPT= -O0 -fno-omit-frame-pointer",
+            ),
+        ],
+        configure: &[],
+        make: &[
+            "MALLOC=libc",
+            "OPTIMIZATION=-O0 -fno-omit-frame-pointer",
+            "BUILD_TLS=no",
+            "USE_SYSTEMD=no",
+        ],
+    },
+    old: "5:7.0.15-1~deb12u7",
+    new: "5:7.0.15-1~deb12u10",
+};
+
 /// What went wrong fetching or building a real program.
 #[derive(Debug, thiserror::Error)]
 pub enum RealBuildError {

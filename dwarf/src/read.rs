@@ -89,15 +89,6 @@ pub enum ReadError {
     /// The CFI (`.eh_frame`) is corrupt.
     #[error(transparent)]
     Cfi(#[from] CfiError),
-    /// A tag only declared in one unit is defined differently by two others:
-    /// which definition the declaration means cannot be known.
-    #[error("{kind} {name} is defined differently in {first} and in {second}, and only declared in another compilation unit: which definition it means is ambiguous")]
-    ConflictingDefinitions {
-        kind: &'static str,
-        name: String,
-        first: String,
-        second: String,
-    },
     /// A dependency panicked on this input; caught so no caller ever sees a
     /// panic. Reports the panic message.
     #[error("internal error while reading DWARF (malformed input?): {0}")]
@@ -761,8 +752,8 @@ impl<'d, 'a> Reader<'d, 'a> {
     }
 
     /// Resolves declared-only structs and unions by name in other units
-    /// ([`crate::resolve`]); rival definitions are an error naming both
-    /// units.
+    /// ([`crate::resolve`]); a declaration whose tag has rival definitions
+    /// stays opaque.
     fn resolve_declarations(&mut self) -> Result<(), ReadError> {
         let names: Vec<String> = (0..self.units.len())
             .map(|ui| {
@@ -780,14 +771,7 @@ impl<'d, 'a> Reader<'d, 'a> {
                 .cloned()
                 .unwrap_or_else(|| "an unknown unit".into())
         };
-        crate::resolve::resolve_declarations(&mut self.types, &unit_of).map_err(|c| {
-            ReadError::ConflictingDefinitions {
-                kind: c.kind,
-                name: c.name,
-                first: c.first,
-                second: c.second,
-            }
-        })?;
+        crate::resolve::resolve_declarations(&mut self.types, &unit_of);
         Ok(())
     }
 

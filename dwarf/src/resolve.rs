@@ -5,15 +5,20 @@
 //! lives leads nowhere: an object of a type the unit never sees is never
 //! looked into, and a callback in it keeps pointing into the retired image
 //! after an update. C allows two units to give one tag different
-//! definitions; when a declaration's name has such rival definitions, which
-//! one it means cannot be known, and reading refuses naming both units.
+//! definitions (redis's `struct dict` and its vendored hiredis's): when a
+//! declaration's name has such rival definitions, which one it means cannot
+//! be known, so the declaration stays opaque and is reported as ambiguous.
+//! The typed walk does not enter it; the sweep for pointers into the old
+//! image still covers what it holds, and the plan refuses an update that
+//! changes such a type (its objects could not all be found).
 
 use std::collections::HashMap;
 
 use crate::compare::TypeComparer;
 use crate::model::{Type, TypeId};
 
-/// Two compilation units define the tag a declaration names differently.
+/// Two compilation units define the tag a declaration names differently:
+/// the declaration is left opaque.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Conflict {
     /// `struct` or `union`.
@@ -24,17 +29,26 @@ pub struct Conflict {
     pub second: String,
 }
 
+/// What [`resolve_declarations`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Resolution {
+    /// Declarations replaced by their definition.
+    pub resolved: usize,
+    /// Tags whose rival definitions leave their declarations opaque, one
+    /// entry per tag.
+    pub ambiguous: Vec<Conflict>,
+}
+
 /// Replaces every named struct or union that is only a declaration by a
 /// copy of its definition, when the binary defines it, and all its
 /// definitions agree (same layout, member names and member types, compared
 /// structurally since each unit has its own type entries). A declaration
 /// with no definition anywhere stays a declaration (a library's opaque
-/// type). Returns how many declarations were resolved. `unit_of` names the
-/// compilation unit of a type, for the conflict message.
-pub fn resolve_declarations(
-    types: &mut [Type],
-    unit_of: &dyn Fn(TypeId) -> String,
-) -> Result<usize, Conflict> {
+/// type); so does one whose definitions disagree, reported in
+/// [`Resolution::ambiguous`]. `unit_of` names the compilation unit of a
+/// type, for the report.
+pub fn resolve_declarations(types: &mut [Type], unit_of: &dyn Fn(TypeId) -> String) -> Resolution {
+    let mut ambiguous = Vec::new();
     // (is a union, tag) -> definitions, in type-table order.
     let mut defs: HashMap<(bool, &str), Vec<TypeId>> = HashMap::new();
     let mut decls: Vec<(TypeId, bool, String)> = Vec::new();
@@ -74,15 +88,19 @@ pub fn resolve_declarations(
         let Some(&first) = cands.first() else {
             continue;
         };
-        for &other in &cands[1..] {
-            if !TypeComparer::new(types, types).equal(first, other) {
-                return Err(Conflict {
+        let rival = cands[1..]
+            .iter()
+            .find(|&&other| !TypeComparer::new(types, types).equal(first, other));
+        if let Some(&other) = rival {
+            if !ambiguous.iter().any(|c: &Conflict| c.name == *name) {
+                ambiguous.push(Conflict {
                     kind: if *is_union { "union" } else { "struct" },
                     name: name.clone(),
                     first: unit_of(first),
                     second: unit_of(other),
                 });
             }
+            continue;
         }
         chosen.insert(key, first);
     }
@@ -99,7 +117,10 @@ pub fn resolve_declarations(
             resolved += 1;
         }
     }
-    Ok(resolved)
+    Resolution {
+        resolved,
+        ambiguous,
+    }
 }
 
 #[cfg(test)]
@@ -176,7 +197,7 @@ mod tests {
     #[test]
     fn a_declaration_becomes_the_agreeing_definition() {
         let mut t = table("next");
-        assert_eq!(resolve_declarations(&mut t, &unit), Ok(1));
+        assert_eq!(resolve_declarations(&mut t, &unit).resolved, 1);
         match &t[1] {
             Type::Struct {
                 size, declaration, ..
@@ -186,9 +207,14 @@ mod tests {
     }
 
     #[test]
-    fn rival_definitions_are_refused_naming_both_units() {
+    fn rival_definitions_leave_the_declaration_opaque_naming_both_units() {
         let mut t = table("link");
-        let e = resolve_declarations(&mut t, &unit).expect_err("conflict");
+        let r = resolve_declarations(&mut t, &unit);
+        assert_eq!(r.resolved, 0);
+        assert_eq!(t[1], decl("hash"));
+        let [e] = r.ambiguous.as_slice() else {
+            panic!("one ambiguous tag expected: {r:?}");
+        };
         assert_eq!(
             (e.kind, e.name.as_str(), e.first.as_str(), e.second.as_str()),
             ("struct", "hash", "b.c", "c.c")
@@ -199,13 +225,13 @@ mod tests {
     fn rival_definitions_without_a_declaration_are_fine() {
         let mut t = table("link");
         t[1] = long();
-        assert_eq!(resolve_declarations(&mut t, &unit), Ok(0));
+        assert_eq!(resolve_declarations(&mut t, &unit), Resolution::default());
     }
 
     #[test]
     fn an_undefined_tag_stays_declared() {
         let mut t = vec![decl("opaque")];
-        assert_eq!(resolve_declarations(&mut t, &unit), Ok(0));
+        assert_eq!(resolve_declarations(&mut t, &unit), Resolution::default());
         assert_eq!(t[0], decl("opaque"));
     }
 }

@@ -134,6 +134,23 @@ fn resolved_name(types: &[Type], ty: TypeId) -> Option<String> {
     resolve(types, ty).and_then(|t| upstare_patcher::plan::aggregate_name(types.get(t.0 as usize)?))
 }
 
+/// The spelling (`struct dict`) of a struct or union that is only declared.
+fn declared_name(types: &[Type], ty: TypeId) -> Option<String> {
+    match types.get(resolve(types, ty)?.0 as usize)? {
+        Type::Struct {
+            name: Some(n),
+            declaration: true,
+            ..
+        } => Some(format!("struct {n}")),
+        Type::Union {
+            name: Some(n),
+            declaration: true,
+            ..
+        } => Some(format!("union {n}")),
+        _ => None,
+    }
+}
+
 /// `ty` without its typedefs and qualifiers.
 fn resolve(types: &[Type], ty: TypeId) -> Option<TypeId> {
     let mut cur = ty;
@@ -285,6 +302,18 @@ pub fn find_heap_objects(
             continue;
         }
         let changed_name = resolved_name(types, ty).filter(|n| changed.contains(n));
+        // A declaration left opaque because two units define its tag
+        // differently (dwarf::resolve): if that tag changed, which layout
+        // this object has cannot be known.
+        if let Some(n) = declared_name(types, ty).filter(|n| changed.contains(n)) {
+            return Err(HeapError::Unconvertible {
+                addr,
+                ty: n,
+                why: "the pointer to it has a type only declared in its unit, and two other \
+                      units define that type differently"
+                    .to_string(),
+            });
+        }
         if let Some(n) = &changed_name {
             if changed_at.get(&addr) == Some(n) {
                 continue;
@@ -827,6 +856,46 @@ mod tests {
             (2, 0, 0)
         );
         assert_eq!(found.moved_from(), vec![RuntimeAddr(a)]);
+    }
+
+    /// A pointer whose pointee is only declared in its unit (two other
+    /// units define the tag differently, so it stayed opaque) reaching an
+    /// object when that tag changed: refused, naming the type.
+    #[test]
+    fn a_changed_type_reached_through_an_ambiguous_declaration_is_refused() {
+        use crate::memory::ByteBuffer;
+        // 3: `struct hnode;` (declaration only), 4: pointer to it.
+        let mut old_t = hnode(vec![member("v", 0, 0), member("next", 2, 8)], 16);
+        old_t.push(Type::Struct {
+            name: Some("hnode".into()),
+            size: 0,
+            members: vec![],
+            declaration: true,
+        });
+        old_t.push(Type::Pointer {
+            pointee: Some(TypeId(3)),
+        });
+        let new_t = hnode(
+            vec![member("v", 0, 0), member("w", 0, 8), member("next", 2, 16)],
+            24,
+        );
+        let heap = 0x50000u64;
+        let mem = ByteBuffer::with_region(RuntimeAddr(heap), vec![0u8; 0x100]).expect("heap");
+        let roots = [Root {
+            ty: TypeId(4),
+            bytes: (heap + 0x10).to_le_bytes().to_vec(),
+        }];
+        let ranges = [RuntimeAddr(heap)..RuntimeAddr(heap + 0x100)];
+        let changed = ["struct hnode".to_string()];
+        let err = find_heap_objects(&mem, &old_t, &new_t, &roots, &ranges, &changed)
+            .expect_err("an opaque pointer to a changed type");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("struct hnode") && msg.contains("only declared"),
+            "{msg}"
+        );
+        // The same heap with the type unchanged is walked without complaint.
+        assert!(find_heap_objects(&mem, &old_t, &old_t, &roots, &ranges, &[]).is_ok());
     }
 
     #[test]
