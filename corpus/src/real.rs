@@ -107,6 +107,34 @@ pub const REDIS: RealPair = RealPair {
     new: "5:7.0.15-1~deb12u10",
 };
 
+/// nginx 1.22.1 and its bookworm security update, with the modules
+/// Debian's rules enable in every flavour (http_v2 included); the
+/// dynamic modules of the full flavour are left out.
+pub const NGINX: RealPair = RealPair {
+    recipe: Recipe {
+        package: "nginx",
+        binary: "objs/nginx",
+        edits: &[],
+        configure: &[
+            "--with-cc-opt=-O0 -g -fno-omit-frame-pointer",
+            "--with-compat",
+            "--with-debug",
+            "--with-pcre-jit",
+            "--with-http_ssl_module",
+            "--with-http_stub_status_module",
+            "--with-http_realip_module",
+            "--with-http_auth_request_module",
+            "--with-http_v2_module",
+            "--with-http_dav_module",
+            "--with-http_slice_module",
+            "--with-threads",
+        ],
+        make: &[],
+    },
+    old: "1.22.1-9+deb12u9",
+    new: "1.22.1-9+deb12u11",
+};
+
 /// What went wrong fetching or building a real program.
 #[derive(Debug, thiserror::Error)]
 pub enum RealBuildError {

@@ -1,0 +1,156 @@
+//! Helpers for the real-server tests (`real_*.rs`): ports, the updater
+//! run with `--json`, and which file a process runs.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use upstare_testkit::run_command;
+
+/// A free port on 127.0.0.1 (bound, read and released).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local addr").port()
+}
+
+/// Runs `upstare-apply --pid PID --to NEW --json` and returns its JSON
+/// report (panics with its one-line error when it refuses).
+pub fn update(pid: u32, new: &Path, wait: Duration) -> serde_json::Value {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_upstare-apply"));
+    cmd.args(["--pid", &pid.to_string(), "--to"])
+        .arg(new)
+        .args(["--timeout", "10000", "--json"]);
+    let out = run_command(cmd, wait).unwrap_or_else(|e| panic!("upstare-apply: {e}"));
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "upstare-apply printed no JSON ({e}): {}{}",
+            out.stdout, out.stderr
+        )
+    });
+    assert!(
+        out.status.code() == Some(0) && v["ok"] == serde_json::Value::Bool(true),
+        "update refused: {}{}",
+        out.stdout,
+        out.stderr
+    );
+    v
+}
+
+/// The update latency the report gives, in milliseconds.
+pub fn total_ms(report: &serde_json::Value) -> f64 {
+    report["timings"]["total_us"].as_f64().unwrap_or(f64::NAN) / 1000.0
+}
+
+/// The file mapped as the process's code, by name.
+pub fn runs(pid: u32, exe: &Path) -> bool {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    let canon = std::fs::canonicalize(exe).unwrap_or_else(|_| exe.to_path_buf());
+    maps.lines()
+        .any(|l| l.contains(" r-xp ") && l.ends_with(&*canon.to_string_lossy()))
+}
+
+/// A key-value server's client, one request at a time on one connection.
+pub trait KvClient: Sized + Send + 'static {
+    fn connect(addr: std::net::SocketAddr) -> std::io::Result<Self>;
+    /// Stores `value` under `key`; an error unless the server says stored.
+    fn set(&mut self, key: &str, value: &str) -> std::io::Result<()>;
+    /// The value of `key`, or None when it is not stored.
+    fn get(&mut self, key: &str) -> std::io::Result<Option<String>>;
+}
+
+/// Waits until a server answers a `get` on `addr` (bounded by `wait`).
+pub fn wait_until_serving<C: KvClient>(addr: std::net::SocketAddr, wait: Duration) {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        if let Ok(mut c) = C::connect(addr) {
+            if c.get("upstare-probe").is_ok() {
+                return;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "server did not answer on {addr}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Stores `n` keys `TAG<i>` = `value-TAG-<i>`.
+pub fn store_keys<C: KvClient>(c: &mut C, n: usize, tag: &str) {
+    for i in 0..n {
+        c.set(&format!("{tag}{i}"), &format!("value-{tag}-{i}"))
+            .unwrap_or_else(|e| panic!("set {tag}{i}: {e}"));
+    }
+}
+
+/// Every key [`store_keys`] stored is there with its value.
+pub fn check_keys<C: KvClient>(c: &mut C, n: usize, tag: &str, what: &str) {
+    for i in 0..n {
+        let v = c
+            .get(&format!("{tag}{i}"))
+            .unwrap_or_else(|e| panic!("{what}: get {tag}{i}: {e}"));
+        assert_eq!(
+            v.as_deref(),
+            Some(format!("value-{tag}-{i}").as_str()),
+            "{what}: key {tag}{i}"
+        );
+    }
+}
+
+/// Clients in a steady set+get loop on their own keys, each checking every
+/// reply and timing the longest gap between two replies.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<Result<(u64, Duration), String>>>,
+}
+
+impl Load {
+    pub fn start<C: KvClient>(addr: std::net::SocketAddr, clients: usize, limit: Duration) -> Load {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads = (0..clients)
+            .map(|k| {
+                let stop = std::sync::Arc::clone(&stop);
+                std::thread::spawn(move || -> Result<(u64, Duration), String> {
+                    let mut c = C::connect(addr).map_err(|e| e.to_string())?;
+                    let (mut n, mut worst) = (0u64, Duration::ZERO);
+                    let mut last = std::time::Instant::now();
+                    let deadline = last + limit;
+                    while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < deadline {
+                        let key = format!("load{k}-{}", n % 500);
+                        let value = format!("{k}:{n}");
+                        c.set(&key, &value).map_err(|e| format!("set {key}: {e}"))?;
+                        let got = c.get(&key).map_err(|e| format!("get {key}: {e}"))?;
+                        if got.as_deref() != Some(value.as_str()) {
+                            return Err(format!(
+                                "get {key}: {}, stored {value}",
+                                got.unwrap_or_else(|| "nothing".into())
+                            ));
+                        }
+                        worst = worst.max(last.elapsed());
+                        last = std::time::Instant::now();
+                        n += 1;
+                    }
+                    Ok((n, worst))
+                })
+            })
+            .collect();
+        Load { stop, threads }
+    }
+
+    /// Stops the clients; panics if one saw an error or made no request.
+    /// Returns the longest gap any client saw.
+    pub fn finish(self) -> Duration {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut worst = Duration::ZERO;
+        for t in self.threads {
+            let (n, w) = t
+                .join()
+                .expect("load thread")
+                .unwrap_or_else(|e| panic!("a client saw an error: {e}"));
+            assert!(n > 0, "a client made no request");
+            worst = worst.max(w);
+        }
+        worst
+    }
+}
