@@ -277,8 +277,8 @@ macro_rules! corpus_programs {
 }
 
 corpus_programs!(
-    calc, checksums, geometry, inventory, kvstore, logstats, matrix, packets, ringbuf, scoring,
-    stackvm, textstats, vending,
+    calc, checksums, dispatch, geometry, inventory, kvstore, logstats, matrix, packets, ringbuf,
+    scoring, stackvm, textstats, vending,
 );
 
 // Patterns of real programs (Debian's sshd, nginx, PostgreSQL, lua) that the
