@@ -388,6 +388,15 @@ fn frame_sizes_from_0_to_1024_bytes_get_their_depth_and_restart_addresses() {
                 cc.name()
             );
         }
+        // The sweep has a 128-byte frame (gcc: `add rsp,-128`): below the
+        // saved rbp, CFA-16-128.
+        assert!(
+            (0..=SWEEP_MAX)
+                .step_by(8)
+                .any(|n| a.table(&format!("f{n}")).body_depth.0 == -144),
+            "[{}] no 128-byte frame in the sweep",
+            cc.name()
+        );
     }
 }
 
