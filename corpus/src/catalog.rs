@@ -177,6 +177,14 @@ const PROGRAMS: &[Spec] = &[
         features: &[Loops, GotoLoop, StaticLocals],
     },
     Spec {
+        // Shapes of real servers' code (computed goto, a switch without
+        // bounds check, noreturn calls with stack arguments, a 128-byte
+        // frame): see the file's comment.
+        name: "dispatch",
+        expected_exit: 0,
+        features: &[JumpTable, GotoLoop, Loops, IntParams0To8, Stderr],
+    },
+    Spec {
         name: "deeprec",
         expected_exit: 0,
         features: &[

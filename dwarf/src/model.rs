@@ -29,6 +29,18 @@ pub struct Program {
     pub lines: Vec<LineRow>,
     /// Producer strings of the compilation units (`GNU C17 12.2.0 -O0 ...`).
     pub producers: Vec<String>,
+    /// Entry addresses of the functions defined here that are declared
+    /// `noreturn` (`DW_AT_noreturn`), sorted.
+    #[serde(default)]
+    pub noreturn_functions: Vec<LinkAddr>,
+    /// Names of functions declared `noreturn` without code here (imports
+    /// whose declaration the compiler described), sorted.
+    #[serde(default)]
+    pub noreturn_declarations: Vec<String>,
+    /// Addresses of source labels (`DW_TAG_label`), sorted: the possible
+    /// targets of a computed `goto *`.
+    #[serde(default)]
+    pub code_labels: Vec<LinkAddr>,
 }
 
 /// How the compiler expressed `DW_AT_frame_base`; recorded for diagnostics,

@@ -342,6 +342,9 @@ struct Reader<'d, 'a> {
     functions: Vec<Function>,
     globals: Vec<Global>,
     producers: Vec<String>,
+    noreturn_functions: Vec<LinkAddr>,
+    noreturn_declarations: Vec<String>,
+    code_labels: Vec<LinkAddr>,
 }
 
 /// Marks keys of DIEs in `.debug_types`, whose offsets are a namespace of
@@ -476,6 +479,9 @@ impl<'d, 'a> Reader<'d, 'a> {
             functions: Vec::new(),
             globals: Vec::new(),
             producers: Vec::new(),
+            noreturn_functions: Vec::new(),
+            noreturn_declarations: Vec::new(),
+            code_labels: Vec::new(),
         };
         let mut total_dies = 0usize;
         let mut headers = dwarf.units();
@@ -598,6 +604,12 @@ impl<'d, 'a> Reader<'d, 'a> {
         // End-of-sequence markers first at equal addresses, so a function
         // starting where the previous sequence ends begins with its own row.
         self.lines.sort_by_key(|r| (r.addr, !r.end_sequence));
+        for v in [&mut self.noreturn_functions, &mut self.code_labels] {
+            v.sort();
+            v.dedup();
+        }
+        self.noreturn_declarations.sort();
+        self.noreturn_declarations.dedup();
         Program {
             functions: self.functions,
             types: self.types,
@@ -605,6 +617,9 @@ impl<'d, 'a> Reader<'d, 'a> {
             files: self.files,
             lines: self.lines,
             producers: self.producers,
+            noreturn_functions: self.noreturn_functions,
+            noreturn_declarations: self.noreturn_declarations,
+            code_labels: self.code_labels,
         }
     }
 
@@ -1284,15 +1299,39 @@ impl<'d, 'a> Reader<'d, 'a> {
             .map_or(0, |l| u32::try_from(l).unwrap_or(u32::MAX))
     }
 
+    /// The address of a `DW_TAG_label` (none for labels the compiler
+    /// removed).
+    fn label_addr(&self, ui: usize, ni: usize) -> Option<LinkAddr> {
+        let unit = &self.units[ui].unit;
+        let v = self.units[ui].nodes[ni].die.attr_value(dw::DW_AT_low_pc)?;
+        let a = self.dwarf.attr_address(unit, v).ok()??;
+        (a != 0 && !unit.header.is_tombstone_address(a)).then_some(LinkAddr(a))
+    }
+
     fn build_functions_and_globals(&mut self) -> Result<(), ReadError> {
         for ui in 0..self.units.len() {
             for ni in 0..self.units[ui].nodes.len() {
                 let node = &self.units[ui].nodes[ni];
                 match node.die.tag() {
                     dw::DW_TAG_subprogram => {
+                        let noreturn = self
+                            .attr_follow(ui, ni, dw::DW_AT_noreturn)
+                            .is_some_and(|(_, _, v)| matches!(v, AttributeValue::Flag(true)));
                         if let Some((f, statics)) = self.function(ui, ni)? {
+                            if noreturn {
+                                self.noreturn_functions.push(f.low);
+                            }
                             self.functions.push(f);
                             self.globals.extend(statics);
+                        } else if noreturn {
+                            if let Some(name) = self.name(ui, ni)? {
+                                self.noreturn_declarations.push(name);
+                            }
+                        }
+                    }
+                    dw::DW_TAG_label => {
+                        if let Some(addr) = self.label_addr(ui, ni) {
+                            self.code_labels.push(addr);
                         }
                     }
                     dw::DW_TAG_variable if node.parent == Some(0) => {

@@ -36,6 +36,136 @@ pub enum RewriteError {
     Encode(#[from] EncodeError),
     #[error(transparent)]
     Elf(#[from] ElfError),
+    /// Several functions refused: every one, grouped by reason.
+    #[error("{}", refusal_summary(.0))]
+    Refused(Vec<RewriteError>),
+}
+
+/// Function names shown per reason in a refusal summary.
+pub const NAMES_SHOWN: usize = 5;
+
+impl RewriteError {
+    /// The kind of refusal in a few words (for grouping).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            RewriteError::Analysis(e) => e.reason(),
+            RewriteError::ParamNotSpilled { .. } => "parameter not in a stack slot",
+            RewriteError::CodeOutOfRange { .. } => "code outside an executable section",
+            RewriteError::Refused(_) => "several refusals",
+            RewriteError::Read(_) => "unreadable DWARF",
+            RewriteError::Parse(_) => "not an ELF file",
+            RewriteError::Stripped => "stripped",
+            RewriteError::Optimized { .. } => "optimized compilation unit",
+            RewriteError::NoFunctions => "no functions",
+            RewriteError::Encode(_) => "tables cannot be encoded",
+            RewriteError::Elf(_) => "ELF cannot be rewritten",
+        }
+    }
+}
+
+/// Refused functions of one reason.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct RefusalGroup {
+    pub reason: &'static str,
+    /// Every function refused for it, in address order (none for a
+    /// refusal of the whole binary).
+    pub functions: Vec<String>,
+    /// The first refusal's full message.
+    pub example: String,
+}
+
+/// The refusals of a failed rewrite grouped by reason (see
+/// [`refusal_groups`]).
+pub fn refusal_groups_of(e: &RewriteError) -> Vec<RefusalGroup> {
+    match e {
+        RewriteError::Refused(all) => refusal_groups(all),
+        one => refusal_groups(std::slice::from_ref(one)),
+    }
+}
+
+/// Groups per-function refusals by reason, largest group first (ties by
+/// reason).
+pub fn refusal_groups(errors: &[RewriteError]) -> Vec<RefusalGroup> {
+    let mut groups: Vec<RefusalGroup> = Vec::new();
+    for e in errors {
+        let function = match e {
+            RewriteError::Analysis(a) => analysis_function(a),
+            RewriteError::ParamNotSpilled { function, .. }
+            | RewriteError::CodeOutOfRange { function, .. } => Some(function.as_str()),
+            _ => None,
+        };
+        match groups.iter_mut().find(|g| g.reason == e.reason()) {
+            Some(g) => g.functions.extend(function.map(str::to_string)),
+            None => groups.push(RefusalGroup {
+                reason: e.reason(),
+                functions: function.map(str::to_string).into_iter().collect(),
+                example: e.to_string(),
+            }),
+        }
+    }
+    groups.sort_by(|a, b| {
+        b.functions
+            .len()
+            .cmp(&a.functions.len())
+            .then(a.reason.cmp(b.reason))
+    });
+    groups
+}
+
+fn analysis_function(e: &AnalysisError) -> Option<&str> {
+    match e {
+        AnalysisError::CodeSize { function, .. }
+        | AnalysisError::Empty { function }
+        | AnalysisError::TooLarge { function }
+        | AnalysisError::Decode { function, .. }
+        | AnalysisError::NoFramePointer { function, .. }
+        | AnalysisError::Realigned { function, .. }
+        | AnalysisError::OptimizedCode { function, .. }
+        | AnalysisError::BadBranch { function, .. }
+        | AnalysisError::UnknownIndirectJump { function, .. }
+        | AnalysisError::BadJumpTable { function, .. }
+        | AnalysisError::StackConflict { function, .. }
+        | AnalysisError::UnknownBodyDepth { function, .. }
+        | AnalysisError::UnknownCallTarget { function, .. }
+        | AnalysisError::TooComplex { function, .. } => Some(function),
+        AnalysisError::Section { .. } | AnalysisError::TooManyStubs { .. } => None,
+    }
+}
+
+/// One line per reason: count, the first few function names, an example.
+fn refusal_summary(errors: &[RewriteError]) -> String {
+    if let [one] = errors {
+        return one.to_string();
+    }
+    let groups = refusal_groups(errors);
+    let mut out = format!(
+        "{} functions refused for {} reason{}:",
+        errors.len(),
+        groups.len(),
+        if groups.len() == 1 { "" } else { "s" }
+    );
+    for g in &groups {
+        let shown: Vec<&str> = g
+            .functions
+            .iter()
+            .take(NAMES_SHOWN)
+            .map(String::as_str)
+            .collect();
+        let more = g.functions.len().saturating_sub(NAMES_SHOWN);
+        out.push_str(&format!(
+            "\n  {}: {} ({}{}); e.g. {}",
+            g.reason,
+            g.functions.len(),
+            shown.join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            },
+            g.example
+        ));
+    }
+    out
 }
 
 /// The result of rewriting one binary.
@@ -58,10 +188,27 @@ pub fn build_tables(input: &[u8]) -> Result<FrameTables, RewriteError> {
     check_conformance(&program)?;
     let view = CodeView::new(&file).map_err(RewriteError::Analysis)?;
     let mut functions: Vec<FunctionTable> = Vec::with_capacity(program.functions.len());
+    // Every function is analyzed: all refusals are reported at once.
+    let mut refused: Vec<RewriteError> = Vec::new();
     for f in &program.functions {
-        let code = function_code(&view, f)?;
-        functions.push(analysis::analyze_function(f, &program, code, &view)?);
-        check_params_spilled(f)?;
+        let table = function_code(&view, f).and_then(|code| {
+            let t = analysis::analyze_function(f, &program, code, &view)?;
+            check_params_spilled(f)?;
+            Ok(t)
+        });
+        match table {
+            Ok(t) => functions.push(t),
+            // Binary-wide problems are not a function's.
+            Err(RewriteError::Analysis(
+                e @ (AnalysisError::Section { .. } | AnalysisError::TooManyStubs { .. }),
+            )) => return Err(e.into()),
+            Err(e) => refused.push(e),
+        }
+    }
+    match refused.len() {
+        0 => {}
+        1 => return Err(refused.remove(0)),
+        _ => return Err(RewriteError::Refused(refused)),
     }
     let text = file.section_by_name(".text");
     let binary = BinaryInfo {

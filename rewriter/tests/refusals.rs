@@ -54,10 +54,14 @@ fn assert_refused(input: &Path, needles: &[&str]) {
         "exit code for {}",
         input.display()
     );
-    assert_eq!(
-        stderr.trim_end().lines().count(),
-        1,
-        "not one line: {stderr}"
+    // One line, or for several refused functions a summary line and one
+    // line per reason.
+    let lines: Vec<&str> = stderr.trim_end().lines().collect();
+    assert!(
+        lines.len() == 1
+            || lines[0].contains("functions refused for")
+                && lines[1..].iter().all(|l| l.starts_with("  ")),
+        "not one line per reason: {stderr}"
     );
     for n in needles {
         assert!(
@@ -176,4 +180,64 @@ fn refuses_already_instrumented_input() {
         .expect("run");
     assert!(r.status.success());
     assert_refused(&once, &["already instrumented"]);
+}
+
+/// Three kinds of refusal in one binary: every refused function is listed,
+/// grouped by reason, in one run; nothing is written.
+const MANY_REFUSALS: &str = r#"
+#include <stdio.h>
+static int aligned_a(int n) { _Alignas(64) char b[64]; b[0] = (char)n; return b[0]; }
+static int aligned_b(int n) { _Alignas(64) char b[64]; b[0] = (char)n; return b[0] + 1; }
+static int aligned_c(int n) { _Alignas(64) char b[64]; b[0] = (char)n; return b[0] + 2; }
+static int plain(int n) { return n * 3; }
+int main(void) { printf("%d\n", aligned_a(1) + aligned_b(2) + aligned_c(3) + plain(4)); return 0; }
+"#;
+
+#[test]
+fn lists_every_refused_function_grouped_by_reason() {
+    let dir = work_dir("many");
+    // Without a frame pointer, plain and main are refused for that; the
+    // three realigned functions for their realignment.
+    let bin = compile(&dir, MANY_REFUSALS, &["-fomit-frame-pointer"]);
+    assert_refused(
+        &bin,
+        &[
+            "5 functions refused for 2 reasons",
+            "stack realignment: 3 (aligned_a, aligned_b, aligned_c)",
+            "no frame-pointer prologue: 2 (",
+        ],
+    );
+    let out = bin.with_extension("up");
+    let r = Command::new(env!("CARGO_BIN_EXE_upstare-rewrite"))
+        .arg(&bin)
+        .arg("-o")
+        .arg(&out)
+        .arg("--json")
+        .output()
+        .expect("run upstare-rewrite");
+    assert_eq!(r.status.code(), Some(1));
+    assert!(!out.exists(), "output written despite refusals");
+    let v: serde_json::Value = serde_json::from_slice(&r.stdout).expect("json");
+    assert_eq!(v["ok"], false);
+    let groups = v["refused"].as_array().expect("groups");
+    let names = |reason: &str| -> Vec<String> {
+        let g = groups
+            .iter()
+            .find(|g| g["reason"] == reason)
+            .unwrap_or_else(|| panic!("no group {reason}: {v}"));
+        let mut n: Vec<String> = g["functions"]
+            .as_array()
+            .expect("functions")
+            .iter()
+            .filter_map(|f| f.as_str().map(str::to_string))
+            .collect();
+        n.sort();
+        n
+    };
+    assert_eq!(groups.len(), 2, "{v}");
+    assert_eq!(
+        names("stack realignment"),
+        ["aligned_a", "aligned_b", "aligned_c"]
+    );
+    assert_eq!(names("no frame-pointer prologue"), ["main", "plain"]);
 }

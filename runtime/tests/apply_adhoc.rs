@@ -406,3 +406,85 @@ fn a_pid_that_does_not_exist_is_one_clear_line() {
         "upstare-apply: error: no process with pid 99999999"
     );
 }
+
+/// main's last instruction is a call to a noreturn function (gcc and clang
+/// drop the epilogue after it), so the return address it pushed is the next
+/// function's first byte. The frame is still main's: an identity update
+/// while the callee is blocked in read must find main's call site.
+const NORETURN_LAST: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static long lines;
+
+__attribute__((noreturn)) static void serve_forever(void)
+{
+    char buf[64];
+    for (;;) {
+        ssize_t n = read(0, buf, sizeof buf - 1);
+        if (n <= 0 || strncmp(buf, "quit", 4) == 0)
+            exit(0);
+        lines++;
+        printf("line %ld\n", lines);
+        fflush(stdout);
+    }
+}
+
+static int after_main(int x) { return x + 1; }
+
+int main(int argc, char **argv)
+{
+    printf("ready %d\n", after_main(argc));
+    fflush(stdout);
+    serve_forever();
+}
+"#;
+
+#[test]
+fn frame_whose_return_address_is_the_next_function_is_updated() {
+    for tc in [Toolchain::Gcc, Toolchain::Clang] {
+        tc.require();
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("apply-noreturn-last-{}", tc.name()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let v1 = apply_support::compile_instrumented(&dir, "nr", NORETURN_LAST, tc, &[]);
+        let same = dir.join("nr-copy.up");
+        std::fs::copy(&v1, &same).expect("copy");
+        // The premise: main's call to serve_forever ends main.
+        let tables =
+            upstare_dwarf::read_tables(&std::fs::read(&v1).expect("read")).expect("tables");
+        let main = tables.function("main").expect("main");
+        let last = main
+            .call_sites
+            .iter()
+            .find(|c| c.callee.id_name() == "serve_forever")
+            .expect("main calls serve_forever");
+        assert_eq!(
+            last.return_addr,
+            main.high,
+            "[{}] call is main's last instruction",
+            tc.name()
+        );
+
+        let mut child = spawn(&v1, &[] as &[&str]).expect("spawn");
+        child
+            .wait_for_line("ready", WAIT, |l| l.starts_with("ready "))
+            .unwrap_or_else(|e| panic!("{e}"));
+        child.send_stdin(b"one\n").expect("send");
+        child
+            .wait_for_line("line 1", WAIT, |l| l == "line 1")
+            .unwrap_or_else(|e| panic!("{e}"));
+        std::thread::sleep(Duration::from_millis(30));
+        let r = apply_cli(child.pid(), &same);
+        assert_eq!(r["ok"], true, "[{}] {r}", tc.name());
+        child.send_stdin(b"two\n").expect("send");
+        child
+            .wait_for_line("line 2", WAIT, |l| l == "line 2")
+            .unwrap_or_else(|e| panic!("[{}] after the update: {e}", tc.name()));
+        child.send_stdin(b"quit\n").expect("quit");
+        let out = child.wait(WAIT).expect("exits");
+        assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
+    }
+}

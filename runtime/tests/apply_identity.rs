@@ -310,8 +310,9 @@ macro_rules! spread_tests {
 }
 
 spread_tests!(
-    bank, calc, checksums, deeprec, echo_tcp, geometry, inventory, jobrunner, kvstore, logstats,
-    matrix, packets, pipeline, prodcons, ringbuf, scoring, signals, stackvm, textstats, vending,
+    bank, calc, checksums, deeprec, dispatch, echo_tcp, geometry, inventory, jobrunner, kvstore,
+    logstats, matrix, packets, pipeline, prodcons, ringbuf, scoring, signals, stackvm, textstats,
+    vending,
 );
 
 /// The per-program tests cover exactly the deterministic corpus programs

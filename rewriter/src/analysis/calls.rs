@@ -45,6 +45,70 @@ pub(crate) fn callee(
     })
 }
 
+/// Library functions that never return. Imports are known by name: clang
+/// describes no declaration of them, and gcc only those it saw declared
+/// `noreturn`.
+pub const NORETURN_IMPORTS: &[&str] = &[
+    "exit",
+    "_exit",
+    "_Exit",
+    "quick_exit",
+    "abort",
+    "__assert_fail",
+    "__assert_perror_fail",
+    "__assert",
+    "longjmp",
+    "_longjmp",
+    "siglongjmp",
+    "__longjmp_chk",
+    "pthread_exit",
+    "thrd_exit",
+    "__stack_chk_fail",
+    "__chk_fail",
+    "__fortify_fail",
+    "err",
+    "errx",
+    "verr",
+    "verrx",
+];
+
+/// Whether the call at `insn` never returns: its callee is defined here and
+/// declared `noreturn` in DWARF, or is an import declared so or known to
+/// the C library as such. An indirect call through a function pointer is
+/// assumed to return.
+pub(crate) fn never_returns(
+    insn: &super::decode::Insn,
+    program: &Program,
+    view: &CodeView,
+) -> bool {
+    let ins = &insn.ins;
+    let import = |n: &str| {
+        NORETURN_IMPORTS.contains(&n) || program.noreturn_declarations.iter().any(|d| d == n)
+    };
+    if ins.flow_control() == FlowControl::IndirectCall {
+        return ins.op0_kind() == OpKind::Memory
+            && ins.is_ip_rel_memory_operand()
+            && view
+                .got_import_at(LinkAddr(ins.ip_rel_memory_address()))
+                .is_some_and(import);
+    }
+    if ins.flow_control() != FlowControl::Call {
+        return false;
+    }
+    let target = LinkAddr(ins.near_branch_target());
+    if let Some(n) = view.plt_import_at(target) {
+        return import(n);
+    }
+    if program.function_at(target).is_some_and(|f| f.low == target) {
+        return program.noreturn_functions.binary_search(&target).is_ok();
+    }
+    // A function without DWARF (a statically linked library's).
+    view.function_name_at(target).is_some_and(import)
+}
+
+/// How many line starts before a call are tried as its restart address.
+const MAX_RESTART_ROWS: usize = 8;
+
 impl Ctx<'_> {
     /// Every reachable call, in address order.
     pub(crate) fn call_sites(
@@ -100,22 +164,61 @@ impl Ctx<'_> {
     /// The restart address of call `c`: the start of its statement, if
     /// re-executing from there up to the call only writes registers,
     /// undescribed frame slots and stack arguments.
+    ///
+    /// A statement written over several lines has line starts in the middle
+    /// of its evaluation (clang: `n = read(fd,\n buf, ...)` has a row of the
+    /// second line between the arguments, with registers live): the nearest
+    /// line start that passes every check is taken, going back at most
+    /// [`MAX_RESTART_ROWS`] rows and never past another call.
     fn restart(&self, c: usize) -> Result<LinkAddr, String> {
         let call_addr = self.insns[c].addr;
-        let row = self
+        let mut first_err: Option<String> = None;
+        for row in self
             .rows
             .iter()
             .rev()
-            .find(|r| r.new_line && r.addr <= call_addr)
-            .ok_or("no line start before the call")?;
-        let r = super::cfg::index_of(&self.insns, row.addr)
-            .ok_or("the statement's row is not an instruction start")?;
+            .filter(|r| r.new_line && r.addr <= call_addr)
+            .take(MAX_RESTART_ROWS)
+        {
+            match self.restart_from(c, row) {
+                Ok(a) => return Ok(a),
+                Err((why, go_on)) => {
+                    let stop = !go_on;
+                    first_err.get_or_insert(why);
+                    if stop {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(first_err.unwrap_or_else(|| "no line start before the call".into()))
+    }
+
+    /// [`Ctx::restart`] from the line-table row `row`; the error says why
+    /// and whether an earlier row may still do.
+    fn restart_from(&self, c: usize, row: &super::points::Row) -> Result<LinkAddr, (String, bool)> {
+        let r = super::cfg::index_of(&self.insns, row.addr).ok_or((
+            "the statement's row is not an instruction start".to_string(),
+            true,
+        ))?;
+        // Every way to the call passes the restart address (within one
+        // block, the row comes first: it is at or before the call).
+        let (rb, cb) = (self.cfg.block_of[r], self.cfg.block_of[c]);
+        if rb != cb && !self.dom.dominates(rb, cb) {
+            return Err((
+                format!("statement start {} does not dominate the call", row.addr),
+                true,
+            ));
+        }
         if let Some(why) = self.unsafe_reason(r) {
-            return Err(format!("statement start {}: {why}", row.addr));
+            return Err((format!("statement start {}: {why}", row.addr), true));
         }
         // Resuming at the restart address uses the body's stack depth.
         if self.stack.depth(r).and_then(|d| d.known()) != Some(self.prologue.body_depth) {
-            return Err("stack depth at the statement start is not the body depth".into());
+            return Err((
+                "stack depth at the statement start is not the body depth".into(),
+                true,
+            ));
         }
         // The window: instructions on a path from r to c.
         let n = self.insns.len();
@@ -134,7 +237,10 @@ impl Ctx<'_> {
             }
         }
         if !fwd[c] {
-            return Err("the call is not reached from the statement start".into());
+            return Err((
+                "the call is not reached from the statement start".into(),
+                true,
+            ));
         }
         let mut back = vec![false; n];
         let mut work = vec![c];
@@ -153,7 +259,7 @@ impl Ctx<'_> {
         for j in (0..n).filter(|&j| fwd[j] && back[j] && j != c) {
             let insn = &self.insns[j];
             if insn.is_call() {
-                return Err(format!("another call at {}", insn.addr));
+                return Err((format!("another call at {}", insn.addr), false));
             }
             if matches!(
                 insn.ins.flow_control(),
@@ -162,18 +268,18 @@ impl Ctx<'_> {
                 || insn.ins.op0_kind() == OpKind::Register
                     && matches!(insn.ins.op0_register(), Register::FS | Register::GS)
             {
-                return Err(format!("side effect at {}", insn.addr));
+                return Err((format!("side effect at {}", insn.addr), false));
             }
             for m in insn.mem.iter().filter(|m| m.write) {
                 match resolve(&self.stack, j, m) {
                     Access::Frame { off, size } => {
                         let end = off.saturating_add(i64::from(size));
                         if self.desc.iter().any(|&(lo, hi)| lo < end && off < hi) {
-                            return Err(format!("store to a variable at {}", insn.addr));
+                            return Err((format!("store to a variable at {}", insn.addr), false));
                         }
                     }
                     Access::Unknown => {
-                        return Err(format!("store through a pointer at {}", insn.addr))
+                        return Err((format!("store through a pointer at {}", insn.addr), false))
                     }
                 }
             }

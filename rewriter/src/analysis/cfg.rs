@@ -26,6 +26,7 @@ pub(crate) struct Block {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct JumpTable {
     pub jmp: usize,
+    /// The table's address; 0 for a computed `goto *`.
     pub table: LinkAddr,
     pub entries: u64,
     /// Distinct targets in table order.
@@ -75,14 +76,30 @@ fn err_branch(name: &str, insn: &Insn, target: LinkAddr) -> AnalysisError {
     }
 }
 
+/// What the CFG needs to know beyond the function's instructions.
+pub(crate) struct Outside<'a> {
+    pub view: &'a CodeView<'a>,
+    /// Whether the call instruction never returns (a noreturn callee).
+    pub never_returns: &'a dyn Fn(&Insn) -> bool,
+    /// Source labels of the whole binary (DWARF), sorted: the targets a
+    /// computed `goto *` may have.
+    pub labels: &'a [LinkAddr],
+}
+
 /// Builds the CFG of `insns` (the whole function, in address order).
-pub(crate) fn build(name: &str, insns: &[Insn], view: &CodeView) -> Result<Cfg, AnalysisError> {
+///
+/// A call that never returns ends its path, and so does a branch to the
+/// function's very end: gcc drops the epilogue after a noreturn call or
+/// `__builtin_unreachable()` and leaves the jumps that led to it pointing at
+/// the next function's first byte; they are never taken.
+pub(crate) fn build(name: &str, insns: &[Insn], out: &Outside) -> Result<Cfg, AnalysisError> {
     let n = insns.len();
     if n == 0 {
         return Err(AnalysisError::Empty {
             function: name.to_string(),
         });
     }
+    let fn_end = insns[n - 1].next;
     // Successor instruction indices of block-ending instructions.
     let mut ends: Vec<Option<Vec<usize>>> = vec![None; n];
     let mut tables = Vec::new();
@@ -93,22 +110,32 @@ pub(crate) fn build(name: &str, insns: &[Insn], view: &CodeView) -> Result<Cfg, 
     };
     for (i, insn) in insns.iter().enumerate() {
         let fall = (i + 1 < n).then_some(i + 1);
+        let branch_target = LinkAddr(insn.ins.near_branch_target());
         let succs: Option<Vec<usize>> = match insn.ins.flow_control() {
+            FlowControl::Call | FlowControl::IndirectCall if (out.never_returns)(insn) => {
+                Some(Vec::new())
+            }
             FlowControl::Next
             | FlowControl::Call
             | FlowControl::IndirectCall
             | FlowControl::Interrupt
             | FlowControl::XbeginXabortXend => None,
-            FlowControl::UnconditionalBranch => Some(vec![target_index(
-                insn,
-                LinkAddr(insn.ins.near_branch_target()),
-            )?]),
+            FlowControl::UnconditionalBranch if branch_target == fn_end => Some(Vec::new()),
+            FlowControl::UnconditionalBranch => Some(vec![target_index(insn, branch_target)?]),
+            FlowControl::ConditionalBranch if branch_target == fn_end => {
+                Some(fall.into_iter().collect())
+            }
             FlowControl::ConditionalBranch => {
-                let t = target_index(insn, LinkAddr(insn.ins.near_branch_target()))?;
+                let t = target_index(insn, branch_target)?;
                 Some(fall.into_iter().chain([t]).collect())
             }
             FlowControl::IndirectBranch => {
-                let jt = jump_table(name, insns, i, view)?;
+                let jt = match jump_table(name, insns, i, out.view) {
+                    Err(AnalysisError::UnknownIndirectJump { .. }) => {
+                        computed_goto(name, insns, i, out)?
+                    }
+                    other => other?,
+                };
                 let mut v = Vec::new();
                 for &t in &jt.targets {
                     v.push(target_index(insn, t)?);
@@ -214,12 +241,18 @@ fn jump_table(
     } else if jmp.ins.op0_kind() != OpKind::Register {
         return Err(unknown());
     }
-    // Walk back through the straight-line code before the jump.
+    // Walk back along the code executed before the jump: straight-line
+    // code, and through an unconditional `jmp` that is the only way into it
+    // (gcc sometimes places the bounds check elsewhere and jumps to the
+    // dispatch).
     let mut bound: Option<u64> = None;
-    let lo = j.saturating_sub(SWITCH_WINDOW);
+    let mut adds_base = false;
     let mut k = j;
-    while k > lo {
-        k -= 1;
+    for _ in 0..SWITCH_WINDOW {
+        let Some(p) = executed_before(insns, k) else {
+            break;
+        };
+        k = p;
         let insn = &insns[k];
         let fc = insn.ins.flow_control();
         if fc == FlowControl::ConditionalBranch {
@@ -247,11 +280,22 @@ fn jump_table(
             bound = Some(imm.checked_add(extra).ok_or_else(unknown)?);
             break;
         }
+        if fc == FlowControl::UnconditionalBranch {
+            // The jump into the dispatch code: go on before it.
+            continue;
+        }
         if fc != FlowControl::Next {
             break;
         }
+        let ins = &insn.ins;
+        if ins.mnemonic() == Mnemonic::Add
+            && ins.op0_kind() == OpKind::Register
+            && ins.op1_kind() == OpKind::Register
+            && ins.op0_register().size() == 8
+        {
+            adds_base = true;
+        }
         if table.is_none() {
-            let ins = &insn.ins;
             if ins.mnemonic() == Mnemonic::Lea && ins.is_ip_rel_memory_operand() {
                 table = Some((LinkAddr(ins.ip_rel_memory_address()), Encoding::Rel32));
             } else if ins.mnemonic() == Mnemonic::Mov
@@ -269,9 +313,19 @@ fn jump_table(
             }
         }
     }
-    let ((base, enc), entries) = match (table, bound) {
-        (Some(t), Some(b)) => (t, b),
-        _ => return Err(unknown()),
+    let Some((base, enc)) = table else {
+        return Err(unknown());
+    };
+    let entries = match bound {
+        Some(b) => b,
+        // A switch over an enum whose every value has a case and whose end
+        // is unreachable has no bounds check (gcc and clang at -O0). A
+        // relative table must be seen added to its base, which a computed
+        // goto's table of label addresses is not.
+        None if enc != Encoding::Rel32 || adds_base => {
+            unbounded_entries(insns, base, enc, view).ok_or_else(unknown)?
+        }
+        None => return Err(unknown()),
     };
     if entries == 0 || entries > MAX_TABLE_ENTRIES {
         return Err(AnalysisError::BadJumpTable {
@@ -281,7 +335,7 @@ fn jump_table(
             reason: format!("{entries} entries"),
         });
     }
-    let width: u64 = if enc == Encoding::Abs64 { 8 } else { 4 };
+    let width = enc.width();
     let bytes =
         view.read(base, (entries * width) as usize)
             .ok_or_else(|| AnalysisError::BadJumpTable {
@@ -292,21 +346,7 @@ fn jump_table(
             })?;
     let mut targets = Vec::new();
     for chunk in bytes.chunks_exact(width as usize) {
-        let t = match enc {
-            Encoding::Rel32 => {
-                let v = i32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
-                base.0.checked_add_signed(i64::from(v))
-            }
-            Encoding::Abs32 => Some(u64::from(u32::from_le_bytes([
-                chunk[0], chunk[1], chunk[2], chunk[3],
-            ]))),
-            Encoding::Abs64 => {
-                let mut b = [0u8; 8];
-                b.copy_from_slice(chunk);
-                Some(u64::from_le_bytes(b))
-            }
-        };
-        let t = t.map(LinkAddr).ok_or_else(|| AnalysisError::BadJumpTable {
+        let t = entry_target(base, enc, chunk).ok_or_else(|| AnalysisError::BadJumpTable {
             function: name.to_string(),
             addr: jmp.addr,
             table: base,
@@ -320,6 +360,124 @@ fn jump_table(
         jmp: j,
         table: base,
         entries,
+        targets,
+    })
+}
+
+impl Encoding {
+    /// Bytes per entry.
+    fn width(self) -> u64 {
+        if self == Encoding::Abs64 {
+            8
+        } else {
+            4
+        }
+    }
+}
+
+/// The target of one table entry (`chunk` holds its bytes).
+fn entry_target(base: LinkAddr, enc: Encoding, chunk: &[u8]) -> Option<LinkAddr> {
+    let t = match enc {
+        Encoding::Rel32 => {
+            let v = i32::from_le_bytes(chunk.get(..4)?.try_into().ok()?);
+            base.0.checked_add_signed(i64::from(v))
+        }
+        Encoding::Abs32 => Some(u64::from(u32::from_le_bytes(
+            chunk.get(..4)?.try_into().ok()?,
+        ))),
+        Encoding::Abs64 => Some(u64::from_le_bytes(chunk.get(..8)?.try_into().ok()?)),
+    };
+    t.map(LinkAddr)
+}
+
+/// The number of entries of a table without bounds check: the entries up to
+/// the first one that is not an instruction start of the function. Entries
+/// read past the real table's end that happen to land on instructions only
+/// add edges, which makes the analyses more cautious, never less.
+fn unbounded_entries(
+    insns: &[Insn],
+    base: LinkAddr,
+    enc: Encoding,
+    view: &CodeView,
+) -> Option<u64> {
+    let width = enc.width();
+    let mut n = 0u64;
+    while n < MAX_TABLE_ENTRIES {
+        let at = LinkAddr(base.0.checked_add(n.checked_mul(width)?)?);
+        let Some(t) = view
+            .read(at, width as usize)
+            .and_then(|b| entry_target(base, enc, b))
+        else {
+            break;
+        };
+        if index_of(insns, t).is_none() {
+            break;
+        }
+        n += 1;
+    }
+    (n > 0).then_some(n)
+}
+
+/// The instruction executed right before instruction `k` on the way to it:
+/// the previous one if it falls through, else the only branch to `k` when
+/// that is an unconditional `jmp`.
+fn executed_before(insns: &[Insn], k: usize) -> Option<usize> {
+    let prev = k.checked_sub(1)?;
+    if matches!(
+        insns[prev].ins.flow_control(),
+        FlowControl::Next | FlowControl::ConditionalBranch
+    ) {
+        return Some(prev);
+    }
+    let addr = insns[k].addr;
+    let mut from = insns.iter().enumerate().filter(|(_, i)| {
+        matches!(
+            i.ins.flow_control(),
+            FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch
+        ) && i.ins.near_branch_target() == addr.0
+    });
+    match (from.next(), from.next()) {
+        (Some((p, i)), None) if i.ins.flow_control() == FlowControl::UnconditionalBranch => Some(p),
+        _ => None,
+    }
+}
+
+/// A computed `goto *` (GNU labels as values): its targets are the
+/// function's source labels (DWARF) and the code addresses the function
+/// takes with `lea` (`&&label`). Refused when there are none.
+fn computed_goto(
+    name: &str,
+    insns: &[Insn],
+    j: usize,
+    out: &Outside,
+) -> Result<JumpTable, AnalysisError> {
+    let low = insns[0].addr;
+    let high = insns[insns.len() - 1].next;
+    let from_labels = out
+        .labels
+        .iter()
+        .copied()
+        .filter(|a| low <= *a && *a < high);
+    let from_leas = insns
+        .iter()
+        .filter(|i| i.ins.mnemonic() == Mnemonic::Lea && i.ins.is_ip_rel_memory_operand())
+        .map(|i| LinkAddr(i.ins.ip_rel_memory_address()));
+    let mut targets: Vec<LinkAddr> = from_labels
+        .chain(from_leas)
+        .filter(|a| index_of(insns, *a).is_some())
+        .collect();
+    targets.sort();
+    targets.dedup();
+    if targets.is_empty() {
+        return Err(AnalysisError::UnknownIndirectJump {
+            function: name.to_string(),
+            addr: insns[j].addr,
+        });
+    }
+    Ok(JumpTable {
+        jmp: j,
+        table: LinkAddr(0),
+        entries: targets.len() as u64,
         targets,
     })
 }

@@ -81,11 +81,18 @@ pub(crate) fn check(name: &str, insns: &[Insn]) -> Result<Prologue, AnalysisErro
         end += 1;
     }
     if let Some(i) = insns.get(end) {
-        if i.ins.mnemonic() == Mnemonic::Sub && i.is_reg64(0, Register::RSP) {
-            if let Some(n) = i.imm_op(1) {
-                depth = depth.checked_sub(n).ok_or_else(|| err_at(i.addr))?;
-                end += 1;
+        // `sub rsp,N`; gcc writes a 128-byte frame as `add rsp,-128`, whose
+        // immediate fits in one byte where +128 does not.
+        let frame_size = match i.ins.mnemonic() {
+            Mnemonic::Sub if i.is_reg64(0, Register::RSP) => i.imm_op(1),
+            Mnemonic::Add if i.is_reg64(0, Register::RSP) => {
+                i.imm_op(1).filter(|n| *n < 0).and_then(i64::checked_neg)
             }
+            _ => None,
+        };
+        if let Some(n) = frame_size {
+            depth = depth.checked_sub(n).ok_or_else(|| err_at(i.addr))?;
+            end += 1;
         }
     }
     // rbp must stay the frame pointer: written only by the prologue's mov

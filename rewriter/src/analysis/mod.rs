@@ -36,6 +36,7 @@ mod points;
 mod slots;
 mod stack;
 
+pub use calls::NORETURN_IMPORTS;
 pub use codeview::{CodeView, MAX_PLT_STUBS};
 
 use decode::{Insn, RegSet};
@@ -121,6 +122,31 @@ pub enum AnalysisError {
     TooComplex { function: String, what: String },
 }
 
+impl AnalysisError {
+    /// The kind of refusal in a few words, the same for every function
+    /// refused for it (for grouping refusals).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AnalysisError::CodeSize { .. } => "code size differs from its DWARF range",
+            AnalysisError::Empty { .. } => "no code",
+            AnalysisError::TooLarge { .. } => "too many instructions",
+            AnalysisError::Decode { .. } => "undecodable instruction",
+            AnalysisError::NoFramePointer { .. } => "no frame-pointer prologue",
+            AnalysisError::Realigned { .. } => "stack realignment",
+            AnalysisError::OptimizedCode { .. } => "optimized code",
+            AnalysisError::BadBranch { .. } => "branch outside the function",
+            AnalysisError::UnknownIndirectJump { .. } => "unrecognized indirect jump",
+            AnalysisError::BadJumpTable { .. } => "bad jump table",
+            AnalysisError::StackConflict { .. } => "conflicting stack depths where paths join",
+            AnalysisError::UnknownBodyDepth { .. } => "unknown stack depth after the prologue",
+            AnalysisError::UnknownCallTarget { .. } => "call to an unknown target",
+            AnalysisError::Section { .. } => "unreadable section",
+            AnalysisError::TooManyStubs { .. } => "too many PLT stubs",
+            AnalysisError::TooComplex { .. } => "too complex",
+        }
+    }
+}
+
 /// Shape facts of an analyzed function, for diagnostics and tests.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Details {
@@ -148,7 +174,8 @@ pub struct LoopInfo {
 pub struct JumpTableInfo {
     /// The indirect `jmp`.
     pub jmp: LinkAddr,
-    /// Link-time address of the table.
+    /// Link-time address of the table; 0 for a computed `goto *`, whose
+    /// targets are the function's labels.
     pub table: LinkAddr,
     pub entries: u64,
     /// Distinct targets in table order.
@@ -224,7 +251,13 @@ pub fn analyze_function_detailed(
         });
     }
     let prologue = frame::check(name, &insns)?;
-    let cfg = cfg::build(name, &insns, text)?;
+    let never_returns = |insn: &Insn| calls::never_returns(insn, program, text);
+    let outside = cfg::Outside {
+        view: text,
+        never_returns: &never_returns,
+        labels: &program.code_labels,
+    };
+    let cfg = cfg::build(name, &insns, &outside)?;
     let dom = dom::dominators(&cfg);
     let loops = dom::natural_loops(&cfg, &dom);
     let stack = stack::analyze(name, &insns, &cfg, &dom)?;
@@ -470,6 +503,17 @@ mod tests {
         .expect("valid");
         assert_eq!(t.body_depth, CfaOffset(-48));
         assert_eq!(t.extent, CfaOffset(-48));
+        // A 128-byte frame: gcc writes `add rsp,-128` (imm8).
+        let t = run(&[
+            0x55, 0x48, 0x89, 0xe5, 0x48, 0x83, 0xc4, 0x80, 0x90, 0xc9, 0xc3,
+        ])
+        .expect("add rsp,-128");
+        assert_eq!(t.body_depth, CfaOffset(-144));
+        // `add rsp,+N` is no frame allocation.
+        let t = run(&[
+            0x55, 0x48, 0x89, 0xe5, 0x48, 0x83, 0xc4, 0x10, 0x90, 0xc9, 0xc3,
+        ]);
+        assert!(t.map_or(true, |t| t.body_depth == CfaOffset(-16)));
         // endbr64 first is accepted.
         let t = run(&[0xf3, 0x0f, 0x1e, 0xfa, 0x55, 0x48, 0x89, 0xe5, 0x5d, 0xc3]).expect("ibt");
         assert_eq!(t.body_depth, CfaOffset(-16));

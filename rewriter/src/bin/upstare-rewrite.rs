@@ -23,6 +23,7 @@ use upstare_rewriter::{dump, elf, rewrite};
 ///   upstare-rewrite --dump server.up --function main --function handle
 ///   upstare-rewrite --dump server.up --notes    # why a loop has no update point
 ///   upstare-rewrite --dump server.up --json | jq '.functions[].name'
+///   upstare-rewrite server -o server.up --json  # refusals grouped by reason
 #[derive(Parser)]
 #[command(version, verbatim_doc_comment)]
 struct Cli {
@@ -36,8 +37,9 @@ struct Cli {
     /// tables are computed, nothing is written).
     #[arg(long)]
     dump: bool,
-    /// With --dump: print JSON instead of text.
-    #[arg(long, requires = "dump")]
+    /// Print JSON: with --dump the tables; when rewriting, a summary, or
+    /// on refusal every refused function grouped by reason.
+    #[arg(long)]
     json: bool,
     /// With --dump: also explain what is missing (loops without an update
     /// point, calls without a restart address) and why.
@@ -72,7 +74,17 @@ fn run(cli: &Cli) -> Result<()> {
         bail!("{} exists; pass --force to overwrite", out.display());
     }
     let start = Instant::now();
-    let done = rewrite::rewrite(&input).with_context(|| format!("{}", cli.input.display()))?;
+    let done = match rewrite::rewrite(&input) {
+        Ok(d) => d,
+        Err(e) => {
+            if cli.json {
+                let groups = rewrite::refusal_groups_of(&e);
+                let v = serde_json::json!({ "ok": false, "refused": groups });
+                println!("{v}");
+            }
+            return Err(e).with_context(|| format!("{}", cli.input.display()));
+        }
+    };
     write_atomically(out, &done.elf, &cli.input)?;
     let t = &done.tables;
     let points: usize = t.functions.iter().map(|f| f.update_points.len()).sum();
@@ -82,6 +94,18 @@ fn run(cli: &Cli) -> Result<()> {
     } else {
         0.0
     };
+    if cli.json {
+        let v = serde_json::json!({
+            "ok": true,
+            "output": out.display().to_string(),
+            "functions": t.functions.len(),
+            "update_points": points,
+            "call_sites": calls,
+            "table_bytes": done.section_size,
+        });
+        println!("{v}");
+        return Ok(());
+    }
     println!(
         "wrote {}: {} functions, {} update points, {} call sites; tables {} bytes ({:.1}% of .text), {:.0} ms",
         out.display(),

@@ -378,8 +378,7 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
 
         // The first application frame, paused in a call.
         let ret = RuntimeAddr(set.get(Reg::Rip).unwrap_or(0));
-        let (func, link) = self.function(tid, ret)?;
-        let call = self.call_site(tid, func, link, ret)?;
+        let (func, link, call) = self.caller(tid, ret)?;
         let cfa = self.cfa_from_rbp(tid, &func.name, set.get(Reg::Rbp).unwrap_or(0))?;
         let rsp = RuntimeAddr(set.get(Reg::Rsp).unwrap_or(0));
         self.check_depth(tid, func, cfa, rsp, call.stack_depth.0, "its call")?;
@@ -430,6 +429,30 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
             .function_at(link)
             .ok_or(UnwindError::NoFunction { tid, pc })?;
         Ok((f, link))
+    }
+
+    /// The function and call site a return address `ret` returns to. The
+    /// call is looked up in the function holding the call instruction
+    /// (`ret - 1`): a noreturn call ending a function returns, in
+    /// principle, to the next function's first byte.
+    fn caller(
+        &self,
+        tid: Pid,
+        ret: RuntimeAddr,
+    ) -> Result<(&'a FunctionTable, LinkAddr, &'a CallSite), UnwindError> {
+        if let Some(link) = self.image.link(ret) {
+            let by_call = link
+                .0
+                .checked_sub(1)
+                .and_then(|l| self.image.tables.function_at(LinkAddr(l)))
+                .and_then(|f| f.call_site_returning_to(link).map(|c| (f, c)));
+            if let Some((f, c)) = by_call {
+                return Ok((f, link, c));
+            }
+        }
+        let (func, link) = self.function(tid, ret)?;
+        let call = self.call_site(tid, func, link, ret)?;
+        Ok((func, link, call))
     }
 
     fn call_site(
@@ -608,8 +631,7 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
                 }
                 return Ok(frames);
             }
-            let (func, link) = self.function(tid, ret)?;
-            let call = self.call_site(tid, func, link, ret)?;
+            let (func, link, call) = self.caller(tid, ret)?;
             let cfa = self.cfa_from_rbp(tid, &func.name, saved_rbp)?;
             if cfa <= callee_cfa {
                 return Err(Self::bad_frame(
