@@ -1129,10 +1129,11 @@ int main(void)
 
 #[test]
 fn a_condition_variable_signalled_by_a_sleeping_thread_gets_ready() {
-    // The waiter (pthread_cond_wait: not a safe call) only moves when the
-    // ticker, blocked in nanosleep most of the time, signals it every 80 ms:
-    // freezing the ticker as soon as it is blocked, or while it is held at
-    // its loop point, would keep the waiter from ever getting ready.
+    // The waiter is led out of pthread_cond_wait (glibc's timeout path)
+    // and parked at the call's return with the mutex, or, signalled by the
+    // ticker (blocked in nanosleep most of the time) meanwhile, reaches an
+    // update point: either way it gets ready, and the run ends as without
+    // the stop (the wake-up is spurious, the program re-checks).
     let d = TempDir::new("tickets");
     let exe = build(&d, "tickets", TICKETS, Toolchain::Gcc);
     let mut child = start(&exe, &[], "ready");
@@ -1147,7 +1148,15 @@ fn a_condition_variable_signalled_by_a_sleeping_thread_gets_ready() {
     let s = stop_the_world(&mut tracee, &image, &mut libs, &opts).unwrap_or_else(|e| panic!("{e}"));
     report("condition variable", &s);
     assert_eq!(s.threads.len(), 4);
-    assert_eq!(find(&s.threads, "waiter").readiness, Readiness::AtPoint);
+    let waiter = &find(&s.threads, "waiter").readiness;
+    assert!(
+        *waiter == Readiness::AtPoint
+            || *waiter
+                == Readiness::Returned {
+                    callee: "pthread_cond_wait".into()
+                },
+        "{waiter:?}"
+    );
     assert_eq!(find(&s.threads, "hot").readiness, Readiness::AtPoint);
     let ticker = find(&s.threads, "ticker");
     assert!(

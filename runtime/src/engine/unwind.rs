@@ -130,6 +130,10 @@ pub enum Top {
         /// The call the first application frame is paused in.
         call: CallSite,
     },
+    /// At the return address of `call` in the first application frame: the
+    /// call has returned (a thread led out of a library wait is parked
+    /// there), so the frame continues at that call site.
+    Returned { call: CallSite },
 }
 
 /// The application frames of a thread (top first) and how its top looks.
@@ -406,6 +410,36 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
                 frames: lib_frames,
                 call: call.clone(),
             },
+        })
+    }
+
+    /// Unwind a thread stopped exactly at the return address of a call of
+    /// its top application frame (the call has returned).
+    pub fn unwind_returned(&self, tid: Pid, regs: &Regs) -> Result<Unwound, UnwindError> {
+        let rip = regs.rip();
+        let (func, link) = self.function(tid, rip)?;
+        let call = self.call_site(tid, func, link, rip)?;
+        let cfa = self.cfa_from_rbp(tid, &func.name, regs.get(Reg::Rbp))?;
+        self.check_depth(
+            tid,
+            func,
+            cfa,
+            regs.rsp(),
+            call.stack_depth.0,
+            "the return of its call",
+        )?;
+        let view = TRACKED.iter().map(|&r| (r, regs.get(r))).collect();
+        let first = Cur {
+            func,
+            pc: link,
+            cfa,
+            continuation: call.continuation(),
+            view,
+        };
+        let frames = self.chain(tid, first)?;
+        Ok(Unwound {
+            frames,
+            top: Top::Returned { call: call.clone() },
         })
     }
 
