@@ -19,6 +19,7 @@ use nix::libc;
 use nix::unistd::Pid;
 use std::fmt;
 use std::ops::Range;
+use std::time::Instant;
 use upstare_dwarf::fdt::Callee;
 use upstare_dwarf::RuntimeAddr;
 
@@ -135,6 +136,16 @@ impl fmt::Display for NotReadyReason {
     }
 }
 
+/// A timed wait a thread was seen in, to restart it with what is left.
+pub(super) struct TimedWait {
+    rip: u64,
+    nr: i64,
+    since: Instant,
+    timeout_ms: i32,
+    /// The timeout it was last restarted with.
+    last_set: i32,
+}
+
 impl Stopper<'_> {
     /// A thread the ptrace stop itself made fail with EINTR (epoll_wait)
     /// gets the restart code the kernel would have used for a signal without
@@ -144,9 +155,43 @@ impl Stopper<'_> {
         let (nr, rax) = (regs.0.orig_rax as i64, regs.0.rax as i64);
         if nr >= 0 && rax == EINTR && eintr_on_stop(nr) {
             regs.0.rax = ERESTARTNOHAND as u64;
+            if let Some(ms) = self.remaining_ms(tid, nr, &regs) {
+                regs.0.r10 = ms as u64;
+            }
             self.tracee.set_regs(tid, &regs)?;
         }
         Ok(regs)
+    }
+
+    /// The timeout a restarted timed wait of `tid` gets: what is left of
+    /// the one it had when first seen in this call (the time before that
+    /// is not known, so it may wait a little longer than without us, never
+    /// the full timeout again at every interruption).
+    fn remaining_ms(&mut self, tid: Pid, nr: i64, regs: &Regs) -> Option<i32> {
+        let ms = policy::timeout_ms(nr, regs)?;
+        let now = Instant::now();
+        let same = self
+            .timed
+            .get(&tid)
+            .is_some_and(|w| w.rip == regs.0.rip && w.nr == nr && w.last_set == ms);
+        if !same {
+            self.timed.insert(
+                tid,
+                TimedWait {
+                    rip: regs.0.rip,
+                    nr,
+                    since: now,
+                    timeout_ms: ms,
+                    last_set: ms,
+                },
+            );
+        }
+        let w = self.timed.get_mut(&tid)?;
+        let spent = i32::try_from(now.duration_since(w.since).as_millis()).unwrap_or(i32::MAX);
+        // 0 would make the call return at once, as its timeout would have.
+        let left = w.timeout_ms.saturating_sub(spent).max(0);
+        w.last_set = left;
+        Some(left)
     }
 
     pub(super) fn stack_of(&mut self, rsp: RuntimeAddr) -> Option<Range<RuntimeAddr>> {

@@ -176,6 +176,14 @@ pub(super) fn eintr_on_stop(nr: i64) -> bool {
     .contains(&nr)
 }
 
+/// For system calls [`eintr_on_stop`] that take a relative timeout in
+/// milliseconds in a register (epoll_wait, epoll_pwait: r10), that
+/// timeout; `None` for other calls and for an infinite wait (negative).
+pub(super) fn timeout_ms(nr: i64, regs: &Regs) -> Option<i32> {
+    let ms = regs.0.r10 as i32;
+    ([SYS_epoll_wait, SYS_epoll_pwait].contains(&nr) && ms > 0).then_some(ms)
+}
+
 /// Names of the x86-64 system calls messages mention.
 const SYSCALL_NAMES: &[(i64, &str)] = &[
     (SYS_read, "read"),

@@ -89,6 +89,8 @@ pub(super) struct Stopper<'a> {
     /// mutex of their condition wait (callee, mutex); never let run while
     /// stopping (their mutex's user count is already lowered).
     pub(super) relocking: BTreeMap<Pid, (String, u64)>,
+    /// The timed wait each thread was last restarted in.
+    pub(super) timed: BTreeMap<Pid, super::classify::TimedWait>,
 }
 
 /// Stop every thread of the seized `tracee` at an update point of `image`
@@ -137,6 +139,7 @@ pub(super) fn stop(
         leaving: BTreeMap::new(),
         returned: BTreeMap::new(),
         relocking: BTreeMap::new(),
+        timed: BTreeMap::new(),
     };
     let mut timings = StopTimings::default();
     // Dropped (restoring every byte) on every path out of this function.
