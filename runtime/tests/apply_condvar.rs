@@ -5,7 +5,8 @@
 //! 8 workers, 2 producers, a bounded queue of numbered jobs) is updated
 //! idle and busy, back and forth: no job is lost or run twice (every id
 //! printed once, totals as the source computes them), and every job after
-//! an update runs the new version's code.
+//! an update runs the new version's code. A dry run before leads them out
+//! and resumes them in the old version the same way.
 
 mod apply_support;
 
@@ -25,7 +26,9 @@ const BUSY_JOBS: i64 = 1500;
 
 fn update(child: &ChildGuard, to: &Path, dry_run: bool) -> UpdateReport {
     let opts = ApplyOptions {
-        timeout: Duration::from_millis(3000),
+        // Generous: the machine may be loaded (the stop usually takes
+        // tens of milliseconds).
+        timeout: Duration::from_millis(10_000),
         dry_run,
         ..ApplyOptions::default()
     };
@@ -99,6 +102,16 @@ fn pool(tc: Toolchain) {
     child
         .wait_for_line("ready", WAIT, |l| l.starts_with("v1 ready 8 workers"))
         .expect("ready");
+    // A dry run leads every waiter out and resumes it in v1 (a spurious
+    // wake-up): nothing may be lost, main's read goes on.
+    std::thread::sleep(Duration::from_millis(200));
+    let dry = update(&child, &v2, true);
+    assert_eq!(dry.threads.len(), THREADS, "{:?}", dry.threads);
+    assert_eq!(woken(&dry), THREADS - 1, "{:?}", dry.threads);
+    child.send_stdin(b"go 5\nwait\n").expect("go");
+    child
+        .wait_for_line("v1 idle", WAIT, |l| l.starts_with("v1 idle done=10 "))
+        .expect("v1 runs every job after the dry run");
     // Idle: the 8 workers and 2 producers wait on their condition
     // variables, main in read.
     std::thread::sleep(Duration::from_millis(200));
@@ -107,7 +120,7 @@ fn pool(tc: Toolchain) {
     assert_eq!(woken(&idle), THREADS - 1, "{:?}", idle.threads);
     child.send_stdin(b"go 5\nwait\n").expect("go");
     child
-        .wait_for_line("v2 idle", WAIT, |l| l.starts_with("v2 idle done=10 "))
+        .wait_for_line("v2 idle", WAIT, |l| l.starts_with("v2 idle done=20 "))
         .expect("the new version's workers run the jobs");
     // Busy, back to v1 and forward to v2 again.
     let busy = format!("go {BUSY_JOBS}\nwait\n");
@@ -128,7 +141,7 @@ fn pool(tc: Toolchain) {
     let forth = update(&child, &v2, false);
     assert_eq!(forth.threads.len(), THREADS, "{:?}", forth.threads);
     assert!(woken(&forth) >= 1, "{:?}", forth.threads);
-    let jobs = 10 + 2 * BUSY_JOBS;
+    let jobs = 20 + 2 * BUSY_JOBS;
     child
         .wait_for_line("all done", WAIT, |l| {
             l.starts_with(&format!("v2 idle done={jobs} "))

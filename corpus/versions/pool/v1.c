@@ -108,9 +108,7 @@ static int read_line(char *buf, int cap)
     char c;
     for (;;) {
         long n = read(0, &c, 1);
-        if (n < 0)
-            continue; /* interrupted: read again */
-        if (n == 0)
+        if (n <= 0)
             return len > 0;
         if (c == '\n')
             break;
