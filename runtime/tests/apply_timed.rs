@@ -1,4 +1,7 @@
-//! The stop does not change what a timed wait observes: a thread in a
+//! The stop does not change what blocking calls observe. A blocked read
+//! whose update is refused still returns its byte (the remote calls of the
+//! update left it in a system call stop, from which the kernel did not
+//! restart it: it returned -ERESTARTSYS). A thread in a
 //! 200 ms `epoll_wait` is interrupted every few milliseconds while an
 //! update waits for another thread, and each restart gets what is left of
 //! its timeout, not the full 200 ms again, so the wait still times out and
@@ -83,4 +86,59 @@ fn a_timed_wait_keeps_its_deadline_while_an_update_waits() {
     child
         .wait_for_line("ticks after", wait, |l| l == next)
         .expect("ticks on after the refusal");
+}
+
+/// main blocked in `read` (ready: re-executable), a thread in `pause()`
+/// through `syscall()` (never ready).
+const READER: &str = r#"
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <stdio.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+static void *sleeper(void *arg)
+{
+    (void)arg;
+    for (;;)
+        syscall(SYS_pause);
+    return NULL;
+}
+
+int main(void)
+{
+    pthread_t t;
+    char c = '?';
+    long n;
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    pthread_create(&t, NULL, sleeper, NULL);
+    printf("ready\n");
+    n = read(0, &c, 1);
+    printf("got %ld %c\n", n, c);
+    return 0;
+}
+"#;
+
+#[test]
+fn a_refused_update_leaves_a_blocked_read_blocked() {
+    let dir = TempDir::new("reader");
+    let exe = build_c(&dir, "reader", READER, Toolchain::Gcc);
+    let copy = fresh_copy(&exe, &dir, "copy");
+    let mut child = spawn(&exe, &[] as &[&str]).expect("spawn");
+    let wait = Duration::from_secs(20);
+    child
+        .wait_for_line("ready", wait, |l| l == "ready")
+        .expect("ready");
+    std::thread::sleep(Duration::from_millis(100));
+    let opts = ApplyOptions {
+        timeout: Duration::from_millis(300),
+        ..ApplyOptions::default()
+    };
+    let refused = apply(child.pid() as i32, &copy, &opts);
+    assert!(refused.is_err(), "the sleeper is never ready");
+    child.send_stdin(b"x").expect("send");
+    let line = child
+        .wait_for_line("the read's result", wait, |l| l.starts_with("got "))
+        .expect("read returns");
+    assert_eq!(line, "got 1 x");
 }
