@@ -385,10 +385,15 @@ fn eight_threads_in_mixed_states() {
         assert_eq!(h.frames[0].pc.to_runtime(image.bias), h.regs.rip());
     }
     let w = find(&s.threads, "waiter");
-    assert_eq!(
-        w.readiness,
-        Readiness::AtPoint,
-        "the condition-variable loop wakes every 5 ms"
+    // Led out of its condition wait, or at a point of its loop.
+    assert!(
+        match &w.readiness {
+            Readiness::AtPoint => true,
+            Readiness::Returned { callee } => callee.starts_with("pthread_cond_"),
+            _ => false,
+        },
+        "{:?}",
+        w.readiness
     );
     assert!(ids(w)[0].starts_with("waiter@"), "{:?}", ids(w));
     assert_eq!(find(&s.threads, "reader").readiness, blocked("read", 0));
@@ -546,19 +551,19 @@ fn threads_that_cannot_get_ready_are_named_and_nothing_changes() {
 }
 
 const EVENTS: &str = r#"
+#define _GNU_SOURCE
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <time.h>
 #include <unistd.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 
 volatile int flag;
 volatile long counter;
 volatile int got;
 int child_status = -1;
-pthread_mutex_t m = PTHREAD_MUTEX_INITIALIZER;
-pthread_cond_t c = PTHREAD_COND_INITIALIZER;
 
 void on_usr1(int s)
 {
@@ -584,12 +589,7 @@ int child_work(int n)
 
 void *busy(void *a)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    ts.tv_sec += 1;
-    pthread_mutex_lock(&m);
-    pthread_cond_timedwait(&c, &m, &ts);
-    pthread_mutex_unlock(&m);
+    syscall(SYS_poll, 0, 0, 1000);
     raise(SIGUSR1);
     pthread_t w;
     pthread_create(&w, 0, worker, 0);
@@ -638,7 +638,7 @@ fn signals_threads_and_forks_while_stopping() {
         .collect();
     wait_sleeping(pid, &busy);
 
-    // `busy` waits 1 s in pthread_cond_timedwait (not a safe call), then
+    // `busy` waits 1 s in poll called through syscall() (not a safe call), then
     // raises SIGUSR1, creates a thread and forks, all while being stopped.
     let (mut tracee, image, mut libs) = seize(&child);
     let opts = StopOptions {
