@@ -413,6 +413,16 @@ const PAIRS: &[PairSpec] = &[
         features: &[Threads, Mutex, CondVar, PipeRead, Nanosleep, Loops],
     },
     PairSpec {
+        name: "pool",
+        names: ["pool.v1", "pool.v2"],
+        description: "worker pool: 8 workers and 2 producers on condition variables around a \
+                      bounded queue of numbered jobs, driven from stdin (`go N`, `wait`, `quit`); \
+                      v2 changes the job's value and every line's version",
+        control: Control::Stdin,
+        short_args: &[],
+        features: &[Threads, Mutex, CondVar, Nanosleep, Loops],
+    },
+    PairSpec {
         name: "struct_insert",
         names: ["struct_insert.v1", "struct_insert.v2"],
         description: "a global struct gains a member mid-struct (NEW's initializer); the members after it move",

@@ -100,6 +100,7 @@ fn catalog_lists_every_pair_with_sources() {
             "main_changes",
             "echo_server",
             "threads8",
+            "pool",
             "struct_insert",
             "struct_reorder",
             "nested_array",

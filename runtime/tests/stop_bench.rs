@@ -101,7 +101,9 @@ fn measure(exe: &std::path::Path, depth: usize, hot: usize, blocked: usize) -> V
                     }
                 }
                 Readiness::Blocked { callee, .. } => assert_eq!(callee, "read"),
-                Readiness::InLibrary { callee, .. } => panic!("unexpected wait in {callee}"),
+                Readiness::InLibrary { callee, .. }
+                | Readiness::Returned { callee }
+                | Readiness::Relock { callee, .. } => panic!("unexpected wait in {callee}"),
             }
         }
         out.push(s.timings);

@@ -204,6 +204,10 @@ enum TopMode {
     Restart,
     /// Returning from a library call left in place.
     InPlace,
+    /// At the return address of a call that has returned.
+    Returned,
+    /// About to call `pthread_mutex_lock`, returning to a call site.
+    Relock,
 }
 
 fn top_mode(r: &Readiness) -> TopMode {
@@ -211,6 +215,8 @@ fn top_mode(r: &Readiness) -> TopMode {
         Readiness::AtPoint => TopMode::Point,
         Readiness::Blocked { .. } => TopMode::Restart,
         Readiness::InLibrary { .. } => TopMode::InPlace,
+        Readiness::Returned { .. } => TopMode::Returned,
+        Readiness::Relock { .. } => TopMode::Relock,
     }
 }
 
@@ -429,6 +435,15 @@ pub fn place_frames(
 /// rsp - CFA at the call of frame `idx`, measured as the callee's CFA.
 fn measured_depth(thread: &ThreadState, idx: usize) -> Result<i64, RebuildError> {
     let f = &thread.frames[idx];
+    match (idx, top_mode(&thread.readiness)) {
+        // Its call has returned: rsp is back where it was before the call.
+        (0, TopMode::Returned) => return Ok(thread.regs.rsp().0.wrapping_sub(f.cfa.0) as i64),
+        // At a callee's entry: rsp points at the return address.
+        (0, TopMode::Relock) => {
+            return Ok(thread.regs.rsp().0.wrapping_add(8).wrapping_sub(f.cfa.0) as i64)
+        }
+        _ => {}
+    }
     let callee = idx
         .checked_sub(1)
         .and_then(|i| thread.frames.get(i))
@@ -768,7 +783,11 @@ pub fn frame_writes(
             let (pc, depth) = match ns {
                 Site::Point(pt) => (pt.addr, pt.stack_depth.0),
                 Site::Restart(c) => (c.restart.unwrap_or(c.call_addr), nf.body_depth.0),
-                Site::Call(c) => (c.return_addr, c.stack_depth.0),
+                // A dynamic depth (VLA) is kept: such a frame is copied.
+                Site::Call(c) => match c.fixed_depth() {
+                    Some(d) => (c.return_addr, d.0),
+                    None => (c.return_addr, measured_depth(thread, p.old_index)?),
+                },
             };
             let r = &mut final_regs.0;
             r.rbp = p.new_cfa.0.wrapping_sub(16);
@@ -776,6 +795,18 @@ pub fn frame_writes(
             r.rip = new.runtime(pc).0;
             // No system call restart: the thread resumes in application code.
             r.orig_rax = u64::MAX;
+            if let Readiness::Relock { mutex, .. } = thread.readiness {
+                // pthread_mutex_lock(NEW's mutex), returning to the call site.
+                let slot = RuntimeAddr(r.rsp.wrapping_sub(8));
+                r.rsp = slot.0;
+                r.rip = thread.regs.0.rip;
+                r.rdi = remap.remap(RuntimeAddr(mutex)).0;
+                writes.push(Write {
+                    addr: slot,
+                    bytes: new.runtime(pc).0.to_le_bytes().to_vec(),
+                    what: format!("thread {tid} return address into {}", f.function),
+                });
+            }
         } else if let Site::Call(c) = ns {
             caller_site_ret = Some(new.runtime(c.return_addr));
         }

@@ -68,13 +68,41 @@ pub enum Readiness {
         /// The interrupted system call number (orig_rax).
         syscall: u64,
     },
+    /// Led out of a library wait through the library's own path (a
+    /// `pthread_cond_wait` ended as if timed out: glibc left the condition
+    /// variable's groups and re-acquired the mutex) and parked at the
+    /// call's return address with rax = 0: the call returns as a spurious
+    /// wake-up, into the new version of the frame at the mapped call site
+    /// (or into the old one if the update does not happen).
+    Returned {
+        /// The library function called by the application.
+        callee: String,
+    },
+    /// Woken from a `pthread_cond_wait` (led out or signalled) but waiting
+    /// to re-acquire its mutex, which a parked thread holds: abandoned there
+    /// (glibc's condition-variable state is already settled) and set at the
+    /// entry of `pthread_mutex_lock(mutex)` called from the application
+    /// frame's call site, so the call returns 0 with the mutex held. The
+    /// mutex's user count was lowered by one for the lock to come (glibc's
+    /// re-acquire does not count a user, `pthread_mutex_lock` does). The
+    /// update gives `pthread_mutex_lock` NEW's mutex and NEW's return
+    /// address.
+    Relock {
+        /// The library function called by the application.
+        callee: String,
+        /// The mutex (old address).
+        mutex: u64,
+    },
 }
 
 impl Readiness {
     /// Whether the thread waits in a system call (it may run on while the
     /// others get ready, and is ready again once confirmed still waiting).
     pub fn is_blocked(&self) -> bool {
-        !matches!(self, Readiness::AtPoint)
+        !matches!(
+            self,
+            Readiness::AtPoint | Readiness::Returned { .. } | Readiness::Relock { .. }
+        )
     }
 }
 

@@ -130,6 +130,10 @@ pub enum Top {
         /// The call the first application frame is paused in.
         call: CallSite,
     },
+    /// At the return address of `call` in the first application frame: the
+    /// call has returned (a thread led out of a library wait is parked
+    /// there), so the frame continues at that call site.
+    Returned { call: CallSite },
 }
 
 /// The application frames of a thread (top first) and how its top looks.
@@ -286,24 +290,14 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
                     function: func.name.clone(),
                     pc: rip,
                 })?;
-            let cfa = self.cfa_from_rbp(tid, &func.name, regs.get(Reg::Rbp))?;
-            self.check_depth(
+            let frames = self.chain_from_regs(
                 tid,
-                func,
-                cfa,
-                regs.rsp(),
+                regs,
+                (func, link),
                 point.stack_depth.0,
+                point.continuation(),
                 "the update point",
             )?;
-            let view = TRACKED.iter().map(|&r| (r, regs.get(r))).collect();
-            let first = Cur {
-                func,
-                pc: link,
-                cfa,
-                continuation: point.continuation(),
-                view,
-            };
-            let frames = self.chain(tid, first)?;
             return Ok(Unwound {
                 frames,
                 top: Top::AtPoint,
@@ -406,6 +400,52 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
                 call: call.clone(),
             },
         })
+    }
+
+    /// Unwind a thread stopped exactly at the return address of a call of
+    /// its top application frame (the call has returned).
+    pub fn unwind_returned(&self, tid: Pid, regs: &Regs) -> Result<Unwound, UnwindError> {
+        let rip = regs.rip();
+        let (func, link) = self.function(tid, rip)?;
+        let call = self.call_site(tid, func, link, rip)?;
+        let frames = self.chain_from_regs(
+            tid,
+            regs,
+            (func, link),
+            call.stack_depth.0,
+            call.continuation(),
+            "the return of its call",
+        )?;
+        Ok(Unwound {
+            frames,
+            top: Top::Returned { call: call.clone() },
+        })
+    }
+
+    /// The frames of a thread whose registers are those of its top
+    /// application frame (`at`, with rsp at `depth` from the CFA, paused at
+    /// `continuation`; `what` names the place in messages).
+    fn chain_from_regs(
+        &self,
+        tid: Pid,
+        regs: &Regs,
+        at: (&'a FunctionTable, LinkAddr),
+        depth: i64,
+        continuation: upstare_dwarf::fdt::Continuation,
+        what: &str,
+    ) -> Result<Vec<AppFrame>, UnwindError> {
+        let (func, link) = at;
+        let cfa = self.cfa_from_rbp(tid, &func.name, regs.get(Reg::Rbp))?;
+        self.check_depth(tid, func, cfa, regs.rsp(), depth, what)?;
+        let view = TRACKED.iter().map(|&r| (r, regs.get(r))).collect();
+        let first = Cur {
+            func,
+            pc: link,
+            cfa,
+            continuation,
+            view,
+        };
+        self.chain(tid, first)
     }
 
     fn in_function(&self, pc: RuntimeAddr) -> bool {

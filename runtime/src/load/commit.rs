@@ -31,6 +31,9 @@ pub struct CommitPlan {
     pub handlers: Vec<HandlerMove>,
     /// `.dynamic` entries of the old image to rewrite.
     pub fini: FiniRedirect,
+    /// Exit and fork handlers (and other function pointers) the C library
+    /// holds into the old image, pointed at NEW (see `exit_handlers`).
+    pub exit_handlers: FiniRedirect,
     /// Executable mappings of the old image to make read-only.
     pub retire: Vec<Range<RuntimeAddr>>,
     /// Things the caller may want to report.
@@ -53,6 +56,10 @@ pub(super) fn plan_commit(
     let mapper = function_mapper(running, new);
     let handlers = plan_signal_handlers(rc, running, &mapper)?;
     let fini = plan_fini_redirect(&*rc.memory(), pid, new)?;
+    let fs_base = rc.saved_regs().0.fs_base;
+    let exit_handlers = FiniRedirect {
+        writes: super::exit_handlers::plan_exit_handlers(&*rc.memory(), maps, fs_base, &mapper)?,
+    };
     let retire = plan_retire(maps, running);
     let mut warnings = Vec::new();
     for (name, _) in copies {
@@ -67,6 +74,7 @@ pub(super) fn plan_commit(
     Ok(CommitPlan {
         handlers,
         fini,
+        exit_handlers,
         retire,
         warnings,
         old_path: running.path.clone(),
@@ -89,6 +97,11 @@ pub(super) fn apply_commit(rc: &mut RemoteCalls<'_>, plan: &CommitPlan) -> Resul
         });
     }
     plan.fini.apply(rc.memory())?;
+    if let Err(e) = plan.exit_handlers.apply(rc.memory()) {
+        let _ = plan.exit_handlers.revert(rc.memory());
+        let _ = plan.fini.revert(rc.memory());
+        return Err(e.into());
+    }
     let undo = |rc: &mut RemoteCalls<'_>, retired: &[Range<RuntimeAddr>]| {
         for r in retired {
             let _ = rc.mprotect(
@@ -98,6 +111,7 @@ pub(super) fn apply_commit(rc: &mut RemoteCalls<'_>, plan: &CommitPlan) -> Resul
             );
         }
         let _ = revert_signal_handlers(rc, &plan.handlers);
+        let _ = plan.exit_handlers.revert(rc.memory());
         let _ = plan.fini.revert(rc.memory());
     };
     if let Err(e) = apply_signal_handlers(rc, &plan.handlers) {

@@ -377,6 +377,13 @@ impl Library {
         best.map(|s| (s.name.as_str(), pc.0 - s.addr))
     }
 
+    /// Runtime address of the function `name` this object defines (its
+    /// default version), if any.
+    pub fn function_addr(&self, name: &str) -> Option<RuntimeAddr> {
+        let d = self.exports().ok()?.find(name, None)?;
+        (d.kind == E::STT_FUNC.0).then(|| RuntimeAddr(d.value.wrapping_add(self.bias().0)))
+    }
+
     /// Its `DT_SONAME` and exported definitions, parsed on first use.
     fn exports(&self) -> Result<&Exports, LibraryError> {
         self.exports

@@ -68,6 +68,7 @@
 
 mod commit;
 pub mod elf;
+mod exit_handlers;
 pub mod image;
 pub mod libraries;
 mod map;

@@ -4,12 +4,14 @@
 //! A new reason is a variant of [`NotReadyReason`], with its text in the
 //! `Display` impl; the policy it applies lives in [`super::policy`].
 
-use super::policy::{self, eintr_on_stop, OnUpdate, EINTR, ERESTARTNOHAND, NO_EFFECT};
+use super::policy::{self, eintr_on_stop, OnUpdate, EINTR, ERESTARTNOHAND, ETIMEDOUT, NO_EFFECT};
 use super::stopper::Stopper;
 use super::{syscall_name, StopError};
 use crate::engine::state::{Image, Readiness, ThreadState};
 use crate::engine::unwind::{StackSnapshot, Top, UnwindError, Unwinder, Unwound};
 use crate::load::libraries::Libraries;
+use crate::memory::TargetMemory;
+use crate::target::breakpoint::BreakpointSet;
 use crate::target::procfs::{self, MemoryMap};
 use crate::target::ptrace::Regs;
 use crate::target::ProcessMemory;
@@ -17,6 +19,7 @@ use nix::libc;
 use nix::unistd::Pid;
 use std::fmt;
 use std::ops::Range;
+use std::time::Instant;
 use upstare_dwarf::fdt::Callee;
 use upstare_dwarf::RuntimeAddr;
 
@@ -55,6 +58,27 @@ pub enum NotReadyReason {
     /// Blocked in a known-safe call from a statement with effects before
     /// the call, so it cannot run again.
     NotReexecutable { callee: String },
+    /// Waiting in a call the thread is led out of (`pthread_cond_wait`),
+    /// not led out yet; it is parked at `resume_at`, the call's return.
+    WaitToLeave {
+        callee: String,
+        resume_at: RuntimeAddr,
+    },
+    /// Inside a call it is led out of, but not in the wait itself (the
+    /// mutex or an internal lock, whose waits must not end early): it runs
+    /// on.
+    WaitInternals { callee: String },
+    /// Woken from `callee` and waiting to re-acquire `mutex`: to be set
+    /// at the entry of `pthread_mutex_lock(mutex)` returning to
+    /// `return_slot`'s address (see `Readiness::Relock`).
+    MutexRelock {
+        callee: String,
+        mutex: u64,
+        return_slot: RuntimeAddr,
+    },
+    /// Led out of its wait, running through the library's own path to the
+    /// call's return (re-acquiring the mutex).
+    LeavingWait { callee: String },
 }
 
 impl fmt::Display for NotReadyReason {
@@ -96,8 +120,30 @@ impl fmt::Display for NotReadyReason {
                 f,
                 "blocked in {callee}, but its statement cannot be re-executed (it has effects before the call)"
             ),
+            WaitToLeave { callee, .. } => write!(f, "waiting in {callee}, not led out of it yet"),
+            MutexRelock { callee, .. } => {
+                write!(f, "woken from {callee}, waiting to re-acquire its mutex")
+            }
+            WaitInternals { callee } => write!(
+                f,
+                "inside {callee}, waiting for its mutex or internal lock (not the condition itself)"
+            ),
+            LeavingWait { callee } => write!(
+                f,
+                "led out of {callee}, still on its way to the call's return (re-acquiring the mutex)"
+            ),
         }
     }
+}
+
+/// A timed wait a thread was seen in, to restart it with what is left.
+pub(super) struct TimedWait {
+    rip: u64,
+    nr: i64,
+    since: Instant,
+    timeout_ms: i32,
+    /// The timeout it was last restarted with.
+    last_set: i32,
 }
 
 impl Stopper<'_> {
@@ -109,9 +155,43 @@ impl Stopper<'_> {
         let (nr, rax) = (regs.0.orig_rax as i64, regs.0.rax as i64);
         if nr >= 0 && rax == EINTR && eintr_on_stop(nr) {
             regs.0.rax = ERESTARTNOHAND as u64;
+            if let Some(ms) = self.remaining_ms(tid, nr, &regs) {
+                regs.0.r10 = ms as u64;
+            }
             self.tracee.set_regs(tid, &regs)?;
         }
         Ok(regs)
+    }
+
+    /// The timeout a restarted timed wait of `tid` gets: what is left of
+    /// the one it had when first seen in this call (the time before that
+    /// is not known, so it may wait a little longer than without us, never
+    /// the full timeout again at every interruption).
+    fn remaining_ms(&mut self, tid: Pid, nr: i64, regs: &Regs) -> Option<i32> {
+        let ms = policy::timeout_ms(nr, regs)?;
+        let now = Instant::now();
+        let same = self
+            .timed
+            .get(&tid)
+            .is_some_and(|w| w.rip == regs.0.rip && w.nr == nr && w.last_set == ms);
+        if !same {
+            self.timed.insert(
+                tid,
+                TimedWait {
+                    rip: regs.0.rip,
+                    nr,
+                    since: now,
+                    timeout_ms: ms,
+                    last_set: ms,
+                },
+            );
+        }
+        let w = self.timed.get_mut(&tid)?;
+        let spent = i32::try_from(now.duration_since(w.since).as_millis()).unwrap_or(i32::MAX);
+        // 0 would make the call return at once, as its timeout would have.
+        let left = w.timeout_ms.saturating_sub(spent).max(0);
+        w.last_set = left;
+        Some(left)
     }
 
     pub(super) fn stack_of(&mut self, rsp: RuntimeAddr) -> Option<Range<RuntimeAddr>> {
@@ -156,6 +236,33 @@ impl Stopper<'_> {
         let stack = self.stack_of(regs.rsp());
         let unwind = |me: &mut Self, regs: &Regs| me.unwind_refreshing(tid, stack.clone(), regs);
         let t = tid.as_raw();
+        if let Some(callee) = self.returned.get(&tid).cloned() {
+            let u = self
+                .unwind_returned(tid, stack, regs)
+                .map_err(|message| NotReadyReason::Unwind { message })?;
+            return Ok(ThreadState {
+                tid,
+                regs: *regs,
+                readiness: Readiness::Returned { callee },
+                frames: u.frames,
+            });
+        }
+        if let Some((callee, mutex)) = self.relocking.get(&tid).cloned() {
+            let u = unwind(self, regs).map_err(|message| NotReadyReason::Unwind { message })?;
+            return Ok(ThreadState {
+                tid,
+                regs: *regs,
+                readiness: Readiness::Relock { callee, mutex },
+                frames: u.frames,
+            });
+        }
+        if let Some((_, callee)) = self.leaving.get(&tid).cloned() {
+            // On its way out: only a wait for its mutex is of interest.
+            return match self.classify_blocked(tid, regs) {
+                Err(r @ NotReadyReason::MutexRelock { .. }) => Err(r),
+                _ => Err(NotReadyReason::LeavingWait { callee }),
+            };
+        }
         if self.image.is_code(rip) {
             let Some(f) = self
                 .image
@@ -175,6 +282,15 @@ impl Stopper<'_> {
                 frames: u.frames,
             });
         }
+        self.classify_blocked(tid, regs)
+    }
+
+    /// Ready state of a stopped thread outside the image's code (in a
+    /// library call), or why it is not ready.
+    fn classify_blocked(&mut self, tid: Pid, regs: &Regs) -> Result<ThreadState, NotReadyReason> {
+        let stack = self.stack_of(regs.rsp());
+        let unwind = |me: &mut Self, regs: &Regs| me.unwind_refreshing(tid, stack.clone(), regs);
+        let t = tid.as_raw();
         let (nr, rax) = (regs.0.orig_rax as i64, regs.0.rax as i64);
         if nr < 0 || !NO_EFFECT.contains(&rax) {
             return Err(if nr >= 0 {
@@ -202,6 +318,30 @@ impl Stopper<'_> {
         // A call resumed after -ERESTART_RESTARTBLOCK (nanosleep, poll, a
         // futex wait) continues as restart_syscall: the callee's own.
         let known = policy::known_call(&callee);
+        let leave = known.filter(|c| c.on_update == OnUpdate::LeaveWait);
+        if leave.is_some_and(|c| c.syscalls.contains(&nr) || nr == libc::SYS_restart_syscall) {
+            if !policy::is_condvar_wait(regs) {
+                let lib_cfa = match &u.top {
+                    Top::InLibrary { frames, .. } => frames.last().map(|f| f.cfa),
+                    _ => None,
+                };
+                let relock = policy::relock_futex(regs)
+                    .filter(|&m| self.is_held_mutex(tid, m))
+                    .zip(lib_cfa.and_then(|c| c.checked_offset(-8)));
+                return Err(match relock {
+                    Some((mutex, return_slot)) => NotReadyReason::MutexRelock {
+                        callee,
+                        mutex,
+                        return_slot,
+                    },
+                    None => NotReadyReason::WaitInternals { callee },
+                });
+            }
+            return Err(NotReadyReason::WaitToLeave {
+                callee,
+                resume_at: self.image.runtime(call.return_addr),
+            });
+        }
         let waits_in = |on_update| {
             known
                 .filter(|c| c.on_update == on_update)
@@ -239,6 +379,123 @@ impl Stopper<'_> {
             },
             frames: u.frames,
         })
+    }
+
+    /// Whether a plain (not robust, PI or PP) glibc mutex held by another
+    /// thread of the process lies at `addr`, with a user count to lower.
+    fn is_held_mutex(&self, tid: Pid, addr: u64) -> bool {
+        let at = |off: i64| {
+            RuntimeAddr(addr)
+                .checked_offset(off)
+                .and_then(|a| self.mem.read_u32(a).ok())
+        };
+        let (Some(owner), Some(nusers), Some(kind)) = (
+            at(policy::MUTEX_OWNER),
+            at(policy::MUTEX_NUSERS),
+            at(policy::MUTEX_KIND),
+        ) else {
+            return false;
+        };
+        let owner = Pid::from_raw(owner as i32);
+        owner != tid
+            && self.tracee.traced().contains(&owner)
+            && nusers > 0
+            && kind & policy::MUTEX_SPECIAL_KINDS == 0
+            && kind & 0x7f <= 3
+    }
+
+    /// Abandon thread `tid` in its wait for `mutex` (classified
+    /// [`NotReadyReason::MutexRelock`]) and set it at the entry of
+    /// `pthread_mutex_lock(mutex)` returning to the address in
+    /// `return_slot`, lowering the mutex's user count for the lock to come.
+    pub(super) fn set_relock(
+        &mut self,
+        tid: Pid,
+        callee: String,
+        mutex: u64,
+        return_slot: RuntimeAddr,
+    ) -> Result<bool, StopError> {
+        // The C library the thread waits in.
+        let rip = self.tracee.regs(tid)?.rip();
+        let Some(lock) = self
+            .libs
+            .lookup(rip)
+            .and_then(|(lib, _)| lib.function_addr("pthread_mutex_lock"))
+        else {
+            return Ok(false);
+        };
+        let Some(nusers_at) = RuntimeAddr(mutex).checked_offset(policy::MUTEX_NUSERS) else {
+            return Ok(false);
+        };
+        let mut regs = self.tracee.regs(tid)?;
+        // The library frames are dropped: the registers the application
+        // frame expects back are the ones its callee must preserve.
+        let stack = self.stack_of(regs.rsp());
+        let Some(app) = self
+            .unwind_refreshing(tid, stack, &regs)
+            .ok()
+            .and_then(|u| u.frames.into_iter().next())
+        else {
+            return Ok(false);
+        };
+        let mut mem = self.mem.clone();
+        let lowered = mem
+            .read_u32(nusers_at)
+            .and_then(|n| mem.write_u32(nusers_at, n.saturating_sub(1)));
+        if lowered.is_err() {
+            return Ok(false);
+        }
+        for (reg, v) in &app.callee_saved {
+            regs.set(*reg, *v);
+        }
+        regs.0.rbp = app.cfa.0.wrapping_sub(16);
+        regs.0.rip = lock.0;
+        regs.0.rsp = return_slot.0;
+        regs.0.rdi = mutex;
+        regs.0.rax = 0;
+        regs.0.orig_rax = u64::MAX;
+        self.tracee.set_regs(tid, &regs)?;
+        self.relocking.insert(tid, (callee, mutex));
+        Ok(true)
+    }
+
+    /// Unwind `tid`, stopped at the return address of a call of its top
+    /// application frame.
+    fn unwind_returned(
+        &mut self,
+        tid: Pid,
+        stack: Option<Range<RuntimeAddr>>,
+        regs: &Regs,
+    ) -> Result<Unwound, String> {
+        let unwinder = Unwinder::new(self.image, self.libs, &self.mem);
+        let unwinder = match stack {
+            Some(s) => unwinder.with_stack(s),
+            None => unwinder,
+        };
+        unwinder
+            .unwind_returned(tid, regs)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Lead thread `tid`, waiting in `callee` (classified
+    /// [`NotReadyReason::WaitToLeave`]), out of its wait: its interrupted
+    /// system call ends with -ETIMEDOUT and is not restarted (orig_rax
+    /// -1), so that the library cancels the waiting itself, and a
+    /// breakpoint at `resume_at` (the call's return) parks it there.
+    pub(super) fn lead_out(
+        &mut self,
+        bps: &mut BreakpointSet<ProcessMemory>,
+        tid: Pid,
+        callee: String,
+        resume_at: RuntimeAddr,
+    ) -> Result<(), StopError> {
+        bps.arm(resume_at)?;
+        let mut regs = self.tracee.regs(tid)?;
+        regs.0.rax = ETIMEDOUT as u64;
+        regs.0.orig_rax = u64::MAX;
+        self.tracee.set_regs(tid, &regs)?;
+        self.leaving.insert(tid, (resume_at, callee));
+        Ok(())
     }
 
     /// Unwind `tid`; a pc in no known object means the process mapped a

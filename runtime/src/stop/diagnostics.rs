@@ -198,7 +198,7 @@ impl Stopper<'_> {
                     let f = u.frames.first()?;
                     Some((f.function.clone(), file_name(tables, call.file), call.line))
                 }
-                Top::AtPoint => None,
+                Top::AtPoint | Top::Returned { .. } => None,
             });
         Location::Library {
             library,

@@ -5,7 +5,7 @@
 //! imported under, the system calls glibc makes for it, and whether the
 //! call is re-executed or left in place by the update.
 
-use crate::target::ptrace::Sig;
+use crate::target::ptrace::{Regs, Sig};
 use nix::libc;
 
 /// Return values of an interrupted system call that had no effect yet:
@@ -27,6 +27,12 @@ pub(super) enum OnUpdate {
     /// (see `Readiness::InLibrary`): not safe to re-execute, but what it
     /// waits for lies outside the image.
     InPlace,
+    /// The thread is led out of the wait through the library's own path
+    /// (its system call ends with -ETIMEDOUT) and parked at the call's
+    /// return (see `Readiness::Returned`): what it waits on lies in the
+    /// image (a condition variable), where a thread left sleeping would
+    /// never be woken by the new version's code.
+    LeaveWait,
 }
 
 /// One library call a blocked thread may be caught in.
@@ -43,6 +49,14 @@ const fn reexecute(names: &'static [&'static str], syscalls: &'static [i64]) -> 
         names,
         syscalls,
         on_update: OnUpdate::Reexecute,
+    }
+}
+
+const fn leave_wait(names: &'static [&'static str], syscalls: &'static [i64]) -> KnownCall {
+    KnownCall {
+        names,
+        syscalls,
+        on_update: OnUpdate::LeaveWait,
     }
 }
 
@@ -95,7 +109,54 @@ pub(super) const KNOWN_CALLS: &[KnownCall] = &[
         &[SYS_rt_sigtimedwait],
     ),
     in_place(&["pthread_join"], &[SYS_futex]),
+    // glibc 2.36 (nptl/pthread_cond_wait.c): a futex wait on the group's
+    // signal word that ends with ETIMEDOUT cancels the waiting (the group
+    // counts are given back, a signal it may have consumed is passed on),
+    // re-acquires the mutex and returns; its other futex waits (the
+    // condvar's internal lock, the mutex) ignore the result and wait again.
+    leave_wait(
+        &[
+            "pthread_cond_wait",
+            "pthread_cond_timedwait",
+            "pthread_cond_clockwait",
+        ],
+        &[SYS_futex],
+    ),
 ];
+
+/// Whether a thread stopped in a futex system call under
+/// `pthread_cond_wait` waits on the condition itself: glibc 2.36 waits
+/// there with FUTEX_WAIT_BITSET for the value 0 (the group's signal word),
+/// and only that wait may end with ETIMEDOUT (the mutex and the internal
+/// lock use FUTEX_WAIT, and glibc aborts on an ETIMEDOUT there). The
+/// system call's arguments stay in their registers while it is stopped.
+pub(super) fn is_condvar_wait(regs: &Regs) -> bool {
+    const FUTEX_WAIT_BITSET: u64 = 9;
+    const FUTEX_CMD_MASK: u64 = !(128 | 256); // PRIVATE, CLOCK_REALTIME
+    regs.0.rsi & FUTEX_CMD_MASK == FUTEX_WAIT_BITSET && regs.0.rdx as u32 == 0
+}
+
+/// The futex a thread under `pthread_cond_wait` waits on when it waits to
+/// re-acquire its mutex (glibc 2.36 `__lll_lock_wait`: FUTEX_WAIT for the
+/// value 2 on the mutex's lock word, its first member), if that is the
+/// wait: the caller still checks that a mutex lies there (the condition
+/// variable's internal lock is waited on the same way).
+pub(super) fn relock_futex(regs: &Regs) -> Option<u64> {
+    const FUTEX_WAIT: u64 = 0;
+    const FUTEX_CMD_MASK: u64 = !(128 | 256);
+    (regs.0.rsi & FUTEX_CMD_MASK == FUTEX_WAIT && regs.0.rdx as u32 == 2).then_some(regs.0.rdi)
+}
+
+/// Offsets in glibc's x86-64 `pthread_mutex_t`.
+pub(super) const MUTEX_OWNER: i64 = 8;
+pub(super) const MUTEX_NUSERS: i64 = 12;
+pub(super) const MUTEX_KIND: i64 = 16;
+/// Kind bits of robust, priority-inheriting and priority-protected
+/// mutexes, whose locking involves more than the lock word.
+pub(super) const MUTEX_SPECIAL_KINDS: u32 = 16 | 32 | 64;
+
+/// -ETIMEDOUT: what a led-out wait's system call returns.
+pub(super) const ETIMEDOUT: i64 = -110;
 
 /// The entry of [`KNOWN_CALLS`] for library function `callee`, if any.
 pub(super) fn known_call(callee: &str) -> Option<&'static KnownCall> {
@@ -113,6 +174,14 @@ pub(super) fn eintr_on_stop(nr: i64) -> bool {
         SYS_rt_sigtimedwait,
     ]
     .contains(&nr)
+}
+
+/// For system calls [`eintr_on_stop`] that take a relative timeout in
+/// milliseconds in a register (epoll_wait, epoll_pwait: r10), that
+/// timeout; `None` for other calls and for an infinite wait (negative).
+pub(super) fn timeout_ms(nr: i64, regs: &Regs) -> Option<i32> {
+    let ms = regs.0.r10 as i32;
+    ([SYS_epoll_wait, SYS_epoll_pwait].contains(&nr) && ms > 0).then_some(ms)
 }
 
 /// Names of the x86-64 system calls messages mention.
@@ -197,6 +266,8 @@ mod tests {
         let read = known_call("read").map(|c| c.on_update);
         assert_eq!(read, Some(OnUpdate::Reexecute));
         assert!(known_call("write").is_none());
+        let cond = known_call("pthread_cond_wait").map(|c| c.on_update);
+        assert_eq!(cond, Some(OnUpdate::LeaveWait));
         assert_eq!(syscall_name(SYS_futex), "futex");
         assert_eq!(syscall_name(-7), "#-7");
     }

@@ -80,6 +80,17 @@ pub(super) struct Stopper<'a> {
     /// When a thread last became ready (or blocked in a safe call).
     last_progress: Instant,
     breaths: u64,
+    /// Threads led out of a wait, running to the call's return (where a
+    /// breakpoint parks them), with the callee.
+    pub(super) leaving: BTreeMap<Pid, (RuntimeAddr, String)>,
+    /// Threads parked at the return of a wait they were led out of.
+    pub(super) returned: BTreeMap<Pid, String>,
+    /// Threads set at the entry of `pthread_mutex_lock` to re-acquire the
+    /// mutex of their condition wait (callee, mutex); never let run while
+    /// stopping (their mutex's user count is already lowered).
+    pub(super) relocking: BTreeMap<Pid, (String, u64)>,
+    /// The timed wait each thread was last restarted in.
+    pub(super) timed: BTreeMap<Pid, super::classify::TimedWait>,
 }
 
 /// Stop every thread of the seized `tracee` at an update point of `image`
@@ -125,6 +136,10 @@ pub(super) fn stop(
         syscalls: BTreeMap::new(),
         last_progress: Instant::now(),
         breaths: 0,
+        leaving: BTreeMap::new(),
+        returned: BTreeMap::new(),
+        relocking: BTreeMap::new(),
+        timed: BTreeMap::new(),
     };
     let mut timings = StopTimings::default();
     // Dropped (restoring every byte) on every path out of this function.
@@ -351,8 +366,16 @@ impl Stopper<'_> {
                 });
             }
             let now = Instant::now();
+            // A thread led out of a wait is given time to reach its
+            // return (the mutex holder may have to run first): left on its
+            // way, it would return ETIMEDOUT to a plain pthread_cond_wait.
+            let grace = if self.leaving.is_empty() {
+                Duration::ZERO
+            } else {
+                self.opts.stop_wait
+            };
             match deadline {
-                Some(d) if now >= d => return Ok(()),
+                Some(d) if now >= d + grace => return Ok(()),
                 None if now.duration_since(start) >= self.opts.skip_timeout => {
                     return Err(StopError::SkipTimeout {
                         pid: self.pid.as_raw(),
@@ -431,9 +454,14 @@ impl Stopper<'_> {
         }
         self.breaths += 1;
         self.last_progress = Instant::now();
+        // Threads led out of a condition wait stay: one set to re-acquire
+        // a mutex holds nothing, one parked at the return holds a mutex
+        // that the others re-acquire the same way; let run, it would wait
+        // and be led out again.
         let held: Vec<(Pid, bool)> = self
             .ready
             .iter()
+            .filter(|(t, _)| !self.relocking.contains_key(t) && !self.returned.contains_key(t))
             .map(|(t, s)| (*t, s.readiness.is_blocked()))
             .collect();
         for (tid, blocked) in held {
@@ -514,6 +542,15 @@ impl Stopper<'_> {
                     return self.cont(tid, Some(Sig::TRAP));
                 }
                 regs.set_rip(at);
+                if let Some(callee) = self.parked_at_return(tid, at) {
+                    // Parked at the return of the wait it was led out of:
+                    // the call returns 0, a spurious wake-up.
+                    regs.0.rax = 0;
+                    self.tracee.set_regs(tid, &regs)?;
+                    self.returned.insert(tid, callee);
+                    self.last_progress = Instant::now();
+                    return self.look_at(bps, tid, false);
+                }
                 self.tracee.set_regs(tid, &regs)?;
                 self.hits += 1;
                 if self.hits <= self.opts.skip_hits {
@@ -585,6 +622,16 @@ impl Stopper<'_> {
         }
     }
 
+    /// The callee of the wait `tid` was led out of, if `at` is that call's
+    /// return: the thread is no longer leaving, it is parked there.
+    fn parked_at_return(&mut self, tid: Pid, at: RuntimeAddr) -> Option<String> {
+        if self.leaving.get(&tid).is_none_or(|(r, _)| *r != at) {
+            return None;
+        }
+        let (_, callee) = self.leaving.remove(&tid)?;
+        Some(callee)
+    }
+
     fn cont(&mut self, tid: Pid, sig: Option<Sig>) -> Result<(), StopError> {
         match self.tracee.cont(tid, sig) {
             Ok(()) => {
@@ -619,7 +666,27 @@ impl Stopper<'_> {
         let regs = self.tracee.regs(tid)?;
         let regs = self.undo_eintr(tid, regs)?;
         let at_point = self.at_update_point(regs.rip());
-        match self.classify(tid, &regs) {
+        let classified = match self.classify(tid, &regs) {
+            Err(NotReadyReason::WaitToLeave { callee, resume_at }) if !keep_running => {
+                self.lead_out(bps, tid, callee.clone(), resume_at)?;
+                Err(NotReadyReason::LeavingWait { callee })
+            }
+            Err(NotReadyReason::MutexRelock {
+                callee,
+                mutex,
+                return_slot,
+            }) if !keep_running => {
+                self.leaving.remove(&tid);
+                if self.set_relock(tid, callee.clone(), mutex, return_slot)? {
+                    let regs = self.tracee.regs(tid)?;
+                    self.classify(tid, &regs)
+                } else {
+                    Err(NotReadyReason::WaitInternals { callee })
+                }
+            }
+            other => other,
+        };
+        match classified {
             Ok(state) if !keep_running => {
                 self.last_progress = Instant::now();
                 let blocked = state.readiness.is_blocked();
@@ -672,6 +739,8 @@ impl Stopper<'_> {
         bps: &mut BreakpointSet<ProcessMemory>,
         tid: Pid,
     ) -> Result<(), StopError> {
+        // Let run, a thread parked at a wait's return goes on from there.
+        self.returned.remove(&tid);
         let rip = self.tracee.regs(tid)?.rip();
         if bps.is_armed(rip) {
             let out = bps.step_over(&mut *self.tracee, tid, self.opts.stop_wait)?;
@@ -928,8 +997,14 @@ impl Stopper<'_> {
                     let at = RuntimeAddr(regs.rip().0.wrapping_sub(1));
                     if bps.was_armed(at) {
                         regs.set_rip(at);
+                        if let Some(callee) = self.parked_at_return(tid, at) {
+                            // At the return of the wait it was led out of.
+                            regs.0.rax = 0;
+                            self.returned.insert(tid, callee);
+                        } else {
+                            self.hits += 1;
+                        }
                         self.tracee.set_regs(tid, &regs)?;
-                        self.hits += 1;
                         // Our interrupt is pending: the thread stops again
                         // before executing the int3.
                         self.tracee.cont(tid, None)?;

@@ -126,6 +126,16 @@ const RESTART_CODES: [i64; 3] = [-512, -513, -514];
 /// `-ERESTART_RESTARTBLOCK`: `rt_sigreturn` cancels the restart block.
 const RESTARTBLOCK: i64 = -516;
 
+/// Whether `regs` are those of a thread interrupted in a system call that
+/// the kernel restarts when it resumes.
+fn interrupted_syscall(regs: &Regs) -> bool {
+    let rax = regs.0.rax as i64;
+    (regs.0.orig_rax as i64) >= 0 && (RESTART_CODES.contains(&rax) || rax == RESTARTBLOCK)
+}
+
+/// Bound on the wait for the interrupt stop that ends a session.
+const STOP_WAIT: Duration = Duration::from_secs(2);
+
 /// A kernel `ucontext` for `rt_sigreturn` that puts back `regs` (in the form
 /// the kernel would resume them: an interrupted system call is restarted)
 /// and the signal mask `mask`. No FPU state: `rt_sigreturn` then resets it
@@ -1036,6 +1046,9 @@ impl<'t> RemoteCalls<'t> {
                 .write(frame, &frame_orig)
                 .map_err(RemoteError::from),
         );
+        if interrupted_syscall(&self.regs) {
+            note(self.park_for_restart(&mut slot));
+        }
         if slot.is_some() {
             note(
                 self.tracee
@@ -1045,6 +1058,31 @@ impl<'t> RemoteCalls<'t> {
             );
         }
         first.map_or(Ok(()), Err)
+    }
+
+    /// The session ends in a system call stop of ours, from which the
+    /// kernel would not restart the call the thread was interrupted in (it
+    /// would see the restart code as the call's result): move the thread
+    /// into an interrupt stop, from which it resumes through the kernel's
+    /// signal path, which restarts it. No instruction runs meanwhile. A
+    /// signal taken on the way is the one the thread stops for.
+    fn park_for_restart(&mut self, slot: &mut Option<Sig>) -> Result<(), RemoteError> {
+        self.tracee.interrupt(self.tid)?;
+        self.tracee.cont(self.tid, None)?;
+        for _ in 0..16 {
+            match self.tracee.wait_stop(self.tid, STOP_WAIT)? {
+                Stop::EventStop { .. } => return Ok(()),
+                Stop::Signal { sig, .. } => {
+                    slot.get_or_insert(sig);
+                    self.tracee.cont(self.tid, None)?;
+                }
+                _ => self.tracee.cont(self.tid, None)?,
+            }
+        }
+        Err(RemoteError::from(PtraceError::Timeout {
+            tid: self.tid,
+            waited: STOP_WAIT,
+        }))
     }
 
     /// Sends again a SIGSTOP taken from the thread, unless a SIGCONT came

@@ -411,6 +411,14 @@ fn thread_report(t: &ThreadState) -> ThreadReport {
             Readiness::InLibrary { callee, syscall } => {
                 format!("waiting in {callee} (syscall {syscall}), left in place")
             }
+            Readiness::Returned { callee } => {
+                format!("woken from {callee}, returns 0 (a spurious wake-up)")
+            }
+            Readiness::Relock { callee, .. } => {
+                format!(
+                    "woken from {callee}, re-acquires its mutex and returns 0 (a spurious wake-up)"
+                )
+            }
         },
         frames: t
             .frames
