@@ -41,12 +41,20 @@ pub fn total_ms(report: &serde_json::Value) -> f64 {
     report["timings"]["total_us"].as_f64().unwrap_or(f64::NAN) / 1000.0
 }
 
-/// The file mapped as the process's code, by name.
+/// Whether `exe` is mapped executable in process `pid`: by its path, or as
+/// the memfd upstare hands a chrooted process (`/memfd:upstare:NAME`).
 pub fn runs(pid: u32, exe: &Path) -> bool {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
     let canon = std::fs::canonicalize(exe).unwrap_or_else(|_| exe.to_path_buf());
-    maps.lines()
-        .any(|l| l.contains(" r-xp ") && l.ends_with(&*canon.to_string_lossy()))
+    let memfd = format!(
+        "/memfd:upstare:{}",
+        exe.file_name()
+            .map(|f| f.to_string_lossy())
+            .unwrap_or_default()
+    );
+    maps.lines().any(|l| {
+        l.contains(" r-xp ") && (l.ends_with(&*canon.to_string_lossy()) || l.contains(&memfd))
+    })
 }
 
 /// A key-value server's client, one request at a time on one connection.
