@@ -152,6 +152,8 @@ pub enum UpdateError {
     Transformer(Box<TransformerError>),
     #[error("{0}; nothing was changed")]
     Input(#[from] upstare_patcher::input::InputError),
+    #[error("{path}: {why}; nothing was changed")]
+    Unrelated { path: PathBuf, why: String },
     #[error("{0}")]
     Rescue(Box<crate::target::rescue::RescueError>),
     #[error("interrupted by {sig}: the update was rolled back, process {pid} runs as before")]
@@ -297,6 +299,7 @@ pub fn apply(pid: i32, new_path: &Path, opts: &ApplyOptions) -> Result<UpdateRep
         return Err(UpdateError::NoProcess { pid });
     }
     let new_bytes = read_new(new_path)?;
+    check_tables_unseized(pid, new_path, &new_bytes)?;
     signals::set_target(pid);
     interrupted(pid)?;
     let mut tracee = Tracee::seize(nix::unistd::Pid::from_raw(pid))?;
@@ -312,6 +315,23 @@ pub fn apply(pid: i32, new_path: &Path, opts: &ApplyOptions) -> Result<UpdateRep
         }
         Err(e) => Err(e),
     }
+}
+
+/// Tables that do not match their binary (NEW's, or those of the image the
+/// process runs) are refused before the first ptrace call. A process whose
+/// maps cannot be read is left to the seize, which says why.
+fn check_tables_unseized(pid: i32, new_path: &Path, new_bytes: &[u8]) -> Result<(), UpdateError> {
+    upstare_dwarf::read_tables(new_bytes).map_err(|e| UpdateError::New {
+        path: new_path.to_path_buf(),
+        why: e.to_string(),
+    })?;
+    let p = nix::unistd::Pid::from_raw(pid);
+    if let Ok(maps) = procfs::read_maps(p) {
+        if let Err(e @ ImageError::Tables { .. }) = running_image(p, &maps) {
+            return Err(e.into());
+        }
+    }
+    Ok(())
 }
 
 /// Whether `len` bytes at `addr` lie in writable mappings. They may span
@@ -541,6 +561,12 @@ fn apply_traced_bytes(
             plan
         }
     };
+    if let Some(u) = &plan.unrelated {
+        return Err(UpdateError::Unrelated {
+            path: new_path.to_path_buf(),
+            why: u.to_string(),
+        });
+    }
     let transforms = !plan.transformers.is_empty();
     if transforms && object.is_none() {
         return Err(TransformerError::NoObject.into());
