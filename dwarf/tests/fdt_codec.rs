@@ -6,6 +6,7 @@
 use upstare_dwarf::fdt::*;
 use upstare_dwarf::model::*;
 use upstare_dwarf::{CfaOffset, LinkAddr, Reg};
+use upstare_testkit::Rng;
 
 fn sample() -> FrameTables {
     let int = TypeId(0);
@@ -203,20 +204,6 @@ fn dangling_references_are_rejected() {
     assert!(matches!(decode(&bytes), Err(DecodeError::Invalid(_))));
 }
 
-/// xorshift64*: deterministic, dependency-free.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
 /// The checksum refuses any changed section (above); behind it, the
 /// payload decoder itself must still never panic nor over-allocate.
 #[test]
@@ -231,7 +218,7 @@ fn mutated_payloads_never_panic() {
             0 => {
                 for _ in 0..1 + rng.below(4) {
                     let i = rng.below(b.len());
-                    b[i] = rng.next() as u8;
+                    b[i] = rng.next_u64() as u8;
                 }
             }
             // truncate
@@ -246,7 +233,7 @@ fn mutated_payloads_never_panic() {
             // random bytes
             _ => {
                 let n = rng.below(512);
-                b = (0..n).map(|_| rng.next() as u8).collect();
+                b = (0..n).map(|_| rng.next_u64() as u8).collect();
             }
         }
         if decode_payload(&b).is_ok() {
