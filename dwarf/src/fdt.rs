@@ -4,10 +4,16 @@
 //!
 //! Layout of the section:
 //! ```text
-//!   magic "UPSTFDT\0" | version u16 LE | reserved u16 | payload length u32 LE | payload
+//!   magic "UPSTFDT\0" | version u16 LE | reserved u16 | payload length u32 LE
+//!   | tables SHA-256 (32) | code SHA-256 (32) | payload
 //! ```
 //! The payload is the [`FrameTables`] value in the postcard format (varints,
-//! length-prefixed sequences). The decoder never panics on hostile bytes and
+//! length-prefixed sequences). The tables' SHA-256 covers every other byte
+//! of the section (header, code digest, payload): a section changed after
+//! the rewriter wrote it is refused as a whole. The code SHA-256 is the
+//! [`crate::section::code_digest`] of the binary the tables describe: its
+//! loaded bytes, checked by [`crate::read_tables`] against the file the
+//! section is found in, so tables are never used with another binary. The decoder never panics on hostile bytes and
 //! never allocates more than the input can justify: postcard reads sequences
 //! element by element and serde caps pre-allocation; the whole section is
 //! capped at [`MAX_SECTION_SIZE`].
@@ -15,6 +21,7 @@
 use crate::addr::{CfaOffset, LinkAddr, Reg};
 use crate::model::{FrameBaseKind, Global, SavedReg, Type, Variable};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
 use std::fmt;
 
 /// Name of the non-allocated ELF section that carries the tables.
@@ -22,10 +29,28 @@ pub const SECTION_NAME: &str = ".upstare";
 /// First bytes of the section.
 pub const MAGIC: &[u8; 8] = b"UPSTFDT\0";
 /// Format version written by this encoder and the only one this decoder reads.
-pub const VERSION: u16 = 2;
+///
+/// Version 3 added the checksums (version 2 tables are refused: instrument
+/// the binary again).
+pub const VERSION: u16 = 3;
 /// Larger sections are refused before any parsing.
 pub const MAX_SECTION_SIZE: usize = 256 << 20;
-const HEADER_LEN: usize = 16;
+/// Fixed fields before the digests.
+const FIXED_LEN: usize = 16;
+/// Bytes before the payload: fixed fields and the two digests.
+pub const HEADER_LEN: usize = FIXED_LEN + 64;
+
+/// A SHA-256 digest.
+pub type Digest = [u8; 32];
+
+/// A decoded section: the tables and the digest of the code and data of
+/// the binary they were made for.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Section {
+    pub tables: FrameTables,
+    /// [`crate::section::code_digest`] of the binary the rewriter read.
+    pub code_digest: Digest,
+}
 
 /// All tables of one binary.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -257,10 +282,12 @@ pub enum DecodeError {
     TooLarge(usize),
     #[error("frame tables: bad magic (not an upstare section)")]
     BadMagic,
-    #[error("frame tables: version {0} is not supported (this build reads version {VERSION})")]
+    #[error("frame tables: version {0} is not supported (this build reads version {VERSION}): instrument the binary again with upstare-rewrite")]
     UnsupportedVersion(u16),
     #[error("frame tables: payload length {declared} does not match the {actual} bytes present")]
     LengthMismatch { declared: u64, actual: u64 },
+    #[error("frame tables do not match their checksum: the {SECTION_NAME} section was changed or corrupted after upstare-rewrite")]
+    TablesChecksum,
     #[error("frame tables: corrupt payload: {0}")]
     Corrupt(String),
     #[error("frame tables: {0}")]
@@ -276,8 +303,9 @@ pub enum EncodeError {
     TooLarge(usize),
 }
 
-/// Encodes `tables` into section bytes.
-pub fn encode(tables: &FrameTables) -> Result<Vec<u8>, EncodeError> {
+/// Encodes `tables`, made for the binary whose
+/// [`crate::section::code_digest`] is `code`, into section bytes.
+pub fn encode(tables: &FrameTables, code: &Digest) -> Result<Vec<u8>, EncodeError> {
     let payload =
         postcard::to_allocvec(tables).map_err(|e| EncodeError::Serialize(e.to_string()))?;
     let total = payload.len() + HEADER_LEN;
@@ -290,12 +318,27 @@ pub fn encode(tables: &FrameTables) -> Result<Vec<u8>, EncodeError> {
     out.extend_from_slice(&VERSION.to_le_bytes());
     out.extend_from_slice(&0u16.to_le_bytes());
     out.extend_from_slice(&len.to_le_bytes());
+    let sum = tables_digest(&out, code, &payload);
+    out.extend_from_slice(&sum);
+    out.extend_from_slice(code);
     out.extend_from_slice(&payload);
     Ok(out)
 }
 
-/// Decodes section bytes; never panics.
-pub fn decode(bytes: &[u8]) -> Result<FrameTables, DecodeError> {
+/// The tables' checksum: SHA-256 of the fixed fields, the code digest and
+/// the payload (every byte of the section but itself).
+fn tables_digest(fixed: &[u8], code: &[u8], payload: &[u8]) -> Digest {
+    let mut h = Sha256::new();
+    h.update(fixed);
+    h.update(code);
+    h.update(payload);
+    h.finalize().into()
+}
+
+/// Decodes section bytes, checking the tables' checksum (the code digest
+/// is returned for the caller to check against the file: see
+/// [`crate::read_tables`]); never panics.
+pub fn decode(bytes: &[u8]) -> Result<Section, DecodeError> {
     if bytes.len() > MAX_SECTION_SIZE {
         return Err(DecodeError::TooLarge(bytes.len()));
     }
@@ -316,6 +359,23 @@ pub fn decode(bytes: &[u8]) -> Result<FrameTables, DecodeError> {
             actual: payload.len() as u64,
         });
     }
+    let (fixed, digests) = header.split_at(FIXED_LEN);
+    let (sum, code) = digests.split_at(32);
+    if tables_digest(fixed, code, payload)[..] != *sum {
+        return Err(DecodeError::TablesChecksum);
+    }
+    let mut code_digest = [0u8; 32];
+    code_digest.copy_from_slice(code);
+    Ok(Section {
+        tables: decode_payload(payload)?,
+        code_digest,
+    })
+}
+
+/// Decodes and validates a payload (the part after [`HEADER_LEN`]) with no
+/// checksum: what the decoder does once the checksum matched, exposed so
+/// that fuzzing reaches it. Never panics.
+pub fn decode_payload(payload: &[u8]) -> Result<FrameTables, DecodeError> {
     let (tables, rest): (FrameTables, &[u8]) =
         postcard::take_from_bytes(payload).map_err(|e| DecodeError::Corrupt(e.to_string()))?;
     if !rest.is_empty() {

@@ -19,4 +19,4 @@ pub mod section;
 pub use addr::{CfaOffset, FileOffset, LinkAddr, LoadBias, Reg, RuntimeAddr};
 pub use cfi::{CfaRule, CfiError, EhFrameIndex, RegRule, UnwindRow};
 pub use read::{after_prologue, read_program, ReadError};
-pub use section::{read_tables, TablesError};
+pub use section::{check_code, code_digest, read_tables, TablesError};

@@ -6,6 +6,7 @@
 use upstare_dwarf::fdt::*;
 use upstare_dwarf::model::*;
 use upstare_dwarf::{CfaOffset, LinkAddr, Reg};
+use upstare_testkit::Rng;
 
 fn sample() -> FrameTables {
     let int = TypeId(0);
@@ -126,25 +127,45 @@ fn sample() -> FrameTables {
     }
 }
 
+/// A stand-in code digest (the binary's is checked by `read_tables`).
+const CODE: Digest = [7; 32];
+
 #[test]
 fn round_trip_is_identity() {
     let t = sample();
-    let bytes = encode(&t).expect("encode");
+    let bytes = encode(&t, &CODE).expect("encode");
     assert_eq!(&bytes[..8], MAGIC);
-    assert_eq!(decode(&bytes).expect("decode"), t);
+    let back = decode(&bytes).expect("decode");
+    assert_eq!(back.tables, t);
+    assert_eq!(back.code_digest, CODE);
+}
+
+#[test]
+fn every_changed_byte_is_refused() {
+    let bytes = encode(&sample(), &CODE).expect("encode");
+    for i in 0..bytes.len() {
+        let mut b = bytes.clone();
+        b[i] ^= 0x20;
+        let e = decode(&b).expect_err("a changed section decoded");
+        // Magic, version and length have their own messages; every other
+        // byte (reserved field, digests, payload) is the checksum's.
+        if !(0..16).contains(&i) || (10..12).contains(&i) {
+            assert_eq!(e, DecodeError::TablesChecksum, "byte {i}");
+        }
+    }
 }
 
 #[test]
 fn header_checks_name_the_problem() {
-    let bytes = encode(&sample()).expect("encode");
+    let bytes = encode(&sample(), &CODE).expect("encode");
     assert_eq!(decode(&bytes[..5]), Err(DecodeError::TooShort(5)));
     let mut bad = bytes.clone();
     bad[0] ^= 0xff;
     assert_eq!(decode(&bad), Err(DecodeError::BadMagic));
     // Another version (older tables lack the initializers of locals).
     let mut other = bytes.clone();
-    other[8] = 1;
-    assert_eq!(decode(&other), Err(DecodeError::UnsupportedVersion(1)));
+    other[8] = 2;
+    assert_eq!(decode(&other), Err(DecodeError::UnsupportedVersion(2)));
     let truncated = &bytes[..bytes.len() - 1];
     assert!(matches!(
         decode(truncated),
@@ -156,11 +177,11 @@ fn header_checks_name_the_problem() {
 fn dangling_references_are_rejected() {
     let mut t = sample();
     t.functions[0].vars[0].ty = TypeId(99);
-    let bytes = encode(&t).expect("encode");
+    let bytes = encode(&t, &CODE).expect("encode");
     assert!(matches!(decode(&bytes), Err(DecodeError::Invalid(_))));
     let mut t = sample();
     t.functions[0].update_points[0].addr = LinkAddr(0x9999);
-    let bytes = encode(&t).expect("encode");
+    let bytes = encode(&t, &CODE).expect("encode");
     assert!(matches!(decode(&bytes), Err(DecodeError::Invalid(_))));
     // An initializer of a variable that does not exist, or outside the
     // function.
@@ -171,7 +192,7 @@ fn dangling_references_are_rejected() {
         addr: low,
         constant: None,
     });
-    let bytes = encode(&t).expect("encode");
+    let bytes = encode(&t, &CODE).expect("encode");
     assert!(matches!(decode(&bytes), Err(DecodeError::Invalid(_))));
     let mut t = sample();
     t.functions[0].var_inits.push(upstare_dwarf::fdt::VarInit {
@@ -179,62 +200,43 @@ fn dangling_references_are_rejected() {
         addr: LinkAddr(0x9999),
         constant: Some(vec![0; 8]),
     });
-    let bytes = encode(&t).expect("encode");
+    let bytes = encode(&t, &CODE).expect("encode");
     assert!(matches!(decode(&bytes), Err(DecodeError::Invalid(_))));
 }
 
-/// xorshift64*: deterministic, dependency-free.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
+/// The checksum refuses any changed section (above); behind it, the
+/// payload decoder itself must still never panic nor over-allocate.
 #[test]
-fn mutated_sections_never_panic() {
-    let valid = encode(&sample()).expect("encode");
+fn mutated_payloads_never_panic() {
+    let valid = encode(&sample(), &CODE).expect("encode")[HEADER_LEN..].to_vec();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let mut accepted = 0usize;
     for round in 0..20_000 {
         let mut b = valid.clone();
         match round % 4 {
-            // flip a few payload bytes
+            // flip a few bytes
             0 => {
                 for _ in 0..1 + rng.below(4) {
-                    let i = 16 + rng.below(b.len() - 16);
-                    b[i] = rng.next() as u8;
+                    let i = rng.below(b.len());
+                    b[i] = rng.next_u64() as u8;
                 }
             }
-            // truncate the payload and fix the declared length
-            1 => {
-                let keep = 16 + rng.below(b.len() - 16);
-                b.truncate(keep);
-                let len = (keep - 16) as u32;
-                b[12..16].copy_from_slice(&len.to_le_bytes());
-            }
+            // truncate
+            1 => b.truncate(rng.below(b.len())),
             // huge varint lengths (allocation bombs)
             2 => {
-                let i = 16 + rng.below(b.len() - 16);
+                let i = rng.below(b.len());
                 for j in i..(i + 5).min(b.len()) {
                     b[j] = 0xff;
                 }
             }
-            // random payload behind a valid header
+            // random bytes
             _ => {
                 let n = rng.below(512);
-                b.truncate(16);
-                b.extend((0..n).map(|_| rng.next() as u8));
-                b[12..16].copy_from_slice(&(n as u32).to_le_bytes());
+                b = (0..n).map(|_| rng.next_u64() as u8).collect();
             }
         }
-        if decode(&b).is_ok() {
+        if decode_payload(&b).is_ok() {
             accepted += 1;
         }
     }

@@ -15,6 +15,7 @@
 //! - [`transformer`]: the SPEC's C transformers: where they are called, and
 //!   their build into a shared object.
 //! - [`input`]: reading an input file (regular, capped, whole).
+//! - [`unrelated`]: telling an update from a replacement by another program.
 //!
 //! The runtime (`upstare-apply`) executes a plan; it never re-decides a
 //! mapping. A change of type no rule maps is named in the plan, with why.
@@ -31,6 +32,7 @@ pub mod review;
 pub mod spec;
 pub mod transformer;
 pub mod types;
+pub mod unrelated;
 
 pub use patchfile::{ImageIdentity, Patch};
 pub use plan::{

@@ -28,6 +28,7 @@ use crate::initial::{initial_values, InitialValue};
 use crate::spec::{self, Spec};
 use crate::transformer::{plan_transformers, TransformerPlan};
 use crate::types::is_const_object;
+use crate::unrelated::{Unmatched, Unrelated};
 
 /// The whole mapping from OLD to NEW.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +57,10 @@ pub struct UpdatePlan {
     pub warnings: Vec<String>,
     /// Where the SPEC's C transformers are called (empty without them).
     pub transformers: TransformerPlan,
+    /// NEW is plainly another program (`main`, or most of OLD's functions
+    /// and globals, have no counterpart) and the SPEC does not accept it:
+    /// the update is refused, saying this.
+    pub unrelated: Option<Unrelated>,
 }
 
 /// A function (at any point, or at one continuation) that must not be
@@ -435,9 +440,21 @@ pub fn plan_with_spec(old: &FrameTables, new: &FrameTables, spec: &Spec) -> Upda
         changed_types,
         warnings,
         transformers: TransformerPlan::default(),
+        unrelated: unrelated(old, new, spec),
     };
     plan_transformers(&mut plan, old, new, spec);
     plan
+}
+
+/// Why NEW is plainly another program, unless the SPEC accepts exactly
+/// the count of OLD's functions and globals with no counterpart.
+fn unrelated(old: &FrameTables, new: &FrameTables, spec: &Spec) -> Option<Unrelated> {
+    let u = Unmatched::of(old, new, spec);
+    let accepted = spec
+        .accept
+        .unmatched
+        .is_some_and(|n| usize::try_from(n).is_ok_and(|n| n == u.count()));
+    (u.is_another_program() && !accepted).then(|| u.summary())
 }
 
 /// The spelling of a named aggregate or enum type (`struct node`), if it

@@ -193,6 +193,16 @@ pub fn review(old: &FrameTables, new: &FrameTables, plan: &UpdatePlan) -> Review
         warnings: plan.warnings.clone(),
         ..Review::default()
     };
+    if let Some(u) = &plan.unrelated {
+        r.needs_user.push(NeedsUser {
+            what: "the new version".into(),
+            old_type: String::new(),
+            new_type: String::new(),
+            why: u.to_string(),
+            when: "always".into(),
+            spec_line: u.spec_line(),
+        });
+    }
 
     for (kind, name, a, b) in changed_types(old, new, &mut cmp) {
         let label = format!("{kind} {name}");
@@ -472,11 +482,15 @@ pub fn render_text(r: &Review) -> String {
     }
     let _ = writeln!(out, "Needs the user ({}):", r.needs_user.len());
     for n in &r.needs_user {
-        let _ = writeln!(
-            out,
-            "  {} ({} → {}, {}): {}",
-            n.what, n.old_type, n.new_type, n.when, n.why
-        );
+        if n.old_type.is_empty() && n.new_type.is_empty() {
+            let _ = writeln!(out, "  {} ({}): {}", n.what, n.when, n.why);
+        } else {
+            let _ = writeln!(
+                out,
+                "  {} ({} → {}, {}): {}",
+                n.what, n.old_type, n.new_type, n.when, n.why
+            );
+        }
         let _ = writeln!(out, "    {}", n.spec_line);
     }
     out

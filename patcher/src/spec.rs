@@ -31,6 +31,13 @@
 //! [safety]
 //! inactive = ["commit_txn", "main@call:flush#0"]
 //!
+//! # NEW is plainly another program (`main`, or more than half of OLD's
+//! # functions and globals, without a counterpart): refused unless the
+//! # SPEC accepts it, giving how many of OLD's functions and globals have
+//! # no counterpart (checked: a SPEC for other versions accepts nothing).
+//! [accept]
+//! unmatched = 41
+//!
 //! # C transformers (see `transformer.rs`), called after the default
 //! # conversion with (old, new) pointers; `source` is relative to the SPEC.
 //! [transformers]
@@ -66,6 +73,19 @@ pub struct Spec {
     /// C transformers (see [`crate::transformer`]).
     #[serde(default)]
     pub transformers: Transformers,
+    #[serde(default)]
+    pub accept: Accept,
+}
+
+/// `[accept]`: updates the default rules refuse, accepted knowingly.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Accept {
+    /// NEW is another program: accepted when exactly this many of OLD's
+    /// functions and globals have no counterpart in NEW (see
+    /// [`crate::unrelated`]).
+    #[serde(default)]
+    pub unmatched: Option<u64>,
 }
 
 /// `[rename.*]`.
@@ -403,6 +423,16 @@ impl Spec {
                         format!("OLD's {func} has no continuation {c}"),
                     ));
                 }
+            }
+        }
+        if let Some(n) = self.accept.unmatched {
+            let actual = crate::unrelated::Unmatched::of(old, new, self).count();
+            if usize::try_from(n).ok() != Some(actual) {
+                return Err(bad(
+                    "accept",
+                    "unmatched",
+                    format!("{actual} of OLD's functions and globals have no counterpart in NEW, not {n}"),
+                ));
             }
         }
         Ok(())

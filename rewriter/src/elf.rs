@@ -10,6 +10,7 @@
 
 use object::{Object, ObjectSegment};
 use upstare_dwarf::fdt::{FrameTables, SECTION_NAME};
+use upstare_dwarf::section::SECTION_HEADER_FIELDS;
 use upstare_dwarf::TablesError;
 
 /// Why the tables could not be attached or found.
@@ -167,9 +168,6 @@ fn check_loaded_bytes_unchanged(input: &object::File<'_>, output: &[u8]) -> Resu
     }
     Ok(())
 }
-
-/// ELF64 header bytes that describe the section header table.
-const SECTION_HEADER_FIELDS: [std::ops::Range<u64>; 2] = [0x28..0x30, 0x3c..0x40];
 
 /// Reads and decodes the `.upstare` section of an instrumented binary.
 pub fn read_tables(elf: &[u8]) -> Result<FrameTables, TablesError> {

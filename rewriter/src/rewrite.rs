@@ -254,7 +254,10 @@ pub fn analysis_notes(input: &[u8]) -> Result<Vec<(String, Vec<String>)>, Rewrit
 /// Rewrites `input`: builds its tables and attaches them.
 pub fn rewrite(input: &[u8]) -> Result<Rewritten, RewriteError> {
     let tables = build_tables(input)?;
-    let section = fdt::encode(&tables)?;
+    // The tables are bound to the loaded bytes they describe, which the
+    // output keeps (checked by `attach_tables`).
+    let code = upstare_dwarf::code_digest(input).map_err(|e| RewriteError::Parse(e.to_string()))?;
+    let section = fdt::encode(&tables, &code)?;
     let elf = elf::attach_tables(input, &section)?;
     Ok(Rewritten {
         elf,

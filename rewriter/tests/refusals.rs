@@ -241,3 +241,51 @@ fn lists_every_refused_function_grouped_by_reason() {
     );
     assert_eq!(names("no frame-pointer prologue"), ["main", "plain"]);
 }
+
+/// `--dump` reads tables from a file: tables changed after the rewrite, or
+/// code that is no longer the code they describe, are refused in one line
+/// naming the file and what does not match.
+#[test]
+fn dump_refuses_tables_that_do_not_match_their_binary() {
+    let dir = work_dir("bound");
+    let bin = compile(&dir, SIMPLE, &[]);
+    let up = dir.join("prog.up");
+    let r = Command::new(env!("CARGO_BIN_EXE_upstare-rewrite"))
+        .arg(&bin)
+        .arg("-o")
+        .arg(&up)
+        .output()
+        .expect("run");
+    assert!(r.status.success());
+    let bytes = std::fs::read(&up).expect("read");
+    let summary = upstare_dwarf::elf::ElfSummary::parse(&up, &bytes[..]).expect("ELF");
+    let (tables_at, tables_len) = summary.tables.expect("tables");
+    let code = summary.loads.iter().find(|s| s.exec()).expect("code");
+    let cases = [
+        (
+            tables_at + tables_len / 2,
+            "frame tables do not match their checksum",
+        ),
+        (
+            code.offset + code.filesz / 2,
+            "the code and data do not match the checksum",
+        ),
+    ];
+    for (i, (at, needle)) in cases.into_iter().enumerate() {
+        let mut b = bytes.clone();
+        b[usize::try_from(at).expect("offset")] ^= 0x10;
+        let bad = dir.join(format!("bad{i}.up"));
+        std::fs::write(&bad, &b).expect("write");
+        let r = Command::new(env!("CARGO_BIN_EXE_upstare-rewrite"))
+            .arg("--dump")
+            .arg(&bad)
+            .output()
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(1), "{stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(&bad.display().to_string()), "{stderr}");
+        assert!(stderr.contains(needle), "{stderr}");
+        assert!(r.stdout.is_empty());
+    }
+}

@@ -10,11 +10,9 @@
 mod apply_support;
 
 use apply_support::TempDir;
-use nix::unistd::Pid;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
-use upstare_runtime::Tracee;
 use upstare_testkit::{run_command, spawn, ChildGuard, Toolchain};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -84,11 +82,7 @@ fn devices_fifos_and_huge_files_are_refused_before_the_target_is_stopped() {
     // Hold the target traced (and running) so that upstare-apply cannot
     // seize it: only a refusal made before any ptrace call can name the
     // input.
-    let mut holder = Tracee::seize(Pid::from_raw(child.pid() as i32)).expect("seize");
-    for tid in holder.traced() {
-        let sig = holder.take_pending_signal(tid);
-        holder.cont(tid, sig).expect("cont");
-    }
+    let holder = apply_support::hold_traced(child.pid());
 
     let p = |s: &Path| s.as_os_str().to_owned();
     let cases: Vec<(&str, Vec<std::ffi::OsString>, &str)> = vec![

@@ -40,12 +40,19 @@ pub fn instrument(exe: &Path, out: &Path) -> PathBuf {
 }
 
 /// [`instrument`], rewriting again only when `exe` or this test binary (and
-/// so the rewriter linked into it) is newer than `out`.
+/// so the rewriter linked into it) is newer than `out`, or when this build
+/// cannot read `out`'s tables (made in an older table format, or damaged):
+/// a stale cached build is rebuilt, never refused forever.
 pub fn instrument_to(exe: &Path, out: &Path) -> PathBuf {
     let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let rewriter = std::env::current_exe().ok().and_then(|p| mtime(&p));
     if let (Some(a), Some(b), Some(r)) = (mtime(exe), mtime(out), rewriter) {
-        if a <= b && r <= b {
+        let readable = || {
+            std::fs::read(out)
+                .ok()
+                .is_some_and(|bytes| upstare_dwarf::read_tables(&bytes).is_ok())
+        };
+        if a <= b && r <= b && readable() {
             return out.to_path_buf();
         }
     }

@@ -19,6 +19,7 @@ mod compile;
 pub mod driver;
 mod instrument;
 mod process;
+mod rng;
 mod tempdir;
 
 pub use compile::{
@@ -30,4 +31,5 @@ pub use driver::{
 };
 pub use instrument::{compile_instrumented, instrument, instrument_to, write_exe};
 pub use process::{run, run_command, spawn, ChildGuard, ExitStatus, Output, RunError};
+pub use rng::Rng;
 pub use tempdir::TempDir;

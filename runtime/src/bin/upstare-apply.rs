@@ -249,6 +249,24 @@ fn report_text(r: &UpdateReport) -> String {
             s.copy_exceptions,
             s.readonly_exceptions
         );
+        let m = &r.retired;
+        if !r.dry_run {
+            let _ = writeln!(
+                o,
+                "  old image: {} mappings unmapped ({} bytes), {} kept{}",
+                m.unmapped,
+                m.unmapped_bytes,
+                m.kept,
+                if m.unmap_failed > 0 {
+                    format!(", {} could not be unmapped", m.unmap_failed)
+                } else {
+                    String::new()
+                }
+            );
+            for k in &m.kept_reasons {
+                let _ = writeln!(o, "    kept {k}");
+            }
+        }
     }
     for c in &r.transformed {
         println!("  transformed: {c}");

@@ -40,6 +40,9 @@ pub struct CommitPlan {
     pub warnings: Vec<String>,
     /// The old image's file.
     pub old_path: PathBuf,
+    /// Mappings of the old image unmapped once the commit is done (set by
+    /// the update from its sweep: [`super::retire::plan_unmap`]).
+    pub unmap: Vec<Range<RuntimeAddr>>,
 }
 
 /// Work out every commit step for replacing `running` by `new` without
@@ -78,6 +81,7 @@ pub(super) fn plan_commit(
         retire,
         warnings,
         old_path: running.path.clone(),
+        unmap: Vec::new(),
     })
 }
 

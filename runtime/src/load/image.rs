@@ -95,7 +95,10 @@ fn probe(pid: Pid, m: &MemoryMap) -> Result<Option<Candidate>, ImageError> {
     let data = cache
         .read_bytes_at(offset, size)
         .map_err(|()| tables_err(format!("section {}: beyond the file", fdt::SECTION_NAME)))?;
-    let tables = fdt::decode(data).map_err(|e| tables_err(e.to_string()))?;
+    let section = fdt::decode(data).map_err(|e| tables_err(e.to_string()))?;
+    upstare_dwarf::check_code(&cache, &section.code_digest)
+        .map_err(|e| tables_err(e.to_string()))?;
+    let tables = section.tables;
     Ok(Some(Candidate {
         map: m.clone(),
         tables,

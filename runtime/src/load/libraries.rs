@@ -616,7 +616,11 @@ impl Libraries {
                 code.push(RuntimeAddr(start)..RuntimeAddr(start.saturating_add(len).min(o.end.0)));
                 code_map.get_or_insert(*o);
             }
-            let Some(code_map) = code_map else {
+            // An update may have unmapped the code of a retired image and
+            // kept only its headers and data (`retire.rs`): the first
+            // mapping left then places it (the dynamic linker still lists
+            // the main program).
+            let Some(code_map) = code_map.or_else(|| mine.first().copied()) else {
                 continue;
             };
             let Some(&bias) = biases_of_mapping(&sum.loads, code_map).first() else {

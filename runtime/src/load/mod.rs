@@ -73,6 +73,7 @@ pub mod image;
 pub mod libraries;
 mod map;
 mod relocs;
+pub mod retire;
 pub mod transformer;
 
 pub use commit::{CommitPlan, DynamicWrite, FiniRedirect, HandlerMove};
@@ -490,14 +491,14 @@ impl<'t> LoadedImage<'t> {
     /// make the old image's code non-executable. On failure the steps done
     /// are undone and the guard (dropped) unloads NEW. Returns NEW's image.
     pub fn commit(self, plan: &CommitPlan) -> Result<Image, LoadError> {
-        self.commit_freeing(plan).map(|(image, _)| image)
+        self.commit_freeing(plan).map(|(image, _, _)| image)
     }
 
     /// [`LoadedImage::commit`]; once committed, the old heap objects
     /// registered with [`LoadedImage::free_after_commit`] are freed. Also
     /// returns how many could not be (left allocated: a leak, never a
     /// wrong value).
-    pub fn commit_freeing(mut self, plan: &CommitPlan) -> Result<(Image, usize), LoadError> {
+    pub fn commit_freeing(mut self, plan: &CommitPlan) -> Result<(Image, usize, usize), LoadError> {
         let mut rc = RemoteCalls::with_maps(self.tracee, self.tid, self.new_gadget, &self.maps)?;
         rc.set_timeout(self.timeout);
         let applied = commit::apply_commit(&mut rc, plan);
@@ -508,11 +509,12 @@ impl<'t> LoadedImage<'t> {
         self.heap_allocated.clear();
         let old = std::mem::take(&mut self.heap_to_free);
         let unfreed = self.free_objects(&old, self.new_gadget);
+        let not_unmapped = self.unmap_retired(&plan.unmap);
         let image = self
             .image
             .take()
             .expect("image present until commit or unload");
-        Ok((image, unfreed))
+        Ok((image, unfreed, not_unmapped))
     }
 
     /// The address of the process's own allocator function `symbol`
@@ -617,6 +619,25 @@ impl<'t> LoadedImage<'t> {
             .count();
         let _ = rc.finish();
         objects.len() - done
+    }
+
+    /// Unmaps the retired image's `ranges` after the commit, in one remote
+    /// session (best effort: the update is committed; what fails stays
+    /// mapped, as before). Returns how many were not unmapped.
+    fn unmap_retired(&mut self, ranges: &[std::ops::Range<RuntimeAddr>]) -> usize {
+        if ranges.is_empty() {
+            return 0;
+        }
+        let Ok(mut rc) = RemoteCalls::new(self.tracee, self.tid, self.new_gadget) else {
+            return ranges.len();
+        };
+        rc.set_timeout(self.timeout);
+        let done = ranges
+            .iter()
+            .take_while(|r| rc.munmap(r.start, r.end.0 - r.start.0).is_ok())
+            .count();
+        let _ = rc.finish();
+        ranges.len() - done
     }
 
     /// Unmap NEW (the update is abandoned).

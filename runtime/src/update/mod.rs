@@ -152,6 +152,8 @@ pub enum UpdateError {
     Transformer(Box<TransformerError>),
     #[error("{0}; nothing was changed")]
     Input(#[from] upstare_patcher::input::InputError),
+    #[error("{path}: {why}; nothing was changed")]
+    Unrelated { path: PathBuf, why: String },
     #[error("{0}")]
     Rescue(Box<crate::target::rescue::RescueError>),
     #[error("interrupted by {sig}: the update was rolled back, process {pid} runs as before")]
@@ -264,6 +266,8 @@ pub struct UpdateReport {
     pub bytes_written: usize,
     /// The sweep for untyped values pointing into the old image.
     pub sweep: crate::engine::sweep::SweepSummary,
+    /// The old image's mappings unmapped after the commit, and those kept.
+    pub retired: crate::load::retire::RetiredMappings,
     pub new_load_address: Option<u64>,
     /// Each C transformer call: `xf_session on global acct`.
     pub transformed: Vec<String>,
@@ -297,6 +301,7 @@ pub fn apply(pid: i32, new_path: &Path, opts: &ApplyOptions) -> Result<UpdateRep
         return Err(UpdateError::NoProcess { pid });
     }
     let new_bytes = read_new(new_path)?;
+    check_tables_unseized(pid, new_path, &new_bytes)?;
     signals::set_target(pid);
     interrupted(pid)?;
     let mut tracee = Tracee::seize(nix::unistd::Pid::from_raw(pid))?;
@@ -312,6 +317,30 @@ pub fn apply(pid: i32, new_path: &Path, opts: &ApplyOptions) -> Result<UpdateRep
         }
         Err(e) => Err(e),
     }
+}
+
+/// Tables that do not match their binary (NEW's, or those of the image the
+/// process runs: a section that does not decode, or does not match its
+/// checksums) are refused before the first ptrace call. Other problems (a
+/// NEW that is no instrumented ELF file, a process whose maps cannot be
+/// read) are left to the usual order, where the seize says why first.
+fn check_tables_unseized(pid: i32, new_path: &Path, new_bytes: &[u8]) -> Result<(), UpdateError> {
+    use upstare_dwarf::TablesError;
+    if let Err(e @ (TablesError::CodeChanged | TablesError::Decode(_))) =
+        upstare_dwarf::read_tables(new_bytes)
+    {
+        return Err(UpdateError::New {
+            path: new_path.to_path_buf(),
+            why: e.to_string(),
+        });
+    }
+    let p = nix::unistd::Pid::from_raw(pid);
+    if let Ok(maps) = procfs::read_maps(p) {
+        if let Err(e @ ImageError::Tables { .. }) = running_image(p, &maps) {
+            return Err(e.into());
+        }
+    }
+    Ok(())
 }
 
 /// Whether `len` bytes at `addr` lie in writable mappings. They may span
@@ -549,6 +578,12 @@ fn apply_traced_bytes(
             plan
         }
     };
+    if let Some(u) = &plan.unrelated {
+        return Err(UpdateError::Unrelated {
+            path: new_path.to_path_buf(),
+            why: u.to_string(),
+        });
+    }
     let transforms = !plan.transformers.is_empty();
     if transforms && object.is_none() {
         return Err(TransformerError::NoObject.into());
@@ -647,6 +682,7 @@ fn apply_traced_bytes(
         safety_retries,
         bytes_written: 0,
         sweep: Default::default(),
+        retired: Default::default(),
         new_load_address: None,
         transformed: Vec::new(),
         warnings: Vec::new(),
@@ -681,7 +717,7 @@ fn apply_traced_bytes(
             &LoadOptions::default(),
         )?,
     };
-    let commit_plan = loaded.plan_commit(&old)?;
+    let mut commit_plan = loaded.plan_commit(&old)?;
     warnings.extend(commit_plan.warnings.iter().cloned());
     timings.load_us = us(t.elapsed());
     interrupted(pid)?;
@@ -775,6 +811,14 @@ fn apply_traced_bytes(
         }
     }
     report.sweep = crate::engine::sweep::SweepSummary::of(&swept, &retired);
+    // What of the old image nothing needs once the commit is done.
+    let phdr = procfs::read_auxv(nix::unistd::Pid::from_raw(pid))
+        .ok()
+        .and_then(|a| procfs::auxv_value(&a, procfs::AT_PHDR).ok());
+    let maps_swept = procfs::read_maps(nix::unistd::Pid::from_raw(pid)).map_err(proc_err)?;
+    let unmap =
+        crate::load::retire::plan_unmap(&mem, &maps_swept, &old, &retired, old_elf, &swept, phdr);
+    commit_plan.unmap = unmap.unmap.clone();
     drop(pending);
     writes.extend(sweep_writes);
     for w in &writes {
@@ -842,7 +886,10 @@ fn apply_traced_bytes(
     let undo = transaction::commit_with(&prepared, &mut mem, tr, mode)?;
     loaded.free_after_commit(heap_objects.moved_from());
     let unfreed = match loaded.commit_freeing(&commit_plan) {
-        Ok((_, unfreed)) => unfreed,
+        Ok((_, unfreed, not_unmapped)) => {
+            report.retired = unmap.report(not_unmapped);
+            unfreed
+        }
         Err(e) => {
             // The guard has unloaded NEW; put the old state back.
             let mut mem = tracee.memory();

@@ -3,6 +3,7 @@
 //! collected after it is let go, and guards that kill what they start.
 #![allow(dead_code)]
 
+pub mod bank;
 pub mod real;
 pub mod ticks;
 
@@ -76,6 +77,19 @@ pub fn count_hits(up: &Path, args: &[&str], cap: Option<u64>) -> (u64, bool) {
     )
     .unwrap_or_else(|e| panic!("count hits of {}: {e}", up.display()));
     (r.total_hits(), r.hit_limit_reached)
+}
+
+/// Seizes process `pid` for the test itself and lets every thread run on:
+/// while it is held, no other tracer (`upstare-apply`) can seize it, so a
+/// refusal that names its reason was made before any ptrace call.
+pub fn hold_traced(pid: u32) -> Tracee {
+    let pid = i32::try_from(pid).expect("pid");
+    let mut holder = Tracee::seize(Pid::from_raw(pid)).expect("seize");
+    for tid in holder.traced() {
+        let sig = holder.take_pending_signal(tid);
+        holder.cont(tid, sig).expect("cont");
+    }
+    holder
 }
 
 /// An uninterrupted, untraced run.
