@@ -376,7 +376,7 @@ pub fn load_prepared<'t>(
     } = prep;
     let mut rc = RemoteCalls::with_maps(tracee, tid, running_gadget, &maps)?;
     rc.set_timeout(opts.call_timeout);
-    let (span, bias, mut report, maps) = map::map_image(&mut rc, pid, &canon, &plan)?;
+    let (span, bias, mut report, maps) = map::map_image(&mut rc, pid, &canon, new_bytes, &plan)?;
     if let Err(e) = rc.finish() {
         // Restoring the thread failed (is it gone?): try to unmap NEW in a
         // new session so as not to leave it behind.

@@ -329,6 +329,22 @@ pub fn exe_path(pid: Pid) -> Result<PathBuf, ProcError> {
     })
 }
 
+/// Whether process `pid` resolves paths as the updater does: the same root
+/// directory (device and inode) and the same mount namespace. False when
+/// either differs or cannot be read (a chrooted or namespaced process, or
+/// one the updater may not inspect), so that a caller falls back to what
+/// needs no path lookup in the process.
+pub fn shares_root(pid: Pid) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let same =
+        |theirs: String, ours: &str| match (std::fs::metadata(theirs), std::fs::metadata(ours)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        };
+    same(format!("/proc/{pid}/root"), "/")
+        && same(format!("/proc/{pid}/ns/mnt"), "/proc/self/ns/mnt")
+}
+
 /// Signals pending on thread `tid` alone (the `SigPnd` line of
 /// `/proc/TID/status`; those pending on its whole process are not
 /// included), as a mask with bit `sig - 1` set for each.

@@ -3,6 +3,7 @@
 //! collected after it is let go, and guards that kill what they start.
 #![allow(dead_code)]
 
+pub mod lines;
 pub mod ticks;
 
 use nix::sys::signal::{kill, killpg, Signal};
