@@ -7,7 +7,7 @@
 mod apply_support;
 
 use apply_support::instrumented;
-use apply_support::lines::{field, LineClient};
+use apply_support::lines::{field, wait_for_lines, LineClient};
 use nix::unistd::Pid;
 use std::time::Duration;
 use upstare_corpus::version_pair;
@@ -46,10 +46,9 @@ fn chrooted_sessions_are_updated(tc: Toolchain) {
     for (i, c) in clients.iter_mut().enumerate() {
         assert_eq!(c.ask(&format!("hello {i}")), format!("echo: hello {i}"));
     }
-    let sessions: Vec<Pid> = server
-        .stdout_so_far()
-        .lines()
-        .filter(|l| l.starts_with("v1 session pid="))
+    // The replies may come before the sessions' lines are read.
+    let sessions: Vec<Pid> = wait_for_lines(&server, "v1 session pid=", SESSIONS, WAIT)
+        .iter()
         .map(|l| {
             assert_eq!(field(l, "uid"), 65534, "the session dropped root: {l}");
             Pid::from_raw(field(l, "pid") as i32)

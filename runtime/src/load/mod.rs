@@ -497,12 +497,40 @@ impl<'t> LoadedImage<'t> {
     /// returns how many could not be (left allocated: a leak, never a
     /// wrong value).
     pub fn commit_freeing(mut self, plan: &CommitPlan) -> Result<(Image, usize), LoadError> {
+        self.commit_steps(plan)?;
+        Ok(self.finish_committed())
+    }
+
+    /// The reversible part of [`LoadedImage::commit`]: `plan`'s steps
+    /// applied (undone again on failure); the guard still unloads NEW
+    /// unless [`LoadedImage::finish_committed`] follows, so that an update
+    /// of several processes can take them back with
+    /// [`LoadedImage::revert_steps`].
+    pub fn commit_steps(&mut self, plan: &CommitPlan) -> Result<(), LoadError> {
         let mut rc = RemoteCalls::with_maps(self.tracee, self.tid, self.new_gadget, &self.maps)?;
         rc.set_timeout(self.timeout);
         let applied = commit::apply_commit(&mut rc, plan);
         let finished = rc.finish();
         applied?;
         finished?;
+        Ok(())
+    }
+
+    /// Undo the steps [`LoadedImage::commit_steps`] applied (best effort).
+    pub fn revert_steps(&mut self, plan: &CommitPlan) -> Result<(), LoadError> {
+        // NEW's code is executable throughout (the old image's is not yet).
+        let mut rc = RemoteCalls::with_maps(self.tracee, self.tid, self.new_gadget, &self.maps)?;
+        rc.set_timeout(self.timeout);
+        commit::undo_commit(&mut rc, plan, &plan.retire);
+        rc.finish()?;
+        Ok(())
+    }
+
+    /// After [`LoadedImage::commit_steps`]: NEW and the heap objects
+    /// allocated for it belong to the program; the old objects registered
+    /// with [`LoadedImage::free_after_commit`] are freed. NEW's image and
+    /// how many could not be freed.
+    pub fn finish_committed(mut self) -> (Image, usize) {
         // Committed: the new objects now belong to the program.
         self.heap_allocated.clear();
         let old = std::mem::take(&mut self.heap_to_free);
@@ -511,7 +539,7 @@ impl<'t> LoadedImage<'t> {
             .image
             .take()
             .expect("image present until commit or unload");
-        Ok((image, unfreed))
+        (image, unfreed)
     }
 
     /// The address of the process's own allocator function `symbol`

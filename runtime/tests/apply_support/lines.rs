@@ -49,3 +49,31 @@ pub fn field(line: &str, key: &str) -> i64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
 }
+
+/// Waits until `child` has printed `n` lines starting with `prefix` and
+/// returns them (the first `n`, in order).
+pub fn wait_for_lines(
+    child: &upstare_testkit::ChildGuard,
+    prefix: &str,
+    n: usize,
+    timeout: Duration,
+) -> Vec<String> {
+    // wait_for_line scans from the start: the n-th such line means all
+    // are there.
+    let seen = std::cell::Cell::new(0usize);
+    child
+        .wait_for_line(&format!("{n} lines {prefix:?}"), timeout, |l| {
+            if l.starts_with(prefix) {
+                seen.set(seen.get() + 1);
+            }
+            seen.get() == n
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    child
+        .stdout_so_far()
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .take(n)
+        .map(str::to_string)
+        .collect()
+}

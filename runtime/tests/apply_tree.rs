@@ -1,0 +1,182 @@
+//! A process tree updated as one application
+//! (`runtime/src/update/tree.rs`): the pre-forking server of
+//! `corpus/versions/prefork_server` — the parent in `waitpid`, 4 workers in
+//! `accept`, one of them in `recv` on a live connection — updated through
+//! `upstare-apply --pid PARENT`. A commit forced to fail in the last
+//! process leaves all five exactly as they were; the real update turns
+//! every one of them into v2, the live connection kept.
+
+mod apply_support;
+
+use apply_support::lines::{field, wait_for_lines, LineClient};
+use apply_support::{instrumented, maps_text};
+use nix::unistd::Pid;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+use upstare_corpus::version_pair;
+use upstare_testkit::{spawn, ChildGuard, Toolchain};
+
+const WAIT: Duration = Duration::from_secs(20);
+const WORKERS: usize = 4;
+
+/// Runs `upstare-apply --pid PID --to NEW --json` with `extra` arguments
+/// and `env`; its exit success and the JSON it printed.
+fn apply_cli(
+    pid: Pid,
+    to: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (bool, serde_json::Value, String) {
+    // Bounded: coreutils' timeout ends a hung updater.
+    let out = Command::new("timeout")
+        .arg("120")
+        .arg(env!("CARGO_BIN_EXE_upstare-apply"))
+        .args([
+            "--pid",
+            &pid.to_string(),
+            "--timeout",
+            "3000",
+            "--json",
+            "--to",
+        ])
+        .arg(to)
+        .args(extra)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run upstare-apply");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let json = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("JSON report: {e}: {stderr}"));
+    (out.status.success(), json, stderr)
+}
+
+/// Every worker answers: the live connection's worker, and the other
+/// three through three connections held open at once (a worker serves one
+/// connection at a time, so three open connections are three workers).
+/// Each reply must be what `reply(line, served_before)` says.
+fn every_worker_answers(
+    port: u16,
+    live: &mut LineClient,
+    live_served: i64,
+    tag: &str,
+    reply: impl Fn(&str, i64) -> String,
+) -> Vec<LineClient> {
+    let line = format!("{tag} live");
+    assert_eq!(live.ask(&line), reply(&line, live_served));
+    let mut others: Vec<LineClient> = (0..WORKERS - 1)
+        .map(|_| LineClient::connect(port))
+        .collect();
+    for (i, c) in others.iter_mut().enumerate() {
+        let line = format!("{tag} {i}");
+        let got = c.ask(&line);
+        // A worker's count depends on how many connections it served
+        // before: any number is v2's format, v1 has none.
+        let expected_any = (0..8).any(|n| got == reply(&line, n));
+        assert!(expected_any, "worker reply {got:?} to {line:?}");
+    }
+    others
+}
+
+fn v1_reply(line: &str, _served: i64) -> String {
+    format!("echo: {line}")
+}
+
+fn v2_reply(line: &str, served: i64) -> String {
+    format!("v2 echo #{} ({} bytes): {line}", served + 1, line.len())
+}
+
+/// The pids of the parent and its workers, from the v1 lines.
+fn tree_pids(server: &ChildGuard) -> Vec<Pid> {
+    let workers = wait_for_lines(server, "v1 worker pid=", WORKERS, WAIT);
+    std::iter::once(Pid::from_raw(server.pid() as i32))
+        .chain(
+            workers
+                .iter()
+                .map(|l| Pid::from_raw(field(l, "pid") as i32)),
+        )
+        .collect()
+}
+
+fn prefork_server_updated_as_one(tc: Toolchain) {
+    let pair = version_pair("prefork_server").expect("prefork_server pair");
+    let (v1, v2) = (instrumented(&pair.v1, tc), instrumented(&pair.v2, tc));
+    let server = spawn(&v1, &[] as &[&str]).expect("spawn");
+    let listening = server
+        .wait_for_line("listening", WAIT, |l| l.starts_with("v1 listening"))
+        .expect("listening");
+    let port = field(&listening, "port") as u16;
+    let pids = tree_pids(&server);
+    assert_eq!(pids.len(), WORKERS + 1);
+    let mut live = LineClient::connect(port);
+    assert_eq!(live.ask("hello"), "echo: hello");
+    // Now the parent sits in waitpid, one worker in recv, three in accept.
+    std::thread::sleep(Duration::from_millis(50));
+
+    // The last process's commit fails: all five are put back.
+    let before: Vec<String> = pids.iter().map(|&p| maps_text(p)).collect();
+    let (ok, json, stderr) = apply_cli(pids[0], &v2, &[], &[("UPSTARE_TEST_FAIL_COMMIT", "last")]);
+    assert!(!ok, "the forced failure is reported: {json}");
+    assert!(stderr.contains("rolled back"), "{stderr}");
+    assert!(
+        stderr.contains("4 process(es) had committed"),
+        "the four before the last had committed: {stderr}"
+    );
+    for (p, b) in pids.iter().zip(&before) {
+        assert_eq!(&maps_text(*p), b, "process {p} maps unchanged");
+    }
+    drop(every_worker_answers(
+        port,
+        &mut live,
+        1,
+        "after failure",
+        v1_reply,
+    ));
+
+    // The real update, from the parent.
+    let (ok, json, stderr) = apply_cli(pids[0], &v2, &[], &[]);
+    assert!(ok, "update: {stderr}");
+    let updated: Vec<i64> = json["processes"]
+        .as_array()
+        .expect("processes")
+        .iter()
+        .map(|p| {
+            assert!(
+                !p["threads"].as_array().expect("threads").is_empty(),
+                "each process lists its threads: {p}"
+            );
+            p["pid"].as_i64().expect("pid")
+        })
+        .collect();
+    let mut want: Vec<i64> = pids.iter().map(|p| i64::from(p.as_raw())).collect();
+    let mut got = updated.clone();
+    want.sort_unstable();
+    got.sort_unstable();
+    assert_eq!(got, want, "the parent and its 4 workers: {json}");
+    assert_eq!(updated[0], i64::from(pids[0].as_raw()), "the parent first");
+    let mut others = every_worker_answers(port, &mut live, 2, "after update", v2_reply);
+    // The parent runs v2: a worker told to exit is reaped and replaced in
+    // v2's words, by a v2 worker.
+    assert_eq!(others[0].ask("exit"), "v2 exiting");
+    server
+        .wait_for_line("the parent reaps as v2", WAIT, |l| {
+            l.starts_with("v2 parent reaped pid=") && l.ends_with(" status=5")
+        })
+        .expect("v2 parent");
+    server
+        .wait_for_line("a v2 replacement", WAIT, |l| {
+            l.starts_with("v2 worker pid=")
+        })
+        .expect("v2 worker");
+    assert_eq!(live.ask("quit"), "v2 bye");
+}
+
+#[test]
+fn prefork_server_updated_as_one_gcc() {
+    prefork_server_updated_as_one(Toolchain::Gcc);
+}
+
+#[test]
+fn prefork_server_updated_as_one_clang() {
+    prefork_server_updated_as_one(Toolchain::Clang);
+}
