@@ -9,10 +9,12 @@ mod apply_support;
 use apply_support::instrumented;
 use apply_support::lines::{field, wait_for_lines, LineClient};
 use nix::unistd::Pid;
+use std::path::PathBuf;
 use std::time::Duration;
 use upstare_corpus::version_pair;
+use upstare_runtime::update::tree::apply_tree;
 use upstare_runtime::update::{apply, ApplyOptions};
-use upstare_testkit::{spawn, TempDir, Toolchain};
+use upstare_testkit::{spawn, ChildGuard, TempDir, Toolchain};
 
 const WAIT: Duration = Duration::from_secs(20);
 const SESSIONS: usize = 3;
@@ -29,7 +31,21 @@ fn effective_uid() -> u32 {
         .expect("a Uid: line")
 }
 
-fn chrooted_sessions_are_updated(tc: Toolchain) {
+/// The server of `chroot_sessions` (v1) with a session per live
+/// connection, each answered once, chrooted into an empty directory and
+/// running as nobody.
+struct Sessions {
+    v2: PathBuf,
+    server: ChildGuard,
+    port: u16,
+    clients: Vec<LineClient>,
+    pids: Vec<Pid>,
+    /// Bind it (a pattern's `..` drops it): sessions started later chroot
+    /// into it.
+    _jail: TempDir,
+}
+
+fn start_sessions(tc: Toolchain) -> Sessions {
     assert!(
         effective_uid() == 0,
         "this test needs root: the sessions of chroot_sessions call chroot() and setuid(nobody)"
@@ -47,20 +63,38 @@ fn chrooted_sessions_are_updated(tc: Toolchain) {
         assert_eq!(c.ask(&format!("hello {i}")), format!("echo: hello {i}"));
     }
     // The replies may come before the sessions' lines are read.
-    let sessions: Vec<Pid> = wait_for_lines(&server, "v1 session pid=", SESSIONS, WAIT)
+    let pids: Vec<Pid> = wait_for_lines(&server, "v1 session pid=", SESSIONS, WAIT)
         .iter()
         .map(|l| {
             assert_eq!(field(l, "uid"), 65534, "the session dropped root: {l}");
             Pid::from_raw(field(l, "pid") as i32)
         })
         .collect();
-    assert_eq!(sessions.len(), SESSIONS, "{}", server.stdout_so_far());
-    for &pid in &sessions {
+    for &pid in &pids {
         let root = std::fs::read_link(format!("/proc/{pid}/root")).expect("root link");
         assert_eq!(root, jail.path(), "session {pid} is chrooted");
     }
     // Now each session sits in recv on its connection.
     std::thread::sleep(Duration::from_millis(50));
+    Sessions {
+        v2,
+        server,
+        port,
+        clients,
+        pids,
+        _jail: jail,
+    }
+}
+
+fn chrooted_sessions_are_updated(tc: Toolchain) {
+    let Sessions {
+        v2,
+        server,
+        mut clients,
+        pids: sessions,
+        _jail: _kept,
+        ..
+    } = start_sessions(tc);
     let opts = ApplyOptions {
         timeout: Duration::from_millis(3000),
         ..ApplyOptions::default()
@@ -102,6 +136,55 @@ fn chrooted_sessions_are_updated(tc: Toolchain) {
             })
             .expect("v2 ends the session");
     }
+}
+
+/// The same server updated from its parent: the parent (which sees NEW's
+/// path) and its chrooted sessions (which do not) as one application.
+fn chrooted_sessions_are_updated_with_their_parent(tc: Toolchain) {
+    let Sessions {
+        v2,
+        server,
+        port,
+        mut clients,
+        _jail: _kept,
+        ..
+    } = start_sessions(tc);
+    let opts = ApplyOptions {
+        timeout: Duration::from_millis(3000),
+        ..ApplyOptions::default()
+    };
+    let tree = apply_tree(server.pid() as i32, &v2, &opts)
+        .unwrap_or_else(|e| panic!("update of the tree: {e}"));
+    assert_eq!(
+        tree.processes.len(),
+        SESSIONS + 1,
+        "the parent and its sessions"
+    );
+    for (i, c) in clients.iter_mut().enumerate() {
+        let line = format!("after {i}");
+        assert_eq!(
+            c.ask(&line),
+            format!("v2 echo #2 ({} bytes): {line}", line.len())
+        );
+    }
+    // The parent runs v2: a new connection gets a v2 session.
+    let mut fresh = LineClient::connect(port);
+    assert_eq!(fresh.ask("new"), "v2 echo #1 (3 bytes): new");
+    server
+        .wait_for_line("a v2 session", WAIT, |l| {
+            l.starts_with("v2 session pid=") && l.ends_with("uid=65534")
+        })
+        .expect("v2 session");
+}
+
+#[test]
+fn chrooted_sessions_are_updated_with_their_parent_gcc() {
+    chrooted_sessions_are_updated_with_their_parent(Toolchain::Gcc);
+}
+
+#[test]
+fn chrooted_sessions_are_updated_with_their_parent_clang() {
+    chrooted_sessions_are_updated_with_their_parent(Toolchain::Clang);
 }
 
 #[test]

@@ -171,6 +171,115 @@ fn prefork_server_updated_as_one(tc: Toolchain) {
     assert_eq!(live.ask("quit"), "v2 bye");
 }
 
+/// A parent ticking, a forked child ticking (same program) and a forked
+/// child that exec'd `sleep`. Lines: `VER started child=A other=B`,
+/// `VER parent|child PID tick N`.
+const TICKERS: &str = r#"
+#include <stdio.h>
+#include <time.h>
+#include <unistd.h>
+
+static void ticks(const char *who)
+{
+    long n = 0;
+    for (;;) {
+        struct timespec ts = {0, 20000000};
+        nanosleep(&ts, NULL);
+        n++;
+        printf("VER %s %d tick %ld\n", who, (int)getpid(), n);
+    }
+}
+
+int main(void)
+{
+    pid_t a, b;
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    a = fork();
+    if (a == 0)
+        ticks("child");
+    b = fork();
+    if (b == 0) {
+        execl("/bin/sleep", "sleep", "60", (char *)NULL);
+        _exit(127);
+    }
+    printf("VER started child=%d other=%d\n", (int)a, (int)b);
+    ticks("parent");
+    return 0;
+}
+"#;
+
+/// The tickers in versions 1 and 2, and a started v1 with the pids of its
+/// ticking child and of the child running `sleep`.
+fn tickers(dir: &apply_support::TempDir) -> (std::path::PathBuf, ChildGuard, Pid, Pid) {
+    let v1 = apply_support::build_c(dir, "tick1", &TICKERS.replace("VER", "v1"), Toolchain::Gcc);
+    let v2 = apply_support::build_c(dir, "tick2", &TICKERS.replace("VER", "v2"), Toolchain::Gcc);
+    let run = spawn(&v1, &[] as &[&str]).expect("spawn");
+    let started = run
+        .wait_for_line("started", WAIT, |l| l.starts_with("v1 started"))
+        .expect("started");
+    let child = Pid::from_raw(field(&started, "child") as i32);
+    let other = Pid::from_raw(field(&started, "other") as i32);
+    run.wait_for_line("the child ticks", WAIT, |l| l.starts_with("v1 child "))
+        .expect("child ticks");
+    (v2, run, child, other)
+}
+
+#[test]
+fn descendants_running_another_program_are_left_alone() {
+    let dir = apply_support::TempDir::new("tree-other");
+    let (v2, run, child, other) = tickers(&dir);
+    let exe_before = std::fs::read_link(format!("/proc/{other}/exe")).expect("sleep's exe");
+    let parent = Pid::from_raw(run.pid() as i32);
+    let (ok, json, stderr) = apply_cli(parent, &v2, &[], &[]);
+    assert!(ok, "update: {stderr}");
+    let pids: Vec<i64> = json["processes"]
+        .as_array()
+        .expect("processes")
+        .iter()
+        .map(|p| p["pid"].as_i64().expect("pid"))
+        .collect();
+    assert_eq!(
+        pids,
+        [i64::from(parent.as_raw()), i64::from(child.as_raw())]
+    );
+    assert_eq!(
+        json["other_programs"][0]["pid"].as_i64(),
+        Some(i64::from(other.as_raw())),
+        "{json}"
+    );
+    for who in [format!("v2 parent {parent} "), format!("v2 child {child} ")] {
+        run.wait_for_line("both tick as v2", WAIT, |l| l.starts_with(&who))
+            .expect("v2 ticks");
+    }
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{other}/exe")).expect("sleep still runs"),
+        exe_before
+    );
+    assert!(!maps_text(other).contains("tick"), "sleep was not touched");
+}
+
+#[test]
+fn only_pid_updates_one_process_of_the_tree() {
+    let dir = apply_support::TempDir::new("tree-only");
+    let (v2, run, child, _) = tickers(&dir);
+    let (ok, json, stderr) = apply_cli(child, &v2, &["--only-pid"], &[]);
+    assert!(ok, "update: {stderr}");
+    assert_eq!(json["pid"].as_i64(), Some(i64::from(child.as_raw())));
+    assert!(json.get("processes").is_none(), "one process: {json}");
+    run.wait_for_line("the child ticks as v2", WAIT, |l| {
+        l.starts_with(&format!("v2 child {child} "))
+    })
+    .expect("v2 child");
+    // The parent goes on as v1 after the child switched.
+    let parent = run.pid();
+    let seen_v2 = std::cell::Cell::new(false);
+    run.wait_for_line("the parent still v1", WAIT, |l| {
+        seen_v2.set(seen_v2.get() || l.starts_with("v2 child "));
+        seen_v2.get() && l.starts_with(&format!("v1 parent {parent} "))
+    })
+    .expect("v1 parent after the child's update");
+}
+
 #[test]
 fn prefork_server_updated_as_one_gcc() {
     prefork_server_updated_as_one(Toolchain::Gcc);
