@@ -280,6 +280,82 @@ fn only_pid_updates_one_process_of_the_tree() {
     .expect("v1 parent after the child's update");
 }
 
+/// A parent that forks a child every 30 ms; each child ticks every 20 ms
+/// and exits after 15 ticks, so processes are forked and end while an
+/// update runs (the parent forks when the update lets it run to an update
+/// point). Lines: `VER parent tick N`, `VER child PID tick N`.
+const CHURN: &str = r#"
+#include <signal.h>
+#include <stdio.h>
+#include <time.h>
+#include <unistd.h>
+
+static void nap(long ms)
+{
+    struct timespec ts = {0, ms * 1000000};
+    nanosleep(&ts, NULL);
+}
+
+static void child_life(void)
+{
+    for (int i = 0; i < 15; i++) {
+        nap(20);
+        printf("VER child %d tick %d\n", (int)getpid(), i);
+    }
+    _exit(0);
+}
+
+int main(void)
+{
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    signal(SIGCHLD, SIG_IGN);
+    for (long n = 0;; n++) {
+        if (fork() == 0)
+            child_life();
+        nap(30);
+        printf("VER parent tick %ld\n", n);
+    }
+    return 0;
+}
+"#;
+
+/// Processes forked and ending during the update: every process of the
+/// tree that lives on runs v2 (none is left on v1), those that ended are
+/// dropped, and the update succeeds.
+#[test]
+fn forks_and_exits_during_the_update_leave_no_process_on_v1() {
+    let dir = apply_support::TempDir::new("tree-churn");
+    let v1 = apply_support::build_c(&dir, "churn1", &CHURN.replace("VER", "v1"), Toolchain::Gcc);
+    let v2 = apply_support::build_c(&dir, "churn2", &CHURN.replace("VER", "v2"), Toolchain::Gcc);
+    let run = spawn(&v1, &[] as &[&str]).expect("spawn");
+    wait_for_lines(&run, "v1 parent tick", 12, WAIT);
+    let opts = upstare_runtime::update::ApplyOptions {
+        timeout: Duration::from_secs(5),
+        ..Default::default()
+    };
+    let report = upstare_runtime::update::tree::apply_tree(run.pid() as i32, &v2, &opts)
+        .unwrap_or_else(|e| panic!("update of the churning tree: {e}"));
+    assert!(report.processes.len() >= 2, "the parent and its children");
+    eprintln!(
+        "updated {}, forked during the update {}, ended {}, other {:?}",
+        report.processes.len(),
+        report.forked.len(),
+        report.exited.len(),
+        report.other_programs
+    );
+    // Lines printed before the stop may still be in the pipe: let them
+    // come, then every line from then on is v2's.
+    std::thread::sleep(Duration::from_millis(150));
+    let mark = run.stdout_so_far().len();
+    wait_for_lines(&run, "v2 parent tick", 12, WAIT);
+    let after = run.stdout_so_far();
+    let late_v1: Vec<&str> = after[mark..]
+        .lines()
+        .filter(|l| l.starts_with("v1 "))
+        .collect();
+    assert!(late_v1.is_empty(), "processes left on v1: {late_v1:?}");
+}
+
 #[test]
 fn prefork_server_updated_as_one_gcc() {
     prefork_server_updated_as_one(Toolchain::Gcc);

@@ -139,7 +139,9 @@ pub fn apply_tree(
             }
             known.push(p);
             if p != root && !runs_image(p, id) {
-                if !procfs::has_ended(p) {
+                if procfs::has_ended(p) {
+                    report.exited.push(p.as_raw());
+                } else {
                     report.other_programs.push(OtherProgram {
                         pid: p.as_raw(),
                         exe: procfs::exe_path(p).unwrap_or_default(),
