@@ -280,55 +280,14 @@ fn only_pid_updates_one_process_of_the_tree() {
     .expect("v1 parent after the child's update");
 }
 
-/// A parent that forks a child every 30 ms; each child ticks every 20 ms
-/// and exits after 15 ticks, so processes are forked and end while an
-/// update runs (the parent forks when the update lets it run to an update
-/// point). Lines: `VER parent tick N`, `VER child PID tick N`.
-const CHURN: &str = r#"
-#include <signal.h>
-#include <stdio.h>
-#include <time.h>
-#include <unistd.h>
-
-static void nap(long ms)
-{
-    struct timespec ts = {0, ms * 1000000};
-    nanosleep(&ts, NULL);
-}
-
-static void child_life(void)
-{
-    for (int i = 0; i < 15; i++) {
-        nap(20);
-        printf("VER child %d tick %d\n", (int)getpid(), i);
-    }
-    _exit(0);
-}
-
-int main(void)
-{
-    setvbuf(stdout, NULL, _IOLBF, 0);
-    signal(SIGCHLD, SIG_IGN);
-    for (long n = 0;; n++) {
-        if (fork() == 0)
-            child_life();
-        nap(30);
-        printf("VER parent tick %ld\n", n);
-    }
-    return 0;
-}
-"#;
-
 /// Processes forked and ending during the update: every process of the
 /// tree that lives on runs v2 (none is left on v1), those that ended are
 /// dropped, and the update succeeds.
 #[test]
 fn forks_and_exits_during_the_update_leave_no_process_on_v1() {
+    // About 10 children alive, each for 300 ms.
     let dir = apply_support::TempDir::new("tree-churn");
-    let v1 = apply_support::build_c(&dir, "churn1", &CHURN.replace("VER", "v1"), Toolchain::Gcc);
-    let v2 = apply_support::build_c(&dir, "churn2", &CHURN.replace("VER", "v2"), Toolchain::Gcc);
-    let run = spawn(&v1, &[] as &[&str]).expect("spawn");
-    wait_for_lines(&run, "v1 parent tick", 12, WAIT);
+    let (v2, run) = start_forker(&dir, &["15", "1000000"], 12);
     let opts = upstare_runtime::update::ApplyOptions {
         timeout: Duration::from_secs(5),
         ..Default::default()
@@ -348,12 +307,104 @@ fn forks_and_exits_during_the_update_leave_no_process_on_v1() {
     std::thread::sleep(Duration::from_millis(150));
     let mark = run.stdout_so_far().len();
     wait_for_lines(&run, "v2 parent tick", 12, WAIT);
+    assert_no_v1_since(&run, mark);
+}
+
+/// No line of v1 in `run`'s output from byte `mark` on.
+fn assert_no_v1_since(run: &ChildGuard, mark: usize) {
     let after = run.stdout_so_far();
     let late_v1: Vec<&str> = after[mark..]
         .lines()
         .filter(|l| l.starts_with("v1 "))
         .collect();
     assert!(late_v1.is_empty(), "processes left on v1: {late_v1:?}");
+}
+
+/// A parent that forks a child at each turn of its loop (every 30 ms, at
+/// most `argv[2]`); each child ticks every 20 ms, `argv[1]` times (0: for
+/// ever), then exits. Lines: `VER parent tick N`, `VER child PID tick N`.
+const FORKER: &str = r#"
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#include <unistd.h>
+
+static void nap(long ms)
+{
+    struct timespec ts = {0, ms * 1000000};
+    nanosleep(&ts, NULL);
+}
+
+static void child_life(long life)
+{
+    for (long n = 0; life == 0 || n < life; n++) {
+        nap(20);
+        printf("VER child %d tick %ld\n", (int)getpid(), n);
+    }
+    _exit(0);
+}
+
+int main(int argc, char **argv)
+{
+    long life = argc > 1 ? atol(argv[1]) : 0;
+    long most = argc > 2 ? atol(argv[2]) : 30;
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    signal(SIGCHLD, SIG_IGN);
+    for (long n = 0;; n++) {
+        if (n < most && fork() == 0)
+            child_life(life);
+        nap(30);
+        printf("VER parent tick %ld\n", n);
+    }
+    return 0;
+}
+"#;
+
+/// The forker in versions 1 and 2 (in `dir`) and v1 started with `args`
+/// once its parent ticked `ticks` times.
+fn start_forker(
+    dir: &apply_support::TempDir,
+    args: &[&str],
+    ticks: usize,
+) -> (std::path::PathBuf, ChildGuard) {
+    let v1 = apply_support::build_c(dir, "fork1", &FORKER.replace("VER", "v1"), Toolchain::Gcc);
+    let v2 = apply_support::build_c(dir, "fork2", &FORKER.replace("VER", "v2"), Toolchain::Gcc);
+    let run = spawn(&v1, args).expect("spawn");
+    wait_for_lines(&run, "v1 parent tick", ticks, WAIT);
+    (v2, run)
+}
+
+/// The parent is let run through 6 update points while it is being
+/// stopped (`skip_hits`), forking a child at each: those children, forked
+/// during the update, are seized and updated too.
+#[test]
+fn children_forked_during_the_stop_are_included() {
+    let dir = apply_support::TempDir::new("tree-forker");
+    let (v2, run) = start_forker(&dir, &["0", "30"], 2);
+    let opts = upstare_runtime::update::ApplyOptions {
+        timeout: Duration::from_secs(5),
+        skip_hits: 6,
+        ..Default::default()
+    };
+    let report = upstare_runtime::update::tree::apply_tree(run.pid() as i32, &v2, &opts)
+        .unwrap_or_else(|e| panic!("update of the forking tree: {e}"));
+    assert!(
+        !report.forked.is_empty(),
+        "children forked while the parent was being stopped: {:?}",
+        report.processes.iter().map(|p| p.pid).collect::<Vec<_>>()
+    );
+    for pid in &report.forked {
+        run.wait_for_line("a child forked during the update ticks as v2", WAIT, |l| {
+            l.starts_with(&format!("v2 child {pid} tick"))
+        })
+        .expect("v2 child");
+    }
+    std::thread::sleep(Duration::from_millis(150));
+    let mark = run.stdout_so_far().len();
+    wait_for_lines(&run, "v2 parent tick", 3, WAIT);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_no_v1_since(&run, mark);
 }
 
 #[test]
