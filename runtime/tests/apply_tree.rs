@@ -15,7 +15,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 use upstare_corpus::version_pair;
-use upstare_testkit::{spawn, ChildGuard, Toolchain};
+use upstare_testkit::{run_command, spawn, ChildGuard, ExitStatus, Toolchain};
 
 const WAIT: Duration = Duration::from_secs(20);
 const WORKERS: usize = 4;
@@ -28,27 +28,22 @@ fn apply_cli(
     extra: &[&str],
     env: &[(&str, &str)],
 ) -> (bool, serde_json::Value, String) {
-    // Bounded: coreutils' timeout ends a hung updater.
-    let out = Command::new("timeout")
-        .arg("120")
-        .arg(env!("CARGO_BIN_EXE_upstare-apply"))
-        .args([
-            "--pid",
-            &pid.to_string(),
-            "--timeout",
-            "3000",
-            "--json",
-            "--to",
-        ])
-        .arg(to)
-        .args(extra)
-        .envs(env.iter().copied())
-        .output()
-        .expect("run upstare-apply");
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let json = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("JSON report: {e}: {stderr}"));
-    (out.status.success(), json, stderr)
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_upstare-apply"));
+    cmd.args([
+        "--pid",
+        &pid.to_string(),
+        "--timeout",
+        "3000",
+        "--json",
+        "--to",
+    ])
+    .arg(to)
+    .args(extra)
+    .envs(env.iter().copied());
+    let out = run_command(cmd, Duration::from_secs(120)).expect("run upstare-apply");
+    let json = serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("JSON report: {e}: {}", out.stderr));
+    (out.status == ExitStatus::Code(0), json, out.stderr)
 }
 
 /// Every worker answers: the live connection's worker, and the other
