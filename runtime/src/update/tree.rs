@@ -99,16 +99,19 @@ pub fn apply_tree(
     }
     let root = Pid::from_raw(pid);
     let descendants = procfs::descendants(root);
-    if descendants.is_empty() {
+    let single = |pid| -> Result<TreeReport, UpdateError> {
         let report = super::apply(pid, new_path, opts)?;
         let total_us = report.timings.total_us;
-        return Ok(TreeReport {
+        Ok(TreeReport {
             processes: vec![report],
             other_programs: Vec::new(),
             exited: Vec::new(),
             forked: Vec::new(),
             total_us,
-        });
+        })
+    };
+    if descendants.is_empty() {
+        return single(pid);
     }
     let start = Instant::now();
     let new_bytes = read_new(new_path)?;
@@ -117,7 +120,9 @@ pub fn apply_tree(
     let maps = procfs::read_maps(root).map_err(|source| UpdateError::Proc { pid, source })?;
     let old = running_image(root, &maps)?;
     let Some(id) = image_identity(&maps, &old.path) else {
-        return Err(UpdateError::NoProcess { pid });
+        // No file to compare the descendants with: PID alone (its own
+        // update reports what it finds).
+        return single(pid);
     };
     let mut report = TreeReport {
         processes: Vec::new(),
