@@ -120,6 +120,8 @@ fn catalog_lists_every_pair_with_sources() {
             "heap_list",
             "heap_tree",
             "heap_shared",
+            "chroot_sessions",
+            "prefork_server",
         ]
     );
     for p in &pairs {

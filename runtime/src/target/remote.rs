@@ -824,6 +824,83 @@ impl<'t> RemoteCalls<'t> {
         Ok(r? as i32)
     }
 
+    /// `memfd_create(name, flags)` in the target: an anonymous file no path
+    /// lookup reaches (so it works in any root or mount namespace); the fd.
+    pub fn memfd_create(&mut self, name: &str, flags: u32) -> Result<i32, RemoteError> {
+        let mut bytes = name.as_bytes().to_vec();
+        bytes.push(0);
+        let mark = self.scratch_used;
+        let at = self.scratch_write(&bytes)?;
+        let r = self.syscall_checked(
+            &format!("memfd_create({name})"),
+            libc::SYS_memfd_create,
+            &[at.0, u64::from(flags)],
+        );
+        self.scratch_used = mark;
+        Ok(r? as i32)
+    }
+
+    /// Write all of `data` at `offset` of the target's file `fd` with
+    /// `pwrite64`, through scratch memory in chunks.
+    pub fn pwrite_all(&mut self, fd: i32, data: &[u8], offset: u64) -> Result<(), RemoteError> {
+        const CHUNK: usize = 32 << 10;
+        let mark = self.scratch_used;
+        let buf = self.scratch_alloc(CHUNK as u64);
+        let r = buf.and_then(|buf| {
+            let mut done = 0usize;
+            while done < data.len() {
+                let end = data.len().min(done + CHUNK);
+                self.mem.write(buf, &data[done..end])?;
+                let n = self.syscall_checked(
+                    &format!("pwrite64({fd})"),
+                    libc::SYS_pwrite64,
+                    &[
+                        fd as i64 as u64,
+                        buf.0,
+                        (end - done) as u64,
+                        offset.saturating_add(done as u64),
+                    ],
+                )?;
+                if n == 0 {
+                    return Err(RemoteError::Syscall {
+                        pid: self.pid().as_raw(),
+                        call: format!("pwrite64({fd})"),
+                        errno: Errno::EIO,
+                    });
+                }
+                done += (n as usize).min(end - done);
+            }
+            Ok(())
+        });
+        self.scratch_used = mark;
+        r
+    }
+
+    /// Device and inode of the target's file `fd` (`fstat`).
+    pub fn fstat_identity(&mut self, fd: i32) -> Result<(u64, u64), RemoteError> {
+        let mark = self.scratch_used;
+        let r = self
+            .scratch_alloc(std::mem::size_of::<libc::stat>() as u64)
+            .and_then(|at| {
+                self.syscall_checked(
+                    &format!("fstat({fd})"),
+                    libc::SYS_fstat,
+                    &[fd as i64 as u64, at.0],
+                )?;
+                // struct stat on x86-64 begins with st_dev then st_ino.
+                let mut b = [0u8; 16];
+                self.mem.read(at, &mut b)?;
+                let word = |i: usize| {
+                    let mut w = [0u8; 8];
+                    w.copy_from_slice(&b[i..i + 8]);
+                    u64::from_le_bytes(w)
+                };
+                Ok((word(0), word(8)))
+            });
+        self.scratch_used = mark;
+        r
+    }
+
     /// `close(fd)` in the target.
     pub fn close(&mut self, fd: i32) -> Result<(), RemoteError> {
         self.syscall_checked(

@@ -9,6 +9,7 @@ mod heap_objects;
 pub mod signals;
 mod survive;
 pub mod transaction;
+pub mod tree;
 
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -18,6 +19,7 @@ use upstare_dwarf::RuntimeAddr;
 use crate::engine::heap;
 use crate::engine::pointers::Remapper;
 use crate::engine::rebuild::{self, RebuildError};
+use crate::engine::state::Image;
 use crate::engine::state::{Readiness, ThreadState};
 use crate::engine::transfer::{self, TransferError};
 use crate::engine::transform::{self, TransformPlanError};
@@ -25,12 +27,14 @@ use crate::engine::Write;
 use crate::load::image::{image_file_bytes, open_image_file, running_image, ImageError};
 use crate::load::libraries::Libraries;
 use crate::load::transformer::{run_transformers, TransformerError};
+use crate::load::LoadedImage;
 use crate::load::{self, LoadError, LoadOptions};
 use crate::stop::{self, StopError, StopOptions};
 use crate::target::procfs::{self, MemoryMap, ProcError};
 use crate::target::ptrace::{PtraceError, Sig, Tracee};
 use nix::unistd::Pid;
-use transaction::{CommitError, PreparedState};
+use transaction::{CommitError, PreparedState, UndoLog};
+use upstare_dwarf::fdt::FrameTables;
 use upstare_patcher::transformer::{BuildError, TransformerObject};
 use upstare_patcher::{ImageIdentity, Spec, UpdatePlan};
 
@@ -158,6 +162,14 @@ pub enum UpdateError {
     Rescue(Box<crate::target::rescue::RescueError>),
     #[error("interrupted by {sig}: the update was rolled back, process {pid} runs as before")]
     Interrupted { pid: i32, sig: Sig },
+    #[error("process {pid}: the commit failed on purpose (UPSTARE_TEST_FAIL_COMMIT)")]
+    InjectedFault { pid: i32 },
+    #[error("{source}; the update of the process tree was rolled back ({committed} process(es) had committed and were put back), every process runs as before")]
+    TreeRolledBack {
+        pid: i32,
+        committed: usize,
+        source: Box<UpdateError>,
+    },
 }
 
 /// `Err(Interrupted)` if the updater received a termination signal and the
@@ -476,8 +488,53 @@ fn apply_traced_bytes(
     new_bytes: Vec<u8>,
     opts: &ApplyOptions,
 ) -> Result<UpdateReport, UpdateError> {
+    let mut planned = plan_update(tracee.pid(), new_path, &new_bytes, opts)?;
+    let (threads, safety_retries) = stop_process(tracee, &mut planned, opts)?;
+    let mut ready = compute(
+        tracee,
+        planned,
+        threads,
+        safety_retries,
+        new_path,
+        &new_bytes,
+        opts,
+    )?;
+    if opts.dry_run {
+        // Nothing committed: the guard unloads NEW.
+        return Ok(ready.dry_report());
+    }
+    // Phase 6: commit, with an undo log so a failure is rolled back. A
+    // termination signal from here on is reported once it is finished.
+    let _window = CommitWindow::open();
+    let t = Instant::now();
+    commit_ready(&mut ready)?;
+    Ok(ready.finish(t))
+}
+
+/// What phase 1 found and decided for one process, before it is paused.
+struct Planned {
+    start: Instant,
+    pid: i32,
+    old: Image,
+    old_bytes: Vec<u8>,
+    new_tables: FrameTables,
+    plan: UpdatePlan,
+    object: Option<TransformerObject>,
+    libs: Libraries,
+    prepared_load: Option<load::PreparedLoad>,
+    timings: Timings,
+}
+
+/// Phase 1 for process `pid`: what runs, and what it becomes (no process
+/// changes).
+fn plan_update(
+    pid_: Pid,
+    new_path: &Path,
+    new_bytes: &[u8],
+    opts: &ApplyOptions,
+) -> Result<Planned, UpdateError> {
     let start = Instant::now();
-    let pid = tracee.pid().as_raw();
+    let pid = pid_.as_raw();
     let proc_err = |source| UpdateError::Proc { pid, source };
     let new_err = |why: String| UpdateError::New {
         path: new_path.to_path_buf(),
@@ -486,11 +543,11 @@ fn apply_traced_bytes(
     let mut timings = Timings::default();
 
     // Phase 1: what runs, and what it becomes (no process changes).
-    let maps = procfs::read_maps(tracee.pid()).map_err(proc_err)?;
-    let old = running_image(tracee.pid(), &maps)?;
+    let maps = procfs::read_maps(pid_).map_err(proc_err)?;
+    let old = running_image(pid_, &maps)?;
     if let Some(expected) = &opts.expected_old {
         // The file exactly as mapped, hashed before anything is stopped.
-        let f = open_image_file(tracee.pid(), &maps, &old)?;
+        let f = open_image_file(pid_, &maps, &old)?;
         let actual = ImageIdentity::of_reader(f, &old.tables.binary.build_id).map_err(|e| {
             UpdateError::NotOld {
                 pid,
@@ -525,9 +582,9 @@ fn apply_traced_bytes(
             )));
         }
     }
-    let new_tables = upstare_dwarf::read_tables(&new_bytes).map_err(|e| new_err(e.to_string()))?;
+    let new_tables = upstare_dwarf::read_tables(new_bytes).map_err(|e| new_err(e.to_string()))?;
     if let Some(expected) = &opts.expected_new {
-        let actual = ImageIdentity::of_bytes(&new_bytes, &new_tables);
+        let actual = ImageIdentity::of_bytes(new_bytes, &new_tables);
         if let Some(why) = expected.mismatch(&actual) {
             return Err(UpdateError::NotNew {
                 path: new_path.to_path_buf(),
@@ -545,7 +602,7 @@ fn apply_traced_bytes(
     }
     // OLD's file as mapped (initial values, the sweep), read before the
     // pause.
-    let old_bytes = image_file_bytes(tracee.pid(), &maps, &old)?;
+    let old_bytes = image_file_bytes(pid_, &maps, &old)?;
     // What maps to what is decided from the two tables alone, before the
     // process is paused.
     let mut object = opts.transformers.clone();
@@ -588,17 +645,41 @@ fn apply_traced_bytes(
     if transforms && object.is_none() {
         return Err(TransformerError::NoObject.into());
     }
-    let mut libs = Libraries::new(tracee.pid(), &maps);
+    let libs = Libraries::new(pid_, &maps);
     // NEW's relocations and imports, resolved while the process runs. A
     // process not yet that far (its libraries not loaded: stopped at its
     // start) is planned for again in the pause, which reports the refusal.
     let prepared_load = if opts.legacy_pause {
         None
     } else {
-        load::prepare_load(tracee.pid(), &maps, new_path, &new_bytes, &old).ok()
+        load::prepare_load(pid_, &maps, new_path, new_bytes, &old).ok()
     };
 
     timings.plan_us = us(start.elapsed());
+    Ok(Planned {
+        start,
+        pid,
+        old,
+        old_bytes,
+        new_tables,
+        plan,
+        object,
+        libs,
+        prepared_load,
+        timings,
+    })
+}
+
+/// Phase 2: every thread of the process stopped at an update point or in
+/// a safe call; how many times the threads were let run again for a
+/// `[safety]` rule.
+fn stop_process(
+    tracee: &mut Tracee,
+    planned: &mut Planned,
+    opts: &ApplyOptions,
+) -> Result<(Vec<ThreadState>, u32), UpdateError> {
+    let pid = planned.pid;
+    let (old, plan, libs) = (&planned.old, &planned.plan, &mut planned.libs);
     // Phase 2: stop every thread at an update point or in a safe call.
     // With frames that must not be active (SPEC [safety]), the threads are
     // let run again until none is, within the time limit.
@@ -610,7 +691,7 @@ fn apply_traced_bytes(
     // rescue handler covers exactly that span, so that the process lives on
     // if the updater is killed meanwhile.
     signals::set_stopping(true);
-    let rescue = survive::install(tracee, &old);
+    let rescue = survive::install(tracee, old);
     let rescue = match rescue {
         Ok(r) => r,
         Err(e) => {
@@ -622,8 +703,8 @@ fn apply_traced_bytes(
         interrupted(pid)?;
         let stopped = stop::stop_the_world(
             tracee,
-            &old,
-            &mut libs,
+            old,
+            libs,
             &StopOptions {
                 timeout: deadline.saturating_duration_since(Instant::now()),
                 skip_hits,
@@ -635,7 +716,7 @@ fn apply_traced_bytes(
             e => e.into(),
         })?;
         skip_hits = 0;
-        let Some(busy) = forbidden_frame(&stopped.threads, &plan) else {
+        let Some(busy) = forbidden_frame(&stopped.threads, plan) else {
             return Ok(stopped.threads);
         };
         if Instant::now() + SAFETY_RETRY >= deadline {
@@ -657,9 +738,66 @@ fn apply_traced_bytes(
     signals::set_stopping(false);
     let threads = stopped?;
     removed?;
-    timings.stop_us = us(t.elapsed());
+    planned.timings.stop_us = us(t.elapsed());
     interrupted(pid)?;
 
+    Ok((threads, safety_retries))
+}
+
+/// What the commit adds to the report.
+struct CommitFacts {
+    globals_copied: usize,
+    converted: Vec<String>,
+    heap_objects: usize,
+    heap_pointers_remapped: usize,
+    heap_converted_in_place: usize,
+    heap_moved: usize,
+    frames: Vec<Vec<String>>,
+}
+
+/// One process ready to commit: NEW loaded (unloaded again when this is
+/// dropped uncommitted), every byte and register computed.
+struct Ready<'t> {
+    loaded: LoadedImage<'t>,
+    commit_plan: load::CommitPlan,
+    /// What of the old image is unmapped once every process committed.
+    unmap: crate::load::retire::UnmapPlan,
+    prepared: PreparedState,
+    threads: Vec<ThreadState>,
+    report: UpdateReport,
+    facts: CommitFacts,
+    warnings: Vec<String>,
+    timings: Timings,
+    start: Instant,
+    legacy_pause: bool,
+}
+
+/// Phases 3 to 5: check the paused state against the plan, load NEW and
+/// compute every byte of the new state.
+#[allow(clippy::too_many_arguments)]
+fn compute<'t>(
+    tracee: &'t mut Tracee,
+    planned: Planned,
+    threads: Vec<ThreadState>,
+    safety_retries: u32,
+    new_path: &Path,
+    new_bytes: &[u8],
+    opts: &ApplyOptions,
+) -> Result<Ready<'t>, UpdateError> {
+    let Planned {
+        start,
+        pid,
+        old,
+        old_bytes,
+        new_tables,
+        plan,
+        object,
+        libs: _,
+        prepared_load,
+        mut timings,
+    } = planned;
+    let proc_err = |source| UpdateError::Proc { pid, source };
+    let transforms = !plan.transformers.is_empty();
     // Phase 3: does the paused state map onto the new version? (plan and
     // tables only)
     let t = Instant::now();
@@ -702,7 +840,7 @@ fn apply_traced_bytes(
             tracee,
             tid,
             prep,
-            &new_bytes,
+            new_bytes,
             new_tables,
             &old,
             &LoadOptions::default(),
@@ -711,7 +849,7 @@ fn apply_traced_bytes(
             tracee,
             tid,
             new_path,
-            &new_bytes,
+            new_bytes,
             new_tables,
             &old,
             &LoadOptions::default(),
@@ -790,7 +928,7 @@ fn apply_traced_bytes(
     let rsps: Vec<u64> = plans.iter().map(|p| p.regs.rsp().0).collect();
     let pending: Vec<&Write> = writes.iter().collect();
     let (swept, retired) = crate::engine::sweep::sweep_update(
-        &mem, &maps_now, &rsps, &plan, &old, new, &mut remap, &pending, old_elf, &new_bytes,
+        &mem, &maps_now, &rsps, &plan, &old, new, &mut remap, &pending, old_elf, new_bytes,
     );
     let sweep_writes = swept.writes();
     warnings.extend(sweep_warnings(&swept));
@@ -851,13 +989,6 @@ fn apply_traced_bytes(
     warnings.extend(heap.warnings.iter().cloned());
     timings.rebuild_us += us(t.elapsed());
 
-    if opts.dry_run {
-        // Nothing committed: the guard unloads NEW.
-        report.warnings = warnings;
-        timings.total_us = us(start.elapsed());
-        report.timings = timings;
-        return Ok(report);
-    }
     let prepared = PreparedState {
         writes,
         regs: plans.iter().map(|p| (p.tid, p.regs)).collect(),
@@ -874,55 +1005,117 @@ fn apply_traced_bytes(
     // The last moment a termination signal rolls the update back.
     interrupted(pid)?;
 
-    // Phase 6: commit, with an undo log so a failure is rolled back. A
-    // termination signal from here on is reported once it is finished.
-    let _window = CommitWindow::open();
-    let t = Instant::now();
-    let mode = if opts.legacy_pause {
+    loaded.free_after_commit(heap_objects.moved_from());
+    Ok(Ready {
+        loaded,
+        commit_plan,
+        unmap,
+        prepared,
+        threads,
+        report,
+        facts: CommitFacts {
+            globals_copied,
+            converted,
+            heap_objects: heap.objects,
+            heap_pointers_remapped: heap.writes.len() - heap.converted_in_place,
+            heap_converted_in_place: heap.converted_in_place,
+            heap_moved: heap.moved.len(),
+            frames,
+        },
+        warnings,
+        timings,
+        start,
+        legacy_pause: opts.legacy_pause,
+    })
+}
+
+impl Ready<'_> {
+    /// The report of a dry run (nothing committed).
+    fn dry_report(&mut self) -> UpdateReport {
+        let mut report = self.report.clone();
+        report.warnings = self.warnings.clone();
+        let mut timings = self.timings.clone();
+        timings.total_us = us(self.start.elapsed());
+        report.timings = timings;
+        report
+    }
+
+    /// After [`commit_ready`]: NEW belongs to the program; the report,
+    /// with the commit's time counted from `commit_start`.
+    fn finish(self, commit_start: Instant) -> UpdateReport {
+        let Ready {
+            loaded,
+            commit_plan,
+            unmap,
+            prepared,
+            threads,
+            mut report,
+            facts,
+            mut warnings,
+            mut timings,
+            start,
+            ..
+        } = self;
+        let (_, unfreed, not_unmapped) = loaded.finish_committed(&commit_plan);
+        report.retired = unmap.report(not_unmapped);
+        if unfreed > 0 {
+            warnings.push(format!(
+                "{unfreed} old heap object(s) of changed type could not be freed after the update (left allocated)"
+            ));
+        }
+        report.bytes_written = prepared.bytes();
+        report.globals_copied = facts.globals_copied;
+        report.converted = facts.converted;
+        report.heap_objects = facts.heap_objects;
+        report.heap_pointers_remapped = facts.heap_pointers_remapped;
+        report.heap_converted_in_place = facts.heap_converted_in_place;
+        report.heap_moved = facts.heap_moved;
+        report.threads = threads
+            .iter()
+            .zip(facts.frames)
+            .map(|(t, frames)| ThreadReport {
+                frames,
+                ..thread_report(t)
+            })
+            .collect();
+        timings.resume_us = us(commit_start.elapsed());
+        timings.total_us = us(start.elapsed());
+        report.warnings = warnings;
+        report.timings = timings;
+        report
+    }
+}
+
+/// Commit `ready`'s writes and registers with an undo log, then the load's
+/// commit steps; on failure everything is put back (the guard unloads NEW
+/// when `ready` is dropped). The undo log, kept until the whole update
+/// commits.
+fn commit_ready(ready: &mut Ready<'_>) -> Result<UndoLog, UpdateError> {
+    let mode = if ready.legacy_pause {
         transaction::CommitMode::OneByOne
     } else {
         transaction::CommitMode::Batched
     };
-    let undo = transaction::commit_with(&prepared, &mut mem, tr, mode)?;
-    loaded.free_after_commit(heap_objects.moved_from());
-    let unfreed = match loaded.commit_freeing(&commit_plan) {
-        Ok((_, unfreed, not_unmapped)) => {
-            report.retired = unmap.report(not_unmapped);
-            unfreed
-        }
-        Err(e) => {
-            // The guard has unloaded NEW; put the old state back.
-            let mut mem = tracee.memory();
-            undo.roll_back(&mut mem, tracee);
-            return Err(e.into());
-        }
-    };
-    if unfreed > 0 {
-        warnings.push(format!(
-            "{unfreed} old heap object(s) of changed type could not be freed after the update (left allocated)"
-        ));
+    let tr = ready.loaded.tracee();
+    let mut mem = tr.memory();
+    let undo = transaction::commit_with(&ready.prepared, &mut mem, tr, mode)?;
+    if let Err(e) = ready.loaded.commit_steps(&ready.commit_plan) {
+        let tr = ready.loaded.tracee();
+        let mut mem = tr.memory();
+        undo.roll_back(&mut mem, tr);
+        return Err(e.into());
     }
-    let bytes_written = prepared.bytes();
-    report.bytes_written = bytes_written;
-    report.globals_copied = globals_copied;
-    report.converted = converted;
-    report.heap_objects = heap.objects;
-    report.heap_pointers_remapped = heap.writes.len() - heap.converted_in_place;
-    report.heap_converted_in_place = heap.converted_in_place;
-    report.heap_moved = heap.moved.len();
-    report.threads = threads
-        .iter()
-        .zip(frames)
-        .map(|(t, frames)| ThreadReport {
-            frames,
-            ..thread_report(t)
-        })
-        .collect();
-    timings.resume_us = us(t.elapsed());
-    timings.total_us = us(start.elapsed());
-    report.warnings = warnings;
-    report.timings = timings;
-    Ok(report)
+    Ok(undo)
+}
+
+/// Take back a [`commit_ready`] that succeeded: the load's commit steps,
+/// then the writes and registers from `undo` (best effort, each step
+/// tried); the guard unloads NEW when `ready` is dropped.
+fn revert_ready(ready: &mut Ready<'_>, undo: UndoLog) {
+    let _ = ready.loaded.revert_steps(&ready.commit_plan);
+    let tr = ready.loaded.tracee();
+    let mut mem = tr.memory();
+    undo.roll_back(&mut mem, tr);
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod bank;
+pub mod lines;
 pub mod real;
 pub mod ticks;
 
