@@ -1036,6 +1036,11 @@ impl<'t> RemoteCalls<'t> {
                 .write(frame, &frame_orig)
                 .map_err(RemoteError::from),
         );
+        // A signal taken while handing the thread back is the one it stops
+        // for, like one that became deliverable above.
+        if let Some(sig) = self.hand_back_in_restartable_stop() {
+            slot.get_or_insert(sig);
+        }
         if slot.is_some() {
             note(
                 self.tracee
@@ -1045,6 +1050,28 @@ impl<'t> RemoteCalls<'t> {
             );
         }
         first.map_or(Ok(()), Err)
+    }
+
+    /// A thread interrupted in a system call the kernel restarts
+    /// (-ERESTARTSYS and the like in rax) gets that restart only on the way
+    /// out of a stop inside signal handling. The session leaves it in a
+    /// syscall-exit stop of its own, from which the restart code would
+    /// reach the program as the call's result (`read` returning -512):
+    /// stop it once more with an interrupt, before it runs an instruction,
+    /// so that resuming it restarts the call. Returns a signal taken
+    /// instead of that stop (the thread then sits in its delivery stop,
+    /// which restarts the call as well).
+    fn hand_back_in_restartable_stop(&mut self) -> Option<Sig> {
+        let (nr, rax) = (self.regs.0.orig_rax as i64, self.regs.0.rax as i64);
+        if nr < 0 || !(RESTART_CODES.contains(&rax) || rax == RESTARTBLOCK) {
+            return None;
+        }
+        self.tracee.interrupt(self.tid).ok()?;
+        self.tracee.cont(self.tid, None).ok()?;
+        match self.tracee.wait_stop(self.tid, self.timeout) {
+            Ok(Stop::Signal { sig, .. }) => Some(sig),
+            _ => None,
+        }
     }
 
     /// Sends again a SIGSTOP taken from the thread, unless a SIGCONT came
