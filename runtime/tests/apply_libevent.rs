@@ -5,7 +5,7 @@
 
 mod apply_support;
 
-use apply_support::TempDir;
+use apply_support::{with_version, TempDir};
 use std::time::Duration;
 use upstare_runtime::update::{apply, ApplyOptions};
 use upstare_testkit::{compile_instrumented, spawn, Toolchain};
@@ -56,16 +56,12 @@ int main(void)
 }
 "#;
 
-fn source(version: &str) -> String {
-    format!("#define VERSION \"{version}\"\n{PROGRAM}")
-}
-
 fn idle_in_event_base_loop(tc: Toolchain) {
     tc.require();
     let dir = TempDir::new(&format!("libevent-{tc}"));
     let flags = ["-Wl,--no-as-needed", "-levent"];
-    let v1 = compile_instrumented(dir.path(), "ev1", &source("v1"), tc, &flags);
-    let v2 = compile_instrumented(dir.path(), "ev2", &source("v2"), tc, &flags);
+    let v1 = compile_instrumented(dir.path(), "ev1", &with_version(PROGRAM, "v1"), tc, &flags);
+    let v2 = compile_instrumented(dir.path(), "ev2", &with_version(PROGRAM, "v2"), tc, &flags);
     let mut child = spawn(&v1, &[] as &[&str]).expect("spawn");
     let wait = Duration::from_secs(20);
     child
