@@ -109,6 +109,20 @@ pub(super) const KNOWN_CALLS: &[KnownCall] = &[
         &[SYS_rt_sigtimedwait],
     ),
     in_place(&["pthread_join"], &[SYS_futex]),
+    // libevent's loop waiting for events: left in place (its frames and
+    // state are the library's); the callbacks it holds are function
+    // entries of the old image, which the sweep points at NEW's.
+    in_place(
+        &["event_base_loop", "event_base_dispatch"],
+        &[
+            SYS_epoll_wait,
+            SYS_epoll_pwait,
+            SYS_poll,
+            SYS_ppoll,
+            SYS_select,
+            SYS_pselect6,
+        ],
+    ),
     // glibc 2.36 (nptl/pthread_cond_wait.c): a futex wait on the group's
     // signal word that ends with ETIMEDOUT cancels the waiting (the group
     // counts are given back, a signal it may have consumed is passed on),

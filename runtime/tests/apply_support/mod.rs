@@ -38,6 +38,12 @@ pub fn build_c(dir: &TempDir, name: &str, src: &str, tc: Toolchain) -> PathBuf {
     compile_instrumented(dir.path(), name, src, tc, &[])
 }
 
+/// C source `src` for version `version`: `VERSION` defined as that string
+/// (one text for both versions of a generated pair).
+pub fn with_version(src: &str, version: &str) -> String {
+    format!("#define VERSION \"{version}\"\n{src}")
+}
+
 /// A fresh copy of `up` (a different file, same bytes) in `dir`.
 pub fn fresh_copy(up: &Path, dir: &TempDir, tag: &str) -> PathBuf {
     let name = up.file_name().map(|n| n.to_string_lossy().into_owned());
