@@ -20,6 +20,7 @@ use apply_support::ticks::{check_lines, pair, Lines, TICKS, TICKS_ARG};
 use apply_support::*;
 use std::path::Path;
 use std::time::Duration;
+use upstare_runtime::engine::heap::HeapTypeFigures;
 use upstare_runtime::update::{ApplyOptions, UpdateError, UpdateReport};
 use upstare_testkit::{ExitStatus, Toolchain};
 
@@ -150,16 +151,51 @@ fn most(reports: &[(u64, UpdateReport)]) -> (usize, usize) {
     )
 }
 
+/// The report's figures for `ty` in every update that converted `n`
+/// objects.
+fn figures_when_built(
+    reports: &[(u64, UpdateReport)],
+    ty: &str,
+    n: usize,
+) -> Vec<(u64, HeapTypeFigures)> {
+    reports
+        .iter()
+        .filter(|(_, r)| r.heap_converted_in_place + r.heap_moved == n)
+        .map(|(k, r)| (*k, r.heap_types.get(ty).cloned().unwrap_or_default()))
+        .collect()
+}
+
 fn list(tc: Toolchain) {
     let reports = every_hit("heap_list", tc, heap_list);
     // Once the list is built, each update converts its 4 nodes in place.
     assert_eq!(most(&reports), (4, 0), "[{tc}]");
+    // Per type: the 4 nodes found and converted in place; `next` keeps its
+    // offset, so no pointer changes and the sweep has nothing to do.
+    let built = figures_when_built(&reports, "struct node", 4);
+    assert!(!built.is_empty(), "[{tc}]");
+    let want = HeapTypeFigures {
+        found: 4,
+        converted_in_place: 4,
+        ..HeapTypeFigures::default()
+    };
+    for (k, f) in built {
+        assert_eq!(f, want, "[{tc}] hit {k}");
+    }
 }
 
 fn tree(tc: Toolchain) {
     let reports = every_hit("heap_tree", tc, heap_tree);
     // Once the tree is built, each update moves its 7 nodes.
     assert_eq!(most(&reports), (0, 7), "[{tc}]");
+    // Per type: 7 nodes found and moved; at least `root`, the 6 child links
+    // and the 6 parent links redirected (frames may hold more).
+    let built = figures_when_built(&reports, "struct tnode", 7);
+    assert!(!built.is_empty(), "[{tc}]");
+    for (k, f) in built {
+        let counts = (f.found, f.converted_in_place, f.moved);
+        assert_eq!(counts, (7, 0, 7), "[{tc}] hit {k}");
+        assert!(f.pointers_redirected >= 13, "[{tc}] hit {k}: {f:?}");
+    }
 }
 
 fn shared(tc: Toolchain) {

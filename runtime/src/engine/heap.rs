@@ -1,8 +1,9 @@
 //! The heap: objects reached from the old state through typed pointers,
 //! and the pointers stored in them, remapped.
 
+use std::collections::BTreeMap;
 use std::ops::Range;
-use upstare_dwarf::model::{type_size, Type, TypeId, VarLocation};
+use upstare_dwarf::model::{type_name, type_size, Type, TypeId, VarLocation};
 use upstare_dwarf::{LinkAddr, RuntimeAddr};
 
 use upstare_patcher::convert::{Converter, TypeChange};
@@ -134,8 +135,9 @@ fn resolved_name(types: &[Type], ty: TypeId) -> Option<String> {
     resolve(types, ty).and_then(|t| upstare_patcher::plan::aggregate_name(types.get(t.0 as usize)?))
 }
 
-/// `ty` without its typedefs and qualifiers.
-fn resolve(types: &[Type], ty: TypeId) -> Option<TypeId> {
+/// `ty` without its typedefs and qualifiers (`None`: `void` through a
+/// typedef, or a broken chain).
+pub(crate) fn resolve(types: &[Type], ty: TypeId) -> Option<TypeId> {
     let mut cur = ty;
     for _ in 0..64 {
         match types.get(cur.0 as usize)? {
@@ -191,9 +193,22 @@ impl HeapObjects {
                     old: c.addr..c.addr.checked_add(c.old_size())?,
                     new_start: c.dest.unwrap_or(c.addr),
                     conversion: c.change.conversion.clone(),
+                    name: c.name.clone(),
                 })
             })
             .collect()
+    }
+
+    /// Where `addr` is, when it lies inside an object of unchanged type the
+    /// walk visited: `heap object struct T at A+off`.
+    pub fn site_of(&self, types: &[Type], addr: RuntimeAddr) -> Option<String> {
+        self.plain.iter().find_map(|(at, ty, bytes)| {
+            let off = addr.offset_from(*at)?;
+            (off < bytes.len() as u64).then(|| {
+                let name = resolved_name(types, *ty).unwrap_or_else(|| type_name(types, *ty));
+                format!("heap object {name} at {at}+{off}")
+            })
+        })
     }
 
     /// The old objects that moved, to free after the commit.
@@ -219,7 +234,26 @@ pub struct HeapPlan {
     pub objects: usize,
     /// Objects of changed type converted where they are.
     pub converted_in_place: usize,
+    /// Per type (`struct node`): objects found, converted in place, moved
+    /// (pointers redirected and sweep hits are filled in by the update).
+    pub per_type: BTreeMap<String, HeapTypeFigures>,
     pub warnings: Vec<String>,
+}
+
+/// What an update did to the heap objects of one type.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct HeapTypeFigures {
+    /// Objects the typed walk visited (objects of an unchanged type are
+    /// visited only when they hold pointers).
+    pub found: usize,
+    pub converted_in_place: usize,
+    pub moved: usize,
+    /// Pointer values redirected to an object's new place (typed ones and
+    /// `void *`/`char *` slots; in place only when a member moved).
+    pub pointers_redirected: usize,
+    /// Untyped values the sweep found pointing at or into an object of
+    /// this type that moved or changed layout.
+    pub sweep_hits: usize,
 }
 
 /// Finds the heap objects reachable through typed pointers, starting from
@@ -457,8 +491,11 @@ pub fn transfer_heap(
     let mut slots: std::collections::BTreeMap<RuntimeAddr, u64> = std::collections::BTreeMap::new();
     for (addr, ty, old) in &found.plain {
         let (addr, ty) = (*addr, *ty);
+        let name = resolved_name(types, ty).unwrap_or_else(|| type_name(types, ty));
+        plan.per_type.entry(name.clone()).or_default().found += 1;
         let mut new = old.clone();
-        remap.remap_value(types, ty, &mut new);
+        let site = || format!("heap object {name} at {addr}");
+        remap.remap_value_at(types, ty, &mut new, &site);
         // Only the pointer slots that changed are written, 8 bytes each: two
         // objects seen at one address with different types then never undo
         // each other's changes.
@@ -490,7 +527,14 @@ pub fn transfer_heap(
         .collect();
     for c in &found.changed {
         let mut old = c.old.clone();
-        remap.remap_value(types, c.ty, &mut old);
+        let site = || format!("heap object {} at {}", c.name, c.addr);
+        remap.remap_value_at(types, c.ty, &mut old, &site);
+        let figures = plan.per_type.entry(c.name.clone()).or_default();
+        figures.found += 1;
+        match c.dest {
+            None => figures.converted_in_place += 1,
+            Some(_) => figures.moved += 1,
+        }
         let len = usize::try_from(c.new_size).map_err(|_| HeapError::NoNewType {
             addr: c.addr,
             ty: c.name.clone(),

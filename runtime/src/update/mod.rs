@@ -67,6 +67,9 @@ pub struct ApplyOptions {
     /// planned after the stop, `/proc/PID/maps` read at each step, memory
     /// written one write at a time, every thread's registers set.
     pub legacy_pause: bool,
+    /// Keep the old blocks of moved heap objects allocated (not freed after
+    /// the commit), for debugging.
+    pub keep_old_heap_objects: bool,
 }
 
 impl Default for ApplyOptions {
@@ -82,6 +85,7 @@ impl Default for ApplyOptions {
             strict: false,
             transformers: None,
             legacy_pause: false,
+            keep_old_heap_objects: false,
         }
     }
 }
@@ -140,6 +144,12 @@ pub enum UpdateError {
     Spec(#[from] upstare_patcher::SpecError),
     #[error("process {pid}: {count} value(s) would be left pointing into the old image with no place in the new one (first: {first}); refused (--strict); nothing was changed")]
     Stale {
+        pid: i32,
+        count: usize,
+        first: String,
+    },
+    #[error("process {pid}: {count} untyped value(s) point at or into heap objects of changed type (first: {first}); refused (--strict); nothing was changed")]
+    UntypedAlias {
         pid: i32,
         count: usize,
         first: String,
@@ -258,6 +268,9 @@ pub struct UpdateReport {
     pub heap_converted_in_place: usize,
     /// Heap objects of changed type moved to a new block (the old freed).
     pub heap_moved: usize,
+    /// Per heap type (`struct node`): objects found, converted in place,
+    /// moved, pointers redirected, sweep hits.
+    pub heap_types: std::collections::BTreeMap<String, heap::HeapTypeFigures>,
     /// Times the threads were let run again because a frame the SPEC
     /// forbids during an update was active.
     pub safety_retries: u32,
@@ -636,6 +649,7 @@ fn apply_traced_bytes(
         heap_pointers_remapped: 0,
         heap_converted_in_place: 0,
         heap_moved: 0,
+        heap_types: Default::default(),
         safety_retries,
         bytes_written: 0,
         sweep: Default::default(),
@@ -745,11 +759,34 @@ fn apply_traced_bytes(
     let old_elf = &old_bytes;
     let rsps: Vec<u64> = plans.iter().map(|p| p.regs.rsp().0).collect();
     let pending: Vec<&Write> = writes.iter().collect();
+    let heap_moves = heap_objects.moves();
     let (swept, retired) = crate::engine::sweep::sweep_update(
-        &mem, &maps_now, &rsps, &plan, &old, new, &mut remap, &pending, old_elf, &new_bytes,
+        &mem,
+        &maps_now,
+        &rsps,
+        &plan,
+        &old,
+        new,
+        &mut remap,
+        &pending,
+        old_elf,
+        &new_bytes,
+        &heap_moves,
     );
     let sweep_writes = swept.writes();
     warnings.extend(sweep_warnings(&swept));
+    let aliases = heap_objects::alias_lines(&remap.untyped_aliases, &swept, &|a| {
+        heap_objects::site_of(new, &old.tables.types, &heap_objects, a)
+    });
+    if let (true, Some(first)) = (opts.strict, aliases.first()) {
+        return Err(UpdateError::UntypedAlias {
+            pid,
+            count: aliases.len(),
+            first: first.clone(),
+        });
+    }
+    warnings.extend(heap_objects::alias_warnings(&aliases));
+    let heap_types = heap_objects::type_figures(&heap, &remap.heap_redirects, &swept);
     if opts.strict {
         if let Some(h) = swept.stale().next() {
             return Err(UpdateError::Stale {
@@ -832,7 +869,9 @@ fn apply_traced_bytes(
         transaction::CommitMode::Batched
     };
     let undo = transaction::commit_with(&prepared, &mut mem, tr, mode)?;
-    loaded.free_after_commit(heap_objects.moved_from());
+    if !opts.keep_old_heap_objects {
+        loaded.free_after_commit(heap_objects.moved_from());
+    }
     let unfreed = match loaded.commit_freeing(&commit_plan) {
         Ok((_, unfreed)) => unfreed,
         Err(e) => {
@@ -855,6 +894,7 @@ fn apply_traced_bytes(
     report.heap_pointers_remapped = heap.writes.len() - heap.converted_in_place;
     report.heap_converted_in_place = heap.converted_in_place;
     report.heap_moved = heap.moved.len();
+    report.heap_types = heap_types;
     report.threads = threads
         .iter()
         .zip(frames)
