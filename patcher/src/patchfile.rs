@@ -397,6 +397,7 @@ mod tests {
                 changed_types: vec!["struct session".into()],
                 warnings: vec!["global added is new".into()],
                 transformers: Default::default(),
+                heap_arrays: Vec::new(),
             },
             needs_user: Vec::new(),
             transformers: None,

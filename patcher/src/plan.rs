@@ -56,6 +56,9 @@ pub struct UpdatePlan {
     pub warnings: Vec<String>,
     /// Where the SPEC's C transformers are called (empty without them).
     pub transformers: TransformerPlan,
+    /// Heap arrays whose element count the SPEC names (`[heap]`).
+    #[serde(default)]
+    pub heap_arrays: Vec<crate::heap_arrays::HeapArray>,
 }
 
 /// A function (at any point, or at one continuation) that must not be
@@ -435,6 +438,7 @@ pub fn plan_with_spec(old: &FrameTables, new: &FrameTables, spec: &Spec) -> Upda
         changed_types,
         warnings,
         transformers: TransformerPlan::default(),
+        heap_arrays: crate::heap_arrays::plan_heap_arrays(spec, old),
     };
     plan_transformers(&mut plan, old, new, spec);
     plan

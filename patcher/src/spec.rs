@@ -38,6 +38,11 @@
 //! "struct session" = "xf_session"   # every value of the type
 //! "global counter" = "xf_counter"   # one global
 //! main = "xf_main_frame"            # every active frame of main
+//!
+//! # Heap arrays (see `heap_arrays.rs`): the count of a `T *` pointer.
+//! [heap]
+//! "global.items" = { count = "global.n_items" }
+//! "struct pool.slots" = { count = "struct pool.n_slots" }
 //! ```
 
 use crate::transformer::Transformers;
@@ -66,6 +71,10 @@ pub struct Spec {
     /// C transformers (see [`crate::transformer`]).
     #[serde(default)]
     pub transformers: Transformers,
+    /// Heap arrays: `"global.items" = { count = "global.n_items" }` (see
+    /// [`crate::heap_arrays`]).
+    #[serde(default)]
+    pub heap: BTreeMap<String, crate::heap_arrays::HeapCount>,
 }
 
 /// `[rename.*]`.
@@ -387,6 +396,7 @@ impl Spec {
             }
         }
         self.transformers.check(path, self, old, new)?;
+        crate::heap_arrays::check(self, path, old, new)?;
         for item in &self.safety.inactive {
             let (func, cont) = match split_site(item) {
                 Some((f, c)) => (f, Some(c)),

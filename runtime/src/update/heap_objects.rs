@@ -8,10 +8,40 @@ use std::ops::Range;
 use upstare_dwarf::RuntimeAddr;
 
 use super::UpdateError;
-use crate::engine::heap::{chunk_capacity, HeapError, HeapObjects, HeapPlan, HeapTypeFigures};
+use crate::engine::heap::{
+    chunk_capacity, find_heap_objects, heap_roots, ArrayRules, HeapError, HeapObjects, HeapPlan,
+    HeapTypeFigures,
+};
 use crate::engine::pointers::UntypedAlias;
+use crate::engine::state::{Image, ThreadState};
 use crate::engine::sweep::{Class, SweepResult};
 use crate::load::LoadedImage;
+use upstare_patcher::UpdatePlan;
+
+/// The heap objects reachable from the paused state of `old` through typed
+/// pointers (heap arrays with the plan's counts), in `heap`.
+pub fn find(
+    loaded: &mut LoadedImage<'_>,
+    old: &Image,
+    threads: &[ThreadState],
+    plan: &UpdatePlan,
+    heap: &[Range<RuntimeAddr>],
+) -> Result<HeapObjects, UpdateError> {
+    let mem = loaded.tracee().memory();
+    let rules = ArrayRules::new(&mem, old, &plan.heap_arrays);
+    let (roots, warnings) = heap_roots(&mem, old, threads, &rules);
+    let mut found = find_heap_objects(
+        &mem,
+        &old.tables.types,
+        &loaded.image().tables.types,
+        &roots,
+        heap,
+        &plan.changed_types,
+        &rules,
+    )?;
+    found.warnings.extend(warnings);
+    Ok(found)
+}
 
 /// Decides, for every object of changed type in `found`, whether it is
 /// converted in place or moved, and allocates the new blocks (recorded in
@@ -28,6 +58,23 @@ pub fn place(
     // many bytes that block holds by its header.
     let mut ask: Vec<(usize, u64)> = Vec::new();
     for (i, c) in found.changed.iter().enumerate() {
+        // A pointer is one object unless the SPEC names a count: say so
+        // when its block could hold more (a heap array?). Blocks of the
+        // smallest size (24 usable bytes) hold small objects twice anyway.
+        let block = heap
+            .iter()
+            .find(|r| r.contains(&c.addr))
+            .and_then(|r| chunk_capacity(&mem, c.addr, r));
+        if let (1, Some(cap)) = (c.count, block) {
+            if cap > 24 && cap / 2 >= c.old_size() {
+                found.warnings.push(format!(
+                    "heap object {} at {}: its block holds {cap} bytes, room for {} of them; only the first was converted (for a heap array, give its count in the SPEC's [heap])",
+                    c.name,
+                    c.addr,
+                    cap / c.old_size().max(1)
+                ));
+            }
+        }
         if c.new_size <= c.old_size() {
             continue;
         }

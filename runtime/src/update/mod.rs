@@ -704,15 +704,7 @@ fn apply_traced_bytes(
     // to them is remapped, and blocks for moved ones are allocated now.
     let t = Instant::now();
     let heap_ranges = heap::heap_ranges(&maps_now, &threads, [&old, loaded.image()]);
-    let heap_mem = loaded.tracee().memory();
-    let mut heap_objects = heap::find_heap_objects(
-        &heap_mem,
-        &old.tables.types,
-        &loaded.image().tables.types,
-        &heap::heap_roots(&heap_mem, &old, &threads),
-        &heap_ranges,
-        &plan.changed_types,
-    )?;
+    let mut heap_objects = heap_objects::find(&mut loaded, &old, &threads, &plan, &heap_ranges)?;
     heap_objects::place(&mut loaded, &mut heap_objects, &heap_ranges)?;
     let (new, tr) = loaded.parts();
     // A dry run unloads NEW again: no address to report.
