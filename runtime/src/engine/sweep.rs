@@ -156,6 +156,43 @@ pub fn identical_code(
 /// `(symbol, link-time address, size)` of every `R_X86_64_COPY` relocation
 /// of an ELF file.
 pub fn copy_relocations(elf: &[u8]) -> Vec<(String, u64, u64)> {
+    relocations_of(elf, &[object::elf::R_X86_64_COPY])
+}
+
+/// OLD's GOT slots (runtime address) → the same symbol's slot in NEW
+/// (`R_X86_64_GLOB_DAT` and `R_X86_64_JUMP_SLOT` relocations by symbol):
+/// a value pointing at a slot of OLD's GOT (left on a stack by the dynamic
+/// linker's lazy binding) goes to NEW's slot of the same symbol.
+pub fn got_slots(
+    old: &Image,
+    new: &Image,
+    old_elf: &[u8],
+    new_elf: &[u8],
+) -> HashMap<u64, (String, Option<u64>)> {
+    let kinds = [
+        object::elf::R_X86_64_GLOB_DAT,
+        object::elf::R_X86_64_JUMP_SLOT,
+    ];
+    // A slot of no named symbol cannot be told from another.
+    let named = |(name, _, _): &(String, u64, u64)| name != "?";
+    let news: HashMap<String, u64> = relocations_of(new_elf, &kinds)
+        .into_iter()
+        .filter(named)
+        .map(|(name, at, _)| (name, new.runtime(LinkAddr(at)).0))
+        .collect();
+    relocations_of(old_elf, &kinds)
+        .into_iter()
+        .filter(named)
+        .map(|(name, at, _)| {
+            let to = news.get(&name).copied();
+            (old.runtime(LinkAddr(at)).0, (name, to))
+        })
+        .collect()
+}
+
+/// `(symbol, link-time address, size)` of every dynamic relocation of one
+/// of `kinds` of an ELF file.
+fn relocations_of(elf: &[u8], kinds: &[object::elf::RelocationType]) -> Vec<(String, u64, u64)> {
     use object::read::elf::ElfFile64;
     use object::{Object, ObjectSymbol, ObjectSymbolTable, RelocationFlags};
     let Ok(file) = ElfFile64::<object::Endianness>::parse(elf) else {
@@ -167,11 +204,10 @@ pub fn copy_relocations(elf: &[u8]) -> Vec<(String, u64, u64)> {
     let dynsyms = file.dynamic_symbol_table();
     let mut out = Vec::new();
     for (offset, r) in relocs.take(1 << 20) {
-        if r.flags()
-            != (RelocationFlags::Elf {
-                r_type: object::elf::R_X86_64_COPY,
-            })
-        {
+        let RelocationFlags::Elf { r_type } = r.flags() else {
+            continue;
+        };
+        if !kinds.contains(&r_type) {
             continue;
         }
         let object::RelocationTarget::Symbol(idx) = r.target() else {
@@ -256,6 +292,8 @@ pub struct Classifier<'c, 'a, 'r> {
     remap: Option<&'r mut Remapper<'a>>,
     /// Code without DWARF that NEW has byte for byte ([`identical_code`]).
     pub same_code: Vec<(Range<u64>, u64, String)>,
+    /// OLD's GOT slots and NEW's of the same symbol ([`got_slots`]).
+    pub got: HashMap<u64, (String, Option<u64>)>,
 }
 
 impl<'c, 'a, 'r> Classifier<'c, 'a, 'r> {
@@ -274,6 +312,7 @@ impl<'c, 'a, 'r> Classifier<'c, 'a, 'r> {
             entries,
             remap,
             same_code: Vec::new(),
+            got: HashMap::new(),
         }
     }
 
@@ -334,6 +373,17 @@ impl<'c, 'a, 'r> Classifier<'c, 'a, 'r> {
                     what: format!("global {}+{off}, which has no place in NEW", g.name),
                 },
                 None => Class::ReadOnly,
+            });
+        }
+        if let Some((name, to)) = self.got.get(&v) {
+            return Some(match to {
+                Some(n) => Class::Remap {
+                    new: *n,
+                    what: format!("GOT slot of {name}"),
+                },
+                None => Class::OldData {
+                    what: format!("GOT slot of {name}, which NEW does not have"),
+                },
             });
         }
         if !self.retired.writable_at(v) {
@@ -838,6 +888,7 @@ pub fn sweep_update<'a>(
     let mut r = {
         let mut c = Classifier::new(&retired, old, entries, Some(remap));
         c.same_code = identical_code(old, new, old_elf, new_elf);
+        c.got = got_slots(old, new, old_elf, new_elf);
         sweep(mem, &regions, pending, &mut |v| {
             aliases.classify(v).or_else(|| c.classify(v))
         })
