@@ -603,6 +603,26 @@ const PAIRS: &[PairSpec] = &[
         short_args: &[],
         features: &[Fork, TcpSocket],
     },
+    PairSpec {
+        name: "heap_array",
+        names: ["heap_array.v1", "heap_array.v2"],
+        description: "an array of structs in one heap block, its count in a global the SPEC \
+                      names ([heap]); the struct grows: the whole block moves, an interior \
+                      pointer to an element follows it",
+        control: Control::Ticks,
+        short_args: &["6"],
+        features: &[Loops],
+    },
+    PairSpec {
+        name: "heap_hash",
+        names: ["heap_hash.v1", "heap_hash.v2"],
+        description: "a hash table on the heap: a heap array of bucket heads (count: a member \
+                      of the table, named by the SPEC) of chained entries whose struct grows: \
+                      every entry of every bucket moves",
+        control: Control::Ticks,
+        short_args: &["6"],
+        features: &[Loops],
+    },
 ];
 
 /// The version pairs (`corpus/versions/<name>/v1.c` and `v2.c`).

@@ -398,6 +398,7 @@ mod tests {
                 warnings: vec!["global added is new".into()],
                 transformers: Default::default(),
                 unrelated: None,
+                heap_arrays: Vec::new(),
             },
             needs_user: Vec::new(),
             transformers: None,

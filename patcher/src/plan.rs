@@ -61,6 +61,9 @@ pub struct UpdatePlan {
     /// and globals, have no counterpart) and the SPEC does not accept it:
     /// the update is refused, saying this.
     pub unrelated: Option<Unrelated>,
+    /// Heap arrays whose element count the SPEC names (`[heap]`).
+    #[serde(default)]
+    pub heap_arrays: Vec<crate::heap_arrays::HeapArray>,
 }
 
 /// A function (at any point, or at one continuation) that must not be
@@ -441,6 +444,7 @@ pub fn plan_with_spec(old: &FrameTables, new: &FrameTables, spec: &Spec) -> Upda
         warnings,
         transformers: TransformerPlan::default(),
         unrelated: unrelated(old, new, spec),
+        heap_arrays: crate::heap_arrays::plan_heap_arrays(spec, old),
     };
     plan_transformers(&mut plan, old, new, spec);
     plan

@@ -69,6 +69,10 @@ struct Cli {
     /// would be left pointing into the old image.
     #[arg(long)]
     strict: bool,
+    /// Keep the old blocks of heap objects that moved (their type grew)
+    /// allocated instead of freeing them after the update, for debugging.
+    #[arg(long)]
+    keep_old_heap_objects: bool,
     /// The user's overrides of the default mapping (TOML): renames, values
     /// of what NEW adds, continuation mapping, frames that must not be
     /// active, C transformers (compiled now with `cc`). Every key is
@@ -157,6 +161,7 @@ fn run(cli: &Cli) -> Result<()> {
         timeout: Duration::from_millis(cli.timeout),
         dry_run: cli.dry_run,
         strict: cli.strict,
+        keep_old_heap_objects: cli.keep_old_heap_objects,
         spec: match &cli.spec {
             Some(path) => Some((path.clone(), upstare_patcher::Spec::read(path)?)),
             None => None,
@@ -305,15 +310,25 @@ fn report_text(r: &UpdateReport) -> String {
                 r.heap_converted_in_place, r.heap_moved
             );
         }
+        for (ty, f) in &r.heap_types {
+            let _ = writeln!(
+                o,
+                "  heap {ty}: {} found, {} converted in place, {} moved, {} pointers redirected, {} sweep hits",
+                f.found, f.converted_in_place, f.moved, f.pointers_redirected, f.sweep_hits
+            );
+        }
         let s = &r.sweep;
         let _ = writeln!(
             o,
             "  sweep: {} bytes scanned, {} untyped pointers to functions and {} to globals \
-             remapped, {} left stale, exceptions: {} COPY objects, {} read-only data",
+             remapped, {} left stale, untyped aliases of moved heap objects: {} redirected, {} left, \
+             exceptions: {} COPY objects, {} read-only data",
             s.bytes_scanned,
             s.remapped_functions,
             s.remapped_globals,
             s.stale,
+            s.heap_aliases_redirected,
+            s.heap_aliases_left,
             s.copy_exceptions,
             s.readonly_exceptions
         );

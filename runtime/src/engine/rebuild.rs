@@ -515,7 +515,8 @@ pub fn frame_writes(
                 if let VarLocation::Cfa(o) = v.location {
                     let size = type_size(&old.tables.types, v.ty).unwrap_or(0);
                     if let Some(r) = slot(new_len, o.0, size) {
-                        remap.remap_value(&old.tables.types, v.ty, &mut bytes[r]);
+                        let site = || format!("thread {tid}: {}: local {}", f.function, v.name);
+                        remap.remap_value_at(&old.tables.types, v.ty, &mut bytes[r], &site);
                     }
                 }
             }
@@ -640,13 +641,15 @@ pub fn frame_writes(
                 let mut val = old_bytes[from].to_vec();
                 match change {
                     None => {
-                        remap.remap_value(&new.tables.types, v.ty, &mut val);
+                        let site = || format!("thread {tid}: {}: local {}", f.function, v.name);
+                        remap.remap_value_at(&new.tables.types, v.ty, &mut val, &site);
                         bytes[to].copy_from_slice(&val);
                     }
                     Some(change) => {
                         // Pointers are remapped in the old value, with the
                         // old type; the conversion then moves bytes only.
-                        remap.remap_value(&old.tables.types, ov.ty, &mut val);
+                        let site = || format!("thread {tid}: {}: local {}", f.function, v.name);
+                        remap.remap_value_at(&old.tables.types, ov.ty, &mut val, &site);
                         convert(&change.conversion, &val, &mut bytes[to]).map_err(|e| {
                             unmappable(format!(
                                 "local {} ({} → {}): {e}",

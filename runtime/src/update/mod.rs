@@ -71,6 +71,9 @@ pub struct ApplyOptions {
     /// planned after the stop, `/proc/PID/maps` read at each step, memory
     /// written one write at a time, every thread's registers set.
     pub legacy_pause: bool,
+    /// Keep the old blocks of moved heap objects allocated (not freed after
+    /// the commit), for debugging.
+    pub keep_old_heap_objects: bool,
 }
 
 impl Default for ApplyOptions {
@@ -86,6 +89,7 @@ impl Default for ApplyOptions {
             strict: false,
             transformers: None,
             legacy_pause: false,
+            keep_old_heap_objects: false,
         }
     }
 }
@@ -144,6 +148,12 @@ pub enum UpdateError {
     Spec(#[from] upstare_patcher::SpecError),
     #[error("process {pid}: {count} value(s) would be left pointing into the old image with no place in the new one (first: {first}); refused (--strict); nothing was changed")]
     Stale {
+        pid: i32,
+        count: usize,
+        first: String,
+    },
+    #[error("process {pid}: {count} untyped value(s) point at or into heap objects of changed type (first: {first}); refused (--strict); nothing was changed")]
+    UntypedAlias {
         pid: i32,
         count: usize,
         first: String,
@@ -272,6 +282,9 @@ pub struct UpdateReport {
     pub heap_converted_in_place: usize,
     /// Heap objects of changed type moved to a new block (the old freed).
     pub heap_moved: usize,
+    /// Per heap type (`struct node`): objects found, converted in place,
+    /// moved, pointers redirected, sweep hits.
+    pub heap_types: std::collections::BTreeMap<String, heap::HeapTypeFigures>,
     /// Times the threads were let run again because a frame the SPEC
     /// forbids during an update was active.
     pub safety_retries: u32,
@@ -752,6 +765,7 @@ struct CommitFacts {
     heap_pointers_remapped: usize,
     heap_converted_in_place: usize,
     heap_moved: usize,
+    heap_types: std::collections::BTreeMap<String, heap::HeapTypeFigures>,
     frames: Vec<Vec<String>>,
 }
 
@@ -817,6 +831,7 @@ fn compute<'t>(
         heap_pointers_remapped: 0,
         heap_converted_in_place: 0,
         heap_moved: 0,
+        heap_types: Default::default(),
         safety_retries,
         bytes_written: 0,
         sweep: Default::default(),
@@ -872,15 +887,7 @@ fn compute<'t>(
     // to them is remapped, and blocks for moved ones are allocated now.
     let t = Instant::now();
     let heap_ranges = heap::heap_ranges(&maps_now, &threads, [&old, loaded.image()]);
-    let heap_mem = loaded.tracee().memory();
-    let mut heap_objects = heap::find_heap_objects(
-        &heap_mem,
-        &old.tables.types,
-        &loaded.image().tables.types,
-        &heap::heap_roots(&heap_mem, &old, &threads),
-        &heap_ranges,
-        &plan.changed_types,
-    )?;
+    let mut heap_objects = heap_objects::find(&mut loaded, &old, &threads, &plan, &heap_ranges)?;
     heap_objects::place(&mut loaded, &mut heap_objects, &heap_ranges)?;
     let (new, tr) = loaded.parts();
     // A dry run unloads NEW again: no address to report.
@@ -927,11 +934,34 @@ fn compute<'t>(
     let old_elf = &old_bytes;
     let rsps: Vec<u64> = plans.iter().map(|p| p.regs.rsp().0).collect();
     let pending: Vec<&Write> = writes.iter().collect();
+    let heap_moves = heap_objects.moves();
     let (swept, retired) = crate::engine::sweep::sweep_update(
-        &mem, &maps_now, &rsps, &plan, &old, new, &mut remap, &pending, old_elf, new_bytes,
+        &mem,
+        &maps_now,
+        &rsps,
+        &plan,
+        &old,
+        new,
+        &mut remap,
+        &pending,
+        old_elf,
+        new_bytes,
+        &heap_moves,
     );
     let sweep_writes = swept.writes();
     warnings.extend(sweep_warnings(&swept));
+    let aliases = heap_objects::alias_lines(&remap.untyped_aliases, &swept, &|a| {
+        heap_objects::site_of(new, &old.tables.types, &heap_objects, a)
+    });
+    if let (true, Some(first)) = (opts.strict, aliases.first()) {
+        return Err(UpdateError::UntypedAlias {
+            pid,
+            count: aliases.len(),
+            first: first.clone(),
+        });
+    }
+    warnings.extend(heap_objects::alias_warnings(&aliases));
+    let heap_types = heap_objects::type_figures(&heap, &remap.heap_redirects, &swept);
     if opts.strict {
         if let Some(h) = swept.stale().next() {
             return Err(UpdateError::Stale {
@@ -1005,7 +1035,9 @@ fn compute<'t>(
     // The last moment a termination signal rolls the update back.
     interrupted(pid)?;
 
-    loaded.free_after_commit(heap_objects.moved_from());
+    if !opts.keep_old_heap_objects {
+        loaded.free_after_commit(heap_objects.moved_from());
+    }
     Ok(Ready {
         loaded,
         commit_plan,
@@ -1020,6 +1052,7 @@ fn compute<'t>(
             heap_pointers_remapped: heap.writes.len() - heap.converted_in_place,
             heap_converted_in_place: heap.converted_in_place,
             heap_moved: heap.moved.len(),
+            heap_types,
             frames,
         },
         warnings,
@@ -1070,6 +1103,7 @@ impl Ready<'_> {
         report.heap_pointers_remapped = facts.heap_pointers_remapped;
         report.heap_converted_in_place = facts.heap_converted_in_place;
         report.heap_moved = facts.heap_moved;
+        report.heap_types = facts.heap_types;
         report.threads = threads
             .iter()
             .zip(facts.frames)
