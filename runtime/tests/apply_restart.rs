@@ -8,7 +8,7 @@
 //! EINTR its interrupt caused: resumed from there, `epoll_wait` returned
 //! -1 errno 514 (ERESTARTNOHAND) to the program (redis panicked on it).
 //! The program aborts on any -1 its wait may not return; identity updates,
-//! a dry run and a refused update must leave it ticking.
+//! a dry run and refused updates must leave it ticking.
 
 mod apply_support;
 
@@ -136,8 +136,9 @@ fn build(wait: &str, name: &str, tc: Toolchain) -> (TempDir, std::path::PathBuf)
     (dir, exe)
 }
 
-/// Ten identity updates in a row, then a dry run: each succeeds and the
-/// loop ticks on after each, never seeing an error.
+/// Ten identity updates in a row, then a dry run, each succeeding, and an
+/// update to an incompatible NEW, refused after the stop: the loop ticks
+/// on after each, never seeing an error.
 fn updates_restart_the_wait(wait: &str, name: &str, tc: Toolchain) {
     let (dir, exe) = build(wait, name, tc);
     let child = spawn(&exe, &[] as &[&str]).expect("spawn");
@@ -164,9 +165,20 @@ fn updates_restart_the_wait(wait: &str, name: &str, tc: Toolchain) {
         panic!("dry run: {e}");
     }
     goes_on(&child, "ticks after the dry run");
+    // Refused after the stop: main's call and the waiters' function are
+    // gone in NEW.
+    let other = build_c(&dir, "other", OTHER, tc);
+    let opts = ApplyOptions {
+        timeout: Duration::from_secs(3),
+        ..ApplyOptions::default()
+    };
+    let refused = apply(pid, &other, &opts);
+    let e = refused.expect_err("NEW lacks what the threads are in");
+    assert!(e.to_string().contains("the new version"), "{e}");
+    goes_on(&child, "ticks after the incompatible update");
 }
 
-/// An update refused on its timeout (a thread is never ready): rolled
+/// Updates refused on their timeout (a thread is never ready): rolled
 /// back, the loop ticks on without error.
 fn a_refusal_restarts_the_wait(wait: &str, name: &str, tc: Toolchain) {
     let (dir, exe) = build(wait, name, tc);
@@ -184,6 +196,17 @@ fn a_refusal_restarts_the_wait(wait: &str, name: &str, tc: Toolchain) {
         goes_on(&child, &format!("ticks after refusal {i}"));
     }
 }
+
+/// An incompatible NEW: none of the loop's functions but main.
+const OTHER: &str = r#"
+int spins;
+int main(void)
+{
+    for (;;)
+        spins++;
+    return 0;
+}
+"#;
 
 #[test]
 fn epoll_wait_restarts_gcc() {
