@@ -445,7 +445,25 @@ impl Regs {
     pub fn orig_rax(&self) -> u64 {
         self.0.orig_rax
     }
+    /// Whether these are the registers of a thread interrupted in a system
+    /// call that the kernel restarts when the thread resumes from a stop on
+    /// its signal path (see [`RESTART_CODES`]).
+    pub fn in_restartable_syscall(&self) -> bool {
+        (self.0.orig_rax as i64) >= 0 && RESTART_CODES.contains(&(self.0.rax as i64))
+    }
 }
+
+/// `-ERESTARTSYS`, `-ERESTARTNOINTR`, `-ERESTARTNOHAND`,
+/// `-ERESTART_RESTARTBLOCK`: results of an interrupted system call that the
+/// kernel turns into a restart only on its signal-delivery path (a thread
+/// resumed from an interrupt, group or signal-delivery stop); from any
+/// other stop (a system-call or event stop) the code reaches the program
+/// as the call's result.
+pub const RESTART_CODES: [i64; 4] = [-512, -513, -514, -516];
+
+/// Bound on the wait for the interrupt stop a thread is moved into before
+/// it resumes (see [`Tracee::cont`]).
+const PARK_WAIT: Duration = Duration::from_secs(2);
 
 impl PartialEq for Regs {
     fn eq(&self, other: &Regs) -> bool {
@@ -573,6 +591,10 @@ struct Track {
     /// A signal that stopped the thread while seizing, to be delivered when
     /// it is resumed or detached.
     pending_signal: Option<Sig>,
+    /// Whether the stop it is in lies on the kernel's signal path (an
+    /// interrupt, group or signal-delivery stop), from which a resume
+    /// restarts an interrupted system call.
+    signal_path: bool,
 }
 
 /// The standard streams of a spawned tracee that were set to `piped`.
@@ -693,6 +715,7 @@ impl Tracee {
             Track {
                 state: ThreadState::Stopped,
                 pending_signal: None,
+                signal_path: false,
             },
         );
         Ok((
@@ -754,6 +777,7 @@ impl Tracee {
                     Track {
                         state: ThreadState::Running,
                         pending_signal: None,
+                        signal_path: false,
                     },
                 );
                 t.interrupt(tid)?;
@@ -1024,6 +1048,7 @@ impl Tracee {
         tid: Pid,
         sig: Option<Sig>,
     ) -> Result<(), PtraceError> {
+        self.park_for_restart(tid, op)?;
         let pending = self.track(tid, op)?.pending_signal;
         let sig = sig.or(pending);
         ptrace_int(req, tid, sig.map_or(0, |s| s.0)).map_err(|e| op_err(tid, op, e))?;
@@ -1034,7 +1059,50 @@ impl Tracee {
         Ok(())
     }
 
+    /// A stopped thread interrupted in a restartable system call (see
+    /// [`RESTART_CODES`]) but not in a stop on the signal path (the end of
+    /// a remote call session, a system-call stop, registers set there) is
+    /// moved into an interrupt stop first, so that the kernel restarts the
+    /// call when it resumes instead of showing the program the restart
+    /// code. No instruction runs meanwhile; a signal reported on the way
+    /// is kept for the resume.
+    fn park_for_restart(&mut self, tid: Pid, op: &'static str) -> Result<(), PtraceError> {
+        if self.track(tid, op)?.signal_path || !self.regs(tid)?.in_restartable_syscall() {
+            return Ok(());
+        }
+        let cont = |tid: Pid| {
+            ptrace_int(libc::PTRACE_CONT, tid, 0).map_err(|e| op_err(tid, "PTRACE_CONT", e))
+        };
+        self.interrupt(tid)?;
+        cont(tid)?;
+        self.set_state(tid, ThreadState::Running);
+        for _ in 0..16 {
+            match self.wait_stop(tid, PARK_WAIT)? {
+                Stop::EventStop { .. } => return Ok(()),
+                end if end.is_terminal() => {
+                    return Err(PtraceError::Gone {
+                        tid,
+                        op: "moving into an interrupt stop",
+                    })
+                }
+                Stop::Signal { sig, .. } => {
+                    if let Some(t) = self.threads.get_mut(&tid) {
+                        t.pending_signal.get_or_insert(sig);
+                    }
+                    cont(tid)?;
+                }
+                _ => cont(tid)?,
+            }
+            self.set_state(tid, ThreadState::Running);
+        }
+        Err(PtraceError::Timeout {
+            tid,
+            waited: PARK_WAIT,
+        })
+    }
+
     /// Resume `tid`, delivering `sig` (or the signal kept while seizing).
+    /// A thread interrupted in a restartable system call restarts it.
     pub fn cont(&mut self, tid: Pid, sig: Option<Sig>) -> Result<(), PtraceError> {
         self.resume(libc::PTRACE_CONT, "PTRACE_CONT", tid, sig)
     }
@@ -1098,6 +1166,12 @@ impl Tracee {
             }
             Some(s) => {
                 self.set_state(tid, ThreadState::Stopped);
+                if let Some(t) = self.threads.get_mut(&tid) {
+                    t.signal_path = matches!(
+                        s,
+                        Stop::EventStop { .. } | Stop::Signal { .. } | Stop::Int3 | Stop::Step
+                    );
+                }
                 Ok(Some(s))
             }
         }
@@ -1140,6 +1214,7 @@ impl Tracee {
         self.threads.entry(tid).or_insert(Track {
             state: ThreadState::Running,
             pending_signal: None,
+            signal_path: false,
         });
     }
 
@@ -1215,6 +1290,12 @@ impl Tracee {
     /// Detach from stopped thread `tid` (delivering `sig`, or the signal kept
     /// while seizing) and stop tracking it.
     pub fn detach_thread(&mut self, tid: Pid, sig: Option<Sig>) -> Result<(), PtraceError> {
+        // Detached where it is, it would show the program a restart code.
+        let parked = self.park_for_restart(tid, "PTRACE_DETACH");
+        if let Err(PtraceError::Gone { .. }) = parked {
+            self.threads.remove(&tid);
+            return parked;
+        }
         let pending = self.track(tid, "PTRACE_DETACH")?.pending_signal;
         let sig = sig.or(pending);
         let r = ptrace_int(libc::PTRACE_DETACH, tid, sig.map_or(0, |s| s.0));
