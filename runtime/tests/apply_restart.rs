@@ -137,8 +137,9 @@ fn build(wait: &str, name: &str, tc: Toolchain) -> (TempDir, std::path::PathBuf)
 }
 
 /// Ten identity updates in a row, then a dry run, each succeeding, and an
-/// update to an incompatible NEW, refused after the stop: the loop ticks
-/// on after each, never seeing an error.
+/// update to an incompatible NEW, refused after the stop, and one to a
+/// file not instrumented, refused before it (the threads seized and
+/// interrupted): the loop ticks on after each, never seeing an error.
 fn updates_restart_the_wait(wait: &str, name: &str, tc: Toolchain) {
     let (dir, exe) = build(wait, name, tc);
     let child = spawn(&exe, &[] as &[&str]).expect("spawn");
@@ -176,6 +177,12 @@ fn updates_restart_the_wait(wait: &str, name: &str, tc: Toolchain) {
     let e = refused.expect_err("NEW lacks what the threads are in");
     assert!(e.to_string().contains("the new version"), "{e}");
     goes_on(&child, "ticks after the incompatible update");
+    // Refused before the stop (after seizing): NEW is not instrumented.
+    let plain = dir.path().join(name);
+    let refused = apply(pid, &plain, &opts);
+    let e = refused.expect_err("NEW is not instrumented");
+    assert!(e.to_string().contains("upstare-rewrite"), "{e}");
+    goes_on(&child, "ticks after the update refused before the stop");
 }
 
 /// Updates refused on their timeout (a thread is never ready): rolled

@@ -15,7 +15,7 @@ pub(super) const NO_EFFECT: [i64; 5] = [-4, -512, -513, -514, -516];
 /// -EINTR.
 pub(super) const EINTR: i64 = -4;
 /// -ERESTARTNOHAND: what the kernel sets for a signal without handler.
-pub(super) const ERESTARTNOHAND: i64 = -514;
+pub(super) use crate::target::ptrace::ERESTARTNOHAND;
 
 /// What the update does with a thread blocked in a known call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -181,13 +181,7 @@ pub(super) fn known_call(callee: &str) -> Option<&'static KnownCall> {
 /// the thread is merely stopped by ptrace: resuming as is would show the
 /// program an EINTR it never had.
 pub(super) fn eintr_on_stop(nr: i64) -> bool {
-    [
-        SYS_epoll_wait,
-        SYS_epoll_pwait,
-        SYS_epoll_pwait2,
-        SYS_rt_sigtimedwait,
-    ]
-    .contains(&nr)
+    crate::target::ptrace::EINTR_ON_INTERRUPT.contains(&nr)
 }
 
 /// For system calls [`eintr_on_stop`] that take a relative timeout in

@@ -461,6 +461,20 @@ impl Regs {
 /// as the call's result.
 pub const RESTART_CODES: [i64; 4] = [-512, -513, -514, -516];
 
+/// System calls that the kernel ends with -EINTR (not a restart code) when
+/// the thread is merely interrupted by ptrace (`PTRACE_INTERRUPT`):
+/// resumed as is, the program would see an EINTR that no signal caused.
+pub const EINTR_ON_INTERRUPT: [i64; 4] = [
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_pwait2,
+    libc::SYS_rt_sigtimedwait,
+];
+/// -EINTR.
+const EINTR: i64 = -4;
+/// -ERESTARTNOHAND: the kernel's restart code for a signal without handler.
+pub const ERESTARTNOHAND: i64 = -514;
+
 /// Bound on the wait for the interrupt stop a thread is moved into before
 /// it resumes (see [`Tracee::cont`]).
 const PARK_WAIT: Duration = Duration::from_secs(2);
@@ -1101,6 +1115,21 @@ impl Tracee {
         })
     }
 
+    /// A thread our interrupt (not a signal: a group-stop reports its
+    /// signal) made fail with EINTR (see [`EINTR_ON_INTERRUPT`]) gets the
+    /// restart code the kernel uses for a signal without handler, so that
+    /// every resume restarts the call: also when the update is refused
+    /// before the world is stopped.
+    fn undo_interrupt_eintr(&mut self, tid: Pid) -> Result<(), PtraceError> {
+        let mut regs = self.regs(tid)?;
+        let nr = regs.0.orig_rax as i64;
+        if regs.0.rax as i64 == EINTR && EINTR_ON_INTERRUPT.contains(&nr) {
+            regs.0.rax = ERESTARTNOHAND as u64;
+            self.set_regs(tid, &regs)?;
+        }
+        Ok(())
+    }
+
     /// Resume `tid`, delivering `sig` (or the signal kept while seizing).
     /// A thread interrupted in a restartable system call restarts it.
     pub fn cont(&mut self, tid: Pid, sig: Option<Sig>) -> Result<(), PtraceError> {
@@ -1171,6 +1200,9 @@ impl Tracee {
                         s,
                         Stop::EventStop { .. } | Stop::Signal { .. } | Stop::Int3 | Stop::Step
                     );
+                }
+                if s == (Stop::EventStop { sig: Sig::TRAP }) {
+                    self.undo_interrupt_eintr(tid)?;
                 }
                 Ok(Some(s))
             }
