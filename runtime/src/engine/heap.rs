@@ -498,12 +498,40 @@ pub fn find_heap_objects(
         scan(&r.bytes, r.ty, &counts, &mut todo);
     }
     // NEW's aggregates by name, for the conversions of changed types.
-    let mut new_by_name: std::collections::HashMap<String, TypeId> = Default::default();
+    // Two units may define one tag differently (redis's `struct dict` and
+    // hiredis's): an object whose own definition NEW still has is
+    // unchanged, whatever another definition of its name became.
+    let mut new_defs: std::collections::HashMap<String, Vec<TypeId>> = Default::default();
     for (i, t) in new_types.iter().enumerate() {
         if let (Some(n), Ok(i)) = (upstare_patcher::plan::aggregate_name(t), u32::try_from(i)) {
-            new_by_name.entry(n).or_insert(TypeId(i));
+            new_defs.entry(n).or_default().push(TypeId(i));
         }
     }
+    let mut comparer = upstare_dwarf::compare::TypeComparer::new(types, new_types);
+    // Per OLD definition: its NEW counterpart (None: unchanged), or why
+    // there is none for sure.
+    let mut counterparts: std::collections::HashMap<TypeId, Result<Option<TypeId>, String>> =
+        Default::default();
+    let mut counterpart = |name: &str, resolved: TypeId| -> Result<Option<TypeId>, String> {
+        counterparts
+            .entry(resolved)
+            .or_insert_with(|| {
+                let defs = new_defs.get(name).map(Vec::as_slice).unwrap_or(&[]);
+                if defs.iter().any(|&d| comparer.equal(resolved, d)) {
+                    return Ok(None);
+                }
+                match defs {
+                    [one] => Ok(Some(*one)),
+                    [] => Ok(None),
+                    _ => Err(format!(
+                        "the new version defines {name} differently in {} units and none is this \
+                         object's old definition: which one it becomes cannot be known",
+                        defs.len()
+                    )),
+                }
+            })
+            .clone()
+    };
     let mut conversions: std::collections::HashMap<TypeId, TypeChange> = Default::default();
     let mut converter = Converter::new(types, new_types);
     let mut seen: std::collections::HashSet<(RuntimeAddr, TypeId, u64)> =
@@ -516,7 +544,17 @@ pub fn find_heap_objects(
         if !seen.insert((addr, ty, count)) {
             continue;
         }
-        let changed_name = resolved_name(types, ty).filter(|n| changed.contains(n));
+        let mut changed_name = resolved_name(types, ty).filter(|n| changed.contains(n));
+        if let Some(n) = changed_name.clone() {
+            let resolved = resolve(types, ty).unwrap_or(ty);
+            match counterpart(&n, resolved) {
+                Ok(Some(_)) => {}
+                // Its own definition is unchanged (another unit's changed).
+                Ok(None) if new_defs.contains_key(&n) => changed_name = None,
+                Ok(None) => {}
+                Err(why) => return Err(HeapError::Unconvertible { addr, ty: n, why }),
+            }
+        }
         // A declaration left opaque because two units define its tag
         // differently (dwarf::resolve): if that tag changed, which layout
         // this object has cannot be known.
@@ -612,7 +650,7 @@ pub fn find_heap_objects(
         let change = match conversions.get(&resolved) {
             Some(c) => c.clone(),
             None => {
-                let Some(&new_ty) = new_by_name.get(&name) else {
+                let Ok(Some(new_ty)) = counterpart(&name, resolved) else {
                     return Err(HeapError::NoNewType { addr, ty: name });
                 };
                 let c = converter.change(resolved, new_ty, &name);
@@ -627,9 +665,10 @@ pub fn find_heap_objects(
                 why: why.to_string(),
             });
         }
-        let new_size = new_by_name
-            .get(&name)
-            .and_then(|t| type_size(new_types, *t))
+        let new_size = counterpart(&name, resolved)
+            .ok()
+            .flatten()
+            .and_then(|t| type_size(new_types, t))
             .filter(|s| *s > 0 && *s <= MAX_VALUE_SIZE)
             .ok_or_else(|| HeapError::NoNewType {
                 addr,
@@ -1191,6 +1230,66 @@ mod tests {
             (2, 0, 0)
         );
         assert_eq!(found.moved_from(), vec![RuntimeAddr(a)]);
+    }
+
+    /// Two units define `struct hnode` differently (3: { long v; } besides
+    /// 1). Only 1 changed: an object of 3 is left as it is (it is not
+    /// converted by 1's change), and one of 1 — whose NEW counterpart
+    /// cannot be told from 3's — is refused, naming the type.
+    #[test]
+    fn rival_definitions_of_a_changed_name_are_told_apart() {
+        use crate::memory::ByteBuffer;
+        let rival = Type::Struct {
+            name: Some("hnode".into()),
+            size: 8,
+            members: vec![member("v", 0, 0)],
+            declaration: false,
+        };
+        let mut old_t = hnode(vec![member("v", 0, 0), member("next", 2, 8)], 16);
+        old_t.push(rival.clone());
+        old_t.push(Type::Pointer {
+            pointee: Some(TypeId(3)),
+        });
+        let mut new_t = hnode(
+            vec![member("v", 0, 0), member("w", 0, 8), member("next", 2, 16)],
+            24,
+        );
+        new_t.push(rival);
+        new_t.push(old_t[4].clone());
+        let heap = 0x50000u64;
+        let mem = ByteBuffer::with_region(RuntimeAddr(heap), vec![0u8; 0x100]).expect("heap");
+        let ranges = [RuntimeAddr(heap)..RuntimeAddr(heap + 0x100)];
+        let changed = ["struct hnode".to_string()];
+        let root = |ty: u32| Root {
+            ty: TypeId(ty),
+            bytes: (heap + 0x10).to_le_bytes().to_vec(),
+            counts: Vec::new(),
+        };
+        let found = find_heap_objects(
+            &mem,
+            &old_t,
+            &new_t,
+            &[root(4)],
+            &ranges,
+            &changed,
+            &ArrayRules::default(),
+        )
+        .expect("the unchanged definition is walked");
+        assert!(
+            found.changed.is_empty(),
+            "converted by another unit's change"
+        );
+        let err = find_heap_objects(
+            &mem,
+            &old_t,
+            &new_t,
+            &[root(2)],
+            &ranges,
+            &changed,
+            &ArrayRules::default(),
+        )
+        .expect_err("which NEW definition is ambiguous");
+        assert!(err.to_string().contains("struct hnode"), "{err}");
     }
 
     /// A pointer whose pointee is only declared in its unit (two other
