@@ -847,9 +847,7 @@ impl Tracee {
     /// progress, whose new thread is now tracked) also leaves it stopped.
     fn stop_after_interrupt(&mut self, tid: Pid) -> Result<(), PtraceError> {
         if let Stop::Signal { sig, .. } = self.wait_stop(tid, Duration::from_secs(5))? {
-            if let Some(tr) = self.threads.get_mut(&tid) {
-                tr.pending_signal.get_or_insert(sig);
-            }
+            keep_signal(&mut self.threads, tid, sig);
         }
         Ok(())
     }
@@ -893,6 +891,12 @@ impl Tracee {
             .and_then(|t| t.pending_signal.take())
     }
 
+    /// A SIGCONT reached the process: the stop signals kept for any thread
+    /// are discarded, as the kernel discards pending ones.
+    pub fn drop_kept_stops(&mut self) {
+        drop_kept_stops(&mut self.threads);
+    }
+
     /// Keep `sig` for `tid`, to be delivered at its next [`Tracee::cont`]
     /// without signal (or at detach), replacing what was kept. Returns the
     /// signal kept before. Used to put back a signal taken with
@@ -907,7 +911,11 @@ impl Tracee {
             .threads
             .get_mut(&tid)
             .ok_or(PtraceError::NotTraced { tid })?;
-        Ok(std::mem::replace(&mut t.pending_signal, sig))
+        let before = std::mem::replace(&mut t.pending_signal, sig);
+        if sig.is_some_and(|s| s.0 == libc::SIGCONT) {
+            drop_kept_stops(&mut self.threads);
+        }
+        Ok(before)
     }
 
     /// Extended register state (x87, SSE, AVX, AVX-512, ...: the XSAVE area,
@@ -1100,9 +1108,7 @@ impl Tracee {
                     })
                 }
                 Stop::Signal { sig, .. } => {
-                    if let Some(t) = self.threads.get_mut(&tid) {
-                        t.pending_signal.get_or_insert(sig);
-                    }
+                    keep_signal(&mut self.threads, tid, sig);
                     cont(tid)?;
                 }
                 _ => cont(tid)?,
@@ -1362,9 +1368,7 @@ impl Tracee {
             if self.state(tid) == Some(ThreadState::Running) {
                 match self.wait_stop(tid, Duration::from_secs(2)) {
                     Ok(Stop::Signal { sig, .. }) => {
-                        if let Some(t) = self.threads.get_mut(&tid) {
-                            t.pending_signal.get_or_insert(sig);
-                        }
+                        keep_signal(&mut self.threads, tid, sig);
                     }
                     Ok(_) => {}
                     Err(e) => {
@@ -1447,5 +1451,34 @@ impl Drop for Tracee {
                 let _ = waitpid_bounded(tid, libc::__WALL, Duration::from_millis(500));
             }
         }
+    }
+}
+
+/// Stop signals (SIGSTOP, SIGTSTP, SIGTTIN, SIGTTOU): a SIGCONT discards
+/// those sent before it, as the kernel does with pending ones.
+fn is_stop_signal(sig: Sig) -> bool {
+    [libc::SIGSTOP, libc::SIGTSTP, libc::SIGTTIN, libc::SIGTTOU].contains(&sig.0)
+}
+
+/// Forget the stop signals kept for every thread (a SIGCONT came after
+/// them): delivered at the resume, they would stop the process after the
+/// continue that should have cancelled them.
+fn drop_kept_stops(threads: &mut BTreeMap<Pid, Track>) {
+    for t in threads.values_mut() {
+        if t.pending_signal.is_some_and(is_stop_signal) {
+            t.pending_signal = None;
+        }
+    }
+}
+
+/// Keep `sig`, reported while `tid` was being stopped, for its resume (a
+/// signal already kept stays first); a SIGCONT discards the stop signals
+/// kept before it on every thread.
+fn keep_signal(threads: &mut BTreeMap<Pid, Track>, tid: Pid, sig: Sig) {
+    if sig.0 == libc::SIGCONT {
+        drop_kept_stops(threads);
+    }
+    if let Some(t) = threads.get_mut(&tid) {
+        t.pending_signal.get_or_insert(sig);
     }
 }
