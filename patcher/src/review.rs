@@ -84,6 +84,12 @@ pub enum SpecKey<'a> {
     },
     /// A local or parameter of a function's frame.
     Local { function: &'a str, var: &'a str },
+    /// A continuation (`entry`, `loop#K`, `call:NAME#K`) of OLD's
+    /// `function`: the line maps it to itself, for the user to correct.
+    Continuation {
+        function: &'a str,
+        continuation: &'a str,
+    },
 }
 
 /// The SPEC line that settles `key`. The one place SPEC syntax is spelled
@@ -97,6 +103,13 @@ pub fn spec_line(key: SpecKey<'_>) -> String {
         }
         SpecKey::Local { function, var } => {
             format!("values.locals.{}.{} = 0", toml_str(function), toml_str(var))
+        }
+        SpecKey::Continuation {
+            function,
+            continuation,
+        } => {
+            let site = format!("{function}@{continuation}");
+            format!("continuations.{} = {}", toml_str(&site), toml_str(&site))
         }
     }
 }
