@@ -794,7 +794,8 @@ fn loops_unsure(of: &FunctionTable, nf: &FunctionTable) -> Option<String> {
             .collect()
     };
     let (o, n) = (loops(of), loops(nf));
-    if o.is_empty() {
+    // No loops on one side: nothing to pair (a loop NEW lacks is gone).
+    if o.is_empty() || n.is_empty() {
         return None;
     }
     let lines = |v: &[(u32, u32)]| {
@@ -841,15 +842,19 @@ fn calls_unsure(
     let o: Vec<u32> = of
         .call_sites
         .iter()
-        .filter(|c| &c.callee == callee)
+        .filter(|c| c.callee.id_name() == callee.id_name())
         .map(|c| c.line)
         .collect();
     let n: Vec<u32> = nf
         .call_sites
         .iter()
-        .filter(|c| c.callee.id_name() == new_callee && same_kind(&c.callee, callee))
+        .filter(|c| c.callee.id_name() == new_callee)
         .map(|c| c.line)
         .collect();
+    // No such call in NEW: the continuation is gone, not unsure.
+    if n.is_empty() {
+        return None;
+    }
     let shift = |a: &u32, b: &u32| i64::from(*b) - i64::from(*a);
     let first = o.first().zip(n.first()).map(|(a, b)| shift(a, b));
     if o.len() == n.len() && o.iter().zip(&n).all(|(a, b)| Some(shift(a, b)) == first) {
@@ -863,11 +868,6 @@ fn calls_unsure(
         lines(&o),
         lines(&n)
     ))
-}
-
-/// Whether two callees are calls of the same kind (direct, PLT, indirect).
-fn same_kind(a: &Callee, b: &Callee) -> bool {
-    std::mem::discriminant(a) == std::mem::discriminant(b)
 }
 
 /// The new locals of `nf` (those `vars` starts at zero) whose initializing

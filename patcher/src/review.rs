@@ -316,7 +316,22 @@ pub fn review(old: &FrameTables, new: &FrameTables, plan: &UpdatePlan) -> Review
             });
         }
         for c in fm.continuations.iter().filter(|c| c.new_site.is_none()) {
-            r.continuations_gone.push(format!("{}@{}", fm.name, c.id));
+            let Some(why) = &c.unsure else {
+                r.continuations_gone.push(format!("{}@{}", fm.name, c.id));
+                continue;
+            };
+            // NEW may have this id, but not surely for the same place.
+            r.needs_user.push(NeedsUser {
+                what: format!("{}@{}", fm.name, c.id),
+                old_type: String::new(),
+                new_type: String::new(),
+                why: why.clone(),
+                when: format!("when a frame of {} is paused there", fm.name),
+                spec_line: spec_line(SpecKey::Continuation {
+                    function: &fm.name,
+                    continuation: &c.id.to_string(),
+                }),
+            });
         }
         for (k, s) in fm.vars.iter().enumerate() {
             if let VarSource::TypeChanged {

@@ -299,3 +299,106 @@ fn statics_of_one_name_in_several_files_pair_by_file() {
     let bump = p.function("bump").expect("bump");
     assert!(bump.removed_vars.is_empty(), "{:?}", bump.removed_vars);
 }
+
+const LOOP_V1: &str = r#"
+long items[3] = {1, 2, 3};
+long sum(void) {
+    long s = 0;
+    for (long i = 0; i < 3; i++) {
+        s += items[i];
+    }
+    return s;
+}
+int main(void) { return (int)sum() + (int)sum(); }
+"#;
+
+/// NEW adds an inner loop inside `sum`'s loop and a third call to `sum`.
+const LOOP_V2: &str = r#"
+long items[3] = {1, 2, 3};
+long sum(void) {
+    long s = 0;
+    for (long i = 0; i < 3; i++) {
+        s += items[i];
+        for (int k = 0; k < 2; k++)
+            s++;
+    }
+    return s;
+}
+int main(void) { return (int)sum() + (int)sum() + (int)sum(); }
+"#;
+
+/// The same loop and calls, shifted by a line above and the body wrapped in
+/// an `if`.
+const LOOP_V3: &str = r#"
+long items[3] = {1, 2, 3};
+long sum(void) {
+    long s = 0;
+    long unused = 1;
+    for (long i = 0; i < 3; i++) {
+        if (items[i] > 0) s += items[i] + unused;
+    }
+    return s;
+}
+int main(void) { return (int)sum() + (int)sum(); }
+"#;
+
+#[test]
+fn loops_and_calls_renumbered_by_new_ones_are_not_paired_by_number() {
+    for tc in TOOLCHAINS {
+        let (_, _, p) = plan("renumbered", LOOP_V1, LOOP_V2, tc);
+        let sum = p.function("sum").expect("sum");
+        let l = sum
+            .continuation(&Continuation::Loop(0), SiteKind::Point)
+            .expect("loop#0");
+        assert_eq!(l.new_site, None, "[{}] {l:?}", tc.name());
+        let why = l.unsure.as_deref().unwrap_or_default();
+        assert!(
+            why.contains("the loops of sum changed"),
+            "[{}] {why}",
+            tc.name()
+        );
+        let entry = sum
+            .continuation(&Continuation::Entry, SiteKind::Point)
+            .expect("entry");
+        assert!(entry.new_site.is_some() && entry.unsure.is_none());
+        let main = p.function("main").expect("main");
+        for ordinal in 0..2 {
+            let id = Continuation::Call {
+                callee: "sum".into(),
+                ordinal,
+            };
+            let c = main.continuation(&id, SiteKind::Call).expect("call");
+            assert_eq!(c.new_site, None, "[{}] {id}", tc.name());
+            assert!(c.unsure.is_some(), "[{}] {id}", tc.name());
+        }
+        // The review names each and the SPEC line that settles it.
+        let (old, new) = (
+            tables("renumbered.v1", LOOP_V1, tc),
+            tables("renumbered.v2", LOOP_V2, tc),
+        );
+        let r = upstare_patcher::review(&old, &new, &p);
+        let n = r
+            .needs_user
+            .iter()
+            .find(|n| n.what == "sum@loop#0")
+            .expect("sum@loop#0 needs the user");
+        assert_eq!(n.spec_line, "continuations.\"sum@loop#0\" = \"sum@loop#0\"");
+        assert!(!r.continuations_gone.iter().any(|c| c == "sum@loop#0"));
+
+        let (_, _, p) = plan("shifted", LOOP_V1, LOOP_V3, tc);
+        let sum = p.function("sum").expect("sum");
+        let l = sum
+            .continuation(&Continuation::Loop(0), SiteKind::Point)
+            .expect("loop#0");
+        assert!(
+            l.new_site.is_some() && l.unsure.is_none(),
+            "[{}] {l:?}",
+            tc.name()
+        );
+        let main = p.function("main").expect("main");
+        assert!(main
+            .continuations
+            .iter()
+            .all(|c| c.new_site.is_some() && c.unsure.is_none()));
+    }
+}
