@@ -300,52 +300,30 @@ fn statics_of_one_name_in_several_files_pair_by_file() {
     assert!(bump.removed_vars.is_empty(), "{:?}", bump.removed_vars);
 }
 
-const LOOP_V1: &str = r#"
-long items[3] = {1, 2, 3};
-long sum(void) {
-    long s = 0;
-    for (long i = 0; i < 3; i++) {
-        s += items[i];
-    }
-    return s;
+/// A program whose `sum` has a loop (`head` before it, `body` its body)
+/// and whose `main` calls `sum` `calls` times.
+fn loop_program(head: &str, body: &str, calls: usize) -> String {
+    format!(
+        "long items[3] = {{1, 2, 3}};\nlong sum(void) {{\n    long s = 0;\n{head}    for (long i = 0; i < 3; i++) {{\n{body}    }}\n    return s;\n}}\nint main(void) {{ return 0{}; }}\n",
+        " + (int)sum()".repeat(calls)
+    )
 }
-int main(void) { return (int)sum() + (int)sum(); }
-"#;
 
-/// NEW adds an inner loop inside `sum`'s loop and a third call to `sum`.
-const LOOP_V2: &str = r#"
-long items[3] = {1, 2, 3};
-long sum(void) {
-    long s = 0;
-    for (long i = 0; i < 3; i++) {
-        s += items[i];
-        for (int k = 0; k < 2; k++)
-            s++;
-    }
-    return s;
-}
-int main(void) { return (int)sum() + (int)sum() + (int)sum(); }
-"#;
-
-/// The same loop and calls, shifted by a line above and the body wrapped in
-/// an `if`.
-const LOOP_V3: &str = r#"
-long items[3] = {1, 2, 3};
-long sum(void) {
-    long s = 0;
-    long unused = 1;
-    for (long i = 0; i < 3; i++) {
-        if (items[i] > 0) s += items[i] + unused;
-    }
-    return s;
-}
-int main(void) { return (int)sum() + (int)sum(); }
-"#;
+const LOOP_BODY: &str = "        s += items[i];\n";
+/// NEW adds an inner loop inside `sum`'s loop.
+const INNER_LOOP_BODY: &str =
+    "        s += items[i];\n        for (int k = 0; k < 2; k++)\n            s++;\n";
+/// NEW shifts the loop by a line above and wraps its body in an `if`.
+const SHIFT_HEAD: &str = "    long unused = 1;\n";
+const WRAPPED_BODY: &str = "        if (items[i] > 0) s += items[i] + unused;\n";
 
 #[test]
 fn loops_and_calls_renumbered_by_new_ones_are_not_paired_by_number() {
     for tc in TOOLCHAINS {
-        let (_, _, p) = plan("renumbered", LOOP_V1, LOOP_V2, tc);
+        let v1 = loop_program("", LOOP_BODY, 2);
+        // A new inner loop and a third call to `sum`.
+        let v2 = loop_program("", INNER_LOOP_BODY, 3);
+        let (_, _, p) = plan("renumbered", &v1, &v2, tc);
         let sum = p.function("sum").expect("sum");
         let l = sum
             .continuation(&Continuation::Loop(0), SiteKind::Point)
@@ -373,8 +351,8 @@ fn loops_and_calls_renumbered_by_new_ones_are_not_paired_by_number() {
         }
         // The review names each and the SPEC line that settles it.
         let (old, new) = (
-            tables("renumbered.v1", LOOP_V1, tc),
-            tables("renumbered.v2", LOOP_V2, tc),
+            tables("renumbered.v1", &v1, tc),
+            tables("renumbered.v2", &v2, tc),
         );
         let r = upstare_patcher::review(&old, &new, &p);
         let n = r
@@ -385,7 +363,8 @@ fn loops_and_calls_renumbered_by_new_ones_are_not_paired_by_number() {
         assert_eq!(n.spec_line, "continuations.\"sum@loop#0\" = \"sum@loop#0\"");
         assert!(!r.continuations_gone.iter().any(|c| c == "sum@loop#0"));
 
-        let (_, _, p) = plan("shifted", LOOP_V1, LOOP_V3, tc);
+        let v3 = loop_program(SHIFT_HEAD, WRAPPED_BODY, 2);
+        let (_, _, p) = plan("shifted", &v1, &v3, tc);
         let sum = p.function("sum").expect("sum");
         let l = sum
             .continuation(&Continuation::Loop(0), SiteKind::Point)
