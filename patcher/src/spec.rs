@@ -494,6 +494,11 @@ impl Spec {
             .map_or(old, String::as_str)
     }
 
+    /// Whether the SPEC's `continuations` maps `func@c` explicitly.
+    pub fn maps_continuation(&self, func: &str, c: &Continuation) -> bool {
+        self.continuations.contains_key(&format!("{func}@{c}"))
+    }
+
     /// The continuation a frame of OLD's `func` paused at `c` resumes at in
     /// NEW (by default the same id).
     pub fn new_continuation(&self, func: &str, c: &Continuation) -> Continuation {

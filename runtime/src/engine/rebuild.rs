@@ -29,6 +29,7 @@ use crate::engine::Write;
 use crate::memory::{MemError, TargetMemory};
 use crate::target::ptrace::Regs;
 use nix::unistd::Pid;
+use upstare_patcher::review::{spec_line, SpecKey};
 
 /// Largest frame rebuilt (bytes between its lowest byte and its CFA).
 pub const MAX_FRAME_SIZE: i64 = 16 << 20;
@@ -45,6 +46,14 @@ pub enum RebuildError {
         tid: Pid,
         function: String,
         continuation: Continuation,
+    },
+    #[error("thread {tid}: function {function} is paused at {continuation}, whose place in the new version is not sure: {why}; name it with the SPEC line: {spec_line}")]
+    ContinuationUnsure {
+        tid: Pid,
+        function: String,
+        continuation: Continuation,
+        why: String,
+        spec_line: String,
     },
     #[error("thread {tid}: {function} at {continuation}: the new version cannot re-execute the blocked call (no restart address)")]
     NoRestart {
@@ -261,6 +270,18 @@ fn find_sites<'a>(
         .plan
         .continuation(continuation, kind)
         .ok_or_else(missing)?;
+    if let (None, Some(why)) = (cm.new_site, &cm.unsure) {
+        return Err(RebuildError::ContinuationUnsure {
+            tid,
+            function: m.old.name.clone(),
+            continuation: continuation.clone(),
+            why: why.clone(),
+            spec_line: spec_line(SpecKey::Continuation {
+                function: &m.old.name,
+                continuation: &continuation.to_string(),
+            }),
+        });
+    }
     let new_site = cm.new_site.ok_or_else(missing)?;
     if kind == SiteKind::Point {
         let op = m.old.update_points.get(cm.old_site).ok_or_else(missing)?;
