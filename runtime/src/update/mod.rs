@@ -465,6 +465,9 @@ fn thread_report(t: &ThreadState) -> ThreadReport {
             Readiness::InLibrary { callee, syscall } => {
                 format!("waiting in {callee} (syscall {syscall}), left in place")
             }
+            Readiness::CallbackReturned { callee } => {
+                format!("its callback under {callee} returned into the library, left in place")
+            }
             Readiness::Returned { callee } => {
                 format!("woken from {callee}, returns 0 (a spurious wake-up)")
             }
