@@ -10,7 +10,7 @@ mod apply_support;
 
 use apply_support::lines::LineClient;
 use apply_support::real::free_port;
-use apply_support::TempDir;
+use apply_support::{with_version, TempDir};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -210,4 +210,95 @@ fn a_libevent_server_under_load_is_updated_out_of_its_callback_gcc() {
 #[test]
 fn a_libevent_server_under_load_is_updated_out_of_its_callback_clang() {
     libevent_server_under_load(Toolchain::Clang);
+}
+
+/// A thread sorting with `qsort` and a comparator that takes its time:
+/// v2's comparator orders the same way and counts its own calls.
+const SORTER: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#define N 400
+static long calls;
+static long calls_v2;
+
+static int cmp(const void *a, const void *b)
+{
+    int x = *(const int *)a, y = *(const int *)b;
+    calls++;
+    if (VERSION[1] == '2')
+        calls_v2++;
+    usleep(20);
+    return (x > y) - (x < y);
+}
+
+int main(void)
+{
+    static int v[N];
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    for (int round = 0; round < 40; round++) {
+        int sorted = 1;
+        for (int i = 0; i < N; i++)
+            v[i] = (i * 7919 + round) % N;
+        qsort(v, N, sizeof v[0], cmp);
+        for (int i = 0; i < N; i++)
+            sorted &= v[i] == i;
+        printf(VERSION " round %d sorted %d by v2 %ld\n", round, sorted, calls_v2);
+    }
+    return 0;
+}
+"#;
+
+fn comparator_active_during_update(tc: Toolchain) {
+    tc.require();
+    let dir = TempDir::new(&format!("qsort-{tc}"));
+    let v1 = compile_instrumented(dir.path(), "qs1", &with_version(SORTER, "v1"), tc, &[]);
+    let v2 = compile_instrumented(dir.path(), "qs2", &with_version(SORTER, "v2"), tc, &[]);
+    let mut child = spawn(&v1, &[] as &[&str]).expect("spawn");
+    let wait = Duration::from_secs(60);
+    child
+        .wait_for_line("round 1", wait, |l| l.starts_with("v1 round 1 "))
+        .expect("sorting");
+    // Well inside the next round's qsort (a round takes a few hundred ms,
+    // almost all of it in the comparator).
+    std::thread::sleep(Duration::from_millis(100));
+    let opts = ApplyOptions {
+        timeout: Duration::from_secs(10),
+        ..ApplyOptions::default()
+    };
+    let report =
+        apply(child.pid() as i32, &v2, &opts).unwrap_or_else(|e| panic!("update failed: {e}"));
+    let state = &report.threads[0].state;
+    assert!(state.contains("callback under qsort returned"), "{state}");
+    let out = child.wait(wait).expect("ends");
+    assert_eq!(out.status.code(), Some(0), "{}\n{}", out.stdout, out.stderr);
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines.len(), 40, "{}", out.stdout);
+    let first_v2 = lines
+        .iter()
+        .position(|l| l.starts_with("v2 "))
+        .unwrap_or_else(|| panic!("no v2 round: {}", out.stdout));
+    for (round, l) in lines.iter().enumerate() {
+        let version = if round < first_v2 { "v1" } else { "v2" };
+        let prefix = format!("{version} round {round} sorted 1 by v2 ");
+        assert!(l.starts_with(&prefix), "{l}");
+    }
+    // The round the update interrupted went on with NEW's comparator.
+    let by_v2: i64 = lines[first_v2]
+        .rsplit(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("a count");
+    assert!(by_v2 > 0, "{}", lines[first_v2]);
+}
+
+#[test]
+fn a_qsort_comparator_active_during_an_update_returns_into_qsort_gcc() {
+    comparator_active_during_update(Toolchain::Gcc);
+}
+
+#[test]
+fn a_qsort_comparator_active_during_an_update_returns_into_qsort_clang() {
+    comparator_active_during_update(Toolchain::Clang);
 }
