@@ -10,7 +10,7 @@ mod apply_support;
 
 use apply_support::lines::LineClient;
 use apply_support::real::free_port;
-use apply_support::{with_version, TempDir};
+use apply_support::{apply_within, with_version, TempDir};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -263,12 +263,7 @@ fn comparator_active_during_update(tc: Toolchain) {
     // Well inside the next round's qsort (a round takes a few hundred ms,
     // almost all of it in the comparator).
     std::thread::sleep(Duration::from_millis(100));
-    let opts = ApplyOptions {
-        timeout: Duration::from_secs(10),
-        ..ApplyOptions::default()
-    };
-    let report =
-        apply(child.pid() as i32, &v2, &opts).unwrap_or_else(|e| panic!("update failed: {e}"));
+    let report = apply_within(child.pid(), &v2, Duration::from_secs(10));
     let state = &report.threads[0].state;
     assert!(state.contains("callback under qsort returned"), "{state}");
     let out = child.wait(wait).expect("ends");
