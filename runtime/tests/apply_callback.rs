@@ -4,18 +4,21 @@
 //! updated under a back-to-back load to a version whose reply changed (no
 //! request fails, the replies switch format exactly once, the connection
 //! is kept), and a `qsort` comparator running during an update returns into
-//! `qsort`, which goes on sorting with NEW's comparator.
+//! `qsort`, which goes on sorting with NEW's comparator; when NEW's frame
+//! that called `qsort` is larger the update is refused by name and the
+//! process goes on as it was.
 
 mod apply_support;
 
 use apply_support::lines::LineClient;
 use apply_support::real::free_port;
 use apply_support::{apply_within, with_version, TempDir};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use upstare_runtime::update::{apply, ApplyOptions};
-use upstare_testkit::{compile_instrumented, spawn, Toolchain};
+use upstare_testkit::{compile_instrumented, spawn, ChildGuard, Toolchain};
 
 /// The server: v1 replies `v1 N SUM`, v2 `v2:N:SUM`, where SUM is
 /// [`checksum`] of N. The callback's work is a checksum and a short sleep
@@ -236,6 +239,10 @@ static int cmp(const void *a, const void *b)
 int main(void)
 {
     static int v[N];
+#ifdef PAD
+    volatile char pad[PAD];
+    pad[0] = 1;
+#endif
     setvbuf(stdout, NULL, _IOLBF, 0);
     for (int round = 0; round < 40; round++) {
         int sorted = 1;
@@ -250,19 +257,28 @@ int main(void)
 }
 "#;
 
-fn comparator_active_during_update(tc: Toolchain) {
+/// How long a sorter may take to end.
+const SORT_WAIT: Duration = Duration::from_secs(60);
+
+/// The sorter built as v1 running, well inside its third round's `qsort`,
+/// and `v2_src` built as NEW (in the returned directory).
+fn sorting(tag: &str, tc: Toolchain, v2_src: &str) -> (TempDir, ChildGuard, PathBuf) {
     tc.require();
-    let dir = TempDir::new(&format!("qsort-{tc}"));
+    let dir = TempDir::new(&format!("{tag}-{tc}"));
     let v1 = compile_instrumented(dir.path(), "qs1", &with_version(SORTER, "v1"), tc, &[]);
-    let v2 = compile_instrumented(dir.path(), "qs2", &with_version(SORTER, "v2"), tc, &[]);
-    let mut child = spawn(&v1, &[] as &[&str]).expect("spawn");
-    let wait = Duration::from_secs(60);
+    let v2 = compile_instrumented(dir.path(), "qs2", v2_src, tc, &[]);
+    let child = spawn(&v1, &[] as &[&str]).expect("spawn");
     child
-        .wait_for_line("round 1", wait, |l| l.starts_with("v1 round 1 "))
+        .wait_for_line("round 1", SORT_WAIT, |l| l.starts_with("v1 round 1 "))
         .expect("sorting");
-    // Well inside the next round's qsort (a round takes a few hundred ms,
-    // almost all of it in the comparator).
+    // A round takes a few hundred ms, almost all of it in the comparator.
     std::thread::sleep(Duration::from_millis(100));
+    (dir, child, v2)
+}
+
+fn comparator_active_during_update(tc: Toolchain) {
+    let (_dir, mut child, v2) = sorting("qsort", tc, &with_version(SORTER, "v2"));
+    let wait = SORT_WAIT;
     let report = apply_within(child.pid(), &v2, Duration::from_secs(10));
     let state = &report.threads[0].state;
     assert!(state.contains("callback under qsort returned"), "{state}");
@@ -296,4 +312,40 @@ fn a_qsort_comparator_active_during_an_update_returns_into_qsort_gcc() {
 #[test]
 fn a_qsort_comparator_active_during_an_update_returns_into_qsort_clang() {
     comparator_active_during_update(Toolchain::Clang);
+}
+
+/// NEW's frame of the function that called `qsort` is larger: the
+/// library's frames would have to move, so the update is refused naming
+/// the function, and the process goes on exactly as v1 (the breakpoint at
+/// the comparator's return is gone from `qsort`: every round sorts).
+fn comparator_active_frame_below_grows(tc: Toolchain) {
+    let grown = format!("#define PAD 256\n{}", with_version(SORTER, "v2"));
+    let (_dir, mut child, v2) = sorting("qsort-grow", tc, &grown);
+    let wait = SORT_WAIT;
+    let opts = ApplyOptions {
+        timeout: Duration::from_secs(10),
+        ..ApplyOptions::default()
+    };
+    let e = apply(child.pid() as i32, &v2, &opts).expect_err("main's frame grew under qsort");
+    let e = e.to_string();
+    assert!(
+        e.contains("main at call:qsort") && e.contains("left in place"),
+        "{e}"
+    );
+    let out = child.wait(wait).expect("ends");
+    assert_eq!(out.status.code(), Some(0), "{}\n{}", out.stdout, out.stderr);
+    let want: Vec<String> = (0..40)
+        .map(|r| format!("v1 round {r} sorted 1 by v2 0"))
+        .collect();
+    assert_eq!(out.stdout.lines().collect::<Vec<_>>(), want);
+}
+
+#[test]
+fn a_larger_frame_below_an_active_comparator_is_refused_gcc() {
+    comparator_active_frame_below_grows(Toolchain::Gcc);
+}
+
+#[test]
+fn a_larger_frame_below_an_active_comparator_is_refused_clang() {
+    comparator_active_frame_below_grows(Toolchain::Clang);
 }
