@@ -575,7 +575,7 @@ impl<'t> LoadedImage<'t> {
     }
 
     /// `malloc_usable_size` of each of `chunks` in the process, one remote
-    /// session. Call it only on addresses already checked to be chunk
+    /// session, one call per chunk of [`remote::MAX_BATCH`]. Call it only on addresses already checked to be chunk
     /// starts: the allocator trusts its argument.
     pub fn usable_sizes(&mut self, chunks: &[RuntimeAddr]) -> Result<Vec<u64>, LoadError> {
         if chunks.is_empty() {
@@ -602,7 +602,8 @@ impl<'t> LoadedImage<'t> {
     }
 
     /// Allocates one object of each of `sizes` bytes with the process's own
-    /// `malloc` (so the program can `free` it later), in one remote session.
+    /// `malloc` (so the program can `free` it later), in one remote session
+    /// (one call per chunk of [`remote::MAX_BATCH`]; the first NULL ends it).
     /// Every allocation is freed again unless [`LoadedImage::commit`]
     /// succeeds — on a failure here too.
     pub fn heap_allocate(&mut self, sizes: &[u64]) -> Result<Vec<RuntimeAddr>, LoadError> {

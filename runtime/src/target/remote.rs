@@ -31,7 +31,9 @@
 //!   left as the one the thread stops for (kept by the [`Tracee`]), so it is
 //!   delivered at the next resume exactly as if it had interrupted the
 //!   thread where it was.
-//! - Scratch memory (strings, structures, the call stack) is a private
+//! - Scratch memory (strings, structures, the call stack, and the code of
+//!   the loop [`RemoteCalls::call_each`] runs, in a page of its own made
+//!   read-only executable) is a private
 //!   anonymous mapping made on first use and removed at the end; of the
 //!   thread's own stack only the frame below the red zone is borrowed (and
 //!   put back).
