@@ -1044,7 +1044,7 @@ impl<'t> RemoteCalls<'t> {
     /// Calls the function at `func` once with each of `args` as its only
     /// integer argument, in order, with one remote run per chunk of up to
     /// [`MAX_BATCH`] calls (a loop in scratch memory makes the calls, see
-    /// [`BATCH_CODE`]). The result of each call made is pushed to
+    /// `BATCH_CODE`). The result of each call made is pushed to
     /// `results`, on an error too (the calls of the chunks finished before
     /// it), so that what was allocated can be freed. With `stop_at_zero`
     /// the calls end after the first that returns 0 (the last result then
