@@ -891,6 +891,18 @@ impl Tracee {
             .and_then(|t| t.pending_signal.take())
     }
 
+    /// `sig`, unless it is a stop signal and a SIGCONT is pending in the
+    /// process: sending a stop removes a pending SIGCONT, so that one came
+    /// after the stop was taken from the thread, and the kernel would have
+    /// discarded the stop (delivered now, it would stop the process after
+    /// its continue).
+    fn unless_continued(&self, sig: Option<Sig>) -> Option<Sig> {
+        match sig {
+            Some(s) if is_stop_signal(s) && sigcont_pending(self.pid) => None,
+            other => other,
+        }
+    }
+
     /// A SIGCONT reached the process: the stop signals kept for any thread
     /// are discarded, as the kernel discards pending ones.
     pub fn drop_kept_stops(&mut self) {
@@ -1072,7 +1084,7 @@ impl Tracee {
     ) -> Result<(), PtraceError> {
         self.park_for_restart(tid, op)?;
         let pending = self.track(tid, op)?.pending_signal;
-        let sig = sig.or(pending);
+        let sig = self.unless_continued(sig.or(pending));
         ptrace_int(req, tid, sig.map_or(0, |s| s.0)).map_err(|e| op_err(tid, op, e))?;
         if let Some(t) = self.threads.get_mut(&tid) {
             t.state = ThreadState::Running;
@@ -1335,7 +1347,7 @@ impl Tracee {
             return parked;
         }
         let pending = self.track(tid, "PTRACE_DETACH")?.pending_signal;
-        let sig = sig.or(pending);
+        let sig = self.unless_continued(sig.or(pending));
         let r = ptrace_int(libc::PTRACE_DETACH, tid, sig.map_or(0, |s| s.0));
         self.threads.remove(&tid);
         r.map_err(|e| op_err(tid, "PTRACE_DETACH", e))
@@ -1481,4 +1493,25 @@ fn keep_signal(threads: &mut BTreeMap<Pid, Track>, tid: Pid, sig: Sig) {
     if let Some(t) = threads.get_mut(&tid) {
         t.pending_signal.get_or_insert(sig);
     }
+}
+
+/// Whether a SIGCONT is pending for process `pid` or any of its threads
+/// (`ShdPnd`, `SigPnd` of `/proc/PID/task/*/status`; bounded by the
+/// thread-count cap of the task listing).
+fn sigcont_pending(pid: Pid) -> bool {
+    let bit = 1u64 << (libc::SIGCONT - 1);
+    let Ok(tasks) = procfs::list_tasks(pid) else {
+        return false;
+    };
+    tasks.iter().any(|tid| {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).is_ok_and(|text| {
+            text.lines()
+                .filter_map(|l| {
+                    l.strip_prefix("SigPnd:")
+                        .or_else(|| l.strip_prefix("ShdPnd:"))
+                })
+                .filter_map(|v| u64::from_str_radix(v.trim(), 16).ok())
+                .any(|set| set & bit != 0)
+        })
+    })
 }
