@@ -8,7 +8,11 @@
 mod heap_objects;
 pub mod signals;
 mod survive;
+mod timings;
 pub mod transaction;
+
+use timings::PhaseClock;
+pub use timings::Timings;
 
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -212,24 +216,6 @@ impl From<RebuildError> for UpdateError {
     }
 }
 
-/// Latency of each phase, in microseconds.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct Timings {
-    /// Before the process is stopped: finding the running image, reading
-    /// NEW, making the plan, resolving NEW's imports (not part of the
-    /// pause).
-    pub plan_us: u64,
-    pub stop_us: u64,
-    pub save_us: u64,
-    pub load_us: u64,
-    pub transfer_us: u64,
-    pub rebuild_us: u64,
-    /// Loading, running and unloading the C transformers.
-    pub transform_us: u64,
-    pub resume_us: u64,
-    pub total_us: u64,
-}
-
 /// One thread in the report.
 #[derive(Clone, Debug, Serialize)]
 pub struct ThreadReport {
@@ -275,10 +261,6 @@ pub struct UpdateReport {
     pub timings: Timings,
 }
 
-fn us(d: Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
-}
-
 /// Largest NEW read: far above any instrumented program, far below what
 /// would strain the updater's memory.
 pub const MAX_NEW_SIZE: u64 = 1 << 30;
@@ -297,6 +279,7 @@ pub fn read_new(new_path: &Path) -> Result<Vec<u8>, UpdateError> {
 /// happened. NEW is read completely before the first ptrace call, so a bad
 /// input never keeps the process stopped.
 pub fn apply(pid: i32, new_path: &Path, opts: &ApplyOptions) -> Result<UpdateReport, UpdateError> {
+    let mut clock = PhaseClock::start();
     if pid <= 0 || !Path::new(&format!("/proc/{pid}")).exists() {
         return Err(UpdateError::NoProcess { pid });
     }
@@ -305,14 +288,12 @@ pub fn apply(pid: i32, new_path: &Path, opts: &ApplyOptions) -> Result<UpdateRep
     signals::set_target(pid);
     interrupted(pid)?;
     let mut tracee = Tracee::seize(nix::unistd::Pid::from_raw(pid))?;
-    let result = apply_traced_bytes(&mut tracee, new_path, new_bytes, opts);
-    let t = Instant::now();
+    let result = apply_traced_bytes(&mut tracee, new_path, new_bytes, opts, &mut clock);
     let detached = tracee.detach();
     match result {
         Ok(mut r) => {
             detached?;
-            r.timings.resume_us += us(t.elapsed());
-            r.timings.total_us += us(t.elapsed());
+            r.timings.finish(&mut clock);
             Ok(r)
         }
         Err(e) => Err(e),
@@ -464,19 +445,24 @@ pub fn apply_traced(
     new_path: &Path,
     opts: &ApplyOptions,
 ) -> Result<UpdateReport, UpdateError> {
+    let mut clock = PhaseClock::start();
     let new_bytes = read_new(new_path)?;
-    apply_traced_bytes(tracee, new_path, new_bytes, opts)
+    let mut r = apply_traced_bytes(tracee, new_path, new_bytes, opts, &mut clock)?;
+    // The caller resumes the threads: nothing more to time here.
+    r.timings.finish(&mut clock);
+    Ok(r)
 }
 
 /// [`apply_traced`] with NEW already read (`new_bytes`, the contents of
-/// `new_path`).
+/// `new_path`). Every phase up to the commit is timed on `clock`, started
+/// by the caller; the caller times the resume.
 fn apply_traced_bytes(
     tracee: &mut Tracee,
     new_path: &Path,
     new_bytes: Vec<u8>,
     opts: &ApplyOptions,
+    clock: &mut PhaseClock,
 ) -> Result<UpdateReport, UpdateError> {
-    let start = Instant::now();
     let pid = tracee.pid().as_raw();
     let proc_err = |source| UpdateError::Proc { pid, source };
     let new_err = |why: String| UpdateError::New {
@@ -598,7 +584,7 @@ fn apply_traced_bytes(
         load::prepare_load(tracee.pid(), &maps, new_path, &new_bytes, &old).ok()
     };
 
-    timings.plan_us = us(start.elapsed());
+    timings.plan_us = clock.lap();
     // Phase 2: stop every thread at an update point or in a safe call.
     // With frames that must not be active (SPEC [safety]), the threads are
     // let run again until none is, within the time limit.
@@ -657,16 +643,15 @@ fn apply_traced_bytes(
     signals::set_stopping(false);
     let threads = stopped?;
     removed?;
-    timings.stop_us = us(t.elapsed());
+    timings.stop_us = clock.lap();
     interrupted(pid)?;
 
     // Phase 3: does the paused state map onto the new version? (plan and
     // tables only)
-    let t = Instant::now();
     transfer::check_globals(&plan, &tracee.memory(), &old)?;
     rebuild::check_frames(&threads, &plan, &old.tables, &new_tables)?;
     let mut warnings = plan.warnings.clone();
-    timings.save_us = us(t.elapsed());
+    timings.check_us = clock.lap();
     let mut report = UpdateReport {
         pid,
         from: old.path.clone(),
@@ -695,7 +680,6 @@ fn apply_traced_bytes(
     // update would.
 
     // Phase 4: load the new version (undone on drop unless committed).
-    let t = Instant::now();
     let tid = threads.first().map_or(Pid::from_raw(pid), |t| t.tid);
     let mut loaded = match prepared_load {
         Some(prep) => load::load_prepared(
@@ -719,7 +703,7 @@ fn apply_traced_bytes(
     };
     let mut commit_plan = loaded.plan_commit(&old)?;
     warnings.extend(commit_plan.warnings.iter().cloned());
-    timings.load_us = us(t.elapsed());
+    timings.load_us = clock.lap();
     interrupted(pid)?;
 
     // The maps with NEW in them, read by the load: nothing maps or unmaps
@@ -732,7 +716,6 @@ fn apply_traced_bytes(
     // Phase 5: compute every byte of the new state. The heap objects of
     // changed type first: where they go must be known before any pointer
     // to them is remapped, and blocks for moved ones are allocated now.
-    let t = Instant::now();
     let heap_ranges = heap::heap_ranges(&maps_now, &threads, [&old, loaded.image()]);
     let heap_mem = loaded.tracee().memory();
     let mut heap_objects = heap::find_heap_objects(
@@ -758,8 +741,7 @@ fn apply_traced_bytes(
     interrupted(pid)?;
     let heap = heap::transfer_heap(&old.tables.types, &heap_objects, &mut remap)?;
     heap::write_moved(&mut mem, &heap)?;
-    timings.transfer_us = us(t.elapsed());
-    let t = Instant::now();
+    timings.transfer_us = clock.lap();
     let mut plans = Vec::with_capacity(threads.len());
     for (th, layout) in threads.iter().zip(&layouts) {
         plans.push(rebuild::frame_writes(
@@ -773,17 +755,15 @@ fn apply_traced_bytes(
         .chain(plans.iter().flat_map(|p| p.writes.iter()))
         .cloned()
         .collect();
-    timings.rebuild_us = us(t.elapsed());
+    timings.rebuild_us = clock.lap();
     // The C transformers, after the default conversion: each reads the
     // value computed so far and its result replaces it in the writes.
-    let t = Instant::now();
     if let (true, Some(object)) = (transforms, &object) {
         let jobs = transform::jobs(&mem, &plan, &old, new, &threads, &layouts, &writes)?;
         let run = run_transformers(tr, tid, &old, object, &jobs, &mut writes, opts.timeout)?;
         report.transformed = run.calls;
     }
-    timings.transform_us = us(t.elapsed());
-    let t = Instant::now();
+    timings.transform_us = clock.lap();
     // After the typed walk and the transformers: every value still
     // pointing into the old image.
     let old_elf = &old_bytes;
@@ -849,12 +829,15 @@ fn apply_traced_bytes(
         warnings.extend(p.warnings.iter().cloned());
     }
     warnings.extend(heap.warnings.iter().cloned());
-    timings.rebuild_us += us(t.elapsed());
+    timings.sweep_us = clock.lap();
 
     if opts.dry_run {
-        // Nothing committed: the guard unloads NEW.
+        // Nothing committed: the guard unloads NEW (timed as the commit).
+        drop(remap);
+        drop(mem);
+        drop(loaded);
+        timings.commit_us = clock.lap();
         report.warnings = warnings;
-        timings.total_us = us(start.elapsed());
         report.timings = timings;
         return Ok(report);
     }
@@ -877,7 +860,6 @@ fn apply_traced_bytes(
     // Phase 6: commit, with an undo log so a failure is rolled back. A
     // termination signal from here on is reported once it is finished.
     let _window = CommitWindow::open();
-    let t = Instant::now();
     let mode = if opts.legacy_pause {
         transaction::CommitMode::OneByOne
     } else {
@@ -918,8 +900,7 @@ fn apply_traced_bytes(
             ..thread_report(t)
         })
         .collect();
-    timings.resume_us = us(t.elapsed());
-    timings.total_us = us(start.elapsed());
+    timings.commit_us = clock.lap();
     report.warnings = warnings;
     report.timings = timings;
     Ok(report)
