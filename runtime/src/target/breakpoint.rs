@@ -332,6 +332,50 @@ fn is_synchronous(sig: Sig, code: i32) -> bool {
     fault.contains(&sig.0) && code > 0
 }
 
+/// Largest range [`BreakpointSet::arm_many`] reads and writes at once.
+const MAX_CLUSTER_BYTES: u64 = 1 << 20;
+
+/// `sorted` (ascending, distinct) cut into runs whose neighbours are less
+/// than a page apart and whose span stays under [`MAX_CLUSTER_BYTES`].
+fn clusters(sorted: &[RuntimeAddr]) -> Vec<&[RuntimeAddr]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for i in 1..=sorted.len() {
+        let cut = i == sorted.len()
+            || sorted[i].0 - sorted[i - 1].0 >= 4096
+            || sorted[i].0 - sorted[start].0 >= MAX_CLUSTER_BYTES;
+        if cut {
+            out.push(&sorted[start..i]);
+            start = i;
+        }
+    }
+    out
+}
+
+/// The byte at each of `addrs` (any order, repeats allowed), read one range
+/// of close addresses at a time (see [`BreakpointSet::arm_many`]) rather
+/// than one system call per address; in ascending address order.
+pub fn bytes_at(
+    mem: &impl TargetMemory,
+    addrs: &[RuntimeAddr],
+) -> Result<Vec<(RuntimeAddr, u8)>, MemError> {
+    let mut sorted = addrs.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut out = Vec::with_capacity(sorted.len());
+    for cluster in clusters(&sorted) {
+        let (first, last) = (cluster[0], cluster[cluster.len() - 1]);
+        let mut bytes = vec![0u8; (last.0 - first.0 + 1) as usize];
+        mem.read(first, &mut bytes)?;
+        out.extend(
+            cluster
+                .iter()
+                .map(|&a| (a, bytes[(a.0 - first.0) as usize])),
+        );
+    }
+    Ok(out)
+}
+
 /// Many breakpoints in one address space, restored on drop.
 pub struct BreakpointSet<M: TargetMemory> {
     mem: M,
@@ -363,6 +407,56 @@ impl<M: TargetMemory> BreakpointSet<M> {
         Ok(())
     }
 
+    /// Write `int3` at every address of `addrs` (those already armed are
+    /// left alone): addresses close together (less than a page apart, so no
+    /// page without a breakpoint is written) are read and written as one
+    /// range, one read and one write per range instead of two system calls
+    /// per breakpoint. The bytes between them are written back unchanged:
+    /// code is only ever changed by us. A range that fails part-way keeps
+    /// every `int3` that did land in the set, so that it is restored.
+    pub fn arm_many(
+        &mut self,
+        addrs: impl IntoIterator<Item = RuntimeAddr>,
+    ) -> Result<(), BreakpointError> {
+        let mut todo: Vec<RuntimeAddr> = addrs
+            .into_iter()
+            .filter(|a| !self.armed.contains_key(a))
+            .collect();
+        todo.sort_unstable();
+        todo.dedup();
+        for cluster in clusters(&todo) {
+            let (first, last) = (cluster[0], cluster[cluster.len() - 1]);
+            let len = (last.0 - first.0 + 1) as usize;
+            let mut original = vec![0u8; len];
+            self.mem
+                .read(first, &mut original)
+                .map_err(mem_err(first))?;
+            let mut planted = original.clone();
+            for a in cluster {
+                planted[(a.0 - first.0) as usize] = INT3;
+            }
+            if let Err(e) = self.mem.write(first, &planted) {
+                // What landed is ours to restore.
+                let mut now = vec![0u8; len];
+                if self.mem.read(first, &mut now).is_ok() {
+                    for &a in cluster {
+                        let i = (a.0 - first.0) as usize;
+                        if now[i] == INT3 && original[i] != INT3 {
+                            self.armed.insert(a, original[i]);
+                            self.ever.insert(a);
+                        }
+                    }
+                }
+                return Err(mem_err(first)(e));
+            }
+            for &a in cluster {
+                self.armed.insert(a, original[(a.0 - first.0) as usize]);
+                self.ever.insert(a);
+            }
+        }
+        Ok(())
+    }
+
     /// Restore the original byte at `addr`. `Ok(false)` if nothing was armed
     /// there. On a [`BreakpointError::Clobbered`] error the breakpoint is
     /// dropped from the set without writing.
@@ -382,17 +476,41 @@ impl<M: TargetMemory> BreakpointSet<M> {
     }
 
     /// Restore every breakpoint; tries all and returns the first error.
+    /// Breakpoints close together are restored with one read and one write
+    /// (see [`BreakpointSet::arm_many`]); one whose `int3` was overwritten
+    /// is reported as `Clobbered` and left as found.
     pub fn disarm_all(&mut self) -> Result<(), BreakpointError> {
-        let mut first = None;
+        let mut first_err = None;
         let addrs: Vec<RuntimeAddr> = self.armed.keys().copied().collect();
-        for a in addrs {
-            if let Err(e) = self.disarm(a) {
-                // Do not retry forever on drop.
-                self.armed.remove(&a);
-                first.get_or_insert(e);
+        for cluster in clusters(&addrs) {
+            let (first, last) = (cluster[0], cluster[cluster.len() - 1]);
+            let len = (last.0 - first.0 + 1) as usize;
+            let mut bytes = vec![0u8; len];
+            let restored = self.mem.read(first, &mut bytes).and_then(|()| {
+                for &a in cluster {
+                    let i = (a.0 - first.0) as usize;
+                    let original = self.armed.get(&a).copied().unwrap_or(bytes[i]);
+                    if bytes[i] == INT3 {
+                        bytes[i] = original;
+                    } else {
+                        first_err.get_or_insert(BreakpointError::Clobbered {
+                            addr: a,
+                            original,
+                            found: bytes[i],
+                        });
+                    }
+                }
+                self.mem.write(first, &bytes)
+            });
+            if let Err(e) = restored {
+                first_err.get_or_insert(mem_err(first)(e));
+            }
+            // Do not retry forever on drop.
+            for a in cluster {
+                self.armed.remove(a);
             }
         }
-        first.map_or(Ok(()), Err)
+        first_err.map_or(Ok(()), Err)
     }
 
     /// Drop every breakpoint without writing (the address space is gone or
@@ -755,6 +873,75 @@ mod tests {
         let mut all = [0u8; 5];
         m.read(RuntimeAddr(0x1000), &mut all).unwrap();
         assert_eq!(all, [0x55, 0x48, 0x89, 0xe5, 0x90]);
+    }
+
+    #[test]
+    fn arm_many_batches_close_points_and_disarm_all_restores_them() {
+        // Two pages of code and a far one: points less than a page apart
+        // share a range, the far ones have their own.
+        let text: Vec<u8> = (0..0x3000u32).map(|i| (i % 251) as u8).collect();
+        let mut m = ByteBuffer::with_region(RuntimeAddr(0x10000), text.clone()).unwrap();
+        let far: Vec<u8> = vec![0x90; 16];
+        m.add_region(RuntimeAddr(0x80000), far.clone()).unwrap();
+        let points = [0x10010u64, 0x10500, 0x10fff, 0x12ff0, 0x80003, 0x10500];
+        assert_eq!(
+            clusters(&[
+                RuntimeAddr(0x10010),
+                RuntimeAddr(0x10500),
+                RuntimeAddr(0x10fff),
+                RuntimeAddr(0x12ff0),
+                RuntimeAddr(0x80003)
+            ])
+            .iter()
+            .map(|c| c.len())
+            .collect::<Vec<_>>(),
+            [3, 1, 1]
+        );
+        {
+            let mut set = BreakpointSet::new(&mut m);
+            set.arm(RuntimeAddr(0x10010)).unwrap();
+            set.arm_many(points.iter().map(|&a| RuntimeAddr(a)))
+                .unwrap();
+            assert_eq!(set.len(), 5);
+            for &a in &points[..4] {
+                let i = (a - 0x10000) as usize;
+                assert_eq!(set.original_byte(RuntimeAddr(a)), Some(text[i]), "{a:#x}");
+                assert_eq!(set.memory().read_u8(RuntimeAddr(a)).unwrap(), INT3);
+            }
+            assert_eq!(set.original_byte(RuntimeAddr(0x80003)), Some(0x90));
+            let seen = bytes_at(set.memory(), &[RuntimeAddr(0x80003), RuntimeAddr(0x10001)]);
+            assert_eq!(
+                seen.unwrap(),
+                [
+                    (RuntimeAddr(0x10001), text[1]),
+                    (RuntimeAddr(0x80003), INT3)
+                ]
+            );
+            // Everything between the points is as it was.
+            let mut now = vec![0u8; text.len()];
+            set.read_original(RuntimeAddr(0x10000), &mut now).unwrap();
+            assert_eq!(now, text);
+            // A point outside memory refuses, and those armed before stay.
+            assert!(set.arm_many([RuntimeAddr(0x40000)]).is_err());
+            assert_eq!(set.len(), 5);
+
+            set.memory_mut()
+                .write(RuntimeAddr(0x10fff), &[0x90])
+                .unwrap();
+            assert!(matches!(
+                set.disarm_all(),
+                Err(BreakpointError::Clobbered { found: 0x90, .. })
+            ));
+            assert!(set.is_empty());
+        }
+        let mut now = vec![0u8; text.len()];
+        m.read(RuntimeAddr(0x10000), &mut now).unwrap();
+        let mut expected = text.clone();
+        expected[0xfff] = 0x90;
+        assert_eq!(now, expected);
+        let mut f = vec![0u8; 16];
+        m.read(RuntimeAddr(0x80000), &mut f).unwrap();
+        assert_eq!(f, far);
     }
 
     #[test]
