@@ -291,9 +291,10 @@ pub fn apply(pid: i32, new_path: &Path, opts: &ApplyOptions) -> Result<UpdateRep
     let result = apply_traced_bytes(&mut tracee, new_path, new_bytes, opts, &mut clock);
     let detached = tracee.detach();
     match result {
-        Ok(mut r) => {
+        Ok((mut r, leftovers)) => {
             detached?;
             r.timings.finish(&mut clock);
+            drop(leftovers);
             Ok(r)
         }
         Err(e) => Err(e),
@@ -447,11 +448,16 @@ pub fn apply_traced(
 ) -> Result<UpdateReport, UpdateError> {
     let mut clock = PhaseClock::start();
     let new_bytes = read_new(new_path)?;
-    let mut r = apply_traced_bytes(tracee, new_path, new_bytes, opts, &mut clock)?;
+    let (mut r, _leftovers) = apply_traced_bytes(tracee, new_path, new_bytes, opts, &mut clock)?;
     // The caller resumes the threads: nothing more to time here.
     r.timings.finish(&mut clock);
     Ok(r)
 }
+
+/// What an update leaves to free (tables, plan, images, file contents):
+/// dropped by the caller once the process runs again, because freeing
+/// them for a large program takes milliseconds the process need not wait.
+type Leftovers = Box<dyn std::any::Any>;
 
 /// [`apply_traced`] with NEW already read (`new_bytes`, the contents of
 /// `new_path`). Every phase up to the commit is timed on `clock`, started
@@ -462,7 +468,7 @@ fn apply_traced_bytes(
     new_bytes: Vec<u8>,
     opts: &ApplyOptions,
     clock: &mut PhaseClock,
-) -> Result<UpdateReport, UpdateError> {
+) -> Result<(UpdateReport, Leftovers), UpdateError> {
     let pid = tracee.pid().as_raw();
     let proc_err = |source| UpdateError::Proc { pid, source };
     let new_err = |why: String| UpdateError::New {
@@ -575,6 +581,12 @@ fn apply_traced_bytes(
         return Err(TransformerError::NoObject.into());
     }
     let mut libs = Libraries::new(tracee.pid(), &maps);
+    // The call frame information of every library, read now rather than
+    // by the first unwind through it in the pause (a thread blocked in
+    // libc); a library that cannot be read is met again there.
+    for lib in libs.iter() {
+        let _ = lib.eh_frame();
+    }
     // NEW's relocations and imports, resolved while the process runs. A
     // process not yet that far (its libraries not loaded: stopped at its
     // start) is planned for again in the pause, which reports the refusal.
@@ -839,7 +851,10 @@ fn apply_traced_bytes(
         timings.commit_us = clock.lap();
         report.warnings = warnings;
         report.timings = timings;
-        return Ok(report);
+        return Ok((
+            report,
+            Box::new((old, plan, libs, old_bytes, new_bytes, threads)),
+        ));
     }
     let prepared = PreparedState {
         writes,
@@ -867,10 +882,10 @@ fn apply_traced_bytes(
     };
     let undo = transaction::commit_with(&prepared, &mut mem, tr, mode)?;
     loaded.free_after_commit(heap_objects.moved_from());
-    let unfreed = match loaded.commit_freeing(&commit_plan) {
-        Ok((_, unfreed, not_unmapped)) => {
+    let (new_image, unfreed) = match loaded.commit_freeing(&commit_plan) {
+        Ok((image, unfreed, not_unmapped)) => {
             report.retired = unmap.report(not_unmapped);
-            unfreed
+            (image, unfreed)
         }
         Err(e) => {
             // The guard has unloaded NEW; put the old state back.
@@ -903,7 +918,10 @@ fn apply_traced_bytes(
     timings.commit_us = clock.lap();
     report.warnings = warnings;
     report.timings = timings;
-    Ok(report)
+    Ok((
+        report,
+        Box::new((old, plan, libs, new_image, old_bytes, new_bytes, threads)),
+    ))
 }
 
 #[cfg(test)]
