@@ -112,14 +112,9 @@ fn segments_end(elf: &[u8]) -> Option<u64> {
 /// address in one has its twin at the same offset of the other, the same
 /// instruction (a return address into `_start` on the main stack, a stale
 /// return address left in a frame of an unchanged function). Code that
-/// changed at all is not in the list: its addresses are reported. Runtime
-/// addresses: (OLD's range, NEW's start, name).
-pub fn identical_code(
-    old: &Image,
-    new: &Image,
-    old_elf: &[u8],
-    new_elf: &[u8],
-) -> Vec<(Range<u64>, u64, String)> {
+/// changed at all is not in the list: its addresses are reported.
+/// Link-time addresses: (OLD's range, NEW's start, name).
+pub fn identical_code(old_elf: &[u8], new_elf: &[u8]) -> Vec<(Range<u64>, u64, String)> {
     use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
     let (Ok(a), Ok(b)) = (object::File::parse(old_elf), object::File::parse(new_elf)) else {
         return Vec::new();
@@ -143,10 +138,10 @@ pub fn identical_code(
             if t.size() != s.size() || code(&a, &s)? != code(&b, t)? {
                 return None;
             }
-            let start = old.runtime(LinkAddr(s.address())).0;
+            let start = s.address();
             Some((
                 start..start.checked_add(s.size())?,
-                new.runtime(LinkAddr(t.address())).0,
+                t.address(),
                 name.to_string(),
             ))
         })
@@ -727,23 +722,51 @@ pub fn sweep_update<'a>(
     remap: &mut Remapper<'a>,
     pending: &[&Write],
     old_elf: &[u8],
-    new_elf: &[u8],
+    files: &SweepFiles,
 ) -> (SweepResult, Retired) {
     let retired = Retired::new(old, maps, old_elf);
-    let entries = entry_map(
-        plan,
-        old,
-        new,
-        &function_symbols(old_elf),
-        &function_symbols(new_elf),
-    );
+    let entries = entry_map(plan, old, new, &files.old_symbols, &files.new_symbols);
     let regions = regions(maps, rsps, &retired);
     let r = {
         let mut c = Classifier::new(&retired, old, entries, Some(remap));
-        c.same_code = identical_code(old, new, old_elf, new_elf);
+        c.same_code = files
+            .same_code
+            .iter()
+            .filter_map(|(r, to, name)| {
+                let start = old.runtime(LinkAddr(r.start)).0;
+                Some((
+                    start..start.checked_add(r.end - r.start)?,
+                    new.runtime(LinkAddr(*to)).0,
+                    name.clone(),
+                ))
+            })
+            .collect();
         sweep(mem, &regions, pending, &mut |v| c.classify(v))
     };
     (r, retired)
+}
+
+/// What [`sweep_update`] needs from OLD's and NEW's files alone, in
+/// link-time addresses: worked out before the process is paused, because
+/// parsing both symbol tables and comparing every function's bytes takes
+/// milliseconds for a program of a few thousand functions.
+#[derive(Clone, Debug, Default)]
+pub struct SweepFiles {
+    old_symbols: HashMap<String, u64>,
+    new_symbols: HashMap<String, u64>,
+    /// [`identical_code`] of the two files.
+    same_code: Vec<(Range<u64>, u64, String)>,
+}
+
+impl SweepFiles {
+    /// From the contents of OLD's and NEW's files.
+    pub fn new(old_elf: &[u8], new_elf: &[u8]) -> SweepFiles {
+        SweepFiles {
+            old_symbols: function_symbols(old_elf),
+            new_symbols: function_symbols(new_elf),
+            same_code: identical_code(old_elf, new_elf),
+        }
+    }
 }
 
 /// The audit sweep of a process after an update: every value of live

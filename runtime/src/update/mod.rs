@@ -596,6 +596,8 @@ fn apply_traced_bytes(
         load::prepare_load(tracee.pid(), &maps, new_path, &new_bytes, &old).ok()
     };
 
+    // What the sweep needs from the two files alone.
+    let sweep_files = crate::engine::sweep::SweepFiles::new(&old_bytes, &new_bytes);
     timings.plan_us = clock.lap();
     // Phase 2: stop every thread at an update point or in a safe call.
     // With frames that must not be active (SPEC [safety]), the threads are
@@ -782,7 +784,16 @@ fn apply_traced_bytes(
     let rsps: Vec<u64> = plans.iter().map(|p| p.regs.rsp().0).collect();
     let pending: Vec<&Write> = writes.iter().collect();
     let (swept, retired) = crate::engine::sweep::sweep_update(
-        &mem, &maps_now, &rsps, &plan, &old, new, &mut remap, &pending, old_elf, &new_bytes,
+        &mem,
+        &maps_now,
+        &rsps,
+        &plan,
+        &old,
+        new,
+        &mut remap,
+        &pending,
+        old_elf,
+        &sweep_files,
     );
     let sweep_writes = swept.writes();
     warnings.extend(sweep_warnings(&swept));
@@ -853,7 +864,7 @@ fn apply_traced_bytes(
         report.timings = timings;
         return Ok((
             report,
-            Box::new((old, plan, libs, old_bytes, new_bytes, threads)),
+            Box::new((old, plan, libs, old_bytes, new_bytes, threads, sweep_files)),
         ));
     }
     let prepared = PreparedState {
@@ -920,7 +931,16 @@ fn apply_traced_bytes(
     report.timings = timings;
     Ok((
         report,
-        Box::new((old, plan, libs, new_image, old_bytes, new_bytes, threads)),
+        Box::new((
+            old,
+            plan,
+            libs,
+            new_image,
+            old_bytes,
+            new_bytes,
+            threads,
+            sweep_files,
+        )),
     ))
 }
 
