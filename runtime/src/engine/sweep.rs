@@ -30,11 +30,13 @@
 //!
 //! Pure computation on any [`TargetMemory`]; bounded by [`MAX_SWEEP_BYTES`].
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::ops::Range;
 
 use serde::Serialize;
-use upstare_dwarf::{LinkAddr, RuntimeAddr};
+use upstare_dwarf::fdt::FrameTables;
+use upstare_dwarf::{LinkAddr, LoadBias, RuntimeAddr};
 
 use crate::engine::pointers::Remapper;
 use crate::engine::state::Image;
@@ -234,8 +236,12 @@ impl Class {
 pub struct Classifier<'c, 'a, 'r> {
     retired: &'c Retired,
     old: &'c Image,
-    /// OLD function entry (runtime) → name and NEW entry (runtime), if any.
-    entries: HashMap<u64, (String, Option<u64>)>,
+    /// OLD function entry (runtime) → name and NEW entry, if any: runtime,
+    /// or link-time plus [`Classifier::new_bias`].
+    entries: Cow<'c, HashMap<u64, (String, Option<u64>)>>,
+    /// Added to the NEW entries of `entries` (they are link-time when
+    /// worked out before NEW was loaded, see [`SweepFiles`]).
+    pub new_bias: LoadBias,
     /// Where globals go (`None`: nowhere, an audit after the update).
     remap: Option<&'r mut Remapper<'a>>,
     /// Code without DWARF that NEW has byte for byte ([`identical_code`]).
@@ -249,13 +255,14 @@ impl<'c, 'a, 'r> Classifier<'c, 'a, 'r> {
     pub fn new(
         retired: &'c Retired,
         old: &'c Image,
-        entries: HashMap<u64, (String, Option<u64>)>,
+        entries: Cow<'c, HashMap<u64, (String, Option<u64>)>>,
         remap: Option<&'r mut Remapper<'a>>,
     ) -> Self {
         Classifier {
             retired,
             old,
             entries,
+            new_bias: LoadBias(0),
             remap,
             same_code: Vec::new(),
         }
@@ -271,7 +278,7 @@ impl<'c, 'a, 'r> Classifier<'c, 'a, 'r> {
             if let Some((name, new)) = self.entries.get(&v) {
                 return Some(match new {
                     Some(n) => Class::Remap {
-                        new: *n,
+                        new: LinkAddr(*n).to_runtime(self.new_bias).0,
                         what: format!("function {name}"),
                     },
                     None => Class::OtherCode {
@@ -341,26 +348,27 @@ impl<'c, 'a, 'r> Classifier<'c, 'a, 'r> {
 }
 
 /// OLD's function entries (runtime) → their name and NEW's entry of the
-/// same function: by the plan's function mapping for functions with DWARF,
-/// by ELF symbol name for the others (`_start`, `frame_dummy`...).
+/// same function (link-time: NEW need not be loaded yet): by the plan's
+/// function mapping for functions with DWARF, by ELF symbol name for the
+/// others (`_start`, `frame_dummy`...).
 pub fn entry_map(
     plan: &upstare_patcher::UpdatePlan,
     old: &Image,
-    new: &Image,
+    new_tables: &FrameTables,
     old_syms: &HashMap<String, u64>,
     new_syms: &HashMap<String, u64>,
 ) -> HashMap<u64, (String, Option<u64>)> {
     let mut out = HashMap::new();
     for (name, addr) in old_syms {
-        let to = new_syms.get(name).map(|a| new.runtime(LinkAddr(*a)).0);
+        let to = new_syms.get(name).copied();
         out.insert(old.runtime(LinkAddr(*addr)).0, (name.clone(), to));
     }
     for f in &old.tables.functions {
         let to = plan
             .function(&f.name)
             .and_then(|m| m.new)
-            .and_then(|j| new.tables.functions.get(j))
-            .map(|nf| new.runtime(nf.low).0);
+            .and_then(|j| new_tables.functions.get(j))
+            .map(|nf| nf.low.0);
         out.insert(old.runtime(f.low).0, (f.name.clone(), to));
     }
     out
@@ -572,7 +580,7 @@ mod tests {
         };
         let mut entries = HashMap::new();
         entries.insert(0x11100u64, ("cb".to_string(), Some(0x91100u64)));
-        let mut c = Classifier::new(&retired, &old, entries, None);
+        let mut c = Classifier::new(&retired, &old, Cow::Owned(entries), None);
         // A heap block: an entry, a mid-function address, a COPY object,
         // a string literal, writable data of no global, a heap pointer,
         // and (unaligned) an entry that must not be seen.
@@ -708,15 +716,14 @@ impl SweepSummary {
 }
 
 /// The sweep of one update: everything the process will hold once `pending`
-/// is written, with `rsps` the threads' new stack pointers. `old_elf` and
-/// `new_elf` are the two files' bytes (for symbols without DWARF and for
-/// OLD's COPY relocations).
+/// is written, with `rsps` the threads' new stack pointers. `old_elf` is
+/// OLD's file (for its COPY relocations); `files` what the two files say,
+/// worked out before the stop.
 #[allow(clippy::too_many_arguments)]
 pub fn sweep_update<'a>(
     mem: &impl TargetMemory,
     maps: &[MemoryMap],
     rsps: &[u64],
-    plan: &upstare_patcher::UpdatePlan,
     old: &'a Image,
     new: &Image,
     remap: &mut Remapper<'a>,
@@ -725,10 +732,10 @@ pub fn sweep_update<'a>(
     files: &SweepFiles,
 ) -> (SweepResult, Retired) {
     let retired = Retired::new(old, maps, old_elf);
-    let entries = entry_map(plan, old, new, &files.old_symbols, &files.new_symbols);
     let regions = regions(maps, rsps, &retired);
     let r = {
-        let mut c = Classifier::new(&retired, old, entries, Some(remap));
+        let mut c = Classifier::new(&retired, old, Cow::Borrowed(&files.entries), Some(remap));
+        c.new_bias = new.bias;
         c.same_code = files
             .same_code
             .iter()
@@ -752,18 +759,30 @@ pub fn sweep_update<'a>(
 /// milliseconds for a program of a few thousand functions.
 #[derive(Clone, Debug, Default)]
 pub struct SweepFiles {
-    old_symbols: HashMap<String, u64>,
-    new_symbols: HashMap<String, u64>,
+    /// [`entry_map`]: NEW's entries link-time.
+    entries: HashMap<u64, (String, Option<u64>)>,
     /// [`identical_code`] of the two files.
     same_code: Vec<(Range<u64>, u64, String)>,
 }
 
 impl SweepFiles {
-    /// From the contents of OLD's and NEW's files.
-    pub fn new(old_elf: &[u8], new_elf: &[u8]) -> SweepFiles {
+    /// From the contents of OLD's and NEW's files, the plan, the running
+    /// image and NEW's tables.
+    pub fn new(
+        old_elf: &[u8],
+        new_elf: &[u8],
+        plan: &upstare_patcher::UpdatePlan,
+        old: &Image,
+        new_tables: &FrameTables,
+    ) -> SweepFiles {
         SweepFiles {
-            old_symbols: function_symbols(old_elf),
-            new_symbols: function_symbols(new_elf),
+            entries: entry_map(
+                plan,
+                old,
+                new_tables,
+                &function_symbols(old_elf),
+                &function_symbols(new_elf),
+            ),
             same_code: identical_code(old_elf, new_elf),
         }
     }
@@ -788,6 +807,6 @@ pub fn audit(
         .map(|f| (old.runtime(f.low).0, (f.name.clone(), None)))
         .collect();
     let regions = regions(maps, rsps, retired);
-    let mut c = Classifier::new(retired, old, entries, None);
+    let mut c = Classifier::new(retired, old, Cow::Owned(entries), None);
     sweep(mem, &regions, &[], &mut |v| c.classify(v))
 }

@@ -597,7 +597,8 @@ fn apply_traced_bytes(
     };
 
     // What the sweep needs from the two files alone.
-    let sweep_files = crate::engine::sweep::SweepFiles::new(&old_bytes, &new_bytes);
+    let sweep_files =
+        crate::engine::sweep::SweepFiles::new(&old_bytes, &new_bytes, &plan, &old, &new_tables);
     timings.plan_us = clock.lap();
     // Phase 2: stop every thread at an update point or in a safe call.
     // With frames that must not be active (SPEC [safety]), the threads are
@@ -787,7 +788,6 @@ fn apply_traced_bytes(
         &mem,
         &maps_now,
         &rsps,
-        &plan,
         &old,
         new,
         &mut remap,
