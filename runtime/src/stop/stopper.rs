@@ -257,14 +257,11 @@ impl Stopper<'_> {
         }
 
         let t = Instant::now();
-        let image = self.image;
-        bps.arm_many(
-            image
-                .tables
-                .functions
-                .iter()
-                .flat_map(|f| f.update_points.iter().map(|p| image.runtime(p.addr))),
-        )?;
+        for f in &self.image.tables.functions {
+            for p in &f.update_points {
+                bps.arm(self.image.runtime(p.addr))?;
+            }
+        }
         timings.arm = t.elapsed();
         self.armed = bps.len();
         crate::update::signals::checkpoint(crate::update::signals::Phase::Stop);
