@@ -321,6 +321,10 @@ pub enum Control {
     /// makes it answer and exit. `argv[1]`, if given, bounds the number of
     /// connections served.
     Tcp,
+    /// A forking TCP server: first prints `vN listening port=P`; its
+    /// connections are served by child processes. It runs until its process
+    /// group is killed.
+    Forking,
     /// Runs exactly `argv[1]` ticks (and sleeps `argv[2]` ms after each,
     /// default none), prints one line per tick and a last line `vN done ...`,
     /// exits 0. Stdin is not read; the output is a function of the
@@ -578,6 +582,46 @@ const PAIRS: &[PairSpec] = &[
         control: Control::Ticks,
         short_args: &["6"],
         features: &[],
+    },
+    PairSpec {
+        name: "chroot_sessions",
+        names: ["chroot_sessions.v1", "chroot_sessions.v2"],
+        description: "a fork-per-connection server whose sessions chroot into an empty \
+                      directory (argv[1]) and become nobody before serving; v2 changes the \
+                      reply format",
+        control: Control::Forking,
+        short_args: &[],
+        features: &[Fork, TcpSocket],
+    },
+    PairSpec {
+        name: "prefork_server",
+        names: ["prefork_server.v1", "prefork_server.v2"],
+        description: "a pre-forking server: the parent in waitpid, argv[1] workers (default 4) \
+                      in accept or recv on one listening socket; v2 changes the reply format \
+                      and the parent's report",
+        control: Control::Forking,
+        short_args: &[],
+        features: &[Fork, TcpSocket],
+    },
+    PairSpec {
+        name: "heap_array",
+        names: ["heap_array.v1", "heap_array.v2"],
+        description: "an array of structs in one heap block, its count in a global the SPEC \
+                      names ([heap]); the struct grows: the whole block moves, an interior \
+                      pointer to an element follows it",
+        control: Control::Ticks,
+        short_args: &["6"],
+        features: &[Loops],
+    },
+    PairSpec {
+        name: "heap_hash",
+        names: ["heap_hash.v1", "heap_hash.v2"],
+        description: "a hash table on the heap: a heap array of bucket heads (count: a member \
+                      of the table, named by the SPEC) of chained entries whose struct grows: \
+                      every entry of every bucket moves",
+        control: Control::Ticks,
+        short_args: &["6"],
+        features: &[Loops],
     },
 ];
 

@@ -120,6 +120,10 @@ fn catalog_lists_every_pair_with_sources() {
             "heap_list",
             "heap_tree",
             "heap_shared",
+            "chroot_sessions",
+            "prefork_server",
+            "heap_array",
+            "heap_hash",
         ]
     );
     for p in &pairs {
@@ -300,7 +304,7 @@ fn tick_pairs_run_their_ticks_and_are_deterministic() {
         .into_iter()
         .filter(|p| p.control == Control::Ticks)
         .collect();
-    assert_eq!(ticks.len(), 19);
+    assert_eq!(ticks.len(), 21);
     for p in &ticks {
         for tc in Toolchain::ALL {
             for n in [1, 2] {

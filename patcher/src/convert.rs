@@ -577,8 +577,9 @@ fn refuse(why: String) -> Conversion {
     Conversion::Refuse { why }
 }
 
-/// The type `id` names once typedefs and qualifiers are stripped.
-fn resolve(types: &[Type], id: TypeId) -> Option<(TypeId, &Type)> {
+/// The type `id` names once typedefs and qualifiers are stripped (`None`:
+/// `void` through a typedef, or a broken or too long chain).
+pub fn resolve(types: &[Type], id: TypeId) -> Option<(TypeId, &Type)> {
     let mut cur = id;
     for _ in 0..MAX_TYPEDEF_CHAIN {
         match types.get(cur.0 as usize)? {

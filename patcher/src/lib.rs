@@ -14,6 +14,7 @@
 //! - [`header`]: C declarations for writing transformers.
 //! - [`transformer`]: the SPEC's C transformers: where they are called, and
 //!   their build into a shared object.
+//! - [`heap_arrays`]: heap arrays whose count the SPEC names (`[heap]`).
 //! - [`input`]: reading an input file (regular, capped, whole).
 //! - [`unrelated`]: telling an update from a replacement by another program.
 //!
@@ -24,6 +25,7 @@
 
 pub mod convert;
 pub mod header;
+pub mod heap_arrays;
 pub mod initial;
 pub mod input;
 pub mod patchfile;

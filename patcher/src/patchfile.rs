@@ -29,7 +29,7 @@ use crate::review::{NeedsUser, Review};
 pub const MAGIC: &[u8; 8] = b"UPSTPTCH";
 /// Format version written by this encoder and the only one this decoder
 /// reads.
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 /// Larger PATCH files are refused before any parsing.
 pub const MAX_PATCH_SIZE: usize = 256 << 20;
 /// Largest binary hashed when identifying a version (a bound on what a
@@ -398,6 +398,7 @@ mod tests {
                 warnings: vec!["global added is new".into()],
                 transformers: Default::default(),
                 unrelated: None,
+                heap_arrays: Vec::new(),
             },
             needs_user: Vec::new(),
             transformers: None,

@@ -20,7 +20,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use upstare_dwarf::elf::ElfError;
-use upstare_dwarf::fdt::{CallSite, Continuation, FrameTables, FunctionTable, UpdatePoint};
+use upstare_dwarf::fdt::{
+    CallSite, Callee, Continuation, FrameTables, FunctionTable, PointKind, UpdatePoint,
+};
 use upstare_dwarf::model::{Global, VarLocation, Variable};
 
 use crate::convert::{Conversion, Converter, TypeChange};
@@ -61,6 +63,9 @@ pub struct UpdatePlan {
     /// and globals, have no counterpart) and the SPEC does not accept it:
     /// the update is refused, saying this.
     pub unrelated: Option<Unrelated>,
+    /// Heap arrays whose element count the SPEC names (`[heap]`).
+    #[serde(default)]
+    pub heap_arrays: Vec<crate::heap_arrays::HeapArray>,
 }
 
 /// A function (at any point, or at one continuation) that must not be
@@ -216,8 +221,16 @@ pub struct ContinuationMapping {
     /// Index into OLD's update points or call sites (by `kind`).
     pub old_site: usize,
     /// Index into NEW's update points or call sites; `None` when NEW has no
-    /// continuation of that id.
+    /// continuation of that id, or when which one is the same place is not
+    /// sure (`unsure`).
     pub new_site: Option<usize>,
+    /// Why the default mapping by id (`loop#k` to `loop#k`, `call:NAME#k`
+    /// to `call:NAME#k`) cannot be trusted here: the function's loops, or
+    /// its calls to NAME, changed in number or place, so the same ordinal
+    /// may name another place in NEW. A frame paused here needs a SPEC
+    /// `continuations` line; `None` when the mapping is sure or the SPEC
+    /// gives it.
+    pub unsure: Option<String>,
     /// A frame paused here (at the point, or in the call below the top of
     /// the stack) is copied byte for byte: same variables, types, saved
     /// registers, depths and call temporaries.
@@ -441,6 +454,7 @@ pub fn plan_with_spec(old: &FrameTables, new: &FrameTables, spec: &Spec) -> Upda
         warnings,
         transformers: TransformerPlan::default(),
         unrelated: unrelated(old, new, spec),
+        heap_arrays: crate::heap_arrays::plan_heap_arrays(spec, old),
     };
     plan_transformers(&mut plan, old, new, spec);
     plan
@@ -699,25 +713,46 @@ fn plan_function(
         && of.body_depth == nf.body_depth
         && of.extent == nf.extent;
     let mut continuations = Vec::new();
+    let loops_unsure = loops_unsure(of, nf);
     for (i, p) in of.update_points.iter().enumerate() {
         let id = p.continuation();
         let target = spec.new_continuation(&of.name, &id);
+        let unsure = match p.kind {
+            PointKind::Loop(_) if !spec.maps_continuation(&of.name, &id) => loops_unsure.clone(),
+            _ => None,
+        };
         let np = nf
             .update_points
             .iter()
             .enumerate()
-            .find(|(_, q)| q.continuation() == target);
-        continuations.push(point_mapping(id, i, p, np, frame_same));
+            .find(|(_, q)| q.continuation() == target)
+            .filter(|_| unsure.is_none());
+        let mut m = point_mapping(id, i, p, np, frame_same);
+        m.unsure = unsure;
+        continuations.push(m);
     }
     for (i, c) in of.call_sites.iter().enumerate() {
         let id = c.continuation();
         let target = spec.new_continuation(&of.name, &id);
+        let unsure = if spec.maps_continuation(&of.name, &id) {
+            None
+        } else {
+            calls_unsure(
+                of,
+                nf,
+                &c.callee,
+                &spec.new_function_name(c.callee.id_name()),
+            )
+        };
         let nc = nf
             .call_sites
             .iter()
             .enumerate()
-            .find(|(_, d)| d.continuation() == target);
-        continuations.push(call_mapping(id, i, of, c, nf, nc, frame_same));
+            .find(|(_, d)| d.continuation() == target)
+            .filter(|_| unsure.is_none());
+        let mut m = call_mapping(id, i, of, c, nf, nc, frame_same);
+        m.unsure = unsure;
+        continuations.push(m);
     }
     for c in &mut continuations {
         let at = match (c.kind, c.new_site) {
@@ -737,6 +772,102 @@ fn plan_function(
         removed_vars,
         continuations,
     }
+}
+
+/// Why OLD's loop update points of a function cannot be paired with NEW's
+/// by ordinal for sure; `None` when they can. Loops are numbered in the
+/// address order of their headers, and gcc puts a loop's header (its
+/// condition) after its body, so a loop added inside, before or after
+/// another renumbers them: `loop#0` of OLD may be a different loop of NEW.
+/// The pairing is trusted only when both versions have loops of the same
+/// ordinals, in the same order of source lines, each moved by the same
+/// number of lines (text added above them or inside a body, not between
+/// loops).
+fn loops_unsure(of: &FunctionTable, nf: &FunctionTable) -> Option<String> {
+    let loops = |f: &FunctionTable| -> Vec<(u32, u32)> {
+        f.update_points
+            .iter()
+            .filter_map(|p| match p.kind {
+                PointKind::Loop(k) => Some((k, p.line)),
+                PointKind::Entry => None,
+            })
+            .collect()
+    };
+    let (o, n) = (loops(of), loops(nf));
+    // No loops on one side: nothing to pair (a loop NEW lacks is gone).
+    if o.is_empty() || n.is_empty() {
+        return None;
+    }
+    let lines = |v: &[(u32, u32)]| {
+        let mut v = v.to_vec();
+        v.sort_unstable();
+        v.iter()
+            .map(|(k, l)| format!("loop#{k} at line {l}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let changed = || {
+        format!(
+            "the loops of {} changed (OLD: {}; NEW: {}): the same loop number may be another loop in NEW",
+            of.name,
+            lines(&o),
+            lines(&n)
+        )
+    };
+    if o.len() != n.len() || o.iter().zip(&n).any(|(a, b)| a.0 != b.0) {
+        return Some(changed());
+    }
+    let order = |v: &[(u32, u32)]| {
+        let mut by_line: Vec<(u32, u32)> = v.iter().map(|&(k, l)| (l, k)).collect();
+        by_line.sort_unstable();
+        by_line.into_iter().map(|(_, k)| k).collect::<Vec<_>>()
+    };
+    let shift = |a: &(u32, u32), b: &(u32, u32)| i64::from(b.1) - i64::from(a.1);
+    let first = o.first().zip(n.first()).map(|(a, b)| shift(a, b));
+    if order(&o) != order(&n) || o.iter().zip(&n).any(|(a, b)| Some(shift(a, b)) != first) {
+        return Some(changed());
+    }
+    None
+}
+
+/// Why OLD's calls to `callee` (named `new_callee` in NEW) cannot be paired
+/// with NEW's by ordinal for sure; `None` when they can: the same number of
+/// calls, each moved by the same number of lines.
+fn calls_unsure(
+    of: &FunctionTable,
+    nf: &FunctionTable,
+    callee: &Callee,
+    new_callee: &str,
+) -> Option<String> {
+    let o: Vec<u32> = of
+        .call_sites
+        .iter()
+        .filter(|c| c.callee.id_name() == callee.id_name())
+        .map(|c| c.line)
+        .collect();
+    let n: Vec<u32> = nf
+        .call_sites
+        .iter()
+        .filter(|c| c.callee.id_name() == new_callee)
+        .map(|c| c.line)
+        .collect();
+    // No such call in NEW: the continuation is gone, not unsure.
+    if n.is_empty() {
+        return None;
+    }
+    let shift = |a: &u32, b: &u32| i64::from(*b) - i64::from(*a);
+    let first = o.first().zip(n.first()).map(|(a, b)| shift(a, b));
+    if o.len() == n.len() && o.iter().zip(&n).all(|(a, b)| Some(shift(a, b)) == first) {
+        return None;
+    }
+    let lines = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
+    Some(format!(
+        "the calls of {} to {} changed (OLD's at lines {}, NEW's at lines {}): the same call number may be another call in NEW",
+        of.name,
+        callee.id_name(),
+        lines(&o),
+        lines(&n)
+    ))
 }
 
 /// The new locals of `nf` (those `vars` starts at zero) whose initializing
@@ -853,6 +984,7 @@ fn point_mapping(
         restartable: false,
         call_shape: CallShape::NotApplicable,
         passed_inits: Vec::new(),
+        unsure: None,
     }
 }
 
@@ -876,6 +1008,7 @@ fn call_mapping(
             restartable: false,
             call_shape: CallShape::NotApplicable,
             passed_inits: Vec::new(),
+            unsure: None,
         };
     };
     ContinuationMapping {
@@ -891,6 +1024,7 @@ fn call_mapping(
         restartable: nc.restart.is_some(),
         call_shape: call_shape(of, oc, nf, nc),
         passed_inits: Vec::new(),
+        unsure: None,
     }
 }
 

@@ -84,6 +84,12 @@ pub enum SpecKey<'a> {
     },
     /// A local or parameter of a function's frame.
     Local { function: &'a str, var: &'a str },
+    /// A continuation (`entry`, `loop#K`, `call:NAME#K`) of OLD's
+    /// `function`: the line maps it to itself, for the user to correct.
+    Continuation {
+        function: &'a str,
+        continuation: &'a str,
+    },
 }
 
 /// The SPEC line that settles `key`. The one place SPEC syntax is spelled
@@ -97,6 +103,13 @@ pub fn spec_line(key: SpecKey<'_>) -> String {
         }
         SpecKey::Local { function, var } => {
             format!("values.locals.{}.{} = 0", toml_str(function), toml_str(var))
+        }
+        SpecKey::Continuation {
+            function,
+            continuation,
+        } => {
+            let site = format!("{function}@{continuation}");
+            format!("continuations.{} = {}", toml_str(&site), toml_str(&site))
         }
     }
 }
@@ -303,7 +316,22 @@ pub fn review(old: &FrameTables, new: &FrameTables, plan: &UpdatePlan) -> Review
             });
         }
         for c in fm.continuations.iter().filter(|c| c.new_site.is_none()) {
-            r.continuations_gone.push(format!("{}@{}", fm.name, c.id));
+            let Some(why) = &c.unsure else {
+                r.continuations_gone.push(format!("{}@{}", fm.name, c.id));
+                continue;
+            };
+            // NEW may have this id, but not surely for the same place.
+            r.needs_user.push(NeedsUser {
+                what: format!("{}@{}", fm.name, c.id),
+                old_type: String::new(),
+                new_type: String::new(),
+                why: why.clone(),
+                when: format!("when a frame of {} is paused there", fm.name),
+                spec_line: spec_line(SpecKey::Continuation {
+                    function: &fm.name,
+                    continuation: &c.id.to_string(),
+                }),
+            });
         }
         for (k, s) in fm.vars.iter().enumerate() {
             if let VarSource::TypeChanged {

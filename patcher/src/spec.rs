@@ -45,6 +45,11 @@
 //! "struct session" = "xf_session"   # every value of the type
 //! "global counter" = "xf_counter"   # one global
 //! main = "xf_main_frame"            # every active frame of main
+//!
+//! # Heap arrays (see `heap_arrays.rs`): the count of a `T *` pointer.
+//! [heap]
+//! "global.items" = { count = "global.n_items" }
+//! "struct pool.slots" = { count = "struct pool.n_slots" }
 //! ```
 
 use crate::transformer::Transformers;
@@ -75,6 +80,10 @@ pub struct Spec {
     pub transformers: Transformers,
     #[serde(default)]
     pub accept: Accept,
+    /// Heap arrays: `"global.items" = { count = "global.n_items" }` (see
+    /// [`crate::heap_arrays`]).
+    #[serde(default)]
+    pub heap: BTreeMap<String, crate::heap_arrays::HeapCount>,
 }
 
 /// `[accept]`: updates the default rules refuse, accepted knowingly.
@@ -407,6 +416,7 @@ impl Spec {
             }
         }
         self.transformers.check(path, self, old, new)?;
+        crate::heap_arrays::check(self, path, old, new)?;
         for item in &self.safety.inactive {
             let (func, cont) = match split_site(item) {
                 Some((f, c)) => (f, Some(c)),
@@ -482,6 +492,11 @@ impl Spec {
             .get(func)
             .and_then(|m| m.get(old))
             .map_or(old, String::as_str)
+    }
+
+    /// Whether the SPEC's `continuations` maps `func@c` explicitly.
+    pub fn maps_continuation(&self, func: &str, c: &Continuation) -> bool {
+        self.continuations.contains_key(&format!("{func}@{c}"))
     }
 
     /// The continuation a frame of OLD's `func` paused at `c` resumes at in

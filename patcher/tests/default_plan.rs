@@ -299,3 +299,85 @@ fn statics_of_one_name_in_several_files_pair_by_file() {
     let bump = p.function("bump").expect("bump");
     assert!(bump.removed_vars.is_empty(), "{:?}", bump.removed_vars);
 }
+
+/// A program whose `sum` has a loop (`head` before it, `body` its body)
+/// and whose `main` calls `sum` `calls` times.
+fn loop_program(head: &str, body: &str, calls: usize) -> String {
+    format!(
+        "long items[3] = {{1, 2, 3}};\nlong sum(void) {{\n    long s = 0;\n{head}    for (long i = 0; i < 3; i++) {{\n{body}    }}\n    return s;\n}}\nint main(void) {{ return 0{}; }}\n",
+        " + (int)sum()".repeat(calls)
+    )
+}
+
+const LOOP_BODY: &str = "        s += items[i];\n";
+/// NEW adds an inner loop inside `sum`'s loop.
+const INNER_LOOP_BODY: &str =
+    "        s += items[i];\n        for (int k = 0; k < 2; k++)\n            s++;\n";
+/// NEW shifts the loop by a line above and wraps its body in an `if`.
+const SHIFT_HEAD: &str = "    long unused = 1;\n";
+const WRAPPED_BODY: &str = "        if (items[i] > 0) s += items[i] + unused;\n";
+
+#[test]
+fn loops_and_calls_renumbered_by_new_ones_are_not_paired_by_number() {
+    for tc in TOOLCHAINS {
+        let v1 = loop_program("", LOOP_BODY, 2);
+        // A new inner loop and a third call to `sum`.
+        let v2 = loop_program("", INNER_LOOP_BODY, 3);
+        let (_, _, p) = plan("renumbered", &v1, &v2, tc);
+        let sum = p.function("sum").expect("sum");
+        let l = sum
+            .continuation(&Continuation::Loop(0), SiteKind::Point)
+            .expect("loop#0");
+        assert_eq!(l.new_site, None, "[{}] {l:?}", tc.name());
+        let why = l.unsure.as_deref().unwrap_or_default();
+        assert!(
+            why.contains("the loops of sum changed"),
+            "[{}] {why}",
+            tc.name()
+        );
+        let entry = sum
+            .continuation(&Continuation::Entry, SiteKind::Point)
+            .expect("entry");
+        assert!(entry.new_site.is_some() && entry.unsure.is_none());
+        let main = p.function("main").expect("main");
+        for ordinal in 0..2 {
+            let id = Continuation::Call {
+                callee: "sum".into(),
+                ordinal,
+            };
+            let c = main.continuation(&id, SiteKind::Call).expect("call");
+            assert_eq!(c.new_site, None, "[{}] {id}", tc.name());
+            assert!(c.unsure.is_some(), "[{}] {id}", tc.name());
+        }
+        // The review names each and the SPEC line that settles it.
+        let (old, new) = (
+            tables("renumbered.v1", &v1, tc),
+            tables("renumbered.v2", &v2, tc),
+        );
+        let r = upstare_patcher::review(&old, &new, &p);
+        let n = r
+            .needs_user
+            .iter()
+            .find(|n| n.what == "sum@loop#0")
+            .expect("sum@loop#0 needs the user");
+        assert_eq!(n.spec_line, "continuations.\"sum@loop#0\" = \"sum@loop#0\"");
+        assert!(!r.continuations_gone.iter().any(|c| c == "sum@loop#0"));
+
+        let v3 = loop_program(SHIFT_HEAD, WRAPPED_BODY, 2);
+        let (_, _, p) = plan("shifted", &v1, &v3, tc);
+        let sum = p.function("sum").expect("sum");
+        let l = sum
+            .continuation(&Continuation::Loop(0), SiteKind::Point)
+            .expect("loop#0");
+        assert!(
+            l.new_site.is_some() && l.unsure.is_none(),
+            "[{}] {l:?}",
+            tc.name()
+        );
+        let main = p.function("main").expect("main");
+        assert!(main
+            .continuations
+            .iter()
+            .all(|c| c.new_site.is_some() && c.unsure.is_none()));
+    }
+}

@@ -348,3 +348,136 @@ fn a_transformer_settles_a_change_no_default_maps_and_a_compile_error_is_one_lin
     );
     assert!(!e.contains('\n'), "{e}");
 }
+
+/// Two versions with heap arrays: a global `struct item *items` counted by
+/// `n_items`, and a member `struct pool.slots` counted by `pool.n`.
+fn heap_versions() -> (FrameTables, FrameTables) {
+    let src = |extra: &str| {
+        format!(
+            r#"
+#include <stdlib.h>
+struct item {{ long id; {extra} }};
+struct pool {{ long n; struct item *slots; double ratio; }};
+struct item *items;
+long n_items;
+double weight;
+struct pool *pools;
+int main(void) {{
+    items = calloc(3, sizeof *items);
+    n_items = 3;
+    pools = calloc(1, sizeof *pools);
+    return (int)(items[0].id + pools->n + weight);
+}}
+"#
+        )
+    };
+    (
+        tables("heap_spec.v1", &src("")),
+        tables("heap_spec.v2", &src("long qty;")),
+    )
+}
+
+#[test]
+fn heap_array_counts_reach_the_plan_and_bad_keys_are_one_line() {
+    use upstare_patcher::heap_arrays::HeapSlot;
+    let (old, new) = heap_versions();
+    let spec = checked(
+        "[heap]\n\"global.items\" = { count = \"global.n_items\" }\n\"struct pool.slots\" = { count = \"struct pool.n\" }\n",
+        &old,
+        &new,
+    )
+    .expect("a good [heap]");
+    let plan = plan_with_spec(&old, &new, &spec);
+    assert_eq!(plan.heap_arrays.len(), 2, "{:?}", plan.heap_arrays);
+    let items = plan
+        .heap_arrays
+        .iter()
+        .find(|a| a.key == "global.items")
+        .expect("items");
+    let n_items = old.globals.iter().position(|g| g.name == "n_items");
+    assert_eq!(
+        items.count,
+        HeapSlot::Global {
+            index: n_items.expect("n_items")
+        }
+    );
+    assert_eq!((items.count_size, items.count_signed), (8, true));
+    let slots = plan
+        .heap_arrays
+        .iter()
+        .find(|a| a.key == "struct pool.slots")
+        .expect("slots");
+    assert_eq!(
+        (&slots.pointer, &slots.count),
+        (
+            &HeapSlot::Member {
+                ty: "struct pool".into(),
+                offset: 8
+            },
+            &HeapSlot::Member {
+                ty: "struct pool".into(),
+                offset: 0
+            }
+        )
+    );
+    for (text, key, why) in [
+        (
+            "\"global.nope\" = { count = \"global.n_items\" }",
+            "global.nope",
+            "OLD has no global nope",
+        ),
+        (
+            "\"global.n_items\" = { count = \"global.n_items\" }",
+            "global.n_items",
+            "is not a pointer",
+        ),
+        (
+            "\"global.items\" = { count = \"global.weight\" }",
+            "global.items",
+            "is not an integer",
+        ),
+        (
+            "\"global.items\" = { count = \"global.gone\" }",
+            "global.items",
+            "has no global gone",
+        ),
+        (
+            "\"struct pool.slots\" = { count = \"struct pool.ratio\" }",
+            "struct pool.slots",
+            "is not an integer",
+        ),
+        (
+            "\"struct pool.nope\" = { count = \"struct pool.n\" }",
+            "struct pool.nope",
+            "struct pool has no member nope",
+        ),
+        (
+            "\"struct nope.slots\" = { count = \"struct pool.n\" }",
+            "struct nope.slots",
+            "has no struct nope",
+        ),
+        (
+            "\"items\" = { count = \"global.n_items\" }",
+            "items",
+            "neither global.NAME nor struct TAG.MEMBER",
+        ),
+        (
+            "\"global.items\" = { count = \"struct pool.n\" }",
+            "global.items",
+            "of a global must be a global",
+        ),
+        (
+            "\"global.items\" = { size = \"global.n_items\" }",
+            "",
+            "unknown field",
+        ),
+    ] {
+        let err = checked(&format!("[heap]\n{text}\n"), &old, &new).expect_err(text);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("test.toml"), "{err}");
+        if !key.is_empty() {
+            assert!(err.contains(&format!("[heap] \"{key}\"")), "{err}");
+        }
+        assert!(err.contains(why), "{text}: {err}");
+    }
+}

@@ -488,3 +488,83 @@ fn frame_whose_return_address_is_the_next_function_is_updated() {
         assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
     }
 }
+
+/// A thread blocked in read inside a stdio call the runtime does not know
+/// (getc_unlocked, as lua's io.read and many servers read): the update
+/// cannot use that state and refuses after its timeout, and the program
+/// must not notice: its pending read goes on and gets the next line (the
+/// interrupted system call restarts rather than failing).
+const STDIO_READER: &str = r#"
+#include <stdio.h>
+#include <string.h>
+
+static int read_line(FILE *f, char *buf, int cap)
+{
+    int i = 0, c = 0;
+    flockfile(f);
+    while (i < cap - 1 && (c = getc_unlocked(f)) != EOF && c != '\n')
+        buf[i++] = (char)c;
+    funlockfile(f);
+    buf[i] = 0;
+    return c == EOF && i == 0 ? -1 : i;
+}
+
+int main(void)
+{
+    char buf[128];
+    long n = 0;
+    printf("ready\n");
+    fflush(stdout);
+    for (;;) {
+        if (read_line(stdin, buf, sizeof buf) < 0 || strcmp(buf, "quit") == 0)
+            break;
+        n++;
+        printf("got %s %ld\n", buf, n);
+        fflush(stdout);
+    }
+    printf("end %ld\n", n);
+    return 0;
+}
+"#;
+
+#[test]
+fn a_read_inside_an_unknown_stdio_call_survives_a_refused_update() {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("apply-stdio-reader");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let v1 = instrumented(&dir, "reader", STDIO_READER);
+    let same = dir.join("reader-copy.up");
+    std::fs::copy(&v1, &same).expect("copy");
+    let mut child = spawn(&v1, &[] as &[&str]).expect("spawn");
+    child
+        .wait_for_line("ready", WAIT, |l| l == "ready")
+        .unwrap_or_else(|e| panic!("{e}"));
+    child.send_stdin(b"one\n").expect("send");
+    child
+        .wait_for_line("got one", WAIT, |l| l == "got one 1")
+        .unwrap_or_else(|e| panic!("{e}"));
+    std::thread::sleep(Duration::from_millis(30));
+    let out = Command::new(env!("CARGO_BIN_EXE_upstare-apply"))
+        .args([
+            "--pid",
+            &child.pid().to_string(),
+            "--timeout",
+            "300",
+            "--to",
+        ])
+        .arg(&same)
+        .output()
+        .expect("run upstare-apply");
+    let report = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "blocked in getc_unlocked, not a known call: {report}"
+    );
+    assert!(report.contains("getc_unlocked"), "{report}");
+    child.send_stdin(b"two\n").expect("send");
+    child
+        .wait_for_line("got two", WAIT, |l| l == "got two 2")
+        .unwrap_or_else(|e| panic!("after the refused update: {e}"));
+    child.send_stdin(b"quit\n").expect("quit");
+    let out = child.wait(WAIT).expect("exits");
+    assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
+}

@@ -7,7 +7,7 @@
 mod apply_support;
 
 use apply_support::build_c;
-use apply_support::TempDir;
+use apply_support::{with_version, TempDir};
 use std::time::Duration;
 use upstare_runtime::update::{apply, ApplyOptions};
 use upstare_testkit::{spawn, Toolchain};
@@ -82,15 +82,11 @@ int main(void)
 }
 "#;
 
-fn source(version: &str) -> String {
-    format!("#define VERSION \"{version}\"\n{HANDLERS}")
-}
-
 fn handlers_moved(tc: Toolchain) {
     tc.require();
     let dir = TempDir::new(&format!("handlers-{tc}"));
-    let v1 = build_c(&dir, "handlers1", &source("v1"), tc);
-    let v2 = build_c(&dir, "handlers2", &source("v2"), tc);
+    let v1 = build_c(&dir, "handlers1", &with_version(HANDLERS, "v1"), tc);
+    let v2 = build_c(&dir, "handlers2", &with_version(HANDLERS, "v2"), tc);
     let mut child = spawn(&v1, &[] as &[&str]).expect("spawn");
     let wait = Duration::from_secs(20);
     child

@@ -132,39 +132,6 @@ fn callback_only_in_a_void_pointer_clang() {
 
 // ---- the fault test: a second sweep from outside after identity updates ----
 
-/// Audits a process just updated (still stopped) from outside: every live
-/// value still pointing into the retired image. Returns the stale ones
-/// (`value at location (what)`) and the counted exceptions (COPY, read-only).
-fn audit_after(run: &TracedRun, report: &UpdateReport) -> (Vec<String>, (usize, usize, usize)) {
-    use upstare_runtime::engine::state::Image;
-    use upstare_runtime::engine::sweep::audit;
-    let t = run.tracee.as_ref().expect("traced");
-    let r = &report.sweep.retired;
-    let bytes = std::fs::read(&report.from).expect("read OLD");
-    let tables = upstare_dwarf::read_tables(&bytes).expect("OLD's tables");
-    let old = Image {
-        path: report.from.clone(),
-        bias: upstare_dwarf::LoadBias(r.bias),
-        tables,
-        text: upstare_dwarf::RuntimeAddr(r.text.start)..upstare_dwarf::RuntimeAddr(r.text.end),
-        span: upstare_dwarf::RuntimeAddr(r.span.start)..upstare_dwarf::RuntimeAddr(r.span.end),
-    };
-    let maps = upstare_runtime::target::procfs::read_maps(run.pid()).expect("maps");
-    let rsps: Vec<u64> = t
-        .traced()
-        .into_iter()
-        .filter_map(|tid| t.regs(tid).ok())
-        .map(|regs| regs.rsp().0)
-        .collect();
-    let found = audit(&t.memory(), &maps, &rsps, &old, r);
-    assert_eq!(found.bytes_not_scanned, 0, "the audit was capped");
-    let stale = found
-        .stale()
-        .map(|h| format!("{:#x} at {} ({:?})", h.value, h.location, h.class))
-        .collect();
-    (stale, found.exceptions())
-}
-
 /// Every deterministic corpus program (gcc, clang) updated to a fresh copy
 /// of itself at a spread of hits, then audited from outside while still
 /// stopped: no value of live memory may point into the old image's code or

@@ -18,8 +18,10 @@ mod apply_support;
 use apply_support::ticks::{check_lines, pair, Lines, TICKS, TICKS_ARG};
 
 use apply_support::*;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+use upstare_patcher::Spec;
+use upstare_runtime::engine::heap::HeapTypeFigures;
 use upstare_runtime::update::{ApplyOptions, UpdateError, UpdateReport};
 use upstare_testkit::{ExitStatus, Toolchain};
 
@@ -34,11 +36,18 @@ const CHECKED_MALLOC: [(&str, &str); 2] = [
 
 /// Updates a run of `v1` to `v2` after `k` hits; checks the output and
 /// that the run ends with status 0. Returns the report.
-fn update_at(v1: &Path, v2: &Path, k: u64, line: Lines) -> Result<UpdateReport, String> {
+fn update_at(
+    v1: &Path,
+    v2: &Path,
+    k: u64,
+    line: Lines,
+    spec: &Option<(PathBuf, Spec)>,
+) -> Result<UpdateReport, String> {
     let mut run = TracedRun::spawn_env(v1, &[TICKS_ARG], &CHECKED_MALLOC);
     let opts = ApplyOptions {
         timeout: READY_TIMEOUT,
         skip_hits: k,
+        spec: spec.clone(),
         ..ApplyOptions::default()
     };
     let r = run.apply(v2, &opts);
@@ -67,6 +76,23 @@ fn update_at(v1: &Path, v2: &Path, k: u64, line: Lines) -> Result<UpdateReport, 
 /// Updates the pair at every hit of its run; every output must be right.
 /// Returns (hit, report) of each.
 fn every_hit(name: &str, tc: Toolchain, line: Lines) -> Vec<(u64, UpdateReport)> {
+    every_hit_with(name, tc, line, None)
+}
+
+/// [`every_hit`] with the pair's SPEC.toml.
+fn every_hit_with_spec(name: &str, tc: Toolchain, line: Lines) -> Vec<(u64, UpdateReport)> {
+    let p = upstare_corpus::version_pair(name).unwrap_or_else(|| panic!("no pair {name}"));
+    let path = p.v1.source.with_file_name("SPEC.toml");
+    let spec = Spec::read(&path).unwrap_or_else(|e| panic!("{e}"));
+    every_hit_with(name, tc, line, Some((path, spec)))
+}
+
+fn every_hit_with(
+    name: &str,
+    tc: Toolchain,
+    line: Lines,
+    spec: Option<(PathBuf, Spec)>,
+) -> Vec<(u64, UpdateReport)> {
     let (v1, v2) = pair(name, tc);
     for (n, exe) in [(1, &v1), (2, &v2)] {
         let out = baseline(exe, &[TICKS_ARG]);
@@ -79,7 +105,7 @@ fn every_hit(name: &str, tc: Toolchain, line: Lines) -> Vec<(u64, UpdateReport)>
     let mut failures = Vec::new();
     let mut reports = Vec::new();
     for k in 0..hits {
-        match update_at(&v1, &v2, k, line) {
+        match update_at(&v1, &v2, k, line, &spec) {
             Ok(r) => reports.push((k, r)),
             Err(e) => failures.push(format!("hit {k}: {e}")),
         }
@@ -137,6 +163,33 @@ fn heap_shared(v: u32, t: i64) -> String {
     }
 }
 
+fn heap_array(v: u32, t: i64) -> String {
+    if t == TICKS {
+        return format!("{} freed=1", done(v));
+    }
+    let n = t + 1;
+    let base = format!("v{v} t={t} count=5 ids=15 qty={} cur=3", 150 + 15 * n);
+    match v {
+        1 => base,
+        _ => format!("{base} tags=0 prices=0"),
+    }
+}
+
+fn heap_hash(v: u32, t: i64) -> String {
+    if t == TICKS {
+        return format!("{} freed=12", done(v));
+    }
+    let n = t + 1;
+    let base = format!(
+        "v{v} t={t} entries=12 keys=78 vals={} longest=2 found=12",
+        780 + 78 * n
+    );
+    match v {
+        1 => base,
+        _ => format!("{base} names=0 hits=0"),
+    }
+}
+
 /// The most objects of changed type any one update converted: (in place,
 /// moved).
 fn most(reports: &[(u64, UpdateReport)]) -> (usize, usize) {
@@ -150,16 +203,51 @@ fn most(reports: &[(u64, UpdateReport)]) -> (usize, usize) {
     )
 }
 
+/// The report's figures for `ty` in every update that converted `n`
+/// objects.
+fn figures_when_built(
+    reports: &[(u64, UpdateReport)],
+    ty: &str,
+    n: usize,
+) -> Vec<(u64, HeapTypeFigures)> {
+    reports
+        .iter()
+        .filter(|(_, r)| r.heap_converted_in_place + r.heap_moved == n)
+        .map(|(k, r)| (*k, r.heap_types.get(ty).cloned().unwrap_or_default()))
+        .collect()
+}
+
 fn list(tc: Toolchain) {
     let reports = every_hit("heap_list", tc, heap_list);
     // Once the list is built, each update converts its 4 nodes in place.
     assert_eq!(most(&reports), (4, 0), "[{tc}]");
+    // Per type: the 4 nodes found and converted in place; `next` keeps its
+    // offset, so no pointer changes and the sweep has nothing to do.
+    let built = figures_when_built(&reports, "struct node", 4);
+    assert!(!built.is_empty(), "[{tc}]");
+    let want = HeapTypeFigures {
+        found: 4,
+        converted_in_place: 4,
+        ..HeapTypeFigures::default()
+    };
+    for (k, f) in built {
+        assert_eq!(f, want, "[{tc}] hit {k}");
+    }
 }
 
 fn tree(tc: Toolchain) {
     let reports = every_hit("heap_tree", tc, heap_tree);
     // Once the tree is built, each update moves its 7 nodes.
     assert_eq!(most(&reports), (0, 7), "[{tc}]");
+    // Per type: 7 nodes found and moved; at least `root`, the 6 child links
+    // and the 6 parent links redirected (frames may hold more).
+    let built = figures_when_built(&reports, "struct tnode", 7);
+    assert!(!built.is_empty(), "[{tc}]");
+    for (k, f) in built {
+        let counts = (f.found, f.converted_in_place, f.moved);
+        assert_eq!(counts, (7, 0, 7), "[{tc}] hit {k}");
+        assert!(f.pointers_redirected >= 13, "[{tc}] hit {k}: {f:?}");
+    }
 }
 
 fn shared(tc: Toolchain) {
@@ -197,4 +285,105 @@ fn object_shared_by_global_frames_and_heap_moved_gcc() {
 #[test]
 fn object_shared_by_global_frames_and_heap_moved_clang() {
     shared(Toolchain::Clang);
+}
+
+fn array(tc: Toolchain) {
+    let reports = every_hit_with_spec("heap_array", tc, heap_array);
+    // Once the array is allocated, its one block (5 elements) moves.
+    assert_eq!(most(&reports), (0, 1), "[{tc}]");
+    let built = figures_when_built(&reports, "struct item", 1);
+    assert!(!built.is_empty(), "[{tc}]");
+    for (k, f) in built {
+        let counts = (f.found, f.converted_in_place, f.moved);
+        assert_eq!(counts, (5, 0, 5), "[{tc}] hit {k}");
+    }
+}
+
+fn hash(tc: Toolchain) {
+    let reports = every_hit_with_spec("heap_hash", tc, heap_hash);
+    // Once the table is full, its 12 entries move, in all 8 buckets; the
+    // table, whose member points to the changed type, is of a changed type
+    // too and is converted in place.
+    assert_eq!(most(&reports), (1, 12), "[{tc}]");
+    let built = figures_when_built(&reports, "struct entry", 13);
+    assert!(!built.is_empty(), "[{tc}]");
+    for (k, f) in built {
+        let counts = (f.found, f.converted_in_place, f.moved);
+        assert_eq!(counts, (12, 0, 12), "[{tc}] hit {k}");
+        // 8 bucket heads and 4 chain links at least.
+        assert!(f.pointers_redirected >= 12, "[{tc}] hit {k}: {f:?}");
+    }
+}
+
+#[test]
+fn heap_array_with_a_spec_count_moved_whole_gcc() {
+    array(Toolchain::Gcc);
+}
+
+#[test]
+fn heap_array_with_a_spec_count_moved_whole_clang() {
+    array(Toolchain::Clang);
+}
+
+#[test]
+fn hash_table_buckets_with_a_spec_count_moved_gcc() {
+    hash(Toolchain::Gcc);
+}
+
+#[test]
+fn hash_table_buckets_with_a_spec_count_moved_clang() {
+    hash(Toolchain::Clang);
+}
+
+/// Without the SPEC's count, `items` is one object. Once `cur` points at
+/// `items[2]` the update is refused (that element cannot move alone), the
+/// message pointing at `[heap]`, and v1 runs on to its end; before that
+/// (during the setup) only the first element is converted, and the update
+/// says so, naming the room its block has (5 elements of 16 bytes: 88
+/// usable bytes).
+#[test]
+fn heap_array_without_a_count_is_one_object_and_said() {
+    for tc in [Toolchain::Gcc, Toolchain::Clang] {
+        let (v1, v2) = pair("heap_array", tc);
+        let (mut warned, mut refused) = (0, 0);
+        for k in 0..40 {
+            let mut run = TracedRun::spawn(&v1, &[TICKS_ARG]);
+            let opts = ApplyOptions {
+                timeout: READY_TIMEOUT,
+                skip_hits: k,
+                ..ApplyOptions::default()
+            };
+            let r = run.apply(&v2, &opts);
+            let out = run.finish(RUN_TIMEOUT);
+            match r {
+                Ok(r) => {
+                    // The rest of the run reads a half-converted array: not
+                    // checked.
+                    warned += usize::from(r.warnings.iter().any(|w| {
+                        w.contains("heap object struct item at ")
+                            && w.contains("its block holds 88 bytes, room for 5 of them")
+                            && w.contains("[heap]")
+                    }));
+                }
+                Err(e) => {
+                    let e = e.to_string();
+                    assert!(
+                        e.contains("struct item") && e.contains("[heap]"),
+                        "[{tc}] hit {k}: {e}"
+                    );
+                    let out = out.unwrap_or_else(|e| panic!("[{tc}] hit {k}: {e}"));
+                    assert_eq!(
+                        check_lines(&out.stdout, heap_array),
+                        Ok(1),
+                        "[{tc}] hit {k}"
+                    );
+                    refused += 1;
+                }
+            }
+        }
+        assert!(
+            warned > 0 && refused > 0,
+            "[{tc}] {warned} warned, {refused} refused"
+        );
+    }
 }

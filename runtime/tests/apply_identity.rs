@@ -7,7 +7,10 @@
 //! the same way.
 //!
 //! - every deterministic corpus program (gcc and clang, PIE), paused at a
-//!   spread of update-point hits from the first to the last;
+//!   spread of update-point hits from the first to the last; each update
+//!   audited from outside while the process is still stopped (a second
+//!   sweep: no value left pointing into the old image, code or data, beyond
+//!   the counted exceptions);
 //! - threads blocked in read (a pipe), accept and recv (127.0.0.1),
 //!   nanosleep and pthread_mutex_lock, updated with [`apply`] while blocked;
 //! - ten identity updates in a row on one process;
@@ -90,6 +93,17 @@ fn identity_at(
                     "after the update: {new_x} executable mapping(s) of NEW, {old_x} of the \
                      old file:\n{}",
                     maps_text(pid)
+                ));
+            }
+            // The fault test: the sweep run again from outside while the
+            // process is still stopped finds no value of live memory left
+            // pointing into the old image (beyond the counted exceptions).
+            let (stale, _) = audit_after(&run, &report);
+            if !stale.is_empty() {
+                return Err(format!(
+                    "{} value(s) left pointing into the old image: {}",
+                    stale.len(),
+                    stale.join(", ")
                 ));
             }
             Outcome::Updated(Box::new(report))
@@ -240,7 +254,8 @@ fn check_spread(tc: Toolchain, full: bool) {
 
 fn report_spread(tc: Toolchain, t: &Tally) {
     eprintln!(
-        "identity updates ({tc}): {} updated, {} refused (process unchanged); {} distinct top \
+        "identity updates ({tc}): {} updated (each audited from outside: 0 values left \
+         pointing into the old image), {} refused (process unchanged); {} distinct top \
          frames\n{}",
         t.updated,
         t.refused,

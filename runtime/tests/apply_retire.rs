@@ -111,8 +111,16 @@ fn updates_in_a_row(first_tc: Toolchain, tc: Toolchain, updates: usize) -> Run {
             l.contains(&format!(" round {}:", lines + 3))
         })
         .unwrap_or_else(|e| panic!("{e}"));
-    let (n1, n2) = bank::check_lines(&child.stdout_so_far()).unwrap_or_else(|e| panic!("{e}"));
-    assert!(n1 > 0 && n2 > 0, "{n1} v1 lines, {n2} v2 lines");
+    let out = child.stdout_so_far();
+    let (n1, _) = bank::check_lines(&out).unwrap_or_else(|e| panic!("{e}"));
+    assert!(n1 > 0, "no v1 line");
+    // Whether a round ran between two updates depends on the machine's
+    // load; the rounds after the last update are the last version's.
+    let last = if updates % 2 == 1 { "v2 " } else { "v1 " };
+    assert!(
+        out.lines().last().is_some_and(|l| l.starts_with(last)),
+        "the last line is not {last}: {out}"
+    );
     run
 }
 

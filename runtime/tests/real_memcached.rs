@@ -112,7 +112,6 @@ impl KvClient for Memcache {
 }
 
 #[test]
-#[ignore = "waits for pthread_cond_wait readiness (issue 9)"]
 fn memcached_identity_update_while_idle_keeps_keys_and_connections() {
     let (old, _) = builds();
     let dir = TempDir::new("real-mc-idle");
@@ -137,7 +136,7 @@ fn memcached_identity_update_while_idle_keeps_keys_and_connections() {
 }
 
 #[test]
-#[ignore = "waits for pthread_cond_wait readiness (issue 9)"]
+#[ignore = "a worker called back from libevent under a steady load never returns to the loop when the stop looks: callbacks under library frames are issue 9"]
 fn memcached_identity_update_under_load_drops_nothing() {
     let (old, _) = builds();
     let dir = TempDir::new("real-mc-load");
@@ -157,7 +156,6 @@ fn memcached_identity_update_under_load_drops_nothing() {
 }
 
 #[test]
-#[ignore = "waits for pthread_cond_wait readiness (issue 9)"]
 fn memcached_security_update_keeps_a_live_connection_and_its_keys() {
     let (old, new) = builds();
     let (child, addr) = start(&old.instrumented);

@@ -123,7 +123,6 @@ impl KvClient for Redis {
 }
 
 #[test]
-#[ignore = "waits for pthread_cond_wait readiness (issue 9)"]
 fn redis_identity_update_while_idle_keeps_keys_and_connections() {
     let (old, _) = builds();
     let dir = TempDir::new("real-redis-idle");
@@ -148,7 +147,6 @@ fn redis_identity_update_while_idle_keeps_keys_and_connections() {
 }
 
 #[test]
-#[ignore = "waits for pthread_cond_wait readiness (issue 9)"]
 fn redis_identity_update_under_load_drops_nothing() {
     let (old, _) = builds();
     let dir = TempDir::new("real-redis-load");
@@ -168,7 +166,6 @@ fn redis_identity_update_under_load_drops_nothing() {
 }
 
 #[test]
-#[ignore = "waits for pthread_cond_wait readiness (issue 9)"]
 fn redis_security_update_keeps_a_live_connection_and_its_keys() {
     let (old, new) = builds();
     let (child, addr) = start(&old.instrumented);

@@ -389,7 +389,9 @@ fn eight_threads_in_mixed_states() {
     assert!(
         match &w.readiness {
             Readiness::AtPoint => true,
-            Readiness::Returned { callee } => callee.starts_with("pthread_cond_"),
+            Readiness::Returned { callee } | Readiness::Relock { callee, .. } => {
+                callee.starts_with("pthread_cond_")
+            }
             _ => false,
         },
         "{:?}",
@@ -1139,7 +1141,10 @@ fn a_condition_variable_signalled_by_a_sleeping_thread_gets_ready() {
     let mut child = start(&exe, &[], "ready");
     let pid = pid_of(&child);
     wait_threads(pid, 4);
-    std::thread::sleep(Duration::from_millis(100));
+    // Long enough for the waiter to take a ticket (one every 80 ms) before
+    // the stop: led out, it is ready without one, and main may end the run
+    // right after.
+    std::thread::sleep(Duration::from_millis(400));
     let (mut tracee, image, mut libs) = seize(&child);
     let opts = StopOptions {
         timeout: Duration::from_secs(5),
@@ -1148,24 +1153,30 @@ fn a_condition_variable_signalled_by_a_sleeping_thread_gets_ready() {
     let s = stop_the_world(&mut tracee, &image, &mut libs, &opts).unwrap_or_else(|e| panic!("{e}"));
     report("condition variable", &s);
     assert_eq!(s.threads.len(), 4);
+    // At a point, or led out: parked at the return with the mutex, or set
+    // to re-acquire it (the ticker held it at that moment).
     let waiter = &find(&s.threads, "waiter").readiness;
     assert!(
-        *waiter == Readiness::AtPoint
-            || *waiter
-                == Readiness::Returned {
-                    callee: "pthread_cond_wait".into()
-                },
+        match waiter {
+            Readiness::AtPoint => true,
+            Readiness::Returned { callee } | Readiness::Relock { callee, .. } => {
+                callee == "pthread_cond_wait"
+            }
+            _ => false,
+        },
         "{waiter:?}"
     );
     assert_eq!(find(&s.threads, "hot").readiness, Readiness::AtPoint);
+    // The ticker may wait for the mutex the parked waiter holds.
     let ticker = find(&s.threads, "ticker");
+    let blocked_in = |callee: &str, nr: u64| Readiness::Blocked {
+        callee: callee.into(),
+        syscall: nr,
+    };
     assert!(
         ticker.readiness == Readiness::AtPoint
-            || ticker.readiness
-                == Readiness::Blocked {
-                    callee: "nanosleep".into(),
-                    syscall: 230
-                },
+            || ticker.readiness == blocked_in("nanosleep", 230)
+            || ticker.readiness == blocked_in("pthread_mutex_lock", 202),
         "{:?}",
         ticker.readiness
     );

@@ -266,8 +266,10 @@ usleep 0\nsleep 0\npause 1\nrecv 3\nwaitpid 9\nsemwait 0\nsigwait 12\ndone\n";
 /// (thread function, callee it blocks in, system call, rax as seized). Observed on x86-64 Linux with glibc 2.36: nanosleep, usleep and
 /// sleep all use clock_nanosleep (230) and report -ERESTART_RESTARTBLOCK;
 /// poll -ERESTART_RESTARTBLOCK too; select is pselect6 (270) with
-/// -ERESTARTNOHAND; epoll_wait is ended with -EINTR by the stop itself;
-/// recv is recvfrom (45); waitpid is wait4 (61); pthread_mutex_lock futex.
+/// -ERESTARTNOHAND; epoll_wait and sigwaitinfo (rt_sigtimedwait) are
+/// ended with -EINTR by the stop itself, which the tracer turns into
+/// -ERESTARTNOHAND at the interrupt stop (so that any resume restarts
+/// them); recv is recvfrom (45); waitpid is wait4 (61); pthread_mutex_lock futex.
 const EXPECTED: &[(&str, &str, i64, i64)] = &[
     ("main", "read", 0, -512),
     ("t_read", "read", 0, -512),
@@ -276,13 +278,13 @@ const EXPECTED: &[(&str, &str, i64, i64)] = &[
     ("t_mutex", "pthread_mutex_lock", 202, -512),
     ("t_poll", "poll", 7, -516),
     ("t_select", "select", 270, -514),
-    ("t_epoll", "epoll_wait", 232, -4),
+    ("t_epoll", "epoll_wait", 232, -514),
     ("t_usleep", "usleep", 230, -516),
     ("t_sleep", "sleep", 230, -516),
     ("t_recv", "recv", 45, -512),
     ("t_waitpid", "waitpid", 61, -512),
     ("t_semwait", "sem_wait", 202, -512),
-    ("t_sigwait", "sigwaitinfo", 128, -4),
+    ("t_sigwait", "sigwaitinfo", 128, -514),
 ];
 
 fn frame_lines(out: &str) -> BTreeMap<String, u64> {

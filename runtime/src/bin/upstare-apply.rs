@@ -8,6 +8,7 @@ use clap::Parser;
 use std::path::PathBuf;
 use std::time::Duration;
 use upstare_patcher::patchfile::read_patch;
+use upstare_runtime::update::tree::{apply_tree, TreeReport};
 use upstare_runtime::update::{apply, signals, ApplyOptions, UpdateError, UpdateReport};
 
 /// Update a running process to a new version of its program, in place: same
@@ -19,6 +20,12 @@ use upstare_runtime::update::{apply, signals, ApplyOptions, UpdateError, UpdateR
 /// stopped at update points or while blocked in a safe call (read, accept,
 /// nanosleep, pthread_mutex_lock, ...); if one cannot get there within
 /// --timeout, nothing changes and the reason names the thread and where it is.
+///
+/// The process's descendants running the same program (the workers of a
+/// pre-forking server, its sessions) are updated with it as one
+/// application: every process stopped, then all updated or none;
+/// --only-pid updates the one process. Descendants that run another
+/// program are left alone and named.
 ///
 /// An identity update (NEW a copy of the running file) must change nothing
 /// observable; use it to check a program before a real update.
@@ -62,12 +69,20 @@ struct Cli {
     /// would be left pointing into the old image.
     #[arg(long)]
     strict: bool,
+    /// Keep the old blocks of heap objects that moved (their type grew)
+    /// allocated instead of freeing them after the update, for debugging.
+    #[arg(long)]
+    keep_old_heap_objects: bool,
     /// The user's overrides of the default mapping (TOML): renames, values
     /// of what NEW adds, continuation mapping, frames that must not be
     /// active, C transformers (compiled now with `cc`). Every key is
     /// checked against both versions.
     #[arg(long, value_name = "SPEC")]
     spec: Option<PathBuf>,
+    /// Update only this process. Without it the process's descendants
+    /// that run the same program are updated with it, as one: all or none.
+    #[arg(long)]
+    only_pid: bool,
 }
 
 /// Lowers this process's OOM score as far as it is allowed to: the kernel's
@@ -146,6 +161,7 @@ fn run(cli: &Cli) -> Result<()> {
         timeout: Duration::from_millis(cli.timeout),
         dry_run: cli.dry_run,
         strict: cli.strict,
+        keep_old_heap_objects: cli.keep_old_heap_objects,
         spec: match &cli.spec {
             Some(path) => Some((path.clone(), upstare_patcher::Spec::read(path)?)),
             None => None,
@@ -184,15 +200,72 @@ fn run(cli: &Cli) -> Result<()> {
         (None, Some(to)) => to.clone(),
         (None, None) => bail!("give --to NEW or a PATCH file"),
     };
-    let report = apply(cli.pid, &new_path, &opts)?;
+    if cli.only_pid {
+        let report = apply(cli.pid, &new_path, &opts)?;
+        if cli.json {
+            let mut v = serde_json::to_value(&report)?;
+            v["ok"] = serde_json::Value::Bool(true);
+            out(&format!("{}\n", serde_json::to_string_pretty(&v)?));
+        } else {
+            out(&report_text(&report));
+        }
+        return Ok(());
+    }
+    let tree = apply_tree(cli.pid, &new_path, &opts)?;
     if cli.json {
-        let mut v = serde_json::to_value(&report)?;
+        // The first process's report at the top (as with --only-pid), every
+        // process under `processes`.
+        let mut v = match tree.processes.first() {
+            Some(first) => serde_json::to_value(first)?,
+            None => serde_json::json!({}),
+        };
         v["ok"] = serde_json::Value::Bool(true);
+        v["processes"] = serde_json::to_value(&tree.processes)?;
+        v["other_programs"] = serde_json::to_value(&tree.other_programs)?;
+        v["exited"] = serde_json::to_value(&tree.exited)?;
+        v["forked"] = serde_json::to_value(&tree.forked)?;
         out(&format!("{}\n", serde_json::to_string_pretty(&v)?));
     } else {
-        out(&report_text(&report));
+        out(&tree_text(&tree));
     }
     Ok(())
+}
+
+/// The report of a tree update in words: each process, then the ones left
+/// alone.
+fn tree_text(t: &TreeReport) -> String {
+    use std::fmt::Write;
+    let mut o: String = t.processes.iter().map(report_text).collect();
+    if t.processes.len() > 1 {
+        let pids: Vec<String> = t.processes.iter().map(|r| r.pid.to_string()).collect();
+        let verb = if t.processes.iter().any(|r| r.dry_run) {
+            "would be updated"
+        } else {
+            "updated"
+        };
+        let _ = writeln!(
+            o,
+            "{} processes {verb} as one ({}) in {} us",
+            t.processes.len(),
+            pids.join(", "),
+            t.total_us
+        );
+    }
+    for p in &t.forked {
+        let _ = writeln!(o, "process {p} was forked during the update and included");
+    }
+    for p in &t.exited {
+        let _ = writeln!(o, "process {p} ended during the update and was dropped");
+    }
+    for p in &t.other_programs {
+        let _ = writeln!(
+            o,
+            "process {} runs another program ({}): left alone",
+            p.pid,
+            p.exe.display()
+        );
+    }
+    o
 }
 
 /// The report in words.
@@ -237,15 +310,25 @@ fn report_text(r: &UpdateReport) -> String {
                 r.heap_converted_in_place, r.heap_moved
             );
         }
+        for (ty, f) in &r.heap_types {
+            let _ = writeln!(
+                o,
+                "  heap {ty}: {} found, {} converted in place, {} moved, {} pointers redirected, {} sweep hits",
+                f.found, f.converted_in_place, f.moved, f.pointers_redirected, f.sweep_hits
+            );
+        }
         let s = &r.sweep;
         let _ = writeln!(
             o,
             "  sweep: {} bytes scanned, {} untyped pointers to functions and {} to globals \
-             remapped, {} left stale, exceptions: {} COPY objects, {} read-only data",
+             remapped, {} left stale, untyped aliases of moved heap objects: {} redirected, {} left, \
+             exceptions: {} COPY objects, {} read-only data",
             s.bytes_scanned,
             s.remapped_functions,
             s.remapped_globals,
             s.stale,
+            s.heap_aliases_redirected,
+            s.heap_aliases_left,
             s.copy_exceptions,
             s.readonly_exceptions
         );

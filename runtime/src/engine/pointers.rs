@@ -140,6 +140,31 @@ pub struct HeapMove {
     pub old: Range<RuntimeAddr>,
     pub new_start: RuntimeAddr,
     pub conversion: Conversion,
+    /// Its type (`struct node`), for the report.
+    pub name: String,
+}
+
+impl HeapMove {
+    /// Whether the object leaves its block (not converted in place).
+    pub fn moves(&self) -> bool {
+        self.new_start != self.old.start
+    }
+}
+
+/// A pointer slot of no definite pointee (`void *`, `char *`) whose value
+/// pointed at or into a heap object of changed type: redirected with the
+/// typed pointers, and reported (`--strict` refuses).
+#[derive(Clone, Debug)]
+pub struct UntypedAlias {
+    /// What holds it: `global g_any`, `heap object struct holder at 0x..+8`.
+    pub site: String,
+    /// Its spelled type (`void *`).
+    pub slot_type: String,
+    pub old: RuntimeAddr,
+    pub new: RuntimeAddr,
+    /// The object's type and old start.
+    pub object: String,
+    pub object_at: RuntimeAddr,
 }
 
 /// Remaps pointer values from the old image's world to the new one.
@@ -162,6 +187,12 @@ pub struct Remapper<'a> {
     /// no longer has: they would point into a freed or rewritten object,
     /// so the update is refused when there is any.
     pub dangling_heap: Vec<RuntimeAddr>,
+    /// `void *` and `char *` slots that pointed into converted heap
+    /// objects (see [`Remapper::remap_value_at`]).
+    pub untyped_aliases: Vec<UntypedAlias>,
+    /// Pointer values redirected to a converted heap object's new place,
+    /// per type name.
+    pub heap_redirects: std::collections::BTreeMap<String, usize>,
 }
 
 /// An old global as the remapper sees it.
@@ -209,7 +240,17 @@ impl<'a> Remapper<'a> {
             dangling_code: Vec::new(),
             dangling_data: Vec::new(),
             dangling_heap: Vec::new(),
+            untyped_aliases: Vec::new(),
+            heap_redirects: Default::default(),
         }
+    }
+
+    /// The converted heap object `v` points at or into: its move.
+    pub fn heap_move_at(&self, v: RuntimeAddr) -> Option<&HeapMove> {
+        let i = self.heap.partition_point(|m| m.old.start <= v);
+        i.checked_sub(1)
+            .and_then(|i| self.heap.get(i))
+            .filter(|m| m.old.contains(&v))
     }
 
     /// Registers how part of the old stack moves.
@@ -237,7 +278,12 @@ impl<'a> Remapper<'a> {
                     .map_offset(off)
                     .and_then(|o| m.new_start.checked_add(o))
                 {
-                    Some(at) => at,
+                    Some(at) => {
+                        if at != v {
+                            *self.heap_redirects.entry(m.name.clone()).or_default() += 1;
+                        }
+                        at
+                    }
                     None => {
                         self.dangling_heap.push(v);
                         v
@@ -316,9 +362,24 @@ impl<'a> Remapper<'a> {
 
     /// Remaps every pointer inside `bytes`, a value of `ty` in `types`.
     pub fn remap_value(&mut self, types: &[Type], ty: TypeId, bytes: &mut [u8]) {
+        self.remap_value_at(types, ty, bytes, &|| "a value".to_string());
+    }
+
+    /// [`Remapper::remap_value`] for a value held by `site` (named only
+    /// when needed): a `void *` or `char *` slot pointing at or into a
+    /// converted heap object is redirected like a typed pointer (to the
+    /// object's new start, or following the member it points into) and
+    /// recorded in [`Remapper::untyped_aliases`].
+    pub fn remap_value_at(
+        &mut self,
+        types: &[Type],
+        ty: TypeId,
+        bytes: &mut [u8],
+        site: &dyn Fn() -> String,
+    ) {
         let mut slots = Vec::new();
-        for_each_pointer(types, ty, &mut |off| slots.push(off));
-        for off in slots {
+        for_each_pointer_typed(types, ty, &mut |off, pointee| slots.push((off, pointee)));
+        for (off, pointee) in slots {
             let Some(slot) = usize::try_from(off)
                 .ok()
                 .and_then(|o| bytes.get_mut(o..o.checked_add(8)?))
@@ -328,11 +389,47 @@ impl<'a> Remapper<'a> {
             let mut w = [0u8; 8];
             w.copy_from_slice(slot);
             let v = u64::from_le_bytes(w);
-            if v != 0 {
-                slot.copy_from_slice(&self.remap(RuntimeAddr(v)).0.to_le_bytes());
+            if v == 0 {
+                continue;
+            }
+            let new = self.remap(RuntimeAddr(v));
+            slot.copy_from_slice(&new.0.to_le_bytes());
+            if untyped_pointee(types, pointee) {
+                if let Some(m) = self.heap_move_at(RuntimeAddr(v)) {
+                    let alias = UntypedAlias {
+                        site: match off {
+                            0 => site(),
+                            o => format!("{}+{o}", site()),
+                        },
+                        slot_type: format!(
+                            "{} *",
+                            pointee.map_or_else(
+                                || "void".to_string(),
+                                |p| upstare_dwarf::model::type_name(types, p)
+                            )
+                        ),
+                        old: RuntimeAddr(v),
+                        new,
+                        object: m.name.clone(),
+                        object_at: m.old.start,
+                    };
+                    self.untyped_aliases.push(alias);
+                }
             }
         }
     }
+}
+
+/// `void`, or a one-byte integer (`char`): a pointer to it says nothing of
+/// the object it points at.
+fn untyped_pointee(types: &[Type], pointee: Option<TypeId>) -> bool {
+    let Some(p) = pointee else {
+        return true;
+    };
+    matches!(
+        crate::engine::heap::resolve(types, p).and_then(|t| types.get(t.0 as usize)),
+        None | Some(Type::Void) | Some(Type::Base { size: 1, .. })
+    )
 }
 
 #[cfg(test)]

@@ -29,6 +29,7 @@ use crate::engine::Write;
 use crate::memory::{MemError, TargetMemory};
 use crate::target::ptrace::Regs;
 use nix::unistd::Pid;
+use upstare_patcher::review::{spec_line, SpecKey};
 
 /// Largest frame rebuilt (bytes between its lowest byte and its CFA).
 pub const MAX_FRAME_SIZE: i64 = 16 << 20;
@@ -45,6 +46,14 @@ pub enum RebuildError {
         tid: Pid,
         function: String,
         continuation: Continuation,
+    },
+    #[error("thread {tid}: function {function} is paused at {continuation}, whose place in the new version is not sure: {why}; name it with the SPEC line: {spec_line}")]
+    ContinuationUnsure {
+        tid: Pid,
+        function: String,
+        continuation: Continuation,
+        why: String,
+        spec_line: String,
     },
     #[error("thread {tid}: {function} at {continuation}: the new version cannot re-execute the blocked call (no restart address)")]
     NoRestart {
@@ -261,6 +270,18 @@ fn find_sites<'a>(
         .plan
         .continuation(continuation, kind)
         .ok_or_else(missing)?;
+    if let (None, Some(why)) = (cm.new_site, &cm.unsure) {
+        return Err(RebuildError::ContinuationUnsure {
+            tid,
+            function: m.old.name.clone(),
+            continuation: continuation.clone(),
+            why: why.clone(),
+            spec_line: spec_line(SpecKey::Continuation {
+                function: &m.old.name,
+                continuation: &continuation.to_string(),
+            }),
+        });
+    }
     let new_site = cm.new_site.ok_or_else(missing)?;
     if kind == SiteKind::Point {
         let op = m.old.update_points.get(cm.old_site).ok_or_else(missing)?;
@@ -515,7 +536,8 @@ pub fn frame_writes(
                 if let VarLocation::Cfa(o) = v.location {
                     let size = type_size(&old.tables.types, v.ty).unwrap_or(0);
                     if let Some(r) = slot(new_len, o.0, size) {
-                        remap.remap_value(&old.tables.types, v.ty, &mut bytes[r]);
+                        let site = || format!("thread {tid}: {}: local {}", f.function, v.name);
+                        remap.remap_value_at(&old.tables.types, v.ty, &mut bytes[r], &site);
                     }
                 }
             }
@@ -640,13 +662,15 @@ pub fn frame_writes(
                 let mut val = old_bytes[from].to_vec();
                 match change {
                     None => {
-                        remap.remap_value(&new.tables.types, v.ty, &mut val);
+                        let site = || format!("thread {tid}: {}: local {}", f.function, v.name);
+                        remap.remap_value_at(&new.tables.types, v.ty, &mut val, &site);
                         bytes[to].copy_from_slice(&val);
                     }
                     Some(change) => {
                         // Pointers are remapped in the old value, with the
                         // old type; the conversion then moves bytes only.
-                        remap.remap_value(&old.tables.types, ov.ty, &mut val);
+                        let site = || format!("thread {tid}: {}: local {}", f.function, v.name);
+                        remap.remap_value_at(&old.tables.types, ov.ty, &mut val, &site);
                         convert(&change.conversion, &val, &mut bytes[to]).map_err(|e| {
                             unmappable(format!(
                                 "local {} ({} → {}): {e}",

@@ -38,7 +38,7 @@ use serde::Serialize;
 use upstare_dwarf::fdt::FrameTables;
 use upstare_dwarf::{LinkAddr, LoadBias, RuntimeAddr};
 
-use crate::engine::pointers::Remapper;
+use crate::engine::pointers::{HeapMove, Remapper};
 use crate::engine::state::Image;
 use crate::engine::Write;
 use crate::memory::TargetMemory;
@@ -153,6 +153,39 @@ pub fn identical_code(old_elf: &[u8], new_elf: &[u8]) -> Vec<(Range<u64>, u64, S
 /// `(symbol, link-time address, size)` of every `R_X86_64_COPY` relocation
 /// of an ELF file.
 pub fn copy_relocations(elf: &[u8]) -> Vec<(String, u64, u64)> {
+    relocations_of(elf, &[object::elf::R_X86_64_COPY])
+}
+
+/// OLD's GOT slots → the same symbol's slot in NEW, both link-time
+/// (`R_X86_64_GLOB_DAT` and `R_X86_64_JUMP_SLOT` relocations by symbol):
+/// a value pointing at a slot of OLD's GOT (left on a stack by the dynamic
+/// linker's lazy binding) goes to NEW's slot of the same symbol. Worked out
+/// before the stop; the sweep adds the load biases.
+pub fn got_slots(old_elf: &[u8], new_elf: &[u8]) -> HashMap<u64, (String, Option<u64>)> {
+    let kinds = [
+        object::elf::R_X86_64_GLOB_DAT,
+        object::elf::R_X86_64_JUMP_SLOT,
+    ];
+    // A slot of no named symbol cannot be told from another.
+    let named = |(name, _, _): &(String, u64, u64)| name != "?";
+    let news: HashMap<String, u64> = relocations_of(new_elf, &kinds)
+        .into_iter()
+        .filter(named)
+        .map(|(name, at, _)| (name, at))
+        .collect();
+    relocations_of(old_elf, &kinds)
+        .into_iter()
+        .filter(named)
+        .map(|(name, at, _)| {
+            let to = news.get(&name).copied();
+            (at, (name, to))
+        })
+        .collect()
+}
+
+/// `(symbol, link-time address, size)` of every dynamic relocation of one
+/// of `kinds` of an ELF file.
+fn relocations_of(elf: &[u8], kinds: &[object::elf::RelocationType]) -> Vec<(String, u64, u64)> {
     use object::read::elf::ElfFile64;
     use object::{Object, ObjectSymbol, ObjectSymbolTable, RelocationFlags};
     let Ok(file) = ElfFile64::<object::Endianness>::parse(elf) else {
@@ -164,11 +197,10 @@ pub fn copy_relocations(elf: &[u8]) -> Vec<(String, u64, u64)> {
     let dynsyms = file.dynamic_symbol_table();
     let mut out = Vec::new();
     for (offset, r) in relocs.take(1 << 20) {
-        if r.flags()
-            != (RelocationFlags::Elf {
-                r_type: object::elf::R_X86_64_COPY,
-            })
-        {
+        let RelocationFlags::Elf { r_type } = r.flags() else {
+            continue;
+        };
+        if !kinds.contains(&r_type) {
             continue;
         }
         let object::RelocationTarget::Symbol(idx) = r.target() else {
@@ -220,6 +252,17 @@ pub enum Class {
     /// One past the last byte of OLD (the dynamic linker's `l_map_end`):
     /// counted exception.
     ImageEnd,
+    /// An untyped value (an integer, a union, raw bytes) pointing at or
+    /// into a heap object of changed type that moves or changes layout: at
+    /// its start it is redirected to `new`, inside it is reported and left
+    /// (`new` is `None`); `--strict` refuses either way.
+    HeapAlias {
+        /// The object's type (`struct node`) and old start.
+        ty: String,
+        object_at: u64,
+        offset: u64,
+        new: Option<u64>,
+    },
 }
 
 impl Class {
@@ -246,6 +289,8 @@ pub struct Classifier<'c, 'a, 'r> {
     remap: Option<&'r mut Remapper<'a>>,
     /// Code without DWARF that NEW has byte for byte ([`identical_code`]).
     pub same_code: Vec<(Range<u64>, u64, String)>,
+    /// OLD's GOT slots and NEW's of the same symbol ([`got_slots`]).
+    pub got: HashMap<u64, (String, Option<u64>)>,
 }
 
 impl<'c, 'a, 'r> Classifier<'c, 'a, 'r> {
@@ -265,6 +310,7 @@ impl<'c, 'a, 'r> Classifier<'c, 'a, 'r> {
             new_bias: LoadBias(0),
             remap,
             same_code: Vec::new(),
+            got: HashMap::new(),
         }
     }
 
@@ -325,6 +371,17 @@ impl<'c, 'a, 'r> Classifier<'c, 'a, 'r> {
                     what: format!("global {}+{off}, which has no place in NEW", g.name),
                 },
                 None => Class::ReadOnly,
+            });
+        }
+        if let Some((name, to)) = self.got.get(&v) {
+            return Some(match to {
+                Some(n) => Class::Remap {
+                    new: *n,
+                    what: format!("GOT slot of {name}"),
+                },
+                None => Class::OldData {
+                    what: format!("GOT slot of {name}, which NEW does not have"),
+                },
             });
         }
         if !self.retired.writable_at(v) {
@@ -459,8 +516,14 @@ impl SweepResult {
         }
         (copy, ro, end)
     }
-    /// The writes that remap: function entries everywhere, globals in live
-    /// memory.
+    /// Untyped aliases of moved heap objects in live memory.
+    pub fn heap_aliases(&self) -> impl Iterator<Item = &Hit> {
+        self.hits
+            .iter()
+            .filter(|h| !h.in_retired && matches!(h.class, Class::HeapAlias { .. }))
+    }
+    /// The writes that remap: function entries everywhere, globals and
+    /// whole-object aliases of moved heap objects in live memory.
     pub fn writes(&self) -> Vec<Write> {
         self.hits
             .iter()
@@ -472,9 +535,70 @@ impl SweepResult {
                         what: format!("pointer at {} to {what} of the old image", h.location),
                     })
                 }
+                Class::HeapAlias { new: Some(new), .. } if !h.in_retired => Some(Write {
+                    addr: RuntimeAddr(h.addr),
+                    bytes: new.to_le_bytes().to_vec(),
+                    what: format!("untyped alias at {} of a moved heap object", h.location),
+                }),
                 _ => None,
             })
             .collect()
+    }
+}
+
+/// Where untyped values pointing into converted heap objects go: the
+/// objects' moves, sorted and disjoint.
+pub struct HeapAliases<'m> {
+    moves: Vec<&'m HeapMove>,
+    /// Lowest and highest address of any object (a quick test).
+    span: Range<u64>,
+}
+
+impl<'m> HeapAliases<'m> {
+    /// The moves that can break an untyped alias: objects that move, or
+    /// whose members move in place.
+    pub fn new(moves: &'m [HeapMove]) -> Self {
+        let mut moves: Vec<&HeapMove> = moves.iter().collect();
+        moves.sort_by_key(|m| m.old.start);
+        let span = match (moves.first(), moves.iter().map(|m| m.old.end.0).max()) {
+            (Some(f), Some(end)) => f.old.start.0..end,
+            _ => 0..0,
+        };
+        HeapAliases { moves, span }
+    }
+
+    /// `None` when `v` is no alias that changes.
+    pub fn classify(&self, v: u64) -> Option<Class> {
+        if !self.span.contains(&v) {
+            return None;
+        }
+        let i = self.moves.partition_point(|m| m.old.start.0 <= v);
+        let m = self.moves.get(i.checked_sub(1)?)?;
+        let offset = v.checked_sub(m.old.start.0)?;
+        if !m.old.contains(&RuntimeAddr(v)) {
+            return None;
+        }
+        let to = m
+            .conversion
+            .map_offset(offset)
+            .and_then(|o| m.new_start.0.checked_add(o));
+        if to == Some(v) {
+            return None;
+        }
+        Some(Class::HeapAlias {
+            ty: m.name.clone(),
+            object_at: m.old.start.0,
+            offset,
+            new: (offset == 0).then_some(m.new_start.0),
+        })
+    }
+
+    /// Whether `addr` lies in the old block of an object that moves (freed
+    /// after the update: what it holds is dead).
+    pub fn in_moved_block(&self, addr: u64) -> bool {
+        self.moves
+            .iter()
+            .any(|m| m.moves() && m.old.contains(&RuntimeAddr(addr)))
     }
 }
 
@@ -617,6 +741,7 @@ mod tests {
                         Class::OldData { .. } => "data",
                         Class::PastEnd { .. } => "end",
                         Class::ImageEnd => "image end",
+                        Class::HeapAlias { .. } => "heap alias",
                     },
                 )
             })
@@ -685,6 +810,12 @@ pub struct SweepSummary {
     /// Values stored inside the retired image's own data (only old code
     /// reads them).
     pub inside_retired: usize,
+    /// Untyped values (integers, unions, raw bytes) pointing at the start
+    /// of a moved heap object: redirected, and reported.
+    pub heap_aliases_redirected: usize,
+    /// Untyped values pointing inside a heap object that moved or changed
+    /// layout: reported, left unchanged.
+    pub heap_aliases_left: usize,
     /// The retired image, for an audit sweep after the update.
     pub retired: Retired,
 }
@@ -710,6 +841,14 @@ impl SweepSummary {
             readonly_exceptions,
             image_end_exceptions,
             inside_retired: r.hits.iter().filter(|h| h.in_retired).count(),
+            heap_aliases_redirected: r
+                .heap_aliases()
+                .filter(|h| matches!(h.class, Class::HeapAlias { new: Some(_), .. }))
+                .count(),
+            heap_aliases_left: r
+                .heap_aliases()
+                .filter(|h| matches!(h.class, Class::HeapAlias { new: None, .. }))
+                .count(),
             retired: retired.clone(),
         }
     }
@@ -718,7 +857,9 @@ impl SweepSummary {
 /// The sweep of one update: everything the process will hold once `pending`
 /// is written, with `rsps` the threads' new stack pointers. `old_elf` is
 /// OLD's file (for its COPY relocations); `files` what the two files say,
-/// worked out before the stop.
+/// worked out before the stop. Values pointing into the heap objects of
+/// changed type (`heap_moves`) are found too, except inside the old blocks
+/// of moved objects (freed after the update) and the retired image.
 #[allow(clippy::too_many_arguments)]
 pub fn sweep_update<'a>(
     mem: &impl TargetMemory,
@@ -730,10 +871,12 @@ pub fn sweep_update<'a>(
     pending: &[&Write],
     old_elf: &[u8],
     files: &SweepFiles,
+    heap_moves: &[HeapMove],
 ) -> (SweepResult, Retired) {
     let retired = Retired::new(old, maps, old_elf);
     let regions = regions(maps, rsps, &retired);
-    let r = {
+    let aliases = HeapAliases::new(heap_moves);
+    let mut r = {
         let mut c = Classifier::new(&retired, old, Cow::Borrowed(&files.entries), Some(remap));
         c.new_bias = new.bias;
         c.same_code = files
@@ -748,8 +891,22 @@ pub fn sweep_update<'a>(
                 ))
             })
             .collect();
-        sweep(mem, &regions, pending, &mut |v| c.classify(v))
+        c.got = files
+            .got
+            .iter()
+            .map(|(at, (name, to))| {
+                let to = to.map(|to| new.runtime(LinkAddr(to)).0);
+                (old.runtime(LinkAddr(*at)).0, (name.clone(), to))
+            })
+            .collect();
+        sweep(mem, &regions, pending, &mut |v| {
+            aliases.classify(v).or_else(|| c.classify(v))
+        })
     };
+    r.hits.retain(|h| {
+        !matches!(h.class, Class::HeapAlias { .. })
+            || !(h.in_retired || aliases.in_moved_block(h.addr))
+    });
     (r, retired)
 }
 
@@ -763,6 +920,8 @@ pub struct SweepFiles {
     entries: HashMap<u64, (String, Option<u64>)>,
     /// [`identical_code`] of the two files.
     same_code: Vec<(Range<u64>, u64, String)>,
+    /// [`got_slots`] of the two files, link-time.
+    got: HashMap<u64, (String, Option<u64>)>,
 }
 
 impl SweepFiles {
@@ -784,6 +943,7 @@ impl SweepFiles {
                 &function_symbols(new_elf),
             ),
             same_code: identical_code(old_elf, new_elf),
+            got: got_slots(old_elf, new_elf),
         }
     }
 }

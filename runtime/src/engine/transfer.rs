@@ -146,7 +146,7 @@ pub fn transfer_globals(
                 what: what.clone(),
                 source,
             })?;
-        remap.remap_value(&old.tables.types, g.ty, &mut bytes);
+        remap.remap_value_at(&old.tables.types, g.ty, &mut bytes, &|| what.clone());
         if let Some(change) = change {
             // The base is NEW's initializer (already in NEW's mapping): new
             // members keep it.

@@ -106,29 +106,37 @@ pub(super) fn apply_commit(rc: &mut RemoteCalls<'_>, plan: &CommitPlan) -> Resul
         let _ = plan.fini.revert(rc.memory());
         return Err(e.into());
     }
-    let undo = |rc: &mut RemoteCalls<'_>, retired: &[Range<RuntimeAddr>]| {
-        for r in retired {
-            let _ = rc.mprotect(
-                r.start,
-                r.end.0 - r.start.0,
-                libc::PROT_READ | libc::PROT_EXEC,
-            );
-        }
-        let _ = revert_signal_handlers(rc, &plan.handlers);
-        let _ = plan.exit_handlers.revert(rc.memory());
-        let _ = plan.fini.revert(rc.memory());
-    };
     if let Err(e) = apply_signal_handlers(rc, &plan.handlers) {
-        undo(rc, &[]);
+        undo_commit(rc, plan, &[]);
         return Err(e);
     }
     for (i, r) in plan.retire.iter().enumerate() {
         if let Err(e) = rc.mprotect(r.start, r.end.0 - r.start.0, libc::PROT_READ) {
-            undo(rc, &plan.retire[..i]);
+            undo_commit(rc, plan, &plan.retire[..i]);
             return Err(e.into());
         }
     }
     Ok(())
+}
+
+/// Undo [`apply_commit`] with `retired` made non-executable so far: code
+/// executable again, handlers and destructors back to the old image (best
+/// effort: each step is tried).
+pub(super) fn undo_commit(
+    rc: &mut RemoteCalls<'_>,
+    plan: &CommitPlan,
+    retired: &[Range<RuntimeAddr>],
+) {
+    for r in retired {
+        let _ = rc.mprotect(
+            r.start,
+            r.end.0 - r.start.0,
+            libc::PROT_READ | libc::PROT_EXEC,
+        );
+    }
+    let _ = revert_signal_handlers(rc, &plan.handlers);
+    let _ = plan.exit_handlers.revert(rc.memory());
+    let _ = plan.fini.revert(rc.memory());
 }
 
 /// Maps a code address of `running` to the same function of `new` by name:

@@ -1,7 +1,15 @@
 //! Mapping NEW into the process with remote system calls: a `PROT_NONE`
 //! reservation of its whole span, each `PT_LOAD` segment mapped over it from
-//! the file (so `/proc/PID/maps` names NEW's file), `.bss` zeroed, then the
-//! [`LoadPlan`]'s relocations written and RELRO made read-only.
+//! a file, `.bss` zeroed, then the [`LoadPlan`]'s relocations written and
+//! RELRO made read-only.
+//!
+//! The file is NEW's own, opened by the process through its path (so
+//! `/proc/PID/maps` names it and debuggers find its symbols) when the
+//! process resolves paths as the updater does. A chrooted process or one in
+//! another mount namespace cannot see that path: it gets NEW through a
+//! memfd it creates and the updater fills (through `/proc/PID/fd/N`, else
+//! with remote `pwrite64`), recognised in the maps by its name, device and
+//! inode.
 
 use super::elf::{page_down, page_up, ElfError, ElfSummary};
 use super::relocs::{LoadPlan, RelocValue, MAX_COPY};
@@ -9,7 +17,8 @@ use super::{LoadError, LoadReport};
 use crate::engine::state::Image;
 use crate::memory::TargetMemory;
 use crate::target::procfs;
-use crate::target::remote::{self, RemoteCalls};
+use crate::target::remote::{self, RemoteCalls, RemoteError};
+use nix::errno::Errno;
 use nix::libc;
 use nix::unistd::Pid;
 use std::collections::HashMap;
@@ -18,15 +27,122 @@ use std::path::Path;
 use upstare_dwarf::fdt::FrameTables;
 use upstare_dwarf::{LinkAddr, LoadBias, RuntimeAddr};
 
+/// How the process's mapping of NEW is recognised in `/proc/PID/maps`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Shown {
+    /// By NEW's path, opened by the process.
+    Path,
+    /// By the memfd's name (`/memfd:NAME (deleted)`), device and inode.
+    Memfd {
+        name: String,
+        dev_major: u32,
+        dev_minor: u32,
+        inode: u64,
+    },
+}
+
+impl Shown {
+    fn is(&self, m: &procfs::MemoryMap, path: &Path) -> bool {
+        match self {
+            Shown::Path => m.file() == Some(path),
+            Shown::Memfd {
+                name,
+                dev_major,
+                dev_minor,
+                inode,
+            } => {
+                m.file() == Some(Path::new(&format!("/memfd:{name}")))
+                    && m.dev_major == *dev_major
+                    && m.dev_minor == *dev_minor
+                    && m.inode == *inode
+            }
+        }
+    }
+}
+
+/// The name of the memfd holding `path` in the process: `upstare:` and
+/// the file's name, within the kernel's limit of 249 bytes.
+fn memfd_name(path: &Path) -> String {
+    let file = path
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut name = format!("upstare:{file}");
+    while name.len() > 200 {
+        name.pop();
+    }
+    name
+}
+
+/// `MFD_EXEC`: the memfd may be mapped executable (Linux 6.3+, where a
+/// memfd without it or `MFD_NOEXEC_SEAL` draws a warning).
+const MFD_EXEC: u32 = 0x10;
+
+/// Open NEW (`path`, whose bytes are `bytes`) in the process: its fd there
+/// and how its mapping will show.
+fn open_in_target(
+    rc: &mut RemoteCalls<'_>,
+    pid: Pid,
+    path: &Path,
+    bytes: &[u8],
+) -> Result<(i32, Shown), LoadError> {
+    if procfs::shares_root(pid) {
+        let fd = rc.openat(path, libc::O_RDONLY | libc::O_CLOEXEC, 0)?;
+        return Ok((fd, Shown::Path));
+    }
+    let name = memfd_name(path);
+    let fd = match rc.memfd_create(&name, libc::MFD_CLOEXEC | MFD_EXEC) {
+        Err(RemoteError::Syscall {
+            errno: Errno::EINVAL,
+            ..
+        }) => rc.memfd_create(&name, libc::MFD_CLOEXEC)?,
+        r => r?,
+    };
+    let filled = fill_memfd(rc, pid, fd, bytes).and_then(|()| Ok(rc.fstat_identity(fd)?));
+    match filled {
+        Ok((dev, inode)) => Ok((
+            fd,
+            Shown::Memfd {
+                name,
+                dev_major: libc::major(dev),
+                dev_minor: libc::minor(dev),
+                inode,
+            },
+        )),
+        Err(e) => {
+            let _ = rc.close(fd);
+            Err(e)
+        }
+    }
+}
+
+/// Write `bytes` into the process's empty memfd `fd`: directly through
+/// `/proc/PID/fd/FD` (one write), else with remote `pwrite64`.
+fn fill_memfd(rc: &mut RemoteCalls<'_>, pid: Pid, fd: i32, bytes: &[u8]) -> Result<(), LoadError> {
+    use std::io::Write;
+    let direct = std::fs::OpenOptions::new()
+        .write(true)
+        .open(format!("/proc/{pid}/fd/{fd}"))
+        .and_then(|mut f| f.write_all(bytes));
+    if direct.is_ok() {
+        return Ok(());
+    }
+    // Refused (another user's process without the capability): the process
+    // writes it itself. The file may hold part of the bytes: rewrite all.
+    rc.pwrite_all(fd, bytes, 0)?;
+    Ok(())
+}
+
 /// Reserve NEW's span in the process, map and relocate NEW there (file
-/// `path`, as planned by `plan`) and check that `/proc/PID/maps` shows it.
-/// Returns the span and bias, and the maps read for the check (the
-/// process's maps with NEW in them, used for the rest of the update); on
-/// failure the span is unmapped again.
+/// `path` whose bytes are `bytes`, as planned by `plan`) and check that
+/// `/proc/PID/maps` shows it. Returns the span and bias, and the maps read
+/// for the check (the process's maps with NEW in them, used for the rest
+/// of the update); on failure the span is unmapped again.
 pub(super) fn map_image(
     rc: &mut RemoteCalls<'_>,
     pid: Pid,
     path: &Path,
+    bytes: &[u8],
     plan: &LoadPlan,
 ) -> Result<
     (
@@ -47,13 +163,13 @@ pub(super) fn map_image(
         0,
     )?;
     let bias = LoadBias(base.0.wrapping_sub(plan.lo));
-    let mapped = map_and_relocate(rc, path, plan, bias);
-    let mapped = mapped.and_then(|r| {
+    let mapped = map_and_relocate(rc, pid, path, bytes, plan, bias);
+    let mapped = mapped.and_then(|(r, shown)| {
         let maps = procfs::read_maps(pid)?;
-        let shown = maps.iter().any(|m| {
-            m.perms.exec && m.file() == Some(path) && base <= m.start && m.end.0 <= base.0 + len
+        let on_show = maps.iter().any(|m| {
+            m.perms.exec && shown.is(m, path) && base <= m.start && m.end.0 <= base.0 + len
         });
-        if shown {
+        if on_show {
             Ok((r, maps))
         } else {
             Err(LoadError::NotMapped {
@@ -111,11 +227,13 @@ pub(super) fn running_gadget(pid: Pid, running: &Image) -> Result<RuntimeAddr, L
 /// Map NEW's segments into the reserved span at `bias` and relocate them.
 fn map_and_relocate(
     rc: &mut RemoteCalls<'_>,
+    pid: Pid,
     path: &Path,
+    bytes: &[u8],
     plan: &LoadPlan,
     bias: LoadBias,
-) -> Result<LoadReport, LoadError> {
-    let fd = rc.openat(path, libc::O_RDONLY | libc::O_CLOEXEC, 0)?;
+) -> Result<(LoadReport, Shown), LoadError> {
+    let (fd, shown) = open_in_target(rc, pid, path, bytes)?;
     let r = map_segments(rc, fd, plan, bias);
     let closed = rc.close(fd);
     r?;
@@ -204,7 +322,7 @@ fn map_and_relocate(
             rc.mprotect(at(start), end - start, libc::PROT_READ)?;
         }
     }
-    Ok(report)
+    Ok((report, shown))
 }
 
 fn map_segments(

@@ -378,7 +378,7 @@ pub fn load_prepared<'t>(
     } = prep;
     let mut rc = RemoteCalls::with_maps(tracee, tid, running_gadget, &maps)?;
     rc.set_timeout(opts.call_timeout);
-    let (span, bias, mut report, maps) = map::map_image(&mut rc, pid, &canon, &plan)?;
+    let (span, bias, mut report, maps) = map::map_image(&mut rc, pid, &canon, new_bytes, &plan)?;
     if let Err(e) = rc.finish() {
         // Restoring the thread failed (is it gone?): try to unmap NEW in a
         // new session so as not to leave it behind.
@@ -499,12 +499,40 @@ impl<'t> LoadedImage<'t> {
     /// returns how many could not be (left allocated: a leak, never a
     /// wrong value).
     pub fn commit_freeing(mut self, plan: &CommitPlan) -> Result<(Image, usize, usize), LoadError> {
+        self.commit_steps(plan)?;
+        Ok(self.finish_committed(plan))
+    }
+
+    /// The reversible part of [`LoadedImage::commit`]: `plan`'s steps
+    /// applied (undone again on failure); the guard still unloads NEW
+    /// unless [`LoadedImage::finish_committed`] follows, so that an update
+    /// of several processes can take them back with
+    /// [`LoadedImage::revert_steps`].
+    pub fn commit_steps(&mut self, plan: &CommitPlan) -> Result<(), LoadError> {
         let mut rc = RemoteCalls::with_maps(self.tracee, self.tid, self.new_gadget, &self.maps)?;
         rc.set_timeout(self.timeout);
         let applied = commit::apply_commit(&mut rc, plan);
         let finished = rc.finish();
         applied?;
         finished?;
+        Ok(())
+    }
+
+    /// Undo the steps [`LoadedImage::commit_steps`] applied (best effort).
+    pub fn revert_steps(&mut self, plan: &CommitPlan) -> Result<(), LoadError> {
+        // NEW's code is executable throughout (the old image's is not yet).
+        let mut rc = RemoteCalls::with_maps(self.tracee, self.tid, self.new_gadget, &self.maps)?;
+        rc.set_timeout(self.timeout);
+        commit::undo_commit(&mut rc, plan, &plan.retire);
+        rc.finish()?;
+        Ok(())
+    }
+
+    /// After [`LoadedImage::commit_steps`]: NEW and the heap objects
+    /// allocated for it belong to the program; the old objects registered
+    /// with [`LoadedImage::free_after_commit`] are freed. NEW's image and
+    /// how many could not be freed.
+    pub fn finish_committed(mut self, plan: &CommitPlan) -> (Image, usize, usize) {
         // Committed: the new objects now belong to the program.
         self.heap_allocated.clear();
         let old = std::mem::take(&mut self.heap_to_free);
@@ -514,7 +542,7 @@ impl<'t> LoadedImage<'t> {
             .image
             .take()
             .expect("image present until commit or unload");
-        Ok((image, unfreed, not_unmapped))
+        (image, unfreed, not_unmapped)
     }
 
     /// The address of the process's own allocator function `symbol`

@@ -189,13 +189,14 @@ pub fn run_transformers(
     let pid = tracee.pid();
     let mut rc = RemoteCalls::new(tracee, tid, gadget).map_err(|e| load_err(e.into()))?;
     rc.set_timeout(timeout);
-    let (span, bias, _, _) = match super::map::map_image(&mut rc, pid, &temp.file, &plan) {
-        Ok(m) => m,
-        Err(e) => {
-            let _ = rc.finish();
-            return Err(load_err(e));
-        }
-    };
+    let (span, bias, _, _) =
+        match super::map::map_image(&mut rc, pid, &temp.file, &object.bytes, &plan) {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = rc.finish();
+                return Err(load_err(e));
+            }
+        };
     let mut report = TransformerRun {
         load_address: span.start.0,
         ..TransformerRun::default()

@@ -150,10 +150,11 @@ impl Stopper<'_> {
     /// A thread the ptrace stop itself made fail with EINTR (epoll_wait)
     /// gets the restart code the kernel would have used for a signal without
     /// handler, so that resuming it restarts the call rather than showing
-    /// the program an EINTR.
+    /// the program an EINTR (the tracer sets it at each interrupt stop
+    /// already), and a timed wait what is left of its timeout.
     pub(super) fn undo_eintr(&mut self, tid: Pid, mut regs: Regs) -> Result<Regs, StopError> {
         let (nr, rax) = (regs.0.orig_rax as i64, regs.0.rax as i64);
-        if nr >= 0 && rax == EINTR && eintr_on_stop(nr) {
+        if nr >= 0 && (rax == EINTR || rax == ERESTARTNOHAND) && eintr_on_stop(nr) {
             regs.0.rax = ERESTARTNOHAND as u64;
             if let Some(ms) = self.remaining_ms(tid, nr, &regs) {
                 regs.0.r10 = ms as u64;

@@ -6,7 +6,13 @@
 //!   call sites of the tables down to `main` or its start routine), or
 //! - blocked in a known-safe library call (read, accept, nanosleep,
 //!   pthread_mutex_lock ...) whose system call was interrupted before it had
-//!   any effect, called from a statement the tables say can be re-executed.
+//!   any effect, called from a statement the tables say can be re-executed,
+//!   or waiting in a call left in place (pthread_join, libevent's loop), or
+//! - led out of a condition wait (`pthread_cond_wait`): its futex wait is
+//!   ended with -ETIMEDOUT so that glibc cancels the waiting itself; it is
+//!   parked at the call's return with the mutex, or, when a parked thread
+//!   holds the mutex, set at the entry of `pthread_mutex_lock(mutex)`
+//!   returning to the call site (see `Readiness::Returned`, `Relock`).
 //!
 //! Every other thread runs on with `int3` armed at every update point until
 //! it hits one or blocks in a safe call (running threads are interrupted

@@ -15,7 +15,7 @@ pub(super) const NO_EFFECT: [i64; 5] = [-4, -512, -513, -514, -516];
 /// -EINTR.
 pub(super) const EINTR: i64 = -4;
 /// -ERESTARTNOHAND: what the kernel sets for a signal without handler.
-pub(super) const ERESTARTNOHAND: i64 = -514;
+pub(super) use crate::target::ptrace::ERESTARTNOHAND;
 
 /// What the update does with a thread blocked in a known call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,6 +109,20 @@ pub(super) const KNOWN_CALLS: &[KnownCall] = &[
         &[SYS_rt_sigtimedwait],
     ),
     in_place(&["pthread_join"], &[SYS_futex]),
+    // libevent's loop waiting for events: left in place (its frames and
+    // state are the library's); the callbacks it holds are function
+    // entries of the old image, which the sweep points at NEW's.
+    in_place(
+        &["event_base_loop", "event_base_dispatch"],
+        &[
+            SYS_epoll_wait,
+            SYS_epoll_pwait,
+            SYS_poll,
+            SYS_ppoll,
+            SYS_select,
+            SYS_pselect6,
+        ],
+    ),
     // glibc 2.36 (nptl/pthread_cond_wait.c): a futex wait on the group's
     // signal word that ends with ETIMEDOUT cancels the waiting (the group
     // counts are given back, a signal it may have consumed is passed on),
@@ -167,13 +181,7 @@ pub(super) fn known_call(callee: &str) -> Option<&'static KnownCall> {
 /// the thread is merely stopped by ptrace: resuming as is would show the
 /// program an EINTR it never had.
 pub(super) fn eintr_on_stop(nr: i64) -> bool {
-    [
-        SYS_epoll_wait,
-        SYS_epoll_pwait,
-        SYS_epoll_pwait2,
-        SYS_rt_sigtimedwait,
-    ]
-    .contains(&nr)
+    crate::target::ptrace::EINTR_ON_INTERRUPT.contains(&nr)
 }
 
 /// For system calls [`eintr_on_stop`] that take a relative timeout in

@@ -577,6 +577,7 @@ impl Stopper<'_> {
                 // A continue discards the stops sent before it (as the
                 // kernel does with pending ones): drop those held back.
                 self.held.retain(|h| !is_job_control(h.sig));
+                self.tracee.drop_kept_stops();
                 self.cont(tid, Some(sig))
             }
             Stop::Signal { sig, .. } if !is_job_control(sig) => self.cont(tid, Some(sig)),

@@ -329,6 +329,72 @@ pub fn exe_path(pid: Pid) -> Result<PathBuf, ProcError> {
     })
 }
 
+/// Whether process `pid` resolves paths as the updater does: the same root
+/// directory (device and inode) and the same mount namespace. False when
+/// either differs or cannot be read (a chrooted or namespaced process, or
+/// one the updater may not inspect), so that a caller falls back to what
+/// needs no path lookup in the process.
+pub fn shares_root(pid: Pid) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let same =
+        |theirs: String, ours: &str| match (std::fs::metadata(theirs), std::fs::metadata(ours)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        };
+    same(format!("/proc/{pid}/root"), "/")
+        && same(format!("/proc/{pid}/ns/mnt"), "/proc/self/ns/mnt")
+}
+
+/// Most processes [`descendants`] lists.
+pub const MAX_DESCENDANTS: usize = 4096;
+
+/// The processes descended from `pid` (children of each of its threads,
+/// from `/proc/PID/task/TID/children`, recursively), parents before their
+/// children, at most [`MAX_DESCENDANTS`]. A process that ends while it is
+/// read is skipped.
+pub fn descendants(pid: Pid) -> Vec<Pid> {
+    let mut out: Vec<Pid> = Vec::new();
+    let mut next = 0usize;
+    let mut parent = pid;
+    loop {
+        for tid in list_tasks(parent).unwrap_or_default() {
+            let Ok(text) = std::fs::read_to_string(format!("/proc/{parent}/task/{tid}/children"))
+            else {
+                continue;
+            };
+            for child in text
+                .split_whitespace()
+                .filter_map(|c| c.parse::<i32>().ok())
+            {
+                let child = Pid::from_raw(child);
+                if child != pid && !out.contains(&child) && out.len() < MAX_DESCENDANTS {
+                    out.push(child);
+                }
+            }
+        }
+        // Each process is visited once: this ends after out.len() rounds.
+        match out.get(next) {
+            Some(&p) => {
+                parent = p;
+                next += 1;
+            }
+            None => return out,
+        }
+    }
+}
+
+/// Whether process `pid` has ended (gone, or a zombie not yet reaped).
+pub fn has_ended(pid: Pid) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name in parentheses.
+        Ok(text) => text
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_none_or(|state| state == "Z" || state == "X"),
+        Err(_) => true,
+    }
+}
+
 /// Signals pending on thread `tid` alone (the `SigPnd` line of
 /// `/proc/TID/status`; those pending on its whole process are not
 /// included), as a mask with bit `sig - 1` set for each.

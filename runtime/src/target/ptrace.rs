@@ -445,7 +445,39 @@ impl Regs {
     pub fn orig_rax(&self) -> u64 {
         self.0.orig_rax
     }
+    /// Whether these are the registers of a thread interrupted in a system
+    /// call that the kernel restarts when the thread resumes from a stop on
+    /// its signal path (see [`RESTART_CODES`]).
+    pub fn in_restartable_syscall(&self) -> bool {
+        (self.0.orig_rax as i64) >= 0 && RESTART_CODES.contains(&(self.0.rax as i64))
+    }
 }
+
+/// `-ERESTARTSYS`, `-ERESTARTNOINTR`, `-ERESTARTNOHAND`,
+/// `-ERESTART_RESTARTBLOCK`: results of an interrupted system call that the
+/// kernel turns into a restart only on its signal-delivery path (a thread
+/// resumed from an interrupt, group or signal-delivery stop); from any
+/// other stop (a system-call or event stop) the code reaches the program
+/// as the call's result.
+pub const RESTART_CODES: [i64; 4] = [-512, -513, -514, -516];
+
+/// System calls that the kernel ends with -EINTR (not a restart code) when
+/// the thread is merely interrupted by ptrace (`PTRACE_INTERRUPT`):
+/// resumed as is, the program would see an EINTR that no signal caused.
+pub const EINTR_ON_INTERRUPT: [i64; 4] = [
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_pwait2,
+    libc::SYS_rt_sigtimedwait,
+];
+/// -EINTR.
+const EINTR: i64 = -4;
+/// -ERESTARTNOHAND: the kernel's restart code for a signal without handler.
+pub const ERESTARTNOHAND: i64 = -514;
+
+/// Bound on the wait for the interrupt stop a thread is moved into before
+/// it resumes (see [`Tracee::cont`]).
+const PARK_WAIT: Duration = Duration::from_secs(2);
 
 impl PartialEq for Regs {
     fn eq(&self, other: &Regs) -> bool {
@@ -573,6 +605,10 @@ struct Track {
     /// A signal that stopped the thread while seizing, to be delivered when
     /// it is resumed or detached.
     pending_signal: Option<Sig>,
+    /// Whether the stop it is in lies on the kernel's signal path (an
+    /// interrupt, group or signal-delivery stop), from which a resume
+    /// restarts an interrupted system call.
+    signal_path: bool,
 }
 
 /// The standard streams of a spawned tracee that were set to `piped`.
@@ -693,6 +729,7 @@ impl Tracee {
             Track {
                 state: ThreadState::Stopped,
                 pending_signal: None,
+                signal_path: false,
             },
         );
         Ok((
@@ -754,6 +791,7 @@ impl Tracee {
                     Track {
                         state: ThreadState::Running,
                         pending_signal: None,
+                        signal_path: false,
                     },
                 );
                 t.interrupt(tid)?;
@@ -809,9 +847,7 @@ impl Tracee {
     /// progress, whose new thread is now tracked) also leaves it stopped.
     fn stop_after_interrupt(&mut self, tid: Pid) -> Result<(), PtraceError> {
         if let Stop::Signal { sig, .. } = self.wait_stop(tid, Duration::from_secs(5))? {
-            if let Some(tr) = self.threads.get_mut(&tid) {
-                tr.pending_signal.get_or_insert(sig);
-            }
+            keep_signal(&mut self.threads, tid, sig);
         }
         Ok(())
     }
@@ -855,6 +891,12 @@ impl Tracee {
             .and_then(|t| t.pending_signal.take())
     }
 
+    /// A SIGCONT reached the process: the stop signals kept for any thread
+    /// are discarded, as the kernel discards pending ones.
+    pub fn drop_kept_stops(&mut self) {
+        drop_kept_stops(&mut self.threads);
+    }
+
     /// Keep `sig` for `tid`, to be delivered at its next [`Tracee::cont`]
     /// without signal (or at detach), replacing what was kept. Returns the
     /// signal kept before. Used to put back a signal taken with
@@ -869,7 +911,11 @@ impl Tracee {
             .threads
             .get_mut(&tid)
             .ok_or(PtraceError::NotTraced { tid })?;
-        Ok(std::mem::replace(&mut t.pending_signal, sig))
+        let before = std::mem::replace(&mut t.pending_signal, sig);
+        if sig.is_some_and(|s| s.0 == libc::SIGCONT) {
+            drop_kept_stops(&mut self.threads);
+        }
+        Ok(before)
     }
 
     /// Extended register state (x87, SSE, AVX, AVX-512, ...: the XSAVE area,
@@ -1024,6 +1070,7 @@ impl Tracee {
         tid: Pid,
         sig: Option<Sig>,
     ) -> Result<(), PtraceError> {
+        self.park_for_restart(tid, op)?;
         let pending = self.track(tid, op)?.pending_signal;
         let sig = sig.or(pending);
         ptrace_int(req, tid, sig.map_or(0, |s| s.0)).map_err(|e| op_err(tid, op, e))?;
@@ -1034,7 +1081,63 @@ impl Tracee {
         Ok(())
     }
 
+    /// A stopped thread interrupted in a restartable system call (see
+    /// [`RESTART_CODES`]) but not in a stop on the signal path (the end of
+    /// a remote call session, a system-call stop, registers set there) is
+    /// moved into an interrupt stop first, so that the kernel restarts the
+    /// call when it resumes instead of showing the program the restart
+    /// code. No instruction runs meanwhile; a signal reported on the way
+    /// is kept for the resume.
+    fn park_for_restart(&mut self, tid: Pid, op: &'static str) -> Result<(), PtraceError> {
+        if self.track(tid, op)?.signal_path || !self.regs(tid)?.in_restartable_syscall() {
+            return Ok(());
+        }
+        let cont = |tid: Pid| {
+            ptrace_int(libc::PTRACE_CONT, tid, 0).map_err(|e| op_err(tid, "PTRACE_CONT", e))
+        };
+        self.interrupt(tid)?;
+        cont(tid)?;
+        self.set_state(tid, ThreadState::Running);
+        for _ in 0..16 {
+            match self.wait_stop(tid, PARK_WAIT)? {
+                Stop::EventStop { .. } => return Ok(()),
+                end if end.is_terminal() => {
+                    return Err(PtraceError::Gone {
+                        tid,
+                        op: "moving into an interrupt stop",
+                    })
+                }
+                Stop::Signal { sig, .. } => {
+                    keep_signal(&mut self.threads, tid, sig);
+                    cont(tid)?;
+                }
+                _ => cont(tid)?,
+            }
+            self.set_state(tid, ThreadState::Running);
+        }
+        Err(PtraceError::Timeout {
+            tid,
+            waited: PARK_WAIT,
+        })
+    }
+
+    /// A thread our interrupt (not a signal: a group-stop reports its
+    /// signal) made fail with EINTR (see [`EINTR_ON_INTERRUPT`]) gets the
+    /// restart code the kernel uses for a signal without handler, so that
+    /// every resume restarts the call: also when the update is refused
+    /// before the world is stopped.
+    fn undo_interrupt_eintr(&mut self, tid: Pid) -> Result<(), PtraceError> {
+        let mut regs = self.regs(tid)?;
+        let nr = regs.0.orig_rax as i64;
+        if regs.0.rax as i64 == EINTR && EINTR_ON_INTERRUPT.contains(&nr) {
+            regs.0.rax = ERESTARTNOHAND as u64;
+            self.set_regs(tid, &regs)?;
+        }
+        Ok(())
+    }
+
     /// Resume `tid`, delivering `sig` (or the signal kept while seizing).
+    /// A thread interrupted in a restartable system call restarts it.
     pub fn cont(&mut self, tid: Pid, sig: Option<Sig>) -> Result<(), PtraceError> {
         self.resume(libc::PTRACE_CONT, "PTRACE_CONT", tid, sig)
     }
@@ -1098,6 +1201,15 @@ impl Tracee {
             }
             Some(s) => {
                 self.set_state(tid, ThreadState::Stopped);
+                if let Some(t) = self.threads.get_mut(&tid) {
+                    t.signal_path = matches!(
+                        s,
+                        Stop::EventStop { .. } | Stop::Signal { .. } | Stop::Int3 | Stop::Step
+                    );
+                }
+                if s == (Stop::EventStop { sig: Sig::TRAP }) {
+                    self.undo_interrupt_eintr(tid)?;
+                }
                 Ok(Some(s))
             }
         }
@@ -1140,6 +1252,7 @@ impl Tracee {
         self.threads.entry(tid).or_insert(Track {
             state: ThreadState::Running,
             pending_signal: None,
+            signal_path: false,
         });
     }
 
@@ -1215,6 +1328,12 @@ impl Tracee {
     /// Detach from stopped thread `tid` (delivering `sig`, or the signal kept
     /// while seizing) and stop tracking it.
     pub fn detach_thread(&mut self, tid: Pid, sig: Option<Sig>) -> Result<(), PtraceError> {
+        // Detached where it is, it would show the program a restart code.
+        let parked = self.park_for_restart(tid, "PTRACE_DETACH");
+        if let Err(PtraceError::Gone { .. }) = parked {
+            self.threads.remove(&tid);
+            return parked;
+        }
         let pending = self.track(tid, "PTRACE_DETACH")?.pending_signal;
         let sig = sig.or(pending);
         let r = ptrace_int(libc::PTRACE_DETACH, tid, sig.map_or(0, |s| s.0));
@@ -1249,9 +1368,7 @@ impl Tracee {
             if self.state(tid) == Some(ThreadState::Running) {
                 match self.wait_stop(tid, Duration::from_secs(2)) {
                     Ok(Stop::Signal { sig, .. }) => {
-                        if let Some(t) = self.threads.get_mut(&tid) {
-                            t.pending_signal.get_or_insert(sig);
-                        }
+                        keep_signal(&mut self.threads, tid, sig);
                     }
                     Ok(_) => {}
                     Err(e) => {
@@ -1334,5 +1451,34 @@ impl Drop for Tracee {
                 let _ = waitpid_bounded(tid, libc::__WALL, Duration::from_millis(500));
             }
         }
+    }
+}
+
+/// Stop signals (SIGSTOP, SIGTSTP, SIGTTIN, SIGTTOU): a SIGCONT discards
+/// those sent before it, as the kernel does with pending ones.
+fn is_stop_signal(sig: Sig) -> bool {
+    [libc::SIGSTOP, libc::SIGTSTP, libc::SIGTTIN, libc::SIGTTOU].contains(&sig.0)
+}
+
+/// Forget the stop signals kept for every thread (a SIGCONT came after
+/// them): delivered at the resume, they would stop the process after the
+/// continue that should have cancelled them.
+fn drop_kept_stops(threads: &mut BTreeMap<Pid, Track>) {
+    for t in threads.values_mut() {
+        if t.pending_signal.is_some_and(is_stop_signal) {
+            t.pending_signal = None;
+        }
+    }
+}
+
+/// Keep `sig`, reported while `tid` was being stopped, for its resume (a
+/// signal already kept stays first); a SIGCONT discards the stop signals
+/// kept before it on every thread.
+fn keep_signal(threads: &mut BTreeMap<Pid, Track>, tid: Pid, sig: Sig) {
+    if sig.0 == libc::SIGCONT {
+        drop_kept_stops(threads);
+    }
+    if let Some(t) = threads.get_mut(&tid) {
+        t.pending_signal.get_or_insert(sig);
     }
 }

@@ -37,7 +37,9 @@
 //!   put back).
 //!
 //! After a session the thread sits in a ptrace stop with its original
-//! registers; resume it with [`Tracee::cont`] without a signal.
+//! registers; resume it with [`Tracee::cont`] without a signal (which
+//! restarts a system call it was interrupted in: the session ends in a
+//! system-call stop, see [`Tracee::cont`]).
 //! Breakpoints armed elsewhere must not lie in code a remote call runs. A
 //! remote function call abandoned after its timeout leaves whatever it held
 //! (a lock taken by the called function) held: call only functions that
@@ -120,21 +122,8 @@ fn gadget_code(frame: RuntimeAddr) -> [u8; GADGET_LEN] {
     c
 }
 
-/// `-ERESTARTSYS`, `-ERESTARTNOINTR`, `-ERESTARTNOHAND`: the kernel restarts
-/// the system call when the thread resumes without running a handler.
-const RESTART_CODES: [i64; 3] = [-512, -513, -514];
 /// `-ERESTART_RESTARTBLOCK`: `rt_sigreturn` cancels the restart block.
 const RESTARTBLOCK: i64 = -516;
-
-/// Whether `regs` are those of a thread interrupted in a system call that
-/// the kernel restarts when it resumes.
-fn interrupted_syscall(regs: &Regs) -> bool {
-    let rax = regs.0.rax as i64;
-    (regs.0.orig_rax as i64) >= 0 && (RESTART_CODES.contains(&rax) || rax == RESTARTBLOCK)
-}
-
-/// Bound on the wait for the interrupt stop that ends a session.
-const STOP_WAIT: Duration = Duration::from_secs(2);
 
 /// A kernel `ucontext` for `rt_sigreturn` that puts back `regs` (in the form
 /// the kernel would resume them: an interrupted system call is restarted)
@@ -142,12 +131,12 @@ const STOP_WAIT: Duration = Duration::from_secs(2);
 /// (at update points and in blocking calls no vector register is live).
 fn sigreturn_frame(regs: &Regs, mask: u64) -> [u8; FRAME_SIZE as usize] {
     let mut r = regs.0;
-    if (r.orig_rax as i64) >= 0 {
+    if regs.in_restartable_syscall() {
         let rax = r.rax as i64;
-        if RESTART_CODES.contains(&rax) {
+        if rax != RESTARTBLOCK {
             r.rax = r.orig_rax;
             r.rip = r.rip.wrapping_sub(2);
-        } else if rax == RESTARTBLOCK {
+        } else {
             // The restart block is cancelled by rt_sigreturn: the call
             // returns EINTR, as after a signal handler.
             r.rax = (-(libc::EINTR as i64)) as u64;
@@ -824,6 +813,83 @@ impl<'t> RemoteCalls<'t> {
         Ok(r? as i32)
     }
 
+    /// `memfd_create(name, flags)` in the target: an anonymous file no path
+    /// lookup reaches (so it works in any root or mount namespace); the fd.
+    pub fn memfd_create(&mut self, name: &str, flags: u32) -> Result<i32, RemoteError> {
+        let mut bytes = name.as_bytes().to_vec();
+        bytes.push(0);
+        let mark = self.scratch_used;
+        let at = self.scratch_write(&bytes)?;
+        let r = self.syscall_checked(
+            &format!("memfd_create({name})"),
+            libc::SYS_memfd_create,
+            &[at.0, u64::from(flags)],
+        );
+        self.scratch_used = mark;
+        Ok(r? as i32)
+    }
+
+    /// Write all of `data` at `offset` of the target's file `fd` with
+    /// `pwrite64`, through scratch memory in chunks.
+    pub fn pwrite_all(&mut self, fd: i32, data: &[u8], offset: u64) -> Result<(), RemoteError> {
+        const CHUNK: usize = 32 << 10;
+        let mark = self.scratch_used;
+        let buf = self.scratch_alloc(CHUNK as u64);
+        let r = buf.and_then(|buf| {
+            let mut done = 0usize;
+            while done < data.len() {
+                let end = data.len().min(done + CHUNK);
+                self.mem.write(buf, &data[done..end])?;
+                let n = self.syscall_checked(
+                    &format!("pwrite64({fd})"),
+                    libc::SYS_pwrite64,
+                    &[
+                        fd as i64 as u64,
+                        buf.0,
+                        (end - done) as u64,
+                        offset.saturating_add(done as u64),
+                    ],
+                )?;
+                if n == 0 {
+                    return Err(RemoteError::Syscall {
+                        pid: self.pid().as_raw(),
+                        call: format!("pwrite64({fd})"),
+                        errno: Errno::EIO,
+                    });
+                }
+                done += (n as usize).min(end - done);
+            }
+            Ok(())
+        });
+        self.scratch_used = mark;
+        r
+    }
+
+    /// Device and inode of the target's file `fd` (`fstat`).
+    pub fn fstat_identity(&mut self, fd: i32) -> Result<(u64, u64), RemoteError> {
+        let mark = self.scratch_used;
+        let r = self
+            .scratch_alloc(std::mem::size_of::<libc::stat>() as u64)
+            .and_then(|at| {
+                self.syscall_checked(
+                    &format!("fstat({fd})"),
+                    libc::SYS_fstat,
+                    &[fd as i64 as u64, at.0],
+                )?;
+                // struct stat on x86-64 begins with st_dev then st_ino.
+                let mut b = [0u8; 16];
+                self.mem.read(at, &mut b)?;
+                let word = |i: usize| {
+                    let mut w = [0u8; 8];
+                    w.copy_from_slice(&b[i..i + 8]);
+                    u64::from_le_bytes(w)
+                };
+                Ok((word(0), word(8)))
+            });
+        self.scratch_used = mark;
+        r
+    }
+
     /// `close(fd)` in the target.
     pub fn close(&mut self, fd: i32) -> Result<(), RemoteError> {
         self.syscall_checked(
@@ -1046,9 +1112,6 @@ impl<'t> RemoteCalls<'t> {
                 .write(frame, &frame_orig)
                 .map_err(RemoteError::from),
         );
-        if interrupted_syscall(&self.regs) {
-            note(self.park_for_restart(&mut slot));
-        }
         if slot.is_some() {
             note(
                 self.tracee
@@ -1058,31 +1121,6 @@ impl<'t> RemoteCalls<'t> {
             );
         }
         first.map_or(Ok(()), Err)
-    }
-
-    /// The session ends in a system call stop of ours, from which the
-    /// kernel would not restart the call the thread was interrupted in (it
-    /// would see the restart code as the call's result): move the thread
-    /// into an interrupt stop, from which it resumes through the kernel's
-    /// signal path, which restarts it. No instruction runs meanwhile. A
-    /// signal taken on the way is the one the thread stops for.
-    fn park_for_restart(&mut self, slot: &mut Option<Sig>) -> Result<(), RemoteError> {
-        self.tracee.interrupt(self.tid)?;
-        self.tracee.cont(self.tid, None)?;
-        for _ in 0..16 {
-            match self.tracee.wait_stop(self.tid, STOP_WAIT)? {
-                Stop::EventStop { .. } => return Ok(()),
-                Stop::Signal { sig, .. } => {
-                    slot.get_or_insert(sig);
-                    self.tracee.cont(self.tid, None)?;
-                }
-                _ => self.tracee.cont(self.tid, None)?,
-            }
-        }
-        Err(RemoteError::from(PtraceError::Timeout {
-            tid: self.tid,
-            waited: STOP_WAIT,
-        }))
     }
 
     /// Sends again a SIGSTOP taken from the thread, unless a SIGCONT came

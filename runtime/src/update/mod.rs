@@ -10,9 +10,10 @@ pub mod signals;
 mod survive;
 mod timings;
 pub mod transaction;
+pub mod tree;
 
-use timings::PhaseClock;
 pub use timings::Timings;
+pub(crate) use timings::{us, PhaseClock};
 
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -22,6 +23,7 @@ use upstare_dwarf::RuntimeAddr;
 use crate::engine::heap;
 use crate::engine::pointers::Remapper;
 use crate::engine::rebuild::{self, RebuildError};
+use crate::engine::state::Image;
 use crate::engine::state::{Readiness, ThreadState};
 use crate::engine::transfer::{self, TransferError};
 use crate::engine::transform::{self, TransformPlanError};
@@ -29,12 +31,14 @@ use crate::engine::Write;
 use crate::load::image::{image_file_bytes, open_image_file, running_image, ImageError};
 use crate::load::libraries::Libraries;
 use crate::load::transformer::{run_transformers, TransformerError};
+use crate::load::LoadedImage;
 use crate::load::{self, LoadError, LoadOptions};
 use crate::stop::{self, StopError, StopOptions};
 use crate::target::procfs::{self, MemoryMap, ProcError};
 use crate::target::ptrace::{PtraceError, Sig, Tracee};
 use nix::unistd::Pid;
-use transaction::{CommitError, PreparedState};
+use transaction::{CommitError, PreparedState, UndoLog};
+use upstare_dwarf::fdt::FrameTables;
 use upstare_patcher::transformer::{BuildError, TransformerObject};
 use upstare_patcher::{ImageIdentity, Spec, UpdatePlan};
 
@@ -71,6 +75,9 @@ pub struct ApplyOptions {
     /// planned after the stop, `/proc/PID/maps` read at each step, memory
     /// written one write at a time, every thread's registers set.
     pub legacy_pause: bool,
+    /// Keep the old blocks of moved heap objects allocated (not freed after
+    /// the commit), for debugging.
+    pub keep_old_heap_objects: bool,
 }
 
 impl Default for ApplyOptions {
@@ -86,6 +93,7 @@ impl Default for ApplyOptions {
             strict: false,
             transformers: None,
             legacy_pause: false,
+            keep_old_heap_objects: false,
         }
     }
 }
@@ -148,6 +156,12 @@ pub enum UpdateError {
         count: usize,
         first: String,
     },
+    #[error("process {pid}: {count} untyped value(s) point at or into heap objects of changed type (first: {first}); refused (--strict); nothing was changed")]
+    UntypedAlias {
+        pid: i32,
+        count: usize,
+        first: String,
+    },
     #[error("{0}")]
     Build(Box<BuildError>),
     #[error("{0}")]
@@ -162,6 +176,14 @@ pub enum UpdateError {
     Rescue(Box<crate::target::rescue::RescueError>),
     #[error("interrupted by {sig}: the update was rolled back, process {pid} runs as before")]
     Interrupted { pid: i32, sig: Sig },
+    #[error("process {pid}: the commit failed on purpose (UPSTARE_TEST_FAIL_COMMIT)")]
+    InjectedFault { pid: i32 },
+    #[error("{source}; the update of the process tree was rolled back ({committed} process(es) had committed and were put back), every process runs as before")]
+    TreeRolledBack {
+        pid: i32,
+        committed: usize,
+        source: Box<UpdateError>,
+    },
 }
 
 /// `Err(Interrupted)` if the updater received a termination signal and the
@@ -246,6 +268,9 @@ pub struct UpdateReport {
     pub heap_converted_in_place: usize,
     /// Heap objects of changed type moved to a new block (the old freed).
     pub heap_moved: usize,
+    /// Per heap type (`struct node`): objects found, converted in place,
+    /// moved, pointers redirected, sweep hits.
+    pub heap_types: std::collections::BTreeMap<String, heap::HeapTypeFigures>,
     /// Times the threads were let run again because a frame the SPEC
     /// forbids during an update was active.
     pub safety_retries: u32,
@@ -279,7 +304,7 @@ pub fn read_new(new_path: &Path) -> Result<Vec<u8>, UpdateError> {
 /// happened. NEW is read completely before the first ptrace call, so a bad
 /// input never keeps the process stopped.
 pub fn apply(pid: i32, new_path: &Path, opts: &ApplyOptions) -> Result<UpdateReport, UpdateError> {
-    let mut clock = PhaseClock::start();
+    let clock = PhaseClock::start();
     if pid <= 0 || !Path::new(&format!("/proc/{pid}")).exists() {
         return Err(UpdateError::NoProcess { pid });
     }
@@ -288,10 +313,10 @@ pub fn apply(pid: i32, new_path: &Path, opts: &ApplyOptions) -> Result<UpdateRep
     signals::set_target(pid);
     interrupted(pid)?;
     let mut tracee = Tracee::seize(nix::unistd::Pid::from_raw(pid))?;
-    let result = apply_traced_bytes(&mut tracee, new_path, new_bytes, opts, &mut clock);
+    let result = apply_traced_bytes(&mut tracee, new_path, new_bytes, opts, clock);
     let detached = tracee.detach();
     match result {
-        Ok((mut r, leftovers)) => {
+        Ok((mut r, mut clock, leftovers)) => {
             detached?;
             r.timings.finish(&mut clock);
             drop(leftovers);
@@ -446,9 +471,10 @@ pub fn apply_traced(
     new_path: &Path,
     opts: &ApplyOptions,
 ) -> Result<UpdateReport, UpdateError> {
-    let mut clock = PhaseClock::start();
+    let clock = PhaseClock::start();
     let new_bytes = read_new(new_path)?;
-    let (mut r, _leftovers) = apply_traced_bytes(tracee, new_path, new_bytes, opts, &mut clock)?;
+    let (mut r, mut clock, _leftovers) =
+        apply_traced_bytes(tracee, new_path, new_bytes, opts, clock)?;
     // The caller resumes the threads: nothing more to time here.
     r.timings.finish(&mut clock);
     Ok(r)
@@ -457,7 +483,7 @@ pub fn apply_traced(
 /// What an update leaves to free (tables, plan, images, file contents):
 /// dropped by the caller once the process runs again, because freeing
 /// them for a large program takes milliseconds the process need not wait.
-type Leftovers = Box<dyn std::any::Any>;
+pub(crate) type Leftovers = Box<dyn std::any::Any>;
 
 /// [`apply_traced`] with NEW already read (`new_bytes`, the contents of
 /// `new_path`). Every phase up to the commit is timed on `clock`, started
@@ -467,9 +493,59 @@ fn apply_traced_bytes(
     new_path: &Path,
     new_bytes: Vec<u8>,
     opts: &ApplyOptions,
-    clock: &mut PhaseClock,
-) -> Result<(UpdateReport, Leftovers), UpdateError> {
-    let pid = tracee.pid().as_raw();
+    clock: PhaseClock,
+) -> Result<(UpdateReport, PhaseClock, Leftovers), UpdateError> {
+    let mut planned = plan_update(tracee.pid(), new_path, &new_bytes, opts, clock)?;
+    let (threads, safety_retries) = stop_process(tracee, &mut planned, opts)?;
+    let mut ready = compute(
+        tracee,
+        planned,
+        threads,
+        safety_retries,
+        new_path,
+        &new_bytes,
+        opts,
+    )?;
+    if opts.dry_run {
+        // Nothing committed: NEW is unloaded (timed as the commit).
+        let (report, clock, leftovers) = ready.dry_finish();
+        return Ok((report, clock, Box::new((leftovers, new_bytes))));
+    }
+    // Phase 6: commit, with an undo log so a failure is rolled back. A
+    // termination signal from here on is reported once it is finished.
+    let _window = CommitWindow::open();
+    commit_ready(&mut ready)?;
+    let (report, clock, leftovers) = ready.finish();
+    Ok((report, clock, Box::new((leftovers, new_bytes))))
+}
+
+/// What phase 1 found and decided for one process, before it is paused.
+struct Planned {
+    /// The process's own clock: its report's phases are laps of it.
+    clock: PhaseClock,
+    pid: i32,
+    old: Image,
+    old_bytes: Vec<u8>,
+    new_tables: FrameTables,
+    plan: UpdatePlan,
+    object: Option<TransformerObject>,
+    libs: Libraries,
+    prepared_load: Option<load::PreparedLoad>,
+    /// What the sweep needs from the two files alone.
+    sweep_files: crate::engine::sweep::SweepFiles,
+    timings: Timings,
+}
+
+/// Phase 1 for process `pid`: what runs, and what it becomes (no process
+/// changes). `clock` was started when this process's update began.
+fn plan_update(
+    pid_: Pid,
+    new_path: &Path,
+    new_bytes: &[u8],
+    opts: &ApplyOptions,
+    mut clock: PhaseClock,
+) -> Result<Planned, UpdateError> {
+    let pid = pid_.as_raw();
     let proc_err = |source| UpdateError::Proc { pid, source };
     let new_err = |why: String| UpdateError::New {
         path: new_path.to_path_buf(),
@@ -478,11 +554,11 @@ fn apply_traced_bytes(
     let mut timings = Timings::default();
 
     // Phase 1: what runs, and what it becomes (no process changes).
-    let maps = procfs::read_maps(tracee.pid()).map_err(proc_err)?;
-    let old = running_image(tracee.pid(), &maps)?;
+    let maps = procfs::read_maps(pid_).map_err(proc_err)?;
+    let old = running_image(pid_, &maps)?;
     if let Some(expected) = &opts.expected_old {
         // The file exactly as mapped, hashed before anything is stopped.
-        let f = open_image_file(tracee.pid(), &maps, &old)?;
+        let f = open_image_file(pid_, &maps, &old)?;
         let actual = ImageIdentity::of_reader(f, &old.tables.binary.build_id).map_err(|e| {
             UpdateError::NotOld {
                 pid,
@@ -517,9 +593,9 @@ fn apply_traced_bytes(
             )));
         }
     }
-    let new_tables = upstare_dwarf::read_tables(&new_bytes).map_err(|e| new_err(e.to_string()))?;
+    let new_tables = upstare_dwarf::read_tables(new_bytes).map_err(|e| new_err(e.to_string()))?;
     if let Some(expected) = &opts.expected_new {
-        let actual = ImageIdentity::of_bytes(&new_bytes, &new_tables);
+        let actual = ImageIdentity::of_bytes(new_bytes, &new_tables);
         if let Some(why) = expected.mismatch(&actual) {
             return Err(UpdateError::NotNew {
                 path: new_path.to_path_buf(),
@@ -537,7 +613,7 @@ fn apply_traced_bytes(
     }
     // OLD's file as mapped (initial values, the sweep), read before the
     // pause.
-    let old_bytes = image_file_bytes(tracee.pid(), &maps, &old)?;
+    let old_bytes = image_file_bytes(pid_, &maps, &old)?;
     // What maps to what is decided from the two tables alone, before the
     // process is paused.
     let mut object = opts.transformers.clone();
@@ -580,7 +656,7 @@ fn apply_traced_bytes(
     if transforms && object.is_none() {
         return Err(TransformerError::NoObject.into());
     }
-    let mut libs = Libraries::new(tracee.pid(), &maps);
+    let libs = Libraries::new(pid_, &maps);
     // The call frame information of every library, read now rather than
     // by the first unwind through it in the pause (a thread blocked in
     // libc); a library that cannot be read is met again there.
@@ -593,13 +669,38 @@ fn apply_traced_bytes(
     let prepared_load = if opts.legacy_pause {
         None
     } else {
-        load::prepare_load(tracee.pid(), &maps, new_path, &new_bytes, &old).ok()
+        load::prepare_load(pid_, &maps, new_path, new_bytes, &old).ok()
     };
 
     // What the sweep needs from the two files alone.
     let sweep_files =
-        crate::engine::sweep::SweepFiles::new(&old_bytes, &new_bytes, &plan, &old, &new_tables);
+        crate::engine::sweep::SweepFiles::new(&old_bytes, new_bytes, &plan, &old, &new_tables);
     timings.plan_us = clock.lap();
+    Ok(Planned {
+        clock,
+        pid,
+        old,
+        old_bytes,
+        new_tables,
+        plan,
+        object,
+        libs,
+        prepared_load,
+        sweep_files,
+        timings,
+    })
+}
+
+/// Phase 2: every thread of the process stopped at an update point or in
+/// a safe call; how many times the threads were let run again for a
+/// `[safety]` rule.
+fn stop_process(
+    tracee: &mut Tracee,
+    planned: &mut Planned,
+    opts: &ApplyOptions,
+) -> Result<(Vec<ThreadState>, u32), UpdateError> {
+    let pid = planned.pid;
+    let (old, plan, libs) = (&planned.old, &planned.plan, &mut planned.libs);
     // Phase 2: stop every thread at an update point or in a safe call.
     // With frames that must not be active (SPEC [safety]), the threads are
     // let run again until none is, within the time limit.
@@ -611,7 +712,7 @@ fn apply_traced_bytes(
     // rescue handler covers exactly that span, so that the process lives on
     // if the updater is killed meanwhile.
     signals::set_stopping(true);
-    let rescue = survive::install(tracee, &old);
+    let rescue = survive::install(tracee, old);
     let rescue = match rescue {
         Ok(r) => r,
         Err(e) => {
@@ -623,8 +724,8 @@ fn apply_traced_bytes(
         interrupted(pid)?;
         let stopped = stop::stop_the_world(
             tracee,
-            &old,
-            &mut libs,
+            old,
+            libs,
             &StopOptions {
                 timeout: deadline.saturating_duration_since(Instant::now()),
                 skip_hits,
@@ -636,7 +737,7 @@ fn apply_traced_bytes(
             e => e.into(),
         })?;
         skip_hits = 0;
-        let Some(busy) = forbidden_frame(&stopped.threads, &plan) else {
+        let Some(busy) = forbidden_frame(&stopped.threads, plan) else {
             return Ok(stopped.threads);
         };
         if Instant::now() + SAFETY_RETRY >= deadline {
@@ -658,9 +759,70 @@ fn apply_traced_bytes(
     signals::set_stopping(false);
     let threads = stopped?;
     removed?;
-    timings.stop_us = clock.lap();
+    planned.timings.stop_us = planned.clock.lap();
     interrupted(pid)?;
 
+    Ok((threads, safety_retries))
+}
+
+/// What the commit adds to the report.
+struct CommitFacts {
+    globals_copied: usize,
+    converted: Vec<String>,
+    heap_objects: usize,
+    heap_pointers_remapped: usize,
+    heap_converted_in_place: usize,
+    heap_moved: usize,
+    heap_types: std::collections::BTreeMap<String, heap::HeapTypeFigures>,
+    frames: Vec<Vec<String>>,
+}
+
+/// One process ready to commit: NEW loaded (unloaded again when this is
+/// dropped uncommitted), every byte and register computed.
+struct Ready<'t> {
+    loaded: LoadedImage<'t>,
+    commit_plan: load::CommitPlan,
+    /// What of the old image is unmapped once every process committed.
+    unmap: crate::load::retire::UnmapPlan,
+    prepared: PreparedState,
+    threads: Vec<ThreadState>,
+    report: UpdateReport,
+    facts: CommitFacts,
+    warnings: Vec<String>,
+    timings: Timings,
+    clock: PhaseClock,
+    legacy_pause: bool,
+    /// What the update leaves to free once the process runs again.
+    leftovers: Leftovers,
+}
+
+/// Phases 3 to 5: check the paused state against the plan, load NEW and
+/// compute every byte of the new state.
+#[allow(clippy::too_many_arguments)]
+fn compute<'t>(
+    tracee: &'t mut Tracee,
+    planned: Planned,
+    threads: Vec<ThreadState>,
+    safety_retries: u32,
+    new_path: &Path,
+    new_bytes: &[u8],
+    opts: &ApplyOptions,
+) -> Result<Ready<'t>, UpdateError> {
+    let Planned {
+        mut clock,
+        pid,
+        old,
+        old_bytes,
+        new_tables,
+        plan,
+        object,
+        libs,
+        prepared_load,
+        sweep_files,
+        mut timings,
+    } = planned;
+    let proc_err = |source| UpdateError::Proc { pid, source };
+    let transforms = !plan.transformers.is_empty();
     // Phase 3: does the paused state map onto the new version? (plan and
     // tables only)
     transfer::check_globals(&plan, &tracee.memory(), &old)?;
@@ -679,6 +841,7 @@ fn apply_traced_bytes(
         heap_pointers_remapped: 0,
         heap_converted_in_place: 0,
         heap_moved: 0,
+        heap_types: Default::default(),
         safety_retries,
         bytes_written: 0,
         sweep: Default::default(),
@@ -701,7 +864,7 @@ fn apply_traced_bytes(
             tracee,
             tid,
             prep,
-            &new_bytes,
+            new_bytes,
             new_tables,
             &old,
             &LoadOptions::default(),
@@ -710,7 +873,7 @@ fn apply_traced_bytes(
             tracee,
             tid,
             new_path,
-            &new_bytes,
+            new_bytes,
             new_tables,
             &old,
             &LoadOptions::default(),
@@ -732,15 +895,7 @@ fn apply_traced_bytes(
     // changed type first: where they go must be known before any pointer
     // to them is remapped, and blocks for moved ones are allocated now.
     let heap_ranges = heap::heap_ranges(&maps_now, &threads, [&old, loaded.image()]);
-    let heap_mem = loaded.tracee().memory();
-    let mut heap_objects = heap::find_heap_objects(
-        &heap_mem,
-        &old.tables.types,
-        &loaded.image().tables.types,
-        &heap::heap_roots(&heap_mem, &old, &threads),
-        &heap_ranges,
-        &plan.changed_types,
-    )?;
+    let mut heap_objects = heap_objects::find(&mut loaded, &old, &threads, &plan, &heap_ranges)?;
     heap_objects::place(&mut loaded, &mut heap_objects, &heap_ranges)?;
     let (new, tr) = loaded.parts();
     // A dry run unloads NEW again: no address to report.
@@ -784,6 +939,7 @@ fn apply_traced_bytes(
     let old_elf = &old_bytes;
     let rsps: Vec<u64> = plans.iter().map(|p| p.regs.rsp().0).collect();
     let pending: Vec<&Write> = writes.iter().collect();
+    let heap_moves = heap_objects.moves();
     let (swept, retired) = crate::engine::sweep::sweep_update(
         &mem,
         &maps_now,
@@ -794,9 +950,22 @@ fn apply_traced_bytes(
         &pending,
         old_elf,
         &sweep_files,
+        &heap_moves,
     );
     let sweep_writes = swept.writes();
     warnings.extend(sweep_warnings(&swept));
+    let aliases = heap_objects::alias_lines(&remap.untyped_aliases, &swept, &|a| {
+        heap_objects::site_of(new, &old.tables.types, &heap_objects, a)
+    });
+    if let (true, Some(first)) = (opts.strict, aliases.first()) {
+        return Err(UpdateError::UntypedAlias {
+            pid,
+            count: aliases.len(),
+            first: first.clone(),
+        });
+    }
+    warnings.extend(heap_objects::alias_warnings(&aliases));
+    let heap_types = heap_objects::type_figures(&heap, &remap.heap_redirects, &swept);
     if opts.strict {
         if let Some(h) = swept.stale().next() {
             return Err(UpdateError::Stale {
@@ -854,19 +1023,6 @@ fn apply_traced_bytes(
     warnings.extend(heap.warnings.iter().cloned());
     timings.sweep_us = clock.lap();
 
-    if opts.dry_run {
-        // Nothing committed: the guard unloads NEW (timed as the commit).
-        drop(remap);
-        drop(mem);
-        drop(loaded);
-        timings.commit_us = clock.lap();
-        report.warnings = warnings;
-        report.timings = timings;
-        return Ok((
-            report,
-            Box::new((old, plan, libs, old_bytes, new_bytes, threads, sweep_files)),
-        ));
-    }
     let prepared = PreparedState {
         writes,
         regs: plans.iter().map(|p| (p.tid, p.regs)).collect(),
@@ -883,65 +1039,137 @@ fn apply_traced_bytes(
     // The last moment a termination signal rolls the update back.
     interrupted(pid)?;
 
-    // Phase 6: commit, with an undo log so a failure is rolled back. A
-    // termination signal from here on is reported once it is finished.
-    let _window = CommitWindow::open();
-    let mode = if opts.legacy_pause {
+    if !opts.keep_old_heap_objects {
+        loaded.free_after_commit(heap_objects.moved_from());
+    }
+    Ok(Ready {
+        loaded,
+        commit_plan,
+        unmap,
+        prepared,
+        threads,
+        report,
+        facts: CommitFacts {
+            globals_copied,
+            converted,
+            heap_objects: heap.objects,
+            heap_pointers_remapped: heap.writes.len() - heap.converted_in_place,
+            heap_converted_in_place: heap.converted_in_place,
+            heap_moved: heap.moved.len(),
+            heap_types,
+            frames,
+        },
+        warnings,
+        timings,
+        clock,
+        legacy_pause: opts.legacy_pause,
+        leftovers: Box::new((old, plan, libs, old_bytes, sweep_files)),
+    })
+}
+
+impl Ready<'_> {
+    /// The report of a dry run (nothing committed): NEW unloaded (timed
+    /// as the commit), the clock for the caller to time the resume, and
+    /// what is left to free once the process runs.
+    fn dry_finish(self) -> (UpdateReport, PhaseClock, Leftovers) {
+        let Ready {
+            loaded,
+            mut report,
+            warnings,
+            mut timings,
+            mut clock,
+            leftovers,
+            ..
+        } = self;
+        drop(loaded);
+        timings.commit_us = clock.lap();
+        report.warnings = warnings;
+        report.timings = timings;
+        (report, clock, leftovers)
+    }
+
+    /// After [`commit_ready`]: NEW belongs to the program; the report (its
+    /// resume not yet timed: [`Timings::finish`] with the clock once the
+    /// process runs) and what is left to free then.
+    fn finish(self) -> (UpdateReport, PhaseClock, Leftovers) {
+        let Ready {
+            loaded,
+            commit_plan,
+            unmap,
+            prepared,
+            threads,
+            mut report,
+            facts,
+            mut warnings,
+            mut timings,
+            mut clock,
+            leftovers,
+            ..
+        } = self;
+        let (new_image, unfreed, not_unmapped) = loaded.finish_committed(&commit_plan);
+        report.retired = unmap.report(not_unmapped);
+        if unfreed > 0 {
+            warnings.push(format!(
+                "{unfreed} old heap object(s) of changed type could not be freed after the update (left allocated)"
+            ));
+        }
+        report.bytes_written = prepared.bytes();
+        report.globals_copied = facts.globals_copied;
+        report.converted = facts.converted;
+        report.heap_objects = facts.heap_objects;
+        report.heap_pointers_remapped = facts.heap_pointers_remapped;
+        report.heap_converted_in_place = facts.heap_converted_in_place;
+        report.heap_moved = facts.heap_moved;
+        report.heap_types = facts.heap_types;
+        report.threads = threads
+            .iter()
+            .zip(facts.frames)
+            .map(|(t, frames)| ThreadReport {
+                frames,
+                ..thread_report(t)
+            })
+            .collect();
+        timings.commit_us = clock.lap();
+        report.warnings = warnings;
+        report.timings = timings;
+        (
+            report,
+            clock,
+            Box::new((leftovers, new_image, threads, prepared)),
+        )
+    }
+}
+
+/// Commit `ready`'s writes and registers with an undo log, then the load's
+/// commit steps; on failure everything is put back (the guard unloads NEW
+/// when `ready` is dropped). The undo log, kept until the whole update
+/// commits.
+fn commit_ready(ready: &mut Ready<'_>) -> Result<UndoLog, UpdateError> {
+    let mode = if ready.legacy_pause {
         transaction::CommitMode::OneByOne
     } else {
         transaction::CommitMode::Batched
     };
-    let undo = transaction::commit_with(&prepared, &mut mem, tr, mode)?;
-    loaded.free_after_commit(heap_objects.moved_from());
-    let (new_image, unfreed) = match loaded.commit_freeing(&commit_plan) {
-        Ok((image, unfreed, not_unmapped)) => {
-            report.retired = unmap.report(not_unmapped);
-            (image, unfreed)
-        }
-        Err(e) => {
-            // The guard has unloaded NEW; put the old state back.
-            let mut mem = tracee.memory();
-            undo.roll_back(&mut mem, tracee);
-            return Err(e.into());
-        }
-    };
-    if unfreed > 0 {
-        warnings.push(format!(
-            "{unfreed} old heap object(s) of changed type could not be freed after the update (left allocated)"
-        ));
+    let tr = ready.loaded.tracee();
+    let mut mem = tr.memory();
+    let undo = transaction::commit_with(&ready.prepared, &mut mem, tr, mode)?;
+    if let Err(e) = ready.loaded.commit_steps(&ready.commit_plan) {
+        let tr = ready.loaded.tracee();
+        let mut mem = tr.memory();
+        undo.roll_back(&mut mem, tr);
+        return Err(e.into());
     }
-    let bytes_written = prepared.bytes();
-    report.bytes_written = bytes_written;
-    report.globals_copied = globals_copied;
-    report.converted = converted;
-    report.heap_objects = heap.objects;
-    report.heap_pointers_remapped = heap.writes.len() - heap.converted_in_place;
-    report.heap_converted_in_place = heap.converted_in_place;
-    report.heap_moved = heap.moved.len();
-    report.threads = threads
-        .iter()
-        .zip(frames)
-        .map(|(t, frames)| ThreadReport {
-            frames,
-            ..thread_report(t)
-        })
-        .collect();
-    timings.commit_us = clock.lap();
-    report.warnings = warnings;
-    report.timings = timings;
-    Ok((
-        report,
-        Box::new((
-            old,
-            plan,
-            libs,
-            new_image,
-            old_bytes,
-            new_bytes,
-            threads,
-            sweep_files,
-        )),
-    ))
+    Ok(undo)
+}
+
+/// Take back a [`commit_ready`] that succeeded: the load's commit steps,
+/// then the writes and registers from `undo` (best effort, each step
+/// tried); the guard unloads NEW when `ready` is dropped.
+fn revert_ready(ready: &mut Ready<'_>, undo: UndoLog) {
+    let _ = ready.loaded.revert_steps(&ready.commit_plan);
+    let tr = ready.loaded.tracee();
+    let mut mem = tr.memory();
+    undo.roll_back(&mut mem, tr);
 }
 
 #[cfg(test)]

@@ -66,7 +66,8 @@ impl Timings {
     }
 }
 
-fn us(d: Duration) -> u64 {
+/// `d` in whole microseconds (saturating).
+pub(crate) fn us(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 

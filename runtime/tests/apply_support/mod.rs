@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod bank;
+pub mod lines;
 pub mod real;
 pub mod ticks;
 
@@ -35,6 +36,12 @@ pub fn instrumented(p: &Program, tc: Toolchain) -> PathBuf {
 /// Compiles C text with `tc` into `dir/name` and instruments it.
 pub fn build_c(dir: &TempDir, name: &str, src: &str, tc: Toolchain) -> PathBuf {
     compile_instrumented(dir.path(), name, src, tc, &[])
+}
+
+/// C source `src` for version `version`: `VERSION` defined as that string
+/// (one text for both versions of a generated pair).
+pub fn with_version(src: &str, version: &str) -> String {
+    format!("#define VERSION \"{version}\"\n{src}")
 }
 
 /// A fresh copy of `up` (a different file, same bytes) in `dir`.
@@ -267,4 +274,37 @@ pub fn mappings_of(pid: Pid, path: &Path) -> (usize, usize) {
 /// `/proc/PID/maps` as text, for assertion messages.
 pub fn maps_text(pid: Pid) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default()
+}
+
+/// Audits a process just updated (still stopped) from outside: every live
+/// value still pointing into the retired image. Returns the stale ones
+/// (`value at location (what)`) and the counted exceptions (COPY, read-only).
+pub fn audit_after(run: &TracedRun, report: &UpdateReport) -> (Vec<String>, (usize, usize, usize)) {
+    use upstare_runtime::engine::state::Image;
+    use upstare_runtime::engine::sweep::audit;
+    let t = run.tracee.as_ref().expect("traced");
+    let r = &report.sweep.retired;
+    let bytes = std::fs::read(&report.from).expect("read OLD");
+    let tables = upstare_dwarf::read_tables(&bytes).expect("OLD's tables");
+    let old = Image {
+        path: report.from.clone(),
+        bias: upstare_dwarf::LoadBias(r.bias),
+        tables,
+        text: upstare_dwarf::RuntimeAddr(r.text.start)..upstare_dwarf::RuntimeAddr(r.text.end),
+        span: upstare_dwarf::RuntimeAddr(r.span.start)..upstare_dwarf::RuntimeAddr(r.span.end),
+    };
+    let maps = upstare_runtime::target::procfs::read_maps(run.pid()).expect("maps");
+    let rsps: Vec<u64> = t
+        .traced()
+        .into_iter()
+        .filter_map(|tid| t.regs(tid).ok())
+        .map(|regs| regs.rsp().0)
+        .collect();
+    let found = audit(&t.memory(), &maps, &rsps, &old, r);
+    assert_eq!(found.bytes_not_scanned, 0, "the audit was capped");
+    let stale = found
+        .stale()
+        .map(|h| format!("{:#x} at {} ({:?})", h.value, h.location, h.class))
+        .collect();
+    (stale, found.exceptions())
 }
