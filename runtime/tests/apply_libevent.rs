@@ -5,9 +5,8 @@
 
 mod apply_support;
 
-use apply_support::{with_version, TempDir};
+use apply_support::{apply_within, with_version, TempDir};
 use std::time::Duration;
-use upstare_runtime::update::{apply, ApplyOptions};
 use upstare_testkit::{compile_instrumented, spawn, Toolchain};
 
 const PROGRAM: &str = r#"
@@ -72,12 +71,7 @@ fn idle_in_event_base_loop(tc: Toolchain) {
         .wait_for_line("v1 callback", wait, |l| l == "v1 got one (1)")
         .expect("v1 callback");
     std::thread::sleep(Duration::from_millis(100));
-    let opts = ApplyOptions {
-        timeout: Duration::from_secs(10),
-        ..ApplyOptions::default()
-    };
-    let report =
-        apply(child.pid() as i32, &v2, &opts).unwrap_or_else(|e| panic!("update failed: {e}"));
+    let report = apply_within(child.pid(), &v2, Duration::from_secs(10));
     assert!(
         report.threads[0].state.contains("event_base_dispatch"),
         "{:?}",

@@ -136,7 +136,6 @@ fn memcached_identity_update_while_idle_keeps_keys_and_connections() {
 }
 
 #[test]
-#[ignore = "a worker called back from libevent under a steady load never returns to the loop when the stop looks: callbacks under library frames are issue 9"]
 fn memcached_identity_update_under_load_drops_nothing() {
     let (old, _) = builds();
     let dir = TempDir::new("real-mc-load");

@@ -11,6 +11,7 @@ use remote_support::*;
 use std::path::PathBuf;
 use std::time::Duration;
 use upstare_dwarf::RuntimeAddr;
+use upstare_runtime::load::Libraries;
 use upstare_runtime::memory::TargetMemory;
 use upstare_runtime::target::remote::{
     exe_entry, KernelSigaction, RemoteCalls, RemoteError, GADGET_LEN,
@@ -19,7 +20,9 @@ use upstare_runtime::Tracee;
 use upstare_testkit::{ChildGuard, Toolchain};
 
 const PROG: &str = r#"
+#include <malloc.h>
 #include <signal.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
@@ -34,6 +37,12 @@ long weigh6(long a, long b, long c, long d, long e, long f) {
 int fmt(char *buf, int n) { return snprintf(buf, 64, "value=%d", n); }
 double half(double x) { return x / 2; }
 void forever(void) { for (;;) spins++; }
+unsigned long heap_in_use(void) { return mallinfo2().uordblks; }
+/* x * 2 when called with the stack aligned as the ABI requires (rsp + 8
+   a multiple of 16 at the entry, so the frame pushed there is too). */
+long twice_if_aligned(long x) {
+    return (uintptr_t)__builtin_frame_address(0) % 16 == 0 ? x * 2 : -1;
+}
 static void on_usr1(int s) { (void)s; write(1, "usr1\n", 5); }
 static void on_usr2(int s) { (void)s; write(1, "usr2\n", 5); }
 
@@ -463,4 +472,94 @@ fn remote_calls_in_a_non_leader_thread() {
         b"hi\n",
         &format!("ready worker {tid}\nworker read 3\njoined\n"),
     );
+}
+
+/// glibc's chunk for a request of `n` bytes: `n` plus the 8-byte size
+/// field, rounded up to 16, at least 32 (what `mallinfo2().uordblks`
+/// counts and `malloc_usable_size` reports minus the size field).
+fn glibc_chunk(n: u64) -> u64 {
+    ((n + 8 + 15) & !15).max(32)
+}
+
+#[test]
+fn batched_calls_allocate_measure_and_free_ten_thousand_blocks() {
+    let (_dir, exe, child, pid, mut t) = seized_blocked("batch");
+    let gadget = exe_entry(pid).expect("entry");
+    let before = snapshot(&t, pid, gadget);
+    let libs = Libraries::read(pid).expect("libraries");
+    let libc_fn = |name: &str| libs.lookup_symbol(name, None).expect(name).addr;
+    let (malloc, usable, free) = (
+        libc_fn("malloc"),
+        libc_fn("malloc_usable_size"),
+        libc_fn("free"),
+    );
+    let in_use = runtime_symbol(pid, &exe, "heap_in_use");
+    let twice = runtime_symbol(pid, &exe, "twice_if_aligned");
+    // Above glibc's per-thread cache (1032 bytes), which mallinfo would
+    // count as in use after the frees.
+    let sizes: Vec<u64> = (0..10_000u64).map(|i| 1100 + (i % 7) * 40).collect();
+    {
+        let mut rc = RemoteCalls::new(&mut t, pid, gadget).expect("session");
+        let heap0 = rc.call(in_use, &[]).expect("mallinfo2 before");
+        let mut blocks = Vec::new();
+        rc.call_each(malloc, &sizes, true, &mut blocks)
+            .expect("batched malloc");
+        assert_eq!(blocks.len(), sizes.len(), "one block per size");
+        assert!(blocks.iter().all(|&b| b != 0 && b % 16 == 0));
+        let mut distinct = blocks.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), blocks.len(), "distinct blocks");
+        let heap1 = rc.call(in_use, &[]).expect("mallinfo2 after malloc");
+        let chunks: u64 = sizes.iter().map(|&n| glibc_chunk(n)).sum();
+        assert_eq!(heap1 - heap0, chunks, "the heap grew by the chunks");
+        let mut usable_sizes = Vec::new();
+        rc.call_each(usable, &blocks, false, &mut usable_sizes)
+            .expect("batched malloc_usable_size");
+        for (n, u) in sizes.iter().zip(&usable_sizes) {
+            assert_eq!(u + 8, glibc_chunk(*n), "usable size of a {n}-byte block");
+        }
+        // The same in chunks of 1000 calls: the (empty) 1 MiB scratch
+        // area is taken but for 16 bytes per call.
+        let _ = rc.scratch_alloc((1 << 20) - 16_000).expect("fill scratch");
+        let mut again = Vec::new();
+        rc.call_each(usable, &blocks, false, &mut again)
+            .expect("chunked malloc_usable_size");
+        assert_eq!(again, usable_sizes);
+        rc.scratch_reset();
+        // Each call finds the stack aligned.
+        let mut doubled = Vec::new();
+        rc.call_each(twice, &[1, 2, 3], false, &mut doubled)
+            .expect("aligned calls");
+        assert_eq!(doubled, vec![2, 4, 6]);
+        let mut freed = Vec::new();
+        rc.call_each(free, &blocks, false, &mut freed)
+            .expect("batched free");
+        assert_eq!(freed.len(), blocks.len(), "every block freed");
+        let heap2 = rc.call(in_use, &[]).expect("mallinfo2 after free");
+        assert_eq!(heap2, heap0, "the heap is back where it was");
+        // A NULL from malloc ends the batch there.
+        let mut partial = Vec::new();
+        rc.call_each(malloc, &[64, 1 << 62, 64], true, &mut partial)
+            .expect("malloc batch with a failure");
+        assert_eq!(partial.len(), 2, "stopped after the NULL: {partial:?}");
+        assert!(partial[0] != 0 && partial[1] == 0);
+        rc.call_each(free, &partial[..1], false, &mut Vec::new())
+            .expect("free the one block");
+        rc.finish().expect("restore");
+    }
+    // The heap's end may differ by what glibc kept when it trimmed; every
+    // other mapping (no scratch, no code page left) is as before.
+    let without_heap = |s: &Snapshot| {
+        let maps: Vec<String> =
+            s.3.lines()
+                .filter(|l| !l.ends_with("[heap]"))
+                .map(str::to_string)
+                .collect();
+        (s.0, s.2.clone(), maps)
+    };
+    let after = snapshot(&t, pid, gadget);
+    assert_eq!(without_heap(&before), without_heap(&after));
+    assert!(before.1 == after.1, "extended registers restored");
+    let_go(t, child, b"ok\n", &format!("ready {pid}\nread 3 ok\n"));
 }

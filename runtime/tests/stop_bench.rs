@@ -103,6 +103,7 @@ fn measure(exe: &std::path::Path, depth: usize, hot: usize, blocked: usize) -> V
                 Readiness::Blocked { callee, .. } => assert_eq!(callee, "read"),
                 Readiness::InLibrary { callee, .. }
                 | Readiness::Returned { callee }
+                | Readiness::CallbackReturned { callee }
                 | Readiness::Relock { callee, .. } => panic!("unexpected wait in {callee}"),
             }
         }

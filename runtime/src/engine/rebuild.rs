@@ -223,7 +223,7 @@ fn top_mode(r: &Readiness) -> TopMode {
     match r {
         Readiness::AtPoint => TopMode::Point,
         Readiness::Blocked { .. } => TopMode::Restart,
-        Readiness::InLibrary { .. } => TopMode::InPlace,
+        Readiness::InLibrary { .. } | Readiness::CallbackReturned { .. } => TopMode::InPlace,
         Readiness::Returned { .. } => TopMode::Returned,
         Readiness::Relock { .. } => TopMode::Relock,
     }

@@ -93,6 +93,18 @@ pub enum Readiness {
         /// The mutex (old address).
         mutex: u64,
     },
+    /// Was running an application callback under library frames (a
+    /// libevent callback under `event_base_loop`, a `qsort` comparator):
+    /// let run until the callback returned into the library and parked
+    /// there by a breakpoint, in library code with no application frame
+    /// above the call into the library. Handled like [`Readiness::InLibrary`]:
+    /// the library frames and registers stay where they are and the call
+    /// returns into the new version of the top application frame, which
+    /// must not move.
+    CallbackReturned {
+        /// The library function called by the application.
+        callee: String,
+    },
 }
 
 impl Readiness {
@@ -101,7 +113,10 @@ impl Readiness {
     pub fn is_blocked(&self) -> bool {
         !matches!(
             self,
-            Readiness::AtPoint | Readiness::Returned { .. } | Readiness::Relock { .. }
+            Readiness::AtPoint
+                | Readiness::Returned { .. }
+                | Readiness::Relock { .. }
+                | Readiness::CallbackReturned { .. }
         )
     }
 }

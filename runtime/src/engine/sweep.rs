@@ -34,9 +34,12 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::ops::Range;
 
+use nix::unistd::Pid;
 use serde::Serialize;
 use upstare_dwarf::fdt::FrameTables;
-use upstare_dwarf::{LinkAddr, LoadBias, RuntimeAddr};
+use upstare_dwarf::{LinkAddr, LoadBias, Reg, RuntimeAddr};
+
+use crate::target::ptrace::Regs;
 
 use crate::engine::pointers::{HeapMove, Remapper};
 use crate::engine::state::Image;
@@ -855,9 +858,11 @@ impl SweepSummary {
 }
 
 /// The sweep of one update: everything the process will hold once `pending`
-/// is written, with `rsps` the threads' new stack pointers. `old_elf` is
-/// OLD's file (for its COPY relocations); `files` what the two files say,
-/// worked out before the stop. Values pointing into the heap objects of
+/// is written, with `rsps` the threads' new stack pointers, and the
+/// registers of the threads left in library code (`kept_regs`: a callback's
+/// return into `qsort` keeps the comparator and the array in registers),
+/// remapped in place. `old_elf` is OLD's file (for its COPY relocations);
+/// `files` what the two files say, worked out before the stop. Values pointing into the heap objects of
 /// changed type (`heap_moves`) are found too, except inside the old blocks
 /// of moved objects (freed after the update) and the retired image.
 #[allow(clippy::too_many_arguments)]
@@ -872,6 +877,7 @@ pub fn sweep_update<'a>(
     old_elf: &[u8],
     files: &SweepFiles,
     heap_moves: &[HeapMove],
+    kept_regs: &mut [(Pid, &mut Regs)],
 ) -> (SweepResult, Retired) {
     let retired = Retired::new(old, maps, old_elf);
     let regions = regions(maps, rsps, &retired);
@@ -899,9 +905,15 @@ pub fn sweep_update<'a>(
                 (old.runtime(LinkAddr(*at)).0, (name.clone(), to))
             })
             .collect();
-        sweep(mem, &regions, pending, &mut |v| {
+        let mut r = sweep(mem, &regions, pending, &mut |v| {
             aliases.classify(v).or_else(|| c.classify(v))
-        })
+        });
+        for (tid, regs) in kept_regs.iter_mut() {
+            sweep_registers(*tid, regs, &mut r, &mut |v| {
+                aliases.classify(v).or_else(|| c.classify(v))
+            });
+        }
+        r
     };
     r.hits.retain(|h| {
         !matches!(h.class, Class::HeapAlias { .. })
@@ -944,6 +956,42 @@ impl SweepFiles {
             ),
             same_code: identical_code(old_elf, new_elf),
             got: got_slots(old_elf, new_elf),
+        }
+    }
+}
+
+/// Remap the general registers of thread `tid` (left as they are in
+/// library code) that `classify` sends to NEW; the other values it knows
+/// are kept as hits named by the register (at address 0: never written).
+fn sweep_registers(
+    tid: Pid,
+    regs: &mut Regs,
+    out: &mut SweepResult,
+    classify: &mut dyn FnMut(u64) -> Option<Class>,
+) {
+    for reg in Reg::ALL {
+        if matches!(reg, Reg::Rip | Reg::Rsp) {
+            continue;
+        }
+        let value = regs.get(reg);
+        match classify(value) {
+            None => {}
+            Some(Class::Remap { new, .. }) | Some(Class::HeapAlias { new: Some(new), .. }) => {
+                regs.set(reg, new)
+            }
+            Some(class) => {
+                if out.hits.len() < MAX_HITS_KEPT {
+                    out.hits.push(Hit {
+                        addr: 0,
+                        location: format!("thread {tid} register {reg}"),
+                        value,
+                        class,
+                        in_retired: false,
+                    });
+                } else {
+                    out.hits_dropped += 1;
+                }
+            }
         }
     }
 }

@@ -91,12 +91,16 @@ pub enum UnwindError {
         function: String,
         location: String,
     },
-    #[error("thread {tid}: {function} was called back from library code ({location}), below which {caller} is active; callbacks through libraries are not supported")]
+    #[error("thread {tid}: {function} was called back from library code ({location}), below which {caller} is active")]
     Callback {
         tid: Pid,
         function: String,
         location: String,
         caller: String,
+        /// Where the outermost callback frame returns to in the library.
+        return_to: RuntimeAddr,
+        /// rsp once it has returned there (that frame's CFA).
+        return_rsp: RuntimeAddr,
     },
     #[error("thread {tid}: no application frame on the stack ({location} is the outermost frame)")]
     NoAppFrame { tid: Pid, location: String },
@@ -716,6 +720,8 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
     fn verify_bottom(&self, tid: Pid, function: &str, mut set: RegSet) -> Result<(), UnwindError> {
         // Where the application frames were entered from, for messages.
         let mut entered_from: Option<String> = None;
+        let return_to = RuntimeAddr(set.get(Reg::Rip).unwrap_or(0));
+        let return_rsp = RuntimeAddr(set.get(Reg::Rsp).unwrap_or(0));
         for _ in 0..MAX_LIB_FRAMES {
             let pc = RuntimeAddr(set.get(Reg::Rip).unwrap_or(0));
             if pc.0 == 0 {
@@ -731,6 +737,8 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
                     function: function.to_string(),
                     location: entered_from.unwrap_or_else(|| format!("{pc}")),
                     caller,
+                    return_to,
+                    return_rsp,
                 });
             }
             let (lib, link) = self.library(tid, pc)?;

@@ -196,6 +196,16 @@ pub enum LoadError {
     NoAllocator { pid: i32, symbol: String },
     #[error("pid {pid}: malloc({size}) returned no memory for a moved heap object")]
     OutOfMemory { pid: i32, size: u64 },
+    #[error(
+        "pid {pid}: the batch of remote {call} calls stopped after {made} of {asked} without \
+         an error"
+    )]
+    BatchShort {
+        pid: i32,
+        call: &'static str,
+        made: usize,
+        asked: usize,
+    },
     #[error(transparent)]
     Remote(#[from] RemoteError),
     #[error(transparent)]
@@ -565,7 +575,7 @@ impl<'t> LoadedImage<'t> {
     }
 
     /// `malloc_usable_size` of each of `chunks` in the process, one remote
-    /// session. Call it only on addresses already checked to be chunk
+    /// session, one call per chunk of [`remote::MAX_BATCH`]. Call it only on addresses already checked to be chunk
     /// starts: the allocator trusts its argument.
     pub fn usable_sizes(&mut self, chunks: &[RuntimeAddr]) -> Result<Vec<u64>, LoadError> {
         if chunks.is_empty() {
@@ -574,16 +584,26 @@ impl<'t> LoadedImage<'t> {
         let f = self.allocator_fn("malloc_usable_size")?;
         let mut rc = RemoteCalls::new(self.tracee, self.tid, self.running_gadget)?;
         rc.set_timeout(self.timeout);
-        let sizes: Result<Vec<u64>, RemoteError> =
-            chunks.iter().map(|c| rc.call(f, &[c.0])).collect();
+        let args: Vec<u64> = chunks.iter().map(|c| c.0).collect();
+        let mut sizes = Vec::with_capacity(args.len());
+        let made = rc.call_each(f, &args, false, &mut sizes);
         let finished = rc.finish();
-        let sizes = sizes?;
+        made?;
         finished?;
+        if sizes.len() != chunks.len() {
+            return Err(LoadError::BatchShort {
+                pid: self.tracee.pid().as_raw(),
+                call: "malloc_usable_size",
+                made: sizes.len(),
+                asked: chunks.len(),
+            });
+        }
         Ok(sizes)
     }
 
     /// Allocates one object of each of `sizes` bytes with the process's own
-    /// `malloc` (so the program can `free` it later), in one remote session.
+    /// `malloc` (so the program can `free` it later), in one remote session
+    /// (one call per chunk of [`remote::MAX_BATCH`]; the first NULL ends it).
     /// Every allocation is freed again unless [`LoadedImage::commit`]
     /// succeeds — on a failure here too.
     pub fn heap_allocate(&mut self, sizes: &[u64]) -> Result<Vec<RuntimeAddr>, LoadError> {
@@ -596,22 +616,31 @@ impl<'t> LoadedImage<'t> {
         let pid = self.tracee.pid().as_raw();
         let mut rc = RemoteCalls::new(self.tracee, self.tid, self.running_gadget)?;
         rc.set_timeout(self.timeout);
-        let mut out = Vec::with_capacity(sizes.len());
-        let mut err = None;
-        for &size in sizes {
-            match rc.call(f, &[size]) {
-                Ok(0) => {
-                    err = Some(LoadError::OutOfMemory { pid, size });
-                    break;
-                }
-                Ok(a) => out.push(RuntimeAddr(a)),
-                Err(e) => {
-                    err = Some(e.into());
-                    break;
-                }
-            }
-        }
+        let mut blocks = Vec::with_capacity(sizes.len());
+        let made = rc.call_each(f, sizes, true, &mut blocks);
         let finished = rc.finish();
+        let out: Vec<RuntimeAddr> = blocks
+            .iter()
+            .take_while(|&&a| a != 0)
+            .map(|&a| RuntimeAddr(a))
+            .collect();
+        // The first size without a block: malloc returned NULL for it, or
+        // the loop stopped short (which is no better).
+        let err = match made {
+            Err(e) => Some(e.into()),
+            Ok(()) => sizes.get(out.len()).map(|&size| {
+                if out.len() < blocks.len() {
+                    LoadError::OutOfMemory { pid, size }
+                } else {
+                    LoadError::BatchShort {
+                        pid,
+                        call: "malloc",
+                        made: blocks.len(),
+                        asked: sizes.len(),
+                    }
+                }
+            }),
+        };
         // Recorded even on failure, so the guard frees them.
         self.heap_allocated.extend(out.iter().copied());
         if let Some(e) = err {
@@ -641,12 +670,12 @@ impl<'t> LoadedImage<'t> {
             return objects.len();
         };
         rc.set_timeout(self.timeout);
-        let done = objects
-            .iter()
-            .take_while(|o| rc.call(f, &[o.0]).is_ok())
-            .count();
+        let args: Vec<u64> = objects.iter().map(|o| o.0).collect();
+        let mut done = Vec::with_capacity(args.len());
+        // Best effort: what was freed before a failure counts.
+        let _ = rc.call_each(f, &args, false, &mut done);
         let _ = rc.finish();
-        objects.len() - done
+        objects.len().saturating_sub(done.len())
     }
 
     /// Unmaps the retired image's `ranges` after the commit, in one remote

@@ -79,6 +79,15 @@ pub enum NotReadyReason {
     /// Led out of its wait, running through the library's own path to the
     /// call's return (re-acquiring the mutex).
     LeavingWait { callee: String },
+    /// Running an application callback under library frames (the
+    /// unwinder's words in `message`): let run until its outermost callback
+    /// frame returns to `return_to` in the library with rsp at
+    /// `return_rsp`, where a breakpoint parks it.
+    InCallback {
+        message: String,
+        return_to: RuntimeAddr,
+        return_rsp: RuntimeAddr,
+    },
 }
 
 impl fmt::Display for NotReadyReason {
@@ -132,6 +141,33 @@ impl fmt::Display for NotReadyReason {
                 f,
                 "led out of {callee}, still on its way to the call's return (re-acquiring the mutex)"
             ),
+            InCallback { message, .. } => write!(
+                f,
+                "{message}; let run for the callback to return into the library, it has not"
+            ),
+        }
+    }
+}
+
+/// Why a thread could not be unwound: the unwinder's words (without the
+/// thread prefix) and, when it runs a callback under library frames, where
+/// that callback returns into the library and rsp there.
+pub(super) struct UnwindFailure {
+    message: String,
+    callback_return: Option<(RuntimeAddr, RuntimeAddr)>,
+}
+
+impl UnwindFailure {
+    /// The reason a thread is not ready: `other` with the message, or
+    /// [`NotReadyReason::InCallback`] when it runs a callback.
+    fn reason(self, other: impl FnOnce(String) -> NotReadyReason) -> NotReadyReason {
+        match self.callback_return {
+            Some((return_to, return_rsp)) => NotReadyReason::InCallback {
+                message: self.message,
+                return_to,
+                return_rsp,
+            },
+            None => other(self.message),
         }
     }
 }
@@ -248,8 +284,24 @@ impl Stopper<'_> {
                 frames: u.frames,
             });
         }
+        if self.out_of_callback.contains(&tid) {
+            let u = unwind(self, regs)
+                .map_err(|e| e.reason(|message| NotReadyReason::Unwind { message }))?;
+            let Top::InLibrary { call, .. } = &u.top else {
+                return Err(NotReadyReason::NotInLibrary);
+            };
+            return Ok(ThreadState {
+                tid,
+                regs: *regs,
+                readiness: Readiness::CallbackReturned {
+                    callee: call.callee.id_name().to_string(),
+                },
+                frames: u.frames,
+            });
+        }
         if let Some((callee, mutex)) = self.relocking.get(&tid).cloned() {
-            let u = unwind(self, regs).map_err(|message| NotReadyReason::Unwind { message })?;
+            let u =
+                unwind(self, regs).map_err(|e| NotReadyReason::Unwind { message: e.message })?;
             return Ok(ThreadState {
                 tid,
                 regs: *regs,
@@ -275,7 +327,8 @@ impl Stopper<'_> {
             if f.update_point_at(rip.to_link(self.image.bias)).is_none() {
                 return Err(NotReadyReason::NotAtPoint);
             }
-            let u = unwind(self, regs).map_err(|message| NotReadyReason::Unwind { message })?;
+            let u = unwind(self, regs)
+                .map_err(|e| e.reason(|message| NotReadyReason::Unwind { message }))?;
             return Ok(ThreadState {
                 tid: Pid::from_raw(t),
                 regs: *regs,
@@ -300,9 +353,11 @@ impl Stopper<'_> {
                 NotReadyReason::RunningLibraryCode
             });
         }
-        let u = unwind(self, regs).map_err(|message| NotReadyReason::BlockedUnwind {
-            syscall: nr,
-            message,
+        let u = unwind(self, regs).map_err(|e| {
+            e.reason(|message| NotReadyReason::BlockedUnwind {
+                syscall: nr,
+                message,
+            })
         })?;
         let Top::InLibrary { call, .. } = &u.top else {
             return Err(NotReadyReason::NotInLibrary);
@@ -499,6 +554,23 @@ impl Stopper<'_> {
         Ok(())
     }
 
+    /// Let thread `tid`, running a callback under library frames
+    /// (classified [`NotReadyReason::InCallback`]), run until the callback
+    /// returns to `return_to` in the library with rsp at `return_rsp`: a
+    /// breakpoint there (removed with the others) parks it.
+    pub(super) fn return_from_callback(
+        &mut self,
+        bps: &mut BreakpointSet<ProcessMemory>,
+        tid: Pid,
+        return_to: RuntimeAddr,
+        return_rsp: RuntimeAddr,
+    ) -> Result<(), StopError> {
+        bps.arm(return_to)?;
+        self.out_of_callback.remove(&tid);
+        self.in_callback.insert(tid, (return_to, return_rsp));
+        Ok(())
+    }
+
     /// Unwind `tid`; a pc in no known object means the process mapped a
     /// library since `libs` was read (a process stopped at its exec loads
     /// libc later): re-read the maps once and retry. Errors come without
@@ -508,18 +580,30 @@ impl Stopper<'_> {
         tid: Pid,
         stack: Option<Range<RuntimeAddr>>,
         regs: &Regs,
-    ) -> Result<Unwound, String> {
+    ) -> Result<Unwound, UnwindFailure> {
         let mut r = unwind_thread(self.image, self.libs, &self.mem, stack.clone(), tid, regs);
         if matches!(r, Err(UnwindError::UnknownCode { .. })) && self.libs.refresh(self.pid).is_ok()
         {
             r = unwind_thread(self.image, self.libs, &self.mem, stack, tid, regs);
         }
         r.map_err(|e| {
+            let callback_return = match &e {
+                UnwindError::Callback {
+                    return_to,
+                    return_rsp,
+                    ..
+                } => Some((*return_to, *return_rsp)),
+                _ => None,
+            };
             let e = e.to_string();
             let prefix = format!("thread {tid}: ");
-            match e.strip_prefix(&prefix) {
+            let message = match e.strip_prefix(&prefix) {
                 Some(rest) => rest.to_string(),
                 None => e,
+            };
+            UnwindFailure {
+                message,
+                callback_return,
             }
         })
     }

@@ -91,6 +91,12 @@ pub(super) struct Stopper<'a> {
     pub(super) relocking: BTreeMap<Pid, (String, u64)>,
     /// The timed wait each thread was last restarted in.
     pub(super) timed: BTreeMap<Pid, super::classify::TimedWait>,
+    /// Threads running a callback under library frames, let run until it
+    /// returns into the library: where (a breakpoint there parks them) and
+    /// rsp once returned.
+    pub(super) in_callback: BTreeMap<Pid, (RuntimeAddr, RuntimeAddr)>,
+    /// Threads parked where their callback returned into the library.
+    pub(super) out_of_callback: BTreeSet<Pid>,
 }
 
 /// Stop every thread of the seized `tracee` at an update point of `image`
@@ -140,6 +146,8 @@ pub(super) fn stop(
         returned: BTreeMap::new(),
         relocking: BTreeMap::new(),
         timed: BTreeMap::new(),
+        in_callback: BTreeMap::new(),
+        out_of_callback: BTreeSet::new(),
     };
     let mut timings = StopTimings::default();
     // Dropped (restoring every byte) on every path out of this function.
@@ -552,6 +560,23 @@ impl Stopper<'_> {
                     return self.look_at(bps, tid, false);
                 }
                 self.tracee.set_regs(tid, &regs)?;
+                if self.in_callback.get(&tid) == Some(&(at, regs.rsp())) {
+                    // Its callback returned into the library: parked there.
+                    self.in_callback.remove(&tid);
+                    self.out_of_callback.insert(tid);
+                    self.last_progress = Instant::now();
+                    return self.look_at(bps, tid, false);
+                }
+                if self.in_callback.contains_key(&tid) && self.hits >= self.opts.skip_hits {
+                    // On its way out of the callback: the update points it
+                    // passes cannot make it ready.
+                    return self.resume(bps, tid);
+                }
+                if !self.at_update_point(at) {
+                    // Another thread's way out of a callback (or a deeper
+                    // call of this one): not an update point.
+                    return self.look_at(bps, tid, self.hits < self.opts.skip_hits);
+                }
                 self.hits += 1;
                 if self.hits <= self.opts.skip_hits {
                     return self.resume(bps, tid);
@@ -685,6 +710,18 @@ impl Stopper<'_> {
                     Err(NotReadyReason::WaitInternals { callee })
                 }
             }
+            Err(NotReadyReason::InCallback {
+                message,
+                return_to,
+                return_rsp,
+            }) if !keep_running => {
+                self.return_from_callback(bps, tid, return_to, return_rsp)?;
+                Err(NotReadyReason::InCallback {
+                    message,
+                    return_to,
+                    return_rsp,
+                })
+            }
             other => other,
         };
         match classified {
@@ -742,6 +779,7 @@ impl Stopper<'_> {
     ) -> Result<(), StopError> {
         // Let run, a thread parked at a wait's return goes on from there.
         self.returned.remove(&tid);
+        self.out_of_callback.remove(&tid);
         let rip = self.tracee.regs(tid)?.rip();
         if bps.is_armed(rip) {
             let out = bps.step_over(&mut *self.tracee, tid, self.opts.stop_wait)?;

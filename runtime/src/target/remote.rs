@@ -31,7 +31,9 @@
 //!   left as the one the thread stops for (kept by the [`Tracee`]), so it is
 //!   delivered at the next resume exactly as if it had interrupted the
 //!   thread where it was.
-//! - Scratch memory (strings, structures, the call stack) is a private
+//! - Scratch memory (strings, structures, the call stack, and the code of
+//!   the loop [`RemoteCalls::call_each`] runs, in a page of its own made
+//!   read-only executable) is a private
 //!   anonymous mapping made on first use and removed at the end; of the
 //!   thread's own stack only the frame below the red zone is borrowed (and
 //!   put back).
@@ -81,9 +83,17 @@ const UC_FLAGS: u64 = 2 | 4;
 /// `SS_DISABLE`: the thread's alternate signal stack as "none" until the
 /// session reads the real one into the frame.
 const SS_DISABLE: u32 = 2;
-/// Scratch mapping: data area, then the stack remote calls run on.
-const SCRATCH_DATA: u64 = 64 << 10;
+/// Scratch mapping: data area, then the stack remote calls run on, then
+/// one page for the batch loop's code (made executable on first use).
+/// The data area holds the argument and result arrays of
+/// [`RemoteCalls::call_each`] (16 bytes per call); untouched pages cost
+/// nothing (`MAP_NORESERVE`).
+const SCRATCH_DATA: u64 = 1 << 20;
 const SCRATCH_STACK: u64 = 256 << 10;
+const SCRATCH_CODE: u64 = 4096;
+const SCRATCH_LEN: u64 = SCRATCH_DATA + SCRATCH_STACK + SCRATCH_CODE;
+/// Bound on the calls one run of the batch loop makes.
+pub const MAX_BATCH: usize = 1 << 16;
 /// Bound on stops handled while one remote operation runs.
 const MAX_STOPS: usize = 1000;
 /// `sizeof(kernel sigset_t)` on x86-64.
@@ -121,6 +131,69 @@ fn gadget_code(frame: RuntimeAddr) -> [u8; GADGET_LEN] {
     c[24..32].copy_from_slice(&u64::MAX.to_le_bytes());
     c
 }
+
+/// The batch loop run by [`RemoteCalls::call_each`]: calls `func` once per
+/// word of the input array, storing each result in the output array.
+/// Arguments (System V): rdi = func, rsi = input array, rdx = output
+/// array, rcx = count, r8 = nonzero to stop after the first zero result.
+/// Returns the input cursor where it stopped (input + 8 * calls made).
+/// Entered with rsp = 8 (mod 16); five pushes make it 0 (mod 16) at each
+/// `call`, as the ABI requires; the callee-saved registers it uses are
+/// pushed and popped.
+///
+/// ```text
+/// +0  push rbx; push r12; push r13; push r14; push r15
+/// +9  mov rbx, rdi              ; func
+/// +12 mov r12, rsi              ; input cursor
+/// +15 mov r13, rdx              ; output cursor
+/// +18 lea r14, [rsi + rcx*8]    ; input end (count bounded by the caller)
+/// +22 mov r15, r8               ; stop at a zero result
+/// +25 loop: cmp r12, r14
+/// +28 jae done
+/// +30 mov rdi, [r12]            ; the argument
+/// +34 xor eax, eax              ; no vector registers (variadic ABI)
+/// +36 call rbx
+/// +38 mov [r13], rax            ; the result
+/// +42 add r12, 8
+/// +46 add r13, 8
+/// +50 test r15, r15
+/// +53 jz loop
+/// +55 test rax, rax
+/// +58 jnz loop
+/// +60 done: mov rax, r12
+/// +63 pop r15; pop r14; pop r13; pop r12; pop rbx; ret
+/// ```
+const BATCH_CODE: [u8; 73] = [
+    0x53, // push rbx
+    0x41, 0x54, // push r12
+    0x41, 0x55, // push r13
+    0x41, 0x56, // push r14
+    0x41, 0x57, // push r15
+    0x48, 0x89, 0xfb, // mov rbx, rdi
+    0x49, 0x89, 0xf4, // mov r12, rsi
+    0x49, 0x89, 0xd5, // mov r13, rdx
+    0x4c, 0x8d, 0x34, 0xce, // lea r14, [rsi + rcx*8]
+    0x4d, 0x89, 0xc7, // mov r15, r8
+    0x4d, 0x39, 0xf4, // loop (+25): cmp r12, r14
+    0x73, 0x1e, // jae done (+60)
+    0x49, 0x8b, 0x3c, 0x24, // mov rdi, [r12]
+    0x31, 0xc0, // xor eax, eax
+    0xff, 0xd3, // call rbx
+    0x49, 0x89, 0x45, 0x00, // mov [r13 + 0], rax
+    0x49, 0x83, 0xc4, 0x08, // add r12, 8
+    0x49, 0x83, 0xc5, 0x08, // add r13, 8
+    0x4d, 0x85, 0xff, // test r15, r15
+    0x74, 0xe2, // jz loop (+25)
+    0x48, 0x85, 0xc0, // test rax, rax
+    0x75, 0xdd, // jnz loop (+25)
+    0x4c, 0x89, 0xe0, // done (+60): mov rax, r12
+    0x41, 0x5f, // pop r15
+    0x41, 0x5e, // pop r14
+    0x41, 0x5d, // pop r13
+    0x41, 0x5c, // pop r12
+    0x5b, // pop rbx
+    0xc3, // ret
+];
 
 /// `-ERESTART_RESTARTBLOCK`: `rt_sigreturn` cancels the restart block.
 const RESTARTBLOCK: i64 = -516;
@@ -391,6 +464,8 @@ pub struct RemoteCalls<'t> {
     scratch: Option<RuntimeAddr>,
     /// Bytes of the scratch data area in use.
     scratch_used: u64,
+    /// Whether the batch loop's code is in place (and executable).
+    batch_ready: bool,
     timeout: Duration,
     /// Whether the thread was already restored.
     restored: bool,
@@ -475,6 +550,7 @@ impl<'t> RemoteCalls<'t> {
             caught: kept.map(Caught::Plain).into_iter().collect(),
             scratch: None,
             scratch_used: 0,
+            batch_ready: false,
             timeout: DEFAULT_TIMEOUT,
             restored: false,
         };
@@ -965,13 +1041,93 @@ impl<'t> RemoteCalls<'t> {
         self.run(&format!("call of {func}"), &r, RunKind::Call)
     }
 
+    /// Calls the function at `func` once with each of `args` as its only
+    /// integer argument, in order, with one remote run per chunk of up to
+    /// [`MAX_BATCH`] calls (a loop in scratch memory makes the calls, see
+    /// `BATCH_CODE`). The result of each call made is pushed to
+    /// `results`, on an error too (the calls of the chunks finished before
+    /// it), so that what was allocated can be freed. With `stop_at_zero`
+    /// the calls end after the first that returns 0 (the last result then
+    /// is that 0).
+    pub fn call_each(
+        &mut self,
+        func: RuntimeAddr,
+        args: &[u64],
+        stop_at_zero: bool,
+        results: &mut Vec<u64>,
+    ) -> Result<(), RemoteError> {
+        if args.is_empty() {
+            return Ok(());
+        }
+        let code = self.ensure_batch_code()?;
+        let mark = self.scratch_used;
+        let r = (|| {
+            // Input and output arrays side by side in what is left.
+            let left = SCRATCH_DATA.saturating_sub(self.scratch_used.next_multiple_of(16));
+            let chunk = usize::try_from(left / 16)
+                .unwrap_or(MAX_BATCH)
+                .min(MAX_BATCH);
+            if chunk == 0 {
+                return Err(RemoteError::ScratchFull {
+                    pid: self.pid().as_raw(),
+                    want: 16,
+                    left,
+                });
+            }
+            let len = chunk.min(args.len()) as u64 * 8;
+            let input = self.scratch_alloc(len)?;
+            let output = self.scratch_alloc(len)?;
+            let mut bytes = Vec::with_capacity(len as usize);
+            for part in args.chunks(chunk) {
+                bytes.clear();
+                bytes.extend(part.iter().flat_map(|a| a.to_le_bytes()));
+                self.mem.write(input, &bytes)?;
+                let n = part.len() as u64;
+                let end = self.call(
+                    code,
+                    &[func.0, input.0, output.0, n, u64::from(stop_at_zero)],
+                )?;
+                // The cursor comes back from the target: bounded by what
+                // was asked.
+                let made = end.saturating_sub(input.0) / 8;
+                let made = made.min(n) as usize;
+                let mut out = vec![0u8; made * 8];
+                self.mem.read(output, &mut out)?;
+                results.extend(out.chunks_exact(8).map(|w| {
+                    let mut b = [0u8; 8];
+                    b.copy_from_slice(w);
+                    u64::from_le_bytes(b)
+                }));
+                if made < part.len() || (stop_at_zero && results.last() == Some(&0)) {
+                    break;
+                }
+            }
+            Ok(())
+        })();
+        self.scratch_used = mark;
+        r
+    }
+
+    /// The batch loop's code at the end of the scratch mapping, written
+    /// and made read-only executable on first use in the session.
+    fn ensure_batch_code(&mut self) -> Result<RuntimeAddr, RemoteError> {
+        let base = self.ensure_scratch()?;
+        let code = RuntimeAddr(base.0 + SCRATCH_DATA + SCRATCH_STACK);
+        if !self.batch_ready {
+            self.mem.write(code, &BATCH_CODE)?;
+            self.mprotect(code, SCRATCH_CODE, libc::PROT_READ | libc::PROT_EXEC)?;
+            self.batch_ready = true;
+        }
+        Ok(code)
+    }
+
     fn ensure_scratch(&mut self) -> Result<RuntimeAddr, RemoteError> {
         if let Some(b) = self.scratch {
             return Ok(b);
         }
         let b = self.mmap(
             RuntimeAddr(0),
-            SCRATCH_DATA + SCRATCH_STACK,
+            SCRATCH_LEN,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
             -1,
@@ -1042,7 +1198,7 @@ impl<'t> RemoteCalls<'t> {
                 note(r);
             }
             if let Some(b) = self.scratch.take() {
-                note(self.munmap(b, SCRATCH_DATA + SCRATCH_STACK));
+                note(self.munmap(b, SCRATCH_LEN));
             }
             // Put the original mask back; a signal that becomes deliverable
             // now is the one the thread stays stopped for.
@@ -1087,7 +1243,7 @@ impl<'t> RemoteCalls<'t> {
                 }
             }
             if let Some(b) = self.scratch.take() {
-                note(self.munmap(b, SCRATCH_DATA + SCRATCH_STACK));
+                note(self.munmap(b, SCRATCH_LEN));
             }
         }
         // Registers first: until they are back, a tracer's death must find

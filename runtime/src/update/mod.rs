@@ -447,6 +447,9 @@ fn thread_report(t: &ThreadState) -> ThreadReport {
             Readiness::InLibrary { callee, syscall } => {
                 format!("waiting in {callee} (syscall {syscall}), left in place")
             }
+            Readiness::CallbackReturned { callee } => {
+                format!("its callback under {callee} returned into the library, left in place")
+            }
             Readiness::Returned { callee } => {
                 format!("woken from {callee}, returns 0 (a spurious wake-up)")
             }
@@ -940,6 +943,19 @@ fn compute<'t>(
     let rsps: Vec<u64> = plans.iter().map(|p| p.regs.rsp().0).collect();
     let pending: Vec<&Write> = writes.iter().collect();
     let heap_moves = heap_objects.moves();
+    // Threads left in library code keep their registers: what they hold
+    // of the old image is remapped with the rest.
+    let mut kept_regs: Vec<(nix::unistd::Pid, &mut crate::target::ptrace::Regs)> = threads
+        .iter()
+        .zip(plans.iter_mut())
+        .filter(|(th, _)| {
+            matches!(
+                th.readiness,
+                Readiness::InLibrary { .. } | Readiness::CallbackReturned { .. }
+            )
+        })
+        .map(|(_, p)| (p.tid, &mut p.regs))
+        .collect();
     let (swept, retired) = crate::engine::sweep::sweep_update(
         &mem,
         &maps_now,
@@ -951,7 +967,9 @@ fn compute<'t>(
         old_elf,
         &sweep_files,
         &heap_moves,
+        &mut kept_regs,
     );
+    drop(kept_regs);
     let sweep_writes = swept.writes();
     warnings.extend(sweep_warnings(&swept));
     let aliases = heap_objects::alias_lines(&remap.untyped_aliases, &swept, &|a| {

@@ -31,9 +31,20 @@ impl LineClient {
 
     /// Sends `line` and returns the reply line without its newline.
     pub fn ask(&mut self, line: &str) -> String {
+        self.send(line);
+        self.reply_to(line)
+    }
+
+    /// Sends `line` without waiting for its reply (requests pipelined).
+    pub fn send(&mut self, line: &str) {
         self.writer
             .write_all(format!("{line}\n").as_bytes())
             .unwrap_or_else(|e| panic!("send {line:?}: {e}"));
+    }
+
+    /// The next reply line without its newline (`line` names the request
+    /// in messages; empty when the server closed the connection).
+    pub fn reply_to(&mut self, line: &str) -> String {
         let mut reply = String::new();
         self.reader
             .read_line(&mut reply)

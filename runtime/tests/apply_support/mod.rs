@@ -33,6 +33,17 @@ pub fn instrumented(p: &Program, tc: Toolchain) -> PathBuf {
     instrument_to(&exe, &exe.with_file_name(format!("{}.up", p.name)))
 }
 
+/// Updates process `pid` to `new` with a `timeout` to get ready (other
+/// options default), panicking with the refusal.
+pub fn apply_within(pid: u32, new: &Path, timeout: Duration) -> UpdateReport {
+    let opts = ApplyOptions {
+        timeout,
+        ..ApplyOptions::default()
+    };
+    upstare_runtime::update::apply(pid as i32, new, &opts)
+        .unwrap_or_else(|e| panic!("update failed: {e}"))
+}
+
 /// Compiles C text with `tc` into `dir/name` and instruments it.
 pub fn build_c(dir: &TempDir, name: &str, src: &str, tc: Toolchain) -> PathBuf {
     compile_instrumented(dir.path(), name, src, tc, &[])
