@@ -127,8 +127,8 @@ fn main() {
         let r = apply(child.pid() as i32, &v2, &opts).unwrap_or_else(|e| panic!("update: {e}"));
         assert_eq!(r.heap_moved, n, "every node moves");
         let t = &r.timings;
-        let state = (t.transfer_us + t.rebuild_us) as f64 / 1000.0;
-        let pause = (t.total_us - t.plan_us) as f64 / 1000.0;
+        let state = (t.transfer_us + t.rebuild_us + t.sweep_us) as f64 / 1000.0;
+        let pause = t.pause_us as f64 / 1000.0;
         let copy = copy_back(child.pid() as i32, n * 48);
         println!(
             "| {n} | {state:.1} | {pause:.1} | {:.0} | {:.1} | {copy:.2} | {:.0} |",

@@ -103,8 +103,8 @@ fn latency(up: &Path, dir: &Path, procs: usize) -> Vec<Sample> {
         out.push(Sample {
             stop: sum(|t| t.stop_us),
             load: sum(|t| t.load_us),
-            state: sum(|t| t.save_us + t.transfer_us + t.rebuild_us + t.transform_us),
-            commit: sum(|t| t.resume_us),
+            state: sum(|t| t.check_us + t.transfer_us + t.rebuild_us + t.transform_us + t.sweep_us),
+            commit: sum(|t| t.commit_us + t.resume_us),
             total: ms(r.total_us),
         });
         // Kept until the end: the next update reads the running one.

@@ -1,6 +1,9 @@
 //! Benchmarks (not tests):
 //! 1. update latency of an identity update against stack depth (1-1,000
-//!    frames) and thread count (1-64), with its breakdown by phase;
+//!    frames), thread count (1-64) and program size (50, 2,000 and 5,000
+//!    more functions), with its breakdown by phase, against a floor: the
+//!    time to seize, interrupt and resume the same threads with nothing
+//!    else done;
 //! 2. steady-state cost of an instrumented binary against the original:
 //!    callgrind instruction counts and wall time, measured in the same run.
 //!
@@ -11,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use upstare_corpus::{build, program};
+use upstare_runtime::target::ptrace::Tracee;
 use upstare_runtime::update::{apply, ApplyOptions};
 use upstare_testkit::{compile_c, instrument, spawn, CSource, Toolchain};
 
@@ -21,11 +25,25 @@ const SUBJECT: &str = r#"
 #include <time.h>
 
 static volatile int running = 1;
+/* argv[3] "busy": the threads compute instead of sleeping, so that the
+   update must arm the update points to stop them. */
+static int busy;
+
+static long step(long n, int id)
+{
+    for (volatile int k = 0; k < 200; k++)
+        n += k ^ id;
+    return n;
+}
 
 static long idle(int id)
 {
     long n = 0;
     while (running) {
+        if (busy) {
+            n = step(n, id);
+            continue;
+        }
         struct timespec ts = {0, 2000000};
         nanosleep(&ts, NULL);
         n += id;
@@ -53,6 +71,7 @@ int main(int argc, char **argv)
 {
     depth = atoi(argv[1]);
     int threads = atoi(argv[2]);
+    busy = argc > 3 && argv[3][0] == 'b';
     pthread_t tids[64];
     for (int i = 1; i < threads && i < 64; i++)
         pthread_create(&tids[i], NULL, worker, (void *)(long)i);
@@ -69,15 +88,19 @@ struct Sample {
     plan: f64,
     stop: f64,
     load: f64,
-    /// Checking, transferring and rebuilding the state (and transformers).
+    /// Checking, transferring and rebuilding the state, transformers and
+    /// the sweep.
     state: f64,
-    /// The commit and the resume (`resume_us`).
+    /// The commit and the resume.
     commit: f64,
-    /// Total minus every reported phase: time in no phase.
+    /// Total minus every reported phase: time in no phase (0 since the
+    /// phases are laps of one clock; kept as the check).
     other: f64,
     total: f64,
     /// From the stop to the end: total minus plan.
     pause: f64,
+    /// Seizing, interrupting and resuming the same threads, nothing else.
+    floor: f64,
 }
 
 /// Updates per path (legacy and current) and per row; the medians are
@@ -88,8 +111,20 @@ const RUNS: usize = 5;
 /// and `threads` threads along each path (`legacy_pause` on and off),
 /// interleaved so that drift (the images each update adds) falls on both
 /// alike. Returns the median per phase of each path: (legacy, current).
-fn latency(up: &Path, dir: &Path, tag: &str, depth: usize, threads: usize) -> (Sample, Sample) {
-    let child = spawn(up, &[depth.to_string(), threads.to_string()]).expect("spawn");
+fn latency(
+    up: &Path,
+    dir: &Path,
+    tag: &str,
+    depth: usize,
+    threads: usize,
+    busy: bool,
+) -> (Sample, Sample) {
+    let mode = if busy { "busy" } else { "idle" };
+    let child = spawn(
+        up,
+        &[depth.to_string(), threads.to_string(), mode.to_string()],
+    )
+    .expect("spawn");
     child
         .wait_for_line("ready", Duration::from_secs(20), |l| l == "ready")
         .expect("ready");
@@ -110,17 +145,19 @@ fn latency(up: &Path, dir: &Path, tag: &str, depth: usize, threads: usize) -> (S
         let r = apply(child.pid() as i32, &to, &opts).unwrap_or_else(|e| panic!("update: {e}"));
         let t = &r.timings;
         let ms = |us: u64| us as f64 / 1000.0;
-        let state = ms(t.save_us + t.transfer_us + t.rebuild_us + t.transform_us);
-        let phases = ms(t.plan_us) + ms(t.stop_us) + ms(t.load_us) + state + ms(t.resume_us);
+        let state = ms(t.check_us + t.transfer_us + t.rebuild_us + t.transform_us + t.sweep_us);
+        let phases =
+            ms(t.plan_us) + ms(t.stop_us) + ms(t.load_us) + state + ms(t.commit_us + t.resume_us);
         per[usize::from(!legacy)].push(Sample {
             plan: ms(t.plan_us),
-            pause: ms(t.total_us - t.plan_us),
+            pause: ms(t.pause_us),
             stop: ms(t.stop_us),
             load: ms(t.load_us),
             state,
-            commit: ms(t.resume_us),
+            commit: ms(t.commit_us + t.resume_us),
             other: (ms(t.total_us) - phases).max(0.0),
             total: ms(t.total_us),
+            floor: floor(child.pid() as i32),
         });
         copies.push(to);
     }
@@ -130,6 +167,15 @@ fn latency(up: &Path, dir: &Path, tag: &str, depth: usize, threads: usize) -> (S
     }
     let [a, b] = per;
     (median(a), median(b))
+}
+
+/// The floor: seizing every thread of `pid` (interrupted and stopped) and
+/// letting them go, nothing else, in ms.
+fn floor(pid: i32) -> f64 {
+    let t = Instant::now();
+    let tracee = Tracee::seize(nix::unistd::Pid::from_raw(pid)).expect("seize");
+    tracee.detach().expect("detach");
+    t.elapsed().as_secs_f64() * 1000.0
 }
 
 /// The median of each phase separately.
@@ -148,6 +194,7 @@ fn median(samples: Vec<Sample>) -> Sample {
         commit: pick(|s| s.commit),
         other: pick(|s| s.other),
         total: pick(|s| s.total),
+        floor: pick(|s| s.floor),
     }
 }
 
@@ -216,16 +263,20 @@ fn main() {
     .expect("compile");
     let up = dir.join("subject.up");
     instrument(&bin, &up);
-    let large_src = large_subject(2000);
-    let large_bin = compile_c(
-        CSource::Text(&large_src),
-        Toolchain::Gcc,
-        &[],
-        &dir.join("large"),
-    )
-    .expect("compile the large subject");
-    let large = dir.join("large.up");
-    instrument(&large_bin, &large);
+    let sized = |n: usize| {
+        let src = large_subject(n);
+        let bin = compile_c(
+            CSource::Text(&src),
+            Toolchain::Gcc,
+            &[],
+            &dir.join(format!("large{n}")),
+        )
+        .expect("compile a large subject");
+        let up = dir.join(format!("large{n}.up"));
+        instrument(&bin, &up);
+        up
+    };
+    let (f50, large, f5000) = (sized(50), sized(2000), sized(5000));
 
     println!(
         "identity update latency, ms, median of {RUNS} updates per path of one process;\n\
@@ -233,32 +284,36 @@ fn main() {
     );
     println!(
         "plan: before the stop (not paused); pause = stop + load + state + commit + other;\n\
-         other = in no reported phase; ratio = pause after / pause before"
+         other = in no reported phase; ratio = pause after / pause before;\n\
+         floor = seize + interrupt + resume of the same threads, nothing else (median of the runs);\n\
+         busy = the threads compute (the update arms the update points to stop them)"
     );
     let head = format!(
         "{:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>7}",
         "plan", "stop", "load", "state", "commit", "other", "pause"
     );
     println!(
-        "{:>9} {:>6} {:>7} | {head} | {head} | {:>6}",
-        "program", "frames", "threads", "ratio"
+        "{:>14} {:>6} {:>7} | {head} | {head} | {:>6} {:>6} {:>7}",
+        "program", "frames", "threads", "ratio", "floor", "/floor"
     );
-    println!("{:>24} | {:^52} | {:^52} |", "", "before", "after");
-    let mut rows: Vec<(&str, &Path, usize, usize)> = Vec::new();
+    println!("{:>29} | {:^52} | {:^52} |", "", "before", "after");
+    let mut rows: Vec<(&str, &Path, usize, usize, bool)> = Vec::new();
     for depth in [1usize, 10, 100, 1000] {
-        rows.push(("small", up.as_path(), depth, 1));
+        rows.push(("small", up.as_path(), depth, 1, false));
     }
     for threads in [4usize, 16, 64] {
-        rows.push(("small", up.as_path(), 10, threads));
+        rows.push(("small", up.as_path(), 10, threads, false));
     }
-    rows.push(("2000 fns", large.as_path(), 10, 1));
+    rows.push(("2000 fns", large.as_path(), 10, 1, false));
+    rows.push(("50 fns busy", f50.as_path(), 10, 1, true));
+    rows.push(("5000 fns busy", f5000.as_path(), 10, 1, true));
     let only: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
-    for (name, image, depth, threads) in rows {
+    for (name, image, depth, threads, busy) in rows {
         let label = format!("{name}-{depth}-{threads}");
         if only.as_deref().is_some_and(|o| !label.contains(o)) {
             continue;
         }
-        let (a, b) = latency(image, &dir, &label.replace(' ', "_"), depth, threads);
+        let (a, b) = latency(image, &dir, &label.replace(' ', "_"), depth, threads, busy);
         let cols = |s: &Sample| {
             format!(
                 "{:>6.2} {:>6.2} {:>6.2} {:>6.2} {:>6.2} {:>6.2} {:>7.2}",
@@ -266,13 +321,15 @@ fn main() {
             )
         };
         println!(
-            "{:>9} {:>6} {:>7} | {} | {} | {:>6.3}",
+            "{:>14} {:>6} {:>7} | {} | {} | {:>6.3} {:>6.2} {:>7.1}",
             name,
             depth + 3,
             threads,
             cols(&a),
             cols(&b),
-            b.pause / a.pause
+            b.pause / a.pause,
+            b.floor,
+            b.pause / b.floor
         );
     }
     if only.is_some() {

@@ -796,6 +796,63 @@ fn json(out: &Output) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("--json output does not parse ({e}): {:?}", out.stdout))
 }
 
+/// The report's phases, in their order: together they are the whole update.
+const PHASES: [&str; 10] = [
+    "plan",
+    "stop",
+    "check",
+    "load",
+    "transfer",
+    "rebuild",
+    "transform",
+    "sweep",
+    "commit",
+    "resume",
+];
+
+/// `--json`'s `timings`: every phase present, their sum the total, the
+/// pause everything after the planning (a consistency check, not a timing
+/// one).
+fn phases_add_up(t: &serde_json::Value) {
+    let get = |k: &str| {
+        t[format!("{k}_us")]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no {k}_us in {t}"))
+    };
+    let sum: u64 = PHASES.iter().map(|p| get(p)).sum();
+    assert_eq!(sum, get("total"), "{t}");
+    assert_eq!(get("pause"), get("total") - get("plan"), "{t}");
+    assert!(get("total") > 0, "{t}");
+}
+
+/// The text report's latency line: `name N us` per phase, in order, adding
+/// up to the total.
+fn text_phases_add_up(stdout: &str) {
+    let line = stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("latency: "))
+        .unwrap_or_else(|| panic!("no latency line in {stdout}"));
+    let (phases, total) = line
+        .split_once("; total ")
+        .unwrap_or_else(|| panic!("no total in {line}"));
+    let number = |s: &str| -> u64 {
+        s.trim()
+            .strip_suffix(" us")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("not a time in microseconds: {s} ({line})"))
+    };
+    let mut names = Vec::new();
+    let mut sum = 0;
+    for p in phases.split(", ") {
+        let (name, value) = p.split_once(' ').unwrap_or_else(|| panic!("{p}"));
+        names.push(name.replace("transformers", "transform"));
+        sum += number(value);
+    }
+    assert_eq!(names, PHASES, "{line}");
+    let total = number(total.split(',').next().unwrap_or_default());
+    assert_eq!(sum, total, "{line}");
+}
+
 /// loop_body v1 with 150 ticks, started and past its 5th tick.
 fn start_ticking(up: &Path) -> upstare_testkit::ChildGuard {
     let child = upstare_testkit::spawn(up, &["150"]).expect("spawn");
@@ -857,7 +914,7 @@ fn dry_run_changes_nothing_and_the_cli_reports() {
     );
     assert!(
         out.stdout.contains(&format!("\n  thread {pid}: "))
-            && out.stdout.contains("latency: stop "),
+            && out.stdout.contains("latency: plan "),
         "{}",
         out.stdout
     );
@@ -875,11 +932,7 @@ fn dry_run_changes_nothing_and_the_cli_reports() {
     assert_eq!(v["bytes_written"], 0);
     assert_eq!(v["threads"][0]["tid"], pid.as_raw());
     assert!(v["threads"][0]["frames"].is_array() && v["warnings"].is_array());
-    for phase in [
-        "stop", "save", "load", "transfer", "rebuild", "resume", "total",
-    ] {
-        assert!(v["timings"][format!("{phase}_us")].is_u64(), "{phase}: {v}");
-    }
+    phases_add_up(&v["timings"]);
     unchanged("upstare-apply --dry-run --json");
 
     // A refusal from the CLI: one line naming the file, and JSON.
@@ -931,6 +984,7 @@ fn cli_updates_report_in_text_and_json() {
     assert!(v["new_load_address"].is_u64(), "{v}");
     assert!(v["bytes_written"].as_u64().is_some_and(|n| n > 0), "{v}");
     assert_eq!(v["threads"][0]["tid"], pid.as_raw());
+    phases_add_up(&v["timings"]);
     assert_eq!(
         (mappings_of(pid, &first).1, mappings_of(pid, &canon(&up)).1),
         (1, 0)
@@ -943,6 +997,7 @@ fn cli_updates_report_in_text_and_json() {
         format!("updated process {pid} from {first_s} to {second_s}")
     );
     assert!(out.stdout.contains(" globals copied, "), "{}", out.stdout);
+    text_phases_add_up(&out.stdout);
     assert_eq!(
         (mappings_of(pid, &second).1, mappings_of(pid, &first).1),
         (1, 0)

@@ -358,10 +358,17 @@ fn report_text(r: &UpdateReport) -> String {
         let _ = writeln!(o, "  warning: {w}");
     }
     let t = &r.timings;
+    let phases: Vec<String> = t
+        .phases()
+        .iter()
+        .map(|(name, us)| format!("{name} {us} us"))
+        .collect();
     let _ = writeln!(
         o,
-        "  latency: stop {} us, save {} us, load {} us, transfer {} us, rebuild {} us, transformers {} us, resume {} us, total {} us (of which {} us planning before the stop)",
-        t.stop_us, t.save_us, t.load_us, t.transfer_us, t.rebuild_us, t.transform_us, t.resume_us, t.total_us, t.plan_us
+        "  latency: {}; total {} us, of which paused {} us (stop to resume)",
+        phases.join(", "),
+        t.total_us,
+        t.pause_us
     );
     o
 }

@@ -30,12 +30,14 @@
 //!
 //! Pure computation on any [`TargetMemory`]; bounded by [`MAX_SWEEP_BYTES`].
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::ops::Range;
 
 use nix::unistd::Pid;
 use serde::Serialize;
-use upstare_dwarf::{LinkAddr, Reg, RuntimeAddr};
+use upstare_dwarf::fdt::FrameTables;
+use upstare_dwarf::{LinkAddr, LoadBias, Reg, RuntimeAddr};
 
 use crate::target::ptrace::Regs;
 
@@ -115,14 +117,9 @@ fn segments_end(elf: &[u8]) -> Option<u64> {
 /// address in one has its twin at the same offset of the other, the same
 /// instruction (a return address into `_start` on the main stack, a stale
 /// return address left in a frame of an unchanged function). Code that
-/// changed at all is not in the list: its addresses are reported. Runtime
-/// addresses: (OLD's range, NEW's start, name).
-pub fn identical_code(
-    old: &Image,
-    new: &Image,
-    old_elf: &[u8],
-    new_elf: &[u8],
-) -> Vec<(Range<u64>, u64, String)> {
+/// changed at all is not in the list: its addresses are reported.
+/// Link-time addresses: (OLD's range, NEW's start, name).
+pub fn identical_code(old_elf: &[u8], new_elf: &[u8]) -> Vec<(Range<u64>, u64, String)> {
     use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
     let (Ok(a), Ok(b)) = (object::File::parse(old_elf), object::File::parse(new_elf)) else {
         return Vec::new();
@@ -146,10 +143,10 @@ pub fn identical_code(
             if t.size() != s.size() || code(&a, &s)? != code(&b, t)? {
                 return None;
             }
-            let start = old.runtime(LinkAddr(s.address())).0;
+            let start = s.address();
             Some((
                 start..start.checked_add(s.size())?,
-                new.runtime(LinkAddr(t.address())).0,
+                t.address(),
                 name.to_string(),
             ))
         })
@@ -162,16 +159,12 @@ pub fn copy_relocations(elf: &[u8]) -> Vec<(String, u64, u64)> {
     relocations_of(elf, &[object::elf::R_X86_64_COPY])
 }
 
-/// OLD's GOT slots (runtime address) → the same symbol's slot in NEW
+/// OLD's GOT slots → the same symbol's slot in NEW, both link-time
 /// (`R_X86_64_GLOB_DAT` and `R_X86_64_JUMP_SLOT` relocations by symbol):
 /// a value pointing at a slot of OLD's GOT (left on a stack by the dynamic
-/// linker's lazy binding) goes to NEW's slot of the same symbol.
-pub fn got_slots(
-    old: &Image,
-    new: &Image,
-    old_elf: &[u8],
-    new_elf: &[u8],
-) -> HashMap<u64, (String, Option<u64>)> {
+/// linker's lazy binding) goes to NEW's slot of the same symbol. Worked out
+/// before the stop; the sweep adds the load biases.
+pub fn got_slots(old_elf: &[u8], new_elf: &[u8]) -> HashMap<u64, (String, Option<u64>)> {
     let kinds = [
         object::elf::R_X86_64_GLOB_DAT,
         object::elf::R_X86_64_JUMP_SLOT,
@@ -181,14 +174,14 @@ pub fn got_slots(
     let news: HashMap<String, u64> = relocations_of(new_elf, &kinds)
         .into_iter()
         .filter(named)
-        .map(|(name, at, _)| (name, new.runtime(LinkAddr(at)).0))
+        .map(|(name, at, _)| (name, at))
         .collect();
     relocations_of(old_elf, &kinds)
         .into_iter()
         .filter(named)
         .map(|(name, at, _)| {
             let to = news.get(&name).copied();
-            (old.runtime(LinkAddr(at)).0, (name, to))
+            (at, (name, to))
         })
         .collect()
 }
@@ -289,8 +282,12 @@ impl Class {
 pub struct Classifier<'c, 'a, 'r> {
     retired: &'c Retired,
     old: &'c Image,
-    /// OLD function entry (runtime) → name and NEW entry (runtime), if any.
-    entries: HashMap<u64, (String, Option<u64>)>,
+    /// OLD function entry (runtime) → name and NEW entry, if any: runtime,
+    /// or link-time plus [`Classifier::new_bias`].
+    entries: Cow<'c, HashMap<u64, (String, Option<u64>)>>,
+    /// Added to the NEW entries of `entries` (they are link-time when
+    /// worked out before NEW was loaded, see [`SweepFiles`]).
+    pub new_bias: LoadBias,
     /// Where globals go (`None`: nowhere, an audit after the update).
     remap: Option<&'r mut Remapper<'a>>,
     /// Code without DWARF that NEW has byte for byte ([`identical_code`]).
@@ -306,13 +303,14 @@ impl<'c, 'a, 'r> Classifier<'c, 'a, 'r> {
     pub fn new(
         retired: &'c Retired,
         old: &'c Image,
-        entries: HashMap<u64, (String, Option<u64>)>,
+        entries: Cow<'c, HashMap<u64, (String, Option<u64>)>>,
         remap: Option<&'r mut Remapper<'a>>,
     ) -> Self {
         Classifier {
             retired,
             old,
             entries,
+            new_bias: LoadBias(0),
             remap,
             same_code: Vec::new(),
             got: HashMap::new(),
@@ -329,7 +327,7 @@ impl<'c, 'a, 'r> Classifier<'c, 'a, 'r> {
             if let Some((name, new)) = self.entries.get(&v) {
                 return Some(match new {
                     Some(n) => Class::Remap {
-                        new: *n,
+                        new: LinkAddr(*n).to_runtime(self.new_bias).0,
                         what: format!("function {name}"),
                     },
                     None => Class::OtherCode {
@@ -410,26 +408,27 @@ impl<'c, 'a, 'r> Classifier<'c, 'a, 'r> {
 }
 
 /// OLD's function entries (runtime) → their name and NEW's entry of the
-/// same function: by the plan's function mapping for functions with DWARF,
-/// by ELF symbol name for the others (`_start`, `frame_dummy`...).
+/// same function (link-time: NEW need not be loaded yet): by the plan's
+/// function mapping for functions with DWARF, by ELF symbol name for the
+/// others (`_start`, `frame_dummy`...).
 pub fn entry_map(
     plan: &upstare_patcher::UpdatePlan,
     old: &Image,
-    new: &Image,
+    new_tables: &FrameTables,
     old_syms: &HashMap<String, u64>,
     new_syms: &HashMap<String, u64>,
 ) -> HashMap<u64, (String, Option<u64>)> {
     let mut out = HashMap::new();
     for (name, addr) in old_syms {
-        let to = new_syms.get(name).map(|a| new.runtime(LinkAddr(*a)).0);
+        let to = new_syms.get(name).copied();
         out.insert(old.runtime(LinkAddr(*addr)).0, (name.clone(), to));
     }
     for f in &old.tables.functions {
         let to = plan
             .function(&f.name)
             .and_then(|m| m.new)
-            .and_then(|j| new.tables.functions.get(j))
-            .map(|nf| new.runtime(nf.low).0);
+            .and_then(|j| new_tables.functions.get(j))
+            .map(|nf| nf.low.0);
         out.insert(old.runtime(f.low).0, (f.name.clone(), to));
     }
     out
@@ -708,7 +707,7 @@ mod tests {
         };
         let mut entries = HashMap::new();
         entries.insert(0x11100u64, ("cb".to_string(), Some(0x91100u64)));
-        let mut c = Classifier::new(&retired, &old, entries, None);
+        let mut c = Classifier::new(&retired, &old, Cow::Owned(entries), None);
         // A heap block: an entry, a mid-function address, a COPY object,
         // a string literal, writable data of no global, a heap pointer,
         // and (unaligned) an entry that must not be seen.
@@ -862,9 +861,8 @@ impl SweepSummary {
 /// is written, with `rsps` the threads' new stack pointers, and the
 /// registers of the threads left in library code (`kept_regs`: a callback's
 /// return into `qsort` keeps the comparator and the array in registers),
-/// remapped in place. `old_elf` and
-/// `new_elf` are the two files' bytes (for symbols without DWARF and for
-/// OLD's COPY relocations). Values pointing into the heap objects of
+/// remapped in place. `old_elf` is OLD's file (for its COPY relocations);
+/// `files` what the two files say, worked out before the stop. Values pointing into the heap objects of
 /// changed type (`heap_moves`) are found too, except inside the old blocks
 /// of moved objects (freed after the update) and the retired image.
 #[allow(clippy::too_many_arguments)]
@@ -872,30 +870,41 @@ pub fn sweep_update<'a>(
     mem: &impl TargetMemory,
     maps: &[MemoryMap],
     rsps: &[u64],
-    plan: &upstare_patcher::UpdatePlan,
     old: &'a Image,
     new: &Image,
     remap: &mut Remapper<'a>,
     pending: &[&Write],
     old_elf: &[u8],
-    new_elf: &[u8],
+    files: &SweepFiles,
     heap_moves: &[HeapMove],
     kept_regs: &mut [(Pid, &mut Regs)],
 ) -> (SweepResult, Retired) {
     let retired = Retired::new(old, maps, old_elf);
-    let entries = entry_map(
-        plan,
-        old,
-        new,
-        &function_symbols(old_elf),
-        &function_symbols(new_elf),
-    );
     let regions = regions(maps, rsps, &retired);
     let aliases = HeapAliases::new(heap_moves);
     let mut r = {
-        let mut c = Classifier::new(&retired, old, entries, Some(remap));
-        c.same_code = identical_code(old, new, old_elf, new_elf);
-        c.got = got_slots(old, new, old_elf, new_elf);
+        let mut c = Classifier::new(&retired, old, Cow::Borrowed(&files.entries), Some(remap));
+        c.new_bias = new.bias;
+        c.same_code = files
+            .same_code
+            .iter()
+            .filter_map(|(r, to, name)| {
+                let start = old.runtime(LinkAddr(r.start)).0;
+                Some((
+                    start..start.checked_add(r.end - r.start)?,
+                    new.runtime(LinkAddr(*to)).0,
+                    name.clone(),
+                ))
+            })
+            .collect();
+        c.got = files
+            .got
+            .iter()
+            .map(|(at, (name, to))| {
+                let to = to.map(|to| new.runtime(LinkAddr(to)).0);
+                (old.runtime(LinkAddr(*at)).0, (name.clone(), to))
+            })
+            .collect();
         let mut r = sweep(mem, &regions, pending, &mut |v| {
             aliases.classify(v).or_else(|| c.classify(v))
         });
@@ -911,6 +920,44 @@ pub fn sweep_update<'a>(
             || !(h.in_retired || aliases.in_moved_block(h.addr))
     });
     (r, retired)
+}
+
+/// What [`sweep_update`] needs from OLD's and NEW's files alone, in
+/// link-time addresses: worked out before the process is paused, because
+/// parsing both symbol tables and comparing every function's bytes takes
+/// milliseconds for a program of a few thousand functions.
+#[derive(Clone, Debug, Default)]
+pub struct SweepFiles {
+    /// [`entry_map`]: NEW's entries link-time.
+    entries: HashMap<u64, (String, Option<u64>)>,
+    /// [`identical_code`] of the two files.
+    same_code: Vec<(Range<u64>, u64, String)>,
+    /// [`got_slots`] of the two files, link-time.
+    got: HashMap<u64, (String, Option<u64>)>,
+}
+
+impl SweepFiles {
+    /// From the contents of OLD's and NEW's files, the plan, the running
+    /// image and NEW's tables.
+    pub fn new(
+        old_elf: &[u8],
+        new_elf: &[u8],
+        plan: &upstare_patcher::UpdatePlan,
+        old: &Image,
+        new_tables: &FrameTables,
+    ) -> SweepFiles {
+        SweepFiles {
+            entries: entry_map(
+                plan,
+                old,
+                new_tables,
+                &function_symbols(old_elf),
+                &function_symbols(new_elf),
+            ),
+            same_code: identical_code(old_elf, new_elf),
+            got: got_slots(old_elf, new_elf),
+        }
+    }
 }
 
 /// Remap the general registers of thread `tid` (left as they are in
@@ -968,6 +1015,6 @@ pub fn audit(
         .map(|f| (old.runtime(f.low).0, (f.name.clone(), None)))
         .collect();
     let regions = regions(maps, rsps, retired);
-    let mut c = Classifier::new(retired, old, entries, None);
+    let mut c = Classifier::new(retired, old, Cow::Owned(entries), None);
     sweep(mem, &regions, &[], &mut |v| c.classify(v))
 }

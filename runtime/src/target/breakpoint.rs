@@ -332,6 +332,50 @@ fn is_synchronous(sig: Sig, code: i32) -> bool {
     fault.contains(&sig.0) && code > 0
 }
 
+/// Largest range read and written at once for close breakpoints.
+const MAX_CLUSTER_BYTES: u64 = 1 << 20;
+
+/// `sorted` (ascending, distinct) cut into runs whose neighbours are less
+/// than a page apart and whose span stays under [`MAX_CLUSTER_BYTES`].
+fn clusters(sorted: &[RuntimeAddr]) -> Vec<&[RuntimeAddr]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for i in 1..=sorted.len() {
+        let cut = i == sorted.len()
+            || sorted[i].0 - sorted[i - 1].0 >= 4096
+            || sorted[i].0 - sorted[start].0 >= MAX_CLUSTER_BYTES;
+        if cut {
+            out.push(&sorted[start..i]);
+            start = i;
+        }
+    }
+    out
+}
+
+/// The byte at each of `addrs` (any order, repeats allowed), read one range
+/// of close addresses at a time (less than a page apart, so no page without a breakpoint is written) rather
+/// than one system call per address; in ascending address order.
+pub fn bytes_at(
+    mem: &impl TargetMemory,
+    addrs: &[RuntimeAddr],
+) -> Result<Vec<(RuntimeAddr, u8)>, MemError> {
+    let mut sorted = addrs.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut out = Vec::with_capacity(sorted.len());
+    for cluster in clusters(&sorted) {
+        let (first, last) = (cluster[0], cluster[cluster.len() - 1]);
+        let mut bytes = vec![0u8; (last.0 - first.0 + 1) as usize];
+        mem.read(first, &mut bytes)?;
+        out.extend(
+            cluster
+                .iter()
+                .map(|&a| (a, bytes[(a.0 - first.0) as usize])),
+        );
+    }
+    Ok(out)
+}
+
 /// Many breakpoints in one address space, restored on drop.
 pub struct BreakpointSet<M: TargetMemory> {
     mem: M,
@@ -382,17 +426,41 @@ impl<M: TargetMemory> BreakpointSet<M> {
     }
 
     /// Restore every breakpoint; tries all and returns the first error.
+    /// Breakpoints close together are restored with one read and one write
+    /// (less than a page apart, so no page without a breakpoint is written); one whose `int3` was overwritten
+    /// is reported as `Clobbered` and left as found.
     pub fn disarm_all(&mut self) -> Result<(), BreakpointError> {
-        let mut first = None;
+        let mut first_err = None;
         let addrs: Vec<RuntimeAddr> = self.armed.keys().copied().collect();
-        for a in addrs {
-            if let Err(e) = self.disarm(a) {
-                // Do not retry forever on drop.
-                self.armed.remove(&a);
-                first.get_or_insert(e);
+        for cluster in clusters(&addrs) {
+            let (first, last) = (cluster[0], cluster[cluster.len() - 1]);
+            let len = (last.0 - first.0 + 1) as usize;
+            let mut bytes = vec![0u8; len];
+            let restored = self.mem.read(first, &mut bytes).and_then(|()| {
+                for &a in cluster {
+                    let i = (a.0 - first.0) as usize;
+                    let original = self.armed.get(&a).copied().unwrap_or(bytes[i]);
+                    if bytes[i] == INT3 {
+                        bytes[i] = original;
+                    } else {
+                        first_err.get_or_insert(BreakpointError::Clobbered {
+                            addr: a,
+                            original,
+                            found: bytes[i],
+                        });
+                    }
+                }
+                self.mem.write(first, &bytes)
+            });
+            if let Err(e) = restored {
+                first_err.get_or_insert(mem_err(first)(e));
+            }
+            // Do not retry forever on drop.
+            for a in cluster {
+                self.armed.remove(a);
             }
         }
-        first.map_or(Ok(()), Err)
+        first_err.map_or(Ok(()), Err)
     }
 
     /// Drop every breakpoint without writing (the address space is gone or
@@ -755,6 +823,72 @@ mod tests {
         let mut all = [0u8; 5];
         m.read(RuntimeAddr(0x1000), &mut all).unwrap();
         assert_eq!(all, [0x55, 0x48, 0x89, 0xe5, 0x90]);
+    }
+
+    #[test]
+    fn disarm_all_restores_close_points_one_range_at_a_time() {
+        // Two pages of code and a far one: points less than a page apart
+        // share a range, the far ones have their own.
+        let text: Vec<u8> = (0..0x3000u32).map(|i| (i % 251) as u8).collect();
+        let mut m = ByteBuffer::with_region(RuntimeAddr(0x10000), text.clone()).unwrap();
+        let far: Vec<u8> = vec![0x90; 16];
+        m.add_region(RuntimeAddr(0x80000), far.clone()).unwrap();
+        let points = [0x10010u64, 0x10500, 0x10fff, 0x12ff0, 0x80003, 0x10500];
+        assert_eq!(
+            clusters(&[
+                RuntimeAddr(0x10010),
+                RuntimeAddr(0x10500),
+                RuntimeAddr(0x10fff),
+                RuntimeAddr(0x12ff0),
+                RuntimeAddr(0x80003)
+            ])
+            .iter()
+            .map(|c| c.len())
+            .collect::<Vec<_>>(),
+            [3, 1, 1]
+        );
+        {
+            let mut set = BreakpointSet::new(&mut m);
+            for &a in &points {
+                set.arm(RuntimeAddr(a)).unwrap();
+            }
+            assert_eq!(set.len(), 5);
+            for &a in &points[..4] {
+                let i = (a - 0x10000) as usize;
+                assert_eq!(set.original_byte(RuntimeAddr(a)), Some(text[i]), "{a:#x}");
+                assert_eq!(set.memory().read_u8(RuntimeAddr(a)).unwrap(), INT3);
+            }
+            assert_eq!(set.original_byte(RuntimeAddr(0x80003)), Some(0x90));
+            let seen = bytes_at(set.memory(), &[RuntimeAddr(0x80003), RuntimeAddr(0x10001)]);
+            assert_eq!(
+                seen.unwrap(),
+                [
+                    (RuntimeAddr(0x10001), text[1]),
+                    (RuntimeAddr(0x80003), INT3)
+                ]
+            );
+            // Everything between the points is as it was.
+            let mut now = vec![0u8; text.len()];
+            set.read_original(RuntimeAddr(0x10000), &mut now).unwrap();
+            assert_eq!(now, text);
+
+            set.memory_mut()
+                .write(RuntimeAddr(0x10fff), &[0x90])
+                .unwrap();
+            assert!(matches!(
+                set.disarm_all(),
+                Err(BreakpointError::Clobbered { found: 0x90, .. })
+            ));
+            assert!(set.is_empty());
+        }
+        let mut now = vec![0u8; text.len()];
+        m.read(RuntimeAddr(0x10000), &mut now).unwrap();
+        let mut expected = text.clone();
+        expected[0xfff] = 0x90;
+        assert_eq!(now, expected);
+        let mut f = vec![0u8; 16];
+        m.read(RuntimeAddr(0x80000), &mut f).unwrap();
+        assert_eq!(f, far);
     }
 
     #[test]

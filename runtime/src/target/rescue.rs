@@ -122,10 +122,7 @@ impl Rescue {
                 limit: MAX_POINTS,
             });
         }
-        let mut table = Vec::with_capacity(points.len());
-        for &p in points {
-            table.push((p, rc.memory().read_u8(p)?));
-        }
+        let table = crate::target::breakpoint::bytes_at(&*rc.memory(), points)?;
         let len = PAGE + (ENTRIES + 16 * points.len() as u64).next_multiple_of(PAGE);
         let base = rc.mmap(
             RuntimeAddr(0),

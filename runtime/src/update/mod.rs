@@ -8,8 +8,12 @@
 mod heap_objects;
 pub mod signals;
 mod survive;
+mod timings;
 pub mod transaction;
 pub mod tree;
+
+pub use timings::Timings;
+pub(crate) use timings::{us, PhaseClock};
 
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -234,24 +238,6 @@ impl From<RebuildError> for UpdateError {
     }
 }
 
-/// Latency of each phase, in microseconds.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct Timings {
-    /// Before the process is stopped: finding the running image, reading
-    /// NEW, making the plan, resolving NEW's imports (not part of the
-    /// pause).
-    pub plan_us: u64,
-    pub stop_us: u64,
-    pub save_us: u64,
-    pub load_us: u64,
-    pub transfer_us: u64,
-    pub rebuild_us: u64,
-    /// Loading, running and unloading the C transformers.
-    pub transform_us: u64,
-    pub resume_us: u64,
-    pub total_us: u64,
-}
-
 /// One thread in the report.
 #[derive(Clone, Debug, Serialize)]
 pub struct ThreadReport {
@@ -300,10 +286,6 @@ pub struct UpdateReport {
     pub timings: Timings,
 }
 
-fn us(d: Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
-}
-
 /// Largest NEW read: far above any instrumented program, far below what
 /// would strain the updater's memory.
 pub const MAX_NEW_SIZE: u64 = 1 << 30;
@@ -322,6 +304,7 @@ pub fn read_new(new_path: &Path) -> Result<Vec<u8>, UpdateError> {
 /// happened. NEW is read completely before the first ptrace call, so a bad
 /// input never keeps the process stopped.
 pub fn apply(pid: i32, new_path: &Path, opts: &ApplyOptions) -> Result<UpdateReport, UpdateError> {
+    let clock = PhaseClock::start();
     if pid <= 0 || !Path::new(&format!("/proc/{pid}")).exists() {
         return Err(UpdateError::NoProcess { pid });
     }
@@ -330,14 +313,13 @@ pub fn apply(pid: i32, new_path: &Path, opts: &ApplyOptions) -> Result<UpdateRep
     signals::set_target(pid);
     interrupted(pid)?;
     let mut tracee = Tracee::seize(nix::unistd::Pid::from_raw(pid))?;
-    let result = apply_traced_bytes(&mut tracee, new_path, new_bytes, opts);
-    let t = Instant::now();
+    let result = apply_traced_bytes(&mut tracee, new_path, new_bytes, opts, clock);
     let detached = tracee.detach();
     match result {
-        Ok(mut r) => {
+        Ok((mut r, mut clock, leftovers)) => {
             detached?;
-            r.timings.resume_us += us(t.elapsed());
-            r.timings.total_us += us(t.elapsed());
+            r.timings.finish(&mut clock);
+            drop(leftovers);
             Ok(r)
         }
         Err(e) => Err(e),
@@ -492,19 +474,31 @@ pub fn apply_traced(
     new_path: &Path,
     opts: &ApplyOptions,
 ) -> Result<UpdateReport, UpdateError> {
+    let clock = PhaseClock::start();
     let new_bytes = read_new(new_path)?;
-    apply_traced_bytes(tracee, new_path, new_bytes, opts)
+    let (mut r, mut clock, _leftovers) =
+        apply_traced_bytes(tracee, new_path, new_bytes, opts, clock)?;
+    // The caller resumes the threads: nothing more to time here.
+    r.timings.finish(&mut clock);
+    Ok(r)
 }
 
+/// What an update leaves to free (tables, plan, images, file contents):
+/// dropped by the caller once the process runs again, because freeing
+/// them for a large program takes milliseconds the process need not wait.
+pub(crate) type Leftovers = Box<dyn std::any::Any>;
+
 /// [`apply_traced`] with NEW already read (`new_bytes`, the contents of
-/// `new_path`).
+/// `new_path`). Every phase up to the commit is timed on `clock`, started
+/// by the caller; the caller times the resume.
 fn apply_traced_bytes(
     tracee: &mut Tracee,
     new_path: &Path,
     new_bytes: Vec<u8>,
     opts: &ApplyOptions,
-) -> Result<UpdateReport, UpdateError> {
-    let mut planned = plan_update(tracee.pid(), new_path, &new_bytes, opts)?;
+    clock: PhaseClock,
+) -> Result<(UpdateReport, PhaseClock, Leftovers), UpdateError> {
+    let mut planned = plan_update(tracee.pid(), new_path, &new_bytes, opts, clock)?;
     let (threads, safety_retries) = stop_process(tracee, &mut planned, opts)?;
     let mut ready = compute(
         tracee,
@@ -516,20 +510,22 @@ fn apply_traced_bytes(
         opts,
     )?;
     if opts.dry_run {
-        // Nothing committed: the guard unloads NEW.
-        return Ok(ready.dry_report());
+        // Nothing committed: NEW is unloaded (timed as the commit).
+        let (report, clock, leftovers) = ready.dry_finish();
+        return Ok((report, clock, Box::new((leftovers, new_bytes))));
     }
     // Phase 6: commit, with an undo log so a failure is rolled back. A
     // termination signal from here on is reported once it is finished.
     let _window = CommitWindow::open();
-    let t = Instant::now();
     commit_ready(&mut ready)?;
-    Ok(ready.finish(t))
+    let (report, clock, leftovers) = ready.finish();
+    Ok((report, clock, Box::new((leftovers, new_bytes))))
 }
 
 /// What phase 1 found and decided for one process, before it is paused.
 struct Planned {
-    start: Instant,
+    /// The process's own clock: its report's phases are laps of it.
+    clock: PhaseClock,
     pid: i32,
     old: Image,
     old_bytes: Vec<u8>,
@@ -538,18 +534,20 @@ struct Planned {
     object: Option<TransformerObject>,
     libs: Libraries,
     prepared_load: Option<load::PreparedLoad>,
+    /// What the sweep needs from the two files alone.
+    sweep_files: crate::engine::sweep::SweepFiles,
     timings: Timings,
 }
 
 /// Phase 1 for process `pid`: what runs, and what it becomes (no process
-/// changes).
+/// changes). `clock` was started when this process's update began.
 fn plan_update(
     pid_: Pid,
     new_path: &Path,
     new_bytes: &[u8],
     opts: &ApplyOptions,
+    mut clock: PhaseClock,
 ) -> Result<Planned, UpdateError> {
-    let start = Instant::now();
     let pid = pid_.as_raw();
     let proc_err = |source| UpdateError::Proc { pid, source };
     let new_err = |why: String| UpdateError::New {
@@ -662,6 +660,12 @@ fn plan_update(
         return Err(TransformerError::NoObject.into());
     }
     let libs = Libraries::new(pid_, &maps);
+    // The call frame information of every library, read now rather than
+    // by the first unwind through it in the pause (a thread blocked in
+    // libc); a library that cannot be read is met again there.
+    for lib in libs.iter() {
+        let _ = lib.eh_frame();
+    }
     // NEW's relocations and imports, resolved while the process runs. A
     // process not yet that far (its libraries not loaded: stopped at its
     // start) is planned for again in the pause, which reports the refusal.
@@ -671,9 +675,12 @@ fn plan_update(
         load::prepare_load(pid_, &maps, new_path, new_bytes, &old).ok()
     };
 
-    timings.plan_us = us(start.elapsed());
+    // What the sweep needs from the two files alone.
+    let sweep_files =
+        crate::engine::sweep::SweepFiles::new(&old_bytes, new_bytes, &plan, &old, &new_tables);
+    timings.plan_us = clock.lap();
     Ok(Planned {
-        start,
+        clock,
         pid,
         old,
         old_bytes,
@@ -682,6 +689,7 @@ fn plan_update(
         object,
         libs,
         prepared_load,
+        sweep_files,
         timings,
     })
 }
@@ -754,7 +762,7 @@ fn stop_process(
     signals::set_stopping(false);
     let threads = stopped?;
     removed?;
-    planned.timings.stop_us = us(t.elapsed());
+    planned.timings.stop_us = planned.clock.lap();
     interrupted(pid)?;
 
     Ok((threads, safety_retries))
@@ -785,8 +793,10 @@ struct Ready<'t> {
     facts: CommitFacts,
     warnings: Vec<String>,
     timings: Timings,
-    start: Instant,
+    clock: PhaseClock,
     legacy_pause: bool,
+    /// What the update leaves to free once the process runs again.
+    leftovers: Leftovers,
 }
 
 /// Phases 3 to 5: check the paused state against the plan, load NEW and
@@ -802,26 +812,26 @@ fn compute<'t>(
     opts: &ApplyOptions,
 ) -> Result<Ready<'t>, UpdateError> {
     let Planned {
-        start,
+        mut clock,
         pid,
         old,
         old_bytes,
         new_tables,
         plan,
         object,
-        libs: _,
+        libs,
         prepared_load,
+        sweep_files,
         mut timings,
     } = planned;
     let proc_err = |source| UpdateError::Proc { pid, source };
     let transforms = !plan.transformers.is_empty();
     // Phase 3: does the paused state map onto the new version? (plan and
     // tables only)
-    let t = Instant::now();
     transfer::check_globals(&plan, &tracee.memory(), &old)?;
     rebuild::check_frames(&threads, &plan, &old.tables, &new_tables)?;
     let mut warnings = plan.warnings.clone();
-    timings.save_us = us(t.elapsed());
+    timings.check_us = clock.lap();
     let mut report = UpdateReport {
         pid,
         from: old.path.clone(),
@@ -851,7 +861,6 @@ fn compute<'t>(
     // update would.
 
     // Phase 4: load the new version (undone on drop unless committed).
-    let t = Instant::now();
     let tid = threads.first().map_or(Pid::from_raw(pid), |t| t.tid);
     let mut loaded = match prepared_load {
         Some(prep) => load::load_prepared(
@@ -875,7 +884,7 @@ fn compute<'t>(
     };
     let mut commit_plan = loaded.plan_commit(&old)?;
     warnings.extend(commit_plan.warnings.iter().cloned());
-    timings.load_us = us(t.elapsed());
+    timings.load_us = clock.lap();
     interrupted(pid)?;
 
     // The maps with NEW in them, read by the load: nothing maps or unmaps
@@ -888,7 +897,6 @@ fn compute<'t>(
     // Phase 5: compute every byte of the new state. The heap objects of
     // changed type first: where they go must be known before any pointer
     // to them is remapped, and blocks for moved ones are allocated now.
-    let t = Instant::now();
     let heap_ranges = heap::heap_ranges(&maps_now, &threads, [&old, loaded.image()]);
     let mut heap_objects = heap_objects::find(&mut loaded, &old, &threads, &plan, &heap_ranges)?;
     heap_objects::place(&mut loaded, &mut heap_objects, &heap_ranges)?;
@@ -906,8 +914,7 @@ fn compute<'t>(
     interrupted(pid)?;
     let heap = heap::transfer_heap(&old.tables.types, &heap_objects, &mut remap)?;
     heap::write_moved(&mut mem, &heap)?;
-    timings.transfer_us = us(t.elapsed());
-    let t = Instant::now();
+    timings.transfer_us = clock.lap();
     let mut plans = Vec::with_capacity(threads.len());
     for (th, layout) in threads.iter().zip(&layouts) {
         plans.push(rebuild::frame_writes(
@@ -921,17 +928,15 @@ fn compute<'t>(
         .chain(plans.iter().flat_map(|p| p.writes.iter()))
         .cloned()
         .collect();
-    timings.rebuild_us = us(t.elapsed());
+    timings.rebuild_us = clock.lap();
     // The C transformers, after the default conversion: each reads the
     // value computed so far and its result replaces it in the writes.
-    let t = Instant::now();
     if let (true, Some(object)) = (transforms, &object) {
         let jobs = transform::jobs(&mem, &plan, &old, new, &threads, &layouts, &writes)?;
         let run = run_transformers(tr, tid, &old, object, &jobs, &mut writes, opts.timeout)?;
         report.transformed = run.calls;
     }
-    timings.transform_us = us(t.elapsed());
-    let t = Instant::now();
+    timings.transform_us = clock.lap();
     // After the typed walk and the transformers: every value still
     // pointing into the old image.
     let old_elf = &old_bytes;
@@ -955,13 +960,12 @@ fn compute<'t>(
         &mem,
         &maps_now,
         &rsps,
-        &plan,
         &old,
         new,
         &mut remap,
         &pending,
         old_elf,
-        new_bytes,
+        &sweep_files,
         &heap_moves,
         &mut kept_regs,
     );
@@ -1035,7 +1039,7 @@ fn compute<'t>(
         warnings.extend(p.warnings.iter().cloned());
     }
     warnings.extend(heap.warnings.iter().cloned());
-    timings.rebuild_us += us(t.elapsed());
+    timings.sweep_us = clock.lap();
 
     let prepared = PreparedState {
         writes,
@@ -1075,25 +1079,37 @@ fn compute<'t>(
         },
         warnings,
         timings,
-        start,
+        clock,
         legacy_pause: opts.legacy_pause,
+        leftovers: Box::new((old, plan, libs, old_bytes, sweep_files)),
     })
 }
 
 impl Ready<'_> {
-    /// The report of a dry run (nothing committed).
-    fn dry_report(&mut self) -> UpdateReport {
-        let mut report = self.report.clone();
-        report.warnings = self.warnings.clone();
-        let mut timings = self.timings.clone();
-        timings.total_us = us(self.start.elapsed());
+    /// The report of a dry run (nothing committed): NEW unloaded (timed
+    /// as the commit), the clock for the caller to time the resume, and
+    /// what is left to free once the process runs.
+    fn dry_finish(self) -> (UpdateReport, PhaseClock, Leftovers) {
+        let Ready {
+            loaded,
+            mut report,
+            warnings,
+            mut timings,
+            mut clock,
+            leftovers,
+            ..
+        } = self;
+        drop(loaded);
+        timings.commit_us = clock.lap();
+        report.warnings = warnings;
         report.timings = timings;
-        report
+        (report, clock, leftovers)
     }
 
-    /// After [`commit_ready`]: NEW belongs to the program; the report,
-    /// with the commit's time counted from `commit_start`.
-    fn finish(self, commit_start: Instant) -> UpdateReport {
+    /// After [`commit_ready`]: NEW belongs to the program; the report (its
+    /// resume not yet timed: [`Timings::finish`] with the clock once the
+    /// process runs) and what is left to free then.
+    fn finish(self) -> (UpdateReport, PhaseClock, Leftovers) {
         let Ready {
             loaded,
             commit_plan,
@@ -1104,10 +1120,11 @@ impl Ready<'_> {
             facts,
             mut warnings,
             mut timings,
-            start,
+            mut clock,
+            leftovers,
             ..
         } = self;
-        let (_, unfreed, not_unmapped) = loaded.finish_committed(&commit_plan);
+        let (new_image, unfreed, not_unmapped) = loaded.finish_committed(&commit_plan);
         report.retired = unmap.report(not_unmapped);
         if unfreed > 0 {
             warnings.push(format!(
@@ -1130,11 +1147,14 @@ impl Ready<'_> {
                 ..thread_report(t)
             })
             .collect();
-        timings.resume_us = us(commit_start.elapsed());
-        timings.total_us = us(start.elapsed());
+        timings.commit_us = clock.lap();
         report.warnings = warnings;
         report.timings = timings;
-        report
+        (
+            report,
+            clock,
+            Box::new((leftovers, new_image, threads, prepared)),
+        )
     }
 }
 

@@ -14,7 +14,7 @@
 
 use super::{
     commit_ready, compute, interrupted, plan_update, read_new, revert_ready, signals, stop_process,
-    ApplyOptions, CommitWindow, Planned, Ready, UpdateError, UpdateReport,
+    ApplyOptions, CommitWindow, Leftovers, PhaseClock, Planned, Ready, UpdateError, UpdateReport,
 };
 use crate::engine::state::ThreadState;
 use crate::load::image::running_image;
@@ -185,8 +185,14 @@ pub fn apply_tree(
             detached = r;
         }
     }
-    result?;
+    let done = result?;
     detached?;
+    // Each process's report is its own: its resume ends its clock.
+    for (mut r, mut clock, leftovers) in done {
+        r.timings.finish(&mut clock);
+        report.processes.push(r);
+        drop(leftovers);
+    }
     report.total_us = super::us(start.elapsed());
     Ok(report)
 }
@@ -199,8 +205,9 @@ fn add_member(
     new_bytes: &[u8],
     opts: &mut ApplyOptions,
 ) -> Result<Member, UpdateError> {
+    let clock = PhaseClock::start();
     let mut tracee = Tracee::seize(p)?;
-    let mut planned = plan_update(p, new_path, new_bytes, opts)?;
+    let mut planned = plan_update(p, new_path, new_bytes, opts, clock)?;
     if opts.plan.is_none() {
         opts.plan = Some(planned.plan.clone());
         opts.transformers = planned.object.clone();
@@ -214,14 +221,16 @@ fn add_member(
     })
 }
 
-/// Load and compute every member, then commit all or none.
+/// Load and compute every member, then commit all or none: each process's
+/// report (its resume not yet timed), clock and what is left to free once
+/// it runs again.
 fn update_members(
     members: &mut [Member],
     new_path: &Path,
     new_bytes: &[u8],
     opts: &ApplyOptions,
     report: &mut TreeReport,
-) -> Result<(), UpdateError> {
+) -> Result<Vec<(UpdateReport, PhaseClock, Leftovers)>, UpdateError> {
     let mut ready: Vec<Ready<'_>> = Vec::with_capacity(members.len());
     for m in members.iter_mut() {
         let pid = m.tracee.pid();
@@ -245,11 +254,9 @@ fn update_members(
         }
     }
     if opts.dry_run {
-        report.processes = ready.iter_mut().map(|r| r.dry_report()).collect();
-        return Ok(());
+        return Ok(ready.into_iter().map(Ready::dry_finish).collect());
     }
     let _window = CommitWindow::open();
-    let t = Instant::now();
     let count = ready.len();
     let mut undos = Vec::with_capacity(count);
     for i in 0..count {
@@ -278,6 +285,5 @@ fn update_members(
             });
         }
     }
-    report.processes = ready.into_iter().map(|r| r.finish(t)).collect();
-    Ok(())
+    Ok(ready.into_iter().map(Ready::finish).collect())
 }
