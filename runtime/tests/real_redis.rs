@@ -18,9 +18,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use apply_support::real::{
-    check_keys, free_port, runs, store_keys, total_ms, update, wait_until_serving, KvClient, Load,
+    free_port, kv_identity_idle, kv_identity_under_load, kv_update_keeps_connection,
+    wait_until_serving, KvClient,
 };
-use apply_support::{fresh_copy, TempDir};
 use upstare_corpus::real::{build_real, RealBuild, REDIS};
 use upstare_testkit::{spawn, ChildGuard};
 
@@ -125,78 +125,17 @@ impl KvClient for Redis {
 #[test]
 fn redis_identity_update_while_idle_keeps_keys_and_connections() {
     let (old, _) = builds();
-    let dir = TempDir::new("real-redis-idle");
-    let (child, addr) = start(&old.instrumented);
-    let mut held = Redis::connect(addr).expect("connect");
-    store_keys(&mut held, 200, "idle");
-
-    let copy = fresh_copy(&old.instrumented, &dir, "identity");
-    let report = update(child.pid(), &copy, WAIT * 2);
-    assert!(runs(child.pid(), &copy), "the copy is not the running code");
-
-    check_keys(&mut held, 200, "idle", "held connection after the update");
-    let mut fresh = Redis::connect(addr).expect("connect after the update");
-    check_keys(&mut fresh, 200, "idle", "new connection after the update");
-    store_keys(&mut fresh, 10, "after");
-    check_keys(&mut held, 10, "after", "held connection sees new keys");
-    eprintln!(
-        "redis idle identity update: {:.2} ms, {} threads",
-        total_ms(&report),
-        report["threads"].as_array().map_or(0, Vec::len)
-    );
+    kv_identity_idle::<Redis>("redis", &old.instrumented, &start);
 }
 
 #[test]
 fn redis_identity_update_under_load_drops_nothing() {
     let (old, _) = builds();
-    let dir = TempDir::new("real-redis-load");
-    let (child, addr) = start(&old.instrumented);
-    let load = Load::start::<Redis>(addr, 2, WAIT * 2);
-    std::thread::sleep(Duration::from_millis(300));
-    let copy = fresh_copy(&old.instrumented, &dir, "identity");
-    let report = update(child.pid(), &copy, WAIT * 2);
-    std::thread::sleep(Duration::from_millis(300));
-    let gap = load.finish();
-    assert!(runs(child.pid(), &copy), "the copy is not the running code");
-    eprintln!(
-        "redis identity update under load: {:.2} ms reported, longest client gap {:.2} ms",
-        total_ms(&report),
-        gap.as_secs_f64() * 1000.0
-    );
+    kv_identity_under_load::<Redis>("redis", &old.instrumented, &start);
 }
 
 #[test]
 fn redis_security_update_keeps_a_live_connection_and_its_keys() {
     let (old, new) = builds();
-    let (child, addr) = start(&old.instrumented);
-    let mut held = Redis::connect(addr).expect("connect");
-    store_keys(&mut held, 500, "sec");
-
-    let report = update(child.pid(), &new.instrumented, WAIT * 2);
-    assert!(
-        runs(child.pid(), &new.instrumented),
-        "the security update is not the running code"
-    );
-    check_keys(
-        &mut held,
-        500,
-        "sec",
-        "held connection after the security update",
-    );
-    let mut fresh = Redis::connect(addr).expect("connect after the update");
-    check_keys(
-        &mut fresh,
-        500,
-        "sec",
-        "new connection after the security update",
-    );
-    store_keys(&mut fresh, 10, "post");
-    check_keys(&mut held, 10, "post", "held connection sees new keys");
-    eprintln!(
-        "redis {} -> {}: {:.2} ms reported, {} warnings",
-        REDIS.old,
-        REDIS.new,
-        total_ms(&report),
-        report["warnings"].as_array().map_or(0, Vec::len)
-    );
+    kv_update_keeps_connection::<Redis>("redis", &old.instrumented, &new.instrumented, &start);
 }

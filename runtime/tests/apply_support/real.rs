@@ -162,3 +162,78 @@ impl Load {
         worst
     }
 }
+
+/// How long the key-value scenarios wait for the updater and the clients.
+const KV_WAIT: Duration = Duration::from_secs(40);
+
+/// A key-value server started by `start` from `exe` (its guard and address).
+pub type StartKv<'a> = &'a dyn Fn(&Path) -> (upstare_testkit::ChildGuard, std::net::SocketAddr);
+
+/// Identity update of an idle server to a fresh copy of `exe`: 200 keys
+/// stored on a held connection are there on it and on a new one after, and
+/// keys stored after the update are seen by the held connection.
+pub fn kv_identity_idle<C: KvClient>(name: &str, exe: &Path, start: StartKv<'_>) {
+    let dir = crate::apply_support::TempDir::new(&format!("real-{name}-idle"));
+    let (child, addr) = start(exe);
+    let mut held = C::connect(addr).expect("connect");
+    store_keys(&mut held, 200, "idle");
+    let copy = crate::apply_support::fresh_copy(exe, &dir, "identity");
+    let report = update(child.pid(), &copy, KV_WAIT);
+    assert!(runs(child.pid(), &copy), "the copy is not the running code");
+    check_keys(&mut held, 200, "idle", "held connection after the update");
+    let mut fresh = C::connect(addr).expect("connect after the update");
+    check_keys(&mut fresh, 200, "idle", "new connection after the update");
+    store_keys(&mut fresh, 10, "after");
+    check_keys(&mut held, 10, "after", "held connection sees new keys");
+    eprintln!(
+        "{name} idle identity update: {:.2} ms, {} threads",
+        total_ms(&report),
+        report["threads"].as_array().map_or(0, Vec::len)
+    );
+}
+
+/// Identity update while 2 clients keep a steady set+get load: no client
+/// sees an error; prints the longest gap one saw.
+pub fn kv_identity_under_load<C: KvClient>(name: &str, exe: &Path, start: StartKv<'_>) {
+    let dir = crate::apply_support::TempDir::new(&format!("real-{name}-load"));
+    let (child, addr) = start(exe);
+    let load = Load::start::<C>(addr, 2, KV_WAIT);
+    std::thread::sleep(Duration::from_millis(300));
+    let copy = crate::apply_support::fresh_copy(exe, &dir, "identity");
+    let report = update(child.pid(), &copy, KV_WAIT);
+    std::thread::sleep(Duration::from_millis(300));
+    let gap = load.finish();
+    assert!(runs(child.pid(), &copy), "the copy is not the running code");
+    eprintln!(
+        "{name} identity update under load: {:.2} ms reported, longest client gap {:.2} ms",
+        total_ms(&report),
+        gap.as_secs_f64() * 1000.0
+    );
+}
+
+/// Update of `old` to `new` (a security update) while a connection holds
+/// 500 keys: it goes on, every key is there, new keys are seen.
+pub fn kv_update_keeps_connection<C: KvClient>(
+    name: &str,
+    old: &Path,
+    new: &Path,
+    start: StartKv<'_>,
+) {
+    let (child, addr) = start(old);
+    let mut held = C::connect(addr).expect("connect");
+    store_keys(&mut held, 500, "sec");
+    let report = update(child.pid(), new, KV_WAIT);
+    assert!(runs(child.pid(), new), "the update is not the running code");
+    check_keys(&mut held, 500, "sec", "held connection after the update");
+    let mut fresh = C::connect(addr).expect("connect after the update");
+    check_keys(&mut fresh, 500, "sec", "new connection after the update");
+    store_keys(&mut fresh, 10, "post");
+    check_keys(&mut held, 10, "post", "held connection sees new keys");
+    eprintln!(
+        "{name} {} -> {}: {:.2} ms reported, {} warnings",
+        old.display(),
+        new.display(),
+        total_ms(&report),
+        report["warnings"].as_array().map_or(0, Vec::len)
+    );
+}
