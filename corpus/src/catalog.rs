@@ -427,6 +427,17 @@ const PAIRS: &[PairSpec] = &[
         features: &[Threads, Mutex, CondVar, Nanosleep, Loops],
     },
     PairSpec {
+        name: "waiters",
+        names: ["waiters.v1", "waiters.v2"],
+        description: "6 threads each on its own mutex and condition variable, all waiting at one \
+                      call site (like redis's background threads), driven from stdin (`kick I`, \
+                      `quit`); a wait that returns non-zero ends the program; v2 changes every \
+                      line's version",
+        control: Control::Stdin,
+        short_args: &[],
+        features: &[Threads, Mutex, CondVar, Loops],
+    },
+    PairSpec {
         name: "struct_insert",
         names: ["struct_insert.v1", "struct_insert.v2"],
         description: "a global struct gains a member mid-struct (NEW's initializer); the members after it move",

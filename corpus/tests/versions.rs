@@ -101,6 +101,7 @@ fn catalog_lists_every_pair_with_sources() {
             "echo_server",
             "threads8",
             "pool",
+            "waiters",
             "struct_insert",
             "struct_reorder",
             "nested_array",

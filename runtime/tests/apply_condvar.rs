@@ -168,3 +168,73 @@ fn worker_pool_updated_idle_and_busy_gcc() {
 fn worker_pool_updated_idle_and_busy_clang() {
     pool(Toolchain::Clang);
 }
+
+/// Threads of `waiters`: main and 6 waiters.
+const WAITERS: usize = 6;
+
+/// Loads of the machine: `n` shell loops spinning until dropped (a led-out
+/// waiter then waits for a CPU on its way to the call's return, while the
+/// updater keeps interrupting it).
+fn spinners(n: usize) -> Vec<ChildGuard> {
+    (0..n)
+        .map(|_| spawn(Path::new("/bin/sh"), &["-c", "while :; do :; done"]).expect("spin"))
+        .collect()
+}
+
+/// Kicks every waiter once and waits for each one's line of version `v`
+/// with its job count `job`.
+fn kick_all(child: &mut ChildGuard, v: u32, job: usize) {
+    for k in 0..WAITERS {
+        child
+            .send_stdin(format!("kick {k}\n").as_bytes())
+            .expect("kick");
+        let want = format!("v{v} thread {k} job {job}");
+        child
+            .wait_for_line(&want, WAIT, |l| l == want)
+            .unwrap_or_else(|e| panic!("{want}: {e}\n{}", child.stdout_so_far()));
+    }
+}
+
+/// Waiters on their own mutexes, all at one call site (redis's background
+/// threads), updated back and forth 20 times with the CPUs busy: each
+/// update leads all 6 out and parks each at the call's return, the wait
+/// returns 0 in the new version (the program ends if it returns anything
+/// else), and each then serves a job in that version. A thread whose
+/// breakpoint trap at the return was reported after the updater's own
+/// interrupt used to be taken for one still on its way, run past its
+/// return, and wait again until the update gave up.
+fn waiters_updated_repeatedly_under_load(tc: Toolchain) {
+    tc.require();
+    let (v1, v2) = pair("waiters", tc);
+    let dir = TempDir::new(&format!("waiters-{tc}"));
+    let mut child = spawn(&v1, &[] as &[&str]).expect("spawn");
+    child
+        .wait_for_line("ready", WAIT, |l| l == "v1 ready 6")
+        .expect("ready");
+    let _load = spinners(2);
+    for round in 0..20usize {
+        let v = if round % 2 == 0 { 2 } else { 1 };
+        let src = if v == 2 { &v2 } else { &v1 };
+        let to = fresh_copy(src, &dir, &format!("round{round}"));
+        std::thread::sleep(Duration::from_millis(20));
+        let report = update(&child, &to, false);
+        assert_eq!(report.threads.len(), WAITERS + 1, "{:?}", report.threads);
+        assert_eq!(woken(&report), WAITERS, "{:?}", report.threads);
+        kick_all(&mut child, v, round + 1);
+    }
+    child.send_stdin(b"quit\n").expect("quit");
+    let out = child.wait(WAIT).expect("waiters end");
+    assert_eq!(out.status.code(), Some(0), "{}{}", out.stdout, out.stderr);
+    let last = out.stdout.lines().last().unwrap_or("");
+    assert_eq!(last, format!("v1 joined jobs={}", 20 * WAITERS));
+}
+
+#[test]
+fn waiters_on_their_own_mutexes_updated_repeatedly_under_load_gcc() {
+    waiters_updated_repeatedly_under_load(Toolchain::Gcc);
+}
+
+#[test]
+fn waiters_on_their_own_mutexes_updated_repeatedly_under_load_clang() {
+    waiters_updated_repeatedly_under_load(Toolchain::Clang);
+}

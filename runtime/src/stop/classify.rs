@@ -78,7 +78,12 @@ pub enum NotReadyReason {
     },
     /// Led out of its wait, running through the library's own path to the
     /// call's return (re-acquiring the mutex).
-    LeavingWait { callee: String },
+    LeavingWait {
+        callee: String,
+        /// Where it was last seen: the system call it blocks in, or the
+        /// library function it runs.
+        at: String,
+    },
     /// Running an application callback under library frames (the
     /// unwinder's words in `message`): let run until its outermost callback
     /// frame returns to `return_to` in the library with rsp at
@@ -137,9 +142,9 @@ impl fmt::Display for NotReadyReason {
                 f,
                 "inside {callee}, waiting for its mutex or internal lock (not the condition itself)"
             ),
-            LeavingWait { callee } => write!(
+            LeavingWait { callee, at } => write!(
                 f,
-                "led out of {callee}, still on its way to the call's return (re-acquiring the mutex)"
+                "led out of {callee}, still on its way to the call's return (last seen {at})"
             ),
             InCallback { message, .. } => write!(
                 f,
@@ -310,11 +315,26 @@ impl Stopper<'_> {
             });
         }
         if let Some((_, callee)) = self.leaving.get(&tid).cloned() {
-            // On its way out: only a wait for its mutex is of interest.
-            return match self.classify_blocked(tid, regs) {
-                Err(r @ NotReadyReason::MutexRelock { .. }) => Err(r),
-                _ => Err(NotReadyReason::LeavingWait { callee }),
-            };
+            if self.image.is_code(rip) {
+                // Past the call's return without being parked there (its
+                // breakpoint was lifted to step another thread over it):
+                // an ordinary thread again.
+                self.leaving.remove(&tid);
+            } else {
+                // On its way out: only a wait for its mutex is of
+                // interest, or a new wait it went into after all.
+                return match self.classify_blocked(tid, regs) {
+                    Err(r @ NotReadyReason::MutexRelock { .. }) => Err(r),
+                    Err(r @ NotReadyReason::WaitToLeave { .. }) => {
+                        self.leaving.remove(&tid);
+                        Err(r)
+                    }
+                    _ => Err(NotReadyReason::LeavingWait {
+                        callee,
+                        at: self.whereabouts(regs),
+                    }),
+                };
+            }
         }
         if self.image.is_code(rip) {
             let Some(f) = self
@@ -435,6 +455,38 @@ impl Stopper<'_> {
             },
             frames: u.frames,
         })
+    }
+
+    /// Where a stopped thread outside the image is, for messages: the
+    /// system call it is in (a futex wait with its word, value and the
+    /// owner a mutex there would name), or the library function it runs.
+    pub(super) fn whereabouts(&self, regs: &Regs) -> String {
+        let (nr, rip) = (regs.0.orig_rax as i64, regs.rip());
+        let place = match self.libs.lookup(rip) {
+            Some((lib, link)) => match lib.symbol_at(link) {
+                Some((name, off)) => format!("{name}+{off:#x} in {}", lib.name()),
+                None => format!("{:#x} in {}", link.0, lib.name()),
+            },
+            None => format!("{:#x}", rip.0),
+        };
+        if nr < 0 {
+            return format!("running {place}");
+        }
+        if nr != libc::SYS_futex {
+            return format!("in system call {} at {place}", policy::syscall_name(nr));
+        }
+        let word = regs.0.rdi;
+        let owner = RuntimeAddr(word)
+            .checked_offset(policy::MUTEX_OWNER)
+            .and_then(|a| self.mem.read_u32(a).ok());
+        let now = self.mem.read_u32(RuntimeAddr(word)).ok();
+        format!(
+            "in futex op {} for value {} on {word:#x} (holding {}; owner field {}) at {place}",
+            regs.0.rsi & 0x7f,
+            regs.0.rdx as u32,
+            now.map_or("unreadable".to_string(), |v| v.to_string()),
+            owner.map_or("unreadable".to_string(), |v| v.to_string()),
+        )
     }
 
     /// Whether a plain (not robust, PI or PP) glibc mutex held by another

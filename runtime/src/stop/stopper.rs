@@ -550,48 +550,19 @@ impl Stopper<'_> {
                     return self.cont(tid, Some(Sig::TRAP));
                 }
                 regs.set_rip(at);
-                if let Some(callee) = self.parked_at_return(tid, at) {
-                    // Parked at the return of the wait it was led out of:
-                    // the call returns 0, a spurious wake-up.
-                    regs.0.rax = 0;
-                    self.tracee.set_regs(tid, &regs)?;
-                    self.returned.insert(tid, callee);
-                    self.last_progress = Instant::now();
-                    return self.look_at(bps, tid, false);
-                }
                 self.tracee.set_regs(tid, &regs)?;
-                if self.in_callback.get(&tid) == Some(&(at, regs.rsp())) {
-                    // Its callback returned into the library: parked there.
-                    self.in_callback.remove(&tid);
-                    self.out_of_callback.insert(tid);
-                    self.last_progress = Instant::now();
-                    return self.look_at(bps, tid, false);
-                }
-                if self.in_callback.contains_key(&tid) && self.hits >= self.opts.skip_hits {
-                    // On its way out of the callback: the update points it
-                    // passes cannot make it ready.
-                    return self.resume(bps, tid);
-                }
-                if !self.at_update_point(at) {
-                    // Another thread's way out of a callback (or a deeper
-                    // call of this one): not an update point.
-                    return self.look_at(bps, tid, self.hits < self.opts.skip_hits);
-                }
-                self.hits += 1;
-                if self.hits <= self.opts.skip_hits {
-                    return self.resume(bps, tid);
-                }
-                self.look_at(bps, tid, false)
+                self.on_breakpoint(bps, tid, at)
             }
             Stop::EventStop { .. } => {
                 self.kicked.remove(&tid);
-                let keep_running = match self.take_pending_trap(bps, tid)? {
-                    // Like any hit: skipped up to the k-th.
-                    PendingTrap::Taken { .. } => self.hits <= self.opts.skip_hits,
-                    PendingTrap::None => self.hits < self.opts.skip_hits,
-                    PendingTrap::Ended(stop) => return self.handle(bps, tid, stop),
-                };
-                self.look_at(bps, tid, keep_running)
+                match self.take_pending_trap(bps, tid)? {
+                    // A breakpoint hit reported after our interrupt: the
+                    // same as one reported first (a thread at the return
+                    // of a wait it was led out of is parked there).
+                    PendingTrap::Taken { addr } => self.on_breakpoint(bps, tid, addr),
+                    PendingTrap::None => self.look_at(bps, tid, self.hits < self.opts.skip_hits),
+                    PendingTrap::Ended(stop) => self.handle(bps, tid, stop),
+                }
             }
             Stop::Signal { sig, code } if is_fault(sig, code) => self.cont(tid, Some(sig)),
             // A thread running towards an update point gets its signals at
@@ -648,6 +619,73 @@ impl Stopper<'_> {
         }
     }
 
+    /// Thread `tid` stopped at armed breakpoint `at` (its rip set back
+    /// there): parked at a wait's or a callback's return, a hit to skip,
+    /// or an update point to look at.
+    fn on_breakpoint(
+        &mut self,
+        bps: &mut BreakpointSet<ProcessMemory>,
+        tid: Pid,
+        at: RuntimeAddr,
+    ) -> Result<(), StopError> {
+        if self.arrived(tid, at)? {
+            return self.look_at(bps, tid, false);
+        }
+        if self.in_callback.contains_key(&tid) && self.hits >= self.opts.skip_hits {
+            // On its way out of the callback: the update points it
+            // passes cannot make it ready.
+            return self.resume(bps, tid);
+        }
+        if !self.at_update_point(at) {
+            // Another thread's way out of a callback or a wait (or a
+            // deeper call of this one): not an update point.
+            return self.look_at(bps, tid, self.hits < self.opts.skip_hits);
+        }
+        self.hits += 1;
+        if self.hits <= self.opts.skip_hits {
+            return self.resume(bps, tid);
+        }
+        self.look_at(bps, tid, false)
+    }
+
+    /// The registers of stopped thread `tid`; one stopped at the return
+    /// of the wait it was led out of before that breakpoint's int3 ran
+    /// has arrived all the same (parked there, the call returning 0).
+    fn regs_on_arrival(&mut self, tid: Pid) -> Result<crate::target::ptrace::Regs, StopError> {
+        let regs = self.tracee.regs(tid)?;
+        if self
+            .leaving
+            .get(&tid)
+            .is_some_and(|(r, _)| *r == regs.rip())
+        {
+            self.arrived(tid, regs.rip())?;
+            return Ok(self.tracee.regs(tid)?);
+        }
+        Ok(regs)
+    }
+
+    /// Whether thread `tid`, stopped at breakpoint `at`, arrived where it
+    /// was sent: the return of the wait it was led out of (the call
+    /// returns 0, a spurious wake-up) or the return of its callback into
+    /// the library. It is parked there.
+    fn arrived(&mut self, tid: Pid, at: RuntimeAddr) -> Result<bool, StopError> {
+        let mut regs = self.tracee.regs(tid)?;
+        if let Some(callee) = self.parked_at_return(tid, at) {
+            regs.0.rax = 0;
+            self.tracee.set_regs(tid, &regs)?;
+            self.returned.insert(tid, callee);
+            self.last_progress = Instant::now();
+            return Ok(true);
+        }
+        if self.in_callback.get(&tid) == Some(&(at, regs.rsp())) {
+            self.in_callback.remove(&tid);
+            self.out_of_callback.insert(tid);
+            self.last_progress = Instant::now();
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
     /// The callee of the wait `tid` was led out of, if `at` is that call's
     /// return: the thread is no longer leaving, it is parked there.
     fn parked_at_return(&mut self, tid: Pid, at: RuntimeAddr) -> Option<String> {
@@ -689,13 +727,16 @@ impl Stopper<'_> {
         tid: Pid,
         keep_running: bool,
     ) -> Result<(), StopError> {
-        let regs = self.tracee.regs(tid)?;
+        let regs = self.regs_on_arrival(tid)?;
         let regs = self.undo_eintr(tid, regs)?;
         let at_point = self.at_update_point(regs.rip());
         let classified = match self.classify(tid, &regs) {
             Err(NotReadyReason::WaitToLeave { callee, resume_at }) if !keep_running => {
                 self.lead_out(bps, tid, callee.clone(), resume_at)?;
-                Err(NotReadyReason::LeavingWait { callee })
+                Err(NotReadyReason::LeavingWait {
+                    callee,
+                    at: "at the end of its wait".to_string(),
+                })
             }
             Err(NotReadyReason::MutexRelock {
                 callee,
@@ -912,9 +953,6 @@ impl Stopper<'_> {
                 info: d.info,
             });
         }
-        if let PendingTrap::Taken { .. } = out.trap {
-            self.hits += 1;
-        }
         Ok(out.trap)
     }
 
@@ -1012,10 +1050,16 @@ impl Stopper<'_> {
             match stop {
                 Stop::EventStop { .. } => {
                     self.kicked.remove(&tid);
-                    if let PendingTrap::Ended(stop) = self.take_pending_trap(bps, tid)? {
-                        return self.ended_while_halting(tid, stop);
+                    match self.take_pending_trap(bps, tid)? {
+                        PendingTrap::Ended(stop) => return self.ended_while_halting(tid, stop),
+                        PendingTrap::Taken { addr } => {
+                            if !self.arrived(tid, addr)? && self.at_update_point(addr) {
+                                self.hits += 1;
+                            }
+                        }
+                        PendingTrap::None => {}
                     }
-                    let regs = self.tracee.regs(tid)?;
+                    let regs = self.regs_on_arrival(tid)?;
                     let regs = self.undo_eintr(tid, regs)?;
                     // Last look: stopped where it is, it may be ready.
                     match self.classify(tid, &regs) {
@@ -1036,14 +1080,10 @@ impl Stopper<'_> {
                     let at = RuntimeAddr(regs.rip().0.wrapping_sub(1));
                     if bps.was_armed(at) {
                         regs.set_rip(at);
-                        if let Some(callee) = self.parked_at_return(tid, at) {
-                            // At the return of the wait it was led out of.
-                            regs.0.rax = 0;
-                            self.returned.insert(tid, callee);
-                        } else {
+                        self.tracee.set_regs(tid, &regs)?;
+                        if !self.arrived(tid, at)? && self.at_update_point(at) {
                             self.hits += 1;
                         }
-                        self.tracee.set_regs(tid, &regs)?;
                         // Our interrupt is pending: the thread stops again
                         // before executing the int3.
                         self.tracee.cont(tid, None)?;
