@@ -500,12 +500,18 @@ pub fn frame_writes(
     let mut final_regs = thread.regs;
     let mut report = Vec::new();
     let nframes = layout.frames.len();
+    let pinned = if mode == TopMode::InPlace {
+        pinned_pointers(mem, thread, layout)
+    } else {
+        Vec::new()
+    };
     for (pos, p) in layout.frames.iter().enumerate() {
         let f = &thread.frames[p.old_index];
         let top = p.old_index == 0;
         let m = lookup(tid, plan, &old.tables, &new.tables, f)?;
         let sites = find_sites(tid, &m, &f.continuation, top, mode)?;
         let (of, nf, os, ns) = (m.old, m.new, sites.old, sites.new);
+        check_pinned(tid, &pinned, f, p, &m, old, &thread.readiness)?;
         let mem_err = |source| RebuildError::Memory {
             tid,
             function: f.function.clone(),
@@ -851,6 +857,134 @@ pub fn frame_writes(
 /// The `n` bytes at CFA-relative offset `off` in a frame buffer of `len`
 /// bytes that ends at the CFA, if they lie inside it (offsets come from the
 /// tables of a file: checked, never trusted).
+/// Largest span of library frames read for [`pinned_pointers`].
+const MAX_LIBRARY_SPAN: u64 = 1 << 20;
+
+/// A value the library code left in place holds (in a register or in its
+/// own frames) that points into the thread's application frames: the call
+/// will write or read there when it goes on.
+struct Pinned {
+    /// Where the value is held (`register rsi`, `stack 0x7ffc…`).
+    held_in: String,
+    addr: u64,
+}
+
+/// The values of a thread left in library code that point into its
+/// application frames: its general registers and the words of the library
+/// frames above the top application frame (bounded).
+fn pinned_pointers(
+    mem: &impl TargetMemory,
+    thread: &ThreadState,
+    layout: &ThreadLayout,
+) -> Vec<Pinned> {
+    let lows = layout
+        .frames
+        .iter()
+        .filter_map(|p| thread.frames.get(p.old_index).map(|f| (f, p)));
+    let (mut lo, mut hi) = (u64::MAX, 0u64);
+    for (f, p) in lows {
+        lo = lo.min(f.cfa.0.wrapping_add_signed(p.old_low));
+        hi = hi.max(f.cfa.0);
+    }
+    if lo >= hi {
+        return Vec::new();
+    }
+    let inside = |v: u64| lo <= v && v < hi;
+    let mut out = Vec::new();
+    for reg in Reg::ALL {
+        if matches!(reg, Reg::Rip | Reg::Rsp | Reg::Rbp) {
+            continue;
+        }
+        let v = thread.regs.get(reg);
+        if inside(v) {
+            out.push(Pinned {
+                held_in: format!("register {reg}"),
+                addr: v,
+            });
+        }
+    }
+    let sp = thread.regs.rsp().0;
+    let span = lo.saturating_sub(sp).min(MAX_LIBRARY_SPAN);
+    if span >= 8 {
+        if let Ok(bytes) = mem.read_vec(RuntimeAddr(sp), span, MAX_LIBRARY_SPAN as usize) {
+            for (i, w) in bytes.chunks_exact(8).enumerate() {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(w);
+                let v = u64::from_le_bytes(b);
+                if inside(v) {
+                    out.push(Pinned {
+                        held_in: format!("stack {:#x}", sp + 8 * i as u64),
+                        addr: v,
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A library call left in place goes on with the pointers it holds into
+/// the application frames: each one into a variable of frame `f` must
+/// find the same variable, of the same type, at the same address in the
+/// rebuilt frame; else the call would write or read what is no longer that
+/// variable, and the update is refused naming it. Pointers to no variable
+/// (saved registers, the frame link) are the frames' own bookkeeping.
+fn check_pinned(
+    tid: Pid,
+    pinned: &[Pinned],
+    f: &AppFrame,
+    p: &Placement,
+    m: &Mapped<'_>,
+    old: &Image,
+    readiness: &Readiness,
+) -> Result<(), RebuildError> {
+    let base = f.cfa.0.wrapping_add_signed(p.old_low);
+    for pin in pinned.iter().filter(|x| base <= x.addr && x.addr < f.cfa.0) {
+        if p.copied && p.new_cfa == f.cfa {
+            continue;
+        }
+        let off = pin.addr.wrapping_sub(f.cfa.0) as i64;
+        let held = m
+            .old
+            .vars
+            .iter()
+            .enumerate()
+            .find(|(_, v)| match v.location {
+                VarLocation::Cfa(o) => {
+                    let size = type_size(&old.tables.types, v.ty).unwrap_or(0) as i64;
+                    o.0 <= off && off < o.0.saturating_add(size.max(1))
+                }
+                _ => false,
+            });
+        let Some((i, ov)) = held else { continue };
+        let stays = m.plan.vars.iter().zip(&m.new.vars).any(|(src, nv)| {
+            matches!(src, VarSource::Old(j) if *j == i)
+                && matches!((&nv.location, &ov.location),
+                    (VarLocation::Cfa(no), VarLocation::Cfa(oo))
+                        if p.new_cfa.0.wrapping_add_signed(no.0) == f.cfa.0.wrapping_add_signed(oo.0))
+        });
+        if !stays {
+            let call = match readiness {
+                Readiness::InLibrary { callee, .. } | Readiness::CallbackReturned { callee } => {
+                    callee.as_str()
+                }
+                _ => "its library call",
+            };
+            return Err(RebuildError::Unmappable {
+                tid,
+                function: f.function.clone(),
+                continuation: f.continuation.clone(),
+                why: format!(
+                    "{call}, left in place, holds a pointer ({}) to local {}, which moves or \
+                     changes type in the new frame",
+                    pin.held_in, ov.name
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 fn slot(len: usize, off: i64, n: u64) -> Option<std::ops::Range<usize>> {
     let start = i64::try_from(len).ok()?.checked_add(off)?;
     let start = usize::try_from(start).ok()?;
