@@ -6,6 +6,10 @@
 //! update is refused naming the call, the pointer and the local — the
 //! result would land in what is no longer `ret` — and the process goes on
 //! in the old version as if nothing happened.
+//!
+//! A blocked call whose statement cannot run again (it has effects before
+//! the call) is left in place the same way: the call returns into the new
+//! version's frame, and the effect is not repeated.
 
 mod apply_support;
 
@@ -130,4 +134,74 @@ fn a_join_left_in_place_keeps_its_result_pointer_gcc() {
 #[test]
 fn a_join_left_in_place_keeps_its_result_pointer_clang() {
     joiner_pair(Toolchain::Clang);
+}
+
+/// main reads stdin one byte at a time from a statement that counts the
+/// call first (`calls++` runs before `read`: re-executing the statement
+/// would count twice).
+const COUNTER: &str = r#"
+#include <stdio.h>
+#include <unistd.h>
+
+static int calls;
+
+int main(void)
+{
+    char c = '?';
+    long n;
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    printf("%s ready\n", VERSION);
+    for (;;) {
+        n = (calls++, read(0, &c, 1));
+        if (n != 1)
+            break;
+        printf("%s got %c calls=%d\n", VERSION, c, calls);
+    }
+    printf("%s end calls=%d\n", VERSION, calls);
+    return 0;
+}
+"#;
+
+fn counter_pair(tc: Toolchain) {
+    tc.require();
+    let dir = TempDir::new(&format!("in-place-stmt-{tc}"));
+    let v1 = build_c(&dir, "counter_v1", &with_version(COUNTER, "v1"), tc);
+    let v2 = build_c(&dir, "counter_v2", &with_version(COUNTER, "v2"), tc);
+    let mut child = spawn(&v1, &[] as &[&str]).expect("spawn");
+    child
+        .wait_for_line("ready", WAIT, |l| l == "v1 ready")
+        .expect("ready");
+    child.send_stdin(b"a").expect("byte");
+    child
+        .wait_for_line("first byte", WAIT, |l| l == "v1 got a calls=1")
+        .expect("v1 reads");
+    std::thread::sleep(Duration::from_millis(100));
+    let report = apply(child.pid() as i32, &v2, &opts()).expect("left in place: updated");
+    assert!(
+        report
+            .threads
+            .iter()
+            .any(|t| t.state.contains("read") && t.state.contains("left in place")),
+        "{:?}",
+        report.threads
+    );
+    child.send_stdin(b"b").expect("byte");
+    child.close_stdin();
+    let out = child.wait(WAIT).expect("v2 ends");
+    assert_eq!(
+        out.stdout, "v1 ready\nv1 got a calls=1\nv2 got b calls=2\nv2 end calls=3\n",
+        "{}",
+        out.stderr
+    );
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn a_read_whose_statement_cannot_run_again_is_left_in_place_gcc() {
+    counter_pair(Toolchain::Gcc);
+}
+
+#[test]
+fn a_read_whose_statement_cannot_run_again_is_left_in_place_clang() {
+    counter_pair(Toolchain::Clang);
 }

@@ -55,9 +55,6 @@ pub enum NotReadyReason {
     NotAnImport { syscall: i64, callee: String },
     /// Blocked in a library call that is not in the policy's table.
     NotKnownSafe { syscall: i64, callee: String },
-    /// Blocked in a known-safe call from a statement with effects before
-    /// the call, so it cannot run again.
-    NotReexecutable { callee: String },
     /// Waiting in a call the thread is led out of (`pthread_cond_wait`),
     /// not led out yet; it is parked at `resume_at`, the call's return.
     WaitToLeave {
@@ -129,10 +126,6 @@ impl fmt::Display for NotReadyReason {
                 f,
                 "blocked in system call {} inside {callee}, which is not a known-safe call",
                 syscall_name(*syscall)
-            ),
-            NotReexecutable { callee } => write!(
-                f,
-                "blocked in {callee}, but its statement cannot be re-executed (it has effects before the call)"
             ),
             WaitToLeave { callee, .. } => write!(f, "waiting in {callee}, not led out of it yet"),
             MutexRelock { callee, .. } => {
@@ -443,16 +436,21 @@ impl Stopper<'_> {
                 callee,
             });
         }
-        if call.restart.is_none() {
-            return Err(NotReadyReason::NotReexecutable { callee });
-        }
+        let syscall = self.syscall_seen(tid, nr) as u64;
+        // A statement with effects before the call cannot run again: the
+        // call is left in place instead and returns into NEW's frame (its
+        // pointers into the frames are checked by the rebuild, what it
+        // holds of the old image is remapped by the sweep, and the
+        // interrupted system call restarts with the remapped registers).
+        let readiness = if call.restart.is_none() {
+            Readiness::InLibrary { callee, syscall }
+        } else {
+            Readiness::Blocked { callee, syscall }
+        };
         Ok(ThreadState {
             tid: Pid::from_raw(t),
             regs: *regs,
-            readiness: Readiness::Blocked {
-                callee,
-                syscall: self.syscall_seen(tid, nr) as u64,
-            },
+            readiness,
             frames: u.frames,
         })
     }
