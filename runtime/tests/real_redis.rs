@@ -75,11 +75,19 @@ impl Redis {
     }
 
     fn command(&mut self, args: &[&str]) -> std::io::Result<()> {
-        let mut req = format!("*{}\r\n", args.len());
+        let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+        self.command_bytes(&args)
+    }
+
+    /// A command whose arguments are any bytes (a DUMP payload).
+    fn command_bytes(&mut self, args: &[&[u8]]) -> std::io::Result<()> {
+        let mut req = format!("*{}\r\n", args.len()).into_bytes();
         for a in args {
-            req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+            req.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            req.extend_from_slice(a);
+            req.extend_from_slice(b"\r\n");
         }
-        self.writer.write_all(req.as_bytes())
+        self.writer.write_all(&req)
     }
 }
 
@@ -138,4 +146,95 @@ fn redis_identity_update_under_load_drops_nothing() {
 fn redis_security_update_keeps_a_live_connection_and_its_keys() {
     let (old, new) = builds();
     kv_update_keeps_connection::<Redis>("redis", &old.instrumented, &new.instrumented, &start);
+}
+
+/// CRC-64 as redis computes it for DUMP payloads (Jones polynomial,
+/// reflected, initial value 0).
+fn redis_crc64(bytes: &[u8]) -> u64 {
+    const POLY: u64 = 0x95ac_9329_ac4b_c9b5; // 0xad93d23594c935a9 reflected
+    let mut crc = 0u64;
+    for &b in bytes {
+        crc ^= u64::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ POLY
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    crc
+}
+
+/// A RESTORE payload of a one-field hash in the legacy zipmap encoding
+/// whose field length (4) is written in the 5-byte form meant for lengths
+/// of 254 and more. The zipmap check of both versions reads it right (the
+/// field is `01 00 'X' ff`, its value "v"), but the old version's
+/// conversion reads the short form and takes the length bytes for the
+/// field and "X" for its value: it answers OK with a hash that is not the
+/// one sent. Debian's security update (CVE-2026-25243) makes the check
+/// refuse such a length.
+fn zipmap_with_long_form_length() -> Vec<u8> {
+    // count 1; field: length 254 + u32 4, bytes 01 00 'X' ff; value:
+    // length 1, free 0, "v"; end.
+    let zipmap = [1u8, 254, 4, 0, 0, 0, 1, 0, b'X', 255, 1, 0, b'v', 255];
+    let mut p = vec![9u8, zipmap.len() as u8]; // RDB_TYPE_HASH_ZIPMAP, 6-bit length
+    p.extend_from_slice(&zipmap);
+    p.extend_from_slice(&9u16.to_le_bytes()); // RDB version 9
+    let crc = redis_crc64(&p);
+    p.extend_from_slice(&crc.to_le_bytes());
+    p
+}
+
+#[test]
+fn redis_crc64_is_the_one_redis_uses() {
+    // The check value of CRC-64/Jones that redis's own crc64 test uses.
+    assert_eq!(redis_crc64(b"123456789"), 0xe9c6_d914_c4b8_d9ca);
+}
+
+/// The fix is there after the update: on the connection held across it,
+/// the old version took the payload (and misread it) and the updated
+/// process refuses the same payload as the fixed version does.
+#[test]
+fn redis_security_update_brings_the_fixed_zipmap_check() {
+    let (old, new) = builds();
+    let (child, addr) = start(&old.instrumented);
+    let mut held = Redis::connect(addr).expect("connect");
+    let payload = zipmap_with_long_form_length();
+    let restore = |c: &mut Redis, key: &str| -> String {
+        c.command_bytes(&[b"RESTORE", key.as_bytes(), b"0", &payload])
+            .expect("send RESTORE");
+        c.line().expect("RESTORE reply")
+    };
+    assert_eq!(
+        restore(&mut held, "zm-before"),
+        "+OK",
+        "the old version takes it"
+    );
+    let misread = |c: &mut Redis| {
+        c.command(&["HGET", "zm-before", "\u{4}\0\0\0"])
+            .expect("HGET");
+        (c.line().expect("reply"), c.line().expect("value"))
+    };
+    assert_eq!(
+        misread(&mut held),
+        ("$1".into(), "X".into()),
+        "the old version's misreading"
+    );
+    apply_support::real::update(child.pid(), &new.instrumented, Duration::from_secs(40));
+    let after = restore(&mut held, "zm-after");
+    assert!(
+        after.starts_with("-ERR Bad data format"),
+        "the updated process answers {after}"
+    );
+    // The key restored before the update is still there, as it was.
+    assert_eq!(misread(&mut held), ("$1".into(), "X".into()));
+    // What a fresh start of the fixed version answers, for comparison.
+    let (_fixed, fixed_addr) = start(&new.instrumented);
+    let mut c = Redis::connect(fixed_addr).expect("connect");
+    assert_eq!(
+        restore(&mut c, "zm"),
+        after,
+        "the fixed version's own answer"
+    );
 }
