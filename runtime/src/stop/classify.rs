@@ -19,9 +19,9 @@ use nix::libc;
 use nix::unistd::Pid;
 use std::fmt;
 use std::ops::Range;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use upstare_dwarf::fdt::Callee;
-use upstare_dwarf::RuntimeAddr;
+use upstare_dwarf::{Reg, RuntimeAddr};
 
 /// Why a thread is not ready (yet).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -175,9 +175,10 @@ pub(super) struct TimedWait {
     rip: u64,
     nr: i64,
     since: Instant,
-    timeout_ms: i32,
-    /// The timeout it was last restarted with.
-    last_set: i32,
+    timeout: Duration,
+    /// The timeout register's value it was last restarted with (the
+    /// milliseconds, or the address of the timespec we wrote).
+    last_set: u64,
 }
 
 impl Stopper<'_> {
@@ -190,43 +191,96 @@ impl Stopper<'_> {
         let (nr, rax) = (regs.0.orig_rax as i64, regs.0.rax as i64);
         if nr >= 0 && (rax == EINTR || rax == ERESTARTNOHAND) && eintr_on_stop(nr) {
             regs.0.rax = ERESTARTNOHAND as u64;
-            if let Some(ms) = self.remaining_ms(tid, nr, &regs) {
-                regs.0.r10 = ms as u64;
+            if let Some(ms) = policy::timeout_ms(nr, &regs) {
+                let left = self.remaining(tid, nr, &regs, ms as u64, || {
+                    Some(Duration::from_millis(ms as u64))
+                });
+                if let Some(left) = left {
+                    // 0 makes the call return at once, as its timeout would.
+                    regs.0.r10 = left.as_millis().min(i32::MAX as u128) as u64;
+                    self.note_set(tid, regs.0.r10);
+                }
+            } else if let Some(reg) = policy::timespec_arg(nr) {
+                if let Some(at) = self.restart_timespec(tid, nr, &regs, reg) {
+                    regs.set(reg, at);
+                }
             }
             self.tracee.set_regs(tid, &regs)?;
         }
         Ok(regs)
     }
 
-    /// The timeout a restarted timed wait of `tid` gets: what is left of
-    /// the one it had when first seen in this call (the time before that
-    /// is not known, so it may wait a little longer than without us, never
-    /// the full timeout again at every interruption).
-    fn remaining_ms(&mut self, tid: Pid, nr: i64, regs: &Regs) -> Option<i32> {
-        let ms = policy::timeout_ms(nr, regs)?;
+    /// What is left of the timeout of the timed wait `tid` is in (`set`:
+    /// the timeout register's value now; `first`: the timeout, read when
+    /// the wait is first seen in this call). The time before it was first
+    /// seen is not known, so it may wait a little longer than without us,
+    /// never the full timeout again at every interruption.
+    fn remaining(
+        &mut self,
+        tid: Pid,
+        nr: i64,
+        regs: &Regs,
+        set: u64,
+        first: impl FnOnce() -> Option<Duration>,
+    ) -> Option<Duration> {
         let now = Instant::now();
         let same = self
             .timed
             .get(&tid)
-            .is_some_and(|w| w.rip == regs.0.rip && w.nr == nr && w.last_set == ms);
+            .is_some_and(|w| w.rip == regs.0.rip && w.nr == nr && w.last_set == set);
         if !same {
+            let timeout = first()?;
             self.timed.insert(
                 tid,
                 TimedWait {
                     rip: regs.0.rip,
                     nr,
                     since: now,
-                    timeout_ms: ms,
-                    last_set: ms,
+                    timeout,
+                    last_set: set,
                 },
             );
         }
-        let w = self.timed.get_mut(&tid)?;
-        let spent = i32::try_from(now.duration_since(w.since).as_millis()).unwrap_or(i32::MAX);
-        // 0 would make the call return at once, as its timeout would have.
-        let left = w.timeout_ms.saturating_sub(spent).max(0);
-        w.last_set = left;
-        Some(left)
+        let w = self.timed.get(&tid)?;
+        Some(w.timeout.saturating_sub(now.duration_since(w.since)))
+    }
+
+    fn note_set(&mut self, tid: Pid, set: u64) {
+        if let Some(w) = self.timed.get_mut(&tid) {
+            w.last_set = set;
+        }
+    }
+
+    /// A timed wait whose relative timeout is a `struct timespec` the
+    /// call reads at every start (rt_sigtimedwait, epoll_pwait2): restarted
+    /// with what is left, written below the thread's red zone (unused
+    /// while the thread is in the system call; the program's own timespec
+    /// stays as it is). The address to put in the timeout register, or
+    /// `None` to leave the call as it is (no timeout, unreadable, invalid).
+    fn restart_timespec(&mut self, tid: Pid, nr: i64, regs: &Regs, reg: Reg) -> Option<u64> {
+        const RED_ZONE: u64 = 128;
+        let ptr = regs.get(reg);
+        if ptr == 0 {
+            return None;
+        }
+        let scratch = regs.rsp().0.checked_sub(RED_ZONE + 16)? & !15;
+        let mem = self.mem.clone();
+        let read = |at: u64| -> Option<Duration> {
+            let mut b = [0u8; 16];
+            mem.read(RuntimeAddr(at), &mut b).ok()?;
+            let sec = i64::from_le_bytes(b[..8].try_into().ok()?);
+            let nsec = i64::from_le_bytes(b[8..].try_into().ok()?);
+            (sec >= 0 && (0..1_000_000_000).contains(&nsec))
+                .then(|| Duration::new(sec as u64, nsec as u32))
+        };
+        let left = self.remaining(tid, nr, regs, ptr, || read(ptr))?;
+        let mut ts = [0u8; 16];
+        ts[..8].copy_from_slice(&(left.as_secs() as i64).to_le_bytes());
+        ts[8..].copy_from_slice(&i64::from(left.subsec_nanos()).to_le_bytes());
+        let mut mem = self.mem.clone();
+        mem.write(RuntimeAddr(scratch), &ts).ok()?;
+        self.note_set(tid, scratch);
+        Some(scratch)
     }
 
     pub(super) fn stack_of(&mut self, rsp: RuntimeAddr) -> Option<Range<RuntimeAddr>> {

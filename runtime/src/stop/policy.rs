@@ -192,6 +192,17 @@ pub(super) fn timeout_ms(nr: i64, regs: &Regs) -> Option<i32> {
     ([SYS_epoll_wait, SYS_epoll_pwait].contains(&nr) && ms > 0).then_some(ms)
 }
 
+/// For system calls [`eintr_on_stop`] that take a relative timeout as a
+/// `struct timespec *` they read at every start (rt_sigtimedwait: rdx,
+/// epoll_pwait2: r10), the register holding it.
+pub(super) fn timespec_arg(nr: i64) -> Option<upstare_dwarf::Reg> {
+    match nr {
+        libc::SYS_rt_sigtimedwait => Some(upstare_dwarf::Reg::Rdx),
+        libc::SYS_epoll_pwait2 => Some(upstare_dwarf::Reg::R10),
+        _ => None,
+    }
+}
+
 /// Names of the x86-64 system calls messages mention.
 const SYSCALL_NAMES: &[(i64, &str)] = &[
     (SYS_read, "read"),
