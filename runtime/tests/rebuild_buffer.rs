@@ -183,6 +183,8 @@ fn setup() -> (ByteBuffer, ThreadState) {
             regs,
             readiness: Readiness::AtPoint,
             frames,
+            below_signal: None,
+            signal_frame: None,
         },
     )
 }

@@ -180,6 +180,8 @@ fn setup() -> (ByteBuffer, ThreadState) {
         regs: zeroed_regs(),
         readiness: Readiness::AtPoint,
         frames,
+        below_signal: None,
+        signal_frame: None,
     };
     (mem, thread)
 }

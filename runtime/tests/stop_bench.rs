@@ -104,6 +104,7 @@ fn measure(exe: &std::path::Path, depth: usize, hot: usize, blocked: usize) -> V
                 Readiness::InLibrary { callee, .. }
                 | Readiness::Returned { callee }
                 | Readiness::CallbackReturned { callee }
+                | Readiness::UnderSignal { callee }
                 | Readiness::Relock { callee, .. } => panic!("unexpected wait in {callee}"),
             }
         }

@@ -851,7 +851,7 @@ int main(void)
 "#;
 
 #[test]
-fn frames_under_a_signal_handler_or_a_library_callback_are_not_ready() {
+fn frames_under_a_library_callback_are_not_ready_but_a_signal_handler_is() {
     let d = TempDir::new("callbacks");
     let exe = build(&d, "callbacks", CALLBACKS, Toolchain::Gcc);
     let mut child = start(&exe, &[], "ready");
@@ -873,15 +873,15 @@ fn frames_under_a_signal_handler_or_a_library_callback_are_not_ready() {
     let StopError::NotReady { threads, .. } = &e else {
         panic!("{e}");
     };
-    assert_eq!(threads.len(), 2, "{e}");
+    // The handler's thread is ready: at an update point of its loop, the
+    // context raise() was interrupted in kept below the signal frame.
+    assert_eq!(threads.len(), 1, "{e}");
     let at = |f: &str| {
         threads
             .iter()
             .find(|t| matches!(&t.location, Location::App { function, .. } if function == f))
             .unwrap_or_else(|| panic!("{f} not named: {e}"))
     };
-    let h = at("on_usr1");
-    assert!(h.reason.to_string().contains("signal handler"), "{h}");
     let c = at("cmp");
     assert!(
         c.reason

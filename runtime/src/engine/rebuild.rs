@@ -223,7 +223,9 @@ fn top_mode(r: &Readiness) -> TopMode {
     match r {
         Readiness::AtPoint => TopMode::Point,
         Readiness::Blocked { .. } => TopMode::Restart,
-        Readiness::InLibrary { .. } | Readiness::CallbackReturned { .. } => TopMode::InPlace,
+        Readiness::InLibrary { .. }
+        | Readiness::CallbackReturned { .. }
+        | Readiness::UnderSignal { .. } => TopMode::InPlace,
         Readiness::Returned { .. } => TopMode::Returned,
         Readiness::Relock { .. } => TopMode::Relock,
     }
@@ -965,9 +967,9 @@ fn check_pinned(
         });
         if !stays {
             let call = match readiness {
-                Readiness::InLibrary { callee, .. } | Readiness::CallbackReturned { callee } => {
-                    callee.as_str()
-                }
+                Readiness::InLibrary { callee, .. }
+                | Readiness::CallbackReturned { callee }
+                | Readiness::UnderSignal { callee } => callee.as_str(),
                 _ => "its library call",
             };
             return Err(RebuildError::Unmappable {

@@ -105,6 +105,16 @@ pub enum Readiness {
         /// The library function called by the application.
         callee: String,
     },
+    /// The context a signal interrupted, under a handler's frames (see
+    /// [`ThreadState::below_signal`]): in a library call (`pause`,
+    /// `select`) when the signal came. Its registers are in the signal
+    /// frame, which stays, with the library frames, where they are; the
+    /// call returns into the new version of the top application frame
+    /// (which must not move) when the handler returns.
+    UnderSignal {
+        /// The library function called by the application.
+        callee: String,
+    },
 }
 
 impl Readiness {
@@ -117,6 +127,7 @@ impl Readiness {
                 | Readiness::Returned { .. }
                 | Readiness::Relock { .. }
                 | Readiness::CallbackReturned { .. }
+                | Readiness::UnderSignal { .. }
         )
     }
 }
@@ -153,6 +164,27 @@ pub struct ThreadState {
     pub regs: Regs,
     pub readiness: Readiness,
     /// Application frames, top (innermost) first; the last one is `main` or
-    /// the thread's start routine.
+    /// the thread's start routine, or a signal handler.
     pub frames: Vec<AppFrame>,
+    /// When the bottom frame is a signal handler's: the context the signal
+    /// interrupted, a state of its own (its registers in the signal frame,
+    /// at [`ThreadState::signal_frame`]), updated with the thread.
+    pub below_signal: Option<Box<ThreadState>>,
+    /// For the state of an interrupted context: where the `ucontext_t`
+    /// holding its registers is (they are not the thread's registers).
+    pub signal_frame: Option<RuntimeAddr>,
+}
+
+impl ThreadState {
+    /// This state and the interrupted contexts under it, top first: every
+    /// set of frames the update maps.
+    pub fn with_interrupted(&self) -> Vec<&ThreadState> {
+        let mut out = vec![self];
+        let mut cur = self;
+        while let Some(b) = &cur.below_signal {
+            out.push(b);
+            cur = b;
+        }
+        out
+    }
 }

@@ -141,10 +141,81 @@ pub enum Top {
 }
 
 /// The application frames of a thread (top first) and how its top looks.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Unwound {
     pub frames: Vec<AppFrame>,
     pub top: Top,
+    /// When the bottom frame is a signal handler's (its caller is the
+    /// signal frame the kernel built): the context the signal interrupted,
+    /// to be unwound on its own.
+    pub below_signal: Option<SignalContext>,
+}
+
+/// The context a signal interrupted, as the kernel saved it in the signal
+/// frame under a handler (`ucontext_t`).
+#[derive(Clone, Debug)]
+pub struct SignalContext {
+    /// Where the `ucontext_t` is (the handler's CFA).
+    pub ucontext: RuntimeAddr,
+    /// The interrupted registers (`uc_mcontext.gregs`; not in a system
+    /// call as far as these registers go: orig_rax is -1).
+    pub regs: Regs,
+}
+
+impl PartialEq for SignalContext {
+    fn eq(&self, other: &Self) -> bool {
+        self.ucontext == other.ucontext
+            && Reg::ALL
+                .iter()
+                .all(|&r| self.regs.get(r) == other.regs.get(r))
+    }
+}
+
+/// Offset of `uc_mcontext.gregs` in x86-64 `ucontext_t` (uc_flags,
+/// uc_link, uc_stack).
+const UC_GREGS: i64 = 40;
+/// Number of general registers the kernel saves there, in its order.
+const GREGS: usize = 17;
+
+impl SignalContext {
+    /// Read the interrupted registers from the `ucontext_t` at `uc`.
+    fn read<M: TargetMemory + ?Sized>(mem: &M, uc: RuntimeAddr) -> Result<Regs, MemError> {
+        let at = uc.checked_offset(UC_GREGS).ok_or(MemError::Overflow {
+            op: crate::memory::MemOp::Read,
+            addr: uc,
+            len: GREGS * 8,
+        })?;
+        let mut g = [0u64; GREGS];
+        for (i, v) in g.iter_mut().enumerate() {
+            *v = mem.read_u64(RuntimeAddr(at.0.wrapping_add(8 * i as u64)))?;
+        }
+        let mut r = Regs::zeroed();
+        // REG_R8 .. REG_RIP, as <sys/ucontext.h> numbers them.
+        let order = [
+            Reg::R8,
+            Reg::R9,
+            Reg::R10,
+            Reg::R11,
+            Reg::R12,
+            Reg::R13,
+            Reg::R14,
+            Reg::R15,
+            Reg::Rdi,
+            Reg::Rsi,
+            Reg::Rbp,
+            Reg::Rbx,
+            Reg::Rdx,
+            Reg::Rax,
+            Reg::Rcx,
+            Reg::Rsp,
+            Reg::Rip,
+        ];
+        for (reg, v) in order.iter().zip(g) {
+            r.set(*reg, v);
+        }
+        r.0.orig_rax = u64::MAX;
+        Ok(r)
+    }
 }
 
 /// Register values known while unwinding (`None`: not recoverable).
@@ -294,7 +365,7 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
                     function: func.name.clone(),
                     pc: rip,
                 })?;
-            let frames = self.chain_from_regs(
+            let (frames, below_signal) = self.chain_from_regs(
                 tid,
                 regs,
                 (func, link),
@@ -305,6 +376,7 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
             return Ok(Unwound {
                 frames,
                 top: Top::AtPoint,
+                below_signal,
             });
         }
 
@@ -396,13 +468,14 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
             continuation: call.continuation(),
             view,
         };
-        let frames = self.chain(tid, first)?;
+        let (frames, below_signal) = self.chain(tid, first)?;
         Ok(Unwound {
             frames,
             top: Top::InLibrary {
                 frames: lib_frames,
                 call: call.clone(),
             },
+            below_signal,
         })
     }
 
@@ -412,7 +485,7 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
         let rip = regs.rip();
         let (func, link) = self.function(tid, rip)?;
         let call = self.call_site(tid, func, link, rip)?;
-        let frames = self.chain_from_regs(
+        let (frames, below_signal) = self.chain_from_regs(
             tid,
             regs,
             (func, link),
@@ -423,6 +496,7 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
         Ok(Unwound {
             frames,
             top: Top::Returned { call: call.clone() },
+            below_signal,
         })
     }
 
@@ -437,7 +511,7 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
         depth: i64,
         continuation: upstare_dwarf::fdt::Continuation,
         what: &str,
-    ) -> Result<Vec<AppFrame>, UnwindError> {
+    ) -> Result<(Vec<AppFrame>, Option<SignalContext>), UnwindError> {
         let (func, link) = at;
         let cfa = self.cfa_from_rbp(tid, &func.name, regs.get(Reg::Rbp))?;
         self.check_depth(tid, func, cfa, regs.rsp(), depth, what)?;
@@ -617,7 +691,11 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
     }
 
     /// Walk the rbp chain from `first` down to the bottom frame.
-    fn chain(&self, tid: Pid, first: Cur<'a>) -> Result<Vec<AppFrame>, UnwindError> {
+    fn chain(
+        &self,
+        tid: Pid,
+        first: Cur<'a>,
+    ) -> Result<(Vec<AppFrame>, Option<SignalContext>), UnwindError> {
         let mut frames: Vec<AppFrame> = Vec::new();
         let mut cur = first;
         loop {
@@ -671,9 +749,10 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
                     for (r, v) in &caller_view {
                         set.set(*r, Some(*v));
                     }
-                    self.verify_bottom(tid, &callee_func.name, set)?;
+                    let below = self.verify_bottom(tid, &callee_func.name, set)?;
+                    return Ok((frames, below));
                 }
-                return Ok(frames);
+                return Ok((frames, None));
             }
             let (func, link, call) = self.caller(tid, ret)?;
             let cfa = self.cfa_from_rbp(tid, &func.name, saved_rbp)?;
@@ -716,8 +795,14 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
 
     /// Below the bottom application frame (`function`, whose caller's
     /// registers are `set`) only library frames may follow, ending in the
-    /// outermost frame.
-    fn verify_bottom(&self, tid: Pid, function: &str, mut set: RegSet) -> Result<(), UnwindError> {
+    /// outermost frame; or the signal frame under a handler, whose
+    /// interrupted context is returned.
+    fn verify_bottom(
+        &self,
+        tid: Pid,
+        function: &str,
+        mut set: RegSet,
+    ) -> Result<Option<SignalContext>, UnwindError> {
         // Where the application frames were entered from, for messages.
         let mut entered_from: Option<String> = None;
         let return_to = RuntimeAddr(set.get(Reg::Rip).unwrap_or(0));
@@ -725,7 +810,7 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
         for _ in 0..MAX_LIB_FRAMES {
             let pc = RuntimeAddr(set.get(Reg::Rip).unwrap_or(0));
             if pc.0 == 0 {
-                return Ok(());
+                return Ok(None);
             }
             if self.image.is_code(pc) && self.in_function(pc) {
                 let caller = self
@@ -753,14 +838,40 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
                     cfi_err(tid, lib, link, "no CFI covers this return address".into())
                 })?;
             if row.is_signal_frame {
-                return Err(UnwindError::SignalFrame {
-                    tid,
-                    function: function.to_string(),
-                    location: describe(lib, link),
-                });
+                // The handler's caller is the signal frame itself: the
+                // context it interrupted is in the ucontext at its CFA.
+                if entered_from.is_some() && pc != return_to {
+                    return Err(UnwindError::SignalFrame {
+                        tid,
+                        function: function.to_string(),
+                        location: describe(lib, link),
+                    });
+                }
+                let regs = SignalContext::read(self.mem, return_rsp).map_err(|source| {
+                    UnwindError::Memory {
+                        tid,
+                        what: format!("the signal frame under {function}"),
+                        addr: return_rsp,
+                        source,
+                    }
+                })?;
+                // The kernel builds the frame below the interrupted stack
+                // pointer.
+                if regs.rsp().0 <= return_rsp.0 {
+                    return Err(UnwindError::BadFrame {
+                        tid,
+                        function: format!("the signal frame under {function}"),
+                        cfa: return_rsp,
+                        problem: format!("the interrupted rsp {} is not above it", regs.rsp()),
+                    });
+                }
+                return Ok(Some(SignalContext {
+                    ucontext: return_rsp,
+                    regs,
+                }));
             }
             match self.cfi_step(tid, lib, link, &row, &set)? {
-                CfiStep::Outermost => return Ok(()),
+                CfiStep::Outermost => return Ok(None),
                 CfiStep::Caller { regs, cfa } => {
                     let prev_sp = set.get(Reg::Rsp).unwrap_or(0);
                     if cfa.0 <= prev_sp {

@@ -85,6 +85,9 @@ pub enum NotReadyReason {
     /// unwinder's words in `message`): let run until its outermost callback
     /// frame returns to `return_to` in the library with rsp at
     /// `return_rsp`, where a breakpoint parks it.
+    /// The thread runs a signal handler and the context the signal
+    /// interrupted cannot be kept (`message` says why).
+    UnderSignal { message: String },
     InCallback {
         message: String,
         return_to: RuntimeAddr,
@@ -139,6 +142,7 @@ impl fmt::Display for NotReadyReason {
                 f,
                 "led out of {callee}, still on its way to the call's return (last seen {at})"
             ),
+            UnderSignal { message } => write!(f, "it runs a signal handler: {message}"),
             InCallback { message, .. } => write!(
                 f,
                 "{message}; let run for the callback to return into the library, it has not"
@@ -324,17 +328,11 @@ impl Stopper<'_> {
         let rip = regs.rip();
         let stack = self.stack_of(regs.rsp());
         let unwind = |me: &mut Self, regs: &Regs| me.unwind_refreshing(tid, stack.clone(), regs);
-        let t = tid.as_raw();
         if let Some(callee) = self.returned.get(&tid).cloned() {
             let u = self
                 .unwind_returned(tid, stack, regs)
                 .map_err(|message| NotReadyReason::Unwind { message })?;
-            return Ok(ThreadState {
-                tid,
-                regs: *regs,
-                readiness: Readiness::Returned { callee },
-                frames: u.frames,
-            });
+            return self.state(tid, regs, Readiness::Returned { callee }, u);
         }
         if self.out_of_callback.contains(&tid) {
             let u = unwind(self, regs)
@@ -342,24 +340,19 @@ impl Stopper<'_> {
             let Top::InLibrary { call, .. } = &u.top else {
                 return Err(NotReadyReason::NotInLibrary);
             };
-            return Ok(ThreadState {
+            return self.state(
                 tid,
-                regs: *regs,
-                readiness: Readiness::CallbackReturned {
+                regs,
+                Readiness::CallbackReturned {
                     callee: call.callee.id_name().to_string(),
                 },
-                frames: u.frames,
-            });
+                u,
+            );
         }
         if let Some((callee, mutex)) = self.relocking.get(&tid).cloned() {
             let u =
                 unwind(self, regs).map_err(|e| NotReadyReason::Unwind { message: e.message })?;
-            return Ok(ThreadState {
-                tid,
-                regs: *regs,
-                readiness: Readiness::Relock { callee, mutex },
-                frames: u.frames,
-            });
+            return self.state(tid, regs, Readiness::Relock { callee, mutex }, u);
         }
         if let Some((_, callee)) = self.leaving.get(&tid).cloned() {
             if self.image.is_code(rip) {
@@ -396,12 +389,7 @@ impl Stopper<'_> {
             }
             let u = unwind(self, regs)
                 .map_err(|e| e.reason(|message| NotReadyReason::Unwind { message }))?;
-            return Ok(ThreadState {
-                tid: Pid::from_raw(t),
-                regs: *regs,
-                readiness: Readiness::AtPoint,
-                frames: u.frames,
-            });
+            return self.state(tid, regs, Readiness::AtPoint, u);
         }
         self.classify_blocked(tid, regs)
     }
@@ -411,7 +399,6 @@ impl Stopper<'_> {
     fn classify_blocked(&mut self, tid: Pid, regs: &Regs) -> Result<ThreadState, NotReadyReason> {
         let stack = self.stack_of(regs.rsp());
         let unwind = |me: &mut Self, regs: &Regs| me.unwind_refreshing(tid, stack.clone(), regs);
-        let t = tid.as_raw();
         let (nr, rax) = (regs.0.orig_rax as i64, regs.0.rax as i64);
         if nr < 0 || !NO_EFFECT.contains(&rax) {
             return Err(if nr >= 0 {
@@ -472,15 +459,8 @@ impl Stopper<'_> {
         };
         let in_place = waits_in(OnUpdate::InPlace);
         if in_place.contains(&nr) || (nr == libc::SYS_restart_syscall && !in_place.is_empty()) {
-            return Ok(ThreadState {
-                tid: Pid::from_raw(t),
-                regs: *regs,
-                readiness: Readiness::InLibrary {
-                    callee,
-                    syscall: self.syscall_seen(tid, nr) as u64,
-                },
-                frames: u.frames,
-            });
+            let syscall = self.syscall_seen(tid, nr) as u64;
+            return self.state(tid, regs, Readiness::InLibrary { callee, syscall }, u);
         }
         let safe = waits_in(OnUpdate::Reexecute);
         let continued = nr == libc::SYS_restart_syscall && !safe.is_empty();
@@ -501,11 +481,66 @@ impl Stopper<'_> {
         } else {
             Readiness::Blocked { callee, syscall }
         };
+        self.state(tid, regs, readiness, u)
+    }
+
+    /// The state of ready thread `tid` (`regs`, unwound as `u`); when its
+    /// bottom frame is a signal handler's, the context the signal
+    /// interrupted is classified too (nested handlers up to a bound): it
+    /// must wait in a library call, which is left in place.
+    fn state(
+        &mut self,
+        tid: Pid,
+        regs: &Regs,
+        readiness: Readiness,
+        u: Unwound,
+    ) -> Result<ThreadState, NotReadyReason> {
+        const MAX_NESTED_SIGNALS: usize = 8;
+        let mut below = Vec::new();
+        let mut next = u.below_signal;
+        while let Some(ctx) = next.take() {
+            if below.len() >= MAX_NESTED_SIGNALS {
+                return Err(NotReadyReason::UnderSignal {
+                    message: format!("more than {MAX_NESTED_SIGNALS} nested signal handlers"),
+                });
+            }
+            let stack = self.stack_of(ctx.regs.rsp());
+            let lower = self
+                .unwind_refreshing(tid, stack, &ctx.regs)
+                .map_err(|e| NotReadyReason::UnderSignal { message: e.message })?;
+            let callee = match &lower.top {
+                Top::InLibrary { call, .. } => call.callee.id_name().to_string(),
+                _ => {
+                    let at = lower.frames.first().map_or("?", |f| f.function.as_str());
+                    return Err(NotReadyReason::UnderSignal {
+                        message: format!(
+                            "the signal interrupted {at} in its own code, where its frame cannot be mapped (not in a library call)"
+                        ),
+                    });
+                }
+            };
+            next = lower.below_signal;
+            below.push(ThreadState {
+                tid,
+                regs: ctx.regs,
+                readiness: Readiness::UnderSignal { callee },
+                frames: lower.frames,
+                below_signal: None,
+                signal_frame: Some(ctx.ucontext),
+            });
+        }
+        let mut chained: Option<Box<ThreadState>> = None;
+        for mut s in below.into_iter().rev() {
+            s.below_signal = chained.take();
+            chained = Some(Box::new(s));
+        }
         Ok(ThreadState {
-            tid: Pid::from_raw(t),
+            tid,
             regs: *regs,
             readiness,
             frames: u.frames,
+            below_signal: chained,
+            signal_frame: None,
         })
     }
 

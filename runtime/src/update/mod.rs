@@ -426,44 +426,58 @@ const SAFETY_RETRY: Duration = Duration::from_millis(2);
 /// The first active frame a `[safety]` rule of the plan forbids:
 /// `thread T: FUNCTION@CONTINUATION`.
 fn forbidden_frame(threads: &[ThreadState], plan: &UpdatePlan) -> Option<String> {
-    threads.iter().find_map(|t| {
-        t.frames.iter().find_map(|f| {
-            plan.inactive
-                .iter()
-                .any(|r| r.forbids(&f.function, &f.continuation))
-                .then(|| format!("thread {}: {}@{}", t.tid, f.function, f.continuation))
+    threads
+        .iter()
+        .flat_map(|t| t.with_interrupted())
+        .find_map(|t| {
+            t.frames.iter().find_map(|f| {
+                plan.inactive
+                    .iter()
+                    .any(|r| r.forbids(&f.function, &f.continuation))
+                    .then(|| format!("thread {}: {}@{}", t.tid, f.function, f.continuation))
+            })
         })
-    })
 }
 
 fn thread_report(t: &ThreadState) -> ThreadReport {
+    let parts = t.with_interrupted();
+    let state = parts
+        .iter()
+        .map(|p| readiness_text(&p.readiness))
+        .collect::<Vec<_>>()
+        .join("; under a signal handler: ");
     ThreadReport {
         tid: t.tid.as_raw(),
-        state: match &t.readiness {
-            Readiness::AtPoint => "at update point".into(),
-            Readiness::Blocked { callee, syscall } => {
-                format!("blocked in {callee} (syscall {syscall})")
-            }
-            Readiness::InLibrary { callee, syscall } => {
-                format!("waiting in {callee} (syscall {syscall}), left in place")
-            }
-            Readiness::CallbackReturned { callee } => {
-                format!("its callback under {callee} returned into the library, left in place")
-            }
-            Readiness::Returned { callee } => {
-                format!("woken from {callee}, returns 0 (a spurious wake-up)")
-            }
-            Readiness::Relock { callee, .. } => {
-                format!(
-                    "woken from {callee}, re-acquires its mutex and returns 0 (a spurious wake-up)"
-                )
-            }
-        },
-        frames: t
-            .frames
+        state,
+        frames: parts
             .iter()
+            .flat_map(|p| p.frames.iter())
             .map(|f| format!("{}@{}", f.function, f.continuation))
             .collect(),
+    }
+}
+
+fn readiness_text(r: &Readiness) -> String {
+    match r {
+        Readiness::AtPoint => "at update point".into(),
+        Readiness::Blocked { callee, syscall } => {
+            format!("blocked in {callee} (syscall {syscall})")
+        }
+        Readiness::InLibrary { callee, syscall } => {
+            format!("waiting in {callee} (syscall {syscall}), left in place")
+        }
+        Readiness::CallbackReturned { callee } => {
+            format!("its callback under {callee} returned into the library, left in place")
+        }
+        Readiness::Returned { callee } => {
+            format!("woken from {callee}, returns 0 (a spurious wake-up)")
+        }
+        Readiness::Relock { callee, .. } => {
+            format!("woken from {callee}, re-acquires its mutex and returns 0 (a spurious wake-up)")
+        }
+        Readiness::UnderSignal { callee } => {
+            format!("interrupted in {callee} by the signal, left in place")
+        }
     }
 }
 
@@ -826,10 +840,24 @@ fn compute<'t>(
     } = planned;
     let proc_err = |source| UpdateError::Proc { pid, source };
     let transforms = !plan.transformers.is_empty();
+    // Every set of frames to map: each thread's, and under a signal
+    // handler the context the signal interrupted (its registers stay in
+    // the signal frame); `owner` gives each part's thread.
+    let (parts, owner): (Vec<ThreadState>, Vec<usize>) = threads
+        .iter()
+        .enumerate()
+        .flat_map(|(i, t)| {
+            t.with_interrupted().into_iter().map(move |p| {
+                let mut part = p.clone();
+                part.below_signal = None;
+                (part, i)
+            })
+        })
+        .unzip();
     // Phase 3: does the paused state map onto the new version? (plan and
     // tables only)
     transfer::check_globals(&plan, &tracee.memory(), &old)?;
-    rebuild::check_frames(&threads, &plan, &old.tables, &new_tables)?;
+    rebuild::check_frames(&parts, &plan, &old.tables, &new_tables)?;
     let mut warnings = plan.warnings.clone();
     timings.check_us = clock.lap();
     let mut report = UpdateReport {
@@ -897,8 +925,8 @@ fn compute<'t>(
     // Phase 5: compute every byte of the new state. The heap objects of
     // changed type first: where they go must be known before any pointer
     // to them is remapped, and blocks for moved ones are allocated now.
-    let heap_ranges = heap::heap_ranges(&maps_now, &threads, [&old, loaded.image()]);
-    let mut heap_objects = heap_objects::find(&mut loaded, &old, &threads, &plan, &heap_ranges)?;
+    let heap_ranges = heap::heap_ranges(&maps_now, &parts, [&old, loaded.image()]);
+    let mut heap_objects = heap_objects::find(&mut loaded, &old, &parts, &plan, &heap_ranges)?;
     heap_objects::place(&mut loaded, &mut heap_objects, &heap_ranges)?;
     let (new, tr) = loaded.parts();
     // A dry run unloads NEW again: no address to report.
@@ -906,8 +934,8 @@ fn compute<'t>(
     let mut mem = tr.memory();
     let mut remap = Remapper::new(&plan, &old, new);
     remap.set_heap_moves(heap_objects.moves());
-    let mut layouts = Vec::with_capacity(threads.len());
-    for th in &threads {
+    let mut layouts = Vec::with_capacity(parts.len());
+    for th in &parts {
         layouts.push(rebuild::place_frames(th, &plan, &old, new, &mut remap)?);
     }
     let globals = transfer::transfer_globals(&mem, &plan, &old, new, &mut remap)?;
@@ -915,8 +943,8 @@ fn compute<'t>(
     let heap = heap::transfer_heap(&old.tables.types, &heap_objects, &mut remap)?;
     heap::write_moved(&mut mem, &heap)?;
     timings.transfer_us = clock.lap();
-    let mut plans = Vec::with_capacity(threads.len());
-    for (th, layout) in threads.iter().zip(&layouts) {
+    let mut plans = Vec::with_capacity(parts.len());
+    for (th, layout) in parts.iter().zip(&layouts) {
         plans.push(rebuild::frame_writes(
             &mem, th, layout, &plan, &old, new, &mut remap,
         )?);
@@ -932,7 +960,7 @@ fn compute<'t>(
     // The C transformers, after the default conversion: each reads the
     // value computed so far and its result replaces it in the writes.
     if let (true, Some(object)) = (transforms, &object) {
-        let jobs = transform::jobs(&mem, &plan, &old, new, &threads, &layouts, &writes)?;
+        let jobs = transform::jobs(&mem, &plan, &old, new, &parts, &layouts, &writes)?;
         let run = run_transformers(tr, tid, &old, object, &jobs, &mut writes, opts.timeout)?;
         report.transformed = run.calls;
     }
@@ -945,14 +973,17 @@ fn compute<'t>(
     let heap_moves = heap_objects.moves();
     // Threads left in library code keep their registers: what they hold
     // of the old image is remapped with the rest.
-    let mut kept_regs: Vec<(nix::unistd::Pid, &mut crate::target::ptrace::Regs)> = threads
+    // (An interrupted context's registers are in its signal frame, which
+    // the sweep scans with the stack.)
+    let mut kept_regs: Vec<(nix::unistd::Pid, &mut crate::target::ptrace::Regs)> = parts
         .iter()
         .zip(plans.iter_mut())
         .filter(|(th, _)| {
-            matches!(
-                th.readiness,
-                Readiness::InLibrary { .. } | Readiness::CallbackReturned { .. }
-            )
+            th.signal_frame.is_none()
+                && matches!(
+                    th.readiness,
+                    Readiness::InLibrary { .. } | Readiness::CallbackReturned { .. }
+                )
         })
         .map(|(_, p)| (p.tid, &mut p.regs))
         .collect();
@@ -1043,7 +1074,12 @@ fn compute<'t>(
 
     let prepared = PreparedState {
         writes,
-        regs: plans.iter().map(|p| (p.tid, p.regs)).collect(),
+        regs: parts
+            .iter()
+            .zip(&plans)
+            .filter(|(part, _)| part.signal_frame.is_none())
+            .map(|(_, p)| (p.tid, p.regs))
+            .collect(),
     };
     let globals_copied = globals.copied;
     let converted: Vec<String> = globals
@@ -1052,7 +1088,10 @@ fn compute<'t>(
         .chain(plans.iter().flat_map(|p| p.converted.iter()))
         .cloned()
         .collect();
-    let frames: Vec<Vec<String>> = plans.iter().map(|p| p.frames.clone()).collect();
+    let mut frames: Vec<Vec<String>> = vec![Vec::new(); threads.len()];
+    for (p, &i) in plans.iter().zip(&owner) {
+        frames[i].extend(p.frames.iter().cloned());
+    }
     drop(remap);
     // The last moment a termination signal rolls the update back.
     interrupted(pid)?;
