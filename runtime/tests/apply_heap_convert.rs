@@ -11,7 +11,12 @@
 //! - `heap_tree`: a search tree with parent pointers whose node outgrows
 //!   its block: every node moved, links and parents redirected;
 //! - `heap_shared`: one object pointed to from a global, frames, itself and
-//!   another heap object (one pointer into its interior) moves.
+//!   another heap object (one pointer into its interior) moves;
+//! - `heap_array`, `heap_hash`: heap arrays counted by a global and by a
+//!   member (the SPEC's `[heap]`) move whole;
+//! - `heap_locals`: every frame of a recursive function holds its own heap
+//!   array and its count in locals (`[heap] "level.items"`): each block
+//!   moves whole with its frame's count.
 
 mod apply_support;
 
@@ -190,6 +195,27 @@ fn heap_hash(v: u32, t: i64) -> String {
     }
 }
 
+fn heap_locals(v: u32, t: i64) -> String {
+    if t == TICKS {
+        // 3 levels of 3, 4 and 5 items: ids 6 + 10 + 15, qty 10 * 31 plus
+        // 15 per tick of the innermost.
+        let base = format!(
+            "v{v} done t={TICKS} levels=3 count=12 ids=31 qty={}",
+            310 + 15 * TICKS
+        );
+        return match v {
+            1 => format!("{base} freed=3"),
+            _ => format!("{base} tags=0 prices=0 freed=3"),
+        };
+    }
+    let n = t + 1;
+    let base = format!("v{v} t={t} count=5 ids=15 qty={}", 150 + 15 * n);
+    match v {
+        1 => base,
+        _ => format!("{base} tags=0 prices=0"),
+    }
+}
+
 /// The most objects of changed type any one update converted: (in place,
 /// moved).
 fn most(reports: &[(u64, UpdateReport)]) -> (usize, usize) {
@@ -315,6 +341,31 @@ fn hash(tc: Toolchain) {
     }
 }
 
+fn locals(tc: Toolchain) {
+    let reports = every_hit_with_spec("heap_locals", tc, heap_locals);
+    // Once the three levels have their blocks (3, 4 and 5 items), each
+    // update moves the three blocks whole, each with its own frame's count.
+    assert_eq!(most(&reports), (0, 3), "[{tc}]");
+    let built = figures_when_built(&reports, "struct item", 3);
+    assert!(!built.is_empty(), "[{tc}]");
+    for (k, f) in built {
+        let counts = (f.found, f.converted_in_place, f.moved);
+        assert_eq!(counts, (12, 0, 12), "[{tc}] hit {k}");
+        // At least the three frames' `items`.
+        assert!(f.pointers_redirected >= 3, "[{tc}] hit {k}: {f:?}");
+    }
+}
+
+#[test]
+fn heap_arrays_in_the_locals_of_every_frame_moved_whole_gcc() {
+    locals(Toolchain::Gcc);
+}
+
+#[test]
+fn heap_arrays_in_the_locals_of_every_frame_moved_whole_clang() {
+    locals(Toolchain::Clang);
+}
+
 #[test]
 fn heap_array_with_a_spec_count_moved_whole_gcc() {
     array(Toolchain::Gcc);
@@ -340,7 +391,7 @@ fn hash_table_buckets_with_a_spec_count_moved_clang() {
 /// message pointing at `[heap]`, and v1 runs on to its end; before that
 /// (during the setup) only the first element is converted, and the update
 /// says so, naming the room its block has (5 elements of 16 bytes: 88
-/// usable bytes).
+/// usable bytes), the global that reached it and the SPEC line to add.
 #[test]
 fn heap_array_without_a_count_is_one_object_and_said() {
     for tc in [Toolchain::Gcc, Toolchain::Clang] {
@@ -361,8 +412,9 @@ fn heap_array_without_a_count_is_one_object_and_said() {
                     // checked.
                     warned += usize::from(r.warnings.iter().any(|w| {
                         w.contains("heap object struct item at ")
+                            && w.contains("reached through global.items")
                             && w.contains("its block holds 88 bytes, room for 5 of them")
-                            && w.contains("[heap]")
+                            && w.contains(r#"heap."global.items" = { count = "global.COUNT" }"#)
                     }));
                 }
                 Err(e) => {
@@ -385,5 +437,90 @@ fn heap_array_without_a_count_is_one_object_and_said() {
             warned > 0 && refused > 0,
             "[{tc}] {warned} warned, {refused} refused"
         );
+    }
+}
+
+/// Without the SPEC's count, each frame's `items` is one object: once a
+/// block is allocated the update converts only its first element and says
+/// so, naming the local that reached it and the SPEC line to add.
+#[test]
+fn heap_array_of_a_local_without_a_count_is_said_with_its_spec_line() {
+    let line = r#"heap."level.items" = { count = "level.COUNT" }"#;
+    for tc in [Toolchain::Gcc, Toolchain::Clang] {
+        let (v1, v2) = pair("heap_locals", tc);
+        let mut warned = 0;
+        for k in 0..30 {
+            let mut run = TracedRun::spawn(&v1, &[TICKS_ARG]);
+            let opts = ApplyOptions {
+                timeout: READY_TIMEOUT,
+                skip_hits: k,
+                ..ApplyOptions::default()
+            };
+            let r = run.apply(&v2, &opts);
+            // The rest of the run reads half-converted arrays: not checked.
+            let _ = run.finish(RUN_TIMEOUT);
+            if let Ok(r) = r {
+                warned += usize::from(r.warnings.iter().any(|w| {
+                    w.contains("heap object struct item at ")
+                        && w.contains("reached through level.items")
+                        && w.contains("room for ")
+                        && w.contains(line)
+                }));
+            }
+        }
+        assert!(warned > 0, "[{tc}] never warned");
+    }
+}
+
+/// A count larger than its block (`level.limit`, 6, for blocks of 3 to 5
+/// items) is refused naming the SPEC key, and v1 runs on to its end as if
+/// nothing happened; before any block exists the update goes through.
+#[test]
+fn heap_array_count_larger_than_its_block_is_refused_naming_the_key() {
+    let dir = upstare_testkit::TempDir::new("heap-locals-count");
+    let path = dir.path().join("SPEC.toml");
+    let text = "[heap]\n\"level.items\" = { count = \"level.limit\" }\n";
+    std::fs::write(&path, text).expect("write SPEC");
+    let spec = Some((path.clone(), Spec::read(&path).expect("SPEC")));
+    for tc in [Toolchain::Gcc, Toolchain::Clang] {
+        let (v1, v2) = pair("heap_locals", tc);
+        let (hits, _) = count_hits(&v1, &[TICKS_ARG], Some(10_000));
+        let mut refused = 0;
+        for k in (0..hits).step_by(5) {
+            let mut run = TracedRun::spawn_env(&v1, &[TICKS_ARG], &CHECKED_MALLOC);
+            let opts = ApplyOptions {
+                timeout: READY_TIMEOUT,
+                skip_hits: k,
+                spec: spec.clone(),
+                ..ApplyOptions::default()
+            };
+            let r = run.apply(&v2, &opts);
+            let out = run
+                .finish(RUN_TIMEOUT)
+                .unwrap_or_else(|e| panic!("[{tc}] hit {k}: {e}"));
+            assert_eq!(
+                out.status,
+                ExitStatus::Code(0),
+                "[{tc}] hit {k}: {}",
+                out.stderr
+            );
+            let last = check_lines(&out.stdout, heap_locals)
+                .unwrap_or_else(|e| panic!("[{tc}] hit {k}: {e}\n{}", out.stdout));
+            match r {
+                Err(e) => {
+                    let e = e.to_string();
+                    assert!(
+                        e.contains("heap array level.items at ")
+                            && e.contains("holds 6 elements of struct item")
+                            && e.contains("more than its block of the allocator holds"),
+                        "[{tc}] hit {k}: {e}"
+                    );
+                    assert_eq!(last, 1, "[{tc}] hit {k}: refused, yet v2 ran");
+                    refused += 1;
+                }
+                Ok(_) => assert_eq!(last, 2, "[{tc}] hit {k}"),
+            }
+        }
+        assert!(refused > 0, "[{tc}] never refused");
     }
 }
