@@ -524,3 +524,54 @@ fn heap_array_count_larger_than_its_block_is_refused_naming_the_key() {
         assert!(refused > 0, "[{tc}] never refused");
     }
 }
+
+/// The frames' heap arrays travel in a PATCH (written and read back): the
+/// plan from `upstare-patch --spec` moves the three blocks like the plan
+/// made at apply time, and v2's lines are right.
+#[test]
+fn a_patch_carries_the_heap_arrays_of_locals() {
+    let (v1, v2) = pair("heap_locals", Toolchain::Gcc);
+    let p = upstare_corpus::version_pair("heap_locals").expect("pair");
+    let spec = p.v1.source.with_file_name("SPEC.toml");
+    let (patch, _) = upstare_patcher::patchfile::make_patch_with_spec(&v1, &v2, Some(&spec))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(patch.is_complete(), "{:?}", patch.needs_user);
+    let dir = upstare_testkit::TempDir::new("heap-locals-patch");
+    let file = dir.path().join("heap_locals.patch");
+    upstare_patcher::patchfile::write_patch(&file, &patch).expect("write");
+    let patch = upstare_patcher::patchfile::read_patch(&file).expect("read");
+    assert!(
+        matches!(
+            patch.plan.heap_arrays.as_slice(),
+            [a] if a.key == "level.items"
+                && matches!(&a.pointer, upstare_patcher::heap_arrays::HeapSlot::Local { function, .. } if function == "level")
+        ),
+        "{:?}",
+        patch.plan.heap_arrays
+    );
+    let mut moved = 0;
+    for k in [40, 60] {
+        let mut run = TracedRun::spawn_env(&v1, &[TICKS_ARG], &CHECKED_MALLOC);
+        let opts = ApplyOptions {
+            timeout: READY_TIMEOUT,
+            skip_hits: k,
+            plan: Some(patch.plan.clone()),
+            expected_old: Some(patch.old.clone()),
+            expected_new: Some(patch.new.clone()),
+            ..ApplyOptions::default()
+        };
+        let r = run
+            .apply(&v2, &opts)
+            .unwrap_or_else(|e| panic!("hit {k}: {e}"));
+        moved = moved.max(r.heap_moved);
+        let out = run.finish(RUN_TIMEOUT).expect("finish");
+        assert_eq!(out.status, ExitStatus::Code(0), "hit {k}: {}", out.stderr);
+        assert_eq!(
+            check_lines(&out.stdout, heap_locals),
+            Ok(2),
+            "hit {k}: {}",
+            out.stdout
+        );
+    }
+    assert_eq!(moved, 3);
+}
