@@ -486,14 +486,20 @@ fn heap_array_counts_reach_the_plan_and_bad_keys_are_one_line() {
             "unknown field",
         ),
     ] {
-        let err = checked(&format!("[heap]\n{text}\n"), &old, &new).expect_err(text);
-        assert_eq!(err.lines().count(), 1, "{err}");
-        assert!(err.contains("test.toml"), "{err}");
-        if !key.is_empty() {
-            assert!(err.contains(&format!("[heap] \"{key}\"")), "{err}");
-        }
-        assert!(err.contains(why), "{text}: {err}");
+        assert_heap_refused(&old, &new, text, key, why);
     }
+}
+
+/// The `[heap]` entry `text` is refused in one line of the SPEC file naming
+/// `key` (when not empty) and saying `why`.
+fn assert_heap_refused(old: &FrameTables, new: &FrameTables, text: &str, key: &str, why: &str) {
+    let err = checked(&format!("[heap]\n{text}\n"), old, new).expect_err(text);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("test.toml"), "{err}");
+    if !key.is_empty() {
+        assert!(err.contains(&format!("[heap] \"{key}\"")), "{err}");
+    }
+    assert!(err.contains(why), "{text}: {err}");
 }
 
 /// `[heap]` keys naming locals and parameters (`FUNCTION.LOCAL`, OLD's
@@ -593,10 +599,7 @@ fn heap_array_counts_of_locals_reach_the_plan_and_bad_keys_are_one_line() {
             "several locals named dup in fill",
         ),
     ] {
-        let err = checked(&format!("[heap]\n{text}\n"), &old, &new).expect_err(text);
-        assert_eq!(err.lines().count(), 1, "{err}");
-        assert!(err.contains(&format!("[heap] \"{key}\"")), "{err}");
-        assert!(err.contains(why), "{text}: {err}");
+        assert_heap_refused(&old, &new, text, key, why);
     }
 }
 

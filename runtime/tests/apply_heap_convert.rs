@@ -20,7 +20,7 @@
 
 mod apply_support;
 
-use apply_support::ticks::{check_lines, pair, Lines, TICKS, TICKS_ARG};
+use apply_support::ticks::{check_lines, pair, update_run, Lines, TICKS, TICKS_ARG};
 
 use apply_support::*;
 use std::path::{Path, PathBuf};
@@ -48,15 +48,14 @@ fn update_at(
     line: Lines,
     spec: &Option<(PathBuf, Spec)>,
 ) -> Result<UpdateReport, String> {
-    let mut run = TracedRun::spawn_env(v1, &[TICKS_ARG], &CHECKED_MALLOC);
     let opts = ApplyOptions {
         timeout: READY_TIMEOUT,
         skip_hits: k,
         spec: spec.clone(),
         ..ApplyOptions::default()
     };
-    let r = run.apply(v2, &opts);
-    let out = run.finish(RUN_TIMEOUT)?;
+    let (r, out) = update_run((v1, v2), &CHECKED_MALLOC, &opts, RUN_TIMEOUT);
+    let out = out?;
     let report = match r {
         Ok(r) => r,
         Err(UpdateError::Commit(e)) => return Err(format!("commit failed: {e}")),
@@ -243,6 +242,25 @@ fn figures_when_built(
         .collect()
 }
 
+/// In every update that converted `n` objects (there is one at least),
+/// the figures of `ty`: (found, converted in place, moved), and at least
+/// `redirected` pointers redirected.
+fn check_figures(
+    reports: &[(u64, UpdateReport)],
+    tc: Toolchain,
+    (ty, n): (&str, usize),
+    counts: (usize, usize, usize),
+    redirected: usize,
+) {
+    let built = figures_when_built(reports, ty, n);
+    assert!(!built.is_empty(), "[{tc}]");
+    for (k, f) in built {
+        let got = (f.found, f.converted_in_place, f.moved);
+        assert_eq!(got, counts, "[{tc}] hit {k}");
+        assert!(f.pointers_redirected >= redirected, "[{tc}] hit {k}: {f:?}");
+    }
+}
+
 fn list(tc: Toolchain) {
     let reports = every_hit("heap_list", tc, heap_list);
     // Once the list is built, each update converts its 4 nodes in place.
@@ -267,13 +285,7 @@ fn tree(tc: Toolchain) {
     assert_eq!(most(&reports), (0, 7), "[{tc}]");
     // Per type: 7 nodes found and moved; at least `root`, the 6 child links
     // and the 6 parent links redirected (frames may hold more).
-    let built = figures_when_built(&reports, "struct tnode", 7);
-    assert!(!built.is_empty(), "[{tc}]");
-    for (k, f) in built {
-        let counts = (f.found, f.converted_in_place, f.moved);
-        assert_eq!(counts, (7, 0, 7), "[{tc}] hit {k}");
-        assert!(f.pointers_redirected >= 13, "[{tc}] hit {k}: {f:?}");
-    }
+    check_figures(&reports, tc, ("struct tnode", 7), (7, 0, 7), 13);
 }
 
 fn shared(tc: Toolchain) {
@@ -317,12 +329,7 @@ fn array(tc: Toolchain) {
     let reports = every_hit_with_spec("heap_array", tc, heap_array);
     // Once the array is allocated, its one block (5 elements) moves.
     assert_eq!(most(&reports), (0, 1), "[{tc}]");
-    let built = figures_when_built(&reports, "struct item", 1);
-    assert!(!built.is_empty(), "[{tc}]");
-    for (k, f) in built {
-        let counts = (f.found, f.converted_in_place, f.moved);
-        assert_eq!(counts, (5, 0, 5), "[{tc}] hit {k}");
-    }
+    check_figures(&reports, tc, ("struct item", 1), (5, 0, 5), 0);
 }
 
 fn hash(tc: Toolchain) {
@@ -331,14 +338,8 @@ fn hash(tc: Toolchain) {
     // table, whose member points to the changed type, is of a changed type
     // too and is converted in place.
     assert_eq!(most(&reports), (1, 12), "[{tc}]");
-    let built = figures_when_built(&reports, "struct entry", 13);
-    assert!(!built.is_empty(), "[{tc}]");
-    for (k, f) in built {
-        let counts = (f.found, f.converted_in_place, f.moved);
-        assert_eq!(counts, (12, 0, 12), "[{tc}] hit {k}");
-        // 8 bucket heads and 4 chain links at least.
-        assert!(f.pointers_redirected >= 12, "[{tc}] hit {k}: {f:?}");
-    }
+    // 8 bucket heads and 4 chain links redirected at least.
+    check_figures(&reports, tc, ("struct entry", 13), (12, 0, 12), 12);
 }
 
 fn locals(tc: Toolchain) {
@@ -346,14 +347,8 @@ fn locals(tc: Toolchain) {
     // Once the three levels have their blocks (3, 4 and 5 items), each
     // update moves the three blocks whole, each with its own frame's count.
     assert_eq!(most(&reports), (0, 3), "[{tc}]");
-    let built = figures_when_built(&reports, "struct item", 3);
-    assert!(!built.is_empty(), "[{tc}]");
-    for (k, f) in built {
-        let counts = (f.found, f.converted_in_place, f.moved);
-        assert_eq!(counts, (12, 0, 12), "[{tc}] hit {k}");
-        // At least the three frames' `items`.
-        assert!(f.pointers_redirected >= 3, "[{tc}] hit {k}: {f:?}");
-    }
+    // The three frames' `items` redirected at least.
+    check_figures(&reports, tc, ("struct item", 3), (12, 0, 12), 3);
 }
 
 #[test]
@@ -386,6 +381,24 @@ fn hash_table_buckets_with_a_spec_count_moved_clang() {
     hash(Toolchain::Clang);
 }
 
+/// Updates a run of `v1` to `v2` after `k` hits with no SPEC: the update's
+/// result and the run's output.
+fn update_without_spec(
+    v1: &Path,
+    v2: &Path,
+    k: u64,
+) -> (
+    Result<UpdateReport, UpdateError>,
+    Result<upstare_testkit::Output, String>,
+) {
+    let opts = ApplyOptions {
+        timeout: READY_TIMEOUT,
+        skip_hits: k,
+        ..ApplyOptions::default()
+    };
+    update_run((v1, v2), &[], &opts, RUN_TIMEOUT)
+}
+
 /// Without the SPEC's count, `items` is one object. Once `cur` points at
 /// `items[2]` the update is refused (that element cannot move alone), the
 /// message pointing at `[heap]`, and v1 runs on to its end; before that
@@ -398,14 +411,7 @@ fn heap_array_without_a_count_is_one_object_and_said() {
         let (v1, v2) = pair("heap_array", tc);
         let (mut warned, mut refused) = (0, 0);
         for k in 0..40 {
-            let mut run = TracedRun::spawn(&v1, &[TICKS_ARG]);
-            let opts = ApplyOptions {
-                timeout: READY_TIMEOUT,
-                skip_hits: k,
-                ..ApplyOptions::default()
-            };
-            let r = run.apply(&v2, &opts);
-            let out = run.finish(RUN_TIMEOUT);
+            let (r, out) = update_without_spec(&v1, &v2, k);
             match r {
                 Ok(r) => {
                     // The rest of the run reads a half-converted array: not
@@ -450,16 +456,8 @@ fn heap_array_of_a_local_without_a_count_is_said_with_its_spec_line() {
         let (v1, v2) = pair("heap_locals", tc);
         let mut warned = 0;
         for k in 0..30 {
-            let mut run = TracedRun::spawn(&v1, &[TICKS_ARG]);
-            let opts = ApplyOptions {
-                timeout: READY_TIMEOUT,
-                skip_hits: k,
-                ..ApplyOptions::default()
-            };
-            let r = run.apply(&v2, &opts);
             // The rest of the run reads half-converted arrays: not checked.
-            let _ = run.finish(RUN_TIMEOUT);
-            if let Ok(r) = r {
+            if let (Ok(r), _) = update_without_spec(&v1, &v2, k) {
                 warned += usize::from(r.warnings.iter().any(|w| {
                     w.contains("heap object struct item at ")
                         && w.contains("reached through level.items")
@@ -487,17 +485,14 @@ fn heap_array_count_larger_than_its_block_is_refused_naming_the_key() {
         let (hits, _) = count_hits(&v1, &[TICKS_ARG], Some(10_000));
         let mut refused = 0;
         for k in (0..hits).step_by(5) {
-            let mut run = TracedRun::spawn_env(&v1, &[TICKS_ARG], &CHECKED_MALLOC);
             let opts = ApplyOptions {
                 timeout: READY_TIMEOUT,
                 skip_hits: k,
                 spec: spec.clone(),
                 ..ApplyOptions::default()
             };
-            let r = run.apply(&v2, &opts);
-            let out = run
-                .finish(RUN_TIMEOUT)
-                .unwrap_or_else(|e| panic!("[{tc}] hit {k}: {e}"));
+            let (r, out) = update_run((&v1, &v2), &CHECKED_MALLOC, &opts, RUN_TIMEOUT);
+            let out = out.unwrap_or_else(|e| panic!("[{tc}] hit {k}: {e}"));
             assert_eq!(
                 out.status,
                 ExitStatus::Code(0),
@@ -551,7 +546,6 @@ fn a_patch_carries_the_heap_arrays_of_locals() {
     );
     let mut moved = 0;
     for k in [40, 60] {
-        let mut run = TracedRun::spawn_env(&v1, &[TICKS_ARG], &CHECKED_MALLOC);
         let opts = ApplyOptions {
             timeout: READY_TIMEOUT,
             skip_hits: k,
@@ -560,11 +554,10 @@ fn a_patch_carries_the_heap_arrays_of_locals() {
             expected_new: Some(patch.new.clone()),
             ..ApplyOptions::default()
         };
-        let r = run
-            .apply(&v2, &opts)
-            .unwrap_or_else(|e| panic!("hit {k}: {e}"));
+        let (r, out) = update_run((&v1, &v2), &CHECKED_MALLOC, &opts, RUN_TIMEOUT);
+        let r = r.unwrap_or_else(|e| panic!("hit {k}: {e}"));
         moved = moved.max(r.heap_moved);
-        let out = run.finish(RUN_TIMEOUT).expect("finish");
+        let out = out.expect("finish");
         assert_eq!(out.status, ExitStatus::Code(0), "hit {k}: {}", out.stderr);
         assert_eq!(
             check_lines(&out.stdout, heap_locals),
