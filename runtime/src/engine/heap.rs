@@ -1613,4 +1613,154 @@ mod tests {
         assert_eq!(chunk_capacity(&mem, RuntimeAddr(base + 0xd0), &r), None);
         assert_eq!(chunk_capacity(&mem, RuntimeAddr(base), &r), None);
     }
+
+    /// The counts of heap arrays held by locals are read in each frame:
+    /// two frames of one recursive function on one thread and one on
+    /// another, each with its own count; a frame at its entry point is not
+    /// walked (its locals are stack garbage); a count out of scope is said,
+    /// naming the key.
+    #[test]
+    fn heap_array_counts_of_locals_are_read_in_each_frame() {
+        use crate::engine::state::AppFrame;
+        use crate::memory::ByteBuffer;
+        use crate::target::ptrace::Regs;
+        use nix::unistd::Pid;
+        use upstare_dwarf::fdt::{Continuation, FunctionTable, UpdatePoint};
+        use upstare_dwarf::model::FrameBaseKind;
+        use upstare_dwarf::CfaOffset;
+        use upstare_patcher::heap_arrays::HeapArray;
+        // 0 long, 1 long *, 2 unsigned long
+        let types = vec![
+            Type::Base {
+                name: "long".into(),
+                size: 8,
+                encoding: BaseEncoding::Signed,
+            },
+            Type::Pointer {
+                pointee: Some(TypeId(0)),
+            },
+            Type::Base {
+                name: "unsigned long".into(),
+                size: 8,
+                encoding: BaseEncoding::Unsigned,
+            },
+        ];
+        let var = |name: &str, ty: u32, off: i64, scope: Vec<(LinkAddr, LinkAddr)>| Variable {
+            name: name.into(),
+            ty: TypeId(ty),
+            location: VarLocation::Cfa(CfaOffset(off)),
+            scope,
+            is_param: false,
+            decl_line: 0,
+        };
+        let point = |kind, addr| UpdatePoint {
+            kind,
+            addr: LinkAddr(addr),
+            file: 0,
+            line: 0,
+            stack_depth: CfaOffset(-32),
+        };
+        let mut old = image(0x10000, 0x100, types);
+        old.tables.functions = vec![FunctionTable {
+            name: "fill".into(),
+            low: LinkAddr(0x1000),
+            high: LinkAddr(0x1100),
+            decl_file: None,
+            decl_line: 0,
+            frame_base: FrameBaseKind::Cfa,
+            external: true,
+            saved_regs: Vec::new(),
+            body_depth: CfaOffset(-32),
+            extent: CfaOffset(-32),
+            vars: vec![
+                var("list", 1, -16, Vec::new()),
+                var("len", 2, -24, Vec::new()),
+                var("inner", 2, -32, vec![(LinkAddr(0x1050), LinkAddr(0x1060))]),
+            ],
+            update_points: vec![
+                point(PointKind::Entry, 0x1004),
+                point(PointKind::Loop(0), 0x1020),
+            ],
+            call_sites: Vec::new(),
+            var_inits: Vec::new(),
+        }];
+        // Three frames' slots (CFA - 32 .. CFA): list, len, inner.
+        let stack = 0x70000u64;
+        let (cfa_a, cfa_b, cfa_c, cfa_d) =
+            (stack + 0x40, stack + 0x80, stack + 0xc0, stack + 0x100);
+        let mut bytes = vec![0u8; 0x100];
+        let mut put = |cfa: u64, off: u64, v: u64| {
+            let at = (cfa - off - stack) as usize;
+            bytes[at..at + 8].copy_from_slice(&v.to_le_bytes());
+        };
+        for (cfa, list, len) in [
+            (cfa_a, 0x5000, 3),
+            (cfa_b, 0x6000, 7),
+            (cfa_c, 0x7777, 9),
+            (cfa_d, 0x8000, 4),
+        ] {
+            put(cfa, 16, list);
+            put(cfa, 24, len);
+            put(cfa, 32, 5);
+        }
+        let mem = ByteBuffer::with_region(RuntimeAddr(stack), bytes).expect("stack");
+        let frame = |pc: u64, cfa: u64, continuation| AppFrame {
+            function: "fill".into(),
+            pc: LinkAddr(pc),
+            cfa: RuntimeAddr(cfa),
+            continuation,
+            callee_saved: Default::default(),
+        };
+        let thread = |frames| ThreadState {
+            tid: Pid::from_raw(1),
+            regs: Regs::zeroed(),
+            readiness: Readiness::AtPoint,
+            frames,
+        };
+        let threads = [
+            // Recursion: paused in its loop, above a frame of itself.
+            thread(vec![
+                frame(0x1020, cfa_a, Continuation::Loop(0)),
+                frame(0x1031, cfa_b, Continuation::Entry),
+            ]),
+            // Just entered: `list` and `len` not assigned yet.
+            thread(vec![frame(0x1004, cfa_c, Continuation::Entry)]),
+            thread(vec![frame(0x1020, cfa_d, Continuation::Loop(0))]),
+        ];
+        let array = |count: usize| HeapArray {
+            key: "fill.list".into(),
+            pointer: HeapSlot::Local {
+                function: "fill".into(),
+                var: 0,
+            },
+            count: HeapSlot::Local {
+                function: "fill".into(),
+                var: count,
+            },
+            count_size: 8,
+            count_signed: false,
+        };
+        let roots_of = |count: usize| {
+            let rules = ArrayRules::new(&mem, &old, &[array(count)]);
+            heap_roots(&mem, &old, &threads, &rules)
+        };
+        let (roots, warnings) = roots_of(1);
+        // Every root is a frame's `list` (the global is no pointer).
+        assert!(roots.iter().all(|r| r.key.as_deref() == Some("fill.list")));
+        let got: Vec<_> = roots
+            .iter()
+            .map(|r| (r.bytes.clone(), r.counts.clone()))
+            .collect();
+        let want: Vec<_> = [(0x5000u64, 3u64), (0x6000, 7), (0x8000, 4)]
+            .into_iter()
+            .map(|(list, len)| (list.to_le_bytes().to_vec(), vec![(0u64, len)]))
+            .collect();
+        assert_eq!(got, want);
+        assert!(warnings.is_empty(), "{warnings:?}");
+        // `inner` is in scope in neither frame: no count, said by key.
+        let (roots, warnings) = roots_of(2);
+        assert!(roots.iter().all(|r| r.counts.is_empty()), "{roots:?}");
+        assert_eq!(warnings.len(), 3, "{warnings:?}");
+        assert!(warnings.iter().all(|w| w.contains("heap array fill.list")));
+    }
 }
