@@ -623,3 +623,46 @@ fn heap_count_spec_line_is_the_heap_entry() {
         );
     }
 }
+
+/// A `[heap]` key names OLD's function and local; NEW is checked under the
+/// SPEC's renames of both (and refused without them, naming what NEW lacks).
+#[test]
+fn heap_array_keys_of_locals_follow_the_renames_into_new() {
+    let src = |func: &str, ptr: &str| {
+        format!(
+            r#"
+#include <stdlib.h>
+struct item {{ long id; }};
+long {func}(long k) {{
+    struct item *{ptr} = calloc((size_t)k, sizeof *{ptr});
+    size_t len = (size_t)k;
+    long sum = 0;
+    for (size_t i = 0; i < len; i++) sum += {ptr}[i].id;
+    free({ptr});
+    return sum;
+}}
+int main(void) {{ return (int){func}(2); }}
+"#
+        )
+    };
+    let old = tables("heap_rename.v1", &src("fill", "list"));
+    let new = tables("heap_rename.v2", &src("fill_items", "items"));
+    let heap = "[heap]\n\"fill.list\" = { count = \"fill.len\" }\n";
+    let renames =
+        "[rename.functions]\nfill = \"fill_items\"\n[rename.locals.fill_items]\nlist = \"items\"\n";
+    let spec =
+        checked(&format!("{renames}{heap}"), &old, &new).unwrap_or_else(|e| panic!("renamed: {e}"));
+    let plan = plan_with_spec(&old, &new, &spec);
+    assert_eq!(plan.heap_arrays.len(), 1, "{:?}", plan.heap_arrays);
+    let err = checked(heap, &old, &new).expect_err("no renames");
+    assert!(
+        err.contains("[heap] \"fill.list\"") && err.contains("NEW has no function fill"),
+        "{err}"
+    );
+    let only_function = "[rename.functions]\nfill = \"fill_items\"\n";
+    let err = checked(&format!("{only_function}{heap}"), &old, &new).expect_err("no local rename");
+    assert!(
+        err.contains("NEW has no local or parameter list in fill_items"),
+        "{err}"
+    );
+}
