@@ -634,6 +634,16 @@ const PAIRS: &[PairSpec] = &[
         short_args: &["6"],
         features: &[Loops],
     },
+    PairSpec {
+        name: "heap_locals",
+        names: ["heap_locals.v1", "heap_locals.v2"],
+        description: "heap arrays held only by locals: every frame of a recursive function \
+                      holds its own block and its count (locals the SPEC names, [heap]); the \
+                      struct grows: each frame's block moves whole",
+        control: Control::Ticks,
+        short_args: &["6"],
+        features: &[Loops, Recursion],
+    },
 ];
 
 /// The version pairs (`corpus/versions/<name>/v1.c` and `v2.c`).

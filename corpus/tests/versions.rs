@@ -125,6 +125,7 @@ fn catalog_lists_every_pair_with_sources() {
             "prefork_server",
             "heap_array",
             "heap_hash",
+            "heap_locals",
         ]
     );
     for p in &pairs {
@@ -305,7 +306,7 @@ fn tick_pairs_run_their_ticks_and_are_deterministic() {
         .into_iter()
         .filter(|p| p.control == Control::Ticks)
         .collect();
-    assert_eq!(ticks.len(), 21);
+    assert_eq!(ticks.len(), 22);
     for p in &ticks {
         for tc in Toolchain::ALL {
             for n in [1, 2] {

@@ -29,7 +29,7 @@ use crate::review::{NeedsUser, Review};
 pub const MAGIC: &[u8; 8] = b"UPSTPTCH";
 /// Format version written by this encoder and the only one this decoder
 /// reads.
-pub const VERSION: u16 = 4;
+pub const VERSION: u16 = 5;
 /// Larger PATCH files are refused before any parsing.
 pub const MAX_PATCH_SIZE: usize = 256 << 20;
 /// Largest binary hashed when identifying a version (a bound on what a
@@ -398,7 +398,20 @@ mod tests {
                 warnings: vec!["global added is new".into()],
                 transformers: Default::default(),
                 unrelated: None,
-                heap_arrays: Vec::new(),
+                // A frame's heap array (format version 5).
+                heap_arrays: vec![crate::heap_arrays::HeapArray {
+                    key: "level.items".into(),
+                    pointer: crate::heap_arrays::HeapSlot::Local {
+                        function: "level".into(),
+                        var: 1,
+                    },
+                    count: crate::heap_arrays::HeapSlot::Local {
+                        function: "level".into(),
+                        var: 0,
+                    },
+                    count_size: 8,
+                    count_signed: false,
+                }],
             },
             needs_user: Vec::new(),
             transformers: None,
@@ -410,6 +423,17 @@ mod tests {
         let p = sample();
         let bytes = encode(&p).unwrap();
         assert_eq!(decode(&bytes).unwrap(), p);
+    }
+
+    #[test]
+    fn an_older_format_version_is_refused_by_number() {
+        let mut bytes = encode(&sample()).unwrap();
+        bytes[8..10].copy_from_slice(&4u16.to_le_bytes());
+        let e = decode(&bytes).unwrap_err().to_string();
+        assert!(
+            e.contains("version 4 is not supported") && e.contains("reads 5"),
+            "{e}"
+        );
     }
 
     #[test]

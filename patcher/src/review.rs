@@ -90,6 +90,10 @@ pub enum SpecKey<'a> {
         function: &'a str,
         continuation: &'a str,
     },
+    /// A pointer that may hold a heap array, named as in `[heap]`
+    /// (`global.items`, `struct pool.slots`, `fill.items`): the line names
+    /// a placeholder count beside it, for the user to correct.
+    HeapCount { pointer: &'a str },
 }
 
 /// The SPEC line that settles `key`. The one place SPEC syntax is spelled
@@ -110,6 +114,18 @@ pub fn spec_line(key: SpecKey<'_>) -> String {
         } => {
             let site = format!("{function}@{continuation}");
             format!("continuations.{} = {}", toml_str(&site), toml_str(&site))
+        }
+        SpecKey::HeapCount { pointer } => {
+            // The count sits where the pointer's can: beside it.
+            let count = match pointer.rsplit_once('.') {
+                Some((owner, _)) => format!("{owner}.COUNT"),
+                None => "global.COUNT".to_string(),
+            };
+            format!(
+                "heap.{} = {{ count = {} }}",
+                toml_str(pointer),
+                toml_str(&count)
+            )
         }
     }
 }

@@ -50,6 +50,7 @@
 //! [heap]
 //! "global.items" = { count = "global.n_items" }
 //! "struct pool.slots" = { count = "struct pool.n_slots" }
+//! "fill.items" = { count = "fill.n" }    # locals of OLD's fill, one frame
 //! ```
 
 use crate::transformer::Transformers;
@@ -80,8 +81,8 @@ pub struct Spec {
     pub transformers: Transformers,
     #[serde(default)]
     pub accept: Accept,
-    /// Heap arrays: `"global.items" = { count = "global.n_items" }` (see
-    /// [`crate::heap_arrays`]).
+    /// Heap arrays: `"global.items" = { count = "global.n_items" }`,
+    /// members and locals alike (see [`crate::heap_arrays`]).
     #[serde(default)]
     pub heap: BTreeMap<String, crate::heap_arrays::HeapCount>,
 }

@@ -350,7 +350,9 @@ fn a_transformer_settles_a_change_no_default_maps_and_a_compile_error_is_one_lin
 }
 
 /// Two versions with heap arrays: a global `struct item *items` counted by
-/// `n_items`, and a member `struct pool.slots` counted by `pool.n`.
+/// `n_items`, a member `struct pool.slots` counted by `pool.n`, and the
+/// locals `fill.list` and `fill.len` (with a parameter `k`, a double, two
+/// locals named `dup` in two blocks, and `other.len` in another function).
 fn heap_versions() -> (FrameTables, FrameTables) {
     let src = |extra: &str| {
         format!(
@@ -362,11 +364,23 @@ struct item *items;
 long n_items;
 double weight;
 struct pool *pools;
+long fill(long k) {{
+    struct item *list = calloc((size_t)k, sizeof *list);
+    size_t len = (size_t)k;
+    double scale = 1.5;
+    long sum = 0;
+    for (size_t i = 0; i < len; i++) sum += list[i].id;
+    {{ long dup = 1; sum += dup; }}
+    {{ long dup = 2; sum += dup; }}
+    free(list);
+    return sum + (long)scale;
+}}
+long other(long m) {{ size_t len = (size_t)m; return (long)len; }}
 int main(void) {{
     items = calloc(3, sizeof *items);
     n_items = 3;
     pools = calloc(1, sizeof *pools);
-    return (int)(items[0].id + pools->n + weight);
+    return (int)(items[0].id + pools->n + weight + fill(2) + other(1));
 }}
 "#
         )
@@ -459,7 +473,7 @@ fn heap_array_counts_reach_the_plan_and_bad_keys_are_one_line() {
         (
             "\"items\" = { count = \"global.n_items\" }",
             "items",
-            "neither global.NAME nor struct TAG.MEMBER",
+            "neither global.NAME, struct TAG.MEMBER nor FUNCTION.LOCAL",
         ),
         (
             "\"global.items\" = { count = \"struct pool.n\" }",
@@ -472,12 +486,183 @@ fn heap_array_counts_reach_the_plan_and_bad_keys_are_one_line() {
             "unknown field",
         ),
     ] {
-        let err = checked(&format!("[heap]\n{text}\n"), &old, &new).expect_err(text);
-        assert_eq!(err.lines().count(), 1, "{err}");
-        assert!(err.contains("test.toml"), "{err}");
-        if !key.is_empty() {
-            assert!(err.contains(&format!("[heap] \"{key}\"")), "{err}");
-        }
-        assert!(err.contains(why), "{text}: {err}");
+        assert_heap_refused(&old, &new, text, key, why);
     }
+}
+
+/// The `[heap]` entry `text` is refused in one line of the SPEC file naming
+/// `key` (when not empty) and saying `why`.
+fn assert_heap_refused(old: &FrameTables, new: &FrameTables, text: &str, key: &str, why: &str) {
+    let err = checked(&format!("[heap]\n{text}\n"), old, new).expect_err(text);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("test.toml"), "{err}");
+    if !key.is_empty() {
+        assert!(err.contains(&format!("[heap] \"{key}\"")), "{err}");
+    }
+    assert!(err.contains(why), "{text}: {err}");
+}
+
+/// `[heap]` keys naming locals and parameters (`FUNCTION.LOCAL`, OLD's
+/// names): the count a local of the same frame or a global; every bad key
+/// is one line naming it.
+#[test]
+fn heap_array_counts_of_locals_reach_the_plan_and_bad_keys_are_one_line() {
+    use upstare_patcher::heap_arrays::HeapSlot;
+    let (old, new) = heap_versions();
+    let fill = old.function("fill").expect("fill");
+    let var = |name: &str| {
+        fill.vars
+            .iter()
+            .position(|v| v.name == name)
+            .unwrap_or_else(|| panic!("no {name}"))
+    };
+    let local = |name: &str| HeapSlot::Local {
+        function: "fill".into(),
+        var: var(name),
+    };
+    for (count, slot, size, signed) in [
+        ("fill.len", local("len"), 8, false),
+        ("fill.k", local("k"), 8, true),
+        (
+            "global.n_items",
+            HeapSlot::Global {
+                index: old
+                    .globals
+                    .iter()
+                    .position(|g| g.name == "n_items")
+                    .expect("n_items"),
+            },
+            8,
+            true,
+        ),
+    ] {
+        let text = format!("[heap]\n\"fill.list\" = {{ count = \"{count}\" }}\n");
+        let spec = checked(&text, &old, &new).unwrap_or_else(|e| panic!("{count}: {e}"));
+        let plan = plan_with_spec(&old, &new, &spec);
+        let [a] = plan.heap_arrays.as_slice() else {
+            panic!("{count}: {:?}", plan.heap_arrays);
+        };
+        assert_eq!(a.key, "fill.list");
+        assert_eq!(a.pointer, local("list"), "{count}");
+        assert_eq!(a.count, slot, "{count}");
+        assert_eq!((a.count_size, a.count_signed), (size, signed), "{count}");
+    }
+    for (text, key, why) in [
+        (
+            "\"fill.nope\" = { count = \"fill.len\" }",
+            "fill.nope",
+            "OLD has no local or parameter nope in fill",
+        ),
+        (
+            "\"nofunc.list\" = { count = \"fill.len\" }",
+            "nofunc.list",
+            "OLD has no function nofunc",
+        ),
+        (
+            "\"fill.list\" = { count = \"fill.gone\" }",
+            "fill.list",
+            "OLD has no local or parameter gone in fill",
+        ),
+        (
+            "\"fill.list\" = { count = \"fill.scale\" }",
+            "fill.list",
+            "OLD's count fill.scale is not an integer (it is double)",
+        ),
+        (
+            "\"fill.len\" = { count = \"fill.len\" }",
+            "fill.len",
+            "OLD's fill.len is not a pointer to a sized type",
+        ),
+        (
+            "\"fill.list\" = { count = \"other.len\" }",
+            "fill.list",
+            "the count other.len must be a local or parameter of fill (the same frame) or a global",
+        ),
+        (
+            "\"fill.list\" = { count = \"struct pool.n\" }",
+            "fill.list",
+            "the count struct pool.n must be a local or parameter of fill",
+        ),
+        (
+            "\"global.items\" = { count = \"fill.len\" }",
+            "global.items",
+            "the count fill.len of a global must be a global",
+        ),
+        (
+            "\"struct pool.slots\" = { count = \"fill.len\" }",
+            "struct pool.slots",
+            "the count fill.len must be a member of struct pool (the same object) or a global",
+        ),
+        (
+            "\"fill.list\" = { count = \"fill.dup\" }",
+            "fill.list",
+            "several locals named dup in fill",
+        ),
+    ] {
+        assert_heap_refused(&old, &new, text, key, why);
+    }
+}
+
+/// The review's SPEC line for a heap array's count: valid TOML that, once
+/// its placeholder count is corrected, is the `[heap]` entry.
+#[test]
+fn heap_count_spec_line_is_the_heap_entry() {
+    use upstare_patcher::review::{spec_line, SpecKey};
+    for (pointer, count) in [
+        ("level.items", "level.COUNT"),
+        ("global.items", "global.COUNT"),
+        ("global.f::cache", "global.COUNT"),
+        ("struct pool.slots", "struct pool.COUNT"),
+    ] {
+        let line = spec_line(SpecKey::HeapCount { pointer });
+        let spec = Spec::parse(Path::new("line.toml"), &line).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            spec.heap.get(pointer).map(|c| c.count.as_str()),
+            Some(count),
+            "{line}"
+        );
+    }
+}
+
+/// A `[heap]` key names OLD's function and local; NEW is checked under the
+/// SPEC's renames of both (and refused without them, naming what NEW lacks).
+#[test]
+fn heap_array_keys_of_locals_follow_the_renames_into_new() {
+    let src = |func: &str, ptr: &str| {
+        format!(
+            r#"
+#include <stdlib.h>
+struct item {{ long id; }};
+long {func}(long k) {{
+    struct item *{ptr} = calloc((size_t)k, sizeof *{ptr});
+    size_t len = (size_t)k;
+    long sum = 0;
+    for (size_t i = 0; i < len; i++) sum += {ptr}[i].id;
+    free({ptr});
+    return sum;
+}}
+int main(void) {{ return (int){func}(2); }}
+"#
+        )
+    };
+    let old = tables("heap_rename.v1", &src("fill", "list"));
+    let new = tables("heap_rename.v2", &src("fill_items", "items"));
+    let heap = "[heap]\n\"fill.list\" = { count = \"fill.len\" }\n";
+    let renames =
+        "[rename.functions]\nfill = \"fill_items\"\n[rename.locals.fill_items]\nlist = \"items\"\n";
+    let spec =
+        checked(&format!("{renames}{heap}"), &old, &new).unwrap_or_else(|e| panic!("renamed: {e}"));
+    let plan = plan_with_spec(&old, &new, &spec);
+    assert_eq!(plan.heap_arrays.len(), 1, "{:?}", plan.heap_arrays);
+    let err = checked(heap, &old, &new).expect_err("no renames");
+    assert!(
+        err.contains("[heap] \"fill.list\"") && err.contains("NEW has no function fill"),
+        "{err}"
+    );
+    let only_function = "[rename.functions]\nfill = \"fill_items\"\n";
+    let err = checked(&format!("{only_function}{heap}"), &old, &new).expect_err("no local rename");
+    assert!(
+        err.contains("NEW has no local or parameter list in fill_items"),
+        "{err}"
+    );
 }

@@ -12,7 +12,7 @@
 
 mod apply_support;
 
-use apply_support::ticks::{check_lines, pair, Lines, TICKS, TICKS_ARG};
+use apply_support::ticks::{check_lines, pair, update_run, Lines, TICKS, TICKS_ARG};
 
 use apply_support::*;
 use std::path::Path;
@@ -26,14 +26,13 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Updates a run of `v1` to `v2` after `k` hits; checks the output and
 /// that the run ends with status 0. Returns the report.
 fn update_at(v1: &Path, v2: &Path, k: u64, line: Lines) -> Result<UpdateReport, String> {
-    let mut run = TracedRun::spawn(v1, &[TICKS_ARG]);
     let opts = ApplyOptions {
         timeout: READY_TIMEOUT,
         skip_hits: k,
         ..ApplyOptions::default()
     };
-    let r = run.apply(v2, &opts);
-    let out = run.finish(RUN_TIMEOUT)?;
+    let (r, out) = update_run((v1, v2), &[], &opts, RUN_TIMEOUT);
+    let out = out?;
     let report = match r {
         Ok(r) => r,
         Err(UpdateError::Commit(e)) => return Err(format!("commit failed: {e}")),

@@ -11,11 +11,16 @@
 //! - `heap_tree`: a search tree with parent pointers whose node outgrows
 //!   its block: every node moved, links and parents redirected;
 //! - `heap_shared`: one object pointed to from a global, frames, itself and
-//!   another heap object (one pointer into its interior) moves.
+//!   another heap object (one pointer into its interior) moves;
+//! - `heap_array`, `heap_hash`: heap arrays counted by a global and by a
+//!   member (the SPEC's `[heap]`) move whole;
+//! - `heap_locals`: every frame of a recursive function holds its own heap
+//!   array and its count in locals (`[heap] "level.items"`): each block
+//!   moves whole with its frame's count.
 
 mod apply_support;
 
-use apply_support::ticks::{check_lines, pair, Lines, TICKS, TICKS_ARG};
+use apply_support::ticks::{check_lines, pair, update_run, Lines, TICKS, TICKS_ARG};
 
 use apply_support::*;
 use std::path::{Path, PathBuf};
@@ -43,15 +48,14 @@ fn update_at(
     line: Lines,
     spec: &Option<(PathBuf, Spec)>,
 ) -> Result<UpdateReport, String> {
-    let mut run = TracedRun::spawn_env(v1, &[TICKS_ARG], &CHECKED_MALLOC);
     let opts = ApplyOptions {
         timeout: READY_TIMEOUT,
         skip_hits: k,
         spec: spec.clone(),
         ..ApplyOptions::default()
     };
-    let r = run.apply(v2, &opts);
-    let out = run.finish(RUN_TIMEOUT)?;
+    let (r, out) = update_run((v1, v2), &CHECKED_MALLOC, &opts, RUN_TIMEOUT);
+    let out = out?;
     let report = match r {
         Ok(r) => r,
         Err(UpdateError::Commit(e)) => return Err(format!("commit failed: {e}")),
@@ -190,6 +194,27 @@ fn heap_hash(v: u32, t: i64) -> String {
     }
 }
 
+fn heap_locals(v: u32, t: i64) -> String {
+    if t == TICKS {
+        // 3 levels of 3, 4 and 5 items: ids 6 + 10 + 15, qty 10 * 31 plus
+        // 15 per tick of the innermost.
+        let base = format!(
+            "v{v} done t={TICKS} levels=3 count=12 ids=31 qty={}",
+            310 + 15 * TICKS
+        );
+        return match v {
+            1 => format!("{base} freed=3"),
+            _ => format!("{base} tags=0 prices=0 freed=3"),
+        };
+    }
+    let n = t + 1;
+    let base = format!("v{v} t={t} count=5 ids=15 qty={}", 150 + 15 * n);
+    match v {
+        1 => base,
+        _ => format!("{base} tags=0 prices=0"),
+    }
+}
+
 /// The most objects of changed type any one update converted: (in place,
 /// moved).
 fn most(reports: &[(u64, UpdateReport)]) -> (usize, usize) {
@@ -217,6 +242,25 @@ fn figures_when_built(
         .collect()
 }
 
+/// In every update that converted `n` objects (there is one at least),
+/// the figures of `ty`: (found, converted in place, moved), and at least
+/// `redirected` pointers redirected.
+fn check_figures(
+    reports: &[(u64, UpdateReport)],
+    tc: Toolchain,
+    (ty, n): (&str, usize),
+    counts: (usize, usize, usize),
+    redirected: usize,
+) {
+    let built = figures_when_built(reports, ty, n);
+    assert!(!built.is_empty(), "[{tc}]");
+    for (k, f) in built {
+        let got = (f.found, f.converted_in_place, f.moved);
+        assert_eq!(got, counts, "[{tc}] hit {k}");
+        assert!(f.pointers_redirected >= redirected, "[{tc}] hit {k}: {f:?}");
+    }
+}
+
 fn list(tc: Toolchain) {
     let reports = every_hit("heap_list", tc, heap_list);
     // Once the list is built, each update converts its 4 nodes in place.
@@ -241,13 +285,7 @@ fn tree(tc: Toolchain) {
     assert_eq!(most(&reports), (0, 7), "[{tc}]");
     // Per type: 7 nodes found and moved; at least `root`, the 6 child links
     // and the 6 parent links redirected (frames may hold more).
-    let built = figures_when_built(&reports, "struct tnode", 7);
-    assert!(!built.is_empty(), "[{tc}]");
-    for (k, f) in built {
-        let counts = (f.found, f.converted_in_place, f.moved);
-        assert_eq!(counts, (7, 0, 7), "[{tc}] hit {k}");
-        assert!(f.pointers_redirected >= 13, "[{tc}] hit {k}: {f:?}");
-    }
+    check_figures(&reports, tc, ("struct tnode", 7), (7, 0, 7), 13);
 }
 
 fn shared(tc: Toolchain) {
@@ -291,12 +329,7 @@ fn array(tc: Toolchain) {
     let reports = every_hit_with_spec("heap_array", tc, heap_array);
     // Once the array is allocated, its one block (5 elements) moves.
     assert_eq!(most(&reports), (0, 1), "[{tc}]");
-    let built = figures_when_built(&reports, "struct item", 1);
-    assert!(!built.is_empty(), "[{tc}]");
-    for (k, f) in built {
-        let counts = (f.found, f.converted_in_place, f.moved);
-        assert_eq!(counts, (5, 0, 5), "[{tc}] hit {k}");
-    }
+    check_figures(&reports, tc, ("struct item", 1), (5, 0, 5), 0);
 }
 
 fn hash(tc: Toolchain) {
@@ -305,14 +338,27 @@ fn hash(tc: Toolchain) {
     // table, whose member points to the changed type, is of a changed type
     // too and is converted in place.
     assert_eq!(most(&reports), (1, 12), "[{tc}]");
-    let built = figures_when_built(&reports, "struct entry", 13);
-    assert!(!built.is_empty(), "[{tc}]");
-    for (k, f) in built {
-        let counts = (f.found, f.converted_in_place, f.moved);
-        assert_eq!(counts, (12, 0, 12), "[{tc}] hit {k}");
-        // 8 bucket heads and 4 chain links at least.
-        assert!(f.pointers_redirected >= 12, "[{tc}] hit {k}: {f:?}");
-    }
+    // 8 bucket heads and 4 chain links redirected at least.
+    check_figures(&reports, tc, ("struct entry", 13), (12, 0, 12), 12);
+}
+
+fn locals(tc: Toolchain) {
+    let reports = every_hit_with_spec("heap_locals", tc, heap_locals);
+    // Once the three levels have their blocks (3, 4 and 5 items), each
+    // update moves the three blocks whole, each with its own frame's count.
+    assert_eq!(most(&reports), (0, 3), "[{tc}]");
+    // The three frames' `items` redirected at least.
+    check_figures(&reports, tc, ("struct item", 3), (12, 0, 12), 3);
+}
+
+#[test]
+fn heap_arrays_in_the_locals_of_every_frame_moved_whole_gcc() {
+    locals(Toolchain::Gcc);
+}
+
+#[test]
+fn heap_arrays_in_the_locals_of_every_frame_moved_whole_clang() {
+    locals(Toolchain::Clang);
 }
 
 #[test]
@@ -335,34 +381,46 @@ fn hash_table_buckets_with_a_spec_count_moved_clang() {
     hash(Toolchain::Clang);
 }
 
+/// Updates a run of `v1` to `v2` after `k` hits with no SPEC: the update's
+/// result and the run's output.
+fn update_without_spec(
+    v1: &Path,
+    v2: &Path,
+    k: u64,
+) -> (
+    Result<UpdateReport, UpdateError>,
+    Result<upstare_testkit::Output, String>,
+) {
+    let opts = ApplyOptions {
+        timeout: READY_TIMEOUT,
+        skip_hits: k,
+        ..ApplyOptions::default()
+    };
+    update_run((v1, v2), &[], &opts, RUN_TIMEOUT)
+}
+
 /// Without the SPEC's count, `items` is one object. Once `cur` points at
 /// `items[2]` the update is refused (that element cannot move alone), the
 /// message pointing at `[heap]`, and v1 runs on to its end; before that
 /// (during the setup) only the first element is converted, and the update
 /// says so, naming the room its block has (5 elements of 16 bytes: 88
-/// usable bytes).
+/// usable bytes), the global that reached it and the SPEC line to add.
 #[test]
 fn heap_array_without_a_count_is_one_object_and_said() {
     for tc in [Toolchain::Gcc, Toolchain::Clang] {
         let (v1, v2) = pair("heap_array", tc);
         let (mut warned, mut refused) = (0, 0);
         for k in 0..40 {
-            let mut run = TracedRun::spawn(&v1, &[TICKS_ARG]);
-            let opts = ApplyOptions {
-                timeout: READY_TIMEOUT,
-                skip_hits: k,
-                ..ApplyOptions::default()
-            };
-            let r = run.apply(&v2, &opts);
-            let out = run.finish(RUN_TIMEOUT);
+            let (r, out) = update_without_spec(&v1, &v2, k);
             match r {
                 Ok(r) => {
                     // The rest of the run reads a half-converted array: not
                     // checked.
                     warned += usize::from(r.warnings.iter().any(|w| {
                         w.contains("heap object struct item at ")
+                            && w.contains("reached through global.items")
                             && w.contains("its block holds 88 bytes, room for 5 of them")
-                            && w.contains("[heap]")
+                            && w.contains(r#"heap."global.items" = { count = "global.COUNT" }"#)
                     }));
                 }
                 Err(e) => {
@@ -386,4 +444,127 @@ fn heap_array_without_a_count_is_one_object_and_said() {
             "[{tc}] {warned} warned, {refused} refused"
         );
     }
+}
+
+/// Without the SPEC's count, each frame's `items` is one object: once a
+/// block is allocated the update converts only its first element and says
+/// so, naming the local that reached it and the SPEC line to add.
+#[test]
+fn heap_array_of_a_local_without_a_count_is_said_with_its_spec_line() {
+    let line = r#"heap."level.items" = { count = "level.COUNT" }"#;
+    for tc in [Toolchain::Gcc, Toolchain::Clang] {
+        let (v1, v2) = pair("heap_locals", tc);
+        let mut warned = 0;
+        for k in 0..30 {
+            // The rest of the run reads half-converted arrays: not checked.
+            if let (Ok(r), _) = update_without_spec(&v1, &v2, k) {
+                warned += usize::from(r.warnings.iter().any(|w| {
+                    w.contains("heap object struct item at ")
+                        && w.contains("reached through level.items")
+                        && w.contains("room for ")
+                        && w.contains(line)
+                }));
+            }
+        }
+        assert!(warned > 0, "[{tc}] never warned");
+    }
+}
+
+/// A count larger than its block (`level.limit`, 6, for blocks of 3 to 5
+/// items) is refused naming the SPEC key, and v1 runs on to its end as if
+/// nothing happened; before any block exists the update goes through.
+#[test]
+fn heap_array_count_larger_than_its_block_is_refused_naming_the_key() {
+    let dir = upstare_testkit::TempDir::new("heap-locals-count");
+    let path = dir.path().join("SPEC.toml");
+    let text = "[heap]\n\"level.items\" = { count = \"level.limit\" }\n";
+    std::fs::write(&path, text).expect("write SPEC");
+    let spec = Some((path.clone(), Spec::read(&path).expect("SPEC")));
+    for tc in [Toolchain::Gcc, Toolchain::Clang] {
+        let (v1, v2) = pair("heap_locals", tc);
+        let (hits, _) = count_hits(&v1, &[TICKS_ARG], Some(10_000));
+        let mut refused = 0;
+        for k in (0..hits).step_by(5) {
+            let opts = ApplyOptions {
+                timeout: READY_TIMEOUT,
+                skip_hits: k,
+                spec: spec.clone(),
+                ..ApplyOptions::default()
+            };
+            let (r, out) = update_run((&v1, &v2), &CHECKED_MALLOC, &opts, RUN_TIMEOUT);
+            let out = out.unwrap_or_else(|e| panic!("[{tc}] hit {k}: {e}"));
+            assert_eq!(
+                out.status,
+                ExitStatus::Code(0),
+                "[{tc}] hit {k}: {}",
+                out.stderr
+            );
+            let last = check_lines(&out.stdout, heap_locals)
+                .unwrap_or_else(|e| panic!("[{tc}] hit {k}: {e}\n{}", out.stdout));
+            match r {
+                Err(e) => {
+                    let e = e.to_string();
+                    assert!(
+                        e.contains("heap array level.items at ")
+                            && e.contains("holds 6 elements of struct item")
+                            && e.contains("more than its block of the allocator holds"),
+                        "[{tc}] hit {k}: {e}"
+                    );
+                    assert_eq!(last, 1, "[{tc}] hit {k}: refused, yet v2 ran");
+                    refused += 1;
+                }
+                Ok(_) => assert_eq!(last, 2, "[{tc}] hit {k}"),
+            }
+        }
+        assert!(refused > 0, "[{tc}] never refused");
+    }
+}
+
+/// The frames' heap arrays travel in a PATCH (written and read back): the
+/// plan from `upstare-patch --spec` moves the three blocks like the plan
+/// made at apply time, and v2's lines are right.
+#[test]
+fn a_patch_carries_the_heap_arrays_of_locals() {
+    let (v1, v2) = pair("heap_locals", Toolchain::Gcc);
+    let p = upstare_corpus::version_pair("heap_locals").expect("pair");
+    let spec = p.v1.source.with_file_name("SPEC.toml");
+    let (patch, _) = upstare_patcher::patchfile::make_patch_with_spec(&v1, &v2, Some(&spec))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(patch.is_complete(), "{:?}", patch.needs_user);
+    let dir = upstare_testkit::TempDir::new("heap-locals-patch");
+    let file = dir.path().join("heap_locals.patch");
+    upstare_patcher::patchfile::write_patch(&file, &patch).expect("write");
+    let patch = upstare_patcher::patchfile::read_patch(&file).expect("read");
+    assert!(
+        matches!(
+            patch.plan.heap_arrays.as_slice(),
+            [a] if a.key == "level.items"
+                && matches!(&a.pointer, upstare_patcher::heap_arrays::HeapSlot::Local { function, .. } if function == "level")
+        ),
+        "{:?}",
+        patch.plan.heap_arrays
+    );
+    let mut moved = 0;
+    for k in [40, 60] {
+        let opts = ApplyOptions {
+            timeout: READY_TIMEOUT,
+            skip_hits: k,
+            plan: Some(patch.plan.clone()),
+            expected_old: Some(patch.old.clone()),
+            expected_new: Some(patch.new.clone()),
+            ..ApplyOptions::default()
+        };
+        let (r, out) = update_run((&v1, &v2), &CHECKED_MALLOC, &opts, RUN_TIMEOUT);
+        let r = r.unwrap_or_else(|e| panic!("hit {k}: {e}"));
+        moved = moved.max(r.heap_moved);
+        let out = out.expect("finish");
+        assert_eq!(out.status, ExitStatus::Code(0), "hit {k}: {}", out.stderr);
+        assert_eq!(
+            check_lines(&out.stdout, heap_locals),
+            Ok(2),
+            "hit {k}: {}",
+            out.stdout
+        );
+    }
+    assert_eq!(moved, 3);
 }

@@ -3,7 +3,8 @@
 
 use std::collections::BTreeMap;
 use std::ops::Range;
-use upstare_dwarf::model::{type_name, type_size, Type, TypeId, VarLocation};
+use upstare_dwarf::fdt::PointKind;
+use upstare_dwarf::model::{type_name, type_size, Type, TypeId, VarLocation, Variable};
 use upstare_dwarf::{LinkAddr, RuntimeAddr};
 
 use upstare_patcher::convert::{Converter, TypeChange};
@@ -33,6 +34,9 @@ pub struct Root {
     /// Pointer slots (offset) that point to arrays of a known number of
     /// elements (the SPEC's `[heap]`).
     pub counts: Vec<(u64, u64)>,
+    /// When the value is a pointer, its name as a `[heap]` key
+    /// (`global.items`, `fill.items`), for messages.
+    pub key: Option<String>,
 }
 
 /// Where the element counts of heap arrays are (the plan's
@@ -44,6 +48,18 @@ pub struct ArrayRules {
     globals: Vec<(usize, Option<u64>, String)>,
     /// Pointer members of structs.
     members: Vec<MemberRule>,
+    /// Pointer locals and parameters of functions.
+    locals: Vec<LocalRule>,
+}
+
+#[derive(Clone, Debug)]
+struct LocalRule {
+    /// OLD's function, whose every active frame holds the pointer.
+    function: String,
+    /// Index into its `vars`.
+    pointer: usize,
+    count: CountAt,
+    key: String,
 }
 
 #[derive(Clone, Debug)]
@@ -65,6 +81,9 @@ enum CountAt {
     },
     /// A global's value, read once.
     Value(Option<u64>),
+    /// In the same frame: a local or parameter (index into the function's
+    /// `vars`).
+    Frame { var: usize, size: u64, signed: bool },
 }
 
 /// An integer of `size` bytes (little-endian) as a count; `None` when
@@ -99,19 +118,38 @@ impl ArrayRules {
                     size: a.count_size,
                     signed: a.count_signed,
                 },
+                HeapSlot::Local { var, .. } => CountAt::Frame {
+                    var: *var,
+                    size: a.count_size,
+                    signed: a.count_signed,
+                },
             };
             match (&a.pointer, count) {
                 (HeapSlot::Global { index }, CountAt::Value(n)) => {
                     rules.globals.push((*index, n, a.key.clone()))
                 }
-                (HeapSlot::Member { ty, offset }, count) => rules.members.push(MemberRule {
+                (
+                    HeapSlot::Member { ty, offset },
+                    count @ (CountAt::Value(_) | CountAt::Member { .. }),
+                ) => rules.members.push(MemberRule {
                     ty: ty.clone(),
                     pointer: *offset,
                     count,
                     key: a.key.clone(),
                 }),
-                // A global's count in a member: refused by the SPEC check.
-                (HeapSlot::Global { .. }, CountAt::Member { .. }) => {}
+                (
+                    HeapSlot::Local { function, var },
+                    count @ (CountAt::Value(_) | CountAt::Frame { .. }),
+                ) => rules.locals.push(LocalRule {
+                    function: function.clone(),
+                    pointer: *var,
+                    count,
+                    key: a.key.clone(),
+                }),
+                // A count where its pointer's cannot be (a global's in a
+                // frame, a member's in a frame...): refused by the SPEC
+                // check.
+                _ => {}
             }
         }
         rules
@@ -143,6 +181,8 @@ impl ArrayRules {
                         .ok()
                         .and_then(|o| bytes.get(o..))
                         .and_then(|b| decode_count(b, size, signed)),
+                    // Not a member rule's (see `new`).
+                    CountAt::Frame { .. } => None,
                 };
                 if n.is_none() {
                     warnings.push(unreadable_count(&r.key));
@@ -176,13 +216,16 @@ impl Root {
             ty,
             bytes,
             counts: Vec::new(),
+            key: None,
         })
     }
 }
 
 /// The roots of the heap walk in the old state: every global and static
 /// local, and every local and parameter in scope in every paused frame.
-/// Globals that point to heap arrays (`rules`) carry their counts.
+/// Pointers to heap arrays (`rules`) carry their counts: a global's from
+/// its global, a local's from the same frame (every active frame of its
+/// function, each with its own count).
 pub fn heap_roots(
     mem: &impl TargetMemory,
     old: &Image,
@@ -199,6 +242,12 @@ pub fn heap_roots(
         .filter(|(_, g)| !g.tls)
         .filter_map(|(i, g)| {
             let mut root = Root::read(mem, types, g.ty, old.runtime(g.addr))?;
+            root.key = is_pointer(types, g.ty).then(|| {
+                format!(
+                    "global.{}",
+                    upstare_patcher::spec::global_key(&g.name, g.owner.as_deref())
+                )
+            });
             for (_, n, key) in rules.globals.iter().filter(|(j, _, _)| *j == i) {
                 match n {
                     Some(n) => root.counts.push((0, *n)),
@@ -215,23 +264,80 @@ pub fn heap_roots(
             };
             // A frame paused in a call is inside the call's statement: probe
             // scopes just before the return address (a call can end a block).
-            let probe = if idx == 0 && t.readiness == Readiness::AtPoint {
+            let at_point = idx == 0 && t.readiness == Readiness::AtPoint;
+            let probe = if at_point {
                 f.pc
             } else {
                 LinkAddr(f.pc.0.saturating_sub(1))
             };
-            for v in &ft.vars {
+            // A frame paused at its entry has run none of its statements:
+            // its locals (not its parameters) hold what the stack held
+            // before, which may look like a heap pointer and a count.
+            let at_entry = at_point
+                && ft
+                    .update_points
+                    .iter()
+                    .any(|p| p.kind == PointKind::Entry && p.addr == f.pc);
+            let slot = |v: &Variable| {
                 let in_scope =
                     v.scope.is_empty() || v.scope.iter().any(|&(a, b)| a <= probe && probe < b);
-                if let (true, VarLocation::Cfa(o)) = (in_scope, &v.location) {
-                    if let Some(addr) = f.cfa.checked_offset(o.0) {
-                        roots.extend(Root::read(mem, types, v.ty, addr));
+                match &v.location {
+                    VarLocation::Cfa(o) if in_scope && (v.is_param || !at_entry) => {
+                        f.cfa.checked_offset(o.0)
+                    }
+                    _ => None,
+                }
+            };
+            for (i, v) in ft.vars.iter().enumerate() {
+                let Some(mut root) = slot(v).and_then(|a| Root::read(mem, types, v.ty, a)) else {
+                    continue;
+                };
+                root.key = is_pointer(types, v.ty).then(|| format!("{}.{}", f.function, v.name));
+                let frame_rules = rules.locals.iter();
+                for r in frame_rules.filter(|r| r.pointer == i && r.function == f.function) {
+                    let n = match r.count {
+                        CountAt::Value(n) => n,
+                        CountAt::Frame { var, size, signed } => ft
+                            .vars
+                            .get(var)
+                            .and_then(slot)
+                            .and_then(|a| mem.read_vec(a, size, 8).ok())
+                            .and_then(|b| decode_count(&b, size, signed)),
+                        // Not a local rule's (see `ArrayRules::new`).
+                        CountAt::Member { .. } => None,
+                    };
+                    match n {
+                        Some(n) => root.counts.push((0, n)),
+                        None => warnings.push(unreadable_count(&r.key)),
                     }
                 }
+                roots.push(root);
             }
         }
     }
     (roots, warnings)
+}
+
+/// Whether `ty` is a pointer (through typedefs and qualifiers).
+fn is_pointer(types: &[Type], ty: TypeId) -> bool {
+    resolve(types, ty)
+        .and_then(|t| types.get(t.0 as usize))
+        .is_some_and(|t| matches!(t, Type::Pointer { .. }))
+}
+
+/// The `[heap]` key of the pointer member at `off` of a struct `ty`
+/// (`struct pool.slots`), when there is one exactly there.
+fn member_key(types: &[Type], ty: TypeId, off: u64) -> Option<String> {
+    let id = resolve(types, ty)?;
+    let t = types.get(id.0 as usize)?;
+    let Type::Struct { members, .. } = t else {
+        return None;
+    };
+    let name = upstare_patcher::plan::aggregate_name(t)?;
+    let m = members
+        .iter()
+        .find(|m| m.offset == off && m.bitfield.is_none() && is_pointer(types, m.ty))?;
+    Some(format!("{name}.{}", m.name.as_deref()?))
 }
 
 /// Why the heap cannot be carried over.
@@ -265,6 +371,14 @@ pub enum HeapError {
         ty: String,
         #[source]
         source: crate::engine::convert::ConvertError,
+    },
+    #[error("the heap array {key} at {addr} holds {count} elements of {ty} by the SPEC's [heap] count, {why}; the update is refused and nothing was changed")]
+    ArrayCount {
+        key: String,
+        addr: RuntimeAddr,
+        count: u64,
+        ty: String,
+        why: String,
     },
     #[error("a pointer {value} points into a part of a converted heap object that the new version no longer has (a removed member); the update is refused and nothing was changed")]
     DanglingInterior { value: RuntimeAddr },
@@ -305,6 +419,21 @@ pub(crate) fn resolve(types: &[Type], ty: TypeId) -> Option<TypeId> {
     upstare_patcher::convert::resolve(types, ty).map(|(id, _)| id)
 }
 
+/// What holds a pointer the heap walk follows: a root (index into the
+/// roots) or a heap object of a type (an element's, for arrays).
+#[derive(Clone, Copy, Debug)]
+enum Holder {
+    Root(usize),
+    Object(TypeId),
+}
+
+/// Where a pointer the heap walk follows was: its holder and the offset.
+#[derive(Clone, Copy, Debug)]
+struct Via {
+    holder: Holder,
+    off: u64,
+}
+
 /// A heap object whose type changed: its old bytes, its conversion, and
 /// where the converted object goes.
 #[derive(Clone, Debug)]
@@ -324,6 +453,10 @@ pub struct ChangedObject {
     /// Elements: 1, or a heap array's count (the SPEC's `[heap]`); `ty`
     /// is then the element's type.
     pub count: u64,
+    /// The `[heap]` key of the pointer that reached it first (`global.items`,
+    /// `fill.items`, `struct pool.slots`), when that pointer is one a key
+    /// can name: the array's key when `count` came from the SPEC.
+    pub via: Option<String>,
 }
 
 impl ChangedObject {
@@ -460,14 +593,15 @@ pub fn find_heap_objects(
             .any(|r| r.start <= a && end.is_some_and(|e| e <= r.end))
     };
     let mut found = HeapObjects::default();
-    // (address, pointee type, elements).
-    let mut todo: Vec<(RuntimeAddr, TypeId, u64)> = Vec::new();
-    // Heap pointers found in a value: (address, pointee type, elements:
-    // the count of `counts` for that slot, else 1).
+    // (address, pointee type, elements, the slot that pointed there).
+    let mut todo: Vec<(RuntimeAddr, TypeId, u64, Via)> = Vec::new();
+    // Heap pointers found in a value held at `holder`: (address, pointee
+    // type, elements: the count of `counts` for that slot, else 1).
     let scan = |bytes: &[u8],
                 ty: TypeId,
+                holder: Holder,
                 counts: &[(u64, u64)],
-                todo: &mut Vec<(RuntimeAddr, TypeId, u64)>| {
+                todo: &mut Vec<(RuntimeAddr, TypeId, u64, Via)>| {
         for_each_pointer_typed(types, ty, &mut |off, pointee| {
             let Some(pointee) = pointee else {
                 return;
@@ -486,17 +620,28 @@ pub fn find_heap_objects(
                 .find(|(o, _)| *o == off)
                 .map_or(1, |(_, n)| *n);
             if v.0 != 0 && n > 0 && in_heap(v, 1) {
-                todo.push((v, pointee, n));
+                todo.push((v, pointee, n, Via { holder, off }));
             }
         });
     };
-    for r in roots {
+    for (i, r) in roots.iter().enumerate() {
         // A struct global or local with an array member: its count too.
         let name = resolved_name(types, r.ty);
         let mut counts = rules.member_counts(name.as_deref(), &r.bytes, &mut found.warnings);
         counts.extend(r.counts.iter().copied());
-        scan(&r.bytes, r.ty, &counts, &mut todo);
+        scan(&r.bytes, r.ty, Holder::Root(i), &counts, &mut todo);
     }
+    // The `[heap]` key of the slot a pointer was found in, for messages.
+    let key_of = |via: Via| match via.holder {
+        Holder::Root(i) => roots.get(i).and_then(|r| match via.off {
+            0 => r.key.clone(),
+            off => member_key(types, r.ty, off),
+        }),
+        Holder::Object(ty) => member_key(types, ty, via.off),
+    };
+    let array_key = |via: Via, ty: TypeId| {
+        key_of(via).unwrap_or_else(|| format!("of {}", type_name(types, ty)))
+    };
     // NEW's aggregates by name, for the conversions of changed types.
     // Two units may define one tag differently (redis's `struct dict` and
     // hiredis's): an object whose own definition NEW still has is
@@ -540,7 +685,7 @@ pub fn find_heap_objects(
     // another typedef or another unit's copy of its type is the same one.
     let mut changed_at: std::collections::HashMap<(RuntimeAddr, u64), String> = Default::default();
     let (mut objects, mut bytes_read, mut unreadable) = (0usize, 0u64, 0usize);
-    while let Some((addr, ty, count)) = todo.pop() {
+    while let Some((addr, ty, count, via)) = todo.pop() {
         if !seen.insert((addr, ty, count)) {
             continue;
         }
@@ -584,7 +729,7 @@ pub fn find_heap_objects(
             // NEW: refuse rather than succeed wrongly.
             if let Some(ty) = todo
                 .iter()
-                .find_map(|(_, t, _)| resolved_name(types, *t).filter(|n| changed.contains(n)))
+                .find_map(|(_, t, _, _)| resolved_name(types, *t).filter(|n| changed.contains(n)))
             {
                 return Err(HeapError::Unconvertible {
                     addr,
@@ -606,17 +751,24 @@ pub fn find_heap_objects(
             if count == 1 {
                 continue;
             }
+            let key = array_key(via, ty);
             // A heap array whose count does not fit its place: never
             // convert part of it.
             if let Some(name) = changed_name {
-                return Err(HeapError::Unconvertible {
+                let why = match size.checked_mul(count).filter(|t| *t <= MAX_VALUE_SIZE) {
+                    Some(_) => "which run past the heap mapping".to_string(),
+                    None => format!("more than the update handles ({MAX_VALUE_SIZE} bytes)"),
+                };
+                return Err(HeapError::ArrayCount {
+                    key,
                     addr,
+                    count,
                     ty: name,
-                    why: format!("the SPEC's count of its heap array, {count}, runs past the heap"),
+                    why,
                 });
             }
             found.warnings.push(format!(
-                "the heap array of {} at {addr} does not hold its count ({count}) of elements: its pointers were not remapped",
+                "the heap array {key} of {} at {addr} does not hold its count ({count}) of elements: its pointers were not remapped",
                 type_name(types, ty)
             ));
             continue;
@@ -625,10 +777,35 @@ pub fn find_heap_objects(
             // Elements of an unchanged type: each an object of its own.
             for i in (0..count).rev() {
                 if let Some(at) = i.checked_mul(size).and_then(|o| addr.checked_add(o)) {
-                    todo.push((at, ty, 1));
+                    todo.push((at, ty, 1, via));
                 }
             }
             continue;
+        }
+        if let Some(name) = changed_name.as_ref().filter(|_| count > 1) {
+            // A heap array of changed type is rewritten whole: its count
+            // must fit its block (the header's size; the allocator is asked
+            // too before anything is placed).
+            let block = heap
+                .iter()
+                .find(|r| r.contains(&addr))
+                .and_then(|r| chunk_capacity(mem, addr, r));
+            let why = match block {
+                None => Some("and it does not start a block of the allocator, so its count cannot be checked against the allocation".to_string()),
+                Some(cap) if cap < total => Some(format!(
+                    "{total} bytes, more than its block of the allocator holds ({cap} bytes)"
+                )),
+                Some(_) => None,
+            };
+            if let Some(why) = why {
+                return Err(HeapError::ArrayCount {
+                    key: array_key(via, ty),
+                    addr,
+                    count,
+                    ty: name.clone(),
+                    why,
+                });
+            }
         }
         let Ok(old) = mem.read_vec(addr, total, MAX_VALUE_SIZE as usize) else {
             unreadable += 1;
@@ -639,7 +816,7 @@ pub fn find_heap_objects(
         let name = resolved_name(types, ty);
         for element in old.chunks(size as usize) {
             let counts = rules.member_counts(name.as_deref(), element, &mut found.warnings);
-            scan(element, ty, &counts, &mut todo);
+            scan(element, ty, Holder::Object(ty), &counts, &mut todo);
         }
         let Some(name) = changed_name else {
             found.plain.push((addr, ty, old));
@@ -680,10 +857,14 @@ pub fn find_heap_objects(
             let new_total = new_size
                 .checked_mul(count)
                 .filter(|t| *t <= MAX_VALUE_SIZE)
-                .ok_or_else(|| HeapError::Unconvertible {
+                .ok_or_else(|| HeapError::ArrayCount {
+                    key: array_key(via, ty),
                     addr,
+                    count,
                     ty: name.clone(),
-                    why: format!("its heap array of {count} elements grows too large"),
+                    why: format!(
+                        "which grow past what the update handles ({MAX_VALUE_SIZE} bytes)"
+                    ),
                 })?;
             let conversion = upstare_patcher::convert::Conversion::Array {
                 count,
@@ -709,6 +890,7 @@ pub fn find_heap_objects(
             change,
             dest: None,
             count,
+            via: key_of(via),
         });
     }
     if unreadable > 0 {
@@ -1079,11 +1261,13 @@ mod tests {
                 ty: TypeId(2),
                 bytes: (heap + 24).to_le_bytes().to_vec(),
                 counts: Vec::new(),
+                key: None,
             },
             Root {
                 ty: TypeId(2),
                 bytes: (heap + 0xf0).to_le_bytes().to_vec(),
                 counts: Vec::new(),
+                key: None,
             },
         ];
         let heap_ranges = [RuntimeAddr(heap)..RuntimeAddr(heap + 0x100)];
@@ -1174,6 +1358,7 @@ mod tests {
             ty: TypeId(2),
             bytes: a.to_le_bytes().to_vec(),
             counts: Vec::new(),
+            key: None,
         }];
         let ranges = [RuntimeAddr(heap)..RuntimeAddr(heap + 0x100)];
         let changed = ["struct hnode".to_string()];
@@ -1264,6 +1449,7 @@ mod tests {
             ty: TypeId(ty),
             bytes: (heap + 0x10).to_le_bytes().to_vec(),
             counts: Vec::new(),
+            key: None,
         };
         let found = find_heap_objects(
             &mem,
@@ -1319,6 +1505,7 @@ mod tests {
             ty: TypeId(4),
             bytes: (heap + 0x10).to_le_bytes().to_vec(),
             counts: Vec::new(),
+            key: None,
         }];
         let ranges = [RuntimeAddr(heap)..RuntimeAddr(heap + 0x100)];
         let changed = ["struct hnode".to_string()];
@@ -1380,11 +1567,13 @@ mod tests {
                 ty: TypeId(2),
                 bytes: a.to_le_bytes().to_vec(),
                 counts: Vec::new(),
+                key: None,
             },
             Root {
                 ty: TypeId(4),
                 bytes: (a + 8).to_le_bytes().to_vec(),
                 counts: Vec::new(),
+                key: None,
             },
         ];
         let ranges = [RuntimeAddr(heap)..RuntimeAddr(heap + 0x100)];
@@ -1423,5 +1612,155 @@ mod tests {
         assert_eq!(chunk_capacity(&mem, RuntimeAddr(base + 0x90), &r), None);
         assert_eq!(chunk_capacity(&mem, RuntimeAddr(base + 0xd0), &r), None);
         assert_eq!(chunk_capacity(&mem, RuntimeAddr(base), &r), None);
+    }
+
+    /// The counts of heap arrays held by locals are read in each frame:
+    /// two frames of one recursive function on one thread and one on
+    /// another, each with its own count; a frame at its entry point is not
+    /// walked (its locals are stack garbage); a count out of scope is said,
+    /// naming the key.
+    #[test]
+    fn heap_array_counts_of_locals_are_read_in_each_frame() {
+        use crate::engine::state::AppFrame;
+        use crate::memory::ByteBuffer;
+        use crate::target::ptrace::Regs;
+        use nix::unistd::Pid;
+        use upstare_dwarf::fdt::{Continuation, FunctionTable, UpdatePoint};
+        use upstare_dwarf::model::FrameBaseKind;
+        use upstare_dwarf::CfaOffset;
+        use upstare_patcher::heap_arrays::HeapArray;
+        // 0 long, 1 long *, 2 unsigned long
+        let types = vec![
+            Type::Base {
+                name: "long".into(),
+                size: 8,
+                encoding: BaseEncoding::Signed,
+            },
+            Type::Pointer {
+                pointee: Some(TypeId(0)),
+            },
+            Type::Base {
+                name: "unsigned long".into(),
+                size: 8,
+                encoding: BaseEncoding::Unsigned,
+            },
+        ];
+        let var = |name: &str, ty: u32, off: i64, scope: Vec<(LinkAddr, LinkAddr)>| Variable {
+            name: name.into(),
+            ty: TypeId(ty),
+            location: VarLocation::Cfa(CfaOffset(off)),
+            scope,
+            is_param: false,
+            decl_line: 0,
+        };
+        let point = |kind, addr| UpdatePoint {
+            kind,
+            addr: LinkAddr(addr),
+            file: 0,
+            line: 0,
+            stack_depth: CfaOffset(-32),
+        };
+        let mut old = image(0x10000, 0x100, types);
+        old.tables.functions = vec![FunctionTable {
+            name: "fill".into(),
+            low: LinkAddr(0x1000),
+            high: LinkAddr(0x1100),
+            decl_file: None,
+            decl_line: 0,
+            frame_base: FrameBaseKind::Cfa,
+            external: true,
+            saved_regs: Vec::new(),
+            body_depth: CfaOffset(-32),
+            extent: CfaOffset(-32),
+            vars: vec![
+                var("list", 1, -16, Vec::new()),
+                var("len", 2, -24, Vec::new()),
+                var("inner", 2, -32, vec![(LinkAddr(0x1050), LinkAddr(0x1060))]),
+            ],
+            update_points: vec![
+                point(PointKind::Entry, 0x1004),
+                point(PointKind::Loop(0), 0x1020),
+            ],
+            call_sites: Vec::new(),
+            var_inits: Vec::new(),
+        }];
+        // Three frames' slots (CFA - 32 .. CFA): list, len, inner.
+        let stack = 0x70000u64;
+        let (cfa_a, cfa_b, cfa_c, cfa_d) =
+            (stack + 0x40, stack + 0x80, stack + 0xc0, stack + 0x100);
+        let mut bytes = vec![0u8; 0x100];
+        let mut put = |cfa: u64, off: u64, v: u64| {
+            let at = (cfa - off - stack) as usize;
+            bytes[at..at + 8].copy_from_slice(&v.to_le_bytes());
+        };
+        for (cfa, list, len) in [
+            (cfa_a, 0x5000, 3),
+            (cfa_b, 0x6000, 7),
+            (cfa_c, 0x7777, 9),
+            (cfa_d, 0x8000, 4),
+        ] {
+            put(cfa, 16, list);
+            put(cfa, 24, len);
+            put(cfa, 32, 5);
+        }
+        let mem = ByteBuffer::with_region(RuntimeAddr(stack), bytes).expect("stack");
+        let frame = |pc: u64, cfa: u64, continuation| AppFrame {
+            function: "fill".into(),
+            pc: LinkAddr(pc),
+            cfa: RuntimeAddr(cfa),
+            continuation,
+            callee_saved: Default::default(),
+        };
+        let thread = |frames| ThreadState {
+            tid: Pid::from_raw(1),
+            regs: Regs::zeroed(),
+            readiness: Readiness::AtPoint,
+            frames,
+        };
+        let threads = [
+            // Recursion: paused in its loop, above a frame of itself.
+            thread(vec![
+                frame(0x1020, cfa_a, Continuation::Loop(0)),
+                frame(0x1031, cfa_b, Continuation::Entry),
+            ]),
+            // Just entered: `list` and `len` not assigned yet.
+            thread(vec![frame(0x1004, cfa_c, Continuation::Entry)]),
+            thread(vec![frame(0x1020, cfa_d, Continuation::Loop(0))]),
+        ];
+        let array = |count: usize| HeapArray {
+            key: "fill.list".into(),
+            pointer: HeapSlot::Local {
+                function: "fill".into(),
+                var: 0,
+            },
+            count: HeapSlot::Local {
+                function: "fill".into(),
+                var: count,
+            },
+            count_size: 8,
+            count_signed: false,
+        };
+        let roots_of = |count: usize| {
+            let rules = ArrayRules::new(&mem, &old, &[array(count)]);
+            heap_roots(&mem, &old, &threads, &rules)
+        };
+        let (roots, warnings) = roots_of(1);
+        // Every root is a frame's `list` (the global is no pointer).
+        assert!(roots.iter().all(|r| r.key.as_deref() == Some("fill.list")));
+        let got: Vec<_> = roots
+            .iter()
+            .map(|r| (r.bytes.clone(), r.counts.clone()))
+            .collect();
+        let want: Vec<_> = [(0x5000u64, 3u64), (0x6000, 7), (0x8000, 4)]
+            .into_iter()
+            .map(|(list, len)| (list.to_le_bytes().to_vec(), vec![(0u64, len)]))
+            .collect();
+        assert_eq!(got, want);
+        assert!(warnings.is_empty(), "{warnings:?}");
+        // `inner` is in scope in neither frame: no count, said by key.
+        let (roots, warnings) = roots_of(2);
+        assert!(roots.iter().all(|r| r.counts.is_empty()), "{roots:?}");
+        assert_eq!(warnings.len(), 3, "{warnings:?}");
+        assert!(warnings.iter().all(|w| w.contains("heap array fill.list")));
     }
 }

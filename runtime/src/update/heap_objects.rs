@@ -16,6 +16,7 @@ use crate::engine::pointers::UntypedAlias;
 use crate::engine::state::{Image, ThreadState};
 use crate::engine::sweep::{Class, SweepResult};
 use crate::load::LoadedImage;
+use upstare_patcher::review::{spec_line, SpecKey};
 use upstare_patcher::UpdatePlan;
 
 /// The heap objects reachable from the paused state of `old` through typed
@@ -68,21 +69,29 @@ pub fn place(
         if let (1, Some(cap)) = (c.count, block) {
             if cap > 24 && cap / 2 >= c.old_size() {
                 found.warnings.push(format!(
-                    "heap object {} at {}: its block holds {cap} bytes, room for {} of them; only the first was converted (for a heap array, give its count in the SPEC's [heap])",
+                    "heap object {} at {}{}: its block holds {cap} bytes, room for {} of them; only the first was converted (for a heap array, give its count in the SPEC's [heap]{})",
                     c.name,
                     c.addr,
-                    cap / c.old_size().max(1)
+                    c.via.as_ref().map(|k| format!(", reached through {k}")).unwrap_or_default(),
+                    cap / c.old_size().max(1),
+                    c.via.as_ref().map(|k| format!(": {}", spec_line(SpecKey::HeapCount { pointer: k }))).unwrap_or_default(),
                 ));
             }
+        }
+        // A heap array's count is checked against its block, whether it
+        // grows or not: a count larger than the allocation would convert
+        // (and write) past it.
+        if c.count > 1 {
+            match block {
+                Some(cap) => ask.push((i, cap)),
+                None => return Err(array_count(c, "and it does not start a block of the allocator, so its count cannot be checked against the allocation".into())),
+            }
+            continue;
         }
         if c.new_size <= c.old_size() {
             continue;
         }
-        let cap = heap
-            .iter()
-            .find(|r| r.contains(&c.addr))
-            .and_then(|r| chunk_capacity(&mem, c.addr, r))
-            .filter(|cap| *cap >= c.old_size());
+        let cap = block.filter(|cap| *cap >= c.old_size());
         match cap {
             Some(cap) => ask.push((i, cap)),
             None => {
@@ -103,6 +112,15 @@ pub fn place(
         let c = &found.changed[i];
         // The allocator's answer, never more than the header allows.
         let room = u.min(cap);
+        if c.count > 1 && room < c.old_size() {
+            return Err(array_count(
+                c,
+                format!(
+                    "{} bytes, more than its block of the allocator holds ({room} bytes)",
+                    c.old_size()
+                ),
+            ));
+        }
         if room < c.old_size() {
             return Err(HeapError::NotAllocated {
                 addr: c.addr,
@@ -122,6 +140,19 @@ pub fn place(
         found.changed[i].dest = Some(b);
     }
     Ok(())
+}
+
+/// The refusal of the heap array `c` (its count from the SPEC), saying
+/// `why` its count does not fit.
+fn array_count(c: &crate::engine::heap::ChangedObject, why: String) -> UpdateError {
+    HeapError::ArrayCount {
+        key: c.via.clone().unwrap_or_else(|| format!("of {}", c.name)),
+        addr: c.addr,
+        count: c.count,
+        ty: c.name.clone(),
+        why,
+    }
+    .into()
 }
 
 /// Every untyped alias of a heap object of changed type, in words: the

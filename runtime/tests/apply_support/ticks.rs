@@ -2,11 +2,13 @@
 //! what their tests share: building both versions, checking a whole output
 //! line by line against the source's formulas, and a snapshot of the code.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 use upstare_corpus::version_pair;
-use upstare_testkit::Toolchain;
+use upstare_runtime::update::{ApplyOptions, UpdateError, UpdateReport};
+use upstare_testkit::{Output, Toolchain};
 
-use super::instrumented;
+use super::{instrumented, TracedRun};
 
 /// Ticks every tick pair runs in the tests (`argv[1]`).
 pub const TICKS: i64 = 6;
@@ -20,6 +22,20 @@ pub type Lines = fn(u32, i64) -> String;
 pub fn pair(name: &str, tc: Toolchain) -> (PathBuf, PathBuf) {
     let p = version_pair(name).unwrap_or_else(|| panic!("no version pair {name}"));
     (instrumented(&p.v1, tc), instrumented(&p.v2, tc))
+}
+
+/// Runs `v1` for [`TICKS`] ticks with `env`, updates it to `v2` with
+/// `opts` (`skip_hits`: where) and lets it run to its end within
+/// `timeout`: the update's result and the run's output.
+pub fn update_run(
+    (v1, v2): (&Path, &Path),
+    env: &[(&str, &str)],
+    opts: &ApplyOptions,
+    timeout: Duration,
+) -> (Result<UpdateReport, UpdateError>, Result<Output, String>) {
+    let mut run = TracedRun::spawn_env(v1, &[TICKS_ARG], env);
+    let r = run.apply(v2, opts);
+    (r, run.finish(timeout))
 }
 
 /// Checks a whole output of a (maybe) updated run: ticks 0..TICKS then the
