@@ -1716,6 +1716,8 @@ mod tests {
             regs: Regs::zeroed(),
             readiness: Readiness::AtPoint,
             frames,
+            below_signal: None,
+            signal_frame: None,
         };
         let threads = [
             // Recursion: paused in its loop, above a frame of itself.
