@@ -363,14 +363,7 @@ fn gcc_keeps_call_temporaries_in_rbx_and_r12_clang_in_slots() {
         // f, g and h only compute values: every call of the statement
         // restarts it (a helper with effects stops that, see
         // `a_blocking_call_restarts_over_a_pure_helper_in_its_arguments`).
-        let stmt = a
-            .program
-            .rows_in(t.low, t.high)
-            .iter()
-            .filter(|r| r.line == line)
-            .map(|r| r.addr)
-            .min()
-            .expect("row of the statement");
+        let stmt = a.statement_start("expr", line);
         assert_eq!(cf.restart, Some(stmt), "{cc:?}");
         assert_eq!(cg.restart, Some(stmt), "{cc:?}");
         assert_eq!(ch.restart, Some(stmt), "{cc:?}");
@@ -379,14 +372,7 @@ fn gcc_keeps_call_temporaries_in_rbx_and_r12_clang_in_slots() {
         let s = a.table("simple");
         let line = line_of(CALLS, "/*SIMPLE*/");
         let c = &s.call_sites[0];
-        let stmt = a
-            .program
-            .rows_in(s.low, s.high)
-            .iter()
-            .filter(|r| r.line == line)
-            .map(|r| r.addr)
-            .min()
-            .expect("row");
+        let stmt = a.statement_start("simple", line);
         assert_eq!(c.restart, Some(stmt), "{cc:?}");
         assert!(c.restart.is_some_and(|r| r < c.call_addr));
     }
@@ -627,14 +613,7 @@ fn a_blocking_library_call_can_be_restarted_from_its_statement() {
         assert_eq!(c.callee, Callee::Plt("read".into()), "{cc:?}");
         assert_eq!(c.line, line);
         assert!(c.live_regs.is_empty() && c.temp_slots.is_empty());
-        let stmt = a
-            .program
-            .rows_in(t.low, t.high)
-            .iter()
-            .filter(|r| r.line == line)
-            .map(|r| r.addr)
-            .min()
-            .expect("row");
+        let stmt = a.statement_start("rd", line);
         assert_eq!(c.restart, Some(stmt), "{cc:?}: {:?}", a.details("rd").notes);
         assert_eq!(c.stack_depth, t.body_depth);
     }
@@ -714,25 +693,16 @@ fn a_blocking_call_restarts_over_a_pure_helper_in_its_arguments() {
         let (_dir, bin) = compile(PURE_ARGUMENTS, cc, &[]);
         let a = analyze(&bin);
         let blocking = |function: &str, callee: &str| {
-            let t = a.table(function);
-            let c = t
+            a.table(function)
                 .call_sites
                 .iter()
                 .find(|c| c.callee == Callee::Plt(callee.into()))
                 .unwrap_or_else(|| panic!("{cc:?}: no call to {callee} in {function}"))
-                .clone();
-            (t, c)
+                .clone()
         };
-        let (t, c) = blocking("wait_pure", "poll");
+        let c = blocking("wait_pure", "poll");
         let line = line_of(PURE_ARGUMENTS, "/*PURE*/");
-        let stmt = a
-            .program
-            .rows_in(t.low, t.high)
-            .iter()
-            .filter(|r| r.line == line)
-            .map(|r| r.addr)
-            .min()
-            .expect("row");
+        let stmt = a.statement_start("wait_pure", line);
         assert_eq!(
             c.restart,
             Some(stmt),
@@ -744,7 +714,7 @@ fn a_blocking_call_restarts_over_a_pure_helper_in_its_arguments() {
             ("read_global", "read"),
             ("wait_chained", "poll"),
         ] {
-            let (_, c) = blocking(function, callee);
+            let c = blocking(function, callee);
             assert_eq!(c.restart, None, "{cc:?}: {function}");
         }
     }
