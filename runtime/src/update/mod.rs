@@ -178,6 +178,18 @@ pub enum UpdateError {
     Interrupted { pid: i32, sig: Sig },
     #[error("process {pid}: the commit failed on purpose (UPSTARE_TEST_FAIL_COMMIT)")]
     InjectedFault { pid: i32 },
+    #[error("process {pid} ({title}) runs under a seccomp filter the updater does not (mode {mode}, {filters} filter(s)): the system calls an update makes in the process would be refused or kill it; nothing was changed{hint}")]
+    Sandboxed {
+        pid: i32,
+        /// Its command line or process title.
+        title: String,
+        mode: u8,
+        /// How many filters, or `unknown`.
+        filters: String,
+        /// What to do about it, when known (sshd's pre-authentication
+        /// child ends with its login).
+        hint: String,
+    },
     #[error("{source}; the update of the process tree was rolled back ({committed} process(es) had committed and were put back), every process runs as before")]
     TreeRolledBack {
         pid: i32,
@@ -324,6 +336,43 @@ pub fn apply(pid: i32, new_path: &Path, opts: &ApplyOptions) -> Result<UpdateRep
         }
         Err(e) => Err(e),
     }
+}
+
+/// Refuses a process restricted by a seccomp filter the updater itself
+/// does not run under (sshd's pre-authentication child): the remote system
+/// calls of an update (mmap of NEW, memfd_create, ...) would be denied, or
+/// kill it. Checked on every thread before anything is stopped.
+pub(crate) fn check_not_sandboxed(pid: Pid) -> Result<(), UpdateError> {
+    let ours = procfs::seccomp(Pid::this()).map_err(|source| UpdateError::Proc {
+        pid: pid.as_raw(),
+        source,
+    })?;
+    for tid in procfs::list_tasks(pid).unwrap_or_else(|_| vec![pid]) {
+        // A thread that ended meanwhile has nothing to say.
+        let Ok(theirs) = procfs::seccomp(tid) else {
+            continue;
+        };
+        if theirs.restricts_beyond(ours) {
+            let title = procfs::command_line(pid);
+            let hint = if title.starts_with("sshd:") {
+                "; it is sshd's sandboxed pre-authentication child, which ends when its login \
+                 completes or times out (LoginGraceTime): update again then"
+                    .to_string()
+            } else {
+                String::new()
+            };
+            return Err(UpdateError::Sandboxed {
+                pid: pid.as_raw(),
+                title,
+                mode: theirs.mode,
+                filters: theirs
+                    .filters
+                    .map_or_else(|| "unknown".to_string(), |n| n.to_string()),
+                hint,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Tables that do not match their binary (NEW's, or those of the image the
@@ -557,6 +606,7 @@ fn plan_update(
     let mut timings = Timings::default();
 
     // Phase 1: what runs, and what it becomes (no process changes).
+    check_not_sandboxed(pid_)?;
     let maps = procfs::read_maps(pid_).map_err(proc_err)?;
     let old = running_image(pid_, &maps)?;
     if let Some(expected) = &opts.expected_old {
