@@ -511,3 +511,87 @@ fn a_child_re_executing_the_started_file_is_updated_with_its_parent() {
     run.wait_for_line("the parent as v2", WAIT, |l| l.starts_with("v2 spawned"))
         .expect("v2 parent");
 }
+
+/// What [`sandboxed_tickers`] adds to `TICKERS`: a seccomp filter that
+/// allows every call (its content does not matter: an update cannot know
+/// what a filter would deny).
+const SANDBOX: &str = r#"
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <stdio.h>
+#include <sys/prctl.h>
+#include <unistd.h>
+
+static void sandbox(void)
+{
+    struct sock_filter allow = BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
+    struct sock_fprog prog = { 1, &allow };
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+        || prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) != 0) {
+        printf("no sandbox\n");
+        _exit(1);
+    }
+}
+"#;
+
+/// `TICKERS` of version `ver` whose ticking child first puts itself under
+/// a seccomp filter.
+fn sandboxed_tickers(ver: &str) -> String {
+    let src = TICKERS.replace("VER", ver).replace(
+        "    if (a == 0)\n        ticks(\"child\");",
+        "    if (a == 0) {\n        sandbox();\n        ticks(\"child\");\n    }",
+    );
+    assert!(src.contains("sandbox();"), "TICKERS no longer fits");
+    format!("{SANDBOX}{src}")
+}
+
+/// The last tick number `who` (`v1 child 123`) printed so far.
+fn last_tick(run: &ChildGuard, who: &str) -> i64 {
+    run.stdout_so_far()
+        .lines()
+        .filter_map(|l| l.strip_prefix(who)?.strip_prefix(" tick ")?.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// A descendant under a seccomp filter the updater does not run under is
+/// refused by pid before any process is stopped (remote system calls could
+/// be denied or kill it), in the tree and alone; both processes go on
+/// ticking as v1 with nothing of v2 mapped.
+#[test]
+fn a_sandboxed_descendant_is_refused_and_nothing_changes() {
+    let dir = apply_support::TempDir::new("tree-seccomp");
+    let v1 = apply_support::build_c(&dir, "sandbox1", &sandboxed_tickers("v1"), Toolchain::Gcc);
+    let v2 = apply_support::build_c(&dir, "sandbox2", &sandboxed_tickers("v2"), Toolchain::Gcc);
+    let run = spawn(&v1, &[] as &[&str]).expect("spawn");
+    let started = run
+        .wait_for_line("started", WAIT, |l| l.starts_with("v1 started"))
+        .expect("started");
+    let parent = Pid::from_raw(run.pid() as i32);
+    let child = Pid::from_raw(field(&started, "child") as i32);
+    let (child_who, parent_who) = (format!("v1 child {child}"), format!("v1 parent {parent}"));
+    run.wait_for_line("the child ticks", WAIT, |l| l.starts_with(&child_who))
+        .expect("child ticks");
+
+    for (pid, extra) in [(parent, &[] as &[&str]), (child, &["--only-pid"])] {
+        let (ok, json, stderr) = apply_cli(pid, &v2, extra, &[]);
+        assert!(!ok, "the update of {pid} went through: {json}");
+        let error = json["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains(&format!("process {child} ("))
+                && error.contains("seccomp")
+                && error.contains("nothing was changed"),
+            "{error} {stderr}"
+        );
+    }
+    for who in [&child_who, &parent_who] {
+        let next = last_tick(&run, who) + 3;
+        let line = format!("{who} tick {next}");
+        run.wait_for_line("ticks on as v1", WAIT, |l| l == line)
+            .expect("v1 ticks on");
+    }
+    for p in [parent, child] {
+        assert!(!maps_text(p).contains("sandbox2"), "v2 mapped in {p}");
+    }
+    assert!(!run.stdout_so_far().contains("v2 "), "a v2 line");
+}
