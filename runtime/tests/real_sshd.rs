@@ -386,6 +386,9 @@ fn sshd_security_update_keeps_a_live_session_and_new_logins_run_the_fix() {
         .echo()
         .expect("first session after the second login");
     let processes = report["processes"].as_array().cloned().unwrap_or_default();
+    for p in &processes {
+        eprintln!("sshd process {}: timings {}", p["pid"], p["timings"]);
+    }
     let paused: Vec<String> = processes
         .iter()
         .map(|p| {

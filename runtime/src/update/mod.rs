@@ -178,6 +178,8 @@ pub enum UpdateError {
     Interrupted { pid: i32, sig: Sig },
     #[error("process {pid}: the commit failed on purpose (UPSTARE_TEST_FAIL_COMMIT)")]
     InjectedFault { pid: i32 },
+    #[error("process {pid} changed while its update was planned: it no longer runs {path} where it did (an exec); nothing was changed")]
+    ChangedWhilePlanned { pid: i32, path: PathBuf },
     #[error("process {pid} ({title}) runs under a seccomp filter the updater does not (mode {mode}, {filters} filter(s)): the system calls an update makes in the process would be refused or kill it; nothing was changed{hint}")]
     Sandboxed {
         pid: i32,
@@ -324,8 +326,10 @@ pub fn apply(pid: i32, new_path: &Path, opts: &ApplyOptions) -> Result<UpdateRep
     check_tables_unseized(pid, new_path, &new_bytes)?;
     signals::set_target(pid);
     interrupted(pid)?;
-    let mut tracee = Tracee::seize(nix::unistd::Pid::from_raw(pid))?;
-    let result = apply_traced_bytes(&mut tracee, new_path, new_bytes, opts, clock);
+    // Planned while the process runs; the seize stops it.
+    let mut planned = plan_unseized(Pid::from_raw(pid), new_path, &new_bytes, opts, clock)?;
+    let mut tracee = seize_planned(&mut planned)?;
+    let result = apply_planned(&mut tracee, planned, new_path, new_bytes, opts);
     let detached = tracee.detach();
     match result {
         Ok((mut r, mut clock, leftovers)) => {
@@ -547,7 +551,61 @@ fn apply_traced_bytes(
     opts: &ApplyOptions,
     clock: PhaseClock,
 ) -> Result<(UpdateReport, PhaseClock, Leftovers), UpdateError> {
-    let mut planned = plan_update(tracee.pid(), new_path, &new_bytes, opts, clock)?;
+    let planned = plan_update(tracee.pid(), new_path, &new_bytes, opts, clock)?;
+    apply_planned(tracee, planned, new_path, new_bytes, opts)
+}
+
+/// [`plan_update`] of a process not yet seized. When planning fails, a
+/// process the updater may not trace says why first (the seize's reason).
+fn plan_unseized(
+    pid: Pid,
+    new_path: &Path,
+    new_bytes: &[u8],
+    opts: &ApplyOptions,
+    clock: PhaseClock,
+) -> Result<Planned, UpdateError> {
+    plan_update(pid, new_path, new_bytes, opts, clock).map_err(|e| {
+        // Dropped at once: detached as it was.
+        match Tracee::seize(pid) {
+            Ok(_) => e,
+            Err(seize) => seize.into(),
+        }
+    })
+}
+
+/// Seizes (stops) a process planned while it ran: its pause starts here,
+/// the time it ran since its plan counts as planning. Refused when it no
+/// longer maps the image it was planned for (it exec'd meanwhile).
+fn seize_planned(planned: &mut Planned) -> Result<Tracee, UpdateError> {
+    planned.timings.plan_us += planned.clock.lap();
+    let pid = Pid::from_raw(planned.pid);
+    let tracee = Tracee::seize(pid)?;
+    let maps = procfs::read_maps(pid).map_err(|source| UpdateError::Proc {
+        pid: planned.pid,
+        source,
+    })?;
+    let still = maps.iter().any(|m| {
+        m.perms.exec
+            && m.file() == Some(planned.old.path.as_path())
+            && m.contains(planned.old.text.start)
+    });
+    if !still {
+        return Err(UpdateError::ChangedWhilePlanned {
+            pid: planned.pid,
+            path: planned.old.path.clone(),
+        });
+    }
+    Ok(tracee)
+}
+
+/// The update of a planned process, seized: stop, compute, commit.
+fn apply_planned(
+    tracee: &mut Tracee,
+    mut planned: Planned,
+    new_path: &Path,
+    new_bytes: Vec<u8>,
+    opts: &ApplyOptions,
+) -> Result<(UpdateReport, PhaseClock, Leftovers), UpdateError> {
     let (threads, safety_retries) = stop_process(tracee, &mut planned, opts)?;
     let mut ready = compute(
         tracee,

@@ -22,9 +22,9 @@
 //! any process is stopped.
 
 use super::{
-    check_not_sandboxed, commit_ready, compute, interrupted, plan_update, read_new, revert_ready,
-    signals, stop_process, ApplyOptions, CommitWindow, Leftovers, PhaseClock, Planned, Ready,
-    UpdateError, UpdateReport,
+    check_not_sandboxed, commit_ready, compute, interrupted, plan_unseized, read_new, revert_ready,
+    seize_planned, signals, stop_process, ApplyOptions, CommitWindow, Leftovers, PhaseClock,
+    Planned, Ready, UpdateError, UpdateReport,
 };
 use crate::engine::state::ThreadState;
 use crate::load::image::running_image;
@@ -176,6 +176,9 @@ pub fn apply_tree(
         }
     }
     for round in 0..=FORK_ROUNDS {
+        // Every process of this round is planned while it runs, then each
+        // is seized and stopped: none waits paused for the others' plans.
+        let mut planned: Vec<Planned> = Vec::new();
         for &p in &candidates {
             if known.contains(&p) {
                 continue;
@@ -204,7 +207,15 @@ pub fn apply_tree(
                     shared.len() - 1
                 }
             };
-            match add_member(p, new_path, &new_bytes, &mut shared[k].1) {
+            match plan_member(p, new_path, &new_bytes, &mut shared[k].1) {
+                Ok(pl) => planned.push(pl),
+                Err(_) if p != root && procfs::has_ended(p) => report.exited.push(p.as_raw()),
+                Err(e) => return Err(e),
+            }
+        }
+        for pl in planned {
+            let p = Pid::from_raw(pl.pid);
+            match stop_member(pl, opts) {
                 Ok(m) => {
                     if round > 0 {
                         report.forked.push(p.as_raw());
@@ -247,21 +258,25 @@ pub fn apply_tree(
     Ok(report)
 }
 
-/// Seize process `p`, plan its update and stop it (`opts.plan` is set to
-/// the plan made for the first process).
-fn add_member(
+/// Plans the update of process `p` while it runs (`opts.plan` is set to
+/// the plan made for the first process of its version).
+fn plan_member(
     p: Pid,
     new_path: &Path,
     new_bytes: &[u8],
     opts: &mut ApplyOptions,
-) -> Result<Member, UpdateError> {
-    let clock = PhaseClock::start();
-    let mut tracee = Tracee::seize(p)?;
-    let mut planned = plan_update(p, new_path, new_bytes, opts, clock)?;
+) -> Result<Planned, UpdateError> {
+    let planned = plan_unseized(p, new_path, new_bytes, opts, PhaseClock::start())?;
     if opts.plan.is_none() {
         opts.plan = Some(planned.plan.clone());
         opts.transformers = planned.object.clone();
     }
+    Ok(planned)
+}
+
+/// Seizes and stops a planned process (its pause starts at the seize).
+fn stop_member(mut planned: Planned, opts: &ApplyOptions) -> Result<Member, UpdateError> {
+    let mut tracee = seize_planned(&mut planned)?;
     let (threads, safety_retries) = stop_process(&mut tracee, &mut planned, opts)?;
     Ok(Member {
         tracee,
