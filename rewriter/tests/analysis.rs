@@ -360,31 +360,19 @@ fn gcc_keeps_call_temporaries_in_rbx_and_r12_clang_in_slots() {
                 }
             }
         }
-        // Only the first call of the statement can restart it.
-        let stmt = a
-            .program
-            .rows_in(t.low, t.high)
-            .iter()
-            .filter(|r| r.line == line)
-            .map(|r| r.addr)
-            .min()
-            .expect("row of the statement");
+        // f, g and h only compute values: every call of the statement
+        // restarts it (a helper with effects stops that, see
+        // `a_blocking_call_restarts_over_a_pure_helper_in_its_arguments`).
+        let stmt = a.statement_start("expr", line);
         assert_eq!(cf.restart, Some(stmt), "{cc:?}");
-        assert_eq!(cg.restart, None, "{cc:?}");
-        assert_eq!(ch.restart, None, "{cc:?}");
+        assert_eq!(cg.restart, Some(stmt), "{cc:?}");
+        assert_eq!(ch.restart, Some(stmt), "{cc:?}");
 
         // `int v = one(x);` restarts at its statement.
         let s = a.table("simple");
         let line = line_of(CALLS, "/*SIMPLE*/");
         let c = &s.call_sites[0];
-        let stmt = a
-            .program
-            .rows_in(s.low, s.high)
-            .iter()
-            .filter(|r| r.line == line)
-            .map(|r| r.addr)
-            .min()
-            .expect("row");
+        let stmt = a.statement_start("simple", line);
         assert_eq!(c.restart, Some(stmt), "{cc:?}");
         assert!(c.restart.is_some_and(|r| r < c.call_addr));
     }
@@ -625,15 +613,109 @@ fn a_blocking_library_call_can_be_restarted_from_its_statement() {
         assert_eq!(c.callee, Callee::Plt("read".into()), "{cc:?}");
         assert_eq!(c.line, line);
         assert!(c.live_regs.is_empty() && c.temp_slots.is_empty());
-        let stmt = a
-            .program
-            .rows_in(t.low, t.high)
-            .iter()
-            .filter(|r| r.line == line)
-            .map(|r| r.addr)
-            .min()
-            .expect("row");
+        let stmt = a.statement_start("rd", line);
         assert_eq!(c.restart, Some(stmt), "{cc:?}: {:?}", a.details("rd").notes);
         assert_eq!(c.stack_depth, t.body_depth);
+    }
+}
+
+const PURE_ARGUMENTS: &str = r#"
+#include <poll.h>
+#include <unistd.h>
+#include <stdio.h>
+struct deadline { int ms; };
+static int calls_made;
+int timeout_of(const struct deadline *d)
+{
+    return d->ms < 0 ? -1 : d->ms;
+}
+int next_len(int *state)
+{
+    *state += 1;
+    return 4;
+}
+int counted(void)
+{
+    calls_made++;
+    return 4;
+}
+int chained(const struct deadline *d)
+{
+    return timeout_of(d);
+}
+int wait_pure(struct pollfd *fds, struct deadline *d)
+{
+    int n;
+    n = poll(fds, 1, timeout_of(d)); /*PURE*/
+    return n;
+}
+int read_state(int fd, char *buf, int *state)
+{
+    int n;
+    n = read(fd, buf, next_len(state)); /*STATE*/
+    return n;
+}
+int read_global(int fd, char *buf)
+{
+    int n;
+    n = read(fd, buf, counted()); /*GLOBAL*/
+    return n;
+}
+int wait_chained(struct pollfd *fds, struct deadline *d)
+{
+    int n;
+    n = poll(fds, 1, chained(d)); /*CHAINED*/
+    return n;
+}
+int main(void)
+{
+    char buf[16];
+    int fds[2], state = 0;
+    struct deadline d = { 0 };
+    if (pipe(fds) != 0)
+        return 1;
+    write(fds[1], "hello", 5);
+    struct pollfd p = { .fd = fds[0], .events = POLLIN };
+    printf("%d %d\n", wait_pure(&p, &d), wait_chained(&p, &d));
+    printf("%d %d\n", read_state(fds[0], buf, &state), read_global(fds[0], buf));
+    return 0;
+}
+"#;
+
+/// A blocking call whose arguments call a helper (sshd's
+/// `ppoll(fds, n, ptimeout_get_tsp(&timeout), mask)`) restarts at its
+/// statement when the helper only reads memory and writes its own frame;
+/// a helper that stores through a pointer, into a global, or calls
+/// anything keeps the call without a restart address.
+#[test]
+fn a_blocking_call_restarts_over_a_pure_helper_in_its_arguments() {
+    for cc in Toolchain::ALL {
+        let (_dir, bin) = compile(PURE_ARGUMENTS, cc, &[]);
+        let a = analyze(&bin);
+        let blocking = |function: &str, callee: &str| {
+            a.table(function)
+                .call_sites
+                .iter()
+                .find(|c| c.callee == Callee::Plt(callee.into()))
+                .unwrap_or_else(|| panic!("{cc:?}: no call to {callee} in {function}"))
+                .clone()
+        };
+        let c = blocking("wait_pure", "poll");
+        let line = line_of(PURE_ARGUMENTS, "/*PURE*/");
+        let stmt = a.statement_start("wait_pure", line);
+        assert_eq!(
+            c.restart,
+            Some(stmt),
+            "{cc:?}: {:?}",
+            a.details("wait_pure").notes
+        );
+        for (function, callee) in [
+            ("read_state", "read"),
+            ("read_global", "read"),
+            ("wait_chained", "poll"),
+        ] {
+            let c = blocking(function, callee);
+            assert_eq!(c.restart, None, "{cc:?}: {function}");
+        }
     }
 }

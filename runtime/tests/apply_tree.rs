@@ -73,6 +73,16 @@ fn every_worker_answers(
     others
 }
 
+/// The pids of the processes an update's JSON report lists, in its order.
+fn updated_pids(json: &serde_json::Value) -> Vec<i64> {
+    json["processes"]
+        .as_array()
+        .expect("processes")
+        .iter()
+        .map(|p| p["pid"].as_i64().expect("pid"))
+        .collect()
+}
+
 fn v1_reply(line: &str, _served: i64) -> String {
     format!("echo: {line}")
 }
@@ -227,12 +237,7 @@ fn descendants_running_another_program_are_left_alone() {
     let parent = Pid::from_raw(run.pid() as i32);
     let (ok, json, stderr) = apply_cli(parent, &v2, &[], &[]);
     assert!(ok, "update: {stderr}");
-    let pids: Vec<i64> = json["processes"]
-        .as_array()
-        .expect("processes")
-        .iter()
-        .map(|p| p["pid"].as_i64().expect("pid"))
-        .collect();
+    let pids = updated_pids(&json);
     assert_eq!(
         pids,
         [i64::from(parent.as_raw()), i64::from(child.as_raw())]
@@ -410,4 +415,183 @@ fn prefork_server_updated_as_one_gcc() {
 #[test]
 fn prefork_server_updated_as_one_clang() {
     prefork_server_updated_as_one(Toolchain::Clang);
+}
+
+/// A parent that re-executes its own program for each request, as sshd
+/// does for each connection: on `spawn` on stdin it forks, and the child
+/// execs the path the parent was started from with `-R`. Lines:
+/// `VER ready`, `VER spawned child=PID`, `VER rexec PID tick N`.
+const REEXEC: &str = r#"
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+static char *self_path;
+
+static void ticks(void)
+{
+    long n = 0;
+    for (;;) {
+        struct timespec ts = {0, 20000000};
+        nanosleep(&ts, NULL);
+        n++;
+        printf("VER rexec %d tick %ld\n", (int)getpid(), n);
+    }
+}
+
+int main(int argc, char **argv)
+{
+    char buf[64];
+    ssize_t n;
+    pid_t c;
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    if (argc > 1 && strcmp(argv[1], "-R") == 0)
+        ticks();
+    self_path = argv[0];
+    printf("VER ready\n");
+    for (;;) {
+        n = read(0, buf, sizeof buf - 1);
+        if (n <= 0)
+            return 0;
+        buf[n] = 0;
+        if (strncmp(buf, "spawn", 5) == 0) {
+            c = fork();
+            if (c == 0) {
+                execl(self_path, self_path, "-R", (char *)NULL);
+                _exit(127);
+            }
+            printf("VER spawned child=%d\n", (int)c);
+        }
+    }
+}
+"#;
+
+/// After its parent was updated to another file, a child that re-executed
+/// the file the parent was started from (sshd's rexec) runs an older
+/// version than its parent: it is still the same application, updated
+/// with it (with its own plan), not left alone as another program.
+#[test]
+fn a_child_re_executing_the_started_file_is_updated_with_its_parent() {
+    let dir = apply_support::TempDir::new("tree-rexec");
+    let v1 = apply_support::build_c(&dir, "rexec1", &REEXEC.replace("VER", "v1"), Toolchain::Gcc);
+    let v2 = apply_support::build_c(&dir, "rexec2", &REEXEC.replace("VER", "v2"), Toolchain::Gcc);
+    let mut run = spawn(&v1, &[] as &[&str]).expect("spawn");
+    run.wait_for_line("ready", WAIT, |l| l == "v1 ready")
+        .expect("ready");
+    let parent = Pid::from_raw(run.pid() as i32);
+    // The parent now runs a copy; its re-executed children run v1's file.
+    let copy = apply_support::fresh_copy(&v1, &dir, "identity");
+    let (ok, _, stderr) = apply_cli(parent, &copy, &[], &[]);
+    assert!(ok, "identity update: {stderr}");
+    run.send_stdin(b"spawn\n").expect("spawn");
+    let spawned = run
+        .wait_for_line("spawned", WAIT, |l| l.starts_with("v1 spawned"))
+        .expect("spawned");
+    let child = Pid::from_raw(field(&spawned, "child") as i32);
+    run.wait_for_line("the child ticks", WAIT, |l| {
+        l.starts_with(&format!("v1 rexec {child} "))
+    })
+    .expect("child ticks");
+
+    let (ok, json, stderr) = apply_cli(parent, &v2, &[], &[]);
+    assert!(ok, "update: {stderr}");
+    let pids = updated_pids(&json);
+    assert_eq!(
+        pids,
+        [i64::from(parent.as_raw()), i64::from(child.as_raw())],
+        "{json}"
+    );
+    assert_eq!(json["other_programs"].as_array().map(Vec::len), Some(0));
+    run.wait_for_line("the child ticks as v2", WAIT, |l| {
+        l.starts_with(&format!("v2 rexec {child} "))
+    })
+    .expect("v2 child ticks");
+    run.send_stdin(b"spawn\n").expect("spawn");
+    run.wait_for_line("the parent as v2", WAIT, |l| l.starts_with("v2 spawned"))
+        .expect("v2 parent");
+}
+
+/// What [`sandboxed_tickers`] adds to `TICKERS`: a seccomp filter that
+/// allows every call (its content does not matter: an update cannot know
+/// what a filter would deny).
+const SANDBOX: &str = r#"
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <stdio.h>
+#include <sys/prctl.h>
+#include <unistd.h>
+
+static void sandbox(void)
+{
+    struct sock_filter allow = BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
+    struct sock_fprog prog = { 1, &allow };
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+        || prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) != 0) {
+        printf("no sandbox\n");
+        _exit(1);
+    }
+}
+"#;
+
+/// `TICKERS` of version `ver` whose ticking child first puts itself under
+/// a seccomp filter.
+fn sandboxed_tickers(ver: &str) -> String {
+    let src = TICKERS.replace("VER", ver).replace(
+        "    if (a == 0)\n        ticks(\"child\");",
+        "    if (a == 0) {\n        sandbox();\n        ticks(\"child\");\n    }",
+    );
+    assert!(src.contains("sandbox();"), "TICKERS no longer fits");
+    format!("{SANDBOX}{src}")
+}
+
+/// The last tick number `who` (`v1 child 123`) printed so far.
+fn last_tick(run: &ChildGuard, who: &str) -> i64 {
+    run.stdout_so_far()
+        .lines()
+        .filter_map(|l| l.strip_prefix(who)?.strip_prefix(" tick ")?.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// A descendant under a seccomp filter the updater does not run under is
+/// refused by pid before any process is stopped (remote system calls could
+/// be denied or kill it), in the tree and alone; both processes go on
+/// ticking as v1 with nothing of v2 mapped.
+#[test]
+fn a_sandboxed_descendant_is_refused_and_nothing_changes() {
+    let dir = apply_support::TempDir::new("tree-seccomp");
+    let v1 = apply_support::build_c(&dir, "sandbox1", &sandboxed_tickers("v1"), Toolchain::Gcc);
+    let v2 = apply_support::build_c(&dir, "sandbox2", &sandboxed_tickers("v2"), Toolchain::Gcc);
+    let run = spawn(&v1, &[] as &[&str]).expect("spawn");
+    let started = run
+        .wait_for_line("started", WAIT, |l| l.starts_with("v1 started"))
+        .expect("started");
+    let parent = Pid::from_raw(run.pid() as i32);
+    let child = Pid::from_raw(field(&started, "child") as i32);
+    let (child_who, parent_who) = (format!("v1 child {child}"), format!("v1 parent {parent}"));
+    run.wait_for_line("the child ticks", WAIT, |l| l.starts_with(&child_who))
+        .expect("child ticks");
+
+    for (pid, extra) in [(parent, &[] as &[&str]), (child, &["--only-pid"])] {
+        let (ok, json, stderr) = apply_cli(pid, &v2, extra, &[]);
+        assert!(!ok, "the update of {pid} went through: {json}");
+        let error = json["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains(&format!("process {child} ("))
+                && error.contains("seccomp")
+                && error.contains("nothing was changed"),
+            "{error} {stderr}"
+        );
+    }
+    for who in [&child_who, &parent_who] {
+        let next = last_tick(&run, who) + 3;
+        let line = format!("{who} tick {next}");
+        run.wait_for_line("ticks on as v1", WAIT, |l| l == line)
+            .expect("v1 ticks on");
+    }
+    for p in [parent, child] {
+        assert!(!maps_text(p).contains("sandbox2"), "v2 mapped in {p}");
+    }
+    assert!(!run.stdout_so_far().contains("v2 "), "a v2 line");
 }

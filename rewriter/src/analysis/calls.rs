@@ -137,7 +137,7 @@ impl Ctx<'_> {
                 .depth(i)
                 .and_then(|d| d.known())
                 .unwrap_or(DYNAMIC_DEPTH);
-            let restart = match self.restart(i) {
+            let restart = match self.restart(i, view) {
                 Ok(a) => Some(a),
                 Err(why) => {
                     notes.push(format!("call at {}: no restart: {why}", insn.addr));
@@ -163,14 +163,15 @@ impl Ctx<'_> {
 
     /// The restart address of call `c`: the start of its statement, if
     /// re-executing from there up to the call only writes registers,
-    /// undescribed frame slots and stack arguments.
+    /// undescribed frame slots and stack arguments, and calls nothing but
+    /// pure leaves of this binary (`ppoll(fds, n, get_tsp(&t), mask)`).
     ///
     /// A statement written over several lines has line starts in the middle
     /// of its evaluation (clang: `n = read(fd,\n buf, ...)` has a row of the
     /// second line between the arguments, with registers live): the nearest
     /// line start that passes every check is taken, going back at most
     /// [`MAX_RESTART_ROWS`] rows and never past another call.
-    fn restart(&self, c: usize) -> Result<LinkAddr, String> {
+    fn restart(&self, c: usize, view: &CodeView) -> Result<LinkAddr, String> {
         let call_addr = self.insns[c].addr;
         let mut first_err: Option<String> = None;
         for row in self
@@ -180,7 +181,7 @@ impl Ctx<'_> {
             .filter(|r| r.new_line && r.addr <= call_addr)
             .take(MAX_RESTART_ROWS)
         {
-            match self.restart_from(c, row) {
+            match self.restart_from(c, row, view) {
                 Ok(a) => return Ok(a),
                 Err((why, go_on)) => {
                     let stop = !go_on;
@@ -196,7 +197,12 @@ impl Ctx<'_> {
 
     /// [`Ctx::restart`] from the line-table row `row`; the error says why
     /// and whether an earlier row may still do.
-    fn restart_from(&self, c: usize, row: &super::points::Row) -> Result<LinkAddr, (String, bool)> {
+    fn restart_from(
+        &self,
+        c: usize,
+        row: &super::points::Row,
+        view: &CodeView,
+    ) -> Result<LinkAddr, (String, bool)> {
         let r = super::cfg::index_of(&self.insns, row.addr).ok_or((
             "the statement's row is not an instruction start".to_string(),
             true,
@@ -258,7 +264,7 @@ impl Ctx<'_> {
         }
         for j in (0..n).filter(|&j| fwd[j] && back[j] && j != c) {
             let insn = &self.insns[j];
-            if insn.is_call() {
+            if insn.is_call() && !super::pure::calls_pure_leaf(insn, self.program, view) {
                 return Err((format!("another call at {}", insn.addr), false));
             }
             if matches!(

@@ -33,6 +33,7 @@ mod frame;
 mod inits;
 mod liveness;
 mod points;
+mod pure;
 mod slots;
 mod stack;
 

@@ -52,6 +52,18 @@ impl Analyzed {
     pub fn details(&self, name: &str) -> &Details {
         &self.get(name).1
     }
+    /// The first instruction of source line `line` in function `name`:
+    /// where a statement on that line starts.
+    pub fn statement_start(&self, name: &str, line: u32) -> upstare_dwarf::LinkAddr {
+        let t = self.table(name);
+        self.program
+            .rows_in(t.low, t.high)
+            .iter()
+            .filter(|r| r.line == line)
+            .map(|r| r.addr)
+            .min()
+            .unwrap_or_else(|| panic!("{name}: no row of line {line}"))
+    }
     pub fn error(&self, name: &str) -> &AnalysisError {
         match self.fns.get(name) {
             Some(Err(e)) => e,

@@ -412,6 +412,70 @@ fn parse_pending(status: &str, tid: Pid) -> Result<u64, ProcError> {
         .ok_or(ProcError::BadStatus { tid, field: FIELD })
 }
 
+/// A thread's seccomp state: the `Seccomp` and `Seccomp_filters` lines of
+/// `/proc/TID/status`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Seccomp {
+    /// 0 none, 1 strict, 2 filter.
+    pub mode: u8,
+    /// How many filters are attached (kernels before 5.9 do not say).
+    pub filters: Option<u32>,
+}
+
+impl Seccomp {
+    /// Whether a thread in state `self` is restricted beyond `base` (the
+    /// updater's own state, which every process of a container inherits
+    /// alike): strict mode, or a filter the updater does not run under.
+    /// With the filter counts unknown, filter mode in both is taken as the
+    /// same inherited filter.
+    pub fn restricts_beyond(self, base: Seccomp) -> bool {
+        match (self.mode, base.mode) {
+            (0, _) => false,
+            (1, _) => true,
+            (_, 2) => matches!((self.filters, base.filters), (Some(a), Some(b)) if a > b),
+            _ => true,
+        }
+    }
+}
+
+fn parse_seccomp(status: &str, tid: Pid) -> Result<Seccomp, ProcError> {
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(str::trim)
+    };
+    // A kernel without seccomp has no line: no filter.
+    let mode = match field("Seccomp") {
+        None => 0,
+        Some(v) => v.parse::<u8>().map_err(|_| ProcError::BadStatus {
+            tid,
+            field: "Seccomp",
+        })?,
+    };
+    let filters = field("Seccomp_filters").and_then(|v| v.parse::<u32>().ok());
+    Ok(Seccomp { mode, filters })
+}
+
+/// The seccomp state of thread `tid` (`/proc/self` for the updater).
+pub fn seccomp(tid: Pid) -> Result<Seccomp, ProcError> {
+    let bytes = read_capped(tid, "status", MAX_STATUS_BYTES)?;
+    parse_seccomp(&String::from_utf8_lossy(&bytes), tid)
+}
+
+/// The command line of process `pid` as `ps` shows it (arguments joined
+/// by spaces; a server's process title, such as sshd's `sshd: [net]`),
+/// at most 200 characters; empty when it cannot be read.
+pub fn command_line(pid: Pid) -> String {
+    let bytes = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let text: String = String::from_utf8_lossy(&bytes)
+        .split('\0')
+        .filter(|a| !a.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    text.chars().take(200).collect()
+}
+
 /// Thread ids of process `pid`, from `/proc/PID/task`, sorted.
 pub fn list_tasks(pid: Pid) -> Result<Vec<Pid>, ProcError> {
     let path = format!("/proc/{pid}/task");
@@ -457,6 +521,28 @@ mod tests {
         assert!(parse_pending("Name:\tx\n", tid).is_err());
         let own = thread_pending_signals(nix::unistd::getpid()).unwrap();
         assert_eq!(own & (1 << (nix::libc::SIGTRAP - 1)), 0);
+    }
+
+    #[test]
+    fn seccomp_state_comes_from_status_and_compares_with_the_updaters() {
+        let tid = Pid::from_raw(7);
+        let s = |mode, filters| Seccomp { mode, filters };
+        let st = "Name:\tsshd\nSeccomp:\t2\nSeccomp_filters:\t3\n";
+        assert_eq!(parse_seccomp(st, tid).unwrap(), s(2, Some(3)));
+        assert_eq!(parse_seccomp("Seccomp:\t0\n", tid).unwrap(), s(0, None));
+        assert_eq!(parse_seccomp("Name:\tx\n", tid).unwrap(), s(0, None));
+        assert!(parse_seccomp("Seccomp:\tx\n", tid).is_err());
+        // sshd's pre-authentication child under an updater with no filter.
+        assert!(s(2, Some(1)).restricts_beyond(s(0, Some(0))));
+        // A container's filter, inherited by both alike.
+        assert!(!s(2, Some(1)).restricts_beyond(s(2, Some(1))));
+        // One more filter than the container's.
+        assert!(s(2, Some(2)).restricts_beyond(s(2, Some(1))));
+        assert!(s(1, None).restricts_beyond(s(0, None)));
+        assert!(!s(0, Some(0)).restricts_beyond(s(2, Some(1))));
+        assert!(!s(2, None).restricts_beyond(s(2, None)));
+        let own = seccomp(nix::unistd::getpid()).unwrap();
+        assert!(!own.restricts_beyond(own));
     }
 
     const SAMPLE: &str = "\

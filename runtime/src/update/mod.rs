@@ -178,6 +178,20 @@ pub enum UpdateError {
     Interrupted { pid: i32, sig: Sig },
     #[error("process {pid}: the commit failed on purpose (UPSTARE_TEST_FAIL_COMMIT)")]
     InjectedFault { pid: i32 },
+    #[error("process {pid} changed while its update was planned: it no longer runs {path} where it did (an exec); nothing was changed")]
+    ChangedWhilePlanned { pid: i32, path: PathBuf },
+    #[error("process {pid} ({title}) runs under a seccomp filter the updater does not (mode {mode}, {filters} filter(s)): the system calls an update makes in the process would be refused or kill it; nothing was changed{hint}")]
+    Sandboxed {
+        pid: i32,
+        /// Its command line or process title.
+        title: String,
+        mode: u8,
+        /// How many filters, or `unknown`.
+        filters: String,
+        /// What to do about it, when known (sshd's pre-authentication
+        /// child ends with its login).
+        hint: String,
+    },
     #[error("{source}; the update of the process tree was rolled back ({committed} process(es) had committed and were put back), every process runs as before")]
     TreeRolledBack {
         pid: i32,
@@ -312,8 +326,10 @@ pub fn apply(pid: i32, new_path: &Path, opts: &ApplyOptions) -> Result<UpdateRep
     check_tables_unseized(pid, new_path, &new_bytes)?;
     signals::set_target(pid);
     interrupted(pid)?;
-    let mut tracee = Tracee::seize(nix::unistd::Pid::from_raw(pid))?;
-    let result = apply_traced_bytes(&mut tracee, new_path, new_bytes, opts, clock);
+    // Planned while the process runs; the seize stops it.
+    let mut planned = plan_unseized(Pid::from_raw(pid), new_path, &new_bytes, opts, clock)?;
+    let mut tracee = seize_planned(&mut planned)?;
+    let result = apply_planned(&mut tracee, planned, new_path, new_bytes, opts);
     let detached = tracee.detach();
     match result {
         Ok((mut r, mut clock, leftovers)) => {
@@ -324,6 +340,43 @@ pub fn apply(pid: i32, new_path: &Path, opts: &ApplyOptions) -> Result<UpdateRep
         }
         Err(e) => Err(e),
     }
+}
+
+/// Refuses a process restricted by a seccomp filter the updater itself
+/// does not run under (sshd's pre-authentication child): the remote system
+/// calls of an update (mmap of NEW, memfd_create, ...) would be denied, or
+/// kill it. Checked on every thread before anything is stopped.
+pub(crate) fn check_not_sandboxed(pid: Pid) -> Result<(), UpdateError> {
+    let ours = procfs::seccomp(Pid::this()).map_err(|source| UpdateError::Proc {
+        pid: pid.as_raw(),
+        source,
+    })?;
+    for tid in procfs::list_tasks(pid).unwrap_or_else(|_| vec![pid]) {
+        // A thread that ended meanwhile has nothing to say.
+        let Ok(theirs) = procfs::seccomp(tid) else {
+            continue;
+        };
+        if theirs.restricts_beyond(ours) {
+            let title = procfs::command_line(pid);
+            let hint = if title.starts_with("sshd:") {
+                "; it is sshd's sandboxed pre-authentication child, which ends when its login \
+                 completes or times out (LoginGraceTime): update again then"
+                    .to_string()
+            } else {
+                String::new()
+            };
+            return Err(UpdateError::Sandboxed {
+                pid: pid.as_raw(),
+                title,
+                mode: theirs.mode,
+                filters: theirs
+                    .filters
+                    .map_or_else(|| "unknown".to_string(), |n| n.to_string()),
+                hint,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Tables that do not match their binary (NEW's, or those of the image the
@@ -512,7 +565,61 @@ fn apply_traced_bytes(
     opts: &ApplyOptions,
     clock: PhaseClock,
 ) -> Result<(UpdateReport, PhaseClock, Leftovers), UpdateError> {
-    let mut planned = plan_update(tracee.pid(), new_path, &new_bytes, opts, clock)?;
+    let planned = plan_update(tracee.pid(), new_path, &new_bytes, opts, clock)?;
+    apply_planned(tracee, planned, new_path, new_bytes, opts)
+}
+
+/// [`plan_update`] of a process not yet seized. When planning fails, a
+/// process the updater may not trace says why first (the seize's reason).
+fn plan_unseized(
+    pid: Pid,
+    new_path: &Path,
+    new_bytes: &[u8],
+    opts: &ApplyOptions,
+    clock: PhaseClock,
+) -> Result<Planned, UpdateError> {
+    plan_update(pid, new_path, new_bytes, opts, clock).map_err(|e| {
+        // Dropped at once: detached as it was.
+        match Tracee::seize(pid) {
+            Ok(_) => e,
+            Err(seize) => seize.into(),
+        }
+    })
+}
+
+/// Seizes (stops) a process planned while it ran: its pause starts here,
+/// the time it ran since its plan counts as planning. Refused when it no
+/// longer maps the image it was planned for (it exec'd meanwhile).
+fn seize_planned(planned: &mut Planned) -> Result<Tracee, UpdateError> {
+    planned.timings.plan_us += planned.clock.lap();
+    let pid = Pid::from_raw(planned.pid);
+    let tracee = Tracee::seize(pid)?;
+    let maps = procfs::read_maps(pid).map_err(|source| UpdateError::Proc {
+        pid: planned.pid,
+        source,
+    })?;
+    let still = maps.iter().any(|m| {
+        m.perms.exec
+            && m.file() == Some(planned.old.path.as_path())
+            && m.contains(planned.old.text.start)
+    });
+    if !still {
+        return Err(UpdateError::ChangedWhilePlanned {
+            pid: planned.pid,
+            path: planned.old.path.clone(),
+        });
+    }
+    Ok(tracee)
+}
+
+/// The update of a planned process, seized: stop, compute, commit.
+fn apply_planned(
+    tracee: &mut Tracee,
+    mut planned: Planned,
+    new_path: &Path,
+    new_bytes: Vec<u8>,
+    opts: &ApplyOptions,
+) -> Result<(UpdateReport, PhaseClock, Leftovers), UpdateError> {
     let (threads, safety_retries) = stop_process(tracee, &mut planned, opts)?;
     let mut ready = compute(
         tracee,
@@ -571,6 +678,7 @@ fn plan_update(
     let mut timings = Timings::default();
 
     // Phase 1: what runs, and what it becomes (no process changes).
+    check_not_sandboxed(pid_)?;
     let maps = procfs::read_maps(pid_).map_err(proc_err)?;
     let old = running_image(pid_, &maps)?;
     if let Some(expected) = &opts.expected_old {

@@ -11,10 +11,20 @@
 //! more) the tree is listed again, until no new process appears. One that
 //! ends while the update runs is dropped. Descendants that run another
 //! program (after an exec) are left alone and named.
+//!
+//! "The same image" is the file the given process runs now, or the file it
+//! was started from (`/proc/PID/exe`): a server that re-executes itself for
+//! each connection (sshd's rexec: fork, then exec of its own path) runs that
+//! file in its children, also after the parent was updated to another file.
+//! Such a child runs another version than its parent: each version's
+//! processes get their own plan (made once per version). A descendant under
+//! a seccomp filter (sshd's pre-authentication child) is refused before
+//! any process is stopped.
 
 use super::{
-    commit_ready, compute, interrupted, plan_update, read_new, revert_ready, signals, stop_process,
-    ApplyOptions, CommitWindow, Leftovers, PhaseClock, Planned, Ready, UpdateError, UpdateReport,
+    check_not_sandboxed, commit_ready, compute, interrupted, plan_unseized, read_new, revert_ready,
+    seize_planned, signals, stop_process, ApplyOptions, CommitWindow, Leftovers, PhaseClock,
+    Planned, Ready, UpdateError, UpdateReport,
 };
 use crate::engine::state::ThreadState;
 use crate::load::image::running_image;
@@ -60,9 +70,25 @@ fn image_identity(maps: &[MemoryMap], path: &Path) -> Option<(u32, u32, u64)> {
         .map(|m| (m.dev_major, m.dev_minor, m.inode))
 }
 
-/// Whether process `pid` maps the file `id` executable.
-fn runs_image(pid: Pid, id: (u32, u32, u64)) -> bool {
-    procfs::read_maps(pid).is_ok_and(|maps| {
+/// A file as `(device major, minor, inode)`.
+type FileId = (u32, u32, u64);
+
+/// The file process `pid` was started from (`/proc/PID/exe`, which names it
+/// even when it was replaced or deleted since).
+fn exe_identity(pid: Pid) -> Option<FileId> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(format!("/proc/{pid}/exe")).ok()?;
+    let dev = meta.dev();
+    let major = u32::try_from(nix::sys::stat::major(dev)).ok()?;
+    let minor = u32::try_from(nix::sys::stat::minor(dev)).ok()?;
+    Some((major, minor, meta.ino()))
+}
+
+/// Which of the files `ids` process `pid` maps executable (the first in
+/// the order of `ids`), if any.
+fn runs_image(pid: Pid, ids: &[FileId]) -> Option<FileId> {
+    let maps = procfs::read_maps(pid).ok()?;
+    ids.iter().copied().find(|&id| {
         maps.iter()
             .any(|m| m.perms.exec && (m.dev_major, m.dev_minor, m.inode) == id)
     })
@@ -124,6 +150,11 @@ pub fn apply_tree(
         // update reports what it finds).
         return single(pid);
     };
+    // The running image first: a process mapping it shares PID's plan.
+    let mut ids = vec![id];
+    if let Some(exe) = exe_identity(root).filter(|&e| e != id) {
+        ids.push(exe);
+    }
     let mut report = TreeReport {
         processes: Vec::new(),
         other_programs: Vec::new(),
@@ -133,17 +164,32 @@ pub fn apply_tree(
     };
     let mut members: Vec<Member> = Vec::new();
     let mut known: Vec<Pid> = Vec::new();
-    // The offline plan is the same for every process: made once (for the
-    // first), then given to the others; each process's state is its own.
-    let mut shared = opts.clone();
+    // The offline plan is the same for every process of one version: made
+    // once (for the first), then given to the others; each process's state
+    // is its own.
+    let mut shared: Vec<(FileId, ApplyOptions)> = Vec::new();
     let mut candidates: Vec<Pid> = std::iter::once(root).chain(descendants).collect();
+    // A sandboxed process is refused before any process is stopped.
+    for &p in &candidates {
+        if p == root || runs_image(p, &ids).is_some() {
+            check_not_sandboxed(p)?;
+        }
+    }
     for round in 0..=FORK_ROUNDS {
+        // Every process of this round is planned while it runs, then each
+        // is seized and stopped: none waits paused for the others' plans.
+        let mut planned: Vec<Planned> = Vec::new();
         for &p in &candidates {
             if known.contains(&p) {
                 continue;
             }
             known.push(p);
-            if p != root && !runs_image(p, id) {
+            let runs = if p == root {
+                Some(id)
+            } else {
+                runs_image(p, &ids)
+            };
+            let Some(image) = runs else {
                 if procfs::has_ended(p) {
                     report.exited.push(p.as_raw());
                 } else {
@@ -153,8 +199,23 @@ pub fn apply_tree(
                     });
                 }
                 continue;
+            };
+            let k = match shared.iter().position(|(f, _)| *f == image) {
+                Some(k) => k,
+                None => {
+                    shared.push((image, opts.clone()));
+                    shared.len() - 1
+                }
+            };
+            match plan_member(p, new_path, &new_bytes, &mut shared[k].1) {
+                Ok(pl) => planned.push(pl),
+                Err(_) if p != root && procfs::has_ended(p) => report.exited.push(p.as_raw()),
+                Err(e) => return Err(e),
             }
-            match add_member(p, new_path, &new_bytes, &mut shared) {
+        }
+        for pl in planned {
+            let p = Pid::from_raw(pl.pid);
+            match stop_member(pl, opts) {
                 Ok(m) => {
                     if round > 0 {
                         report.forked.push(p.as_raw());
@@ -197,21 +258,25 @@ pub fn apply_tree(
     Ok(report)
 }
 
-/// Seize process `p`, plan its update and stop it (`opts.plan` is set to
-/// the plan made for the first process).
-fn add_member(
+/// Plans the update of process `p` while it runs (`opts.plan` is set to
+/// the plan made for the first process of its version).
+fn plan_member(
     p: Pid,
     new_path: &Path,
     new_bytes: &[u8],
     opts: &mut ApplyOptions,
-) -> Result<Member, UpdateError> {
-    let clock = PhaseClock::start();
-    let mut tracee = Tracee::seize(p)?;
-    let mut planned = plan_update(p, new_path, new_bytes, opts, clock)?;
+) -> Result<Planned, UpdateError> {
+    let planned = plan_unseized(p, new_path, new_bytes, opts, PhaseClock::start())?;
     if opts.plan.is_none() {
         opts.plan = Some(planned.plan.clone());
         opts.transformers = planned.object.clone();
     }
+    Ok(planned)
+}
+
+/// Seizes and stops a planned process (its pause starts at the seize).
+fn stop_member(mut planned: Planned, opts: &ApplyOptions) -> Result<Member, UpdateError> {
+    let mut tracee = seize_planned(&mut planned)?;
     let (threads, safety_retries) = stop_process(&mut tracee, &mut planned, opts)?;
     Ok(Member {
         tracee,

@@ -13,27 +13,40 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("local addr").port()
 }
 
-/// Runs `upstare-apply --pid PID --to NEW --json` and returns its JSON
-/// report (panics with its one-line error when it refuses).
-pub fn update(pid: u32, new: &Path, wait: Duration) -> serde_json::Value {
+/// Runs `upstare-apply --pid PID --to NEW --json`: its exit code, JSON
+/// report and whole output.
+fn run_apply(pid: u32, new: &Path, wait: Duration) -> (Option<i32>, serde_json::Value, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_upstare-apply"));
     cmd.args(["--pid", &pid.to_string(), "--to"])
         .arg(new)
         .args(["--timeout", "10000", "--json"]);
     let out = run_command(cmd, wait).unwrap_or_else(|e| panic!("upstare-apply: {e}"));
-    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "upstare-apply printed no JSON ({e}): {}{}",
-            out.stdout, out.stderr
-        )
-    });
+    let text = format!("{}{}", out.stdout, out.stderr);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("upstare-apply printed no JSON ({e}): {text}"));
+    (out.status.code(), v, text)
+}
+
+/// Runs `upstare-apply --pid PID --to NEW --json` and returns its JSON
+/// report (panics with its one-line error when it refuses).
+pub fn update(pid: u32, new: &Path, wait: Duration) -> serde_json::Value {
+    let (code, v, text) = run_apply(pid, new, wait);
     assert!(
-        out.status.code() == Some(0) && v["ok"] == serde_json::Value::Bool(true),
-        "update refused: {}{}",
-        out.stdout,
-        out.stderr
+        code == Some(0) && v["ok"] == serde_json::Value::Bool(true),
+        "update refused: {text}"
     );
     v
+}
+
+/// Runs `upstare-apply --pid PID --to NEW --json`, which must refuse, and
+/// returns its one-line error (panics when the update went through).
+pub fn update_refused(pid: u32, new: &Path, wait: Duration) -> String {
+    let (code, v, text) = run_apply(pid, new, wait);
+    assert!(
+        code == Some(1) && v["ok"] == serde_json::Value::Bool(false),
+        "the update was not refused: {text}"
+    );
+    v["error"].as_str().unwrap_or_default().to_string()
 }
 
 /// The update latency the report gives, in milliseconds.
