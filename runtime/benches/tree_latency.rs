@@ -1,5 +1,5 @@
 //! Benchmark (not a test): latency of an identity update of a process
-//! tree against its number of processes (1, 2, 4, 8), each of 4 threads,
+//! tree against its number of processes (1, 2, 4, 8, 16), each of 4 threads,
 //! with its breakdown by phase summed over the processes (they are stopped,
 //! loaded, computed and committed one after the other).
 //!
@@ -137,7 +137,7 @@ fn main() {
         "{:>9} {:>7} {:>7} {:>7} {:>7} {:>8}",
         "processes", "stop", "load", "state", "commit", "total"
     );
-    for procs in [1usize, 2, 4, 8] {
+    for procs in [1usize, 2, 4, 8, 16] {
         let s = latency(&up, &dir, procs);
         println!(
             "{:>9} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>8.2}",

@@ -183,8 +183,9 @@ fn setup() -> (ByteBuffer, ThreadState) {
             regs,
             readiness: Readiness::AtPoint,
             frames,
-            below_signal: None,
-            signal_frame: None,
+            below: None,
+            beneath: false,
+            library_view: None,
         },
     )
 }

@@ -180,8 +180,9 @@ fn setup() -> (ByteBuffer, ThreadState) {
         regs: zeroed_regs(),
         readiness: Readiness::AtPoint,
         frames,
-        below_signal: None,
-        signal_frame: None,
+        below: None,
+        beneath: false,
+        library_view: None,
     };
     (mem, thread)
 }

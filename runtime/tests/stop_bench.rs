@@ -105,6 +105,7 @@ fn measure(exe: &std::path::Path, depth: usize, hot: usize, blocked: usize) -> V
                 | Readiness::Returned { callee }
                 | Readiness::CallbackReturned { callee }
                 | Readiness::UnderSignal { callee }
+                | Readiness::UnderCallback { callee }
                 | Readiness::Relock { callee, .. } => panic!("unexpected wait in {callee}"),
             }
         }

@@ -592,12 +592,12 @@ int child_work(int n)
 void *busy(void *a)
 {
     syscall(SYS_poll, 0, 0, 1000);
-    raise(SIGUSR1);
     pthread_t w;
     pthread_create(&w, 0, worker, 0);
     pid_t ch = fork();
     if (ch == 0)
         _exit(child_work(10) == 45 ? 3 : 4);
+    raise(SIGUSR1);
     int st = 0;
     while (waitpid(ch, &st, WNOHANG) == 0) {
         counter++;
@@ -640,8 +640,9 @@ fn signals_threads_and_forks_while_stopping() {
         .collect();
     wait_sleeping(pid, &busy);
 
-    // `busy` waits 1 s in poll called through syscall() (not a safe call), then
-    // raises SIGUSR1, creates a thread and forks, all while being stopped.
+    // `busy` waits 1 s in poll called through syscall() (not a safe call),
+    // then creates a thread, forks and raises SIGUSR1, all while being
+    // stopped: it is caught at its handler's entry, above the signal frame.
     let (mut tracee, image, mut libs) = seize(&child);
     let opts = StopOptions {
         timeout: Duration::from_secs(10),
@@ -657,8 +658,19 @@ fn signals_threads_and_forks_while_stopping() {
             syscall: 0
         }
     );
-    let busy = find(&s.threads, "busy");
+    let busy = find(&s.threads, "on_usr1");
     assert_eq!(busy.readiness, Readiness::AtPoint);
+    let under = busy.below.as_deref().expect("the context raise() left");
+    assert_eq!(
+        under.readiness,
+        Readiness::UnderSignal {
+            callee: "raise".into()
+        }
+    );
+    assert_eq!(
+        under.frames.last().map(|f| f.function.as_str()),
+        Some("busy")
+    );
     let worker = find(&s.threads, "worker");
     assert_eq!(worker.readiness, Readiness::AtPoint);
     let got = ids(worker);
@@ -851,7 +863,7 @@ int main(void)
 "#;
 
 #[test]
-fn frames_under_a_library_callback_are_not_ready_but_a_signal_handler_is() {
+fn frames_under_a_signal_handler_or_a_library_callback_are_ready_with_the_context_under_them() {
     let d = TempDir::new("callbacks");
     let exe = build(&d, "callbacks", CALLBACKS, Toolchain::Gcc);
     let mut child = start(&exe, &[], "ready");
@@ -865,31 +877,47 @@ fn frames_under_a_library_callback_are_not_ready_but_a_signal_handler_is() {
 
     let (mut tracee, image, mut libs) = seize(&child);
     let opts = StopOptions {
-        timeout: Duration::from_millis(300),
+        timeout: Duration::from_secs(10),
         ..StopOptions::default()
     };
-    let e = stop_the_world(&mut tracee, &image, &mut libs, &opts).unwrap_err();
-    eprintln!("{e}");
-    let StopError::NotReady { threads, .. } = &e else {
-        panic!("{e}");
-    };
-    // The handler's thread is ready: at an update point of its loop, the
-    // context raise() was interrupted in kept below the signal frame.
-    assert_eq!(threads.len(), 1, "{e}");
-    let at = |f: &str| {
-        threads
+    let s = stop_the_world(&mut tracee, &image, &mut libs, &opts).unwrap_or_else(|e| panic!("{e}"));
+    // Both loop at an update point above a boundary: the handler above the
+    // signal frame (raise() interrupted under it), the comparator above
+    // qsort's frames (sorter's call to qsort under it).
+    let above = |bottom: &str| {
+        s.threads
             .iter()
-            .find(|t| matches!(&t.location, Location::App { function, .. } if function == f))
-            .unwrap_or_else(|| panic!("{f} not named: {e}"))
+            .find(|t| t.frames.last().map(|f| f.function.as_str()) == Some(bottom))
+            .unwrap_or_else(|| panic!("no thread with {bottom} at the bottom"))
     };
-    let c = at("cmp");
-    assert!(
-        c.reason
-            .to_string()
-            .contains("called back from library code"),
-        "{c}"
+    let h = above("on_usr1");
+    assert_eq!(h.readiness, Readiness::AtPoint);
+    let under = h.below.as_deref().expect("the interrupted context");
+    assert_eq!(
+        under.readiness,
+        Readiness::UnderSignal {
+            callee: "raise".into()
+        }
     );
-    assert!(c.reason.to_string().contains("sorter is active"), "{c}");
+    assert_eq!(
+        under.frames.last().map(|f| f.function.as_str()),
+        Some("handler_thread")
+    );
+    assert!(under.beneath && h.library_view.is_none());
+    let c = above("cmp");
+    assert_eq!(c.readiness, Readiness::AtPoint);
+    let under = c.below.as_deref().expect("qsort's caller");
+    assert_eq!(
+        under.readiness,
+        Readiness::UnderCallback {
+            callee: "qsort".into()
+        }
+    );
+    assert_eq!(
+        under.frames.last().map(|f| f.function.as_str()),
+        Some("sorter")
+    );
+    assert!(under.beneath && c.library_view.is_some());
     assert_code_intact(&tracee, &image);
     tracee.detach().unwrap();
 
@@ -922,10 +950,14 @@ void on_usr1(int s)
     }
 }
 
+volatile int running[N];
+
 void *spinner(void *a)
 {
     me = (int)(long)a;
-    raise(SIGUSR1);
+    while (!flag) {
+        running[me] = 1;
+    }
     return a;
 }
 
@@ -935,6 +967,13 @@ int main(void)
     pthread_t t[N];
     for (long i = 0; i < N; i++)
         pthread_create(&t[i], 0, spinner, (void *)i);
+    /* Each signal interrupts its spinner's own code: a context no update
+       can keep, so a thread in the handler is never ready. */
+    for (int i = 0; i < N; i++) {
+        while (!running[i])
+            usleep(1000);
+        pthread_kill(t[i], SIGUSR1);
+    }
     printf("ready\n");
     fflush(stdout);
     char c;

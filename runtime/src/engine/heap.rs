@@ -1716,8 +1716,9 @@ mod tests {
             regs: Regs::zeroed(),
             readiness: Readiness::AtPoint,
             frames,
-            below_signal: None,
-            signal_frame: None,
+            below: None,
+            beneath: false,
+            library_view: None,
         };
         let threads = [
             // Recursion: paused in its loop, above a frame of itself.

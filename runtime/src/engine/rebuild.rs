@@ -225,7 +225,8 @@ fn top_mode(r: &Readiness) -> TopMode {
         Readiness::Blocked { .. } => TopMode::Restart,
         Readiness::InLibrary { .. }
         | Readiness::CallbackReturned { .. }
-        | Readiness::UnderSignal { .. } => TopMode::InPlace,
+        | Readiness::UnderSignal { .. }
+        | Readiness::UnderCallback { .. } => TopMode::InPlace,
         Readiness::Returned { .. } => TopMode::Returned,
         Readiness::Relock { .. } => TopMode::Relock,
     }
@@ -496,7 +497,10 @@ pub fn frame_writes(
     let mut writes = Vec::new();
     let mut warnings = Vec::new();
     let mut converted = Vec::new();
-    let mut caller_view: Option<CalleeSavedValues> = None;
+    // A bottom frame that returns into library code (a callback) gives
+    // that code back the callee-saved registers it had: the library is its
+    // caller's view.
+    let mut caller_view: Option<CalleeSavedValues> = thread.library_view.clone();
     let mut caller_site_ret: Option<RuntimeAddr> = None;
     let mut caller_cfa: Option<RuntimeAddr> = None;
     let mut final_regs = thread.regs;
@@ -774,6 +778,14 @@ pub fn frame_writes(
                     bytes[r].copy_from_slice(&v.to_le_bytes());
                 }
             }
+        } else if let (Some(cv), 0) = (&caller_view, pos) {
+            // The bottom frame called back from the library: its link (the
+            // last 16 bytes) stays; its saved registers are the library's.
+            for s in nf.saved_regs.iter().filter(|s| s.reg != Reg::Rbp) {
+                if let (Some(v), Some(r)) = (cv.get(&s.reg), slot(new_len, s.offset.0, 8)) {
+                    bytes[r].copy_from_slice(&v.to_le_bytes());
+                }
+            }
         }
         let base = p
             .new_cfa
@@ -969,7 +981,8 @@ fn check_pinned(
             let call = match readiness {
                 Readiness::InLibrary { callee, .. }
                 | Readiness::CallbackReturned { callee }
-                | Readiness::UnderSignal { callee } => callee.as_str(),
+                | Readiness::UnderSignal { callee }
+                | Readiness::UnderCallback { callee } => callee.as_str(),
                 _ => "its library call",
             };
             return Err(RebuildError::Unmappable {

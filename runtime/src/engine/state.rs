@@ -106,12 +106,21 @@ pub enum Readiness {
         callee: String,
     },
     /// The context a signal interrupted, under a handler's frames (see
-    /// [`ThreadState::below_signal`]): in a library call (`pause`,
+    /// [`ThreadState::below`]): in a library call (`pause`,
     /// `select`) when the signal came. Its registers are in the signal
     /// frame, which stays, with the library frames, where they are; the
     /// call returns into the new version of the top application frame
     /// (which must not move) when the handler returns.
     UnderSignal {
+        /// The library function called by the application.
+        callee: String,
+    },
+    /// The application frames under a callback (see
+    /// [`ThreadState::below`]): in the library call that called back
+    /// (`qsort`, `event_base_loop`). The library frames stay where they
+    /// are; the call returns into the new version of the top application
+    /// frame (which must not move) when the callback returns.
+    UnderCallback {
         /// The library function called by the application.
         callee: String,
     },
@@ -128,6 +137,7 @@ impl Readiness {
                 | Readiness::Relock { .. }
                 | Readiness::CallbackReturned { .. }
                 | Readiness::UnderSignal { .. }
+                | Readiness::UnderCallback { .. }
         )
     }
 }
@@ -166,13 +176,18 @@ pub struct ThreadState {
     /// Application frames, top (innermost) first; the last one is `main` or
     /// the thread's start routine, or a signal handler.
     pub frames: Vec<AppFrame>,
-    /// When the bottom frame is a signal handler's: the context the signal
-    /// interrupted, a state of its own (its registers in the signal frame,
-    /// at [`ThreadState::signal_frame`]), updated with the thread.
-    pub below_signal: Option<Box<ThreadState>>,
-    /// For the state of an interrupted context: where the `ucontext_t`
-    /// holding its registers is (they are not the thread's registers).
-    pub signal_frame: Option<RuntimeAddr>,
+    /// When the bottom frame is a signal handler's, or a callback's called
+    /// from library code: the context under it (the one the signal
+    /// interrupted; the library's caller), a state of its own, updated with
+    /// the thread.
+    pub below: Option<Box<ThreadState>>,
+    /// This is such a context under the thread's top part: its registers
+    /// are not the thread's (they are in the signal frame, or the
+    /// library's, restored when the callback returns).
+    pub beneath: bool,
+    /// When the bottom frame returns into library code (a callback): the
+    /// callee-saved registers (rbx, r12-r15) that code expects back.
+    pub library_view: Option<CalleeSavedValues>,
 }
 
 impl ThreadState {
@@ -181,7 +196,7 @@ impl ThreadState {
     pub fn with_interrupted(&self) -> Vec<&ThreadState> {
         let mut out = vec![self];
         let mut cur = self;
-        while let Some(b) = &cur.below_signal {
+        while let Some(b) = &cur.below {
             out.push(b);
             cur = b;
         }

@@ -148,23 +148,36 @@ pub struct Unwound {
     /// When the bottom frame is a signal handler's (its caller is the
     /// signal frame the kernel built): the context the signal interrupted,
     /// to be unwound on its own.
-    pub below_signal: Option<SignalContext>,
+    pub below: Option<Interrupted>,
 }
 
-/// The context a signal interrupted, as the kernel saved it in the signal
-/// frame under a handler (`ucontext_t`).
+/// The context under a thread's bottom application frame when that frame
+/// was entered from elsewhere than the thread's start: a signal handler's
+/// (the context the signal interrupted, as the kernel saved it in the
+/// signal frame) or a callback's (the library code that called it, with
+/// application frames under it).
 #[derive(Clone, Debug)]
-pub struct SignalContext {
-    /// Where the `ucontext_t` is (the handler's CFA).
-    pub ucontext: RuntimeAddr,
-    /// The interrupted registers (`uc_mcontext.gregs`; not in a system
-    /// call as far as these registers go: orig_rax is -1).
+pub struct Interrupted {
+    pub kind: InterruptKind,
+    /// The registers of that context: all of them, read from the
+    /// `ucontext_t` (orig_rax -1); for a callback, those the library has
+    /// when the callback returns: rip (the return into the library), rsp,
+    /// rbp and the callee-saved registers.
     pub regs: Regs,
 }
 
-impl PartialEq for SignalContext {
+/// What lies between the bottom frame and the context under it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InterruptKind {
+    /// A signal frame; the `ucontext_t` is at the handler's CFA.
+    Signal { ucontext: RuntimeAddr },
+    /// Library frames (`location`: where the callback was called from).
+    Callback { location: String },
+}
+
+impl PartialEq for Interrupted {
     fn eq(&self, other: &Self) -> bool {
-        self.ucontext == other.ucontext
+        self.kind == other.kind
             && Reg::ALL
                 .iter()
                 .all(|&r| self.regs.get(r) == other.regs.get(r))
@@ -177,7 +190,7 @@ const UC_GREGS: i64 = 40;
 /// Number of general registers the kernel saves there, in its order.
 const GREGS: usize = 17;
 
-impl SignalContext {
+impl Interrupted {
     /// Read the interrupted registers from the `ucontext_t` at `uc`.
     fn read<M: TargetMemory + ?Sized>(mem: &M, uc: RuntimeAddr) -> Result<Regs, MemError> {
         let at = uc.checked_offset(UC_GREGS).ok_or(MemError::Overflow {
@@ -305,6 +318,7 @@ pub struct Unwinder<'a, M: TargetMemory + ?Sized> {
     stack: Option<Range<RuntimeAddr>>,
     max_frames: usize,
     verify_end: bool,
+    callbacks_below: bool,
 }
 
 /// A frame under construction.
@@ -329,7 +343,16 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
             stack: None,
             max_frames: MAX_APP_FRAMES,
             verify_end: true,
+            callbacks_below: false,
         }
+    }
+
+    /// Unwind a callback called from library code with application frames
+    /// under it (instead of refusing it with [`UnwindError::Callback`]):
+    /// the library's context is returned in [`Unwound::below`].
+    pub fn with_callbacks_below(mut self, on: bool) -> Self {
+        self.callbacks_below = on;
+        self
     }
 
     /// Every CFA must lie in `stack` (the thread's stack mapping).
@@ -365,7 +388,7 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
                     function: func.name.clone(),
                     pc: rip,
                 })?;
-            let (frames, below_signal) = self.chain_from_regs(
+            let (frames, below) = self.chain_from_regs(
                 tid,
                 regs,
                 (func, link),
@@ -376,7 +399,7 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
             return Ok(Unwound {
                 frames,
                 top: Top::AtPoint,
-                below_signal,
+                below,
             });
         }
 
@@ -468,14 +491,14 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
             continuation: call.continuation(),
             view,
         };
-        let (frames, below_signal) = self.chain(tid, first)?;
+        let (frames, below) = self.chain(tid, first)?;
         Ok(Unwound {
             frames,
             top: Top::InLibrary {
                 frames: lib_frames,
                 call: call.clone(),
             },
-            below_signal,
+            below,
         })
     }
 
@@ -485,7 +508,7 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
         let rip = regs.rip();
         let (func, link) = self.function(tid, rip)?;
         let call = self.call_site(tid, func, link, rip)?;
-        let (frames, below_signal) = self.chain_from_regs(
+        let (frames, below) = self.chain_from_regs(
             tid,
             regs,
             (func, link),
@@ -496,7 +519,7 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
         Ok(Unwound {
             frames,
             top: Top::Returned { call: call.clone() },
-            below_signal,
+            below,
         })
     }
 
@@ -511,7 +534,7 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
         depth: i64,
         continuation: upstare_dwarf::fdt::Continuation,
         what: &str,
-    ) -> Result<(Vec<AppFrame>, Option<SignalContext>), UnwindError> {
+    ) -> Result<(Vec<AppFrame>, Option<Interrupted>), UnwindError> {
         let (func, link) = at;
         let cfa = self.cfa_from_rbp(tid, &func.name, regs.get(Reg::Rbp))?;
         self.check_depth(tid, func, cfa, regs.rsp(), depth, what)?;
@@ -695,7 +718,7 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
         &self,
         tid: Pid,
         first: Cur<'a>,
-    ) -> Result<(Vec<AppFrame>, Option<SignalContext>), UnwindError> {
+    ) -> Result<(Vec<AppFrame>, Option<Interrupted>), UnwindError> {
         let mut frames: Vec<AppFrame> = Vec::new();
         let mut cur = first;
         loop {
@@ -802,7 +825,8 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
         tid: Pid,
         function: &str,
         mut set: RegSet,
-    ) -> Result<Option<SignalContext>, UnwindError> {
+    ) -> Result<Option<Interrupted>, UnwindError> {
+        let start = set;
         // Where the application frames were entered from, for messages.
         let mut entered_from: Option<String> = None;
         let return_to = RuntimeAddr(set.get(Reg::Rip).unwrap_or(0));
@@ -813,18 +837,43 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
                 return Ok(None);
             }
             if self.image.is_code(pc) && self.in_function(pc) {
-                let caller = self
-                    .function(tid, pc)
-                    .map(|(f, _)| f.name.clone())
-                    .unwrap_or_default();
-                return Err(UnwindError::Callback {
-                    tid,
-                    function: function.to_string(),
-                    location: entered_from.unwrap_or_else(|| format!("{pc}")),
-                    caller,
-                    return_to,
-                    return_rsp,
-                });
+                // Called back from library code, with application frames
+                // under it: the library's context when the callback
+                // returns is the one to unwind on its own.
+                if !self.callbacks_below {
+                    let caller = self
+                        .function(tid, pc)
+                        .map(|(f, _)| f.name.clone())
+                        .unwrap_or_default();
+                    return Err(UnwindError::Callback {
+                        tid,
+                        function: function.to_string(),
+                        location: entered_from.unwrap_or_else(|| format!("{pc}")),
+                        caller,
+                        return_to,
+                        return_rsp,
+                    });
+                }
+                let mut regs = Regs::zeroed();
+                for r in [
+                    Reg::Rip,
+                    Reg::Rsp,
+                    Reg::Rbp,
+                    Reg::Rbx,
+                    Reg::R12,
+                    Reg::R13,
+                    Reg::R14,
+                    Reg::R15,
+                ] {
+                    regs.set(r, start.get(r).unwrap_or(0));
+                }
+                regs.0.orig_rax = u64::MAX;
+                return Ok(Some(Interrupted {
+                    kind: InterruptKind::Callback {
+                        location: entered_from.unwrap_or_else(|| format!("{pc}")),
+                    },
+                    regs,
+                }));
             }
             let (lib, link) = self.library(tid, pc)?;
             entered_from.get_or_insert_with(|| describe(lib, link));
@@ -847,7 +896,7 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
                         location: describe(lib, link),
                     });
                 }
-                let regs = SignalContext::read(self.mem, return_rsp).map_err(|source| {
+                let regs = Interrupted::read(self.mem, return_rsp).map_err(|source| {
                     UnwindError::Memory {
                         tid,
                         what: format!("the signal frame under {function}"),
@@ -865,8 +914,10 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
                         problem: format!("the interrupted rsp {} is not above it", regs.rsp()),
                     });
                 }
-                return Ok(Some(SignalContext {
-                    ucontext: return_rsp,
+                return Ok(Some(Interrupted {
+                    kind: InterruptKind::Signal {
+                        ucontext: return_rsp,
+                    },
                     regs,
                 }));
             }

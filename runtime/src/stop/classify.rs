@@ -8,7 +8,7 @@ use super::policy::{self, eintr_on_stop, OnUpdate, EINTR, ERESTARTNOHAND, ETIMED
 use super::stopper::Stopper;
 use super::{syscall_name, StopError};
 use crate::engine::state::{Image, Readiness, ThreadState};
-use crate::engine::unwind::{StackSnapshot, Top, UnwindError, Unwinder, Unwound};
+use crate::engine::unwind::{InterruptKind, StackSnapshot, Top, UnwindError, Unwinder, Unwound};
 use crate::load::libraries::Libraries;
 use crate::memory::TargetMemory;
 use crate::target::breakpoint::BreakpointSet;
@@ -495,53 +495,87 @@ impl Stopper<'_> {
         readiness: Readiness,
         u: Unwound,
     ) -> Result<ThreadState, NotReadyReason> {
-        const MAX_NESTED_SIGNALS: usize = 8;
-        let mut below = Vec::new();
-        let mut next = u.below_signal;
-        while let Some(ctx) = next.take() {
-            if below.len() >= MAX_NESTED_SIGNALS {
-                return Err(NotReadyReason::UnderSignal {
-                    message: format!("more than {MAX_NESTED_SIGNALS} nested signal handlers"),
-                });
-            }
-            let stack = self.stack_of(ctx.regs.rsp());
-            let lower = self
-                .unwind_refreshing(tid, stack, &ctx.regs)
-                .map_err(|e| NotReadyReason::UnderSignal { message: e.message })?;
-            let callee = match &lower.top {
-                Top::InLibrary { call, .. } => call.callee.id_name().to_string(),
-                _ => {
-                    let at = lower.frames.first().map_or("?", |f| f.function.as_str());
-                    return Err(NotReadyReason::UnderSignal {
-                        message: format!(
-                            "the signal interrupted {at} in its own code, where its frame cannot be mapped (not in a library call)"
-                        ),
-                    });
-                }
-            };
-            next = lower.below_signal;
-            below.push(ThreadState {
-                tid,
-                regs: ctx.regs,
-                readiness: Readiness::UnderSignal { callee },
-                frames: lower.frames,
-                below_signal: None,
-                signal_frame: Some(ctx.ucontext),
-            });
-        }
-        let mut chained: Option<Box<ThreadState>> = None;
-        for mut s in below.into_iter().rev() {
-            s.below_signal = chained.take();
-            chained = Some(Box::new(s));
-        }
-        Ok(ThreadState {
+        const MAX_NESTED: usize = 8;
+        let mut parts = vec![ThreadState {
             tid,
             regs: *regs,
             readiness,
             frames: u.frames,
-            below_signal: chained,
-            signal_frame: None,
-        })
+            below: None,
+            beneath: false,
+            library_view: None,
+        }];
+        let mut next = u.below;
+        while let Some(ctx) = next.take() {
+            if parts.len() > MAX_NESTED {
+                return Err(NotReadyReason::UnderSignal {
+                    message: format!("more than {MAX_NESTED} nested signal handlers or callbacks"),
+                });
+            }
+            let stack = self.stack_of(ctx.regs.rsp());
+            let lower = self.unwind_refreshing(tid, stack, &ctx.regs);
+            let (readiness, lower) = match (&ctx.kind, lower) {
+                (InterruptKind::Signal { .. }, Err(e)) => {
+                    return Err(NotReadyReason::UnderSignal { message: e.message })
+                }
+                (InterruptKind::Callback { location }, Err(e)) => {
+                    // The frames under the callback cannot be kept: let it
+                    // return into the library instead.
+                    return Err(NotReadyReason::InCallback {
+                        message: format!("called back from {location}: {}", e.message),
+                        return_to: ctx.regs.rip(),
+                        return_rsp: ctx.regs.rsp(),
+                    });
+                }
+                (kind, Ok(lower)) => {
+                    let Top::InLibrary { call, .. } = &lower.top else {
+                        let at = lower.frames.first().map_or("?", |f| f.function.as_str());
+                        return Err(NotReadyReason::UnderSignal {
+                            message: format!(
+                                "the signal interrupted {at} in its own code, where its frame cannot be mapped (not in a library call)"
+                            ),
+                        });
+                    };
+                    let callee = call.callee.id_name().to_string();
+                    let readiness = match kind {
+                        InterruptKind::Signal { .. } => Readiness::UnderSignal { callee },
+                        InterruptKind::Callback { .. } => {
+                            // The library expects its callee-saved
+                            // registers back from the callback.
+                            if let Some(above) = parts.last_mut() {
+                                above.library_view = Some(
+                                    crate::engine::unwind::TRACKED
+                                        .iter()
+                                        .map(|&r| (r, ctx.regs.get(r)))
+                                        .collect(),
+                                );
+                            }
+                            Readiness::UnderCallback { callee }
+                        }
+                    };
+                    (readiness, lower)
+                }
+            };
+            next = lower.below;
+            parts.push(ThreadState {
+                tid,
+                regs: ctx.regs,
+                readiness,
+                frames: lower.frames,
+                below: None,
+                beneath: true,
+                library_view: None,
+            });
+        }
+        let mut chained: Option<Box<ThreadState>> = None;
+        while let Some(mut s) = parts.pop() {
+            s.below = chained.take();
+            if parts.is_empty() {
+                return Ok(s);
+            }
+            chained = Some(Box::new(s));
+        }
+        Err(NotReadyReason::NotInLibrary)
     }
 
     /// Where a stopped thread outside the image is, for messages: the
@@ -759,16 +793,20 @@ pub(super) fn unwind_thread(
     regs: &Regs,
 ) -> Result<Unwound, UnwindError> {
     let Some(s) = stack else {
-        return Unwinder::new(image, libs, mem).unwind(tid, regs);
+        return Unwinder::new(image, libs, mem)
+            .with_callbacks_below(true)
+            .unwind(tid, regs);
     };
     // Frames lie at or above rsp.
     let live = regs.rsp().max(s.start)..s.end;
     match StackSnapshot::new(mem, live) {
         Ok(snap) => Unwinder::new(image, libs, &snap)
             .with_stack(s)
+            .with_callbacks_below(true)
             .unwind(tid, regs),
         Err(_) => Unwinder::new(image, libs, mem)
             .with_stack(s)
+            .with_callbacks_below(true)
             .unwind(tid, regs),
     }
 }

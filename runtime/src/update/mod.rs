@@ -498,7 +498,7 @@ fn thread_report(t: &ThreadState) -> ThreadReport {
         .iter()
         .map(|p| readiness_text(&p.readiness))
         .collect::<Vec<_>>()
-        .join("; under a signal handler: ");
+        .join("; under it: ");
     ThreadReport {
         tid: t.tid.as_raw(),
         state,
@@ -530,6 +530,9 @@ fn readiness_text(r: &Readiness) -> String {
         }
         Readiness::UnderSignal { callee } => {
             format!("interrupted in {callee} by the signal, left in place")
+        }
+        Readiness::UnderCallback { callee } => {
+            format!("in {callee}, which called back: left in place")
         }
     }
 }
@@ -957,7 +960,7 @@ fn compute<'t>(
         .flat_map(|(i, t)| {
             t.with_interrupted().into_iter().map(move |p| {
                 let mut part = p.clone();
-                part.below_signal = None;
+                part.below = None;
                 (part, i)
             })
         })
@@ -1082,16 +1085,20 @@ fn compute<'t>(
     // Threads left in library code keep their registers: what they hold
     // of the old image is remapped with the rest.
     // (An interrupted context's registers are in its signal frame, which
-    // the sweep scans with the stack.)
+    // the sweep scans with the stack; a library's under a callback are in
+    // the callback's frames or final registers.)
     let mut kept_regs: Vec<(nix::unistd::Pid, &mut crate::target::ptrace::Regs)> = parts
         .iter()
         .zip(plans.iter_mut())
         .filter(|(th, _)| {
-            th.signal_frame.is_none()
-                && matches!(
-                    th.readiness,
-                    Readiness::InLibrary { .. } | Readiness::CallbackReturned { .. }
-                )
+            // A callback's frames carry the library's callee-saved values
+            // back to it (in their final registers too).
+            !th.beneath
+                && (th.library_view.is_some()
+                    || matches!(
+                        th.readiness,
+                        Readiness::InLibrary { .. } | Readiness::CallbackReturned { .. }
+                    ))
         })
         .map(|(_, p)| (p.tid, &mut p.regs))
         .collect();
@@ -1185,7 +1192,7 @@ fn compute<'t>(
         regs: parts
             .iter()
             .zip(&plans)
-            .filter(|(part, _)| part.signal_frame.is_none())
+            .filter(|(part, _)| !part.beneath)
             .map(|(_, p)| (p.tid, p.regs))
             .collect(),
     };
