@@ -316,6 +316,11 @@ impl Stopper<'_> {
                 _ => Err(NotReadyReason::LeavingWait { callee }),
             };
         }
+        if self.image.in_trampolines(rip) {
+            // On its way through a detour: it reaches code of its function
+            // within a few instructions.
+            return Err(NotReadyReason::NotAtPoint);
+        }
         if self.image.is_code(rip) {
             let Some(f) = self
                 .image

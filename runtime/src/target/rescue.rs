@@ -13,6 +13,12 @@
 //!   original byte back through `/proc/self/mem` and resumes the thread at
 //!   the point, which now runs its own instruction;
 //! - clears the trap flag of a thread left single-stepping;
+//! - for a binary with trampolines (`upstare-rewrite --inline-points`) the
+//!   table also holds the flag byte (its byte: zero) and, per trampoline,
+//!   the address after its `int3` (its own byte): a trap in a trampoline is
+//!   found by its rip, every byte is written back, which clears the flag,
+//!   and the thread goes on past the `int3`, running the point's displaced
+//!   instructions as the point does with the flag clear;
 //! - otherwise (a SIGTRAP that is not ours) puts the program's own SIGTRAP
 //!   action back and sends the signal again, so it gets what it would have.
 //!

@@ -10,6 +10,7 @@ use crate::target::remote::RemoteCalls;
 use crate::target::rescue::{Rescue, RescueError};
 use crate::update::UpdateError;
 use nix::unistd::Pid;
+use upstare_dwarf::fdt::Arming;
 use upstare_dwarf::RuntimeAddr;
 
 /// An installed rescue handler and where its sessions run.
@@ -33,15 +34,42 @@ fn rescue_err(e: RescueError) -> UpdateError {
     UpdateError::Rescue(Box::new(e))
 }
 
-/// Installs the rescue handler for every update point of `old` (none: no
-/// handler, nothing will be armed).
-pub fn install(tracee: &mut Tracee, old: &Image) -> Result<Option<Installed>, UpdateError> {
-    let points: Vec<RuntimeAddr> = old
+/// The addresses the rescue handler restores, with their bytes read before
+/// anything is armed: every update point armed with `int3`; for a binary
+/// with trampolines (`--inline-points`) also the flag byte (restored to
+/// zero) and, per trampoline, the address after its `int3`, where a trap
+/// there is resumed (the displaced instructions, then back: what the point
+/// runs with the flag clear).
+pub fn rescued_addresses(old: &Image) -> Vec<RuntimeAddr> {
+    let inline = match &old.tables.arming {
+        Arming::Inline(i) => Some(i),
+        Arming::Int3 => None,
+    };
+    let mut out: Vec<RuntimeAddr> = old
         .tables
         .functions
         .iter()
-        .flat_map(|f| f.update_points.iter().map(|p| old.runtime(p.addr)))
+        .flat_map(|f| f.update_points.iter().map(|p| p.addr))
+        .filter(|a| inline.is_none_or(|i| i.detour_at(*a).is_none()))
+        .map(|a| old.runtime(a))
         .collect();
+    if let Some(i) = inline {
+        out.extend(
+            i.detours
+                .iter()
+                .map(|d| RuntimeAddr(old.runtime(d.trap).0.wrapping_add(1))),
+        );
+        if !i.detours.is_empty() {
+            out.push(old.runtime(i.flag));
+        }
+    }
+    out
+}
+
+/// Installs the rescue handler for every update point of `old` (none: no
+/// handler, nothing will be armed).
+pub fn install(tracee: &mut Tracee, old: &Image) -> Result<Option<Installed>, UpdateError> {
+    let points = rescued_addresses(old);
     if points.is_empty() {
         return Ok(None);
     }
