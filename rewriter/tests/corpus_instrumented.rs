@@ -1,14 +1,28 @@
 //! Every corpus program, instrumented by upstare-rewrite, behaves exactly like
 //! the original (stdout, stderr, exit status), for every compiler and PIE
-//! combination; and the loaded image is byte-identical.
+//! combination; and the loaded image is byte-identical. With
+//! `--inline-points` the same output, and the original segments differ
+//! only by the detours the tables list, each a `jmp` to its trampoline.
 
 use object::{Object, ObjectSegment};
 use std::time::Duration;
 use upstare_corpus::{build, programs};
+use upstare_dwarf::fdt::{Arming, InlinePoints};
+use upstare_rewriter::rewrite::{rewrite_with, PointsMode};
 use upstare_testkit::{run, Toolchain};
 
 #[test]
 fn instrumented_corpus_behaves_like_original() {
+    corpus_behaves_like_original(PointsMode::Int3);
+}
+
+#[test]
+fn inline_points_corpus_behaves_like_original() {
+    corpus_behaves_like_original(PointsMode::Inline);
+}
+
+fn corpus_behaves_like_original(mode: PointsMode) {
+    let (mut points, mut detoured) = (0usize, 0usize);
     let mut compared = 0;
     let mut failures = Vec::new();
     for toolchain in Toolchain::ALL {
@@ -16,7 +30,7 @@ fn instrumented_corpus_behaves_like_original() {
         for program in programs() {
             let original = build(&program, toolchain).expect("build corpus program");
             let input = std::fs::read(&original).expect("read binary");
-            let rewritten = match upstare_rewriter::rewrite::rewrite(&input) {
+            let rewritten = match rewrite_with(&input, mode) {
                 Ok(r) => r,
                 Err(e) => {
                     failures.push(format!(
@@ -27,14 +41,29 @@ fn instrumented_corpus_behaves_like_original() {
                     continue;
                 }
             };
-            let up = original.with_extension("up");
+            let up = original.with_extension(match mode {
+                PointsMode::Int3 => "up",
+                PointsMode::Inline => "inline.up",
+            });
             std::fs::write(&up, &rewritten.elf).expect("write instrumented binary");
             std::fs::set_permissions(
                 &up,
                 std::fs::metadata(&original).expect("stat").permissions(),
             )
             .expect("chmod");
-            assert_same_loaded_image(&input, &rewritten.elf, program.name);
+            match &rewritten.tables.arming {
+                Arming::Int3 => assert_same_loaded_image(&input, &rewritten.elf, program.name),
+                Arming::Inline(inline) => {
+                    assert_only_detours_changed(&input, &rewritten.elf, inline, program.name);
+                    detoured += inline.detours.len();
+                    points += rewritten
+                        .tables
+                        .functions
+                        .iter()
+                        .map(|f| f.update_points.len())
+                        .sum::<usize>();
+                }
+            }
             let timeout = Duration::from_secs(20);
             let a = run(&original, program.args, timeout).expect("run original");
             let b = run(&up, program.args, timeout).expect("run instrumented");
@@ -70,6 +99,70 @@ fn instrumented_corpus_behaves_like_original() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     assert!(compared >= 45, "only {compared} program builds compared");
     println!("compared {compared} instrumented program builds with their originals");
+    if mode == PointsMode::Inline {
+        println!("inline points: {detoured} of {points} update points detoured");
+        assert!(
+            detoured * 2 >= points,
+            "only {detoured} of {points} detoured"
+        );
+    }
+}
+
+/// The original segments keep their place and size; their bytes differ
+/// only at detoured points, each `jmp rel32` to its trampoline (its
+/// `int3` 9 bytes in) followed by `int3` filler over the rest of the
+/// displaced instructions.
+fn assert_only_detours_changed(a: &[u8], b: &[u8], inline: &InlinePoints, name: &str) {
+    let fa = object::File::parse(a).expect("parse original");
+    let fb = object::File::parse(b).expect("parse instrumented");
+    let segs = |f: &object::File<'_>| -> Vec<(u64, u64)> {
+        f.segments().map(|s| (s.address(), s.size())).collect()
+    };
+    let (sa, sb) = (segs(&fa), segs(&fb));
+    assert_eq!(sb.len(), sa.len() + 2, "{name}: two new segments");
+    for s in &sa {
+        assert!(sb.contains(s), "{name}: segment {s:x?} moved or resized");
+    }
+    let detour_at = |addr: u64| {
+        inline
+            .detours
+            .iter()
+            .find(|d| d.point.0 <= addr && addr < d.point.0 + u64::from(d.displaced))
+    };
+    let mut patched = 0usize;
+    for x in fa.segments() {
+        let y = fb
+            .segments()
+            .find(|y| y.address() == x.address())
+            .expect("same segment");
+        let (dx, dy) = (x.data().expect("data"), y.data().expect("data"));
+        assert_eq!(dx.len(), dy.len(), "{name}: segment file size");
+        for (i, (p, q)) in dx.iter().zip(dy).enumerate() {
+            let addr = x.address() + i as u64;
+            let header = x.file_range().0 == 0 && (0x20..0x40).contains(&i);
+            if p == q || header {
+                continue;
+            }
+            let d = detour_at(addr)
+                .unwrap_or_else(|| panic!("{name}: byte at {addr:#x} changed outside a detour"));
+            let off = addr - d.point.0;
+            if off == 0 {
+                let rel = i32::from_le_bytes(dy[i + 1..i + 5].try_into().expect("rel32"));
+                let target = (d.point.0 + 5).wrapping_add_signed(i64::from(rel));
+                assert_eq!(*q, 0xe9, "{name}: detour at {} is no jmp", d.point);
+                assert_eq!(
+                    target + 9,
+                    d.trap.0,
+                    "{name}: detour at {} jumps elsewhere",
+                    d.point
+                );
+                patched += 1;
+            } else if off >= 5 {
+                assert_eq!(*q, 0xcc, "{name}: filler at {addr:#x}");
+            }
+        }
+    }
+    assert_eq!(patched, inline.detours.len(), "{name}: detours written");
 }
 
 /// Every loaded segment has the same address, size and bytes.
