@@ -12,8 +12,7 @@
 //! - no address inside the displaced bytes but the point itself is one
 //!   control can arrive at or that the runtime may set a thread to: a
 //!   block start (every branch and jump-table target), a source label,
-//!   another update point, a call's return or restart address, a local's
-//!   initializing store.
+//!   another update point, a call's return or restart address.
 
 use super::Ctx;
 use iced_x86::{FlowControl, Formatter, Instruction, IntelFormatter, Mnemonic};
@@ -110,7 +109,8 @@ impl Ctx<'_> {
             out.insert(c.return_addr);
             out.extend(c.restart);
         }
-        out.extend(table.var_inits.iter().map(|v| v.addr));
+        // `var_inits` are not places to arrive at: the patcher only
+        // compares a paused frame's pc with them.
         out
     }
 
