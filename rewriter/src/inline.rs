@@ -58,6 +58,8 @@ pub enum InlineError {
     PointNotInFile(LinkAddr),
     #[error("--inline-points: address arithmetic overflows")]
     Overflow,
+    #[error("trampoline of the update point at {0} cannot be read back into the original code")]
+    Unreadable(LinkAddr),
 }
 
 /// A point that keeps `int3` arming, and why.
@@ -171,6 +173,89 @@ fn trampoline(d: &PointDetour, at: u64, flag: u64) -> Result<Vec<u8>, KeptInt3> 
     Ok(code)
 }
 
+/// The program header table of an ELF64 file.
+fn program_headers(elf: &[u8]) -> Result<Vec<Phdr>, InlineError> {
+    if elf.len() < 64 || &elf[..4] != b"\x7fELF" || elf[4] != 2 || elf[5] != 1 {
+        return Err(InlineError::NotElf64);
+    }
+    let mut off = [0u8; 8];
+    off.copy_from_slice(&elf[0x20..0x28]);
+    let phoff = u64::from_le_bytes(off);
+    let phentsize = u16::from_le_bytes([elf[0x36], elf[0x37]]);
+    let phnum = u16::from_le_bytes([elf[0x38], elf[0x39]]);
+    if usize::from(phentsize) != PHDR_SIZE {
+        return Err(InlineError::BadPhdrs);
+    }
+    let table = usize::try_from(phoff)
+        .ok()
+        .and_then(|o| elf.get(o..o.checked_add(usize::from(phnum) * PHDR_SIZE)?))
+        .ok_or(InlineError::BadPhdrs)?;
+    Ok(table.chunks_exact(PHDR_SIZE).map(Phdr::parse).collect())
+}
+
+/// The file bytes at link addresses `[a, a + len)`, in one segment.
+fn file_range(phdrs: &[Phdr], a: u64, len: u64) -> Option<std::ops::Range<usize>> {
+    let last = a.checked_add(len.checked_sub(1)?)?;
+    let (start, _) = phdrs
+        .iter()
+        .find_map(|p| p.file_offset(a).zip(p.file_offset(last)))?;
+    let start = usize::try_from(start).ok()?;
+    Some(start..start.checked_add(usize::try_from(len).ok()?)?)
+}
+
+/// Most instructions a trampoline relocates (each at least one byte of
+/// an at most 255-byte displacement).
+const MAX_DISPLACED_INSNS: usize = 255;
+
+/// `elf` (rewritten with `--inline-points`, described by `inline`) with
+/// each detoured point's original instructions back in place, read from
+/// its trampoline and encoded again at the point: the code the analysis
+/// saw (for `--dump --notes` on an instrumented binary). Refused when an
+/// instruction does not come back to the displaced length.
+pub fn restore_original(elf: &[u8], inline: &InlinePoints) -> Result<Vec<u8>, InlineError> {
+    use iced_x86::{Decoder, DecoderOptions, FlowControl};
+    let phdrs = program_headers(elf)?;
+    let mut out = elf.to_vec();
+    for d in &inline.detours {
+        let bad = || InlineError::Unreadable(d.point);
+        let resume = d.trap.0.checked_add(1).ok_or_else(bad)?;
+        let back = d.point.0 + u64::from(d.displaced);
+        // The relocated instructions and the jmp back fit in this bound.
+        let window = (inline.trampolines.1 .0.saturating_sub(resume)).min(4 * 255 + 5);
+        let bytes = file_range(&phdrs, resume, window)
+            .and_then(|r| elf.get(r))
+            .ok_or_else(bad)?;
+        let mut dec = Decoder::with_ip(64, bytes, resume, DecoderOptions::NONE);
+        let mut insns = Vec::new();
+        loop {
+            if !dec.can_decode() || insns.len() > MAX_DISPLACED_INSNS {
+                return Err(bad());
+            }
+            let ins = dec.decode();
+            if ins.flow_control() == FlowControl::UnconditionalBranch
+                && ins.near_branch_target() == back
+            {
+                break;
+            }
+            if ins.is_invalid() || ins.flow_control() != FlowControl::Next {
+                return Err(bad());
+            }
+            insns.push(ins);
+        }
+        let block = InstructionBlock::new(&insns, d.point.0);
+        let code = BlockEncoder::encode(64, block, BlockEncoderOptions::NONE)
+            .map_err(|_| bad())?
+            .code_buffer;
+        let range = file_range(&phdrs, d.point.0, u64::from(d.displaced)).ok_or_else(bad)?;
+        let dest = out.get_mut(range).ok_or_else(bad)?;
+        if code.len() != dest.len() {
+            return Err(bad());
+        }
+        dest.copy_from_slice(&code);
+    }
+    Ok(out)
+}
+
 /// Writes a trampoline for every detour of `points` (per function name)
 /// into `input`; a point whose detour is refused keeps `int3` and is
 /// listed with its reason.
@@ -178,24 +263,8 @@ pub fn add_trampolines(
     input: &[u8],
     points: &[(String, PointDetour)],
 ) -> Result<WithTrampolines, InlineError> {
-    if input.len() < 64 || &input[..4] != b"\x7fELF" || input[4] != 2 || input[5] != 1 {
-        return Err(InlineError::NotElf64);
-    }
-    let phoff = u64::from_le_bytes(
-        input[0x20..0x28]
-            .try_into()
-            .map_err(|_| InlineError::NotElf64)?,
-    );
-    let phentsize = u16::from_le_bytes([input[0x36], input[0x37]]);
-    let phnum = u16::from_le_bytes([input[0x38], input[0x39]]);
-    if usize::from(phentsize) != PHDR_SIZE {
-        return Err(InlineError::BadPhdrs);
-    }
-    let table = usize::try_from(phoff)
-        .ok()
-        .and_then(|o| input.get(o..o.checked_add(usize::from(phnum) * PHDR_SIZE)?))
-        .ok_or(InlineError::BadPhdrs)?;
-    let phdrs: Vec<Phdr> = table.chunks_exact(PHDR_SIZE).map(Phdr::parse).collect();
+    let phdrs = program_headers(input)?;
+    let phnum = u16::try_from(phdrs.len()).map_err(|_| InlineError::BadPhdrs)?;
     if !phdrs.iter().any(|p| p.p_type == PT_PHDR) {
         return Err(InlineError::NoPhdrHeader);
     }
@@ -255,15 +324,10 @@ pub fn add_trampolines(
         };
         let len = d.displaced_len().unwrap_or(0);
         // The whole displaced range in one segment's file bytes.
-        let last = d.point.0 + len.saturating_sub(1);
-        let file_at = phdrs
-            .iter()
-            .find_map(|p| p.file_offset(d.point.0).zip(p.file_offset(last)))
-            .map(|(o, _)| o)
-            .ok_or(InlineError::PointNotInFile(d.point))?;
-        let file_at = usize::try_from(file_at).map_err(|_| InlineError::Overflow)?;
+        let range =
+            file_range(&phdrs, d.point.0, len).ok_or(InlineError::PointNotInFile(d.point))?;
         let patch = out
-            .get_mut(file_at..file_at + len as usize)
+            .get_mut(range)
             .ok_or(InlineError::PointNotInFile(d.point))?;
         patch.fill(0xcc);
         patch[0] = 0xe9;

@@ -256,6 +256,15 @@ fn build(input: &[u8]) -> Result<(FrameTables, Vec<(String, PointDetour)>), Rewr
 /// address order. `input` may be the original or the instrumented binary
 /// (its code is the same).
 pub fn analysis_notes(input: &[u8]) -> Result<Vec<(String, Vec<String>)>, RewriteError> {
+    // Rewritten with --inline-points: the analysis sees the code as it was.
+    let restored = match upstare_dwarf::read_tables(input) {
+        Ok(FrameTables {
+            arming: Arming::Inline(inline),
+            ..
+        }) => Some(crate::inline::restore_original(input, &inline)?),
+        _ => None,
+    };
+    let input = restored.as_deref().unwrap_or(input);
     let file = object::File::parse(input).map_err(|e| RewriteError::Parse(e.to_string()))?;
     let program = read_program(input)?;
     let view = CodeView::new(&file).map_err(RewriteError::Analysis)?;
@@ -288,6 +297,11 @@ pub fn rewrite(input: &[u8]) -> Result<Rewritten, RewriteError> {
 
 /// Rewrites `input` with update points armed as `mode` says.
 pub fn rewrite_with(input: &[u8], mode: PointsMode) -> Result<Rewritten, RewriteError> {
+    // Said first: the code of a binary rewritten with --inline-points is
+    // not the compiler's any more.
+    if elf::has_tables(input) {
+        return Err(ElfError::AlreadyInstrumented.into());
+    }
     let (mut tables, detours) = build(input)?;
     let mut kept = Vec::new();
     let with_code = match mode {

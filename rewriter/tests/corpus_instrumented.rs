@@ -55,6 +55,17 @@ fn corpus_behaves_like_original(mode: PointsMode) {
                 Arming::Int3 => assert_same_loaded_image(&input, &rewritten.elf, program.name),
                 Arming::Inline(inline) => {
                     assert_only_detours_changed(&input, &rewritten.elf, inline, program.name);
+                    // Read back from the trampolines (what `--dump --notes`
+                    // analyzes), the code is the compiler's again.
+                    let restored =
+                        upstare_rewriter::inline::restore_original(&rewritten.elf, inline)
+                            .expect("restore the original code");
+                    assert_only_detours_changed(
+                        &input,
+                        &restored,
+                        &InlinePoints::default(),
+                        program.name,
+                    );
                     detoured += inline.detours.len();
                     points += rewritten
                         .tables
@@ -163,6 +174,15 @@ fn assert_only_detours_changed(a: &[u8], b: &[u8], inline: &InlinePoints, name: 
         }
     }
     assert_eq!(patched, inline.detours.len(), "{name}: detours written");
+    let notes = |elf: &[u8]| upstare_rewriter::rewrite::analysis_notes(elf).expect("notes");
+    if inline.detours.is_empty() {
+        return;
+    }
+    assert_eq!(
+        notes(b),
+        notes(a),
+        "{name}: analysis notes of the rewritten binary"
+    );
 }
 
 /// Every loaded segment has the same address, size and bytes.
