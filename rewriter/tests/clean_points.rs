@@ -11,6 +11,7 @@ use upstare_dwarf::fdt::{Arming, FrameTables};
 use upstare_dwarf::{CfaOffset, LinkAddr};
 use upstare_rewriter::analysis::DYNAMIC_DEPTH;
 use upstare_rewriter::rewrite::{rewrite_with, PointsMode};
+use upstare_runtime::target::ptrace::Regs;
 use upstare_testkit::{run, Toolchain};
 use upstare_testkit::{run_with_breakpoints, Exit, HitAction, RunLimits};
 
@@ -41,6 +42,57 @@ fn sites(tables: &FrameTables) -> HashMap<LinkAddr, Site> {
 /// Flags a program could read: CF, PF, AF, ZF, SF, OF.
 const ARITH_FLAGS: u64 = 0x8d5;
 
+/// Limits of one breakpoint run.
+fn limits() -> RunLimits {
+    RunLimits {
+        timeout: Duration::from_secs(60),
+        max_hits_per_addr: 40,
+        ..RunLimits::default()
+    }
+}
+
+/// Overwrites every caller-saved general register with the next values of
+/// `garbage` and flips the arithmetic flags.
+fn clobber(regs: &mut Regs, garbage: &mut u64) {
+    let r = &mut regs.0;
+    for reg in [
+        &mut r.rax, &mut r.rcx, &mut r.rdx, &mut r.rsi, &mut r.rdi, &mut r.r8, &mut r.r9,
+        &mut r.r10, &mut r.r11,
+    ] {
+        *garbage = garbage.rotate_left(13).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        *reg = *garbage;
+    }
+    r.eflags ^= ARITH_FLAGS;
+}
+
+/// The clobbered run of `program` ended as the reference run did: its
+/// expected exit and, for a deterministic program, the same output.
+fn check_run(
+    name: &str,
+    program: &upstare_corpus::Program,
+    report: &upstare_testkit::RunReport,
+    reference: &upstare_testkit::Output,
+    failures: &mut Vec<String>,
+) {
+    let expected_exit = Exit::Code(program.expected_exit);
+    if report.exit != expected_exit {
+        failures.push(format!(
+            "{name}: exit {:?}, expected {expected_exit:?}",
+            report.exit
+        ));
+    }
+    if program.deterministic
+        && (report.stdout_str() != reference.stdout
+            || String::from_utf8_lossy(&report.stderr) != reference.stderr)
+    {
+        failures.push(format!(
+            "{name}: output changed after clobbering registers\n--- expected\n{}\n--- got\n{}",
+            reference.stdout,
+            report.stdout_str()
+        ));
+    }
+}
+
 fn clean_points_for(toolchain: Toolchain) {
     toolchain.require();
     let mut failures = Vec::new();
@@ -54,11 +106,6 @@ fn clean_points_for(toolchain: Toolchain) {
         let reference = run(&bin, program.args, Duration::from_secs(20)).expect("reference run");
         let mut wrong_depth = Vec::new();
         let mut garbage: u64 = 0x5eed_0bad_c0de_0001;
-        let limits = RunLimits {
-            timeout: Duration::from_secs(60),
-            max_hits_per_addr: 40,
-            ..RunLimits::default()
-        };
         let report = run_with_breakpoints(
             &bin,
             program.args,
@@ -87,42 +134,19 @@ fn clean_points_for(toolchain: Toolchain) {
                 depth_checks += 1;
                 if let Site::Point(_) = sites[&hit.link_addr] {
                     points_hit += 1;
-                    for reg in [
-                        &mut r.rax, &mut r.rcx, &mut r.rdx, &mut r.rsi, &mut r.rdi, &mut r.r8,
-                        &mut r.r9, &mut r.r10, &mut r.r11,
-                    ] {
-                        garbage = garbage.rotate_left(13).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-                        *reg = garbage;
-                    }
-                    r.eflags ^= ARITH_FLAGS;
+                    clobber(&mut hit.regs, &mut garbage);
                     clobbers += 1;
                 } else {
                     calls_hit += 1;
                 }
                 HitAction::Continue
             },
-            limits,
+            limits(),
         )
         .unwrap_or_else(|e| panic!("{} [{}]: {e}", program.name, toolchain.name()));
         let name = format!("{} [{}]", program.name, toolchain.name());
         failures.extend(wrong_depth.into_iter().map(|w| format!("{name}: {w}")));
-        let expected_exit = Exit::Code(program.expected_exit);
-        if report.exit != expected_exit {
-            failures.push(format!(
-                "{name}: exit {:?}, expected {expected_exit:?}",
-                report.exit
-            ));
-        }
-        if program.deterministic
-            && (report.stdout_str() != reference.stdout
-                || String::from_utf8_lossy(&report.stderr) != reference.stderr)
-        {
-            failures.push(format!(
-                "{name}: output changed after clobbering registers\n--- expected\n{}\n--- got\n{}",
-                reference.stdout,
-                report.stdout_str()
-            ));
-        }
+        check_run(&name, &program, &report, &reference, &mut failures);
     }
     println!(
         "clean points [{}]: {points_hit} update-point hits clobbered ({clobbers} register sets), {calls_hit} call-site hits, {depth_checks} stack depths checked",
@@ -167,11 +191,6 @@ fn clean_trampolines_for(toolchain: Toolchain) {
         let reference = run(&bin, program.args, Duration::from_secs(20)).expect("reference run");
         let mut garbage: u64 = 0x5eed_0bad_c0de_0002;
         let mut wrong = Vec::new();
-        let limits = RunLimits {
-            timeout: Duration::from_secs(60),
-            max_hits_per_addr: 40,
-            ..RunLimits::default()
-        };
         let report = run_with_breakpoints(
             &up,
             program.args,
@@ -188,35 +207,16 @@ fn clean_trampolines_for(toolchain: Toolchain) {
                         d.0
                     ));
                 }
-                for reg in [
-                    &mut r.rax, &mut r.rcx, &mut r.rdx, &mut r.rsi, &mut r.rdi, &mut r.r8,
-                    &mut r.r9, &mut r.r10, &mut r.r11,
-                ] {
-                    garbage = garbage.rotate_left(13).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-                    *reg = garbage;
-                }
-                r.eflags ^= ARITH_FLAGS;
+                clobber(&mut hit.regs, &mut garbage);
                 hits += 1;
                 HitAction::Continue
             },
-            limits,
+            limits(),
         )
         .unwrap_or_else(|e| panic!("{} [{}]: {e}", program.name, toolchain.name()));
         let name = format!("{} [{}] inline", program.name, toolchain.name());
         failures.extend(wrong.into_iter().map(|w| format!("{name}: {w}")));
-        if report.exit != Exit::Code(program.expected_exit) {
-            failures.push(format!("{name}: exit {:?}", report.exit));
-        }
-        if program.deterministic
-            && (report.stdout_str() != reference.stdout
-                || String::from_utf8_lossy(&report.stderr) != reference.stderr)
-        {
-            failures.push(format!(
-                "{name}: output changed after clobbering registers in trampolines\n--- expected\n{}\n--- got\n{}",
-                reference.stdout,
-                report.stdout_str()
-            ));
-        }
+        check_run(&name, &program, &report, &reference, &mut failures);
     }
     println!(
         "clean trampolines [{}]: {hits} hits clobbered over {detours} detours",
