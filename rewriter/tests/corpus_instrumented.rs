@@ -67,6 +67,18 @@ fn corpus_behaves_like_original(mode: PointsMode) {
                         program.name,
                     );
                     detoured += inline.detours.len();
+                    // `--dump` shows the mode and each point's detour.
+                    let shown = upstare_rewriter::dump::render(&rewritten.tables, &[]);
+                    assert!(shown.contains("arming: --inline-points"), "{shown}");
+                    let lines = shown
+                        .lines()
+                        .filter(|l| l.contains(" detour trap "))
+                        .count();
+                    assert!(
+                        lines >= inline.detours.len(),
+                        "{}: {lines} detour lines",
+                        program.name
+                    );
                     points += rewritten
                         .tables
                         .functions
