@@ -23,6 +23,9 @@ fn inline_points_corpus_behaves_like_original() {
 
 fn corpus_behaves_like_original(mode: PointsMode) {
     let (mut points, mut detoured) = (0usize, 0usize);
+    // Displaced instructions with a RIP-relative operand (relocated by the
+    // BlockEncoder): the test must cover some.
+    let mut rip_relative = 0usize;
     let mut compared = 0;
     let mut failures = Vec::new();
     for toolchain in Toolchain::ALL {
@@ -67,6 +70,7 @@ fn corpus_behaves_like_original(mode: PointsMode) {
                         program.name,
                     );
                     detoured += inline.detours.len();
+                    rip_relative += rip_relative_displaced(&input, inline);
                     // `--dump` shows the mode and each point's detour.
                     let shown = upstare_rewriter::dump::render(&rewritten.tables, &[]);
                     assert!(shown.contains("arming: --inline-points"), "{shown}");
@@ -123,12 +127,40 @@ fn corpus_behaves_like_original(mode: PointsMode) {
     assert!(compared >= 45, "only {compared} program builds compared");
     println!("compared {compared} instrumented program builds with their originals");
     if mode == PointsMode::Inline {
-        println!("inline points: {detoured} of {points} update points detoured");
+        println!(
+            "inline points: {detoured} of {points} update points detoured, \
+             {rip_relative} RIP-relative instructions relocated"
+        );
+        assert!(
+            rip_relative > 20,
+            "only {rip_relative} RIP-relative displaced"
+        );
         assert!(
             detoured * 2 >= points,
             "only {detoured} of {points} detoured"
         );
     }
+}
+
+/// How many of the instructions the detours of `inline` displace (decoded
+/// from the original binary `elf`) have a RIP-relative operand.
+fn rip_relative_displaced(elf: &[u8], inline: &InlinePoints) -> usize {
+    let file = object::File::parse(elf).expect("parse original");
+    let mut n = 0;
+    for d in &inline.detours {
+        let seg = file
+            .segments()
+            .find(|s| s.address() <= d.point.0 && d.point.0 < s.address() + s.size())
+            .expect("point's segment");
+        let data = seg.data().expect("data");
+        let at = (d.point.0 - seg.address()) as usize;
+        let code = &data[at..at + usize::from(d.displaced)];
+        let mut dec = iced_x86::Decoder::with_ip(64, code, d.point.0, 0);
+        while dec.can_decode() {
+            n += usize::from(dec.decode().is_ip_rel_memory_operand());
+        }
+    }
+    n
 }
 
 /// The original segments keep their place and size; their bytes differ
