@@ -7,7 +7,7 @@ use crate::engine::state::Image;
 use crate::load;
 use crate::target::ptrace::Tracee;
 use crate::target::remote::RemoteCalls;
-use crate::target::rescue::{Rescue, RescueError};
+use crate::target::rescue::{Rescue, RescueError, Trampolines};
 use crate::update::UpdateError;
 use nix::unistd::Pid;
 use upstare_dwarf::fdt::Arming;
@@ -34,18 +34,15 @@ fn rescue_err(e: RescueError) -> UpdateError {
     UpdateError::Rescue(Box::new(e))
 }
 
-/// The addresses the rescue handler restores, with their bytes read before
-/// anything is armed: every update point armed with `int3`; for a binary
-/// with trampolines (`--inline-points`) also the flag byte (restored to
-/// zero) and, per trampoline, the address after its `int3`, where a trap
-/// there is resumed (the displaced instructions, then back: what the point
-/// runs with the flag clear).
-pub fn rescued_addresses(old: &Image) -> Vec<RuntimeAddr> {
+/// What the rescue handler covers: the update points armed with `int3`
+/// (every one, or for a binary rewritten with `--inline-points` those that
+/// kept `int3`) and the trampolines of the detoured ones, if any.
+pub fn rescued(old: &Image) -> (Vec<RuntimeAddr>, Option<Trampolines>) {
     let inline = match &old.tables.arming {
         Arming::Inline(i) => Some(i),
         Arming::Int3 => None,
     };
-    let mut out: Vec<RuntimeAddr> = old
+    let points: Vec<RuntimeAddr> = old
         .tables
         .functions
         .iter()
@@ -53,30 +50,27 @@ pub fn rescued_addresses(old: &Image) -> Vec<RuntimeAddr> {
         .filter(|a| inline.is_none_or(|i| i.detour_at(*a).is_none()))
         .map(|a| old.runtime(a))
         .collect();
-    if let Some(i) = inline {
-        out.extend(
-            i.detours
-                .iter()
-                .map(|d| RuntimeAddr(old.runtime(d.trap).0.wrapping_add(1))),
-        );
-        if !i.detours.is_empty() {
-            out.push(old.runtime(i.flag));
-        }
-    }
-    out
+    let trampolines = inline
+        .filter(|i| !i.detours.is_empty())
+        .map(|i| Trampolines {
+            start: old.runtime(i.trampolines.0),
+            end: old.runtime(i.trampolines.1),
+            flag: old.runtime(i.flag),
+        });
+    (points, trampolines)
 }
 
 /// Installs the rescue handler for every update point of `old` (none: no
 /// handler, nothing will be armed).
 pub fn install(tracee: &mut Tracee, old: &Image) -> Result<Option<Installed>, UpdateError> {
-    let points = rescued_addresses(old);
-    if points.is_empty() {
+    let (points, trampolines) = rescued(old);
+    if points.is_empty() && trampolines.is_none() {
         return Ok(None);
     }
     let gadget = load::running_gadget(tracee.pid(), old)?;
     let tid = session_thread(tracee);
     let mut rc = RemoteCalls::new(tracee, tid, gadget).map_err(|e| rescue_err(e.into()))?;
-    let installed = Rescue::install(&mut rc, &points);
+    let installed = Rescue::install(&mut rc, &points, trampolines);
     let finished = rc.finish();
     let rescue = installed.map_err(rescue_err)?;
     if let Err(e) = finished {
