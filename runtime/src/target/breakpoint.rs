@@ -383,11 +383,19 @@ struct InlineFlag {
     flag: RuntimeAddr,
     /// Whether the flag is set (cleared on disarm and drop).
     set: bool,
-    /// Each trampoline's `int3` -> its update point.
-    traps: BTreeMap<RuntimeAddr, RuntimeAddr>,
-    /// Each detoured update point -> where its trampoline goes on after
-    /// the `int3` (the displaced instructions, then back).
-    resume: BTreeMap<RuntimeAddr, RuntimeAddr>,
+    /// (trampoline's `int3`, its update point), sorted by the first: two
+    /// sorted vectors rather than maps, as arming runs once per stop and
+    /// lookups are rare (one per hit).
+    traps: Vec<(RuntimeAddr, RuntimeAddr)>,
+    /// (detoured update point, its trampoline's `int3`), sorted by the
+    /// first.
+    points: Vec<(RuntimeAddr, RuntimeAddr)>,
+}
+
+/// The second of the pair whose first is `key` in `sorted`.
+fn lookup(sorted: &[(RuntimeAddr, RuntimeAddr)], key: RuntimeAddr) -> Option<RuntimeAddr> {
+    let i = sorted.binary_search_by_key(&key, |&(k, _)| k).ok()?;
+    Some(sorted[i].1)
 }
 
 /// Many breakpoints in one address space, restored on drop.
@@ -423,18 +431,17 @@ impl<M: TargetMemory> BreakpointSet<M> {
         flag: RuntimeAddr,
         detours: impl IntoIterator<Item = (RuntimeAddr, RuntimeAddr)>,
     ) -> Result<(), BreakpointError> {
-        let mut traps = BTreeMap::new();
-        let mut resume = BTreeMap::new();
-        for (point, trap) in detours {
-            traps.insert(trap, point);
-            resume.insert(point, RuntimeAddr(trap.0.wrapping_add(1)));
-        }
+        let mut points: Vec<(RuntimeAddr, RuntimeAddr)> = detours.into_iter().collect();
+        points.sort_unstable();
+        let mut traps: Vec<(RuntimeAddr, RuntimeAddr)> =
+            points.iter().map(|&(point, trap)| (trap, point)).collect();
+        traps.sort_unstable();
         self.mem.write(flag, &[1]).map_err(mem_err(flag))?;
         self.inline = Some(InlineFlag {
             flag,
             set: true,
             traps,
-            resume,
+            points,
         });
         Ok(())
     }
@@ -461,7 +468,7 @@ impl<M: TargetMemory> BreakpointSet<M> {
         if self.was_armed(at) {
             return Some(at);
         }
-        self.inline.as_ref()?.traps.get(&at).copied()
+        lookup(&self.inline.as_ref()?.traps, at)
     }
 
     /// Where a thread at detoured update point `rip` goes on without
@@ -470,7 +477,7 @@ impl<M: TargetMemory> BreakpointSet<M> {
     /// `None` when `rip` is no detoured point or the flag is clear.
     pub fn inline_resume(&self, rip: RuntimeAddr) -> Option<RuntimeAddr> {
         let inline = self.inline.as_ref().filter(|i| i.set)?;
-        inline.resume.get(&rip).copied()
+        lookup(&inline.points, rip).map(|trap| RuntimeAddr(trap.0.wrapping_add(1)))
     }
 
     /// Write `int3` at `addr` (no effect if already armed).
