@@ -257,3 +257,76 @@ fn assert_same_loaded_image(a: &[u8], b: &[u8], name: &str) {
         );
     }
 }
+
+/// `upstare-rewrite --inline-points` reports what it did: the text names
+/// every point that keeps `int3` with its reason, `--json` gives the count
+/// of detours and every kept point; detoured and kept points together are
+/// all the update points, and the output's tables agree.
+#[test]
+fn inline_points_cli_lists_every_point_that_keeps_int3() {
+    Toolchain::Gcc.require();
+    let dir = upstare_testkit::TempDir::new("inline-cli");
+    // matrix has points that keep int3 (a block start right after a short
+    // first instruction).
+    let p = upstare_corpus::program("matrix").expect("matrix");
+    let bin = build(&p, Toolchain::Gcc).expect("build");
+    let run_cli = |extra: &[&str], out: &str| {
+        let r = std::process::Command::new(env!("CARGO_BIN_EXE_upstare-rewrite"))
+            .arg(&bin)
+            .arg("-o")
+            .arg(dir.path().join(out))
+            .arg("--inline-points")
+            .args(extra)
+            .output()
+            .expect("run upstare-rewrite");
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        String::from_utf8(r.stdout).expect("utf-8")
+    };
+    let json: serde_json::Value =
+        serde_json::from_str(&run_cli(&["--json"], "m.json.up")).expect("json");
+    let text = run_cli(&[], "m.text.up");
+    let bytes = std::fs::read(dir.path().join("m.json.up")).expect("read output");
+    let tables = upstare_dwarf::read_tables(&bytes).expect("tables");
+    let Arming::Inline(inline) = &tables.arming else {
+        panic!("not inline");
+    };
+    let mut points: Vec<u64> = tables
+        .functions
+        .iter()
+        .flat_map(|f| f.update_points.iter().map(|p| p.addr.0))
+        .collect();
+    points.sort_unstable();
+    points.dedup();
+    let kept = json["inline_points"]["kept_int3"]
+        .as_array()
+        .expect("kept list");
+    assert_eq!(
+        json["inline_points"]["detoured"].as_u64(),
+        Some(inline.detours.len() as u64)
+    );
+    assert!(!kept.is_empty(), "matrix keeps some int3 points");
+    assert_eq!(inline.detours.len() + kept.len(), points.len());
+    for k in kept {
+        let at = k["point"].as_u64().expect("point");
+        assert!(points.contains(&at) && inline.detour_at(upstare_dwarf::LinkAddr(at)).is_none());
+        assert!(k["function"].is_string() && !k["reason"].is_null(), "{k}");
+    }
+    assert!(
+        text.contains(&format!(
+            "inline points: {} of {} update points detoured to trampolines, {} keep int3",
+            inline.detours.len(),
+            points.len(),
+            kept.len()
+        )),
+        "{text}"
+    );
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.contains(" cannot be displaced")
+                || l.contains(" inside the displaced bytes")
+                || l.contains("function's end"))
+            .count(),
+        kept.len(),
+        "{text}"
+    );
+}

@@ -139,8 +139,15 @@ fn run(cli: &Cli) -> Result<()> {
         start.elapsed().as_secs_f64() * 1000.0
     );
     if let Some(n) = detoured {
+        // A loop's point can also be its function's entry: one place.
+        let places: std::collections::BTreeSet<_> = t
+            .functions
+            .iter()
+            .flat_map(|f| f.update_points.iter().map(|p| p.addr))
+            .collect();
         println!(
-            "inline points: {n} of {points} update points detoured to trampolines, {} keep int3",
+            "inline points: {n} of {} update points detoured to trampolines, {} keep int3",
+            places.len(),
             done.kept_int3.len()
         );
         for k in &done.kept_int3 {
