@@ -31,8 +31,8 @@ pub const MAGIC: &[u8; 8] = b"UPSTFDT\0";
 /// Format version written by this encoder and the only one this decoder reads.
 ///
 /// Version 3 added the checksums (version 2 tables are refused: instrument
-/// the binary again).
-pub const VERSION: u16 = 3;
+/// the binary again); version 4 the arming mode ([`Arming`]).
+pub const VERSION: u16 = 4;
 /// Larger sections are refused before any parsing.
 pub const MAX_SECTION_SIZE: usize = 256 << 20;
 /// Fixed fields before the digests.
@@ -64,6 +64,68 @@ pub struct FrameTables {
     pub globals: Vec<Global>,
     /// Per-function tables, sorted by `low`.
     pub functions: Vec<FunctionTable>,
+    /// How update points are armed in this binary.
+    pub arming: Arming,
+}
+
+/// How the runtime arms the update points of a binary.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Arming {
+    /// `int3` written at every update point (the default: the code is the
+    /// compiler's, byte for byte).
+    #[default]
+    Int3,
+    /// `upstare-rewrite --inline-points`: detoured points test one flag
+    /// byte in a trampoline; the others are armed with `int3`.
+    Inline(InlinePoints),
+}
+
+/// The trampolines of a binary rewritten with `--inline-points`.
+///
+/// Each detoured update point starts with a `jmp rel32` to its trampoline:
+/// ```text
+///   cmp byte [rip + flag], 0 ; je resume ; trap: int3
+///   resume: the displaced instructions, relocated ; jmp point + displaced
+/// ```
+/// A thread that traps there (rip = `trap + 1`) is where it would be had
+/// it hit an `int3` at the point: flags are dead at every update point and
+/// none of the displaced instructions has run.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InlinePoints {
+    /// The flag byte: non-zero arms every detoured point at once.
+    pub flag: LinkAddr,
+    /// The trampolines' code: `[start, end)`.
+    pub trampolines: (LinkAddr, LinkAddr),
+    /// Detoured points, sorted by `point` (every other update point is
+    /// armed with `int3`).
+    pub detours: Vec<Detour>,
+}
+
+/// One detoured update point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Detour {
+    /// The update point (where the `jmp rel32` is).
+    pub point: LinkAddr,
+    /// The `int3` in its trampoline.
+    pub trap: LinkAddr,
+    /// How many bytes of the point's instructions the `jmp` displaced
+    /// (5 or more: whole instructions).
+    pub displaced: u8,
+}
+
+impl InlinePoints {
+    /// Shortest `jmp rel32`.
+    pub const JMP_LEN: u8 = 5;
+
+    /// The detour whose trampoline `int3` is at `trap`.
+    pub fn detour_trapping_at(&self, trap: LinkAddr) -> Option<&Detour> {
+        self.detours.iter().find(|d| d.trap == trap)
+    }
+    /// The detour at update point `point`.
+    pub fn detour_at(&self, point: LinkAddr) -> Option<&Detour> {
+        let i = self.detours.partition_point(|d| d.point < point);
+        self.detours.get(i).filter(|d| d.point == point)
+    }
 }
 
 /// Facts about the binary the tables describe.
@@ -458,6 +520,46 @@ fn validate(t: &FrameTables) -> Result<(), DecodeError> {
                     f.name, init.var, init.addr
                 ));
             }
+        }
+    }
+    validate_arming(t)
+}
+
+/// Every detour is at an update point, displaces whole bytes inside its
+/// function, traps inside the trampolines, and the flag lies outside
+/// every function's code.
+fn validate_arming(t: &FrameTables) -> Result<(), DecodeError> {
+    let Arming::Inline(inline) = &t.arming else {
+        return Ok(());
+    };
+    let bad = |what: String| Err(DecodeError::Invalid(what));
+    let (lo, hi) = inline.trampolines;
+    if lo > hi {
+        return bad(format!("trampolines {lo}..{hi}: bad range"));
+    }
+    if t.function_at(inline.flag).is_some() || (lo <= inline.flag && inline.flag < hi) {
+        return bad(format!("arming flag {} lies in code", inline.flag));
+    }
+    // End of the previous detour's displaced bytes: detours never overlap.
+    let mut prev_end: Option<u64> = None;
+    for d in &inline.detours {
+        if prev_end.is_some_and(|p| p > d.point.0) {
+            return bad(format!("detour at {}: unsorted or overlapping", d.point));
+        }
+        prev_end = d.point.0.checked_add(u64::from(d.displaced));
+        let in_function = t.function_at(d.point).is_some_and(|f| {
+            f.update_point_at(d.point).is_some() && {
+                let end = d.point.0.checked_add(u64::from(d.displaced));
+                end.is_some_and(|e| e <= f.high.0)
+            }
+        });
+        let trap_end = d.trap.0.checked_add(1);
+        if !in_function
+            || d.displaced < InlinePoints::JMP_LEN
+            || d.trap < LinkAddr(lo.0)
+            || trap_end.is_none_or(|e| e > hi.0)
+        {
+            return bad(format!("detour at {}: out of range", d.point));
         }
     }
     Ok(())

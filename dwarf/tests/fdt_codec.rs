@@ -124,7 +124,23 @@ fn sample() -> FrameTables {
             tls: false,
         }],
         functions: vec![f],
+        arming: Arming::Int3,
     }
+}
+
+/// [`sample`] rewritten with `--inline-points`: its first point detoured.
+fn inline_sample() -> FrameTables {
+    let mut t = sample();
+    t.arming = Arming::Inline(InlinePoints {
+        flag: LinkAddr(0x9000),
+        trampolines: (LinkAddr(0x8000), LinkAddr(0x8040)),
+        detours: vec![Detour {
+            point: LinkAddr(0x1148),
+            trap: LinkAddr(0x8009),
+            displaced: 7,
+        }],
+    });
+    t
 }
 
 /// A stand-in code digest (the binary's is checked by `read_tables`).
@@ -132,12 +148,53 @@ const CODE: Digest = [7; 32];
 
 #[test]
 fn round_trip_is_identity() {
-    let t = sample();
-    let bytes = encode(&t, &CODE).expect("encode");
-    assert_eq!(&bytes[..8], MAGIC);
-    let back = decode(&bytes).expect("decode");
-    assert_eq!(back.tables, t);
-    assert_eq!(back.code_digest, CODE);
+    for t in [sample(), inline_sample()] {
+        let bytes = encode(&t, &CODE).expect("encode");
+        assert_eq!(&bytes[..8], MAGIC);
+        let back = decode(&bytes).expect("decode");
+        assert_eq!(back.tables, t);
+        assert_eq!(back.code_digest, CODE);
+    }
+    let Arming::Inline(inline) = inline_sample().arming else {
+        unreachable!("inline_sample is inline")
+    };
+    assert_eq!(
+        inline.detour_trapping_at(LinkAddr(0x8009)).map(|d| d.point),
+        Some(LinkAddr(0x1148))
+    );
+    assert!(inline.detour_at(LinkAddr(0x1160)).is_none());
+}
+
+/// Detours the runtime would follow into the wrong place are refused: at
+/// an address that is no update point, displacing past the function's
+/// end or fewer bytes than a `jmp rel32`, trapping outside the
+/// trampolines, overlapping, a flag inside code.
+#[test]
+fn bad_detours_are_rejected() {
+    let edits: [fn(&mut InlinePoints); 7] = [
+        |i| i.detours[0].point = LinkAddr(0x1149),
+        |i| i.detours[0].displaced = 4,
+        |i| i.detours[0].displaced = 200,
+        |i| i.detours[0].trap = LinkAddr(0x8040),
+        |i| i.flag = LinkAddr(0x1150),
+        |i| i.trampolines = (LinkAddr(0x8040), LinkAddr(0x8000)),
+        |i| {
+            let mut second = i.detours[0];
+            second.point = LinkAddr(0x1160);
+            i.detours.insert(0, second);
+        },
+    ];
+    for (n, edit) in edits.iter().enumerate() {
+        let mut t = inline_sample();
+        if let Arming::Inline(i) = &mut t.arming {
+            edit(i);
+        }
+        let bytes = encode(&t, &CODE).expect("encode");
+        assert!(
+            matches!(decode(&bytes), Err(DecodeError::Invalid(_))),
+            "edit {n} accepted"
+        );
+    }
 }
 
 #[test]
@@ -208,7 +265,7 @@ fn dangling_references_are_rejected() {
 /// payload decoder itself must still never panic nor over-allocate.
 #[test]
 fn mutated_payloads_never_panic() {
-    let valid = encode(&sample(), &CODE).expect("encode")[HEADER_LEN..].to_vec();
+    let valid = encode(&inline_sample(), &CODE).expect("encode")[HEADER_LEN..].to_vec();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let mut accepted = 0usize;
     for round in 0..20_000 {

@@ -1,7 +1,7 @@
 //! Human-readable rendering of frame tables (`upstare-rewrite --dump`).
 
 use std::fmt::Write;
-use upstare_dwarf::fdt::{Callee, FrameTables, FunctionTable};
+use upstare_dwarf::fdt::{Arming, Callee, FrameTables, FunctionTable};
 use upstare_dwarf::model::{type_name, VarLocation};
 
 /// `file:line`, with the file shortened to its last component.
@@ -43,6 +43,18 @@ pub fn render(tables: &FrameTables, only: &[String]) -> String {
         tables.types.len(),
         tables.globals.len()
     );
+    if let Arming::Inline(i) = &tables.arming {
+        let points: usize = tables.functions.iter().map(|f| f.update_points.len()).sum();
+        let _ = writeln!(
+            out,
+            "arming: --inline-points, flag at {}, trampolines {}-{}, {} of {} update points detoured (the others int3)",
+            i.flag,
+            i.trampolines.0,
+            i.trampolines.1,
+            i.detours.len(),
+            points
+        );
+    }
     if only.is_empty() {
         for g in &tables.globals {
             let owner = g
@@ -107,10 +119,18 @@ fn render_function(out: &mut String, tables: &FrameTables, f: &FunctionTable) {
             scope.join(",")
         );
     }
+    let inline = match &tables.arming {
+        Arming::Inline(i) => Some(i),
+        Arming::Int3 => None,
+    };
     for p in &f.update_points {
+        let detour = inline
+            .and_then(|i| i.detour_at(p.addr))
+            .map(|d| format!(" detour trap {} ({} bytes)", d.trap, d.displaced))
+            .unwrap_or_default();
         let _ = writeln!(
             out,
-            "  point {:<8} {} {:<16} rsp=CFA{:+}",
+            "  point {:<8} {} {:<16} rsp=CFA{:+}{detour}",
             p.continuation().to_string(),
             p.addr,
             place(tables, p.file, p.line),

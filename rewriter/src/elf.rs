@@ -169,6 +169,11 @@ fn check_loaded_bytes_unchanged(input: &object::File<'_>, output: &[u8]) -> Resu
     Ok(())
 }
 
+/// Whether `elf` carries a `.upstare` section (already instrumented).
+pub fn has_tables(elf: &[u8]) -> bool {
+    object::File::parse(elf).is_ok_and(|f| f.section_by_name(SECTION_NAME).is_some())
+}
+
 /// Reads and decodes the `.upstare` section of an instrumented binary.
 pub fn read_tables(elf: &[u8]) -> Result<FrameTables, TablesError> {
     upstare_dwarf::read_tables(elf)

@@ -7,4 +7,5 @@
 pub mod analysis;
 pub mod dump;
 pub mod elf;
+pub mod inline;
 pub mod rewrite;

@@ -1,9 +1,10 @@
 //! The rewriting pipeline: ELF bytes in, frame tables and instrumented ELF out.
 
-use crate::analysis::{self, AnalysisError, CodeView};
+use crate::analysis::{self, AnalysisError, CodeView, PointDetour};
 use crate::elf::{self, ElfError};
+use crate::inline::{InlineError, KeptPoint};
 use object::{Object, ObjectSection};
-use upstare_dwarf::fdt::{self, BinaryInfo, EncodeError, FrameTables, FunctionTable};
+use upstare_dwarf::fdt::{self, Arming, BinaryInfo, EncodeError, FrameTables, FunctionTable};
 use upstare_dwarf::model::Program;
 use upstare_dwarf::read::{read_program, ReadError};
 use upstare_dwarf::LinkAddr;
@@ -36,6 +37,8 @@ pub enum RewriteError {
     Encode(#[from] EncodeError),
     #[error(transparent)]
     Elf(#[from] ElfError),
+    #[error(transparent)]
+    Inline(#[from] InlineError),
     /// Several functions refused: every one, grouped by reason.
     #[error("{}", refusal_summary(.0))]
     Refused(Vec<RewriteError>),
@@ -59,6 +62,7 @@ impl RewriteError {
             RewriteError::NoFunctions => "no functions",
             RewriteError::Encode(_) => "tables cannot be encoded",
             RewriteError::Elf(_) => "ELF cannot be rewritten",
+            RewriteError::Inline(_) => "no room for update-point trampolines",
         }
     }
 }
@@ -176,10 +180,19 @@ pub struct Rewritten {
     pub tables: FrameTables,
     /// Size of the encoded `.upstare` section.
     pub section_size: usize,
+    /// With `--inline-points`: the update points that keep `int3` arming,
+    /// and why.
+    pub kept_int3: Vec<KeptPoint>,
 }
 
 /// Builds the frame tables of `input` without writing anything.
 pub fn build_tables(input: &[u8]) -> Result<FrameTables, RewriteError> {
+    build(input).map(|(t, _)| t)
+}
+
+/// The tables of `input` and, per update point (with its function's name),
+/// what a detour would displace.
+fn build(input: &[u8]) -> Result<(FrameTables, Vec<(String, PointDetour)>), RewriteError> {
     let file = object::File::parse(input).map_err(|e| RewriteError::Parse(e.to_string()))?;
     if file.section_by_name(".symtab").is_none() {
         return Err(RewriteError::Stripped);
@@ -190,14 +203,18 @@ pub fn build_tables(input: &[u8]) -> Result<FrameTables, RewriteError> {
     let mut functions: Vec<FunctionTable> = Vec::with_capacity(program.functions.len());
     // Every function is analyzed: all refusals are reported at once.
     let mut refused: Vec<RewriteError> = Vec::new();
+    let mut detours = Vec::new();
     for f in &program.functions {
         let table = function_code(&view, f).and_then(|code| {
-            let t = analysis::analyze_function(f, &program, code, &view)?;
+            let t = analysis::analyze_function_detailed(f, &program, code, &view)?;
             check_params_spilled(f)?;
             Ok(t)
         });
         match table {
-            Ok(t) => functions.push(t),
+            Ok((t, details)) => {
+                detours.extend(details.detours.into_iter().map(|d| (t.name.clone(), d)));
+                functions.push(t);
+            }
             // Binary-wide problems are not a function's.
             Err(RewriteError::Analysis(
                 e @ (AnalysisError::Section { .. } | AnalysisError::TooManyStubs { .. }),
@@ -223,13 +240,15 @@ pub fn build_tables(input: &[u8]) -> Result<FrameTables, RewriteError> {
         text_addr: LinkAddr(text.as_ref().map_or(0, |s| s.address())),
         text_size: text.as_ref().map_or(0, |s| s.size()),
     };
-    Ok(FrameTables {
+    let tables = FrameTables {
         binary,
         files: program.files,
         types: program.types,
         globals: program.globals,
         functions,
-    })
+        arming: Arming::Int3,
+    };
+    Ok((tables, detours))
 }
 
 /// Why each function lacks what it lacks: loops without an update point,
@@ -237,6 +256,15 @@ pub fn build_tables(input: &[u8]) -> Result<FrameTables, RewriteError> {
 /// address order. `input` may be the original or the instrumented binary
 /// (its code is the same).
 pub fn analysis_notes(input: &[u8]) -> Result<Vec<(String, Vec<String>)>, RewriteError> {
+    // Rewritten with --inline-points: the analysis sees the code as it was.
+    let restored = match upstare_dwarf::read_tables(input) {
+        Ok(FrameTables {
+            arming: Arming::Inline(inline),
+            ..
+        }) => Some(crate::inline::restore_original(input, &inline)?),
+        _ => None,
+    };
+    let input = restored.as_deref().unwrap_or(input);
     let file = object::File::parse(input).map_err(|e| RewriteError::Parse(e.to_string()))?;
     let program = read_program(input)?;
     let view = CodeView::new(&file).map_err(RewriteError::Analysis)?;
@@ -251,18 +279,52 @@ pub fn analysis_notes(input: &[u8]) -> Result<Vec<(String, Vec<String>)>, Rewrit
     Ok(out)
 }
 
+/// How update points are armed in the output.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PointsMode {
+    /// The code is left as it is; the runtime writes `int3` at each point.
+    #[default]
+    Int3,
+    /// `--inline-points`: detours to trampolines testing one flag byte
+    /// (see [`crate::inline`]).
+    Inline,
+}
+
 /// Rewrites `input`: builds its tables and attaches them.
 pub fn rewrite(input: &[u8]) -> Result<Rewritten, RewriteError> {
-    let tables = build_tables(input)?;
+    rewrite_with(input, PointsMode::Int3)
+}
+
+/// Rewrites `input` with update points armed as `mode` says.
+pub fn rewrite_with(input: &[u8], mode: PointsMode) -> Result<Rewritten, RewriteError> {
+    // Said first: the code of a binary rewritten with --inline-points is
+    // not the compiler's any more.
+    if elf::has_tables(input) {
+        return Err(ElfError::AlreadyInstrumented.into());
+    }
+    let (mut tables, detours) = build(input)?;
+    let mut kept = Vec::new();
+    let with_code = match mode {
+        PointsMode::Int3 => None,
+        PointsMode::Inline => {
+            let done = crate::inline::add_trampolines(input, &detours)?;
+            tables.arming = Arming::Inline(done.inline);
+            kept = done.kept;
+            Some(done.elf)
+        }
+    };
+    let loaded = with_code.as_deref().unwrap_or(input);
     // The tables are bound to the loaded bytes they describe, which the
     // output keeps (checked by `attach_tables`).
-    let code = upstare_dwarf::code_digest(input).map_err(|e| RewriteError::Parse(e.to_string()))?;
+    let code =
+        upstare_dwarf::code_digest(loaded).map_err(|e| RewriteError::Parse(e.to_string()))?;
     let section = fdt::encode(&tables, &code)?;
-    let elf = elf::attach_tables(input, &section)?;
+    let elf = elf::attach_tables(loaded, &section)?;
     Ok(Rewritten {
         elf,
         tables,
         section_size: section.len(),
+        kept_int3: kept,
     })
 }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 use upstare_corpus::{build, programs};
 use upstare_dwarf::fdt::FrameTables;
 use upstare_dwarf::model::{type_size, VarLocation};
-use upstare_testkit::{run_command, Toolchain};
+use upstare_testkit::{run_command, PointsMode, Toolchain};
 
 /// The expectations for gdb: per update point, the variables in scope there
 /// with their table locations.
@@ -57,7 +57,11 @@ struct OracleResult {
 
 fn run_oracle(binary: &Path, args: &[&str], work: &Path) -> OracleResult {
     let input = std::fs::read(binary).expect("read binary");
-    let tables = upstare_rewriter::rewrite::build_tables(&input).expect("tables");
+    // An instrumented binary's own tables (its code may carry detours);
+    // else the tables the rewriter makes of it.
+    let tables = upstare_dwarf::read_tables(&input)
+        .or_else(|_| upstare_rewriter::rewrite::build_tables(&input).map_err(|e| e.to_string()))
+        .expect("tables");
     let spec = expectations(&tables);
     let spec_path = work.join("spec.json");
     let report_path = work.join("report.json");
@@ -104,16 +108,28 @@ fn run_oracle(binary: &Path, args: &[&str], work: &Path) -> OracleResult {
 }
 
 fn oracle_for(toolchain: Toolchain) {
+    oracle_as(toolchain, None);
+}
+
+fn oracle_as(toolchain: Toolchain, mode: Option<PointsMode>) {
     upstare_testkit::require_tool("gdb");
     toolchain.require();
-    let work =
-        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("oracle-{}", toolchain.name()));
+    let tag = if mode.is_some() { "-inline" } else { "" };
+    let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("oracle-{}{tag}", toolchain.name()));
     std::fs::create_dir_all(&work).expect("work dir");
     let (mut reached, mut total, mut stops, mut compared, mut statics) = (0, 0, 0, 0, 0);
     let mut mismatches = Vec::new();
     let mut skipped = 0;
     for program in programs() {
-        let bin = build(&program, toolchain).expect("build");
+        let mut bin = build(&program, toolchain).expect("build");
+        if let Some(mode) = mode {
+            // gdb stops at the points of the rewritten binary, over its
+            // detours, and runs through the trampolines between stops.
+            let up = work.join(program.name);
+            upstare_testkit::instrument_with(&bin, &up, mode);
+            bin = up;
+        }
         let r = run_oracle(&bin, program.args, &work);
         assert!(
             r.points_reached > 0,
@@ -148,6 +164,16 @@ fn oracle_for(toolchain: Toolchain) {
         mismatches.len(),
         mismatches.join("\n")
     );
+}
+
+#[test]
+fn inline_points_tables_agree_with_gdb_gcc_pie() {
+    oracle_as(Toolchain::Gcc, Some(PointsMode::Inline));
+}
+
+#[test]
+fn inline_points_tables_agree_with_gdb_clang() {
+    oracle_as(Toolchain::Clang, Some(PointsMode::Inline));
 }
 
 #[test]

@@ -4,8 +4,12 @@
 //!    more functions), with its breakdown by phase, against a floor: the
 //!    time to seize, interrupt and resume the same threads with nothing
 //!    else done;
-//! 2. steady-state cost of an instrumented binary against the original:
-//!    callgrind instruction counts and wall time, measured in the same run.
+//! 2. the stop phase of a busy 50-function and a busy 5,000-function
+//!    program with `int3` arming and with `--inline-points` (one flag
+//!    byte arms every detoured point);
+//! 3. steady-state cost of an instrumented binary against the original:
+//!    callgrind instruction counts and wall time, measured in the same run
+//!    (`.up` default, `.inline` with `--inline-points`).
 //!
 //! `cargo bench -p upstare-runtime --bench update_latency`. Needs gcc and
 //! valgrind (scripts/deps installs both).
@@ -16,7 +20,9 @@ use std::time::{Duration, Instant};
 use upstare_corpus::{build, program};
 use upstare_runtime::target::ptrace::Tracee;
 use upstare_runtime::update::{apply, ApplyOptions};
-use upstare_testkit::{compile_c, instrument, spawn, CSource, Toolchain};
+use upstare_testkit::{
+    compile_c, instrument, instrument_with, spawn, CSource, PointsMode, Toolchain,
+};
 
 const SUBJECT: &str = r#"
 #include <pthread.h>
@@ -263,7 +269,7 @@ fn main() {
     .expect("compile");
     let up = dir.join("subject.up");
     instrument(&bin, &up);
-    let sized = |n: usize| {
+    let sized_as = |n: usize, mode: PointsMode| {
         let src = large_subject(n);
         let bin = compile_c(
             CSource::Text(&src),
@@ -272,10 +278,14 @@ fn main() {
             &dir.join(format!("large{n}")),
         )
         .expect("compile a large subject");
-        let up = dir.join(format!("large{n}.up"));
-        instrument(&bin, &up);
+        let up = match mode {
+            PointsMode::Int3 => dir.join(format!("large{n}.up")),
+            PointsMode::Inline => dir.join(format!("large{n}.inline")),
+        };
+        instrument_with(&bin, &up, mode);
         up
     };
+    let sized = |n: usize| sized_as(n, PointsMode::Int3);
     let (f50, large, f5000) = (sized(50), sized(2000), sized(5000));
 
     println!(
@@ -332,35 +342,84 @@ fn main() {
             b.pause / b.floor
         );
     }
+    if only.as_deref().is_none_or(|o| "stop-modes".contains(o)) {
+        println!(
+            "\nstop phase (ms, median of {RUNS} updates), busy threads: int3 at every update \
+             point vs --inline-points (one flag byte; points whose detour is not safe keep int3)"
+        );
+        println!(
+            "{:>14} {:>7} {:>9} {:>9} {:>10} {:>10}",
+            "program", "points", "detoured", "int3", "inline", "ratio"
+        );
+        for n in [50usize, 5000] {
+            let inline = sized_as(n, PointsMode::Inline);
+            let int3 = if n == 50 { &f50 } else { &f5000 };
+            let tables =
+                upstare_dwarf::read_tables(&std::fs::read(&inline).expect("read")).expect("tables");
+            let points: usize = tables.functions.iter().map(|f| f.update_points.len()).sum();
+            let detoured = match &tables.arming {
+                upstare_dwarf::fdt::Arming::Inline(i) => i.detours.len(),
+                upstare_dwarf::fdt::Arming::Int3 => 0,
+            };
+            let (_, a) = latency(int3, &dir, &format!("stop-int3-{n}"), 10, 1, true);
+            let (_, b) = latency(&inline, &dir, &format!("stop-inline-{n}"), 10, 1, true);
+            println!(
+                "{:>14} {:>7} {:>9} {:>9.2} {:>10.2} {:>10.3}",
+                format!("{n} fns busy"),
+                points,
+                detoured,
+                a.stop,
+                b.stop,
+                b.stop / a.stop
+            );
+        }
+    }
     if only.is_some() {
         return;
     }
 
     println!("\nsteady-state cost: instrumented vs original (same run)");
     println!(
-        "{:>10} {:>16} {:>16} {:>8} {:>10} {:>10} {:>8}",
-        "program", "instr orig", "instr .up", "ratio", "ms orig", "ms .up", "ratio"
+        "{:>10} {:>16} {:>16} {:>8} {:>10} {:>10} {:>8} {:>16} {:>8} {:>10} {:>8}",
+        "program",
+        "instr orig",
+        "instr .up",
+        "ratio",
+        "ms orig",
+        "ms .up",
+        "ratio",
+        "instr .inline",
+        "ratio",
+        "ms .inline",
+        "ratio"
     );
     for name in ["scoring", "matrix", "calc", "kvstore"] {
         let p = program(name).expect("corpus program");
         let orig = build(&p, Toolchain::Gcc).expect("build");
         let inst = dir.join(format!("{name}.up"));
         instrument(&orig, &inst);
-        let (a, b) = (callgrind(&orig), callgrind(&inst));
-        let (wa, wb) = (wall(&orig, 15), wall(&inst, 15));
-        let ratio = match (a, b) {
+        let inl = dir.join(format!("{name}.inline"));
+        instrument_with(&orig, &inl, PointsMode::Inline);
+        let (a, b, c) = (callgrind(&orig), callgrind(&inst), callgrind(&inl));
+        let (wa, wb, wc) = (wall(&orig, 15), wall(&inst, 15), wall(&inl, 15));
+        let ratio = |b: Option<u64>| match (a, b) {
             (Some(a), Some(b)) if a > 0 => format!("{:.4}", b as f64 / a as f64),
             _ => "n/a".into(),
         };
+        let count = |v: Option<u64>| v.map_or("n/a".into(), |v| v.to_string());
         println!(
-            "{:>10} {:>16} {:>16} {:>8} {:>10.2} {:>10.2} {:>8.3}",
+            "{:>10} {:>16} {:>16} {:>8} {:>10.2} {:>10.2} {:>8.3} {:>16} {:>8} {:>10.2} {:>8.3}",
             name,
-            a.map_or("n/a".into(), |v| v.to_string()),
-            b.map_or("n/a".into(), |v| v.to_string()),
-            ratio,
+            count(a),
+            count(b),
+            ratio(b),
             wa,
             wb,
-            wb / wa
+            wb / wa,
+            count(c),
+            ratio(c),
+            wc,
+            wc / wa
         );
     }
 }

@@ -16,10 +16,11 @@
 
 mod apply_support;
 
-use apply_support::TempDir;
+use apply_support::{PointsMode, TempDir};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
+use upstare_testkit::instrument_with;
 use upstare_testkit::{run_command, spawn, ChildGuard, Output, Toolchain};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -106,16 +107,26 @@ struct Versions {
     v2: PathBuf,
 }
 
-fn build(dir: &TempDir, kind: Kind) -> Versions {
+fn build(dir: &TempDir, kind: Kind, mode: PointsMode) -> Versions {
     let src = |tag| match kind {
         Kind::Busy => busy(tag),
         Kind::Server => server(tag),
     };
     let name = format!("{kind:?}").to_lowercase();
+    let one = |n: &str, tag| {
+        let up = apply_support::build_c(dir, n, &src(tag), Toolchain::Gcc);
+        match mode {
+            PointsMode::Int3 => up,
+            PointsMode::Inline => {
+                let inline = dir.path().join(format!("{n}.inline"));
+                instrument_with(&dir.path().join(n), &inline, mode)
+            }
+        }
+    };
     Versions {
         kind,
-        v1: apply_support::build_c(dir, &format!("{name}1"), &src("v1"), Toolchain::Gcc),
-        v2: apply_support::build_c(dir, &format!("{name}2"), &src("v2"), Toolchain::Gcc),
+        v1: one(&format!("{name}1"), "v1"),
+        v2: one(&format!("{name}2"), "v2"),
     }
 }
 
@@ -332,19 +343,28 @@ fn interrupted_update(v: &Versions, sig: &str, phase: &str, n: u64, tally: &mut 
 }
 
 fn fault_matrix(kind: Kind, signals: &[&str]) {
+    fault_matrix_as(
+        kind,
+        signals,
+        PointsMode::Int3,
+        &["stop", "load", "transfer", "commit"],
+    );
+}
+
+fn fault_matrix_as(kind: Kind, signals: &[&str], mode: PointsMode, phases: &[&str]) {
     let dir = TempDir::new("apply-faults");
-    let v = build(&dir, kind);
+    let v = build(&dir, kind, mode);
     let counts = count_checkpoints(&v);
     println!("{kind:?}: checkpoints {counts:?}");
     let moments = moments(&counts);
     assert!(
-        moments.len() >= 30,
+        moments.len() >= 30 || phases.len() < 4,
         "only {} moments: {counts:?}",
         moments.len()
     );
     for sig in signals {
         let mut total = Tally::default();
-        for phase in ["stop", "load", "transfer", "commit"] {
+        for &phase in phases {
             let mut tally = Tally::default();
             for (p, n) in moments.iter().filter(|(p, _)| p == phase) {
                 interrupted_update(&v, sig, p, *n, &mut tally);
@@ -360,14 +380,47 @@ fn fault_matrix(kind: Kind, signals: &[&str]) {
             total.not_reached += tally.not_reached;
         }
         assert_eq!(total.survived, total.runs);
-        // Nearly every moment was really hit.
-        assert!(total.not_reached * 10 <= total.runs, "{total:?}");
+        // Nearly every moment was really hit (a phase's count varies from
+        // run to run: with one phase, a miss is a larger share).
+        let share = if phases.len() < 4 { 4 } else { 10 };
+        assert!(total.not_reached * share <= total.runs, "{total:?}");
     }
 }
 
 #[test]
 fn busy_program_survives_the_updaters_death_at_every_moment() {
     fault_matrix(Kind::Busy, &["SIGINT", "SIGTERM", "SIGKILL"]);
+}
+
+/// With `--inline-points` the busy threads run through detoured update
+/// points: while stopping, the flag byte arms them and killing the
+/// updater leaves a set flag behind; the rescue handler, hit in a
+/// trampoline with no tracer, clears it and the threads go on. (The 16
+/// workers' loop point is detoured: checked.)
+#[test]
+fn busy_program_with_inline_points_survives_the_updaters_death_while_stopping() {
+    let dir = TempDir::new("apply-faults-inline");
+    let v = build(&dir, Kind::Busy, PointsMode::Inline);
+    let tables =
+        upstare_dwarf::read_tables(&std::fs::read(&v.v1).expect("read v1")).expect("tables");
+    let worker = tables.function("worker").expect("worker");
+    let upstare_dwarf::fdt::Arming::Inline(inline) = &tables.arming else {
+        panic!("v1 not rewritten with --inline-points");
+    };
+    assert!(
+        worker
+            .update_points
+            .iter()
+            .all(|p| inline.detour_at(p.addr).is_some()),
+        "worker's update points are not all detoured"
+    );
+    drop(dir);
+    fault_matrix_as(
+        Kind::Busy,
+        &["SIGKILL", "SIGINT"],
+        PointsMode::Inline,
+        &["stop"],
+    );
 }
 
 #[test]
@@ -379,7 +432,7 @@ fn blocked_server_survives_the_updaters_death_at_every_moment() {
 #[test]
 fn other_termination_signals_roll_back_too() {
     let dir = TempDir::new("apply-faults-other");
-    let v = build(&dir, Kind::Server);
+    let v = build(&dir, Kind::Server, PointsMode::Int3);
     for sig in ["SIGHUP", "SIGQUIT", "SIGPIPE"] {
         let mut tally = Tally::default();
         for (phase, n) in [("stop", 1), ("load", 3), ("transfer", 2), ("commit", 1)] {
@@ -407,7 +460,7 @@ fn task_states(pid: u32) -> Vec<char> {
 /// completes.
 fn job_control(kind: Kind) -> (u32, u32) {
     let dir = TempDir::new("apply-jobs");
-    let v = build(&dir, kind);
+    let v = build(&dir, kind, PointsMode::Int3);
     let counts = count_checkpoints(&v);
     // Moments in the order the update passes them (`any:N`), so that a
     // continue can be sent at a later moment than the stop.

@@ -163,11 +163,11 @@ fn deterministic_programs() -> Vec<Program> {
 
 /// Identity updates of `progs` built with `tc` at a spread of update-point
 /// hits (all of the run with `full`).
-fn identity_spread(tc: Toolchain, progs: Vec<Program>, full: bool) -> Tally {
+fn identity_spread(tc: Toolchain, progs: Vec<Program>, full: bool, mode: PointsMode) -> Tally {
     let dir = TempDir::new(&format!("spread-{tc}"));
     let mut tally = Tally::default();
     for p in progs {
-        let up = instrumented(&p, tc);
+        let up = instrumented_as(&p, tc, mode);
         let base = baseline(&up, p.args);
         assert_eq!(
             base.status,
@@ -245,7 +245,7 @@ fn identity_spread(tc: Toolchain, progs: Vec<Program>, full: bool) -> Tally {
 
 fn check_spread(tc: Toolchain, full: bool) {
     tc.require();
-    let t = identity_spread(tc, deterministic_programs(), full);
+    let t = identity_spread(tc, deterministic_programs(), full, PointsMode::Int3);
     report_spread(tc, &t);
     assert!(t.failures.is_empty(), "{}", t.failures.join("\n\n"));
     // 20 programs at up to 10 states each: most must really be updated.
@@ -271,10 +271,18 @@ const MIN_UPDATED_PER_PROGRAM: usize = 6;
 
 /// The spread of one deterministic corpus program built with `tc`.
 fn check_program_spread(tc: Toolchain, name: &str) {
+    check_program_spread_as(tc, name, PointsMode::Int3);
+}
+
+/// [`check_program_spread`] of the program rewritten as `mode` says.
+fn check_program_spread_as(tc: Toolchain, name: &str, mode: PointsMode) {
     tc.require();
     let p = upstare_corpus::program(name).unwrap_or_else(|| panic!("no corpus program {name}"));
     assert!(p.deterministic, "{name} is not deterministic");
-    let t = identity_spread(tc, vec![p], false);
+    if mode == PointsMode::Inline {
+        assert_mostly_detoured(&instrumented_as(&p, tc, mode));
+    }
+    let t = identity_spread(tc, vec![p], false, mode);
     report_spread(tc, &t);
     assert!(t.failures.is_empty(), "{}", t.failures.join("\n\n"));
     // Every state counts (threads in pthread_cond_wait are updated too),
@@ -317,6 +325,55 @@ spread_tests!(
     logstats, matrix, packets, pipeline, prodcons, ringbuf, scoring, signals, stackvm, textstats,
     vending,
 );
+
+/// The binary `up` arms most of its update points through trampolines
+/// (so the spread really stops threads there).
+fn assert_mostly_detoured(up: &Path) {
+    let bytes = std::fs::read(up).expect("read the instrumented binary");
+    let tables = upstare_dwarf::read_tables(&bytes).expect("tables");
+    let points: BTreeSet<_> = tables
+        .functions
+        .iter()
+        .flat_map(|f| f.update_points.iter().map(|p| p.addr))
+        .collect();
+    let upstare_dwarf::fdt::Arming::Inline(inline) = &tables.arming else {
+        panic!("{}: not rewritten with --inline-points", up.display());
+    };
+    assert!(
+        inline.detours.len() * 2 >= points.len(),
+        "{}: only {} of {} update points detoured",
+        up.display(),
+        inline.detours.len(),
+        points.len()
+    );
+}
+
+/// The same spread with `upstare-rewrite --inline-points`: the update
+/// points the threads stop at are mostly detours, armed by one flag byte,
+/// and the hits are traps in trampolines taken as hits at the points.
+/// Programs with loops, recursion, threads on condition variables, a
+/// signal handler, blocking reads and a computed-goto VM.
+macro_rules! inline_spread_tests {
+    ($($name:ident),* $(,)?) => {
+        mod inline_points_identity_updates_at_many_states {
+            $(
+                mod $name {
+                    use super::super::{check_program_spread_as, PointsMode, Toolchain};
+                    #[test]
+                    fn gcc() {
+                        check_program_spread_as(Toolchain::Gcc, stringify!($name), PointsMode::Inline);
+                    }
+                    #[test]
+                    fn clang() {
+                        check_program_spread_as(Toolchain::Clang, stringify!($name), PointsMode::Inline);
+                    }
+                }
+            )*
+        }
+    };
+}
+
+inline_spread_tests!(bank, deeprec, dispatch, matrix, prodcons, signals, stackvm, textstats);
 
 /// The per-program tests cover exactly the deterministic corpus programs
 /// (a program added to the corpus needs its line in `spread_tests!`), and

@@ -123,6 +123,7 @@ fn tables(extra: bool) -> FrameTables {
         types,
         globals: vec![],
         functions: vec![main, work],
+        arming: Default::default(),
     }
 }
 

@@ -92,6 +92,7 @@ fn image() -> Image {
             }],
             globals: vec![],
             functions: vec![main, work],
+            arming: Default::default(),
         },
         text: RuntimeAddr(BIAS + 0x1000)..RuntimeAddr(BIAS + 0x2000),
         span: RuntimeAddr(BIAS)..RuntimeAddr(BIAS + 0x5000),

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::compile::{compile_c, CSource, Toolchain};
+pub use upstare_rewriter::rewrite::PointsMode;
 
 /// Writes an executable with `mode` by write-then-rename: a test running in
 /// parallel never sees half a file. The temporary name is unique per call,
@@ -28,12 +29,18 @@ pub fn write_exe(path: &Path, bytes: &[u8], mode: u32) {
 /// Instruments `exe` into `out` (which may be `exe` itself), keeping
 /// `exe`'s permissions. Panics with the rewriter's message if it refuses.
 pub fn instrument(exe: &Path, out: &Path) -> PathBuf {
+    instrument_with(exe, out, PointsMode::Int3)
+}
+
+/// [`instrument`] with update points armed as `mode` says
+/// (`PointsMode::Inline`: `upstare-rewrite --inline-points`).
+pub fn instrument_with(exe: &Path, out: &Path, points: PointsMode) -> PathBuf {
     let bytes = std::fs::read(exe).unwrap_or_else(|e| panic!("read {}: {e}", exe.display()));
     let mode = std::fs::metadata(exe)
         .unwrap_or_else(|e| panic!("stat {}: {e}", exe.display()))
         .permissions()
         .mode();
-    let r = upstare_rewriter::rewrite::rewrite(&bytes)
+    let r = upstare_rewriter::rewrite::rewrite_with(&bytes, points)
         .unwrap_or_else(|e| panic!("instrument {}: {e}", exe.display()));
     write_exe(out, &r.elf, mode);
     out.to_path_buf()
@@ -44,6 +51,11 @@ pub fn instrument(exe: &Path, out: &Path) -> PathBuf {
 /// cannot read `out`'s tables (made in an older table format, or damaged):
 /// a stale cached build is rebuilt, never refused forever.
 pub fn instrument_to(exe: &Path, out: &Path) -> PathBuf {
+    instrument_to_with(exe, out, PointsMode::Int3)
+}
+
+/// [`instrument_to`] with update points armed as `mode` says.
+pub fn instrument_to_with(exe: &Path, out: &Path, mode: PointsMode) -> PathBuf {
     let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let rewriter = std::env::current_exe().ok().and_then(|p| mtime(&p));
     if let (Some(a), Some(b), Some(r)) = (mtime(exe), mtime(out), rewriter) {
@@ -56,7 +68,7 @@ pub fn instrument_to(exe: &Path, out: &Path) -> PathBuf {
             return out.to_path_buf();
         }
     }
-    instrument(exe, out)
+    instrument_with(exe, out, mode)
 }
 
 /// Compiles C text with `tc` and extra compiler `flags` into `dir/name`

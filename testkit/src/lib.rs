@@ -29,7 +29,10 @@ pub use compile::{
 pub use driver::{
     run_with_breakpoints, DriverError, Exit, HitAction, HitContext, RunLimits, RunReport,
 };
-pub use instrument::{compile_instrumented, instrument, instrument_to, write_exe};
+pub use instrument::{
+    compile_instrumented, instrument, instrument_to, instrument_to_with, instrument_with,
+    write_exe, PointsMode,
+};
 pub use process::{run, run_command, spawn, ChildGuard, ExitStatus, Output, RunError};
 pub use rng::Rng;
 pub use tempdir::TempDir;

@@ -28,6 +28,7 @@ mod calls;
 mod cfg;
 mod codeview;
 mod decode;
+mod detour;
 mod dom;
 mod frame;
 mod inits;
@@ -39,6 +40,7 @@ mod stack;
 
 pub use calls::NORETURN_IMPORTS;
 pub use codeview::{CodeView, MAX_PLT_STUBS};
+pub use detour::{KeptInt3, PointDetour};
 
 use decode::{Insn, RegSet};
 use std::collections::BTreeMap;
@@ -160,6 +162,9 @@ pub struct Details {
     pub jump_tables: Vec<JumpTableInfo>,
     /// Why a loop has no update point, why a call has no restart address.
     pub notes: Vec<String>,
+    /// Per update point, what a detour would displace or why it keeps
+    /// `int3` (`--inline-points`).
+    pub detours: Vec<PointDetour>,
 }
 
 /// One natural loop.
@@ -355,7 +360,9 @@ pub fn analyze_function_detailed(
             })
             .collect(),
         notes,
+        detours: Vec::new(),
     };
+    let mut details = details;
     let table = FunctionTable {
         name: f.name.clone(),
         low: f.low,
@@ -372,6 +379,7 @@ pub fn analyze_function_detailed(
         call_sites,
         var_inits: ctx.var_inits(),
     };
+    details.detours = ctx.detours(&table);
     Ok((table, details))
 }
 

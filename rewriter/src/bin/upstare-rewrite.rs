@@ -48,6 +48,13 @@ struct Cli {
     /// With --dump: show only this function (repeatable).
     #[arg(long = "function", value_name = "NAME", requires = "dump")]
     functions: Vec<String>,
+    /// Arm update points with one flag byte instead of one `int3` per
+    /// point: each point whose first instructions can be displaced safely
+    /// becomes a `jmp` to a trampoline (in a new executable segment) that
+    /// traps only while the flag is set; the others keep `int3` and are
+    /// listed (with --json: every one, with its reason).
+    #[arg(long, conflicts_with = "dump")]
+    inline_points: bool,
     /// Overwrite OUT if it exists.
     #[arg(short, long)]
     force: bool,
@@ -74,7 +81,12 @@ fn run(cli: &Cli) -> Result<()> {
         bail!("{} exists; pass --force to overwrite", out.display());
     }
     let start = Instant::now();
-    let done = match rewrite::rewrite(&input) {
+    let mode = if cli.inline_points {
+        rewrite::PointsMode::Inline
+    } else {
+        rewrite::PointsMode::Int3
+    };
+    let done = match rewrite::rewrite_with(&input, mode) {
         Ok(d) => d,
         Err(e) => {
             if cli.json {
@@ -94,8 +106,12 @@ fn run(cli: &Cli) -> Result<()> {
     } else {
         0.0
     };
+    let detoured = match &t.arming {
+        upstare_dwarf::fdt::Arming::Inline(i) => Some(i.detours.len()),
+        upstare_dwarf::fdt::Arming::Int3 => None,
+    };
     if cli.json {
-        let v = serde_json::json!({
+        let mut v = serde_json::json!({
             "ok": true,
             "output": out.display().to_string(),
             "functions": t.functions.len(),
@@ -103,6 +119,12 @@ fn run(cli: &Cli) -> Result<()> {
             "call_sites": calls,
             "table_bytes": done.section_size,
         });
+        if let Some(n) = detoured {
+            v["inline_points"] = serde_json::json!({
+                "detoured": n,
+                "kept_int3": done.kept_int3,
+            });
+        }
         println!("{v}");
         return Ok(());
     }
@@ -116,6 +138,22 @@ fn run(cli: &Cli) -> Result<()> {
         share,
         start.elapsed().as_secs_f64() * 1000.0
     );
+    if let Some(n) = detoured {
+        // A loop's point can also be its function's entry: one place.
+        let places: std::collections::BTreeSet<_> = t
+            .functions
+            .iter()
+            .flat_map(|f| f.update_points.iter().map(|p| p.addr))
+            .collect();
+        println!(
+            "inline points: {n} of {} update points detoured to trampolines, {} keep int3",
+            places.len(),
+            done.kept_int3.len()
+        );
+        for k in &done.kept_int3 {
+            println!("  {} at {}: {}", k.function, k.point, k.reason);
+        }
+    }
     Ok(())
 }
 

@@ -40,6 +40,16 @@ impl Image {
     pub fn is_code(&self, a: RuntimeAddr) -> bool {
         self.text.contains(&a)
     }
+    /// Whether `a` lies in the update-point trampolines of this image
+    /// (`upstare-rewrite --inline-points`).
+    pub fn in_trampolines(&self, a: RuntimeAddr) -> bool {
+        match &self.tables.arming {
+            upstare_dwarf::fdt::Arming::Inline(i) => {
+                self.runtime(i.trampolines.0) <= a && a < self.runtime(i.trampolines.1)
+            }
+            upstare_dwarf::fdt::Arming::Int3 => false,
+        }
+    }
 }
 
 /// Why a thread counts as ready to be updated.

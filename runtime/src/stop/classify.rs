@@ -376,6 +376,11 @@ impl Stopper<'_> {
                 };
             }
         }
+        if self.image.in_trampolines(rip) {
+            // On its way through a detour: it reaches code of its function
+            // within a few instructions.
+            return Err(NotReadyReason::NotAtPoint);
+        }
         if self.image.is_code(rip) {
             let Some(f) = self
                 .image

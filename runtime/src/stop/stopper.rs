@@ -18,6 +18,7 @@ use nix::libc;
 use nix::unistd::Pid;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
+use upstare_dwarf::fdt::Arming;
 use upstare_dwarf::RuntimeAddr;
 
 /// A signal held back from a thread.
@@ -265,10 +266,25 @@ impl Stopper<'_> {
         }
 
         let t = Instant::now();
+        let inline = match &self.image.tables.arming {
+            Arming::Inline(inline) => Some(inline),
+            Arming::Int3 => None,
+        };
         for f in &self.image.tables.functions {
             for p in &f.update_points {
+                if inline.is_some_and(|i| i.detour_at(p.addr).is_some()) {
+                    continue;
+                }
                 bps.arm(self.image.runtime(p.addr))?;
             }
+        }
+        if let Some(inline) = inline {
+            // One store arms every detoured point.
+            let detours = inline
+                .detours
+                .iter()
+                .map(|d| (self.image.runtime(d.point), self.image.runtime(d.trap)));
+            bps.arm_inline(self.image.runtime(inline.flag), detours)?;
         }
         timings.arm = t.elapsed();
         self.armed = bps.len();
@@ -544,11 +560,10 @@ impl Stopper<'_> {
         match stop {
             Stop::Int3 => {
                 let mut regs = self.tracee.regs(tid)?;
-                let at = RuntimeAddr(regs.rip().0.wrapping_sub(1));
-                if !bps.was_armed(at) {
+                let Some(at) = bps.trap_site(RuntimeAddr(regs.rip().0.wrapping_sub(1))) else {
                     // The program's own int3: its SIGTRAP is its business.
                     return self.cont(tid, Some(Sig::TRAP));
-                }
+                };
                 regs.set_rip(at);
                 self.tracee.set_regs(tid, &regs)?;
                 self.on_breakpoint(bps, tid, at)
@@ -821,7 +836,15 @@ impl Stopper<'_> {
         // Let run, a thread parked at a wait's return goes on from there.
         self.returned.remove(&tid);
         self.out_of_callback.remove(&tid);
-        let rip = self.tracee.regs(tid)?.rip();
+        let mut regs = self.tracee.regs(tid)?;
+        let rip = regs.rip();
+        if let Some(past_trap) = bps.inline_resume(rip) {
+            // At a detoured point while the flag is set: go on in its
+            // trampoline past the int3, which runs what the point would.
+            regs.set_rip(past_trap);
+            self.tracee.set_regs(tid, &regs)?;
+            return self.cont(tid, None);
+        }
         if bps.is_armed(rip) {
             let out = bps.step_over(&mut *self.tracee, tid, self.opts.stop_wait)?;
             for d in out.deferred {
@@ -1077,8 +1100,8 @@ impl Stopper<'_> {
                 }
                 Stop::Int3 => {
                     let mut regs = self.tracee.regs(tid)?;
-                    let at = RuntimeAddr(regs.rip().0.wrapping_sub(1));
-                    if bps.was_armed(at) {
+                    let site = bps.trap_site(RuntimeAddr(regs.rip().0.wrapping_sub(1)));
+                    if let Some(at) = site {
                         regs.set_rip(at);
                         self.tracee.set_regs(tid, &regs)?;
                         if !self.arrived(tid, at)? && self.at_update_point(at) {

@@ -376,6 +376,28 @@ pub fn bytes_at(
     Ok(out)
 }
 
+/// Update points armed in one store: the flag byte tested by the
+/// trampolines of a binary rewritten with `upstare-rewrite --inline-points`
+/// (see `upstare_dwarf::fdt::InlinePoints`).
+struct InlineFlag {
+    flag: RuntimeAddr,
+    /// Whether the flag is set (cleared on disarm and drop).
+    set: bool,
+    /// (trampoline's `int3`, its update point), sorted by the first: two
+    /// sorted vectors rather than maps, as arming runs once per stop and
+    /// lookups are rare (one per hit).
+    traps: Vec<(RuntimeAddr, RuntimeAddr)>,
+    /// (detoured update point, its trampoline's `int3`), sorted by the
+    /// first.
+    points: Vec<(RuntimeAddr, RuntimeAddr)>,
+}
+
+/// The second of the pair whose first is `key` in `sorted`.
+fn lookup(sorted: &[(RuntimeAddr, RuntimeAddr)], key: RuntimeAddr) -> Option<RuntimeAddr> {
+    let i = sorted.binary_search_by_key(&key, |&(k, _)| k).ok()?;
+    Some(sorted[i].1)
+}
+
 /// Many breakpoints in one address space, restored on drop.
 pub struct BreakpointSet<M: TargetMemory> {
     mem: M,
@@ -384,6 +406,8 @@ pub struct BreakpointSet<M: TargetMemory> {
     /// Every address ever armed (to recognise traps taken just before a
     /// breakpoint was removed).
     ever: BTreeSet<RuntimeAddr>,
+    /// Detoured update points, armed by their flag byte.
+    inline: Option<InlineFlag>,
 }
 
 impl<M: TargetMemory> BreakpointSet<M> {
@@ -393,7 +417,67 @@ impl<M: TargetMemory> BreakpointSet<M> {
             mem,
             armed: BTreeMap::new(),
             ever: BTreeSet::new(),
+            inline: None,
         }
+    }
+
+    /// Arm every detoured update point at once: set the flag byte at
+    /// `flag` that their trampolines test. `detours` gives each point
+    /// with its trampoline's `int3`, so that a trap there is taken as a
+    /// hit at the point ([`BreakpointSet::trap_site`]). Cleared again by
+    /// [`BreakpointSet::disarm_all`] and on drop.
+    pub fn arm_inline(
+        &mut self,
+        flag: RuntimeAddr,
+        detours: impl IntoIterator<Item = (RuntimeAddr, RuntimeAddr)>,
+    ) -> Result<(), BreakpointError> {
+        let mut points: Vec<(RuntimeAddr, RuntimeAddr)> = detours.into_iter().collect();
+        points.sort_unstable();
+        let mut traps: Vec<(RuntimeAddr, RuntimeAddr)> =
+            points.iter().map(|&(point, trap)| (trap, point)).collect();
+        traps.sort_unstable();
+        self.mem.write(flag, &[1]).map_err(mem_err(flag))?;
+        self.inline = Some(InlineFlag {
+            flag,
+            set: true,
+            traps,
+            points,
+        });
+        Ok(())
+    }
+
+    /// Clear the flag of the detoured points (idempotent).
+    fn disarm_inline(&mut self) -> Result<(), BreakpointError> {
+        let Some(inline) = self.inline.as_mut().filter(|i| i.set) else {
+            return Ok(());
+        };
+        let flag = inline.flag;
+        // Not retried on drop: a flag that cannot be written is in a
+        // process that is gone.
+        inline.set = false;
+        self.mem.write(flag, &[0]).map_err(mem_err(flag))
+    }
+
+    /// The update point a trap whose `int3` is at `at` stands for: `at`
+    /// itself for an `int3` of ours, the detoured point for a trampoline's
+    /// `int3`; `None` for an `int3` that is not ours. A thread stopped
+    /// there is put at the returned address, as if it had stopped just
+    /// before the instruction (for a trampoline: none of the displaced
+    /// instructions has run).
+    pub fn trap_site(&self, at: RuntimeAddr) -> Option<RuntimeAddr> {
+        if self.was_armed(at) {
+            return Some(at);
+        }
+        lookup(&self.inline.as_ref()?.traps, at)
+    }
+
+    /// Where a thread at detoured update point `rip` goes on without
+    /// trapping while the flag is set: its trampoline after the `int3`
+    /// (which runs the point's displaced instructions and jumps back).
+    /// `None` when `rip` is no detoured point or the flag is clear.
+    pub fn inline_resume(&self, rip: RuntimeAddr) -> Option<RuntimeAddr> {
+        let inline = self.inline.as_ref().filter(|i| i.set)?;
+        lookup(&inline.points, rip).map(|trap| RuntimeAddr(trap.0.wrapping_add(1)))
     }
 
     /// Write `int3` at `addr` (no effect if already armed).
@@ -430,7 +514,7 @@ impl<M: TargetMemory> BreakpointSet<M> {
     /// (less than a page apart, so no page without a breakpoint is written); one whose `int3` was overwritten
     /// is reported as `Clobbered` and left as found.
     pub fn disarm_all(&mut self) -> Result<(), BreakpointError> {
-        let mut first_err = None;
+        let mut first_err = self.disarm_inline().err();
         let addrs: Vec<RuntimeAddr> = self.armed.keys().copied().collect();
         for cluster in clusters(&addrs) {
             let (first, last) = (cluster[0], cluster[cluster.len() - 1]);
@@ -467,6 +551,7 @@ impl<M: TargetMemory> BreakpointSet<M> {
     /// was replaced by an exec).
     pub fn forget_all(&mut self) {
         self.armed.clear();
+        self.inline = None;
     }
 
     /// Whether `addr` holds one of our `int3`s.
@@ -485,13 +570,19 @@ impl<M: TargetMemory> BreakpointSet<M> {
     pub fn armed(&self) -> impl Iterator<Item = RuntimeAddr> + '_ {
         self.armed.keys().copied()
     }
-    /// Number of armed breakpoints.
+    /// Number of armed breakpoints (`int3`s, and detoured points while
+    /// their flag is set).
     pub fn len(&self) -> usize {
-        self.armed.len()
+        let detoured = self
+            .inline
+            .as_ref()
+            .filter(|i| i.set)
+            .map_or(0, |i| i.traps.len());
+        self.armed.len() + detoured
     }
     /// Whether no breakpoint is armed.
     pub fn is_empty(&self) -> bool {
-        self.armed.is_empty()
+        self.len() == 0
     }
     /// The memory handle (reads see `int3` where breakpoints are armed; see
     /// [`BreakpointSet::read_original`]).
@@ -526,6 +617,11 @@ impl<M: TargetMemory> BreakpointSet<M> {
     pub fn remove_from(&self, other: &mut impl TargetMemory) -> Result<(), BreakpointError> {
         for (&addr, &orig) in &self.armed {
             other.write(addr, &[orig]).map_err(mem_err(addr))?;
+        }
+        if let Some(inline) = self.inline.as_ref().filter(|i| i.set) {
+            other
+                .write(inline.flag, &[0])
+                .map_err(mem_err(inline.flag))?;
         }
         Ok(())
     }
@@ -633,9 +729,11 @@ impl<M: TargetMemory> BreakpointSet<M> {
     /// pending, rip just past the breakpoint. Once the `int3` is removed
     /// that signal would still be delivered and kill the program. So for a
     /// thread stopped in an interrupt stop (none of ours left pending) with
-    /// rip one past an address this set armed and a `SIGTRAP` pending on
+    /// rip one past an address this set armed (an `int3` of ours, or a
+    /// trampoline's while the flag is set) and a `SIGTRAP` pending on
     /// it: let the trap be reported (it is, before any instruction runs),
-    /// suppress it, rewind rip to the breakpoint and stop the thread again
+    /// suppress it, rewind rip to the breakpoint (a trampoline's: to its
+    /// update point, see [`BreakpointSet::trap_site`]) and stop the thread again
     /// there. Any other thread is left untouched.
     pub fn take_pending_trap(
         &self,
@@ -649,10 +747,9 @@ impl<M: TargetMemory> BreakpointSet<M> {
         };
         let pt = |addr| move |source| BreakpointError::PendingTrap { tid, addr, source };
         let rip = tracee.regs(tid).map_err(pt(RuntimeAddr(0)))?.rip();
-        let addr = RuntimeAddr(rip.0.wrapping_sub(1));
-        if !self.was_armed(addr) {
+        let Some(addr) = self.trap_site(RuntimeAddr(rip.0.wrapping_sub(1))) else {
             return Ok(untouched());
-        }
+        };
         if !trap_pending(tid)? {
             return Ok(untouched());
         }
@@ -889,6 +986,51 @@ mod tests {
         let mut f = vec![0u8; 16];
         m.read(RuntimeAddr(0x80000), &mut f).unwrap();
         assert_eq!(f, far);
+    }
+
+    /// Detoured points: one flag byte arms them all; a trap in a
+    /// trampoline is taken at its point; a thread at a point goes on past
+    /// its trampoline's int3 while armed; disarm and drop clear the flag,
+    /// a forked copy gets it cleared; int3 points beside them as before.
+    #[test]
+    fn inline_points_arm_with_one_byte() {
+        let flag = RuntimeAddr(0x5000);
+        let mut m = code();
+        m.add_region(flag, vec![0; 8]).unwrap();
+        let point = RuntimeAddr(0x1000);
+        let trap = RuntimeAddr(0x4009);
+        {
+            let mut set = BreakpointSet::new(&mut m);
+            assert_eq!(set.trap_site(trap), None);
+            set.arm_inline(flag, [(point, trap)]).unwrap();
+            set.arm(RuntimeAddr(0x1004)).unwrap();
+            assert_eq!(set.len(), 2);
+            assert_eq!(set.memory().read_u8(flag).unwrap(), 1);
+            assert_eq!(set.trap_site(trap), Some(point));
+            assert_eq!(
+                set.trap_site(RuntimeAddr(0x1004)),
+                Some(RuntimeAddr(0x1004))
+            );
+            assert_eq!(set.trap_site(RuntimeAddr(0x4008)), None);
+            assert_eq!(set.inline_resume(point), Some(RuntimeAddr(0x400a)));
+            assert_eq!(set.inline_resume(RuntimeAddr(0x1001)), None);
+            // The code under a detoured point is never written.
+            assert_eq!(set.memory().read_u8(point).unwrap(), 0x55);
+
+            let mut child = code();
+            child.add_region(flag, vec![1; 8]).unwrap();
+            set.remove_from(&mut child).unwrap();
+            assert_eq!(child.read_u8(flag).unwrap(), 0);
+
+            set.disarm_all().unwrap();
+            assert_eq!(set.memory().read_u8(flag).unwrap(), 0);
+            assert_eq!(set.inline_resume(point), None);
+            // A trap taken before the disarm is still recognised.
+            assert_eq!(set.trap_site(trap), Some(point));
+            set.arm_inline(flag, [(point, trap)]).unwrap();
+        }
+        // Dropped: the flag is clear again.
+        assert_eq!(m.read_u8(flag).unwrap(), 0);
     }
 
     #[test]

@@ -13,6 +13,14 @@
 //!   original byte back through `/proc/self/mem` and resumes the thread at
 //!   the point, which now runs its own instruction;
 //! - clears the trap flag of a thread left single-stepping;
+//! - for a binary with trampolines (`upstare-rewrite --inline-points`) the
+//!   data page holds the trampolines' range and the flag byte's address
+//!   (one entry whatever the number of points): an `int3` trap
+//!   (`SI_KERNEL`) in the trampolines, or at a detoured point the updater
+//!   had moved the thread back to (a `jmp rel32` into them), clears the
+//!   flag and returns: the thread goes on past the trampoline's `int3`
+//!   (running the point's displaced instructions, as the point does with
+//!   the flag clear) or at the point;
 //! - otherwise (a SIGTRAP that is not ours) puts the program's own SIGTRAP
 //!   action back and sends the signal again, so it gets what it would have.
 //!
@@ -28,14 +36,18 @@
 //! found:   uc.rip = r13; fd = open("/proc/self/mem", O_RDWR)
 //!          for each entry: pwrite64(fd, &entry.byte, 1, entry.addr)
 //!          close(fd); ret
-//! notours: if info.si_code == TRAP_TRACE: uc.eflags &= ~TF; ret
+//! notours: if info.si_code == SI_KERNEL and data.lo != 0 and
+//!          (r13 - 1 in [data.lo, data.hi) or r13 is `jmp rel32` into it):
+//!              byte [data.flag] = 0; ret
+//!          if info.si_code == TRAP_TRACE: uc.eflags &= ~TF; ret
 //!          rt_sigaction(SIGTRAP, &data.original, 0, 8)
 //!          tgkill(getpid(), gettid(), SIGTRAP); ret
 //! restorer: rt_sigreturn
 //! ```
 //! Data page: `[0]` number of entries, `[8]` the original `sigaction`
-//! (32 bytes), `[40]` `"/proc/self/mem"`, `[64..]` entries of 16 bytes
-//! (address, original byte).
+//! (32 bytes), `[40]` `"/proc/self/mem"`, `[64]` start and `[72]` end of
+//! the trampolines (0: none), `[80]` the flag byte's address, `[96..]`
+//! entries of 16 bytes (address, original byte).
 
 use crate::memory::TargetMemory;
 use crate::target::remote::{KernelSigaction, RemoteCalls, RemoteError};
@@ -44,32 +56,36 @@ use upstare_dwarf::RuntimeAddr;
 
 /// The handler's machine code (assembled from the listing in the module
 /// doc); the rel32 of `lea r14, [rip + data]` is patched in.
-const HANDLER: [u8; 250] = [
+const HANDLER: [u8; 318] = [
     0x49, 0x89, 0xd4, 0x4d, 0x8b, 0xac, 0x24, 0xa8, 0x00, 0x00, 0x00, 0x4c, 0x8d, 0x35, 0x00, 0x00,
-    0x00, 0x00, 0x49, 0xff, 0xcd, 0x49, 0x8b, 0x0e, 0x4d, 0x8d, 0x7e, 0x40, 0x48, 0x85, 0xc9, 0x74,
+    0x00, 0x00, 0x49, 0xff, 0xcd, 0x49, 0x8b, 0x0e, 0x4d, 0x8d, 0x7e, 0x60, 0x48, 0x85, 0xc9, 0x74,
     0x0e, 0x4d, 0x39, 0x2f, 0x74, 0x26, 0x49, 0x83, 0xc7, 0x10, 0x48, 0xff, 0xc9, 0xeb, 0xed, 0x49,
-    0xff, 0xc5, 0x49, 0x8b, 0x0e, 0x4d, 0x8d, 0x7e, 0x40, 0x48, 0x85, 0xc9, 0x74, 0x66, 0x4d, 0x39,
+    0xff, 0xc5, 0x49, 0x8b, 0x0e, 0x4d, 0x8d, 0x7e, 0x60, 0x48, 0x85, 0xc9, 0x74, 0x66, 0x4d, 0x39,
     0x2f, 0x74, 0x09, 0x49, 0x83, 0xc7, 0x10, 0x48, 0xff, 0xc9, 0xeb, 0xed, 0x4d, 0x89, 0xac, 0x24,
     0xa8, 0x00, 0x00, 0x00, 0xb8, 0x02, 0x00, 0x00, 0x00, 0x49, 0x8d, 0x7e, 0x28, 0xbe, 0x02, 0x00,
     0x00, 0x00, 0x31, 0xd2, 0x0f, 0x05, 0x48, 0x85, 0xc0, 0x78, 0x38, 0x48, 0x89, 0xc3, 0x4d, 0x8b,
-    0x2e, 0x4d, 0x8d, 0x7e, 0x40, 0x4d, 0x85, 0xed, 0x74, 0x1f, 0xb8, 0x12, 0x00, 0x00, 0x00, 0x48,
+    0x2e, 0x4d, 0x8d, 0x7e, 0x60, 0x4d, 0x85, 0xed, 0x74, 0x1f, 0xb8, 0x12, 0x00, 0x00, 0x00, 0x48,
     0x89, 0xdf, 0x49, 0x8d, 0x77, 0x08, 0xba, 0x01, 0x00, 0x00, 0x00, 0x4d, 0x8b, 0x17, 0x0f, 0x05,
     0x49, 0x83, 0xc7, 0x10, 0x49, 0xff, 0xcd, 0xeb, 0xdc, 0xb8, 0x03, 0x00, 0x00, 0x00, 0x48, 0x89,
-    0xdf, 0x0f, 0x05, 0xc3, 0x83, 0x7e, 0x08, 0x02, 0x75, 0x0d, 0x49, 0x81, 0xa4, 0x24, 0xb0, 0x00,
-    0x00, 0x00, 0xff, 0xfe, 0xff, 0xff, 0xc3, 0xb8, 0x0d, 0x00, 0x00, 0x00, 0xbf, 0x05, 0x00, 0x00,
-    0x00, 0x49, 0x8d, 0x76, 0x08, 0x31, 0xd2, 0x41, 0xba, 0x08, 0x00, 0x00, 0x00, 0x0f, 0x05, 0xb8,
-    0x27, 0x00, 0x00, 0x00, 0x0f, 0x05, 0x48, 0x89, 0xc3, 0xb8, 0xba, 0x00, 0x00, 0x00, 0x0f, 0x05,
-    0x48, 0x89, 0xc6, 0x48, 0x89, 0xdf, 0xba, 0x05, 0x00, 0x00, 0x00, 0xb8, 0xea, 0x00, 0x00, 0x00,
-    0x0f, 0x05, 0xc3, 0xb8, 0x0f, 0x00, 0x00, 0x00, 0x0f, 0x05,
+    0xdf, 0x0f, 0x05, 0xc3, 0x81, 0x7e, 0x08, 0x80, 0x00, 0x00, 0x00, 0x75, 0x3b, 0x49, 0x8b, 0x46,
+    0x40, 0x48, 0x85, 0xc0, 0x74, 0x32, 0x49, 0x8d, 0x55, 0xff, 0x48, 0x39, 0xc2, 0x72, 0x06, 0x49,
+    0x3b, 0x56, 0x48, 0x72, 0x1b, 0x41, 0x80, 0x7d, 0x00, 0xe9, 0x75, 0x1c, 0x49, 0x63, 0x55, 0x01,
+    0x49, 0x8d, 0x54, 0x15, 0x05, 0x48, 0x39, 0xc2, 0x72, 0x0e, 0x49, 0x3b, 0x56, 0x48, 0x73, 0x08,
+    0x49, 0x8b, 0x46, 0x50, 0xc6, 0x00, 0x00, 0xc3, 0x83, 0x7e, 0x08, 0x02, 0x75, 0x0d, 0x49, 0x81,
+    0xa4, 0x24, 0xb0, 0x00, 0x00, 0x00, 0xff, 0xfe, 0xff, 0xff, 0xc3, 0xb8, 0x0d, 0x00, 0x00, 0x00,
+    0xbf, 0x05, 0x00, 0x00, 0x00, 0x49, 0x8d, 0x76, 0x08, 0x31, 0xd2, 0x41, 0xba, 0x08, 0x00, 0x00,
+    0x00, 0x0f, 0x05, 0xb8, 0x27, 0x00, 0x00, 0x00, 0x0f, 0x05, 0x48, 0x89, 0xc3, 0xb8, 0xba, 0x00,
+    0x00, 0x00, 0x0f, 0x05, 0x48, 0x89, 0xc6, 0x48, 0x89, 0xdf, 0xba, 0x05, 0x00, 0x00, 0x00, 0xb8,
+    0xea, 0x00, 0x00, 0x00, 0x0f, 0x05, 0xc3, 0xb8, 0x0f, 0x00, 0x00, 0x00, 0x0f, 0x05,
 ];
 /// Where the rel32 of `lea r14, [rip + data]` sits, and the address it is
 /// relative to (the next instruction).
 const DATA_REL_AT: usize = 14;
 const DATA_REL_NEXT: u64 = 0x12;
 /// Offset of the restorer (`mov eax, 15; syscall`).
-const RESTORER: u64 = 0xf3;
+const RESTORER: u64 = 0x137;
 const PAGE: u64 = 4096;
-const ENTRIES: u64 = 64;
+const ENTRIES: u64 = 96;
 /// Bound on the table: far above the update points of any program.
 pub const MAX_POINTS: usize = 1 << 20;
 /// `SA_SIGINFO | SA_RESTORER | SA_RESTART`.
@@ -94,12 +110,30 @@ pub struct Rescue {
     original: KernelSigaction,
 }
 
+/// The trampolines of a binary rewritten with `--inline-points`, as the
+/// rescue handler needs them: a trap there is cleared by clearing `flag`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Trampolines {
+    pub start: RuntimeAddr,
+    pub end: RuntimeAddr,
+    pub flag: RuntimeAddr,
+}
+
 /// The data page's contents.
-fn data_bytes(points: &[(RuntimeAddr, u8)], original: &KernelSigaction) -> Vec<u8> {
+fn data_bytes(
+    points: &[(RuntimeAddr, u8)],
+    original: &KernelSigaction,
+    trampolines: Option<Trampolines>,
+) -> Vec<u8> {
     let mut d = vec![0u8; (ENTRIES as usize) + 16 * points.len()];
     d[0..8].copy_from_slice(&(points.len() as u64).to_le_bytes());
     d[8..40].copy_from_slice(&original.to_bytes());
     d[40..54].copy_from_slice(b"/proc/self/mem");
+    if let Some(t) = trampolines {
+        d[64..72].copy_from_slice(&t.start.0.to_le_bytes());
+        d[72..80].copy_from_slice(&t.end.0.to_le_bytes());
+        d[80..88].copy_from_slice(&t.flag.0.to_le_bytes());
+    }
     for (i, (addr, byte)) in points.iter().enumerate() {
         let at = ENTRIES as usize + 16 * i;
         d[at..at + 8].copy_from_slice(&addr.0.to_le_bytes());
@@ -109,12 +143,14 @@ fn data_bytes(points: &[(RuntimeAddr, u8)], original: &KernelSigaction) -> Vec<u
 }
 
 impl Rescue {
-    /// Maps the rescue area with the update points `points` (their bytes
-    /// are read now: nothing may be armed yet) and makes it the SIGTRAP
+    /// Maps the rescue area with the update points `points` armed with
+    /// `int3` (their bytes are read now: nothing may be armed yet) and the
+    /// `trampolines` of detoured points, if any, and makes it the SIGTRAP
     /// handler, through the remote session `rc`.
     pub fn install(
         rc: &mut RemoteCalls<'_>,
         points: &[RuntimeAddr],
+        trampolines: Option<Trampolines>,
     ) -> Result<Rescue, RescueError> {
         if points.len() > MAX_POINTS {
             return Err(RescueError::TooMany {
@@ -140,8 +176,10 @@ impl Rescue {
             let rel = (PAGE - DATA_REL_NEXT) as u32;
             code[DATA_REL_AT..DATA_REL_AT + 4].copy_from_slice(&rel.to_le_bytes());
             rc.memory().write(base, &code)?;
-            rc.memory()
-                .write(RuntimeAddr(base.0 + PAGE), &data_bytes(&table, &original))?;
+            rc.memory().write(
+                RuntimeAddr(base.0 + PAGE),
+                &data_bytes(&table, &original, trampolines),
+            )?;
             rc.rt_sigaction(
                 libc::SIGTRAP,
                 Some(&KernelSigaction {
@@ -189,12 +227,26 @@ mod tests {
             handler: 7,
             ..KernelSigaction::default()
         };
-        let d = data_bytes(&[(RuntimeAddr(0x1234), 0x55)], &act);
+        let d = data_bytes(&[(RuntimeAddr(0x1234), 0x55)], &act, None);
         assert_eq!(&d[0..8], &1u64.to_le_bytes());
         assert_eq!(&d[8..16], &7u64.to_le_bytes());
         assert_eq!(&d[40..55], b"/proc/self/mem\0");
-        assert_eq!(&d[64..72], &0x1234u64.to_le_bytes());
-        assert_eq!(d[72], 0x55);
+        assert_eq!(&d[64..88], &[0; 24]);
+        assert_eq!(&d[96..104], &0x1234u64.to_le_bytes());
+        assert_eq!(d[104], 0x55);
+        let t = Trampolines {
+            start: RuntimeAddr(0x5000),
+            end: RuntimeAddr(0x6000),
+            flag: RuntimeAddr(0x7000),
+        };
+        let d = data_bytes(&[], &act, Some(t));
+        assert_eq!(&d[64..72], &0x5000u64.to_le_bytes());
+        assert_eq!(&d[72..80], &0x6000u64.to_le_bytes());
+        assert_eq!(&d[80..88], &0x7000u64.to_le_bytes());
+        // The entries' base in the handler follows ENTRIES.
+        for at in [0x18, 0x35, 0x71] {
+            assert_eq!(&HANDLER[at..at + 4], &[0x4d, 0x8d, 0x7e, ENTRIES as u8]);
+        }
         // The restorer is `mov eax, 15; syscall`.
         assert_eq!(
             &HANDLER[RESTORER as usize..],

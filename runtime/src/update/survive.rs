@@ -7,9 +7,10 @@ use crate::engine::state::Image;
 use crate::load;
 use crate::target::ptrace::Tracee;
 use crate::target::remote::RemoteCalls;
-use crate::target::rescue::{Rescue, RescueError};
+use crate::target::rescue::{Rescue, RescueError, Trampolines};
 use crate::update::UpdateError;
 use nix::unistd::Pid;
+use upstare_dwarf::fdt::Arming;
 use upstare_dwarf::RuntimeAddr;
 
 /// An installed rescue handler and where its sessions run.
@@ -33,22 +34,43 @@ fn rescue_err(e: RescueError) -> UpdateError {
     UpdateError::Rescue(Box::new(e))
 }
 
-/// Installs the rescue handler for every update point of `old` (none: no
-/// handler, nothing will be armed).
-pub fn install(tracee: &mut Tracee, old: &Image) -> Result<Option<Installed>, UpdateError> {
+/// What the rescue handler covers: the update points armed with `int3`
+/// (every one, or for a binary rewritten with `--inline-points` those that
+/// kept `int3`) and the trampolines of the detoured ones, if any.
+pub fn rescued(old: &Image) -> (Vec<RuntimeAddr>, Option<Trampolines>) {
+    let inline = match &old.tables.arming {
+        Arming::Inline(i) => Some(i),
+        Arming::Int3 => None,
+    };
     let points: Vec<RuntimeAddr> = old
         .tables
         .functions
         .iter()
-        .flat_map(|f| f.update_points.iter().map(|p| old.runtime(p.addr)))
+        .flat_map(|f| f.update_points.iter().map(|p| p.addr))
+        .filter(|a| inline.is_none_or(|i| i.detour_at(*a).is_none()))
+        .map(|a| old.runtime(a))
         .collect();
-    if points.is_empty() {
+    let trampolines = inline
+        .filter(|i| !i.detours.is_empty())
+        .map(|i| Trampolines {
+            start: old.runtime(i.trampolines.0),
+            end: old.runtime(i.trampolines.1),
+            flag: old.runtime(i.flag),
+        });
+    (points, trampolines)
+}
+
+/// Installs the rescue handler for every update point of `old` (none: no
+/// handler, nothing will be armed).
+pub fn install(tracee: &mut Tracee, old: &Image) -> Result<Option<Installed>, UpdateError> {
+    let (points, trampolines) = rescued(old);
+    if points.is_empty() && trampolines.is_none() {
         return Ok(None);
     }
     let gadget = load::running_gadget(tracee.pid(), old)?;
     let tid = session_thread(tracee);
     let mut rc = RemoteCalls::new(tracee, tid, gadget).map_err(|e| rescue_err(e.into()))?;
-    let installed = Rescue::install(&mut rc, &points);
+    let installed = Rescue::install(&mut rc, &points, trampolines);
     let finished = rc.finish();
     let rescue = installed.map_err(rescue_err)?;
     if let Err(e) = finished {

@@ -21,16 +21,32 @@ use upstare_dwarf::LinkAddr;
 use upstare_runtime::target::procfs::MapPath;
 use upstare_runtime::update::{apply_traced, ApplyOptions, UpdateError, UpdateReport};
 use upstare_runtime::Tracee;
-pub use upstare_testkit::{compile_instrumented, instrument_to, write_exe, TempDir};
+pub use upstare_testkit::{
+    compile_instrumented, instrument_to_with, write_exe, PointsMode, TempDir,
+};
 use upstare_testkit::{ExitStatus, Output, Toolchain};
 
 /// The corpus program built with `tc` and instrumented (cached next to the
 /// corpus build cache).
 pub fn instrumented(p: &Program, tc: Toolchain) -> PathBuf {
+    instrumented_as(p, tc, PointsMode::Int3)
+}
+
+/// [`instrumented`] with update points armed as `mode` says (inline:
+/// `upstare-rewrite --inline-points`, cached as `NAME.inline.up`).
+pub fn instrumented_as(p: &Program, tc: Toolchain, mode: PointsMode) -> PathBuf {
     let exe = upstare_corpus::build(p, tc).unwrap_or_else(|e| panic!("build {}: {e}", p.name));
     // Names contain dots (`loop_body.v1`): `.up` is appended to the whole
     // name, never put in place of an "extension".
-    instrument_to(&exe, &exe.with_file_name(format!("{}.up", p.name)))
+    let suffix = match mode {
+        PointsMode::Int3 => "up",
+        PointsMode::Inline => "inline.up",
+    };
+    instrument_to_with(
+        &exe,
+        &exe.with_file_name(format!("{}.{suffix}", p.name)),
+        mode,
+    )
 }
 
 /// Updates process `pid` to `new` with a `timeout` to get ready (other
