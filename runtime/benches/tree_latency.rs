@@ -1,7 +1,8 @@
 //! Benchmark (not a test): latency of an identity update of a process
 //! tree against its number of processes (1, 2, 4, 8, 16), each of 4 threads,
 //! with its breakdown by phase summed over the processes (they are stopped,
-//! loaded, computed and committed one after the other).
+//! loaded, computed and committed one after the other, so each also waits
+//! for the others: its own phase).
 //!
 //! `cargo bench -p upstare-runtime --bench tree_latency`. Needs gcc.
 
@@ -68,6 +69,10 @@ struct Sample {
     load: f64,
     state: f64,
     commit: f64,
+    /// Waiting for the other processes (summed).
+    wait: f64,
+    /// The longest pause of one process.
+    pause: f64,
     total: f64,
 }
 
@@ -105,6 +110,13 @@ fn latency(up: &Path, dir: &Path, procs: usize) -> Vec<Sample> {
             load: sum(|t| t.load_us),
             state: sum(|t| t.check_us + t.transfer_us + t.rebuild_us + t.transform_us + t.sweep_us),
             commit: sum(|t| t.commit_us + t.resume_us),
+            wait: sum(|t| t.tree_wait_us),
+            pause: ms(r
+                .processes
+                .iter()
+                .map(|p| p.timings.pause_us)
+                .max()
+                .unwrap_or(0)),
             total: ms(r.total_us),
         });
         // Kept until the end: the next update reads the running one.
@@ -131,21 +143,24 @@ fn main() {
     instrument(&bin, &up);
     println!(
         "identity update of a process tree, 4 threads per process, ms, median of {RUNS};\n\
-         stop / load / state / commit summed over the processes; total = whole update"
+         stop / load / state / commit / waiting for the others summed over the processes;\n\
+         pause = the longest pause of one process; total = whole update"
     );
     println!(
-        "{:>9} {:>7} {:>7} {:>7} {:>7} {:>8}",
-        "processes", "stop", "load", "state", "commit", "total"
+        "{:>9} {:>7} {:>7} {:>7} {:>7} {:>8} {:>8} {:>8}",
+        "processes", "stop", "load", "state", "commit", "wait", "pause", "total"
     );
     for procs in [1usize, 2, 4, 8, 16] {
         let s = latency(&up, &dir, procs);
         println!(
-            "{:>9} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>8.2}",
+            "{:>9} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>8.2} {:>8.2} {:>8.2}",
             procs,
             median(&s, |s| s.stop),
             median(&s, |s| s.load),
             median(&s, |s| s.state),
             median(&s, |s| s.commit),
+            median(&s, |s| s.wait),
+            median(&s, |s| s.pause),
             median(&s, |s| s.total)
         );
     }

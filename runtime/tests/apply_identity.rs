@@ -854,7 +854,7 @@ fn json(out: &Output) -> serde_json::Value {
 }
 
 /// The report's phases, in their order: together they are the whole update.
-const PHASES: [&str; 10] = [
+const PHASES: [&str; 11] = [
     "plan",
     "stop",
     "check",
@@ -863,6 +863,7 @@ const PHASES: [&str; 10] = [
     "rebuild",
     "transform",
     "sweep",
+    "tree_wait",
     "commit",
     "resume",
 ];
@@ -902,7 +903,7 @@ fn text_phases_add_up(stdout: &str) {
     let mut sum = 0;
     for p in phases.split(", ") {
         let (name, value) = p.split_once(' ').unwrap_or_else(|| panic!("{p}"));
-        names.push(name.replace("transformers", "transform"));
+        names.push(name.replace("transformers", "transform").replace('-', "_"));
         sum += number(value);
     }
     assert_eq!(names, PHASES, "{line}");

@@ -922,6 +922,9 @@ struct Ready<'t> {
     legacy_pause: bool,
     /// What the update leaves to free once the process runs again.
     leftovers: Leftovers,
+    /// Its commit was timed already (in a tree: what follows is waiting
+    /// for the other processes' commits).
+    commit_timed: bool,
 }
 
 /// Phases 3 to 5: check the paused state against the plan, load NEW and
@@ -1236,10 +1239,24 @@ fn compute<'t>(
         clock,
         legacy_pause: opts.legacy_pause,
         leftovers: Box::new((old, plan, libs, old_bytes, sweep_files)),
+        commit_timed: false,
     })
 }
 
 impl Ready<'_> {
+    /// In a tree, the time since this process's last phase was spent on
+    /// the other processes: timed as waiting.
+    fn lap_tree_wait(&mut self) {
+        self.timings.tree_wait_us += self.clock.lap();
+    }
+
+    /// Its commit just ended: timed now, not when the tree's last process
+    /// has committed.
+    fn lap_commit(&mut self) {
+        self.timings.commit_us = self.clock.lap();
+        self.commit_timed = true;
+    }
+
     /// The report of a dry run (nothing committed): NEW unloaded (timed
     /// as the commit), the clock for the caller to time the resume, and
     /// what is left to free once the process runs.
@@ -1264,6 +1281,7 @@ impl Ready<'_> {
     /// resume not yet timed: [`Timings::finish`] with the clock once the
     /// process runs) and what is left to free then.
     fn finish(self) -> (UpdateReport, PhaseClock, Leftovers) {
+        let commit_timed = self.commit_timed;
         let Ready {
             loaded,
             commit_plan,
@@ -1301,7 +1319,11 @@ impl Ready<'_> {
                 ..thread_report(t)
             })
             .collect();
-        timings.commit_us = clock.lap();
+        if commit_timed {
+            timings.tree_wait_us += clock.lap();
+        } else {
+            timings.commit_us = clock.lap();
+        }
         report.warnings = warnings;
         report.timings = timings;
         (

@@ -29,6 +29,10 @@ pub struct Timings {
     /// The sweep for stale pointers, the retired mappings planned, every
     /// write checked.
     pub sweep_us: u64,
+    /// In a process tree: stopped while the other processes were stopped,
+    /// computed and committed (all commit or none, so each waits for the
+    /// others). Zero for a single process.
+    pub tree_wait_us: u64,
     /// Writing the new state and registers, freeing what moved, unmapping
     /// the retired image.
     pub commit_us: u64,
@@ -43,7 +47,7 @@ pub struct Timings {
 impl Timings {
     /// The phases in order, named as in the report: they add up to
     /// `total_us`.
-    pub fn phases(&self) -> [(&'static str, u64); 10] {
+    pub fn phases(&self) -> [(&'static str, u64); 11] {
         [
             ("plan", self.plan_us),
             ("stop", self.stop_us),
@@ -53,6 +57,7 @@ impl Timings {
             ("rebuild", self.rebuild_us),
             ("transformers", self.transform_us),
             ("sweep", self.sweep_us),
+            ("tree-wait", self.tree_wait_us),
             ("commit", self.commit_us),
             ("resume", self.resume_us),
         ]

@@ -300,9 +300,12 @@ fn update_members(
     for m in members.iter_mut() {
         let pid = m.tracee.pid();
         // Moved out: compute consumes them; the tracee stays a member.
-        let Some(planned) = m.planned.take() else {
+        let Some(mut planned) = m.planned.take() else {
             continue;
         };
+        // Stopped since its own stop ended: the other processes' plans,
+        // stops and computes.
+        planned.timings.tree_wait_us += planned.clock.lap();
         let threads = std::mem::take(&mut m.threads);
         match compute(
             &mut m.tracee,
@@ -326,12 +329,15 @@ fn update_members(
     let mut undos = Vec::with_capacity(count);
     for i in 0..count {
         let pid = ready[i].report.pid;
+        // Since its own compute: the others' computes and commits.
+        ready[i].lap_tree_wait();
         let failed = match commit_ready(&mut ready[i]) {
             Ok(undo) if injected_commit_failure(i, count) => {
                 revert_ready(&mut ready[i], undo);
                 Some(UpdateError::InjectedFault { pid })
             }
             Ok(undo) => {
+                ready[i].lap_commit();
                 undos.push(undo);
                 None
             }
