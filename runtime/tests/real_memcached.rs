@@ -7,6 +7,11 @@
 //!   holds a connection with keys stored: the same connection keeps
 //!   working and every key is there.
 //!
+//! - the fix is there after the live update: memcached in proxy mode (the
+//!   code Debian's update patches) answers a get whose key comes after more
+//!   than 20 spaces as the fixed version does (CVE-2023-46852), on a
+//!   connection held across the update, where the old version routed it.
+//!
 //! Each prints the update latency the tool reports and the longest gap a
 //! client saw between replies (figures, not assertions).
 
@@ -131,5 +136,106 @@ fn memcached_security_update_keeps_a_live_connection_and_its_keys() {
         &old.instrumented,
         &new.instrumented,
         &start,
+    );
+}
+
+/// memcached in proxy mode, its lua config (in `dir`) routing gets to the
+/// memcached at `backend`; up and answering.
+fn start_proxy(
+    exe: &Path,
+    backend: SocketAddr,
+    dir: &apply_support::TempDir,
+) -> (ChildGuard, SocketAddr) {
+    let config = dir.path().join("proxy.lua");
+    std::fs::write(
+        &config,
+        format!(
+            "function mcp_config_pools(old)\n\
+             \x20   return mcp.pool({{ mcp.backend(\"b1\", \"127.0.0.1\", {}) }})\n\
+             end\n\
+             function mcp_config_routes(pool)\n\
+             \x20   mcp.attach(mcp.CMD_GET, function(r) return pool(r) end)\n\
+             end\n",
+            backend.port()
+        ),
+    )
+    .expect("proxy config");
+    let port = free_port();
+    let port_s = port.to_string();
+    let proxy_config = format!("proxy_config={}", config.display());
+    let args = [
+        "-l",
+        "127.0.0.1",
+        "-p",
+        &port_s,
+        "-U",
+        "0",
+        "-t",
+        "4",
+        "-u",
+        "root",
+        "-o",
+        &proxy_config,
+    ];
+    let child = spawn(exe, &args).unwrap_or_else(|e| panic!("start memcached proxy: {e}"));
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_until_serving::<Memcache>(addr, WAIT);
+    (child, addr)
+}
+
+impl Memcache {
+    /// Sends `request` and returns the reply's lines up to `END`.
+    fn until_end(&mut self, request: &str) -> Vec<String> {
+        write!(self.writer, "{request}\r\n").expect("send");
+        let mut lines = Vec::new();
+        for _ in 0..16 {
+            let l = self.line().expect("reply line");
+            let end = l == "END";
+            lines.push(l);
+            if end {
+                return lines;
+            }
+        }
+        panic!("no END after {lines:?}");
+    }
+}
+
+#[test]
+fn memcached_security_update_brings_the_proxy_prefix_check() {
+    let (old, new) = builds();
+    let dir = apply_support::TempDir::new("real-memcached-proxy");
+    let (_backend, backend_addr) = start(&old.instrumented);
+    let mut b = Memcache::connect(backend_addr).expect("connect backend");
+    b.set("k1", "v1").expect("set k1");
+    b.set("k2", "v2").expect("set k2");
+    let (proxy, proxy_addr) = start_proxy(&old.instrumented, backend_addr, &dir);
+    let mut held = Memcache::connect(proxy_addr).expect("connect proxy");
+    let spaced = format!("get{}k1 k2", " ".repeat(40));
+    let values = ["VALUE k1 0 2", "v1", "VALUE k2 0 2", "v2", "END"];
+    assert_eq!(held.until_end(&spaced), values, "the old version routes it");
+    let report =
+        apply_support::real::update(proxy.pid(), &new.instrumented, Duration::from_secs(40));
+    let refused = [
+        "SERVER_ERROR malformed request",
+        "SERVER_ERROR malformed request",
+        "END",
+    ];
+    assert_eq!(held.until_end(&spaced), refused, "the updated process");
+    assert_eq!(
+        held.until_end("get k1 k2"),
+        values,
+        "a well-formed get still routed"
+    );
+    // What a fresh start of the fixed version answers, for comparison.
+    let (_fixed, fixed_addr) = start_proxy(&new.instrumented, backend_addr, &dir);
+    let mut c = Memcache::connect(fixed_addr).expect("connect fixed proxy");
+    assert_eq!(
+        c.until_end(&spaced),
+        refused,
+        "the fixed version's own answer"
+    );
+    eprintln!(
+        "memcached proxy security update: {:.2} ms reported",
+        apply_support::real::total_ms(&report)
     );
 }
