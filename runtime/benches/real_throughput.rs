@@ -89,7 +89,7 @@ fn redis_rps(bench: &Path, port: u16) -> (f64, f64) {
             .filter_map(|l| l.strip_prefix(&format!("{name}: ")))
             .filter_map(|r| r.split(" requests per second").next())
             .filter_map(|n| n.trim().parse().ok())
-            .last()
+            .next_back()
             .unwrap_or_else(|| panic!("no {name} figure in {text}"))
     };
     (rps("SET"), rps("GET"))
