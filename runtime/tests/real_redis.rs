@@ -238,3 +238,87 @@ fn redis_security_update_brings_the_fixed_zipmap_check() {
         "the fixed version's own answer"
     );
 }
+
+/// Units of redis's own test suite run against a server (`--host/--port`:
+/// its external-server mode), from the fixed version's tree.
+const OWN_UNITS: [&str; 4] = [
+    "unit/type/incr",
+    "unit/type/string",
+    "unit/type/hash",
+    "unit/keyspace",
+];
+
+/// Runs [`OWN_UNITS`] of the tests in `tree` against the redis at `port`;
+/// the number of tests that passed (panics unless all did).
+fn own_tests(tree: &Path, port: u16) -> usize {
+    let mut cmd = std::process::Command::new("tclsh");
+    cmd.current_dir(tree).arg("tests/test_helper.tcl").args([
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &port.to_string(),
+        "--clients",
+        "1",
+    ]);
+    for u in OWN_UNITS {
+        cmd.args(["--single", u]);
+    }
+    let out = upstare_testkit::run_command(cmd, Duration::from_secs(300))
+        .unwrap_or_else(|e| panic!("redis's own tests: {e}"));
+    let text = format!("{}{}", out.stdout, out.stderr);
+    assert!(
+        text.contains("All tests passed without errors!"),
+        "redis's own tests on port {port}: {}",
+        text.lines()
+            .filter(|l| l.contains("[err]") || l.contains("exception"))
+            .take(10)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    text.lines()
+        .filter(|l| l.contains("ok") && l.contains("]: "))
+        .count()
+}
+
+/// redis with DEBUG enabled (its tests use it), on 127.0.0.1.
+fn start_for_own_tests(exe: &Path) -> (ChildGuard, u16) {
+    let port = free_port();
+    let port_s = port.to_string();
+    let args = [
+        "--port",
+        &port_s,
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--protected-mode",
+        "no",
+        "--enable-debug-command",
+        "yes",
+    ];
+    let child = spawn(exe, &args).unwrap_or_else(|e| panic!("start redis: {e}"));
+    wait_until_serving::<Redis>(SocketAddr::from(([127, 0, 0, 1], port)), WAIT);
+    (child, port)
+}
+
+/// redis's own tests pass against a server live-updated from the old
+/// version to the fixed one, as many as against the fixed version as
+/// Debian's build makes it (not instrumented).
+#[test]
+fn redis_own_tests_pass_after_a_live_update() {
+    let (old, new) = builds();
+    let (plain, port) = start_for_own_tests(&new.original);
+    let baseline = own_tests(&new.tree, port);
+    drop(plain);
+    let (child, port) = start_for_own_tests(&old.instrumented);
+    apply_support::real::update(child.pid(), &new.instrumented, Duration::from_secs(40));
+    let updated = own_tests(&new.tree, port);
+    assert_eq!(
+        updated, baseline,
+        "tests passed after the update vs the plain build"
+    );
+    assert!(baseline >= 100, "only {baseline} tests ran");
+    eprintln!("redis's own tests ({}): {updated} passed after a live update, {baseline} on the plain build", OWN_UNITS.join(", "));
+}
