@@ -34,6 +34,9 @@ pub struct CommitPlan {
     /// Exit and fork handlers (and other function pointers) the C library
     /// holds into the old image, pointed at NEW (see `exit_handlers`).
     pub exit_handlers: FiniRedirect,
+    /// The C library's slots of COPY-relocated objects (`environ`),
+    /// pointed at NEW's copies (see `copies`).
+    pub copy_redirect: FiniRedirect,
     /// Executable mappings of the old image to make read-only.
     pub retire: Vec<Range<RuntimeAddr>>,
     /// Things the caller may want to report.
@@ -45,14 +48,26 @@ pub struct CommitPlan {
     pub unmap: Vec<Range<RuntimeAddr>>,
 }
 
+/// A library's GOT slot bound to a COPY-relocated object (see
+/// [`super::copies`]): pointed at NEW's copy at the commit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CopyRedirect {
+    pub slot: RuntimeAddr,
+    /// The live copy NEW's was filled from, and its size.
+    pub live: RuntimeAddr,
+    pub size: u64,
+    /// NEW's copy.
+    pub new: RuntimeAddr,
+}
+
 /// Work out every commit step for replacing `running` by `new` without
 /// changing anything (reads signal actions in the process through `rc`).
-/// `copies` are NEW's COPY-relocated objects (for warnings).
+/// `copies` are the libraries' slots bound to NEW's COPY-relocated objects.
 pub(super) fn plan_commit(
     rc: &mut RemoteCalls<'_>,
     running: &Image,
     new: &Image,
-    copies: &[(String, u64)],
+    copies: &[CopyRedirect],
     maps: &[MemoryMap],
 ) -> Result<CommitPlan, LoadError> {
     let pid = rc.pid();
@@ -64,20 +79,30 @@ pub(super) fn plan_commit(
         writes: super::exit_handlers::plan_exit_handlers(&*rc.memory(), maps, fs_base, &mapper)?,
     };
     let retire = plan_retire(maps, running);
-    let mut warnings = Vec::new();
-    for (name, _) in copies {
-        if name == "environ" || name == "__environ" {
-            warnings.push(format!(
-                "{name}: the new version reads its own copy, set from the current value; \
-                 later setenv/putenv update the copy libc uses (in {})",
-                running.path.display()
-            ));
-        }
+    let warnings = Vec::new();
+    // Slots still pointing into the copy NEW's was filled from go to NEW's
+    // (at the same offset: an interior pointer stays interior).
+    let mut writes = Vec::new();
+    for c in copies {
+        let Ok(v) = rc.memory().read_u64(c.slot) else {
+            continue;
+        };
+        let Some(off) = v.checked_sub(c.live.0).filter(|&o| o < c.size.max(1)) else {
+            continue;
+        };
+        writes.push(DynamicWrite {
+            addr: c.slot,
+            tag: "GOT",
+            old: v,
+            new: c.new.0.wrapping_add(off),
+        });
     }
+    let copy_redirect = FiniRedirect { writes };
     Ok(CommitPlan {
         handlers,
         fini,
         exit_handlers,
+        copy_redirect,
         retire,
         warnings,
         old_path: running.path.clone(),
@@ -102,6 +127,12 @@ pub(super) fn apply_commit(rc: &mut RemoteCalls<'_>, plan: &CommitPlan) -> Resul
     }
     plan.fini.apply(rc.memory())?;
     if let Err(e) = plan.exit_handlers.apply(rc.memory()) {
+        let _ = plan.exit_handlers.revert(rc.memory());
+        let _ = plan.fini.revert(rc.memory());
+        return Err(e.into());
+    }
+    if let Err(e) = plan.copy_redirect.apply(rc.memory()) {
+        let _ = plan.copy_redirect.revert(rc.memory());
         let _ = plan.exit_handlers.revert(rc.memory());
         let _ = plan.fini.revert(rc.memory());
         return Err(e.into());
@@ -135,6 +166,7 @@ pub(super) fn undo_commit(
         );
     }
     let _ = revert_signal_handlers(rc, &plan.handlers);
+    let _ = plan.copy_redirect.revert(rc.memory());
     let _ = plan.exit_handlers.revert(rc.memory());
     let _ = plan.fini.revert(rc.memory());
 }

@@ -44,11 +44,10 @@
 //!      implementation the process uses. Weak undefined symbols are 0.
 //!    - `COPY` (`stdout`, `stderr`, `environ`, ...: data that gcc addresses
 //!      PC-relative even in PIE, so the executable carries its own copy):
-//!      libc keeps pointing at the copy in the *first* executable (the
-//!      dynamic linker bound libc's references to it at startup), so NEW's
-//!      copy is filled with the current value of that live copy. Later
-//!      changes made by libc (`setenv` updating `environ`) go to the old copy
-//!      and are not seen by NEW's code reading its own copy.
+//!      NEW's copy is filled from the live one, the copy the C library's GOT
+//!      slots point at (the first executable's, or the previous version's
+//!      after an update), and the commit points those slots at NEW's copy
+//!      (see `copies`), so that `setenv` and NEW's code use one `environ`.
 //!    - `IRELATIVE` (NEW's own IFUNCs): its resolver is called in the process
 //!      after every other relocation.
 //!
@@ -67,6 +66,7 @@
 //! made non-executable so that a stale code pointer traps.
 
 mod commit;
+pub mod copies;
 pub mod elf;
 mod exit_handlers;
 pub mod image;
@@ -82,7 +82,7 @@ pub use libraries::{Libraries, Library, LibraryError, Resolved};
 pub use relocs::{import_slots, reloc_name, ImportSlot};
 
 use crate::engine::state::Image;
-use crate::memory::MemError;
+use crate::memory::{MemError, TargetMemory};
 use crate::target::procfs::{self, MemoryMap, ProcError};
 use crate::target::ptrace::Tracee;
 use crate::target::remote::{self, RemoteCalls, RemoteError};
@@ -268,6 +268,8 @@ pub struct LoadedImage<'t> {
     heap_allocated: Vec<RuntimeAddr>,
     /// Old heap objects to free once the commit succeeded.
     heap_to_free: Vec<RuntimeAddr>,
+    /// The libraries' slots to point at NEW's COPY-relocated objects.
+    copy_redirects: Vec<commit::CopyRedirect>,
 }
 
 impl fmt::Debug for LoadedImage<'_> {
@@ -298,6 +300,8 @@ pub struct PreparedLoad {
     running_gadget: RuntimeAddr,
     /// The process's file mappings the plan was made against.
     files: Vec<MemoryMap>,
+    /// The libraries' GOT slots bound to NEW's COPY-relocated objects.
+    copy_slots: Vec<copies::BoundSlot>,
 }
 
 impl fmt::Debug for PreparedLoad {
@@ -331,12 +335,15 @@ pub fn prepare_load(
     let libs = Libraries::read_with_maps(pid, maps)?;
     let plan = relocs::plan_load(&canon, new_bytes, &libs)?;
     let running_gadget = map::running_gadget(pid, running)?;
+    let names: Vec<String> = plan.copies.iter().map(|(n, _)| n.clone()).collect();
+    let copy_slots = copies::bound_slots(&libs, &names);
     Ok(PreparedLoad {
         canon,
         libs,
         plan,
         running_gadget,
         files: file_mappings(maps),
+        copy_slots,
     })
 }
 
@@ -382,12 +389,35 @@ pub fn load_prepared<'t>(
     let PreparedLoad {
         canon,
         libs,
-        plan,
+        mut plan,
         running_gadget,
+        copy_slots,
         ..
     } = prep;
     let mut rc = RemoteCalls::with_maps(tracee, tid, running_gadget, &maps)?;
     rc.set_timeout(opts.call_timeout);
+    // A COPY-relocated object is filled from the copy the C library uses
+    // (where its slot points: the previous version's copy after an
+    // update), not always from the first executable's.
+    let mut copy_objects = Vec::new();
+    for (off, value) in plan.relocs.iter_mut() {
+        let relocs::RelocValue::Copy { src, size, symbol } = value else {
+            continue;
+        };
+        let slots: Vec<RuntimeAddr> = copy_slots
+            .iter()
+            .filter(|s| &s.symbol == symbol)
+            .map(|s| s.addr)
+            .collect();
+        if let Some(live) = slots
+            .first()
+            .and_then(|&a| rc.memory().read_u64(a).ok())
+            .filter(|&v| v != 0)
+        {
+            *src = RuntimeAddr(live);
+        }
+        copy_objects.push((slots, *src, *size, *off));
+    }
     let (span, bias, mut report, maps) = map::map_image(&mut rc, pid, &canon, new_bytes, &plan)?;
     if let Err(e) = rc.finish() {
         // Restoring the thread failed (is it gone?): try to unmap NEW in a
@@ -407,6 +437,18 @@ pub fn load_prepared<'t>(
     };
     let new_gadget = LinkAddr(plan.entry).to_runtime(bias);
     report.copies = plan.copies;
+    let copy_redirects = copy_objects
+        .into_iter()
+        .flat_map(|(slots, live, size, off)| {
+            let new = LinkAddr(off).to_runtime(bias);
+            slots.into_iter().map(move |slot| commit::CopyRedirect {
+                slot,
+                live,
+                size,
+                new,
+            })
+        })
+        .collect();
     report.libraries = libs
         .search_order()
         .filter_map(|l| l.path().map(Path::to_path_buf))
@@ -422,6 +464,7 @@ pub fn load_prepared<'t>(
         maps,
         heap_allocated: Vec::new(),
         heap_to_free: Vec::new(),
+        copy_redirects,
     })
 }
 
@@ -492,7 +535,7 @@ impl<'t> LoadedImage<'t> {
             .expect("image present until commit or unload");
         let mut rc = RemoteCalls::with_maps(self.tracee, self.tid, self.new_gadget, &self.maps)?;
         rc.set_timeout(self.timeout);
-        let plan = commit::plan_commit(&mut rc, running, new, &self.report.copies, &self.maps);
+        let plan = commit::plan_commit(&mut rc, running, new, &self.copy_redirects, &self.maps);
         rc.finish()?;
         plan
     }
