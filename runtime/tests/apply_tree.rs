@@ -294,7 +294,15 @@ fn forks_and_exits_during_the_update_leave_no_process_on_v1() {
     };
     let report = upstare_runtime::update::tree::apply_tree(run.pid() as i32, &v2, &opts)
         .unwrap_or_else(|e| panic!("update of the churning tree: {e}"));
-    assert!(report.processes.len() >= 2, "the parent and its children");
+    // Every child is either updated or dropped as ended (planning runs
+    // before the seize, so on a loaded machine each child of this churn,
+    // 300 ms old at most, may end first): the test must have met some.
+    assert!(
+        report.processes.len() + report.exited.len() >= 2,
+        "the parent and its children: {} updated, {} ended",
+        report.processes.len(),
+        report.exited.len()
+    );
     eprintln!(
         "updated {}, forked during the update {}, ended {}, other {:?}",
         report.processes.len(),
