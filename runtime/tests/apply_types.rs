@@ -663,22 +663,34 @@ fn gdb_reads_converted_frame_locals(tc: Toolchain) {
         .wait_for_line("v2 runs", wait, |l| l.starts_with("v2 t="))
         .expect("v2 runs");
     let bias = report.new_load_address.expect("NEW's load address");
-    let mut cmd = std::process::Command::new("gdb");
-    cmd.args(["-nx", "-batch", "-p", &child.pid().to_string()])
-        .args(["-ex", "symbol-file"])
-        .arg("-ex")
-        .arg(format!("add-symbol-file {} -o {bias:#x}", v2.display()))
-        .args([
-            "-ex",
-            "frame function main",
-            "-ex",
-            "print acc",
-            "-ex",
-            "print sizeof(acc)",
-            "-ex",
-            "print level",
-        ]);
-    let out = upstare_testkit::run_command(cmd, Duration::from_secs(60)).expect("gdb");
+    let gdb = || {
+        let mut cmd = std::process::Command::new("gdb");
+        cmd.args(["-nx", "-batch", "-p", &child.pid().to_string()])
+            .args(["-ex", "symbol-file"])
+            .arg("-ex")
+            .arg(format!("add-symbol-file {} -o {bias:#x}", v2.display()))
+            .args([
+                "-ex",
+                "frame function main",
+                "-ex",
+                "print acc",
+                "-ex",
+                "print sizeof(acc)",
+                "-ex",
+                "print level",
+            ]);
+        upstare_testkit::run_command(cmd, Duration::from_secs(60)).expect("gdb")
+    };
+    // gdb attaches wherever the thread is: deep in printf's write it may
+    // not unwind to main (no frame selected, nothing printed); try again.
+    let mut out = gdb();
+    for _ in 0..5 {
+        if !out.stderr.contains("No frame for function") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(30));
+        out = gdb();
+    }
     let text = out.stdout;
     let value = |n: u32| {
         text.lines()
