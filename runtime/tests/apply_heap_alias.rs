@@ -198,6 +198,8 @@ fn strict_refuses_untyped_aliases_of_a_moved_object() {
         let (_dir, v2, child, first) = start_v1(tc);
         let strict = ApplyOptions {
             strict: true,
+            // Generous: the machine may be loaded.
+            timeout: Duration::from_secs(10),
             ..ApplyOptions::default()
         };
         let err = apply(child.pid() as i32, &v2, &strict)
@@ -222,6 +224,8 @@ fn old_blocks_of_moved_objects_kept_on_request() {
         let (_dir, v2, child, _) = start_v1(tc);
         let keep = ApplyOptions {
             keep_old_heap_objects: true,
+            // Generous: the machine may be loaded.
+            timeout: Duration::from_secs(10),
             ..ApplyOptions::default()
         };
         let r = apply(child.pid() as i32, &v2, &keep).unwrap_or_else(|e| panic!("[{tc}] {e}"));
