@@ -1018,7 +1018,8 @@ impl<'a, M: TargetMemory + ?Sized> Unwinder<'a, M> {
     }
 }
 
-fn describe(lib: &Library, link: LinkAddr) -> String {
+/// `symbol+offset in library` (or the address) of a library pc, for messages.
+pub(crate) fn describe(lib: &Library, link: LinkAddr) -> String {
     match lib.symbol_at(link) {
         Some((s, off)) => format!("{s}+{off:#x} in {}", lib.name()),
         None => format!("{link} in {}", lib.name()),

@@ -572,15 +572,15 @@ impl Stopper<'_> {
                 library_view: None,
             });
         }
+        // Chain the parts, each the `below` of the one above it.
         let mut chained: Option<Box<ThreadState>> = None;
-        while let Some(mut s) = parts.pop() {
+        for mut s in parts.drain(1..).rev() {
             s.below = chained.take();
-            if parts.is_empty() {
-                return Ok(s);
-            }
             chained = Some(Box::new(s));
         }
-        Err(NotReadyReason::NotInLibrary)
+        let mut top = parts.swap_remove(0);
+        top.below = chained;
+        Ok(top)
     }
 
     /// Where a stopped thread outside the image is, for messages: the
@@ -589,10 +589,7 @@ impl Stopper<'_> {
     pub(super) fn whereabouts(&self, regs: &Regs) -> String {
         let (nr, rip) = (regs.0.orig_rax as i64, regs.rip());
         let place = match self.libs.lookup(rip) {
-            Some((lib, link)) => match lib.symbol_at(link) {
-                Some((name, off)) => format!("{name}+{off:#x} in {}", lib.name()),
-                None => format!("{:#x} in {}", link.0, lib.name()),
-            },
+            Some((lib, link)) => crate::engine::unwind::describe(lib, link),
             None => format!("{:#x}", rip.0),
         };
         if nr < 0 {
