@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
+use upstare_rewriter::rewrite::PointsMode;
 use upstare_testkit::target_dir;
 
 /// The flags every real program is built with: the target contract.
@@ -321,34 +322,80 @@ pub fn build_real(recipe: &Recipe, version: &str) -> Result<RealBuild, RealBuild
         build_secs = started.elapsed().as_secs_f64();
         std::fs::write(&stamp_path, &want).map_err(io_err(&stamp_path))?;
     }
-    // The rewriter is linked into the running test binary: instrument again
-    // when it, or the build, is newer than the instrumented file.
-    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let rewriter = std::env::current_exe().ok().and_then(|p| mtime(&p));
-    let up_to_date = match (mtime(&original), mtime(&instrumented), rewriter) {
-        (Some(a), Some(b), Some(r)) => built && a <= b && r <= b,
-        _ => false,
-    };
-    let mut rewrite_secs = 0.0;
-    if !up_to_date {
-        let started = Instant::now();
-        let bytes = std::fs::read(&original).map_err(io_err(&original))?;
-        let rewritten =
-            upstare_rewriter::rewrite::rewrite(&bytes).map_err(|e| RealBuildError::Rewrite {
-                package: recipe.package,
-                version: version.to_string(),
-                binary: original.clone(),
-                message: e.to_string(),
-            })?;
-        rewrite_secs = started.elapsed().as_secs_f64();
-        upstare_testkit::write_exe(&instrumented, &rewritten.elf, 0o755);
-    }
+    let rewrite_secs = instrument(
+        recipe,
+        version,
+        &original,
+        &instrumented,
+        built,
+        PointsMode::Int3,
+    )?;
     Ok(RealBuild {
         tree,
         original,
         instrumented,
         build_secs,
         rewrite_secs,
+    })
+}
+
+/// Instruments `original` into `instrumented` in `mode`, unless the output
+/// is newer than both the build and the rewriter (linked into the running
+/// test binary). Returns the seconds the rewriter took (0 when cached).
+fn instrument(
+    recipe: &Recipe,
+    version: &str,
+    original: &Path,
+    instrumented: &Path,
+    built: bool,
+    mode: PointsMode,
+) -> Result<f64, RealBuildError> {
+    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let rewriter = std::env::current_exe().ok().and_then(|p| mtime(&p));
+    let up_to_date = match (mtime(original), mtime(instrumented), rewriter) {
+        (Some(a), Some(b), Some(r)) => built && a <= b && r <= b,
+        _ => false,
+    };
+    if up_to_date {
+        return Ok(0.0);
+    }
+    let started = Instant::now();
+    let bytes = std::fs::read(original).map_err(io_err(original))?;
+    let rewritten = upstare_rewriter::rewrite::rewrite_with(&bytes, mode).map_err(|e| {
+        RealBuildError::Rewrite {
+            package: recipe.package,
+            version: version.to_string(),
+            binary: original.to_path_buf(),
+            message: e.to_string(),
+        }
+    })?;
+    let secs = started.elapsed().as_secs_f64();
+    upstare_testkit::write_exe(instrumented, &rewritten.elf, 0o755);
+    Ok(secs)
+}
+
+/// The cached build of `version` (built first if needed) instrumented with
+/// `--inline-points` (update points armed by one flag byte) instead of
+/// `int3` arming: `<cache>/<package>.inline.up`.
+pub fn build_real_inline(recipe: &Recipe, version: &str) -> Result<RealBuild, RealBuildError> {
+    let plain = build_real(recipe, version)?;
+    let dir = cache_dir(recipe, version);
+    let lock_path = dir.join(".lock");
+    let lock = File::create(&lock_path).map_err(io_err(&lock_path))?;
+    lock.lock().map_err(io_err(&lock_path))?;
+    let instrumented = dir.join(format!("{}.inline.up", recipe.package));
+    let rewrite_secs = instrument(
+        recipe,
+        version,
+        &plain.original,
+        &instrumented,
+        true,
+        PointsMode::Inline,
+    )?;
+    Ok(RealBuild {
+        instrumented,
+        rewrite_secs,
+        ..plain
     })
 }
 

@@ -26,7 +26,7 @@ use apply_support::real::{
     free_port, kv_identity_idle, kv_identity_under_load, kv_update_keeps_connection,
     wait_until_serving, KvClient,
 };
-use upstare_corpus::real::{build_real, RealBuild, MEMCACHED};
+use upstare_corpus::real::{build_real, build_real_inline, RealBuild, MEMCACHED};
 use upstare_testkit::{spawn, ChildGuard};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -237,5 +237,33 @@ fn memcached_security_update_brings_the_proxy_prefix_check() {
     eprintln!(
         "memcached proxy security update: {:.2} ms reported",
         apply_support::real::total_ms(&report)
+    );
+}
+
+/// Both versions instrumented with `--inline-points` (one flag byte arms
+/// the process; detours to trampolines instead of `int3` writes).
+fn inline_builds() -> (RealBuild, RealBuild) {
+    let old = build_real_inline(&MEMCACHED.recipe, MEMCACHED.old).unwrap_or_else(|e| panic!("{e}"));
+    let new = build_real_inline(&MEMCACHED.recipe, MEMCACHED.new).unwrap_or_else(|e| panic!("{e}"));
+    for b in [&old, &new] {
+        apply_support::real::assert_inline_points(&b.instrumented);
+    }
+    (old, new)
+}
+
+#[test]
+fn memcached_with_inline_points_identity_update_under_load_drops_nothing() {
+    let (old, _) = inline_builds();
+    kv_identity_under_load::<Memcache>("memcached (inline points)", &old.instrumented, &start);
+}
+
+#[test]
+fn memcached_with_inline_points_security_update_keeps_a_live_connection_and_its_keys() {
+    let (old, new) = inline_builds();
+    kv_update_keeps_connection::<Memcache>(
+        "memcached (inline points)",
+        &old.instrumented,
+        &new.instrumented,
+        &start,
     );
 }

@@ -21,7 +21,7 @@ use apply_support::real::{
     free_port, kv_identity_idle, kv_identity_under_load, kv_update_keeps_connection,
     wait_until_serving, KvClient,
 };
-use upstare_corpus::real::{build_real, RealBuild, REDIS};
+use upstare_corpus::real::{build_real, build_real_inline, RealBuild, REDIS};
 use upstare_testkit::{spawn, ChildGuard};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -321,4 +321,32 @@ fn redis_own_tests_pass_after_a_live_update() {
     );
     assert!(baseline >= 100, "only {baseline} tests ran");
     eprintln!("redis's own tests ({}): {updated} passed after a live update, {baseline} on the plain build", OWN_UNITS.join(", "));
+}
+
+/// Both versions instrumented with `--inline-points` (one flag byte arms
+/// the process; detours to trampolines instead of `int3` writes).
+fn inline_builds() -> (RealBuild, RealBuild) {
+    let old = build_real_inline(&REDIS.recipe, REDIS.old).unwrap_or_else(|e| panic!("{e}"));
+    let new = build_real_inline(&REDIS.recipe, REDIS.new).unwrap_or_else(|e| panic!("{e}"));
+    for b in [&old, &new] {
+        apply_support::real::assert_inline_points(&b.instrumented);
+    }
+    (old, new)
+}
+
+#[test]
+fn redis_with_inline_points_identity_update_under_load_drops_nothing() {
+    let (old, _) = inline_builds();
+    kv_identity_under_load::<Redis>("redis (inline points)", &old.instrumented, &start);
+}
+
+#[test]
+fn redis_with_inline_points_security_update_keeps_a_live_connection_and_its_keys() {
+    let (old, new) = inline_builds();
+    kv_update_keeps_connection::<Redis>(
+        "redis (inline points)",
+        &old.instrumented,
+        &new.instrumented,
+        &start,
+    );
 }

@@ -54,6 +54,26 @@ pub fn total_ms(report: &serde_json::Value) -> f64 {
     report["timings"]["total_us"].as_f64().unwrap_or(f64::NAN) / 1000.0
 }
 
+/// Panics unless `up`'s tables say its update points are armed by the
+/// `--inline-points` flag byte, with every point detoured or kept for a
+/// listed reason.
+pub fn assert_inline_points(up: &Path) {
+    let bytes = std::fs::read(up).unwrap_or_else(|e| panic!("{}: {e}", up.display()));
+    let tables = upstare_dwarf::read_tables(&bytes).unwrap_or_else(|e| panic!("{e}"));
+    match &tables.arming {
+        upstare_dwarf::fdt::Arming::Inline(inline) => {
+            assert!(
+                !inline.detours.is_empty(),
+                "{}: no update point detoured",
+                up.display()
+            );
+        }
+        upstare_dwarf::fdt::Arming::Int3 => {
+            panic!("{}: tables say int3 arming", up.display())
+        }
+    }
+}
+
 /// Whether `exe` is mapped executable in process `pid`: by its path, or as
 /// the memfd upstare hands a chrooted process (`/memfd:upstare:NAME`).
 pub fn runs(pid: u32, exe: &Path) -> bool {
