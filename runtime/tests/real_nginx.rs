@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use apply_support::real::{free_port, runs, total_ms, update};
 use apply_support::{fresh_copy, TempDir};
-use upstare_corpus::real::{build_real, RealBuild, NGINX};
+use upstare_corpus::real::{build_real, build_real_inline, RealBuild, NGINX};
 use upstare_testkit::{spawn, ChildGuard};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -207,9 +207,21 @@ fn nginx_identity_update_of_master_and_workers_while_idle() {
 
 #[test]
 fn nginx_identity_update_under_load_drops_nothing() {
-    let old = old_build();
+    identity_update_under_load(&old_build().instrumented, "nginx");
+}
+
+#[test]
+fn nginx_with_inline_points_identity_update_under_load_drops_nothing() {
+    let inline = build_real_inline(&NGINX.recipe, NGINX.old).unwrap_or_else(|e| panic!("{e}"));
+    apply_support::real::assert_inline_points(&inline.instrumented);
+    identity_update_under_load(&inline.instrumented, "nginx (inline points)");
+}
+
+/// Identity update of the master and its workers while 2 keep-alive
+/// clients send requests: no client sees an error.
+fn identity_update_under_load(exe: &Path, name: &str) {
     let dir = TempDir::new("real-nginx-load");
-    let (child, addr) = start(&old.instrumented, &dir);
+    let (child, addr) = start(exe, &dir);
     let stop = Arc::new(AtomicBool::new(false));
     let clients: Vec<_> = (0..2)
         .map(|_| {
@@ -230,7 +242,7 @@ fn nginx_identity_update_under_load_drops_nothing() {
         })
         .collect();
     std::thread::sleep(Duration::from_millis(300));
-    let copy = fresh_copy(&old.instrumented, &dir, "identity");
+    let copy = fresh_copy(exe, &dir, "identity");
     let report = update(child.pid(), &copy, WAIT * 2);
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::Relaxed);
@@ -245,7 +257,7 @@ fn nginx_identity_update_under_load_drops_nothing() {
     }
     whole_tree_runs(&report, child.pid(), &copy);
     eprintln!(
-        "nginx identity update under load: {:.2} ms reported, longest client gap {:.2} ms",
+        "{name} identity update under load: {:.2} ms reported, longest client gap {:.2} ms",
         total_ms(&report),
         gap.as_secs_f64() * 1000.0
     );
