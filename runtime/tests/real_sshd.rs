@@ -13,6 +13,9 @@
 //!   privileged monitor and its unprivileged child are updated as one; the
 //!   same session still echoes what it is sent, and a new login runs the
 //!   new version;
+//! - the fix observable: with `-r` (connections forked, not re-executed),
+//!   a client announcing a P-256 key as P-384 logs in before the live
+//!   update and is refused after it (CVE-2026-35387);
 //! - an update while a connection is before authentication is refused,
 //!   naming the sandboxed child, and changes nothing; once that connection
 //!   is gone the update goes through.
@@ -84,8 +87,13 @@ fn set_mode(path: &Path, mode: u32) {
 }
 
 fn keygen(path: &Path) {
+    keygen_of(path, &["-t", "ed25519"]);
+}
+
+/// ssh-keygen with `kind` (type and size options), no passphrase.
+fn keygen_of(path: &Path, kind: &[&str]) {
     let mut cmd = Command::new("ssh-keygen");
-    cmd.args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(path);
+    cmd.arg("-q").args(kind).args(["-N", "", "-f"]).arg(path);
     let out = run_command(cmd, WAIT).unwrap_or_else(|e| panic!("ssh-keygen: {e}"));
     assert_eq!(out.status.code(), Some(0), "ssh-keygen: {}", out.stderr);
 }
@@ -154,6 +162,11 @@ impl Sshd {
 /// sshd from a copy of `build` on 127.0.0.1, in the foreground, logging
 /// to stderr, with its own configuration and host key.
 fn start(build: &Path) -> Sshd {
+    start_with(build, "", &[])
+}
+
+/// `start` with lines added to sshd_config and arguments added to sshd's.
+fn start_with(build: &Path, more_config: &str, more_args: &[&str]) -> Sshd {
     prepare_system();
     let dir = TempDir::new("real-sshd");
     // The monitor reads authorized_keys as the user logging in.
@@ -170,15 +183,16 @@ fn start(build: &Path) -> Sshd {
         "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nPidFile none\n\
          AuthorizedKeysFile {}\nStrictModes no\nPasswordAuthentication no\n\
          KbdInteractiveAuthentication no\nPubkeyAuthentication yes\nAllowUsers {LOGIN}\n\
-         LogLevel VERBOSE\n",
+         LogLevel VERBOSE\n{more_config}",
         dir.join("host_key").display(),
         keys.display()
     );
     let config_path = dir.join("sshd_config");
     std::fs::write(&config_path, config).expect("sshd_config");
     let config_arg = config_path.to_string_lossy().into_owned();
-    let listener =
-        spawn(&exe, &["-D", "-e", "-f", &config_arg]).unwrap_or_else(|e| panic!("start sshd: {e}"));
+    let mut args = vec!["-D", "-e", "-f", &config_arg];
+    args.extend_from_slice(more_args);
+    let listener = spawn(&exe, &args).unwrap_or_else(|e| panic!("start sshd: {e}"));
     let deadline = Instant::now() + WAIT;
     while !listener.stderr_so_far().contains("Server listening on") {
         assert!(
@@ -469,6 +483,108 @@ fn sshd_update_during_a_login_is_refused_naming_the_sandboxed_child() {
     assert_eq!(sshd.run("echo after-$((6*7))"), "after-42\n");
     eprintln!(
         "sshd update after the refused one: {:.2} ms reported",
+        total_ms(&report)
+    );
+}
+
+/// A client that announces `ecdsa-sha2-nistp384` for a NIST P-256 key
+/// (paramiko, its algorithm name replaced), logs in with `key` and runs
+/// `echo upstare-$((6*7))`: prints `accepted upstare-42` or `refused`.
+const CURVE_LIE: &str = r#"
+import sys, paramiko
+from paramiko.auth_handler import AuthHandler
+plain = AuthHandler._finalize_pubkey_algorithm
+def lie(self, key_type):
+    if key_type == "ecdsa-sha2-nistp256":
+        return "ecdsa-sha2-nistp384"
+    return plain(self, key_type)
+AuthHandler._finalize_pubkey_algorithm = lie
+key = paramiko.ECDSAKey.from_private_key_file(sys.argv[2])
+c = paramiko.SSHClient()
+c.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+try:
+    c.connect("127.0.0.1", port=int(sys.argv[1]), username=sys.argv[3], pkey=key,
+              look_for_keys=False, allow_agent=False, timeout=10, banner_timeout=10,
+              auth_timeout=10)
+except paramiko.AuthenticationException:
+    print("refused")
+    sys.exit(0)
+_, out, _ = c.exec_command("echo upstare-$((6*7))", timeout=10)
+print("accepted " + out.read().decode().strip())
+"#;
+
+/// What sshd answers the curve-lying client.
+fn curve_lie(sshd: &Sshd, key: &Path) -> String {
+    let mut cmd = Command::new("/usr/bin/python3");
+    cmd.arg("-c")
+        .arg(CURVE_LIE)
+        .arg(sshd.port.to_string())
+        .arg(key)
+        .arg(LOGIN);
+    let out = run_command(cmd, WAIT).unwrap_or_else(|e| panic!("python3 paramiko: {e}"));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "the paramiko client failed (scripts/deps installs python3-paramiko): {}",
+        out.stderr
+    );
+    out.stdout.trim().to_string()
+}
+
+/// CVE-2026-35387 (fixed in +deb12u10): with an ECDSA algorithm in
+/// `PubkeyAcceptedAlgorithms`, the old sshd takes a key of any other curve
+/// announced under that name. With `-r` the listener forks its connections
+/// without re-executing, so each login runs the listener's code: before the
+/// live update the lying client logs in, after it (the file on disk still
+/// the old version) it is refused with the fixed version's own message,
+/// while honest logins go on.
+#[test]
+fn sshd_security_update_brings_the_ecdsa_curve_check_to_new_logins() {
+    let (old, new) = builds();
+    let sshd = start_with(
+        &old.instrumented,
+        "PubkeyAcceptedAlgorithms ecdsa-sha2-nistp384,ssh-ed25519\n",
+        &["-r"],
+    );
+    let p256 = sshd.dir.join("id_p256");
+    keygen_of(&p256, &["-t", "ecdsa", "-b", "256", "-m", "PEM"]);
+    set_mode(&p256, 0o600);
+    let keys = sshd.dir.join("authorized_keys");
+    let mut authorized = std::fs::read_to_string(&keys).expect("authorized_keys");
+    authorized.push_str(&std::fs::read_to_string(p256.with_extension("pub")).expect("p256 key"));
+    std::fs::write(&keys, authorized).expect("authorized_keys");
+
+    assert_eq!(sshd.run("echo before-$((6*7))"), "before-42\n");
+    assert_eq!(
+        curve_lie(&sshd, &p256),
+        "accepted upstare-42",
+        "the old version takes the P-256 key announced as P-384 (the bug)\nsshd: {}",
+        sshd.listener.stderr_so_far()
+    );
+
+    let report = update(sshd.pid(), &new.instrumented, WAIT * 2);
+    assert_eq!(updated_pids(&report), vec![sshd.pid()], "only the listener");
+    assert!(
+        runs(sshd.pid(), &new.instrumented),
+        "the listener runs the update"
+    );
+
+    assert_eq!(
+        curve_lie(&sshd, &p256),
+        "refused",
+        "after the live update\nsshd: {}",
+        sshd.listener.stderr_so_far()
+    );
+    let log = sshd.listener.stderr_so_far();
+    assert!(
+        log.contains("key type mismatch for decoded key (received ecdsa-sha2-nistp256, expected ecdsa-sha2-nistp384)"),
+        "the refusal is not the fixed version's check: {log}"
+    );
+    assert_eq!(sshd.run("echo after-$((6*7))"), "after-42\n");
+    eprintln!(
+        "sshd {} -> {} (no re-exec): {:.2} ms reported; the curve check refuses after it",
+        OPENSSH.old,
+        OPENSSH.new,
         total_ms(&report)
     );
 }
