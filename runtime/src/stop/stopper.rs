@@ -270,14 +270,16 @@ impl Stopper<'_> {
             Arming::Inline(inline) => Some(inline),
             Arming::Int3 => None,
         };
-        for f in &self.image.tables.functions {
-            for p in &f.update_points {
-                if inline.is_some_and(|i| i.detour_at(p.addr).is_some()) {
-                    continue;
-                }
-                bps.arm(self.image.runtime(p.addr))?;
-            }
-        }
+        let image = self.image;
+        bps.arm_many(
+            image
+                .tables
+                .functions
+                .iter()
+                .flat_map(|f| f.update_points.iter())
+                .filter(|p| !inline.is_some_and(|i| i.detour_at(p.addr).is_some()))
+                .map(|p| image.runtime(p.addr)),
+        )?;
         if let Some(inline) = inline {
             // One store arms every detoured point.
             let detours = inline

@@ -491,6 +491,56 @@ impl<M: TargetMemory> BreakpointSet<M> {
         Ok(())
     }
 
+    /// Write `int3` at every address of `addrs` (those already armed are
+    /// left alone): addresses close together (less than a page apart, so no
+    /// page without a breakpoint is written) are read and written as one
+    /// range, one read and one write per range instead of two system calls
+    /// per breakpoint. The bytes between them are written back unchanged:
+    /// code is only ever changed by us. A range that fails part-way keeps
+    /// every `int3` that did land in the set, so that it is restored.
+    pub fn arm_many(
+        &mut self,
+        addrs: impl IntoIterator<Item = RuntimeAddr>,
+    ) -> Result<(), BreakpointError> {
+        let mut todo: Vec<RuntimeAddr> = addrs
+            .into_iter()
+            .filter(|a| !self.armed.contains_key(a))
+            .collect();
+        todo.sort_unstable();
+        todo.dedup();
+        for cluster in clusters(&todo) {
+            let (first, last) = (cluster[0], cluster[cluster.len() - 1]);
+            let len = (last.0 - first.0 + 1) as usize;
+            let mut original = vec![0u8; len];
+            self.mem
+                .read(first, &mut original)
+                .map_err(mem_err(first))?;
+            let mut planted = original.clone();
+            for a in cluster {
+                planted[(a.0 - first.0) as usize] = INT3;
+            }
+            if let Err(e) = self.mem.write(first, &planted) {
+                // What landed is ours to restore.
+                let mut now = vec![0u8; len];
+                if self.mem.read(first, &mut now).is_ok() {
+                    for &a in cluster {
+                        let i = (a.0 - first.0) as usize;
+                        if now[i] == INT3 && original[i] != INT3 {
+                            self.armed.insert(a, original[i]);
+                            self.ever.insert(a);
+                        }
+                    }
+                }
+                return Err(mem_err(first)(e));
+            }
+            for &a in cluster {
+                self.armed.insert(a, original[(a.0 - first.0) as usize]);
+                self.ever.insert(a);
+            }
+        }
+        Ok(())
+    }
+
     /// Restore the original byte at `addr`. `Ok(false)` if nothing was armed
     /// there. On a [`BreakpointError::Clobbered`] error the breakpoint is
     /// dropped from the set without writing.
@@ -923,7 +973,7 @@ mod tests {
     }
 
     #[test]
-    fn disarm_all_restores_close_points_one_range_at_a_time() {
+    fn arm_many_batches_close_points_and_disarm_all_restores_them() {
         // Two pages of code and a far one: points less than a page apart
         // share a range, the far ones have their own.
         let text: Vec<u8> = (0..0x3000u32).map(|i| (i % 251) as u8).collect();
@@ -946,9 +996,10 @@ mod tests {
         );
         {
             let mut set = BreakpointSet::new(&mut m);
-            for &a in &points {
-                set.arm(RuntimeAddr(a)).unwrap();
-            }
+            // One armed alone first: arm_many leaves it (and its byte) be.
+            set.arm(RuntimeAddr(0x10010)).unwrap();
+            set.arm_many(points.iter().map(|&a| RuntimeAddr(a)))
+                .unwrap();
             assert_eq!(set.len(), 5);
             for &a in &points[..4] {
                 let i = (a - 0x10000) as usize;
@@ -968,6 +1019,9 @@ mod tests {
             let mut now = vec![0u8; text.len()];
             set.read_original(RuntimeAddr(0x10000), &mut now).unwrap();
             assert_eq!(now, text);
+            // A point outside memory refuses, and those armed before stay.
+            assert!(set.arm_many([RuntimeAddr(0x40000)]).is_err());
+            assert_eq!(set.len(), 5);
 
             set.memory_mut()
                 .write(RuntimeAddr(0x10fff), &[0x90])
