@@ -277,7 +277,7 @@ impl Stopper<'_> {
                 .functions
                 .iter()
                 .flat_map(|f| f.update_points.iter())
-                .filter(|p| !inline.is_some_and(|i| i.detour_at(p.addr).is_some()))
+                .filter(|p| inline.is_none_or(|i| i.detour_at(p.addr).is_none()))
                 .map(|p| image.runtime(p.addr)),
         )?;
         if let Some(inline) = inline {
