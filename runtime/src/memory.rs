@@ -176,6 +176,102 @@ impl<T: TargetMemory + ?Sized> TargetMemory for &mut T {
     }
 }
 
+/// Size of the pages [`PageCache`] reads whole.
+const CACHE_PAGE: u64 = 4096;
+/// Most pages a [`PageCache`] keeps (64 MiB); reads beyond go direct.
+const CACHE_MAX_PAGES: usize = 16 * 1024;
+
+/// Reads of a paused process one page at a time, each page read once: a
+/// walk that reads thousands of small objects (the heap walk of a server:
+/// 10,000 objects in redis) makes as many system calls as it touches pages
+/// instead of one per object. Only for memory that nothing but this handle
+/// changes while it lives (the process is paused and runs no code): writes
+/// go through and update the pages kept. A page that cannot be read whole
+/// (a guard page, the end of a mapping) is read direct every time, so every
+/// error is the one the memory itself gives.
+pub struct PageCache<M: TargetMemory> {
+    mem: M,
+    /// Page start → its bytes, or `None` when it could not be read whole.
+    pages: std::cell::RefCell<std::collections::HashMap<u64, Option<Box<[u8]>>>>,
+}
+
+impl<M: TargetMemory> PageCache<M> {
+    /// An empty cache over `mem`.
+    pub fn new(mem: M) -> Self {
+        PageCache {
+            mem,
+            pages: Default::default(),
+        }
+    }
+
+    /// The memory underneath.
+    pub fn into_inner(self) -> M {
+        self.mem
+    }
+
+    /// Copies `buf.len()` bytes at `addr` from kept pages, reading the
+    /// pages missing; `false` when one cannot be read whole or the cache
+    /// is full.
+    fn read_cached(&self, addr: u64, buf: &mut [u8]) -> bool {
+        let mut pages = self.pages.borrow_mut();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = addr + done as u64;
+            let page = at - at % CACHE_PAGE;
+            if !pages.contains_key(&page) {
+                if pages.len() >= CACHE_MAX_PAGES {
+                    return false;
+                }
+                let mut bytes = vec![0u8; CACHE_PAGE as usize].into_boxed_slice();
+                let got = self.mem.read(RuntimeAddr(page), &mut bytes).is_ok();
+                pages.insert(page, got.then_some(bytes));
+            }
+            let Some(Some(bytes)) = pages.get(&page) else {
+                return false;
+            };
+            let off = (at - page) as usize;
+            let n = (bytes.len() - off).min(buf.len() - done);
+            buf[done..done + n].copy_from_slice(&bytes[off..off + n]);
+            done += n;
+        }
+        true
+    }
+}
+
+impl<M: TargetMemory> TargetMemory for PageCache<M> {
+    fn read(&self, addr: RuntimeAddr, buf: &mut [u8]) -> Result<(), MemError> {
+        range_end(MemOp::Read, addr, buf.len())?;
+        if self.read_cached(addr.0, buf) {
+            return Ok(());
+        }
+        self.mem.read(addr, buf)
+    }
+
+    fn write(&mut self, addr: RuntimeAddr, data: &[u8]) -> Result<(), MemError> {
+        let end = range_end(MemOp::Write, addr, data.len())?;
+        let result = self.mem.write(addr, data);
+        // Kept pages take what was written; after a failure, how much
+        // landed is unknown: forget them.
+        let pages = self.pages.get_mut();
+        let mut page = addr.0 - addr.0 % CACHE_PAGE;
+        while page < end {
+            if result.is_err() {
+                pages.remove(&page);
+            } else if let Some(Some(bytes)) = pages.get_mut(&page) {
+                let from = addr.0.max(page);
+                let to = end.min(page + CACHE_PAGE);
+                bytes[(from - page) as usize..(to - page) as usize]
+                    .copy_from_slice(&data[(from - addr.0) as usize..(to - addr.0) as usize]);
+            }
+            let Some(next) = page.checked_add(CACHE_PAGE) else {
+                break;
+            };
+            page = next;
+        }
+        result
+    }
+}
+
 /// End address (exclusive) of `addr..addr+len`, or an overflow error.
 pub(crate) fn range_end(op: MemOp, addr: RuntimeAddr, len: usize) -> Result<u64, MemError> {
     u64::try_from(len)
@@ -297,6 +393,52 @@ mod tests {
             .unwrap();
         b.add_region(RuntimeAddr(0x2000), vec![0xaa; 8]).unwrap();
         b
+    }
+
+    #[test]
+    fn page_cache_reads_and_writes_as_the_memory_does() {
+        // Three whole pages, a partial one (unreadable whole: read direct)
+        // and holes; reads and writes of every size at many places give
+        // the same bytes and the same errors as the memory itself.
+        let mut plain = ByteBuffer::new();
+        plain
+            .add_region(
+                RuntimeAddr(0x10000),
+                (0..0x3000u32).map(|i| i as u8).collect(),
+            )
+            .unwrap();
+        plain
+            .add_region(RuntimeAddr(0x20100), vec![0x5a; 0x80])
+            .unwrap();
+        let mut cached = PageCache::new(plain.clone());
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |m: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % m
+        };
+        for step in 0..4000 {
+            let base = [0x10000u64, 0x20100, 0xff00, 0x12f00][next(4) as usize];
+            let addr = RuntimeAddr(base + next(0x1200));
+            let len = next(0x1100) as usize;
+            if next(4) == 0 {
+                let data: Vec<u8> = (0..len).map(|_| next(256) as u8).collect();
+                let a = plain.write(addr, &data).is_ok();
+                let b = cached.write(addr, &data).is_ok();
+                assert_eq!(a, b, "step {step}: write of {len} at {addr}");
+            } else {
+                let mut a = vec![0u8; len];
+                let mut b = vec![0u8; len];
+                let ra = plain.read(addr, &mut a).map_err(|e| e.to_string());
+                let rb = cached.read(addr, &mut b).map_err(|e| e.to_string());
+                assert_eq!(ra, rb, "step {step}: read of {len} at {addr}");
+                if ra.is_ok() {
+                    assert_eq!(a, b, "step {step}: bytes of {len} at {addr}");
+                }
+            }
+        }
+        assert!(!cached.pages.borrow().is_empty());
     }
 
     #[test]

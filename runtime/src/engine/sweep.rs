@@ -294,6 +294,55 @@ pub struct Classifier<'c, 'a, 'r> {
     pub same_code: Vec<(Range<u64>, u64, String)>,
     /// OLD's GOT slots and NEW's of the same symbol ([`got_slots`]).
     pub got: HashMap<u64, (String, Option<u64>)>,
+    /// OLD's globals (not thread-local) by link-time address.
+    globals: RangeIndex,
+    /// Link-time end of a global (not thread-local, not empty) → the first
+    /// such global.
+    global_ends: HashMap<u64, usize>,
+    /// `same_code` by address, built at the first lookup.
+    same_code_index: Option<RangeIndex>,
+}
+
+/// Ranges looked up by address: the first of a list (in the list's order)
+/// whose range holds an address, in O(log n) plus the ranges that overlap
+/// it, instead of a scan of the whole list for every value the sweep meets
+/// (a few thousand globals times a few thousand values).
+struct RangeIndex {
+    /// (start, end, index in the list), sorted by start.
+    sorted: Vec<(u64, u64, usize)>,
+    /// The largest end among `sorted[..=i]`: where a backward scan stops.
+    reach: Vec<u64>,
+}
+
+impl RangeIndex {
+    fn new(ranges: impl Iterator<Item = (usize, Range<u64>)>) -> RangeIndex {
+        let mut sorted: Vec<(u64, u64, usize)> = ranges.map(|(i, r)| (r.start, r.end, i)).collect();
+        sorted.sort_unstable();
+        let mut reach = Vec::with_capacity(sorted.len());
+        let mut far = 0u64;
+        for &(_, end, _) in &sorted {
+            far = far.max(end);
+            reach.push(far);
+        }
+        RangeIndex { sorted, reach }
+    }
+
+    /// The smallest list index whose range holds `v`.
+    fn first_containing(&self, v: u64) -> Option<usize> {
+        let mut i = self.sorted.partition_point(|&(start, _, _)| start <= v);
+        let mut best: Option<usize> = None;
+        while i > 0 {
+            i -= 1;
+            if self.reach[i] <= v {
+                break;
+            }
+            let (_, end, idx) = self.sorted[i];
+            if v < end {
+                best = Some(best.map_or(idx, |b| b.min(idx)));
+            }
+        }
+        best
+    }
 }
 
 impl<'c, 'a, 'r> Classifier<'c, 'a, 'r> {
@@ -306,6 +355,20 @@ impl<'c, 'a, 'r> Classifier<'c, 'a, 'r> {
         entries: Cow<'c, HashMap<u64, (String, Option<u64>)>>,
         remap: Option<&'r mut Remapper<'a>>,
     ) -> Self {
+        let globals = &old.tables.globals;
+        let index = RangeIndex::new(
+            globals
+                .iter()
+                .enumerate()
+                .filter(|(_, g)| !g.tls)
+                .map(|(i, g)| (i, g.addr.0..g.addr.0.saturating_add(g.size.max(1)))),
+        );
+        let mut global_ends = HashMap::new();
+        for (i, g) in globals.iter().enumerate() {
+            if let (false, true, Some(end)) = (g.tls, g.size > 0, g.addr.0.checked_add(g.size)) {
+                global_ends.entry(end).or_insert(i);
+            }
+        }
         Classifier {
             retired,
             old,
@@ -314,6 +377,9 @@ impl<'c, 'a, 'r> Classifier<'c, 'a, 'r> {
             remap,
             same_code: Vec::new(),
             got: HashMap::new(),
+            globals: index,
+            global_ends,
+            same_code_index: None,
         }
     }
 
@@ -335,7 +401,11 @@ impl<'c, 'a, 'r> Classifier<'c, 'a, 'r> {
                     },
                 });
             }
-            if let Some((r, to, name)) = self.same_code.iter().find(|(r, _, _)| r.contains(&v)) {
+            let same_code = &self.same_code;
+            let index = self.same_code_index.get_or_insert_with(|| {
+                RangeIndex::new(same_code.iter().map(|(r, _, _)| r.clone()).enumerate())
+            });
+            if let Some((r, to, name)) = index.first_containing(v).map(|i| &self.same_code[i]) {
                 return Some(Class::Remap {
                     new: to.saturating_add(v - r.start),
                     what: format!("function {name}+{:#x} (identical code)", v - r.start),
@@ -354,11 +424,7 @@ impl<'c, 'a, 'r> Classifier<'c, 'a, 'r> {
             return Some(Class::Copy { name: name.clone() });
         }
         let globals = &self.old.tables.globals;
-        let inside = globals
-            .iter()
-            .filter(|g| !g.tls)
-            .find(|g| g.addr <= link && link.0 < g.addr.0.saturating_add(g.size.max(1)));
-        if let Some(g) = inside {
+        if let Some(g) = self.globals.first_containing(link.0).map(|i| &globals[i]) {
             let off = link.0 - g.addr.0;
             let new = self
                 .remap
@@ -390,10 +456,7 @@ impl<'c, 'a, 'r> Classifier<'c, 'a, 'r> {
         if !self.retired.writable_at(v) {
             return Some(Class::ReadOnly);
         }
-        if let Some(g) = globals
-            .iter()
-            .find(|g| !g.tls && g.size > 0 && g.addr.0.checked_add(g.size) == Some(link.0))
-        {
+        if let Some(g) = self.global_ends.get(&link.0).map(|&i| &globals[i]) {
             return Some(Class::PastEnd {
                 global: g.name.clone(),
             });
@@ -691,6 +754,34 @@ mod tests {
             tables: upstare_dwarf::fdt::FrameTables::default(),
             text: RuntimeAddr(base + 0x1000)..RuntimeAddr(base + 0x2000),
             span: RuntimeAddr(base)..RuntimeAddr(base + 0x4000),
+        }
+    }
+
+    #[test]
+    fn range_index_finds_what_a_scan_of_the_list_finds() {
+        // Overlapping, nested, empty and huge ranges, in no order; every
+        // address near their bounds answers as the first-in-list scan does.
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |m: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % m
+        };
+        for round in 0..50 {
+            let n = 1 + next(40) as usize;
+            let ranges: Vec<Range<u64>> = (0..n)
+                .map(|_| {
+                    let start = next(1000);
+                    let len = if next(10) == 0 { next(2000) } else { next(30) };
+                    start..start + len
+                })
+                .collect();
+            let index = RangeIndex::new(ranges.iter().cloned().enumerate());
+            for v in 0..3100 {
+                let scan = ranges.iter().position(|r| r.contains(&v));
+                assert_eq!(index.first_containing(v), scan, "round {round}, value {v}");
+            }
         }
     }
 

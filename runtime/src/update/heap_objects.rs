@@ -28,7 +28,10 @@ pub fn find(
     plan: &UpdatePlan,
     heap: &[Range<RuntimeAddr>],
 ) -> Result<HeapObjects, UpdateError> {
-    let mem = loaded.tracee().memory();
+    // The walk reads every object it reaches (10,000 in an idle redis):
+    // one read per page instead of one per object. The process is paused
+    // and nothing writes while it walks.
+    let mem = crate::memory::PageCache::new(loaded.tracee().memory());
     let rules = ArrayRules::new(&mem, old, &plan.heap_arrays);
     let (roots, warnings) = heap_roots(&mem, old, threads, &rules);
     let mut found = find_heap_objects(
