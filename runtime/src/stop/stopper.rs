@@ -53,8 +53,15 @@ impl Waiting {
     }
 }
 
-pub(super) struct Stopper<'a> {
+/// What must be done to the stopped process before update points are
+/// armed (given the tracee, every thread stopped).
+pub type BeforeArming<'a> = dyn FnMut(&mut Tracee) -> Result<(), StopError> + 'a;
+
+pub(super) struct Stopper<'a, 'b> {
     pub(super) tracee: &'a mut Tracee,
+    /// Run once the threads are classified, only if update points must be
+    /// armed (every thread stopped).
+    before_arming: &'a mut BeforeArming<'b>,
     pub(super) image: &'a Image,
     pub(super) libs: &'a mut Libraries,
     opts: &'a StopOptions,
@@ -113,6 +120,7 @@ pub(super) fn stop(
     image: &Image,
     libs: &mut Libraries,
     opts: &StopOptions,
+    before_arming: &mut BeforeArming<'_>,
 ) -> Result<Stopped, StopError> {
     let t0 = Instant::now();
     let pid = tracee.pid();
@@ -124,6 +132,7 @@ pub(super) fn stop(
     let mem = tracee.memory();
     let mut s = Stopper {
         tracee,
+        before_arming,
         image,
         libs,
         opts,
@@ -227,7 +236,7 @@ fn process_dead(pid: Pid) -> bool {
     false
 }
 
-impl Stopper<'_> {
+impl Stopper<'_, '_> {
     fn run(
         &mut self,
         bps: &mut BreakpointSet<ProcessMemory>,
@@ -266,6 +275,7 @@ impl Stopper<'_> {
         }
 
         let t = Instant::now();
+        (self.before_arming)(self.tracee)?;
         let inline = match &self.image.tables.arming {
             Arming::Inline(inline) => Some(inline),
             Arming::Int3 => None,

@@ -658,6 +658,10 @@ struct Planned {
     object: Option<TransformerObject>,
     libs: Libraries,
     prepared_load: Option<load::PreparedLoad>,
+    /// The code remote calls borrow in the running image (its entry
+    /// point), looked up before the pause; `None`: looked up in it (the
+    /// former pause, `legacy_pause`).
+    gadget: Option<RuntimeAddr>,
     /// What the sweep needs from the two files alone.
     sweep_files: crate::engine::sweep::SweepFiles,
     timings: Timings,
@@ -799,6 +803,11 @@ fn plan_update(
     } else {
         load::prepare_load(pid_, &maps, new_path, new_bytes, &old).ok()
     };
+    let gadget = if opts.legacy_pause {
+        None
+    } else {
+        load::running_gadget(pid_, &old).ok()
+    };
 
     // What the sweep needs from the two files alone.
     let sweep_files =
@@ -814,6 +823,7 @@ fn plan_update(
         object,
         libs,
         prepared_load,
+        gadget,
         sweep_files,
         timings,
     })
@@ -840,17 +850,31 @@ fn stop_process(
     // rescue handler covers exactly that span, so that the process lives on
     // if the updater is killed meanwhile.
     signals::set_stopping(true);
-    let rescue = survive::install(tracee, old);
-    let rescue = match rescue {
-        Ok(r) => r,
-        Err(e) => {
-            signals::set_stopping(false);
-            return Err(e);
+    // The rescue handler is installed before anything is armed: at once
+    // along the former pause, else only if some thread is not ready when
+    // classified (none armed, no handler: two remote sessions saved).
+    let mut rescue = None;
+    if planned.gadget.is_none() {
+        match survive::install(tracee, old) {
+            Ok(r) => rescue = r,
+            Err(e) => {
+                signals::set_stopping(false);
+                return Err(e);
+            }
         }
-    };
+    }
+    let gadget = planned.gadget;
+    let mut asked = gadget.is_none();
     let stopped = (|| loop {
         interrupted(pid)?;
-        let stopped = stop::stop_the_world(
+        let mut before_arming = |tr: &mut Tracee| -> Result<(), StopError> {
+            if let (false, Some(g)) = (asked, gadget) {
+                asked = true;
+                rescue = survive::install_at(tr, old, g).map_err(StopError::Rescue)?;
+            }
+            Ok(())
+        };
+        let stopped = stop::stop_the_world_armed_by(
             tracee,
             old,
             libs,
@@ -859,9 +883,11 @@ fn stop_process(
                 skip_hits,
                 ..StopOptions::default()
             },
+            &mut before_arming,
         )
         .map_err(|e| match e {
             StopError::Interrupted { pid, sig } => UpdateError::Interrupted { pid, sig },
+            StopError::Rescue(e) => UpdateError::Rescue(e),
             e => e.into(),
         })?;
         skip_hits = 0;
@@ -949,6 +975,7 @@ fn compute<'t>(
         object,
         libs,
         prepared_load,
+        gadget: _,
         sweep_files,
         mut timings,
     } = planned;
