@@ -270,6 +270,8 @@ pub struct LoadedImage<'t> {
     heap_to_free: Vec<RuntimeAddr>,
     /// The libraries' slots to point at NEW's COPY-relocated objects.
     copy_redirects: Vec<commit::CopyRedirect>,
+    /// What redirecting the destructors needs from the files.
+    fini: commit::FiniSources,
 }
 
 impl fmt::Debug for LoadedImage<'_> {
@@ -302,6 +304,8 @@ pub struct PreparedLoad {
     files: Vec<MemoryMap>,
     /// The libraries' GOT slots bound to NEW's COPY-relocated objects.
     copy_slots: Vec<copies::BoundSlot>,
+    /// What redirecting the destructors needs from the files.
+    fini: commit::FiniSources,
 }
 
 impl fmt::Debug for PreparedLoad {
@@ -337,6 +341,7 @@ pub fn prepare_load(
     let running_gadget = map::running_gadget(pid, running)?;
     let names: Vec<String> = plan.copies.iter().map(|(n, _)| n.clone()).collect();
     let copy_slots = copies::bound_slots(&libs, &names);
+    let fini = commit::FiniSources::read(pid, &canon, new_bytes)?;
     Ok(PreparedLoad {
         canon,
         libs,
@@ -344,6 +349,7 @@ pub fn prepare_load(
         running_gadget,
         files: file_mappings(maps),
         copy_slots,
+        fini,
     })
 }
 
@@ -392,6 +398,7 @@ pub fn load_prepared<'t>(
         mut plan,
         running_gadget,
         copy_slots,
+        fini,
         ..
     } = prep;
     let mut rc = RemoteCalls::with_maps(tracee, tid, running_gadget, &maps)?;
@@ -465,6 +472,7 @@ pub fn load_prepared<'t>(
         heap_allocated: Vec::new(),
         heap_to_free: Vec::new(),
         copy_redirects,
+        fini,
     })
 }
 
@@ -533,11 +541,17 @@ impl<'t> LoadedImage<'t> {
             .image
             .as_ref()
             .expect("image present until commit or unload");
-        let mut rc = RemoteCalls::with_maps(self.tracee, self.tid, self.new_gadget, &self.maps)?;
-        rc.set_timeout(self.timeout);
-        let plan = commit::plan_commit(&mut rc, running, new, &self.copy_redirects, &self.maps);
-        rc.finish()?;
-        plan
+        commit::plan_commit(
+            self.tracee,
+            self.tid,
+            self.new_gadget,
+            self.timeout,
+            running,
+            new,
+            &self.copy_redirects,
+            &self.maps,
+            &self.fini,
+        )
     }
 
     /// Apply `plan`: redirect the destructors, move the signal handlers,

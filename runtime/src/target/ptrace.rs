@@ -1549,7 +1549,7 @@ fn sigcont_pending(pid: Pid) -> bool {
         return false;
     };
     tasks.iter().any(|tid| {
-        std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).is_ok_and(|text| {
+        procfs::read_task_status(pid, *tid).is_ok_and(|text| {
             text.lines()
                 .filter_map(|l| {
                     l.strip_prefix("SigPnd:")

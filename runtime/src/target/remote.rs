@@ -390,7 +390,7 @@ pub fn caught_signals(pid: Pid, tid: Pid) -> Result<u64, RemoteError> {
 fn read_status_mask(pid: Pid, tid: Pid, key: &str) -> Result<u64, RemoteError> {
     let err = |reason: String| RemoteError::SigMask { tid, reason };
     let path = format!("/proc/{pid}/task/{tid}/status");
-    let text = std::fs::read_to_string(&path).map_err(|e| err(format!("{path}: {e}")))?;
+    let text = procfs::read_task_status(pid, tid).map_err(|e| err(format!("{path}: {e}")))?;
     let line = text
         .lines()
         .find_map(|l| l.strip_prefix(key))
@@ -401,7 +401,7 @@ fn read_status_mask(pid: Pid, tid: Pid, key: &str) -> Result<u64, RemoteError> {
 /// Whether a SIGCONT is pending for thread `tid` or its whole process
 /// (`SigPnd`, `ShdPnd` of `/proc/PID/task/TID/status`).
 fn sigcont_pending(pid: Pid, tid: Pid) -> bool {
-    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")) else {
+    let Ok(text) = procfs::read_task_status(pid, tid) else {
         return false;
     };
     let bit = 1u64 << (libc::SIGCONT - 1);
