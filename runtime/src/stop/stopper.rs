@@ -125,10 +125,10 @@ pub(super) fn stop(
     let t0 = Instant::now();
     let pid = tracee.pid();
     crate::update::signals::checkpoint(crate::update::signals::Phase::Stop);
-    // A library loaded since `libs` was built is only needed for blocked
-    // threads inside it; a failure here shows up there.
-    let _ = libs.refresh(pid);
     let maps = procfs::read_maps(pid)?;
+    // A library loaded since `libs` was built is only needed for blocked
+    // threads inside it.
+    libs.refresh_with(pid, &maps);
     let mem = tracee.memory();
     let mut s = Stopper {
         tracee,

@@ -641,7 +641,7 @@ fn apply_planned(
     // Phase 6: commit, with an undo log so a failure is rolled back. A
     // termination signal from here on is reported once it is finished.
     let _window = CommitWindow::open();
-    commit_ready(&mut ready)?;
+    commit_ready(&mut ready, true)?;
     let (report, clock, leftovers) = ready.finish();
     Ok((report, clock, Box::new((leftovers, new_bytes))))
 }
@@ -1364,8 +1364,9 @@ impl Ready<'_> {
 /// Commit `ready`'s writes and registers with an undo log, then the load's
 /// commit steps; on failure everything is put back (the guard unloads NEW
 /// when `ready` is dropped). The undo log, kept until the whole update
-/// commits.
-fn commit_ready(ready: &mut Ready<'_>) -> Result<UndoLog, UpdateError> {
+/// commits. `alone`: no other process's commit can take this one back,
+/// so the retired code may go with the commit steps.
+fn commit_ready(ready: &mut Ready<'_>, alone: bool) -> Result<UndoLog, UpdateError> {
     let mode = if ready.legacy_pause {
         transaction::CommitMode::OneByOne
     } else {
@@ -1374,7 +1375,12 @@ fn commit_ready(ready: &mut Ready<'_>) -> Result<UndoLog, UpdateError> {
     let tr = ready.loaded.tracee();
     let mut mem = tr.memory();
     let undo = transaction::commit_with(&ready.prepared, &mut mem, tr, mode)?;
-    if let Err(e) = ready.loaded.commit_steps(&ready.commit_plan) {
+    let stepped = if alone && !ready.legacy_pause {
+        ready.loaded.commit_steps_alone(&ready.commit_plan)
+    } else {
+        ready.loaded.commit_steps(&ready.commit_plan)
+    };
+    if let Err(e) = stepped {
         let tr = ready.loaded.tracee();
         let mut mem = tr.memory();
         undo.roll_back(&mut mem, tr);
