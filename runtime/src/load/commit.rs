@@ -12,6 +12,7 @@ use super::LoadError;
 use crate::engine::state::Image;
 use crate::memory::{MemError, TargetMemory};
 use crate::target::procfs::{self, MemoryMap};
+use crate::target::ptrace::Tracee;
 use crate::target::remote::{KernelSigaction, RemoteCalls, RemoteError};
 use nix::libc;
 use nix::unistd::Pid;
@@ -61,22 +62,44 @@ pub struct CopyRedirect {
 }
 
 /// Work out every commit step for replacing `running` by `new` without
-/// changing anything (reads signal actions in the process through `rc`).
-/// `copies` are the libraries' slots bound to NEW's COPY-relocated objects.
+/// changing anything, in stopped thread `tid` of `tracee`. The signal
+/// actions are read in the process (a remote session borrowing `gadget`)
+/// only when it catches some signal; everything else is read from its
+/// memory. `copies` are the libraries' slots bound to NEW's COPY-relocated
+/// objects; `fini` what the destructors' redirection needs from the files
+/// (worked out before the pause).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn plan_commit(
-    rc: &mut RemoteCalls<'_>,
+    tracee: &mut Tracee,
+    tid: Pid,
+    gadget: RuntimeAddr,
+    timeout: std::time::Duration,
     running: &Image,
     new: &Image,
     copies: &[CopyRedirect],
     maps: &[MemoryMap],
+    fini: &FiniSources,
 ) -> Result<CommitPlan, LoadError> {
-    let pid = rc.pid();
+    let pid = tracee.pid();
     let mapper = function_mapper(running, new);
-    let handlers = plan_signal_handlers(rc, running, &mapper)?;
-    let fini = plan_fini_redirect(&*rc.memory(), pid, new)?;
-    let fs_base = rc.saved_regs().0.fs_base;
+    // Signals with a handler, from /proc: every signal when the mask
+    // cannot be read. None: no session at all.
+    let uncatchable = (1u64 << (libc::SIGKILL - 1)) | (1u64 << (libc::SIGSTOP - 1));
+    let caught = crate::target::remote::caught_signals(pid, tid).unwrap_or(u64::MAX) & !uncatchable;
+    let handlers = if caught == 0 {
+        Vec::new()
+    } else {
+        let mut rc = RemoteCalls::with_maps(tracee, tid, gadget, maps)?;
+        rc.set_timeout(timeout);
+        let handlers = plan_signal_handlers(&mut rc, running, &mapper, caught);
+        rc.finish()?;
+        handlers?
+    };
+    let mem = tracee.memory();
+    let fini = plan_fini_redirect(&mem, fini, new)?;
+    let fs_base = tracee.regs(tid).map_err(RemoteError::from)?.0.fs_base;
     let exit_handlers = FiniRedirect {
-        writes: super::exit_handlers::plan_exit_handlers(&*rc.memory(), maps, fs_base, &mapper)?,
+        writes: super::exit_handlers::plan_exit_handlers(&mem, maps, fs_base, &mapper)?,
     };
     let retire = plan_retire(maps, running);
     let warnings = Vec::new();
@@ -84,7 +107,7 @@ pub(super) fn plan_commit(
     // (at the same offset: an interior pointer stays interior).
     let mut writes = Vec::new();
     for c in copies {
-        let Ok(v) = rc.memory().read_u64(c.slot) else {
+        let Ok(v) = mem.read_u64(c.slot) else {
             continue;
         };
         let Some(off) = v.checked_sub(c.live.0).filter(|&o| o < c.size.max(1)) else {
@@ -205,12 +228,11 @@ fn plan_signal_handlers(
     rc: &mut RemoteCalls<'_>,
     running: &Image,
     map: &dyn Fn(RuntimeAddr) -> Option<RuntimeAddr>,
+    caught: u64,
 ) -> Result<Vec<HandlerMove>, LoadError> {
     let mut out = Vec::new();
-    // One remote rt_sigaction per signal with a handler, rather than per
-    // signal: each is a round trip into the paused process. Every signal
-    // when the mask cannot be read.
-    let caught = crate::target::remote::caught_signals(rc.pid(), rc.tid()).unwrap_or(u64::MAX);
+    // One remote rt_sigaction per signal with a handler (`caught`), rather
+    // than per signal: each is a round trip into the paused process.
     for sig in 1..=64 {
         if sig == libc::SIGKILL || sig == libc::SIGSTOP || caught & (1u64 << (sig - 1)) == 0 {
             continue;
@@ -307,17 +329,35 @@ fn summary_of(shown: &Path, source: &Path) -> Result<ElfSummary, LoadError> {
     Ok(ElfSummary::parse(shown, &object::ReadCache::new(file))?)
 }
 
-/// The program the process was started from, as the dynamic linker knows
-/// it (the first `link_map` entry): its file, bias (`l_addr`, from
-/// `AT_ENTRY`) and summary, read through `/proc/PID/exe` (so a program
-/// rebuilt in place since is no problem). After updates this is still the
-/// first version.
-fn main_program(pid: Pid) -> Result<(PathBuf, LoadBias, ElfSummary), LoadError> {
-    let exe = strip_deleted(procfs::exe_path(pid)?);
-    let summary = summary_of(&exe, &PathBuf::from(format!("/proc/{pid}/exe")))?;
-    let auxv = procfs::read_auxv(pid)?;
-    let bias = procfs::load_bias_from_auxv(&auxv, LinkAddr(summary.entry))?;
-    Ok((exe, bias, summary))
+/// What redirecting the destructors needs from the files, read before
+/// the pause: the program the process was started from, as the dynamic
+/// linker knows it (the first `link_map` entry: its file, bias `l_addr`
+/// from `AT_ENTRY`, and summary, read through `/proc/PID/exe` so that a
+/// program rebuilt in place since is no problem; after updates this is
+/// still the first version), and NEW's summary.
+pub struct FiniSources {
+    main_path: PathBuf,
+    main_bias: LoadBias,
+    main: ElfSummary,
+    new: ElfSummary,
+}
+
+impl FiniSources {
+    /// Read them for process `pid` and NEW (`new_path`, whose contents
+    /// are `new_bytes`).
+    pub fn read(pid: Pid, new_path: &Path, new_bytes: &[u8]) -> Result<FiniSources, LoadError> {
+        let exe = strip_deleted(procfs::exe_path(pid)?);
+        let main = summary_of(&exe, &PathBuf::from(format!("/proc/{pid}/exe")))?;
+        let auxv = procfs::read_auxv(pid)?;
+        let main_bias = procfs::load_bias_from_auxv(&auxv, LinkAddr(main.entry))?;
+        let new = ElfSummary::parse(new_path, new_bytes)?;
+        Ok(FiniSources {
+            main_path: exe,
+            main_bias,
+            main,
+            new,
+        })
+    }
 }
 
 /// Compute how to make the dynamic linker run NEW's destructors at exit.
@@ -325,20 +365,24 @@ fn main_program(pid: Pid) -> Result<(PathBuf, LoadBias, ElfSummary), LoadError> 
 /// d_ptr`, reading the entries of that program's `.dynamic` in memory when
 /// the process exits (it keeps pointers to the entries, not their values).
 /// The main program is the first version even after several updates
-/// ([`main_program`]), so each of its `d_ptr` becomes NEW's runtime address
-/// minus the main program's bias.
+/// ([`FiniSources`]), so each of its `d_ptr` becomes NEW's runtime address
+/// minus the main program's bias. Its `.dynamic` is read in one piece.
 fn plan_fini_redirect(
     mem: &impl TargetMemory,
-    pid: Pid,
+    sources: &FiniSources,
     new: &Image,
 ) -> Result<FiniRedirect, LoadError> {
-    let (main_path, main_bias, old_sum) = main_program(pid)?;
+    let (main_path, main_bias, old_sum, new_sum) = (
+        &sources.main_path,
+        sources.main_bias,
+        &sources.main,
+        &sources.new,
+    );
     let fini_err = |reason: String| LoadError::Fini {
         old: main_path.clone(),
         new: new.path.clone(),
         reason,
     };
-    let new_sum = summary_of(&new.path, &new.path)?;
     let Some((dyn_vaddr, dyn_size)) = old_sum.dynamic else {
         return Err(fini_err("the main program has no PT_DYNAMIC".into()));
     };
@@ -352,11 +396,14 @@ fn plan_fini_redirect(
     };
     let mut writes = Vec::new();
     let mut seen = (false, false);
-    for i in 0..count {
+    let mut entries = vec![0u8; (count * 16) as usize];
+    mem.read(base, &mut entries)?;
+    let word = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or([0; 8]));
+    for (i, e) in (0..count).zip(entries.chunks_exact(16)) {
         let at = RuntimeAddr(base.0.wrapping_add(i * 16));
-        let tag = mem.read_u64(at)?;
+        let tag = word(&e[..8]);
         let val_at = RuntimeAddr(at.0.wrapping_add(8));
-        let old = mem.read_u64(val_at)?;
+        let old = word(&e[8..]);
         let (name, new_val) = if tag == elf::DT_NULL.0 as u64 {
             break;
         } else if tag == elf::DT_FINI.0 as u64 {

@@ -470,8 +470,13 @@ impl Libraries {
     /// Re-read the maps of `pid` and add objects mapped since (dlopen).
     pub fn refresh(&mut self, pid: Pid) -> Result<(), ProcError> {
         let maps = procfs::read_maps(pid)?;
-        self.add_new(pid, &maps);
+        self.refresh_with(pid, &maps);
         Ok(())
+    }
+
+    /// [`Libraries::refresh`] with the process's maps already read.
+    pub fn refresh_with(&mut self, pid: Pid, maps: &[MemoryMap]) {
+        self.add_new(pid, maps);
     }
 
     /// The process these are the objects of; `None` for [`Libraries::empty`].

@@ -270,6 +270,11 @@ pub struct LoadedImage<'t> {
     heap_to_free: Vec<RuntimeAddr>,
     /// The libraries' slots to point at NEW's COPY-relocated objects.
     copy_redirects: Vec<commit::CopyRedirect>,
+    /// What redirecting the destructors needs from the files.
+    fini: commit::FiniSources,
+    /// How many of the retired ranges were left mapped, when they were
+    /// unmapped with the commit steps.
+    unmapped_at_commit: Option<usize>,
 }
 
 impl fmt::Debug for LoadedImage<'_> {
@@ -302,6 +307,8 @@ pub struct PreparedLoad {
     files: Vec<MemoryMap>,
     /// The libraries' GOT slots bound to NEW's COPY-relocated objects.
     copy_slots: Vec<copies::BoundSlot>,
+    /// What redirecting the destructors needs from the files.
+    fini: commit::FiniSources,
 }
 
 impl fmt::Debug for PreparedLoad {
@@ -337,6 +344,7 @@ pub fn prepare_load(
     let running_gadget = map::running_gadget(pid, running)?;
     let names: Vec<String> = plan.copies.iter().map(|(n, _)| n.clone()).collect();
     let copy_slots = copies::bound_slots(&libs, &names);
+    let fini = commit::FiniSources::read(pid, &canon, new_bytes)?;
     Ok(PreparedLoad {
         canon,
         libs,
@@ -344,6 +352,7 @@ pub fn prepare_load(
         running_gadget,
         files: file_mappings(maps),
         copy_slots,
+        fini,
     })
 }
 
@@ -392,6 +401,7 @@ pub fn load_prepared<'t>(
         mut plan,
         running_gadget,
         copy_slots,
+        fini,
         ..
     } = prep;
     let mut rc = RemoteCalls::with_maps(tracee, tid, running_gadget, &maps)?;
@@ -465,7 +475,31 @@ pub fn load_prepared<'t>(
         heap_allocated: Vec::new(),
         heap_to_free: Vec::new(),
         copy_redirects,
+        fini,
+        unmapped_at_commit: None,
     })
+}
+
+/// Unmaps `ranges` (the retired image's mappings) through `rc`, ranges
+/// that touch in one munmap (their union holds nothing else), stopping at
+/// the first failure. Returns how many were not unmapped.
+fn unmap_ranges(rc: &mut RemoteCalls<'_>, ranges: &[std::ops::Range<RuntimeAddr>]) -> usize {
+    let mut runs: Vec<(std::ops::Range<RuntimeAddr>, usize)> = Vec::new();
+    for r in ranges {
+        match runs.last_mut() {
+            Some((run, n)) if run.end == r.start => {
+                run.end = r.end;
+                *n += 1;
+            }
+            _ => runs.push((r.clone(), 1)),
+        }
+    }
+    let done: usize = runs
+        .iter()
+        .take_while(|(r, _)| rc.munmap(r.start, r.end.0 - r.start.0).is_ok())
+        .map(|(_, n)| n)
+        .sum();
+    ranges.len() - done
 }
 
 fn canonical(path: &Path) -> Result<PathBuf, LoadError> {
@@ -533,11 +567,17 @@ impl<'t> LoadedImage<'t> {
             .image
             .as_ref()
             .expect("image present until commit or unload");
-        let mut rc = RemoteCalls::with_maps(self.tracee, self.tid, self.new_gadget, &self.maps)?;
-        rc.set_timeout(self.timeout);
-        let plan = commit::plan_commit(&mut rc, running, new, &self.copy_redirects, &self.maps);
-        rc.finish()?;
-        plan
+        commit::plan_commit(
+            self.tracee,
+            self.tid,
+            self.new_gadget,
+            self.timeout,
+            running,
+            new,
+            &self.copy_redirects,
+            &self.maps,
+            &self.fini,
+        )
     }
 
     /// Apply `plan`: redirect the destructors, move the signal handlers,
@@ -571,6 +611,27 @@ impl<'t> LoadedImage<'t> {
         Ok(())
     }
 
+    /// [`LoadedImage::commit_steps`] of an update that commits alone (no
+    /// other process's commit may still take it back): once the steps are
+    /// applied, the retired image's code is unmapped in the same remote
+    /// session (one session less in the pause), unless old heap objects
+    /// are to be freed first ([`LoadedImage::finish_committed`] then does
+    /// both, in that order).
+    pub fn commit_steps_alone(&mut self, plan: &CommitPlan) -> Result<(), LoadError> {
+        if !self.heap_to_free.is_empty() || plan.unmap.is_empty() {
+            return self.commit_steps(plan);
+        }
+        let mut rc = RemoteCalls::with_maps(self.tracee, self.tid, self.new_gadget, &self.maps)?;
+        rc.set_timeout(self.timeout);
+        let applied = commit::apply_commit(&mut rc, plan);
+        let left = applied.is_ok().then(|| unmap_ranges(&mut rc, &plan.unmap));
+        let finished = rc.finish();
+        applied?;
+        self.unmapped_at_commit = left;
+        finished?;
+        Ok(())
+    }
+
     /// Undo the steps [`LoadedImage::commit_steps`] applied (best effort).
     pub fn revert_steps(&mut self, plan: &CommitPlan) -> Result<(), LoadError> {
         // NEW's code is executable throughout (the old image's is not yet).
@@ -590,7 +651,10 @@ impl<'t> LoadedImage<'t> {
         self.heap_allocated.clear();
         let old = std::mem::take(&mut self.heap_to_free);
         let unfreed = self.free_objects(&old, self.new_gadget);
-        let not_unmapped = self.unmap_retired(&plan.unmap);
+        let not_unmapped = match self.unmapped_at_commit.take() {
+            Some(left) => left,
+            None => self.unmap_retired(&plan.unmap),
+        };
         let image = self
             .image
             .take()
@@ -732,12 +796,9 @@ impl<'t> LoadedImage<'t> {
             return ranges.len();
         };
         rc.set_timeout(self.timeout);
-        let done = ranges
-            .iter()
-            .take_while(|r| rc.munmap(r.start, r.end.0 - r.start.0).is_ok())
-            .count();
+        let left = unmap_ranges(&mut rc, ranges);
         let _ = rc.finish();
-        ranges.len() - done
+        left
     }
 
     /// Unmap NEW (the update is abandoned).

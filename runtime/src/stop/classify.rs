@@ -185,7 +185,7 @@ pub(super) struct TimedWait {
     last_set: u64,
 }
 
-impl Stopper<'_> {
+impl Stopper<'_, '_> {
     /// A thread the ptrace stop itself made fail with EINTR (epoll_wait)
     /// gets the restart code the kernel would have used for a signal without
     /// handler, so that resuming it restarts the call rather than showing

@@ -129,6 +129,10 @@ pub enum StopError {
     Breakpoint(#[from] BreakpointError),
     #[error(transparent)]
     Proc(#[from] ProcError),
+    /// What had to be in place before the update points were armed (the
+    /// rescue handler) could not be put there.
+    #[error(transparent)]
+    Rescue(Box<crate::target::rescue::RescueError>),
 }
 
 fn lines(threads: &[NotReadyThread]) -> String {
@@ -139,7 +143,7 @@ fn lines(threads: &[NotReadyThread]) -> String {
         .join("\n")
 }
 
-impl Stopper<'_> {
+impl Stopper<'_, '_> {
     /// Where each thread that is not ready is, and why.
     pub(super) fn diagnose(&mut self) -> Vec<NotReadyThread> {
         let tids: Vec<Pid> = self.waiting.keys().copied().collect();

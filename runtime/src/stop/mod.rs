@@ -45,6 +45,7 @@ mod stopper;
 pub use classify::NotReadyReason;
 pub use diagnostics::{Location, NotReadyThread, StopError};
 pub use policy::syscall_name;
+pub use stopper::BeforeArming;
 
 use crate::engine::state::{Image, ThreadState};
 use crate::load::libraries::Libraries;
@@ -142,5 +143,20 @@ pub fn stop_the_world(
     libs: &mut Libraries,
     opts: &StopOptions,
 ) -> Result<Stopped, StopError> {
-    stopper::stop(tracee, image, libs, opts)
+    stopper::stop(tracee, image, libs, opts, &mut |_| Ok(()))
+}
+
+/// [`stop_the_world`], running `before_arming` once the threads are
+/// classified and only if update points must be armed (some thread is not
+/// ready yet): what arming needs (the rescue handler) is then paid for only
+/// when it happens. An error of `before_arming` ends the stop with nothing
+/// armed.
+pub fn stop_the_world_armed_by(
+    tracee: &mut Tracee,
+    image: &Image,
+    libs: &mut Libraries,
+    opts: &StopOptions,
+    before_arming: &mut BeforeArming<'_>,
+) -> Result<Stopped, StopError> {
+    stopper::stop(tracee, image, libs, opts, before_arming)
 }

@@ -53,8 +53,15 @@ impl Waiting {
     }
 }
 
-pub(super) struct Stopper<'a> {
+/// What must be done to the stopped process before update points are
+/// armed (given the tracee, every thread stopped).
+pub type BeforeArming<'a> = dyn FnMut(&mut Tracee) -> Result<(), StopError> + 'a;
+
+pub(super) struct Stopper<'a, 'b> {
     pub(super) tracee: &'a mut Tracee,
+    /// Run once the threads are classified, only if update points must be
+    /// armed (every thread stopped).
+    before_arming: &'a mut BeforeArming<'b>,
     pub(super) image: &'a Image,
     pub(super) libs: &'a mut Libraries,
     opts: &'a StopOptions,
@@ -113,17 +120,19 @@ pub(super) fn stop(
     image: &Image,
     libs: &mut Libraries,
     opts: &StopOptions,
+    before_arming: &mut BeforeArming<'_>,
 ) -> Result<Stopped, StopError> {
     let t0 = Instant::now();
     let pid = tracee.pid();
     crate::update::signals::checkpoint(crate::update::signals::Phase::Stop);
-    // A library loaded since `libs` was built is only needed for blocked
-    // threads inside it; a failure here shows up there.
-    let _ = libs.refresh(pid);
     let maps = procfs::read_maps(pid)?;
+    // A library loaded since `libs` was built is only needed for blocked
+    // threads inside it.
+    libs.refresh_with(pid, &maps);
     let mem = tracee.memory();
     let mut s = Stopper {
         tracee,
+        before_arming,
         image,
         libs,
         opts,
@@ -227,7 +236,7 @@ fn process_dead(pid: Pid) -> bool {
     false
 }
 
-impl Stopper<'_> {
+impl Stopper<'_, '_> {
     fn run(
         &mut self,
         bps: &mut BreakpointSet<ProcessMemory>,
@@ -266,6 +275,7 @@ impl Stopper<'_> {
         }
 
         let t = Instant::now();
+        (self.before_arming)(self.tracee)?;
         let inline = match &self.image.tables.arming {
             Arming::Inline(inline) => Some(inline),
             Arming::Int3 => None,

@@ -68,6 +68,17 @@ pub enum ProcError {
     },
 }
 
+/// The text of `/proc/PID/task/TID/status`, read in one go (it has no
+/// size to size a buffer by).
+pub fn read_task_status(pid: Pid, tid: Pid) -> std::io::Result<String> {
+    let mut text = String::with_capacity(4096);
+    File::open(format!("/proc/{pid}/task/{tid}/status"))?.read_to_string(&mut text)?;
+    Ok(text)
+}
+
+/// Initial buffer for reading a `/proc` file.
+const PROC_READ_START: u64 = 64 << 10;
+
 fn read_capped(pid: Pid, name: &str, cap: u64) -> Result<Vec<u8>, ProcError> {
     let path = format!("/proc/{pid}/{name}");
     let io_err = |source| ProcError::Io {
@@ -76,7 +87,9 @@ fn read_capped(pid: Pid, name: &str, cap: u64) -> Result<Vec<u8>, ProcError> {
         source,
     };
     let f = File::open(&path).map_err(io_err)?;
-    let mut out = Vec::new();
+    // /proc files report no size: room for a typical one up front, so
+    // that it is read in a few large reads rather than many growing ones.
+    let mut out = Vec::with_capacity(cap.saturating_add(1).min(PROC_READ_START) as usize);
     f.take(cap + 1).read_to_end(&mut out).map_err(io_err)?;
     if out.len() as u64 > cap {
         return Err(ProcError::TooLarge {

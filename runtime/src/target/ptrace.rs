@@ -475,6 +475,9 @@ const EINTR: i64 = -4;
 /// -ERESTARTNOHAND: the kernel's restart code for a signal without handler.
 pub const ERESTARTNOHAND: i64 = -514;
 
+/// How long [`Tracee::wait_stop`] polls, yielding, before it sleeps.
+const WAIT_SPIN: Duration = Duration::from_micros(200);
+
 /// Bound on the wait for the interrupt stop a thread is moved into before
 /// it resumes (see [`Tracee::cont`]).
 const PARK_WAIT: Duration = Duration::from_secs(2);
@@ -609,6 +612,32 @@ struct Track {
     /// interrupt, group or signal-delivery stop), from which a resume
     /// restarts an interrupted system call.
     signal_path: bool,
+    /// The registers read in the current stop (a stopped thread's registers
+    /// change only through us): each stop reads them once. Forgotten when
+    /// the thread is resumed or its registers are set.
+    regs: std::cell::Cell<Option<Regs>>,
+    /// Whether the registers last set put the thread in a restartable
+    /// system call (`orig_rax` and `rax` are stored as given), so that
+    /// a resume right after setting them need not read them back.
+    restartable_set: std::cell::Cell<Option<bool>>,
+}
+
+impl Track {
+    fn new(state: ThreadState) -> Track {
+        Track {
+            state,
+            pending_signal: None,
+            signal_path: false,
+            regs: std::cell::Cell::new(None),
+            restartable_set: std::cell::Cell::new(None),
+        }
+    }
+
+    /// The thread runs (or ran): what was known of its registers is stale.
+    fn forget_regs(&self) {
+        self.regs.set(None);
+        self.restartable_set.set(None);
+    }
 }
 
 /// The standard streams of a spawned tracee that were set to `piped`.
@@ -724,14 +753,7 @@ impl Tracee {
             return Err(handover("waiting for the seize stop", describe_status(s)));
         }
         let mut threads = BTreeMap::new();
-        threads.insert(
-            pid,
-            Track {
-                state: ThreadState::Stopped,
-                pending_signal: None,
-                signal_path: false,
-            },
-        );
+        threads.insert(pid, Track::new(ThreadState::Stopped));
         Ok((
             Tracee {
                 pid,
@@ -786,14 +808,7 @@ impl Tracee {
                     }
                     Err(e) => return Err(op_err(tid, "PTRACE_SEIZE", e)),
                 }
-                t.threads.insert(
-                    tid,
-                    Track {
-                        state: ThreadState::Running,
-                        pending_signal: None,
-                        signal_path: false,
-                    },
-                );
+                t.threads.insert(tid, Track::new(ThreadState::Running));
                 t.interrupt(tid)?;
             }
             for &tid in &fresh {
@@ -996,21 +1011,44 @@ impl Tracee {
     fn set_state(&mut self, tid: Pid, state: ThreadState) {
         if let Some(t) = self.threads.get_mut(&tid) {
             t.state = state;
+            t.forget_regs();
         }
     }
 
-    /// Registers of stopped thread `tid`.
+    /// Registers of stopped thread `tid` (read once per stop).
     pub fn regs(&self, tid: Pid) -> Result<Regs, PtraceError> {
-        self.track(tid, "PTRACE_GETREGS")?;
-        ptrace::getregs(tid)
+        let track = self.track(tid, "PTRACE_GETREGS")?;
+        if let Some(r) = track.regs.get() {
+            return Ok(r);
+        }
+        let r = ptrace::getregs(tid)
             .map(Regs)
-            .map_err(|e| op_err(tid, "PTRACE_GETREGS", e))
+            .map_err(|e| op_err(tid, "PTRACE_GETREGS", e))?;
+        track.regs.set(Some(r));
+        Ok(r)
     }
 
     /// Set the registers of stopped thread `tid`.
     pub fn set_regs(&self, tid: Pid, regs: &Regs) -> Result<(), PtraceError> {
-        self.track(tid, "PTRACE_SETREGS")?;
-        ptrace::setregs(tid, regs.0).map_err(|e| op_err(tid, "PTRACE_SETREGS", e))
+        let track = self.track(tid, "PTRACE_SETREGS")?;
+        // Read back when next asked: the kernel may adjust some (flags).
+        track.forget_regs();
+        ptrace::setregs(tid, regs.0).map_err(|e| op_err(tid, "PTRACE_SETREGS", e))?;
+        track
+            .restartable_set
+            .set(Some(regs.in_restartable_syscall()));
+        Ok(())
+    }
+
+    /// Whether stopped thread `tid` is in a restartable system call, from
+    /// the registers known in this stop when they are.
+    fn restartable(&self, tid: Pid, op: &'static str) -> Result<bool, PtraceError> {
+        let track = self.track(tid, op)?;
+        match (track.regs.get(), track.restartable_set.get()) {
+            (Some(r), _) => Ok(r.in_restartable_syscall()),
+            (None, Some(known)) => Ok(known),
+            (None, None) => Ok(self.regs(tid)?.in_restartable_syscall()),
+        }
     }
 
     /// `siginfo` of the signal that stopped `tid`.
@@ -1089,6 +1127,7 @@ impl Tracee {
         if let Some(t) = self.threads.get_mut(&tid) {
             t.state = ThreadState::Running;
             t.pending_signal = None;
+            t.forget_regs();
         }
         Ok(())
     }
@@ -1101,7 +1140,7 @@ impl Tracee {
     /// code. No instruction runs meanwhile; a signal reported on the way
     /// is kept for the resume.
     fn park_for_restart(&mut self, tid: Pid, op: &'static str) -> Result<(), PtraceError> {
-        if self.track(tid, op)?.signal_path || !self.regs(tid)?.in_restartable_syscall() {
+        if self.track(tid, op)?.signal_path || !self.restartable(tid, op)? {
             return Ok(());
         }
         let cont = |tid: Pid| {
@@ -1240,6 +1279,14 @@ impl Tracee {
             if waited >= timeout {
                 return Err(PtraceError::Timeout { tid, waited });
             }
+            // Most stops come within microseconds (a remote system call, a
+            // resumed thread reaching its breakpoint): yield the processor
+            // first, since the shortest sleep costs tens of microseconds
+            // of timer slack on each of the many stops of a pause.
+            if waited < WAIT_SPIN {
+                std::thread::yield_now();
+                continue;
+            }
             std::thread::sleep(pause.min(timeout - waited));
             pause = (pause * 2).min(Duration::from_millis(1));
         }
@@ -1261,11 +1308,9 @@ impl Tracee {
     }
 
     fn adopt(&mut self, tid: Pid) {
-        self.threads.entry(tid).or_insert(Track {
-            state: ThreadState::Running,
-            pending_signal: None,
-            signal_path: false,
-        });
+        self.threads
+            .entry(tid)
+            .or_insert(Track::new(ThreadState::Running));
     }
 
     fn event_msg(&self, tid: Pid) -> Result<u64, PtraceError> {
@@ -1504,7 +1549,7 @@ fn sigcont_pending(pid: Pid) -> bool {
         return false;
     };
     tasks.iter().any(|tid| {
-        std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).is_ok_and(|text| {
+        procfs::read_task_status(pid, *tid).is_ok_and(|text| {
             text.lines()
                 .filter_map(|l| {
                     l.strip_prefix("SigPnd:")

@@ -92,6 +92,9 @@ const SCRATCH_DATA: u64 = 1 << 20;
 const SCRATCH_STACK: u64 = 256 << 10;
 const SCRATCH_CODE: u64 = 4096;
 const SCRATCH_LEN: u64 = SCRATCH_DATA + SCRATCH_STACK + SCRATCH_CODE;
+/// Most bytes a session borrows on the thread's stack below its frame
+/// (a path for `openat`).
+const STACK_BORROW: u64 = 4096;
 /// Bound on the calls one run of the batch loop makes.
 pub const MAX_BATCH: usize = 1 << 16;
 /// Bound on stops handled while one remote operation runs.
@@ -390,7 +393,7 @@ pub fn caught_signals(pid: Pid, tid: Pid) -> Result<u64, RemoteError> {
 fn read_status_mask(pid: Pid, tid: Pid, key: &str) -> Result<u64, RemoteError> {
     let err = |reason: String| RemoteError::SigMask { tid, reason };
     let path = format!("/proc/{pid}/task/{tid}/status");
-    let text = std::fs::read_to_string(&path).map_err(|e| err(format!("{path}: {e}")))?;
+    let text = procfs::read_task_status(pid, tid).map_err(|e| err(format!("{path}: {e}")))?;
     let line = text
         .lines()
         .find_map(|l| l.strip_prefix(key))
@@ -401,7 +404,7 @@ fn read_status_mask(pid: Pid, tid: Pid, key: &str) -> Result<u64, RemoteError> {
 /// Whether a SIGCONT is pending for thread `tid` or its whole process
 /// (`SigPnd`, `ShdPnd` of `/proc/PID/task/TID/status`).
 fn sigcont_pending(pid: Pid, tid: Pid) -> bool {
-    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")) else {
+    let Ok(text) = procfs::read_task_status(pid, tid) else {
         return false;
     };
     let bit = 1u64 << (libc::SIGCONT - 1);
@@ -878,15 +881,38 @@ impl<'t> RemoteCalls<'t> {
         use std::os::unix::ffi::OsStrExt;
         let mut bytes = path.as_os_str().as_bytes().to_vec();
         bytes.push(0);
+        let name = format!("openat({})", path.display());
+        let args = |at: RuntimeAddr| [AT_FDCWD as u64, at.0, flags as u64, u64::from(mode)];
+        // The path on the thread's stack below the borrowed frame when it
+        // can go there: no scratch mapping (two remote calls) for a path.
+        if let Some((at, orig)) = self.stack_write(&bytes) {
+            let r = self.syscall_checked(&name, libc::SYS_openat, &args(at));
+            self.mem.write(at, &orig)?;
+            return Ok(r? as i32);
+        }
         let mark = self.scratch_used;
         let at = self.scratch_write(&bytes)?;
-        let r = self.syscall_checked(
-            &format!("openat({})", path.display()),
-            libc::SYS_openat,
-            &[AT_FDCWD as u64, at.0, flags as u64, u64::from(mode)],
-        );
+        let r = self.syscall_checked(&name, libc::SYS_openat, &args(at));
         self.scratch_used = mark;
         Ok(r? as i32)
+    }
+
+    /// Writes `data` (at most [`STACK_BORROW`] bytes) on the thread's
+    /// stack below the session's signal frame, where nothing of the thread
+    /// lives (below its red zone) and nothing else of the session goes;
+    /// the address and the bytes it held, to be written back once used.
+    /// `None` when it does not fit or that memory cannot be read and
+    /// written (the stack's lowest page).
+    fn stack_write(&mut self, data: &[u8]) -> Option<(RuntimeAddr, Vec<u8>)> {
+        let len = data.len() as u64;
+        if len > STACK_BORROW {
+            return None;
+        }
+        let at = RuntimeAddr(self.frame.0.checked_sub(len + 16)? & !15);
+        let mut orig = vec![0u8; data.len()];
+        self.mem.read(at, &mut orig).ok()?;
+        self.mem.write(at, data).ok()?;
+        Some((at, orig))
     }
 
     /// `memfd_create(name, flags)` in the target: an anonymous file no path

@@ -641,7 +641,7 @@ fn apply_planned(
     // Phase 6: commit, with an undo log so a failure is rolled back. A
     // termination signal from here on is reported once it is finished.
     let _window = CommitWindow::open();
-    commit_ready(&mut ready)?;
+    commit_ready(&mut ready, true)?;
     let (report, clock, leftovers) = ready.finish();
     Ok((report, clock, Box::new((leftovers, new_bytes))))
 }
@@ -658,6 +658,10 @@ struct Planned {
     object: Option<TransformerObject>,
     libs: Libraries,
     prepared_load: Option<load::PreparedLoad>,
+    /// The code remote calls borrow in the running image (its entry
+    /// point), looked up before the pause; `None`: looked up in it (the
+    /// former pause, `legacy_pause`).
+    gadget: Option<RuntimeAddr>,
     /// What the sweep needs from the two files alone.
     sweep_files: crate::engine::sweep::SweepFiles,
     timings: Timings,
@@ -799,6 +803,11 @@ fn plan_update(
     } else {
         load::prepare_load(pid_, &maps, new_path, new_bytes, &old).ok()
     };
+    let gadget = if opts.legacy_pause {
+        None
+    } else {
+        load::running_gadget(pid_, &old).ok()
+    };
 
     // What the sweep needs from the two files alone.
     let sweep_files =
@@ -814,6 +823,7 @@ fn plan_update(
         object,
         libs,
         prepared_load,
+        gadget,
         sweep_files,
         timings,
     })
@@ -840,17 +850,31 @@ fn stop_process(
     // rescue handler covers exactly that span, so that the process lives on
     // if the updater is killed meanwhile.
     signals::set_stopping(true);
-    let rescue = survive::install(tracee, old);
-    let rescue = match rescue {
-        Ok(r) => r,
-        Err(e) => {
-            signals::set_stopping(false);
-            return Err(e);
+    // The rescue handler is installed before anything is armed: at once
+    // along the former pause, else only if some thread is not ready when
+    // classified (none armed, no handler: two remote sessions saved).
+    let mut rescue = None;
+    if planned.gadget.is_none() {
+        match survive::install(tracee, old) {
+            Ok(r) => rescue = r,
+            Err(e) => {
+                signals::set_stopping(false);
+                return Err(e);
+            }
         }
-    };
+    }
+    let gadget = planned.gadget;
+    let mut asked = gadget.is_none();
     let stopped = (|| loop {
         interrupted(pid)?;
-        let stopped = stop::stop_the_world(
+        let mut before_arming = |tr: &mut Tracee| -> Result<(), StopError> {
+            if let (false, Some(g)) = (asked, gadget) {
+                asked = true;
+                rescue = survive::install_at(tr, old, g).map_err(StopError::Rescue)?;
+            }
+            Ok(())
+        };
+        let stopped = stop::stop_the_world_armed_by(
             tracee,
             old,
             libs,
@@ -859,9 +883,11 @@ fn stop_process(
                 skip_hits,
                 ..StopOptions::default()
             },
+            &mut before_arming,
         )
         .map_err(|e| match e {
             StopError::Interrupted { pid, sig } => UpdateError::Interrupted { pid, sig },
+            StopError::Rescue(e) => UpdateError::Rescue(e),
             e => e.into(),
         })?;
         skip_hits = 0;
@@ -949,6 +975,7 @@ fn compute<'t>(
         object,
         libs,
         prepared_load,
+        gadget: _,
         sweep_files,
         mut timings,
     } = planned;
@@ -1337,8 +1364,9 @@ impl Ready<'_> {
 /// Commit `ready`'s writes and registers with an undo log, then the load's
 /// commit steps; on failure everything is put back (the guard unloads NEW
 /// when `ready` is dropped). The undo log, kept until the whole update
-/// commits.
-fn commit_ready(ready: &mut Ready<'_>) -> Result<UndoLog, UpdateError> {
+/// commits. `alone`: no other process's commit can take this one back,
+/// so the retired code may go with the commit steps.
+fn commit_ready(ready: &mut Ready<'_>, alone: bool) -> Result<UndoLog, UpdateError> {
     let mode = if ready.legacy_pause {
         transaction::CommitMode::OneByOne
     } else {
@@ -1347,7 +1375,12 @@ fn commit_ready(ready: &mut Ready<'_>) -> Result<UndoLog, UpdateError> {
     let tr = ready.loaded.tracee();
     let mut mem = tr.memory();
     let undo = transaction::commit_with(&ready.prepared, &mut mem, tr, mode)?;
-    if let Err(e) = ready.loaded.commit_steps(&ready.commit_plan) {
+    let stepped = if alone && !ready.legacy_pause {
+        ready.loaded.commit_steps_alone(&ready.commit_plan)
+    } else {
+        ready.loaded.commit_steps(&ready.commit_plan)
+    };
+    if let Err(e) = stepped {
         let tr = ready.loaded.tracee();
         let mut mem = tr.memory();
         undo.roll_back(&mut mem, tr);

@@ -61,18 +61,29 @@ pub fn rescued(old: &Image) -> (Vec<RuntimeAddr>, Option<Trampolines>) {
 }
 
 /// Installs the rescue handler for every update point of `old` (none: no
-/// handler, nothing will be armed).
+/// handler, nothing will be armed), its remote calls borrowing the code at
+/// `old`'s entry point, looked up now.
 pub fn install(tracee: &mut Tracee, old: &Image) -> Result<Option<Installed>, UpdateError> {
+    let gadget = load::running_gadget(tracee.pid(), old)?;
+    install_at(tracee, old, gadget).map_err(|e| rescue_err(*e))
+}
+
+/// [`install`] with the gadget remote calls borrow (`old`'s entry point)
+/// looked up before the pause.
+pub fn install_at(
+    tracee: &mut Tracee,
+    old: &Image,
+    gadget: RuntimeAddr,
+) -> Result<Option<Installed>, Box<RescueError>> {
     let (points, trampolines) = rescued(old);
     if points.is_empty() && trampolines.is_none() {
         return Ok(None);
     }
-    let gadget = load::running_gadget(tracee.pid(), old)?;
     let tid = session_thread(tracee);
-    let mut rc = RemoteCalls::new(tracee, tid, gadget).map_err(|e| rescue_err(e.into()))?;
+    let mut rc = RemoteCalls::new(tracee, tid, gadget).map_err(|e| Box::new(e.into()))?;
     let installed = Rescue::install(&mut rc, &points, trampolines);
     let finished = rc.finish();
-    let rescue = installed.map_err(rescue_err)?;
+    let rescue = installed?;
     if let Err(e) = finished {
         let _ = remove(
             tracee,
@@ -81,7 +92,7 @@ pub fn install(tracee: &mut Tracee, old: &Image) -> Result<Option<Installed>, Up
                 gadget,
             },
         );
-        return Err(rescue_err(e.into()));
+        return Err(Box::new(e.into()));
     }
     Ok(Some(Installed { rescue, gadget }))
 }

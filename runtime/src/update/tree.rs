@@ -331,7 +331,7 @@ fn update_members(
         let pid = ready[i].report.pid;
         // Since its own compute: the others' computes and commits.
         ready[i].lap_tree_wait();
-        let failed = match commit_ready(&mut ready[i]) {
+        let failed = match commit_ready(&mut ready[i], false) {
             Ok(undo) if injected_commit_failure(i, count) => {
                 revert_ready(&mut ready[i], undo);
                 Some(UpdateError::InjectedFault { pid })
