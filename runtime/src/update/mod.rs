@@ -198,6 +198,10 @@ pub enum UpdateError {
         committed: usize,
         source: Box<UpdateError>,
     },
+    /// The thread updating one process of a tree ended without saying how
+    /// (it panicked): the tree was put back.
+    #[error("process {pid}: {what}; every process of the tree was put back as it was")]
+    MemberThread { pid: i32, what: String },
 }
 
 /// `Err(Interrupted)` if the updater received a termination signal and the
@@ -556,7 +560,7 @@ pub fn apply_traced(
 /// What an update leaves to free (tables, plan, images, file contents):
 /// dropped by the caller once the process runs again, because freeing
 /// them for a large program takes milliseconds the process need not wait.
-pub(crate) type Leftovers = Box<dyn std::any::Any>;
+pub(crate) type Leftovers = Box<dyn std::any::Any + Send>;
 
 /// [`apply_traced`] with NEW already read (`new_bytes`, the contents of
 /// `new_path`). Every phase up to the commit is timed on `clock`, started

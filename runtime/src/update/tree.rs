@@ -24,12 +24,10 @@
 use super::{
     check_not_sandboxed, commit_ready, compute, interrupted, plan_unseized, read_new, revert_ready,
     seize_planned, signals, stop_process, ApplyOptions, CommitWindow, Leftovers, PhaseClock,
-    Planned, Ready, UpdateError, UpdateReport,
+    Planned, UpdateError, UpdateReport,
 };
-use crate::engine::state::ThreadState;
 use crate::load::image::running_image;
 use crate::target::procfs::{self, MemoryMap};
-use crate::target::ptrace::{PtraceError, Tracee};
 use nix::unistd::Pid;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -94,15 +92,6 @@ fn runs_image(pid: Pid, ids: &[FileId]) -> Option<FileId> {
     })
 }
 
-/// One process of the tree while it is being updated.
-struct Member {
-    tracee: Tracee,
-    /// Taken by the computation.
-    planned: Option<Planned>,
-    threads: Vec<ThreadState>,
-    safety_retries: u32,
-}
-
 /// The test-only fault: `UPSTARE_TEST_FAIL_COMMIT=last` (debug builds)
 /// makes the commit of the last process fail once it has written
 /// everything, so that every process must be rolled back.
@@ -162,7 +151,6 @@ pub fn apply_tree(
         forked: Vec::new(),
         total_us: 0,
     };
-    let mut members: Vec<Member> = Vec::new();
     let mut known: Vec<Pid> = Vec::new();
     // The offline plan is the same for every process of one version: made
     // once (for the first), then given to the others; each process's state
@@ -175,82 +163,87 @@ pub fn apply_tree(
             check_not_sandboxed(p)?;
         }
     }
-    for round in 0..=FORK_ROUNDS {
-        // Every process of this round is planned while it runs, then each
-        // is seized and stopped: none waits paused for the others' plans.
-        let mut planned: Vec<Planned> = Vec::new();
-        for &p in &candidates {
-            if known.contains(&p) {
-                continue;
-            }
-            known.push(p);
-            let runs = if p == root {
-                Some(id)
-            } else {
-                runs_image(p, &ids)
-            };
-            let Some(image) = runs else {
-                if procfs::has_ended(p) {
-                    report.exited.push(p.as_raw());
-                } else {
-                    report.other_programs.push(OtherProgram {
-                        pid: p.as_raw(),
-                        exe: procfs::exe_path(p).unwrap_or_default(),
-                    });
-                }
-                continue;
-            };
-            let k = match shared.iter().position(|(f, _)| *f == image) {
-                Some(k) => k,
-                None => {
-                    shared.push((image, opts.clone()));
-                    shared.len() - 1
-                }
-            };
-            match plan_member(p, new_path, &new_bytes, &mut shared[k].1) {
-                Ok(pl) => planned.push(pl),
-                Err(_) if p != root && procfs::has_ended(p) => report.exited.push(p.as_raw()),
-                Err(e) => return Err(e),
-            }
-        }
-        for pl in planned {
-            let p = Pid::from_raw(pl.pid);
-            match stop_member(pl, opts) {
-                Ok(m) => {
-                    if round > 0 {
-                        report.forked.push(p.as_raw());
+    let done = std::thread::scope(|scope| -> Result<Vec<Finished>, UpdateError> {
+        let mut crew = Crew::new();
+        let stopped = (|| -> Result<(), UpdateError> {
+            for round in 0..=FORK_ROUNDS {
+                // Every process of this round is planned while it runs, then
+                // all are seized and stopped at once, each by its own
+                // thread: none waits paused for the others' plans or stops.
+                let mut planned: Vec<Planned> = Vec::new();
+                for &p in &candidates {
+                    if known.contains(&p) {
+                        continue;
                     }
-                    members.push(m);
+                    known.push(p);
+                    let runs = if p == root {
+                        Some(id)
+                    } else {
+                        runs_image(p, &ids)
+                    };
+                    let Some(image) = runs else {
+                        if procfs::has_ended(p) {
+                            report.exited.push(p.as_raw());
+                        } else {
+                            report.other_programs.push(OtherProgram {
+                                pid: p.as_raw(),
+                                exe: procfs::exe_path(p).unwrap_or_default(),
+                            });
+                        }
+                        continue;
+                    };
+                    let k = match shared.iter().position(|(f, _)| *f == image) {
+                        Some(k) => k,
+                        None => {
+                            shared.push((image, opts.clone()));
+                            shared.len() - 1
+                        }
+                    };
+                    match plan_member(p, new_path, &new_bytes, &mut shared[k].1) {
+                        Ok(pl) => planned.push(pl),
+                        Err(_) if p != root && procfs::has_ended(p) => {
+                            report.exited.push(p.as_raw())
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
-                Err(_) if p != root && procfs::has_ended(p) => report.exited.push(p.as_raw()),
-                Err(e) => return Err(e),
+                let first = crew.members.len();
+                for pl in planned {
+                    crew.spawn(scope, pl, opts, new_path, &new_bytes);
+                }
+                for (i, result) in crew.gather(first, Step::Stopped) {
+                    let p = crew.members[i].pid;
+                    match result {
+                        Ok(()) if round > 0 => report.forked.push(p.as_raw()),
+                        Ok(()) => {}
+                        Err(_) if p != root && procfs::has_ended(p) => {
+                            crew.members[i].gone = true;
+                            report.exited.push(p.as_raw());
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                // Every process known is stopped and cannot fork: any new
+                // one was forked before its parent stopped.
+                let again: Vec<Pid> = std::iter::once(root)
+                    .chain(procfs::descendants(root))
+                    .filter(|p| !known.contains(p))
+                    .collect();
+                if again.is_empty() {
+                    break;
+                }
+                candidates = again;
             }
+            Ok(())
+        })();
+        if let Err(e) = stopped {
+            crew.release_all();
+            return Err(e);
         }
-        // Every process known is stopped and cannot fork: any new one was
-        // forked before its parent stopped.
-        let again: Vec<Pid> = std::iter::once(root)
-            .chain(procfs::descendants(root))
-            .filter(|p| !known.contains(p))
-            .collect();
-        if again.is_empty() {
-            break;
-        }
-        candidates = again;
-    }
-    let result = update_members(&mut members, new_path, &new_bytes, opts, &mut report);
-    // Whatever happened, every process runs on.
-    let mut detached: Result<(), PtraceError> = Ok(());
-    for m in members {
-        let r = m.tracee.detach();
-        if detached.is_ok() {
-            detached = r;
-        }
-    }
-    let done = result?;
-    detached?;
-    // Each process's report is its own: its resume ends its clock.
-    for (mut r, mut clock, leftovers) in done {
-        r.timings.finish(&mut clock);
+        update_members(&mut crew, opts, &mut report)
+    })?;
+    // Each process's report is its own: its resume ended its clock.
+    for (r, leftovers) in done {
         report.processes.push(r);
         drop(leftovers);
     }
@@ -274,87 +267,327 @@ fn plan_member(
     Ok(planned)
 }
 
-/// Seizes and stops a planned process (its pause starts at the seize).
-fn stop_member(mut planned: Planned, opts: &ApplyOptions) -> Result<Member, UpdateError> {
-    let mut tracee = seize_planned(&mut planned)?;
-    let (threads, safety_retries) = stop_process(&mut tracee, &mut planned, opts)?;
-    Ok(Member {
-        tracee,
-        planned: Some(planned),
-        threads,
-        safety_retries,
-    })
+/// What the coordinating thread tells a member's thread.
+enum Order {
+    /// Load NEW and compute the process's new state.
+    Compute,
+    /// Commit (`fail`: the test-only injected failure, see
+    /// [`injected_commit_failure`]).
+    Commit { fail: bool },
+    /// The whole tree committed (or a dry run ends): finish and resume.
+    Keep,
+    /// Another process failed: put everything back and resume.
+    Release,
 }
 
-/// Load and compute every member, then commit all or none: each process's
-/// report (its resume not yet timed), clock and what is left to free once
-/// it runs again.
-fn update_members(
-    members: &mut [Member],
+/// How far a member's thread has got.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Step {
+    Stopped,
+    Computed,
+    Committed,
+}
+
+/// A member's report that it finished `Step` (or failed there).
+type Event = (usize, Step, Result<(), UpdateError>);
+
+/// A process's report, its resume timed, and what is left to free.
+type Finished = (UpdateReport, Leftovers);
+
+/// One process of the tree, updated by its own thread: ptrace takes a
+/// tracee's requests from the thread that seized it only, and the
+/// processes' stops, loads and computes then overlap instead of adding up
+/// (each process stays stopped until the whole tree has committed).
+struct Crewman<'s> {
+    pid: Pid,
+    orders: std::sync::mpsc::Sender<Order>,
+    thread: std::thread::ScopedJoinHandle<'s, Option<Finished>>,
+    /// Failed or ended: sent no more orders but the last.
+    gone: bool,
+}
+
+/// The members' threads and the channel they report on.
+struct Crew<'s> {
+    members: Vec<Crewman<'s>>,
+    events_tx: std::sync::mpsc::Sender<Event>,
+    events: std::sync::mpsc::Receiver<Event>,
+}
+
+impl<'s> Crew<'s> {
+    fn new() -> Self {
+        let (events_tx, events) = std::sync::mpsc::channel();
+        Crew {
+            members: Vec::new(),
+            events_tx,
+            events,
+        }
+    }
+
+    /// Starts the thread that seizes and stops `planned`'s process.
+    fn spawn<'e: 's>(
+        &mut self,
+        scope: &'s std::thread::Scope<'s, 'e>,
+        planned: Planned,
+        opts: &'s ApplyOptions,
+        new_path: &'s Path,
+        new_bytes: &'s [u8],
+    ) {
+        let index = self.members.len();
+        let pid = Pid::from_raw(planned.pid);
+        let (orders, inbox) = std::sync::mpsc::channel();
+        let events = self.events_tx.clone();
+        let thread = scope.spawn(move || {
+            member_thread(index, planned, opts, new_path, new_bytes, &inbox, &events)
+        });
+        self.members.push(Crewman {
+            pid,
+            orders,
+            thread,
+            gone: false,
+        });
+    }
+
+    /// Waits until every member from `first` on that is not gone has
+    /// reported `step`: their results in member order. A thread that ends
+    /// without reporting (it panicked) counts as failed.
+    fn gather(&mut self, first: usize, step: Step) -> Vec<(usize, Result<(), UpdateError>)> {
+        let mut waiting: Vec<usize> = (first..self.members.len())
+            .filter(|&i| !self.members[i].gone)
+            .collect();
+        let mut out: Vec<(usize, Result<(), UpdateError>)> = Vec::new();
+        while !waiting.is_empty() {
+            match self
+                .events
+                .recv_timeout(std::time::Duration::from_millis(50))
+            {
+                Ok((i, s, r)) if s == step && waiting.contains(&i) => {
+                    waiting.retain(|&w| w != i);
+                    out.push((i, r));
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    let lost: Vec<usize> = waiting
+                        .iter()
+                        .copied()
+                        .filter(|&i| self.members[i].thread.is_finished())
+                        .collect();
+                    for i in lost {
+                        waiting.retain(|&w| w != i);
+                        self.members[i].gone = true;
+                        out.push((
+                            i,
+                            Err(UpdateError::MemberThread {
+                                pid: self.members[i].pid.as_raw(),
+                                what: "the thread updating it ended early".into(),
+                            }),
+                        ));
+                    }
+                }
+            }
+        }
+        out.sort_by_key(|(i, _)| *i);
+        out
+    }
+
+    /// Sends `order` to every member not gone.
+    fn tell(&self, order: impl Fn(usize) -> Order) {
+        for (i, m) in self.members.iter().enumerate() {
+            if !m.gone {
+                let _ = m.orders.send(order(i));
+            }
+        }
+    }
+
+    /// Every member puts back what it did and resumes its process; waits
+    /// for all.
+    fn release_all(self) {
+        for m in &self.members {
+            let _ = m.orders.send(Order::Release);
+        }
+        for m in self.members {
+            let _ = m.thread.join();
+        }
+    }
+}
+
+/// The life of one process in a tree update, on its own thread: seize and
+/// stop, then compute, commit and finish as the coordinator orders; any
+/// failure is reported and the thread waits for the last order before it
+/// puts everything back, so that no process resumes before the tree's
+/// outcome is known. Ends with its process detached.
+fn member_thread(
+    index: usize,
+    mut planned: Planned,
+    opts: &ApplyOptions,
     new_path: &Path,
     new_bytes: &[u8],
-    opts: &ApplyOptions,
-    report: &mut TreeReport,
-) -> Result<Vec<(UpdateReport, PhaseClock, Leftovers)>, UpdateError> {
-    let mut ready: Vec<Ready<'_>> = Vec::with_capacity(members.len());
-    for m in members.iter_mut() {
-        let pid = m.tracee.pid();
-        // Moved out: compute consumes them; the tracee stays a member.
-        let Some(mut planned) = m.planned.take() else {
-            continue;
+    inbox: &std::sync::mpsc::Receiver<Order>,
+    events: &std::sync::mpsc::Sender<Event>,
+) -> Option<Finished> {
+    let say = |step: Step, r: Result<(), UpdateError>| {
+        let _ = events.send((index, step, r));
+    };
+    let mut tracee = match seize_planned(&mut planned) {
+        Ok(t) => t,
+        Err(e) => {
+            say(Step::Stopped, Err(e));
+            return None;
+        }
+    };
+    let stopped = stop_process(&mut tracee, &mut planned, opts);
+    let finished = (|| {
+        let (threads, safety_retries) = match stopped {
+            Ok(s) => {
+                say(Step::Stopped, Ok(()));
+                s
+            }
+            Err(e) => {
+                say(Step::Stopped, Err(e));
+                let _ = inbox.recv();
+                return None;
+            }
         };
-        // Stopped since its own stop ended: the other processes' plans,
-        // stops and computes.
+        if !matches!(inbox.recv(), Ok(Order::Compute)) {
+            return None;
+        }
+        // Stopped since its own stop ended: the other processes' stops.
         planned.timings.tree_wait_us += planned.clock.lap();
-        let threads = std::mem::take(&mut m.threads);
-        match compute(
-            &mut m.tracee,
+        let mut ready = match compute(
+            &mut tracee,
             planned,
             threads,
-            m.safety_retries,
+            safety_retries,
             new_path,
             new_bytes,
             opts,
         ) {
-            Ok(r) => ready.push(r),
-            Err(_) if procfs::has_ended(pid) => report.exited.push(pid.as_raw()),
-            Err(e) => return Err(e),
-        }
-    }
-    if opts.dry_run {
-        return Ok(ready.into_iter().map(Ready::dry_finish).collect());
-    }
-    let _window = CommitWindow::open();
-    let count = ready.len();
-    let mut undos = Vec::with_capacity(count);
-    for i in 0..count {
-        let pid = ready[i].report.pid;
-        // Since its own compute: the others' computes and commits.
-        ready[i].lap_tree_wait();
-        let failed = match commit_ready(&mut ready[i], false) {
-            Ok(undo) if injected_commit_failure(i, count) => {
-                revert_ready(&mut ready[i], undo);
-                Some(UpdateError::InjectedFault { pid })
+            Ok(r) => {
+                say(Step::Computed, Ok(()));
+                r
+            }
+            Err(e) => {
+                say(Step::Computed, Err(e));
+                let _ = inbox.recv();
+                return None;
+            }
+        };
+        let fail = match inbox.recv() {
+            Ok(Order::Keep) if opts.dry_run => {
+                let (report, clock, leftovers) = ready.dry_finish();
+                return Some((report, clock, leftovers));
+            }
+            Ok(Order::Commit { fail }) => fail,
+            _ => return None,
+        };
+        // Since its own compute: the others' computes.
+        ready.lap_tree_wait();
+        let pid = ready.report.pid;
+        let undo = match commit_ready(&mut ready, false) {
+            Ok(undo) if fail => {
+                revert_ready(&mut ready, undo);
+                say(Step::Committed, Err(UpdateError::InjectedFault { pid }));
+                let _ = inbox.recv();
+                return None;
             }
             Ok(undo) => {
-                ready[i].lap_commit();
-                undos.push(undo);
+                ready.lap_commit();
+                say(Step::Committed, Ok(()));
+                undo
+            }
+            Err(e) => {
+                say(Step::Committed, Err(e));
+                let _ = inbox.recv();
+                return None;
+            }
+        };
+        match inbox.recv() {
+            Ok(Order::Keep) => Some(ready.finish()),
+            _ => {
+                revert_ready(&mut ready, undo);
                 None
             }
-            Err(e) => Some(e),
-        };
-        if let Some(source) = failed {
-            // Put back the ones committed, last first; every guard then
-            // unloads NEW from its process.
-            for (j, undo) in undos.into_iter().enumerate().rev() {
-                revert_ready(&mut ready[j], undo);
+        }
+    })();
+    // Whatever happened, the process runs on; its resume ends its clock.
+    let detached = tracee.detach();
+    let (mut report, mut clock, leftovers) = finished?;
+    if let Err(e) = detached {
+        report.warnings.push(format!("resuming the process: {e}"));
+    }
+    report.timings.finish(&mut clock);
+    Some((report, leftovers))
+}
+
+/// Compute every member, then commit all or none; each process's report
+/// (its resume timed) and what is left to free once it runs again.
+fn update_members(
+    crew: &mut Crew<'_>,
+    opts: &ApplyOptions,
+    report: &mut TreeReport,
+) -> Result<Vec<Finished>, UpdateError> {
+    let outcome = (|| -> Result<(), UpdateError> {
+        crew.tell(|_| Order::Compute);
+        for (i, result) in crew.gather(0, Step::Computed) {
+            match result {
+                Ok(()) => {}
+                Err(_) if procfs::has_ended(crew.members[i].pid) => {
+                    crew.members[i].gone = true;
+                    report.exited.push(crew.members[i].pid.as_raw());
+                }
+                Err(e) => return Err(e),
             }
+        }
+        if opts.dry_run {
+            return Ok(());
+        }
+        let _window = CommitWindow::open();
+        let live: Vec<usize> = (0..crew.members.len())
+            .filter(|&i| !crew.members[i].gone)
+            .collect();
+        let count = live.len();
+        crew.tell(|i| Order::Commit {
+            fail: injected_commit_failure(live.iter().position(|&l| l == i).unwrap_or(0), count),
+        });
+        let results = crew.gather(0, Step::Committed);
+        let committed = results.iter().filter(|(_, r)| r.is_ok()).count();
+        if let Some((i, Err(source))) = results.into_iter().find(|(_, r)| r.is_err()) {
             return Err(UpdateError::TreeRolledBack {
-                pid,
-                committed: i,
+                pid: crew.members[i].pid.as_raw(),
+                committed,
                 source: Box::new(source),
             });
         }
+        Ok(())
+    })();
+    let members = std::mem::take(&mut crew.members);
+    if let Err(e) = outcome {
+        for m in &members {
+            let _ = m.orders.send(Order::Release);
+        }
+        for m in members {
+            let _ = m.thread.join();
+        }
+        return Err(e);
     }
-    Ok(ready.into_iter().map(Ready::finish).collect())
+    for m in &members {
+        let _ = m.orders.send(Order::Keep);
+    }
+    let mut done = Vec::with_capacity(members.len());
+    let mut lost = None;
+    for m in members {
+        match m.thread.join() {
+            Ok(Some(f)) => done.push(f),
+            Ok(None) if m.gone => {}
+            _ => {
+                lost.get_or_insert(m.pid);
+            }
+        }
+    }
+    if let Some(pid) = lost {
+        return Err(UpdateError::MemberThread {
+            pid: pid.as_raw(),
+            what: "the thread updating it ended without a report".into(),
+        });
+    }
+    Ok(done)
 }
