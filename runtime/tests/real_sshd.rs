@@ -90,6 +90,31 @@ fn keygen(path: &Path) {
     assert_eq!(out.status.code(), Some(0), "ssh-keygen: {}", out.stderr);
 }
 
+/// The real client on 127.0.0.1:`port`, logging in as [`LOGIN`] with the
+/// key `key`, running `remote`.
+fn ssh_command(port: u16, key: &Path, remote: &str) -> Command {
+    let mut cmd = Command::new("ssh");
+    cmd.args(["-F", "/dev/null", "-p", &port.to_string(), "-i"])
+        .arg(key)
+        .args([
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=ERROR",
+            "-o",
+            "ConnectTimeout=10",
+            &format!("{LOGIN}@127.0.0.1"),
+            remote,
+        ]);
+    cmd
+}
+
 /// A listening sshd started from its own copy of the program (`exe`, the
 /// path it re-executes for every connection).
 struct Sshd {
@@ -106,26 +131,7 @@ impl Sshd {
 
     /// The real client, logging in with the test key, running `remote`.
     fn client(&self, remote: &str) -> Command {
-        let mut cmd = Command::new("ssh");
-        cmd.args(["-F", "/dev/null", "-p", &self.port.to_string(), "-i"])
-            .arg(self.dir.join("id"))
-            .args([
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "IdentitiesOnly=yes",
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "LogLevel=ERROR",
-                "-o",
-                "ConnectTimeout=10",
-                &format!("{LOGIN}@127.0.0.1"),
-                remote,
-            ]);
-        cmd
+        ssh_command(self.port, &self.dir.join("id"), remote)
     }
 
     /// Runs `remote` over a new login and returns its standard output.
@@ -266,6 +272,52 @@ impl Pinger {
     }
 }
 
+/// A client logging in again and again, one login at a time, each running
+/// a command whose output it checks, until stopped (bounded in time).
+struct Logins {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Result<u64, String>>,
+}
+
+impl Logins {
+    fn start(sshd: &Sshd) -> Logins {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let (port, key) = (sshd.port, sshd.dir.join("id"));
+        let thread = std::thread::spawn(move || {
+            let deadline = Instant::now() + WAIT * 4;
+            let mut n = 0u64;
+            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let remote = format!("echo login-{n}-$((6*7))");
+                let out = run_command(ssh_command(port, &key, &remote), WAIT)
+                    .map_err(|e| format!("login {n}: {e}"))?;
+                if out.status.code() != Some(0) || out.stdout != format!("login-{n}-42\n") {
+                    return Err(format!(
+                        "login {n}: exit {:?}, printed {:?}, said {}",
+                        out.status.code(),
+                        out.stdout,
+                        out.stderr
+                    ));
+                }
+                n += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Ok(n)
+        });
+        Logins { stop, thread }
+    }
+
+    /// Stops the loop: how many logins went through (panics on the first
+    /// that failed).
+    fn finish(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .join()
+            .expect("login thread")
+            .unwrap_or_else(|e| panic!("a login failed: {e}"))
+    }
+}
+
 /// The pids of the processes an update report lists.
 fn updated_pids(report: &serde_json::Value) -> Vec<u32> {
     let mut pids: Vec<u32> = report["processes"]
@@ -325,6 +377,61 @@ fn sshd_identity_update_of_the_idle_listener_then_a_new_login_runs_a_command() {
          again with a session re-executed from the first file: {:.2} ms",
         total_ms(&report),
         total_ms(&second)
+    );
+}
+
+/// Identity update of the listener tree while a client keeps logging in
+/// and a held session echoes. A login in its pre-authentication phase has
+/// a sandboxed child, which makes the update refused (and nothing
+/// changed): it is tried again, a bounded number of times, until it finds
+/// a moment between two logins' sandboxes. No login fails, the session
+/// echoes on, and the listener runs the copy.
+#[test]
+fn sshd_identity_update_while_clients_log_in_drops_no_login() {
+    let (old, _) = builds();
+    let sshd = start(&old.instrumented);
+    let pinger = Pinger::start(Session::open(&sshd));
+    let logins = Logins::start(&sshd);
+    std::thread::sleep(Duration::from_millis(500));
+    let copy = fresh_copy(&sshd.exe, &sshd.dir, "identity");
+    let (mut refused, mut report) = (0u32, None);
+    for _ in 0..40 {
+        match apply_support::real::try_update(sshd.pid(), &copy, WAIT * 2) {
+            Ok(r) => {
+                report = Some(r);
+                break;
+            }
+            Err(e) => {
+                assert!(
+                    e.contains("seccomp") && e.contains("nothing was changed"),
+                    "refused for another reason than a login's sandbox: {e}"
+                );
+                assert!(
+                    runs(sshd.pid(), &sshd.exe) && !runs(sshd.pid(), &copy),
+                    "a refused update changed the listener"
+                );
+                refused += 1;
+                std::thread::sleep(Duration::from_millis(37));
+            }
+        }
+    }
+    let report = report.unwrap_or_else(|| panic!("refused {refused} times, never went through"));
+    std::thread::sleep(Duration::from_millis(500));
+    let logged_in = logins.finish();
+    let (mut session, gap) = pinger.finish();
+    assert!(runs(sshd.pid(), &copy), "the copy is not the running code");
+    assert!(logged_in >= 2, "only {logged_in} logins during the test");
+    session.echo().expect("the session after the update");
+    assert_eq!(sshd.run("echo after-$((6*7))"), "after-42\n");
+    eprintln!(
+        "sshd identity update under logins: {:.2} ms reported, {} processes updated \
+         ({} forked during it, {} ended), {refused} refusals before (a login's sandbox), \
+         {logged_in} logins, longest gap the session saw {:.2} ms",
+        total_ms(&report),
+        updated_pids(&report).len(),
+        report["forked"].as_array().map_or(0, Vec::len),
+        report["exited"].as_array().map_or(0, Vec::len),
+        gap.as_secs_f64() * 1000.0
     );
 }
 
