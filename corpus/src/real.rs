@@ -321,28 +321,7 @@ pub fn build_real(recipe: &Recipe, version: &str) -> Result<RealBuild, RealBuild
         build_secs = started.elapsed().as_secs_f64();
         std::fs::write(&stamp_path, &want).map_err(io_err(&stamp_path))?;
     }
-    // The rewriter is linked into the running test binary: instrument again
-    // when it, or the build, is newer than the instrumented file.
-    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let rewriter = std::env::current_exe().ok().and_then(|p| mtime(&p));
-    let up_to_date = match (mtime(&original), mtime(&instrumented), rewriter) {
-        (Some(a), Some(b), Some(r)) => built && a <= b && r <= b,
-        _ => false,
-    };
-    let mut rewrite_secs = 0.0;
-    if !up_to_date {
-        let started = Instant::now();
-        let bytes = std::fs::read(&original).map_err(io_err(&original))?;
-        let rewritten =
-            upstare_rewriter::rewrite::rewrite(&bytes).map_err(|e| RealBuildError::Rewrite {
-                package: recipe.package,
-                version: version.to_string(),
-                binary: original.clone(),
-                message: e.to_string(),
-            })?;
-        rewrite_secs = started.elapsed().as_secs_f64();
-        upstare_testkit::write_exe(&instrumented, &rewritten.elf, 0o755);
-    }
+    let rewrite_secs = instrument(recipe, version, &original, &instrumented, built)?;
     Ok(RealBuild {
         tree,
         original,
@@ -350,6 +329,64 @@ pub fn build_real(recipe: &Recipe, version: &str) -> Result<RealBuild, RealBuild
         build_secs,
         rewrite_secs,
     })
+}
+
+/// Instruments `original` into `instrumented` unless that is up to date
+/// (`built`: the build was cached): the seconds the rewriter took, 0 when
+/// it did not run. The rewriter is linked into the running test binary:
+/// instrument again when it, or the build, is newer than the instrumented
+/// file.
+fn instrument(
+    recipe: &Recipe,
+    version: &str,
+    original: &Path,
+    instrumented: &Path,
+    built: bool,
+) -> Result<f64, RealBuildError> {
+    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let rewriter = std::env::current_exe().ok().and_then(|p| mtime(&p));
+    let up_to_date = match (mtime(original), mtime(instrumented), rewriter) {
+        (Some(a), Some(b), Some(r)) => built && a <= b && r <= b,
+        _ => false,
+    };
+    if up_to_date {
+        return Ok(0.0);
+    }
+    let started = Instant::now();
+    let bytes = std::fs::read(original).map_err(io_err(original))?;
+    let rewritten =
+        upstare_rewriter::rewrite::rewrite(&bytes).map_err(|e| RealBuildError::Rewrite {
+            package: recipe.package,
+            version: version.to_string(),
+            binary: original.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    let secs = started.elapsed().as_secs_f64();
+    upstare_testkit::write_exe(instrumented, &rewritten.elf, 0o755);
+    Ok(secs)
+}
+
+/// Another program of a cached build (`binary`, relative to its tree, as
+/// a test suite runs it: memcached's `memcached-debug`), instrumented
+/// beside the build's own (`<cache>/<file name>.up`), or the cached file.
+/// `build` is what [`build_real`] returned for `version` of `recipe`.
+pub fn instrument_other(
+    recipe: &Recipe,
+    version: &str,
+    build: &RealBuild,
+    binary: &str,
+) -> Result<PathBuf, RealBuildError> {
+    let dir = cache_dir(recipe, version);
+    let lock_path = dir.join(".lock");
+    let lock = File::create(&lock_path).map_err(io_err(&lock_path))?;
+    lock.lock().map_err(io_err(&lock_path))?;
+    let original = build.tree.join(binary);
+    let name = original
+        .file_name()
+        .map_or_else(|| binary.to_string(), |n| n.to_string_lossy().into_owned());
+    let instrumented = dir.join(format!("{name}.up"));
+    instrument(recipe, version, &original, &instrumented, true)?;
+    Ok(instrumented)
 }
 
 /// `apt-get source`, `dpkg-source -x`, the recipe's edits, `./configure`
