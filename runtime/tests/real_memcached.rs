@@ -25,14 +25,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use apply_support::real::{
-    free_port, kv_identity_idle, kv_identity_under_load, kv_update_keeps_connection,
-    wait_until_serving, KvClient,
+    kv_identity_idle, kv_identity_under_load, kv_update_keeps_connection, KvClient,
 };
-use apply_support::servers::memcached::{start, Memcache};
+use apply_support::servers::memcached::{start, start_with, Memcache};
 use upstare_corpus::real::{build_real, instrument_other, RealBuild, MEMCACHED};
-use upstare_testkit::{spawn, ChildGuard};
-
-const WAIT: Duration = Duration::from_secs(20);
+use upstare_testkit::ChildGuard;
 
 fn builds() -> (RealBuild, RealBuild) {
     let old = build_real(&MEMCACHED.recipe, MEMCACHED.old).unwrap_or_else(|e| panic!("{e}"));
@@ -84,27 +81,8 @@ fn start_proxy(
         ),
     )
     .expect("proxy config");
-    let port = free_port();
-    let port_s = port.to_string();
     let proxy_config = format!("proxy_config={}", config.display());
-    let args = [
-        "-l",
-        "127.0.0.1",
-        "-p",
-        &port_s,
-        "-U",
-        "0",
-        "-t",
-        "4",
-        "-u",
-        "root",
-        "-o",
-        &proxy_config,
-    ];
-    let child = spawn(exe, &args).unwrap_or_else(|e| panic!("start memcached proxy: {e}"));
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    wait_until_serving::<Memcache>(addr, WAIT);
-    (child, addr)
+    start_with(exe, &["-o", &proxy_config])
 }
 
 impl Memcache {

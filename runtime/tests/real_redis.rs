@@ -12,19 +12,15 @@
 
 mod apply_support;
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use apply_support::real::{
-    free_port, kv_identity_idle, kv_identity_under_load, kv_update_keeps_connection,
-    wait_until_serving, KvClient,
+    kv_identity_idle, kv_identity_under_load, kv_update_keeps_connection, KvClient,
 };
-use apply_support::servers::redis::{start, Redis};
+use apply_support::servers::redis::{start, start_with, Redis};
 use upstare_corpus::real::{build_real, RealBuild, REDIS};
-use upstare_testkit::{spawn, ChildGuard};
-
-const WAIT: Duration = Duration::from_secs(20);
+use upstare_testkit::ChildGuard;
 
 fn builds() -> (RealBuild, RealBuild) {
     let old = build_real(&REDIS.recipe, REDIS.old).unwrap_or_else(|e| panic!("{e}"));
@@ -184,25 +180,9 @@ fn own_tests(tree: &Path, port: u16) -> usize {
 
 /// redis with DEBUG enabled (its tests use it), on 127.0.0.1.
 fn start_for_own_tests(exe: &Path) -> (ChildGuard, u16) {
-    let port = free_port();
-    let port_s = port.to_string();
-    let args = [
-        "--port",
-        &port_s,
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--protected-mode",
-        "no",
-        "--enable-debug-command",
-        "yes",
-    ];
-    let child = spawn(exe, &args).unwrap_or_else(|e| panic!("start redis: {e}"));
-    wait_until_serving::<Redis>(SocketAddr::from(([127, 0, 0, 1], port)), WAIT);
-    (child, port)
+    let args = ["--protected-mode", "no", "--enable-debug-command", "yes"];
+    let (child, addr) = start_with(exe, &args);
+    (child, addr.port())
 }
 
 /// redis's own tests pass against a server live-updated from the old

@@ -1,38 +1,45 @@
 //! memcached for the real-server tests and benchmarks: started on
 //! 127.0.0.1, and a client speaking its text protocol.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::Duration;
 
-use super::super::real::{free_port, wait_until_serving, KvClient};
-use upstare_testkit::{spawn, ChildGuard};
+use super::super::real::KvClient;
+use upstare_testkit::ChildGuard;
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// memcached on 127.0.0.1, 4 worker threads, no UDP, up and answering.
+/// memcached with 64 MB of memory (see [`start_with`]).
 pub fn start(exe: &Path) -> (ChildGuard, SocketAddr) {
-    let port = free_port();
-    let port_s = port.to_string();
-    let args = [
-        "-l",
-        "127.0.0.1",
-        "-p",
-        &port_s,
-        "-U",
-        "0",
-        "-t",
-        "4",
-        "-u",
-        "root",
-        "-m",
-        "64",
-    ];
-    let child = spawn(exe, &args).unwrap_or_else(|e| panic!("start memcached: {e}"));
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    wait_until_serving::<Memcache>(addr, WAIT);
-    (child, addr)
+    start_with(exe, &["-m", "64"])
+}
+
+/// memcached on 127.0.0.1 (its port chosen here), 4 worker threads, no
+/// UDP, as root, with `args`; up and answering.
+pub fn start_with(exe: &Path, args: &[&str]) -> (ChildGuard, SocketAddr) {
+    super::start_kv::<Memcache>(
+        exe,
+        "memcached",
+        &|port| {
+            [
+                "-l",
+                "127.0.0.1",
+                "-p",
+                port,
+                "-U",
+                "0",
+                "-t",
+                "4",
+                "-u",
+                "root",
+            ]
+            .map(String::from)
+            .to_vec()
+        },
+        args,
+    )
 }
 
 /// memcached's text protocol.
@@ -43,26 +50,14 @@ pub struct Memcache {
 
 impl Memcache {
     pub fn line(&mut self) -> std::io::Result<String> {
-        let mut l = String::new();
-        if self.reader.read_line(&mut l)? == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "connection closed",
-            ));
-        }
-        Ok(l.trim_end().to_string())
+        super::read_line(&mut self.reader)
     }
 }
 
 impl KvClient for Memcache {
     fn connect(addr: SocketAddr) -> std::io::Result<Memcache> {
-        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        s.set_read_timeout(Some(WAIT))?;
-        s.set_nodelay(true)?;
-        Ok(Memcache {
-            reader: BufReader::new(s.try_clone()?),
-            writer: s,
-        })
+        let (writer, reader) = super::connect(addr, WAIT)?;
+        Ok(Memcache { writer, reader })
     }
 
     fn set(&mut self, key: &str, value: &str) -> std::io::Result<()> {

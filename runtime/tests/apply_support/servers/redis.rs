@@ -1,38 +1,43 @@
 //! redis for the real-server tests and benchmarks: started on 127.0.0.1,
 //! and a client speaking RESP.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::Duration;
 
-use super::super::real::{free_port, wait_until_serving, KvClient};
-use upstare_testkit::{spawn, ChildGuard};
+use super::super::real::KvClient;
+use upstare_testkit::ChildGuard;
 
 const WAIT: Duration = Duration::from_secs(20);
 
 /// redis on 127.0.0.1, no persistence, up and answering.
 pub fn start(exe: &Path) -> (ChildGuard, SocketAddr) {
-    let port = free_port();
-    let port_s = port.to_string();
-    let args = [
-        "--port",
-        &port_s,
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--daemonize",
-        "no",
-        "--protected-mode",
-        "no",
-    ];
-    let child = spawn(exe, &args).unwrap_or_else(|e| panic!("start redis: {e}"));
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    wait_until_serving::<Redis>(addr, WAIT);
-    (child, addr)
+    start_with(exe, &["--daemonize", "no", "--protected-mode", "no"])
+}
+
+/// redis on 127.0.0.1 (its port chosen here), no persistence, with
+/// `args`; up and answering.
+pub fn start_with(exe: &Path, args: &[&str]) -> (ChildGuard, SocketAddr) {
+    super::start_kv::<Redis>(
+        exe,
+        "redis",
+        &|port| {
+            [
+                "--port",
+                port,
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ]
+            .map(String::from)
+            .to_vec()
+        },
+        args,
+    )
 }
 
 /// RESP: commands as arrays of bulk strings, replies read by type.
@@ -43,14 +48,7 @@ pub struct Redis {
 
 impl Redis {
     pub fn line(&mut self) -> std::io::Result<String> {
-        let mut l = String::new();
-        if self.reader.read_line(&mut l)? == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "connection closed",
-            ));
-        }
-        Ok(l.trim_end().to_string())
+        super::read_line(&mut self.reader)
     }
 
     pub fn command(&mut self, args: &[&str]) -> std::io::Result<()> {
@@ -72,13 +70,8 @@ impl Redis {
 
 impl KvClient for Redis {
     fn connect(addr: SocketAddr) -> std::io::Result<Redis> {
-        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        s.set_read_timeout(Some(WAIT))?;
-        s.set_nodelay(true)?;
-        Ok(Redis {
-            reader: BufReader::new(s.try_clone()?),
-            writer: s,
-        })
+        let (writer, reader) = super::connect(addr, WAIT)?;
+        Ok(Redis { writer, reader })
     }
 
     fn set(&mut self, key: &str, value: &str) -> std::io::Result<()> {
