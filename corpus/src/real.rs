@@ -399,6 +399,36 @@ pub fn build_real_inline(recipe: &Recipe, version: &str) -> Result<RealBuild, Re
     })
 }
 
+/// Another program of a cached build (`binary`, relative to its tree, as
+/// a test suite runs it: memcached's `memcached-debug`), instrumented
+/// beside the build's own (`<cache>/<file name>.up`), or the cached file.
+/// `build` is what [`build_real`] returned for `version` of `recipe`.
+pub fn instrument_other(
+    recipe: &Recipe,
+    version: &str,
+    build: &RealBuild,
+    binary: &str,
+) -> Result<PathBuf, RealBuildError> {
+    let dir = cache_dir(recipe, version);
+    let lock_path = dir.join(".lock");
+    let lock = File::create(&lock_path).map_err(io_err(&lock_path))?;
+    lock.lock().map_err(io_err(&lock_path))?;
+    let original = build.tree.join(binary);
+    let name = original
+        .file_name()
+        .map_or_else(|| binary.to_string(), |n| n.to_string_lossy().into_owned());
+    let instrumented = dir.join(format!("{name}.up"));
+    instrument(
+        recipe,
+        version,
+        &original,
+        &instrumented,
+        true,
+        PointsMode::Int3,
+    )?;
+    Ok(instrumented)
+}
+
 /// `apt-get source`, `dpkg-source -x`, the recipe's edits, `./configure`
 /// and `make`, into `tree`; the logs go to `dir`.
 fn fetch_and_make(

@@ -11,42 +11,30 @@
 //! `cargo bench -p upstare-runtime --bench real_throughput`. Needs the
 //! real builds (`scripts/deps`; the first run fetches and builds them).
 
+#[path = "../tests/apply_support/mod.rs"]
+mod apply_support;
+
 use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
+
+use apply_support::servers::{memcached, redis};
 use upstare_corpus::real::{build_real, MEMCACHED, REDIS};
 use upstare_runtime::update::{apply, ApplyOptions};
-use upstare_testkit::{spawn, ChildGuard};
+use upstare_testkit::ChildGuard;
+
+/// A server started by `start`, and its port.
+fn serve(start: fn(&Path) -> (ChildGuard, std::net::SocketAddr), exe: &Path) -> (ChildGuard, u16) {
+    let (child, addr) = start(exe);
+    (child, addr.port())
+}
 
 const ROUNDS: usize = 3;
 /// Requests per redis-benchmark test and memcached set+get pairs per round.
 const REQUESTS: usize = 50_000;
 const MEMCACHED_PAIRS: usize = 20_000;
-
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
-/// Waits (bounded) until `addr` accepts a connection and answers `probe`
-/// with a line.
-fn wait_answering(addr: SocketAddr, probe: &[u8]) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if let Ok(s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
-            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-            let mut w = s.try_clone().expect("clone");
-            let mut line = String::new();
-            if w.write_all(probe).is_ok() && BufReader::new(s).read_line(&mut line).is_ok() {
-                return;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("{addr} does not answer");
-}
 
 fn update(child: &ChildGuard, to: &Path) {
     let opts = ApplyOptions {
@@ -54,26 +42,6 @@ fn update(child: &ChildGuard, to: &Path) {
         ..ApplyOptions::default()
     };
     apply(child.pid() as i32, to, &opts).unwrap_or_else(|e| panic!("update: {e}"));
-}
-
-fn redis(exe: &Path) -> (ChildGuard, u16) {
-    let port = free_port();
-    let p = port.to_string();
-    let args = [
-        "--port",
-        &p,
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--protected-mode",
-        "no",
-    ];
-    let child = spawn(exe, &args).expect("start redis");
-    wait_answering(SocketAddr::from(([127, 0, 0, 1], port)), b"PING\r\n");
-    (child, port)
 }
 
 /// SET and GET requests per second by `redis-benchmark` (`bench`).
@@ -93,28 +61,6 @@ fn redis_rps(bench: &Path, port: u16) -> (f64, f64) {
             .unwrap_or_else(|| panic!("no {name} figure in {text}"))
     };
     (rps("SET"), rps("GET"))
-}
-
-fn memcached(exe: &Path) -> (ChildGuard, u16) {
-    let port = free_port();
-    let p = port.to_string();
-    let args = [
-        "-l",
-        "127.0.0.1",
-        "-p",
-        &p,
-        "-U",
-        "0",
-        "-t",
-        "4",
-        "-u",
-        "root",
-        "-m",
-        "64",
-    ];
-    let child = spawn(exe, &args).expect("start memcached");
-    wait_answering(SocketAddr::from(([127, 0, 0, 1], port)), b"version\r\n");
-    (child, port)
 }
 
 /// set + get pairs per second on one connection, every reply checked.
@@ -161,10 +107,10 @@ fn main() {
 
     let (mut fresh, mut after) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
-        let (child, port) = redis(&r_new.instrumented);
+        let (child, port) = serve(redis::start, &r_new.instrumented);
         fresh.push(redis_rps(&bench, port));
         drop(child);
-        let (child, port) = redis(&r_old.instrumented);
+        let (child, port) = serve(redis::start, &r_old.instrumented);
         update(&child, &r_new.instrumented);
         after.push(redis_rps(&bench, port));
         drop(child);
@@ -189,10 +135,10 @@ fn main() {
 
     let (mut fresh, mut after) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
-        let (child, port) = memcached(&m_new.instrumented);
+        let (child, port) = serve(memcached::start, &m_new.instrumented);
         fresh.push(memcached_pps(port));
         drop(child);
-        let (child, port) = memcached(&m_old.instrumented);
+        let (child, port) = serve(memcached::start, &m_old.instrumented);
         update(&child, &m_new.instrumented);
         after.push(memcached_pps(port));
         drop(child);

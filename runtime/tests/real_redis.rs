@@ -12,122 +12,20 @@
 
 mod apply_support;
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::Duration;
 
 use apply_support::real::{
-    free_port, kv_identity_idle, kv_identity_under_load, kv_update_keeps_connection,
-    wait_until_serving, KvClient,
+    kv_identity_idle, kv_identity_under_load, kv_update_keeps_connection, KvClient,
 };
+use apply_support::servers::redis::{start, start_with, Redis};
 use upstare_corpus::real::{build_real, build_real_inline, RealBuild, REDIS};
-use upstare_testkit::{spawn, ChildGuard};
-
-const WAIT: Duration = Duration::from_secs(20);
+use upstare_testkit::ChildGuard;
 
 fn builds() -> (RealBuild, RealBuild) {
     let old = build_real(&REDIS.recipe, REDIS.old).unwrap_or_else(|e| panic!("{e}"));
     let new = build_real(&REDIS.recipe, REDIS.new).unwrap_or_else(|e| panic!("{e}"));
     (old, new)
-}
-
-/// redis on 127.0.0.1, no persistence, up and answering.
-fn start(exe: &Path) -> (ChildGuard, SocketAddr) {
-    let port = free_port();
-    let port_s = port.to_string();
-    let args = [
-        "--port",
-        &port_s,
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--daemonize",
-        "no",
-        "--protected-mode",
-        "no",
-    ];
-    let child = spawn(exe, &args).unwrap_or_else(|e| panic!("start redis: {e}"));
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    wait_until_serving::<Redis>(addr, WAIT);
-    (child, addr)
-}
-
-/// RESP: commands as arrays of bulk strings, replies read by type.
-struct Redis {
-    writer: TcpStream,
-    reader: BufReader<TcpStream>,
-}
-
-impl Redis {
-    fn line(&mut self) -> std::io::Result<String> {
-        let mut l = String::new();
-        if self.reader.read_line(&mut l)? == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "connection closed",
-            ));
-        }
-        Ok(l.trim_end().to_string())
-    }
-
-    fn command(&mut self, args: &[&str]) -> std::io::Result<()> {
-        let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
-        self.command_bytes(&args)
-    }
-
-    /// A command whose arguments are any bytes (a DUMP payload).
-    fn command_bytes(&mut self, args: &[&[u8]]) -> std::io::Result<()> {
-        let mut req = format!("*{}\r\n", args.len()).into_bytes();
-        for a in args {
-            req.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-            req.extend_from_slice(a);
-            req.extend_from_slice(b"\r\n");
-        }
-        self.writer.write_all(&req)
-    }
-}
-
-impl KvClient for Redis {
-    fn connect(addr: SocketAddr) -> std::io::Result<Redis> {
-        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        s.set_read_timeout(Some(WAIT))?;
-        s.set_nodelay(true)?;
-        Ok(Redis {
-            reader: BufReader::new(s.try_clone()?),
-            writer: s,
-        })
-    }
-
-    fn set(&mut self, key: &str, value: &str) -> std::io::Result<()> {
-        self.command(&["SET", key, value])?;
-        match self.line()?.as_str() {
-            "+OK" => Ok(()),
-            other => Err(std::io::Error::other(format!("SET {key}: {other}"))),
-        }
-    }
-
-    fn get(&mut self, key: &str) -> std::io::Result<Option<String>> {
-        self.command(&["GET", key])?;
-        let head = self.line()?;
-        if head == "$-1" {
-            return Ok(None);
-        }
-        let len: usize = head
-            .strip_prefix('$')
-            .and_then(|n| n.parse().ok())
-            .ok_or_else(|| std::io::Error::other(format!("GET {key}: {head}")))?;
-        let value = self.line()?;
-        if value.len() != len {
-            return Err(std::io::Error::other(format!(
-                "GET {key}: {len} bytes announced, got {value}"
-            )));
-        }
-        Ok(Some(value))
-    }
 }
 
 #[test]
@@ -282,25 +180,9 @@ fn own_tests(tree: &Path, port: u16) -> usize {
 
 /// redis with DEBUG enabled (its tests use it), on 127.0.0.1.
 fn start_for_own_tests(exe: &Path) -> (ChildGuard, u16) {
-    let port = free_port();
-    let port_s = port.to_string();
-    let args = [
-        "--port",
-        &port_s,
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--protected-mode",
-        "no",
-        "--enable-debug-command",
-        "yes",
-    ];
-    let child = spawn(exe, &args).unwrap_or_else(|e| panic!("start redis: {e}"));
-    wait_until_serving::<Redis>(SocketAddr::from(([127, 0, 0, 1], port)), WAIT);
-    (child, port)
+    let args = ["--protected-mode", "no", "--enable-debug-command", "yes"];
+    let (child, addr) = start_with(exe, &args);
+    (child, addr.port())
 }
 
 /// redis's own tests pass against a server live-updated from the old

@@ -6,6 +6,8 @@
 //! `ssh` client logging in as the unprivileged `upstare-ssh` (both users
 //! come from `scripts/deps`):
 //! - identity update of the idle listener, then a new login runs a command;
+//! - identity update of the listener tree while a client keeps logging in
+//!   and a session echoes: no login fails, the session echoes on;
 //! - Debian's security update (1:9.2p1-2+deb12u7 → +deb12u10) while an
 //!   interactive session is open: installed over the file sshd runs (as a
 //!   package upgrade does, so that the listener's re-exec for new
@@ -27,259 +29,24 @@ mod apply_support;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use apply_support::real::{free_port, runs, total_ms, update, update_refused};
-use apply_support::{fresh_copy, TempDir};
-use nix::unistd::Pid;
+use apply_support::fresh_copy;
+use apply_support::real::{runs, total_ms, update, update_refused};
+use apply_support::servers::sshd::{
+    descendants, has_ended, install_over, keygen_of, set_mode, start, start_with, Logins, Pinger,
+    Session, Sshd, LOGIN, WAIT,
+};
 use upstare_corpus::real::{build_real, RealBuild, OPENSSH};
-use upstare_runtime::target::procfs;
-use upstare_testkit::{run_command, spawn, ChildGuard};
-
-/// The processes descended from `pid`, parents first.
-fn descendants(pid: u32) -> Vec<u32> {
-    let pid = i32::try_from(pid).expect("pid");
-    procfs::descendants(Pid::from_raw(pid))
-        .into_iter()
-        .filter_map(|p| u32::try_from(p.as_raw()).ok())
-        .collect()
-}
-
-fn has_ended(pid: u32) -> bool {
-    procfs::has_ended(Pid::from_raw(i32::try_from(pid).expect("pid")))
-}
-
-const WAIT: Duration = Duration::from_secs(30);
-/// The unprivileged user the client logs in as (made by `scripts/deps`).
-const LOGIN: &str = "upstare-ssh";
+use upstare_testkit::run_command;
 
 fn builds() -> (RealBuild, RealBuild) {
     let old = build_real(&OPENSSH.recipe, OPENSSH.old).unwrap_or_else(|e| panic!("{e}"));
     let new = build_real(&OPENSSH.recipe, OPENSSH.new).unwrap_or_else(|e| panic!("{e}"));
     (old, new)
 }
-
-/// The users `scripts/deps` makes, and sshd's privilege separation
-/// directory as Debian's service makes it at start (`RuntimeDirectory`).
-fn prepare_system() {
-    let passwd = std::fs::read_to_string("/etc/passwd").expect("read /etc/passwd");
-    for user in ["sshd", LOGIN] {
-        assert!(
-            passwd.lines().any(|l| l.starts_with(&format!("{user}:"))),
-            "no user {user}: run scripts/deps"
-        );
-    }
-    let run = Path::new("/run/sshd");
-    if !run.is_dir() {
-        std::fs::create_dir_all(run).expect("mkdir /run/sshd");
-    }
-    set_mode(run, 0o755);
-}
-
-fn set_mode(path: &Path, mode: u32) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
-}
-
-fn keygen(path: &Path) {
-    keygen_of(path, &["-t", "ed25519"]);
-}
-
-/// ssh-keygen with `kind` (type and size options), no passphrase.
-fn keygen_of(path: &Path, kind: &[&str]) {
-    let mut cmd = Command::new("ssh-keygen");
-    cmd.arg("-q").args(kind).args(["-N", "", "-f"]).arg(path);
-    let out = run_command(cmd, WAIT).unwrap_or_else(|e| panic!("ssh-keygen: {e}"));
-    assert_eq!(out.status.code(), Some(0), "ssh-keygen: {}", out.stderr);
-}
-
-/// A listening sshd started from its own copy of the program (`exe`, the
-/// path it re-executes for every connection).
-struct Sshd {
-    dir: TempDir,
-    exe: PathBuf,
-    listener: ChildGuard,
-    port: u16,
-}
-
-impl Sshd {
-    fn pid(&self) -> u32 {
-        self.listener.pid()
-    }
-
-    /// The real client, logging in with the test key, running `remote`.
-    fn client(&self, remote: &str) -> Command {
-        let mut cmd = Command::new("ssh");
-        cmd.args(["-F", "/dev/null", "-p", &self.port.to_string(), "-i"])
-            .arg(self.dir.join("id"))
-            .args([
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "IdentitiesOnly=yes",
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "LogLevel=ERROR",
-                "-o",
-                "ConnectTimeout=10",
-                &format!("{LOGIN}@127.0.0.1"),
-                remote,
-            ]);
-        cmd
-    }
-
-    /// Runs `remote` over a new login and returns its standard output.
-    fn run(&self, remote: &str) -> String {
-        let out = run_command(self.client(remote), WAIT).unwrap_or_else(|e| panic!("ssh: {e}"));
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "ssh {remote}: {}\nsshd: {}",
-            out.stderr,
-            self.listener.stderr_so_far()
-        );
-        out.stdout
-    }
-
-    /// The processes of this sshd that run the file at `exe`'s path now
-    /// (descendants of the listener: each connection's monitor and child).
-    fn sessions(&self) -> Vec<u32> {
-        descendants(self.pid())
-            .into_iter()
-            .filter(|&p| runs(p, &self.exe))
-            .collect()
-    }
-}
-
-/// sshd from a copy of `build` on 127.0.0.1, in the foreground, logging
-/// to stderr, with its own configuration and host key.
-fn start(build: &Path) -> Sshd {
-    start_with(build, "", &[])
-}
-
-/// `start` with lines added to sshd_config and arguments added to sshd's.
-fn start_with(build: &Path, more_config: &str, more_args: &[&str]) -> Sshd {
-    prepare_system();
-    let dir = TempDir::new("real-sshd");
-    // The monitor reads authorized_keys as the user logging in.
-    set_mode(dir.path(), 0o755);
-    let exe = dir.join("sshd");
-    std::fs::copy(build, &exe).expect("copy sshd");
-    keygen(&dir.join("host_key"));
-    keygen(&dir.join("id"));
-    let keys = dir.join("authorized_keys");
-    std::fs::copy(dir.join("id.pub"), &keys).expect("authorized_keys");
-    set_mode(&keys, 0o644);
-    let port = free_port();
-    let config = format!(
-        "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nPidFile none\n\
-         AuthorizedKeysFile {}\nStrictModes no\nPasswordAuthentication no\n\
-         KbdInteractiveAuthentication no\nPubkeyAuthentication yes\nAllowUsers {LOGIN}\n\
-         LogLevel VERBOSE\n{more_config}",
-        dir.join("host_key").display(),
-        keys.display()
-    );
-    let config_path = dir.join("sshd_config");
-    std::fs::write(&config_path, config).expect("sshd_config");
-    let config_arg = config_path.to_string_lossy().into_owned();
-    let mut args = vec!["-D", "-e", "-f", &config_arg];
-    args.extend_from_slice(more_args);
-    let listener = spawn(&exe, &args).unwrap_or_else(|e| panic!("start sshd: {e}"));
-    let deadline = Instant::now() + WAIT;
-    while !listener.stderr_so_far().contains("Server listening on") {
-        assert!(
-            Instant::now() < deadline,
-            "sshd did not listen: {}",
-            listener.stderr_so_far()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Sshd {
-        dir,
-        exe,
-        listener,
-        port,
-    }
-}
-
-/// An interactive session running `cat`: every line sent comes back.
-struct Session {
-    client: ChildGuard,
-    sent: u64,
-}
-
-impl Session {
-    fn open(sshd: &Sshd) -> Session {
-        let client = ChildGuard::spawn(sshd.client("cat")).unwrap_or_else(|e| panic!("ssh: {e}"));
-        let mut s = Session { client, sent: 0 };
-        s.echo().unwrap_or_else(|e| panic!("first echo: {e}"));
-        s
-    }
-
-    /// Sends a fresh line and waits for it to come back.
-    fn echo(&mut self) -> Result<(), String> {
-        self.sent += 1;
-        let line = format!("upstare echo {}", self.sent);
-        self.client
-            .send_stdin(format!("{line}\n").as_bytes())
-            .map_err(|e| e.to_string())?;
-        self.client
-            .wait_for_line(&line, WAIT, |l| l == line)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    }
-}
-
-/// What the echo loop ends with: the session back, and the longest gap
-/// and how many echoes came back (or the first error).
-type Echoed = (Session, Result<(Duration, u64), String>);
-
-/// The session echoing lines in a loop until stopped: the longest gap
-/// between two echoes, and how many came back.
-struct Pinger {
-    stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<Echoed>,
-}
-
-impl Pinger {
-    fn start(mut session: Session) -> Pinger {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
-        let thread = std::thread::spawn(move || {
-            let (mut worst, mut n) = (Duration::ZERO, 0u64);
-            let mut last = Instant::now();
-            let deadline = last + WAIT * 2;
-            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
-                if let Err(e) = session.echo() {
-                    return (session, Err(e));
-                }
-                worst = worst.max(last.elapsed());
-                last = Instant::now();
-                n += 1;
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            (session, Ok((worst, n)))
-        });
-        Pinger { stop, thread }
-    }
-
-    fn finish(self) -> (Session, Duration) {
-        self.stop.store(true, Ordering::Relaxed);
-        let (session, r) = self.thread.join().expect("pinger thread");
-        let (worst, n) = r.unwrap_or_else(|e| panic!("the session stopped echoing: {e}"));
-        assert!(n > 0, "the session echoed nothing while it was watched");
-        (session, worst)
-    }
-}
-
 /// The pids of the processes an update report lists.
 fn updated_pids(report: &serde_json::Value) -> Vec<u32> {
     let mut pids: Vec<u32> = report["processes"]
@@ -293,14 +60,6 @@ fn updated_pids(report: &serde_json::Value) -> Vec<u32> {
         .unwrap_or_default();
     pids.sort_unstable();
     pids
-}
-
-/// `cp NEW FILE.tmp && mv FILE.tmp FILE`: a package upgrade's way of
-/// replacing a program that runs (the running processes keep the old inode).
-fn install_over(new: &Path, file: &Path) {
-    let tmp = file.with_extension("dpkg-new");
-    std::fs::copy(new, &tmp).expect("copy the new version");
-    std::fs::rename(&tmp, file).expect("install the new version");
 }
 
 #[test]
@@ -339,6 +98,61 @@ fn sshd_identity_update_of_the_idle_listener_then_a_new_login_runs_a_command() {
          again with a session re-executed from the first file: {:.2} ms",
         total_ms(&report),
         total_ms(&second)
+    );
+}
+
+/// Identity update of the listener tree while a client keeps logging in
+/// and a held session echoes. A login in its pre-authentication phase has
+/// a sandboxed child, which makes the update refused (and nothing
+/// changed): it is tried again, a bounded number of times, until it finds
+/// a moment between two logins' sandboxes. No login fails, the session
+/// echoes on, and the listener runs the copy.
+#[test]
+fn sshd_identity_update_while_clients_log_in_drops_no_login() {
+    let (old, _) = builds();
+    let sshd = start(&old.instrumented);
+    let pinger = Pinger::start(Session::open(&sshd));
+    let logins = Logins::start(&sshd);
+    std::thread::sleep(Duration::from_millis(500));
+    let copy = fresh_copy(&sshd.exe, &sshd.dir, "identity");
+    let (mut refused, mut report) = (0u32, None);
+    for _ in 0..40 {
+        match apply_support::real::try_update(sshd.pid(), &copy, WAIT * 2) {
+            Ok(r) => {
+                report = Some(r);
+                break;
+            }
+            Err(e) => {
+                assert!(
+                    e.contains("seccomp") && e.contains("nothing was changed"),
+                    "refused for another reason than a login's sandbox: {e}"
+                );
+                assert!(
+                    runs(sshd.pid(), &sshd.exe) && !runs(sshd.pid(), &copy),
+                    "a refused update changed the listener"
+                );
+                refused += 1;
+                std::thread::sleep(Duration::from_millis(37));
+            }
+        }
+    }
+    let report = report.unwrap_or_else(|| panic!("refused {refused} times, never went through"));
+    std::thread::sleep(Duration::from_millis(500));
+    let logged_in = logins.finish();
+    let (mut session, gap) = pinger.finish();
+    assert!(runs(sshd.pid(), &copy), "the copy is not the running code");
+    assert!(logged_in >= 2, "only {logged_in} logins during the test");
+    session.echo().expect("the session after the update");
+    assert_eq!(sshd.run("echo after-$((6*7))"), "after-42\n");
+    eprintln!(
+        "sshd identity update under logins: {:.2} ms reported, {} processes updated \
+         ({} forked during it, {} ended), {refused} refusals before (a login's sandbox), \
+         {logged_in} logins, longest gap the session saw {:.2} ms",
+        total_ms(&report),
+        updated_pids(&report).len(),
+        report["forked"].as_array().map_or(0, Vec::len),
+        report["exited"].as_array().map_or(0, Vec::len),
+        gap.as_secs_f64() * 1000.0
     );
 }
 

@@ -6,6 +6,7 @@
 pub mod bank;
 pub mod lines;
 pub mod real;
+pub mod servers;
 pub mod ticks;
 
 use nix::sys::signal::{kill, killpg, Signal};

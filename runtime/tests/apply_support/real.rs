@@ -38,6 +38,18 @@ pub fn update(pid: u32, new: &Path, wait: Duration) -> serde_json::Value {
     v
 }
 
+/// Runs `upstare-apply --pid PID --to NEW --json`: its JSON report when the
+/// update went through, its one-line error when it was refused (panics on
+/// anything else: no JSON, or an exit code other than 0 or 1).
+pub fn try_update(pid: u32, new: &Path, wait: Duration) -> Result<serde_json::Value, String> {
+    let (code, v, text) = run_apply(pid, new, wait);
+    match (code, v["ok"].as_bool()) {
+        (Some(0), Some(true)) => Ok(v),
+        (Some(1), Some(false)) => Err(v["error"].as_str().unwrap_or_default().to_string()),
+        _ => panic!("upstare-apply neither updated nor refused: {text}"),
+    }
+}
+
 /// Runs `upstare-apply --pid PID --to NEW --json`, which must refuse, and
 /// returns its one-line error (panics when the update went through).
 pub fn update_refused(pid: u32, new: &Path, wait: Duration) -> String {
