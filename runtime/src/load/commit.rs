@@ -183,7 +183,7 @@ pub(super) fn function_mapper<'a>(
         if f.low != link {
             return None;
         }
-        let nf = new.tables.function(&f.name)?;
+        let nf = new.tables.counterpart(&f.name, f, &running.tables)?;
         Some(new.runtime(nf.low))
     }
 }
