@@ -31,6 +31,11 @@ pub struct CommitPlan {
     pub handlers: Vec<HandlerMove>,
     /// `.dynamic` entries of the old image to rewrite.
     pub fini: FiniRedirect,
+    /// The values of the main program's exported symbols (`.dynsym`),
+    /// pointed at NEW's: a library loaded later (PostgreSQL's backends
+    /// `dlopen` PL/pgSQL) binds the program's functions and variables by
+    /// looking them up in the first version's symbol table.
+    pub symbols: FiniRedirect,
     /// Exit and fork handlers (and other function pointers) the C library
     /// holds into the old image, pointed at NEW (see `exit_handlers`).
     pub exit_handlers: FiniRedirect,
@@ -74,12 +79,20 @@ pub(super) fn plan_commit(
     let mapper = function_mapper(running, new);
     let handlers = plan_signal_handlers(rc, running, &mapper)?;
     let fini = plan_fini_redirect(&*rc.memory(), pid, new)?;
+    let (symbols, unmatched) = plan_symbol_redirect(&*rc.memory(), pid, new)?;
     let fs_base = rc.saved_regs().0.fs_base;
     let exit_handlers = FiniRedirect {
         writes: super::exit_handlers::plan_exit_handlers(&*rc.memory(), maps, fs_base, &mapper)?,
     };
     let retire = plan_retire(maps, running);
-    let warnings = Vec::new();
+    let mut warnings = Vec::new();
+    if unmatched > 0 {
+        warnings.push(format!(
+            "{unmatched} exported symbols of the main program have no counterpart in {}: a \
+             library loaded later binds them to the old version",
+            new.path.display()
+        ));
+    }
     // Slots still pointing into the copy NEW's was filled from go to NEW's
     // (at the same offset: an interior pointer stays interior).
     let mut writes = Vec::new();
@@ -101,6 +114,7 @@ pub(super) fn plan_commit(
     Ok(CommitPlan {
         handlers,
         fini,
+        symbols,
         exit_handlers,
         copy_redirect,
         retire,
@@ -126,14 +140,21 @@ pub(super) fn apply_commit(rc: &mut RemoteCalls<'_>, plan: &CommitPlan) -> Resul
         });
     }
     plan.fini.apply(rc.memory())?;
+    if let Err(e) = plan.symbols.apply(rc.memory()) {
+        let _ = plan.symbols.revert(rc.memory());
+        let _ = plan.fini.revert(rc.memory());
+        return Err(e.into());
+    }
     if let Err(e) = plan.exit_handlers.apply(rc.memory()) {
         let _ = plan.exit_handlers.revert(rc.memory());
+        let _ = plan.symbols.revert(rc.memory());
         let _ = plan.fini.revert(rc.memory());
         return Err(e.into());
     }
     if let Err(e) = plan.copy_redirect.apply(rc.memory()) {
         let _ = plan.copy_redirect.revert(rc.memory());
         let _ = plan.exit_handlers.revert(rc.memory());
+        let _ = plan.symbols.revert(rc.memory());
         let _ = plan.fini.revert(rc.memory());
         return Err(e.into());
     }
@@ -168,6 +189,7 @@ pub(super) fn undo_commit(
     let _ = revert_signal_handlers(rc, &plan.handlers);
     let _ = plan.copy_redirect.revert(rc.memory());
     let _ = plan.exit_handlers.revert(rc.memory());
+    let _ = plan.symbols.revert(rc.memory());
     let _ = plan.fini.revert(rc.memory());
 }
 
@@ -398,6 +420,87 @@ fn plan_fini_redirect(
         ));
     }
     Ok(FiniRedirect { writes })
+}
+
+/// Bound on the main program's exported symbols redirected.
+const MAX_DYNSYM: usize = 1 << 20;
+
+/// Compute how to make the dynamic linker bind the main program's exported
+/// functions and variables to NEW's for a library loaded from now on: it
+/// looks them up in the *main program's* `.dynsym` (the first version's,
+/// kept mapped) and adds its `l_addr`, so each defined symbol's `st_value`
+/// becomes NEW's runtime address of the symbol of that name minus the main
+/// program's bias. Also the count of defined symbols NEW has no
+/// counterpart of (left as they are).
+fn plan_symbol_redirect(
+    mem: &impl TargetMemory,
+    pid: Pid,
+    new: &Image,
+) -> Result<(FiniRedirect, usize), LoadError> {
+    use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
+    let (main_path, main_bias, _) = main_program(pid)?;
+    let read = |shown: &Path, source: &Path| -> Result<Vec<u8>, LoadError> {
+        std::fs::read(source).map_err(|source| {
+            ElfError::Io {
+                path: shown.to_path_buf(),
+                source,
+            }
+            .into()
+        })
+    };
+    let sym_err = |path: &Path, e: object::Error| LoadError::Symbols {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let main_bytes = read(&main_path, &PathBuf::from(format!("/proc/{pid}/exe")))?;
+    let main = object::File::parse(&*main_bytes).map_err(|e| sym_err(&main_path, e))?;
+    let Some(dynsym) = main.section_by_name(".dynsym") else {
+        return Ok((FiniRedirect::default(), 0));
+    };
+    let new_bytes = read(&new.path, &new.path)?;
+    let new_file = object::File::parse(&*new_bytes).map_err(|e| sym_err(&new.path, e))?;
+    let exported = |s: &object::Symbol<'_, '_>| {
+        s.is_definition() && matches!(s.kind(), SymbolKind::Text | SymbolKind::Data)
+    };
+    let new_syms: std::collections::HashMap<&str, u64> = new_file
+        .dynamic_symbols()
+        .filter(|s| exported(s))
+        .filter_map(|s| Some((s.name().ok()?, s.address())))
+        .collect();
+    let mut writes = Vec::new();
+    let mut unmatched = 0;
+    for s in main
+        .dynamic_symbols()
+        .filter(|s| exported(s))
+        .take(MAX_DYNSYM)
+    {
+        let Ok(name) = s.name() else { continue };
+        let Some(&to) = new_syms.get(name) else {
+            unmatched += 1;
+            continue;
+        };
+        // Elf64_Sym: st_value after st_name (4), st_info, st_other (1
+        // each) and st_shndx (2).
+        let Some(entry) = (s.index().0 as u64)
+            .checked_mul(24)
+            .and_then(|o| dynsym.address().checked_add(o))
+            .and_then(|a| a.checked_add(8))
+        else {
+            continue;
+        };
+        let addr = LinkAddr(entry).to_runtime(main_bias);
+        let old = mem.read_u64(addr)?;
+        let value = new.runtime(LinkAddr(to)).0.wrapping_sub(main_bias.0);
+        if old != value {
+            writes.push(DynamicWrite {
+                addr,
+                tag: "st_value",
+                old,
+                new: value,
+            });
+        }
+    }
+    Ok((FiniRedirect { writes }, unmatched))
 }
 
 /// The executable mappings of `running` per `maps` (the process's, read
