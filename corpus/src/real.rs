@@ -490,3 +490,97 @@ fn fetch_and_make(
         .env("CFLAGS", REAL_CFLAGS);
     run_step(recipe, version, "make", tree, dir, cmd)
 }
+
+/// PostgreSQL 15.18 and its bookworm security update 15.20 (Debian's
+/// `postgresql-15` source, Debian's patches applied). Built by upstream
+/// `configure` and `make` (the server `postgres`, `initdb`, `psql`,
+/// PL/pgSQL and what the regression suite needs: `pg_regress` and
+/// `regress.so`), then installed with [`install_postgres`]. Unlike
+/// Debian's build: no ICU and no readline (neither is on the path of a
+/// server update; psql reads its commands from a pipe), and none of
+/// OpenSSL, GSSAPI, LDAP, PAM, libxml, lz4, zstd, systemd, SELinux, LLVM
+/// JIT, NLS or the Perl/Python/Tcl languages; the default prefix
+/// (`/usr/local/pgsql`, installed under the cache directory: PostgreSQL
+/// finds its files relative to its binaries).
+pub const POSTGRESQL: RealPair = RealPair {
+    recipe: Recipe {
+        package: "postgresql-15",
+        binary: "src/backend/postgres",
+        edits: &[],
+        autoreconf: false,
+        configure: &["--without-icu", "--without-readline"],
+        make: &[],
+    },
+    old: "15.18-0+deb12u1",
+    new: "15.20-0+deb12u1",
+};
+
+/// An installed PostgreSQL build ([`install_postgres`]).
+#[derive(Clone, Debug)]
+pub struct PgInstall {
+    /// The build (its tree holds the regression suite).
+    pub build: RealBuild,
+    /// The installation prefix: `bin/`, `lib/`, `share/`.
+    pub prefix: PathBuf,
+    /// The instrumented server, installed as `bin/postgres.up` beside the
+    /// plain `bin/postgres` (the server finds its `lib/` and `share/`
+    /// relative to its own path).
+    pub server: PathBuf,
+}
+
+impl PgInstall {
+    /// A program of the installation (`bin/NAME`).
+    pub fn bin(&self, name: &str) -> PathBuf {
+        self.prefix.join("bin").join(name)
+    }
+
+    /// The directory of the shared libraries the client programs link
+    /// (`libpq`): their run path is the configured prefix, not this one.
+    pub fn lib(&self) -> PathBuf {
+        self.prefix.join("lib")
+    }
+}
+
+/// Builds ([`build_real`]) and installs PostgreSQL `version` with `make
+/// install DESTDIR=<cache>/install`, once per build, and installs the
+/// instrumented server beside the plain one when it is newer.
+pub fn install_postgres(version: &str) -> Result<PgInstall, RealBuildError> {
+    let recipe = &POSTGRESQL.recipe;
+    let build = build_real(recipe, version)?;
+    let dir = cache_dir(recipe, version);
+    let lock_path = dir.join(".lock");
+    let lock = File::create(&lock_path).map_err(io_err(&lock_path))?;
+    lock.lock().map_err(io_err(&lock_path))?;
+
+    let destdir = dir.join("install");
+    let prefix = destdir.join("usr/local/pgsql");
+    let done = destdir.join("installed");
+    let stamp_path = dir.join("stamp");
+    let want = std::fs::read_to_string(&stamp_path).map_err(io_err(&stamp_path))?;
+    let installed = std::fs::read_to_string(&done).is_ok_and(|s| s == want);
+    if !installed {
+        if destdir.exists() {
+            std::fs::remove_dir_all(&destdir).map_err(io_err(&destdir))?;
+        }
+        let mut cmd = Command::new("make");
+        cmd.arg("install")
+            .arg(format!("DESTDIR={}", destdir.display()));
+        run_step(recipe, version, "make install", &build.tree, &dir, cmd)?;
+        std::fs::write(&done, &want).map_err(io_err(&done))?;
+    }
+    let server = prefix.join("bin/postgres.up");
+    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let current = matches!(
+        (mtime(&build.instrumented), mtime(&server)),
+        (Some(a), Some(b)) if installed && a <= b
+    );
+    if !current {
+        let bytes = std::fs::read(&build.instrumented).map_err(io_err(&build.instrumented))?;
+        upstare_testkit::write_exe(&server, &bytes, 0o755);
+    }
+    Ok(PgInstall {
+        build,
+        prefix,
+        server,
+    })
+}

@@ -316,6 +316,92 @@ impl FrameTables {
     pub fn function(&self, name: &str) -> Option<&FunctionTable> {
         self.functions.iter().find(|f| f.name == name)
     }
+
+    /// The function of these tables named `name` that is `of`, a function
+    /// of `from` (the tables of another build of the program). Static
+    /// functions of one name in several units (PostgreSQL has a
+    /// `check_role` in `hba.c` and another in `variable.c`) are told apart
+    /// by the file that declares them: the candidate whose path ends with
+    /// the most components of `of`'s. Copies of one `static inline`
+    /// function of a header (one per unit that uses it, the same code)
+    /// share a file: the first is taken. `None` when several candidates
+    /// remain and none is declared in a file of `of`'s name.
+    pub fn counterpart(
+        &self,
+        name: &str,
+        of: &FunctionTable,
+        from: &FrameTables,
+    ) -> Option<&FunctionTable> {
+        let mut candidates = self.functions.iter().filter(|f| f.name == name);
+        let first = candidates.next()?;
+        let Some(second) = candidates.next() else {
+            return Some(first);
+        };
+        let path = of
+            .decl_file
+            .and_then(|i| from.files.get(i as usize))
+            .map(|p| normal_components(p))?;
+        let score = |f: &FunctionTable| {
+            f.decl_file
+                .and_then(|i| self.files.get(i as usize))
+                .map_or(0, |p| {
+                    normal_components(p)
+                        .iter()
+                        .rev()
+                        .zip(path.iter().rev())
+                        .take_while(|(a, b)| a == b)
+                        .count()
+                })
+        };
+        let mut best: Option<(&FunctionTable, usize)> = None;
+        for f in [first, second].into_iter().chain(candidates) {
+            let s = score(f);
+            if s > best.map_or(0, |(_, b)| b) {
+                best = Some((f, s));
+            }
+        }
+        best.map(|(f, _)| f)
+    }
+}
+
+impl FrameTables {
+    /// The function named `name` that a frame paused at `pc` runs: the one
+    /// containing `pc` (or, for a return address that ends its function,
+    /// `pc - 1`) when it has that name, else the first of that name.
+    pub fn frame_function(&self, name: &str, pc: LinkAddr) -> Option<&FunctionTable> {
+        let named = |a: LinkAddr| self.function_at(a).filter(|f| f.name == name);
+        named(pc)
+            .or_else(|| pc.0.checked_sub(1).and_then(|a| named(LinkAddr(a))))
+            .or_else(|| self.function(name))
+    }
+
+    /// Whether functions `a` and `b` of these tables are declared in the
+    /// same file (two units' copies of one `static inline` function of a
+    /// header).
+    pub fn same_declaration(&self, a: &FunctionTable, b: &FunctionTable) -> bool {
+        let path = |f: &FunctionTable| {
+            f.decl_file
+                .and_then(|i| self.files.get(i as usize))
+                .map(|p| normal_components(p))
+        };
+        a.decl_line == b.decl_line && path(a).is_some() && path(a) == path(b)
+    }
+}
+
+/// The components of `path` with `.` and `dir/..` pairs resolved
+/// lexically (DWARF names a header as `unit-dir/../../include/x.h`).
+fn normal_components(path: &str) -> Vec<&str> {
+    let mut out: Vec<&str> = Vec::new();
+    for c in path.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                out.pop();
+            }
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 impl FunctionTable {

@@ -290,6 +290,23 @@ impl UpdatePlan {
             .and_then(|i| self.functions.get(i))
     }
 
+    /// NEW's function that OLD's function `f` maps to (after the SPEC's
+    /// renames): the one of its NEW name declared in the same file when
+    /// static functions of several units share the name
+    /// ([`FrameTables::counterpart`]).
+    pub fn new_function<'a>(
+        &self,
+        f: &FunctionTable,
+        old: &FrameTables,
+        new: &'a FrameTables,
+    ) -> Option<&'a FunctionTable> {
+        let named = self
+            .function(&f.name)
+            .and_then(|m| m.new)
+            .and_then(|j| new.functions.get(j))?;
+        new.counterpart(&named.name, f, old)
+    }
+
     /// The mapping of OLD's global at index `old`.
     pub fn global(&self, old: usize) -> Option<&GlobalMapping> {
         self.globals.get(old).filter(|g| g.old == old)
@@ -422,20 +439,29 @@ pub fn plan_with_spec(old: &FrameTables, new: &FrameTables, spec: &Spec) -> Upda
             },
         })
         .collect();
-    let new_by_name: HashMap<&str, usize> = new
-        .functions
-        .iter()
-        .enumerate()
-        .map(|(i, f)| (f.name.as_str(), i))
-        .collect();
+    // NEW's functions by name: the index of the only one, or every one
+    // when static functions of several units share the name.
+    let mut new_by_name: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, f) in new.functions.iter().enumerate() {
+        new_by_name.entry(f.name.as_str()).or_default().push(i);
+    }
     let mut functions: Vec<FunctionMapping> = old
         .functions
         .iter()
         .enumerate()
         .map(|(i, of)| {
-            let nf = new_by_name
-                .get(spec.new_function_name(&of.name).as_str())
-                .and_then(|&j| Some((j, new.functions.get(j)?)));
+            let name = spec.new_function_name(&of.name);
+            let j = match new_by_name.get(name.as_str()).map(Vec::as_slice) {
+                Some([j]) => Some(*j),
+                Some(several) => new.counterpart(&name, of, old).and_then(|nf| {
+                    several
+                        .iter()
+                        .copied()
+                        .find(|&j| new.functions.get(j).is_some_and(|f| f.low == nf.low))
+                }),
+                None => None,
+            };
+            let nf = j.and_then(|j| Some((j, new.functions.get(j)?)));
             plan_function(&mut cmp, spec, i, of, nf)
         })
         .collect();

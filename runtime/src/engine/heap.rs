@@ -259,7 +259,7 @@ pub fn heap_roots(
         .collect();
     for t in threads {
         for (idx, f) in t.frames.iter().enumerate() {
-            let Some(ft) = old.tables.function(&f.function) else {
+            let Some(ft) = old.tables.frame_function(&f.function, f.pc) else {
                 continue;
             };
             // A frame paused in a call is inside the call's statement: probe

@@ -297,9 +297,7 @@ impl<'a> Remapper<'a> {
                 if let Some(f) = self.old.tables.function_at(link) {
                     let nf = self
                         .plan
-                        .function(&f.name)
-                        .and_then(|m| m.new)
-                        .and_then(|j| self.new.tables.functions.get(j));
+                        .new_function(f, &self.old.tables, &self.new.tables);
                     let off = link.offset_from(f.low);
                     if let (Some(nf), Some(off)) = (nf, off) {
                         let len = nf.high.offset_from(nf.low).unwrap_or(0);

@@ -41,6 +41,12 @@ const CALLEE_SAVED: [Reg; 5] = [Reg::Rbx, Reg::R12, Reg::R13, Reg::R14, Reg::R15
 pub enum RebuildError {
     #[error("thread {tid}: function {function} is active on the stack but no longer exists in the new version")]
     FunctionRemoved { tid: Pid, function: String },
+    #[error("thread {tid}: function {function} of {file} is active on the stack and shares its name with a static function of another file, whose mapping the plan holds; update while it is not active")]
+    Homonym {
+        tid: Pid,
+        function: String,
+        file: String,
+    },
     #[error("thread {tid}: function {function} is paused at {continuation}, which the new version does not have")]
     ContinuationMissing {
         tid: Pid,
@@ -192,11 +198,28 @@ fn lookup<'a>(
         function: f.function.clone(),
     };
     let fm = plan.function(&f.function).ok_or_else(removed)?;
+    let planned = old.functions.get(fm.old).ok_or_else(removed)?;
+    // Static functions of one name in several units: the plan maps the
+    // first by name; the frame's own is found by its address. Another
+    // unit's copy of the same header function shares the plan; a
+    // function of another file does not.
+    let of = old.frame_function(&f.function, f.pc).unwrap_or(planned);
+    if of.low != planned.low && !old.same_declaration(of, planned) {
+        return Err(RebuildError::Homonym {
+            tid,
+            function: f.function.clone(),
+            file: of
+                .decl_file
+                .and_then(|i| old.files.get(i as usize))
+                .cloned()
+                .unwrap_or_default(),
+        });
+    }
     let nf = fm
         .new
         .and_then(|j| new.functions.get(j))
+        .and_then(|named| new.counterpart(&named.name, of, old))
         .ok_or_else(removed)?;
-    let of = old.functions.get(fm.old).ok_or_else(removed)?;
     Ok(Mapped {
         plan: fm,
         old: of,

@@ -488,9 +488,7 @@ pub fn entry_map(
     }
     for f in &old.tables.functions {
         let to = plan
-            .function(&f.name)
-            .and_then(|m| m.new)
-            .and_then(|j| new_tables.functions.get(j))
+            .new_function(f, &old.tables, new_tables)
             .map(|nf| nf.low.0);
         out.insert(old.runtime(f.low).0, (f.name.clone(), to));
     }

@@ -32,6 +32,11 @@ pub struct CommitPlan {
     pub handlers: Vec<HandlerMove>,
     /// `.dynamic` entries of the old image to rewrite.
     pub fini: FiniRedirect,
+    /// The values of the main program's exported symbols (`.dynsym`),
+    /// pointed at NEW's: a library loaded later (PostgreSQL's backends
+    /// `dlopen` PL/pgSQL) binds the program's functions and variables by
+    /// looking them up in the first version's symbol table.
+    pub symbols: FiniRedirect,
     /// Exit and fork handlers (and other function pointers) the C library
     /// holds into the old image, pointed at NEW (see `exit_handlers`).
     pub exit_handlers: FiniRedirect,
@@ -96,13 +101,22 @@ pub(super) fn plan_commit(
         handlers?
     };
     let mem = tracee.memory();
-    let fini = plan_fini_redirect(&mem, fini, new)?;
+    let fini_sources = fini;
+    let fini = plan_fini_redirect(&mem, fini_sources, new)?;
+    let (symbols, unmatched) = plan_symbol_redirect(&mem, fini_sources, new)?;
     let fs_base = tracee.regs(tid).map_err(RemoteError::from)?.0.fs_base;
     let exit_handlers = FiniRedirect {
         writes: super::exit_handlers::plan_exit_handlers(&mem, maps, fs_base, &mapper)?,
     };
     let retire = plan_retire(maps, running);
-    let warnings = Vec::new();
+    let mut warnings = Vec::new();
+    if unmatched > 0 {
+        warnings.push(format!(
+            "{unmatched} exported symbols of the main program have no counterpart in {}: a \
+             library loaded later binds them to the old version",
+            new.path.display()
+        ));
+    }
     // Slots still pointing into the copy NEW's was filled from go to NEW's
     // (at the same offset: an interior pointer stays interior).
     let mut writes = Vec::new();
@@ -124,6 +138,7 @@ pub(super) fn plan_commit(
     Ok(CommitPlan {
         handlers,
         fini,
+        symbols,
         exit_handlers,
         copy_redirect,
         retire,
@@ -149,14 +164,21 @@ pub(super) fn apply_commit(rc: &mut RemoteCalls<'_>, plan: &CommitPlan) -> Resul
         });
     }
     plan.fini.apply(rc.memory())?;
+    if let Err(e) = plan.symbols.apply(rc.memory()) {
+        let _ = plan.symbols.revert(rc.memory());
+        let _ = plan.fini.revert(rc.memory());
+        return Err(e.into());
+    }
     if let Err(e) = plan.exit_handlers.apply(rc.memory()) {
         let _ = plan.exit_handlers.revert(rc.memory());
+        let _ = plan.symbols.revert(rc.memory());
         let _ = plan.fini.revert(rc.memory());
         return Err(e.into());
     }
     if let Err(e) = plan.copy_redirect.apply(rc.memory()) {
         let _ = plan.copy_redirect.revert(rc.memory());
         let _ = plan.exit_handlers.revert(rc.memory());
+        let _ = plan.symbols.revert(rc.memory());
         let _ = plan.fini.revert(rc.memory());
         return Err(e.into());
     }
@@ -191,6 +213,7 @@ pub(super) fn undo_commit(
     let _ = revert_signal_handlers(rc, &plan.handlers);
     let _ = plan.copy_redirect.revert(rc.memory());
     let _ = plan.exit_handlers.revert(rc.memory());
+    let _ = plan.symbols.revert(rc.memory());
     let _ = plan.fini.revert(rc.memory());
 }
 
@@ -206,7 +229,7 @@ pub(super) fn function_mapper<'a>(
         if f.low != link {
             return None;
         }
-        let nf = new.tables.function(&f.name)?;
+        let nf = new.tables.counterpart(&f.name, f, &running.tables)?;
         Some(new.runtime(nf.low))
     }
 }
@@ -340,6 +363,12 @@ pub struct FiniSources {
     main_bias: LoadBias,
     main: ElfSummary,
     new: ElfSummary,
+    /// The main program's exported symbols NEW also exports: where the
+    /// `st_value` of each one's `.dynsym` entry is (link-time, in the main
+    /// program) and NEW's link-time address of it ([`plan_symbol_redirect`]).
+    symbols: Vec<(LinkAddr, LinkAddr)>,
+    /// The main program's exported symbols NEW lacks.
+    unmatched_symbols: usize,
 }
 
 impl FiniSources {
@@ -351,11 +380,20 @@ impl FiniSources {
         let auxv = procfs::read_auxv(pid)?;
         let main_bias = procfs::load_bias_from_auxv(&auxv, LinkAddr(main.entry))?;
         let new = ElfSummary::parse(new_path, new_bytes)?;
+        let main_bytes =
+            std::fs::read(format!("/proc/{pid}/exe")).map_err(|source| ElfError::Io {
+                path: exe.clone(),
+                source,
+            })?;
+        let (symbols, unmatched_symbols) =
+            exported_symbol_pairs(&exe, &main_bytes, new_path, new_bytes)?;
         Ok(FiniSources {
             main_path: exe,
             main_bias,
             main,
             new,
+            symbols,
+            unmatched_symbols,
         })
     }
 }
@@ -445,6 +483,91 @@ fn plan_fini_redirect(
         ));
     }
     Ok(FiniRedirect { writes })
+}
+
+/// Bound on the main program's exported symbols redirected.
+const MAX_DYNSYM: usize = 1 << 20;
+
+/// The main program's exported symbols (`.dynsym` definitions of code
+/// and data) that NEW exports too, as (where the entry's `st_value` is in
+/// the main program, NEW's address), link-time; and how many NEW lacks.
+/// Worked out from the two files before the process is paused.
+fn exported_symbol_pairs(
+    main_path: &Path,
+    main_bytes: &[u8],
+    new_path: &Path,
+    new_bytes: &[u8],
+) -> Result<(Vec<(LinkAddr, LinkAddr)>, usize), LoadError> {
+    use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
+    let sym_err = |path: &Path, e: object::Error| LoadError::Symbols {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let main = object::File::parse(main_bytes).map_err(|e| sym_err(main_path, e))?;
+    let Some(dynsym) = main.section_by_name(".dynsym") else {
+        return Ok((Vec::new(), 0));
+    };
+    let new_file = object::File::parse(new_bytes).map_err(|e| sym_err(new_path, e))?;
+    let exported = |s: &object::Symbol<'_, '_>| {
+        s.is_definition() && matches!(s.kind(), SymbolKind::Text | SymbolKind::Data)
+    };
+    let new_syms: std::collections::HashMap<&str, u64> = new_file
+        .dynamic_symbols()
+        .filter(|s| exported(s))
+        .filter_map(|s| Some((s.name().ok()?, s.address())))
+        .collect();
+    let mut pairs = Vec::new();
+    let mut unmatched = 0;
+    for s in main
+        .dynamic_symbols()
+        .filter(|s| exported(s))
+        .take(MAX_DYNSYM)
+    {
+        let Ok(name) = s.name() else { continue };
+        let Some(&to) = new_syms.get(name) else {
+            unmatched += 1;
+            continue;
+        };
+        // Elf64_Sym: st_value after st_name (4), st_info, st_other (1
+        // each) and st_shndx (2).
+        let Some(entry) = (s.index().0 as u64)
+            .checked_mul(24)
+            .and_then(|o| dynsym.address().checked_add(o))
+            .and_then(|a| a.checked_add(8))
+        else {
+            continue;
+        };
+        pairs.push((LinkAddr(entry), LinkAddr(to)));
+    }
+    Ok((pairs, unmatched))
+}
+
+/// Point the main program's exported symbols at NEW: the dynamic linker
+/// resolves a library loaded later (`dlopen`) against the first version's
+/// `.dynsym`, whose `st_value`s are relative to its bias; each becomes
+/// NEW's runtime address minus that bias. Only the entries that change are
+/// written; how many exported symbols NEW lacks is returned with them.
+fn plan_symbol_redirect(
+    mem: &impl TargetMemory,
+    sources: &FiniSources,
+    new: &Image,
+) -> Result<(FiniRedirect, usize), LoadError> {
+    let main_bias = sources.main_bias;
+    let mut writes = Vec::new();
+    for &(entry, to) in &sources.symbols {
+        let addr = entry.to_runtime(main_bias);
+        let old = mem.read_u64(addr)?;
+        let value = new.runtime(to).0.wrapping_sub(main_bias.0);
+        if old != value {
+            writes.push(DynamicWrite {
+                addr,
+                tag: "st_value",
+                old,
+                new: value,
+            });
+        }
+    }
+    Ok((FiniRedirect { writes }, sources.unmatched_symbols))
 }
 
 /// The executable mappings of `running` per `maps` (the process's, read

@@ -171,6 +171,8 @@ pub enum LoadError {
     },
     #[error("running image {path}: its entry point {entry} is not in its code: cannot borrow it")]
     NoGadget { path: PathBuf, entry: RuntimeAddr },
+    #[error("cannot read the exported symbols of {path}: {reason}")]
+    Symbols { path: PathBuf, reason: String },
     #[error("cannot redirect the destructors of {old} to {new}: {reason}")]
     Fini {
         old: PathBuf,

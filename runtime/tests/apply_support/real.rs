@@ -282,3 +282,70 @@ pub fn kv_update_keeps_connection<C: KvClient>(
         report["warnings"].as_array().map_or(0, Vec::len)
     );
 }
+
+/// The pids of the processes a process-tree update report lists, sorted.
+pub fn updated_pids(report: &serde_json::Value) -> Vec<u32> {
+    let mut pids: Vec<u32> = report["processes"]
+        .as_array()
+        .map(|ps| {
+            ps.iter()
+                .filter_map(|p| p["pid"].as_u64())
+                .filter_map(|p| u32::try_from(p).ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    pids.sort_unstable();
+    pids
+}
+
+/// What a [`Pinger`] ends with: its session back, and the longest gap
+/// and how many answers came (or the first error).
+type Pinged<S> = (S, Result<(Duration, u64), String>);
+
+/// A client session asked something in a loop (one request every 2 ms,
+/// for at most `limit`) until stopped: the longest gap between two
+/// answers and how many came.
+pub struct Pinger<S> {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Pinged<S>>,
+}
+
+impl<S: Send + 'static> Pinger<S> {
+    /// Starts asking: `ask(session, n)` sends the `n`-th request and
+    /// checks its answer.
+    pub fn start(
+        mut session: S,
+        limit: Duration,
+        ask: fn(&mut S, u64) -> Result<(), String>,
+    ) -> Pinger<S> {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = std::sync::Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let (mut worst, mut n) = (Duration::ZERO, 0u64);
+            let mut last = std::time::Instant::now();
+            let deadline = last + limit;
+            while !flag.load(Ordering::Relaxed) && std::time::Instant::now() < deadline {
+                if let Err(e) = ask(&mut session, n) {
+                    return (session, Err(e));
+                }
+                worst = worst.max(last.elapsed());
+                last = std::time::Instant::now();
+                n += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            (session, Ok((worst, n)))
+        });
+        Pinger { stop, thread }
+    }
+
+    /// Stops asking: the session and the longest gap; panics if an answer
+    /// was wrong or none came.
+    pub fn finish(self) -> (S, Duration) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (session, r) = self.thread.join().expect("pinger thread");
+        let (worst, n) = r.unwrap_or_else(|e| panic!("the session stopped answering: {e}"));
+        assert!(n > 0, "the session answered nothing while it was watched");
+        (session, worst)
+    }
+}
