@@ -10,6 +10,7 @@ use nix::libc;
 use nix::unistd::Pid;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use upstare_dwarf::RuntimeAddr;
 
@@ -383,13 +384,42 @@ struct InlineFlag {
     flag: RuntimeAddr,
     /// Whether the flag is set (cleared on disarm and drop).
     set: bool,
+    traps: Arc<InlineTraps>,
+}
+
+/// The detoured update points of a binary rewritten with
+/// `--inline-points`, sorted both ways for the lookups of a stop: built
+/// once (before the pause) and shared by every stop of an update.
+#[derive(Debug, Default)]
+pub struct InlineTraps {
     /// (trampoline's `int3`, its update point), sorted by the first: two
-    /// sorted vectors rather than maps, as arming runs once per stop and
-    /// lookups are rare (one per hit).
+    /// sorted vectors rather than maps, as lookups are rare (one per hit).
     traps: Vec<(RuntimeAddr, RuntimeAddr)>,
     /// (detoured update point, its trampoline's `int3`), sorted by the
     /// first.
     points: Vec<(RuntimeAddr, RuntimeAddr)>,
+}
+
+impl InlineTraps {
+    /// From each detoured point with its trampoline's `int3`.
+    pub fn new(detours: impl IntoIterator<Item = (RuntimeAddr, RuntimeAddr)>) -> InlineTraps {
+        let mut points: Vec<(RuntimeAddr, RuntimeAddr)> = detours.into_iter().collect();
+        points.sort_unstable();
+        let mut traps: Vec<(RuntimeAddr, RuntimeAddr)> =
+            points.iter().map(|&(point, trap)| (trap, point)).collect();
+        traps.sort_unstable();
+        InlineTraps { traps, points }
+    }
+
+    /// How many detoured points.
+    pub fn len(&self) -> usize {
+        self.points.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.points.is_empty()
+    }
 }
 
 /// The second of the pair whose first is `key` in `sorted`.
@@ -431,17 +461,21 @@ impl<M: TargetMemory> BreakpointSet<M> {
         flag: RuntimeAddr,
         detours: impl IntoIterator<Item = (RuntimeAddr, RuntimeAddr)>,
     ) -> Result<(), BreakpointError> {
-        let mut points: Vec<(RuntimeAddr, RuntimeAddr)> = detours.into_iter().collect();
-        points.sort_unstable();
-        let mut traps: Vec<(RuntimeAddr, RuntimeAddr)> =
-            points.iter().map(|&(point, trap)| (trap, point)).collect();
-        traps.sort_unstable();
+        self.arm_inline_with(flag, Arc::new(InlineTraps::new(detours)))
+    }
+
+    /// [`BreakpointSet::arm_inline`] with the detours' lookups built
+    /// beforehand.
+    pub fn arm_inline_with(
+        &mut self,
+        flag: RuntimeAddr,
+        traps: Arc<InlineTraps>,
+    ) -> Result<(), BreakpointError> {
         self.mem.write(flag, &[1]).map_err(mem_err(flag))?;
         self.inline = Some(InlineFlag {
             flag,
             set: true,
             traps,
-            points,
         });
         Ok(())
     }
@@ -468,7 +502,7 @@ impl<M: TargetMemory> BreakpointSet<M> {
         if self.was_armed(at) {
             return Some(at);
         }
-        lookup(&self.inline.as_ref()?.traps, at)
+        lookup(&self.inline.as_ref()?.traps.traps, at)
     }
 
     /// Where a thread at detoured update point `rip` goes on without
@@ -477,7 +511,44 @@ impl<M: TargetMemory> BreakpointSet<M> {
     /// `None` when `rip` is no detoured point or the flag is clear.
     pub fn inline_resume(&self, rip: RuntimeAddr) -> Option<RuntimeAddr> {
         let inline = self.inline.as_ref().filter(|i| i.set)?;
-        lookup(&inline.points, rip).map(|trap| RuntimeAddr(trap.0.wrapping_add(1)))
+        lookup(&inline.traps.points, rip).map(|trap| RuntimeAddr(trap.0.wrapping_add(1)))
+    }
+
+    /// Write `int3` at every address of `addrs` not armed yet, one read
+    /// and one write per cluster of close addresses (less than a page
+    /// apart: no page without a breakpoint is written) rather than two
+    /// system calls per address. For a process whose threads are all
+    /// stopped (the bytes between the breakpoints are written back as
+    /// read). On failure the cluster being armed is left as it was.
+    pub fn arm_all(&mut self, addrs: &[RuntimeAddr]) -> Result<(), BreakpointError> {
+        let mut sorted: Vec<RuntimeAddr> = addrs
+            .iter()
+            .copied()
+            .filter(|a| !self.armed.contains_key(a))
+            .collect();
+        sorted.sort_unstable();
+        sorted.dedup();
+        for cluster in clusters(&sorted) {
+            let first = cluster[0];
+            let last = cluster[cluster.len() - 1];
+            let len = (last.0 - first.0 + 1) as usize;
+            let mut bytes = vec![0u8; len];
+            self.mem.read(first, &mut bytes).map_err(mem_err(first))?;
+            let before = bytes.clone();
+            for a in cluster {
+                bytes[(a.0 - first.0) as usize] = INT3;
+            }
+            if let Err(e) = self.mem.write(first, &bytes) {
+                // A write that stopped part-way: put back what was there.
+                let _ = self.mem.write(first, &before);
+                return Err(mem_err(first)(e));
+            }
+            for &a in cluster {
+                self.armed.insert(a, before[(a.0 - first.0) as usize]);
+                self.ever.insert(a);
+            }
+        }
+        Ok(())
     }
 
     /// Write `int3` at `addr` (no effect if already armed).

@@ -662,6 +662,9 @@ struct Planned {
     /// point), looked up before the pause; `None`: looked up in it (the
     /// former pause, `legacy_pause`).
     gadget: Option<RuntimeAddr>,
+    /// What arming the update points writes, worked out before the pause
+    /// (`None` along the former pause).
+    arming: Option<std::sync::Arc<stop::ArmingPlan>>,
     /// What the sweep needs from the two files alone.
     sweep_files: crate::engine::sweep::SweepFiles,
     timings: Timings,
@@ -808,6 +811,7 @@ fn plan_update(
     } else {
         load::running_gadget(pid_, &old).ok()
     };
+    let arming = (!opts.legacy_pause).then(|| std::sync::Arc::new(stop::ArmingPlan::of(&old)));
 
     // What the sweep needs from the two files alone.
     let sweep_files =
@@ -824,6 +828,7 @@ fn plan_update(
         libs,
         prepared_load,
         gadget,
+        arming,
         sweep_files,
         timings,
     })
@@ -863,14 +868,14 @@ fn stop_process(
             }
         }
     }
-    let gadget = planned.gadget;
+    let (gadget, arming) = (planned.gadget, planned.arming.clone());
     let mut asked = gadget.is_none();
     let stopped = (|| loop {
         interrupted(pid)?;
         let mut before_arming = |tr: &mut Tracee| -> Result<(), StopError> {
-            if let (false, Some(g)) = (asked, gadget) {
+            if let (false, Some(g), Some(a)) = (asked, gadget, &arming) {
                 asked = true;
-                rescue = survive::install_at(tr, old, g).map_err(StopError::Rescue)?;
+                rescue = survive::install_at(tr, old, g, a).map_err(StopError::Rescue)?;
             }
             Ok(())
         };
@@ -881,6 +886,7 @@ fn stop_process(
             &StopOptions {
                 timeout: deadline.saturating_duration_since(Instant::now()),
                 skip_hits,
+                arming: arming.clone(),
                 ..StopOptions::default()
             },
             &mut before_arming,
@@ -976,6 +982,7 @@ fn compute<'t>(
         libs,
         prepared_load,
         gadget: _,
+        arming: _,
         sweep_files,
         mut timings,
     } = planned;
