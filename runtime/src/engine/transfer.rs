@@ -4,6 +4,7 @@
 //! Pure computation: reads go through [`TargetMemory`], results are a list of
 //! writes the commit stage performs after everything has been validated.
 
+use upstare_dwarf::RuntimeAddr;
 use upstare_patcher::{GlobalAction, GlobalMapping, UpdatePlan};
 
 use crate::engine::convert::{convert, ConvertError};
@@ -72,6 +73,49 @@ fn unchanged_since_start(mem: &impl TargetMemory, m: &GlobalMapping, old: &Image
         .is_ok_and(|live| initial.matches(&live, old.bias.0))
 }
 
+/// The live bytes of every global of OLD that `plan` copies or converts,
+/// by index in `plan.globals`, read in one batch (a paused process: one
+/// system call for many globals rather than one each). A global that
+/// could not be read in the batch is left out (read again alone, which
+/// says why it fails).
+fn read_copied_globals(
+    mem: &impl TargetMemory,
+    plan: &UpdatePlan,
+    old: &Image,
+) -> std::collections::HashMap<usize, Vec<u8>> {
+    let wanted: Vec<(usize, RuntimeAddr, usize)> = plan
+        .globals
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| matches!(m.action, GlobalAction::Copy | GlobalAction::Convert { .. }))
+        .filter_map(|(k, m)| {
+            let g = old.tables.globals.get(m.old)?;
+            let size = usize::try_from(g.size)
+                .ok()
+                .filter(|&n| g.size <= MAX_VALUE_SIZE && n > 0)?;
+            Some((k, old.runtime(g.addr), size))
+        })
+        .collect();
+    let mut bufs: Vec<Vec<u8>> = wanted.iter().map(|&(_, _, n)| vec![0u8; n]).collect();
+    let read = {
+        let mut ranges: Vec<(RuntimeAddr, &mut [u8])> = wanted
+            .iter()
+            .zip(bufs.iter_mut())
+            .map(|(&(_, addr, _), b)| (addr, b.as_mut_slice()))
+            .collect();
+        match mem.read_ranges(&mut ranges) {
+            Ok(()) => ranges.len(),
+            Err((i, _)) => i,
+        }
+    };
+    wanted
+        .iter()
+        .zip(bufs)
+        .take(read)
+        .map(|(&(k, _, _), b)| (k, b))
+        .collect()
+}
+
 /// Refuses the update when the plan leaves a global unmapped (a change of
 /// type no rule maps) and the program changed its value; one it never
 /// changed follows NEW. Runs before anything is loaded.
@@ -111,7 +155,8 @@ pub fn transfer_globals(
 ) -> Result<GlobalsPlan, TransferError> {
     check_globals(plan, mem, old)?;
     let mut out = GlobalsPlan::default();
-    for m in &plan.globals {
+    let mut live = read_copied_globals(mem, plan, old);
+    for (k, m) in plan.globals.iter().enumerate() {
         let change = match &m.action {
             GlobalAction::Copy => None,
             GlobalAction::Convert { change } => Some(change),
@@ -126,7 +171,13 @@ pub fn transfer_globals(
             }
             _ => continue,
         };
-        if unchanged_since_start(mem, m, old) {
+        let read_before = live.remove(&k);
+        let unchanged = match (&read_before, &m.initial) {
+            (Some(bytes), Some(initial)) => initial.matches(bytes, old.bias.0),
+            (Some(_), None) => false,
+            (None, _) => unchanged_since_start(mem, m, old),
+        };
+        if unchanged {
             out.kept_initial += 1;
             continue;
         }
@@ -140,12 +191,15 @@ pub fn transfer_globals(
         if g.size > MAX_VALUE_SIZE {
             return Err(TransferError::BadSize { what, size: g.size });
         }
-        let mut bytes = mem
-            .read_vec(old.runtime(g.addr), g.size, MAX_VALUE_SIZE as usize)
-            .map_err(|source| TransferError::Memory {
-                what: what.clone(),
-                source,
-            })?;
+        let mut bytes = match read_before {
+            Some(b) => b,
+            None => mem
+                .read_vec(old.runtime(g.addr), g.size, MAX_VALUE_SIZE as usize)
+                .map_err(|source| TransferError::Memory {
+                    what: what.clone(),
+                    source,
+                })?,
+        };
         remap.remap_value_at(&old.tables.types, g.ty, &mut bytes, &|| what.clone());
         if let Some(change) = change {
             // The base is NEW's initializer (already in NEW's mapping): new

@@ -49,8 +49,12 @@ pub use stopper::BeforeArming;
 
 use crate::engine::state::{Image, ThreadState};
 use crate::load::libraries::Libraries;
+use crate::target::breakpoint::InlineTraps;
 use crate::target::ptrace::{Sig, Tracee};
+use std::sync::Arc;
 use std::time::Duration;
+use upstare_dwarf::fdt::Arming;
+use upstare_dwarf::RuntimeAddr;
 
 /// How to stop the world.
 #[derive(Clone, Debug)]
@@ -74,6 +78,47 @@ pub struct StopOptions {
     /// progress before they are let run for a while: a thread that is not
     /// ready may need one of them (to signal its condition variable).
     pub breath: Duration,
+    /// What arming writes, worked out before the pause
+    /// ([`ArmingPlan::of`]); `None`: worked out when arming.
+    pub arming: Option<Arc<ArmingPlan>>,
+}
+
+/// What arming the update points of an image takes: the points armed with
+/// `int3` (every one, or those a binary rewritten with `--inline-points`
+/// could not detour), and the flag byte of the detoured ones with their
+/// lookups. Depends on the image alone: made before the process is paused.
+#[derive(Debug, Default)]
+pub struct ArmingPlan {
+    /// Update points armed with `int3`, in the tables' order.
+    pub int3: Vec<RuntimeAddr>,
+    /// The flag byte and the detoured points it arms.
+    pub inline: Option<(RuntimeAddr, Arc<InlineTraps>)>,
+}
+
+impl ArmingPlan {
+    /// The arming of `image`'s update points.
+    pub fn of(image: &Image) -> ArmingPlan {
+        let inline = match &image.tables.arming {
+            Arming::Inline(inline) => Some(inline),
+            Arming::Int3 => None,
+        };
+        let int3 = image
+            .tables
+            .functions
+            .iter()
+            .flat_map(|f| f.update_points.iter())
+            .filter(|p| inline.is_none_or(|i| i.detour_at(p.addr).is_none()))
+            .map(|p| image.runtime(p.addr))
+            .collect();
+        let inline = inline.map(|i| {
+            let detours = i
+                .detours
+                .iter()
+                .map(|d| (image.runtime(d.point), image.runtime(d.trap)));
+            (image.runtime(i.flag), Arc::new(InlineTraps::new(detours)))
+        });
+        ArmingPlan { int3, inline }
+    }
 }
 
 impl Default for StopOptions {
@@ -86,6 +131,7 @@ impl Default for StopOptions {
             max_threads: 4096,
             stop_wait: Duration::from_secs(2),
             breath: Duration::from_millis(50),
+            arming: None,
         }
     }
 }

@@ -18,7 +18,6 @@ use nix::libc;
 use nix::unistd::Pid;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
-use upstare_dwarf::fdt::Arming;
 use upstare_dwarf::RuntimeAddr;
 
 /// A signal held back from a thread.
@@ -276,27 +275,16 @@ impl Stopper<'_, '_> {
 
         let t = Instant::now();
         (self.before_arming)(self.tracee)?;
-        let inline = match &self.image.tables.arming {
-            Arming::Inline(inline) => Some(inline),
-            Arming::Int3 => None,
+        let arming = match &self.opts.arming {
+            Some(a) => a.clone(),
+            None => std::sync::Arc::new(super::ArmingPlan::of(self.image)),
         };
-        let image = self.image;
-        bps.arm_many(
-            image
-                .tables
-                .functions
-                .iter()
-                .flat_map(|f| f.update_points.iter())
-                .filter(|p| inline.is_none_or(|i| i.detour_at(p.addr).is_none()))
-                .map(|p| image.runtime(p.addr)),
-        )?;
-        if let Some(inline) = inline {
+        // Every thread is stopped: the points are armed a cluster of
+        // close ones at a time.
+        bps.arm_all(&arming.int3)?;
+        if let Some((flag, traps)) = &arming.inline {
             // One store arms every detoured point.
-            let detours = inline
-                .detours
-                .iter()
-                .map(|d| (self.image.runtime(d.point), self.image.runtime(d.trap)));
-            bps.arm_inline(self.image.runtime(inline.flag), detours)?;
+            bps.arm_inline_with(*flag, traps.clone())?;
         }
         timings.arm = t.elapsed();
         self.armed = bps.len();

@@ -10,6 +10,7 @@ use nix::libc;
 use nix::unistd::Pid;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use upstare_dwarf::RuntimeAddr;
 
@@ -383,13 +384,42 @@ struct InlineFlag {
     flag: RuntimeAddr,
     /// Whether the flag is set (cleared on disarm and drop).
     set: bool,
+    traps: Arc<InlineTraps>,
+}
+
+/// The detoured update points of a binary rewritten with
+/// `--inline-points`, sorted both ways for the lookups of a stop: built
+/// once (before the pause) and shared by every stop of an update.
+#[derive(Debug, Default)]
+pub struct InlineTraps {
     /// (trampoline's `int3`, its update point), sorted by the first: two
-    /// sorted vectors rather than maps, as arming runs once per stop and
-    /// lookups are rare (one per hit).
+    /// sorted vectors rather than maps, as lookups are rare (one per hit).
     traps: Vec<(RuntimeAddr, RuntimeAddr)>,
     /// (detoured update point, its trampoline's `int3`), sorted by the
     /// first.
     points: Vec<(RuntimeAddr, RuntimeAddr)>,
+}
+
+impl InlineTraps {
+    /// From each detoured point with its trampoline's `int3`.
+    pub fn new(detours: impl IntoIterator<Item = (RuntimeAddr, RuntimeAddr)>) -> InlineTraps {
+        let mut points: Vec<(RuntimeAddr, RuntimeAddr)> = detours.into_iter().collect();
+        points.sort_unstable();
+        let mut traps: Vec<(RuntimeAddr, RuntimeAddr)> =
+            points.iter().map(|&(point, trap)| (trap, point)).collect();
+        traps.sort_unstable();
+        InlineTraps { traps, points }
+    }
+
+    /// How many detoured points.
+    pub fn len(&self) -> usize {
+        self.points.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.points.is_empty()
+    }
 }
 
 /// The second of the pair whose first is `key` in `sorted`.
@@ -431,17 +461,21 @@ impl<M: TargetMemory> BreakpointSet<M> {
         flag: RuntimeAddr,
         detours: impl IntoIterator<Item = (RuntimeAddr, RuntimeAddr)>,
     ) -> Result<(), BreakpointError> {
-        let mut points: Vec<(RuntimeAddr, RuntimeAddr)> = detours.into_iter().collect();
-        points.sort_unstable();
-        let mut traps: Vec<(RuntimeAddr, RuntimeAddr)> =
-            points.iter().map(|&(point, trap)| (trap, point)).collect();
-        traps.sort_unstable();
+        self.arm_inline_with(flag, Arc::new(InlineTraps::new(detours)))
+    }
+
+    /// [`BreakpointSet::arm_inline`] with the detours' lookups built
+    /// beforehand.
+    pub fn arm_inline_with(
+        &mut self,
+        flag: RuntimeAddr,
+        traps: Arc<InlineTraps>,
+    ) -> Result<(), BreakpointError> {
         self.mem.write(flag, &[1]).map_err(mem_err(flag))?;
         self.inline = Some(InlineFlag {
             flag,
             set: true,
             traps,
-            points,
         });
         Ok(())
     }
@@ -468,7 +502,7 @@ impl<M: TargetMemory> BreakpointSet<M> {
         if self.was_armed(at) {
             return Some(at);
         }
-        lookup(&self.inline.as_ref()?.traps, at)
+        lookup(&self.inline.as_ref()?.traps.traps, at)
     }
 
     /// Where a thread at detoured update point `rip` goes on without
@@ -477,7 +511,7 @@ impl<M: TargetMemory> BreakpointSet<M> {
     /// `None` when `rip` is no detoured point or the flag is clear.
     pub fn inline_resume(&self, rip: RuntimeAddr) -> Option<RuntimeAddr> {
         let inline = self.inline.as_ref().filter(|i| i.set)?;
-        lookup(&inline.points, rip).map(|trap| RuntimeAddr(trap.0.wrapping_add(1)))
+        lookup(&inline.traps.points, rip).map(|trap| RuntimeAddr(trap.0.wrapping_add(1)))
     }
 
     /// Write `int3` at `addr` (no effect if already armed).
@@ -495,15 +529,14 @@ impl<M: TargetMemory> BreakpointSet<M> {
     /// left alone): addresses close together (less than a page apart, so no
     /// page without a breakpoint is written) are read and written as one
     /// range, one read and one write per range instead of two system calls
-    /// per breakpoint. The bytes between them are written back unchanged:
-    /// code is only ever changed by us. A range that fails part-way keeps
-    /// every `int3` that did land in the set, so that it is restored.
-    pub fn arm_many(
-        &mut self,
-        addrs: impl IntoIterator<Item = RuntimeAddr>,
-    ) -> Result<(), BreakpointError> {
+    /// per breakpoint. Only for a process whose threads are all stopped:
+    /// the bytes between them are written back as read. A range that fails
+    /// part-way keeps every `int3` that did land in the set, so that it is
+    /// restored.
+    pub fn arm_all(&mut self, addrs: &[RuntimeAddr]) -> Result<(), BreakpointError> {
         let mut todo: Vec<RuntimeAddr> = addrs
-            .into_iter()
+            .iter()
+            .copied()
             .filter(|a| !self.armed.contains_key(a))
             .collect();
         todo.sort_unstable();
@@ -973,7 +1006,7 @@ mod tests {
     }
 
     #[test]
-    fn arm_many_batches_close_points_and_disarm_all_restores_them() {
+    fn arm_all_batches_close_points_and_disarm_all_restores_them() {
         // Two pages of code and a far one: points less than a page apart
         // share a range, the far ones have their own.
         let text: Vec<u8> = (0..0x3000u32).map(|i| (i % 251) as u8).collect();
@@ -998,8 +1031,8 @@ mod tests {
             let mut set = BreakpointSet::new(&mut m);
             // One armed alone first: arm_many leaves it (and its byte) be.
             set.arm(RuntimeAddr(0x10010)).unwrap();
-            set.arm_many(points.iter().map(|&a| RuntimeAddr(a)))
-                .unwrap();
+            let addrs: Vec<RuntimeAddr> = points.iter().map(|&a| RuntimeAddr(a)).collect();
+            set.arm_all(&addrs).unwrap();
             assert_eq!(set.len(), 5);
             for &a in &points[..4] {
                 let i = (a - 0x10000) as usize;
@@ -1020,7 +1053,7 @@ mod tests {
             set.read_original(RuntimeAddr(0x10000), &mut now).unwrap();
             assert_eq!(now, text);
             // A point outside memory refuses, and those armed before stay.
-            assert!(set.arm_many([RuntimeAddr(0x40000)]).is_err());
+            assert!(set.arm_all(&[RuntimeAddr(0x40000)]).is_err());
             assert_eq!(set.len(), 5);
 
             set.memory_mut()

@@ -666,6 +666,12 @@ struct Planned {
     /// point), looked up before the pause; `None`: looked up in it (the
     /// former pause, `legacy_pause`).
     gadget: Option<RuntimeAddr>,
+    /// What arming the update points writes, worked out before the pause
+    /// (`None` along the former pause).
+    arming: Option<std::sync::Arc<stop::ArmingPlan>>,
+    /// NEW's canonical path (for the report) and the process's `AT_PHDR`,
+    /// looked up before the pause (`None`: in it, along the former pause).
+    facts: Option<(PathBuf, Option<u64>)>,
     /// What the sweep needs from the two files alone.
     sweep_files: crate::engine::sweep::SweepFiles,
     timings: Timings,
@@ -812,6 +818,8 @@ fn plan_update(
     } else {
         load::running_gadget(pid_, &old).ok()
     };
+    let arming = (!opts.legacy_pause).then(|| std::sync::Arc::new(stop::ArmingPlan::of(&old)));
+    let facts = (!opts.legacy_pause).then(|| (canonical_or_given(new_path), program_headers(pid_)));
 
     // What the sweep needs from the two files alone.
     let sweep_files =
@@ -828,9 +836,23 @@ fn plan_update(
         libs,
         prepared_load,
         gadget,
+        arming,
+        facts,
         sweep_files,
         timings,
     })
+}
+
+/// `path` made canonical, or as given when it cannot be.
+fn canonical_or_given(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// Where the process's program headers are (`AT_PHDR`), if known.
+fn program_headers(pid: Pid) -> Option<u64> {
+    procfs::read_auxv(pid)
+        .ok()
+        .and_then(|a| procfs::auxv_value(&a, procfs::AT_PHDR).ok())
 }
 
 /// Phase 2: every thread of the process stopped at an update point or in
@@ -867,14 +889,14 @@ fn stop_process(
             }
         }
     }
-    let gadget = planned.gadget;
+    let (gadget, arming) = (planned.gadget, planned.arming.clone());
     let mut asked = gadget.is_none();
     let stopped = (|| loop {
         interrupted(pid)?;
         let mut before_arming = |tr: &mut Tracee| -> Result<(), StopError> {
-            if let (false, Some(g)) = (asked, gadget) {
+            if let (false, Some(g), Some(a)) = (asked, gadget, &arming) {
                 asked = true;
-                rescue = survive::install_at(tr, old, g).map_err(StopError::Rescue)?;
+                rescue = survive::install_at(tr, old, g, a).map_err(StopError::Rescue)?;
             }
             Ok(())
         };
@@ -885,6 +907,7 @@ fn stop_process(
             &StopOptions {
                 timeout: deadline.saturating_duration_since(Instant::now()),
                 skip_hits,
+                arming: arming.clone(),
                 ..StopOptions::default()
             },
             &mut before_arming,
@@ -980,6 +1003,8 @@ fn compute<'t>(
         libs,
         prepared_load,
         gadget: _,
+        arming: _,
+        facts,
         sweep_files,
         mut timings,
     } = planned;
@@ -1008,7 +1033,9 @@ fn compute<'t>(
     let mut report = UpdateReport {
         pid,
         from: old.path.clone(),
-        to: std::fs::canonicalize(new_path).unwrap_or_else(|_| new_path.to_path_buf()),
+        to: facts
+            .as_ref()
+            .map_or_else(|| canonical_or_given(new_path), |(to, _)| to.clone()),
         dry_run: opts.dry_run,
         threads: threads.iter().map(thread_report).collect(),
         globals_copied: 0,
@@ -1182,9 +1209,10 @@ fn compute<'t>(
     }
     report.sweep = crate::engine::sweep::SweepSummary::of(&swept, &retired);
     // What of the old image nothing needs once the commit is done.
-    let phdr = procfs::read_auxv(nix::unistd::Pid::from_raw(pid))
-        .ok()
-        .and_then(|a| procfs::auxv_value(&a, procfs::AT_PHDR).ok());
+    let phdr = match &facts {
+        Some((_, phdr)) => *phdr,
+        None => program_headers(nix::unistd::Pid::from_raw(pid)),
+    };
     let maps_swept = procfs::read_maps(nix::unistd::Pid::from_raw(pid)).map_err(proc_err)?;
     let unmap =
         crate::load::retire::plan_unmap(&mem, &maps_swept, &old, &retired, old_elf, &swept, phdr);

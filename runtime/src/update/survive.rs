@@ -5,6 +5,7 @@
 
 use crate::engine::state::Image;
 use crate::load;
+use crate::stop::ArmingPlan;
 use crate::target::ptrace::Tracee;
 use crate::target::remote::RemoteCalls;
 use crate::target::rescue::{Rescue, RescueError, Trampolines};
@@ -35,29 +36,22 @@ fn rescue_err(e: RescueError) -> UpdateError {
 }
 
 /// What the rescue handler covers: the update points armed with `int3`
-/// (every one, or for a binary rewritten with `--inline-points` those that
-/// kept `int3`) and the trampolines of the detoured ones, if any.
-pub fn rescued(old: &Image) -> (Vec<RuntimeAddr>, Option<Trampolines>) {
-    let inline = match &old.tables.arming {
-        Arming::Inline(i) => Some(i),
-        Arming::Int3 => None,
-    };
-    let points: Vec<RuntimeAddr> = old
-        .tables
-        .functions
-        .iter()
-        .flat_map(|f| f.update_points.iter().map(|p| p.addr))
-        .filter(|a| inline.is_none_or(|i| i.detour_at(*a).is_none()))
-        .map(|a| old.runtime(a))
-        .collect();
-    let trampolines = inline
-        .filter(|i| !i.detours.is_empty())
-        .map(|i| Trampolines {
+/// (`arming`'s: every one, or for a binary rewritten with `--inline-points`
+/// those that kept `int3`) and the trampolines of the detoured ones, if
+/// any.
+pub fn rescued<'a>(
+    old: &Image,
+    arming: &'a ArmingPlan,
+) -> (&'a [RuntimeAddr], Option<Trampolines>) {
+    let trampolines = match &old.tables.arming {
+        Arming::Inline(i) if !i.detours.is_empty() => Some(Trampolines {
             start: old.runtime(i.trampolines.0),
             end: old.runtime(i.trampolines.1),
             flag: old.runtime(i.flag),
-        });
-    (points, trampolines)
+        }),
+        _ => None,
+    };
+    (&arming.int3, trampolines)
 }
 
 /// Installs the rescue handler for every update point of `old` (none: no
@@ -65,23 +59,24 @@ pub fn rescued(old: &Image) -> (Vec<RuntimeAddr>, Option<Trampolines>) {
 /// `old`'s entry point, looked up now.
 pub fn install(tracee: &mut Tracee, old: &Image) -> Result<Option<Installed>, UpdateError> {
     let gadget = load::running_gadget(tracee.pid(), old)?;
-    install_at(tracee, old, gadget).map_err(|e| rescue_err(*e))
+    install_at(tracee, old, gadget, &ArmingPlan::of(old)).map_err(|e| rescue_err(*e))
 }
 
 /// [`install`] with the gadget remote calls borrow (`old`'s entry point)
-/// looked up before the pause.
+/// and what arming `old` writes worked out before the pause.
 pub fn install_at(
     tracee: &mut Tracee,
     old: &Image,
     gadget: RuntimeAddr,
+    arming: &ArmingPlan,
 ) -> Result<Option<Installed>, Box<RescueError>> {
-    let (points, trampolines) = rescued(old);
+    let (points, trampolines) = rescued(old, arming);
     if points.is_empty() && trampolines.is_none() {
         return Ok(None);
     }
     let tid = session_thread(tracee);
     let mut rc = RemoteCalls::new(tracee, tid, gadget).map_err(|e| Box::new(e.into()))?;
-    let installed = Rescue::install(&mut rc, &points, trampolines);
+    let installed = Rescue::install(&mut rc, points, trampolines);
     let finished = rc.finish();
     let rescue = installed?;
     if let Err(e) = finished {

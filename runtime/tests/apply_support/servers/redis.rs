@@ -23,6 +23,10 @@ pub fn start_with(exe: &Path, args: &[&str]) -> (ChildGuard, SocketAddr) {
         exe,
         "redis",
         &|port| {
+            // What redis writes when told to save (its own tests' DEBUG
+            // RELOAD, SAVE) goes under target/, not the test's directory.
+            let dir = upstare_testkit::target_dir().join("redis-work").join(port);
+            std::fs::create_dir_all(&dir).expect("redis working directory");
             [
                 "--port",
                 port,
@@ -32,6 +36,8 @@ pub fn start_with(exe: &Path, args: &[&str]) -> (ChildGuard, SocketAddr) {
                 "",
                 "--appendonly",
                 "no",
+                "--dir",
+                &dir.to_string_lossy(),
             ]
             .map(String::from)
             .to_vec()
