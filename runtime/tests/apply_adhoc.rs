@@ -568,3 +568,85 @@ fn a_read_inside_an_unknown_stdio_call_survives_a_refused_update() {
     let out = child.wait(WAIT).expect("exits");
     assert_eq!(out.status.code(), Some(0), "{}", out.stderr);
 }
+
+/// A program keeping a function pointer in memory shared with other
+/// processes (`MAP_SHARED`): every byte read calls it and prints 42.
+const SHARED_POINTER: &str = r#"
+#include <stdio.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+static int answer(void) { return 42; }
+
+int main(void)
+{
+    int (**slot)(void) = mmap(NULL, 4096, PROT_READ | PROT_WRITE,
+                              MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (slot == MAP_FAILED)
+        return 1;
+    *slot = answer;
+    printf("ready\n");
+    fflush(stdout);
+    char c;
+    while (read(0, &c, 1) == 1) {
+        printf("%d\n", (*slot)());
+        fflush(stdout);
+    }
+    return 0;
+}
+"#;
+
+fn apply_cli_with(pid: u32, to: &Path, extra: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_upstare-apply"))
+        .args(["--pid", &pid.to_string(), "--to"])
+        .arg(to)
+        .args(extra)
+        .output()
+        .expect("run upstare-apply");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// A pointer into the old image kept in shared memory cannot be remapped
+/// (another process mapping it may have NEW elsewhere, or no update): it is
+/// found and named; `--strict` refuses the update and the process goes on
+/// unchanged.
+#[test]
+fn a_pointer_into_the_image_in_shared_memory_is_named_and_strict_refuses() {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("apply-adhoc-shared");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let v1 = instrumented(&dir, "shared1", SHARED_POINTER);
+    let same = dir.join("shared1-copy.up");
+    std::fs::copy(&v1, &same).expect("copy");
+    let mut child = spawn(&v1, &[] as &[&str]).expect("spawn");
+    child
+        .wait_for_line("ready", WAIT, |l| l == "ready")
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    let (ok, out) = apply_cli_with(child.pid(), &same, &["--strict"]);
+    assert!(!ok, "--strict took a stale pointer in shared memory: {out}");
+    assert!(
+        out.contains("shared anonymous memory at") && out.contains("nothing was changed"),
+        "{out}"
+    );
+    child.send_stdin(b"x").expect("stdin");
+    child
+        .wait_for_line("42", WAIT, |l| l == "42")
+        .unwrap_or_else(|e| panic!("after the refused update: {e}"));
+
+    let (ok, out) = apply_cli_with(child.pid(), &same, &["--json"]);
+    assert!(ok, "{out}");
+    let r: serde_json::Value = serde_json::from_str(&out).expect("json report");
+    let warnings = r["warnings"].to_string();
+    assert!(
+        warnings.contains("function answer, in memory shared with other processes: not remapped"),
+        "{warnings}"
+    );
+    assert_eq!(r["sweep"]["stale"], 1, "{}", r["sweep"]);
+}

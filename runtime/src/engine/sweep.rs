@@ -530,6 +530,46 @@ pub fn regions(maps: &[MemoryMap], rsps: &[u64], retired: &Retired) -> Vec<Regio
         .collect()
 }
 
+/// Most bytes of shared writable mappings one sweep reads.
+pub const MAX_SHARED_SWEEP_BYTES: u64 = 64 << 20;
+
+/// Writable mappings shared with other processes (`MAP_SHARED`, SysV or
+/// POSIX shared memory): those swept (up to [`MAX_SHARED_SWEEP_BYTES`] in
+/// all) and those left, as (name, bytes). A value there is seen by every
+/// process mapping it, which may have NEW at another address or no update
+/// at all, so none is remapped: a value pointing into the old image is
+/// reported (`--strict` refuses), and what is not swept is said.
+pub fn shared_regions(maps: &[MemoryMap]) -> (Vec<Region>, Vec<(String, u64)>) {
+    let mut swept = Vec::new();
+    let mut left = Vec::new();
+    let mut budget = MAX_SHARED_SWEEP_BYTES;
+    for m in maps
+        .iter()
+        .filter(|m| m.perms.read && m.perms.write && m.perms.shared)
+    {
+        // `MAP_SHARED | MAP_ANONYMOUS` shows as the deleted /dev/zero.
+        let name = match &m.path {
+            MapPath::File(p) if p.as_path() != std::path::Path::new("/dev/zero") => {
+                format!("shared memory {}", p.display())
+            }
+            MapPath::Pseudo(p) => format!("shared memory {p}"),
+            _ => format!("shared anonymous memory at {}", m.start),
+        };
+        let len = m.end.0.saturating_sub(m.start.0);
+        if len <= budget {
+            budget -= len;
+            swept.push(Region {
+                range: m.start.0..m.end.0,
+                name,
+                retired: false,
+            });
+        } else {
+            left.push((name, len));
+        }
+    }
+    (swept, left)
+}
+
 /// A value found pointing into the retired image.
 #[derive(Clone, Debug, Serialize)]
 pub struct Hit {
@@ -555,6 +595,8 @@ pub struct SweepResult {
     pub hits: Vec<Hit>,
     /// Hits beyond those kept.
     pub hits_dropped: u64,
+    /// Shared writable mappings not swept ([`shared_regions`]).
+    pub shared_unswept: Vec<(String, u64)>,
 }
 
 impl SweepResult {
@@ -756,6 +798,74 @@ mod tests {
     }
 
     #[test]
+    fn shared_writable_mappings_are_swept_within_their_budget_and_the_rest_named() {
+        let map = |start: u64, len: u64, shared: bool, write: bool, path: MapPath| MemoryMap {
+            start: RuntimeAddr(start),
+            end: RuntimeAddr(start + len),
+            perms: crate::target::procfs::Perms {
+                read: true,
+                write,
+                exec: false,
+                shared,
+            },
+            offset: upstare_dwarf::FileOffset(0),
+            dev_major: 0,
+            dev_minor: 0,
+            inode: 0,
+            path,
+            deleted: false,
+        };
+        let maps = [
+            map(0x1000, 0x1000, false, true, MapPath::Anonymous),
+            map(
+                0x10000,
+                0x2000,
+                true,
+                true,
+                MapPath::File("/dev/zero".into()),
+            ),
+            map(0x20000, 0x1000, true, false, MapPath::File("/ro".into())),
+            map(
+                0x1_0000_0000,
+                MAX_SHARED_SWEEP_BYTES,
+                true,
+                true,
+                MapPath::File("/dev/shm/big".into()),
+            ),
+            map(
+                0x30000,
+                0x1000,
+                true,
+                true,
+                MapPath::Pseudo("[sysv]".into()),
+            ),
+        ];
+        let (swept, left) = shared_regions(&maps);
+        let names: Vec<(&str, u64, u64)> = swept
+            .iter()
+            .map(|r| (r.name.as_str(), r.range.start, r.range.end))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("shared anonymous memory at 0x10000", 0x10000, 0x12000),
+                ("shared memory [sysv]", 0x30000, 0x31000)
+            ]
+        );
+        assert_eq!(
+            left,
+            [(
+                "shared memory /dev/shm/big".to_string(),
+                MAX_SHARED_SWEEP_BYTES
+            )]
+        );
+        // Private writable memory stays with the ordinary sweep.
+        assert!(regions(&maps, &[], &Retired::default())
+            .iter()
+            .all(|r| r.range.start == 0x1000));
+    }
+
+    #[test]
     fn range_index_finds_what_a_scan_of_the_list_finds() {
         // Overlapping, nested, empty and huge ranges, in no order; every
         // address near their bounds answers as the first-in-list scan does.
@@ -887,6 +997,9 @@ pub struct SweepSummary {
     pub bytes_scanned: u64,
     /// Not scanned (over [`MAX_SWEEP_BYTES`]); the update says so.
     pub bytes_not_scanned: u64,
+    /// Bytes of shared writable mappings not swept ([`shared_regions`]);
+    /// the update says so.
+    pub shared_bytes_unswept: u64,
     /// Untyped values remapped to a function of NEW.
     pub remapped_functions: usize,
     /// Untyped values remapped to a global of NEW.
@@ -920,6 +1033,7 @@ impl SweepSummary {
         SweepSummary {
             bytes_scanned: r.bytes_scanned,
             bytes_not_scanned: r.bytes_not_scanned,
+            shared_bytes_unswept: r.shared_unswept.iter().map(|(_, n)| *n).sum(),
             remapped_functions: r
                 .hits
                 .iter()
@@ -970,6 +1084,7 @@ pub fn sweep_update<'a>(
 ) -> (SweepResult, Retired) {
     let retired = Retired::new(old, maps, old_elf);
     let regions = regions(maps, rsps, &retired);
+    let (shared, unswept) = shared_regions(maps);
     let aliases = HeapAliases::new(heap_moves);
     let mut r = {
         let mut c = Classifier::new(&retired, old, Cow::Borrowed(&files.entries), Some(remap));
@@ -1002,12 +1117,36 @@ pub fn sweep_update<'a>(
                 aliases.classify(v).or_else(|| c.classify(v))
             });
         }
+        // Shared memory: found, never remapped (see `shared_regions`).
+        let s = sweep(mem, &shared, pending, &mut |v| {
+            aliases.classify(v).or_else(|| c.classify(v))
+        });
+        r.bytes_scanned = r.bytes_scanned.saturating_add(s.bytes_scanned);
+        r.unreadable.extend(s.unreadable);
+        for mut h in s.hits {
+            let what = match &h.class {
+                Class::Remap { what, .. } => Some(what.clone()),
+                Class::HeapAlias { ty, offset, .. } => Some(format!("{ty}+{offset}")),
+                _ => None,
+            };
+            if let Some(what) = what {
+                h.class = Class::OldData {
+                    what: format!("{what}, in memory shared with other processes: not remapped"),
+                };
+            }
+            if r.hits.len() < MAX_HITS_KEPT {
+                r.hits.push(h);
+            } else {
+                r.hits_dropped += 1;
+            }
+        }
         r
     };
     r.hits.retain(|h| {
         !matches!(h.class, Class::HeapAlias { .. })
             || !(h.in_retired || aliases.in_moved_block(h.addr))
     });
+    r.shared_unswept = unswept;
     (r, retired)
 }
 

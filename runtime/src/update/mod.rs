@@ -473,6 +473,27 @@ fn sweep_warnings(r: &crate::engine::sweep::SweepResult) -> Vec<String> {
     for u in &r.unreadable {
         out.push(format!("the sweep could not read {u}"));
     }
+    if !r.shared_unswept.is_empty() {
+        let bytes: u64 = r.shared_unswept.iter().map(|(_, n)| *n).sum();
+        let names: Vec<&str> = r
+            .shared_unswept
+            .iter()
+            .take(3)
+            .map(|(name, _)| name.as_str())
+            .collect();
+        let more = r.shared_unswept.len().saturating_sub(names.len());
+        out.push(format!(
+            "{bytes} bytes of memory shared with other processes were not swept ({}{}), over the \
+             sweep's limit for shared memory: a pointer into the old image kept there is neither \
+             remapped nor reported (--strict refuses)",
+            names.join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
+        ));
+    }
     out
 }
 
@@ -1204,6 +1225,13 @@ fn compute<'t>(
                 pid,
                 count: 0,
                 first: format!("{} bytes not scanned", swept.bytes_not_scanned),
+            });
+        }
+        if let Some((name, bytes)) = swept.shared_unswept.first() {
+            return Err(UpdateError::Stale {
+                pid,
+                count: 0,
+                first: format!("{bytes} bytes of {name}, shared with other processes, not swept"),
             });
         }
     }
