@@ -34,7 +34,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use apply_support::fresh_copy;
-use apply_support::real::{runs, total_ms, update, update_refused};
+use apply_support::real::{runs, total_ms, update, update_refused, updated_pids};
 use apply_support::servers::sshd::{
     descendants, has_ended, install_over, keygen_of, set_mode, start, start_with, Logins, Pinger,
     Session, Sshd, LOGIN, WAIT,
@@ -46,20 +46,6 @@ fn builds() -> (RealBuild, RealBuild) {
     let old = build_real(&OPENSSH.recipe, OPENSSH.old).unwrap_or_else(|e| panic!("{e}"));
     let new = build_real(&OPENSSH.recipe, OPENSSH.new).unwrap_or_else(|e| panic!("{e}"));
     (old, new)
-}
-/// The pids of the processes an update report lists.
-fn updated_pids(report: &serde_json::Value) -> Vec<u32> {
-    let mut pids: Vec<u32> = report["processes"]
-        .as_array()
-        .map(|ps| {
-            ps.iter()
-                .filter_map(|p| p["pid"].as_u64())
-                .filter_map(|p| u32::try_from(p).ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    pids.sort_unstable();
-    pids
 }
 
 #[test]
