@@ -400,13 +400,24 @@ impl<'s> Crew<'s> {
 
     /// Every member puts back what it did and resumes its process; waits
     /// for all.
-    fn release_all(self) {
-        for m in &self.members {
-            let _ = m.orders.send(Order::Release);
+    fn release_all(&mut self) {
+        self.end_all(false);
+    }
+
+    /// Sends every member its last order (`Keep` when `keep`, else
+    /// `Release`) and waits for all: each one's pid, whether it was gone,
+    /// and its thread's result.
+    fn end_all(&mut self, keep: bool) -> Vec<(Pid, bool, std::thread::Result<Option<Finished>>)> {
+        let members = std::mem::take(&mut self.members);
+        for m in &members {
+            let _ = m
+                .orders
+                .send(if keep { Order::Keep } else { Order::Release });
         }
-        for m in self.members {
-            let _ = m.thread.join();
-        }
+        members
+            .into_iter()
+            .map(|m| (m.pid, m.gone, m.thread.join()))
+            .collect()
     }
 }
 
@@ -559,27 +570,18 @@ fn update_members(
         }
         Ok(())
     })();
-    let members = std::mem::take(&mut crew.members);
     if let Err(e) = outcome {
-        for m in &members {
-            let _ = m.orders.send(Order::Release);
-        }
-        for m in members {
-            let _ = m.thread.join();
-        }
+        crew.release_all();
         return Err(e);
     }
-    for m in &members {
-        let _ = m.orders.send(Order::Keep);
-    }
-    let mut done = Vec::with_capacity(members.len());
+    let mut done = Vec::new();
     let mut lost = None;
-    for m in members {
-        match m.thread.join() {
+    for (pid, gone, joined) in crew.end_all(true) {
+        match joined {
             Ok(Some(f)) => done.push(f),
-            Ok(None) if m.gone => {}
+            Ok(None) if gone => {}
             _ => {
-                lost.get_or_insert(m.pid);
+                lost.get_or_insert(pid);
             }
         }
     }
