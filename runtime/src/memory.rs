@@ -204,11 +204,6 @@ impl<M: TargetMemory> PageCache<M> {
         }
     }
 
-    /// The memory underneath.
-    pub fn into_inner(self) -> M {
-        self.mem
-    }
-
     /// Copies `buf.len()` bytes at `addr` from kept pages, reading the
     /// pages missing; `false` when one cannot be read whole or the cache
     /// is full.
