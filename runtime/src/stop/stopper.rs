@@ -588,7 +588,7 @@ impl Stopper<'_, '_> {
                 // A continue discards the stops sent before it (as the
                 // kernel does with pending ones): drop those held back.
                 self.held.retain(|h| !is_job_control(h.sig));
-                self.tracee.drop_kept_stops();
+                self.tracee.saw_continue();
                 self.cont(tid, Some(sig))
             }
             Stop::Signal { sig, .. } if !is_job_control(sig) => self.cont(tid, Some(sig)),
@@ -1034,6 +1034,10 @@ impl Stopper<'_, '_> {
         }
         if let Err(e) = bps.disarm_all() {
             first_err.get_or_insert(e.into());
+        }
+        if self.held.iter().any(|h| h.sig.0 == nix::libc::SIGCONT) {
+            // Held by a single-step: it reached the process all the same.
+            self.tracee.saw_continue();
         }
         for h in &self.held {
             if let Err(e) = self.tracee.requeue_signal(h.tid, &h.info) {

@@ -660,6 +660,13 @@ pub struct Tracee {
     threads: BTreeMap<Pid, Track>,
     /// Threads seen to end, so that later requests say so (capped).
     gone: BTreeSet<Pid>,
+    /// A SIGCONT was seen during the session (reported by any thread, or
+    /// held). Stop signals taken from the threads meanwhile are not sent
+    /// again: two threads' reports do not say which of their signals was
+    /// sent first, and a continue after a stop (a shell's `fg` after
+    /// Ctrl-Z) is the sequence that happens; a stop sent again after the
+    /// continue would leave the process stopped for good.
+    continued: bool,
     /// ptrace calls must come from the attaching thread.
     _not_send: PhantomData<*const ()>,
 }
@@ -760,6 +767,7 @@ impl Tracee {
                 guard: Some(guard),
                 threads,
                 gone: BTreeSet::new(),
+                continued: false,
                 _not_send: PhantomData,
             },
             stdio,
@@ -776,6 +784,7 @@ impl Tracee {
             guard: None,
             threads: BTreeMap::new(),
             gone: BTreeSet::new(),
+            continued: false,
             _not_send: PhantomData,
         };
         const ROUNDS: usize = 64;
@@ -862,7 +871,7 @@ impl Tracee {
     /// progress, whose new thread is now tracked) also leaves it stopped.
     fn stop_after_interrupt(&mut self, tid: Pid) -> Result<(), PtraceError> {
         if let Stop::Signal { sig, .. } = self.wait_stop(tid, Duration::from_secs(5))? {
-            keep_signal(&mut self.threads, tid, sig);
+            self.keep_signal(tid, sig);
         }
         Ok(())
     }
@@ -913,15 +922,36 @@ impl Tracee {
     /// its continue).
     fn unless_continued(&self, sig: Option<Sig>) -> Option<Sig> {
         match sig {
-            Some(s) if is_stop_signal(s) && sigcont_pending(self.pid) => None,
+            Some(s) if is_stop_signal(s) && (self.continued || sigcont_pending(self.pid)) => None,
             other => other,
         }
     }
 
     /// A SIGCONT reached the process: the stop signals kept for any thread
-    /// are discarded, as the kernel discards pending ones.
-    pub fn drop_kept_stops(&mut self) {
+    /// are discarded, as the kernel discards pending ones, and those taken
+    /// from now on in this session are not sent again either (see
+    /// `continued`).
+    pub fn saw_continue(&mut self) {
+        self.continued = true;
         drop_kept_stops(&mut self.threads);
+    }
+
+    /// Whether a stop signal taken from a thread during this session should
+    /// still reach the process: no SIGCONT was seen in the session.
+    pub fn stops_stand(&self) -> bool {
+        !self.continued
+    }
+
+    /// Keep `sig`, reported while `tid` was being stopped, for its resume (a
+    /// signal already kept stays first); a SIGCONT discards the stop signals
+    /// kept on every thread.
+    fn keep_signal(&mut self, tid: Pid, sig: Sig) {
+        if sig.0 == libc::SIGCONT {
+            self.saw_continue();
+        }
+        if let Some(t) = self.threads.get_mut(&tid) {
+            t.pending_signal.get_or_insert(sig);
+        }
     }
 
     /// Keep `sig` for `tid`, to be delivered at its next [`Tracee::cont`]
@@ -940,7 +970,7 @@ impl Tracee {
             .ok_or(PtraceError::NotTraced { tid })?;
         let before = std::mem::replace(&mut t.pending_signal, sig);
         if sig.is_some_and(|s| s.0 == libc::SIGCONT) {
-            drop_kept_stops(&mut self.threads);
+            self.saw_continue();
         }
         Ok(before)
     }
@@ -1089,9 +1119,17 @@ impl Tracee {
     /// the original `siginfo` where the kernel allows it
     /// (`rt_tgsigqueueinfo`, which refuses codes only the kernel may send
     /// to another process), else sends it with `tgkill` (code `SI_TKILL`).
+    /// A stop signal is dropped once a SIGCONT was seen in the session or
+    /// while one is pending.
     pub fn requeue_signal(&self, tid: Pid, info: &libc::siginfo_t) -> Result<(), PtraceError> {
         self.track(tid, "requeueing a signal")?;
         let (tgid, sig) = (self.pid.as_raw(), info.si_signo);
+        // Sending a stop removes a pending SIGCONT: one pending now came
+        // after the stop was taken, and the kernel would have discarded
+        // the stop.
+        if self.unless_continued(Some(Sig(sig))).is_none() {
+            return Ok(());
+        }
         // SAFETY: rt_tgsigqueueinfo only reads sizeof(siginfo_t) bytes from
         // its last argument, which points at `info`, a live reference.
         let r = unsafe {
@@ -1159,7 +1197,7 @@ impl Tracee {
                     })
                 }
                 Stop::Signal { sig, .. } => {
-                    keep_signal(&mut self.threads, tid, sig);
+                    self.keep_signal(tid, sig);
                     cont(tid)?;
                 }
                 _ => cont(tid)?,
@@ -1425,7 +1463,7 @@ impl Tracee {
             if self.state(tid) == Some(ThreadState::Running) {
                 match self.wait_stop(tid, Duration::from_secs(2)) {
                     Ok(Stop::Signal { sig, .. }) => {
-                        keep_signal(&mut self.threads, tid, sig);
+                        self.keep_signal(tid, sig);
                     }
                     Ok(_) => {}
                     Err(e) => {
@@ -1525,18 +1563,6 @@ fn drop_kept_stops(threads: &mut BTreeMap<Pid, Track>) {
         if t.pending_signal.is_some_and(is_stop_signal) {
             t.pending_signal = None;
         }
-    }
-}
-
-/// Keep `sig`, reported while `tid` was being stopped, for its resume (a
-/// signal already kept stays first); a SIGCONT discards the stop signals
-/// kept before it on every thread.
-fn keep_signal(threads: &mut BTreeMap<Pid, Track>, tid: Pid, sig: Sig) {
-    if sig.0 == libc::SIGCONT {
-        drop_kept_stops(threads);
-    }
-    if let Some(t) = threads.get_mut(&tid) {
-        t.pending_signal.get_or_insert(sig);
     }
 }
 

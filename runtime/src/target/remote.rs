@@ -1310,7 +1310,7 @@ impl<'t> RemoteCalls<'t> {
     /// SIGCONT (blocked during the session, so still pending) must not be
     /// lost to a stop sent after it.
     fn resend_stop(&self) {
-        if sigcont_pending(self.pid(), self.tid) {
+        if !self.tracee.stops_stand() || sigcont_pending(self.pid(), self.tid) {
             return;
         }
         let _ = signal::kill(self.pid(), Signal::SIGSTOP);
