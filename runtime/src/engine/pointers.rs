@@ -132,6 +132,21 @@ pub enum StackMove {
     },
 }
 
+/// A frame rebuilt variable by variable (its layout changed), with what
+/// places a `jmp_buf` may have saved in it: its frame pointer (CFA-16 in
+/// both versions) and its stack pointer at each call to the `setjmp`
+/// family (the caller's rsp as the call returns).
+#[derive(Clone, Debug)]
+pub struct RebuiltFrame {
+    /// The old frame's bytes.
+    pub old: Range<RuntimeAddr>,
+    pub old_cfa: RuntimeAddr,
+    pub new_cfa: RuntimeAddr,
+    /// Stack depth at each `setjmp` call of OLD (relative to the CFA) →
+    /// the depth at the same call in NEW, if the plan maps it.
+    pub setjmp_depths: Vec<(i64, Option<i64>)>,
+}
+
 /// Where a heap object of changed type goes: converted in place
 /// (`new_start` is the old address) or moved to a new allocation. Pointers
 /// into its interior move with the member they point at.
@@ -176,6 +191,8 @@ pub struct Remapper<'a> {
     /// the same identity.
     globals: Vec<OldGlobal<'a>>,
     stack: Vec<StackMove>,
+    /// The frames rebuilt variable by variable (layout changed).
+    rebuilt_frames: Vec<RebuiltFrame>,
     /// Heap objects converted or moved, sorted by old address, disjoint.
     heap: Vec<HeapMove>,
     /// Pointers into old code that name no function of the new image.
@@ -236,6 +253,7 @@ impl<'a> Remapper<'a> {
             new,
             globals,
             stack: Vec::new(),
+            rebuilt_frames: Vec::new(),
             heap: Vec::new(),
             dangling_code: Vec::new(),
             dangling_data: Vec::new(),
@@ -256,6 +274,43 @@ impl<'a> Remapper<'a> {
     /// Registers how part of the old stack moves.
     pub fn add_stack_move(&mut self, m: StackMove) {
         self.stack.push(m);
+    }
+
+    /// Registers a frame rebuilt variable by variable.
+    pub fn add_rebuilt_frame(&mut self, frame: RebuiltFrame) {
+        self.rebuilt_frames.push(frame);
+    }
+
+    /// Where a stack address that a `jmp_buf` saved goes when it lies in a
+    /// frame rebuilt variable by variable: `None` when it is in no such
+    /// frame, `Some(None)` when it is but is neither the frame's saved
+    /// frame pointer nor its stack pointer at a mapped `setjmp` call.
+    pub fn rebuilt_frame_anchor(&self, v: RuntimeAddr) -> Option<Option<RuntimeAddr>> {
+        let f = self.rebuilt_frames.iter().find(|f| f.old.contains(&v))?;
+        let off = v.0.wrapping_sub(f.old_cfa.0) as i64;
+        let new_off = if off == -16 {
+            Some(-16)
+        } else {
+            f.setjmp_depths
+                .iter()
+                .find(|(o, _)| *o == off)
+                .and_then(|(_, n)| *n)
+        };
+        Some(new_off.and_then(|o| f.new_cfa.checked_offset(o)))
+    }
+
+    /// The smallest range holding every old stack address that moves or
+    /// lies in a rebuilt frame (`None`: the stack stays as it is).
+    pub fn moved_stack_span(&self) -> Option<std::ops::Range<u64>> {
+        let moving = self.stack.iter().filter_map(|m| match m {
+            StackMove::Shift { old, delta } if *delta != 0 => Some(old),
+            StackMove::Var { old, new_start, .. } if *new_start != old.start => Some(old),
+            _ => None,
+        });
+        moving
+            .chain(self.rebuilt_frames.iter().map(|f| &f.old))
+            .map(|r| r.start.0..r.end.0)
+            .reduce(|a, b| a.start.min(b.start)..a.end.max(b.end))
     }
 
     /// Registers heap objects of changed type (converted in place or

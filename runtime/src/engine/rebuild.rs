@@ -23,7 +23,7 @@ use upstare_patcher::{
 };
 
 use crate::engine::convert::convert;
-use crate::engine::pointers::{Remapper, StackMove};
+use crate::engine::pointers::{RebuiltFrame, Remapper, StackMove};
 use crate::engine::state::{AppFrame, CalleeSavedValues, Image, Readiness, ThreadState};
 use crate::engine::Write;
 use crate::memory::{MemError, TargetMemory};
@@ -341,6 +341,27 @@ fn find_sites<'a>(
     })
 }
 
+/// The stack depth of each call of OLD's function to the `setjmp` family
+/// and of the same call in NEW as the plan maps it: a `jmp_buf` saved there
+/// holds the caller's rsp as the call returns.
+fn setjmp_depths(m: &Mapped<'_>) -> Vec<(i64, Option<i64>)> {
+    m.old
+        .call_sites
+        .iter()
+        .filter(|c| crate::engine::sweep::saves_mangled_return(c.callee.id_name()))
+        .filter_map(|c| {
+            let old = c.fixed_depth()?.0;
+            let new = m
+                .plan
+                .continuation(&c.continuation(), SiteKind::Call)
+                .and_then(|cm| m.new.call_sites.get(cm.new_site?))
+                .and_then(|nc| nc.fixed_depth())
+                .map(|d| d.0);
+            Some((old, new))
+        })
+        .collect()
+}
+
 /// rsp relative to the CFA where the frame is paused (for a call: before
 /// the call executes), `None` when only known at run time.
 fn site_depth(ft: &FunctionTable, site: Site<'_>) -> Option<i64> {
@@ -431,6 +452,12 @@ pub fn place_frames(
                 delta: new_cfa.distance_from(f.cfa),
             });
         } else {
+            remap.add_rebuilt_frame(RebuiltFrame {
+                old: old_range.clone(),
+                old_cfa: f.cfa,
+                new_cfa,
+                setjmp_depths: setjmp_depths(&m),
+            });
             for (k, v) in nf.vars.iter().enumerate() {
                 let (ov, conversion) = match m.plan.vars.get(k) {
                     Some(VarSource::Old(i)) => (of.vars.get(*i), None),

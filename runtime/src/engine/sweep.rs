@@ -54,6 +54,75 @@ const CHUNK: u64 = 1 << 20;
 /// Most hits kept with their location (the others are only counted).
 const MAX_HITS_KEPT: usize = 1 << 16;
 
+/// Offset of glibc's pointer guard in the thread control block (x86-64,
+/// `fs:0x30`): the same value in every thread of a process.
+pub const POINTER_GUARD_OFFSET: u64 = 0x30;
+
+/// glibc's `PTR_DEMANGLE` with the process's pointer guard.
+pub fn demangle(v: u64, guard: u64) -> u64 {
+    v.rotate_right(17) ^ guard
+}
+
+/// glibc's `PTR_MANGLE` with the process's pointer guard.
+pub fn mangle(p: u64, guard: u64) -> u64 {
+    (p ^ guard).rotate_left(17)
+}
+
+/// The pointer guard of the process whose thread has `fs_base`.
+pub fn pointer_guard(mem: &impl TargetMemory, fs_base: u64) -> Option<u64> {
+    let at = fs_base.checked_add(POINTER_GUARD_OFFSET)?;
+    mem.read_u64(RuntimeAddr(at)).ok()
+}
+
+/// Whether a callee saves its caller's return address mangled: the
+/// `setjmp` family (`setjmp`, `_setjmp`, `sigsetjmp`, `__sigsetjmp`) keeps
+/// the address after its call, with the stack and frame pointers, mangled
+/// in the `jmp_buf` (glibc's `PTR_MANGLE`), where no plain sweep sees it.
+pub(crate) fn saves_mangled_return(callee: &str) -> bool {
+    matches!(callee.trim_start_matches('_'), "setjmp" | "sigsetjmp")
+}
+
+/// OLD's return addresses of calls to the `setjmp` family (link-time) →
+/// what they are (`PostgresMain+0x1f3, after its call to __sigsetjmp`) and
+/// NEW's return address of the same call as the plan maps it (link-time),
+/// if it has one: a `jmp_buf` saved before the update returns there.
+pub fn setjmp_returns(
+    plan: &upstare_patcher::UpdatePlan,
+    old: &FrameTables,
+    new: &FrameTables,
+) -> HashMap<u64, (String, Option<u64>)> {
+    let mut out = HashMap::new();
+    for f in &old.functions {
+        for c in f
+            .call_sites
+            .iter()
+            .filter(|c| saves_mangled_return(c.callee.id_name()))
+        {
+            let what = format!(
+                "{}+{:#x}, after its call to {}",
+                f.name,
+                c.return_addr.0.wrapping_sub(f.low.0),
+                c.callee.id_name()
+            );
+            let to = (|| {
+                let fm = plan.function(&f.name)?;
+                let planned = old.functions.get(fm.old)?;
+                // A static homonym of another file: the plan's sites are
+                // not its own.
+                if planned.low != f.low && !old.same_declaration(f, planned) {
+                    return None;
+                }
+                let nf = plan.new_function(f, old, new)?;
+                let cm = fm.continuation(&c.continuation(), upstare_patcher::SiteKind::Call)?;
+                let site = nf.call_sites.get(cm.new_site?)?;
+                saves_mangled_return(site.callee.id_name()).then_some(site.return_addr.0)
+            })();
+            out.insert(c.return_addr.0, (what, to));
+        }
+    }
+    out
+}
+
 /// The retired image as the sweep sees it (runtime addresses).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Retired {
@@ -301,6 +370,16 @@ pub struct Classifier<'c, 'a, 'r> {
     global_ends: HashMap<u64, usize>,
     /// `same_code` by address, built at the first lookup.
     same_code_index: Option<RangeIndex>,
+    /// The process's pointer guard: with it, values glibc stored mangled
+    /// (a `jmp_buf`'s saved pc, stack and frame pointers; exit handlers)
+    /// are found too. `None`: only plain values are.
+    pub pointer_guard: Option<u64>,
+    /// OLD's return addresses of `setjmp` calls (runtime) → what they are
+    /// and NEW's (runtime), see [`setjmp_returns`].
+    pub setjmp_returns: HashMap<u64, (String, Option<u64>)>,
+    /// The old stack addresses of frames that move (from the remapper),
+    /// a quick test before remapping a demangled stack address.
+    moved_stack: Option<Range<u64>>,
 }
 
 /// Ranges looked up by address: the first of a list (in the list's order)
@@ -374,19 +453,22 @@ impl<'c, 'a, 'r> Classifier<'c, 'a, 'r> {
             old,
             entries,
             new_bias: LoadBias(0),
-            remap,
             same_code: Vec::new(),
             got: HashMap::new(),
+            moved_stack: remap.as_ref().and_then(|r| r.moved_stack_span()),
             globals: index,
             global_ends,
             same_code_index: None,
+            pointer_guard: None,
+            setjmp_returns: HashMap::new(),
+            remap,
         }
     }
 
     /// `None` when `v` does not point into the retired image.
     pub fn classify(&mut self, v: u64) -> Option<Class> {
         if !self.retired.span.contains(&v) {
-            return None;
+            return self.classify_mangled(v);
         }
         let link = RuntimeAddr(v).to_link(self.old.bias);
         if self.retired.text.contains(&v) {
@@ -467,6 +549,70 @@ impl<'c, 'a, 'r> Classifier<'c, 'a, 'r> {
             });
         }
         Some(Class::ReadOnly)
+    }
+}
+
+impl Classifier<'_, '_, '_> {
+    /// `v` demangled with the pointer guard: a code address of the retired
+    /// image (a `jmp_buf`'s saved pc, an exit handler) goes where the same
+    /// plain value would, or to NEW's return address of the same `setjmp`
+    /// call, mangled again; a stack address in a frame that moves (a
+    /// `jmp_buf`'s saved stack or frame pointer) moves with it. Anything
+    /// else is `None`: a random word demangles into the old code with a
+    /// chance of its size in 2^64.
+    fn classify_mangled(&mut self, v: u64) -> Option<Class> {
+        let guard = self.pointer_guard?;
+        let d = demangle(v, guard);
+        if self.retired.text.contains(&d) {
+            if let Some((what, to)) = self.setjmp_returns.get(&d) {
+                return Some(match to {
+                    Some(n) => Class::Remap {
+                        new: mangle(*n, guard),
+                        what: format!("mangled return address {what} (a jmp_buf's saved pc)"),
+                    },
+                    None => Class::OtherCode {
+                        what: format!(
+                            "mangled return address {what} (a jmp_buf's saved pc), a call NEW does not have"
+                        ),
+                    },
+                });
+            }
+            return Some(match self.classify(d)? {
+                Class::Remap { new, what } => Class::Remap {
+                    new: mangle(new, guard),
+                    what: format!("{what} (mangled)"),
+                },
+                Class::OtherCode { what } => Class::OtherCode {
+                    what: format!("{what} (mangled: a jmp_buf's saved pc or a C library handler)"),
+                },
+                other => other,
+            });
+        }
+        if self.moved_stack.as_ref().is_some_and(|r| r.contains(&d)) {
+            let remap = self.remap.as_mut()?;
+            match remap.rebuilt_frame_anchor(RuntimeAddr(d)) {
+                Some(Some(n)) => {
+                    return Some(Class::Remap {
+                        new: mangle(n.0, guard),
+                        what: "mangled stack address in a frame rebuilt for NEW's layout (a jmp_buf's saved stack or frame pointer)".to_string(),
+                    })
+                }
+                Some(None) => {
+                    return Some(Class::OldData {
+                        what: "mangled stack address in a frame rebuilt for NEW's layout, neither its frame pointer nor its stack pointer at a mapped setjmp call: no sure place".to_string(),
+                    })
+                }
+                None => {}
+            }
+            let n = remap.remap(RuntimeAddr(d)).0;
+            if n != d {
+                return Some(Class::Remap {
+                    new: mangle(n, guard),
+                    what: "mangled stack address in a frame that moves (a jmp_buf's saved stack or frame pointer)".to_string(),
+                });
+            }
+        }
+        None
     }
 }
 
@@ -1081,6 +1227,7 @@ pub fn sweep_update<'a>(
     files: &SweepFiles,
     heap_moves: &[HeapMove],
     kept_regs: &mut [(Pid, &mut Regs)],
+    pointer_guard: Option<u64>,
 ) -> (SweepResult, Retired) {
     let retired = Retired::new(old, maps, old_elf);
     let regions = regions(maps, rsps, &retired);
@@ -1107,6 +1254,15 @@ pub fn sweep_update<'a>(
             .map(|(at, (name, to))| {
                 let to = to.map(|to| new.runtime(LinkAddr(to)).0);
                 (old.runtime(LinkAddr(*at)).0, (name.clone(), to))
+            })
+            .collect();
+        c.pointer_guard = pointer_guard;
+        c.setjmp_returns = files
+            .setjmp_returns
+            .iter()
+            .map(|(at, (what, to))| {
+                let to = to.map(|to| new.runtime(LinkAddr(to)).0);
+                (old.runtime(LinkAddr(*at)).0, (what.clone(), to))
             })
             .collect();
         let mut r = sweep(mem, &regions, pending, &mut |v| {
@@ -1162,6 +1318,8 @@ pub struct SweepFiles {
     same_code: Vec<(Range<u64>, u64, String)>,
     /// [`got_slots`] of the two files, link-time.
     got: HashMap<u64, (String, Option<u64>)>,
+    /// [`setjmp_returns`], link-time.
+    setjmp_returns: HashMap<u64, (String, Option<u64>)>,
 }
 
 impl SweepFiles {
@@ -1184,6 +1342,7 @@ impl SweepFiles {
             ),
             same_code: identical_code(old_elf, new_elf),
             got: got_slots(old_elf, new_elf),
+            setjmp_returns: setjmp_returns(plan, &old.tables, new_tables),
         }
     }
 }
@@ -1226,13 +1385,15 @@ fn sweep_registers(
 
 /// The audit sweep of a process after an update: every value of live
 /// memory still pointing into `retired` (whose tables are `old`'s), with no
-/// remapping; `rsps` are the threads' stack pointers.
+/// remapping; `rsps` are the threads' stack pointers. With the process's
+/// `pointer_guard`, mangled values (a `jmp_buf`'s saved pc) are seen too.
 pub fn audit(
     mem: &impl TargetMemory,
     maps: &[MemoryMap],
     rsps: &[u64],
     old: &Image,
     retired: &Retired,
+    pointer_guard: Option<u64>,
 ) -> SweepResult {
     // Entries are known (so they are named) but go nowhere: any left is
     // stale.
@@ -1244,5 +1405,6 @@ pub fn audit(
         .collect();
     let regions = regions(maps, rsps, retired);
     let mut c = Classifier::new(retired, old, Cow::Owned(entries), None);
+    c.pointer_guard = pointer_guard;
     sweep(mem, &regions, &[], &mut |v| c.classify(v))
 }

@@ -17,26 +17,15 @@
 //! array) live on the heap and are not moved.
 
 use super::commit::DynamicWrite;
+use crate::engine::sweep::{demangle, mangle, POINTER_GUARD_OFFSET};
 use crate::memory::{MemError, TargetMemory};
 use crate::target::procfs::{MapPath, MemoryMap};
 use upstare_dwarf::RuntimeAddr;
 
-/// Offset of the pointer guard in the thread control block (x86-64).
-const POINTER_GUARD: u64 = 0x30;
 /// Exit-handler flavors whose second word is a mangled function pointer.
 const MANGLED_FLAVORS: [u64; 3] = [2, 3, 4];
 /// Bound on the bytes of library data scanned.
 const MAX_SCAN: u64 = 8 << 20;
-
-/// glibc's `PTR_DEMANGLE`.
-fn demangle(v: u64, guard: u64) -> u64 {
-    v.rotate_right(17) ^ guard
-}
-
-/// glibc's `PTR_MANGLE`.
-fn mangle(p: u64, guard: u64) -> u64 {
-    (p ^ guard).rotate_left(17)
-}
 
 /// The C library's writable data: its file's writable mappings and the
 /// anonymous mapping right after them (the rest of its `.bss`).
@@ -71,7 +60,7 @@ pub(super) fn plan_exit_handlers(
     fs_base: u64,
     map: &dyn Fn(RuntimeAddr) -> Option<RuntimeAddr>,
 ) -> Result<Vec<DynamicWrite>, MemError> {
-    let guard = mem.read_u64(RuntimeAddr(fs_base.wrapping_add(POINTER_GUARD)))?;
+    let guard = mem.read_u64(RuntimeAddr(fs_base.wrapping_add(POINTER_GUARD_OFFSET)))?;
     let mut writes = Vec::new();
     let mut budget = MAX_SCAN;
     for m in libc_data(maps) {

@@ -1169,6 +1169,12 @@ fn compute<'t>(
     // (An interrupted context's registers are in its signal frame, which
     // the sweep scans with the stack; a library's under a callback are in
     // the callback's frames or final registers.)
+    // glibc's pointer guard (one per process): a jmp_buf keeps its return
+    // address mangled with it.
+    let pointer_guard = plans
+        .first()
+        .map(|p| p.regs.0.fs_base)
+        .and_then(|fs| crate::engine::sweep::pointer_guard(&mem, fs));
     let mut kept_regs: Vec<(nix::unistd::Pid, &mut crate::target::ptrace::Regs)> = parts
         .iter()
         .zip(plans.iter_mut())
@@ -1196,6 +1202,7 @@ fn compute<'t>(
         &sweep_files,
         &heap_moves,
         &mut kept_regs,
+        pointer_guard,
     );
     drop(kept_regs);
     let sweep_writes = swept.writes();

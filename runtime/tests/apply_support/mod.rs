@@ -328,7 +328,16 @@ pub fn audit_after(run: &TracedRun, report: &UpdateReport) -> (Vec<String>, (usi
         .filter_map(|tid| t.regs(tid).ok())
         .map(|regs| regs.rsp().0)
         .collect();
-    let found = audit(&t.memory(), &maps, &rsps, &old, r);
+    // With the pointer guard, a jmp_buf's mangled return address is seen.
+    let guard = t
+        .traced()
+        .into_iter()
+        .find_map(|tid| t.regs(tid).ok())
+        .and_then(|regs| {
+            upstare_runtime::engine::sweep::pointer_guard(&t.memory(), regs.0.fs_base)
+        });
+    assert!(guard.is_some(), "no pointer guard read");
+    let found = audit(&t.memory(), &maps, &rsps, &old, r, guard);
     assert_eq!(found.bytes_not_scanned, 0, "the audit was capped");
     let stale = found
         .stale()
