@@ -97,7 +97,11 @@ fn handlers_moved(tc: Toolchain) {
         timeout: Duration::from_secs(10),
         ..ApplyOptions::default()
     };
-    apply(child.pid() as i32, &v2, &opts).unwrap_or_else(|e| panic!("update failed: {e}"));
+    let report =
+        apply(child.pid() as i32, &v2, &opts).unwrap_or_else(|e| panic!("update failed: {e}"));
+    // `atexit` stores OLD's `__dso_handle` with each handler: it becomes
+    // NEW's, not a stale value.
+    assert_eq!(report.sweep.stale, 0, "{:?}", report.warnings);
     child.send_stdin(b"fork\n").expect("fork");
     child
         .wait_for_line("forked", wait, |l| l.ends_with(" forked"))

@@ -304,6 +304,26 @@ pub fn function_symbols(elf: &[u8]) -> HashMap<String, u64> {
         .collect()
 }
 
+/// The link-time addresses of `__dso_handle` in OLD and in NEW: the C
+/// runtime's token for "this program", stored by `atexit` with each exit
+/// handler (`__cxa_atexit(fn, arg, &__dso_handle)`) and only ever compared
+/// (`__cxa_finalize`); no DWARF describes it. After the update NEW's
+/// destructors finalize with NEW's token, so the handlers registered by
+/// OLD carry NEW's too.
+pub fn dso_handles(old_elf: &[u8], new_elf: &[u8]) -> Option<(u64, u64)> {
+    use object::{Object, ObjectSymbol};
+    let find = |elf: &[u8]| -> Option<u64> {
+        let file = object::File::parse(elf).ok()?;
+        let found = file
+            .symbols()
+            .take(1 << 22)
+            .find(|s| s.name() == Ok("__dso_handle") && s.is_definition())
+            .map(|s| s.address());
+        found
+    };
+    Some((find(old_elf)?, find(new_elf)?))
+}
+
 /// What a value pointing into the retired image is.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub enum Class {
@@ -377,6 +397,8 @@ pub struct Classifier<'c, 'a, 'r> {
     /// OLD's return addresses of `setjmp` calls (runtime) → what they are
     /// and NEW's (runtime), see [`setjmp_returns`].
     pub setjmp_returns: HashMap<u64, (String, Option<u64>)>,
+    /// OLD's and NEW's `__dso_handle` (runtime), see [`dso_handles`].
+    pub dso_handle: Option<(u64, u64)>,
     /// The old stack addresses of frames that move (from the remapper),
     /// a quick test before remapping a demangled stack address.
     moved_stack: Option<Range<u64>>,
@@ -461,6 +483,7 @@ impl<'c, 'a, 'r> Classifier<'c, 'a, 'r> {
             same_code_index: None,
             pointer_guard: None,
             setjmp_returns: HashMap::new(),
+            dso_handle: None,
             remap,
         }
     }
@@ -522,6 +545,12 @@ impl<'c, 'a, 'r> Classifier<'c, 'a, 'r> {
                     what: format!("global {}+{off}, which has no place in NEW", g.name),
                 },
                 None => Class::ReadOnly,
+            });
+        }
+        if let Some((_, new)) = self.dso_handle.filter(|(old, _)| *old == v) {
+            return Some(Class::Remap {
+                new,
+                what: "global __dso_handle (the program's token for its exit handlers)".to_string(),
             });
         }
         if let Some((name, to)) = self.got.get(&v) {
@@ -1257,6 +1286,9 @@ pub fn sweep_update<'a>(
             })
             .collect();
         c.pointer_guard = pointer_guard;
+        c.dso_handle = files
+            .dso_handle
+            .map(|(o, n)| (old.runtime(LinkAddr(o)).0, new.runtime(LinkAddr(n)).0));
         c.setjmp_returns = files
             .setjmp_returns
             .iter()
@@ -1320,6 +1352,8 @@ pub struct SweepFiles {
     got: HashMap<u64, (String, Option<u64>)>,
     /// [`setjmp_returns`], link-time.
     setjmp_returns: HashMap<u64, (String, Option<u64>)>,
+    /// `__dso_handle` of OLD and of NEW, link-time ([`dso_handles`]).
+    dso_handle: Option<(u64, u64)>,
 }
 
 impl SweepFiles {
@@ -1343,6 +1377,7 @@ impl SweepFiles {
             same_code: identical_code(old_elf, new_elf),
             got: got_slots(old_elf, new_elf),
             setjmp_returns: setjmp_returns(plan, &old.tables, new_tables),
+            dso_handle: dso_handles(old_elf, new_elf),
         }
     }
 }
