@@ -285,6 +285,27 @@ impl Session {
         );
     }
 
+    /// Runs a statement that fails (division by zero): the backend sends
+    /// the error and the session answers on, its state there.
+    fn raise_error(&mut self, what: &str) {
+        let before = self
+            .psql
+            .stderr_so_far()
+            .matches("division by zero")
+            .count();
+        self.run("\\set ON_ERROR_STOP 0\nSELECT 1/0;");
+        self.check_state(&format!("an error {what}"));
+        assert!(
+            self.psql
+                .stderr_so_far()
+                .matches("division by zero")
+                .count()
+                > before,
+            "{what}: no error reported: {}",
+            self.psql.stderr_so_far()
+        );
+    }
+
     /// A temporary table, a prepared statement and a setting.
     fn make_state(&mut self) {
         self.run(
@@ -408,6 +429,10 @@ fn postgres_identity_update_of_the_whole_tree_keeps_a_session_and_passes_the_reg
         .psql
         .wait_for_line("the prepared statement's answer", WAIT, |l| l == "sq:1764")
         .unwrap_or_else(|e| panic!("EXECUTE square(42) after the update: {e}"));
+    // An error unwinds to PostgresMain's sigsetjmp of before the update
+    // (the jmp_buf keeps its return address mangled): the session gets the
+    // error and goes on.
+    session.raise_error("after the update");
     assert_eq!(
         pg.query("SELECT 6*7"),
         "42",
@@ -429,6 +454,9 @@ fn postgres_identity_update_of_the_whole_tree_keeps_a_session_and_passes_the_reg
 
     let updated = regression_suite(&pg, "updated");
     let log = pg.log_tail();
+    // The held session lived through the suite with its state.
+    session.check_state("the same session after the regression suite");
+    session.raise_error("after the regression suite");
     drop(session);
     drop(pg);
     let plain = Pg::start(&install, &install.bin("postgres"));

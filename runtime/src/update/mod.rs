@@ -1190,9 +1190,13 @@ fn compute<'t>(
         })
         .map(|(_, p)| (p.tid, &mut p.regs))
         .collect();
+    // Read again: the remote sessions of the heap walk and the
+    // transformers unmapped their scratch memory since the load (swept
+    // from the load's maps, it was reported as unreadable memory).
+    let maps_swept = procfs::read_maps(nix::unistd::Pid::from_raw(pid)).map_err(proc_err)?;
     let (swept, retired) = crate::engine::sweep::sweep_update(
         &mem,
-        &maps_now,
+        &maps_swept,
         &rsps,
         &old,
         new,
@@ -1248,7 +1252,6 @@ fn compute<'t>(
         Some((_, phdr)) => *phdr,
         None => program_headers(nix::unistd::Pid::from_raw(pid)),
     };
-    let maps_swept = procfs::read_maps(nix::unistd::Pid::from_raw(pid)).map_err(proc_err)?;
     let unmap =
         crate::load::retire::plan_unmap(&mem, &maps_swept, &old, &retired, old_elf, &swept, phdr);
     commit_plan.unmap = unmap.unmap.clone();
