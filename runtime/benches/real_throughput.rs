@@ -5,7 +5,11 @@
 //! - redis 7.0.15 (~deb12u7 → ~deb12u10): `redis-benchmark` from the same
 //!   build, SET and GET, 4 clients;
 //! - memcached 1.6.18 (-1 → -1+deb12u1): a fixed loop of set + get on one
-//!   connection.
+//!   connection;
+//! - nginx 1.22.1 (+deb12u9, a master and 2 workers updated as one; its
+//!   security updates cannot be fetched here, so an identity update to a
+//!   copy of the same build): a fixed loop of keep-alive `GET /` on one
+//!   connection, every reply checked.
 //!
 //! Rounds alternate fresh and updated servers; medians of the rounds.
 //! `cargo bench -p upstare-runtime --bench real_throughput`. Needs the
@@ -20,8 +24,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use apply_support::servers::{memcached, redis};
-use upstare_corpus::real::{build_real, MEMCACHED, REDIS};
+use apply_support::servers::{memcached, nginx, redis};
+use apply_support::{fresh_copy, TempDir};
+use upstare_corpus::real::{build_real, MEMCACHED, NGINX, REDIS};
 use upstare_runtime::update::{apply, ApplyOptions};
 use upstare_testkit::ChildGuard;
 
@@ -35,6 +40,8 @@ const ROUNDS: usize = 3;
 /// Requests per redis-benchmark test and memcached set+get pairs per round.
 const REQUESTS: usize = 50_000;
 const MEMCACHED_PAIRS: usize = 20_000;
+/// Keep-alive `GET /` requests per nginx round.
+const NGINX_GETS: usize = 20_000;
 
 fn update(child: &ChildGuard, to: &Path) {
     let opts = ApplyOptions {
@@ -93,6 +100,16 @@ fn memcached_pps(port: u16) -> f64 {
     MEMCACHED_PAIRS as f64 / t.elapsed().as_secs_f64()
 }
 
+/// Keep-alive `GET /` per second on one connection to nginx at `port`.
+fn nginx_gps(addr: std::net::SocketAddr) -> f64 {
+    let mut c = nginx::Http::connect(addr).expect("connect");
+    let t = Instant::now();
+    for i in 0..NGINX_GETS {
+        c.get().unwrap_or_else(|e| panic!("GET {i}: {e}"));
+    }
+    NGINX_GETS as f64 / t.elapsed().as_secs_f64()
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -146,6 +163,25 @@ fn main() {
     let (f, a) = (median(fresh), median(after));
     println!(
         "memcached set+get: fresh {f:.0} pairs/s, after update {a:.0} pairs/s, ratio {:.3}",
+        a / f
+    );
+
+    let n_old = build_real(&NGINX.recipe, NGINX.old).unwrap_or_else(|e| panic!("{e}"));
+    let (mut fresh, mut after) = (Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        let dir = TempDir::new(&format!("bench-nginx-{round}"));
+        let copy = fresh_copy(&n_old.instrumented, &dir, "identity");
+        let (server, addr) = nginx::start(&copy, &dir);
+        fresh.push(nginx_gps(addr));
+        drop(server);
+        let (server, addr) = nginx::start(&n_old.instrumented, &dir);
+        update(&server.master, &copy);
+        after.push(nginx_gps(addr));
+        drop(server);
+    }
+    let (f, a) = (median(fresh), median(after));
+    println!(
+        "nginx keep-alive GET (master + 2 workers, identity update): fresh {f:.0} req/s, after update {a:.0} req/s, ratio {:.3}",
         a / f
     );
 }
