@@ -321,11 +321,13 @@ fn report_text(r: &UpdateReport) -> String {
         let _ = writeln!(
             o,
             "  sweep: {} bytes scanned, {} untyped pointers to functions and {} to globals \
-             remapped, {} left stale, untyped aliases of moved heap objects: {} redirected, {} left, \
-             exceptions: {} COPY objects, {} read-only data",
+             remapped, {} epoll registrations' data re-registered, {} left stale, untyped aliases \
+             of moved heap objects: {} redirected, {} left, exceptions: {} COPY objects, {} \
+             read-only data",
             s.bytes_scanned,
             s.remapped_functions,
             s.remapped_globals,
+            s.epoll_remapped,
             s.stale,
             s.heap_aliases_redirected,
             s.heap_aliases_left,

@@ -45,7 +45,7 @@ use crate::engine::pointers::{HeapMove, Remapper};
 use crate::engine::state::Image;
 use crate::engine::Write;
 use crate::memory::TargetMemory;
-use crate::target::procfs::{MapPath, MemoryMap};
+use crate::target::procfs::{EpollRegistration, MapPath, MemoryMap};
 
 /// Most bytes the sweep reads; the rest is reported as not scanned.
 pub const MAX_SWEEP_BYTES: u64 = 512 << 20;
@@ -772,6 +772,10 @@ pub struct SweepResult {
     pub hits_dropped: u64,
     /// Shared writable mappings not swept ([`shared_regions`]).
     pub shared_unswept: Vec<(String, u64)>,
+    /// Epoll registrations whose user data goes to NEW, with the new value
+    /// (the kernel keeps it: re-registered at the commit).
+    #[serde(skip)]
+    pub epoll_remaps: Vec<(EpollRegistration, u64)>,
 }
 
 impl SweepResult {
@@ -1196,6 +1200,9 @@ pub struct SweepSummary {
     /// Untyped values pointing inside a heap object that moved or changed
     /// layout: reported, left unchanged.
     pub heap_aliases_left: usize,
+    /// Epoll registrations whose user data (kept by the kernel) was
+    /// pointed at NEW.
+    pub epoll_remapped: usize,
     /// The retired image, for an audit sweep after the update.
     pub retired: Retired,
 }
@@ -1230,6 +1237,7 @@ impl SweepSummary {
                 .heap_aliases()
                 .filter(|h| matches!(h.class, Class::HeapAlias { new: None, .. }))
                 .count(),
+            epoll_remapped: r.epoll_remaps.len(),
             retired: retired.clone(),
         }
     }
@@ -1257,6 +1265,7 @@ pub fn sweep_update<'a>(
     heap_moves: &[HeapMove],
     kept_regs: &mut [(Pid, &mut Regs)],
     pointer_guard: Option<u64>,
+    epoll: &[(EpollRegistration, bool)],
 ) -> (SweepResult, Retired) {
     let retired = Retired::new(old, maps, old_elf);
     let regions = regions(maps, rsps, &retired);
@@ -1305,6 +1314,9 @@ pub fn sweep_update<'a>(
                 aliases.classify(v).or_else(|| c.classify(v))
             });
         }
+        sweep_epoll(epoll, &mut r, &mut |v| {
+            aliases.classify(v).or_else(|| c.classify(v))
+        });
         // Shared memory: found, never remapped (see `shared_regions`).
         let s = sweep(mem, &shared, pending, &mut |v| {
             aliases.classify(v).or_else(|| c.classify(v))
@@ -1414,6 +1426,61 @@ fn sweep_registers(
                     out.hits_dropped += 1;
                 }
             }
+        }
+    }
+}
+
+/// `EPOLLEXCLUSIVE`: a registration made with it cannot be modified.
+const EPOLLEXCLUSIVE: u32 = 1 << 28;
+
+/// The user data of each epoll registration (`(registration, whether its
+/// descriptor still names the registered file)`): what `classify` sends to
+/// NEW is kept in `out.epoll_remaps` when the registration can be modified
+/// in place; the other values it knows are hits named by the
+/// registration (at address 0: never written), stale when they cannot be
+/// remapped.
+fn sweep_epoll(
+    registrations: &[(EpollRegistration, bool)],
+    out: &mut SweepResult,
+    classify: &mut dyn FnMut(u64) -> Option<Class>,
+) {
+    for (reg, current) in registrations {
+        let Some(class) = classify(reg.data) else {
+            continue;
+        };
+        let location = format!(
+            "epoll descriptor {}, registration of descriptor {}",
+            reg.epfd, reg.tfd
+        );
+        let new = match &class {
+            Class::Remap { new, .. } | Class::HeapAlias { new: Some(new), .. } => Some(*new),
+            _ => None,
+        };
+        let class = match new {
+            Some(new) if *current && reg.events & EPOLLEXCLUSIVE == 0 => {
+                out.epoll_remaps.push((reg.clone(), new));
+                continue;
+            }
+            Some(_) => Class::OldData {
+                what: if *current {
+                    "epoll user data registered with EPOLLEXCLUSIVE, which cannot be modified"
+                        .to_string()
+                } else {
+                    "epoll user data of a descriptor that now names another file: it cannot be modified".to_string()
+                },
+            },
+            None => class,
+        };
+        if out.hits.len() < MAX_HITS_KEPT {
+            out.hits.push(Hit {
+                addr: 0,
+                location,
+                value: reg.data,
+                class,
+                in_retired: false,
+            });
+        } else {
+            out.hits_dropped += 1;
         }
     }
 }

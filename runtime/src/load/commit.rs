@@ -52,6 +52,63 @@ pub struct CommitPlan {
     /// Mappings of the old image unmapped once the commit is done (set by
     /// the update from its sweep: [`super::retire::plan_unmap`]).
     pub unmap: Vec<Range<RuntimeAddr>>,
+    /// Epoll registrations whose user data points into the old image (set
+    /// by the update from its sweep), registered again with NEW's value.
+    pub epoll: Vec<EpollRewrite>,
+}
+
+/// A file registered with an epoll instance whose user data, which the
+/// kernel keeps and hands back with every event, points into the old image
+/// (a callback, a global connection struct): modified in place
+/// (`EPOLL_CTL_MOD`, same events) to carry NEW's value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EpollRewrite {
+    pub epfd: i32,
+    pub tfd: i32,
+    pub events: u32,
+    pub old: u64,
+    pub new: u64,
+}
+
+/// `epoll_ctl(epfd, EPOLL_CTL_MOD, tfd, {events, data})` in the target.
+fn epoll_modify(rc: &mut RemoteCalls<'_>, e: &EpollRewrite, data: u64) -> Result<(), LoadError> {
+    // `struct epoll_event` is packed on x86-64: events, then data.
+    let mut event = [0u8; 12];
+    event[..4].copy_from_slice(&e.events.to_le_bytes());
+    event[4..].copy_from_slice(&data.to_le_bytes());
+    let at = rc.scratch_alloc(event.len() as u64)?;
+    rc.memory().write(at, &event)?;
+    let r = rc.syscall_checked(
+        &format!("epoll_ctl({}, EPOLL_CTL_MOD, {})", e.epfd, e.tfd),
+        libc::SYS_epoll_ctl,
+        &[
+            e.epfd as u64,
+            libc::EPOLL_CTL_MOD as u64,
+            e.tfd as u64,
+            at.0,
+        ],
+    );
+    rc.scratch_reset();
+    r.map(drop).map_err(Into::into)
+}
+
+/// Give every registration of `rewrites` NEW's value; on a failure put the
+/// ones done back and return the error.
+fn apply_epoll(rc: &mut RemoteCalls<'_>, rewrites: &[EpollRewrite]) -> Result<(), LoadError> {
+    for (i, e) in rewrites.iter().enumerate() {
+        if let Err(err) = epoll_modify(rc, e, e.new) {
+            revert_epoll(rc, &rewrites[..i]);
+            return Err(err);
+        }
+    }
+    Ok(())
+}
+
+/// Put the old values back (best effort, each tried).
+fn revert_epoll(rc: &mut RemoteCalls<'_>, rewrites: &[EpollRewrite]) {
+    for e in rewrites.iter().rev() {
+        let _ = epoll_modify(rc, e, e.old);
+    }
 }
 
 /// A library's GOT slot bound to a COPY-relocated object (see
@@ -145,6 +202,7 @@ pub(super) fn plan_commit(
         warnings,
         old_path: running.path.clone(),
         unmap: Vec::new(),
+        epoll: Vec::new(),
     })
 }
 
@@ -183,7 +241,11 @@ pub(super) fn apply_commit(rc: &mut RemoteCalls<'_>, plan: &CommitPlan) -> Resul
         return Err(e.into());
     }
     if let Err(e) = apply_signal_handlers(rc, &plan.handlers) {
-        undo_commit(rc, plan, &[]);
+        revert_before_epoll(rc, plan);
+        return Err(e);
+    }
+    if let Err(e) = apply_epoll(rc, &plan.epoll) {
+        revert_before_epoll(rc, plan);
         return Err(e);
     }
     for (i, r) in plan.retire.iter().enumerate() {
@@ -210,6 +272,13 @@ pub(super) fn undo_commit(
             libc::PROT_READ | libc::PROT_EXEC,
         );
     }
+    revert_epoll(rc, &plan.epoll);
+    revert_before_epoll(rc, plan);
+}
+
+/// Undo the steps of [`apply_commit`] before the epoll registrations
+/// (best effort: each step is tried).
+fn revert_before_epoll(rc: &mut RemoteCalls<'_>, plan: &CommitPlan) {
     let _ = revert_signal_handlers(rc, &plan.handlers);
     let _ = plan.copy_redirect.revert(rc.memory());
     let _ = plan.exit_handlers.revert(rc.memory());

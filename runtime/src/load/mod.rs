@@ -76,7 +76,7 @@ mod relocs;
 pub mod retire;
 pub mod transformer;
 
-pub use commit::{CommitPlan, DynamicWrite, FiniRedirect, HandlerMove};
+pub use commit::{CommitPlan, DynamicWrite, EpollRewrite, FiniRedirect, HandlerMove};
 pub use elf::{ElfError, MAX_ELF_SIZE};
 pub use libraries::{Libraries, Library, LibraryError, Resolved};
 pub use relocs::{import_slots, reloc_name, ImportSlot};

@@ -518,9 +518,135 @@ pub fn list_tasks(pid: Pid) -> Result<Vec<Pid>, ProcError> {
     Ok(out)
 }
 
+/// At most this many file descriptors are looked at for epoll instances.
+pub const MAX_FDS: usize = 1 << 16;
+/// At most this many epoll registrations are read in all.
+pub const MAX_EPOLL_REGISTRATIONS: usize = 1 << 18;
+/// `/proc/PID/fdinfo/FD` of an epoll instance larger than this is refused
+/// (about 100 bytes a registration).
+pub const MAX_FDINFO_BYTES: u64 = 64 << 20;
+
+/// One file registered with an epoll instance of the process, as
+/// `/proc/PID/fdinfo/EPFD` shows it: the kernel keeps `data` and hands it
+/// back with every event, so a pointer stored there lives outside the
+/// process's memory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EpollRegistration {
+    /// The epoll instance's descriptor.
+    pub epfd: i32,
+    /// The registered descriptor (as it was registered).
+    pub tfd: i32,
+    /// The event mask (`EPOLLIN`, `EPOLLET`...).
+    pub events: u32,
+    /// The user data (`epoll_event.data`).
+    pub data: u64,
+    /// The registered file's inode and device (`ino`, `sdev`): the
+    /// descriptor `tfd` may since name another file.
+    pub ino: u64,
+    pub sdev: u64,
+}
+
+/// The registrations of one epoll instance's fdinfo text (`tfd:` lines).
+fn parse_epoll_fdinfo(epfd: i32, text: &str) -> Vec<EpollRegistration> {
+    let field = |words: &[&str], key: &str| -> Option<String> {
+        let i = words.iter().position(|w| w.starts_with(key))?;
+        let inline = &words[i][key.len()..];
+        if inline.is_empty() {
+            words.get(i + 1).map(|w| w.to_string())
+        } else {
+            Some(inline.to_string())
+        }
+    };
+    text.lines()
+        .filter(|l| l.starts_with("tfd:"))
+        .filter_map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            Some(EpollRegistration {
+                epfd,
+                tfd: field(&words, "tfd:")?.parse().ok()?,
+                events: u32::from_str_radix(&field(&words, "events:")?, 16).ok()?,
+                data: u64::from_str_radix(&field(&words, "data:")?, 16).ok()?,
+                ino: u64::from_str_radix(&field(&words, "ino:")?, 16).ok()?,
+                sdev: u64::from_str_radix(&field(&words, "sdev:")?, 16).ok()?,
+            })
+        })
+        .collect()
+}
+
+/// Every epoll registration of process `pid` (bounded by [`MAX_FDS`] and
+/// [`MAX_EPOLL_REGISTRATIONS`]): its epoll instances are the descriptors
+/// linking to `anon_inode:[eventpoll]`.
+pub fn epoll_registrations(pid: Pid) -> Result<Vec<EpollRegistration>, ProcError> {
+    let path = format!("/proc/{pid}/fd");
+    let io_err = |source| ProcError::Io {
+        pid: pid.as_raw(),
+        path: path.clone(),
+        source,
+    };
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(&path).map_err(io_err)?.take(MAX_FDS) {
+        let entry = entry.map_err(io_err)?;
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // A descriptor closed meanwhile is simply not there.
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        if target != Path::new("anon_inode:[eventpoll]") {
+            continue;
+        }
+        let text = read_capped(pid, &format!("fdinfo/{fd}"), MAX_FDINFO_BYTES)?;
+        out.extend(parse_epoll_fdinfo(fd, &String::from_utf8_lossy(&text)));
+        if out.len() > MAX_EPOLL_REGISTRATIONS {
+            out.truncate(MAX_EPOLL_REGISTRATIONS);
+            break;
+        }
+    }
+    out.sort_by_key(|r| (r.epfd, r.tfd));
+    Ok(out)
+}
+
+/// The inode and device of what descriptor `fd` of `pid` names now, as
+/// epoll's fdinfo gives them (`sdev` is the kernel's own `dev_t`, major
+/// above 20 bits of minor, not `st_dev`'s encoding).
+pub fn fd_identity(pid: Pid, fd: i32) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(format!("/proc/{pid}/fd/{fd}")).ok()?;
+    let dev = m.dev();
+    let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
+    Some((m.ino(), (major << 20) | minor))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn epoll_fdinfo_lines_are_parsed_and_others_skipped() {
+        let text = "pos:\t0\nflags:\t02\nmnt_id:\t15\nino:\t1057\n\
+                    tfd:        0 events:       19 data:     55d0c3a2b4c0  pos:0 ino:4 sdev:d\n\
+                    tfd:       12 events: 80000001 data:                c  pos:0 ino:2a8c1 sdev:8\n\
+                    tfd: garbage\n";
+        let r = parse_epoll_fdinfo(5, text);
+        assert_eq!(r.len(), 2);
+        assert_eq!(
+            r[0],
+            EpollRegistration {
+                epfd: 5,
+                tfd: 0,
+                events: 0x19,
+                data: 0x55d0_c3a2_b4c0,
+                ino: 4,
+                sdev: 0xd,
+            }
+        );
+        assert_eq!((r[1].tfd, r[1].events, r[1].data), (12, 0x8000_0001, 0xc));
+    }
 
     #[test]
     fn pending_signals_come_from_the_thread_line() {

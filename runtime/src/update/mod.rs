@@ -1194,6 +1194,18 @@ fn compute<'t>(
     // transformers unmapped their scratch memory since the load (swept
     // from the load's maps, it was reported as unreadable memory).
     let maps_swept = procfs::read_maps(nix::unistd::Pid::from_raw(pid)).map_err(proc_err)?;
+    // The user data of epoll registrations lives in the kernel: swept too,
+    // and re-registered at the commit when it points into the old image.
+    let epoll: Vec<(procfs::EpollRegistration, bool)> =
+        procfs::epoll_registrations(nix::unistd::Pid::from_raw(pid))
+            .map_err(proc_err)?
+            .into_iter()
+            .map(|r| {
+                let current = procfs::fd_identity(nix::unistd::Pid::from_raw(pid), r.tfd)
+                    == Some((r.ino, r.sdev));
+                (r, current)
+            })
+            .collect();
     let (swept, retired) = crate::engine::sweep::sweep_update(
         &mem,
         &maps_swept,
@@ -1207,6 +1219,7 @@ fn compute<'t>(
         &heap_moves,
         &mut kept_regs,
         pointer_guard,
+        &epoll,
     );
     drop(kept_regs);
     let sweep_writes = swept.writes();
@@ -1255,6 +1268,17 @@ fn compute<'t>(
     let unmap =
         crate::load::retire::plan_unmap(&mem, &maps_swept, &old, &retired, old_elf, &swept, phdr);
     commit_plan.unmap = unmap.unmap.clone();
+    commit_plan.epoll = swept
+        .epoll_remaps
+        .iter()
+        .map(|(r, new)| crate::load::EpollRewrite {
+            epfd: r.epfd,
+            tfd: r.tfd,
+            events: r.events,
+            old: r.data,
+            new: *new,
+        })
+        .collect();
     drop(pending);
     writes.extend(sweep_writes);
     for w in &writes {

@@ -1,0 +1,156 @@
+//! Pointers kept by the kernel: the user data of an epoll registration
+//! (`epoll_event.data`) is stored in the kernel and handed back with every
+//! event, so neither the typed walk nor the sweep of the process's memory
+//! sees it. An event loop that registers a pointer to a global handler
+//! struct (or a callback) got, after a reported success, the old image's
+//! struct back from `epoll_wait` and called its handler: retired code, a
+//! crash. The update now reads the registrations from
+//! `/proc/PID/fdinfo`, and re-registers (`EPOLL_CTL_MOD`) those pointing
+//! into the old image with NEW's value.
+
+mod apply_support;
+
+use apply_support::{build_c, with_version, TempDir};
+use std::time::{Duration, Instant};
+use upstare_runtime::update::{apply, ApplyOptions};
+use upstare_testkit::{spawn, ChildGuard, Toolchain};
+
+/// An event loop on stdin and a pipe: stdin's registration carries a
+/// pointer to a global handler struct, the pipe's a function pointer. A
+/// line `t` on stdin also writes to the pipe.
+const SRC: &str = r#"
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <unistd.h>
+
+struct handler {
+    const char *name;
+    void (*on_ready)(struct handler *self, int fd);
+    long count;
+};
+
+static int pipe_fds[2];
+static long ticks;
+
+static void on_tick(int fd)
+{
+    char c;
+    if (read(fd, &c, 1) == 1) {
+        ticks++;
+        printf("%s tick %ld\n", VERSION, ticks);
+    }
+}
+
+static void on_input(struct handler *self, int fd)
+{
+    char line[128];
+    ssize_t n = read(fd, line, sizeof line - 1);
+    if (n <= 0)
+        exit(0);
+    line[n] = 0;
+    self->count++;
+    printf("%s %s %ld\n", VERSION, self->name, self->count);
+    if (line[0] == 't' && write(pipe_fds[1], "x", 1) != 1)
+        exit(3);
+}
+
+static struct handler input = {"input", on_input, 0};
+
+int main(void)
+{
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    int ep = epoll_create1(0);
+    if (ep < 0 || pipe(pipe_fds) != 0)
+        return 1;
+    struct epoll_event ev = {.events = EPOLLIN};
+    ev.data.ptr = &input;
+    if (epoll_ctl(ep, EPOLL_CTL_ADD, 0, &ev) != 0)
+        return 1;
+    ev.data.u64 = (uint64_t)(uintptr_t)on_tick;
+    if (epoll_ctl(ep, EPOLL_CTL_ADD, pipe_fds[0], &ev) != 0)
+        return 1;
+    printf("%s ready\n", VERSION);
+    for (;;) {
+        struct epoll_event out[4];
+        int n = epoll_wait(ep, out, 4, -1);
+        for (int i = 0; i < n; i++) {
+            if (out[i].data.u64 == (uint64_t)(uintptr_t)on_tick) {
+                void (*tick)(int) = (void (*)(int))(uintptr_t)out[i].data.u64;
+                tick(pipe_fds[0]);
+            } else {
+                struct handler *h = out[i].data.ptr;
+                h->on_ready(h, 0);
+            }
+        }
+    }
+}
+"#;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Sends `line` and waits for every line of `want` in the output.
+fn ask(child: &mut ChildGuard, line: &str, want: &[&str], what: &str) {
+    child.send_stdin(line.as_bytes()).expect("send");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let out = child.stdout_so_far();
+        if want.iter().all(|w| out.lines().any(|l| l == *w)) {
+            return;
+        }
+        let status = child.try_status().ok().flatten();
+        assert!(
+            Instant::now() < deadline && status.is_none(),
+            "{what}: no {want:?} (ended: {status:?}): {out}{}",
+            child.stderr_so_far()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn epoll_data_follows_the_update(tc: Toolchain) {
+    tc.require();
+    let dir = TempDir::new(&format!("epoll-{tc}"));
+    let v1 = build_c(&dir, "v1", &with_version(SRC, "v1"), tc);
+    let v2 = build_c(&dir, "v2", &with_version(SRC, "v2"), tc);
+    let mut child = spawn(&v1, &[] as &[&str]).expect("spawn");
+    child
+        .wait_for_line("ready", WAIT, |l| l == "v1 ready")
+        .expect("ready");
+    ask(
+        &mut child,
+        "t\n",
+        &["v1 input 1", "v1 tick 1"],
+        "before the update",
+    );
+    let opts = ApplyOptions {
+        timeout: Duration::from_millis(10_000),
+        strict: true,
+        ..ApplyOptions::default()
+    };
+    let report = apply(child.pid() as i32, &v2, &opts).unwrap_or_else(|e| panic!("update: {e}"));
+    assert_eq!(report.sweep.epoll_remapped, 2, "{:?}", report.warnings);
+    // The event loop gets NEW's handler struct (its count carried over)
+    // and NEW's callback back from the kernel.
+    ask(
+        &mut child,
+        "t\n",
+        &["v2 input 2", "v2 tick 2"],
+        "after the update",
+    );
+    child.close_stdin();
+    let out = child.wait(WAIT).expect("ends");
+    assert_eq!(out.status.code(), Some(0), "{}{}", out.stdout, out.stderr);
+}
+
+#[test]
+fn epoll_data_follows_the_update_gcc() {
+    epoll_data_follows_the_update(Toolchain::Gcc);
+}
+
+#[test]
+fn epoll_data_follows_the_update_clang() {
+    epoll_data_follows_the_update(Toolchain::Clang);
+}
