@@ -6,7 +6,9 @@
 //! struct back from `epoll_wait` and called its handler: retired code, a
 //! crash. The update now reads the registrations from
 //! `/proc/PID/fdinfo`, and re-registers (`EPOLL_CTL_MOD`) those pointing
-//! into the old image with NEW's value.
+//! into the old image with NEW's value. A POSIX timer's signal value is
+//! kept by the kernel too, and no call can change it: one pointing into the
+//! old image is named, and `--strict` refuses.
 
 mod apply_support;
 
@@ -153,4 +155,66 @@ fn epoll_data_follows_the_update_gcc() {
 #[test]
 fn epoll_data_follows_the_update_clang() {
     epoll_data_follows_the_update(Toolchain::Clang);
+}
+
+/// A timer whose signal value points at a global (not armed: only its
+/// value matters); `p` prints, stdin's end ends.
+const TIMER_SRC: &str = r#"
+#include <signal.h>
+#include <stdio.h>
+#include <time.h>
+#include <unistd.h>
+
+static long hits;
+
+int main(void)
+{
+    timer_t t;
+    struct sigevent se = {0};
+    char c;
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    se.sigev_notify = SIGEV_SIGNAL;
+    se.sigev_signo = SIGUSR1;
+    se.sigev_value.sival_ptr = &hits;
+    if (timer_create(CLOCK_MONOTONIC, &se, &t) != 0)
+        return 1;
+    printf("%s ready\n", VERSION);
+    while (read(0, &c, 1) == 1)
+        if (c == 'p')
+            printf("%s alive\n", VERSION);
+    return 0;
+}
+"#;
+
+#[test]
+fn a_timer_signal_value_into_the_old_image_is_named_and_strict_refuses() {
+    let tc = Toolchain::Gcc;
+    tc.require();
+    let dir = TempDir::new("epoll-timer");
+    let v1 = build_c(&dir, "t1", &with_version(TIMER_SRC, "v1"), tc);
+    let v2 = build_c(&dir, "t2", &with_version(TIMER_SRC, "v2"), tc);
+    let mut child = spawn(&v1, &[] as &[&str]).expect("spawn");
+    child
+        .wait_for_line("ready", WAIT, |l| l == "v1 ready")
+        .expect("ready");
+    let mut opts = ApplyOptions {
+        timeout: Duration::from_millis(10_000),
+        strict: true,
+        ..ApplyOptions::default()
+    };
+    let refused = apply(child.pid() as i32, &v2, &opts).expect_err("strict must refuse");
+    assert!(refused.to_string().contains("POSIX timer 0"), "{refused}");
+    // Refused: the process goes on in v1.
+    ask(&mut child, "p", &["v1 alive"], "after the refusal");
+    opts.strict = false;
+    let report = apply(child.pid() as i32, &v2, &opts).unwrap_or_else(|e| panic!("update: {e}"));
+    assert!(
+        report
+            .warnings
+            .iter()
+            .any(|w| w.contains("POSIX timer 0") && w.contains("global hits")),
+        "{:?}",
+        report.warnings
+    );
+    ask(&mut child, "p", &["v2 alive"], "after the update");
 }

@@ -1266,6 +1266,7 @@ pub fn sweep_update<'a>(
     kept_regs: &mut [(Pid, &mut Regs)],
     pointer_guard: Option<u64>,
     epoll: &[(EpollRegistration, bool)],
+    timers: &[(i64, u64)],
 ) -> (SweepResult, Retired) {
     let retired = Retired::new(old, maps, old_elf);
     let regions = regions(maps, rsps, &retired);
@@ -1315,6 +1316,9 @@ pub fn sweep_update<'a>(
             });
         }
         sweep_epoll(epoll, &mut r, &mut |v| {
+            aliases.classify(v).or_else(|| c.classify(v))
+        });
+        sweep_timers(timers, &mut r, &mut |v| {
             aliases.classify(v).or_else(|| c.classify(v))
         });
         // Shared memory: found, never remapped (see `shared_regions`).
@@ -1476,6 +1480,46 @@ fn sweep_epoll(
                 addr: 0,
                 location,
                 value: reg.data,
+                class,
+                in_retired: false,
+            });
+        } else {
+            out.hits_dropped += 1;
+        }
+    }
+}
+
+/// The signal value of each POSIX timer (`(id, sigev_value)`): the kernel
+/// keeps it and nothing can change it (`timer_settime` keeps the value),
+/// so one pointing into the old image is a stale hit even where NEW has a
+/// place for it, named by the timer.
+fn sweep_timers(
+    timers: &[(i64, u64)],
+    out: &mut SweepResult,
+    classify: &mut dyn FnMut(u64) -> Option<Class>,
+) {
+    for &(id, value) in timers {
+        let Some(class) = classify(value) else {
+            continue;
+        };
+        let class = match class {
+            Class::Remap { what, .. } => Class::OldData {
+                what: format!(
+                    "{what}, as the signal value of a POSIX timer, which the kernel keeps and no call can change"
+                ),
+            },
+            Class::HeapAlias { ty, offset, .. } => Class::OldData {
+                what: format!(
+                    "{ty}+{offset}, as the signal value of a POSIX timer, which the kernel keeps and no call can change"
+                ),
+            },
+            other => other,
+        };
+        if out.hits.len() < MAX_HITS_KEPT {
+            out.hits.push(Hit {
+                addr: 0,
+                location: format!("POSIX timer {id} (sigev_value)"),
+                value,
                 class,
                 in_retired: false,
             });

@@ -622,9 +622,49 @@ pub fn fd_identity(pid: Pid, fd: i32) -> Option<(u64, u64)> {
     Some((m.ino(), (major << 20) | minor))
 }
 
+/// `/proc/PID/timers` larger than this is refused (about 80 bytes a timer).
+pub const MAX_TIMERS_BYTES: u64 = 16 << 20;
+
+/// The POSIX timers of process `pid` (`timer_create`) that signal it, as
+/// `(timer id, sigev_value)`: the kernel keeps the value and hands it to
+/// the handler with every expiry (`si_value`).
+pub fn posix_timers(pid: Pid) -> Result<Vec<(i64, u64)>, ProcError> {
+    let text = read_capped(pid, "timers", MAX_TIMERS_BYTES)?;
+    Ok(parse_timers(&String::from_utf8_lossy(&text)))
+}
+
+/// `ID:` and `signal: SIG/VALUE` lines of `/proc/PID/timers`.
+fn parse_timers(text: &str) -> Vec<(i64, u64)> {
+    let mut out = Vec::new();
+    let mut id = None;
+    for line in text.lines() {
+        if let Some(v) = line.strip_prefix("ID:") {
+            id = v.trim().parse::<i64>().ok();
+        } else if let (Some(v), Some(i)) = (line.strip_prefix("signal:"), id) {
+            if let Some(value) = v
+                .trim()
+                .split_once('/')
+                .and_then(|(_, val)| u64::from_str_radix(val.trim(), 16).ok())
+            {
+                out.push((i, value));
+            }
+            id = None;
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timers_give_their_id_and_signal_value() {
+        let text = "ID: 0\nsignal: 10/00005608e892803c\nnotify: signal/pid.5868\nClockID: 1\n\
+                    ID: 3\nsignal: 14/0000000000000000\nnotify: thread/tid.7\nClockID: 0\n\
+                    signal: 12/ff\n";
+        assert_eq!(parse_timers(text), vec![(0, 0x5608_e892_803c), (3, 0)]);
+    }
 
     #[test]
     fn epoll_fdinfo_lines_are_parsed_and_others_skipped() {

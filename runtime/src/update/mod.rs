@@ -1220,6 +1220,7 @@ fn compute<'t>(
         &mut kept_regs,
         pointer_guard,
         &epoll,
+        &procfs::posix_timers(nix::unistd::Pid::from_raw(pid)).map_err(proc_err)?,
     );
     drop(kept_regs);
     let sweep_writes = swept.writes();
