@@ -218,3 +218,72 @@ fn a_timer_signal_value_into_the_old_image_is_named_and_strict_refuses() {
     );
     ask(&mut child, "p", &["v2 alive"], "after the update");
 }
+
+/// A handler on an alternate signal stack in the program's `.bss`: the
+/// kernel keeps each thread's alternate stack (nothing in `/proc` shows
+/// it), so with a handler flagged `SA_ONSTACK` the old image's writable
+/// data is not unmapped, and the handler still runs after the update.
+const ALTSTACK_SRC: &str = r#"
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+static char alt[1 << 16];
+static volatile sig_atomic_t got;
+
+static void on_usr1(int sig)
+{
+    (void)sig;
+    got++;
+}
+
+int main(void)
+{
+    stack_t ss = {.ss_sp = alt, .ss_size = sizeof alt};
+    struct sigaction sa;
+    char c;
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_usr1;
+    sa.sa_flags = SA_ONSTACK;
+    if (sigaltstack(&ss, NULL) != 0 || sigaction(SIGUSR1, &sa, NULL) != 0)
+        return 1;
+    printf("%s ready\n", VERSION);
+    while (read(0, &c, 1) == 1)
+        if (c == 's') {
+            raise(SIGUSR1);
+            printf("%s handled %d\n", VERSION, (int)got);
+        }
+    return 0;
+}
+"#;
+
+#[test]
+fn a_handler_on_an_alternate_stack_in_the_old_data_still_runs() {
+    let tc = Toolchain::Gcc;
+    tc.require();
+    let dir = TempDir::new("epoll-altstack");
+    let v1 = build_c(&dir, "a1", &with_version(ALTSTACK_SRC, "v1"), tc);
+    let v2 = build_c(&dir, "a2", &with_version(ALTSTACK_SRC, "v2"), tc);
+    let mut child = spawn(&v1, &[] as &[&str]).expect("spawn");
+    child
+        .wait_for_line("ready", WAIT, |l| l == "v1 ready")
+        .expect("ready");
+    ask(&mut child, "s", &["v1 handled 1"], "before the update");
+    let opts = ApplyOptions {
+        timeout: Duration::from_millis(10_000),
+        ..ApplyOptions::default()
+    };
+    let report = apply(child.pid() as i32, &v2, &opts).unwrap_or_else(|e| panic!("update: {e}"));
+    assert!(
+        report
+            .retired
+            .kept_reasons
+            .iter()
+            .any(|k| k.contains("alternate stack")),
+        "{:?}",
+        report.retired.kept_reasons
+    );
+    ask(&mut child, "s", &["v2 handled 2"], "after the update");
+}

@@ -55,6 +55,11 @@ pub struct CommitPlan {
     /// Epoll registrations whose user data points into the old image (set
     /// by the update from its sweep), registered again with NEW's value.
     pub epoll: Vec<EpollRewrite>,
+    /// A signal handler runs on an alternate stack (`SA_ONSTACK`): the
+    /// kernel keeps each thread's alternate stack, which `/proc` does not
+    /// show and which may lie in the old image's data, so that data is
+    /// not unmapped.
+    pub on_alt_stack: bool,
 }
 
 /// A file registered with an epoll instance whose user data, which the
@@ -148,8 +153,8 @@ pub(super) fn plan_commit(
     // cannot be read. None: no session at all.
     let uncatchable = (1u64 << (libc::SIGKILL - 1)) | (1u64 << (libc::SIGSTOP - 1));
     let caught = crate::target::remote::caught_signals(pid, tid).unwrap_or(u64::MAX) & !uncatchable;
-    let handlers = if caught == 0 {
-        Vec::new()
+    let (handlers, on_alt_stack) = if caught == 0 {
+        (Vec::new(), false)
     } else {
         let mut rc = RemoteCalls::with_maps(tracee, tid, gadget, maps)?;
         rc.set_timeout(timeout);
@@ -203,6 +208,7 @@ pub(super) fn plan_commit(
         old_path: running.path.clone(),
         unmap: Vec::new(),
         epoll: Vec::new(),
+        on_alt_stack,
     })
 }
 
@@ -321,8 +327,9 @@ fn plan_signal_handlers(
     running: &Image,
     map: &dyn Fn(RuntimeAddr) -> Option<RuntimeAddr>,
     caught: u64,
-) -> Result<Vec<HandlerMove>, LoadError> {
+) -> Result<(Vec<HandlerMove>, bool), LoadError> {
     let mut out = Vec::new();
+    let mut on_alt_stack = false;
     // One remote rt_sigaction per signal with a handler (`caught`), rather
     // than per signal: each is a round trip into the paused process.
     for sig in 1..=64 {
@@ -334,6 +341,7 @@ fn plan_signal_handlers(
             Err(RemoteError::Syscall { .. }) => continue,
             Err(e) => return Err(e.into()),
         };
+        on_alt_stack |= old.flags & SA_ONSTACK != 0;
         let h = RuntimeAddr(old.handler);
         if !running.span.contains(&h) {
             continue;
@@ -356,8 +364,11 @@ fn plan_signal_handlers(
             },
         });
     }
-    Ok(out)
+    Ok((out, on_alt_stack))
 }
+
+/// `SA_ONSTACK`: the handler runs on the thread's alternate signal stack.
+const SA_ONSTACK: u64 = 0x0800_0000;
 
 /// Install the planned actions.
 fn apply_signal_handlers(rc: &mut RemoteCalls<'_>, moves: &[HandlerMove]) -> Result<(), LoadError> {

@@ -1268,6 +1268,22 @@ fn compute<'t>(
     };
     let unmap =
         crate::load::retire::plan_unmap(&mem, &maps_swept, &old, &retired, old_elf, &swept, phdr);
+    let mut unmap = unmap;
+    if commit_plan.on_alt_stack {
+        // An alternate signal stack in the old image's data would be
+        // unmapped under a handler that runs on it.
+        let (keep, go): (Vec<_>, Vec<_>) = unmap
+            .unmap
+            .into_iter()
+            .partition(|r| writable(&maps_swept, r.start, 1));
+        unmap.unmap = go;
+        unmap.keep.extend(keep.into_iter().map(|r| {
+            (
+                r,
+                "writable data kept: a signal handler runs on an alternate stack (SA_ONSTACK), which the kernel keeps per thread and may lie here".to_string(),
+            )
+        }));
+    }
     commit_plan.unmap = unmap.unmap.clone();
     commit_plan.epoll = swept
         .epoll_remaps
