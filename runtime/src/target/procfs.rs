@@ -573,10 +573,9 @@ fn parse_epoll_fdinfo(epfd: i32, text: &str) -> Vec<EpollRegistration> {
         .collect()
 }
 
-/// Every epoll registration of process `pid` (bounded by [`MAX_FDS`] and
-/// [`MAX_EPOLL_REGISTRATIONS`]): its epoll instances are the descriptors
-/// linking to `anon_inode:[eventpoll]`.
-pub fn epoll_registrations(pid: Pid) -> Result<Vec<EpollRegistration>, ProcError> {
+/// The descriptor numbers of process `pid` (at most [`MAX_FDS`]), sorted:
+/// a directory listing, no call per descriptor.
+pub fn fd_numbers(pid: Pid) -> Result<Vec<i32>, ProcError> {
     let path = format!("/proc/{pid}/fd");
     let io_err = |source| ProcError::Io {
         pid: pid.as_raw(),
@@ -586,18 +585,72 @@ pub fn epoll_registrations(pid: Pid) -> Result<Vec<EpollRegistration>, ProcError
     let mut out = Vec::new();
     for entry in std::fs::read_dir(&path).map_err(io_err)?.take(MAX_FDS) {
         let entry = entry.map_err(io_err)?;
-        let Some(fd) = entry
+        if let Some(fd) = entry
             .file_name()
             .to_str()
             .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
+        {
+            out.push(fd);
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// Whether descriptor `fd` of `pid` is an epoll instance (a closed one is
+/// not).
+pub fn is_epoll(pid: Pid, fd: i32) -> bool {
+    std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+        .is_ok_and(|t| t == Path::new("anon_inode:[eventpoll]"))
+}
+
+/// The descriptors of `pid` and which of them are epoll instances: one
+/// call per descriptor, so made before the process is paused; in the pause
+/// [`epoll_registrations`] looks again only at these and at descriptors
+/// opened since.
+#[derive(Clone, Debug, Default)]
+pub struct FdScan {
+    pub fds: Vec<i32>,
+    pub epoll: Vec<i32>,
+}
+
+impl FdScan {
+    /// The scan of `pid` now.
+    pub fn of(pid: Pid) -> Result<FdScan, ProcError> {
+        let fds = fd_numbers(pid)?;
+        let epoll = fds
+            .iter()
+            .copied()
+            .filter(|&fd| is_epoll(pid, fd))
+            .collect();
+        Ok(FdScan { fds, epoll })
+    }
+}
+
+/// Every epoll registration of process `pid` (bounded by [`MAX_FDS`] and
+/// [`MAX_EPOLL_REGISTRATIONS`]): its epoll instances are the descriptors
+/// linking to `anon_inode:[eventpoll]`. With `before` (a scan made before
+/// the pause) only its epoll instances and the descriptors not open then
+/// are looked at: a descriptor number closed and reused for a new epoll
+/// instance between the scan and the pause is missed.
+pub fn epoll_registrations(
+    pid: Pid,
+    before: Option<&FdScan>,
+) -> Result<Vec<EpollRegistration>, ProcError> {
+    let now = fd_numbers(pid)?;
+    let candidates: Vec<i32> = match before {
+        Some(scan) => now
+            .into_iter()
+            .filter(|fd| {
+                scan.epoll.binary_search(fd).is_ok() || scan.fds.binary_search(fd).is_err()
+            })
+            .collect(),
+        None => now,
+    };
+    let mut out = Vec::new();
+    for fd in candidates {
         // A descriptor closed meanwhile is simply not there.
-        let Ok(target) = std::fs::read_link(entry.path()) else {
-            continue;
-        };
-        if target != Path::new("anon_inode:[eventpoll]") {
+        if !is_epoll(pid, fd) {
             continue;
         }
         let text = read_capped(pid, &format!("fdinfo/{fd}"), MAX_FDINFO_BYTES)?;

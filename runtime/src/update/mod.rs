@@ -695,6 +695,8 @@ struct Planned {
     facts: Option<(PathBuf, Option<u64>)>,
     /// What the sweep needs from the two files alone.
     sweep_files: crate::engine::sweep::SweepFiles,
+    /// The process's descriptors and epoll instances before the pause.
+    fds: Option<procfs::FdScan>,
     timings: Timings,
 }
 
@@ -845,6 +847,11 @@ fn plan_update(
     // What the sweep needs from the two files alone.
     let sweep_files =
         crate::engine::sweep::SweepFiles::new(&old_bytes, new_bytes, &plan, &old, &new_tables);
+    // Which descriptors are epoll instances: one call per descriptor, not
+    // in the pause (a server's thousands of connections).
+    let fds = (!opts.legacy_pause)
+        .then(|| procfs::FdScan::of(pid_).ok())
+        .flatten();
     timings.plan_us = clock.lap();
     Ok(Planned {
         clock,
@@ -860,6 +867,7 @@ fn plan_update(
         arming,
         facts,
         sweep_files,
+        fds,
         timings,
     })
 }
@@ -1027,6 +1035,7 @@ fn compute<'t>(
         arming: _,
         facts,
         sweep_files,
+        fds: fds_before,
         mut timings,
     } = planned;
     let proc_err = |source| UpdateError::Proc { pid, source };
@@ -1197,7 +1206,7 @@ fn compute<'t>(
     // The user data of epoll registrations lives in the kernel: swept too,
     // and re-registered at the commit when it points into the old image.
     let epoll: Vec<(procfs::EpollRegistration, bool)> =
-        procfs::epoll_registrations(nix::unistd::Pid::from_raw(pid))
+        procfs::epoll_registrations(nix::unistd::Pid::from_raw(pid), fds_before.as_ref())
             .map_err(proc_err)?
             .into_iter()
             .map(|r| {
