@@ -9,7 +9,10 @@
 //! - nginx 1.22.1 (+deb12u9, a master and 2 workers updated as one; its
 //!   security updates cannot be fetched here, so an identity update to a
 //!   copy of the same build): a fixed loop of keep-alive `GET /` on one
-//!   connection, every reply checked.
+//!   connection, every reply checked;
+//! - sshd 9.2p1 (+deb12u7 → +deb12u10, the listener run with `-r` so that
+//!   connections run its code, not the file on disk): a fixed loop of
+//!   logins with the real client, each running `true`.
 //!
 //! Rounds alternate fresh and updated servers; medians of the rounds.
 //! `cargo bench -p upstare-runtime --bench real_throughput`. Needs the
@@ -24,9 +27,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use apply_support::servers::{memcached, nginx, redis};
+use apply_support::servers::{memcached, nginx, redis, sshd};
 use apply_support::{fresh_copy, TempDir};
-use upstare_corpus::real::{build_real, MEMCACHED, NGINX, REDIS};
+use upstare_corpus::real::{build_real, MEMCACHED, NGINX, OPENSSH, REDIS};
 use upstare_runtime::update::{apply, ApplyOptions};
 use upstare_testkit::ChildGuard;
 
@@ -42,6 +45,8 @@ const REQUESTS: usize = 50_000;
 const MEMCACHED_PAIRS: usize = 20_000;
 /// Keep-alive `GET /` requests per nginx round.
 const NGINX_GETS: usize = 20_000;
+/// Logins per sshd round.
+const SSH_LOGINS: usize = 20;
 
 fn update(child: &ChildGuard, to: &Path) {
     let opts = ApplyOptions {
@@ -108,6 +113,16 @@ fn nginx_gps(addr: std::net::SocketAddr) -> f64 {
         c.get().unwrap_or_else(|e| panic!("GET {i}: {e}"));
     }
     NGINX_GETS as f64 / t.elapsed().as_secs_f64()
+}
+
+/// Logins per second to `server`, each running `true` (every one must
+/// succeed).
+fn sshd_lps(server: &sshd::Sshd) -> f64 {
+    let t = Instant::now();
+    for _ in 0..SSH_LOGINS {
+        assert_eq!(server.run("true"), "");
+    }
+    SSH_LOGINS as f64 / t.elapsed().as_secs_f64()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -182,6 +197,24 @@ fn main() {
     let (f, a) = (median(fresh), median(after));
     println!(
         "nginx keep-alive GET (master + 2 workers, identity update): fresh {f:.0} req/s, after update {a:.0} req/s, ratio {:.3}",
+        a / f
+    );
+
+    let s_old = build_real(&OPENSSH.recipe, OPENSSH.old).unwrap_or_else(|e| panic!("{e}"));
+    let s_new = build_real(&OPENSSH.recipe, OPENSSH.new).unwrap_or_else(|e| panic!("{e}"));
+    let (mut fresh, mut after) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        let server = sshd::start_with(&s_new.instrumented, "", &["-r"]);
+        fresh.push(sshd_lps(&server));
+        drop(server);
+        let server = sshd::start_with(&s_old.instrumented, "", &["-r"]);
+        update(&server.listener, &s_new.instrumented);
+        after.push(sshd_lps(&server));
+        drop(server);
+    }
+    let (f, a) = (median(fresh), median(after));
+    println!(
+        "sshd logins running `true`: fresh {f:.2} logins/s, after update {a:.2} logins/s, ratio {:.3}",
         a / f
     );
 }
