@@ -154,17 +154,45 @@ pub(super) fn map_image(
     LoadError,
 > {
     let len = plan.hi - plan.lo;
-    let base = rc.mmap(
-        RuntimeAddr(0),
-        len,
-        libc::PROT_NONE,
-        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-        -1,
-        0,
-    )?;
+    let (fd, shown) = open_in_target(rc, pid, path, bytes)?;
+    // Segments whose file offset is their distance from the image's start
+    // (linkers lay the read-only and code segments out so) are in place in
+    // one read-only mapping of the file over the whole span, which is also
+    // the span's reservation: fewer calls into the paused process than a
+    // reservation and one mmap per segment.
+    let whole = plan
+        .segments
+        .first()
+        .is_some_and(|s| s.filesz > 0 && page_down(s.vaddr) == plan.lo && page_down(s.offset) == 0);
+    let reserved = if whole {
+        rc.mmap(
+            RuntimeAddr(0),
+            len,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE,
+            fd,
+            0,
+        )
+    } else {
+        rc.mmap(
+            RuntimeAddr(0),
+            len,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    let base = match reserved {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = rc.close(fd);
+            return Err(e.into());
+        }
+    };
     let bias = LoadBias(base.0.wrapping_sub(plan.lo));
-    let mapped = map_and_relocate(rc, pid, path, bytes, plan, bias);
-    let mapped = mapped.and_then(|(r, shown)| {
+    let mapped = map_and_relocate(rc, fd, path, plan, bias, whole);
+    let mapped = mapped.and_then(|r| {
         let maps = procfs::read_maps(pid)?;
         let on_show = maps.iter().any(|m| {
             m.perms.exec && shown.is(m, path) && base <= m.start && m.end.0 <= base.0 + len
@@ -225,16 +253,18 @@ pub(super) fn running_gadget(pid: Pid, running: &Image) -> Result<RuntimeAddr, L
 }
 
 /// Map NEW's segments into the reserved span at `bias` and relocate them.
+/// Map NEW's segments through `fd` (closed here) at `bias` (with `whole`,
+/// the file is already mapped over the span, see [`map_image`]), then
+/// write its relocations.
 fn map_and_relocate(
     rc: &mut RemoteCalls<'_>,
-    pid: Pid,
+    fd: i32,
     path: &Path,
-    bytes: &[u8],
     plan: &LoadPlan,
     bias: LoadBias,
-) -> Result<(LoadReport, Shown), LoadError> {
-    let (fd, shown) = open_in_target(rc, pid, path, bytes)?;
-    let r = map_segments(rc, fd, plan, bias);
+    whole: bool,
+) -> Result<LoadReport, LoadError> {
+    let r = map_segments(rc, fd, plan, bias, whole);
     let closed = rc.close(fd);
     r?;
     closed?;
@@ -322,7 +352,7 @@ fn map_and_relocate(
             rc.mprotect(at(start), end - start, libc::PROT_READ)?;
         }
     }
-    Ok((report, shown))
+    Ok(report)
 }
 
 fn map_segments(
@@ -330,6 +360,7 @@ fn map_segments(
     fd: i32,
     plan: &LoadPlan,
     bias: LoadBias,
+    whole: bool,
 ) -> Result<(), LoadError> {
     let at = |off: u64| LinkAddr(off).to_runtime(bias);
     for s in &plan.segments {
@@ -339,14 +370,21 @@ fn map_segments(
         let mut anon_start = start;
         if s.filesz > 0 {
             let map_end = page_up(file_end).unwrap_or(file_end);
-            rc.mmap(
-                at(start),
-                map_end - start,
-                s.prot(),
-                libc::MAP_PRIVATE | libc::MAP_FIXED,
-                fd,
-                page_down(s.offset),
-            )?;
+            if whole && start.checked_sub(plan.lo) == Some(page_down(s.offset)) {
+                // In place in the whole-file mapping: only its protection.
+                if s.prot() != libc::PROT_READ {
+                    rc.mprotect(at(start), map_end - start, s.prot())?;
+                }
+            } else {
+                rc.mmap(
+                    at(start),
+                    map_end - start,
+                    s.prot(),
+                    libc::MAP_PRIVATE | libc::MAP_FIXED,
+                    fd,
+                    page_down(s.offset),
+                )?;
+            }
             anon_start = map_end;
             if s.memsz > s.filesz {
                 // The rest of the last file page is .bss: zero it.
