@@ -135,6 +135,17 @@ pub struct CopyRedirect {
 /// memory. `copies` are the libraries' slots bound to NEW's COPY-relocated
 /// objects; `fini` what the destructors' redirection needs from the files
 /// (worked out before the pause).
+/// The signals of `tid` (of `pid`) with a handler, from `/proc`: every
+/// signal when the mask cannot be read.
+pub(super) fn caught(pid: Pid, tid: Pid) -> u64 {
+    let uncatchable = (1u64 << (libc::SIGKILL - 1)) | (1u64 << (libc::SIGSTOP - 1));
+    crate::target::remote::caught_signals(pid, tid).unwrap_or(u64::MAX) & !uncatchable
+}
+
+/// The signal handlers to move and whether one runs on an alternate stack
+/// (see [`plan_signal_handlers`]), read in the load's remote session.
+pub(super) type SignalPlan = Result<(Vec<HandlerMove>, bool), LoadError>;
+
 #[allow(clippy::too_many_arguments)]
 pub(super) fn plan_commit(
     tracee: &mut Tracee,
@@ -146,21 +157,26 @@ pub(super) fn plan_commit(
     copies: &[CopyRedirect],
     maps: &[MemoryMap],
     fini: &FiniSources,
+    signals: Option<SignalPlan>,
 ) -> Result<CommitPlan, LoadError> {
     let pid = tracee.pid();
     let mapper = function_mapper(running, new);
-    // Signals with a handler, from /proc: every signal when the mask
-    // cannot be read. None: no session at all.
-    let uncatchable = (1u64 << (libc::SIGKILL - 1)) | (1u64 << (libc::SIGSTOP - 1));
-    let caught = crate::target::remote::caught_signals(pid, tid).unwrap_or(u64::MAX) & !uncatchable;
-    let (handlers, on_alt_stack) = if caught == 0 {
-        (Vec::new(), false)
-    } else {
-        let mut rc = RemoteCalls::with_maps(tracee, tid, gadget, maps)?;
-        rc.set_timeout(timeout);
-        let handlers = plan_signal_handlers(&mut rc, running, &mapper, caught);
-        rc.finish()?;
-        handlers?
+    // Read with the load (one remote session fewer), else now, in a
+    // session of its own, only when some signal is caught.
+    let (handlers, on_alt_stack) = match signals {
+        Some(read) => read?,
+        None => {
+            let caught = caught(pid, tid);
+            if caught == 0 {
+                (Vec::new(), false)
+            } else {
+                let mut rc = RemoteCalls::with_maps(tracee, tid, gadget, maps)?;
+                rc.set_timeout(timeout);
+                let handlers = plan_signal_handlers(&mut rc, running, &mapper, caught);
+                rc.finish()?;
+                handlers?
+            }
+        }
     };
     let mem = tracee.memory();
     let fini_sources = fini;
@@ -322,7 +338,7 @@ pub struct HandlerMove {
 /// Read every signal's action; for each whose handler is code of `running`,
 /// the action to install instead (same flags, mask and restorer, handler
 /// mapped by `map`). A handler that does not map is an error.
-fn plan_signal_handlers(
+pub(super) fn plan_signal_handlers(
     rc: &mut RemoteCalls<'_>,
     running: &Image,
     map: &dyn Fn(RuntimeAddr) -> Option<RuntimeAddr>,

@@ -277,6 +277,9 @@ pub struct LoadedImage<'t> {
     /// How many of the retired ranges were left mapped, when they were
     /// unmapped with the commit steps.
     unmapped_at_commit: Option<usize>,
+    /// The signal actions, read in the load's session (taken by the
+    /// commit plan).
+    signals: Option<commit::SignalPlan>,
 }
 
 impl fmt::Debug for LoadedImage<'_> {
@@ -431,6 +434,26 @@ pub fn load_prepared<'t>(
         copy_objects.push((slots, *src, *size, *off));
     }
     let (span, bias, mut report, maps) = map::map_image(&mut rc, pid, &canon, new_bytes, &plan)?;
+    let image = Image {
+        path: canon,
+        bias,
+        text: map::text_range(&plan, &new_tables, bias),
+        tables: new_tables,
+        span,
+    };
+    // The commit moves the handlers in the old image: their actions are
+    // read now, in this session, rather than in one of their own.
+    let caught = commit::caught(pid, tid);
+    let signals = (caught != 0).then(|| {
+        commit::plan_signal_handlers(
+            &mut rc,
+            running,
+            &commit::function_mapper(running, &image),
+            caught,
+        )
+    });
+    let signals = Some(signals.unwrap_or(Ok((Vec::new(), false))));
+    let span = image.span.clone();
     if let Err(e) = rc.finish() {
         // Restoring the thread failed (is it gone?): try to unmap NEW in a
         // new session so as not to leave it behind.
@@ -440,13 +463,6 @@ pub fn load_prepared<'t>(
         }
         return Err(e.into());
     }
-    let image = Image {
-        path: canon,
-        bias,
-        text: map::text_range(&plan, &new_tables, bias),
-        tables: new_tables,
-        span,
-    };
     let new_gadget = LinkAddr(plan.entry).to_runtime(bias);
     report.copies = plan.copies;
     let copy_redirects = copy_objects
@@ -479,6 +495,7 @@ pub fn load_prepared<'t>(
         copy_redirects,
         fini,
         unmapped_at_commit: None,
+        signals,
     })
 }
 
@@ -579,6 +596,7 @@ impl<'t> LoadedImage<'t> {
             &self.copy_redirects,
             &self.maps,
             &self.fini,
+            self.signals.take(),
         )
     }
 
