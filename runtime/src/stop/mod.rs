@@ -81,6 +81,9 @@ pub struct StopOptions {
     /// What arming writes, worked out before the pause
     /// ([`ArmingPlan::of`]); `None`: worked out when arming.
     pub arming: Option<Arc<ArmingPlan>>,
+    /// The process's maps, read since it was seized and before any of its
+    /// threads ran again (the seize's own check); `None`: read here.
+    pub maps: Option<Arc<Vec<crate::target::procfs::MemoryMap>>>,
 }
 
 /// What arming the update points of an image takes: the points armed with
@@ -132,6 +135,7 @@ impl Default for StopOptions {
             stop_wait: Duration::from_secs(2),
             breath: Duration::from_millis(50),
             arming: None,
+            maps: None,
         }
     }
 }

@@ -124,7 +124,10 @@ pub(super) fn stop(
     let t0 = Instant::now();
     let pid = tracee.pid();
     crate::update::signals::checkpoint(crate::update::signals::Phase::Stop);
-    let maps = procfs::read_maps(pid)?;
+    let maps = match &opts.maps {
+        Some(m) => m.to_vec(),
+        None => procfs::read_maps(pid)?,
+    };
     // A library loaded since `libs` was built is only needed for blocked
     // threads inside it.
     libs.refresh_with(pid, &maps);

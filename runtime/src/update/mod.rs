@@ -626,6 +626,9 @@ fn seize_planned(planned: &mut Planned) -> Result<Tracee, UpdateError> {
         pid: planned.pid,
         source,
     })?;
+    // Nothing of the process has run since: the stop starts from these.
+    let maps = std::sync::Arc::new(maps);
+    planned.seized_maps = Some(maps.clone());
     let still = maps.iter().any(|m| {
         m.perms.exec
             && m.file() == Some(planned.old.path.as_path())
@@ -697,6 +700,8 @@ struct Planned {
     sweep_files: crate::engine::sweep::SweepFiles,
     /// The process's descriptors and epoll instances before the pause.
     fds: Option<procfs::FdScan>,
+    /// Its maps as read right after the seize (taken by the first stop).
+    seized_maps: Option<std::sync::Arc<Vec<procfs::MemoryMap>>>,
     timings: Timings,
 }
 
@@ -868,6 +873,7 @@ fn plan_update(
         facts,
         sweep_files,
         fds,
+        seized_maps: None,
         timings,
     })
 }
@@ -919,6 +925,9 @@ fn stop_process(
         }
     }
     let (gadget, arming) = (planned.gadget, planned.arming.clone());
+    // The maps read at the seize serve the first stop, unless the rescue
+    // handler was mapped since (along the former pause).
+    let mut seized_maps = planned.seized_maps.take().filter(|_| gadget.is_some());
     let mut asked = gadget.is_none();
     let stopped = (|| loop {
         interrupted(pid)?;
@@ -937,6 +946,8 @@ fn stop_process(
                 timeout: deadline.saturating_duration_since(Instant::now()),
                 skip_hits,
                 arming: arming.clone(),
+                // Only the first stop: the threads run between retries.
+                maps: seized_maps.take(),
                 ..StopOptions::default()
             },
             &mut before_arming,
@@ -1036,6 +1047,7 @@ fn compute<'t>(
         facts,
         sweep_files,
         fds: fds_before,
+        seized_maps: _,
         mut timings,
     } = planned;
     let proc_err = |source| UpdateError::Proc { pid, source };
