@@ -643,11 +643,42 @@ impl<'t> LoadedImage<'t> {
         }
         let mut rc = RemoteCalls::with_maps(self.tracee, self.tid, self.new_gadget, &self.maps)?;
         rc.set_timeout(self.timeout);
-        let applied = commit::apply_commit(&mut rc, plan);
+        // Code about to be unmapped in this session need not be made
+        // non-executable first (one remote call per range fewer), unless
+        // the unmap fails: then it is, before the session ends.
+        let covered = |r: &std::ops::Range<RuntimeAddr>| {
+            plan.unmap
+                .iter()
+                .any(|u| u.start <= r.start && r.end <= u.end)
+        };
+        let (skipped, kept): (Vec<_>, Vec<_>) = plan.retire.iter().cloned().partition(covered);
+        let trimmed = CommitPlan {
+            retire: kept,
+            ..plan.clone()
+        };
+        let applied = commit::apply_commit(&mut rc, &trimmed);
         let left = applied.is_ok().then(|| unmap_ranges(&mut rc, &plan.unmap));
+        let mut protect_failed = None;
+        if left.is_some_and(|n| n > 0) {
+            let maps = procfs::read_maps(rc.pid()).unwrap_or_default();
+            for r in &skipped {
+                let still = maps
+                    .iter()
+                    .any(|m| m.start < r.end && r.start < m.end && m.perms.exec);
+                if still {
+                    if let Err(e) = rc.mprotect(r.start, r.end.0 - r.start.0, nix::libc::PROT_READ)
+                    {
+                        protect_failed.get_or_insert(e);
+                    }
+                }
+            }
+        }
         let finished = rc.finish();
         applied?;
         self.unmapped_at_commit = left;
+        if let Some(e) = protect_failed {
+            return Err(e.into());
+        }
         finished?;
         Ok(())
     }
