@@ -922,9 +922,17 @@ impl Tracee {
     /// its continue).
     fn unless_continued(&self, sig: Option<Sig>) -> Option<Sig> {
         match sig {
-            Some(s) if is_stop_signal(s) && (self.continued || sigcont_pending(self.pid)) => None,
+            Some(s) if is_stop_signal(s) && self.stop_cancelled() => None,
             other => other,
         }
+    }
+
+    /// Whether a stop signal taken from a thread during this session must
+    /// not be sent again: a SIGCONT was seen in the session (see
+    /// `continued`) or is pending in the process (sent after the stop was
+    /// taken; sending the stop now would discard it).
+    pub fn stop_cancelled(&self) -> bool {
+        self.continued || sigcont_pending(self.pid)
     }
 
     /// A SIGCONT reached the process: the stop signals kept for any thread
@@ -934,12 +942,6 @@ impl Tracee {
     pub fn saw_continue(&mut self) {
         self.continued = true;
         drop_kept_stops(&mut self.threads);
-    }
-
-    /// Whether a stop signal taken from a thread during this session should
-    /// still reach the process: no SIGCONT was seen in the session.
-    pub fn stops_stand(&self) -> bool {
-        !self.continued
     }
 
     /// Keep `sig`, reported while `tid` was being stopped, for its resume (a

@@ -401,22 +401,6 @@ fn read_status_mask(pid: Pid, tid: Pid, key: &str) -> Result<u64, RemoteError> {
     u64::from_str_radix(line.trim(), 16).map_err(|_| err(format!("bad {key} {line:?}")))
 }
 
-/// Whether a SIGCONT is pending for thread `tid` or its whole process
-/// (`SigPnd`, `ShdPnd` of `/proc/PID/task/TID/status`).
-fn sigcont_pending(pid: Pid, tid: Pid) -> bool {
-    let Ok(text) = procfs::read_task_status(pid, tid) else {
-        return false;
-    };
-    let bit = 1u64 << (libc::SIGCONT - 1);
-    text.lines()
-        .filter_map(|l| {
-            l.strip_prefix("SigPnd:")
-                .or_else(|| l.strip_prefix("ShdPnd:"))
-        })
-        .filter_map(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .any(|set| set & bit != 0)
-}
-
 /// What a remote run executes.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum RunKind {
@@ -1310,7 +1294,7 @@ impl<'t> RemoteCalls<'t> {
     /// SIGCONT (blocked during the session, so still pending) must not be
     /// lost to a stop sent after it.
     fn resend_stop(&self) {
-        if !self.tracee.stops_stand() || sigcont_pending(self.pid(), self.tid) {
+        if self.tracee.stop_cancelled() {
             return;
         }
         let _ = signal::kill(self.pid(), Signal::SIGSTOP);
