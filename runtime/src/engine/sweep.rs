@@ -779,6 +779,28 @@ pub struct SweepResult {
 }
 
 impl SweepResult {
+    /// Keep `hit`, or only count it beyond [`MAX_HITS_KEPT`].
+    fn keep(&mut self, hit: Hit) {
+        if self.hits.len() < MAX_HITS_KEPT {
+            self.hits.push(hit);
+        } else {
+            self.hits_dropped += 1;
+        }
+    }
+
+    /// Keep a hit of a value held outside the process's memory (a
+    /// register, the kernel), named by `location` (at address 0: never
+    /// written).
+    fn keep_outside(&mut self, location: String, value: u64, class: Class) {
+        self.keep(Hit {
+            addr: 0,
+            location,
+            value,
+            class,
+            in_retired: false,
+        });
+    }
+
     /// Hits that are stale values stored in live memory (outside the
     /// retired image).
     pub fn stale(&self) -> impl Iterator<Item = &Hit> {
@@ -921,18 +943,14 @@ pub fn sweep(
                 w.copy_from_slice(&bytes[i..i + 8]);
                 let v = u64::from_le_bytes(w);
                 if let Some(class) = classify(v) {
-                    if out.hits.len() < MAX_HITS_KEPT {
-                        let addr = cur + i as u64;
-                        out.hits.push(Hit {
-                            addr,
-                            location: format!("{}+{:#x}", region.name, addr - region.range.start),
-                            value: v,
-                            class,
-                            in_retired: region.retired,
-                        });
-                    } else {
-                        out.hits_dropped += 1;
-                    }
+                    let addr = cur + i as u64;
+                    out.keep(Hit {
+                        addr,
+                        location: format!("{}+{:#x}", region.name, addr - region.range.start),
+                        value: v,
+                        class,
+                        in_retired: region.retired,
+                    });
                 }
                 i += 8;
             }
@@ -1338,11 +1356,7 @@ pub fn sweep_update<'a>(
                     what: format!("{what}, in memory shared with other processes: not remapped"),
                 };
             }
-            if r.hits.len() < MAX_HITS_KEPT {
-                r.hits.push(h);
-            } else {
-                r.hits_dropped += 1;
-            }
+            r.keep(h);
         }
         r
     };
@@ -1417,19 +1431,7 @@ fn sweep_registers(
             Some(Class::Remap { new, .. }) | Some(Class::HeapAlias { new: Some(new), .. }) => {
                 regs.set(reg, new)
             }
-            Some(class) => {
-                if out.hits.len() < MAX_HITS_KEPT {
-                    out.hits.push(Hit {
-                        addr: 0,
-                        location: format!("thread {tid} register {reg}"),
-                        value,
-                        class,
-                        in_retired: false,
-                    });
-                } else {
-                    out.hits_dropped += 1;
-                }
-            }
+            Some(class) => out.keep_outside(format!("thread {tid} register {reg}"), value, class),
         }
     }
 }
@@ -1475,17 +1477,7 @@ fn sweep_epoll(
             },
             None => class,
         };
-        if out.hits.len() < MAX_HITS_KEPT {
-            out.hits.push(Hit {
-                addr: 0,
-                location,
-                value: reg.data,
-                class,
-                in_retired: false,
-            });
-        } else {
-            out.hits_dropped += 1;
-        }
+        out.keep_outside(location, reg.data, class);
     }
 }
 
@@ -1515,17 +1507,7 @@ fn sweep_timers(
             },
             other => other,
         };
-        if out.hits.len() < MAX_HITS_KEPT {
-            out.hits.push(Hit {
-                addr: 0,
-                location: format!("POSIX timer {id} (sigev_value)"),
-                value,
-                class,
-                in_retired: false,
-            });
-        } else {
-            out.hits_dropped += 1;
-        }
+        out.keep_outside(format!("POSIX timer {id} (sigev_value)"), value, class);
     }
 }
 
