@@ -12,10 +12,10 @@
 
 mod apply_support;
 
-use apply_support::{build_c, with_version, TempDir};
-use std::time::{Duration, Instant};
+use apply_support::{build_c, send_and_expect, with_version, TempDir};
+use std::time::Duration;
 use upstare_runtime::update::{apply, ApplyOptions};
-use upstare_testkit::{spawn, ChildGuard, Toolchain};
+use upstare_testkit::{spawn, Toolchain};
 
 /// An event loop on stdin and a pipe: stdin's registration carries a
 /// pointer to a global handler struct, the pipe's a function pointer. A
@@ -93,25 +93,6 @@ int main(void)
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// Sends `line` and waits for every line of `want` in the output.
-fn ask(child: &mut ChildGuard, line: &str, want: &[&str], what: &str) {
-    child.send_stdin(line.as_bytes()).expect("send");
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let out = child.stdout_so_far();
-        if want.iter().all(|w| out.lines().any(|l| l == *w)) {
-            return;
-        }
-        let status = child.try_status().ok().flatten();
-        assert!(
-            Instant::now() < deadline && status.is_none(),
-            "{what}: no {want:?} (ended: {status:?}): {out}{}",
-            child.stderr_so_far()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 fn epoll_data_follows_the_update(tc: Toolchain) {
     tc.require();
     let dir = TempDir::new(&format!("epoll-{tc}"));
@@ -121,10 +102,11 @@ fn epoll_data_follows_the_update(tc: Toolchain) {
     child
         .wait_for_line("ready", WAIT, |l| l == "v1 ready")
         .expect("ready");
-    ask(
+    send_and_expect(
         &mut child,
-        "t\n",
+        b"t\n",
         &["v1 input 1", "v1 tick 1"],
+        WAIT,
         "before the update",
     );
     let opts = ApplyOptions {
@@ -136,10 +118,11 @@ fn epoll_data_follows_the_update(tc: Toolchain) {
     assert_eq!(report.sweep.epoll_remapped, 2, "{:?}", report.warnings);
     // The event loop gets NEW's handler struct (its count carried over)
     // and NEW's callback back from the kernel.
-    ask(
+    send_and_expect(
         &mut child,
-        "t\n",
+        b"t\n",
         &["v2 input 2", "v2 tick 2"],
+        WAIT,
         "after the update",
     );
     child.close_stdin();
@@ -205,7 +188,7 @@ fn a_timer_signal_value_into_the_old_image_is_named_and_strict_refuses() {
     let refused = apply(child.pid() as i32, &v2, &opts).expect_err("strict must refuse");
     assert!(refused.to_string().contains("POSIX timer 0"), "{refused}");
     // Refused: the process goes on in v1.
-    ask(&mut child, "p", &["v1 alive"], "after the refusal");
+    send_and_expect(&mut child, b"p", &["v1 alive"], WAIT, "after the refusal");
     opts.strict = false;
     let report = apply(child.pid() as i32, &v2, &opts).unwrap_or_else(|e| panic!("update: {e}"));
     assert!(
@@ -216,7 +199,7 @@ fn a_timer_signal_value_into_the_old_image_is_named_and_strict_refuses() {
         "{:?}",
         report.warnings
     );
-    ask(&mut child, "p", &["v2 alive"], "after the update");
+    send_and_expect(&mut child, b"p", &["v2 alive"], WAIT, "after the update");
 }
 
 /// A handler on an alternate signal stack in the program's `.bss`: the
@@ -270,7 +253,13 @@ fn a_handler_on_an_alternate_stack_in_the_old_data_still_runs() {
     child
         .wait_for_line("ready", WAIT, |l| l == "v1 ready")
         .expect("ready");
-    ask(&mut child, "s", &["v1 handled 1"], "before the update");
+    send_and_expect(
+        &mut child,
+        b"s",
+        &["v1 handled 1"],
+        WAIT,
+        "before the update",
+    );
     let opts = ApplyOptions {
         timeout: Duration::from_millis(10_000),
         ..ApplyOptions::default()
@@ -285,5 +274,11 @@ fn a_handler_on_an_alternate_stack_in_the_old_data_still_runs() {
         "{:?}",
         report.retired.kept_reasons
     );
-    ask(&mut child, "s", &["v2 handled 2"], "after the update");
+    send_and_expect(
+        &mut child,
+        b"s",
+        &["v2 handled 2"],
+        WAIT,
+        "after the update",
+    );
 }

@@ -15,10 +15,10 @@
 
 mod apply_support;
 
-use apply_support::{build_c, with_version, TempDir};
-use std::time::{Duration, Instant};
+use apply_support::{build_c, send_and_expect, with_version, TempDir};
+use std::time::Duration;
 use upstare_runtime::update::{apply, ApplyOptions};
-use upstare_testkit::{spawn, ChildGuard, Toolchain};
+use upstare_testkit::{spawn, Toolchain};
 
 /// One byte a command: `e` raises an error caught in `main` (siglongjmp),
 /// `E` one caught in `serve` (longjmp through a heap `jmp_buf`), `p`
@@ -81,26 +81,6 @@ int main(void)
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// Sends `command` and waits for a line of the output that `want` is.
-fn ask(child: &mut ChildGuard, command: &[u8], want: &str, what: &str) {
-    let before = child.stdout_so_far().lines().filter(|l| *l == want).count();
-    child.send_stdin(command).expect("send");
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let out = child.stdout_so_far();
-        if out.lines().filter(|l| *l == want).count() > before {
-            return;
-        }
-        let status = child.try_status().ok().flatten();
-        assert!(
-            Instant::now() < deadline && status.is_none(),
-            "{what}: no {want:?} (ended: {status:?}): {out}{}",
-            child.stderr_so_far()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 /// `wider`: NEW's `main` and `serve` have a larger frame (a new local
 /// array below the others): the frames holding the `jmp_buf`s and the
 /// state they saved are rebuilt variable by variable at other addresses.
@@ -119,11 +99,18 @@ fn errors_after_an_update_land_in_the_new_code(tc: Toolchain, wider: bool) {
     child
         .wait_for_line("ready", WAIT, |l| l == "v1 ready")
         .expect("ready");
-    ask(&mut child, b"e", "v1 recovered 1", "before the update");
-    ask(
+    send_and_expect(
+        &mut child,
+        b"e",
+        &["v1 recovered 1"],
+        WAIT,
+        "before the update",
+    );
+    send_and_expect(
         &mut child,
         b"E",
-        "v1 serve recovered 1",
+        &["v1 serve recovered 1"],
+        WAIT,
         "before the update",
     );
     let opts = ApplyOptions {
@@ -137,29 +124,33 @@ fn errors_after_an_update_land_in_the_new_code(tc: Toolchain, wider: bool) {
         "{:?}",
         report.warnings
     );
-    ask(
+    send_and_expect(
         &mut child,
         b"p",
-        "v2 pong errors=1 caught=1",
+        &["v2 pong errors=1 caught=1"],
+        WAIT,
         "after the update",
     );
     // The frames' values came along: the counts go on.
-    ask(
+    send_and_expect(
         &mut child,
         b"E",
-        "v2 serve recovered 2",
+        &["v2 serve recovered 2"],
+        WAIT,
         "heap jmp_buf after the update",
     );
-    ask(
+    send_and_expect(
         &mut child,
         b"e",
-        "v2 recovered 2",
+        &["v2 recovered 2"],
+        WAIT,
         "main's sigjmp_buf after the update",
     );
-    ask(
+    send_and_expect(
         &mut child,
         b"p",
-        "v2 pong errors=2 caught=0",
+        &["v2 pong errors=2 caught=0"],
+        WAIT,
         "after both errors",
     );
     child.send_stdin(b"q").expect("quit");

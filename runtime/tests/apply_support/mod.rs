@@ -345,3 +345,33 @@ pub fn audit_after(run: &TracedRun, report: &UpdateReport) -> (Vec<String>, (usi
         .collect();
     (stale, found.exceptions())
 }
+
+/// Sends `input` to `child` and waits (up to `wait`) until each line of
+/// `want` has appeared once more in its output than before; fails naming
+/// `what` when it does not, or when the child ends first.
+pub fn send_and_expect(
+    child: &mut upstare_testkit::ChildGuard,
+    input: &[u8],
+    want: &[&str],
+    wait: Duration,
+    what: &str,
+) {
+    let count = |out: &str, w: &str| out.lines().filter(|l| *l == w).count();
+    let out = child.stdout_so_far();
+    let before: Vec<usize> = want.iter().map(|w| count(&out, w)).collect();
+    child.send_stdin(input).expect("send");
+    let deadline = Instant::now() + wait;
+    loop {
+        let out = child.stdout_so_far();
+        if want.iter().zip(&before).all(|(w, n)| count(&out, w) > *n) {
+            return;
+        }
+        let status = child.try_status().ok().flatten();
+        assert!(
+            Instant::now() < deadline && status.is_none(),
+            "{what}: no {want:?} (ended: {status:?}): {out}{}",
+            child.stderr_so_far()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
