@@ -1227,6 +1227,19 @@ fn compute<'t>(
                 (r, current)
             })
             .collect();
+    // /proc/PID/timers exists only with CONFIG_CHECKPOINT_RESTORE: without
+    // it the timers' values go unseen, which is said (and refused when
+    // strict).
+    let timers = match procfs::posix_timers(nix::unistd::Pid::from_raw(pid)) {
+        Ok(t) => t,
+        Err(e) if opts.strict => return Err(proc_err(e)),
+        Err(e) => {
+            warnings.push(format!(
+                "the POSIX timers' signal values were not swept: {e}"
+            ));
+            Vec::new()
+        }
+    };
     let (swept, retired) = crate::engine::sweep::sweep_update(
         &mem,
         &maps_swept,
@@ -1241,7 +1254,7 @@ fn compute<'t>(
         &mut kept_regs,
         pointer_guard,
         &epoll,
-        &procfs::posix_timers(nix::unistd::Pid::from_raw(pid)).map_err(proc_err)?,
+        &timers,
     );
     drop(kept_regs);
     let sweep_writes = swept.writes();
