@@ -232,3 +232,46 @@ fn redis_with_inline_points_security_update_keeps_a_live_connection_and_its_keys
         &start,
     );
 }
+
+/// Killing the updater while it stops redis leaves redis running with its
+/// keys. Its background threads wait on condition variables: the stop
+/// leads them out with a breakpoint at the wait's return, no update point,
+/// which the rescue handler must restore too. Before it did not, and redis
+/// died of SIGTRAP when the updater was killed at stop moments 2, 3 and 5.
+#[test]
+fn redis_survives_the_updaters_death_while_it_is_stopped() {
+    let (old, new) = builds();
+    let mut killed = 0;
+    for n in [2, 3, 4, 5, 8] {
+        let what = format!("stop:{n}:SIGKILL");
+        let (server, addr) = start(&old.instrumented);
+        let mut client = Redis::connect(addr).expect("connect");
+        client.set("kept", "before").expect("set");
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_upstare-apply"));
+        cmd.args(["--pid", &server.pid().to_string(), "--to"])
+            .arg(&new.instrumented)
+            .args(["--timeout", "20000"])
+            .env("UPSTARE_TEST_SIGNAL_AT", &what);
+        let out = upstare_testkit::run_command(cmd, Duration::from_secs(120))
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        if out.status.signal() == Some(9) {
+            killed += 1;
+        }
+        // Whether the moment was reached (killed, old version) or not
+        // (updated), redis answers on the same connection with its key.
+        assert_eq!(
+            client
+                .get("kept")
+                .unwrap_or_else(|e| panic!("{what}: {e}\n{}", server.stderr_so_far())),
+            Some("before".to_string()),
+            "{what}"
+        );
+        client
+            .set("after", "yes")
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+    }
+    assert!(
+        killed >= 3,
+        "the updater was killed at only {killed} of 5 moments"
+    );
+}

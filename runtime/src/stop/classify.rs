@@ -720,12 +720,29 @@ impl Stopper<'_, '_> {
         callee: String,
         resume_at: RuntimeAddr,
     ) -> Result<(), StopError> {
-        bps.arm(resume_at)?;
+        self.arm_extra(bps, resume_at)?;
         let mut regs = self.tracee.regs(tid)?;
         regs.0.rax = ETIMEDOUT as u64;
         regs.0.orig_rax = u64::MAX;
         self.tracee.set_regs(tid, &regs)?;
         self.leaving.insert(tid, (resume_at, callee));
+        Ok(())
+    }
+
+    /// Arm a breakpoint at `addr` that is no update point, told first to
+    /// `before_arming` with the byte it covers (unless already armed).
+    fn arm_extra(
+        &mut self,
+        bps: &mut BreakpointSet<ProcessMemory>,
+        addr: RuntimeAddr,
+    ) -> Result<(), StopError> {
+        if !bps.is_armed(addr) {
+            let byte = self.mem.read_u8(addr).map_err(|source| {
+                StopError::from(crate::target::breakpoint::BreakpointError::Mem { addr, source })
+            })?;
+            (self.before_arming)(self.tracee, Some((addr, byte)))?;
+        }
+        bps.arm(addr)?;
         Ok(())
     }
 
@@ -740,7 +757,7 @@ impl Stopper<'_, '_> {
         return_to: RuntimeAddr,
         return_rsp: RuntimeAddr,
     ) -> Result<(), StopError> {
-        bps.arm(return_to)?;
+        self.arm_extra(bps, return_to)?;
         self.out_of_callback.remove(&tid);
         self.in_callback.insert(tid, (return_to, return_rsp));
         Ok(())

@@ -193,7 +193,7 @@ pub fn stop_the_world(
     libs: &mut Libraries,
     opts: &StopOptions,
 ) -> Result<Stopped, StopError> {
-    stopper::stop(tracee, image, libs, opts, &mut |_| Ok(()))
+    stopper::stop(tracee, image, libs, opts, &mut |_, _| Ok(()))
 }
 
 /// [`stop_the_world`], running `before_arming` once the threads are

@@ -52,15 +52,19 @@ impl Waiting {
     }
 }
 
-/// What must be done to the stopped process before update points are
-/// armed (given the tracee, every thread stopped).
-pub type BeforeArming<'a> = dyn FnMut(&mut Tracee) -> Result<(), StopError> + 'a;
+/// What must be done to the stopped process before breakpoints are armed
+/// (given the tracee): `None` before the update points (every thread
+/// stopped), `Some((addr, byte))` before another breakpoint, at `addr`
+/// over `byte` (a condition wait's return, a callback's return into a
+/// library), so that the rescue handler restores it too.
+pub type BeforeArming<'a> =
+    dyn FnMut(&mut Tracee, Option<(RuntimeAddr, u8)>) -> Result<(), StopError> + 'a;
 
 pub(super) struct Stopper<'a, 'b> {
     pub(super) tracee: &'a mut Tracee,
     /// Run once the threads are classified, only if update points must be
     /// armed (every thread stopped).
-    before_arming: &'a mut BeforeArming<'b>,
+    pub(super) before_arming: &'a mut BeforeArming<'b>,
     pub(super) image: &'a Image,
     pub(super) libs: &'a mut Libraries,
     opts: &'a StopOptions,
@@ -277,7 +281,7 @@ impl Stopper<'_, '_> {
         }
 
         let t = Instant::now();
-        (self.before_arming)(self.tracee)?;
+        (self.before_arming)(self.tracee, None)?;
         let arming = match &self.opts.arming {
             Some(a) => a.clone(),
             None => std::sync::Arc::new(super::ArmingPlan::of(self.image)),

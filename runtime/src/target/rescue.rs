@@ -100,6 +100,8 @@ pub enum RescueError {
     Mem(#[from] crate::memory::MemError),
     #[error("rescue handler: {count} update points, more than the limit of {limit}")]
     TooMany { count: usize, limit: usize },
+    #[error("rescue handler: no room left in its table for the breakpoint at {addr}")]
+    Full { addr: RuntimeAddr },
 }
 
 /// The installed rescue area (see the module doc).
@@ -108,7 +110,15 @@ pub struct Rescue {
     base: RuntimeAddr,
     len: u64,
     original: KernelSigaction,
+    /// Entries in the table, and room for them.
+    count: usize,
+    capacity: usize,
 }
+
+/// Entries the table has room for beyond the update points: the other
+/// breakpoints a stop arms (a condition wait's return, a callback's return
+/// into a library), added as they are armed.
+const SPARE_ENTRIES: usize = 256;
 
 /// The trampolines of a binary rewritten with `--inline-points`, as the
 /// rescue handler needs them: a trap there is cleared by clearing `flag`.
@@ -159,7 +169,8 @@ impl Rescue {
             });
         }
         let table = crate::target::breakpoint::bytes_at(&*rc.memory(), points)?;
-        let len = PAGE + (ENTRIES + 16 * points.len() as u64).next_multiple_of(PAGE);
+        let capacity = points.len() + SPARE_ENTRIES;
+        let len = PAGE + (ENTRIES + 16 * capacity as u64).next_multiple_of(PAGE);
         let base = rc.mmap(
             RuntimeAddr(0),
             len,
@@ -196,12 +207,37 @@ impl Rescue {
                 base,
                 len,
                 original,
+                count: table.len(),
+                capacity,
             }),
             Err(e) => {
                 let _ = rc.munmap(base, len);
                 Err(e)
             }
         }
+    }
+
+    /// Adds a breakpoint about to be armed at `addr` over `byte` to the
+    /// table (the entry first, then the count the handler reads), so that
+    /// the handler restores it too if the updater dies. `Ok(false)` when
+    /// the table is full (the breakpoint must not be armed then).
+    pub fn add(
+        &mut self,
+        mem: &mut impl TargetMemory,
+        addr: RuntimeAddr,
+        byte: u8,
+    ) -> Result<bool, RescueError> {
+        if self.count >= self.capacity {
+            return Ok(false);
+        }
+        let data = self.base.0 + PAGE;
+        let mut entry = [0u8; 16];
+        entry[..8].copy_from_slice(&addr.0.to_le_bytes());
+        entry[8] = byte;
+        mem.write(RuntimeAddr(data + ENTRIES + 16 * self.count as u64), &entry)?;
+        mem.write(RuntimeAddr(data), &(self.count as u64 + 1).to_le_bytes())?;
+        self.count += 1;
+        Ok(true)
     }
 
     /// Puts the program's SIGTRAP action back and unmaps the area.

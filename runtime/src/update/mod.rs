@@ -931,10 +931,17 @@ fn stop_process(
     let mut asked = gadget.is_none();
     let stopped = (|| loop {
         interrupted(pid)?;
-        let mut before_arming = |tr: &mut Tracee| -> Result<(), StopError> {
+        let mut before_arming = |tr: &mut Tracee,
+                                 extra: Option<(upstare_dwarf::RuntimeAddr, u8)>|
+         -> Result<(), StopError> {
             if let (false, Some(g), Some(a)) = (asked, gadget, &arming) {
                 asked = true;
                 rescue = survive::install_at(tr, old, g, a).map_err(StopError::Rescue)?;
+            }
+            // A breakpoint outside the update points: in the rescue
+            // handler's table before it is armed.
+            if let (Some((addr, byte)), Some(r)) = (extra, rescue.as_mut()) {
+                r.add(tr, addr, byte).map_err(StopError::Rescue)?;
             }
             Ok(())
         };

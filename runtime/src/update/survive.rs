@@ -92,6 +92,24 @@ pub fn install_at(
     Ok(Some(Installed { rescue, gadget }))
 }
 
+impl Installed {
+    /// Adds a breakpoint about to be armed at `addr` over `byte` to the
+    /// handler's table; refused when the table is full (arming it would
+    /// leave a trap the handler cannot undo).
+    pub fn add(
+        &mut self,
+        tracee: &Tracee,
+        addr: RuntimeAddr,
+        byte: u8,
+    ) -> Result<(), Box<RescueError>> {
+        match self.rescue.add(&mut tracee.memory(), addr, byte) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Box::new(RescueError::Full { addr })),
+            Err(e) => Err(Box::new(e)),
+        }
+    }
+}
+
 /// Puts the program's SIGTRAP action back and unmaps the rescue area.
 pub fn remove(tracee: &mut Tracee, installed: Installed) -> Result<(), UpdateError> {
     let tid = session_thread(tracee);
