@@ -881,6 +881,17 @@ fn phases_add_up(t: &serde_json::Value) {
     assert_eq!(sum, get("total"), "{t}");
     assert_eq!(get("pause"), get("total") - get("plan"), "{t}");
     assert!(get("total") > 0, "{t}");
+    // The stop's parts are within the stop.
+    let detail = &t["stop_detail"];
+    let parts: u64 = ["classify", "rescue", "arm", "run", "finish", "unrescue"]
+        .iter()
+        .map(|k| {
+            detail[format!("{k}_us")]
+                .as_u64()
+                .unwrap_or_else(|| panic!("no stop_detail.{k}_us in {t}"))
+        })
+        .sum();
+    assert!(parts <= get("stop"), "{t}");
 }
 
 /// The text report's latency line: `name N us` per phase, in order, adding

@@ -339,6 +339,14 @@ impl Library {
             .map_err(Clone::clone)
     }
 
+    /// Reads and caches now what unwinding through the library needs (its
+    /// `.eh_frame` index and its function symbols, which name its frames),
+    /// so that a later unwind does not; errors are met again there.
+    pub fn warm(&self) {
+        let _ = self.eh_frame();
+        let _ = self.symbol_at(LinkAddr(0));
+    }
+
     /// The library's `.eh_frame` index, read on first use and cached.
     pub fn eh_frame(&self) -> Result<&EhFrameIndex, LibraryError> {
         self.index

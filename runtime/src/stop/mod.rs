@@ -145,6 +145,9 @@ impl Default for StopOptions {
 pub struct StopTimings {
     /// Classifying the threads as seized (unwinding included).
     pub classify: Duration,
+    /// Installing the rescue handler (the remote session that maps it and
+    /// takes SIGTRAP), when it happens in the stop.
+    pub rescue: Duration,
     /// Writing `int3` at every update point.
     pub arm: Duration,
     /// Letting the threads that were not ready run to a point.

@@ -282,6 +282,8 @@ impl Stopper<'_, '_> {
 
         let t = Instant::now();
         (self.before_arming)(self.tracee, None)?;
+        timings.rescue = t.elapsed();
+        let t = Instant::now();
         let arming = match &self.opts.arming {
             Some(a) => a.clone(),
             None => std::sync::Arc::new(super::ArmingPlan::of(self.image)),

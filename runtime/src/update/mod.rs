@@ -12,8 +12,8 @@ mod timings;
 pub mod transaction;
 pub mod tree;
 
-pub use timings::Timings;
 pub(crate) use timings::{us, PhaseClock};
+pub use timings::{StopDetail, Timings};
 
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -827,11 +827,12 @@ fn plan_update(
         return Err(TransformerError::NoObject.into());
     }
     let libs = Libraries::new(pid_, &maps);
-    // The call frame information of every library, read now rather than
-    // by the first unwind through it in the pause (a thread blocked in
-    // libc); a library that cannot be read is met again there.
+    // The call frame information and symbols of every library, read now
+    // rather than by the first unwind through it in the pause (a thread
+    // blocked in libc: 0.4 ms for libc's symbols); a library that cannot
+    // be read is met again there.
     for lib in libs.iter() {
-        let _ = lib.eh_frame();
+        lib.warm();
     }
     // NEW's relocations and imports, resolved while the process runs. A
     // process not yet that far (its libraries not loaded: stopped at its
@@ -929,6 +930,7 @@ fn stop_process(
     // handler was mapped since (along the former pause).
     let mut seized_maps = planned.seized_maps.take().filter(|_| gadget.is_some());
     let mut asked = gadget.is_none();
+    let mut detail = timings::StopDetail::default();
     let stopped = (|| loop {
         interrupted(pid)?;
         let mut before_arming = |tr: &mut Tracee,
@@ -965,6 +967,7 @@ fn stop_process(
             e => e.into(),
         })?;
         skip_hits = 0;
+        detail.add(&stopped.timings, stopped.breakpoints_armed);
         let Some(busy) = forbidden_frame(&stopped.threads, plan) else {
             return Ok(stopped.threads);
         };
@@ -983,7 +986,10 @@ fn stop_process(
         tracee.halt_all()?;
         safety_retries = safety_retries.saturating_add(1);
     })();
+    let t_unrescue = Instant::now();
     let removed = rescue.map_or(Ok(()), |r| survive::remove(tracee, r));
+    detail.unrescue_us = timings::us(t_unrescue.elapsed());
+    planned.timings.stop_detail = detail;
     signals::set_stopping(false);
     let threads = stopped?;
     removed?;
@@ -1131,6 +1137,7 @@ fn compute<'t>(
             &LoadOptions::default(),
         )?,
     };
+    let load_libs = loaded.take_libraries();
     let mut commit_plan = loaded.plan_commit(&old)?;
     warnings.extend(commit_plan.warnings.iter().cloned());
     timings.load_us = clock.lap();
@@ -1417,7 +1424,7 @@ fn compute<'t>(
         timings,
         clock,
         legacy_pause: opts.legacy_pause,
-        leftovers: Box::new((old, plan, libs, old_bytes, sweep_files)),
+        leftovers: Box::new((old, plan, libs, old_bytes, sweep_files, load_libs)),
         commit_timed: false,
     })
 }

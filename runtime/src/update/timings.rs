@@ -42,6 +42,42 @@ pub struct Timings {
     pub pause_us: u64,
     /// From the start of the update to the resume.
     pub total_us: u64,
+    /// Where `stop_us` went (summed over the stops a `[safety]` retry
+    /// repeats); not phases of their own.
+    pub stop_detail: StopDetail,
+}
+
+/// The parts of the stop phase, in microseconds. Time between them (the
+/// rescue handler's removal, checks of the stopped frames) is in
+/// `stop_us` only.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StopDetail {
+    /// Classifying the threads as interrupted (unwinding included).
+    pub classify_us: u64,
+    /// Installing the rescue handler.
+    pub rescue_us: u64,
+    /// Arming the update points.
+    pub arm_us: u64,
+    /// Letting the threads that were not ready run to a point.
+    pub run_us: u64,
+    /// Stopping what still ran, disarming, requeueing held signals.
+    pub finish_us: u64,
+    /// Removing the rescue handler.
+    pub unrescue_us: u64,
+    /// Update points armed with `int3` (the last stop's).
+    pub points_armed: u64,
+}
+
+impl StopDetail {
+    /// Adds one stop's timings.
+    pub(crate) fn add(&mut self, t: &crate::stop::StopTimings, armed: usize) {
+        self.classify_us += us(t.classify);
+        self.rescue_us += us(t.rescue);
+        self.arm_us += us(t.arm);
+        self.run_us += us(t.run);
+        self.finish_us += us(t.finish);
+        self.points_armed = u64::try_from(armed).unwrap_or(u64::MAX);
+    }
 }
 
 impl Timings {
