@@ -489,6 +489,21 @@ impl<'c, 'a, 'r> Classifier<'c, 'a, 'r> {
     }
 
     /// `None` when `v` does not point into the retired image.
+    /// The values [`Classifier::classify`] may know (it returns `None` for
+    /// every other): the retired span, and with the pointer guard the
+    /// mangled forms of the retired code and of the stack that moves.
+    pub fn interest(&self) -> Interest {
+        let mut i = Interest::default();
+        i.add(self.retired.span.clone());
+        if let Some(guard) = self.pointer_guard {
+            i.add_mangled(guard, self.retired.text.clone());
+            if let Some(s) = &self.moved_stack {
+                i.add_mangled(guard, s.clone());
+            }
+        }
+        i
+    }
+
     pub fn classify(&mut self, v: u64) -> Option<Class> {
         if !self.retired.span.contains(&v) {
             return self.classify_mangled(v);
@@ -916,6 +931,7 @@ pub fn sweep(
     mem: &impl TargetMemory,
     regions: &[Region],
     pending: &[&Write],
+    interest: &Interest,
     classify: &mut dyn FnMut(u64) -> Option<Class>,
 ) -> SweepResult {
     let mut out = SweepResult::default();
@@ -942,6 +958,10 @@ pub fn sweep(
                 let mut w = [0u8; 8];
                 w.copy_from_slice(&bytes[i..i + 8]);
                 let v = u64::from_le_bytes(w);
+                if !interest.wants(v) {
+                    i += 8;
+                    continue;
+                }
                 if let Some(class) = classify(v) {
                     let addr = cur + i as u64;
                     out.keep(Hit {
@@ -958,6 +978,56 @@ pub fn sweep(
         }
     }
     out
+}
+
+/// Which values the classifier of a sweep may know, as ranges tested
+/// inline on every word: most words (zeros, small numbers, heap and stack
+/// addresses) fail them, and are never handed to the classifier (a call
+/// that builds a [`Class`]), which made the sweep of a small program's
+/// 240 KB take 0.2 ms instead of a few tens of microseconds.
+#[derive(Clone, Debug, Default)]
+pub struct Interest {
+    /// Values inside one of these.
+    plain: Vec<Range<u64>>,
+    /// With glibc's pointer guard: values that, demangled with it, are
+    /// inside one of these.
+    mangled: Option<(u64, Vec<Range<u64>>)>,
+}
+
+impl Interest {
+    /// Adds values in `r`.
+    pub fn add(&mut self, r: Range<u64>) {
+        if !r.is_empty() {
+            self.plain.push(r);
+        }
+    }
+
+    /// Adds values that, demangled with `guard`, are in `r`. One guard per
+    /// process: a second one replaces the first.
+    pub fn add_mangled(&mut self, guard: u64, r: Range<u64>) {
+        if r.is_empty() {
+            return;
+        }
+        match &mut self.mangled {
+            Some((g, ranges)) if *g == guard => ranges.push(r),
+            m => *m = Some((guard, vec![r])),
+        }
+    }
+
+    /// Whether `v` may be known to the classifier.
+    #[inline]
+    pub fn wants(&self, v: u64) -> bool {
+        if self.plain.iter().any(|r| r.contains(&v)) {
+            return true;
+        }
+        match &self.mangled {
+            Some((guard, ranges)) => {
+                let d = demangle(v, *guard);
+                ranges.iter().any(|r| r.contains(&d))
+            }
+            None => false,
+        }
+    }
 }
 
 /// Applies the writes of `sorted` (by address) that overlap `bytes` read at
@@ -1091,6 +1161,53 @@ mod tests {
     }
 
     #[test]
+    fn the_interest_passes_every_value_the_classifier_knows() {
+        let old = image(0x10000);
+        let retired = Retired {
+            bias: 0x10000,
+            span: 0x10000..0x14000,
+            end: 0x13ff0,
+            text: 0x11000..0x12000,
+            writable: std::iter::once(0x13000..0x14000).collect(),
+            copies: vec![("stdout".into(), 0x13f00..0x13f08)],
+        };
+        let mut entries = HashMap::new();
+        entries.insert(0x11100u64, ("cb".to_string(), Some(0x91100u64)));
+        let guard = 0x5a5a_1234_dead_beefu64;
+        let mut c = Classifier::new(&retired, &old, Cow::Owned(entries), None);
+        c.pointer_guard = Some(guard);
+        let interest = c.interest();
+        // Around every bound, plain and mangled, and pseudo-random words.
+        let mut vals: Vec<u64> = Vec::new();
+        for b in [
+            0x10000u64, 0x11000, 0x11100, 0x12000, 0x13f00, 0x13ff0, 0x14000,
+        ] {
+            for v in b.saturating_sub(9)..b + 9 {
+                vals.extend([v, mangle(v, guard)]);
+            }
+        }
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..20_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            vals.extend([seed, seed % 0x20000]);
+        }
+        let (mut known, mut passed) = (0, 0);
+        for v in vals {
+            let wanted = interest.wants(v);
+            passed += usize::from(wanted);
+            if c.classify(v).is_some() {
+                known += 1;
+                assert!(wanted, "{v:#x} is known but filtered out");
+            }
+        }
+        assert!(known > 50, "{known}");
+        // Most random words are not handed over.
+        assert!(passed < 5_000, "{passed}");
+    }
+
+    #[test]
     fn values_into_the_retired_image_are_found_classified_and_remapped() {
         let old = image(0x10000);
         let retired = Retired {
@@ -1125,7 +1242,7 @@ mod tests {
             bytes: 0x11100u64.to_le_bytes().to_vec(),
             what: "x".into(),
         };
-        let r = sweep(&mem, &regions, &[&w], &mut |v| c.classify(v));
+        let r = sweep(&mem, &regions, &[&w], &c.interest(), &mut |v| c.classify(v));
         let got: Vec<(u64, &str)> = r
             .hits
             .iter()
@@ -1325,7 +1442,9 @@ pub fn sweep_update<'a>(
                 (old.runtime(LinkAddr(*at)).0, (what.clone(), to))
             })
             .collect();
-        let mut r = sweep(mem, &regions, pending, &mut |v| {
+        let mut interest = c.interest();
+        interest.add(aliases.span.clone());
+        let mut r = sweep(mem, &regions, pending, &interest, &mut |v| {
             aliases.classify(v).or_else(|| c.classify(v))
         });
         for (tid, regs) in kept_regs.iter_mut() {
@@ -1340,7 +1459,7 @@ pub fn sweep_update<'a>(
             aliases.classify(v).or_else(|| c.classify(v))
         });
         // Shared memory: found, never remapped (see `shared_regions`).
-        let s = sweep(mem, &shared, pending, &mut |v| {
+        let s = sweep(mem, &shared, pending, &interest, &mut |v| {
             aliases.classify(v).or_else(|| c.classify(v))
         });
         r.bytes_scanned = r.bytes_scanned.saturating_add(s.bytes_scanned);
@@ -1534,5 +1653,6 @@ pub fn audit(
     let regions = regions(maps, rsps, retired);
     let mut c = Classifier::new(retired, old, Cow::Owned(entries), None);
     c.pointer_guard = pointer_guard;
-    sweep(mem, &regions, &[], &mut |v| c.classify(v))
+    let interest = c.interest();
+    sweep(mem, &regions, &[], &interest, &mut |v| c.classify(v))
 }

@@ -1228,7 +1228,14 @@ fn compute<'t>(
     // Read again: the remote sessions of the heap walk and the
     // transformers unmapped their scratch memory since the load (swept
     // from the load's maps, it was reported as unreadable memory).
+    let pt = Instant::now();
+    let pp = |l: &str| {
+        if std::env::var_os("UPSTARE_PROF").is_some() {
+            eprintln!("PROF sweepphase {l} {:?}", pt.elapsed());
+        }
+    };
     let maps_swept = procfs::read_maps(nix::unistd::Pid::from_raw(pid)).map_err(proc_err)?;
+    pp("maps");
     // The user data of epoll registrations lives in the kernel: swept too,
     // and re-registered at the commit when it points into the old image.
     let epoll: Vec<(procfs::EpollRegistration, bool)> =
@@ -1254,6 +1261,7 @@ fn compute<'t>(
             Vec::new()
         }
     };
+    pp("timers");
     let (swept, retired) = crate::engine::sweep::sweep_update(
         &mem,
         &maps_swept,
@@ -1271,6 +1279,7 @@ fn compute<'t>(
         &timers,
     );
     drop(kept_regs);
+    pp("swept");
     let sweep_writes = swept.writes();
     warnings.extend(sweep_warnings(&swept));
     let aliases = heap_objects::alias_lines(&remap.untyped_aliases, &swept, &|a| {
@@ -1332,6 +1341,7 @@ fn compute<'t>(
             )
         }));
     }
+    pp("unmap");
     commit_plan.unmap = unmap.unmap.clone();
     commit_plan.epoll = swept
         .epoll_remaps
