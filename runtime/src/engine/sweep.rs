@@ -1160,8 +1160,10 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_interest_passes_every_value_the_classifier_knows() {
+    /// An old image at 0x10000 (code 0x11000-0x12000, data 0x13000-0x14000
+    /// with a COPY object) and one function entry, `cb` at 0x11100, whose
+    /// new entry is 0x91100.
+    fn small_retired() -> (Image, Retired, HashMap<u64, (String, Option<u64>)>) {
         let old = image(0x10000);
         let retired = Retired {
             bias: 0x10000,
@@ -1173,6 +1175,12 @@ mod tests {
         };
         let mut entries = HashMap::new();
         entries.insert(0x11100u64, ("cb".to_string(), Some(0x91100u64)));
+        (old, retired, entries)
+    }
+
+    #[test]
+    fn the_interest_passes_every_value_the_classifier_knows() {
+        let (old, retired, entries) = small_retired();
         let guard = 0x5a5a_1234_dead_beefu64;
         let mut c = Classifier::new(&retired, &old, Cow::Owned(entries), None);
         c.pointer_guard = Some(guard);
@@ -1209,17 +1217,7 @@ mod tests {
 
     #[test]
     fn values_into_the_retired_image_are_found_classified_and_remapped() {
-        let old = image(0x10000);
-        let retired = Retired {
-            bias: 0x10000,
-            span: 0x10000..0x14000,
-            end: 0x13ff0,
-            text: 0x11000..0x12000,
-            writable: std::iter::once(0x13000..0x14000).collect(),
-            copies: vec![("stdout".into(), 0x13f00..0x13f08)],
-        };
-        let mut entries = HashMap::new();
-        entries.insert(0x11100u64, ("cb".to_string(), Some(0x91100u64)));
+        let (old, retired, entries) = small_retired();
         let mut c = Classifier::new(&retired, &old, Cow::Owned(entries), None);
         // A heap block: an entry, a mid-function address, a COPY object,
         // a string literal, writable data of no global, a heap pointer,
