@@ -1160,10 +1160,12 @@ mod tests {
         }
     }
 
+    type Entries = HashMap<u64, (String, Option<u64>)>;
+
     /// An old image at 0x10000 (code 0x11000-0x12000, data 0x13000-0x14000
     /// with a COPY object) and one function entry, `cb` at 0x11100, whose
     /// new entry is 0x91100.
-    fn small_retired() -> (Image, Retired, HashMap<u64, (String, Option<u64>)>) {
+    fn small_retired() -> (Image, Retired, Entries) {
         let old = image(0x10000);
         let retired = Retired {
             bias: 0x10000,
