@@ -667,6 +667,10 @@ pub struct Tracee {
     /// Ctrl-Z) is the sequence that happens; a stop sent again after the
     /// continue would leave the process stopped for good.
     continued: bool,
+    /// `/proc/PID/mem`, opened on first use and kept (a pause asked for it
+    /// a dozen times, an open and a close each); forgotten at an exec,
+    /// whose address space is another.
+    mem: std::cell::OnceCell<ProcessMemory>,
     /// ptrace calls must come from the attaching thread.
     _not_send: PhantomData<*const ()>,
 }
@@ -768,6 +772,7 @@ impl Tracee {
                 threads,
                 gone: BTreeSet::new(),
                 continued: false,
+                mem: std::cell::OnceCell::new(),
                 _not_send: PhantomData,
             },
             stdio,
@@ -785,6 +790,7 @@ impl Tracee {
             threads: BTreeMap::new(),
             gone: BTreeSet::new(),
             continued: false,
+            mem: std::cell::OnceCell::new(),
             _not_send: PhantomData,
         };
         const ROUNDS: usize = 64;
@@ -1002,6 +1008,27 @@ impl Tracee {
         Ok(ExtRegs(buf))
     }
 
+    /// The blocked-signal mask of stopped thread `tid` (bit `n - 1` for
+    /// signal `n`): one call, where `/proc/PID/task/TID/status` takes an
+    /// open, reads and a close.
+    pub fn sigmask(&self, tid: Pid) -> Result<u64, PtraceError> {
+        self.track(tid, "PTRACE_GETSIGMASK")?;
+        let mut mask = 0u64;
+        // SAFETY: the kernel writes `addr` (8, the size of the kernel's
+        // sigset_t) bytes to `data`, which points at `mask`, a live u64.
+        let r = unsafe {
+            libc::ptrace(
+                libc::PTRACE_GETSIGMASK,
+                tid.as_raw(),
+                std::mem::size_of::<u64>() as *mut c_void,
+                (&mut mask as *mut u64).cast::<c_void>(),
+            )
+        };
+        Errno::result(r)
+            .map(|_| mask)
+            .map_err(|e| op_err(tid, "PTRACE_GETSIGMASK", e))
+    }
+
     /// Restore the extended register state of stopped thread `tid` (as read
     /// by [`Tracee::ext_regs`]).
     pub fn set_ext_regs(&self, tid: Pid, regs: &ExtRegs) -> Result<(), PtraceError> {
@@ -1026,10 +1053,13 @@ impl Tracee {
             .map_err(|e| op_err(tid, "PTRACE_SETREGSET", e))
     }
 
-    /// Memory of the main process (`/proc/PID/mem`, ptrace fallback).
-    /// Open it again after an exec.
+    /// Memory of the main process (`/proc/PID/mem`, ptrace fallback),
+    /// opened once and shared by the handles this returns; opened again
+    /// after an exec this tracee saw.
     pub fn memory(&self) -> ProcessMemory {
-        ProcessMemory::open(self.pid)
+        self.mem
+            .get_or_init(|| ProcessMemory::open(self.pid))
+            .clone()
     }
 
     fn track(&self, tid: Pid, op: &'static str) -> Result<&Track, PtraceError> {
@@ -1407,6 +1437,8 @@ impl Tracee {
             }
             libc::PTRACE_EVENT_VFORK_DONE => Stop::VforkDone,
             libc::PTRACE_EVENT_EXEC => {
+                // Handles opened before now read the former address space.
+                self.mem = std::cell::OnceCell::new();
                 let former_tid = new_pid(self.event_msg(tid)?);
                 if former_tid != tid {
                     self.threads.remove(&former_tid);

@@ -377,11 +377,6 @@ pub fn decode_return(rax: u64) -> Result<u64, Errno> {
     }
 }
 
-/// The blocked-signal mask of a thread, from `/proc/PID/task/TID/status`.
-fn read_sigmask(pid: Pid, tid: Pid) -> Result<u64, RemoteError> {
-    read_status_mask(pid, tid, "SigBlk:")
-}
-
 /// The signals the process has a handler for (not default, not ignored),
 /// from `SigCgt` of `/proc/PID/task/TID/status`: bit `n - 1` for signal
 /// `n`. Only these can have a handler in the running image's code.
@@ -507,8 +502,8 @@ impl<'t> RemoteCalls<'t> {
                 addr: gadget,
             });
         }
-        let orig_mask = read_sigmask(pid, tid)?;
-        let mut mem = ProcessMemory::open(pid);
+        let orig_mask = tracee.sigmask(tid)?;
+        let mut mem = tracee.memory();
         let mut gadget_orig = [0u8; GADGET_LEN];
         mem.read(gadget, &mut gadget_orig)?;
         // The frame first, the gadget that points at it second: at every
