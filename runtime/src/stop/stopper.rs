@@ -390,6 +390,7 @@ impl Stopper<'_, '_> {
         let skip = self.opts.skip_hits;
         let mut deadline = (skip == 0).then(|| start + self.opts.timeout);
         let mut pause = Duration::from_micros(20);
+        let mut quiet_since = Instant::now();
         while !self.waiting.is_empty() {
             crate::update::signals::checkpoint(crate::update::signals::Phase::Stop);
             if let Some(sig) = crate::update::signals::interruption() {
@@ -450,6 +451,12 @@ impl Stopper<'_, '_> {
             }
             if progressed {
                 pause = Duration::from_micros(20);
+                quiet_since = Instant::now();
+            } else if quiet_since.elapsed() < crate::target::ptrace::WAIT_SPIN {
+                // A running thread mostly reaches its point within
+                // microseconds; the shortest sleep costs tens of them in
+                // timer slack, and the backoff hundreds.
+                std::thread::yield_now();
             } else {
                 std::thread::sleep(pause);
                 pause = (pause * 2).min(Duration::from_millis(1));

@@ -476,7 +476,7 @@ const EINTR: i64 = -4;
 pub const ERESTARTNOHAND: i64 = -514;
 
 /// How long [`Tracee::wait_stop`] polls, yielding, before it sleeps.
-const WAIT_SPIN: Duration = Duration::from_micros(200);
+pub(crate) const WAIT_SPIN: Duration = Duration::from_micros(200);
 
 /// Bound on the wait for the interrupt stop a thread is moved into before
 /// it resumes (see [`Tracee::cont`]).
@@ -671,6 +671,10 @@ pub struct Tracee {
     /// a dozen times, an open and a close each); forgotten at an exec,
     /// whose address space is another.
     mem: std::cell::OnceCell<ProcessMemory>,
+    /// When the last `PTRACE_DETACH` was asked for: the moment its thread
+    /// was let go (the call's return may come much later, when the thread
+    /// it woke took this processor).
+    released_at: Option<Instant>,
     /// ptrace calls must come from the attaching thread.
     _not_send: PhantomData<*const ()>,
 }
@@ -773,6 +777,7 @@ impl Tracee {
                 gone: BTreeSet::new(),
                 continued: false,
                 mem: std::cell::OnceCell::new(),
+                released_at: None,
                 _not_send: PhantomData,
             },
             stdio,
@@ -791,6 +796,7 @@ impl Tracee {
             gone: BTreeSet::new(),
             continued: false,
             mem: std::cell::OnceCell::new(),
+            released_at: None,
             _not_send: PhantomData,
         };
         const ROUNDS: usize = 64;
@@ -1465,6 +1471,7 @@ impl Tracee {
         }
         let pending = self.track(tid, "PTRACE_DETACH")?.pending_signal;
         let sig = self.unless_continued(sig.or(pending));
+        self.released_at = Some(Instant::now());
         let r = ptrace_int(libc::PTRACE_DETACH, tid, sig.map_or(0, |s| s.0));
         self.threads.remove(&tid);
         r.map_err(|e| op_err(tid, "PTRACE_DETACH", e))
@@ -1473,7 +1480,13 @@ impl Tracee {
     /// Stop (if running) and detach every traced thread; the program keeps
     /// running. Bounded: a thread that does not stop within 2 s is skipped
     /// and reported in the error.
-    pub fn detach(mut self) -> Result<(), PtraceError> {
+    pub fn detach(self) -> Result<(), PtraceError> {
+        self.detach_timed().0
+    }
+
+    /// [`Tracee::detach`], with the moment the last thread was let go (just
+    /// before its `PTRACE_DETACH`; `None` if no thread was detached).
+    pub fn detach_timed(mut self) -> (Result<(), PtraceError>, Option<Instant>) {
         let r = self.detach_all();
         // A spawned program detached on purpose must not be killed on drop.
         if let Some(g) = &mut self.guard {
@@ -1482,7 +1495,7 @@ impl Tracee {
             // the kernel re-enters at detach: end it so the program runs on.
             let _ = nix::sys::signal::kill(self.pid, nix::sys::signal::Signal::SIGCONT);
         }
-        r
+        (r, self.released_at)
     }
 
     fn detach_all(&mut self) -> Result<(), PtraceError> {

@@ -334,11 +334,14 @@ pub fn apply(pid: i32, new_path: &Path, opts: &ApplyOptions) -> Result<UpdateRep
     let mut planned = plan_unseized(Pid::from_raw(pid), new_path, &new_bytes, opts, clock)?;
     let mut tracee = seize_planned(&mut planned)?;
     let result = apply_planned(&mut tracee, planned, new_path, new_bytes, opts);
-    let detached = tracee.detach();
+    let (detached, released) = tracee.detach_timed();
     match result {
         Ok((mut r, mut clock, leftovers)) => {
             detached?;
-            r.timings.finish(&mut clock);
+            // The pause ends when the last thread is let go: the detach's
+            // return can come milliseconds later, when the woken thread
+            // took this processor.
+            r.timings.finish_at(&mut clock, released);
             drop(leftovers);
             Ok(r)
         }

@@ -101,7 +101,16 @@ impl Timings {
 
     /// The last phase timed: closes the total and the pause.
     pub(crate) fn finish(&mut self, clock: &mut PhaseClock) {
-        self.resume_us = clock.lap();
+        self.finish_at(clock, None);
+    }
+
+    /// [`Timings::finish`] at `released` (when the last thread was let
+    /// go), or now.
+    pub(crate) fn finish_at(&mut self, clock: &mut PhaseClock, released: Option<Instant>) {
+        self.resume_us = match released {
+            Some(at) => clock.lap_at(at),
+            None => clock.lap(),
+        };
         self.total_us = clock.elapsed_us();
         self.pause_us = self.total_us.saturating_sub(self.plan_us);
     }
@@ -129,7 +138,13 @@ impl PhaseClock {
 
     /// Microseconds since the previous lap (or the start).
     pub(crate) fn lap(&mut self) -> u64 {
-        let now = us(self.start.elapsed()).max(self.marked_us);
+        self.lap_at(Instant::now())
+    }
+
+    /// Microseconds from the previous lap (or the start) to `at` (0 if
+    /// `at` is earlier).
+    pub(crate) fn lap_at(&mut self, at: Instant) -> u64 {
+        let now = us(at.saturating_duration_since(self.start)).max(self.marked_us);
         let d = now - self.marked_us;
         self.marked_us = now;
         d

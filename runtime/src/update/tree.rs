@@ -520,12 +520,12 @@ fn member_thread(
         }
     })();
     // Whatever happened, the process runs on; its resume ends its clock.
-    let detached = tracee.detach();
+    let (detached, released) = tracee.detach_timed();
     let (mut report, mut clock, leftovers) = finished?;
     if let Err(e) = detached {
         report.warnings.push(format!("resuming the process: {e}"));
     }
-    report.timings.finish(&mut clock);
+    report.timings.finish_at(&mut clock, released);
     Some((report, leftovers))
 }
 
