@@ -740,7 +740,7 @@ impl Stopper<'_, '_> {
             let byte = self.mem.read_u8(addr).map_err(|source| {
                 StopError::from(crate::target::breakpoint::BreakpointError::Mem { addr, source })
             })?;
-            (self.before_arming)(self.tracee, Some((addr, byte)))?;
+            (self.before_arming)(self.tracee, &[(addr, byte)])?;
         }
         bps.arm(addr)?;
         Ok(())

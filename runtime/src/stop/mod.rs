@@ -39,6 +39,7 @@
 
 mod classify;
 mod diagnostics;
+pub mod lazy;
 mod policy;
 mod stopper;
 
@@ -96,6 +97,9 @@ pub struct ArmingPlan {
     pub int3: Vec<RuntimeAddr>,
     /// The flag byte and the detoured points it arms.
     pub inline: Option<(RuntimeAddr, Arc<InlineTraps>)>,
+    /// How to arm only the `int3` points threads can reach next; `None`:
+    /// every point at once.
+    pub lazy: Option<lazy::LazyArming>,
 }
 
 impl ArmingPlan {
@@ -120,7 +124,28 @@ impl ArmingPlan {
                 .map(|d| (image.runtime(d.point), image.runtime(d.trap)));
             (image.runtime(i.flag), Arc::new(InlineTraps::new(detours)))
         });
-        ArmingPlan { int3, inline }
+        ArmingPlan {
+            int3,
+            inline,
+            lazy: None,
+        }
+    }
+
+    /// [`ArmingPlan::of`], arming lazily when `image` has at least
+    /// [`lazy::LAZY_FROM_POINTS`] `int3` points: the functions whose
+    /// address is taken are found in its file's bytes `elf`.
+    pub fn lazy_of(image: &Image, elf: &[u8]) -> ArmingPlan {
+        let mut plan = ArmingPlan::of(image);
+        if plan.int3.len() >= lazy::LAZY_FROM_POINTS {
+            let inline = match &image.tables.arming {
+                Arming::Inline(inline) => Some(inline),
+                Arming::Int3 => None,
+            };
+            plan.lazy = Some(lazy::LazyArming::new(image, elf, |p| {
+                inline.is_none_or(|i| i.detour_at(p).is_none())
+            }));
+        }
+        plan
     }
 }
 

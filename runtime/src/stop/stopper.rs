@@ -8,6 +8,7 @@ use super::policy::{is_fault, is_job_control};
 use super::{StopError, StopOptions, StopTimings, Stopped};
 use crate::engine::state::{Image, ThreadState};
 use crate::load::libraries::Libraries;
+use crate::memory::TargetMemory;
 use crate::target::breakpoint::{
     release_forked_child, BreakpointError, BreakpointSet, ChildMemory, PendingTrap, StepEnd,
 };
@@ -53,12 +54,13 @@ impl Waiting {
 }
 
 /// What must be done to the stopped process before breakpoints are armed
-/// (given the tracee): `None` before the update points (every thread
-/// stopped), `Some((addr, byte))` before another breakpoint, at `addr`
-/// over `byte` (a condition wait's return, a callback's return into a
-/// library), so that the rescue handler restores it too.
+/// (given the tracee): called with no breakpoint once, before the first is
+/// armed (every thread stopped), then with each batch of breakpoints about
+/// to be armed, each at its address over the byte it covers (update
+/// points, a condition wait's return, a callback's return into a
+/// library), so that the rescue handler restores them too.
 pub type BeforeArming<'a> =
-    dyn FnMut(&mut Tracee, Option<(RuntimeAddr, u8)>) -> Result<(), StopError> + 'a;
+    dyn FnMut(&mut Tracee, &[(RuntimeAddr, u8)]) -> Result<(), StopError> + 'a;
 
 pub(super) struct Stopper<'a, 'b> {
     pub(super) tracee: &'a mut Tracee,
@@ -83,6 +85,11 @@ pub(super) struct Stopper<'a, 'b> {
     /// the first pass, once the breakpoints are armed).
     resuming: bool,
     armed: usize,
+    /// The arming of the update points, once armed.
+    arming: Option<std::sync::Arc<super::ArmingPlan>>,
+    /// With lazy arming: when every update point gets armed if threads
+    /// still run (see [`super::lazy`]).
+    escalate_at: Option<Instant>,
     /// Every thread not ready is blocked in a safe call: they are being
     /// interrupted one last time to confirm it.
     final_check: bool,
@@ -154,6 +161,8 @@ pub(super) fn stop(
         released: Vec::new(),
         resuming: false,
         armed: 0,
+        arming: None,
+        escalate_at: None,
         final_check: false,
         syscalls: BTreeMap::new(),
         last_progress: Instant::now(),
@@ -281,16 +290,29 @@ impl Stopper<'_, '_> {
         }
 
         let t = Instant::now();
-        (self.before_arming)(self.tracee, None)?;
+        (self.before_arming)(self.tracee, &[])?;
         timings.rescue = t.elapsed();
         let t = Instant::now();
         let arming = match &self.opts.arming {
             Some(a) => a.clone(),
             None => std::sync::Arc::new(super::ArmingPlan::of(self.image)),
         };
+        self.arming = Some(arming.clone());
         // Every thread is stopped: the points are armed a cluster of
-        // close ones at a time.
-        bps.arm_all(&arming.int3)?;
+        // close ones at a time; lazily, those the threads can reach next
+        // first (not when counting hits: every point counts).
+        match (&arming.lazy, skipping) {
+            (Some(lazy), false) => {
+                let active = self.active_functions(lazy);
+                let mut first = lazy.first(&active);
+                if super::lazy::first_points_withheld() {
+                    first.clear();
+                }
+                self.arm_points(bps, &first)?;
+                self.escalate_at = Some(Instant::now() + super::lazy::ESCALATE_AFTER);
+            }
+            _ => self.arm_points(bps, &arming.int3)?,
+        }
         if let Some((flag, traps)) = &arming.inline {
             // One store arms every detoured point.
             bps.arm_inline_with(*flag, traps.clone())?;
@@ -385,6 +407,66 @@ impl Stopper<'_, '_> {
         }
     }
 
+    /// Arms the update points `addrs` (those not armed yet), told to the
+    /// `before_arming` hook first.
+    fn arm_points(
+        &mut self,
+        bps: &mut BreakpointSet<ProcessMemory>,
+        addrs: &[RuntimeAddr],
+    ) -> Result<(), StopError> {
+        let (hook, tracee) = (&mut self.before_arming, &mut *self.tracee);
+        bps.arm_all_told(addrs, |told| hook(tracee, told))
+    }
+
+    /// The functions active in some thread, for lazy arming: the function
+    /// at each thread's pc and every function a return address on its
+    /// stack (the first [`super::lazy::STACK_SCAN_BYTES`] above its stack
+    /// pointer) returns into. Threads are all stopped.
+    fn active_functions(&mut self, lazy: &super::lazy::LazyArming) -> BTreeSet<usize> {
+        let mut active = BTreeSet::new();
+        for tid in self.tracee.traced() {
+            let Ok(regs) = self.tracee.regs(tid) else {
+                continue;
+            };
+            active.extend(lazy.function_at(regs.rip()));
+            let rsp = regs.rsp();
+            let Some(stack) = self.stack_of(rsp) else {
+                continue;
+            };
+            let end = stack
+                .end
+                .0
+                .min(rsp.0.saturating_add(super::lazy::STACK_SCAN_BYTES));
+            let start = rsp.0 & !7;
+            let Ok(bytes) =
+                self.mem
+                    .read_vec(RuntimeAddr(start), end.saturating_sub(start), 1 << 20)
+            else {
+                continue;
+            };
+            for w in bytes.chunks_exact(8) {
+                let word = u64::from_le_bytes(w.try_into().unwrap_or([0; 8]));
+                active.extend(lazy.returns_into(word));
+            }
+        }
+        active
+    }
+
+    /// With lazy arming, once threads ran long enough with the first
+    /// points: every point armed (threads may be running: see
+    /// [`BreakpointSet::arm_all`]).
+    fn escalate(&mut self, bps: &mut BreakpointSet<ProcessMemory>) -> Result<(), StopError> {
+        if self.escalate_at.is_none_or(|at| Instant::now() < at) {
+            return Ok(());
+        }
+        self.escalate_at = None;
+        if let Some(arming) = self.arming.clone() {
+            self.arm_points(bps, &arming.int3)?;
+            self.armed = bps.len();
+        }
+        Ok(())
+    }
+
     fn wait_loop(&mut self, bps: &mut BreakpointSet<ProcessMemory>) -> Result<(), StopError> {
         let start = Instant::now();
         let skip = self.opts.skip_hits;
@@ -420,6 +502,7 @@ impl Stopper<'_, '_> {
                 }
                 _ => {}
             }
+            self.escalate(bps)?;
             let mut progressed = false;
             let running: Vec<Pid> = self
                 .waiting

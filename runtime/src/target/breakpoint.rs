@@ -529,11 +529,24 @@ impl<M: TargetMemory> BreakpointSet<M> {
     /// left alone): addresses close together (less than a page apart, so no
     /// page without a breakpoint is written) are read and written as one
     /// range, one read and one write per range instead of two system calls
-    /// per breakpoint. Only for a process whose threads are all stopped:
-    /// the bytes between them are written back as read. A range that fails
-    /// part-way keeps every `int3` that did land in the set, so that it is
-    /// restored.
+    /// per breakpoint. The bytes between them are written back as read:
+    /// code nobody changes (the breakpoints among them are this set's,
+    /// read as `int3` and written back so), so a thread running meanwhile
+    /// finds each byte either as it was or, at a breakpoint, `int3`. A
+    /// range that fails part-way keeps every `int3` that did land in the
+    /// set, so that it is restored.
     pub fn arm_all(&mut self, addrs: &[RuntimeAddr]) -> Result<(), BreakpointError> {
+        self.arm_all_told(addrs, |_| Ok(()))
+    }
+
+    /// [`BreakpointSet::arm_all`], telling `tell` every breakpoint about
+    /// to be armed with the byte it covers (read in the same pass) before
+    /// any is written; an error of `tell` arms none.
+    pub fn arm_all_told<E: From<BreakpointError>>(
+        &mut self,
+        addrs: &[RuntimeAddr],
+        mut tell: impl FnMut(&[(RuntimeAddr, u8)]) -> Result<(), E>,
+    ) -> Result<(), E> {
         let mut todo: Vec<RuntimeAddr> = addrs
             .iter()
             .copied()
@@ -541,13 +554,31 @@ impl<M: TargetMemory> BreakpointSet<M> {
             .collect();
         todo.sort_unstable();
         todo.dedup();
+        if todo.is_empty() {
+            return Ok(());
+        }
+        let mut read = Vec::new();
         for cluster in clusters(&todo) {
             let (first, last) = (cluster[0], cluster[cluster.len() - 1]);
             let len = (last.0 - first.0 + 1) as usize;
             let mut original = vec![0u8; len];
             self.mem
                 .read(first, &mut original)
-                .map_err(mem_err(first))?;
+                .map_err(|e| E::from(mem_err(first)(e)))?;
+            read.push((cluster, original));
+        }
+        let told: Vec<(RuntimeAddr, u8)> = read
+            .iter()
+            .flat_map(|(cluster, original)| {
+                let first = cluster[0];
+                cluster
+                    .iter()
+                    .map(move |&a| (a, original[(a.0 - first.0) as usize]))
+            })
+            .collect();
+        tell(&told)?;
+        for (cluster, original) in read {
+            let (first, len) = (cluster[0], original.len());
             let mut planted = original.clone();
             for a in cluster {
                 planted[(a.0 - first.0) as usize] = INT3;
@@ -564,7 +595,7 @@ impl<M: TargetMemory> BreakpointSet<M> {
                         }
                     }
                 }
-                return Err(mem_err(first)(e));
+                return Err(E::from(mem_err(first)(e)));
             }
             for &a in cluster {
                 self.armed.insert(a, original[(a.0 - first.0) as usize]);

@@ -153,23 +153,24 @@ fn data_bytes(
 }
 
 impl Rescue {
-    /// Maps the rescue area with the update points `points` armed with
-    /// `int3` (their bytes are read now: nothing may be armed yet) and the
-    /// `trampolines` of detoured points, if any, and makes it the SIGTRAP
-    /// handler, through the remote session `rc`.
+    /// Maps the rescue area, its table empty with room for `points`
+    /// breakpoints (the update points armed with `int3`) and the other
+    /// breakpoints a stop arms, with the `trampolines` of detoured points,
+    /// if any, and makes it the SIGTRAP handler, through the remote session
+    /// `rc`. Each breakpoint is added ([`Rescue::add`]) before it is armed.
     pub fn install(
         rc: &mut RemoteCalls<'_>,
-        points: &[RuntimeAddr],
+        points: usize,
         trampolines: Option<Trampolines>,
     ) -> Result<Rescue, RescueError> {
-        if points.len() > MAX_POINTS {
+        if points > MAX_POINTS {
             return Err(RescueError::TooMany {
-                count: points.len(),
+                count: points,
                 limit: MAX_POINTS,
             });
         }
-        let table = crate::target::breakpoint::bytes_at(&*rc.memory(), points)?;
-        let capacity = points.len() + SPARE_ENTRIES;
+        let table: [(RuntimeAddr, u8); 0] = [];
+        let capacity = points + SPARE_ENTRIES;
         let len = PAGE + (ENTRIES + 16 * capacity as u64).next_multiple_of(PAGE);
         let base = rc.mmap(
             RuntimeAddr(0),
@@ -217,26 +218,35 @@ impl Rescue {
         }
     }
 
-    /// Adds a breakpoint about to be armed at `addr` over `byte` to the
-    /// table (the entry first, then the count the handler reads), so that
-    /// the handler restores it too if the updater dies. `Ok(false)` when
-    /// the table is full (the breakpoint must not be armed then).
+    /// Adds breakpoints about to be armed (address, byte it covers) to the
+    /// table, in one write, then the count the handler reads, so that the
+    /// handler restores them too if the updater dies. `Ok(false)`, with
+    /// nothing written, when the table has no room for them all (they must
+    /// not be armed then).
     pub fn add(
         &mut self,
         mem: &mut impl TargetMemory,
-        addr: RuntimeAddr,
-        byte: u8,
+        entries: &[(RuntimeAddr, u8)],
     ) -> Result<bool, RescueError> {
-        if self.count >= self.capacity {
+        let Some(count) = self
+            .count
+            .checked_add(entries.len())
+            .filter(|&c| c <= self.capacity)
+        else {
             return Ok(false);
+        };
+        if entries.is_empty() {
+            return Ok(true);
         }
         let data = self.base.0 + PAGE;
-        let mut entry = [0u8; 16];
-        entry[..8].copy_from_slice(&addr.0.to_le_bytes());
-        entry[8] = byte;
-        mem.write(RuntimeAddr(data + ENTRIES + 16 * self.count as u64), &entry)?;
-        mem.write(RuntimeAddr(data), &(self.count as u64 + 1).to_le_bytes())?;
-        self.count += 1;
+        let mut bytes = vec![0u8; 16 * entries.len()];
+        for (chunk, (addr, byte)) in bytes.chunks_exact_mut(16).zip(entries) {
+            chunk[..8].copy_from_slice(&addr.0.to_le_bytes());
+            chunk[8] = *byte;
+        }
+        mem.write(RuntimeAddr(data + ENTRIES + 16 * self.count as u64), &bytes)?;
+        mem.write(RuntimeAddr(data), &(count as u64).to_le_bytes())?;
+        self.count = count;
         Ok(true)
     }
 

@@ -850,7 +850,8 @@ fn plan_update(
     } else {
         load::running_gadget(pid_, &old).ok()
     };
-    let arming = (!opts.legacy_pause).then(|| std::sync::Arc::new(stop::ArmingPlan::of(&old)));
+    let arming = (!opts.legacy_pause)
+        .then(|| std::sync::Arc::new(stop::ArmingPlan::lazy_of(&old, &old_bytes)));
     let facts = (!opts.legacy_pause).then(|| (canonical_or_given(new_path), program_headers(pid_)));
 
     // What the sweep needs from the two files alone.
@@ -929,6 +930,7 @@ fn stop_process(
         }
     }
     let (gadget, arming) = (planned.gadget, planned.arming.clone());
+    let arming_plan = arming.clone();
     // The maps read at the seize serve the first stop, unless the rescue
     // handler was mapped since (along the former pause).
     let mut seized_maps = planned.seized_maps.take().filter(|_| gadget.is_some());
@@ -937,16 +939,16 @@ fn stop_process(
     let stopped = (|| loop {
         interrupted(pid)?;
         let mut before_arming = |tr: &mut Tracee,
-                                 extra: Option<(upstare_dwarf::RuntimeAddr, u8)>|
+                                 arming: &[(upstare_dwarf::RuntimeAddr, u8)]|
          -> Result<(), StopError> {
-            if let (false, Some(g), Some(a)) = (asked, gadget, &arming) {
+            if let (false, Some(g), Some(a)) = (asked, gadget, &arming_plan) {
                 asked = true;
                 rescue = survive::install_at(tr, old, g, a).map_err(StopError::Rescue)?;
             }
-            // A breakpoint outside the update points: in the rescue
-            // handler's table before it is armed.
-            if let (Some((addr, byte)), Some(r)) = (extra, rescue.as_mut()) {
-                r.add(tr, addr, byte).map_err(StopError::Rescue)?;
+            // Breakpoints about to be armed (update points or others): in
+            // the rescue handler's table first.
+            if let (false, Some(r)) = (arming.is_empty(), rescue.as_mut()) {
+                r.add(tr, arming).map_err(StopError::Rescue)?;
             }
             Ok(())
         };
@@ -1231,14 +1233,7 @@ fn compute<'t>(
     // Read again: the remote sessions of the heap walk and the
     // transformers unmapped their scratch memory since the load (swept
     // from the load's maps, it was reported as unreadable memory).
-    let pt = Instant::now();
-    let pp = |l: &str| {
-        if std::env::var_os("UPSTARE_PROF").is_some() {
-            eprintln!("PROF sweepphase {l} {:?}", pt.elapsed());
-        }
-    };
     let maps_swept = procfs::read_maps(nix::unistd::Pid::from_raw(pid)).map_err(proc_err)?;
-    pp("maps");
     // The user data of epoll registrations lives in the kernel: swept too,
     // and re-registered at the commit when it points into the old image.
     let epoll: Vec<(procfs::EpollRegistration, bool)> =
@@ -1264,7 +1259,6 @@ fn compute<'t>(
             Vec::new()
         }
     };
-    pp("timers");
     let (swept, retired) = crate::engine::sweep::sweep_update(
         &mem,
         &maps_swept,
@@ -1282,7 +1276,6 @@ fn compute<'t>(
         &timers,
     );
     drop(kept_regs);
-    pp("swept");
     let sweep_writes = swept.writes();
     warnings.extend(sweep_warnings(&swept));
     let aliases = heap_objects::alias_lines(&remap.untyped_aliases, &swept, &|a| {
@@ -1344,7 +1337,6 @@ fn compute<'t>(
             )
         }));
     }
-    pp("unmap");
     commit_plan.unmap = unmap.unmap.clone();
     commit_plan.epoll = swept
         .epoll_remaps

@@ -76,7 +76,7 @@ pub fn install_at(
     }
     let tid = session_thread(tracee);
     let mut rc = RemoteCalls::new(tracee, tid, gadget).map_err(|e| Box::new(e.into()))?;
-    let installed = Rescue::install(&mut rc, points, trampolines);
+    let installed = Rescue::install(&mut rc, points.len(), trampolines);
     let finished = rc.finish();
     let rescue = installed?;
     if let Err(e) = finished {
@@ -93,18 +93,19 @@ pub fn install_at(
 }
 
 impl Installed {
-    /// Adds a breakpoint about to be armed at `addr` over `byte` to the
-    /// handler's table; refused when the table is full (arming it would
-    /// leave a trap the handler cannot undo).
+    /// Adds breakpoints about to be armed (address, byte it covers) to the
+    /// handler's table; refused when the table is full (arming them would
+    /// leave traps the handler cannot undo).
     pub fn add(
         &mut self,
         tracee: &Tracee,
-        addr: RuntimeAddr,
-        byte: u8,
+        entries: &[(RuntimeAddr, u8)],
     ) -> Result<(), Box<RescueError>> {
-        match self.rescue.add(&mut tracee.memory(), addr, byte) {
+        match self.rescue.add(&mut tracee.memory(), entries) {
             Ok(true) => Ok(()),
-            Ok(false) => Err(Box::new(RescueError::Full { addr })),
+            Ok(false) => Err(Box::new(RescueError::Full {
+                addr: entries.first().map_or(RuntimeAddr(0), |e| e.0),
+            })),
             Err(e) => Err(Box::new(e)),
         }
     }
