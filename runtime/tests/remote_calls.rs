@@ -563,3 +563,44 @@ fn batched_calls_allocate_measure_and_free_ten_thousand_blocks() {
     assert!(before.1 == after.1, "extended registers restored");
     let_go(t, child, b"ok\n", &format!("ready {pid}\nread 3 ok\n"));
 }
+
+/// The maps epoch (maps read at one epoch are the process's maps while it
+/// is unchanged): unchanged by a system call that maps nothing, bumped by
+/// one that maps, by a function call (it may allocate) and by letting the
+/// program run; while it is unchanged, the maps read again are the same.
+#[test]
+fn the_maps_epoch_changes_with_whatever_may_map_memory() {
+    let (_dir, exe, child, pid, mut t) = seized_blocked("epoch");
+    let gadget = exe_entry(pid).expect("entry");
+    let add = runtime_symbol(pid, &exe, "add");
+    let read = || upstare_runtime::target::procfs::read_maps(pid).expect("maps");
+    let (maps0, e0) = (read(), t.maps_epoch());
+    {
+        let mut rc = RemoteCalls::new(&mut t, pid, gadget).expect("session");
+        assert_eq!(rc.getpid().expect("getpid"), pid);
+        assert_eq!(rc.maps_epoch(), e0, "getpid maps nothing");
+        let m = rc
+            .mmap(
+                RuntimeAddr(0),
+                4096,
+                nix::libc::PROT_READ,
+                nix::libc::MAP_PRIVATE | nix::libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+            .expect("mmap");
+        let e1 = rc.maps_epoch();
+        assert_ne!(e1, e0, "mmap maps");
+        assert!(read().iter().any(|x| x.start == m), "the new mapping shows");
+        assert_eq!(rc.call(add, &[2, 3]).expect("add"), 5);
+        assert_ne!(rc.maps_epoch(), e1, "a function call may allocate");
+        rc.munmap(m, 4096).expect("munmap");
+        rc.finish().expect("finish");
+    }
+    assert_eq!(read(), maps0, "the session left the maps as they were");
+    let e2 = t.maps_epoch();
+    t.cont(pid, None).expect("cont");
+    assert_ne!(t.maps_epoch(), e2, "the program ran");
+    t.halt_all().expect("halt");
+    let_go(t, child, b"x\n", &format!("ready {pid}\nread 2 x\n"));
+}

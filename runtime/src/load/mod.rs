@@ -221,12 +221,17 @@ pub enum LoadError {
 pub struct LoadOptions {
     /// Bound on each remote system call and each IFUNC resolver call.
     pub call_timeout: Duration,
+    /// The process's maps with the [`Tracee::maps_epoch`] they were read
+    /// at (by the stop): used instead of reading them again while the
+    /// epoch is unchanged.
+    pub maps: Option<(Vec<MemoryMap>, u64)>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
             call_timeout: remote::DEFAULT_TIMEOUT,
+            maps: None,
         }
     }
 }
@@ -280,6 +285,8 @@ pub struct LoadedImage<'t> {
     /// The signal actions, read in the load's session (taken by the
     /// commit plan).
     signals: Option<commit::SignalPlan>,
+    /// The [`Tracee::maps_epoch`] `maps` were read at.
+    maps_epoch: u64,
     /// The libraries the load resolved NEW's imports in: freeing their
     /// symbol tables takes about 0.5 ms, so they are handed to the caller
     /// ([`LoadedImage::take_libraries`]) to drop once the process runs.
@@ -397,7 +404,10 @@ pub fn load_prepared<'t>(
     opts: &LoadOptions,
 ) -> Result<LoadedImage<'t>, LoadError> {
     let pid = tracee.pid();
-    let maps = procfs::read_maps(pid)?;
+    let maps = match &opts.maps {
+        Some((maps, epoch)) if *epoch == tracee.maps_epoch() => maps.clone(),
+        _ => procfs::read_maps(pid)?,
+    };
     // A library loaded or unloaded since the plan was made: make it again.
     let prep = if file_mappings(&maps) == prep.files {
         prep
@@ -438,6 +448,7 @@ pub fn load_prepared<'t>(
         copy_objects.push((slots, *src, *size, *off));
     }
     let (span, bias, mut report, maps) = map::map_image(&mut rc, pid, &canon, new_bytes, &plan)?;
+    let maps_epoch = rc.maps_epoch();
     let image = Image {
         path: canon,
         bias,
@@ -501,6 +512,7 @@ pub fn load_prepared<'t>(
         unmapped_at_commit: None,
         signals,
         libraries: libs,
+        maps_epoch,
     })
 }
 
@@ -577,6 +589,12 @@ impl<'t> LoadedImage<'t> {
     /// What loading did.
     pub fn report(&self) -> &LoadReport {
         &self.report
+    }
+
+    /// The epoch [`LoadedImage::maps`] were read at: they are still the
+    /// process's maps while [`Tracee::maps_epoch`] is this.
+    pub fn maps_epoch(&self) -> u64 {
+        self.maps_epoch
     }
 
     /// The libraries NEW's imports were resolved in, to be dropped once

@@ -298,6 +298,7 @@ impl Stopper<'_, '_> {
         }
         // A stack mapped since (a new thread): read the maps again.
         self.maps = procfs::read_maps(self.pid).ok()?;
+        self.maps_epoch = self.tracee.maps_epoch();
         find(&self.maps)
     }
 

@@ -187,6 +187,9 @@ pub struct StopTimings {
 /// The world, stopped.
 #[derive(Clone, Debug)]
 pub struct Stopped {
+    /// The process's maps as the stop last read them, with the
+    /// [`Tracee::maps_epoch`] they were read at.
+    pub maps: (Vec<crate::target::procfs::MemoryMap>, u64),
     /// Every thread of the process, ready, sorted by thread id.
     pub threads: Vec<ThreadState>,
     /// Update-point breakpoints taken (skipped hits included).

@@ -73,6 +73,8 @@ pub(super) struct Stopper<'a, 'b> {
     pub(super) pid: Pid,
     pub(super) mem: ProcessMemory,
     pub(super) maps: Vec<MemoryMap>,
+    /// The [`Tracee::maps_epoch`] `maps` were read at.
+    pub(super) maps_epoch: u64,
     ready: BTreeMap<Pid, ThreadState>,
     pub(super) waiting: BTreeMap<Pid, Waiting>,
     /// Threads with an interrupt of ours whose stop was not seen yet.
@@ -143,6 +145,7 @@ pub(super) fn stop(
     // threads inside it.
     libs.refresh_with(pid, &maps);
     let mem = tracee.memory();
+    let maps_epoch = tracee.maps_epoch();
     let mut s = Stopper {
         tracee,
         before_arming,
@@ -152,6 +155,7 @@ pub(super) fn stop(
         pid,
         mem: mem.clone(),
         maps,
+        maps_epoch,
         ready: BTreeMap::new(),
         waiting: BTreeMap::new(),
         kicked: BTreeSet::new(),
@@ -213,6 +217,7 @@ pub(super) fn stop(
     }
     let signals_requeued = s.held.iter().map(|h| (h.tid.as_raw(), h.sig)).collect();
     Ok(Stopped {
+        maps: (std::mem::take(&mut s.maps), s.maps_epoch),
         threads: std::mem::take(&mut s.ready).into_values().collect(),
         breakpoints_hit: s.hits,
         breakpoints_armed: s.armed,

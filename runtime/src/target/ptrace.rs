@@ -675,6 +675,10 @@ pub struct Tracee {
     /// was let go (the call's return may come much later, when the thread
     /// it woke took this processor).
     released_at: Option<Instant>,
+    /// Bumped before every remote operation that may map or unmap memory
+    /// in the process: maps read at one epoch are still its maps while the
+    /// epoch is unchanged (its threads stopped), and need not be read again.
+    maps_epoch: u64,
     /// ptrace calls must come from the attaching thread.
     _not_send: PhantomData<*const ()>,
 }
@@ -778,6 +782,7 @@ impl Tracee {
                 continued: false,
                 mem: std::cell::OnceCell::new(),
                 released_at: None,
+                maps_epoch: 0,
                 _not_send: PhantomData,
             },
             stdio,
@@ -797,6 +802,7 @@ impl Tracee {
             continued: false,
             mem: std::cell::OnceCell::new(),
             released_at: None,
+            maps_epoch: 0,
             _not_send: PhantomData,
         };
         const ROUNDS: usize = 64;
@@ -1059,6 +1065,18 @@ impl Tracee {
             .map_err(|e| op_err(tid, "PTRACE_SETREGSET", e))
     }
 
+    /// The epoch of the process's maps (see [`Tracee::maps_may_change`]).
+    pub fn maps_epoch(&self) -> u64 {
+        self.maps_epoch
+    }
+
+    /// Said before a remote operation that may map or unmap memory (a
+    /// system call such as mmap, any function call): maps read before are
+    /// stale from now on.
+    pub fn maps_may_change(&mut self) {
+        self.maps_epoch = self.maps_epoch.wrapping_add(1);
+    }
+
     /// Memory of the main process (`/proc/PID/mem`, ptrace fallback),
     /// opened once and shared by the handles this returns; opened again
     /// after an exec this tracee saw.
@@ -1266,6 +1284,8 @@ impl Tracee {
     /// Resume `tid`, delivering `sig` (or the signal kept while seizing).
     /// A thread interrupted in a restartable system call restarts it.
     pub fn cont(&mut self, tid: Pid, sig: Option<Sig>) -> Result<(), PtraceError> {
+        // The program runs: it may map or unmap memory.
+        self.maps_may_change();
         self.resume(libc::PTRACE_CONT, "PTRACE_CONT", tid, sig)
     }
 
@@ -1445,6 +1465,7 @@ impl Tracee {
             libc::PTRACE_EVENT_EXEC => {
                 // Handles opened before now read the former address space.
                 self.mem = std::cell::OnceCell::new();
+                self.maps_may_change();
                 let former_tid = new_pid(self.event_msg(tid)?);
                 if former_tid != tid {
                     self.threads.remove(&former_tid);

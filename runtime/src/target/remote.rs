@@ -617,6 +617,26 @@ impl<'t> RemoteCalls<'t> {
     /// state. Asynchronous signals are taken and kept.
     fn run(&mut self, op: &str, regs: &Regs, kind: RunKind) -> Result<u64, RemoteError> {
         let tid = self.tid;
+        // A function may map memory (malloc); so may these system calls.
+        let maps_change = match kind {
+            RunKind::Call => true,
+            RunKind::Syscall => [
+                libc::SYS_mmap,
+                libc::SYS_munmap,
+                libc::SYS_mprotect,
+                libc::SYS_mremap,
+                libc::SYS_brk,
+                libc::SYS_shmat,
+                libc::SYS_shmdt,
+                libc::SYS_pkey_mprotect,
+                libc::SYS_remap_file_pages,
+                libc::SYS_madvise,
+            ]
+            .contains(&(regs.0.rax as i64)),
+        };
+        if maps_change {
+            self.tracee.maps_may_change();
+        }
         let ret_at = self.gadget.0 + RETURN_OFFSET;
         self.tracee.set_regs(tid, regs)?;
         // The thread now points at remote code: a moment faults are
@@ -779,6 +799,11 @@ impl<'t> RemoteCalls<'t> {
         // No single-stepping or direction flag left over from the thread.
         r.0.eflags &= !0x500;
         self.run(name, &r, RunKind::Syscall)
+    }
+
+    /// The tracee's [`Tracee::maps_epoch`] now.
+    pub fn maps_epoch(&self) -> u64 {
+        self.tracee.maps_epoch()
     }
 
     /// Execute system call `nr` with up to 6 arguments; the raw return value

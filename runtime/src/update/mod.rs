@@ -705,6 +705,9 @@ struct Planned {
     fds: Option<procfs::FdScan>,
     /// Its maps as read right after the seize (taken by the first stop).
     seized_maps: Option<std::sync::Arc<Vec<procfs::MemoryMap>>>,
+    /// The maps the stop last read, with the [`Tracee::maps_epoch`] they
+    /// were read at: the load's, while nothing changed them.
+    stop_maps: Option<(Vec<procfs::MemoryMap>, u64)>,
     timings: Timings,
 }
 
@@ -879,6 +882,7 @@ fn plan_update(
         sweep_files,
         fds,
         seized_maps: None,
+        stop_maps: None,
         timings,
     })
 }
@@ -974,7 +978,7 @@ fn stop_process(
         skip_hits = 0;
         detail.add(&stopped.timings, stopped.breakpoints_armed);
         let Some(busy) = forbidden_frame(&stopped.threads, plan) else {
-            return Ok(stopped.threads);
+            return Ok((stopped.threads, stopped.maps));
         };
         if Instant::now() + SAFETY_RETRY >= deadline {
             return Err(UpdateError::Unsafe {
@@ -996,8 +1000,9 @@ fn stop_process(
     detail.unrescue_us = timings::us(t_unrescue.elapsed());
     planned.timings.stop_detail = detail;
     signals::set_stopping(false);
-    let threads = stopped?;
+    let (threads, stop_maps) = stopped?;
     removed?;
+    planned.stop_maps = Some(stop_maps);
     planned.timings.stop_us = planned.clock.lap();
     interrupted(pid)?;
 
@@ -1066,6 +1071,7 @@ fn compute<'t>(
         sweep_files,
         fds: fds_before,
         seized_maps: _,
+        stop_maps,
         mut timings,
     } = planned;
     let proc_err = |source| UpdateError::Proc { pid, source };
@@ -1130,7 +1136,10 @@ fn compute<'t>(
             new_bytes,
             new_tables,
             &old,
-            &LoadOptions::default(),
+            &LoadOptions {
+                maps: stop_maps,
+                ..LoadOptions::default()
+            },
         )?,
         None => load::load_image(
             tracee,
@@ -1150,10 +1159,11 @@ fn compute<'t>(
 
     // The maps with NEW in them, read by the load: nothing maps or unmaps
     // while the process is paused.
-    let maps_now = if opts.legacy_pause {
-        procfs::read_maps(loaded.pid()).map_err(proc_err)?
+    let (maps_now, maps_now_epoch) = if opts.legacy_pause {
+        let epoch = loaded.tracee().maps_epoch();
+        (procfs::read_maps(loaded.pid()).map_err(proc_err)?, epoch)
     } else {
-        loaded.maps().to_vec()
+        (loaded.maps().to_vec(), loaded.maps_epoch())
     };
     // Phase 5: compute every byte of the new state. The heap objects of
     // changed type first: where they go must be known before any pointer
@@ -1230,10 +1240,14 @@ fn compute<'t>(
         })
         .map(|(_, p)| (p.tid, &mut p.regs))
         .collect();
-    // Read again: the remote sessions of the heap walk and the
-    // transformers unmapped their scratch memory since the load (swept
-    // from the load's maps, it was reported as unreadable memory).
-    let maps_swept = procfs::read_maps(nix::unistd::Pid::from_raw(pid)).map_err(proc_err)?;
+    // Read again if remote sessions may have mapped or unmapped memory
+    // since the load (the heap walk's and the transformers' scratch memory:
+    // swept from the load's maps, it was reported as unreadable memory).
+    let maps_swept = if tr.maps_epoch() == maps_now_epoch {
+        maps_now.clone()
+    } else {
+        procfs::read_maps(nix::unistd::Pid::from_raw(pid)).map_err(proc_err)?
+    };
     // The user data of epoll registrations lives in the kernel: swept too,
     // and re-registered at the commit when it points into the old image.
     let epoll: Vec<(procfs::EpollRegistration, bool)> =
