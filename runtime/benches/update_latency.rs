@@ -5,8 +5,9 @@
 //!    time to seize, interrupt and resume the same threads with nothing
 //!    else done;
 //! 2. the stop phase of a busy 50-function and a busy 5,000-function
-//!    program with `int3` arming and with `--inline-points` (one flag
-//!    byte arms every detoured point);
+//!    program with `int3` arming (lazy from 512 points: the points the
+//!    threads can reach next) and with `--inline-points` (one flag byte
+//!    arms every detoured point);
 //! 3. steady-state cost of an instrumented binary against the original:
 //!    callgrind instruction counts and wall time, measured in the same run
 //!    (`.up` default, `.inline` with `--inline-points`).
@@ -344,8 +345,9 @@ fn main() {
     }
     if only.as_deref().is_none_or(|o| "stop-modes".contains(o)) {
         println!(
-            "\nstop phase (ms, median of {RUNS} updates), busy threads: int3 at every update \
-             point vs --inline-points (one flag byte; points whose detour is not safe keep int3)"
+            "\nstop phase (ms, median of {RUNS} updates), busy threads: int3 at the points the \
+             threads can reach next (every point below 512) vs --inline-points (one flag byte; \
+             points whose detour is not safe keep int3)"
         );
         println!(
             "{:>14} {:>7} {:>9} {:>9} {:>10} {:>10}",
