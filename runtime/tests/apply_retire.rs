@@ -170,3 +170,60 @@ fn retired_images_of_other_builds_are_unmapped() {
         );
     }
 }
+
+/// Back to the very file the process started from, and away again: the
+/// first update keeps part of the starting image mapped (its program
+/// headers, `.dynamic`, data a library uses), so after the return the
+/// process maps that file twice, the kept parts elsewhere than the running
+/// copy. Every later update was refused ("inconsistent load bias") before
+/// the kept parts were told apart from the running image.
+#[test]
+fn back_to_the_starting_file_and_away_again() {
+    let tc = Toolchain::Gcc;
+    tc.require();
+    let dir = TempDir::new("retire-back");
+    let v1 = build_c(&dir, "bank1", &bank::source(1), tc);
+    let v2 = build_c(&dir, "bank2", &bank::source(2), tc);
+    let child = spawn(&v1, &[] as &[&str]).expect("spawn");
+    child
+        .wait_for_line("start", Duration::from_secs(20), |l| {
+            l.contains(" round 2:")
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    let pid = child.pid() as i32;
+    let opts = ApplyOptions {
+        timeout: Duration::from_secs(10),
+        ..ApplyOptions::default()
+    };
+    let first = apply(pid, &v2, &opts).unwrap_or_else(|e| panic!("to v2: {e}"));
+    assert!(first.retired.kept > 0, "{:?}", first.retired);
+    apply(pid, &v1, &opts).unwrap_or_else(|e| panic!("back to the starting file: {e}"));
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
+    let v1_name = v1.to_string_lossy().to_string();
+    let starts: std::collections::BTreeSet<&str> = maps
+        .lines()
+        .filter(|l| l.ends_with(v1_name.as_str()))
+        .filter_map(|l| l.split('-').next())
+        .collect();
+    assert!(
+        starts.len() > 1,
+        "the starting file mapped once only: {maps}"
+    );
+    for k in 0..3 {
+        let to = if k % 2 == 0 { &v2 } else { &v1 };
+        apply(pid, to, &opts).unwrap_or_else(|e| panic!("update {k} after the return: {e}"));
+    }
+    // v2 runs on, every line right.
+    let lines = child.stdout_so_far().lines().count();
+    child
+        .wait_for_line("after the updates", Duration::from_secs(20), |l| {
+            l.contains(&format!(" round {}:", lines + 3))
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    let out = child.stdout_so_far();
+    bank::check_lines(&out).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        out.lines().last().is_some_and(|l| l.starts_with("v2 ")),
+        "{out}"
+    );
+}

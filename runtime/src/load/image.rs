@@ -137,16 +137,38 @@ fn locate(
         detail,
     };
     let bias = bias_of_mapping(&path, &c.segs, &c.map)?;
-    let mine: Vec<&MemoryMap> = maps.iter().filter(|m| same_file(m, &c.map)).collect();
-    for m in &mine {
+    // This instance's span, from its segments and bias.
+    let lo = c.segs.iter().map(|s| page_down(s.vaddr)).min();
+    let hi = c
+        .segs
+        .iter()
+        .map(|s| s.vaddr.checked_add(s.memsz).and_then(page_up))
+        .collect::<Option<Vec<u64>>>()
+        .and_then(|v| v.into_iter().max());
+    let (Some(lo), Some(hi)) = (lo, hi) else {
+        return Err(bias_err("no PT_LOAD segment, or one that overflows".into()));
+    };
+    let span = LinkAddr(lo).to_runtime(bias)..LinkAddr(hi).to_runtime(bias);
+    let mut mine: Vec<&MemoryMap> = Vec::new();
+    for m in maps.iter().filter(|m| same_file(m, &c.map)) {
         // Mappings past the file's segments (none expected) say nothing.
         let possible = biases_of_mapping(&c.segs, m);
-        if !possible.is_empty() && !possible.contains(&bias) {
-            return Err(bias_err(format!(
-                "the executable mapping at {} implies bias {:#x}, the mapping at {} (file offset {}) implies {:#x}",
-                c.map.start, bias.0, m.start, m.offset, possible[0].0
-            )));
+        if possible.is_empty() || possible.contains(&bias) {
+            mine.push(m);
+            continue;
         }
+        // Another instance of the same file, outside this one and never
+        // executable: what an earlier update kept of a retired image (its
+        // program headers, `.dynamic`, data a library uses), left when the
+        // process was updated back to that very file.
+        let outside = m.end <= span.start || span.end <= m.start;
+        if outside && !m.perms.exec {
+            continue;
+        }
+        return Err(bias_err(format!(
+            "the executable mapping at {} implies bias {:#x}, the mapping at {} (file offset {}) implies {:#x}",
+            c.map.start, bias.0, m.start, m.offset, possible[0].0
+        )));
     }
     if !c.tables.binary.pie && bias.0 != 0 {
         return Err(bias_err(format!(
@@ -169,17 +191,6 @@ fn locate(
             ".text [{text_start}, {text_end}) is not inside one executable mapping of the file"
         )));
     }
-    let lo = c.segs.iter().map(|s| page_down(s.vaddr)).min();
-    let hi = c
-        .segs
-        .iter()
-        .map(|s| s.vaddr.checked_add(s.memsz).and_then(page_up))
-        .collect::<Option<Vec<u64>>>()
-        .and_then(|v| v.into_iter().max());
-    let (Some(lo), Some(hi)) = (lo, hi) else {
-        return Err(bias_err("no PT_LOAD segment, or one that overflows".into()));
-    };
-    let span = LinkAddr(lo).to_runtime(bias)..LinkAddr(hi).to_runtime(bias);
     if span.start > span.end
         || mine
             .iter()
