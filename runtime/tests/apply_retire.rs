@@ -24,6 +24,25 @@ const BASELINE_AT: usize = 20;
 const MAPS_ALLOWANCE: usize = 2;
 const RSS_ALLOWANCE_KB: u64 = 256;
 
+/// The bank program `exe` started and past its second round.
+fn start_bank(exe: &std::path::Path) -> upstare_testkit::ChildGuard {
+    let child = spawn(exe, &[] as &[&str]).expect("spawn");
+    child
+        .wait_for_line("start", Duration::from_secs(20), |l| {
+            l.contains(" round 2:")
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    child
+}
+
+/// Updates with a 10 s stop limit.
+fn options() -> ApplyOptions {
+    ApplyOptions {
+        timeout: Duration::from_secs(10),
+        ..ApplyOptions::default()
+    }
+}
+
 /// (mappings, resident KB) of process `pid`.
 fn footprint(pid: u32) -> (usize, u64) {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
@@ -55,17 +74,9 @@ fn updates_in_a_row(first_tc: Toolchain, tc: Toolchain, updates: usize) -> Run {
     let start = build_c(&dir, "bank0", &bank::source(1), first_tc);
     let v1 = build_c(&dir, "bank1", &bank::source(1), tc);
     let v2 = build_c(&dir, "bank2", &bank::source(2), tc);
-    let child = spawn(&start, &[] as &[&str]).expect("spawn");
-    child
-        .wait_for_line("start", Duration::from_secs(20), |l| {
-            l.contains(" round 2:")
-        })
-        .unwrap_or_else(|e| panic!("{e}"));
+    let child = start_bank(&start);
     let pid = child.pid();
-    let opts = ApplyOptions {
-        timeout: Duration::from_secs(10),
-        ..ApplyOptions::default()
-    };
+    let opts = options();
     let mut run = Run {
         first: Default::default(),
         unmapped: 0,
@@ -184,17 +195,9 @@ fn back_to_the_starting_file_and_away_again() {
     let dir = TempDir::new("retire-back");
     let v1 = build_c(&dir, "bank1", &bank::source(1), tc);
     let v2 = build_c(&dir, "bank2", &bank::source(2), tc);
-    let child = spawn(&v1, &[] as &[&str]).expect("spawn");
-    child
-        .wait_for_line("start", Duration::from_secs(20), |l| {
-            l.contains(" round 2:")
-        })
-        .unwrap_or_else(|e| panic!("{e}"));
+    let child = start_bank(&v1);
     let pid = child.pid() as i32;
-    let opts = ApplyOptions {
-        timeout: Duration::from_secs(10),
-        ..ApplyOptions::default()
-    };
+    let opts = options();
     let first = apply(pid, &v2, &opts).unwrap_or_else(|e| panic!("to v2: {e}"));
     assert!(first.retired.kept > 0, "{:?}", first.retired);
     apply(pid, &v1, &opts).unwrap_or_else(|e| panic!("back to the starting file: {e}"));
