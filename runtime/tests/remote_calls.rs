@@ -31,6 +31,8 @@ volatile int spin = 1;
 volatile long spins;
 
 int add(int a, int b) { return a + b; }
+long seven(void) { return 7; }
+long eight(void) { return 8; }
 long weigh6(long a, long b, long c, long d, long e, long f) {
     return a + 2 * b + 3 * c + 4 * d + 5 * e + 6 * f;
 }
@@ -602,5 +604,26 @@ fn the_maps_epoch_changes_with_whatever_may_map_memory() {
     t.cont(pid, None).expect("cont");
     assert_ne!(t.maps_epoch(), e2, "the program ran");
     t.halt_all().expect("halt");
+    let_go(t, child, b"x\n", &format!("ready {pid}\nread 2 x\n"));
+}
+
+/// Functions of no argument (IFUNC resolvers) called in one batch: each
+/// result in order, the thread and its maps as before.
+#[test]
+fn call_all_calls_each_function_in_order() {
+    let (_dir, exe, child, pid, mut t) = seized_blocked("call-all");
+    let gadget = exe_entry(pid).expect("entry");
+    let before = snapshot(&t, pid, gadget);
+    let seven = runtime_symbol(pid, &exe, "seven");
+    let eight = runtime_symbol(pid, &exe, "eight");
+    {
+        let mut rc = RemoteCalls::new(&mut t, pid, gadget).expect("session");
+        let mut got = Vec::new();
+        rc.call_all(&[seven, eight, eight, seven], &mut got)
+            .expect("batch");
+        assert_eq!(got, [7, 8, 8, 7]);
+        rc.finish().expect("finish");
+    }
+    assert_restored(&before, &snapshot(&t, pid, gadget), "call_all");
     let_go(t, child, b"x\n", &format!("ready {pid}\nread 2 x\n"));
 }

@@ -424,18 +424,54 @@ pub struct FiniRedirect {
 impl FiniRedirect {
     /// Write the new values.
     pub fn apply(&self, mem: &mut impl TargetMemory) -> Result<(), MemError> {
-        for w in &self.writes {
-            mem.write_u64(w.addr, w.new)?;
-        }
-        Ok(())
+        write_words(mem, self.writes.iter().map(|w| (w.addr, w.new)))
     }
     /// Write the old values back.
     pub fn revert(&self, mem: &mut impl TargetMemory) -> Result<(), MemError> {
-        for w in &self.writes {
-            mem.write_u64(w.addr, w.old)?;
-        }
-        Ok(())
+        write_words(mem, self.writes.iter().map(|w| (w.addr, w.old)))
     }
+}
+
+/// Most bytes one write of [`write_words`] covers.
+const WORDS_SPAN: u64 = 64 << 10;
+
+/// Writes 8-byte `words` (address, value), close ones (a table's entries,
+/// within [`WORDS_SPAN`] of the first) as one read of their span, patched,
+/// and one write, rather than one write each: the memory they sit in may
+/// be read-only (`.dynsym`), which only `/proc/PID/mem` writes, a range at
+/// a time. The bytes between them are written back as read: the process
+/// is stopped.
+fn write_words(
+    mem: &mut impl TargetMemory,
+    words: impl Iterator<Item = (RuntimeAddr, u64)>,
+) -> Result<(), MemError> {
+    let mut words: Vec<(RuntimeAddr, u64)> = words.collect();
+    words.sort_by_key(|w| w.0);
+    let mut i = 0;
+    while i < words.len() {
+        let start = words[i].0;
+        let mut j = i + 1;
+        while j < words.len()
+            && words[j].0 .0 >= words[j - 1].0 .0.saturating_add(8)
+            && words[j].0 .0.saturating_add(8) - start.0 <= WORDS_SPAN
+        {
+            j += 1;
+        }
+        if j - i == 1 {
+            mem.write_u64(start, words[i].1)?;
+        } else {
+            let end = words[j - 1].0 .0 + 8;
+            let mut bytes = vec![0u8; (end - start.0) as usize];
+            mem.read(start, &mut bytes)?;
+            for &(a, v) in &words[i..j] {
+                let at = (a.0 - start.0) as usize;
+                bytes[at..at + 8].copy_from_slice(&v.to_le_bytes());
+            }
+            mem.write(start, &bytes)?;
+        }
+        i = j;
+    }
+    Ok(())
 }
 
 /// The summary of the ELF file at `source`, reading only the parts needed
@@ -650,9 +686,21 @@ fn plan_symbol_redirect(
 ) -> Result<(FiniRedirect, usize), LoadError> {
     let main_bias = sources.main_bias;
     let mut writes = Vec::new();
-    for &(entry, to) in &sources.symbols {
+    // Every st_value read in one batch (a program exporting its symbols,
+    // as redis does, has thousands: one read each took 4.8 ms).
+    let mut values = vec![[0u8; 8]; sources.symbols.len()];
+    {
+        let mut ranges: Vec<(RuntimeAddr, &mut [u8])> = sources
+            .symbols
+            .iter()
+            .zip(values.iter_mut())
+            .map(|(&(entry, _), v)| (entry.to_runtime(main_bias), v.as_mut_slice()))
+            .collect();
+        mem.read_ranges(&mut ranges).map_err(|(_, e)| e)?;
+    }
+    for (&(entry, to), old) in sources.symbols.iter().zip(values) {
         let addr = entry.to_runtime(main_bias);
-        let old = mem.read_u64(addr)?;
+        let old = u64::from_le_bytes(old);
         let value = new.runtime(to).0.wrapping_sub(main_bias.0);
         if old != value {
             writes.push(DynamicWrite {
@@ -678,4 +726,45 @@ fn plan_retire(maps: &[MemoryMap], running: &Image) -> Vec<Range<RuntimeAddr>> {
         })
         .map(|m| m.start..m.end)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::ByteBuffer;
+
+    #[test]
+    fn words_close_together_are_written_in_one_span_keeping_the_bytes_between() {
+        // A table of 24-byte entries (st_value at +8) and one word far away.
+        let base = 0x10_000u64;
+        let far = base + 2 * WORDS_SPAN;
+        let mut mem = ByteBuffer::with_region(RuntimeAddr(base), vec![0xaa; 4096]).expect("table");
+        mem.add_region(RuntimeAddr(far), vec![0xbb; 16])
+            .expect("far");
+        let words = (0..100u64)
+            .map(|i| (RuntimeAddr(base + 24 * i + 8), i))
+            .chain(std::iter::once((RuntimeAddr(far), 7u64)));
+        write_words(&mut mem, words).expect("written");
+        let mut table = vec![0u8; 2400];
+        mem.read(RuntimeAddr(base), &mut table).expect("read");
+        for i in 0..100usize {
+            let at = 24 * i;
+            assert_eq!(&table[at..at + 8], &[0xaa; 8], "entry {i} before its value");
+            assert_eq!(
+                &table[at + 8..at + 16],
+                &(i as u64).to_le_bytes(),
+                "entry {i}"
+            );
+            assert_eq!(
+                &table[at + 16..at + 24],
+                &[0xaa; 8],
+                "entry {i} after its value"
+            );
+        }
+        assert_eq!(mem.read_u64(RuntimeAddr(far)).expect("far"), 7);
+        // The region past the table's span is untouched.
+        let mut rest = vec![0u8; 4096 - 2400];
+        mem.read(RuntimeAddr(base + 2400), &mut rest).expect("rest");
+        assert!(rest.iter().all(|&b| b == 0xaa));
+    }
 }

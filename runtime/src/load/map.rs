@@ -252,6 +252,10 @@ pub(super) fn running_gadget(pid: Pid, running: &Image) -> Result<RuntimeAddr, L
     Ok(g)
 }
 
+/// From how many distinct imported IFUNC resolvers they are called in one
+/// batch (which first maps the batch loop's code: two remote calls more).
+const BATCH_RESOLVERS_FROM: usize = 4;
+
 /// Map NEW's segments into the reserved span at `bias` and relocate them.
 /// Map NEW's segments through `fd` (closed here) at `bias` (with `whole`,
 /// the file is already mapped over the span, see [`map_image`]), then
@@ -275,6 +279,30 @@ fn map_and_relocate(
     // flushed before any code of the process runs (an IFUNC resolver may
     // read what was relocated before it) and at the end.
     let mut pending: Vec<(RuntimeAddr, [u8; 8])> = Vec::new();
+    // The imports' IFUNC resolvers (code of other objects, which reads
+    // nothing of NEW) called in one batch: one remote call for all rather
+    // than one each (redis: 26 resolvers, 3.7 ms one by one).
+    let mut resolvers: Vec<RuntimeAddr> = plan
+        .relocs
+        .iter()
+        .filter_map(|(_, v)| match v {
+            RelocValue::Ifunc { resolver, .. } => Some(*resolver),
+            _ => None,
+        })
+        .collect();
+    resolvers.sort_unstable();
+    resolvers.dedup();
+    if resolvers.len() >= BATCH_RESOLVERS_FROM {
+        let mut got = Vec::with_capacity(resolvers.len());
+        rc.call_all(&resolvers, &mut got)?;
+        report.ifunc_calls += resolvers.len();
+        for (r, a) in resolvers.iter().zip(got) {
+            // A zero is refused below, naming the symbol.
+            if a != 0 {
+                ifuncs.insert(r.0, a);
+            }
+        }
+    }
     let flush = |rc: &mut RemoteCalls<'_>, pending: &mut Vec<(RuntimeAddr, [u8; 8])>| {
         let ranges: Vec<(RuntimeAddr, &[u8])> =
             pending.iter().map(|(a, b)| (*a, b.as_slice())).collect();

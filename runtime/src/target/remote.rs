@@ -198,6 +198,13 @@ const BATCH_CODE: [u8; 73] = [
     0xc3, // ret
 ];
 
+/// Where [`JMP_RDI`] sits in the batch code page, after [`BATCH_CODE`].
+const JMP_RDI_AT: u64 = 80;
+/// `jmp rdi`: given to the batch loop as its function, it makes the loop
+/// call each word of its input array (a function taking no argument, such
+/// as an IFUNC resolver) instead of one function with each word.
+const JMP_RDI: [u8; 2] = [0xff, 0xe7];
+
 /// `-ERESTART_RESTARTBLOCK`: `rt_sigreturn` cancels the restart block.
 const RESTARTBLOCK: i64 = -516;
 
@@ -1138,6 +1145,34 @@ impl<'t> RemoteCalls<'t> {
         r
     }
 
+    /// Calls each function of `funcs` (none takes an argument: IFUNC
+    /// resolvers) in one remote call of the batch loop, pushing each result
+    /// to `results`, in order. The loop's scratch code costs a mapping and
+    /// a protection change on first use in the session: worth it from a few
+    /// functions on.
+    pub fn call_all(
+        &mut self,
+        funcs: &[RuntimeAddr],
+        results: &mut Vec<u64>,
+    ) -> Result<(), RemoteError> {
+        if funcs.is_empty() {
+            return Ok(());
+        }
+        let code = self.ensure_batch_code()?;
+        let words: Vec<u64> = funcs.iter().map(|f| f.0).collect();
+        let before = results.len();
+        self.call_each(RuntimeAddr(code.0 + JMP_RDI_AT), &words, false, results)?;
+        let made = results.len() - before;
+        if made < funcs.len() {
+            return Err(RemoteError::Ended {
+                tid: self.tid,
+                op: format!("call of {}", funcs[made]),
+                stop: format!("the batch stopped after {made} of {} calls", funcs.len()),
+            });
+        }
+        Ok(())
+    }
+
     /// The batch loop's code at the end of the scratch mapping, written
     /// and made read-only executable on first use in the session.
     fn ensure_batch_code(&mut self) -> Result<RuntimeAddr, RemoteError> {
@@ -1145,6 +1180,7 @@ impl<'t> RemoteCalls<'t> {
         let code = RuntimeAddr(base.0 + SCRATCH_DATA + SCRATCH_STACK);
         if !self.batch_ready {
             self.mem.write(code, &BATCH_CODE)?;
+            self.mem.write(RuntimeAddr(code.0 + JMP_RDI_AT), &JMP_RDI)?;
             self.mprotect(code, SCRATCH_CODE, libc::PROT_READ | libc::PROT_EXEC)?;
             self.batch_ready = true;
         }
