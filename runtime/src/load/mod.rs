@@ -287,6 +287,10 @@ pub struct LoadedImage<'t> {
     signals: Option<commit::SignalPlan>,
     /// The [`Tracee::maps_epoch`] `maps` were read at.
     maps_epoch: u64,
+    /// When a signal handler runs on an alternate stack: every thread's
+    /// alternate stack; `None` when not read (no such handler, or they
+    /// could not be read).
+    alt_stacks: Option<Vec<std::ops::Range<u64>>>,
     /// The libraries the load resolved NEW's imports in: freeing their
     /// symbol tables takes about 0.5 ms, so they are handed to the caller
     /// ([`LoadedImage::take_libraries`]) to drop once the process runs.
@@ -468,6 +472,10 @@ pub fn load_prepared<'t>(
         )
     });
     let signals = Some(signals.unwrap_or(Ok((Vec::new(), false))));
+    // A handler runs on an alternate stack: where each thread's is (this
+    // thread's was read as its session began).
+    let on_alt_stack = matches!(&signals, Some(Ok((_, true))));
+    let own_alt_stack = on_alt_stack.then(|| rc.alt_stack().ok());
     let span = image.span.clone();
     if let Err(e) = rc.finish() {
         // Restoring the thread failed (is it gone?): try to unmap NEW in a
@@ -496,6 +504,10 @@ pub fn load_prepared<'t>(
         .search_order()
         .filter_map(|l| l.path().map(Path::to_path_buf))
         .collect();
+    let alt_stacks = match own_alt_stack {
+        Some(Some(own)) => alt_stacks(tracee, tid, own, running_gadget, &maps),
+        _ => None,
+    };
     Ok(LoadedImage {
         tracee,
         tid,
@@ -513,7 +525,37 @@ pub fn load_prepared<'t>(
         signals,
         libraries: libs,
         maps_epoch,
+        alt_stacks,
     })
+}
+
+/// Beyond this many threads, their alternate signal stacks are not read
+/// (a remote session each): the old image's writable data is kept instead.
+const MAX_ALT_STACK_THREADS: usize = 16;
+
+/// The alternate signal stacks of every traced thread of the process:
+/// `own`, that of thread `tid`, and one remote session in each other
+/// thread. `None` when one cannot be read, or there are more than
+/// [`MAX_ALT_STACK_THREADS`] threads.
+fn alt_stacks(
+    tracee: &mut Tracee,
+    tid: Pid,
+    own: Option<std::ops::Range<u64>>,
+    gadget: RuntimeAddr,
+    maps: &[MemoryMap],
+) -> Option<Vec<std::ops::Range<u64>>> {
+    let threads = tracee.traced();
+    if threads.len() > MAX_ALT_STACK_THREADS {
+        return None;
+    }
+    let mut out: Vec<std::ops::Range<u64>> = own.into_iter().collect();
+    for t in threads.into_iter().filter(|&t| t != tid) {
+        let rc = RemoteCalls::with_maps(tracee, t, gadget, maps).ok()?;
+        let stack = rc.alt_stack();
+        rc.finish().ok()?;
+        out.extend(stack.ok()?);
+    }
+    Some(out)
 }
 
 /// Unmaps `ranges` (the retired image's mappings) through `rc`, ranges
@@ -589,6 +631,12 @@ impl<'t> LoadedImage<'t> {
     /// What loading did.
     pub fn report(&self) -> &LoadReport {
         &self.report
+    }
+
+    /// Every thread's alternate signal stack, when a handler runs on one
+    /// and they could be read.
+    pub fn alt_stacks(&self) -> Option<&[std::ops::Range<u64>]> {
+        self.alt_stacks.as_deref()
     }
 
     /// The epoch [`LoadedImage::maps`] were read at: they are still the

@@ -458,6 +458,9 @@ pub struct RemoteCalls<'t> {
     timeout: Duration,
     /// Whether the thread was already restored.
     restored: bool,
+    /// Whether the thread's alternate signal stack was read into the frame
+    /// (see [`RemoteCalls::alt_stack`]).
+    alt_stack_read: bool,
 }
 
 impl fmt::Debug for RemoteCalls<'_> {
@@ -542,11 +545,14 @@ impl<'t> RemoteCalls<'t> {
             batch_ready: false,
             timeout: DEFAULT_TIMEOUT,
             restored: false,
+            alt_stack_read: false,
         };
         // The thread's alternate signal stack into the frame, so that an
         // rt_sigreturn keeps it (a failure leaves "none", which is right
         // for almost every thread).
-        let _ = rc.raw_syscall("sigaltstack", libc::SYS_sigaltstack, &[0, frame.0 + 16]);
+        rc.alt_stack_read = rc
+            .raw_syscall("sigaltstack", libc::SYS_sigaltstack, &[0, frame.0 + 16])
+            .is_ok_and(|r| r == 0);
         // Block every signal (the mask is read from the gadget area), so
         // that nothing is delivered while remote code runs.
         let r = rc.raw_syscall(
@@ -806,6 +812,28 @@ impl<'t> RemoteCalls<'t> {
         // No single-stepping or direction flag left over from the thread.
         r.0.eflags &= !0x500;
         self.run(name, &r, RunKind::Syscall)
+    }
+
+    /// The thread's alternate signal stack, as the session read it when it
+    /// began: `Ok(None)` when it has none (or it is disabled), an error
+    /// when it could not be read.
+    pub fn alt_stack(&self) -> Result<Option<std::ops::Range<u64>>, RemoteError> {
+        if !self.alt_stack_read {
+            return Err(RemoteError::Ended {
+                tid: self.tid,
+                op: "sigaltstack".into(),
+                stop: "the thread's alternate signal stack could not be read".into(),
+            });
+        }
+        // A kernel stack_t: ss_sp, ss_flags (and padding), ss_size.
+        let mut b = [0u8; 24];
+        self.mem.read(RuntimeAddr(self.frame.0 + 16), &mut b)?;
+        let word = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or([0; 8]));
+        let (sp, flags, size) = (word(0), word(8) as u32, word(16));
+        if flags & SS_DISABLE != 0 || size == 0 {
+            return Ok(None);
+        }
+        Ok(Some(sp..sp.saturating_add(size)))
     }
 
     /// The tracee's [`Tracee::maps_epoch`] now.

@@ -1152,6 +1152,7 @@ fn compute<'t>(
         )?,
     };
     let load_libs = loaded.take_libraries();
+    let alt_stacks = loaded.alt_stacks().map(<[_]>::to_vec);
     let mut commit_plan = loaded.plan_commit(&old)?;
     warnings.extend(commit_plan.warnings.iter().cloned());
     timings.load_us = clock.lap();
@@ -1338,16 +1339,23 @@ fn compute<'t>(
     let mut unmap = unmap;
     if commit_plan.on_alt_stack {
         // An alternate signal stack in the old image's data would be
-        // unmapped under a handler that runs on it.
-        let (keep, go): (Vec<_>, Vec<_>) = unmap
-            .unmap
-            .into_iter()
-            .partition(|r| writable(&maps_swept, r.start, 1));
+        // unmapped under a handler that runs on it: writable ranges that
+        // hold one are kept, or all of them when the threads' alternate
+        // stacks are not known.
+        let alt_stacks = alt_stacks.as_deref();
+        let (keep, go): (Vec<_>, Vec<_>) = unmap.unmap.into_iter().partition(|r| {
+            writable(&maps_swept, r.start, 1)
+                && alt_stacks.is_none_or(|stacks| {
+                    stacks
+                        .iter()
+                        .any(|s| s.start < r.end.0 && r.start.0 < s.end)
+                })
+        });
         unmap.unmap = go;
         unmap.keep.extend(keep.into_iter().map(|r| {
             (
                 r,
-                "writable data kept: a signal handler runs on an alternate stack (SA_ONSTACK), which the kernel keeps per thread and may lie here".to_string(),
+                "writable data kept: a signal handler runs on an alternate stack (SA_ONSTACK), which the kernel keeps per thread and which lies here or could not be read".to_string(),
             )
         }));
     }
