@@ -242,16 +242,27 @@ int main(void)
 }
 "#;
 
-#[test]
-fn a_handler_on_an_alternate_stack_in_the_old_data_still_runs() {
+/// Builds v1 and v2 of `src` (gcc), starts v1 until it prints `ready`,
+/// has it handle a signal once, and gives the update options.
+fn start_handling(
+    src: &str,
+    tag: &str,
+    ready: &str,
+) -> (
+    TempDir,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    upstare_testkit::ChildGuard,
+    ApplyOptions,
+) {
     let tc = Toolchain::Gcc;
     tc.require();
-    let dir = TempDir::new("epoll-altstack");
-    let v1 = build_c(&dir, "a1", &with_version(ALTSTACK_SRC, "v1"), tc);
-    let v2 = build_c(&dir, "a2", &with_version(ALTSTACK_SRC, "v2"), tc);
+    let dir = TempDir::new(tag);
+    let v1 = build_c(&dir, "v1", &with_version(src, "v1"), tc);
+    let v2 = build_c(&dir, "v2", &with_version(src, "v2"), tc);
     let mut child = spawn(&v1, &[] as &[&str]).expect("spawn");
     child
-        .wait_for_line("ready", WAIT, |l| l == "v1 ready")
+        .wait_for_line("ready", WAIT, |l| l == ready)
         .expect("ready");
     send_and_expect(
         &mut child,
@@ -264,6 +275,13 @@ fn a_handler_on_an_alternate_stack_in_the_old_data_still_runs() {
         timeout: Duration::from_millis(10_000),
         ..ApplyOptions::default()
     };
+    (dir, v1, v2, child, opts)
+}
+
+#[test]
+fn a_handler_on_an_alternate_stack_in_the_old_data_still_runs() {
+    let (_dir, _v1, v2, mut child, opts) =
+        start_handling(ALTSTACK_SRC, "epoll-altstack", "v1 ready");
     let report = apply(child.pid() as i32, &v2, &opts).unwrap_or_else(|e| panic!("update: {e}"));
     assert!(
         report
@@ -339,26 +357,8 @@ int main(void)
 
 #[test]
 fn a_handler_on_an_alternate_stack_in_the_heap_lets_the_old_data_go() {
-    let tc = Toolchain::Gcc;
-    tc.require();
-    let dir = TempDir::new("epoll-altstack-heap");
-    let v1 = build_c(&dir, "h1", &with_version(ALTSTACK_HEAP_SRC, "v1"), tc);
-    let v2 = build_c(&dir, "h2", &with_version(ALTSTACK_HEAP_SRC, "v2"), tc);
-    let mut child = spawn(&v1, &[] as &[&str]).expect("spawn");
-    child
-        .wait_for_line("ready", WAIT, |l| l == "v1 ready 1")
-        .expect("ready");
-    send_and_expect(
-        &mut child,
-        b"s",
-        &["v1 handled 1"],
-        WAIT,
-        "before the update",
-    );
-    let opts = ApplyOptions {
-        timeout: Duration::from_millis(10_000),
-        ..ApplyOptions::default()
-    };
+    let (dir, v1, v2, mut child, opts) =
+        start_handling(ALTSTACK_HEAP_SRC, "epoll-altstack-heap", "v1 ready 1");
     apply(child.pid() as i32, &v2, &opts).unwrap_or_else(|e| panic!("update: {e}"));
     send_and_expect(
         &mut child,

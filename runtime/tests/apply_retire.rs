@@ -35,6 +35,20 @@ fn start_bank(exe: &std::path::Path) -> upstare_testkit::ChildGuard {
     child
 }
 
+/// Lets the bank program run three more rounds, checks every line of its
+/// output and returns it with the count of v1 lines.
+fn run_on_checked(child: &upstare_testkit::ChildGuard) -> (String, usize) {
+    let lines = child.stdout_so_far().lines().count();
+    child
+        .wait_for_line("after the updates", Duration::from_secs(20), |l| {
+            l.contains(&format!(" round {}:", lines + 3))
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    let out = child.stdout_so_far();
+    let (n1, _) = bank::check_lines(&out).unwrap_or_else(|e| panic!("{e}"));
+    (out, n1)
+}
+
 /// Updates with a 10 s stop limit.
 fn options() -> ApplyOptions {
     ApplyOptions {
@@ -116,14 +130,7 @@ fn updates_in_a_row(first_tc: Toolchain, tc: Toolchain, updates: usize) -> Run {
         );
     }
     // The program runs on as the last version, every line right.
-    let lines = child.stdout_so_far().lines().count();
-    child
-        .wait_for_line("after the updates", Duration::from_secs(20), |l| {
-            l.contains(&format!(" round {}:", lines + 3))
-        })
-        .unwrap_or_else(|e| panic!("{e}"));
-    let out = child.stdout_so_far();
-    let (n1, _) = bank::check_lines(&out).unwrap_or_else(|e| panic!("{e}"));
+    let (out, n1) = run_on_checked(&child);
     assert!(n1 > 0, "no v1 line");
     // Whether a round ran between two updates depends on the machine's
     // load; the rounds after the last update are the last version's.
@@ -217,14 +224,7 @@ fn back_to_the_starting_file_and_away_again() {
         apply(pid, to, &opts).unwrap_or_else(|e| panic!("update {k} after the return: {e}"));
     }
     // v2 runs on, every line right.
-    let lines = child.stdout_so_far().lines().count();
-    child
-        .wait_for_line("after the updates", Duration::from_secs(20), |l| {
-            l.contains(&format!(" round {}:", lines + 3))
-        })
-        .unwrap_or_else(|e| panic!("{e}"));
-    let out = child.stdout_so_far();
-    bank::check_lines(&out).unwrap_or_else(|e| panic!("{e}"));
+    let (out, _) = run_on_checked(&child);
     assert!(
         out.lines().last().is_some_and(|l| l.starts_with("v2 ")),
         "{out}"
