@@ -358,11 +358,12 @@ fn fault_matrix_as(kind: Kind, signals: &[&str], mode: PointsMode, phases: &[&st
     println!("{kind:?}: checkpoints {counts:?}");
     let moments = moments(&counts);
     // A floor on coverage, not on the update's cost: the blocked server's
-    // identity update has 27 (a stop that arms nothing installs no rescue
-    // handler, and the load and commit make fewer remote calls since
-    // issue 12); the busy program has more.
+    // identity update has 23 (a stop that arms nothing installs no rescue
+    // handler, the load and commit make fewer remote calls since issue 12,
+    // and the commit writes close ranges as one, a moment each); the busy
+    // program has more. Every moment there is is tried.
     assert!(
-        moments.len() >= 24 || phases.len() < 4,
+        moments.len() >= 20 || phases.len() < 4,
         "only {} moments: {counts:?}",
         moments.len()
     );

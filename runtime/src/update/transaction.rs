@@ -199,8 +199,10 @@ fn commit_each(
 /// Largest gap between two writes that is filled with the bytes already
 /// there so that both become one range. Only gaps whose bytes lie in pages
 /// the two writes touch are filled, so a merged range never reaches a page
-/// no write reaches.
-const MAX_GAP: u64 = 256;
+/// no write reaches. A page's worth: each range costs the kernel a page
+/// walk of its own (redis's 19,633 writes made 5,592 ranges with 256,
+/// 63 with 4096: 7.0 -> 4.9 ms).
+const MAX_GAP: u64 = 4096;
 const PAGE: u64 = 4096;
 
 /// One contiguous range of the batched commit.
