@@ -287,10 +287,10 @@ pub struct LoadedImage<'t> {
     signals: Option<commit::SignalPlan>,
     /// The [`Tracee::maps_epoch`] `maps` were read at.
     maps_epoch: u64,
-    /// When a signal handler runs on an alternate stack: every thread's
-    /// alternate stack; `None` when not read (no such handler, or they
-    /// could not be read).
-    alt_stacks: Option<Vec<std::ops::Range<u64>>>,
+    /// When a signal handler runs on an alternate stack: the alternate
+    /// stack of the load's thread as its session read it (`Some(None)`: it
+    /// has none); `None`: not read (no such handler, or unreadable).
+    own_alt_stack: Option<Option<std::ops::Range<u64>>>,
     /// The libraries the load resolved NEW's imports in: freeing their
     /// symbol tables takes about 0.5 ms, so they are handed to the caller
     /// ([`LoadedImage::take_libraries`]) to drop once the process runs.
@@ -475,7 +475,7 @@ pub fn load_prepared<'t>(
     // A handler runs on an alternate stack: where each thread's is (this
     // thread's was read as its session began).
     let on_alt_stack = matches!(&signals, Some(Ok((_, true))));
-    let own_alt_stack = on_alt_stack.then(|| rc.alt_stack().ok());
+    let own_alt_stack = on_alt_stack.then(|| rc.alt_stack().ok()).flatten();
     let span = image.span.clone();
     if let Err(e) = rc.finish() {
         // Restoring the thread failed (is it gone?): try to unmap NEW in a
@@ -504,10 +504,6 @@ pub fn load_prepared<'t>(
         .search_order()
         .filter_map(|l| l.path().map(Path::to_path_buf))
         .collect();
-    let alt_stacks = match own_alt_stack {
-        Some(Some(own)) => alt_stacks(tracee, tid, own, running_gadget, &maps),
-        _ => None,
-    };
     Ok(LoadedImage {
         tracee,
         tid,
@@ -525,7 +521,7 @@ pub fn load_prepared<'t>(
         signals,
         libraries: libs,
         maps_epoch,
-        alt_stacks,
+        own_alt_stack,
     })
 }
 
@@ -535,9 +531,10 @@ const MAX_ALT_STACK_THREADS: usize = 16;
 
 /// The alternate signal stacks of every traced thread of the process:
 /// `own`, that of thread `tid`, and one remote session in each other
-/// thread. `None` when one cannot be read, or there are more than
-/// [`MAX_ALT_STACK_THREADS`] threads.
-fn alt_stacks(
+/// thread (borrowing `gadget`, checked against `maps`). `None` when one
+/// cannot be read, or there are more than [`MAX_ALT_STACK_THREADS`]
+/// threads.
+pub fn alt_stacks(
     tracee: &mut Tracee,
     tid: Pid,
     own: Option<std::ops::Range<u64>>,
@@ -633,10 +630,16 @@ impl<'t> LoadedImage<'t> {
         &self.report
     }
 
-    /// Every thread's alternate signal stack, when a handler runs on one
-    /// and they could be read.
-    pub fn alt_stacks(&self) -> Option<&[std::ops::Range<u64>]> {
-        self.alt_stacks.as_deref()
+    /// When a handler runs on an alternate stack: the load thread's
+    /// alternate stack as its session read it (`Some(None)`: it has none;
+    /// `None`: not read), for [`alt_stacks`].
+    pub fn own_alt_stack(&self) -> Option<Option<std::ops::Range<u64>>> {
+        self.own_alt_stack.clone()
+    }
+
+    /// The running image's gadget remote sessions borrow.
+    pub fn running_gadget(&self) -> RuntimeAddr {
+        self.running_gadget
     }
 
     /// The epoch [`LoadedImage::maps`] were read at: they are still the

@@ -1152,7 +1152,11 @@ fn compute<'t>(
         )?,
     };
     let load_libs = loaded.take_libraries();
-    let alt_stacks = loaded.alt_stacks().map(<[_]>::to_vec);
+    let (own_alt_stack, load_tid, running_gadget) = (
+        loaded.own_alt_stack(),
+        loaded.tid(),
+        loaded.running_gadget(),
+    );
     let mut commit_plan = loaded.plan_commit(&old)?;
     warnings.extend(commit_plan.warnings.iter().cloned());
     timings.load_us = clock.lap();
@@ -1337,11 +1341,19 @@ fn compute<'t>(
     let unmap =
         crate::load::retire::plan_unmap(&mem, &maps_swept, &old, &retired, old_elf, &swept, phdr);
     let mut unmap = unmap;
-    if commit_plan.on_alt_stack {
+    if commit_plan.on_alt_stack
+        && unmap
+            .unmap
+            .iter()
+            .any(|r| writable(&maps_swept, r.start, 1))
+    {
         // An alternate signal stack in the old image's data would be
         // unmapped under a handler that runs on it: writable ranges that
         // hold one are kept, or all of them when the threads' alternate
-        // stacks are not known.
+        // stacks are not known. Read only now that writable data would go
+        // (a remote session in each thread but the load's).
+        let alt_stacks = own_alt_stack
+            .and_then(|own| load::alt_stacks(tr, load_tid, own, running_gadget, &maps_swept));
         let alt_stacks = alt_stacks.as_deref();
         let (keep, go): (Vec<_>, Vec<_>) = unmap.unmap.into_iter().partition(|r| {
             writable(&maps_swept, r.start, 1)
