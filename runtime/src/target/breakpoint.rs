@@ -353,30 +353,6 @@ fn clusters(sorted: &[RuntimeAddr]) -> Vec<&[RuntimeAddr]> {
     out
 }
 
-/// The byte at each of `addrs` (any order, repeats allowed), read one range
-/// of close addresses at a time (less than a page apart, so no page without a breakpoint is written) rather
-/// than one system call per address; in ascending address order.
-pub fn bytes_at(
-    mem: &impl TargetMemory,
-    addrs: &[RuntimeAddr],
-) -> Result<Vec<(RuntimeAddr, u8)>, MemError> {
-    let mut sorted = addrs.to_vec();
-    sorted.sort_unstable();
-    sorted.dedup();
-    let mut out = Vec::with_capacity(sorted.len());
-    for cluster in clusters(&sorted) {
-        let (first, last) = (cluster[0], cluster[cluster.len() - 1]);
-        let mut bytes = vec![0u8; (last.0 - first.0 + 1) as usize];
-        mem.read(first, &mut bytes)?;
-        out.extend(
-            cluster
-                .iter()
-                .map(|&a| (a, bytes[(a.0 - first.0) as usize])),
-        );
-    }
-    Ok(out)
-}
-
 /// Update points armed in one store: the flag byte tested by the
 /// trampolines of a binary rewritten with `upstare-rewrite --inline-points`
 /// (see `upstare_dwarf::fdt::InlinePoints`).
@@ -1063,7 +1039,22 @@ mod tests {
             // One armed alone first: arm_many leaves it (and its byte) be.
             set.arm(RuntimeAddr(0x10010)).unwrap();
             let addrs: Vec<RuntimeAddr> = points.iter().map(|&a| RuntimeAddr(a)).collect();
-            set.arm_all(&addrs).unwrap();
+            // Told first, once, each new point with the byte it covers.
+            let mut told = Vec::new();
+            set.arm_all_told(&addrs, |t| {
+                told.extend_from_slice(t);
+                Ok::<(), BreakpointError>(())
+            })
+            .unwrap();
+            assert_eq!(
+                told,
+                [
+                    (RuntimeAddr(0x10500), text[0x500]),
+                    (RuntimeAddr(0x10fff), text[0xfff]),
+                    (RuntimeAddr(0x12ff0), text[0x2ff0]),
+                    (RuntimeAddr(0x80003), 0x90)
+                ]
+            );
             assert_eq!(set.len(), 5);
             for &a in &points[..4] {
                 let i = (a - 0x10000) as usize;
@@ -1071,14 +1062,20 @@ mod tests {
                 assert_eq!(set.memory().read_u8(RuntimeAddr(a)).unwrap(), INT3);
             }
             assert_eq!(set.original_byte(RuntimeAddr(0x80003)), Some(0x90));
-            let seen = bytes_at(set.memory(), &[RuntimeAddr(0x80003), RuntimeAddr(0x10001)]);
-            assert_eq!(
-                seen.unwrap(),
-                [
-                    (RuntimeAddr(0x10001), text[1]),
-                    (RuntimeAddr(0x80003), INT3)
-                ]
-            );
+            // A hook's error arms nothing.
+            let refused = set.arm_all_told(&[RuntimeAddr(0x10001)], |_| {
+                Err(BreakpointError::Mem {
+                    addr: RuntimeAddr(0x10001),
+                    source: MemError::TooLarge {
+                        addr: RuntimeAddr(0x10001),
+                        len: 1,
+                        cap: 0,
+                    },
+                })
+            });
+            assert!(refused.is_err());
+            assert!(!set.is_armed(RuntimeAddr(0x10001)));
+            assert_eq!(set.memory().read_u8(RuntimeAddr(0x10001)).unwrap(), text[1]);
             // Everything between the points is as it was.
             let mut now = vec![0u8; text.len()];
             set.read_original(RuntimeAddr(0x10000), &mut now).unwrap();

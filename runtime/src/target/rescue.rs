@@ -169,7 +169,6 @@ impl Rescue {
                 limit: MAX_POINTS,
             });
         }
-        let table: [(RuntimeAddr, u8); 0] = [];
         let capacity = points + SPARE_ENTRIES;
         let len = PAGE + (ENTRIES + 16 * capacity as u64).next_multiple_of(PAGE);
         let base = rc.mmap(
@@ -190,7 +189,7 @@ impl Rescue {
             rc.memory().write(base, &code)?;
             rc.memory().write(
                 RuntimeAddr(base.0 + PAGE),
-                &data_bytes(&table, &original, trampolines),
+                &data_bytes(&[], &original, trampolines),
             )?;
             rc.rt_sigaction(
                 libc::SIGTRAP,
@@ -208,7 +207,7 @@ impl Rescue {
                 base,
                 len,
                 original,
-                count: table.len(),
+                count: 0,
                 capacity,
             }),
             Err(e) => {
