@@ -202,13 +202,15 @@ fn a_timer_signal_value_into_the_old_image_is_named_and_strict_refuses() {
     send_and_expect(&mut child, b"p", &["v2 alive"], WAIT, "after the update");
 }
 
-/// A handler on an alternate signal stack in the program's `.bss`: the
-/// kernel keeps each thread's alternate stack (nothing in `/proc` shows
-/// it), so with a handler flagged `SA_ONSTACK` the old image's writable
-/// data is not unmapped, and the handler still runs after the update.
+/// A handler on an alternate signal stack (`SA_ONSTACK`) and a second
+/// thread waiting in `pause`. The alternate stack is in the program's
+/// `.bss`, or with `ALT_IN_HEAP` defined in the heap. The kernel keeps each
+/// thread's alternate stack (nothing in `/proc` shows it).
 const ALTSTACK_SRC: &str = r#"
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -221,16 +223,31 @@ static void on_usr1(int sig)
     got++;
 }
 
+static void *idle(void *arg)
+{
+    (void)arg;
+    for (;;)
+        pause();
+    return NULL;
+}
+
 int main(void)
 {
+#ifdef ALT_IN_HEAP
+    stack_t ss = {.ss_sp = malloc(sizeof alt), .ss_size = sizeof alt};
+#else
     stack_t ss = {.ss_sp = alt, .ss_size = sizeof alt};
+#endif
     struct sigaction sa;
+    pthread_t t;
     char c;
     setvbuf(stdout, NULL, _IOLBF, 0);
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = on_usr1;
     sa.sa_flags = SA_ONSTACK;
-    if (sigaltstack(&ss, NULL) != 0 || sigaction(SIGUSR1, &sa, NULL) != 0)
+    if (ss.ss_sp == NULL || sigaltstack(&ss, NULL) != 0 || sigaction(SIGUSR1, &sa, NULL) != 0)
+        return 1;
+    if (pthread_create(&t, NULL, idle, NULL) != 0)
         return 1;
     printf("%s ready\n", VERSION);
     while (read(0, &c, 1) == 1)
@@ -278,6 +295,9 @@ fn start_handling(
     (dir, v1, v2, child, opts)
 }
 
+/// The alternate stack in the old image's `.bss`: that data is not
+/// unmapped (it was, under the handler, and the next signal killed the
+/// process), and the handler still runs after the update.
 #[test]
 fn a_handler_on_an_alternate_stack_in_the_old_data_still_runs() {
     let (_dir, _v1, v2, mut child, opts) =
@@ -301,64 +321,18 @@ fn a_handler_on_an_alternate_stack_in_the_old_data_still_runs() {
     );
 }
 
-/// The same handler on an alternate stack in the heap, with a second
-/// thread: every thread's alternate stack is read (none lies in the old
-/// image), so the old image's writable data is unmapped as usual instead
-/// of kept (it was kept at every update of such a program, redis's among
-/// them: half a megabyte more per update, and as much more to sweep).
-const ALTSTACK_HEAP_SRC: &str = r#"
-#include <pthread.h>
-#include <signal.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <unistd.h>
-
-static char data_in_the_image[1 << 16] = {1};
-static volatile sig_atomic_t got;
-
-static void on_usr1(int sig)
-{
-    (void)sig;
-    got++;
-}
-
-static void *idle(void *arg)
-{
-    (void)arg;
-    for (;;)
-        pause();
-    return NULL;
-}
-
-int main(void)
-{
-    stack_t ss = {.ss_sp = malloc(1 << 16), .ss_size = 1 << 16};
-    struct sigaction sa;
-    pthread_t t;
-    char c;
-    setvbuf(stdout, NULL, _IOLBF, 0);
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_usr1;
-    sa.sa_flags = SA_ONSTACK;
-    if (ss.ss_sp == NULL || sigaltstack(&ss, NULL) != 0 || sigaction(SIGUSR1, &sa, NULL) != 0)
-        return 1;
-    if (pthread_create(&t, NULL, idle, NULL) != 0)
-        return 1;
-    printf("%s ready %d\n", VERSION, data_in_the_image[0]);
-    while (read(0, &c, 1) == 1)
-        if (c == 's') {
-            raise(SIGUSR1);
-            printf("%s handled %d\n", VERSION, (int)got);
-        }
-    return 0;
-}
-"#;
-
+/// The alternate stack in the heap: every thread's alternate stack is
+/// read (none lies in the old image), so the old image's writable data is
+/// unmapped as usual instead of kept (it was kept at every update of such
+/// a program, redis's among them: half a megabyte more per update, and as
+/// much more to sweep).
 #[test]
 fn a_handler_on_an_alternate_stack_in_the_heap_lets_the_old_data_go() {
-    let (dir, v1, v2, mut child, opts) =
-        start_handling(ALTSTACK_HEAP_SRC, "epoll-altstack-heap", "v1 ready 1");
+    let (dir, v1, v2, mut child, opts) = start_handling(
+        &format!("#define ALT_IN_HEAP 1\n{ALTSTACK_SRC}"),
+        "epoll-altstack-heap",
+        "v1 ready",
+    );
     apply(child.pid() as i32, &v2, &opts).unwrap_or_else(|e| panic!("update: {e}"));
     send_and_expect(
         &mut child,
