@@ -129,11 +129,6 @@ impl LazyArming {
         }
     }
 
-    /// Every `int3` point.
-    pub fn all(&self) -> &[RuntimeAddr] {
-        &self.points
-    }
-
     /// The function whose code holds `pc`.
     pub fn function_at(&self, pc: RuntimeAddr) -> Option<usize> {
         let i = self.ranges.partition_point(|r| r.0 <= pc.0);
@@ -170,11 +165,6 @@ impl LazyArming {
             entry_of(f, &mut picked);
         }
         picked.into_iter().map(|i| self.points[i]).collect()
-    }
-
-    /// How many functions have their address taken (for reports).
-    pub fn address_taken_count(&self) -> usize {
-        self.address_taken.len()
     }
 }
 

@@ -55,7 +55,7 @@ use crate::target::ptrace::{Sig, Tracee};
 use std::sync::Arc;
 use std::time::Duration;
 use upstare_dwarf::fdt::Arming;
-use upstare_dwarf::RuntimeAddr;
+use upstare_dwarf::{LinkAddr, RuntimeAddr};
 
 /// How to stop the world.
 #[derive(Clone, Debug)]
@@ -102,6 +102,15 @@ pub struct ArmingPlan {
     pub lazy: Option<lazy::LazyArming>,
 }
 
+/// Whether the update point at `point` of `image` is armed with `int3`:
+/// always, unless a binary rewritten with `--inline-points` detours it.
+fn takes_int3(image: &Image, point: LinkAddr) -> bool {
+    match &image.tables.arming {
+        Arming::Inline(inline) => inline.detour_at(point).is_none(),
+        Arming::Int3 => true,
+    }
+}
+
 impl ArmingPlan {
     /// The arming of `image`'s update points.
     pub fn of(image: &Image) -> ArmingPlan {
@@ -114,7 +123,7 @@ impl ArmingPlan {
             .functions
             .iter()
             .flat_map(|f| f.update_points.iter())
-            .filter(|p| inline.is_none_or(|i| i.detour_at(p.addr).is_none()))
+            .filter(|p| takes_int3(image, p.addr))
             .map(|p| image.runtime(p.addr))
             .collect();
         let inline = inline.map(|i| {
@@ -137,13 +146,7 @@ impl ArmingPlan {
     pub fn lazy_of(image: &Image, elf: &[u8]) -> ArmingPlan {
         let mut plan = ArmingPlan::of(image);
         if plan.int3.len() >= lazy::LAZY_FROM_POINTS {
-            let inline = match &image.tables.arming {
-                Arming::Inline(inline) => Some(inline),
-                Arming::Int3 => None,
-            };
-            plan.lazy = Some(lazy::LazyArming::new(image, elf, |p| {
-                inline.is_none_or(|i| i.detour_at(p).is_none())
-            }));
+            plan.lazy = Some(lazy::LazyArming::new(image, elf, |p| takes_int3(image, p)));
         }
         plan
     }

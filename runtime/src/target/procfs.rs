@@ -68,31 +68,12 @@ pub enum ProcError {
     },
 }
 
-/// The text of `/proc/PID/task/TID/status`, read in one go (it has no
-/// size to size a buffer by).
-pub fn read_task_status(pid: Pid, tid: Pid) -> std::io::Result<String> {
-    // Plain reads until the end: `read_to_string` asks the file's size and
-    // position first, two calls a /proc file cannot answer usefully.
-    const CAP: usize = 64 << 10;
-    let mut f = File::open(format!("/proc/{pid}/task/{tid}/status"))?;
-    let mut buf = vec![0u8; 4096];
-    let mut len = 0;
-    loop {
-        if len == buf.len() {
-            if buf.len() >= CAP {
-                break;
-            }
-            buf.resize(buf.len() * 2, 0);
-        }
-        match f.read(&mut buf[len..]) {
-            Ok(0) => break,
-            Ok(n) => len += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    buf.truncate(len);
-    String::from_utf8(buf).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+/// The text of `/proc/PID/task/TID/status` (bounded by
+/// [`MAX_STATUS_BYTES`]), read with plain reads: a /proc file has no size
+/// to ask for first.
+pub fn read_task_status(pid: Pid, tid: Pid) -> Result<String, ProcError> {
+    let bytes = read_capped(pid, &format!("task/{tid}/status"), MAX_STATUS_BYTES)?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 /// Initial buffer for reading a `/proc` file.

@@ -395,7 +395,7 @@ pub fn caught_signals(pid: Pid, tid: Pid) -> Result<u64, RemoteError> {
 fn read_status_mask(pid: Pid, tid: Pid, key: &str) -> Result<u64, RemoteError> {
     let err = |reason: String| RemoteError::SigMask { tid, reason };
     let path = format!("/proc/{pid}/task/{tid}/status");
-    let text = procfs::read_task_status(pid, tid).map_err(|e| err(format!("{path}: {e}")))?;
+    let text = procfs::read_task_status(pid, tid).map_err(|e| err(e.to_string()))?;
     let line = text
         .lines()
         .find_map(|l| l.strip_prefix(key))

@@ -934,7 +934,6 @@ fn stop_process(
         }
     }
     let (gadget, arming) = (planned.gadget, planned.arming.clone());
-    let arming_plan = arming.clone();
     // The maps read at the seize serve the first stop, unless the rescue
     // handler was mapped since (along the former pause).
     let mut seized_maps = planned.seized_maps.take().filter(|_| gadget.is_some());
@@ -943,16 +942,16 @@ fn stop_process(
     let stopped = (|| loop {
         interrupted(pid)?;
         let mut before_arming = |tr: &mut Tracee,
-                                 arming: &[(upstare_dwarf::RuntimeAddr, u8)]|
+                                 batch: &[(upstare_dwarf::RuntimeAddr, u8)]|
          -> Result<(), StopError> {
-            if let (false, Some(g), Some(a)) = (asked, gadget, &arming_plan) {
+            if let (false, Some(g), Some(a)) = (asked, gadget, &arming) {
                 asked = true;
                 rescue = survive::install_at(tr, old, g, a).map_err(StopError::Rescue)?;
             }
             // Breakpoints about to be armed (update points or others): in
             // the rescue handler's table first.
-            if let (false, Some(r)) = (arming.is_empty(), rescue.as_mut()) {
-                r.add(tr, arming).map_err(StopError::Rescue)?;
+            if let (false, Some(r)) = (batch.is_empty(), rescue.as_mut()) {
+                r.add(tr, batch).map_err(StopError::Rescue)?;
             }
             Ok(())
         };
